@@ -1,0 +1,1 @@
+// placeholder: this op family's implementation lands here.

@@ -1,0 +1,49 @@
+// Every dots1_ext op schema, in one place. Backends (csrc/<family>/<family>.cpp) only register
+// implementations with TORCH_LIBRARY_IMPL; fake (meta) kernels live in dots1_ext/ops/<family>.py.
+//
+// Shape letters: T tokens, E experts, k experts per token, H hidden, S permuted rows,
+// N/K GEMM output/input features, Hq/Hk query/key heads, D head_dim, P cached positions.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(dots1_ext, m) {
+  // ---- gating: csrc/gating ----
+  // logits [T, E] fp32, bias [E] fp32 -> weights [T, k] fp32, ids [T, k] int32
+  m.def("topk_gating(Tensor logits, Tensor bias, int k, int n_group, int topk_group, "
+        "bool renormalize, float scale) -> (Tensor weights, Tensor ids)");
+  // hidden [T, H], router_weight [E, H] (any float dtype; fp32 accumulate), bias [E] fp32
+  m.def("router_topk_gating(Tensor hidden, Tensor router_weight, Tensor bias, int k, int n_group, "
+        "int topk_group, bool renormalize, float scale) -> (Tensor weights, Tensor ids)");
+
+  // ---- dispatch: csrc/dispatch ----
+  // hidden [T, H], topk_ids [T, k] int32 -> permuted [S, H], expert_offsets [E+1] int32, row_map [T*k] int32
+  m.def("permute(Tensor hidden, Tensor topk_ids, int num_experts, int pad_to) "
+        "-> (Tensor permuted, Tensor expert_offsets, Tensor row_map)");
+  // expert_out [S, H], row_map [T*k] int32, topk_weights [T, k] fp32, shared_out/residual [T, H] -> [T, H]
+  m.def("unpermute(Tensor expert_out, Tensor row_map, Tensor topk_weights, Tensor? shared_out, "
+        "Tensor? residual) -> Tensor");
+
+  // ---- grouped GEMM: csrc/grouped_gemm ----
+  // x [S, K], weight [E, N, K], expert_offsets [E+1] int32 -> [S, N] ("none") or [S, N/2] ("swiglu")
+  m.def("grouped_gemm(Tensor x, Tensor weight, Tensor expert_offsets, str epilogue) -> Tensor");
+
+  // ---- norms and RoPE: csrc/norm ----
+  // x [T, H], weight [H] -> [T, H]
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // in place: residual += x; x = rms_norm(residual)
+  m.def("add_rms_norm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  // in place: q [T, Hq, D], k [T, Hk, D]; positions [T] int64; cos_sin_cache [P, D] fp32
+  m.def("qk_norm_rope_(Tensor(a!) q, Tensor(b!) k, Tensor q_weight, Tensor k_weight, "
+        "Tensor positions, Tensor cos_sin_cache, float eps) -> ()");
+  // as qk_norm_rope_, then k and v written to k_cache/v_cache ([..., Hk, D]) at rows cache_rows [T] int64
+  m.def("qk_norm_rope_kv_cache_(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor q_weight, "
+        "Tensor k_weight, Tensor positions, Tensor cos_sin_cache, float eps, Tensor(c!) k_cache, "
+        "Tensor(d!) v_cache, Tensor cache_rows) -> ()");
+}
+
+// Importing dots1_ext._C loads this library and so runs the registrations above; there are no
+// pybind11 bindings: every op is reached through torch.ops.dots1_ext.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,112 @@
+"""Token dispatch: permute rows into expert order, and combine expert outputs back per token.
+
+Kernels: csrc/dispatch/. Reference: dots1_ext.reference.permute / unpermute.
+Output shapes never depend on the routing (no host synchronisation, CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dots1_ext import reference
+from dots1_ext.ops import _checks as C
+from dots1_ext.ops._lib import fill_with_reference, op
+
+permuted_rows = reference.permuted_rows
+
+
+def _check_permute(hidden, topk_ids, num_experts, pad_to):
+    C.check_dtype(hidden, "hidden", C.FLOAT_DTYPES)
+    C.check_shape(hidden, "hidden", (None, None))
+    C.check_dtype(topk_ids, "topk_ids", (torch.int32,))
+    C.check_shape(topk_ids, "topk_ids", (hidden.shape[0], None))
+    C.check_same_device(topk_ids, "topk_ids", hidden, "hidden")
+    C.check_positive(num_experts, "num_experts")
+    C.check_positive(pad_to, "pad_to")
+
+
+def _check_unpermute(expert_out, row_map, topk_weights, shared_out, residual):
+    C.check_dtype(expert_out, "expert_out", C.FLOAT_DTYPES)
+    C.check_shape(expert_out, "expert_out", (None, None))
+    C.check_dtype(topk_weights, "topk_weights", (torch.float32,))
+    C.check_shape(topk_weights, "topk_weights", (None, None))
+    T, k = topk_weights.shape
+    H = expert_out.shape[1]
+    C.check_dtype(row_map, "row_map", (torch.int32,))
+    C.check_shape(row_map, "row_map", (T * k,))
+    for t, name in ((row_map, "row_map"), (topk_weights, "topk_weights")):
+        C.check_same_device(t, name, expert_out, "expert_out")
+    for t, name in ((shared_out, "shared_out"), (residual, "residual")):
+        if t is not None:
+            C.check_dtype(t, name, (expert_out.dtype,))
+            C.check_shape(t, name, (T, H))
+            C.check_same_device(t, name, expert_out, "expert_out")
+
+
+def _reference_permute(hidden, topk_ids, num_experts, pad_to):
+    # The compiled kernels send out-of-range ids to no expert (their rows land past
+    # expert_offsets[E] and are zero); mirror that so the fallback never indexes out of bounds.
+    valid = (topk_ids >= 0) & (topk_ids < num_experts)
+    if not bool(valid.all()):
+        raise IndexError(f"dots1_ext: topk_ids must be in [0, num_experts={num_experts})")
+    return reference.permute(hidden, topk_ids, num_experts, pad_to)
+
+
+fill_with_reference("permute", _reference_permute, _check_permute)
+fill_with_reference("unpermute", reference.unpermute, _check_unpermute)
+
+
+@torch.library.register_fake("dots1_ext::permute")
+def _permute_fake(hidden, topk_ids, num_experts, pad_to):
+    _check_permute(hidden, topk_ids, num_experts, pad_to)
+    T, k = topk_ids.shape
+    rows = permuted_rows(T, k, num_experts, pad_to)
+    return (
+        hidden.new_empty(rows, hidden.shape[1]),
+        hidden.new_empty(num_experts + 1, dtype=torch.int32),
+        hidden.new_empty(T * k, dtype=torch.int32),
+    )
+
+
+@torch.library.register_fake("dots1_ext::unpermute")
+def _unpermute_fake(expert_out, row_map, topk_weights, shared_out, residual):
+    _check_unpermute(expert_out, row_map, topk_weights, shared_out, residual)
+    return expert_out.new_empty(topk_weights.shape[0], expert_out.shape[1])
+
+
+def permute(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    num_experts: int,
+    pad_to: int = 1,
+    check_ids: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gathers token rows into expert order.
+
+    hidden [T, H]; topk_ids [T, k] int32. Returns permuted [S, H] (S = T*k, plus E*(pad_to-1) when
+    ``pad_to`` > 1), int32 expert_offsets [E+1] and int32 row_map [T*k], with
+    ``permuted[row_map[t*k + j]] == hidden[t]``, rows ordered by (expert, token, slot).
+    With ``pad_to`` > 1 each expert's segment starts at a multiple of ``pad_to``; gap rows are zero.
+    ``check_ids=True`` validates the ids on the host first (a synchronisation; the kernels
+    themselves never read out of bounds: an out-of-range id routes its row to no expert).
+    """
+    if check_ids:
+        C.check_index_range(topk_ids, "topk_ids", num_experts, "expert ids")
+    return op("permute")(hidden, topk_ids, num_experts, pad_to)
+
+
+def unpermute(
+    expert_out: torch.Tensor,
+    row_map: torch.Tensor,
+    topk_weights: torch.Tensor,
+    shared_out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted combine of expert outputs back to token order.
+
+    expert_out [S, H]; row_map [T*k] int32 (from permute); topk_weights [T, k] fp32;
+    shared_out, residual [T, H] optional, added unweighted. Returns [T, H] in expert_out's dtype:
+    ``sum_j w[t, j] * expert_out[row_map[t*k + j]] + shared_out[t] + residual[t]``, accumulated in fp32
+    in slot order — bitwise reproducible, no atomics.
+    """
+    return op("unpermute")(expert_out, row_map, topk_weights, shared_out, residual)

@@ -1,0 +1,155 @@
+"""RMSNorm, fused add + RMSNorm, and fused per-head QK-RMSNorm + RoPE (optionally writing the KV cache).
+
+Kernels: csrc/norm/. Reference: dots1_ext.reference.rms_norm / add_rms_norm_ / qk_norm_rope_ /
+qk_norm_rope_kv_cache_. The cos/sin cache comes from dots1_ext.rope.build_cos_sin_cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dots1_ext import reference
+from dots1_ext.ops import _checks as C
+from dots1_ext.ops._lib import fill_with_reference, op
+
+
+def _check_rms_norm(x, weight, eps):
+    C.check_dtype(x, "x", C.FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError("dots1_ext: x must have at least one dimension")
+    C.check_dtype(weight, "weight", C.FLOAT_DTYPES)
+    C.check_shape(weight, "weight", (x.shape[-1],))
+    C.check_same_device(weight, "weight", x, "x")
+
+
+def _check_add_rms_norm(x, residual, weight, eps):
+    _check_rms_norm(x, weight, eps)
+    C.check_dtype(residual, "residual", (x.dtype,))
+    C.check_shape(residual, "residual", tuple(x.shape))
+    C.check_same_device(residual, "residual", x, "x")
+
+
+def _check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache, eps):
+    C.check_dtype(q, "q", C.FLOAT_DTYPES)
+    C.check_shape(q, "q", (None, None, None))
+    T, _, D = q.shape
+    C.check_dtype(k, "k", (q.dtype,))
+    C.check_shape(k, "k", (T, None, D))
+    if D % 2:
+        raise ValueError(f"dots1_ext: head_dim (q.shape[2]) must be even for RoPE, got {D}")
+    C.check_last_dim_contiguous(q, "q")
+    C.check_last_dim_contiguous(k, "k")
+    for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
+        C.check_dtype(w, name, C.FLOAT_DTYPES)
+        C.check_shape(w, name, (D,))
+    C.check_dtype(positions, "positions", (torch.int64,))
+    C.check_shape(positions, "positions", (T,))
+    C.check_dtype(cos_sin_cache, "cos_sin_cache", (torch.float32,))
+    C.check_shape(cos_sin_cache, "cos_sin_cache", (None, D))
+    for t, name in ((k, "k"), (q_weight, "q_weight"), (k_weight, "k_weight"), (positions, "positions"),
+                    (cos_sin_cache, "cos_sin_cache")):
+        C.check_same_device(t, name, q, "q")
+
+
+def _check_qk_norm_rope_kv_cache(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache, v_cache,
+                                 cache_rows):
+    _check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache, eps)
+    T, Hk, D = k.shape
+    C.check_dtype(v, "v", (q.dtype,))
+    C.check_shape(v, "v", (T, Hk, D))
+    C.check_last_dim_contiguous(v, "v")
+    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        C.check_dtype(t, name, (q.dtype,))
+        if t.dim() < 3 or tuple(t.shape[-2:]) != (Hk, D):
+            raise ValueError(f"dots1_ext: {name} must have shape [..., {Hk}, {D}], got {list(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"dots1_ext: {name} must be contiguous")
+        C.check_same_device(t, name, q, "q")
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"dots1_ext: v_cache must have k_cache's shape {list(k_cache.shape)}, got {list(v_cache.shape)}")
+    C.check_dtype(cache_rows, "cache_rows", (torch.int64,))
+    C.check_shape(cache_rows, "cache_rows", (T,))
+    C.check_same_device(cache_rows, "cache_rows", q, "q")
+
+
+fill_with_reference("rms_norm", reference.rms_norm, _check_rms_norm)
+fill_with_reference("add_rms_norm_", reference.add_rms_norm_, _check_add_rms_norm)
+fill_with_reference("qk_norm_rope_", reference.qk_norm_rope_, _check_qk_norm_rope)
+fill_with_reference("qk_norm_rope_kv_cache_", reference.qk_norm_rope_kv_cache_, _check_qk_norm_rope_kv_cache)
+
+
+@torch.library.register_fake("dots1_ext::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    _check_rms_norm(x, weight, eps)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("dots1_ext::add_rms_norm_")
+def _add_rms_norm_fake(x, residual, weight, eps):
+    _check_add_rms_norm(x, residual, weight, eps)
+
+
+@torch.library.register_fake("dots1_ext::qk_norm_rope_")
+def _qk_norm_rope_fake(q, k, q_weight, k_weight, positions, cos_sin_cache, eps):
+    _check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache, eps)
+
+
+@torch.library.register_fake("dots1_ext::qk_norm_rope_kv_cache_")
+def _qk_norm_rope_kv_cache_fake(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache, v_cache,
+                                cache_rows):
+    _check_qk_norm_rope_kv_cache(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache, v_cache,
+                                 cache_rows)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Dots1RMSNorm over the last dim. x [..., H]; weight [H]. Returns a new tensor like x:
+    normalised in fp32, cast to x's dtype, then times the weight."""
+    return op("rms_norm")(x, weight, float(eps))
+
+
+def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """In place: ``residual += x``; ``x = rms_norm(residual, weight)``. x, residual [..., H]. Returns x."""
+    op("add_rms_norm_")(x, residual, weight, float(eps))
+    return x
+
+
+def qk_norm_rope_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    eps: float,
+    check_positions: bool = False,
+) -> None:
+    """In place: per-head RMSNorm of q [T, Hq, D] and k [T, Hk, D] (weights [D]), then neox RoPE at
+    ``positions`` [T] int64 from ``cos_sin_cache`` [P, D] fp32. q and k may be strided views (e.g. of
+    a fused QKV output) with a contiguous last dim. ``check_positions`` validates positions < P on
+    the host (a synchronisation); the kernels never read past the cache either way."""
+    if check_positions:
+        C.check_index_range(positions, "positions", cos_sin_cache.shape[0], "rows of cos_sin_cache")
+    op("qk_norm_rope_")(q, k, q_weight, k_weight, positions, cos_sin_cache, float(eps))
+
+
+def qk_norm_rope_kv_cache_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_rows: torch.Tensor,
+    check_positions: bool = False,
+) -> None:
+    """``qk_norm_rope_`` then k, v [T, Hk, D] written to ``k_cache``/``v_cache`` ([..., Hk, D],
+    contiguous) at flat rows ``cache_rows`` [T] int64 of ``cache.view(-1, Hk, D)``."""
+    if check_positions:
+        C.check_index_range(positions, "positions", cos_sin_cache.shape[0], "rows of cos_sin_cache")
+        C.check_index_range(cache_rows, "cache_rows", k_cache.numel() // (k.shape[1] * k.shape[2]), "cache rows")
+    op("qk_norm_rope_kv_cache_")(q, k, v, q_weight, k_weight, positions, cos_sin_cache, float(eps), k_cache, v_cache,
+                                 cache_rows)

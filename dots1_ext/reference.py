@@ -1,0 +1,209 @@
+"""Eager PyTorch definitions of every dots1_ext op.
+
+These are the semantics the kernels are tested against (DESIGN.md §2/§4, following transformers'
+``modeling_dots1.py``), and the implementation a CUDA op falls back to when the extension was built
+without a CUDA kernel for it. Each function has exactly the signature of the op it defines.
+
+Shape letters: T tokens, E experts, k experts per token, H hidden size, S permuted rows,
+N output features, K input features, Hq/Hk query/key heads, D head_dim, P cached positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Added to the renormalisation denominator exactly as transformers does, so that a row of all-zero
+# scores gives zeros rather than NaN.
+RENORM_EPS = 1e-20
+
+
+def _stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    # torch.topk does not promise which of two equal scores it keeps; a stable descending sort
+    # keeps the lower index first, which is the tie rule every dots1_ext kernel follows.
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def topk_gating(
+    logits: torch.Tensor,  # [T, E] fp32 router logits
+    bias: torch.Tensor,  # [E] fp32 e_score_correction_bias
+    k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fp32 weights [T, k], int32 ids [T, k]
+    """DeepSeek-V3 style sigmoid routing with bias-corrected, group-limited top-k selection."""
+    T, E = logits.shape
+    scores = logits.float().sigmoid()
+    choice = scores + bias.float()
+    if topk_group < n_group:
+        group_size = E // n_group
+        grouped = choice.view(T, n_group, group_size)
+        group_scores = grouped.topk(min(2, group_size), dim=-1).values.sum(dim=-1)
+        kept_groups = _stable_topk_indices(group_scores, topk_group)
+        group_mask = torch.zeros(T, n_group, dtype=torch.bool, device=logits.device)
+        group_mask.scatter_(1, kept_groups, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(group_size, dim=1), float("-inf"))
+    ids = _stable_topk_indices(choice, k)
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    weights = weights * scale
+    return weights, ids.to(torch.int32)
+
+
+def router_topk_gating(
+    hidden: torch.Tensor,  # [T, H] any float dtype
+    router_weight: torch.Tensor,  # [E, H] any float dtype
+    bias: torch.Tensor,  # [E] fp32
+    k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router projection in fp32 (``hidden.float() @ router_weight.float().T``) followed by topk_gating."""
+    logits = hidden.float() @ router_weight.float().t()
+    return topk_gating(logits, bias, k, n_group, topk_group, renormalize, scale)
+
+
+def permuted_rows(num_tokens: int, k: int, num_experts: int, pad_to: int) -> int:
+    """Rows of the permuted buffer: T*k, plus the worst-case padding when segments are padded."""
+    return num_tokens * k + (num_experts * (pad_to - 1) if pad_to > 1 else 0)
+
+
+def permute(
+    hidden: torch.Tensor,  # [T, H]
+    topk_ids: torch.Tensor,  # [T, k] int32
+    num_experts: int,
+    pad_to: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gather token rows into expert order.
+
+    Returns ``permuted`` [S, H] (S = ``permuted_rows``), int32 ``expert_offsets`` [E+1] and int32
+    ``row_map`` [T*k] with ``permuted[row_map[t*k + j]] == hidden[t]``. Rows are ordered by
+    (expert, token, slot). Expert e's rows start at ``expert_offsets[e]``; with ``pad_to > 1`` each
+    start is a multiple of ``pad_to`` and the gap rows (and any rows past ``expert_offsets[E]``)
+    are zero.
+    """
+    T, k = topk_ids.shape
+    H = hidden.shape[1]
+    flat_ids = topk_ids.reshape(-1).long()
+    order = torch.sort(flat_ids, stable=True).indices
+    counts = torch.bincount(flat_ids, minlength=num_experts)
+    seg_rows = (counts + pad_to - 1) // pad_to * pad_to if pad_to > 1 else counts
+    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=hidden.device)
+    offsets[1:] = torch.cumsum(seg_rows, 0)
+    first_sorted = torch.cumsum(counts, 0) - counts  # index in `order` where each expert starts
+    sorted_ids = flat_ids[order]
+    rank = torch.arange(T * k, device=hidden.device) - first_sorted[sorted_ids]
+    row_map = torch.empty(T * k, dtype=torch.long, device=hidden.device)
+    row_map[order] = offsets[sorted_ids] + rank
+    permuted = hidden.new_zeros(permuted_rows(T, k, num_experts, pad_to), H)
+    permuted[row_map] = hidden.repeat_interleave(k, dim=0)
+    return permuted, offsets.to(torch.int32), row_map.to(torch.int32)
+
+
+def unpermute(
+    expert_out: torch.Tensor,  # [S, H]
+    row_map: torch.Tensor,  # [T*k] int32
+    topk_weights: torch.Tensor,  # [T, k] fp32
+    shared_out: torch.Tensor | None,  # [T, H] or None
+    residual: torch.Tensor | None,  # [T, H] or None
+) -> torch.Tensor:  # [T, H], dtype of expert_out
+    """out[t] = sum_j w[t, j] * expert_out[row_map[t*k + j]] (+ shared_out[t]) (+ residual[t]), in fp32, j in order."""
+    T, k = topk_weights.shape
+    H = expert_out.shape[1]
+    gathered = expert_out[row_map.long()].view(T, k, H).float()
+    acc = torch.zeros(T, H, dtype=torch.float32, device=expert_out.device)
+    for j in range(k):
+        acc = acc + topk_weights[:, j : j + 1].float() * gathered[:, j]
+    if shared_out is not None:
+        acc = acc + shared_out.float()
+    if residual is not None:
+        acc = acc + residual.float()
+    return acc.to(expert_out.dtype)
+
+
+def grouped_gemm(
+    x: torch.Tensor,  # [S, K]
+    weight: torch.Tensor,  # [E, N, K] (HF layout, K contiguous)
+    expert_offsets: torch.Tensor,  # [E+1] int32
+    epilogue: str,  # "none" | "swiglu"
+) -> torch.Tensor:  # [S, N] or, for "swiglu", [S, N/2]
+    """Per-expert ``x[rows_e] @ weight[e].T`` in fp32; "swiglu" returns silu(gate) * up, where the
+    first N/2 rows of each expert's weight are the gate projection and the last N/2 the up projection.
+    Rows outside every expert's range are zero."""
+    S = x.shape[0]
+    E, N, _ = weight.shape
+    out = x.new_zeros(S, N // 2 if epilogue == "swiglu" else N)
+    bounds = expert_offsets.tolist()  # reference only: a host read is fine here
+    for e in range(E):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi <= lo:
+            continue
+        y = x[lo:hi].float() @ weight[e].float().t()
+        if epilogue == "swiglu":
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
+        out[lo:hi] = y.to(x.dtype)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Dots1RMSNorm over the last dim: normalise in fp32, cast to x's dtype, then times the weight."""
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (normed.float() * weight.float()).to(x.dtype)
+
+
+def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place: residual += x (rounded to residual's dtype); x = rms_norm(residual)."""
+    residual.copy_((residual.float() + x.float()).to(residual.dtype))
+    x.copy_(rms_norm(residual, weight, eps))
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """Neox-style rotate_half RoPE of x [T, heads, D] in fp32; cos_sin_cache [P, D] holds cos in its
+    first D/2 columns and sin in its last D/2."""
+    half = x.shape[-1] // 2
+    cs = cos_sin_cache[positions.long()].float()  # [T, D]
+    cos = cs[:, None, :half]
+    sin = cs[:, None, half:]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def qk_norm_rope_(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hk, D]
+    q_weight: torch.Tensor,  # [D]
+    k_weight: torch.Tensor,  # [D]
+    positions: torch.Tensor,  # [T] int64
+    cos_sin_cache: torch.Tensor,  # [P, D] fp32
+    eps: float,
+) -> None:
+    """In place: per-head RMSNorm of q and k, then RoPE at each token's position."""
+    q.copy_(apply_rope(rms_norm(q, q_weight, eps), positions, cos_sin_cache).to(q.dtype))
+    k.copy_(apply_rope(rms_norm(k, k_weight, eps), positions, cos_sin_cache).to(k.dtype))
+
+
+def qk_norm_rope_kv_cache_(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hk, D]
+    v: torch.Tensor,  # [T, Hk, D]
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,  # [T] int64
+    cos_sin_cache: torch.Tensor,
+    eps: float,
+    k_cache: torch.Tensor,  # [..., Hk, D], rows addressed by cache_rows
+    v_cache: torch.Tensor,  # same shape as k_cache
+    cache_rows: torch.Tensor,  # [T] int64 row of each token in k_cache.view(-1, Hk, D)
+) -> None:
+    """qk_norm_rope_, then k and v written to the KV cache at ``cache_rows``."""
+    qk_norm_rope_(q, k, q_weight, k_weight, positions, cos_sin_cache, eps)
+    Hk, D = k.shape[1], k.shape[2]
+    k_cache.view(-1, Hk, D)[cache_rows.long()] = k.to(k_cache.dtype)
+    v_cache.view(-1, Hk, D)[cache_rows.long()] = v.to(v_cache.dtype)

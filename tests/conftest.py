@@ -1,0 +1,46 @@
+"""Shared test fixtures: the device grid, seeded fresh inputs, output poisoning, tolerances."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Relative error norm ||out - ref|| / ||ref|| allowed per dtype (DESIGN.md §5).
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A fresh but reproducible draw per test: the seed comes from the test's id.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64; NaN or Inf anywhere in out gives inf, so it never passes."""
+    out64, ref64 = out.double(), ref.double()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fills t with NaN (floats) or -1 (ints) so that an element a kernel fails to write is caught."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(-1)
