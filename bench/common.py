@@ -1,0 +1,179 @@
+"""Timing, ceilings and reporting shared by every benchmark in bench/.
+
+Each benchmark prints one line per case — median time, achieved rate, the floor (bytes over the
+measured copy bandwidth, or FLOPs over the measured dense GEMM rate), our fraction of the floor and
+the speedup over each peer timed in the same run — and appends its rows to a JSON report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def default_device() -> str:
+    return "cuda" if on_gpu() else "cpu"
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 10, iters: int = 50, setup: Callable[[], object] | None = None) -> float:
+    """Median milliseconds of fn(). CUDA: one pair of CUDA events per call after `warmup` calls.
+    CPU: perf_counter (labelled as CPU timing by the callers). `setup` runs before each call, untimed
+    (e.g. to draw fresh inputs or restore in-place arguments)."""
+    for _ in range(warmup):
+        if setup:
+            setup()
+        fn()
+    times = []
+    if on_gpu():
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            if setup:
+                setup()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            if setup:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+_CEILINGS: dict[str, float] = {}
+
+
+def copy_bandwidth_gbs() -> float:
+    """Measured device copy bandwidth in GB/s, counting bytes read plus written (1 GiB copy on GPU)."""
+    if "copy" not in _CEILINGS:
+        n = (1 << 30) if on_gpu() else (1 << 26)
+        src = torch.empty(n, dtype=torch.uint8, device=default_device())
+        dst = torch.empty_like(src)
+        ms = time_fn(lambda: dst.copy_(src), warmup=3, iters=10)
+        _CEILINGS["copy"] = 2 * n / (ms * 1e-3) / 1e9
+    return _CEILINGS["copy"]
+
+
+def gemm_tflops() -> float:
+    """Measured dense bf16 GEMM rate (8192^3 on GPU, 1024^3 fp32 on CPU) in TFLOP/s, random data."""
+    if "gemm" not in _CEILINGS:
+        n = 8192 if on_gpu() else 1024
+        dtype = torch.bfloat16 if on_gpu() else torch.float32
+        a = torch.randn(n, n, device=default_device(), dtype=dtype)
+        b = torch.randn(n, n, device=default_device(), dtype=dtype)
+        ms = time_fn(lambda: a @ b, warmup=3, iters=10)
+        _CEILINGS["gemm"] = 2 * n**3 / (ms * 1e-3) / 1e12
+    return _CEILINGS["gemm"]
+
+
+def bytes_floor_ms(nbytes: float) -> float:
+    return nbytes / (copy_bandwidth_gbs() * 1e9) * 1e3
+
+
+def flops_floor_ms(flops: float) -> float:
+    return flops / (gemm_tflops() * 1e12) * 1e3
+
+
+@dataclass
+class Row:
+    bench: str
+    case: str
+    impl: str
+    ms: float
+    floor_ms: float | None = None
+    gbs: float | None = None
+    tflops: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def frac_floor(self) -> float | None:
+        return self.floor_ms / self.ms if self.floor_ms else None
+
+
+class Report:
+    """Collects rows, prints them as an aligned table, writes JSON."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.rows: list[Row] = []
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        return row
+
+    def table(self) -> str:
+        lines = [f"## {self.title}", ""]
+        lines.append("| case | impl | time (ms) | GB/s | TFLOP/s | floor (ms) | floor / time | speedup vs |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        by_case: dict[str, list[Row]] = {}
+        for r in self.rows:
+            by_case.setdefault(r.case, []).append(r)
+        for case, rows in by_case.items():
+            ours = [r for r in rows if r.impl.startswith("dots1_ext")]
+            for r in rows:
+                speed = ""
+                if ours and r in ours:
+                    peers = [p for p in rows if p not in ours]
+                    speed = ", ".join(f"{p.impl} {p.ms / r.ms:.2f}x" for p in peers)
+                lines.append(
+                    f"| {case} | {r.impl} | {r.ms:.4f} | {fmt(r.gbs, 0)} | {fmt(r.tflops, 0)} | "
+                    f"{fmt(r.floor_ms, 4)} | {fmt(r.frac_floor, 2)} | {speed} |"
+                )
+        return "\n".join(lines)
+
+    def to_json(self) -> list[dict]:
+        return [asdict(r) | {"frac_floor": r.frac_floor} for r in self.rows]
+
+
+def fmt(v: float | None, digits: int) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit or os.environ.get("DOTS1_EXT_COMMIT", "unknown"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if on_gpu() else f"CPU ({platform.processor() or platform.machine()})",
+        "timing": "CUDA events, median" if on_gpu() else "CPU perf_counter, median (CPU timings, not GPU)",
+    }
+    if on_gpu():
+        env["copy_GBs"] = round(copy_bandwidth_gbs(), 1)
+        env["gemm_TFLOPs"] = round(gemm_tflops(), 1)
+    return env
+
+
+def header(env: dict) -> str:
+    return " | ".join(f"{k}: {v}" for k, v in env.items())
+
+
+def write_json(path: str | os.PathLike, reports: list[Report], env: dict | None = None) -> None:
+    payload = {"env": env or environment(), "reports": {r.title: r.to_json() for r in reports}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(payload, indent=1))
