@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU check: build from source, run the whole test suite on CUDA, compute-sanitizer on small
+# CUDA cases, the benchmarks; writes a dated summary to $OUT (default bench/out).
+#
+#   bash bench/gpu_check.sh                 # all stages
+#   bash bench/gpu_check.sh build test      # some stages: build test sanitize bench
+#   BENCH_ARGS="--only norm --quick" bash bench/gpu_check.sh build bench
+#
+# Wheels missing on the GPU machine (nvidia-cutlass; liger-kernel as a benchmark peer) are taken
+# from .whl/ when present (the device machine has no network).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+stages=${*:-build test sanitize bench}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PYTHONUNBUFFERED=1
+export DOTS1_EXT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || cat .commit 2>/dev/null || echo unknown)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+summary=$OUT/summary.md
+{
+  echo "# dots1_ext GPU check — $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "- commit: $DOTS1_EXT_COMMIT"
+  echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null)"
+  echo "- torch: $(python3 -c 'import torch;print(torch.__version__, "CUDA", torch.version.cuda)')"
+  echo "- nvcc: $(${CUDA_HOME}/bin/nvcc --version | tail -1)"
+  echo
+} >"$summary"
+status=0
+for stage in $stages; do
+  t0=$(date +%s)
+  case $stage in
+    build)
+      MAX_JOBS=${MAX_JOBS:-16} DOTS1_EXT_CUDA=1 DOTS1_EXT_CUDA_ARCHS=${DOTS1_EXT_CUDA_ARCHS:-90a} \
+        python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1
+      rc=$?; tail -5 "$OUT/build.log" ;;
+    test)
+      timeout ${TEST_TIMEOUT:-360} python3 -m pytest -q -x --no-header -rs ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1
+      rc=$?; tail -25 "$OUT/tests.log" ;;
+    sanitize)
+      rc=0
+      for s in tests/sanitize_*.py; do
+        [ -f "$s" ] || continue
+        timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$s" >>"$OUT/sanitize.log" 2>&1 || rc=$?
+        echo "$s: rc=$rc" | tee -a "$OUT/sanitize.log"
+      done ;;
+    bench)
+      timeout ${BENCH_TIMEOUT:-300} python3 -m bench.run ${BENCH_ARGS:-} --json "$OUT/bench.json" --md "$OUT/bench.md" \
+        >"$OUT/bench.log" 2>&1
+      rc=$?; tail -5 "$OUT/bench.log" ;;
+    *) echo "unknown stage $stage"; rc=2 ;;
+  esac
+  [ $rc -eq 0 ] || status=1
+  echo "- stage $stage: rc=$rc in $(( $(date +%s) - t0 )) s" | tee -a "$summary"
+done
+{
+  echo
+  [ -f "$OUT/tests.log" ] && { echo "## Tests (CUDA)"; echo; echo '```'; tail -3 "$OUT/tests.log"; echo '```'; echo; }
+  [ -f "$OUT/sanitize.log" ] && { echo "## compute-sanitizer"; echo; echo '```'; grep -E "ERROR SUMMARY|rc=" "$OUT/sanitize.log"; echo '```'; echo; }
+  [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
+} >>"$summary"
+exit $status
