@@ -151,13 +151,16 @@ def fmt(v: float | None, digits: int) -> str:
 
 
 def environment() -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = os.environ.get("DOTS1_EXT_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip()
+        except OSError:
+            commit = ""
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit or os.environ.get("DOTS1_EXT_COMMIT", "unknown"),
+        "commit": commit or "unknown",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name() if on_gpu() else f"CPU ({platform.processor() or platform.machine()})",

@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 stages=${*:-build test sanitize bench}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PYTHONUNBUFFERED=1
-export DOTS1_EXT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || cat .commit 2>/dev/null || echo unknown)
+export DOTS1_EXT_COMMIT=${DOTS1_EXT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
