@@ -151,6 +151,8 @@ class Dots1Config:
     @classmethod
     def from_dict(cls, d: dict) -> "Dots1Config":
         d = dict(d)
+        for written_by_to_dict in ("model_type", "architectures"):
+            d.pop(written_by_to_dict, None)
         # transformers 5 keeps rope_theta inside rope_parameters; 4.x next to rope_scaling.
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
         d.pop("rope_scaling", None)
