@@ -22,6 +22,8 @@ from dots1_ext.config import Dots1Config
 from dots1_ext.modules import Dots1DecoderLayer, RMSNorm, StepInputs, _KeepsFp32Buffers
 from dots1_ext.rope import build_cos_sin_cache
 
+EOS_CHECK_EVERY = 8  # decode steps between host checks for "every sequence has finished"
+
 reference_ops = modules.use_reference_ops  # `with reference_ops():` runs the eager reference ops
 
 
@@ -146,7 +148,7 @@ class Dots1ForCausalLM(nn.Module):
             if not 0 <= slot < S:
                 raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
             kv_len = kv_len or slot + 1
-            slot = torch.tensor([slot], device=self.device)
+            slot = torch.arange(slot, slot + 1, device=self.device)  # made on the device: no blocking copy
         slots = slot.reshape(1).to(torch.long)
         hidden = self.model(tokens.reshape(B, 1), slots, kv_len or S)  # [B, H]
         return self.lm_head(hidden)
@@ -196,7 +198,9 @@ class Dots1ForCausalLM(nn.Module):
         new_tokens = [tok]
         t1 = _now(self.device)
         for n in range(1, max_new_tokens):
-            if eos and bool(finished.all()):  # host check between steps, never inside a forward
+            # A host check between steps (never inside a forward), every few steps so that the host
+            # keeps queueing work ahead of the GPU.
+            if eos and n % EOS_CHECK_EVERY == 0 and bool(finished.all()):
                 break
             tok, finished = pick(self.decode(tok, L + n - 1), finished)
             new_tokens.append(tok)
@@ -204,7 +208,12 @@ class Dots1ForCausalLM(nn.Module):
         if timings is not None:
             timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=len(new_tokens) - 1,
                            prompt_tokens=B * L)
-        return torch.stack(new_tokens, dim=1)
+        out = torch.stack(new_tokens, dim=1)  # [B, N]
+        if eos:  # cut the columns after the step where the last sequence finished, as HF does
+            is_eos = torch.isin(out, eos_ids)
+            ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, out.shape[1])
+            out = out[:, : int(ends.max())]
+        return out
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
