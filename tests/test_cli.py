@@ -80,3 +80,15 @@ def test_cli_real_shape_on_cuda(capsys):
     assert rc == 0, out
     assert "hidden 4096, 128 experts top-6" in out and "PASS" in out
     torch.cuda.empty_cache()
+
+
+def test_parity_check_fails_on_a_wrong_op(cache_root, monkeypatch, capsys):
+    # A broken compiled op must turn the verdict into FAIL and the exit status into 1.
+    from dots1_ext import modules
+
+    monkeypatch.setenv("DOTS1_EXT_CACHE", cache_root)
+    wrong = dict(vars(modules.REFERENCE_OPS))
+    wrong["rms_norm"] = lambda x, w, eps: modules.REFERENCE_OPS.rms_norm(x, w, eps) * 1.01
+    monkeypatch.setattr(modules, "ops", type(modules.REFERENCE_OPS)(**wrong))
+    rc = cli.main(["--device", "cpu", "--max-new-tokens", "2", "--prompt-len", "8"])
+    assert rc == 1 and "FAIL" in capsys.readouterr().out
