@@ -1,0 +1,210 @@
+"""Dots1Config: the model hyper-parameters, read from and written to a Hugging Face ``config.json``.
+
+Missing keys take the defaults of transformers' ``Dots1Config`` so that a checkpoint means the same
+thing here and there; ``dots1_real_config()`` gives the dimensions of dots.llm1 (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from dots1_ext.rope import SUPPORTED_ROPE_TYPES
+
+CONFIG_NAME = "config.json"
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """"bf16" / "bfloat16" / "torch.bfloat16" / torch.bfloat16 -> torch.bfloat16 (None stays None)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    key = str(value).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {value!r} (supported: float32, bfloat16, float16)")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class Dots1Config:
+    vocab_size: int = 152064
+    hidden_size: int = 4608
+    intermediate_size: int = 10944  # dense-layer MLP
+    moe_intermediate_size: int = 1408  # one routed expert
+    num_hidden_layers: int = 62
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: = num_attention_heads (MHA)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    n_routed_experts: int | None = None
+    n_shared_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    n_group: int | None = 1  # null in some configs: one group
+    topk_group: int | None = 1
+    first_k_dense_replace: int = 0  # layers [0, first_k_dense_replace) are dense, the rest MoE
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF rope_parameters / rope_scaling; None = plain RoPE
+    attention_bias: bool = False
+    sliding_window: int | None = 4096
+    max_window_layers: int | None = 62
+    layer_types: list[str] | None = None  # None: derived with the HF rule in __post_init__
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None  # the checkpoint's dtype, e.g. "bfloat16"
+    initializer_range: float = 0.02
+    extra: dict = field(default_factory=dict, repr=False)  # keys we do not use, kept for round trips
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.n_group = self.n_group or 1
+        self.topk_group = self.topk_group or 1
+        self.first_k_dense_replace = self.first_k_dense_replace or 0
+        self.n_shared_experts = self.n_shared_experts or 0
+        if self.layer_types is None:
+            # transformers' rule: sliding from layer max_window_layers on, when a window is set.
+            self.layer_types = [
+                "sliding_attention"
+                if self.sliding_window is not None and i >= (self.max_window_layers or 0)
+                else "full_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        self.layer_types = list(self.layer_types)
+        if self.torch_dtype is not None:
+            self.torch_dtype = dtype_name(parse_dtype(self.torch_dtype))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ValueError(f"Dots1Config: {msg}")
+
+        if self.hidden_act != "silu":
+            bad(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            bad(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if len(self.layer_types) != self.num_hidden_layers:
+            bad(f"layer_types has {len(self.layer_types)} entries for num_hidden_layers={self.num_hidden_layers}")
+        for t in self.layer_types:
+            if t not in LAYER_TYPES:
+                bad(f"unknown layer type {t!r} (supported: {', '.join(LAYER_TYPES)})")
+        if "sliding_attention" in self.layer_types and not self.sliding_window:
+            bad("a layer is 'sliding_attention' but sliding_window is not set")
+        if self.num_moe_layers:
+            E, k = self.n_routed_experts, self.num_experts_per_tok
+            if not E or not k:
+                bad("MoE layers need n_routed_experts and num_experts_per_tok")
+            if E % self.n_group:
+                bad(f"n_routed_experts={E} is not a multiple of n_group={self.n_group}")
+            if not 1 <= self.topk_group <= self.n_group:
+                bad(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+            if k > self.topk_group * (E // self.n_group):
+                bad(f"num_experts_per_tok={k} exceeds the experts of the kept groups")
+        if self.rope_scaling:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise NotImplementedError(
+                    f"Dots1Config: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+    # -- derived -------------------------------------------------------------------------------
+    @property
+    def num_moe_layers(self) -> int:
+        return max(0, self.num_hidden_layers - self.first_k_dense_replace)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_k_dense_replace
+
+    def window(self, i: int) -> int | None:
+        """The sliding window of layer i, or None for full attention."""
+        return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    # -- json ----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict) -> "Dots1Config":
+        d = dict(d)
+        for written_by_to_dict in ("model_type", "architectures"):
+            d.pop(written_by_to_dict, None)
+        # transformers 5 keeps rope_theta inside rope_parameters; 4.x next to rope_scaling.
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
+        d.pop("rope_scaling", None)
+        rope = dict(rope) if rope else {}
+        theta = rope.pop("rope_theta", None)
+        if d.get("rope_theta") is None:
+            d["rope_theta"] = theta if theta is not None else 10000.0
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        d["rope_scaling"] = rope if rope_type not in (None, "default") else None
+        if "dtype" in d and "torch_dtype" not in d:  # transformers 5 writes "dtype"
+            d["torch_dtype"] = d.pop("dtype")
+        if "num_local_experts" in d and d.get("n_routed_experts") is None:
+            d["n_routed_experts"] = d.pop("num_local_experts")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "Dots1Config":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "Dots1Config":
+        return cls.from_json_file(os.path.join(directory, CONFIG_NAME))
+
+    def to_dict(self) -> dict:
+        d = dict(self.extra)
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        d.pop("rope_scaling")
+        d["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        d["model_type"] = "dots1"
+        d["architectures"] = ["Dots1ForCausalLM"]
+        return d
+
+    def save(self, directory: str | os.PathLike) -> str:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        return path
+
+
+def dots1_real_config(num_layers: int = 62) -> Dots1Config:
+    """dots.llm1 dimensions (DESIGN.md §2) with ``num_layers`` layers (layer 0 dense)."""
+    return Dots1Config(
+        vocab_size=152064, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+        num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+        n_routed_experts=128, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+        first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e7, sliding_window=None,
+        max_window_layers=62, eos_token_id=151649, torch_dtype="bfloat16",
+    )

@@ -1,0 +1,322 @@
+"""Hugging Face Dots1 checkpoints: load (streaming, tensor by tensor) and save (hub layout or fused).
+
+A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``. Routed experts are stored one by one in the hub layout
+(``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``) or fused as in transformers 5
+(``mlp.experts.gate_up_proj`` [E, 2I, H], gate rows first, and ``mlp.experts.down_proj`` [E, H, I]).
+
+Loading builds the model on the meta device, allocates it once on the target device, then copies each
+checkpoint tensor (read through safetensors' mmap) into its slot; a hub-layout expert lands in a slice
+of the fused parameter, and fused expert tensors are copied one expert at a time. So no weight is ever
+held twice, and host memory holds at most one expert matrix (or one dense tensor) at a time.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dots1_ext.config import Dots1Config, dtype_name, parse_dtype
+from dots1_ext.model import Dots1ForCausalLM
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+# Keys some exporters add that carry nothing we need (RoPE tables are rebuilt from the config).
+IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|cos_cached|sin_cached)$")
+_HUB_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<part>gate_proj|up_proj|down_proj)\.weight$")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+# -- reading -------------------------------------------------------------------------------------
+def checkpoint_files(directory: str | os.PathLike) -> dict[str, str]:
+    """{tensor key: safetensors file path} of the checkpoint in ``directory``."""
+    directory = os.fspath(directory)
+    index_path = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {key: os.path.join(directory, name) for key, name in weight_map.items()}
+    single = os.path.join(directory, SAFE_WEIGHTS_NAME)
+    files = [single] if os.path.exists(single) else sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or *.safetensors in {directory}")
+    keys = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            keys.update({key: path for key in f.keys()})
+    return keys
+
+
+class _Slots:
+    """Where each checkpoint key goes in the model, and which parts of each weight have been filled."""
+
+    def __init__(self, model: Dots1ForCausalLM):
+        self.config = model.config
+        # Tied lm_head.weight is the embedding: named_parameters drops the duplicate name.
+        self.targets = dict(model.named_parameters())
+        self.targets.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+        # Per target, a bool per fillable part: [E, 2] for gate_up_proj (gate, up), [E, 1] for down_proj.
+        self.filled = {n: torch.zeros(*self._parts(n), dtype=torch.bool) for n in self.targets}
+
+    def _parts(self, name: str) -> tuple[int, int]:
+        if name.endswith("mlp.experts.gate_up_proj"):
+            return (self.config.n_routed_experts, 2)
+        if name.endswith("mlp.experts.down_proj"):
+            return (self.config.n_routed_experts, 1)
+        return (1, 1)
+
+    def resolve(self, key: str) -> tuple[str, torch.Tensor, tuple] | None:
+        """key -> (target name, destination view, the filled-map index it covers); None if ignored."""
+        m = _HUB_EXPERT_KEY.match(key)
+        if m:
+            part = m["part"]
+            name = f"{m['prefix']}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}"
+            e = int(m["e"])
+            if name not in self.targets or e >= self.config.n_routed_experts:
+                raise KeyError(f"unexpected checkpoint tensor {key!r}: the model has no such expert "
+                               f"(n_routed_experts={self.config.n_routed_experts})")
+            I = self.config.moe_intermediate_size
+            fused = self.targets[name].data
+            if part == "down_proj":
+                return name, fused[e], (e, 0)
+            return name, fused[e, :I] if part == "gate_proj" else fused[e, I:], (e, 0 if part == "gate_proj" else 1)
+        if key in self.targets:
+            return key, self.targets[key].data, (slice(None), slice(None))
+        if IGNORED_KEYS.search(key) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
+            return None
+        raise KeyError(f"unexpected checkpoint tensor {key!r}: no parameter of that name in the Dots1 model")
+
+    def mark(self, name: str, index: tuple, key: str) -> None:
+        if self.filled[name][index].any():
+            raise ValueError(f"checkpoint tensor {key!r} fills {name!r} a second time (both hub and fused layouts?)")
+        self.filled[name][index] = True
+
+    def missing(self) -> list[str]:
+        keys = []
+        for name, filled in self.filled.items():
+            if filled.all():
+                continue
+            if filled.shape == (1, 1) or not filled.any():
+                keys.append(name)
+                continue
+            parts = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
+            prefix = name.rsplit(".", 1)[0]
+            keys += [f"{prefix}.{e}.{parts[j]}.weight" for e, j in (~filled).nonzero().tolist()]
+        return keys
+
+
+class _Progress:
+    """An in-place counter line on stderr."""
+
+    def __init__(self, total_bytes: int, enabled: bool):
+        self.total, self.done, self.enabled = total_bytes, 0, enabled
+        self.start = self.last = time.perf_counter()
+
+    def update(self, nbytes: int, tensors: int, total_tensors: int) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if self.enabled and (now - self.last > 0.2 or tensors == total_tensors):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9) / 1e9
+            sys.stderr.write(f"\rloading weights: {tensors}/{total_tensors} tensors, "
+                             f"{self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB ({rate:.2f} GB/s)")
+            if tensors == total_tensors:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's (unique) parameters and persistent buffers."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def check_device_memory(bytes_needed: int, device: torch.device | str) -> None:
+    """Raises torch.OutOfMemoryError naming the bytes needed when a CUDA device has less free memory."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    if bytes_needed > free:
+        raise torch.OutOfMemoryError(
+            f"dots1_ext: the model needs {bytes_needed} bytes ({bytes_needed / 2**30:.2f} GiB) on {device}, "
+            f"but only {free} bytes ({free / 2**30:.2f} GiB) of {total / 2**30:.2f} GiB are free. "
+            "Use a smaller dtype, fewer layers, or a larger GPU.")
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    progress: bool = True,
+) -> Dots1ForCausalLM:
+    """Loads the HF Dots1 checkpoint in ``path`` onto ``device`` in ``dtype`` (default: bf16 on CUDA,
+    fp32 elsewhere). Raises KeyError for a missing or unexpected tensor, ValueError for a misshapen one
+    (naming the key and both shapes), torch.OutOfMemoryError when the device cannot hold the model."""
+    device = torch.device(device)
+    dtype = parse_dtype(dtype) or _default_dtype(device)
+    config = Dots1Config.from_pretrained(path)
+    files = checkpoint_files(path)
+
+    model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
+    slots = _Slots(model)
+    plan = _plan(files, slots)  # every key, shape and dtype checked before any allocation
+
+    check_device_memory(model_bytes(model), device)
+    model.to_empty(device=device)
+    model.tie_weights()
+    slots = _Slots(model)  # the same plan, now pointing at real storage
+
+    bar = _Progress(sum(nbytes for *_, nbytes in plan), progress)
+    done = 0
+    with torch.no_grad():
+        for path_, keys in _by_file(plan):
+            with safe_open(path_, framework="pt", device="cpu") as f:
+                for key in keys:
+                    name, dest, _ = slots.resolve(key)
+                    if dest.dim() == 3:  # fused experts: one expert at a time bounds host memory
+                        src = f.get_slice(key)
+                        for e in range(dest.shape[0]):
+                            dest[e].copy_(src[e])
+                    else:
+                        dest.copy_(f.get_tensor(key))
+                    done += 1
+                    bar.update(dest.numel() * dest.element_size(), done, len(plan))
+    return model.eval()
+
+
+def _plan(files: dict[str, str], slots: _Slots) -> list[tuple[str, str, int]]:
+    """Validates every key against the model; returns [(file, key, bytes)] of the tensors to copy."""
+    plan = []
+    by_file: dict[str, list[str]] = {}
+    for key, path in files.items():
+        by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    raise KeyError(f"checkpoint tensor {key!r} is listed in the index but missing from {path}")
+                resolved = slots.resolve(key)
+                if resolved is None:
+                    continue
+                name, dest, index = resolved
+                src = f.get_slice(key)
+                shape, src_dtype = tuple(src.get_shape()), src.get_dtype()
+                if shape != tuple(dest.shape):
+                    raise ValueError(f"checkpoint tensor {key!r} has shape {list(shape)}, "
+                                     f"but the model expects {list(dest.shape)} (config: {name})")
+                if src_dtype not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"checkpoint tensor {key!r} has unsupported dtype {src_dtype}")
+                slots.mark(name, index, key)
+                plan.append((path, key, dest.numel() * dest.element_size()))
+    missing = slots.missing()
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise KeyError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+    return plan
+
+
+def _by_file(plan: list[tuple[str, str, int]]) -> Iterator[tuple[str, list[str]]]:
+    groups: dict[str, list[str]] = {}
+    for path, key, _ in plan:
+        groups.setdefault(path, []).append(key)
+    yield from groups.items()
+
+
+# -- writing -------------------------------------------------------------------------------------
+def checkpoint_tensors(model: Dots1ForCausalLM, layout: str = "hub") -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of the checkpoint; ``layout`` "hub" splits the experts one by one."""
+    if layout not in ("hub", "fused"):
+        raise ValueError(f"layout must be 'hub' or 'fused', got {layout!r}")
+    config = model.config
+    I = config.moe_intermediate_size
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        prefix, _, leaf = name.rpartition(".")
+        if layout == "hub" and prefix.endswith("mlp.experts") and leaf == "gate_up_proj":
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", t[e, :I]
+                yield f"{prefix}.{e}.up_proj.weight", t[e, I:]
+        elif layout == "hub" and prefix.endswith("mlp.experts") and leaf == "down_proj":
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", t[e]
+        else:
+            yield name, t
+
+
+def parse_size(size: int | str) -> int:
+    """5000000000, "5GB", "500MB", "2GiB" -> bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?B)?\s*", size.upper())
+    if not m:
+        raise ValueError(f"cannot parse size {size!r}")
+    base = 1024 if m[3] == "IB" else 1000
+    return int(float(m[1]) * base ** " KMGT".index(m[2] or " "))
+
+
+def save_checkpoint(
+    model: Dots1ForCausalLM,
+    directory: str | os.PathLike,
+    shard_size: int | str = "5GB",
+    layout: str = "hub",
+    dtype: torch.dtype | str | None = None,
+) -> list[str]:
+    """Writes config.json and safetensors shards (+ index when more than one) in the HF layout.
+    Returns the paths of the weight files. One shard's tensors are on the host at a time."""
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    dtype = parse_dtype(dtype) or model.dtype
+    limit = parse_size(shard_size)
+    for stale in glob.glob(os.path.join(directory, "model*.safetensors")) + [
+            os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)]:
+        if os.path.exists(stale):
+            os.remove(stale)
+
+    def out_dtype(key, t):  # the router bias stays fp32, like HF
+        return t.dtype if key.endswith("e_score_correction_bias") else dtype
+
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    shard_bytes = 0
+    for key, t in checkpoint_tensors(model, layout):
+        nbytes = t.numel() * out_dtype(key, t).itemsize
+        if shards[-1] and shard_bytes + nbytes > limit:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append((key, t))
+        shard_bytes += nbytes
+
+    config = Dots1Config.from_dict(model.config.to_dict())
+    config.torch_dtype = dtype_name(dtype)
+    config.save(directory)
+    names = [SAFE_WEIGHTS_NAME] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards):
+        # Copies that own their storage: safetensors refuses tensors sharing memory (expert slices).
+        tensors = {key: t.detach().to(device="cpu", dtype=out_dtype(key, t), copy=True).contiguous()
+                   for key, t in shard}
+        save_file(tensors, os.path.join(directory, name), metadata={"format": "pt"})
+        for key, t in tensors.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+        del tensors
+    if len(names) > 1:
+        with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+    return [os.path.join(directory, n) for n in names]

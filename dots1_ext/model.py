@@ -1,0 +1,278 @@
+"""The Dots1 causal LM: prefill and decode over a static KV cache, and generation.
+
+Cache layout: sequence b's token in cache slot s lives at row ``b * S + s`` of each layer's
+``k_cache.view(-1, Hk, D)``. Batches are left-padded: slot s holds the s-th column of the prompt
+(padding included), decode step n writes slot ``prompt_len + n``. ``cache_start[b]`` is sequence b's
+first real slot; its RoPE positions are ``slot - cache_start[b]`` (HF generate's ``cumsum(mask) - 1``).
+
+Shape letters: B batch, L new tokens per sequence, T = B*L, S cache slots, H hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dots1_ext import modules
+from dots1_ext.config import Dots1Config
+from dots1_ext.modules import Dots1DecoderLayer, RMSNorm, StepInputs, _KeepsFp32Buffers
+from dots1_ext.rope import build_cos_sin_cache
+
+EOS_CHECK_EVERY = 8  # decode steps between host checks for "every sequence has finished"
+
+reference_ops = modules.use_reference_ops  # `with reference_ops():` runs the eager reference ops
+
+
+class Dots1Model(_KeepsFp32Buffers, nn.Module):
+    _fp32_buffers = ("cos_sin_cache",)
+
+    def __init__(self, config: Dots1Config, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        kw = dict(device=device, dtype=dtype)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(Dots1DecoderLayer(config, i, **kw) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.windows = sorted({w for i in range(config.num_hidden_layers) if (w := config.window(i)) is not None})
+        self.register_buffer("cos_sin_cache", None, persistent=False)  # [S, D] fp32
+        self.register_buffer("cache_start", None, persistent=False)  # [B] int64, first real slot
+
+    # -- cache ---------------------------------------------------------------------------------
+    @property
+    def cache_shape(self) -> tuple[int, int] | None:
+        """(batch_size, max_seq_len) of the allocated KV cache, or None."""
+        k = self.layers[0].self_attn.k_cache if len(self.layers) else None
+        return None if k is None else (k.shape[0], k.shape[1])
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocates every layer's KV cache [B, S, Hk, D] and the RoPE table once; later steps reuse them."""
+        weight = self.embed_tokens.weight
+        dtype = dtype or weight.dtype
+        for layer in self.layers:
+            layer.self_attn.allocate_cache(batch_size, max_seq_len, dtype, weight.device)
+        c = self.config
+        self.cos_sin_cache = build_cos_sin_cache(c.head_dim, max_seq_len, c.rope_theta, c.rope_scaling, weight.device)
+        self.cache_start = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
+
+    def step_inputs(self, slots: torch.Tensor, kv_len: int) -> StepInputs:
+        """Positions, cache rows and attention masks for new tokens at cache ``slots`` [L] (same for
+        every sequence), attending to slots [0, kv_len). Tensor ops only: no host synchronisation."""
+        B, S = self.cache_shape
+        L = slots.shape[0]
+        start = self.cache_start[:, None]  # [B, 1]
+        positions = (slots[None, :] - start).clamp_min(0)  # [B, L]; padding gets 0
+        batch_rows = torch.arange(B, device=slots.device)[:, None] * S
+        cache_rows = (batch_rows + slots[None, :]).reshape(-1)  # [T]
+        q_slot = slots[None, :, None]  # [1, L, 1]
+        k_slot = torch.arange(kv_len, device=slots.device)[None, None, :]  # [1, 1, S']
+        # Causal over real keys; a padding query sees only itself, so no softmax row is empty.
+        visible = (k_slot <= q_slot) & ((k_slot >= start[:, :, None]) | (k_slot == q_slot))  # [B, L, S']
+        masks = {None: visible}
+        for w in self.windows:  # HF: a query at p sees keys in (p - window, p]
+            masks[w] = visible & (k_slot > q_slot - w)
+        return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, masks, self.cos_sin_cache)
+
+    def forward(self, input_ids: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """input_ids [B, L] at cache ``slots`` [L] int64 -> final hidden states [T, H]."""
+        step = self.step_inputs(slots, kv_len)
+        x = self.embed_tokens(input_ids).view(step.batch_size * step.seq_len, -1)  # [T, H]
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, step)
+        return self.norm(x, residual)
+
+
+class Dots1ForCausalLM(nn.Module):
+    def __init__(self, config: Dots1Config, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.model = Dots1Model(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.prompt_len = 0  # slots filled by the last prefill
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocates the static KV cache unless the current one already fits (same batch, enough slots)."""
+        shape = self.model.cache_shape
+        if shape is not None and shape[0] == batch_size and shape[1] >= max_seq_len and dtype in (None, self.dtype):
+            return
+        self.model.setup_cache(batch_size, max_seq_len, dtype)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # -- forward passes ------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Runs the prompt [B, L] (left-padded; ``attention_mask`` [B, L] 1 = real token) from cache
+        slot 0. Returns logits [B, L, V], or [B, V] for the last column with ``last_only``."""
+        B, L = input_ids.shape
+        shape = self.model.cache_shape
+        if shape is None or shape[0] != B or shape[1] < L:
+            raise ValueError(f"prefill of [{B}, {L}] tokens needs setup_cache({B}, >= {L}) first; cache is {shape}")
+        if attention_mask is None:
+            self.model.cache_start.zero_()
+        else:
+            mask = attention_mask.to(self.device).bool()
+            if not torch.equal(mask, mask.long().cumsum(1) > 0):  # prefill may synchronise; decode never does
+                raise ValueError("attention_mask must be left-padded (zeros, then ones, in every row)")
+            self.model.cache_start.copy_(L - mask.sum(1))
+        self.prompt_len = L
+        slots = torch.arange(L, device=self.device)
+        hidden = self.model(input_ids.to(self.device), slots, L).view(B, L, -1)  # [B, L, H]
+        return self.lm_head(hidden[:, -1] if last_only else hidden)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, slot: int | torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """One token per sequence, tokens [B] (or [B, 1]), written at cache ``slot``. Returns logits [B, V].
+
+        ``slot`` may be a 0-d int64 device tensor (updated in place between steps) and ``kv_len`` left at
+        its default (all S slots) for a CUDA-graph capture; with an int slot only slots <= slot are read."""
+        B, S = self.model.cache_shape
+        if isinstance(slot, int):
+            if not 0 <= slot < S:
+                raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
+            kv_len = kv_len or slot + 1
+            slot = torch.arange(slot, slot + 1, device=self.device)  # made on the device: no blocking copy
+        slots = slot.reshape(1).to(torch.long)
+        hidden = self.model(tokens.reshape(B, 1), slots, kv_len or S)  # [B, H]
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full forward of [B, L] tokens (a fresh prefill; the cache grows if needed). Returns logits [B, L, V]."""
+        self.setup_cache(*input_ids.shape)
+        return self.prefill(input_ids, attention_mask)
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        timings: dict | None = None,
+    ) -> torch.Tensor:
+        """Greedy (temperature 0) or temperature / top-p sampling. Returns the new tokens [B, N], N <=
+        max_new_tokens (it stops once every sequence has emitted an eos; positions after a sequence's
+        eos hold ``pad_token_id``). ``input_ids``: [B, L] left-padded with ``attention_mask``, or a list
+        of token lists of any lengths. ``timings``, if given, receives prefill/decode seconds."""
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids, attention_mask = left_pad(input_ids, device=self.device)
+        eos = self.config.eos_token_ids if eos_token_id is None else (
+            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        if pad_token_id is None:
+            pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
+        B, L = input_ids.shape
+        self.setup_cache(B, L + max_new_tokens)
+
+        def pick(logits, finished):
+            tok = sample(logits, temperature, top_p, generator)
+            tok = torch.where(finished, pad_token_id, tok)
+            return tok, finished | torch.isin(tok, eos_ids)
+
+        t0 = _now(self.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        tok, finished = pick(self.prefill(input_ids, attention_mask, last_only=True), finished)
+        new_tokens = [tok]
+        t1 = _now(self.device)
+        for n in range(1, max_new_tokens):
+            # A host check between steps (never inside a forward), every few steps so that the host
+            # keeps queueing work ahead of the GPU.
+            if eos and n % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+                break
+            tok, finished = pick(self.decode(tok, L + n - 1), finished)
+            new_tokens.append(tok)
+        t2 = _now(self.device)
+        if timings is not None:
+            timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=len(new_tokens) - 1,
+                           prompt_tokens=B * L)
+        out = torch.stack(new_tokens, dim=1)  # [B, N]
+        if eos:  # cut the columns after the step where the last sequence finished, as HF does
+            is_eos = torch.isin(out, eos_ids)
+            ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, out.shape[1])
+            out = out[:, : int(ends.max())]
+        return out
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B] int64: argmax at temperature 0, else a temperature / nucleus draw."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps at least the top token
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    # argmax(p / Exp(1)) is a draw from p, without torch.multinomial's host synchronisation.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (input_ids [B, L], attention_mask [B, L]) left-padded to the longest."""
+    L = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), L), dtype=torch.long)
+    for b, seq in enumerate(sequences):
+        if len(seq):
+            ids[b, L - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
+            mask[b, L - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.no_grad()
+def init_random_weights_(model: Dots1ForCausalLM, seed: int = 0, std: float | None = None) -> Dots1ForCausalLM:
+    """Fills every weight in place with seeded random values (on the weights' own device): normal
+    ``std`` (config.initializer_range) for matrices, 1 + noise for norm weights, a nonzero
+    e_score_correction_bias, and a wider router so that routing is far from ties."""
+    std = std if std is not None else model.config.initializer_range
+    device = model.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32))
+        elif name.endswith("mlp.gate.weight"):
+            p.normal_(0.0, 1.0 / p.shape[1] ** 0.5, generator=gen)
+        else:
+            p.normal_(0.0, std, generator=gen)
+    for module in model.modules():
+        if isinstance(module, modules.Dots1Router):
+            module.e_score_correction_bias.normal_(0.0, 0.05, generator=gen)
+    return model
+
+
+def build_random_model(config: Dots1Config, device="cpu", dtype=torch.float32, seed: int = 0) -> Dots1ForCausalLM:
+    """A random-weight model built directly on ``device`` (no default init pass, no checkpoint)."""
+    model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    return init_random_weights_(model, seed).eval()

@@ -1,0 +1,246 @@
+"""Dots1 building blocks: modules that own their weights and call the dots1_ext ops.
+
+Parameter names and shapes are exactly those of transformers 5's Dots1 ``state_dict``, so an HF state
+dict loads with ``load_state_dict``. Activations are flat token-major tensors; the KV cache is static.
+
+Shape letters: B batch, L new tokens per sequence, T = B*L tokens, S cached slots per sequence,
+H hidden, Hq/Hk query/key heads, D head_dim, E experts, k experts per token, I expert intermediate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dots1_ext import ops as compiled_ops
+from dots1_ext import reference
+from dots1_ext.config import Dots1Config
+
+# Every op call goes through this name, so `use_reference_ops()` can swap the whole model onto the
+# eager reference (the CLI's parity check) without a second model implementation.
+ops = compiled_ops
+
+# Up to this many tokens the router projection runs inside the fused router_topk_gating op (one launch
+# for decode); above it a GEMM (F.linear in fp32) followed by topk_gating is faster.
+ROUTER_FUSED_MAX_TOKENS = 32
+
+
+def _reference_namespace() -> types.SimpleNamespace:
+    """dots1_ext.reference behind the signatures (and defaults) of the dots1_ext.ops wrappers."""
+
+    def add_rms_norm_(x, residual, weight, eps):
+        reference.add_rms_norm_(x, residual, weight, eps)
+        return x
+
+    return types.SimpleNamespace(
+        rms_norm=reference.rms_norm,
+        add_rms_norm_=add_rms_norm_,
+        qk_norm_rope_kv_cache_=reference.qk_norm_rope_kv_cache_,
+        router_topk_gating=lambda h, w, b, k, n_group=1, topk_group=1, renormalize=True, scale=1.0:
+            reference.router_topk_gating(h, w, b, k, n_group, topk_group, renormalize, scale),
+        topk_gating=lambda logits, b, k, n_group=1, topk_group=1, renormalize=True, scale=1.0:
+            reference.topk_gating(logits, b, k, n_group, topk_group, renormalize, scale),
+        permute=lambda h, ids, E, pad_to=1: reference.permute(h, ids, E, pad_to),
+        grouped_gemm=lambda x, w, offsets, epilogue="none": reference.grouped_gemm(x, w, offsets, epilogue),
+        unpermute=lambda out, row_map, w, shared_out=None, residual=None:
+            reference.unpermute(out, row_map, w, shared_out, residual),
+    )
+
+
+REFERENCE_OPS = _reference_namespace()
+
+
+@contextlib.contextmanager
+def use_reference_ops():
+    """Within the block, every module runs dots1_ext.reference instead of the compiled ops."""
+    global ops
+    saved, ops = ops, REFERENCE_OPS
+    try:
+        yield
+    finally:
+        ops = saved
+
+
+class _KeepsFp32Buffers:
+    """Keeps the named buffers fp32 through ``.to(dtype)`` / ``.half()`` (HF: _keep_in_fp32_modules)."""
+
+    _fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        saved = {name: getattr(self, name) for name in self._fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = getattr(self, name)
+            if old is None or new.dtype == torch.float32:
+                continue
+            # Re-derive from the fp32 original so a round trip through bf16 loses nothing.
+            fixed = torch.empty_like(old, device=new.device) if old.is_meta else old.to(new.device)
+            setattr(self, name, fixed)
+        return self
+
+
+@dataclass
+class StepInputs:
+    """What every layer needs for one forward step, built once per step by Dots1Model."""
+
+    batch_size: int  # B
+    seq_len: int  # L
+    kv_len: int  # S' <= S: cache slots attended to
+    positions: torch.Tensor  # [T] int64 RoPE position of each token
+    cache_rows: torch.Tensor  # [T] int64 row of each token in k_cache.view(-1, Hk, D)
+    masks: dict  # {window or None: [B, L, S'] bool, True = attend}
+    cos_sin_cache: torch.Tensor  # [P, D] fp32
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm(x); with ``residual``, in place: residual += x, then x = RMSNorm(residual)."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm_(x, residual, self.weight, self.eps)
+
+
+class Dots1MLP(nn.Module):
+    """SwiGLU MLP: the dense layers' MLP and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Dots1Attention(nn.Module):
+    """QK-norm attention with RoPE over a static KV cache [B, S, Hk, D] (allocated by Dots1Model.setup_cache)."""
+
+    def __init__(self, config: Dots1Config, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.sliding_window = c.window(layer_idx)
+        self.eps = c.rms_norm_eps
+        self.scaling = self.head_dim**-0.5
+        kw = dict(bias=c.attention_bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, **kw)
+        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, **kw)
+        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, **kw)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, **kw)
+        self.q_norm = RMSNorm(self.head_dim, c.rms_norm_eps, device=device, dtype=dtype)
+        self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, device=device, dtype=dtype)
+        self.register_buffer("k_cache", None, persistent=False)  # [B, S, Hk, D]
+        self.register_buffer("v_cache", None, persistent=False)
+
+    def allocate_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch_size, max_seq_len, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:  # [T, H] -> [T, H]
+        T, B, L, S = x.shape[0], step.batch_size, step.seq_len, step.kv_len
+        Hq, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(T, Hq, D)
+        k = self.k_proj(x).view(T, Hk, D)
+        v = self.v_proj(x).view(T, Hk, D)
+        # In place: q, k normed and rotated; k, v written to the cache at this step's slots.
+        ops.qk_norm_rope_kv_cache_(q, k, v, self.q_norm.weight, self.k_norm.weight, step.positions,
+                                   step.cos_sin_cache, self.eps, self.k_cache, self.v_cache, step.cache_rows)
+        q = q.view(B, L, Hq, D).transpose(1, 2)  # [B, Hq, L, D]
+        keys = self.k_cache[:, :S].transpose(1, 2)  # [B, Hk, S', D]
+        values = self.v_cache[:, :S].transpose(1, 2)
+        if Hk != Hq:  # GQA: query head h reads kv head h // (Hq / Hk)
+            keys = keys.repeat_interleave(Hq // Hk, dim=1)
+            values = values.repeat_interleave(Hq // Hk, dim=1)
+        mask = step.masks[self.sliding_window][:, None]  # [B, 1, L, S']
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+        return self.o_proj(out.transpose(1, 2).reshape(T, Hq * D))
+
+
+class Dots1Router(_KeepsFp32Buffers, nn.Module):
+    """Sigmoid router with bias-corrected, group-limited top-k (``mlp.gate`` in the checkpoint)."""
+
+    _fp32_buffers = ("e_score_correction_bias",)
+
+    def __init__(self, config: Dots1Config, device=None, dtype=None):
+        super().__init__()
+        c = config
+        self.top_k, self.n_group, self.topk_group = c.num_experts_per_tok, c.n_group, c.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = c.norm_topk_prob, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size, device=device, dtype=dtype))
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(c.n_routed_experts, device=device, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [T, H] -> fp32 [T, k], int32 [T, k]
+        args = (self.top_k, self.n_group, self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
+        if x.shape[0] <= ROUTER_FUSED_MAX_TOKENS:
+            return ops.router_topk_gating(x, self.weight, self.e_score_correction_bias, *args)
+        logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32, as HF computes it
+        return ops.topk_gating(logits, self.e_score_correction_bias, *args)
+
+
+class Dots1Experts(nn.Module):
+    """The routed experts' weights, fused as in transformers 5 (``mlp.experts``)."""
+
+    def __init__(self, config: Dots1Config, device=None, dtype=None):
+        super().__init__()
+        E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, device=device, dtype=dtype))  # gate rows first
+        self.down_proj = nn.Parameter(torch.empty(E, H, I, device=device, dtype=dtype))
+
+
+class Dots1MoE(nn.Module):
+    def __init__(self, config: Dots1Config, device=None, dtype=None):
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.gate = Dots1Router(config, device=device, dtype=dtype)
+        self.experts = Dots1Experts(config, device=device, dtype=dtype)
+        self.shared_experts = None
+        if config.n_shared_experts:
+            shared_size = config.moe_intermediate_size * config.n_shared_experts
+            self.shared_experts = Dots1MLP(config.hidden_size, shared_size, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, H] -> routed + shared experts (+ residual, fused into the combine) [T, H]."""
+        weights, ids = self.gate(x)  # fp32 [T, k], int32 [T, k]
+        permuted, offsets, row_map = ops.permute(x, ids, self.num_experts)  # [T*k, H], [E+1], [T*k]
+        act = ops.grouped_gemm(permuted, self.experts.gate_up_proj, offsets, "swiglu")  # [T*k, I]
+        expert_out = ops.grouped_gemm(act, self.experts.down_proj, offsets, "none")  # [T*k, H]
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return ops.unpermute(expert_out, row_map, weights, shared_out=shared, residual=residual)
+
+
+class Dots1DecoderLayer(nn.Module):
+    def __init__(self, config: Dots1Config, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.self_attn = Dots1Attention(config, layer_idx, **kw)
+        self.mlp = Dots1MoE(config, **kw) if self.is_moe else Dots1MLP(config.hidden_size, config.intermediate_size, **kw)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, step: StepInputs):
+        """The residual stream is ``x + residual`` (just ``x`` when residual is None), as in vLLM: each
+        norm adds the pending block output into the residual in the same pass. Returns the new pair."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            self.input_layernorm(x, residual)
+        x = self.self_attn(x, step)
+        self.post_attention_layernorm(x, residual)
+        if self.is_moe:
+            return self.mlp(x, residual=residual), None  # the residual add happens in the combine
+        return self.mlp(x), residual

@@ -1,0 +1,94 @@
+"""The main job: `python -m dots1_ext` end to end (tiny cached checkpoint, --model with a tokenizer,
+--real-shape), printing tokens, tokens/s and a PASS/FAIL parity check against the reference ops."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import requires_cuda
+from test_model import BASE, tiny_ours
+
+from dots1_ext import cli
+from dots1_ext.config import Dots1Config
+from dots1_ext.loader import save_checkpoint
+from dots1_ext.tiny import TINY_VERSION
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dots1_ext_cache"))
+
+
+def test_python_m_dots1_ext_on_cpu(cache_root):
+    env = dict(os.environ, DOTS1_EXT_CACHE=cache_root,
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "dots1_ext", "--device", "cpu", "--max-new-tokens", "4"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "PASS" in out and "FAIL" not in out
+    assert "generated:" in out and "prefill:" in out and "tokens/s" in out
+    ckpt = os.path.join(cache_root, f"tiny-dots1-v{TINY_VERSION}")
+    assert os.path.exists(os.path.join(ckpt, "model.safetensors.index.json"))  # made once, sharded hub layout
+    assert "loading weights:" in proc.stderr
+
+
+def test_cli_batch_sampling(cache_root, device, monkeypatch, capsys):
+    monkeypatch.setenv("DOTS1_EXT_CACHE", cache_root)
+    rc = cli.main(["--device", device, "--max-new-tokens", "3", "--batch-size", "3", "--prompt-len", "20",
+                   "--temperature", "0.8", "--top-p", "0.9"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "PASS" in out and "[2] generated:" in out and "(14 tokens)" in out  # ragged, left-padded batch
+
+
+def test_cli_model_dir_with_tokenizer(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    save_checkpoint(tiny_ours("cpu", eos_token_id=None), tmp_path)
+    vocab = {f"w{i}": i for i in range(BASE["vocab_size"])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    rc = cli.main(["--model", str(tmp_path), "--device", "cpu", "--max-new-tokens", "5", "--prompt", "w5 w17 w33"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "prompt (3 tokens): 'w5 w17 w33'" in out
+    generated = out.split("[0] generated: ")[1].splitlines()[0]
+    assert generated.startswith("'w") and len(generated.strip("'").split()) == 5
+
+
+def test_cli_real_shape_path_on_small_dims(monkeypatch, capsys):
+    # The --real-shape code path, at toy dimensions so that it runs on a CPU.
+    small = dict(BASE, n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+                 routed_scaling_factor=2.5)
+    monkeypatch.setattr(cli, "dots1_real_config", lambda layers: Dots1Config(**{**small, "num_hidden_layers": layers}))
+    rc = cli.main(["--real-shape", "--layers", "2", "--device", "cpu", "--max-new-tokens", "2", "--prompt-len", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "2 layers" in out and "PASS" in out
+
+
+@requires_cuda
+def test_cli_real_shape_on_cuda(capsys):
+    rc = cli.main(["--real-shape", "--layers", "2", "--device", "cuda", "--max-new-tokens", "8", "--prompt-len", "128"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "hidden 4096, 128 experts top-6" in out and "PASS" in out
+    torch.cuda.empty_cache()
+
+
+def test_parity_check_fails_on_a_wrong_op(cache_root, monkeypatch, capsys):
+    # A broken compiled op must turn the verdict into FAIL and the exit status into 1.
+    from dots1_ext import modules
+
+    monkeypatch.setenv("DOTS1_EXT_CACHE", cache_root)
+    wrong = dict(vars(modules.REFERENCE_OPS))
+    wrong["rms_norm"] = lambda x, w, eps: modules.REFERENCE_OPS.rms_norm(x, w, eps) * 1.01
+    monkeypatch.setattr(modules, "ops", type(modules.REFERENCE_OPS)(**wrong))
+    rc = cli.main(["--device", "cpu", "--max-new-tokens", "2", "--prompt-len", "8"])
+    assert rc == 1 and "FAIL" in capsys.readouterr().out

@@ -1,0 +1,195 @@
+"""Checkpoints: transformers' save_pretrained loads here and ours loads there; hub and fused expert
+layouts, shards, dtype conversion, and clear errors for missing / unexpected / misshapen tensors.
+
+Logit tolerances as in test_model.py (fp32 on CPU < 1e-5; bf16 on CUDA 2e-2 per token, see there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import rel_err
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_model import BASE, CONFIGS, DTYPE, assert_logits_close, make_hf_model, tiny_ours
+
+from dots1_ext.loader import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    check_device_memory,
+    checkpoint_files,
+    load_model,
+    parse_size,
+    save_checkpoint,
+)
+
+
+def saved_tiny(tmp_path, layout="hub", shard_size="1GB", **overrides):
+    model = tiny_ours("cpu", dtype=torch.float32, **overrides)
+    save_checkpoint(model, tmp_path, shard_size=shard_size, layout=layout)
+    return model
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype, key
+        assert torch.equal(sa[key].cpu(), sb[key].cpu()), key
+
+
+def rewrite_single_file(tmp_path, edit):
+    path = os.path.join(tmp_path, SAFE_WEIGHTS_NAME)
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+# -- interoperability with transformers --------------------------------------------------------------
+def test_transformers_save_pretrained_loads(tmp_path, device):
+    hf = make_hf_model(**CONFIGS["groups-gqa-attnbias"])
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 10))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    model = load_model(tmp_path, device=device, dtype=DTYPE[device], progress=False)
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert_logits_close(model(ids.to(device)), expected, device)
+
+
+def test_transformers_loads_our_hub_checkpoint(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = saved_tiny(tmp_path, layout="hub", shard_size="40KB")
+    hf = transformers.Dots1ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    ids = torch.randint(0, BASE["vocab_size"], (1, 9))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert rel_err(model(ids), expected) < 1e-5
+
+
+# -- our own round trips -------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+@pytest.mark.parametrize("shard_size", ["1GB", "30KB"])
+def test_save_load_round_trip(tmp_path, layout, shard_size):
+    model = saved_tiny(tmp_path, layout=layout, shard_size=shard_size)
+    keys = checkpoint_files(tmp_path)
+    sharded = os.path.exists(os.path.join(tmp_path, SAFE_WEIGHTS_INDEX_NAME))
+    assert sharded == (shard_size != "1GB") and len(set(keys.values())) > (1 if sharded else 0)
+    hub_key = "model.layers.1.mlp.experts.7.up_proj.weight"
+    assert (hub_key in keys) == (layout == "hub")
+    assert ("model.layers.1.mlp.experts.gate_up_proj" in keys) == (layout == "fused")
+    loaded = load_model(tmp_path, "cpu", torch.float32, progress=False)
+    assert_same_weights(loaded, model)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 7))
+    assert torch.equal(loaded(ids), model(ids))
+
+
+def test_load_onto_device_and_dtype(tmp_path, device):
+    model = saved_tiny(tmp_path, shard_size="50KB")
+    loaded = load_model(tmp_path, device=device, dtype=torch.bfloat16, progress=False)
+    assert loaded.device.type == device and loaded.dtype == torch.bfloat16
+    for key, t in model.state_dict().items():
+        got = loaded.state_dict()[key]
+        want = t if key.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
+        assert torch.equal(got.cpu(), want), key
+
+
+def test_bf16_checkpoint_loads_as_fp32(tmp_path):
+    model = tiny_ours("cpu", dtype=torch.float32)
+    save_checkpoint(model, tmp_path, dtype=torch.bfloat16)
+    with safe_open(os.path.join(tmp_path, SAFE_WEIGHTS_NAME), framework="pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+        assert f.get_slice("model.layers.1.mlp.gate.e_score_correction_bias").get_dtype() == "F32"
+    assert json.load(open(os.path.join(tmp_path, "config.json")))["torch_dtype"] == "bfloat16"
+    loaded = load_model(tmp_path, "cpu", torch.float32, progress=False)
+    w = model.model.layers[1].mlp.experts.gate_up_proj
+    assert torch.equal(loaded.model.layers[1].mlp.experts.gate_up_proj, w.to(torch.bfloat16).float())
+
+
+def test_tied_embeddings(tmp_path):
+    model = saved_tiny(tmp_path, tie_word_embeddings=True)
+    assert "lm_head.weight" not in checkpoint_files(tmp_path)
+    loaded = load_model(tmp_path, progress=False)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert_same_weights(loaded, model)
+
+
+def test_progress_is_reported_on_stderr(tmp_path, capsys):
+    saved_tiny(tmp_path)
+    load_model(tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "loading weights:" in err and "tensors" in err
+
+
+# -- errors ------------------------------------------------------------------------------------------
+def test_missing_tensor_is_named(tmp_path):
+    saved_tiny(tmp_path)
+    rewrite_single_file(tmp_path, lambda t: t.pop("model.layers.0.self_attn.k_norm.weight"))
+    with pytest.raises(KeyError, match=r"missing 1 tensor.*model\.layers\.0\.self_attn\.k_norm\.weight"):
+        load_model(tmp_path, progress=False)
+
+
+def test_missing_hub_expert_is_named(tmp_path):
+    saved_tiny(tmp_path, layout="hub")
+    rewrite_single_file(tmp_path, lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight"):
+        load_model(tmp_path, progress=False)
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    saved_tiny(tmp_path)
+    rewrite_single_file(tmp_path, lambda t: t.update({"model.layers.0.mlp.bogus.weight": torch.zeros(2)}))
+    with pytest.raises(KeyError, match=r"unexpected.*model\.layers\.0\.mlp\.bogus\.weight"):
+        load_model(tmp_path, progress=False)
+
+
+def test_expert_out_of_range_is_unexpected(tmp_path):
+    saved_tiny(tmp_path, layout="hub")
+    rewrite_single_file(tmp_path, lambda t: t.update(
+        {"model.layers.1.mlp.experts.8.down_proj.weight": torch.zeros(BASE["hidden_size"], 24)}))
+    with pytest.raises(KeyError, match=r"experts\.8\.down_proj"):
+        load_model(tmp_path, progress=False)
+
+
+def test_misshapen_tensor_names_both_shapes(tmp_path):
+    saved_tiny(tmp_path)
+    rewrite_single_file(tmp_path, lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 65)}))
+    with pytest.raises(ValueError, match=r"q_proj\.weight.*\[64, 65\].*\[64, 64\]"):
+        load_model(tmp_path, progress=False)
+
+
+def test_duplicate_layouts_rejected(tmp_path):
+    model = saved_tiny(tmp_path, layout="hub")
+    fused = model.model.layers[1].mlp.experts.down_proj.detach().clone()
+    rewrite_single_file(tmp_path, lambda t: t.update({"model.layers.1.mlp.experts.down_proj": fused}))
+    with pytest.raises(ValueError, match="second time"):
+        load_model(tmp_path, progress=False)
+
+
+def test_rotary_inv_freq_is_ignored(tmp_path):
+    model = saved_tiny(tmp_path)
+    rewrite_single_file(tmp_path, lambda t: t.update({"model.rotary_emb.inv_freq": torch.ones(8)}))
+    assert_same_weights(load_model(tmp_path, progress=False), model)
+
+
+def test_no_checkpoint_files(tmp_path):
+    tiny_ours("cpu").config.save(tmp_path)
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        load_model(tmp_path, progress=False)
+
+
+def test_out_of_memory_message(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
+    with pytest.raises(torch.OutOfMemoryError, match=r"needs 123456789 bytes.*only 1000 bytes"):
+        check_device_memory(123456789, "cuda:0")
+    check_device_memory(500, "cuda:0")
+    check_device_memory(10**15, "cpu")  # host memory is not checked
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
+    with pytest.raises(ValueError):
+        parse_size("lots")
