@@ -40,7 +40,7 @@ def make_blocks(s: dict, device: str, dtype: torch.dtype):
         for p in hf.parameters():
             p.normal_(0, 0.02)
         hf.gate.e_score_correction_bias = torch.randn(s["experts"], device=device) * 0.01  # stays fp32
-    ours = Dots1MoE(Dots1Config.from_hf_dict(hf_cfg.to_dict())).to(device=device, dtype=dtype)
+    ours = Dots1MoE(Dots1Config.from_dict(hf_cfg.to_dict())).to(device=device, dtype=dtype)
     ours.load_state_dict(hf.state_dict())
     return ours, hf, hf_cfg
 
@@ -71,10 +71,11 @@ def run(quick: bool = False) -> list[Report]:
         floor = max(bytes_floor_ms(weight_bytes(s, T, x.element_size())), flops_floor_ms(flops(s, T)))
         case = f"T={T}"
         with torch.inference_mode():
-            ms = time_fn(lambda: ours(x), warmup=5, iters=20)
+            x2d = x.view(T, -1)  # ours takes flat tokens [T, H]
+            ms = time_fn(lambda: ours(x2d), warmup=5, iters=20)
             if on_gpu():
                 torch.cuda.reset_peak_memory_stats()
-                ours(x)
+                ours(x2d)
                 peak = torch.cuda.max_memory_allocated() / 2**20
             report.add(Row("moe", case, "dots1_ext", ms, floor_ms=floor, tflops=flops(s, T) / ms / 1e9,
                            extra={"peak_MiB": peak} if on_gpu() else {}))
