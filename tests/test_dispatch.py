@@ -73,7 +73,7 @@ def test_permute_unaligned_rows(device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_shared,with_residual", [(False, False), (True, False), (True, True), (False, True)])
-@pytest.mark.parametrize("T,k,E,H", [(1, 6, 128, 64), (23, 6, 32, 72), (9, 17, 40, 8), (40, 2, 8, 13)])
+@pytest.mark.parametrize("T,k,E,H", [(1, 6, 128, 64), (23, 6, 32, 72), (9, 40, 64, 8), (40, 2, 8, 13)])
 def test_unpermute_matches_reference(device, dtype, with_shared, with_residual, T, k, E, H):
     S = permuted_rows(T, k, E, 4)
     expert_out = torch.randn(S, H, device=device).to(dtype)

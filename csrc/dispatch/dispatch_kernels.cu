@@ -9,7 +9,7 @@ namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kIndexWarps = 32;  // the index kernel is one block of 32 warps
-constexpr int kIdsPerRound = 4;  // ids loaded ahead per lane (latency hiding in the single block)
+constexpr int kIdsPerRound = 8;  // ids per lane per batch; the next batch is loaded while one is ranked
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) VecN {
@@ -20,6 +20,16 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 // Bin of an expert id: the id itself, or E ("no expert") when it is out of range.
 __device__ __forceinline__ int id_bin(int32_t id, int E) { return (id >= 0 && id < E) ? id : E; }
+
+// Bins of the ids [base, base + 32 * kIdsPerRound) of a warp slice ending at `end`; -1 past it.
+__device__ __forceinline__ void load_bins(const int32_t* __restrict__ ids, int64_t base, int64_t end, int E, int lane,
+                                          int (&bins)[kIdsPerRound]) {
+#pragma unroll
+  for (int u = 0; u < kIdsPerRound; ++u) {
+    const int64_t f = base + 32 * u + lane;
+    bins[u] = f < end ? id_bin(ids[f], E) : -1;
+  }
+}
 
 // One block. The flat ids [N = T*k] are cut into 32 contiguous slices, one per warp. Pass 1 counts
 // each slice per bin; a column scan over the slices gives each warp its first rank per bin; a scan
@@ -44,13 +54,13 @@ __global__ void __launch_bounds__(kIndexWarps * 32)
   int32_t* my_hist = hist + warp * nb;
   const unsigned lanes_below = (1u << lane) - 1u;
 
+  int next[kIdsPerRound];
+  load_bins(ids, begin, end, E, lane, next);
   for (int64_t base = begin; base < end; base += 32 * kIdsPerRound) {
     int bins[kIdsPerRound];
 #pragma unroll
-    for (int u = 0; u < kIdsPerRound; ++u) {
-      const int64_t f = base + 32 * u + lane;
-      bins[u] = f < end ? id_bin(ids[f], E) : -1;
-    }
+    for (int u = 0; u < kIdsPerRound; ++u) bins[u] = next[u];
+    load_bins(ids, base + 32 * kIdsPerRound, end, E, lane, next);
 #pragma unroll
     for (int u = 0; u < kIdsPerRound; ++u) {
       const bool active = bins[u] >= 0;
@@ -93,13 +103,12 @@ __global__ void __launch_bounds__(kIndexWarps * 32)
   __syncthreads();
   for (int b = tid; b <= E; b += blockDim.x) expert_offsets[b] = seg_start[b];
 
+  load_bins(ids, begin, end, E, lane, next);
   for (int64_t base = begin; base < end; base += 32 * kIdsPerRound) {
     int bins[kIdsPerRound];
 #pragma unroll
-    for (int u = 0; u < kIdsPerRound; ++u) {
-      const int64_t f = base + 32 * u + lane;
-      bins[u] = f < end ? id_bin(ids[f], E) : -1;
-    }
+    for (int u = 0; u < kIdsPerRound; ++u) bins[u] = next[u];
+    load_bins(ids, base + 32 * kIdsPerRound, end, E, lane, next);
 #pragma unroll
     for (int u = 0; u < kIdsPerRound; ++u) {
       const bool active = bins[u] >= 0;
@@ -277,10 +286,19 @@ cudaError_t launch_permute(const void* hidden, const int32_t* topk_ids, int64_t 
   const int64_t N = num_tokens * k;
   const size_t smem = sizeof(int32_t) * (static_cast<size_t>(kIndexWarps) * (num_experts + 1) + num_experts + 2);
   if (smem > 48 * 1024) {
-    // Host-side attribute (no stream work): fine while a graph is being captured.
-    cudaError_t err = cudaFuncSetAttribute(permute_index_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
+    // Raised once per device to the largest size (host-side attribute; done on the first call).
+    static int raised[64] = {};
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
+    if (device < 0 || device >= 64 || !raised[device]) {
+      const size_t most = sizeof(int32_t) * (static_cast<size_t>(kIndexWarps) * (kPermuteMaxExperts + 1) +
+                                             kPermuteMaxExperts + 2);
+      err = cudaFuncSetAttribute(permute_index_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(most));
+      if (err != cudaSuccess) return err;
+      if (device >= 0 && device < 64) raised[device] = 1;
+    }
   }
   permute_index_kernel<<<1, kIndexWarps * 32, smem, stream>>>(topk_ids, N, num_experts, pad_to, expert_offsets,
                                                                row_map, expert_counts_ws);

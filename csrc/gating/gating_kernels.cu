@@ -160,13 +160,14 @@ __global__ void __launch_bounds__(kRouterWarps * 32)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   constexpr int kRow = 32 * kVPL;
-  __shared__ float logits_smem[kRouterFusedMaxTokens * kRow];  // filled in block rank 0 only
+  // Each block writes the logits of its experts here; block 0 then pulls the others' entries
+  // (distributed shared memory) into the same positions of its own copy.
+  __shared__ float logits_smem[kRouterFusedMaxTokens * kRow];
   __shared__ float choice_smem[kGrouped ? kRouterWarps * kRow : 1];
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
   const int nblocks = static_cast<int>(cluster.num_blocks());
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* logits_dst = cluster.map_shared_rank(logits_smem, 0);
 
   constexpr int kV = Vec16<T>::kElems;
   for (int e = rank * kRouterWarps + warp; e < E; e += nblocks * kRouterWarps) {
@@ -215,11 +216,22 @@ __global__ void __launch_bounds__(kRouterWarps * 32)
     for (int t = 0; t < kRouterFusedMaxTokens; ++t) {
       if (t < num_tokens) {
         const float s = warp_sum(acc[t]);
-        if (lane == 0) logits_dst[t * kRow + e] = s;
+        if (lane == 0) logits_smem[t * kRow + e] = s;
       }
     }
   }
-  // Release/acquire at cluster scope: block 0 sees every block's remote shared-memory stores.
+  // Release/acquire at cluster scope: every block's logits are visible to block 0, and every block
+  // has started (a precondition of distributed shared memory access).
+  cluster.sync();
+  if (rank == 0) {
+    for (int i = threadIdx.x; i < num_tokens * kRow; i += blockDim.x) {
+      const int e = i % kRow;
+      const int owner = (e / kRouterWarps) % nblocks;  // inverse of the expert loop above
+      if (e < E && owner != 0) logits_smem[i] = cluster.map_shared_rank(logits_smem, owner)[i];
+    }
+  }
+  // Block 0 has finished reading the others' shared memory (they may exit now) and its copy
+  // loop is complete (the cluster barrier is also a block barrier).
   cluster.sync();
   if (rank != 0) return;
   for (int t = warp; t < num_tokens; t += kRouterWarps) {
@@ -243,10 +255,10 @@ cudaError_t dispatch_vpl(int E, F&& f) {
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Cluster size per (device, kernel): 16 where the GPU takes non-portable clusters, else 8; 0 when
-// no cluster launch is possible. Queried once (host-only calls; safe while capturing a graph).
+// no cluster launch is possible. `cached` belongs to one kernel instantiation (-1: unsupported,
+// 0: not queried yet); the queries are host-only calls made once, on the first (eager) call.
 template <typename Kernel>
-int cluster_size_for(Kernel kernel, int device) {
-  static int cached[64] = {};  // -1: unsupported, 0: unknown
+int cluster_size_for(Kernel kernel, int device, int (&cached)[64]) {
   if (device < 0 || device >= 64) return 0;
   if (cached[device] != 0) return cached[device] > 0 ? cached[device] : 0;
   int major = 0;
@@ -317,7 +329,8 @@ cudaError_t launch_router_cluster(const T* hidden, const T* weight, const float*
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const int cluster = cluster_size_for(kernel, device);
+  static int cached_cluster_size[64] = {};  // one table per template instantiation
+  const int cluster = cluster_size_for(kernel, device, cached_cluster_size);
   if (cluster == 0) return cudaErrorNotSupported;
   const bool vectorized = (H % Vec16<T>::kElems) == 0 && aligned16(hidden) && aligned16(weight);
   cudaLaunchConfig_t config = {};
