@@ -14,6 +14,9 @@ from dots1_ext.ops._lib import fill_with_reference, op
 
 permuted_rows = reference.permuted_rows
 
+MAX_EXPERTS = 1024  # the CUDA index kernel keeps 32 x (E+1) counters in shared memory
+_INT32_MAX = 2**31 - 1
+
 
 def _check_permute(hidden, topk_ids, num_experts, pad_to):
     C.check_dtype(hidden, "hidden", C.FLOAT_DTYPES)
@@ -21,8 +24,15 @@ def _check_permute(hidden, topk_ids, num_experts, pad_to):
     C.check_dtype(topk_ids, "topk_ids", (torch.int32,))
     C.check_shape(topk_ids, "topk_ids", (hidden.shape[0], None))
     C.check_same_device(topk_ids, "topk_ids", hidden, "hidden")
-    C.check_positive(num_experts, "num_experts")
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        raise ValueError(f"dots1_ext: num_experts must be in [1, {MAX_EXPERTS}], got {num_experts}")
     C.check_positive(pad_to, "pad_to")
+    T, k = topk_ids.shape
+    if pad_to > _INT32_MAX or permuted_rows(T, k, num_experts, pad_to) > _INT32_MAX:
+        raise ValueError(
+            "dots1_ext: permuted rows (T*k + num_experts*(pad_to-1)) must fit in int32 (row_map), got "
+            f"T={T}, k={k}, num_experts={num_experts}, pad_to={pad_to}"
+        )
 
 
 def _check_unpermute(expert_out, row_map, topk_weights, shared_out, residual):
@@ -87,8 +97,12 @@ def permute(
     ``pad_to`` > 1), int32 expert_offsets [E+1] and int32 row_map [T*k], with
     ``permuted[row_map[t*k + j]] == hidden[t]``, rows ordered by (expert, token, slot).
     With ``pad_to`` > 1 each expert's segment starts at a multiple of ``pad_to``; gap rows are zero.
-    ``check_ids=True`` validates the ids on the host first (a synchronisation; the kernels
-    themselves never read out of bounds: an out-of-range id routes its row to no expert).
+    ``check_ids=True`` validates the ids on the host first (a synchronisation). Without it, the
+    CPU kernel raises IndexError naming topk_ids, and the CUDA kernel never reads or writes out of
+    bounds: an out-of-range id routes its (token, slot) to no expert — its row_map entry points to
+    a zero row at or after ``expert_offsets[E]`` (such rows are ranked after all valid rows, in
+    (token, slot) order), so unpermute adds nothing real for it.
+    Two launches on CUDA (count + scan + stable rank in one block; row copy); no host sync.
     """
     if check_ids:
         C.check_index_range(topk_ids, "topk_ids", num_experts, "expert ids")
@@ -107,6 +121,9 @@ def unpermute(
     expert_out [S, H]; row_map [T*k] int32 (from permute); topk_weights [T, k] fp32;
     shared_out, residual [T, H] optional, added unweighted. Returns [T, H] in expert_out's dtype:
     ``sum_j w[t, j] * expert_out[row_map[t*k + j]] + shared_out[t] + residual[t]``, accumulated in fp32
-    in slot order — bitwise reproducible, no atomics.
+    in slot order with each product and sum rounded separately (as the eager reference does) —
+    bitwise reproducible, no atomics, independent of the other tokens in the batch. shared_out is
+    added as is (routed_scaling_factor belongs in topk_weights only). A row_map entry outside
+    [0, S) raises IndexError on CPU and contributes zero on CUDA (no out-of-bounds read).
     """
     return op("unpermute")(expert_out, row_map, topk_weights, shared_out, residual)

@@ -1,7 +1,14 @@
 """Top-k gating: sigmoid + bias-corrected, group-limited top-k routing (DeepSeek-V3 / Dots1 style).
 
 Kernels: csrc/gating/. Reference: dots1_ext.reference.topk_gating / router_topk_gating.
-Ties between equal biased scores (and equal group scores) go to the lower expert (group) id.
+Ties between equal biased scores (and equal group scores) go to the lower expert (group) id, on
+every backend (what a stable descending sort gives; csrc/gating/gating.h). Routing runs in fp32 end
+to end with an exact expf sigmoid.
+
+CUDA: one warp per token (E <= 512 in registers, k rounds of a warp arg-max on a 64-bit
+(score, -id) key). router_topk_gating with T <= 8 tokens (decode) computes the projection inside the
+same launch (a thread-block cluster on sm_90); above that (or pre-Hopper) it runs one fp32 GEMM
+through ATen (``hidden.float() @ router_weight.float().T``, as the reference) and the gating kernel.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dots1_ext.ops._lib import fill_with_reference, op
 
 MAX_EXPERTS = 512
 MAX_TOPK = 16
+ROUTER_FUSED_MAX_TOKENS = 8  # csrc/gating/gating.h kRouterFusedMaxTokens
 
 
 def _check_routing_args(E: int, k: int, n_group: int, topk_group: int) -> None:

@@ -1,0 +1,95 @@
+"""Top-k gating at real Dots1 shapes (E=128, k=6, H=4096), against the eager reference and HF.
+
+Two cases per T:
+  * "after logits": dots1_ext topk_gating vs dots1_ext.reference.topk_gating on the same fp32 logits;
+  * "router incl. projection": dots1_ext router_topk_gating (fused single launch for T <= 8) vs the
+    HF transformers Dots1TopkRouter forward and the eager reference router (bf16 hidden and weight).
+Floors: bytes moved (inputs read once + outputs written) over the measured copy bandwidth.
+
+    python -m bench.bench_gating [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.common import Report, Row, bytes_floor_ms, default_device, environment, header, on_gpu, time_fn, write_json
+from dots1_ext import reference as R
+from dots1_ext.ops import router_topk_gating, topk_gating
+
+E, K, H = 128, 6, 4096
+SCALE = 2.5
+
+
+def _hf_router(device: str, weight: torch.Tensor, bias: torch.Tensor):
+    try:
+        from transformers.models.dots1.configuration_dots1 import Dots1Config
+        from transformers.models.dots1.modeling_dots1 import Dots1TopkRouter
+    except ImportError:  # transformers is a bench extra, not a requirement
+        return None
+    config = Dots1Config(hidden_size=weight.shape[1], n_routed_experts=E, num_experts_per_tok=K, n_group=1, topk_group=1,
+                         norm_topk_prob=True, routed_scaling_factor=SCALE)
+    router = Dots1TopkRouter(config).to(device)
+    router.weight.data = weight.clone()
+    router.e_score_correction_bias.copy_(bias)
+    return router
+
+
+def run(quick: bool = False) -> list[Report]:
+    device = default_device()
+    gpu = on_gpu()
+    hidden_size = H if gpu else 512
+    tokens = ([1, 4096] if quick else [1, 64, 512, 4096, 16384]) if gpu else ([1, 64] if quick else [1, 64, 512])
+    after = Report(f"gating after logits (E={E}, k={K}, fp32 logits)")
+    router = Report(f"router incl. projection (E={E}, k={K}, H={hidden_size}, bf16)")
+    weight = (torch.randn(E, hidden_size, device=device) / hidden_size**0.5).to(torch.bfloat16)
+    bias = torch.randn(E, device=device) * 0.05
+    hf = _hf_router(device, weight, bias)
+    for T in tokens:
+        case = f"T={T}"
+        logits = torch.randn(T, E, device=device) * 2
+        nbytes = T * E * 4 + E * 4 + T * K * 8
+        floor = bytes_floor_ms(nbytes)
+        for impl, fn in (
+            ("dots1_ext topk_gating", lambda: topk_gating(logits, bias, K, 1, 1, True, SCALE)),
+            ("eager reference", lambda: R.topk_gating(logits, bias, K, 1, 1, True, SCALE)),
+        ):
+            ms = time_fn(fn)
+            after.add(Row("gating", case, impl, ms, floor, gbs=nbytes / ms / 1e6))
+
+        hidden = torch.randn(T, hidden_size, device=device).to(torch.bfloat16)
+        nbytes = T * hidden_size * 2 + E * hidden_size * 2 + E * 4 + T * K * 8
+        floor = bytes_floor_ms(nbytes)
+        impls = [
+            ("dots1_ext router_topk_gating", lambda: router_topk_gating(hidden, weight, bias, K, 1, 1, True, SCALE)),
+            ("eager reference", lambda: R.router_topk_gating(hidden, weight, bias, K, 1, 1, True, SCALE)),
+        ]
+        if hf is not None:
+            impls.append(("HF Dots1TopkRouter", lambda: hf(hidden)))
+        for impl, fn in impls:
+            with torch.no_grad():
+                ms = time_fn(fn)
+            router.add(Row("router", case, impl, ms, floor, gbs=nbytes / ms / 1e6,
+                           extra={"fused": bool(T <= 8 and gpu)} if impl.startswith("dots1_ext") else {}))
+    return [after, router]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = parser.parse_args()
+    env = environment()
+    print(header(env))
+    reports = run(args.quick)
+    for r in reports:
+        print()
+        print(r.table())
+    if args.json:
+        write_json(args.json, reports, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+// Top-k gating (DeepSeek-V3 / Dots1 sigmoid routing): launchers on raw pointers and the selection
+// key shared by the CPU and CUDA kernels.
+//
+// Tie rule (every backend): experts are ranked by the biased score s + bias, then by LOWER expert
+// id; groups by their top-2 sum, then by lower group id. This is what a stable descending sort
+// gives (dots1_ext.reference), so ids agree with the reference even on exact ties.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(DOTS1_WITH_CUDA) || defined(__CUDACC__)
+#include <cuda_runtime_api.h>
+
+#include "dtype.h"
+#endif
+
+#if defined(__CUDACC__)
+#define DOTS1_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DOTS1_HOST_DEVICE inline
+#endif
+
+namespace dots1 {
+
+constexpr int kGatingMaxExperts = 512;
+constexpr int kGatingMaxTopk = 16;
+// router_topk_gating computes the projection inside the gating launch up to this many tokens
+// (decode); above it, logits come from one fp32 GEMM and topk_gating runs on them.
+constexpr int kRouterFusedMaxTokens = 8;
+
+// A totally ordered 64-bit key: the float's order in the high word (IEEE bits flipped so that
+// unsigned order == numeric order, -0 folded onto +0), the complement of the index in the low
+// word so that on equal scores the lower index is the larger key. max() over keys is therefore
+// "best score, lowest index on ties", and 0 is below every real key (used for "taken"/"masked").
+DOTS1_HOST_DEVICE uint64_t gating_key(float score, uint32_t index) {
+  if (score == 0.0f) score = 0.0f;  // -0 == +0 must tie, broken by index
+  uint32_t bits;
+#if defined(__CUDA_ARCH__)
+  bits = __float_as_uint(score);
+#else
+  std::memcpy(&bits, &score, sizeof(bits));
+#endif
+  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return (static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - index);
+}
+
+DOTS1_HOST_DEVICE uint32_t gating_key_index(uint64_t key) {
+  return 0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu);
+}
+
+#if defined(DOTS1_WITH_CUDA) || defined(__CUDACC__)
+
+// One warp per token. Requires 1 <= E <= 512, 1 <= k <= min(E, 16), E % n_group == 0,
+// 1 <= topk_group <= n_group, k <= topk_group * (E / n_group) (checked by the caller).
+cudaError_t launch_topk_gating(const float* logits,  // [T, E] fp32, contiguous
+                               const float* bias,    // [E] fp32
+                               int64_t num_tokens, int num_experts, int k, int n_group, int topk_group,
+                               bool renormalize, float scale,
+                               float* topk_weights,  // [T, k] fp32
+                               int32_t* topk_ids,    // [T, k] int32
+                               cudaStream_t stream);
+
+// Router projection (fp32 accumulate) + gating in ONE launch, for num_tokens <= kRouterFusedMaxTokens.
+// Uses a thread-block cluster (sm_90+): the cluster's blocks split the experts' weight rows and
+// write their logits into block 0's shared memory, which then runs the gating. Returns
+// cudaErrorNotSupported (and launches nothing) where that is not possible (pre-Hopper GPU, too many
+// tokens); the caller then computes the logits with a GEMM and calls launch_topk_gating.
+cudaError_t launch_router_topk_gating_fused(const void* hidden,         // [T, H] dtype, contiguous
+                                            const void* router_weight,  // [E, H] dtype, contiguous
+                                            DType dtype,
+                                            const float* bias,  // [E] fp32
+                                            int64_t num_tokens, int num_experts, int hidden_size, int k,
+                                            int n_group, int topk_group, bool renormalize, float scale,
+                                            float* topk_weights,  // [T, k] fp32
+                                            int32_t* topk_ids,    // [T, k] int32
+                                            cudaStream_t stream);
+
+#endif
+
+}  // namespace dots1
