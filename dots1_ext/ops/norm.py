@@ -35,8 +35,8 @@ def _check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache, eps)
     T, _, D = q.shape
     C.check_dtype(k, "k", (q.dtype,))
     C.check_shape(k, "k", (T, None, D))
-    if D % 2:
-        raise ValueError(f"dots1_ext: head_dim (q.shape[2]) must be even for RoPE, got {D}")
+    if D <= 0 or D % 2:
+        raise ValueError(f"dots1_ext: head_dim (q.shape[2]) must be positive and even for RoPE, got {D}")
     C.check_last_dim_contiguous(q, "q")
     C.check_last_dim_contiguous(k, "k")
     for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
@@ -81,7 +81,7 @@ fill_with_reference("qk_norm_rope_kv_cache_", reference.qk_norm_rope_kv_cache_, 
 @torch.library.register_fake("dots1_ext::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     _check_rms_norm(x, weight, eps)
-    return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # the kernels return a contiguous tensor
 
 
 @torch.library.register_fake("dots1_ext::add_rms_norm_")
