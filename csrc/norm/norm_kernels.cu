@@ -93,8 +93,9 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 template <int kVecs>
 constexpr int row_kernel_max_threads() {
-  // 8 vectors of x plus 8 of the residual per thread need more than the 64 registers 1024 threads allow.
-  return kVecs >= 8 ? 512 : 1024;
+  // 4+ vectors of x plus as many of the residual (and of the weight) per thread need more than the
+  // 64 registers that 1024-thread blocks allow.
+  return kVecs >= 4 ? 512 : 1024;
 }
 
 template <typename T, typename W, int kVecs, bool kAdd>
@@ -136,6 +137,17 @@ __global__ void __launch_bounds__(row_kernel_max_threads<kVecs>())
       }
     }
   }
+  // Small weight slices are fetched before the block reduction so their latency hides behind it;
+  // large ones (many vectors per thread, fp32 weights) after, to stay clear of register spills.
+  constexpr bool kPreloadWeight = kVecs * kN * sizeof(W) <= 64;
+  W w_pre[kPreloadWeight ? kVecs : 1][kN];
+  if constexpr (kPreloadWeight) {
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v < num_vecs) load_vec<W, kN>(weight + static_cast<int64_t>(v) * kN, w_pre[i]);
+    }
+  }
   const float total = block_sum(sum_sq, smem);
   const float scale = rsqrtf(total / static_cast<float>(hidden) + eps);
   T* out_row = out + row * out_row_stride;
@@ -144,7 +156,12 @@ __global__ void __launch_bounds__(row_kernel_max_threads<kVecs>())
     const int v = threadIdx.x + i * blockDim.x;
     if (v < num_vecs) {
       float w[kN];
-      load_vec_float<W, kN>(weight + static_cast<int64_t>(v) * kN, w);
+      if constexpr (kPreloadWeight) {
+#pragma unroll
+        for (int j = 0; j < kN; ++j) w[j] = to_float(w_pre[i][j]);
+      } else {
+        load_vec_float<W, kN>(weight + static_cast<int64_t>(v) * kN, w);
+      }
       T o[kN];
 #pragma unroll
       for (int j = 0; j < kN; ++j) o[j] = norm_times_weight<T>(to_float(vals[i][j]), scale, w[j]);
@@ -203,8 +220,12 @@ cudaError_t launch_rows(const T* x, T* out, T* residual, const W* weight, int64_
     // Few rows: wide blocks for latency. Many rows: 256-thread blocks with a few vectors per thread
     // keep several rows per SM in flight.
     const int64_t target = rows >= 1024 ? 256 : 1024;
+    const auto threads_ok = [&](int vecs) {
+      const int64_t limit = vecs >= 4 ? row_kernel_max_threads<4>() : row_kernel_max_threads<1>();
+      return (num_vecs + vecs - 1) / vecs <= (target < limit ? target : limit);
+    };
     int vecs = 1;
-    while (vecs < 8 && (num_vecs + vecs - 1) / vecs > target) vecs *= 2;
+    while (vecs < 8 && !threads_ok(vecs)) vecs *= 2;
     const int threads = static_cast<int>(((num_vecs + vecs - 1) / vecs + 31) / 32 * 32);
     switch (vecs) {
       case 1: return launch_vec<T, W, 1, kAdd>(x, out, residual, weight, rows, hidden, xs, os, rs, eps, threads, stream);
@@ -283,6 +304,15 @@ __global__ void __launch_bounds__(256)
     }
   }
 
+  // Weights and cos/sin (L1/L2-resident) are requested before the reduction, hiding their latency.
+  const W* weight = is_q ? q_weight : k_weight;
+  float w1[kHalf], w2[kHalf], c[kHalf], s[kHalf];
+  load_vec_float<W, kHalf>(weight + off, w1);
+  load_vec_float<W, kHalf>(weight + kHalfD + off, w2);
+  const float* cs_row = cos_sin + pos * kD;
+  load_vec<float, kHalf>(cs_row + off, c);
+  load_vec<float, kHalf>(cs_row + kHalfD + off, s);
+
   float sum_sq = 0.f;
 #pragma unroll
   for (int j = 0; j < kHalf; ++j) {
@@ -292,14 +322,6 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
   for (int o = kLanes / 2; o > 0; o >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, o);
   const float scale = rsqrtf(sum_sq / static_cast<float>(kD) + a.eps);
-
-  const W* weight = is_q ? q_weight : k_weight;
-  float w1[kHalf], w2[kHalf], c[kHalf], s[kHalf];
-  load_vec_float<W, kHalf>(weight + off, w1);
-  load_vec_float<W, kHalf>(weight + kHalfD + off, w2);
-  const float* cs_row = cos_sin + pos * kD;
-  load_vec<float, kHalf>(cs_row + off, c);
-  load_vec<float, kHalf>(cs_row + kHalfD + off, s);
 #pragma unroll
   for (int j = 0; j < kHalf; ++j) {
     const float y1 = to_float(norm_times_weight<T>(to_float(x1[j]), scale, w1[j]));
@@ -345,9 +367,9 @@ __global__ void __launch_bounds__(256)
   }
   T* base = is_q ? q + token * a.q_strides.token + head * a.q_strides.head
                  : k + token * a.k_strides.token + k_head * a.k_strides.head;
-  const int64_t half = head_dim / 2;
+  const int half = static_cast<int>(head_dim / 2);
   float sum_sq = 0.f;
-  for (int64_t i = lane; i < half; i += 32) {
+  for (int i = lane; i < half; i += 32) {
     const float f1 = to_float(base[i]), f2 = to_float(base[i + half]);
     sum_sq += f1 * f1 + f2 * f2;
   }
@@ -363,7 +385,7 @@ __global__ void __launch_bounds__(256)
   const bool write_cache = kCache && !is_q && cache_row >= 0 && cache_row < a.num_cache_rows;
   const int64_t cache_off = (cache_row * a.num_k_heads + k_head) * head_dim;
   const T* v_head = kCache && !is_q ? v + token * a.v_strides.token + k_head * a.v_strides.head : nullptr;
-  for (int64_t i = lane; i < half; i += 32) {
+  for (int i = lane; i < half; i += 32) {
     const float y1 = to_float(norm_times_weight<T>(to_float(base[i]), scale, to_float(weight[i])));
     const float y2 = to_float(norm_times_weight<T>(to_float(base[i + half]), scale, to_float(weight[i + half])));
     const float c = cs_row[i], s = cs_row[i + half];
