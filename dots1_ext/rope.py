@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
 
 
 def inv_freq(head_dim: int, rope_theta: float) -> torch.Tensor:
@@ -28,7 +28,11 @@ def build_cos_sin_cache(
     """Returns the fp32 [max_positions, head_dim] cos/sin cache.
 
     ``rope_scaling`` is the HF ``rope_parameters``/``rope_scaling`` dict; types "default" (or None)
-    and "linear" (positions divided by ``factor``) are supported, anything else raises.
+    and "linear" (positions divided by ``factor``) are supported, and "dynamic" (NTK) as far as it is
+    a static table: HF rescales the base only once a sequence outgrows the original
+    ``max_position_embeddings``, so up to there it equals "default". ``max_positions`` is taken as
+    that original length unless the dict carries ``original_max_position_embeddings``; a dynamic
+    cache longer than it raises. Anything else (and ``partial_rotary_factor`` != 1) raises.
     """
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
@@ -43,8 +47,18 @@ def build_cos_sin_cache(
                 f"rope_scaling type {rope_type!r} is not supported by dots1_ext "
                 f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
             )
+        if float(rope_scaling.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
+            raise NotImplementedError("rope_scaling partial_rotary_factor != 1 is not supported by dots1_ext")
         if rope_type == "linear":
             factor = float(rope_scaling["factor"])
+        elif rope_type == "dynamic":
+            original = int(rope_scaling.get("original_max_position_embeddings") or max_positions)
+            if max_positions > original:
+                raise NotImplementedError(
+                    f"rope_scaling type 'dynamic' rescales every position once a sequence exceeds "
+                    f"{original} tokens, which no static cos/sin cache can hold; build the cache with "
+                    f"max_positions <= {original}"
+                )
     positions = torch.arange(max_positions, dtype=torch.float64) / factor
     angles = positions[:, None] * inv_freq(head_dim, rope_theta)[None, :]
     cache = torch.cat((angles.cos(), angles.sin()), dim=-1).to(torch.float32)

@@ -2,6 +2,15 @@
 
 Kernels: csrc/norm/. Reference: dots1_ext.reference.rms_norm / add_rms_norm_ / qk_norm_rope_ /
 qk_norm_rope_kv_cache_. The cos/sin cache comes from dots1_ext.rope.build_cos_sin_cache.
+
+Weights may have any float dtype (the math multiplies by ``weight.float()``; an fp32 weight with bf16
+activations is read as fp32, not rounded). Any hidden size and head_dim (even) work; 16-byte aligned
+rows with H a multiple of 8 (bf16/fp16) or 4 (fp32), and head_dim 64/128/256, take the fast kernels.
+
+Out-of-range indices are never dereferenced: a token whose position is outside [0, P) is skipped
+(its q and k rows are left as they are and no cache row is written); a token whose cache row is
+outside the cache gets q and k updated but writes no cache row. ``check_positions=True`` raises
+IndexError on the host instead (it reads the indices: a synchronisation).
 """
 
 from __future__ import annotations
@@ -35,8 +44,8 @@ def _check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache, eps)
     T, _, D = q.shape
     C.check_dtype(k, "k", (q.dtype,))
     C.check_shape(k, "k", (T, None, D))
-    if D % 2:
-        raise ValueError(f"dots1_ext: head_dim (q.shape[2]) must be even for RoPE, got {D}")
+    if D <= 0 or D % 2:
+        raise ValueError(f"dots1_ext: head_dim (q.shape[2]) must be positive and even for RoPE, got {D}")
     C.check_last_dim_contiguous(q, "q")
     C.check_last_dim_contiguous(k, "k")
     for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
@@ -81,7 +90,7 @@ fill_with_reference("qk_norm_rope_kv_cache_", reference.qk_norm_rope_kv_cache_, 
 @torch.library.register_fake("dots1_ext::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     _check_rms_norm(x, weight, eps)
-    return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # the kernels return a contiguous tensor
 
 
 @torch.library.register_fake("dots1_ext::add_rms_norm_")
@@ -125,8 +134,8 @@ def qk_norm_rope_(
 ) -> None:
     """In place: per-head RMSNorm of q [T, Hq, D] and k [T, Hk, D] (weights [D]), then neox RoPE at
     ``positions`` [T] int64 from ``cos_sin_cache`` [P, D] fp32. q and k may be strided views (e.g. of
-    a fused QKV output) with a contiguous last dim. ``check_positions`` validates positions < P on
-    the host (a synchronisation); the kernels never read past the cache either way."""
+    a fused QKV output) with a contiguous last dim. Tokens at positions outside [0, P) are left
+    untouched; ``check_positions`` raises IndexError for them instead (on the host: a synchronisation)."""
     if check_positions:
         C.check_index_range(positions, "positions", cos_sin_cache.shape[0], "rows of cos_sin_cache")
     op("qk_norm_rope_")(q, k, q_weight, k_weight, positions, cos_sin_cache, float(eps))
@@ -147,9 +156,11 @@ def qk_norm_rope_kv_cache_(
     check_positions: bool = False,
 ) -> None:
     """``qk_norm_rope_`` then k, v [T, Hk, D] written to ``k_cache``/``v_cache`` ([..., Hk, D],
-    contiguous) at flat rows ``cache_rows`` [T] int64 of ``cache.view(-1, Hk, D)``."""
+    contiguous) at flat rows ``cache_rows`` [T] int64 of ``cache.view(-1, Hk, D)``, in the same launch.
+    Rows outside the cache are not written; ``check_positions`` raises IndexError for them too."""
     if check_positions:
         C.check_index_range(positions, "positions", cos_sin_cache.shape[0], "rows of cos_sin_cache")
-        C.check_index_range(cache_rows, "cache_rows", k_cache.numel() // (k.shape[1] * k.shape[2]), "cache rows")
+        row_numel = max(1, k.shape[1] * k.shape[2])
+        C.check_index_range(cache_rows, "cache_rows", k_cache.numel() // row_numel, "rows of k_cache.view(-1, Hk, D)")
     op("qk_norm_rope_kv_cache_")(q, k, v, q_weight, k_weight, positions, cos_sin_cache, float(eps), k_cache, v_cache,
                                  cache_rows)
