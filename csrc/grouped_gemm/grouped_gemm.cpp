@@ -1,1 +1,292 @@
-// placeholder: this op family's implementation lands here.
+// grouped_gemm: per-expert x[rows_e] @ weight[e]^T over the permuted rows, optionally with the
+// SwiGLU epilogue silu(gate) * up (gate = the first N/2 weight rows of each expert).
+//
+//   x [S, K] @ weight [E, N, K].mT per expert segment, expert_offsets [E+1] int32
+//   -> out [S, N] ("none") or [S, N/2] ("swiglu"); rows outside every segment are zero.
+//
+// CUDA backends (DOTS1_EXT_GEMM_BACKEND = auto | cutlass | decode | torch):
+//   decode  - weight-streaming kernel for few rows per expert; correct for any S, fp32 too.
+//   cutlass - CUTLASS 3 ptr-array grouped GEMM on sm90a (+ a SiLU-mul kernel for "swiglu").
+//   torch   - at::_grouped_mm (+ the SiLU-mul kernel), where torch supports the GPU.
+//   auto    - decode for S <= DOTS1_EXT_GEMM_DECODE_MAX_ROWS (default 512, about T=64 at top-6),
+//             else cutlass on sm90a, else torch, else decode; a one-time notice on a fallback.
+// DOTS1_EXT_GEMM_SM90_CONFIG = auto | coop | pingpong picks the CUTLASS tile configuration.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+#ifdef DOTS1_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#include "grouped_gemm/grouped_gemm.h"
+#if __has_include(<ATen/ops/_grouped_mm.h>)
+#include <ATen/ops/_grouped_mm.h>
+#define DOTS1_HAVE_TORCH_GROUPED_MM 1
+#endif
+#endif
+
+namespace dots1 {
+namespace {
+
+struct GemmShape {
+  int64_t S, K, E, N, N_out;
+  bool swiglu;
+};
+
+GemmShape check_grouped_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_offsets,
+                             const std::string& epilogue) {
+  check_dtype(x, "x", {at::kFloat, at::kHalf, at::kBFloat16});
+  check_shape(x, "x", {-1, -1});
+  check_dtype(weight, "weight", {x.scalar_type()});
+  check_shape(weight, "weight", {-1, -1, x.size(1)});
+  check_dtype(expert_offsets, "expert_offsets", {at::kInt});
+  check_shape(expert_offsets, "expert_offsets", {weight.size(0) + 1});
+  check_same_device(weight, "weight", x, "x");
+  check_same_device(expert_offsets, "expert_offsets", x, "x");
+  TORCH_CHECK_VALUE(epilogue == "none" || epilogue == "swiglu",
+                    "dots1_ext: epilogue must be one of ('none', 'swiglu'), got '", epilogue, "'");
+  const bool swiglu = epilogue == "swiglu";
+  const int64_t N = weight.size(1);
+  TORCH_CHECK_VALUE(!swiglu || N % 2 == 0,
+                    "dots1_ext: epilogue 'swiglu' needs an even weight.shape[1] (gate + up rows), got ", N);
+  if (x.is_cuda()) {
+    // 16-byte vectors and TMA need whole 16-byte rows.
+    TORCH_CHECK_VALUE(N % 8 == 0, "dots1_ext: weight.shape[1] (N) must be a multiple of 8 on CUDA, got ", N);
+    TORCH_CHECK_VALUE(x.size(1) % 8 == 0, "dots1_ext: x.shape[1] (K) must be a multiple of 8 on CUDA, got ",
+                      x.size(1));
+  }
+  return {x.size(0), x.size(1), weight.size(0), N, swiglu ? N / 2 : N, swiglu};
+}
+
+// ---- CPU: per-expert matmul in fp32 ----
+
+at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_offsets,
+                            c10::string_view epilogue_view) {
+  const std::string epilogue(epilogue_view);
+  const GemmShape g = check_grouped_gemm(x, weight, expert_offsets, epilogue);
+  at::Tensor out = at::zeros({g.S, g.N_out}, x.options());
+  const at::Tensor offsets = expert_offsets.contiguous();
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  // On the host the offsets are free to validate, so bad ones are an error, not unspecified output.
+  for (int64_t e = 0; e <= g.E; ++e) {
+    TORCH_CHECK_INDEX(off[e] >= 0 && off[e] <= g.S, "dots1_ext: expert_offsets must be in [0, ", g.S,
+                      "] (rows of x), got expert_offsets[", e, "] = ", off[e]);
+    TORCH_CHECK_INDEX(e == 0 || off[e] >= off[e - 1], "dots1_ext: expert_offsets must be non-decreasing, got ",
+                      "expert_offsets[", e - 1, "] = ", off[e - 1], " > expert_offsets[", e, "] = ", off[e]);
+  }
+  for (int64_t e = 0; e < g.E; ++e) {
+    const int64_t lo = off[e], rows = off[e + 1] - off[e];
+    if (rows == 0) continue;
+    at::Tensor y = at::matmul(x.narrow(0, lo, rows).to(at::kFloat), weight.select(0, e).to(at::kFloat).t());
+    if (g.swiglu) y = at::silu(y.narrow(1, 0, g.N_out)) * y.narrow(1, g.N_out, g.N_out);
+    out.narrow(0, lo, rows).copy_(y);
+  }
+  return out;
+}
+
+#ifdef DOTS1_WITH_CUDA
+
+enum class Backend { kAuto, kCutlass, kDecode, kTorch };
+
+Backend backend_from_env() {
+  const char* v = std::getenv("DOTS1_EXT_GEMM_BACKEND");
+  if (v == nullptr || *v == '\0') return Backend::kAuto;
+  const std::string s(v);
+  if (s == "auto") return Backend::kAuto;
+  if (s == "cutlass") return Backend::kCutlass;
+  if (s == "decode") return Backend::kDecode;
+  if (s == "torch") return Backend::kTorch;
+  TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_GEMM_BACKEND must be auto, cutlass, decode or torch, got '", s, "'");
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  try {
+    return std::stoll(v);
+  } catch (const std::exception&) {
+    TORCH_CHECK_VALUE(false, "dots1_ext: ", name, " must be an integer, got '", v, "'");
+  }
+}
+
+// Per device: whether the sm90a CUTLASS kernels can run there, and its SM count.
+struct DeviceInfo {
+  bool sm90 = false;
+  int sm_count = 0;
+};
+
+const DeviceInfo& device_info(int device) {
+  static std::mutex mu;
+  static std::vector<std::unique_ptr<DeviceInfo>> cache(64);
+  std::lock_guard<std::mutex> lock(mu);
+  TORCH_CHECK(device >= 0 && device < static_cast<int>(cache.size()), "dots1_ext: device index ", device,
+              " out of range");
+  if (!cache[device]) {
+    auto info = std::make_unique<DeviceInfo>();
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device));
+    info->sm90 = major == 9 && minor == 0 && sm90_grouped_gemm_compiled();
+    cache[device] = std::move(info);
+  }
+  return *cache[device];
+}
+
+// A pointer usable by 16-byte vector loads and TMA; otherwise a fresh (aligned) copy.
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+void run_decode(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& offsets, at::Tensor& out,
+                const GemmShape& g, cudaStream_t stream) {
+  const DType dt = to_dtype(x.scalar_type());
+  C10_CUDA_CHECK(launch_zero_uncovered_rows(out.data_ptr(), offsets.data_ptr<int32_t>(), g.S, g.E, g.N_out, dt, stream));
+  C10_CUDA_CHECK(launch_grouped_gemm_decode(x.data_ptr(), weight.data_ptr(), offsets.data_ptr<int32_t>(),
+                                            out.data_ptr(), g.S, g.E, g.N, g.K, g.swiglu, dt, stream));
+}
+
+// The epilogue after a backend that wrote the plain product into `full` ([S, N]).
+void finish_unfused(const at::Tensor& full, const at::Tensor& offsets, at::Tensor& out, const GemmShape& g,
+                    cudaStream_t stream) {
+  const DType dt = to_dtype(out.scalar_type());
+  if (g.swiglu) C10_CUDA_CHECK(launch_silu_mul(full.data_ptr(), out.data_ptr(), g.S, g.N, dt, stream));
+  C10_CUDA_CHECK(launch_zero_uncovered_rows(out.data_ptr(), offsets.data_ptr<int32_t>(), g.S, g.E, g.N_out, dt, stream));
+}
+
+void run_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& offsets, at::Tensor& out,
+                 const GemmShape& g, const DeviceInfo& info, cudaStream_t stream) {
+  const DType dt = to_dtype(x.scalar_type());
+  Sm90GemmConfig config;
+  const char* cfg = std::getenv("DOTS1_EXT_GEMM_SM90_CONFIG");
+  const std::string cfg_s = cfg ? cfg : "auto";
+  if (cfg_s == "coop") {
+    config = Sm90GemmConfig::kCooperative128x256;
+  } else if (cfg_s == "pingpong") {
+    config = Sm90GemmConfig::kPingpong64x256;
+  } else {
+    TORCH_CHECK_VALUE(cfg_s == "auto", "dots1_ext: DOTS1_EXT_GEMM_SM90_CONFIG must be auto, coop or pingpong, got '",
+                      cfg_s, "'");
+    // Rows per expert on average (host-known, no data read): 64-row tiles waste less below ~256.
+    const int64_t rows_per_expert = g.S / std::max<int64_t>(g.E, 1);
+    config = rows_per_expert >= env_int("DOTS1_EXT_GEMM_COOP_MIN_ROWS", 256) ? Sm90GemmConfig::kCooperative128x256
+                                                                             : Sm90GemmConfig::kPingpong64x256;
+  }
+  const size_t ws_bytes = grouped_gemm_sm90_workspace_bytes(g.E, config, dt, info.sm_count);
+  // +256: the launcher wants a 256-byte aligned start.
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes + 256)}, x.options().dtype(at::kByte));
+  char* ws = static_cast<char*>(workspace.data_ptr());
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(ws) % 256;
+  if (mis) ws += 256 - mis;
+  at::Tensor full = g.swiglu ? at::empty({g.S, g.N}, x.options()) : out;
+  C10_CUDA_CHECK(launch_grouped_gemm_sm90(x.data_ptr(), weight.data_ptr(), offsets.data_ptr<int32_t>(),
+                                          full.data_ptr(), g.S, g.E, g.N, g.K, config, dt, ws, ws_bytes,
+                                          info.sm_count, stream));
+  finish_unfused(full, offsets, out, g, stream);
+}
+
+bool torch_grouped_mm_available() {
+#ifdef DOTS1_HAVE_TORCH_GROUPED_MM
+  return true;
+#else
+  return false;
+#endif
+}
+
+// at::_grouped_mm; returns false (nothing launched) where torch does not support this GPU/dtype.
+bool try_run_torch(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& offsets, at::Tensor& out,
+                   const GemmShape& g, cudaStream_t stream, bool must) {
+#ifdef DOTS1_HAVE_TORCH_GROUPED_MM
+  // torch's groups are [offs[e-1], offs[e]) from 0: clamp into [0, S] and make them non-decreasing
+  // so that no group can reach outside x; rows before off[0] and after off[E] are zeroed below.
+  const at::Tensor offs = std::get<0>(at::cummax(offsets.narrow(0, 1, g.E).clamp(0, g.S), 0)).to(at::kInt);
+  at::Tensor full;
+  try {
+    full = at::_grouped_mm(x, weight.transpose(1, 2), offs);
+  } catch (const c10::Error& err) {
+    if (must) throw;
+    return false;
+  }
+  finish_unfused(full, offsets, out, g, stream);
+  return true;
+#else
+  TORCH_CHECK(!must, "dots1_ext: DOTS1_EXT_GEMM_BACKEND=torch but this torch has no _grouped_mm");
+  return false;
+#endif
+}
+
+at::Tensor grouped_gemm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& offsets_in,
+                             c10::string_view epilogue_view) {
+  const std::string epilogue(epilogue_view);
+  const GemmShape g = check_grouped_gemm(x_in, weight_in, offsets_in, epilogue);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor out = at::empty({g.S, g.N_out}, x_in.options());
+  if (g.S == 0 || g.N_out == 0) return out;
+  if (g.E == 0) return out.zero_();  // no expert owns any row
+  const at::Tensor x = aligned_contiguous(x_in);
+  const at::Tensor weight = aligned_contiguous(weight_in);
+  const at::Tensor offsets = offsets_in.contiguous();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const Backend requested = backend_from_env();
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  const DeviceInfo& info = device_info(x.get_device());
+  const bool cutlass_ok = info.sm90 && half && g.K > 0 && g.S <= INT32_MAX;
+
+  switch (requested) {
+    case Backend::kDecode:
+      run_decode(x, weight, offsets, out, g, stream);
+      return out;
+    case Backend::kCutlass:
+      TORCH_CHECK(cutlass_ok, "dots1_ext: DOTS1_EXT_GEMM_BACKEND=cutlass needs an sm90 GPU (compute capability 9.0), "
+                  "a build with the sm_90a target, fp16/bf16 and K > 0 (device sm90 kernels usable: ", info.sm90,
+                  ", dtype ", x.scalar_type(), ", K ", g.K, ")");
+      run_cutlass(x, weight, offsets, out, g, info, stream);
+      return out;
+    case Backend::kTorch:
+      try_run_torch(x, weight, offsets, out, g, stream, /*must=*/true);
+      return out;
+    case Backend::kAuto:
+      break;
+  }
+  if (g.S <= env_int("DOTS1_EXT_GEMM_DECODE_MAX_ROWS", 512) || g.K == 0) {
+    run_decode(x, weight, offsets, out, g, stream);
+    return out;
+  }
+  if (cutlass_ok) {
+    run_cutlass(x, weight, offsets, out, g, info, stream);
+    return out;
+  }
+  if (half && torch_grouped_mm_available() && try_run_torch(x, weight, offsets, out, g, stream, /*must=*/false)) {
+    TORCH_WARN_ONCE("dots1_ext: grouped_gemm has no sm90a kernel for this GPU/build; using torch._grouped_mm");
+    return out;
+  }
+  TORCH_WARN_ONCE("dots1_ext: grouped_gemm has no fast kernel for this GPU/dtype (no sm90a, no usable "
+                  "torch._grouped_mm); using the portable weight-streaming kernel, correct but slow for many rows");
+  run_decode(x, weight, offsets, out, g, stream);
+  return out;
+}
+
+#endif  // DOTS1_WITH_CUDA
+
+}  // namespace
+}  // namespace dots1
+
+TORCH_LIBRARY_IMPL(dots1_ext, CPU, m) { m.impl("grouped_gemm", &dots1::grouped_gemm_cpu); }
+
+#ifdef DOTS1_WITH_CUDA
+TORCH_LIBRARY_IMPL(dots1_ext, CUDA, m) { m.impl("grouped_gemm", &dots1::grouped_gemm_cuda); }
+#endif

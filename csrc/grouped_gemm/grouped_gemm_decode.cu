@@ -1,1 +1,314 @@
-// placeholder: this op family's implementation lands here.
+// Portable grouped-GEMM kernels: the weight-streaming decode kernel (also the any-S fallback), the
+// zeroing of rows no expert owns, and the SiLU-times-up epilogue used after an unfused GEMM.
+#include <algorithm>
+
+#include "cuda_utils.cuh"
+#include "grouped_gemm/grouped_gemm.h"
+
+namespace dots1 {
+namespace {
+
+constexpr int kDecodeThreads = 256;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
+// Weight rows per warp: "swiglu" takes gate rows n, n+1 and up rows N/2+n, N/2+n+1 (two outputs);
+// "none" takes rows n..n+3 (four outputs). Each x vector read from shared memory feeds 4 rows.
+constexpr int kRowsPerWarp = 4;
+// Shared-memory x tile: kDecodeRowsPerPass rows x kChunkVecs 16-byte vectors of K (32 KiB).
+constexpr int kChunkVecs = 256;
+constexpr int kMaxGridY = 65535;
+
+__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
+
+template <typename T>
+__device__ __forceinline__ void vec_to_float(const Vec16<T>& v, float (&f)[Vec16<T>::kElems]) {
+#pragma unroll
+  for (int i = 0; i < Vec16<T>::kElems; ++i) f[i] = to_float(v.v[i]);
+}
+
+// Clamped bounds of expert e: [lo, hi) inside [0, S].
+__device__ __forceinline__ void expert_bounds(const int32_t* __restrict__ offsets, int64_t e, int64_t S,
+                                              int64_t& lo, int64_t& hi) {
+  lo = min(max(static_cast<int64_t>(__ldg(offsets + e)), int64_t{0}), S);
+  hi = min(max(static_cast<int64_t>(__ldg(offsets + e + 1)), lo), S);
+}
+
+// Finds the work item `item` in the list of (expert, pass) pairs, pass p of expert e covering its
+// rows [lo + p*TP, min(hi, lo + (p+1)*TP)). Warp-wide scan over experts, 32 at a time; every lane
+// returns the same answer. Returns false when item is past the last pair.
+__device__ bool find_work_item(const int32_t* __restrict__ offsets, int64_t E, int64_t S, int64_t item,
+                               int64_t& expert, int64_t& pass) {
+  const int lane = threadIdx.x & 31;
+  int64_t before = 0;  // passes of the experts already scanned
+  for (int64_t base = 0; base < E; base += 32) {
+    const int64_t e = base + lane;
+    int64_t passes = 0;
+    if (e < E) {
+      int64_t lo, hi;
+      expert_bounds(offsets, e, S, lo, hi);
+      passes = (hi - lo + kDecodeRowsPerPass - 1) / kDecodeRowsPerPass;
+    }
+    int64_t incl = passes;  // inclusive prefix over the lanes
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int64_t n = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += n;
+    }
+    const int64_t total = __shfl_sync(0xffffffffu, incl, 31);
+    if (item < before + total) {
+      const unsigned hit = __ballot_sync(0xffffffffu, item < before + incl);
+      const int src = __ffs(hit) - 1;
+      const int64_t incl_src = __shfl_sync(0xffffffffu, incl, src);
+      const int64_t passes_src = __shfl_sync(0xffffffffu, passes, src);
+      expert = base + src;
+      pass = item - (before + incl_src - passes_src);
+      return true;
+    }
+    before += total;
+  }
+  return false;
+}
+
+// One work item: rows [r0, r0 + nrows) (nrows <= TP) of expert e, the kRowsPerWarp weight rows of
+// each warp, the whole K. x goes through shared memory chunk by chunk; weights stream from global
+// memory in 16-byte loads, each byte read once for all the item's rows.
+template <typename T, bool kSwiGLU, int TP>
+__device__ void decode_item(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out,
+                            Vec16<T> (*x_tile)[kChunkVecs], int64_t e, int64_t r0, int nrows, int64_t N,
+                            int64_t K, int64_t N_out, int64_t col0, bool warp_active) {
+  constexpr int VE = Vec16<T>::kElems;
+  const int lane = threadIdx.x & 31;
+  const int64_t KV = K / VE;  // K is a multiple of 8 (checked on the host), hence of VE
+
+  // Weight rows of this warp (valid only when warp_active).
+  const Vec16<T>* wrow[kRowsPerWarp];
+  {
+    const int64_t half = N / 2;
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      int64_t row;
+      if constexpr (kSwiGLU)
+        row = (r < 2 ? col0 + r : half + col0 + (r - 2));
+      else
+        row = col0 + r;
+      if (!warp_active) row = 0;
+      wrow[r] = reinterpret_cast<const Vec16<T>*>(weight + (e * N + row) * K);
+    }
+  }
+
+  float acc[kRowsPerWarp][TP];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+    for (int t = 0; t < TP; ++t) acc[r][t] = 0.0f;
+
+  for (int64_t k0 = 0; k0 < KV; k0 += kChunkVecs) {
+    const int nv = static_cast<int>(min(static_cast<int64_t>(kChunkVecs), KV - k0));
+    __syncthreads();  // the previous chunk's x tile has been consumed
+    for (int i = threadIdx.x; i < TP * kChunkVecs; i += kDecodeThreads) {
+      const int t = i / kChunkVecs, v = i % kChunkVecs;
+      Vec16<T> val;
+      if (t < nrows && v < nv) {
+        val = *reinterpret_cast<const Vec16<T>*>(x + (r0 + t) * K + (k0 + v) * VE);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VE; ++j) val.v[j] = from_float<T>(0.0f);
+      }
+      x_tile[t][v] = val;
+    }
+    __syncthreads();
+    if (warp_active) {
+#pragma unroll 4
+      for (int v = lane; v < nv; v += 32) {
+        float wf[kRowsPerWarp][VE];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const int4 raw = __ldg(reinterpret_cast<const int4*>(wrow[r] + k0 + v));
+          vec_to_float(*reinterpret_cast<const Vec16<T>*>(&raw), wf[r]);
+        }
+#pragma unroll
+        for (int t = 0; t < TP; ++t) {
+          float xf[VE];
+          vec_to_float(x_tile[t][v], xf);
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+            for (int j = 0; j < VE; ++j) acc[r][t] = fmaf(wf[r][j], xf[j], acc[r][t]);
+        }
+      }
+    }
+  }
+
+  if (!warp_active) return;
+#pragma unroll
+  for (int t = 0; t < TP; ++t) {
+    float s[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) s[r] = warp_sum(acc[r][t]);
+    if (lane == t && t < nrows) {
+      T* o = out + (r0 + t) * N_out;
+      if constexpr (kSwiGLU) {
+        o[col0] = from_float<T>(silu_f(s[0]) * s[2]);
+        o[col0 + 1] = from_float<T>(silu_f(s[1]) * s[3]);
+      } else {
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) o[col0 + r] = from_float<T>(s[r]);
+      }
+    }
+  }
+}
+
+template <typename T, bool kSwiGLU>
+__global__ void __launch_bounds__(kDecodeThreads, 2)
+    grouped_gemm_decode_kernel(const T* __restrict__ x, const T* __restrict__ weight,
+                               const int32_t* __restrict__ offsets, T* __restrict__ out, int64_t S, int64_t E,
+                               int64_t N, int64_t K, int64_t num_items) {
+  constexpr int kColsPerWarp = kSwiGLU ? 2 : kRowsPerWarp;
+  __shared__ Vec16<T> x_tile[kDecodeRowsPerPass][kChunkVecs];
+  __shared__ int64_t item_info[2];
+
+  const int64_t N_out = kSwiGLU ? N / 2 : N;
+  const int warp = threadIdx.x / 32;
+  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * kDecodeWarps + warp) * kColsPerWarp;
+  const bool warp_active = col0 < N_out;  // N_out is a multiple of kColsPerWarp (N % 8 == 0)
+
+  for (int64_t item = blockIdx.y; item < num_items; item += gridDim.y) {
+    __syncthreads();  // item_info of the previous item has been read by every thread
+    if (warp == 0) {
+      int64_t e = -1, pass = 0;
+      if (!find_work_item(offsets, E, S, item, e, pass)) e = -1;
+      if ((threadIdx.x & 31) == 0) {
+        item_info[0] = e;
+        item_info[1] = pass;
+      }
+    }
+    __syncthreads();
+    const int64_t e = item_info[0];
+    if (e < 0) return;  // uniform over the block; later items are past the end too
+    int64_t lo, hi;
+    expert_bounds(offsets, e, S, lo, hi);
+    const int64_t r0 = lo + item_info[1] * kDecodeRowsPerPass;
+    const int nrows = static_cast<int>(min(static_cast<int64_t>(kDecodeRowsPerPass), hi - r0));
+    // Uniform branch over the block: fewer rows, fewer FMAs (decode mostly has 1-2 rows per expert).
+    if (nrows <= 1)
+      decode_item<T, kSwiGLU, 1>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0, warp_active);
+    else if (nrows <= 2)
+      decode_item<T, kSwiGLU, 2>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0, warp_active);
+    else if (nrows <= 4)
+      decode_item<T, kSwiGLU, 4>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0, warp_active);
+    else
+      decode_item<T, kSwiGLU, kDecodeRowsPerPass>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0,
+                                                  warp_active);
+  }
+}
+
+template <typename T>
+__global__ void zero_uncovered_rows_kernel(T* __restrict__ out, const int32_t* __restrict__ offsets, int64_t S,
+                                           int64_t E, int64_t row_vecs, bool vectorised, int64_t N_out) {
+  const int64_t first = min(max(static_cast<int64_t>(__ldg(offsets)), int64_t{0}), S);
+  const int64_t last = min(max(static_cast<int64_t>(__ldg(offsets + E)), first), S);
+  // Uncovered rows: [0, first) then [last, S), numbered 0 .. n_rows-1.
+  const int64_t n_rows = first + (S - last);
+  const int64_t per_row = vectorised ? row_vecs : N_out;
+  const int64_t total = n_rows * per_row;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t u = i / per_row, c = i % per_row;
+    const int64_t row = u < first ? u : last + (u - first);
+    if (vectorised) {
+      reinterpret_cast<int4*>(out + row * N_out)[c] = make_int4(0, 0, 0, 0);
+    } else {
+      out[row * N_out + c] = from_float<T>(0.0f);
+    }
+  }
+}
+
+template <typename T, bool kVectorised>
+__global__ void silu_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ out, int64_t S, int64_t N) {
+  constexpr int VE = kVectorised ? Vec16<T>::kElems : 1;
+  const int64_t half = N / 2;
+  const int64_t per_row = half / VE;
+  const int64_t total = S * per_row;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / per_row, c = (i % per_row) * VE;
+    const T* g = gate_up + row * N + c;
+    if constexpr (kVectorised) {
+      const Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(g);
+      const Vec16<T> uv = *reinterpret_cast<const Vec16<T>*>(g + half);
+      Vec16<T> o;
+#pragma unroll
+      for (int j = 0; j < VE; ++j) o.v[j] = from_float<T>(silu_f(to_float(gv.v[j])) * to_float(uv.v[j]));
+      *reinterpret_cast<Vec16<T>*>(out + row * half + c) = o;
+    } else {
+      out[row * half + c] = from_float<T>(silu_f(to_float(g[0])) * to_float(g[half]));
+    }
+  }
+}
+
+unsigned int elementwise_blocks(int64_t work, int threads) {
+  // Grid-stride loops: enough blocks to fill the GPU several times over, no more.
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, 132 * 16)));
+}
+
+}  // namespace
+
+cudaError_t launch_grouped_gemm_decode(const void* x, const void* weight, const int32_t* expert_offsets, void* out,
+                                       int64_t S, int64_t E, int64_t N, int64_t K, bool swiglu, DType dtype,
+                                       cudaStream_t stream) {
+  // K == 0 needs no special case: the K loop is empty and the covered rows get exact zeros.
+  if (S == 0 || E == 0 || N == 0) return cudaSuccess;
+  if (N % 8 != 0 || K % 8 != 0) return cudaErrorInvalidValue;
+  const int64_t N_out = swiglu ? N / 2 : N;
+  const int64_t cols_per_block = static_cast<int64_t>(kDecodeWarps) * (swiglu ? 2 : kRowsPerWarp);
+  const int64_t grid_x = (N_out + cols_per_block - 1) / cols_per_block;
+  // Upper bound of the (expert, pass) pairs: sum over experts of ceil(rows/TP) <= S/TP + min(E, S).
+  const int64_t num_items = (S + kDecodeRowsPerPass - 1) / kDecodeRowsPerPass + std::min(E, S);
+  if (grid_x > 0x7fffffff) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned int>(grid_x), static_cast<unsigned int>(std::min<int64_t>(num_items, kMaxGridY)));
+  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
+    const auto* xp = static_cast<const scalar_t*>(x);
+    const auto* wp = static_cast<const scalar_t*>(weight);
+    auto* op = static_cast<scalar_t*>(out);
+    if (swiglu)
+      grouped_gemm_decode_kernel<scalar_t, true>
+          <<<grid, kDecodeThreads, 0, stream>>>(xp, wp, expert_offsets, op, S, E, N, K, num_items);
+    else
+      grouped_gemm_decode_kernel<scalar_t, false>
+          <<<grid, kDecodeThreads, 0, stream>>>(xp, wp, expert_offsets, op, S, E, N, K, num_items);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_zero_uncovered_rows(void* out, const int32_t* expert_offsets, int64_t S, int64_t E, int64_t N_out,
+                                       DType dtype, cudaStream_t stream) {
+  if (S == 0 || N_out == 0) return cudaSuccess;
+  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
+    constexpr int VE = Vec16<scalar_t>::kElems;
+    const bool vectorised = N_out % VE == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    const int64_t row_vecs = N_out / VE;
+    // The grid cannot depend on the offsets (no host read): size it for the worst case, capped.
+    const int64_t work = S * (vectorised ? row_vecs : N_out);
+    zero_uncovered_rows_kernel<scalar_t><<<std::min(elementwise_blocks(work, 256), 132u * 2), 256, 0, stream>>>(
+        static_cast<scalar_t*>(out), expert_offsets, S, E, row_vecs, vectorised, N_out);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_silu_mul(const void* gate_up, void* out, int64_t S, int64_t N, DType dtype, cudaStream_t stream) {
+  if (S == 0 || N == 0) return cudaSuccess;
+  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
+    constexpr int VE = Vec16<scalar_t>::kElems;
+    const int64_t half = N / 2;
+    const bool vectorised = half % VE == 0 && reinterpret_cast<uintptr_t>(gate_up) % 16 == 0 &&
+                            reinterpret_cast<uintptr_t>(out) % 16 == 0;
+    const auto* gp = static_cast<const scalar_t*>(gate_up);
+    auto* op = static_cast<scalar_t*>(out);
+    if (vectorised)
+      silu_mul_kernel<scalar_t, true><<<elementwise_blocks(S * (half / VE), 256), 256, 0, stream>>>(gp, op, S, N);
+    else
+      silu_mul_kernel<scalar_t, false><<<elementwise_blocks(S * half, 256), 256, 0, stream>>>(gp, op, S, N);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace dots1

@@ -1,6 +1,11 @@
 """Grouped expert GEMM: one matrix product per expert over its contiguous rows of the permuted input.
 
 Kernels: csrc/grouped_gemm/. Reference: dots1_ext.reference.grouped_gemm.
+
+CUDA backend selection (read on every call): ``DOTS1_EXT_GEMM_BACKEND`` = auto | cutlass | decode |
+torch; ``DOTS1_EXT_GEMM_DECODE_MAX_ROWS`` (auto: the decode kernel up to this many rows S, default
+512); ``DOTS1_EXT_GEMM_SM90_CONFIG`` = auto | coop | pingpong; ``DOTS1_EXT_GEMM_COOP_MIN_ROWS`` (auto
+config: cooperative tiles from this many rows per expert on average, default 256).
 """
 
 from __future__ import annotations
@@ -27,6 +32,24 @@ def _check_grouped_gemm(x, weight, expert_offsets, epilogue):
         raise ValueError(f"dots1_ext: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if epilogue == "swiglu" and weight.shape[1] % 2:
         raise ValueError(f"dots1_ext: epilogue 'swiglu' needs an even weight.shape[1] (gate + up rows), got {weight.shape[1]}")
+    if x.is_cuda:
+        # 16-byte vector loads and TMA need whole 16-byte rows.
+        if weight.shape[1] % 8:
+            raise ValueError(f"dots1_ext: weight.shape[1] (N) must be a multiple of 8 on CUDA, got {weight.shape[1]}")
+        if x.shape[1] % 8:
+            raise ValueError(f"dots1_ext: x.shape[1] (K) must be a multiple of 8 on CUDA, got {x.shape[1]}")
+
+
+def check_expert_offsets(expert_offsets: torch.Tensor, num_rows: int) -> None:
+    """Host-side validation of expert_offsets (reads data: synchronises). The CUDA kernels stay in
+    bounds whatever the offsets hold, but their output is specified only for non-decreasing offsets
+    within [0, num_rows]; the CPU kernel always validates."""
+    if expert_offsets.numel() == 0:
+        return
+    off = expert_offsets.detach().cpu().long()
+    C.check_index_range(off, "expert_offsets", num_rows + 1, "rows of x, inclusive")
+    if off.numel() > 1 and bool((off[1:] < off[:-1]).any()):
+        raise IndexError(f"dots1_ext: expert_offsets must be non-decreasing, got {off.tolist()}")
 
 
 fill_with_reference("grouped_gemm", reference.grouped_gemm, _check_grouped_gemm)
@@ -44,12 +67,16 @@ def grouped_gemm(
     weight: torch.Tensor,
     expert_offsets: torch.Tensor,
     epilogue: str = "none",
+    check_offsets: bool = False,
 ) -> torch.Tensor:
     """Per-expert ``x[rows_e] @ weight[e].T``.
 
     x [S, K]; weight [E, N, K] (HF layout, K contiguous); expert_offsets [E+1] int32, expert e owns
     rows [expert_offsets[e], expert_offsets[e+1]). Returns [S, N], or [S, N/2] with
     ``epilogue="swiglu"`` (silu(gate) * up, gate = the first N/2 weight rows). Rows outside every
-    expert's range are zero. fp32 accumulation.
+    expert's range are zero. fp32 accumulation. ``check_offsets=True`` validates the offsets on the
+    host first (synchronises; not for CUDA graphs).
     """
+    if check_offsets:
+        check_expert_offsets(expert_offsets, x.shape[0])
     return op("grouped_gemm")(x, weight, expert_offsets, epilogue)

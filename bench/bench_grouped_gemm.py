@@ -1,0 +1,142 @@
+"""Grouped expert GEMMs at Dots1 shapes: gate_up + SwiGLU ([S, 4096] x [128, 2816, 4096]) and down
+([S, 1408] x [128, 4096, 1408]), S = T * 6, balanced and Zipf routing, against torch._grouped_mm
+(+ a separate SiLU * mul) timed in the same run. Floors: FLOPs over the measured dense GEMM rate and
+the active experts' weight bytes over the measured copy bandwidth (whichever is larger).
+
+    python -m bench.bench_grouped_gemm [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Report, Row, bytes_floor_ms, copy_bandwidth_gbs, flops_floor_ms, gemm_tflops, on_gpu, time_fn
+from dots1_ext.ops.grouped_gemm import grouped_gemm
+
+
+def routing_offsets(kind: str, T: int, k: int, E: int, device: str) -> torch.Tensor:
+    if kind == "balanced":
+        ids = torch.rand(T, E).argsort(dim=1)[:, :k]
+    else:  # Zipf(1.2) popularity over a random expert order
+        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
+        ids = torch.multinomial(p[torch.randperm(E)].expand(T, E), k)
+    counts = torch.bincount(ids.reshape(-1), minlength=E)
+    off = torch.zeros(E + 1, dtype=torch.int64)
+    off[1:] = counts.cumsum(0)
+    return off.to(torch.int32).to(device)
+
+
+def torch_grouped_mm():
+    fn = getattr(torch, "_grouped_mm", None)
+    if fn is None or not on_gpu() or torch.cuda.get_device_capability() < (9, 0):
+        return None
+    return fn
+
+
+def with_backend(name: str | None, fn):
+    def run():
+        old = os.environ.get("DOTS1_EXT_GEMM_BACKEND")
+        if name is not None:
+            os.environ["DOTS1_EXT_GEMM_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            if name is not None:
+                if old is None:
+                    os.environ.pop("DOTS1_EXT_GEMM_BACKEND", None)
+                else:
+                    os.environ["DOTS1_EXT_GEMM_BACKEND"] = old
+
+    return run
+
+
+def run(quick: bool = False) -> list[Report]:
+    gpu = on_gpu()
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    if gpu:
+        E, k, H, I = 128, 6, 4096, 1408
+        Ts = [1, 8, 64, 512, 4096] if quick else [1, 8, 64, 512, 4096, 16384]
+    else:
+        E, k, H, I = 8, 2, 256, 128
+        Ts = [1, 8, 64]
+    w_gate_up = torch.randn(E, 2 * I, H, device=device, dtype=dtype) / H**0.5
+    w_down = torch.randn(E, H, I, device=device, dtype=dtype) / I**0.5
+    gmm = torch_grouped_mm()
+    backends = [("dots1_ext", None)]
+    if gpu:
+        backends += [("dots1_ext[decode]", "decode")]
+        if torch.cuda.get_device_capability() == (9, 0):
+            backends += [("dots1_ext[cutlass]", "cutlass")]
+    elt = torch.finfo(dtype).bits // 8
+
+    report = Report(f"grouped_gemm (E={E}, k={k}, H={H}, I={I}, {dtype}, copy {copy_bandwidth_gbs():.0f} GB/s, "
+                    f"dense GEMM {gemm_tflops():.0f} TFLOP/s)")
+    for T in Ts:
+        for routing in ("balanced", "zipf"):
+            if quick and routing == "zipf" and T not in (1, 4096):
+                continue
+            S = T * k
+            off = routing_offsets(routing, T, k, E, device)
+            active = int((off[1:] > off[:-1]).sum())
+            x = torch.randn(S, H, device=device, dtype=dtype)
+            h = torch.randn(S, I, device=device, dtype=dtype)
+            for stage, w, xin, epi, n_out in (
+                ("gate_up+swiglu", w_gate_up, x, "swiglu", 2 * I),
+                ("down", w_down, h, "none", H),
+            ):
+                N, K = w.shape[1], w.shape[2]
+                flops = 2.0 * S * N * K
+                wbytes = active * N * K * elt
+                io_bytes = wbytes + S * K * elt + S * (N // 2 if epi == "swiglu" else N) * elt
+                floor = max(flops_floor_ms(flops), bytes_floor_ms(io_bytes))
+                case = f"{stage} T={T} {routing} ({active} experts)"
+                for label, be in backends:
+                    if label.endswith("[decode]") and S > 4096:
+                        continue  # the decode kernel re-reads weights per 8 rows: minutes at large S
+                    fn = with_backend(be, lambda xin=xin, w=w, epi=epi: grouped_gemm(xin, w, off, epi))
+                    ms = time_fn(fn, warmup=3 if not gpu else 10, iters=10 if not gpu else 50)
+                    report.add(Row("grouped_gemm", case, label, ms, floor, gbs=wbytes / ms / 1e6,
+                                   tflops=flops / ms / 1e9))
+                if gmm is not None:
+                    offs = off[1:]
+                    if epi == "swiglu":
+                        def peer(xin=xin, w=w):
+                            y = gmm(xin, w.transpose(-2, -1), offs=offs)
+                            return F.silu(y[:, :I]) * y[:, I:]
+                    else:
+                        def peer(xin=xin, w=w):
+                            return gmm(xin, w.transpose(-2, -1), offs=offs)
+                    ms = time_fn(peer)
+                    report.add(Row("grouped_gemm", case, "torch._grouped_mm" + (" + silu*mul" if epi == "swiglu" else ""),
+                                   ms, floor, gbs=wbytes / ms / 1e6, tflops=flops / ms / 1e9))
+            # The MoE expert pair end to end (gate_up + SwiGLU, then down on its output).
+            case = f"gate_up+down T={T} {routing} ({active} experts)"
+            flops = 2.0 * S * (2 * I * H + H * I)
+            wbytes = active * 3 * I * H * elt
+            floor = max(flops_floor_ms(flops), bytes_floor_ms(wbytes))
+            ms = time_fn(lambda: grouped_gemm(grouped_gemm(x, w_gate_up, off, "swiglu"), w_down, off, "none"),
+                         warmup=3 if not gpu else 10, iters=10 if not gpu else 50)
+            report.add(Row("grouped_gemm", case, "dots1_ext", ms, floor, gbs=wbytes / ms / 1e6, tflops=flops / ms / 1e9))
+            if gmm is not None:
+                offs = off[1:]
+
+                def peer_pair():
+                    y = gmm(x, w_gate_up.transpose(-2, -1), offs=offs)
+                    a = F.silu(y[:, :I]) * y[:, I:]
+                    return gmm(a, w_down.transpose(-2, -1), offs=offs)
+
+                ms = time_fn(peer_pair)
+                report.add(Row("grouped_gemm", case, "torch._grouped_mm + silu*mul", ms, floor,
+                               gbs=wbytes / ms / 1e6, tflops=flops / ms / 1e9))
+    return [report]
+
+
+if __name__ == "__main__":
+    for r in run(quick="--quick" in sys.argv):
+        print(r.table())
+        print()

@@ -1,0 +1,238 @@
+// CUTLASS 3 ptr-array grouped GEMM for sm90a (TMA, warp-specialised, wgmma), one expert per group,
+// with the per-group problem shapes, pointers and strides built on the device from expert_offsets.
+//
+//   out[rows_e, :] = x[rows_e, :] @ weight[e]^T      x [S, K] row-major, weight [E, N, K] (K contiguous,
+//                                                     i.e. CUTLASS's column-major B), out [S, N] row-major
+//
+// Each configuration is instantiated in its own .cu file (grouped_gemm_sm90_<config>.cu) so the
+// expensive template instantiations compile in parallel. Included only by those files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+// CUTLASS's sm100 headers (pulled in by the collective builders) capture `this` implicitly, which
+// C++20 deprecates; the warning is theirs, not ours.
+#pragma nv_diag_suppress 2908
+
+// Device-side assert() in cute becomes a function call inside the wgmma pipeline, which makes ptxas
+// serialise the wgmmas (warning C7510) and costs most of the speed. CUTLASS's release builds define
+// NDEBUG; these files hold only CUTLASS code, so define it here.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "grouped_gemm/grouped_gemm.h"
+
+namespace dots1 {
+namespace sm90 {
+
+using namespace cute;
+
+struct Cooperative128x256 {
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  using TileShape = Shape<_128, _256, _64>;
+  using ClusterShape = Shape<_1, _1, _1>;
+};
+
+struct Pingpong64x256 {
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+  using TileShape = Shape<_64, _256, _64>;
+  using ClusterShape = Shape<_1, _1, _1>;
+};
+
+template <typename Element, class Config>
+struct GroupedGemm {
+  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M, N, K) per group
+  using UnderlyingShape = typename ProblemShape::UnderlyingProblemShape;
+  using LayoutA = cutlass::layout::RowMajor;     // x rows
+  using LayoutB = cutlass::layout::ColumnMajor;  // weight[e] is [N, K] with K contiguous
+  using LayoutD = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA alignment
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape, typename Config::ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, LayoutD*, kAlign,  // no source C: D = acc
+      Element, LayoutD*, kAlign, typename Config::EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*, kAlign, float,
+      typename Config::TileShape, typename Config::ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      typename Config::KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  using StrideA = typename Kernel::InternalStrideA;
+  using StrideB = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+  // Every stride is (leading dimension, 1, 0): only the leading dimension is set below.
+  static_assert(cute::is_same_v<cute::remove_cvref_t<decltype(get<1>(StrideA{}))>, _1>);
+  static_assert(cute::is_same_v<cute::remove_cvref_t<decltype(get<1>(StrideB{}))>, _1>);
+  static_assert(cute::is_same_v<cute::remove_cvref_t<decltype(get<1>(StrideD{}))>, _1>);
+
+  // The argument arrays at the front of the workspace, each 256-byte aligned; CUTLASS's own
+  // workspace follows.
+  struct Layout {
+    size_t shapes, ptr_a, ptr_b, ptr_d, stride_a, stride_b, stride_d, cutlass, total;
+  };
+  static size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
+  static Layout layout(int64_t E, size_t cutlass_bytes) {
+    Layout l{};
+    size_t at = 0;
+    auto take = [&](size_t bytes) {
+      const size_t here = at;
+      at = align_up(at + bytes);
+      return here;
+    };
+    l.shapes = take(E * sizeof(UnderlyingShape));
+    l.ptr_a = take(E * sizeof(void*));
+    l.ptr_b = take(E * sizeof(void*));
+    l.ptr_d = take(E * sizeof(void*));
+    l.stride_a = take(E * sizeof(StrideA));
+    l.stride_b = take(E * sizeof(StrideB));
+    l.stride_d = take(E * sizeof(StrideD));
+    l.cutlass = take(cutlass_bytes);
+    l.total = at;
+    return l;
+  }
+
+  static typename Gemm::Arguments arguments(int64_t E, const Layout& l, char* ws, int sm_count) {
+    cutlass::KernelHardwareInfo hw_info;
+    hw_info.device_id = 0;  // only informative: sm_count is given
+    hw_info.sm_count = sm_count;
+    typename Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    // Problem shapes live only on the device (host_problem_shapes = nullptr): no host read of the
+    // offsets, so the launch captures in a CUDA graph.
+    args.problem_shape = {static_cast<int>(E), reinterpret_cast<UnderlyingShape*>(ws + l.shapes), nullptr};
+    args.mainloop = {reinterpret_cast<const Element**>(ws + l.ptr_a), reinterpret_cast<StrideA*>(ws + l.stride_a),
+                     reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<StrideB*>(ws + l.stride_b)};
+    decltype(args.epilogue.thread) fusion{};
+    fusion.alpha = 1.0f;
+    fusion.beta = 0.0f;
+    args.epilogue = {fusion, nullptr, nullptr, reinterpret_cast<Element**>(ws + l.ptr_d),
+                     reinterpret_cast<StrideD*>(ws + l.stride_d)};
+    args.hw_info = hw_info;
+    return args;
+  }
+
+  static size_t workspace_bytes(int64_t E, int sm_count) {
+    const Layout probe = layout(E, 0);
+    const size_t cutlass_bytes = Gemm::get_workspace_size(arguments(E, probe, nullptr, sm_count));
+    return layout(E, cutlass_bytes).total;
+  }
+};
+
+// Builds group e's problem shape (M_e, N, K), its pointers and its strides from the offsets.
+// Offsets are clamped into [0, S] so that no group reaches outside x or out.
+template <class G, typename Element>
+__global__ void build_group_arguments_kernel(const int32_t* __restrict__ offsets, int64_t S, int64_t E, int N, int K,
+                                             const Element* x, const Element* weight, Element* out,
+                                             typename G::UnderlyingShape* shapes, const Element** ptr_a,
+                                             const Element** ptr_b, Element** ptr_d, typename G::StrideA* stride_a,
+                                             typename G::StrideB* stride_b, typename G::StrideD* stride_d) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < E;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t lo = min(max(static_cast<int64_t>(offsets[e]), int64_t{0}), S);
+    const int64_t hi = min(max(static_cast<int64_t>(offsets[e + 1]), lo), S);
+    shapes[e] = typename G::UnderlyingShape(static_cast<int>(hi - lo), N, K);
+    ptr_a[e] = x + lo * K;
+    ptr_b[e] = weight + e * static_cast<int64_t>(N) * K;
+    ptr_d[e] = out + lo * N;
+    typename G::StrideA sa{};
+    typename G::StrideB sb{};
+    typename G::StrideD sd{};
+    get<0>(sa) = K;
+    get<0>(sb) = K;
+    get<0>(sd) = N;
+    stride_a[e] = sa;
+    stride_b[e] = sb;
+    stride_d[e] = sd;
+  }
+}
+
+template <typename Element, class Config>
+size_t workspace_bytes(int64_t E, int sm_count) {
+  return GroupedGemm<Element, Config>::workspace_bytes(E, sm_count);
+}
+
+template <typename Element, class Config>
+cudaError_t run(const void* x, const void* weight, const int32_t* expert_offsets, void* out, int64_t S, int64_t E,
+                int64_t N, int64_t K, void* workspace, size_t workspace_bytes_given, int sm_count,
+                cudaStream_t stream) {
+  using G = GroupedGemm<Element, Config>;
+  if (E == 0 || S == 0) return cudaSuccess;
+  if (N % G::kAlign != 0 || K % G::kAlign != 0 || N > INT32_MAX || K > INT32_MAX || S > INT32_MAX)
+    return cudaErrorInvalidValue;
+  const typename G::Layout probe = G::layout(E, 0);
+  char* ws = static_cast<char*>(workspace);
+  typename G::Gemm::Arguments args = G::arguments(E, probe, ws, sm_count);
+  const size_t cutlass_bytes = G::Gemm::get_workspace_size(args);
+  const typename G::Layout l = G::layout(E, cutlass_bytes);
+  if (workspace_bytes_given < l.total || reinterpret_cast<uintptr_t>(workspace) % 256 != 0)
+    return cudaErrorInvalidValue;
+  args = G::arguments(E, l, ws, sm_count);
+
+  const auto* xp = static_cast<const Element*>(x);
+  const auto* wp = static_cast<const Element*>(weight);
+  auto* op = static_cast<Element*>(out);
+  const int threads = 128;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((E + threads - 1) / threads, 1024));
+  build_group_arguments_kernel<G, Element><<<blocks, threads, 0, stream>>>(
+      expert_offsets, S, E, static_cast<int>(N), static_cast<int>(K), xp, wp, op,
+      reinterpret_cast<typename G::UnderlyingShape*>(ws + l.shapes), reinterpret_cast<const Element**>(ws + l.ptr_a),
+      reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<Element**>(ws + l.ptr_d),
+      reinterpret_cast<typename G::StrideA*>(ws + l.stride_a), reinterpret_cast<typename G::StrideB*>(ws + l.stride_b),
+      reinterpret_cast<typename G::StrideD*>(ws + l.stride_d));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  typename G::Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  if (gemm.initialize(args, ws + l.cutlass, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorUnknown;
+  }
+  return cudaGetLastError();
+}
+
+// PTX/SASS version of the kernel the runtime would launch on the current device (90 when the sm_90a
+// cubin is there; 80 when only the portable sm_80 build could be loaded), 0 if none.
+template <typename Element, class Config>
+int binary_version() {
+  using G = GroupedGemm<Element, Config>;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, cutlass::device_kernel<typename G::Kernel>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return attr.binaryVersion;
+}
+
+}  // namespace sm90
+}  // namespace dots1
+
+// Instantiation helper for the per-config .cu files.
+#define DOTS1_SM90_INSTANTIATE(Element, Config)                                                                  \
+  template size_t dots1::sm90::workspace_bytes<Element, dots1::sm90::Config>(int64_t, int);                     \
+  template int dots1::sm90::binary_version<Element, dots1::sm90::Config>();                                    \
+  template cudaError_t dots1::sm90::run<Element, dots1::sm90::Config>(                                          \
+      const void*, const void*, const int32_t*, void*, int64_t, int64_t, int64_t, int64_t, void*, size_t, int, \
+      cudaStream_t);

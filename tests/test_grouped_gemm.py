@@ -1,0 +1,350 @@
+"""grouped_gemm against the fp32 reference: every backend, routing shapes, epilogues, CUDA graphs.
+
+CUDA backends are forced through DOTS1_EXT_GEMM_BACKEND (decode | cutlass | torch | auto). Run the
+small memory check with: compute-sanitizer --tool memcheck python tests/test_grouped_gemm.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dots1_ext  # noqa: F401  (registers the ops)
+from dots1_ext import reference
+from dots1_ext.ops.grouped_gemm import grouped_gemm
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import RTOL, assert_close_rel, rel_err, requires_cuda  # noqa: E402
+
+# ---------------------------------------------------------------- helpers
+
+
+def offsets_from_counts(counts, device, first: int = 0) -> torch.Tensor:
+    counts = torch.as_tensor(counts, dtype=torch.int64)
+    off = torch.zeros(len(counts) + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(counts, 0)
+    return (off + first).to(torch.int32).to(device)
+
+
+def routing_counts(kind: str, T: int, k: int, E: int) -> list[int]:
+    """Rows per expert for T tokens, k experts each (S = T*k), under a routing pattern."""
+    S = T * k
+    if kind == "balanced":
+        ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]) if T else torch.zeros(0, k, dtype=torch.long)
+        return torch.bincount(ids.reshape(-1), minlength=E).tolist()
+    if kind == "zipf":
+        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
+        p = p[torch.randperm(E)]
+        ids = torch.multinomial(p.expand(T, E), k) if T else torch.zeros(0, k, dtype=torch.long)
+        return torch.bincount(ids.reshape(-1), minlength=E).tolist()
+    if kind == "one_expert":
+        counts = [0] * E
+        counts[E // 2] = S
+        return counts
+    if kind == "many_empty":
+        live = torch.randperm(E)[: max(1, E // 8)]
+        ids = live[torch.randint(0, len(live), (S,))]
+        return torch.bincount(ids, minlength=E).tolist()
+    raise ValueError(kind)
+
+
+def make_case(S_counts, E, N, K, dtype, device, tail: int = 0, first: int = 0):
+    S = first + sum(S_counts) + tail
+    x = torch.randn(S, K, device=device, dtype=dtype)
+    w = torch.randn(E, N, K, device=device, dtype=dtype) / K**0.5
+    off = offsets_from_counts(S_counts, device, first)
+    return x, w, off
+
+
+def ref_fp32(x, w, off, epilogue):
+    return reference.grouped_gemm(x.float(), w.float(), off, epilogue)
+
+
+def tol(dtype):
+    return RTOL[dtype]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    name = getattr(request, "param", "auto")
+    monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", name)
+    return name
+
+
+def cuda_backends():
+    """The CUDA backends worth testing on this machine."""
+    if not torch.cuda.is_available():
+        return []
+    names = ["auto", "decode"]
+    if torch.cuda.get_device_capability() == (9, 0):
+        names.append("cutlass")
+    if hasattr(torch, "_grouped_mm") and torch.cuda.get_device_capability() >= (9, 0):
+        names.append("torch")
+    return names
+
+
+# ---------------------------------------------------------------- CPU and any device
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+@pytest.mark.parametrize("routing", ["balanced", "zipf", "one_expert", "many_empty"])
+@pytest.mark.parametrize("T", [1, 2, 7, 33])
+def test_matches_reference(device, dtype, epilogue, routing, T):
+    if device == "cpu" and dtype == torch.bfloat16 and T == 33 and routing != "balanced":
+        pytest.skip("keeps the CPU suite short")
+    E, k, N, K = 8, 3, 48, 64
+    counts = routing_counts(routing, T, k, E)
+    x, w, off = make_case(counts, E, N, K, dtype, device)
+    out = grouped_gemm(x, w, off, epilogue)
+    assert out.dtype == dtype and out.shape == (x.shape[0], N // 2 if epilogue == "swiglu" else N)
+    assert_close_rel(out, ref_fp32(x, w, off, epilogue).to(dtype), tol(dtype))
+
+
+@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+def test_uncovered_rows_are_zero(device, epilogue):
+    # Rows before expert_offsets[0] and after expert_offsets[E] belong to no expert.
+    E, N, K = 4, 16, 32
+    x, w, off = make_case([3, 0, 5, 2], E, N, K, torch.float32, device, tail=4, first=2)
+    out = grouped_gemm(x, w, off, epilogue)
+    assert torch.count_nonzero(out[:2]) == 0 and torch.count_nonzero(out[-4:]) == 0
+    assert_close_rel(out, ref_fp32(x, w, off, epilogue), 1e-5)
+
+
+def test_empty_inputs(device):
+    E, N, K = 4, 16, 32
+    x, w, off = make_case([0, 0, 0, 0], E, N, K, torch.float32, device)
+    assert grouped_gemm(x, w, off, "none").shape == (0, N)
+    assert grouped_gemm(x, w, off, "swiglu").shape == (0, N // 2)
+    # No experts at all: every row is outside every range.
+    x = torch.randn(5, K, device=device)
+    out = grouped_gemm(x, torch.randn(0, N, K, device=device), torch.zeros(1, dtype=torch.int32, device=device))
+    assert out.shape == (5, N) and torch.count_nonzero(out) == 0
+
+
+def test_swiglu_is_silu_gate_times_up(device):
+    E, N, K = 5, 64, 96
+    x, w, off = make_case([4, 1, 0, 9, 2], E, N, K, torch.float32, device)
+    plain = grouped_gemm(x, w, off, "none")
+    fused = grouped_gemm(x, w, off, "swiglu")
+    assert_close_rel(fused, F.silu(plain[:, : N // 2]) * plain[:, N // 2 :], 1e-5)
+
+
+def test_non_contiguous_inputs(device):
+    E, N, K = 4, 32, 48
+    counts = [3, 2, 0, 4]
+    S = sum(counts)
+    x = torch.randn(K, S, device=device).t()  # column-major view
+    w = torch.randn(E, K, N, device=device).transpose(1, 2)  # N, K swapped in memory
+    off = offsets_from_counts(counts, device)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    assert_close_rel(grouped_gemm(x, w, off, "swiglu"), ref_fp32(x, w, off, "swiglu"), 1e-5)
+
+
+def test_bad_inputs_raise(device):
+    E, N, K = 4, 16, 32
+    x, w, off = make_case([1, 2, 3, 4], E, N, K, torch.float32, device)
+    with pytest.raises(TypeError, match="weight"):
+        grouped_gemm(x, w.half(), off)
+    with pytest.raises(TypeError, match="expert_offsets"):
+        grouped_gemm(x, w, off.long())
+    with pytest.raises(ValueError, match="expert_offsets"):
+        grouped_gemm(x, w, off[:-1])
+    with pytest.raises(ValueError, match="weight"):
+        grouped_gemm(x, w[:, :, :-1], off)
+    with pytest.raises(ValueError, match="epilogue"):
+        grouped_gemm(x, w, off, "gelu")
+    with pytest.raises(ValueError, match="swiglu"):
+        grouped_gemm(x, w[:, :-1], off, "swiglu")
+    with pytest.raises(TypeError, match="x"):
+        grouped_gemm(x.long(), w, off)
+    bad = off.clone()
+    bad[2] = 100
+    with pytest.raises(IndexError, match="expert_offsets"):
+        grouped_gemm(x, w, bad, check_offsets=True)
+    bad = off.clone()
+    bad[2] = bad[3] + 1
+    with pytest.raises(IndexError, match="non-decreasing"):
+        grouped_gemm(x, w, bad, check_offsets=True)
+
+
+def test_cpu_kernel_validates_offsets():
+    x, w, off = make_case([1, 2, 3, 4], 4, 16, 32, torch.float32, "cpu")
+    off[4] = 11  # past S = 10
+    with pytest.raises(IndexError, match="expert_offsets"):
+        torch.ops.dots1_ext.grouped_gemm(x, w, off, "none")
+
+
+@requires_cuda
+def test_cuda_shape_multiple_of_8():
+    x, w, off = make_case([1, 2], 2, 12, 32, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        grouped_gemm(x, w, off)
+    x, w, off = make_case([1, 2], 2, 16, 36, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        grouped_gemm(x, w, off)
+
+
+@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+def test_opcheck(device, epilogue):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, w, off = make_case([2, 0, 3, 1], 4, 32, 64, dtype, device)
+    torch.library.opcheck(torch.ops.dots1_ext.grouped_gemm.default, (x, w, off, epilogue))
+
+
+# ---------------------------------------------------------------- CUDA backends
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", cuda_backends(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+@pytest.mark.parametrize("routing", ["balanced", "zipf", "one_expert", "many_empty"])
+@pytest.mark.parametrize("T", [1, 2, 7, 64, 4096])
+def test_cuda_backends(backend, dtype, epilogue, routing, T):
+    if backend == "torch" and dtype == torch.float16:
+        pytest.skip("torch._grouped_mm: bf16 only on some versions")
+    E, k, N, K = 32, 6, 256, 512
+    counts = routing_counts(routing, T, k, E)
+    x, w, off = make_case(counts, E, N, K, dtype, "cuda", tail=3)
+    out = grouped_gemm(x, w, off, epilogue)
+    ref = ref_fp32(x, w, off, epilogue)
+    assert_close_rel(out, ref, tol(dtype), what=f"{backend} {routing} T={T}")
+    assert torch.count_nonzero(out[-3:]) == 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", cuda_backends(), indirect=True)
+@pytest.mark.parametrize("shape", [(2816, 4096), (4096, 1408)], ids=["gate_up", "down"])
+@pytest.mark.parametrize("T", [1, 64, 4096])
+def test_cuda_dots1_shapes(backend, shape, T):
+    N, K = shape
+    E, k = 128, 6
+    counts = routing_counts("balanced" if T > 1 else "many_empty", T, k, E)
+    x, w, off = make_case(counts, E, N, K, torch.bfloat16, "cuda")
+    epilogue = "swiglu" if N == 2816 else "none"
+    out = grouped_gemm(x, w, off, epilogue)
+    assert_close_rel(out, ref_fp32(x, w, off, epilogue), 1e-2, what=f"{backend} {shape} T={T}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", cuda_backends(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_cuda_odd_shapes(backend, dtype):
+    # N, K multiples of 8 but not of any tile; an expert with one row, many empty experts.
+    for E, N, K in [(3, 8, 8), (7, 24, 40), (130, 136, 1032)]:
+        counts = [int(c) for c in torch.randint(0, 3, (E,))]
+        counts[0] = 1
+        x, w, off = make_case(counts, E, N, K, dtype, "cuda", tail=1, first=1)
+        for epilogue in ("none", "swiglu"):
+            out = grouped_gemm(x, w, off, epilogue)
+            assert_close_rel(out, ref_fp32(x, w, off, epilogue), tol(dtype), what=f"{backend} E={E} N={N} K={K}")
+
+
+@requires_cuda
+def test_cuda_fp32_uses_portable_kernel(monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", "auto")
+    monkeypatch.setenv("DOTS1_EXT_GEMM_DECODE_MAX_ROWS", "0")  # force the large-S route
+    x, w, off = make_case([40, 0, 25, 3], 4, 64, 128, torch.float32, "cuda")
+    with pytest.warns(UserWarning):
+        out = grouped_gemm(x, w, off, "swiglu")
+    assert rel_err(out, ref_fp32(x, w, off, "swiglu")) < 1e-5
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", cuda_backends(), indirect=True)
+def test_cuda_swiglu_matches_plain(backend):
+    x, w, off = make_case(routing_counts("zipf", 300, 6, 16), 16, 512, 256, torch.bfloat16, "cuda")
+    plain = grouped_gemm(x, w, off, "none").float()
+    fused = grouped_gemm(x, w, off, "swiglu").float()
+    assert_close_rel(fused, F.silu(plain[:, :256]) * plain[:, 256:], 1e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", [b for b in cuda_backends() if b != "torch"], indirect=True)
+@pytest.mark.parametrize("T", [1, 64, 1024])
+def test_cuda_graph_replay_with_new_routing(backend, T):
+    E, k, N, K = 16, 6, 256, 512
+    S = T * k
+    x = torch.randn(S, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    off = offsets_from_counts(routing_counts("balanced", T, k, E), "cuda")
+    grouped_gemm(x, w, off, "swiglu")  # warm-up outside the capture (workspace, one-time setup)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            out = grouped_gemm(x, w, off, "swiglu")
+    for routing in ("zipf", "one_expert", "many_empty"):
+        off.copy_(offsets_from_counts(routing_counts(routing, T, k, E), "cuda"))
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_rel(out, ref_fp32(x, w, off, "swiglu"), 1e-2, what=f"graph replay {routing}")
+
+
+@requires_cuda
+def test_cuda_compile_reduce_overhead():
+    x, w, off = make_case(routing_counts("balanced", 64, 6, 16), 16, 256, 512, torch.bfloat16, "cuda")
+    fn = torch.compile(lambda a, b, c: grouped_gemm(a, b, c, "swiglu"), mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        out = fn(x, w, off)
+    assert_close_rel(out, ref_fp32(x, w, off, "swiglu"), 1e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", cuda_backends(), indirect=True)
+def test_cuda_garbage_offsets_stay_in_bounds(backend):
+    # Decreasing and out-of-range offsets: unspecified values, but no fault (the kernels clamp).
+    x, w, off = make_case([4, 4, 4, 4], 4, 64, 64, torch.bfloat16, "cuda")
+    off.copy_(torch.tensor([5, -7, 100, 3, 2**30], dtype=torch.int32))
+    grouped_gemm(x, w, off, "swiglu")
+    torch.cuda.synchronize()
+
+
+@requires_cuda
+def test_cuda_forced_cutlass_errors_off_sm90(monkeypatch):
+    if torch.cuda.get_device_capability() == (9, 0):
+        pytest.skip("sm90: the CUTLASS path exists")
+    monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", "cutlass")
+    x, w, off = make_case([2, 3], 2, 16, 32, torch.bfloat16, "cuda")
+    with pytest.raises(RuntimeError, match="sm90"):
+        grouped_gemm(x, w, off)
+
+
+@requires_cuda
+def test_cuda_64bit_indexing():
+    # S * N > 2^31: output offsets must not wrap. Checked on a sample of rows.
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs ~10 GB")
+    E, N, K = 4, 4096, 64
+    S = (2**31) // N + 4096
+    counts = [S // 4] * 3 + [S - 3 * (S // 4)]
+    x, w, off = make_case(counts, E, N, K, torch.bfloat16, "cuda")
+    out = grouped_gemm(x, w, off, "none")
+    rows = torch.tensor([0, S // 4, S // 2, S - 2049, S - 1], device="cuda")
+    expert = torch.bucketize(rows, off[1:].long(), right=True)
+    ref = torch.einsum("sk,snk->sn", x[rows].float(), w[expert].float())
+    assert_close_rel(out[rows], ref, 1e-2)
+
+
+if __name__ == "__main__":
+    # A small case per backend, for compute-sanitizer (memcheck / racecheck / initcheck).
+    torch.manual_seed(0)
+    for name in cuda_backends():
+        os.environ["DOTS1_EXT_GEMM_BACKEND"] = name
+        for T in (1, 7, 100):
+            for epilogue in ("none", "swiglu"):
+                x, w, off = make_case(routing_counts("zipf", T, 6, 16), 16, 128, 256, torch.bfloat16, "cuda", tail=2)
+                out = grouped_gemm(x, w, off, epilogue)
+                err = rel_err(out, ref_fp32(x, w, off, epilogue))
+                print(f"{name:8s} T={T:4d} {epilogue:6s} rel_err={err:.2e}")
+                assert err < 1e-2
+    torch.cuda.synchronize()
+    print("ok")
