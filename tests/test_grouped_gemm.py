@@ -232,7 +232,7 @@ def test_cuda_dots1_shapes(backend, shape, T):
 
 
 @requires_cuda
-@pytest.mark.parametrize("backend", cuda_backends(), indirect=True)
+@pytest.mark.parametrize("backend", [b for b in cuda_backends() if b != "torch"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_cuda_odd_shapes(backend, dtype):
     # N, K multiples of 8 but not of any tile; an expert with one row, many empty experts.
@@ -250,8 +250,7 @@ def test_cuda_fp32_uses_portable_kernel(monkeypatch):
     monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", "auto")
     monkeypatch.setenv("DOTS1_EXT_GEMM_DECODE_MAX_ROWS", "0")  # force the large-S route
     x, w, off = make_case([40, 0, 25, 3], 4, 64, 128, torch.float32, "cuda")
-    with pytest.warns(UserWarning):
-        out = grouped_gemm(x, w, off, "swiglu")
+    out = grouped_gemm(x, w, off, "swiglu")  # with a one-time notice (TORCH_WARN_ONCE)
     assert rel_err(out, ref_fp32(x, w, off, "swiglu")) < 1e-5
 
 

@@ -1,0 +1,525 @@
+"""Dots1 on several GPUs: expert parallelism over torch.distributed (NCCL on GPUs, gloo on CPU).
+
+Layout ("expert parallelism over replicated activations"), W ranks, E routed experts:
+- every rank holds the embeddings, attention (and its KV cache), the dense MLP, the routers, the shared
+  experts, the final norm and lm_head, and runs attention on all T tokens of a step;
+- rank r holds routed experts [r*E/W, (r+1)*E/W) of every MoE layer. Those are 95% of the weights:
+  dots.llm1 in bf16 is 270 GB of routed experts and 15 GB of everything else, so on 4 H200s a rank
+  holds 67 + 15 GB, on 8 34 + 15 GB.
+Why attention is replicated rather than split by heads: it fits (above), it adds no collective per
+layer, and it keeps the KV cache and the decode path of the one-GPU model unchanged. Its cost is
+prefill compute: every rank repeats the attention of the step. Splitting heads (q/k/v column-wise,
+o_proj row-wise, plus one all_reduce per layer) is the next step if bench/bench_distributed.py shows
+attention dominating a rank's prefill time; it was not measured (no multi-GPU machine was lent).
+
+An MoE layer runs one of two dispatches (``ExpertParallelMoE.dispatch``, "auto" picks by step size):
+- "all_to_all" (prefill): rank r takes the r-th contiguous shard of the T tokens, routes it and permutes
+  its rows by expert (ops.permute); as ranks own contiguous expert ranges, the rows are then grouped by
+  destination rank. The per-(destination, local expert) row counts are exchanged first with
+  all_to_all_single and brought to the host (all_to_all_single with variable splits needs its split
+  sizes on the host: one synchronisation per layer, so this path cannot be captured in a CUDA graph).
+  The rows follow with all_to_all_single; the receiver regroups them from (source, expert) to (expert,
+  source) order with ops.permute, runs its experts' grouped GEMMs, restores the received order and
+  sends the results back with all_to_all_single. The sender combines them with ops.unpermute (routing
+  weights, shared experts and residual fused, as on one GPU), and all_gather rebuilds the full [T, H]
+  on every rank for the next attention.
+- "all_reduce" (decode, small T): every rank routes all T tokens (identically), computes only the rows
+  of its own experts (grouped GEMM over its slice of the expert offsets: other rows come out zero) and a
+  1/W slice of the shared experts' intermediate dimension (tensor-parallel over the replicated
+  weights), combines, and one all_reduce sums the partial outputs (rank 0 adds the residual). No host
+  synchronisation and fixed shapes: CUDA-graph capturable.
+Both give every rank the same routed-expert GEMM work (the rows routed to its experts); "all_to_all"
+also splits the router, shared experts and permute/combine W ways and needs 4 collectives + 1 host sync
+per layer, "all_reduce" needs 1 collective and moves less data, so it wins when T is small.
+
+The same code runs on one process: ``init_from_env`` is a no-op without torchrun's WORLD_SIZE, and
+``shard_model_`` leaves a model alone when the world size is 1.
+
+Launch: ``torchrun --nproc-per-node N -m dots1_ext [cli args]`` (``main`` below is the CLI's job under
+torchrun), e.g. ``torchrun --nproc-per-node 4 -m dots1_ext --real-shape --layers 62``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from dots1_ext import modules
+from dots1_ext.config import Dots1Config, parse_dtype
+from dots1_ext.loader import (
+    _HUB_EXPERT_KEY,
+    _SAFETENSORS_DTYPES,
+    IGNORED_KEYS,
+    _Progress,
+    check_device_memory,
+    checkpoint_files,
+    model_bytes,
+)
+from dots1_ext.model import Dots1ForCausalLM, init_random_weights_
+from dots1_ext.modules import Dots1MoE
+
+DISPATCHES = ("auto", "all_to_all", "all_reduce")
+# "auto" uses all_to_all from this many tokens per rank on. The crossover is to be measured with
+# bench/bench_distributed.py on the GPUs (its "moe layer" rows time both dispatches at each T).
+A2A_MIN_TOKENS_PER_RANK = 32
+
+
+# -- process group -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: rank / world size in ``group`` (None: the default group), its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    group: object | None = None
+    owns_group: bool = False  # init_from_env created the process group (and `shutdown` destroys it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _default_device(local_rank: int, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_from_env(device: str | torch.device | None = None, backend: str | None = None,
+                  timeout: datetime.timedelta | None = None) -> DistInfo:
+    """Joins the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Without WORLD_SIZE > 1 it is a no-op (rank 0 of 1). ``device``: "cuda" (each rank takes
+    cuda:LOCAL_RANK; the default when CUDA is present) or "cpu". ``backend``: default NCCL on CUDA,
+    gloo on CPU. ``timeout``: of the collectives (default torch's). An already initialised default
+    group is reused."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        dev = _default_device(local_rank, device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = _default_device(local_rank if world_size > 1 else 0, device)
+    if world_size <= 1:
+        return DistInfo(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    # device_id binds the NCCL communicator to this rank's GPU up front (and silences the guessing).
+    dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None, timeout=timeout)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=True)
+
+
+def shutdown(info: DistInfo) -> None:
+    """Destroys the process group if ``init_from_env`` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def current_info(device: str | torch.device | None = None) -> DistInfo:
+    """DistInfo of the initialised default group (rank 0 of 1 when there is none)."""
+    return init_from_env(device) if dist.is_available() and dist.is_initialized() else DistInfo(
+        device=_default_device(0, device))
+
+
+def expert_range(num_experts: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of the routed experts that ``rank`` owns: contiguous, E/W each."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    if num_experts % world_size:
+        raise ValueError(f"expert parallelism needs n_routed_experts ({num_experts}) divisible by the "
+                         f"world size ({world_size})")
+    per_rank = num_experts // world_size
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+# -- the expert-parallel MoE block ---------------------------------------------------------------
+class LocalExperts(nn.Module):
+    """This rank's slice of ``mlp.experts``: same parameter names, first dimension E/W, experts
+    [start, end) of the checkpoint."""
+
+    def __init__(self, experts: nn.Module, start: int, end: int):
+        super().__init__()
+        self.start, self.end, self.num_experts = start, end, experts.gate_up_proj.shape[0]
+        for name in ("gate_up_proj", "down_proj"):
+            full = getattr(experts, name)
+            if full.is_meta:
+                local = torch.empty((end - start,) + tuple(full.shape[1:]), dtype=full.dtype, device="meta")
+            else:  # a copy, so the full tensor is freed with the module it came from
+                local = full.detach()[start:end].clone()
+            setattr(self, name, nn.Parameter(local, requires_grad=full.requires_grad))
+
+
+class ExpertParallelMoE(nn.Module):
+    """Drop-in for Dots1MoE holding only this rank's routed experts (``mlp.experts`` keeps its keys,
+    with E/W experts); router and shared experts replicated. ``forward(x [T, H], residual)`` takes and
+    returns the full, replicated [T, H], like Dots1MoE; see the module docstring for the dispatch."""
+
+    def __init__(self, moe: Dots1MoE, rank: int, world_size: int, group=None, dispatch: str = "auto"):
+        super().__init__()
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+        self.num_experts = moe.num_experts
+        self.rank, self.world_size, self.group, self.dispatch = rank, world_size, group, dispatch
+        start, end = expert_range(moe.num_experts, rank, world_size)
+        self.gate = moe.gate
+        self.experts = LocalExperts(moe.experts, start, end)
+        self.shared_experts = moe.shared_experts
+
+    def extra_repr(self) -> str:
+        return (f"experts [{self.experts.start}, {self.experts.end}) of {self.num_experts}, rank {self.rank} "
+                f"of {self.world_size}, dispatch={self.dispatch!r}")
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        mode = self.dispatch
+        if mode == "auto":
+            mode = "all_to_all" if x.shape[0] >= A2A_MIN_TOKENS_PER_RANK * self.world_size else "all_reduce"
+        if mode == "all_to_all":
+            return self._forward_all_to_all(x, residual)
+        return self._forward_all_reduce(x, residual)
+
+    def _forward_all_to_all(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        ops = modules.ops  # read per call: model.reference_ops() swaps it
+        T, H = x.shape
+        W, E_local = self.world_size, self.experts.end - self.experts.start
+        chunk = -(-T // W)  # tokens per rank; the last ranks may get fewer, or none
+        lo, hi = min(T, self.rank * chunk), min(T, (self.rank + 1) * chunk)
+        xs = x[lo:hi]  # [Ts, H] this rank's tokens
+        weights, ids = self.gate(xs)  # fp32 [Ts, k], int32 [Ts, k]
+        permuted, offsets, row_map = ops.permute(xs, ids, self.num_experts)  # [Ts*k, H], [E+1], [Ts*k]
+        # Rows per (destination rank, its local expert): destination d owns experts [d*El, (d+1)*El).
+        send_counts = offsets.diff().view(W, E_local).to(torch.int64)
+        recv_counts = torch.empty_like(send_counts)  # [W sources, El]
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send_splits, recv_splits = send_counts.sum(1), recv_counts.sum(1)
+        host = torch.cat([send_splits, recv_splits]).tolist()  # the one host synchronisation
+        send_splits, recv_splits = host[:W], host[W:]
+        received = x.new_empty(sum(recv_splits), H)
+        dist.all_to_all_single(received, permuted, recv_splits, send_splits, group=self.group)
+
+        # Received rows are in (source, expert) order; regroup by expert for the grouped GEMMs.
+        local_ids = torch.arange(E_local, dtype=torch.int32, device=x.device).repeat(W)
+        local_ids = local_ids.repeat_interleave(recv_counts.flatten(), output_size=received.shape[0])
+        grouped, local_offsets, local_row_map = ops.permute(received, local_ids[:, None], E_local)
+        act = ops.grouped_gemm(grouped, self.experts.gate_up_proj, local_offsets, "swiglu")
+        out = ops.grouped_gemm(act, self.experts.down_proj, local_offsets, "none")
+        out = out.index_select(0, local_row_map.long())  # back to the received order
+
+        expert_out = x.new_empty(permuted.shape[0], H)  # [Ts*k, H] in this rank's permuted order
+        dist.all_to_all_single(expert_out, out, send_splits, recv_splits, group=self.group)
+        shared = self.shared_experts(xs) if self.shared_experts is not None else None
+        ys = ops.unpermute(expert_out, row_map, weights, shared_out=shared,
+                           residual=None if residual is None else residual[lo:hi])
+        return _all_gather_rows(ys, T, chunk, W, self.group)
+
+    def _forward_all_reduce(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        ops = modules.ops
+        weights, ids = self.gate(x)  # the same on every rank
+        permuted, offsets, row_map = ops.permute(x, ids, self.num_experts)
+        local_offsets = offsets[self.experts.start:self.experts.end + 1]  # rows of other experts stay zero
+        act = ops.grouped_gemm(permuted, self.experts.gate_up_proj, local_offsets, "swiglu")
+        out = ops.grouped_gemm(act, self.experts.down_proj, local_offsets, "none")
+        shared = self._shared_slice(x) if self.shared_experts is not None else None
+        y = ops.unpermute(out, row_map, weights, shared_out=shared,
+                          residual=residual if self.rank == 0 else None)
+        dist.all_reduce(y, group=self.group)
+        return y
+
+    def _shared_slice(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's 1/W of the shared-experts MLP (its intermediate columns); the all_reduce sums them."""
+        s = self.shared_experts
+        inter = s.gate_proj.weight.shape[0]
+        chunk = -(-inter // self.world_size)
+        a, b = min(inter, self.rank * chunk), min(inter, (self.rank + 1) * chunk)
+        h = F.silu(F.linear(x, s.gate_proj.weight[a:b])) * F.linear(x, s.up_proj.weight[a:b])
+        return F.linear(h, s.down_proj.weight[:, a:b])
+
+
+def _all_gather_rows(shard: torch.Tensor, total: int, chunk: int, world_size: int, group) -> torch.Tensor:
+    """Concatenates every rank's [<= chunk, H] row shard in rank order -> [total, H]."""
+    if shard.shape[0] < chunk:  # equal sizes for all_gather_into_tensor
+        shard = torch.cat([shard, shard.new_zeros(chunk - shard.shape[0], shard.shape[1])])
+    out = shard.new_empty(world_size * chunk, shard.shape[1])
+    dist.all_gather_into_tensor(out, shard.contiguous(), group=group)
+    return out[:total]
+
+
+def shard_model_(model: Dots1ForCausalLM, rank: int | None = None, world_size: int | None = None,
+                 group=None, dispatch: str = "auto") -> Dots1ForCausalLM:
+    """In place: every Dots1MoE becomes an ExpertParallelMoE keeping only ``rank``'s experts (default:
+    this process's rank in the default group). A no-op when the world size is 1. Works on a meta model
+    (then nothing is allocated) or a materialised one (the full expert tensors are freed)."""
+    if rank is None or world_size is None:
+        info = current_info()
+        rank, world_size = info.rank, info.world_size
+    if world_size == 1:
+        return model
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, Dots1MoE):
+            layer.mlp = ExpertParallelMoE(layer.mlp, rank, world_size, group, dispatch)
+    model.dist_info = (rank, world_size)
+    return model
+
+
+def set_dispatch(model: nn.Module, dispatch: str) -> None:
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+    for m in model.modules():
+        if isinstance(m, ExpertParallelMoE):
+            m.dispatch = dispatch
+
+
+# -- sharded loading -----------------------------------------------------------------------------
+class _OwnedSlots:
+    """Where each checkpoint key goes in a sharded model; keys of other ranks' experts are skipped."""
+
+    SKIP = "skip"
+
+    def __init__(self, model: Dots1ForCausalLM, start: int, end: int):
+        self.config, self.start, self.end = model.config, start, end
+        self.targets = dict(model.named_parameters())
+        self.targets.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+        self.filled = {n: torch.zeros(*self._parts(n), dtype=torch.bool) for n in self.targets}
+
+    def _parts(self, name: str) -> tuple[int, int]:
+        if name.endswith("mlp.experts.gate_up_proj"):
+            return (self.end - self.start, 2)
+        if name.endswith("mlp.experts.down_proj"):
+            return (self.end - self.start, 1)
+        return (1, 1)
+
+    def resolve(self, key: str):
+        """key -> SKIP (another rank's expert), None (ignored), or (target name, destination view, filled
+        index, expert rows to read from a fused tensor or None)."""
+        m = _HUB_EXPERT_KEY.match(key)
+        if m:
+            part, e = m["part"], int(m["e"])
+            name = f"{m['prefix']}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}"
+            if name not in self.targets or e >= self.config.n_routed_experts:
+                raise KeyError(f"unexpected checkpoint tensor {key!r}: the model has no such expert "
+                               f"(n_routed_experts={self.config.n_routed_experts})")
+            if not self.start <= e < self.end:
+                return self.SKIP
+            local, I = e - self.start, self.config.moe_intermediate_size
+            fused = self.targets[name].data
+            if part == "down_proj":
+                return name, fused[local], (local, 0), None
+            j = 0 if part == "gate_proj" else 1
+            return name, fused[local, j * I:(j + 1) * I], (local, j), None
+        if key in self.targets:
+            fused_experts = key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+            rows = (self.start, self.end) if fused_experts else None
+            return key, self.targets[key].data, (slice(None), slice(None)), rows
+        if IGNORED_KEYS.search(key) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
+            return None
+        raise KeyError(f"unexpected checkpoint tensor {key!r}: no parameter of that name in the Dots1 model")
+
+    def mark(self, name: str, index: tuple, key: str) -> None:
+        if self.filled[name][index].any():
+            raise ValueError(f"checkpoint tensor {key!r} fills {name!r} a second time (both hub and fused layouts?)")
+        self.filled[name][index] = True
+
+    def missing(self) -> list[str]:
+        keys = []
+        for name, filled in self.filled.items():
+            if filled.all():
+                continue
+            if filled.shape == (1, 1) or not filled.any():
+                keys.append(name)
+                continue
+            parts = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
+            prefix = name.rsplit(".", 1)[0]
+            keys += [f"{prefix}.{self.start + e}.{parts[j]}.weight" for e, j in (~filled).nonzero().tolist()]
+        return keys
+
+
+def _plan_owned(files: dict[str, str], slots: _OwnedSlots) -> list[tuple[str, str, int]]:
+    """Validates the keys this rank needs (names, shapes, dtypes: headers only); [(file, key, bytes)]."""
+    by_file: dict[str, list[str]] = {}
+    for key, path in files.items():
+        by_file.setdefault(path, []).append(key)
+    plan = []
+    for path, keys in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    raise KeyError(f"checkpoint tensor {key!r} is listed in the index but missing from {path}")
+                resolved = slots.resolve(key)
+                if resolved is None or resolved is slots.SKIP:
+                    continue
+                name, dest, index, rows = resolved
+                src = f.get_slice(key)
+                shape, src_dtype = tuple(src.get_shape()), src.get_dtype()
+                expected = tuple(dest.shape) if rows is None else (slots.config.n_routed_experts,) + tuple(dest.shape[1:])
+                if shape != expected:
+                    raise ValueError(f"checkpoint tensor {key!r} has shape {list(shape)}, "
+                                     f"but the model expects {list(expected)} (config: {name})")
+                if src_dtype not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"checkpoint tensor {key!r} has unsupported dtype {src_dtype}")
+                slots.mark(name, index, key)
+                plan.append((path, key, dest.numel() * dest.element_size()))
+    missing = slots.missing()
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise KeyError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+    return plan
+
+
+def load_model_distributed(
+    path: str | os.PathLike,
+    info: DistInfo | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: bool = True,
+    dispatch: str = "auto",
+) -> Dots1ForCausalLM:
+    """Loads the HF Dots1 checkpoint in ``path`` as this rank's shard onto ``info.device``: replicated
+    tensors, and of the routed experts only this rank's (hub layout: the other experts' tensors are never
+    opened; fused layout: only this rank's rows are read). Streams tensor by tensor like
+    loader.load_model; same errors. Progress is shown by rank 0 only."""
+    info = info or current_info()
+    device = info.device
+    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = Dots1Config.from_pretrained(path)
+    files = checkpoint_files(path)
+    model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
+    shard_model_(model, info.rank, info.world_size, info.group, dispatch)
+    start, end = expert_range(config.n_routed_experts, info.rank, info.world_size) if config.num_moe_layers else (0, 0)
+    plan = _plan_owned(files, _OwnedSlots(model, start, end))  # every key checked before any allocation
+
+    check_device_memory(model_bytes(model), device)
+    model.to_empty(device=device)
+    model.tie_weights()
+    slots = _OwnedSlots(model, start, end)  # the same plan, now pointing at real storage
+    bar = _Progress(sum(nbytes for *_, nbytes in plan), progress and info.is_main)
+    by_file: dict[str, list[str]] = {}
+    for file, key, _ in plan:
+        by_file.setdefault(file, []).append(key)
+    done = 0
+    with torch.no_grad():
+        for file, keys in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in keys:
+                    _, dest, _, rows = slots.resolve(key)
+                    if rows is not None:  # fused experts: this rank's rows, one expert at a time
+                        src = f.get_slice(key)
+                        for e in range(rows[0], rows[1]):
+                            dest[e - rows[0]].copy_(src[e])
+                    else:
+                        dest.copy_(f.get_tensor(key))
+                    done += 1
+                    bar.update(dest.numel() * dest.element_size(), done, len(plan))
+    return model.eval()
+
+
+@torch.no_grad()
+def build_random_model_distributed(config: Dots1Config, info: DistInfo | None = None,
+                                   dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                                   dispatch: str = "auto") -> Dots1ForCausalLM:
+    """A random-weight model built directly as this rank's shard on ``info.device`` (the full model never
+    exists anywhere). Replicated weights are identical on every rank (same seed, same draw order);
+    routed expert e of layer i is drawn from its own seed, so ranks hold different experts."""
+    info = info or current_info()
+    model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
+    shard_model_(model, info.rank, info.world_size, info.group, dispatch)
+    check_device_memory(model_bytes(model), info.device)
+    model.to_empty(device=info.device)
+    model.tie_weights()
+    init_random_weights_(model, seed)
+    std = config.initializer_range
+    gen = torch.Generator(device=info.device)
+    for i, layer in enumerate(model.model.layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if isinstance(experts, LocalExperts):
+            for e in range(experts.start, experts.end):
+                gen.manual_seed(seed * 1_000_003 + i * 1009 + e + 1)
+                experts.gate_up_proj[e - experts.start].normal_(0.0, std, generator=gen)
+                experts.down_proj[e - experts.start].normal_(0.0, std, generator=gen)
+    return model.eval()
+
+
+# -- the CLI's job under torchrun ----------------------------------------------------------------
+def main(argv=None) -> int:
+    """``python -m dots1_ext`` under torchrun: the CLI's arguments and output (printed by rank 0), with
+    the model expert-parallel over the ranks. Runs on one process too (world size 1)."""
+    from dots1_ext import cli, ops
+    from dots1_ext.tiny import make_tiny_checkpoint
+
+    args = cli.parse_args(argv)
+    info = init_from_env(args.device)
+    say = print if info.is_main else (lambda *a, **k: None)
+    try:
+        device = info.device
+        dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        torch.manual_seed(args.seed)
+        if args.real_shape:
+            from dots1_ext.config import dots1_real_config
+
+            say(f"building a random-weight Dots1 at real shape with {args.layers} layers, experts sharded "
+                f"over {info.world_size} ranks ...", flush=True)
+            model, path = build_random_model_distributed(dots1_real_config(args.layers), info, dtype, args.seed), None
+        else:
+            path = args.model
+            if path is None:  # rank 0 writes the tiny checkpoint once; the others wait for it
+                if info.is_main:
+                    path = make_tiny_checkpoint()
+                if info.world_size > 1:
+                    dist.barrier()
+                path = path or make_tiny_checkpoint()
+            say(f"loading {path} onto {info.world_size} x {device.type} as {dtype} (experts sharded) ...", flush=True)
+            model = load_model_distributed(path, info, dtype)
+        c = model.config
+        rank_bytes = model_bytes(model)
+        say(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
+            f"{c.num_experts_per_tok}, {info.world_size} rank(s) x {c.n_routed_experts // info.world_size} experts, "
+            f"{rank_bytes / 2**30:.2f} GiB of weights per rank, {device}, {dtype}")
+        backed = {n: k for n, k in ops.reference_backed_ops().items() if device.type.upper() in k}
+        if backed:
+            say(f"ops running the eager reference on {device.type} (no compiled kernel): {', '.join(sorted(backed))}")
+
+        tokenizer = cli.load_tokenizer(path) if args.model else None
+        encode, decode = tokenizer if tokenizer else (None, None)
+        prompts = cli.make_prompts(args, c.vocab_size, encode)
+        # Every rank samples with the same generator from bitwise-identical logits, so tokens agree.
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+        kwargs = dict(temperature=args.temperature, top_p=args.top_p, generator=gen)
+        model.generate(prompts, max_new_tokens=min(2, args.max_new_tokens), **kwargs)  # warm-up
+        timings: dict = {}
+        new_tokens = model.generate(prompts, max_new_tokens=args.max_new_tokens, timings=timings, **kwargs)
+        for b, (prompt, row) in enumerate(zip(prompts, new_tokens.tolist())):
+            say(f"[{b}] prompt ({len(prompt)} tokens): {prompt if decode is None else decode(prompt)!r}")
+            say(f"[{b}] generated: {row if decode is None else decode(row)!r}")
+        n_prompt = sum(len(p) for p in prompts)
+        say(f"prefill: {n_prompt} tokens in {timings['prefill_s'] * 1e3:.1f} ms = "
+            f"{n_prompt / timings['prefill_s']:.1f} tokens/s")
+        if timings["decode_steps"]:
+            steps = timings["decode_steps"]
+            say(f"decode: {steps} steps x batch {len(prompts)} in {timings['decode_s'] * 1e3:.1f} ms = "
+                f"{steps * len(prompts) / timings['decode_s']:.1f} tokens/s ({timings['decode_s'] / steps * 1e3:.2f} ms/step)")
+        if args.no_parity:
+            return 0
+        err, tol = cli.parity_check(model, prompts)  # the same sharded model on the reference ops
+        verdict = "PASS" if err < tol else "FAIL"
+        say(f"parity of prompt logits, dots1_ext ops vs reference ops ({dtype}, {info.world_size} ranks): "
+            f"rel err {err:.3e} (tol {tol:.0e}) {verdict}")
+        return 0 if verdict == "PASS" else 1
+    finally:
+        shutdown(info)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
