@@ -5,6 +5,8 @@
 #   bash bench/gpu_check.sh                 # all stages
 #   bash bench/gpu_check.sh build test      # some stages: build test sanitize bench
 #   BENCH_ARGS="--only norm --quick" bash bench/gpu_check.sh build bench
+#   bash bench/gpu_check.sh reuse bench     # reuse: take dots1_ext/_C*.so from .prebuilt/ (an earlier
+#                                           # build stage left a copy in $OUT) instead of building
 #
 # Wheels missing on the GPU machine (nvidia-cutlass; liger-kernel as a benchmark peer) are taken
 # from .whl/ when present (the device machine has no network).
@@ -38,9 +40,12 @@ for stage in $stages; do
     build)
       MAX_JOBS=${MAX_JOBS:-16} DOTS1_EXT_CUDA=1 DOTS1_EXT_CUDA_ARCHS=${DOTS1_EXT_CUDA_ARCHS:-90a} \
         python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1
-      rc=$?; tail -5 "$OUT/build.log" ;;
+      rc=$?; tail -5 "$OUT/build.log"
+      [ $rc -eq 0 ] && cp dots1_ext/_C*.so "$OUT/" ;;
+    reuse)
+      cp .prebuilt/_C*.so dots1_ext/ && python3 -c "import dots1_ext._C" ; rc=$? ;;
     test)
-      timeout ${TEST_TIMEOUT:-360} python3 -m pytest -q -x --no-header -rs ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1
+      timeout ${TEST_TIMEOUT:-360} python3 -m pytest -q --no-header -rs ${PYTEST_FLAGS:-} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1
       rc=$?; tail -25 "$OUT/tests.log" ;;
     sanitize)
       rc=0

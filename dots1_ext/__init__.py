@@ -15,5 +15,16 @@ __all__ = [
     "load_model",
     "save_checkpoint",
     "reference_ops",
+    "patch_hf_model",
+    "unpatch_hf_model",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # The HF bridge imports transformers (an optional extra): load it only when asked for.
+    if name in ("patch_hf_model", "unpatch_hf_model"):
+        from dots1_ext import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'dots1_ext' has no attribute {name!r}")

@@ -160,6 +160,14 @@ class Dots1ForCausalLM(nn.Module):
         return self.prefill(input_ids, attention_mask)
 
     # -- generation ----------------------------------------------------------------------------
+    def decode_graphs(self):
+        """The model's ``DecodeGraphs`` (created on first use; graphs are captured per shape lazily)."""
+        from dots1_ext.cuda_graph import DecodeGraphs
+
+        if getattr(self, "_decode_graphs", None) is None:
+            self._decode_graphs = DecodeGraphs(self)
+        return self._decode_graphs
+
     @torch.no_grad()
     def generate(
         self,
@@ -172,11 +180,14 @@ class Dots1ForCausalLM(nn.Module):
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
         timings: dict | None = None,
+        cuda_graphs: bool | None = None,
     ) -> torch.Tensor:
         """Greedy (temperature 0) or temperature / top-p sampling. Returns the new tokens [B, N], N <=
         max_new_tokens (it stops once every sequence has emitted an eos; positions after a sequence's
         eos hold ``pad_token_id``). ``input_ids``: [B, L] left-padded with ``attention_mask``, or a list
-        of token lists of any lengths. ``timings``, if given, receives prefill/decode seconds."""
+        of token lists of any lengths. ``timings``, if given, receives prefill/decode seconds.
+        ``cuda_graphs`` (default: on for a CUDA model) replays each decode step from a captured CUDA
+        graph per (batch size, context bucket); see ``dots1_ext.cuda_graph``."""
         if not isinstance(input_ids, torch.Tensor):
             input_ids, attention_mask = left_pad(input_ids, device=self.device)
         eos = self.config.eos_token_ids if eos_token_id is None else (
@@ -186,6 +197,12 @@ class Dots1ForCausalLM(nn.Module):
         eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
         B, L = input_ids.shape
         self.setup_cache(B, L + max_new_tokens)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs:
+            decode = self.decode_graphs()
+        else:
+            decode = self.decode
 
         def pick(logits, finished):
             tok = sample(logits, temperature, top_p, generator)
@@ -202,7 +219,7 @@ class Dots1ForCausalLM(nn.Module):
             # keeps queueing work ahead of the GPU.
             if eos and n % EOS_CHECK_EVERY == 0 and bool(finished.all()):
                 break
-            tok, finished = pick(self.decode(tok, L + n - 1), finished)
+            tok, finished = pick(decode(tok, L + n - 1), finished)
             new_tokens.append(tok)
         t2 = _now(self.device)
         if timings is not None:

@@ -1,7 +1,7 @@
 """grouped_gemm against the fp32 reference: every backend, routing shapes, epilogues, CUDA graphs.
 
 CUDA backends are forced through DOTS1_EXT_GEMM_BACKEND (decode | cutlass | torch | auto). Run the
-small memory check with: compute-sanitizer --tool memcheck python tests/test_grouped_gemm.py
+small memory check with: compute-sanitizer --tool memcheck python tests/sanitize_grouped_gemm.py
 """
 
 from __future__ import annotations
@@ -332,18 +332,3 @@ def test_cuda_64bit_indexing():
     ref = torch.einsum("sk,snk->sn", x[rows].float(), w[expert].float())
     assert_close_rel(out[rows], ref, 1e-2)
 
-
-if __name__ == "__main__":
-    # A small case per backend, for compute-sanitizer (memcheck / racecheck / initcheck).
-    torch.manual_seed(0)
-    for name in cuda_backends():
-        os.environ["DOTS1_EXT_GEMM_BACKEND"] = name
-        for T in (1, 7, 100):
-            for epilogue in ("none", "swiglu"):
-                x, w, off = make_case(routing_counts("zipf", T, 6, 16), 16, 128, 256, torch.bfloat16, "cuda", tail=2)
-                out = grouped_gemm(x, w, off, epilogue)
-                err = rel_err(out, ref_fp32(x, w, off, epilogue))
-                print(f"{name:8s} T={T:4d} {epilogue:6s} rel_err={err:.2e}")
-                assert err < 1e-2
-    torch.cuda.synchronize()
-    print("ok")
