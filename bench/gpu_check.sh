@@ -45,14 +45,20 @@ for stage in $stages; do
     reuse)
       cp .prebuilt/_C*.so dots1_ext/ && python3 -c "import dots1_ext._C" ; rc=$? ;;
     test)
-      timeout ${TEST_TIMEOUT:-360} python3 -m pytest -q --no-header -rs ${PYTEST_FLAGS:-} ${TEST_ARGS:-tests} >"$OUT/tests.log" 2>&1
-      rc=$?; tail -25 "$OUT/tests.log" ;;
+      # One pytest process per test file: a crash in one file cannot hide the others' results.
+      rc=0; : >"$OUT/tests.log"
+      for f in ${TEST_ARGS:-tests/test_*.py}; do
+        timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q --no-header -rfEs ${PYTEST_FLAGS:-} "$f" >>"$OUT/tests.log" 2>&1
+        r=$?; [ $r -eq 0 ] || rc=$r
+        echo "$f: rc=$r $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/tests_by_file.log"
+      done ;;
     sanitize)
       rc=0
       for s in tests/sanitize_*.py; do
         [ -f "$s" ] || continue
-        timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$s" >>"$OUT/sanitize.log" 2>&1 || rc=$?
-        echo "$s: rc=$rc" | tee -a "$OUT/sanitize.log"
+        timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$s" >>"$OUT/sanitize.log" 2>&1
+        r=$?; [ $r -eq 0 ] || rc=$r
+        echo "$s: rc=$r" | tee -a "$OUT/sanitize.log"
       done ;;
     bench)
       timeout ${BENCH_TIMEOUT:-300} python3 -m bench.run ${BENCH_ARGS:-} --json "$OUT/bench.json" --md "$OUT/bench.md" \
@@ -65,7 +71,7 @@ for stage in $stages; do
 done
 {
   echo
-  [ -f "$OUT/tests.log" ] && { echo "## Tests (CUDA)"; echo; echo '```'; tail -3 "$OUT/tests.log"; echo '```'; echo; }
+  [ -f "$OUT/tests_by_file.log" ] && { echo "## Tests (CUDA machine, one pytest process per file)"; echo; echo '```'; cat "$OUT/tests_by_file.log"; echo '```'; echo; }
   [ -f "$OUT/sanitize.log" ] && { echo "## compute-sanitizer"; echo; echo '```'; grep -E "ERROR SUMMARY|rc=" "$OUT/sanitize.log"; echo '```'; echo; }
   [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
 } >>"$summary"

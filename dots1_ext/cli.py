@@ -121,7 +121,50 @@ def parity_check(model: Dots1ForCausalLM, prompts: list[list[int]]) -> dict:
     return dict(rel_err=err, tol=tol, tokens_off=tokens_off, tokens=out.shape[0], passed=passed)
 
 
+def run_job(model: Dots1ForCausalLM, args, path: str | None, say=print, label: str = "") -> int:
+    """Generates from the prompts, prints tokens, tokens/s and the parity verdict through ``say``.
+    Returns the exit status (1 when parity FAILs). Shared by ``main`` and the torchrun entry point."""
+    device, dtype = model.device, model.dtype
+    tokenizer = load_tokenizer(path) if args.model else None
+    encode, decode = tokenizer if tokenizer else (None, None)
+    backed = {name: keys for name, keys in ops.reference_backed_ops().items() if device.type.upper() in keys}
+    if backed:
+        say(f"ops running the eager reference on {device.type} (no compiled kernel): {', '.join(sorted(backed))}")
+
+    prompts = make_prompts(args, model.config.vocab_size, encode)
+    # Seeded sampling from bitwise-identical logits: every rank of a distributed run picks the same tokens.
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    kwargs = dict(temperature=args.temperature, top_p=args.top_p, generator=gen)
+    model.generate(prompts, max_new_tokens=min(2, args.max_new_tokens), **kwargs)  # warm-up (and graph capture)
+    timings: dict = {}
+    new_tokens = model.generate(prompts, max_new_tokens=args.max_new_tokens, timings=timings, **kwargs)
+
+    for b, (prompt, row) in enumerate(zip(prompts, new_tokens.tolist())):
+        say(f"[{b}] prompt ({len(prompt)} tokens): {prompt if decode is None else decode(prompt)!r}")
+        say(f"[{b}] generated: {row if decode is None else decode(row)!r}")
+    prompt_tokens = sum(len(p) for p in prompts)
+    decode_tokens = timings["decode_steps"] * len(prompts)
+    say(f"prefill: {prompt_tokens} tokens in {timings['prefill_s'] * 1e3:.1f} ms = "
+        f"{prompt_tokens / timings['prefill_s']:.1f} tokens/s")
+    if timings["decode_steps"]:
+        say(f"decode: {timings['decode_steps']} steps x batch {len(prompts)} in {timings['decode_s'] * 1e3:.1f} ms = "
+            f"{decode_tokens / timings['decode_s']:.1f} tokens/s "
+            f"({timings['decode_s'] / timings['decode_steps'] * 1e3:.2f} ms/step)")
+
+    if args.no_parity:
+        return 0
+    check = parity_check(model, prompts)
+    verdict = "PASS" if check["passed"] else "FAIL"
+    say(f"parity of prompt logits, dots1_ext ops vs reference ops ({dtype}{label}): rel err {check['rel_err']:.3e} "
+        f"(tol {check['tol']:.0e}; tokens beyond tol: {check['tokens_off']}/{check['tokens']}) {verdict}")
+    return 0 if check["passed"] else 1
+
+
 def main(argv=None) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: experts sharded over the ranks
+        from dots1_ext import distributed
+
+        return distributed.main(argv)
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -130,42 +173,11 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
 
     model, path = build_model(args, device, dtype)
-    tokenizer = load_tokenizer(path) if args.model else None
-    encode, decode = tokenizer if tokenizer else (None, None)
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
           f"{c.num_experts_per_tok}, {n_params / 1e6:.1f}M parameters, {device}, {dtype}")
-    backed = {name: keys for name, keys in ops.reference_backed_ops().items() if device.type.upper() in keys}
-    if backed:
-        print(f"ops running the eager reference on {device.type} (no compiled kernel): {', '.join(sorted(backed))}")
-
-    prompts = make_prompts(args, c.vocab_size, encode)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    kwargs = dict(temperature=args.temperature, top_p=args.top_p, generator=gen)
-    model.generate(prompts, max_new_tokens=min(2, args.max_new_tokens), **kwargs)  # warm-up
-    timings: dict = {}
-    new_tokens = model.generate(prompts, max_new_tokens=args.max_new_tokens, timings=timings, **kwargs)
-
-    for b, (prompt, row) in enumerate(zip(prompts, new_tokens.tolist())):
-        print(f"[{b}] prompt ({len(prompt)} tokens): {prompt if decode is None else decode(prompt)!r}")
-        print(f"[{b}] generated: {row if decode is None else decode(row)!r}")
-    prompt_tokens = sum(len(p) for p in prompts)
-    decode_tokens = timings["decode_steps"] * len(prompts)
-    print(f"prefill: {prompt_tokens} tokens in {timings['prefill_s'] * 1e3:.1f} ms = "
-          f"{prompt_tokens / timings['prefill_s']:.1f} tokens/s")
-    if timings["decode_steps"]:
-        print(f"decode: {timings['decode_steps']} steps x batch {len(prompts)} in {timings['decode_s'] * 1e3:.1f} ms = "
-              f"{decode_tokens / timings['decode_s']:.1f} tokens/s "
-              f"({timings['decode_s'] / timings['decode_steps'] * 1e3:.2f} ms/step)")
-
-    if args.no_parity:
-        return 0
-    check = parity_check(model, prompts)
-    verdict = "PASS" if check["passed"] else "FAIL"
-    print(f"parity of prompt logits, dots1_ext ops vs reference ops ({dtype}): rel err {check['rel_err']:.3e} "
-          f"(tol {check['tol']:.0e}; tokens beyond tol: {check['tokens_off']}/{check['tokens']}) {verdict}")
-    return 0 if check["passed"] else 1
+    return run_job(model, args, path)
 
 
 if __name__ == "__main__":

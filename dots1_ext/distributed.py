@@ -456,7 +456,7 @@ def build_random_model_distributed(config: Dots1Config, info: DistInfo | None = 
 def main(argv=None) -> int:
     """``python -m dots1_ext`` under torchrun: the CLI's arguments and output (printed by rank 0), with
     the model expert-parallel over the ranks. Runs on one process too (world size 1)."""
-    from dots1_ext import cli, ops
+    from dots1_ext import cli
     from dots1_ext.tiny import make_tiny_checkpoint
 
     args = cli.parse_args(argv)
@@ -487,36 +487,7 @@ def main(argv=None) -> int:
         say(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
             f"{c.num_experts_per_tok}, {info.world_size} rank(s) x {c.n_routed_experts // info.world_size} experts, "
             f"{rank_bytes / 2**30:.2f} GiB of weights per rank, {device}, {dtype}")
-        backed = {n: k for n, k in ops.reference_backed_ops().items() if device.type.upper() in k}
-        if backed:
-            say(f"ops running the eager reference on {device.type} (no compiled kernel): {', '.join(sorted(backed))}")
-
-        tokenizer = cli.load_tokenizer(path) if args.model else None
-        encode, decode = tokenizer if tokenizer else (None, None)
-        prompts = cli.make_prompts(args, c.vocab_size, encode)
-        # Every rank samples with the same generator from bitwise-identical logits, so tokens agree.
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        kwargs = dict(temperature=args.temperature, top_p=args.top_p, generator=gen)
-        model.generate(prompts, max_new_tokens=min(2, args.max_new_tokens), **kwargs)  # warm-up
-        timings: dict = {}
-        new_tokens = model.generate(prompts, max_new_tokens=args.max_new_tokens, timings=timings, **kwargs)
-        for b, (prompt, row) in enumerate(zip(prompts, new_tokens.tolist())):
-            say(f"[{b}] prompt ({len(prompt)} tokens): {prompt if decode is None else decode(prompt)!r}")
-            say(f"[{b}] generated: {row if decode is None else decode(row)!r}")
-        n_prompt = sum(len(p) for p in prompts)
-        say(f"prefill: {n_prompt} tokens in {timings['prefill_s'] * 1e3:.1f} ms = "
-            f"{n_prompt / timings['prefill_s']:.1f} tokens/s")
-        if timings["decode_steps"]:
-            steps = timings["decode_steps"]
-            say(f"decode: {steps} steps x batch {len(prompts)} in {timings['decode_s'] * 1e3:.1f} ms = "
-                f"{steps * len(prompts) / timings['decode_s']:.1f} tokens/s ({timings['decode_s'] / steps * 1e3:.2f} ms/step)")
-        if args.no_parity:
-            return 0
-        err, tol = cli.parity_check(model, prompts)  # the same sharded model on the reference ops
-        verdict = "PASS" if err < tol else "FAIL"
-        say(f"parity of prompt logits, dots1_ext ops vs reference ops ({dtype}, {info.world_size} ranks): "
-            f"rel err {err:.3e} (tol {tol:.0e}) {verdict}")
-        return 0 if verdict == "PASS" else 1
+        return cli.run_job(model, args, path, say, label=f", {info.world_size} ranks")
     finally:
         shutdown(info)
 

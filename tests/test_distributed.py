@@ -200,10 +200,11 @@ def _scenario_load(info, path) -> dict:
 
 
 def _scenario_cli(info, path) -> dict:
-    from dots1_ext import distributed
+    from dots1_ext import cli
 
-    status = distributed.main(["--model", path, "--device", "cpu", "--max-new-tokens", "3", "--prompt-len", "6",
-                               "--batch-size", "2"])
+    # The entry point of `torchrun -m dots1_ext`: cli.main sees WORLD_SIZE and shards the experts.
+    status = cli.main(["--model", path, "--device", "cpu", "--max-new-tokens", "3", "--prompt-len", "6",
+                         "--batch-size", "2"])
     return {"status": status}
 
 
