@@ -99,7 +99,11 @@ def build_extension():
 
     common, cuda_only = read_sources()
     include_dirs = [str(ROOT / "csrc")]
-    cxx_flags = ["-O3"]  # torch adds the -std it was built with
+    # torch adds the -std it was built with. The C++ ABI it does not (recent torch assumes the
+    # compiler's default): a compiler defaulting to the old ABI (e.g. a devtoolset gcc named by CXX)
+    # then builds c10::Error with another std::string, and the first exception we throw crashes.
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    cxx_flags = ["-O3", abi]
     ext_kwargs = {}
     if with_cuda:
         cutlass = cutlass_include()
@@ -117,6 +121,7 @@ def build_extension():
             "--expt-extended-lambda",
             "-DDOTS1_WITH_CUDA",
             "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1",
+            abi,
             "-U__CUDA_NO_HALF_OPERATORS__",
             "-U__CUDA_NO_HALF_CONVERSIONS__",
             "-U__CUDA_NO_BFLOAT16_OPERATORS__",

@@ -38,8 +38,10 @@ for stage in $stages; do
   t0=$(date +%s)
   case $stage in
     build)
+      { echo "CC=${CC:-} CXX=${CXX:-}"; for c in ${CXX:-} c++ g++; do command -v $c >/dev/null && echo "$c: $($c -dumpfullversion 2>/dev/null) default CXX11 ABI: $(echo '#include <string>' | $c -x c++ -dM -E - 2>/dev/null | grep -o '_GLIBCXX_USE_CXX11_ABI [01]')"; done; } >"$OUT/compiler.log" 2>&1
       MAX_JOBS=${MAX_JOBS:-16} DOTS1_EXT_CUDA=1 DOTS1_EXT_CUDA_ARCHS=${DOTS1_EXT_CUDA_ARCHS:-90a} \
-        python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1
+        python3 setup.py -q build_ext --inplace >>"$OUT/compiler.log" 2>&1
+      mv "$OUT/compiler.log" "$OUT/build.log"
       rc=$?; tail -5 "$OUT/build.log"
       [ $rc -eq 0 ] && cp dots1_ext/_C*.so "$OUT/" ;;
     reuse)

@@ -39,10 +39,12 @@ class DecodeGraphs:
         if model.device.type != "cuda":
             raise ValueError(f"DecodeGraphs needs a model on a CUDA device, got {model.device}")
         self.model = model
-        self.pool = torch.cuda.graph_pool_handle()
         self.reset()
 
     def reset(self) -> None:
+        # A fresh memory pool too: the old one dies with the graphs dropped here, and capturing into a
+        # dead pool's handle trips the caching allocator.
+        self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.cache_key = None
         B, S = self.model.model.cache_shape

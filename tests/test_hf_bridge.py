@@ -3,7 +3,8 @@
 experts implementation.
 
 Tolerances (relative error norm): fp32 on CPU < 1e-5 against transformers in fp32. On CUDA our side
-runs in bf16 against transformers in fp32 on the CPU: < 2e-2 (as tests/test_model.py).
+runs in bf16 against transformers in fp32 on the CPU: < 2e-2, or < 1.5x the error of transformers' own
+bf16 run where that is larger (bf16 rounding, not our kernels, sets the floor).
 """
 
 from __future__ import annotations
@@ -216,7 +217,12 @@ def test_patched_logits_match_transformers(case, device):
     out = model(ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
     real = mask.bool()  # padded positions' logits are garbage on both sides
     err = rel_err(out[real], expected[real])
-    assert err < TOL[device], f"{case}: logits relative error {err:.2e}"
+    tol = TOL[device]
+    if device == "cuda":  # bf16: no worse than transformers' own bf16 run against the same fp32 logits
+        hf_bf16 = copy.deepcopy(hf_model).to(device=device, dtype=torch.bfloat16)
+        theirs = hf_bf16(ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        tol = max(tol, 1.5 * rel_err(theirs[real], expected[real]))
+    assert err < tol, f"{case}: logits relative error {err:.2e} (allowed {tol:.2e})"
 
 
 @torch.no_grad()
