@@ -5,8 +5,6 @@
 #   bash bench/gpu_check.sh                 # all stages
 #   bash bench/gpu_check.sh build test      # some stages: build test sanitize bench
 #   BENCH_ARGS="--only norm --quick" bash bench/gpu_check.sh build bench
-#   bash bench/gpu_check.sh reuse bench     # reuse: take dots1_ext/_C*.so from .prebuilt/ (an earlier
-#                                           # build stage left a copy in $OUT) instead of building
 #
 # Wheels missing on the GPU machine (nvidia-cutlass; liger-kernel as a benchmark peer) are taken
 # from .whl/ when present (the device machine has no network).
@@ -41,11 +39,7 @@ for stage in $stages; do
       { echo "CC=${CC:-} CXX=${CXX:-}"; for c in ${CXX:-} c++ g++; do command -v $c >/dev/null && echo "$c: $($c -dumpfullversion 2>/dev/null) default CXX11 ABI: $(echo '#include <string>' | $c -x c++ -dM -E - 2>/dev/null | grep -o '_GLIBCXX_USE_CXX11_ABI [01]')"; done; } >"$OUT/compiler.log" 2>&1
       MAX_JOBS=${MAX_JOBS:-16} DOTS1_EXT_CUDA=1 DOTS1_EXT_CUDA_ARCHS=${DOTS1_EXT_CUDA_ARCHS:-90a} \
         python3 setup.py -q build_ext --inplace >>"$OUT/compiler.log" 2>&1
-      mv "$OUT/compiler.log" "$OUT/build.log"
-      rc=$?; tail -5 "$OUT/build.log"
-      [ $rc -eq 0 ] && cp dots1_ext/_C*.so "$OUT/" ;;
-    reuse)
-      cp .prebuilt/_C*.so dots1_ext/ && python3 -c "import dots1_ext._C" ; rc=$? ;;
+      rc=$?; mv "$OUT/compiler.log" "$OUT/build.log"; tail -5 "$OUT/build.log" ;;
     test)
       # One pytest process per test file: a crash in one file cannot hide the others' results.
       rc=0; : >"$OUT/tests.log"
