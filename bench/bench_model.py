@@ -102,6 +102,19 @@ def run(quick: bool = False) -> list[Report]:
             pre.add(Row("model", f"prefill T={prompt}", f"hf {impl}", time_fn(f, 1, 3 if impl == "eager" else 10),
                         floor_ms=floor, extra=peak(f)))
 
+        if on_gpu() and not quick:  # peak memory of a long prefill (activations dominate)
+            big = torch.randint(0, cfg.vocab_size, (1, 4096), device=device)
+            ours.setup_cache(1, 4096)
+            f = lambda: ours.prefill(big, last_only=True)  # noqa: E731
+            case = "prefill T=4096"
+            pre.add(Row("model", case, "dots1_ext", time_fn(f, 2, 5), floor_ms=flops_floor_ms(prefill_flops(cfg, 4096)),
+                        extra=peak(f)))
+            hf_cfg._experts_implementation = "grouped_mm"
+            f = lambda: hf(big, use_cache=False, logits_to_keep=1)  # noqa: E731
+            pre.add(Row("model", case, "hf grouped_mm", time_fn(f, 2, 5), floor_ms=flops_floor_ms(prefill_flops(cfg, 4096)),
+                        extra=peak(f)))
+            del big
+
         # ---- one decode step at context `prompt` ----
         for B in [1] if quick else [1, 32]:
             case = f"decode B={B}"

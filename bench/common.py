@@ -124,8 +124,8 @@ class Report:
 
     def table(self) -> str:
         lines = [f"## {self.title}", ""]
-        lines.append("| case | impl | time (ms) | GB/s | TFLOP/s | floor (ms) | floor / time | speedup vs |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| case | impl | time (ms) | GB/s | TFLOP/s | floor (ms) | floor / time | speedup vs | notes |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         by_case: dict[str, list[Row]] = {}
         for r in self.rows:
             by_case.setdefault(r.case, []).append(r)
@@ -138,7 +138,8 @@ class Report:
                     speed = ", ".join(f"{p.impl} {p.ms / r.ms:.2f}x" for p in peers)
                 lines.append(
                     f"| {case} | {r.impl} | {r.ms:.4f} | {fmt(r.gbs, 0)} | {fmt(r.tflops, 0)} | "
-                    f"{fmt(r.floor_ms, 4)} | {fmt(r.frac_floor, 2)} | {speed} |"
+                    f"{fmt(r.floor_ms, 4)} | {fmt(r.frac_floor, 2)} | {speed} | "
+                    f"{', '.join(f'{k} {v}' for k, v in r.extra.items())} |"
                 )
         return "\n".join(lines)
 
