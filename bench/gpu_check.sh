@@ -14,6 +14,10 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 stages=${*:-build test sanitize bench}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+# The GPU machine sets CC/CXX to a toolchain in /opt/gcc. An extension built with it loads and runs,
+# but the first C++ exception it throws (any bad-argument error) kills the process with SIGSEGV
+# (measured 2026-11-25; the system gcc of the same version works). Build with the system compiler.
+unset CC CXX
 export PYTHONUNBUFFERED=1
 export DOTS1_EXT_COMMIT=${DOTS1_EXT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             traceback.print_exc()
     write_json(args.json, reports, env)
+    if any(r.title.startswith("MoE block") for r in reports):
+        try:
+            from bench.plot import plot
+
+            plot(args.json, str(Path(args.json).with_name("moe_speedup.png")))
+        except ImportError:
+            print("[bench] matplotlib not installed: no PNG (python -m bench.plot JSON PNG later)", flush=True)
     md = [f"# dots1_ext benchmarks", "", header(env), ""] + [r.table() + "\n" for r in reports]
     if failed:
         md.append(f"Benchmarks that failed: {', '.join(failed)}")

@@ -8,7 +8,8 @@
 //   decode  - weight-streaming kernel for few rows per expert; correct for any S, fp32 too.
 //   cutlass - CUTLASS 3 ptr-array grouped GEMM on sm90a (+ a SiLU-mul kernel for "swiglu").
 //   torch   - at::_grouped_mm (+ the SiLU-mul kernel), where torch supports the GPU.
-//   auto    - decode for S <= DOTS1_EXT_GEMM_DECODE_MAX_ROWS (default 512, about T=64 at top-6),
+//   auto    - decode for S <= DOTS1_EXT_GEMM_DECODE_MAX_ROWS (default 128, about T=21 at top-6; measured on
+//             H100: the decode kernel wins at T=8 (48 rows), CUTLASS at T=64 (384 rows)),
 //             else cutlass on sm90a, else torch, else decode; a one-time notice on a fallback.
 // DOTS1_EXT_GEMM_SM90_CONFIG = auto | coop | pingpong picks the CUTLASS tile configuration.
 #include <ATen/ATen.h>
@@ -263,7 +264,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in
     case Backend::kAuto:
       break;
   }
-  if (g.S <= env_int("DOTS1_EXT_GEMM_DECODE_MAX_ROWS", 512) || g.K == 0) {
+  if (g.S <= env_int("DOTS1_EXT_GEMM_DECODE_MAX_ROWS", 128) || g.K == 0) {
     run_decode(x, weight, offsets, out, g, stream);
     return out;
   }
