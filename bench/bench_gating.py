@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from bench.common import Report, Row, bytes_floor_ms, default_device, environment, header, on_gpu, time_fn, write_json
+from bench.common import Report, Row, bytes_floor_ms, default_device, environment, header, graph_us, on_gpu, time_fn, write_json
 from dots1_ext import reference as R
 from dots1_ext.ops import router_topk_gating, topk_gating
 
@@ -57,7 +57,8 @@ def run(quick: bool = False) -> list[Report]:
             ("eager reference", lambda: R.topk_gating(logits, bias, K, 1, 1, True, SCALE)),
         ):
             ms = time_fn(fn)
-            after.add(Row("gating", case, impl, ms, floor, gbs=nbytes / ms / 1e6))
+            extra = {"graph_us": graph_us(fn)} if gpu and impl.startswith("dots1_ext") else {}
+            after.add(Row("gating", case, impl, ms, floor, gbs=nbytes / ms / 1e6, extra=extra))
 
         hidden = torch.randn(T, hidden_size, device=device).to(torch.bfloat16)
         nbytes = T * hidden_size * 2 + E * hidden_size * 2 + E * 4 + T * K * 8
@@ -71,8 +72,13 @@ def run(quick: bool = False) -> list[Report]:
         for impl, fn in impls:
             with torch.no_grad():
                 ms = time_fn(fn)
-            router.add(Row("router", case, impl, ms, floor, gbs=nbytes / ms / 1e6,
-                           extra={"fused": bool(T <= 8 and gpu)} if impl.startswith("dots1_ext") else {}))
+            extra = {}
+            if impl.startswith("dots1_ext"):
+                extra = {"fused": bool(T <= 8 and gpu)}
+                if gpu:
+                    with torch.no_grad():
+                        extra["graph_us"] = graph_us(fn)
+            router.add(Row("router", case, impl, ms, floor, gbs=nbytes / ms / 1e6, extra=extra))
     return [after, router]
 
 

@@ -96,6 +96,15 @@ def run(quick: bool = False) -> list[Report]:
         floor = flops_floor_ms(prefill_flops(cfg, prompt))
         f = lambda: ours.prefill(ids, last_only=True)  # noqa: E731
         pre.add(Row("model", f"prefill T={prompt}", "dots1_ext", time_fn(f, 3, 10), floor_ms=floor, extra=peak(f)))
+        if on_gpu() and not quick:  # our prefill under torch.compile: is it faster than eager?
+            try:
+                compiled_model = torch.compile(ours.model)
+                slots = torch.arange(prompt, device=device)
+                f = lambda: ours.lm_head(compiled_model(ids, slots, prompt)[-1:])  # noqa: E731
+                pre.add(Row("model", f"prefill T={prompt}", "dots1_ext + torch.compile", time_fn(f, 3, 10),
+                            floor_ms=floor, extra=peak(f)))
+            except Exception as exc:  # noqa: BLE001 - a compile failure is a finding, not a crash of the run
+                print(f"[bench] our prefill under torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
         for impl in ["eager", "grouped_mm"]:
             hf_cfg._experts_implementation = impl
             f = lambda: hf(ids, use_cache=False, logits_to_keep=1)  # noqa: E731

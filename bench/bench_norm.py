@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import Report, Row, bytes_floor_ms, environment, header, on_gpu, time_fn, write_json, ROOT
+from bench.common import Report, Row, bytes_floor_ms, environment, graph_us, header, on_gpu, time_fn, write_json, ROOT
 from dots1_ext.ops import norm as N
 from dots1_ext.rope import build_cos_sin_cache
 
@@ -81,8 +81,11 @@ class Bench:
     def time(self, fn: Callable, setup: Callable | None = None) -> float:
         return time_fn(fn, warmup=5 if self.quick else 10, iters=self.iters, setup=setup)
 
-    def row(self, report: Report, case: str, impl: str, ms: float, nbytes: float) -> None:
-        report.add(Row("norm", case, impl, ms, floor_ms=bytes_floor_ms(nbytes), gbs=nbytes / (ms * 1e-3) / 1e9))
+    def row(self, report: Report, case: str, impl: str, ms: float, nbytes: float, fn: Callable | None = None) -> None:
+        """``fn`` (ours): also its GPU time per call inside a CUDA graph, for the decode-sized cases."""
+        extra = {"graph_us": graph_us(fn)} if fn is not None and on_gpu() and nbytes < 2**20 else {}
+        report.add(Row("norm", case, impl, ms, floor_ms=bytes_floor_ms(nbytes), gbs=nbytes / (ms * 1e-3) / 1e9,
+                       extra=extra))
 
     def peer(self, report: Report, case: str, impl: str, fn: Callable, nbytes: float) -> None:
         """Times an optional peer; an API mismatch (other Liger/transformers release) becomes a note."""
@@ -109,8 +112,8 @@ class Bench:
         positions = torch.arange(start, start + T, device=dev)
         case = f"QK-norm + RoPE T={T} ({HQ}+{HK} heads, D={D})"
         nbytes = 2 * T * (HQ + HK) * D * 2 + T * D * 4 + T * 8
-        ms = self.time(lambda: N.qk_norm_rope_(q, k, q_weight, k_weight, positions, cache, EPS))
-        self.row(report, case, "dots1_ext", ms, nbytes)
+        ours = lambda: N.qk_norm_rope_(q, k, q_weight, k_weight, positions, cache, EPS)  # noqa: E731
+        self.row(report, case, "dots1_ext", self.time(ours), nbytes, ours)
 
         # The KV-cache variant at the same shape (a batch-1 static cache of MAX_POS rows).
         if T <= 4096:
@@ -165,7 +168,8 @@ class Bench:
         weight = (1 + 0.1 * torch.randn(H, device=dev)).to(dt)
         case = f"RMSNorm [{T}, {H}]"
         nbytes = 2 * T * H * 2 + H * 2
-        self.row(report, case, "dots1_ext", self.time(lambda: N.rms_norm(x, weight, EPS)), nbytes)
+        ours = lambda: N.rms_norm(x, weight, EPS)  # noqa: E731
+        self.row(report, case, "dots1_ext", self.time(ours), nbytes, ours)
         if not isinstance(self.hf, str):
             norm = self.hf[0](H, eps=EPS).to(dev, dt)
             with torch.no_grad():
@@ -190,8 +194,9 @@ class Bench:
             x.copy_(x0)
             residual.copy_(r0)
 
-        self.row(report, case, "dots1_ext", self.time(lambda: N.add_rms_norm_(x, residual, weight, EPS), restore),
-                 nbytes)
+        ours = lambda: N.add_rms_norm_(x, residual, weight, EPS)  # noqa: E731
+        self.row(report, case, "dots1_ext", self.time(ours, restore), nbytes, ours)
+        restore()
         if not isinstance(self.hf, str):
             norm = self.hf[0](H, eps=EPS).to(dev, dt)
             with torch.no_grad():

@@ -64,6 +64,35 @@ def time_fn(fn: Callable[[], object], warmup: int = 10, iters: int = 50, setup: 
 _CEILINGS: dict[str, float] = {}
 
 
+def graph_us(fn: Callable[[], object], reps: int = 32, iters: int = 20) -> float | None:
+    """GPU microseconds per call of fn with the launch path taken away: ``reps`` calls captured in one
+    CUDA graph, the graph replayed ``iters`` times between CUDA events, median / reps. For kernels of a
+    few microseconds, whose per-call time in ``time_fn`` is the host's launch path. None on CPU."""
+    if not on_gpu():
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return round(statistics.median(times) * 1e3 / reps, 2)
+
+
 def copy_bandwidth_gbs() -> float:
     """Measured device copy bandwidth in GB/s, counting bytes read plus written (1 GiB copy on GPU)."""
     if "copy" not in _CEILINGS:
