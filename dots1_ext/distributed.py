@@ -59,6 +59,7 @@ from dots1_ext.loader import (
     _SAFETENSORS_DTYPES,
     IGNORED_KEYS,
     _Progress,
+    _Slots,
     check_device_memory,
     checkpoint_files,
     model_bytes,
@@ -284,23 +285,13 @@ def set_dispatch(model: nn.Module, dispatch: str) -> None:
 
 
 # -- sharded loading -----------------------------------------------------------------------------
-class _OwnedSlots:
+class _OwnedSlots(_Slots):
     """Where each checkpoint key goes in a sharded model; keys of other ranks' experts are skipped."""
 
     SKIP = "skip"
 
     def __init__(self, model: Dots1ForCausalLM, start: int, end: int):
-        self.config, self.start, self.end = model.config, start, end
-        self.targets = dict(model.named_parameters())
-        self.targets.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
-        self.filled = {n: torch.zeros(*self._parts(n), dtype=torch.bool) for n in self.targets}
-
-    def _parts(self, name: str) -> tuple[int, int]:
-        if name.endswith("mlp.experts.gate_up_proj"):
-            return (self.end - self.start, 2)
-        if name.endswith("mlp.experts.down_proj"):
-            return (self.end - self.start, 1)
-        return (1, 1)
+        super().__init__(model, start, end)
 
     def resolve(self, key: str):
         """key -> SKIP (another rank's expert), None (ignored), or (target name, destination view, filled
@@ -327,24 +318,6 @@ class _OwnedSlots:
         if IGNORED_KEYS.search(key) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
             return None
         raise KeyError(f"unexpected checkpoint tensor {key!r}: no parameter of that name in the Dots1 model")
-
-    def mark(self, name: str, index: tuple, key: str) -> None:
-        if self.filled[name][index].any():
-            raise ValueError(f"checkpoint tensor {key!r} fills {name!r} a second time (both hub and fused layouts?)")
-        self.filled[name][index] = True
-
-    def missing(self) -> list[str]:
-        keys = []
-        for name, filled in self.filled.items():
-            if filled.all():
-                continue
-            if filled.shape == (1, 1) or not filled.any():
-                keys.append(name)
-                continue
-            parts = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
-            prefix = name.rsplit(".", 1)[0]
-            keys += [f"{prefix}.{self.start + e}.{parts[j]}.weight" for e, j in (~filled).nonzero().tolist()]
-        return keys
 
 
 def _plan_owned(files: dict[str, str], slots: _OwnedSlots) -> list[tuple[str, str, int]]:

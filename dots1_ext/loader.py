@@ -59,8 +59,10 @@ def checkpoint_files(directory: str | os.PathLike) -> dict[str, str]:
 class _Slots:
     """Where each checkpoint key goes in the model, and which parts of each weight have been filled."""
 
-    def __init__(self, model: Dots1ForCausalLM):
+    def __init__(self, model: Dots1ForCausalLM, start: int = 0, end: int | None = None):
         self.config = model.config
+        # The model holds routed experts [start, end) (all of them unless sharded: dots1_ext.distributed).
+        self.start, self.end = start, model.config.n_routed_experts if end is None else end
         # Tied lm_head.weight is the embedding: named_parameters drops the duplicate name.
         self.targets = dict(model.named_parameters())
         self.targets.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
@@ -69,9 +71,9 @@ class _Slots:
 
     def _parts(self, name: str) -> tuple[int, int]:
         if name.endswith("mlp.experts.gate_up_proj"):
-            return (self.config.n_routed_experts, 2)
+            return (self.end - self.start, 2)
         if name.endswith("mlp.experts.down_proj"):
-            return (self.config.n_routed_experts, 1)
+            return (self.end - self.start, 1)
         return (1, 1)
 
     def resolve(self, key: str) -> tuple[str, torch.Tensor, tuple] | None:
@@ -110,7 +112,7 @@ class _Slots:
                 continue
             parts = ("down_proj",) if name.endswith("down_proj") else ("gate_proj", "up_proj")
             prefix = name.rsplit(".", 1)[0]
-            keys += [f"{prefix}.{e}.{parts[j]}.weight" for e, j in (~filled).nonzero().tolist()]
+            keys += [f"{prefix}.{self.start + e}.{parts[j]}.weight" for e, j in (~filled).nonzero().tolist()]
         return keys
 
 
