@@ -181,9 +181,11 @@ void run_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   } else {
     TORCH_CHECK_VALUE(cfg_s == "auto", "dots1_ext: DOTS1_EXT_GEMM_SM90_CONFIG must be auto, coop or pingpong, got '",
                       cfg_s, "'");
-    // Rows per expert on average (host-known, no data read): 64-row tiles waste less below ~256.
+    // Rows per expert on average (host-known, no data read). Measured on H100 at Dots1 shapes
+    // (bench/results/2026-11-25-h100-ebfd10e-tune): ping-pong 64x256 wins below ~50 rows per expert,
+    // cooperative 128x256 from ~96 (by 3% balanced and 12% Zipf-skewed at 192, 20% at 768).
     const int64_t rows_per_expert = g.S / std::max<int64_t>(g.E, 1);
-    config = rows_per_expert >= env_int("DOTS1_EXT_GEMM_COOP_MIN_ROWS", 256) ? Sm90GemmConfig::kCooperative128x256
+    config = rows_per_expert >= env_int("DOTS1_EXT_GEMM_COOP_MIN_ROWS", 96) ? Sm90GemmConfig::kCooperative128x256
                                                                              : Sm90GemmConfig::kPingpong64x256;
   }
   const size_t ws_bytes = grouped_gemm_sm90_workspace_bytes(g.E, config, dt, info.sm_count);
