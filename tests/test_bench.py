@@ -1,0 +1,52 @@
+"""The benchmark harness runs (CPU, quick cases) and writes what the README and results files rely on:
+JSON rows with times and floors, Markdown tables, and the PNG from a MoE report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench import run as bench_run
+from bench.common import Report, Row, graph_us, time_fn, write_json
+
+
+def test_quick_cpu_run_writes_rows_with_floors(tmp_path):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    status = bench_run.main(["--only", "gating", "dispatch", "grouped_gemm", "--quick",
+                             "--json", str(out_json), "--md", str(out_md)])
+    assert status == 0
+    payload = json.loads(out_json.read_text())
+    assert {"date", "commit", "torch", "device", "timing"} <= set(payload["env"])
+    titles = list(payload["reports"])
+    for prefix in ("gating after logits", "router incl. projection", "permute", "unpermute", "grouped_gemm"):
+        assert any(t.startswith(prefix) for t in titles), (prefix, titles)
+    for rows in payload["reports"].values():
+        assert rows
+        for r in rows:
+            assert r["ms"] > 0 and math.isfinite(r["ms"]), r
+            if r["impl"].startswith("dots1_ext"):
+                assert r["floor_ms"] is not None and r["floor_ms"] >= 0, r
+    md = out_md.read_text()
+    assert "| case | impl | time (ms)" in md and "CPU perf_counter" in md  # CPU timings are labelled
+
+
+def test_timing_helpers_on_cpu():
+    assert time_fn(lambda: sum(range(100)), warmup=1, iters=3) > 0
+    assert graph_us(lambda: None) is None  # GPU-only measurement
+
+
+def test_plot_writes_png_from_a_moe_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.plot import plot
+
+    report = Report("MoE block (test)")
+    for T, ours, peer in ((1, 0.2, 0.6), (64, 1.7, 2.1), (4096, 2.9, 3.8)):
+        report.add(Row("moe", f"T={T}", "dots1_ext", ours, floor_ms=0.1))
+        report.add(Row("moe", f"T={T}", "hf grouped_mm", peer, floor_ms=0.1))
+    path = tmp_path / "bench.json"
+    write_json(path, [report], {"device": "test", "date": "today", "commit": "abc"})
+    png = tmp_path / "moe.png"
+    plot(str(path), str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
