@@ -46,3 +46,17 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(-1)
+
+
+def hf_dots1_config(base: dict, **overrides):
+    """transformers' Dots1Config from a dict of our test fields (``rope_theta`` or ``rope_parameters``),
+    eager attention."""
+    transformers = pytest.importorskip("transformers")
+    kw = {**base, **overrides}
+    if "rope_parameters" in kw:
+        kw.pop("rope_theta")
+    else:
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
+    config = transformers.Dots1Config(**kw)
+    config._attn_implementation = "eager"
+    return config

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import hf_dots1_config, rel_err
 
 transformers = pytest.importorskip("transformers")
 hf_dots1 = pytest.importorskip("transformers.models.dots1.modeling_dots1")
@@ -51,14 +51,7 @@ CONFIGS = {
 
 
 def hf_config(**overrides):
-    kw = {**BASE, **overrides}
-    if "rope_parameters" in kw:
-        kw.pop("rope_theta")
-    else:
-        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
-    config = transformers.Dots1Config(**kw)
-    config._attn_implementation = "eager"
-    return config
+    return hf_dots1_config(BASE, **overrides)
 
 
 @torch.no_grad()

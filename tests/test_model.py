@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from conftest import rel_err, requires_cuda
+from conftest import hf_dots1_config, rel_err, requires_cuda
 
 from dots1_ext import modules, ops
 from dots1_ext.config import Dots1Config
@@ -63,15 +63,7 @@ def assert_logits_close(out: torch.Tensor, expected: torch.Tensor, device: str, 
 
 
 def hf_config(**overrides):
-    transformers = pytest.importorskip("transformers")
-    kw = {**BASE, **overrides}
-    if "rope_parameters" in kw:
-        kw.pop("rope_theta")
-    else:
-        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
-    config = transformers.Dots1Config(**kw)
-    config._attn_implementation = "eager"
-    return config
+    return hf_dots1_config(BASE, **overrides)
 
 
 @torch.no_grad()
