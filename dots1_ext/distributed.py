@@ -128,6 +128,10 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
 def shutdown(info: DistInfo) -> None:
     """Destroys the process group if ``init_from_env`` created it."""
     if info.owns_group and dist.is_initialized():
+        # Every rank reaches here before any tears its transport down: a rank that leaves while another
+        # still has a collective in flight makes gloo's worker threads abort the process at exit.
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
