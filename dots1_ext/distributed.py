@@ -56,10 +56,10 @@ from dots1_ext import modules
 from dots1_ext.config import Dots1Config, parse_dtype
 from dots1_ext.loader import (
     _HUB_EXPERT_KEY,
-    _SAFETENSORS_DTYPES,
     IGNORED_KEYS,
     _Progress,
     _Slots,
+    _plan,
     check_device_memory,
     checkpoint_files,
     model_bytes,
@@ -292,8 +292,6 @@ def set_dispatch(model: nn.Module, dispatch: str) -> None:
 class _OwnedSlots(_Slots):
     """Where each checkpoint key goes in a sharded model; keys of other ranks' experts are skipped."""
 
-    SKIP = "skip"
-
     def __init__(self, model: Dots1ForCausalLM, start: int, end: int):
         super().__init__(model, start, end)
 
@@ -324,39 +322,6 @@ class _OwnedSlots(_Slots):
         raise KeyError(f"unexpected checkpoint tensor {key!r}: no parameter of that name in the Dots1 model")
 
 
-def _plan_owned(files: dict[str, str], slots: _OwnedSlots) -> list[tuple[str, str, int]]:
-    """Validates the keys this rank needs (names, shapes, dtypes: headers only); [(file, key, bytes)]."""
-    by_file: dict[str, list[str]] = {}
-    for key, path in files.items():
-        by_file.setdefault(path, []).append(key)
-    plan = []
-    for path, keys in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            present = set(f.keys())
-            for key in keys:
-                if key not in present:
-                    raise KeyError(f"checkpoint tensor {key!r} is listed in the index but missing from {path}")
-                resolved = slots.resolve(key)
-                if resolved is None or resolved is slots.SKIP:
-                    continue
-                name, dest, index, rows = resolved
-                src = f.get_slice(key)
-                shape, src_dtype = tuple(src.get_shape()), src.get_dtype()
-                expected = tuple(dest.shape) if rows is None else (slots.config.n_routed_experts,) + tuple(dest.shape[1:])
-                if shape != expected:
-                    raise ValueError(f"checkpoint tensor {key!r} has shape {list(shape)}, "
-                                     f"but the model expects {list(expected)} (config: {name})")
-                if src_dtype not in _SAFETENSORS_DTYPES:
-                    raise ValueError(f"checkpoint tensor {key!r} has unsupported dtype {src_dtype}")
-                slots.mark(name, index, key)
-                plan.append((path, key, dest.numel() * dest.element_size()))
-    missing = slots.missing()
-    if missing:
-        shown = ", ".join(repr(k) for k in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise KeyError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
-    return plan
-
-
 def load_model_distributed(
     path: str | os.PathLike,
     info: DistInfo | None = None,
@@ -376,7 +341,7 @@ def load_model_distributed(
     model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
     shard_model_(model, info.rank, info.world_size, info.group, dispatch)
     start, end = expert_range(config.n_routed_experts, info.rank, info.world_size) if config.num_moe_layers else (0, 0)
-    plan = _plan_owned(files, _OwnedSlots(model, start, end))  # every key checked before any allocation
+    plan = _plan(files, _OwnedSlots(model, start, end))  # every key checked before any allocation
 
     check_device_memory(model_bytes(model), device)
     model.to_empty(device=device)

@@ -59,6 +59,8 @@ def checkpoint_files(directory: str | os.PathLike) -> dict[str, str]:
 class _Slots:
     """Where each checkpoint key goes in the model, and which parts of each weight have been filled."""
 
+    SKIP = "skip"  # a key that belongs to another rank (dots1_ext.distributed)
+
     def __init__(self, model: Dots1ForCausalLM, start: int = 0, end: int | None = None):
         self.config = model.config
         # The model holds routed experts [start, end) (all of them unless sharded: dots1_ext.distributed).
@@ -77,7 +79,8 @@ class _Slots:
         return (1, 1)
 
     def resolve(self, key: str) -> tuple[str, torch.Tensor, tuple] | None:
-        """key -> (target name, destination view, the filled-map index it covers); None if ignored."""
+        """key -> (target name, destination view, the filled-map index it covers, None); None if ignored.
+        (A sharded model's subclass may also return SKIP, or expert rows to read from a fused tensor.)"""
         m = _HUB_EXPERT_KEY.match(key)
         if m:
             part = m["part"]
@@ -89,10 +92,10 @@ class _Slots:
             I = self.config.moe_intermediate_size
             fused = self.targets[name].data
             if part == "down_proj":
-                return name, fused[e], (e, 0)
-            return name, fused[e, :I] if part == "gate_proj" else fused[e, I:], (e, 0 if part == "gate_proj" else 1)
+                return name, fused[e], (e, 0), None
+            return name, fused[e, :I] if part == "gate_proj" else fused[e, I:], (e, 0 if part == "gate_proj" else 1), None
         if key in self.targets:
-            return key, self.targets[key].data, (slice(None), slice(None))
+            return key, self.targets[key].data, (slice(None), slice(None)), None
         if IGNORED_KEYS.search(key) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
             return None
         raise KeyError(f"unexpected checkpoint tensor {key!r}: no parameter of that name in the Dots1 model")
@@ -188,7 +191,7 @@ def load_model(
         for path_, keys in _by_file(plan):
             with safe_open(path_, framework="pt", device="cpu") as f:
                 for key in keys:
-                    name, dest, _ = slots.resolve(key)
+                    name, dest, _, _ = slots.resolve(key)
                     if dest.dim() == 3:  # fused experts: one expert at a time bounds host memory
                         src = f.get_slice(key)
                         for e in range(dest.shape[0]):
@@ -213,14 +216,16 @@ def _plan(files: dict[str, str], slots: _Slots) -> list[tuple[str, str, int]]:
                 if key not in present:
                     raise KeyError(f"checkpoint tensor {key!r} is listed in the index but missing from {path}")
                 resolved = slots.resolve(key)
-                if resolved is None:
+                if resolved is None or resolved is slots.SKIP:
                     continue
-                name, dest, index = resolved
+                name, dest, index, rows = resolved
                 src = f.get_slice(key)
                 shape, src_dtype = tuple(src.get_shape()), src.get_dtype()
-                if shape != tuple(dest.shape):
+                # A fused expert tensor read in part (rows) holds every expert: check the whole.
+                expected = tuple(dest.shape) if rows is None else (slots.config.n_routed_experts,) + tuple(dest.shape[1:])
+                if shape != expected:
                     raise ValueError(f"checkpoint tensor {key!r} has shape {list(shape)}, "
-                                     f"but the model expects {list(dest.shape)} (config: {name})")
+                                     f"but the model expects {list(expected)} (config: {name})")
                 if src_dtype not in _SAFETENSORS_DTYPES:
                     raise ValueError(f"checkpoint tensor {key!r} has unsupported dtype {src_dtype}")
                 slots.mark(name, index, key)
