@@ -10,11 +10,10 @@ Floors: bytes moved (each input read once, each output written once) over the co
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from bench.common import Report, Row, bytes_floor_ms, default_device, environment, header, on_gpu, time_fn, write_json
+from bench.common import bench_main, bytes_floor_ms, default_device, on_gpu, Report, Row, time_fn
 from dots1_ext import reference as R
 from dots1_ext.ops import permute, topk_gating, unpermute
 
@@ -112,20 +111,5 @@ def run(quick: bool = False) -> list[Report]:
     return [perm_rep, unperm_rep, glue]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
-    args = parser.parse_args()
-    env = environment()
-    print(header(env))
-    reports = run(args.quick)
-    for r in reports:
-        print()
-        print(r.table())
-    if args.json:
-        write_json(args.json, reports, env)
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

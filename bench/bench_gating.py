@@ -11,11 +11,10 @@ Floors: bytes moved (inputs read once + outputs written) over the measured copy 
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 
-from bench.common import Report, Row, bytes_floor_ms, default_device, environment, header, graph_us, on_gpu, time_fn, write_json
+from bench.common import bench_main, bytes_floor_ms, default_device, graph_us, on_gpu, Report, Row, time_fn
 from dots1_ext import reference as R
 from dots1_ext.ops import router_topk_gating, topk_gating
 
@@ -82,20 +81,5 @@ def run(quick: bool = False) -> list[Report]:
     return [after, router]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=None, help="write the rows to this JSON file")
-    args = parser.parse_args()
-    env = environment()
-    print(header(env))
-    reports = run(args.quick)
-    for r in reports:
-        print()
-        print(r.table())
-    if args.json:
-        write_json(args.json, reports, env)
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import Report, Row, on_gpu
+from bench.common import bench_main, on_gpu, Report, Row
 
 PROMPTS, NEW_TOKENS = 8, 32
 
@@ -51,5 +51,4 @@ def run(quick: bool = False) -> list[Report]:
 
 
 if __name__ == "__main__":
-    for r in run():
-        print(r.table())
+    bench_main(run, __doc__)

@@ -9,12 +9,11 @@ the active experts' weight bytes over the measured copy bandwidth (whichever is 
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import Report, Row, bytes_floor_ms, copy_bandwidth_gbs, flops_floor_ms, gemm_tflops, on_gpu, time_fn
+from bench.common import bench_main, bytes_floor_ms, copy_bandwidth_gbs, flops_floor_ms, gemm_tflops, on_gpu, Report, Row, time_fn
 from dots1_ext.ops.grouped_gemm import grouped_gemm
 
 
@@ -137,6 +136,4 @@ def run(quick: bool = False) -> list[Report]:
 
 
 if __name__ == "__main__":
-    for r in run(quick="--quick" in sys.argv):
-        print(r.table())
-        print()
+    bench_main(run, __doc__)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from bench.common import Report, Row, bytes_floor_ms, flops_floor_ms, on_gpu, time_fn
+from bench.common import bench_main, bytes_floor_ms, flops_floor_ms, on_gpu, Report, Row, time_fn
 
 LAYERS = int(os.environ.get("DOTS1_BENCH_LAYERS", "3"))
 
@@ -158,5 +158,4 @@ def run(quick: bool = False) -> list[Report]:
 
 
 if __name__ == "__main__":
-    for r in run():
-        print(r.table())
+    bench_main(run, __doc__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import Report, Row, bytes_floor_ms, flops_floor_ms, on_gpu, time_fn
+from bench.common import bench_main, bytes_floor_ms, flops_floor_ms, on_gpu, Report, Row, time_fn
 
 REAL = dict(hidden=4096, inter=1408, experts=128, topk=6, shared=2)
 TINY = dict(hidden=256, inter=128, experts=16, topk=4, shared=2)
@@ -97,5 +97,4 @@ def run(quick: bool = False) -> list[Report]:
 
 
 if __name__ == "__main__":
-    for r in run():
-        print(r.table())
+    bench_main(run, __doc__)

@@ -14,12 +14,11 @@ copy bandwidth.
 
 from __future__ import annotations
 
-import argparse
 from typing import Callable
 
 import torch
 
-from bench.common import Report, Row, bytes_floor_ms, environment, graph_us, header, on_gpu, time_fn, write_json, ROOT
+from bench.common import bench_main, bytes_floor_ms, graph_us, on_gpu, Report, Row, time_fn
 from dots1_ext.ops import norm as N
 from dots1_ext.rope import build_cos_sin_cache
 
@@ -233,22 +232,5 @@ def run(quick: bool = False) -> list[Report]:
     return [qk, rms]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "bench_norm.json"))
-    args = parser.parse_args()
-    env = environment()
-    reports = run(args.quick)
-    print(header(env))
-    for r in reports:
-        print()
-        print(r.table())
-        for note in getattr(r, "notes", []):
-            print(f"note: {note}")
-    write_json(args.json, reports, env)
-    print(f"\nwrote {args.json}")
-
-
 if __name__ == "__main__":
-    main()
+    bench_main(run, __doc__)

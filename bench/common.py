@@ -146,6 +146,7 @@ class Report:
     def __init__(self, title: str):
         self.title = title
         self.rows: list[Row] = []
+        self.notes: list[str] = []  # e.g. peers skipped, printed under the table
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -170,6 +171,7 @@ class Report:
                     f"{fmt(r.floor_ms, 4)} | {fmt(r.frac_floor, 2)} | {speed} | "
                     f"{', '.join(f'{k} {v}' for k, v in r.extra.items())} |"
                 )
+        lines += [""] + [f"note: {n}" for n in self.notes] if self.notes else []
         return "\n".join(lines)
 
     def to_json(self) -> list[dict]:
@@ -210,3 +212,21 @@ def write_json(path: str | os.PathLike, reports: list[Report], env: dict | None 
     payload = {"env": env or environment(), "reports": {r.title: r.to_json() for r in reports}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def bench_main(run: Callable[..., list[Report]], description: str | None = None, argv: list[str] | None = None) -> None:
+    """``python -m bench.bench_<name> [--quick] [--json PATH]``: one benchmark module on its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer cases and iterations")
+    parser.add_argument("--json", help="write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    env = environment()
+    print(header(env), flush=True)
+    reports = run(quick=args.quick)
+    for report in reports:
+        print()
+        print(report.table())
+    if args.json:
+        write_json(args.json, reports, env)
