@@ -1,6 +1,8 @@
 """Grouped expert GEMMs at Dots1 shapes: gate_up + SwiGLU ([S, 4096] x [128, 2816, 4096]) and down
 ([S, 1408] x [128, 4096, 1408]), S = T * 6, balanced and Zipf routing, against torch._grouped_mm
-(+ a separate SiLU * mul) timed in the same run. Floors: FLOPs over the measured dense GEMM rate and
+(+ a separate SiLU * mul) timed in the same run. "dots1_ext" runs gate_up on the interleaved weight
+(fused SwiGLU epilogue), as the model does; "dots1_ext (HF layout)" the same weight unpacked (GEMM,
+then SiLU * mul). Floors: FLOPs over the measured dense GEMM rate and
 the active experts' weight bytes over the measured copy bandwidth (whichever is larger).
 
     python -m bench.bench_grouped_gemm [--quick]
@@ -13,8 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from bench.common import bench_main, bytes_floor_ms, copy_bandwidth_gbs, flops_floor_ms, gemm_tflops, on_gpu, Report, Row, time_fn
-from dots1_ext.ops.grouped_gemm import grouped_gemm
+from bench.common import bench_main, bytes_floor_ms, copy_bandwidth_gbs, flops_floor_ms, gemm_tflops, on_gpu, Report, Row, time_fns
+from dots1_ext.ops.grouped_gemm import grouped_gemm, interleave_gate_up
 
 
 def routing_offsets(kind: str, T: int, k: int, E: int, device: str) -> torch.Tensor:
@@ -53,6 +55,13 @@ def with_backend(name: str | None, fn):
     return run
 
 
+def add_rows(report: Report, case: str, fns: dict, floor: float, wbytes: float, flops: float, gpu: bool) -> None:
+    """Times the implementations of one case round-robin (time_fns) and adds a row for each."""
+    times = time_fns(fns, warmup=10 if gpu else 2, rounds=10 if gpu else 2, iters=5 if gpu else 3)
+    for label, ms in times.items():
+        report.add(Row("grouped_gemm", case, label, ms, floor, gbs=wbytes / ms / 1e6, tflops=flops / ms / 1e9))
+
+
 def run(quick: bool = False) -> list[Report]:
     gpu = on_gpu()
     device = "cuda" if gpu else "cpu"
@@ -64,6 +73,7 @@ def run(quick: bool = False) -> list[Report]:
         E, k, H, I = 8, 2, 256, 128
         Ts = [1, 8, 64]
     w_gate_up = torch.randn(E, 2 * I, H, device=device, dtype=dtype) / H**0.5
+    w_gate_up_packed = interleave_gate_up(w_gate_up)
     w_down = torch.randn(E, H, I, device=device, dtype=dtype) / I**0.5
     gmm = torch_grouped_mm()
     backends = [("dots1_ext", None)]
@@ -84,54 +94,50 @@ def run(quick: bool = False) -> list[Report]:
             active = int((off[1:] > off[:-1]).sum())
             x = torch.randn(S, H, device=device, dtype=dtype)
             h = torch.randn(S, I, device=device, dtype=dtype)
-            for stage, w, xin, epi, n_out in (
-                ("gate_up+swiglu", w_gate_up, x, "swiglu", 2 * I),
-                ("down", w_down, h, "none", H),
+            for stage, w, xin, epi in (
+                ("gate_up+swiglu", w_gate_up_packed, x, "swiglu_interleaved"),
+                ("down", w_down, h, "none"),
             ):
                 N, K = w.shape[1], w.shape[2]
                 flops = 2.0 * S * N * K
                 wbytes = active * N * K * elt
-                io_bytes = wbytes + S * K * elt + S * (N // 2 if epi == "swiglu" else N) * elt
+                io_bytes = wbytes + S * K * elt + S * (N // 2 if epi != "none" else N) * elt
                 floor = max(flops_floor_ms(flops), bytes_floor_ms(io_bytes))
                 case = f"{stage} T={T} {routing} ({active} experts)"
+                fns = {}
                 for label, be in backends:
                     if label.endswith("[decode]") and S > 4096:
                         continue  # the decode kernel re-reads weights per 8 rows: minutes at large S
-                    fn = with_backend(be, lambda xin=xin, w=w, epi=epi: grouped_gemm(xin, w, off, epi))
-                    ms = time_fn(fn, warmup=3 if not gpu else 10, iters=10 if not gpu else 50)
-                    report.add(Row("grouped_gemm", case, label, ms, floor, gbs=wbytes / ms / 1e6,
-                                   tflops=flops / ms / 1e9))
+                    fns[label] = with_backend(be, lambda xin=xin, w=w, epi=epi: grouped_gemm(xin, w, off, epi))
+                if epi != "none":
+                    fns["dots1_ext (HF layout)"] = lambda xin=xin: grouped_gemm(xin, w_gate_up, off, "swiglu")
                 if gmm is not None:
                     offs = off[1:]
-                    if epi == "swiglu":
-                        def peer(xin=xin, w=w):
-                            y = gmm(xin, w.transpose(-2, -1), offs=offs)
+                    if epi != "none":
+                        def peer(xin=xin, offs=offs):
+                            y = gmm(xin, w_gate_up.transpose(-2, -1), offs=offs)
                             return F.silu(y[:, :I]) * y[:, I:]
+                        fns["torch._grouped_mm + silu*mul"] = peer
                     else:
-                        def peer(xin=xin, w=w):
-                            return gmm(xin, w.transpose(-2, -1), offs=offs)
-                    ms = time_fn(peer)
-                    report.add(Row("grouped_gemm", case, "torch._grouped_mm" + (" + silu*mul" if epi == "swiglu" else ""),
-                                   ms, floor, gbs=wbytes / ms / 1e6, tflops=flops / ms / 1e9))
+                        fns["torch._grouped_mm"] = lambda xin=xin, w=w, offs=offs: gmm(xin, w.transpose(-2, -1), offs=offs)
+                add_rows(report, case, fns, floor, wbytes, flops, gpu)
             # The MoE expert pair end to end (gate_up + SwiGLU, then down on its output).
             case = f"gate_up+down T={T} {routing} ({active} experts)"
             flops = 2.0 * S * (2 * I * H + H * I)
             wbytes = active * 3 * I * H * elt
             floor = max(flops_floor_ms(flops), bytes_floor_ms(wbytes))
-            ms = time_fn(lambda: grouped_gemm(grouped_gemm(x, w_gate_up, off, "swiglu"), w_down, off, "none"),
-                         warmup=3 if not gpu else 10, iters=10 if not gpu else 50)
-            report.add(Row("grouped_gemm", case, "dots1_ext", ms, floor, gbs=wbytes / ms / 1e6, tflops=flops / ms / 1e9))
+            fns = {"dots1_ext": lambda: grouped_gemm(grouped_gemm(x, w_gate_up_packed, off, "swiglu_interleaved"),
+                                                     w_down, off, "none")}
             if gmm is not None:
                 offs = off[1:]
 
-                def peer_pair():
+                def peer_pair(offs=offs):
                     y = gmm(x, w_gate_up.transpose(-2, -1), offs=offs)
                     a = F.silu(y[:, :I]) * y[:, I:]
                     return gmm(a, w_down.transpose(-2, -1), offs=offs)
 
-                ms = time_fn(peer_pair)
-                report.add(Row("grouped_gemm", case, "torch._grouped_mm + silu*mul", ms, floor,
-                               gbs=wbytes / ms / 1e6, tflops=flops / ms / 1e9))
+                fns["torch._grouped_mm + silu*mul"] = peer_pair
+            add_rows(report, case, fns, floor, wbytes, flops, gpu)
     return [report]
 
 

@@ -61,6 +61,32 @@ def time_fn(fn: Callable[[], object], warmup: int = 10, iters: int = 50, setup: 
     return statistics.median(times)
 
 
+def time_fns(fns: dict[str, Callable[[], object]], warmup: int = 5, rounds: int = 10, iters: int = 5) -> dict[str, float]:
+    """Median milliseconds of each fn, measured round-robin: ``rounds`` rounds, each timing ``iters``
+    calls of every fn in turn (the order rotating per round), so that clock and power drift over the
+    run falls on every implementation alike. Per call as in time_fn (one pair of CUDA events)."""
+    labels = list(fns)
+    for label in labels:
+        for _ in range(warmup):
+            fns[label]()
+    samples: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            for _ in range(iters):
+                if on_gpu():
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fns[label]()
+                    end.record()
+                    end.synchronize()
+                    samples[label].append(start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    fns[label]()
+                    samples[label].append((time.perf_counter() - t0) * 1e3)
+    return {label: statistics.median(v) for label, v in samples.items()}
+
+
 _CEILINGS: dict[str, float] = {}
 
 

@@ -153,12 +153,14 @@ def expert_range(num_experts: int, rank: int, world_size: int) -> tuple[int, int
 
 
 # -- the expert-parallel MoE block ---------------------------------------------------------------
-class LocalExperts(nn.Module):
+class LocalExperts(modules.GateUpLayout, nn.Module):
     """This rank's slice of ``mlp.experts``: same parameter names, first dimension E/W, experts
-    [start, end) of the checkpoint."""
+    [start, end) of the checkpoint, the same gate_up_proj layout."""
 
     def __init__(self, experts: nn.Module, start: int, end: int):
         super().__init__()
+        self._init_gate_up_layout()
+        self.gate_up_interleaved = getattr(experts, "gate_up_interleaved", False)
         self.start, self.end, self.num_experts = start, end, experts.gate_up_proj.shape[0]
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name)
@@ -220,7 +222,8 @@ class ExpertParallelMoE(nn.Module):
         local_ids = torch.arange(E_local, dtype=torch.int32, device=x.device).repeat(W)
         local_ids = local_ids.repeat_interleave(recv_counts.flatten(), output_size=received.shape[0])
         grouped, local_offsets, local_row_map = ops.permute(received, local_ids[:, None], E_local)
-        act = ops.grouped_gemm(grouped, self.experts.gate_up_proj, local_offsets, "swiglu")
+        act = ops.grouped_gemm(grouped, self.experts.gate_up_proj, local_offsets,
+                                 self.experts.gate_up_epilogue)
         out = ops.grouped_gemm(act, self.experts.down_proj, local_offsets, "none")
         out = out.index_select(0, local_row_map.long())  # back to the received order
 
@@ -236,7 +239,8 @@ class ExpertParallelMoE(nn.Module):
         weights, ids = self.gate(x)  # the same on every rank
         permuted, offsets, row_map = ops.permute(x, ids, self.num_experts)
         local_offsets = offsets[self.experts.start:self.experts.end + 1]  # rows of other experts stay zero
-        act = ops.grouped_gemm(permuted, self.experts.gate_up_proj, local_offsets, "swiglu")
+        act = ops.grouped_gemm(permuted, self.experts.gate_up_proj, local_offsets,
+                                 self.experts.gate_up_epilogue)
         out = ops.grouped_gemm(act, self.experts.down_proj, local_offsets, "none")
         shared = self._shared_slice(x) if self.shared_experts is not None else None
         y = ops.unpermute(out, row_map, weights, shared_out=shared,
@@ -365,7 +369,7 @@ def load_model_distributed(
                         dest.copy_(f.get_tensor(key))
                     done += 1
                     bar.update(dest.numel() * dest.element_size(), done, len(plan))
-    return model.eval()
+    return modules.interleave_gate_up_(model).eval()
 
 
 @torch.no_grad()
@@ -391,7 +395,7 @@ def build_random_model_distributed(config: Dots1Config, info: DistInfo | None = 
                 gen.manual_seed(seed * 1_000_003 + i * 1009 + e + 1)
                 experts.gate_up_proj[e - experts.start].normal_(0.0, std, generator=gen)
                 experts.down_proj[e - experts.start].normal_(0.0, std, generator=gen)
-    return model.eval()
+    return modules.interleave_gate_up_(model).eval()
 
 
 # -- the CLI's job under torchrun ----------------------------------------------------------------

@@ -9,7 +9,8 @@ Three ways in, all inference-only (the ops have no autograd formulas):
   is our fused ``qk_norm_rope_`` op while transformers' KV cache and attention interface stay in
   charge. ``model.generate`` then runs on our kernels; ``unpatch_hf_model(model)`` restores the
   original modules. The dense ``Dots1MLP`` stays as it is (cuBLAS). ``state_dict`` keys, shapes and
-  tensors are unchanged by either call.
+  values are unchanged by either call (the experts' gate_up_proj is stored interleaved while patched,
+  and its state_dict entry converted back to the HF layout).
 - ``experts_implementation="dots1_ext"``: importing this module registers ``dots1_ext_experts_forward``
   with transformers' experts interface, so any transformers MoE whose experts use
   ``@use_experts_implementation`` (fused ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``,
@@ -26,6 +27,8 @@ E experts, k experts per token, P rows of the RoPE table.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -116,6 +119,10 @@ def _qk_norm_rope_(*args) -> None:
     (impl if impl is not None else reference.qk_norm_rope_)(*args)
 
 
+# Newer transformers (those whose attention takes `cache`) pass the attention kwargs on to cache.update.
+_HF_CACHE_UPDATE_TAKES_KWARGS = "cache" in inspect.signature(hf_dots1.Dots1Attention.forward).parameters
+
+
 class PatchedAttention(hf_dots1.Dots1Attention):
     """transformers' ``Dots1Attention`` with q_norm / k_norm + RoPE fused into ``qk_norm_rope_``.
 
@@ -147,8 +154,11 @@ class PatchedAttention(hf_dots1.Dots1Attention):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         past_key_values=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # transformers renamed the KV cache argument past_key_values -> cache (5.2x); take either.
+        cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         batch, seq = input_shape
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -163,8 +173,11 @@ class PatchedAttention(hf_dots1.Dots1Attention):
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         # From here on, transformers' Dots1Attention.forward unchanged.
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            if _HF_CACHE_UPDATE_TAKES_KWARGS:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+            else:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
         attention_interface = hf_dots1.ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, hf_dots1.eager_attention_forward
         )
@@ -241,8 +254,11 @@ def patch_hf_model(
     ``model``: a transformers ``Dots1ForCausalLM`` / ``Dots1Model`` (or any module holding Dots1
     modules). ``norms`` / ``moe`` / ``attention`` choose what to swap. ``max_positions`` sizes the RoPE
     table (default: ``config.max_position_embeddings``); positions at or past it must not occur.
-    Weights are shared, never copied; ``state_dict`` is unchanged. Returns ``model``. Patching a
-    patched model is a no-op; ``unpatch_hf_model`` undoes it. Inference only (no autograd).
+    Weights are shared, never copied; ``state_dict`` is unchanged. The routed experts' shared
+    ``gate_up_proj`` is repacked in place for the fused SwiGLU epilogue (see
+    ``dots1_ext.modules.GateUpLayout``): ``state_dict`` and ``load_state_dict`` still speak the HF
+    layout, but the raw tensor holds the interleaved one until ``unpatch_hf_model`` restores it.
+    Returns ``model``. Patching a patched model is a no-op. Inference only (no autograd).
     """
     if hasattr(model, _PATCH_ATTR):
         return model
@@ -287,7 +303,9 @@ def patch_hf_model(
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         if isinstance(module, hf_dots1.Dots1MoE):
-            replace(parent, attr, module, PatchedMoE.from_hf(module, ours(module.config)))
+            patched = PatchedMoE.from_hf(module, ours(module.config))
+            patched.experts.interleave_gate_up_()  # in place, for the fused SwiGLU; undone by unpatch
+            replace(parent, attr, module, patched)
         else:
             replace(parent, attr, module, PatchedRMSNorm.from_hf(module))
     if tables:  # registered once on the model so that .to() / .cuda() move them with it
@@ -304,6 +322,8 @@ def unpatch_hf_model(model: nn.Module) -> nn.Module:
         return model
     for parent, attr, original in reversed(record["modules"]):
         patched = getattr(parent, attr)
+        if isinstance(patched, PatchedMoE):
+            patched.experts.deinterleave_gate_up_()
         _share_tensors(patched, original)
         original.train(patched.training)
         setattr(parent, attr, original)

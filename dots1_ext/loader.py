@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from dots1_ext.config import Dots1Config, dtype_name, parse_dtype
 from dots1_ext.model import Dots1ForCausalLM
+from dots1_ext.modules import experts_in_hf_layout, interleave_gate_up_
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -200,6 +201,7 @@ def load_model(
                         dest.copy_(f.get_tensor(key))
                     done += 1
                     bar.update(dest.numel() * dest.element_size(), done, len(plan))
+    interleave_gate_up_(model)  # once, for the fused SwiGLU epilogue; state_dict stays HF
     return model.eval()
 
 
@@ -246,7 +248,9 @@ def _by_file(plan: list[tuple[str, str, int]]) -> Iterator[tuple[str, list[str]]
 
 # -- writing -------------------------------------------------------------------------------------
 def checkpoint_tensors(model: Dots1ForCausalLM, layout: str = "hub") -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) pairs of the checkpoint; ``layout`` "hub" splits the experts one by one."""
+    """(key, tensor) pairs of the checkpoint; ``layout`` "hub" splits the experts one by one. Views of
+    the model's tensors where possible; an interleaved gate_up_proj comes as an HF-layout copy, which
+    ``with experts_in_hf_layout(model):`` around the loop avoids (save_checkpoint does that)."""
     if layout not in ("hub", "fused"):
         raise ValueError(f"layout must be 'hub' or 'fused', got {layout!r}")
     config = model.config
@@ -298,6 +302,11 @@ def save_checkpoint(
     def out_dtype(key, t):  # the router bias stays fp32, like HF
         return t.dtype if key.endswith("e_score_correction_bias") else dtype
 
+    with experts_in_hf_layout(model):  # in place for the duration: no second copy of the experts
+        return _save_shards(model, directory, limit, layout, dtype, out_dtype)
+
+
+def _save_shards(model, directory, limit, layout, dtype, out_dtype) -> list[str]:
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     shard_bytes = 0
     for key, t in checkpoint_tensors(model, layout):

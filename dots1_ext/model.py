@@ -288,8 +288,10 @@ def init_random_weights_(model: Dots1ForCausalLM, seed: int = 0, std: float | No
 
 
 def build_random_model(config: Dots1Config, device="cpu", dtype=torch.float32, seed: int = 0) -> Dots1ForCausalLM:
-    """A random-weight model built directly on ``device`` (no default init pass, no checkpoint)."""
+    """A random-weight model built directly on ``device`` (no default init pass, no checkpoint), its
+    expert weights packed for the fused SwiGLU epilogue like a loaded model's."""
     model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
     model.to_empty(device=device)
     model.tie_weights()
-    return init_random_weights_(model, seed).eval()
+    init_random_weights_(model, seed)
+    return modules.interleave_gate_up_(model).eval()

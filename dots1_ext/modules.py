@@ -191,14 +191,107 @@ class Dots1Router(_KeepsFp32Buffers, nn.Module):
         return ops.topk_gating(logits, self.e_score_correction_bias, *args)
 
 
-class Dots1Experts(nn.Module):
-    """The routed experts' weights, fused as in transformers 5 (``mlp.experts``)."""
+class GateUpLayout:
+    """Mixin for expert modules with a fused ``gate_up_proj`` [E, 2I, H] parameter: its storage layout.
+
+    In the HF layout (gate rows, then up rows) the gate_up GEMM runs with the ``"swiglu"`` epilogue,
+    which writes the [S, 2I] product and then SiLU * mul. ``interleave_gate_up_()`` repacks the
+    parameter in place, once, into 16-row [8 gate | 8 up] blocks, for which the ``"swiglu_interleaved"``
+    epilogue fuses SwiGLU into the GEMM (the product never reaches memory). The module's interface
+    stays the HF one: ``state_dict`` returns gate_up_proj in the HF layout (a de-interleaved copy; for
+    a large model use :func:`experts_in_hf_layout`, which converts in place instead), and
+    ``load_state_dict`` takes the HF layout and interleaves what it loads.
+    """
+
+    gate_up_interleaved: bool = False
+
+    def _init_gate_up_layout(self) -> None:
+        self.register_state_dict_post_hook(_gate_up_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_gate_up_load_hook)
+
+    @property
+    def gate_up_epilogue(self) -> str:
+        """The grouped_gemm epilogue for ``gate_up_proj`` as it is stored now."""
+        return "swiglu_interleaved" if self.gate_up_interleaved else "swiglu"
+
+    def can_interleave_gate_up(self) -> bool:
+        return self.gate_up_proj.shape[1] % 16 == 0
+
+    @torch.no_grad()
+    def interleave_gate_up_(self) -> bool:
+        """HF layout -> interleaved, in place, one expert at a time (no full-size temporary). Returns
+        whether the weight is now interleaved (2I must be a multiple of 16; otherwise it stays HF)."""
+        if not self.gate_up_interleaved and self.can_interleave_gate_up():
+            _convert_per_expert_(self.gate_up_proj, reference.interleave_gate_up)
+            self.gate_up_interleaved = True
+        return self.gate_up_interleaved
+
+    @torch.no_grad()
+    def deinterleave_gate_up_(self) -> None:
+        """Interleaved -> HF layout, in place; a no-op in the HF layout."""
+        if self.gate_up_interleaved:
+            _convert_per_expert_(self.gate_up_proj, reference.deinterleave_gate_up)
+            self.gate_up_interleaved = False
+
+
+def _convert_per_expert_(weight: torch.Tensor, convert) -> None:
+    for e in range(weight.shape[0]):
+        weight.data[e] = convert(weight.data[e : e + 1])[0]
+
+
+def _gate_up_state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
+    key = prefix + "gate_up_proj"
+    if module.gate_up_interleaved and key in state_dict:
+        state_dict[key] = reference.deinterleave_gate_up(state_dict[key].detach())
+
+
+def _gate_up_load_hook(module, state_dict, prefix, *args) -> None:
+    key = prefix + "gate_up_proj"
+    value = state_dict.get(key)
+    # A wrong shape is left for load_state_dict to report.
+    if module.gate_up_interleaved and isinstance(value, torch.Tensor) and value.shape == module.gate_up_proj.shape:
+        state_dict[key] = reference.interleave_gate_up(value)
+
+
+def gate_up_modules(root: nn.Module) -> list[GateUpLayout]:
+    return [m for m in root.modules() if isinstance(m, GateUpLayout)]
+
+
+def interleave_gate_up_(root: nn.Module) -> nn.Module:
+    """Repacks every expert module's gate_up_proj under ``root`` for the fused SwiGLU epilogue (once,
+    in place; see :class:`GateUpLayout`). The loader and the HF bridge call this. Returns ``root``."""
+    for m in gate_up_modules(root):
+        m.interleave_gate_up_()
+    return root
+
+
+@contextlib.contextmanager
+def experts_in_hf_layout(root: nn.Module):
+    """Within the block, every gate_up_proj under ``root`` holds the HF layout (converted in place, so
+    no second copy of the experts exists); the interleaved ones are repacked on exit."""
+    converted = [m for m in gate_up_modules(root) if m.gate_up_interleaved]
+    for m in converted:
+        m.deinterleave_gate_up_()
+    try:
+        yield root
+    finally:
+        for m in converted:
+            m.interleave_gate_up_()
+
+
+class Dots1Experts(GateUpLayout, nn.Module):
+    """The routed experts' weights, fused as in transformers 5 (``mlp.experts``); see
+    :class:`GateUpLayout` for the storage layout of ``gate_up_proj``."""
 
     def __init__(self, config: Dots1Config, device=None, dtype=None):
         super().__init__()
         E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, device=device, dtype=dtype))  # gate rows first
         self.down_proj = nn.Parameter(torch.empty(E, H, I, device=device, dtype=dtype))
+        self._init_gate_up_layout()
+
+    def extra_repr(self) -> str:
+        return f"gate_up_proj {'interleaved' if self.gate_up_interleaved else 'HF'} layout"
 
 
 class Dots1MoE(nn.Module):
@@ -216,7 +309,7 @@ class Dots1MoE(nn.Module):
         """[T, H] -> routed + shared experts (+ residual, fused into the combine) [T, H]."""
         weights, ids = self.gate(x)  # fp32 [T, k], int32 [T, k]
         permuted, offsets, row_map = ops.permute(x, ids, self.num_experts)  # [T*k, H], [E+1], [T*k]
-        act = ops.grouped_gemm(permuted, self.experts.gate_up_proj, offsets, "swiglu")  # [T*k, I]
+        act = ops.grouped_gemm(permuted, self.experts.gate_up_proj, offsets, self.experts.gate_up_epilogue)  # [T*k, I]
         expert_out = ops.grouped_gemm(act, self.experts.down_proj, offsets, "none")  # [T*k, H]
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         return ops.unpermute(expert_out, row_map, weights, shared_out=shared, residual=residual)

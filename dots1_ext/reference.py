@@ -126,25 +126,43 @@ def unpermute(
     return acc.to(expert_out.dtype)
 
 
+def interleave_gate_up(weight: torch.Tensor) -> torch.Tensor:
+    """HF gate_up layout [E, 2I, K] (gate rows, then up rows) -> the interleaved layout: 16-row blocks
+    [8 gate rows | 8 up rows] of the same 8 features (2I % 16 == 0). A new contiguous tensor."""
+    E, N, K = weight.shape
+    return weight.reshape(E, 2, N // 16, 8, K).transpose(1, 2).reshape(E, N, K)
+
+
+def deinterleave_gate_up(weight: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`interleave_gate_up`: back to the HF layout. A new contiguous tensor."""
+    E, N, K = weight.shape
+    return weight.reshape(E, N // 16, 2, 8, K).transpose(1, 2).reshape(E, N, K)
+
+
 def grouped_gemm(
     x: torch.Tensor,  # [S, K]
-    weight: torch.Tensor,  # [E, N, K] (HF layout, K contiguous)
+    weight: torch.Tensor,  # [E, N, K] (K contiguous)
     expert_offsets: torch.Tensor,  # [E+1] int32
-    epilogue: str,  # "none" | "swiglu"
-) -> torch.Tensor:  # [S, N] or, for "swiglu", [S, N/2]
+    epilogue: str,  # "none" | "swiglu" | "swiglu_interleaved"
+) -> torch.Tensor:  # [S, N] or, for the SwiGLU epilogues, [S, N/2]
     """Per-expert ``x[rows_e] @ weight[e].T`` in fp32; "swiglu" returns silu(gate) * up, where the
-    first N/2 rows of each expert's weight are the gate projection and the last N/2 the up projection.
+    first N/2 rows of each expert's weight are the gate projection and the last N/2 the up projection
+    (HF layout); "swiglu_interleaved" the same for weights in :func:`interleave_gate_up`'s layout.
     Rows outside every expert's range are zero."""
     S = x.shape[0]
     E, N, _ = weight.shape
-    out = x.new_zeros(S, N // 2 if epilogue == "swiglu" else N)
+    swiglu = epilogue in ("swiglu", "swiglu_interleaved")
+    out = x.new_zeros(S, N // 2 if swiglu else N)
     bounds = expert_offsets.tolist()  # reference only: a host read is fine here
     for e in range(E):
         lo, hi = bounds[e], bounds[e + 1]
         if hi <= lo:
             continue
-        y = x[lo:hi].float() @ weight[e].float().t()
-        if epilogue == "swiglu":
+        w = weight[e]
+        if epilogue == "swiglu_interleaved":  # one expert at a time: no full-size copy
+            w = deinterleave_gate_up(w[None])[0]
+        y = x[lo:hi].float() @ w.float().t()
+        if swiglu:
             gate, up = y.chunk(2, dim=-1)
             y = F.silu(gate) * up
         out[lo:hi] = y.to(x.dtype)

@@ -65,6 +65,7 @@ def _op_cases(device):
         "permute": ("permute", (hidden, ids, E, 1)),
         "permute-padded": ("permute", (hidden, ids, E, 4)),
         "grouped_gemm-swiglu": ("grouped_gemm", (permuted, randn(E, 2 * I, H), offsets, "swiglu")),
+        "grouped_gemm-swiglu_interleaved": ("grouped_gemm", (permuted, randn(E, 2 * I, H), offsets, "swiglu_interleaved")),
         "grouped_gemm-none": ("grouped_gemm", (randn(T * k, I), randn(E, H, I), offsets, "none")),
         "unpermute": ("unpermute", (randn(T * k, H), row_map, weights, None, None)),
         "unpermute-shared-residual": ("unpermute", (randn(T * k, H), row_map, weights, randn(T, H), randn(T, H))),

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import dots1_ext  # noqa: F401  (registers the ops)
 from dots1_ext import reference
-from dots1_ext.ops.grouped_gemm import grouped_gemm
+from dots1_ext.ops.grouped_gemm import EPILOGUES, SWIGLU_EPILOGUES, deinterleave_gate_up, grouped_gemm, interleave_gate_up
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import RTOL, assert_close_rel, rel_err, requires_cuda  # noqa: E402
@@ -91,7 +91,7 @@ def cuda_backends():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("routing", ["balanced", "zipf", "one_expert", "many_empty"])
 @pytest.mark.parametrize("T", [1, 2, 7, 33])
 def test_matches_reference(device, dtype, epilogue, routing, T):
@@ -101,11 +101,11 @@ def test_matches_reference(device, dtype, epilogue, routing, T):
     counts = routing_counts(routing, T, k, E)
     x, w, off = make_case(counts, E, N, K, dtype, device)
     out = grouped_gemm(x, w, off, epilogue)
-    assert out.dtype == dtype and out.shape == (x.shape[0], N // 2 if epilogue == "swiglu" else N)
+    assert out.dtype == dtype and out.shape == (x.shape[0], N // 2 if epilogue in SWIGLU_EPILOGUES else N)
     assert_close_rel(out, ref_fp32(x, w, off, epilogue).to(dtype), tol(dtype))
 
 
-@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_uncovered_rows_are_zero(device, epilogue):
     # Rows before expert_offsets[0] and after expert_offsets[E] belong to no expert.
     E, N, K = 4, 16, 32
@@ -120,6 +120,7 @@ def test_empty_inputs(device):
     x, w, off = make_case([0, 0, 0, 0], E, N, K, torch.float32, device)
     assert grouped_gemm(x, w, off, "none").shape == (0, N)
     assert grouped_gemm(x, w, off, "swiglu").shape == (0, N // 2)
+    assert grouped_gemm(x, w, off, "swiglu_interleaved").shape == (0, N // 2)
     # No experts at all: every row is outside every range.
     x = torch.randn(5, K, device=device)
     out = grouped_gemm(x, torch.randn(0, N, K, device=device), torch.zeros(1, dtype=torch.int32, device=device))
@@ -132,6 +133,18 @@ def test_swiglu_is_silu_gate_times_up(device):
     plain = grouped_gemm(x, w, off, "none")
     fused = grouped_gemm(x, w, off, "swiglu")
     assert_close_rel(fused, F.silu(plain[:, : N // 2]) * plain[:, N // 2 :], 1e-5)
+    # The same weight repacked: the same SwiGLU output.
+    assert_close_rel(grouped_gemm(x, interleave_gate_up(w), off, "swiglu_interleaved"), fused, 1e-5)
+
+
+def test_interleave_gate_up_layout():
+    E, I, K = 3, 24, 5
+    w = torch.randn(E, 2 * I, K)
+    packed = interleave_gate_up(w)
+    assert packed.is_contiguous() and torch.equal(deinterleave_gate_up(packed), w)
+    for f in range(I):  # feature f: gate row 16*(f//8) + f%8, up row 8 further
+        assert torch.equal(packed[:, 16 * (f // 8) + f % 8], w[:, f])
+        assert torch.equal(packed[:, 16 * (f // 8) + f % 8 + 8], w[:, I + f])
 
 
 def test_non_contiguous_inputs(device):
@@ -160,6 +173,8 @@ def test_bad_inputs_raise(device):
         grouped_gemm(x, w, off, "gelu")
     with pytest.raises(ValueError, match="swiglu"):
         grouped_gemm(x, w[:, :-1], off, "swiglu")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        grouped_gemm(x, w[:, :8], off, "swiglu_interleaved")
     with pytest.raises(TypeError, match="x"):
         grouped_gemm(x.long(), w, off)
     bad = off.clone()
@@ -189,7 +204,7 @@ def test_cuda_shape_multiple_of_8():
         grouped_gemm(x, w, off)
 
 
-@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_opcheck(device, epilogue):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x, w, off = make_case([2, 0, 3, 1], 4, 32, 64, dtype, device)
@@ -202,7 +217,7 @@ def test_opcheck(device, epilogue):
 @requires_cuda
 @pytest.mark.parametrize("backend", cuda_backends(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("routing", ["balanced", "zipf", "one_expert", "many_empty"])
 @pytest.mark.parametrize("T", [1, 2, 7, 64, 4096])
 def test_cuda_backends(backend, dtype, epilogue, routing, T):
@@ -226,9 +241,9 @@ def test_cuda_dots1_shapes(backend, shape, T):
     E, k = 128, 6
     counts = routing_counts("balanced" if T > 1 else "many_empty", T, k, E)
     x, w, off = make_case(counts, E, N, K, torch.bfloat16, "cuda")
-    epilogue = "swiglu" if N == 2816 else "none"
-    out = grouped_gemm(x, w, off, epilogue)
-    assert_close_rel(out, ref_fp32(x, w, off, epilogue), 1e-2, what=f"{backend} {shape} T={T}")
+    for epilogue in ("swiglu", "swiglu_interleaved") if N == 2816 else ("none",):
+        out = grouped_gemm(x, w, off, epilogue)
+        assert_close_rel(out, ref_fp32(x, w, off, epilogue), 1e-2, what=f"{backend} {shape} T={T} {epilogue}")
 
 
 @requires_cuda
@@ -236,11 +251,11 @@ def test_cuda_dots1_shapes(backend, shape, T):
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_cuda_odd_shapes(backend, dtype):
     # N, K multiples of 8 but not of any tile; an expert with one row, many empty experts.
-    for E, N, K in [(3, 8, 8), (7, 24, 40), (130, 136, 1032)]:
+    for E, N, K in [(3, 8, 8), (7, 24, 40), (130, 136, 1032), (3, 16, 8), (7, 48, 40), (130, 272, 1032)]:
         counts = [int(c) for c in torch.randint(0, 3, (E,))]
         counts[0] = 1
         x, w, off = make_case(counts, E, N, K, dtype, "cuda", tail=1, first=1)
-        for epilogue in ("none", "swiglu"):
+        for epilogue in EPILOGUES if N % 16 == 0 else ("none", "swiglu"):
             out = grouped_gemm(x, w, off, epilogue)
             assert_close_rel(out, ref_fp32(x, w, off, epilogue), tol(dtype), what=f"{backend} E={E} N={N} K={K}")
 
@@ -261,40 +276,44 @@ def test_cuda_swiglu_matches_plain(backend):
     plain = grouped_gemm(x, w, off, "none").float()
     fused = grouped_gemm(x, w, off, "swiglu").float()
     assert_close_rel(fused, F.silu(plain[:, :256]) * plain[:, 256:], 1e-2)
+    packed = grouped_gemm(x, interleave_gate_up(w), off, "swiglu_interleaved").float()
+    assert_close_rel(packed, F.silu(plain[:, :256]) * plain[:, 256:], 1e-2)
 
 
 @requires_cuda
 @pytest.mark.parametrize("backend", [b for b in cuda_backends() if b != "torch"], indirect=True)
+@pytest.mark.parametrize("epilogue", SWIGLU_EPILOGUES)
 @pytest.mark.parametrize("T", [1, 64, 1024])
-def test_cuda_graph_replay_with_new_routing(backend, T):
+def test_cuda_graph_replay_with_new_routing(backend, T, epilogue):
     E, k, N, K = 16, 6, 256, 512
     S = T * k
     x = torch.randn(S, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
     off = offsets_from_counts(routing_counts("balanced", T, k, E), "cuda")
-    grouped_gemm(x, w, off, "swiglu")  # warm-up outside the capture (workspace, one-time setup)
+    grouped_gemm(x, w, off, epilogue)  # warm-up outside the capture (workspace, one-time setup)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         with torch.cuda.graph(graph):
-            out = grouped_gemm(x, w, off, "swiglu")
+            out = grouped_gemm(x, w, off, epilogue)
     for routing in ("zipf", "one_expert", "many_empty"):
         off.copy_(offsets_from_counts(routing_counts(routing, T, k, E), "cuda"))
         x.copy_(torch.randn_like(x))
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        assert_close_rel(out, ref_fp32(x, w, off, "swiglu"), 1e-2, what=f"graph replay {routing}")
+        assert_close_rel(out, ref_fp32(x, w, off, epilogue), 1e-2, what=f"graph replay {routing}")
 
 
 @requires_cuda
 def test_cuda_compile_reduce_overhead():
     x, w, off = make_case(routing_counts("balanced", 64, 6, 16), 16, 256, 512, torch.bfloat16, "cuda")
-    fn = torch.compile(lambda a, b, c: grouped_gemm(a, b, c, "swiglu"), mode="reduce-overhead", fullgraph=True)
+    fn = torch.compile(lambda a, b, c: grouped_gemm(a, b, c, "swiglu_interleaved"), mode="reduce-overhead",
+                       fullgraph=True)
     for _ in range(3):
         out = fn(x, w, off)
-    assert_close_rel(out, ref_fp32(x, w, off, "swiglu"), 1e-2)
+    assert_close_rel(out, ref_fp32(x, w, off, "swiglu_interleaved"), 1e-2)
 
 
 @requires_cuda
@@ -303,7 +322,8 @@ def test_cuda_garbage_offsets_stay_in_bounds(backend):
     # Decreasing and out-of-range offsets: unspecified values, but no fault (the kernels clamp).
     x, w, off = make_case([4, 4, 4, 4], 4, 64, 64, torch.bfloat16, "cuda")
     off.copy_(torch.tensor([5, -7, 100, 3, 2**30], dtype=torch.int32))
-    grouped_gemm(x, w, off, "swiglu")
+    for epilogue in EPILOGUES:
+        grouped_gemm(x, w, off, epilogue)
     torch.cuda.synchronize()
 
 
@@ -318,17 +338,19 @@ def test_cuda_forced_cutlass_errors_off_sm90(monkeypatch):
 
 
 @requires_cuda
-def test_cuda_64bit_indexing():
-    # S * N > 2^31: output offsets must not wrap. Checked on a sample of rows.
+@pytest.mark.parametrize("epilogue", ["none", "swiglu_interleaved"])
+def test_cuda_64bit_indexing(epilogue):
+    # Output elements S * N_out > 2^31: offsets must not wrap. Checked on a sample of rows.
     if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
         pytest.skip("needs ~10 GB")
-    E, N, K = 4, 4096, 64
-    S = (2**31) // N + 4096
+    E, N, K = 4, (4096 if epilogue == "none" else 8192), 64
+    N_out = N if epilogue == "none" else N // 2
+    S = (2**31) // N_out + 4096
     counts = [S // 4] * 3 + [S - 3 * (S // 4)]
     x, w, off = make_case(counts, E, N, K, torch.bfloat16, "cuda")
-    out = grouped_gemm(x, w, off, "none")
+    out = grouped_gemm(x, w, off, epilogue)
     rows = torch.tensor([0, S // 4, S // 2, S - 2049, S - 1], device="cuda")
     expert = torch.bucketize(rows, off[1:].long(), right=True)
-    ref = torch.einsum("sk,snk->sn", x[rows].float(), w[expert].float())
+    ref = torch.stack([ref_fp32(x[r:r + 1], w[e:e + 1], offsets_from_counts([1], "cuda"), epilogue)[0]
+                       for r, e in zip(rows.tolist(), expert.tolist())])
     assert_close_rel(out[rows], ref, 1e-2)
-

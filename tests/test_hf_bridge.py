@@ -158,6 +158,7 @@ def test_drop_in_modules_load_hf_state_dicts(device):
 def test_patch_swaps_modules_in_place_sharing_weights():
     model = make_hf_model(**CONFIGS["sliding-dense2-mqa"])
     before = model.state_dict(keep_vars=True)
+    values = {k: v.detach().clone() for k, v in before.items()}
     norms = sum(type(m) is hf_dots1.Dots1RMSNorm for m in model.modules())
     assert bridge.patch_hf_model(model) is model and bridge.is_patched(model)
 
@@ -169,7 +170,15 @@ def test_patch_swaps_modules_in_place_sharing_weights():
     assert kinds.count(modules.Dots1MLP) == 1  # ... the shared experts are ours (the same math, sharing weights)
     after = model.state_dict(keep_vars=True)
     assert list(after) == list(before)
-    assert all(after[k] is before[k] for k in before), "patching must share, never copy, the tensors"
+    # The routed experts' gate_up_proj is repacked in place for the fused SwiGLU: the same Parameter
+    # object, and state_dict still returns its HF-layout values.
+    gate_up = [k for k in before if k.endswith("mlp.experts.gate_up_proj")]
+    assert gate_up and all(m.experts.gate_up_interleaved for m in model.modules() if type(m) is bridge.PatchedMoE)
+    assert all(after[k] is before[k] for k in before if k not in gate_up), "patching must share, never copy, the tensors"
+    assert all(torch.equal(after[k], values[k]) for k in before)
+    (patched_moe,) = [m for m in model.modules() if type(m) is bridge.PatchedMoE]
+    assert gate_up == ["model.layers.2.mlp.experts.gate_up_proj"]
+    assert patched_moe.experts.gate_up_proj is before[gate_up[0]]
     table = model.dots1_ext_rope[0].cos_sin_cache
     assert all(m._dots1_ext_rope.cos_sin_cache is table for m in model.modules() if type(m) is bridge.PatchedAttention)
 
@@ -180,6 +189,7 @@ def test_patch_swaps_modules_in_place_sharing_weights():
     assert not bridge.is_patched(model) and not hasattr(model, "dots1_ext_rope")
     restored = model.state_dict(keep_vars=True)
     assert list(restored) == list(before) and all(restored[k] is before[k] for k in before)
+    assert all(torch.equal(restored[k], values[k]) for k in before), "unpatch restores the HF layout"
     assert {type(m) for m in model.modules()} & {bridge.PatchedRMSNorm, bridge.PatchedMoE, bridge.PatchedAttention} == set()
     assert bridge.unpatch_hf_model(model) is model  # unpatching an unpatched model is a no-op
 

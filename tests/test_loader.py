@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_model import BASE, CONFIGS, DTYPE, assert_logits_close, make_hf_model, tiny_ours
 
+from dots1_ext import modules
 from dots1_ext.loader import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -83,6 +84,10 @@ def test_save_load_round_trip(tmp_path, layout, shard_size):
     assert ("model.layers.1.mlp.experts.gate_up_proj" in keys) == (layout == "fused")
     loaded = load_model(tmp_path, "cpu", torch.float32, progress=False)
     assert_same_weights(loaded, model)
+    # Saving de-interleaves the experts in place and restores them; loading packs them again.
+    for ours, theirs in zip(modules.gate_up_modules(model), modules.gate_up_modules(loaded), strict=True):
+        assert ours.gate_up_interleaved and theirs.gate_up_interleaved
+        assert torch.equal(ours.gate_up_proj, theirs.gate_up_proj)
     ids = torch.randint(0, BASE["vocab_size"], (2, 7))
     assert torch.equal(loaded(ids), model(ids))
 

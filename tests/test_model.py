@@ -148,6 +148,52 @@ def test_state_dict_names_match_transformers():
     assert ours.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
 
 
+# -- the experts' gate_up layout ----------------------------------------------------------------------
+def _gate_up(model, layer=1):
+    return model.model.layers[layer].mlp.experts
+
+
+def test_gate_up_interleaved_state_dict_speaks_hf_layout(device):
+    model = tiny_ours(device)  # built like a loaded model: experts packed for the fused SwiGLU
+    experts = _gate_up(model)
+    assert experts.gate_up_interleaved and experts.gate_up_epilogue == "swiglu_interleaved"
+    key = "model.layers.1.mlp.experts.gate_up_proj"
+    hf_layout = model.state_dict()[key]
+    assert torch.equal(hf_layout, modules.reference.deinterleave_gate_up(experts.gate_up_proj.detach()))
+
+    # Into a model in the HF layout: the same tensors; into an interleaved one: packed on the way in.
+    plain = Dots1ForCausalLM(model.config, device=device, dtype=model.dtype).eval()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    assert not _gate_up(plain).gate_up_interleaved
+    assert torch.equal(_gate_up(plain).gate_up_proj, hf_layout)
+    other = tiny_ours(device, seed=1)
+    other.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(_gate_up(other).gate_up_proj, experts.gate_up_proj)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 40), device=device)
+    out = model(ids)
+    assert_logits_close(plain(ids), out, device, "HF layout (unfused SwiGLU) vs interleaved")
+    assert torch.equal(other(ids), out)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # a wrong shape is still reported
+        other.load_state_dict({**model.state_dict(), key: hf_layout[:, :16]})
+
+
+def test_gate_up_layout_conversions_are_exact_and_in_place():
+    model = tiny_ours("cpu")
+    experts = _gate_up(model)
+    param, packed = experts.gate_up_proj, experts.gate_up_proj.detach().clone()
+    with modules.experts_in_hf_layout(model):
+        assert not experts.gate_up_interleaved and experts.gate_up_epilogue == "swiglu"
+        assert experts.gate_up_proj is param  # converted in place, no second copy
+        assert torch.equal(param, modules.reference.deinterleave_gate_up(packed))
+        key = "model.layers.1.mlp.experts.gate_up_proj"
+        assert model.state_dict(keep_vars=True)[key] is param
+    assert experts.gate_up_interleaved and torch.equal(param, packed)
+    assert experts.interleave_gate_up_() and torch.equal(param, packed)  # idempotent
+    # 2I not a multiple of 16: stays in the HF layout (the unfused SwiGLU path).
+    odd = tiny_ours("cpu", moe_intermediate_size=12)
+    assert not _gate_up(odd).gate_up_interleaved and _gate_up(odd).gate_up_epilogue == "swiglu"
+
+
 @pytest.mark.parametrize("case", sorted(CONFIGS))
 def test_logits_match_transformers(case, device):
     hf = make_hf_model(**CONFIGS[case])

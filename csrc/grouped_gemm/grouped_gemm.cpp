@@ -1,12 +1,15 @@
 // grouped_gemm: per-expert x[rows_e] @ weight[e]^T over the permuted rows, optionally with the
-// SwiGLU epilogue silu(gate) * up (gate = the first N/2 weight rows of each expert).
+// SwiGLU epilogue silu(gate) * up.
 //
 //   x [S, K] @ weight [E, N, K].mT per expert segment, expert_offsets [E+1] int32
-//   -> out [S, N] ("none") or [S, N/2] ("swiglu"); rows outside every segment are zero.
+//   -> out [S, N] ("none") or [S, N/2] ("swiglu": gate = the first N/2 weight rows of each expert, HF
+//   layout; "swiglu_interleaved": weight rows in 16-row [8 gate | 8 up] blocks, see grouped_gemm.h);
+//   rows outside every segment are zero.
 //
 // CUDA backends (DOTS1_EXT_GEMM_BACKEND = auto | cutlass | decode | torch):
 //   decode  - weight-streaming kernel for few rows per expert; correct for any S, fp32 too.
-//   cutlass - CUTLASS 3 ptr-array grouped GEMM on sm90a (+ a SiLU-mul kernel for "swiglu").
+//   cutlass - CUTLASS 3 ptr-array grouped GEMM on sm90a; "swiglu_interleaved" fuses SwiGLU into its
+//             epilogue, "swiglu" (HF layout) runs a SiLU-mul kernel after it.
 //   torch   - at::_grouped_mm (+ the SiLU-mul kernel), where torch supports the GPU.
 //   auto    - decode for S <= DOTS1_EXT_GEMM_DECODE_MAX_ROWS (default 128, about T=21 at top-6; measured on
 //             H100: the decode kernel wins at T=8 (48 rows), CUTLASS at T=64 (384 rows)),
@@ -40,9 +43,12 @@
 namespace dots1 {
 namespace {
 
+// Which SwiGLU epilogue, if any (the CPU build has no grouped_gemm.h: its own enum).
+enum class SwiGLU { kNone, kHF, kInterleaved };
+
 struct GemmShape {
   int64_t S, K, E, N, N_out;
-  bool swiglu;
+  SwiGLU swiglu;  // kNone: epilogue "none"
 };
 
 GemmShape check_grouped_gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_offsets,
@@ -55,19 +61,25 @@ GemmShape check_grouped_gemm(const at::Tensor& x, const at::Tensor& weight, cons
   check_shape(expert_offsets, "expert_offsets", {weight.size(0) + 1});
   check_same_device(weight, "weight", x, "x");
   check_same_device(expert_offsets, "expert_offsets", x, "x");
-  TORCH_CHECK_VALUE(epilogue == "none" || epilogue == "swiglu",
-                    "dots1_ext: epilogue must be one of ('none', 'swiglu'), got '", epilogue, "'");
-  const bool swiglu = epilogue == "swiglu";
+  TORCH_CHECK_VALUE(epilogue == "none" || epilogue == "swiglu" || epilogue == "swiglu_interleaved",
+                    "dots1_ext: epilogue must be one of ('none', 'swiglu', 'swiglu_interleaved'), got '", epilogue,
+                    "'");
+  const SwiGLU swiglu = epilogue == "swiglu"               ? SwiGLU::kHF
+                        : epilogue == "swiglu_interleaved" ? SwiGLU::kInterleaved
+                                                           : SwiGLU::kNone;
   const int64_t N = weight.size(1);
-  TORCH_CHECK_VALUE(!swiglu || N % 2 == 0,
+  TORCH_CHECK_VALUE(swiglu != SwiGLU::kHF || N % 2 == 0,
                     "dots1_ext: epilogue 'swiglu' needs an even weight.shape[1] (gate + up rows), got ", N);
+  TORCH_CHECK_VALUE(swiglu != SwiGLU::kInterleaved || N % 16 == 0,
+                    "dots1_ext: epilogue 'swiglu_interleaved' needs weight.shape[1] (gate + up rows) to be a "
+                    "multiple of 16 (whole [8 gate | 8 up] blocks), got ", N);
   if (x.is_cuda()) {
     // 16-byte vectors and TMA need whole 16-byte rows.
     TORCH_CHECK_VALUE(N % 8 == 0, "dots1_ext: weight.shape[1] (N) must be a multiple of 8 on CUDA, got ", N);
     TORCH_CHECK_VALUE(x.size(1) % 8 == 0, "dots1_ext: x.shape[1] (K) must be a multiple of 8 on CUDA, got ",
                       x.size(1));
   }
-  return {x.size(0), x.size(1), weight.size(0), N, swiglu ? N / 2 : N, swiglu};
+  return {x.size(0), x.size(1), weight.size(0), N, swiglu != SwiGLU::kNone ? N / 2 : N, swiglu};
 }
 
 // ---- CPU: per-expert matmul in fp32 ----
@@ -90,7 +102,12 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const
     const int64_t lo = off[e], rows = off[e + 1] - off[e];
     if (rows == 0) continue;
     at::Tensor y = at::matmul(x.narrow(0, lo, rows).to(at::kFloat), weight.select(0, e).to(at::kFloat).t());
-    if (g.swiglu) y = at::silu(y.narrow(1, 0, g.N_out)) * y.narrow(1, g.N_out, g.N_out);
+    if (g.swiglu == SwiGLU::kInterleaved) {
+      const at::Tensor blocks = y.view({rows, g.N / 16, 2, 8});  // [8 gate | 8 up] per 16 columns
+      y = at::silu(blocks.select(2, 0).reshape({rows, g.N_out})) * blocks.select(2, 1).reshape({rows, g.N_out});
+    } else if (g.swiglu == SwiGLU::kHF) {
+      y = at::silu(y.narrow(1, 0, g.N_out)) * y.narrow(1, g.N_out, g.N_out);
+    }
     out.narrow(0, lo, rows).copy_(y);
   }
   return out;
@@ -99,6 +116,10 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const
 #ifdef DOTS1_WITH_CUDA
 
 enum class Backend { kAuto, kCutlass, kDecode, kTorch };
+
+SwiGLULayout layout_of(SwiGLU s) {
+  return s == SwiGLU::kHF ? SwiGLULayout::kHF : s == SwiGLU::kInterleaved ? SwiGLULayout::kInterleaved : SwiGLULayout::kNone;
+}
 
 Backend backend_from_env() {
   const char* v = std::getenv("DOTS1_EXT_GEMM_BACKEND");
@@ -157,14 +178,15 @@ void run_decode(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   const DType dt = to_dtype(x.scalar_type());
   C10_CUDA_CHECK(launch_zero_uncovered_rows(out.data_ptr(), offsets.data_ptr<int32_t>(), g.S, g.E, g.N_out, dt, stream));
   C10_CUDA_CHECK(launch_grouped_gemm_decode(x.data_ptr(), weight.data_ptr(), offsets.data_ptr<int32_t>(),
-                                            out.data_ptr(), g.S, g.E, g.N, g.K, g.swiglu, dt, stream));
+                                            out.data_ptr(), g.S, g.E, g.N, g.K, layout_of(g.swiglu), dt, stream));
 }
 
 // The epilogue after a backend that wrote the plain product into `full` ([S, N]).
 void finish_unfused(const at::Tensor& full, const at::Tensor& offsets, at::Tensor& out, const GemmShape& g,
                     cudaStream_t stream) {
   const DType dt = to_dtype(out.scalar_type());
-  if (g.swiglu) C10_CUDA_CHECK(launch_silu_mul(full.data_ptr(), out.data_ptr(), g.S, g.N, dt, stream));
+  if (g.swiglu != SwiGLU::kNone)
+    C10_CUDA_CHECK(launch_silu_mul(full.data_ptr(), out.data_ptr(), g.S, g.N, layout_of(g.swiglu), dt, stream));
   C10_CUDA_CHECK(launch_zero_uncovered_rows(out.data_ptr(), offsets.data_ptr<int32_t>(), g.S, g.E, g.N_out, dt, stream));
 }
 
@@ -181,22 +203,36 @@ void run_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   } else {
     TORCH_CHECK_VALUE(cfg_s == "auto", "dots1_ext: DOTS1_EXT_GEMM_SM90_CONFIG must be auto, coop or pingpong, got '",
                       cfg_s, "'");
-    // Rows per expert on average (host-known, no data read). Measured on H100 at Dots1 shapes
-    // (bench/results/2026-11-25-h100-ebfd10e-tune): ping-pong 64x256 wins below ~50 rows per expert,
-    // cooperative 128x256 from ~96 (by 3% balanced and 12% Zipf-skewed at 192, 20% at 768).
+    // Rows per expert on average (host-known, no data read). Measured at Dots1 shapes, gate_up with
+    // the fused SwiGLU and down timed separately, round-robin (bench/results/2026-11-26-h200-tune):
+    // ping-pong 64x256 (its epilogue overlaps the other warp group's mainloop, and 64-row tiles waste
+    // less of each expert's rows) is as fast or faster up to 384 rows per expert (12% at 192);
+    // at 768 the two are within 4% either way.
     const int64_t rows_per_expert = g.S / std::max<int64_t>(g.E, 1);
-    config = rows_per_expert >= env_int("DOTS1_EXT_GEMM_COOP_MIN_ROWS", 96) ? Sm90GemmConfig::kCooperative128x256
-                                                                             : Sm90GemmConfig::kPingpong64x256;
+    config = rows_per_expert >= env_int("DOTS1_EXT_GEMM_COOP_MIN_ROWS", 512) ? Sm90GemmConfig::kCooperative128x256
+                                                                              : Sm90GemmConfig::kPingpong64x256;
   }
-  const size_t ws_bytes = grouped_gemm_sm90_workspace_bytes(g.E, config, dt, info.sm_count);
+  // The interleaved layout fuses SwiGLU into the epilogue; the HF layout's gate and up columns are
+  // N/2 apart (different tiles), so it writes the product and runs the SiLU-mul kernel after.
+  const bool fused = g.swiglu == SwiGLU::kInterleaved;
+  const Sm90Epilogue epilogue = fused ? Sm90Epilogue::kSwiGLUInterleaved : Sm90Epilogue::kNone;
+  const size_t ws_bytes = grouped_gemm_sm90_workspace_bytes(g.E, config, epilogue, dt, info.sm_count);
   // +256: the launcher wants a 256-byte aligned start.
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes + 256)}, x.options().dtype(at::kByte));
   char* ws = static_cast<char*>(workspace.data_ptr());
   const uintptr_t mis = reinterpret_cast<uintptr_t>(ws) % 256;
   if (mis) ws += 256 - mis;
-  at::Tensor full = g.swiglu ? at::empty({g.S, g.N}, x.options()) : out;
+  if (fused) {
+    C10_CUDA_CHECK(launch_grouped_gemm_sm90(x.data_ptr(), weight.data_ptr(), offsets.data_ptr<int32_t>(),
+                                            out.data_ptr(), g.S, g.E, g.N, g.K, config, epilogue, dt, ws, ws_bytes,
+                                            info.sm_count, stream));
+    C10_CUDA_CHECK(launch_zero_uncovered_rows(out.data_ptr(), offsets.data_ptr<int32_t>(), g.S, g.E, g.N_out, dt,
+                                              stream));
+    return;
+  }
+  at::Tensor full = g.swiglu != SwiGLU::kNone ? at::empty({g.S, g.N}, x.options()) : out;
   C10_CUDA_CHECK(launch_grouped_gemm_sm90(x.data_ptr(), weight.data_ptr(), offsets.data_ptr<int32_t>(),
-                                          full.data_ptr(), g.S, g.E, g.N, g.K, config, dt, ws, ws_bytes,
+                                          full.data_ptr(), g.S, g.E, g.N, g.K, config, epilogue, dt, ws, ws_bytes,
                                           info.sm_count, stream));
   finish_unfused(full, offsets, out, g, stream);
 }
@@ -223,7 +259,7 @@ bool try_run_torch(const at::Tensor& x, const at::Tensor& weight, const at::Tens
     if (must) throw;
     return false;
   }
-  if (!g.swiglu) out = full;  // the product is the result: hand torch's buffer back instead of copying
+  if (g.swiglu == SwiGLU::kNone) out = full;  // the product is the result: hand torch's buffer back instead of copying
   finish_unfused(full, offsets, out, g, stream);
   return true;
 #else

@@ -1,7 +1,14 @@
 // Launchers of the grouped expert GEMM (raw pointers, no torch types: the .cu files stay light).
 //
 // Shape letters: S permuted rows, E experts, N output features of the weight, K input features,
-// N_out = N ("none") or N/2 ("swiglu"). Every matrix is row-major with its last dimension contiguous.
+// N_out = N ("none") or N/2 (the SwiGLU epilogues). Every matrix is row-major with its last dimension
+// contiguous.
+//
+// SwiGLU weight layouts (N = 2I rows per expert):
+//   HF          - rows [0, I) gate, [I, 2I) up; output feature f = silu(row f) * row (I + f).
+//   interleaved - 16-row blocks [8 gate | 8 up]: output feature f uses gate row 16*(f/8) + f%8 and up
+//                 row 16*(f/8) + 8 + f%8 (N % 16 == 0). Made once at load (dots1_ext.ops.
+//                 interleave_gate_up) so the sm90 epilogue finds gate and up in one thread's registers.
 // expert_offsets [E+1] int32 lives on the device: expert e owns rows [off[e], off[e+1]). Kernels
 // clamp every offset into [0, S] and never touch memory outside the tensors whatever the offsets
 // hold; results are specified only for non-decreasing offsets (the permute contract), where the
@@ -24,11 +31,12 @@ namespace dots1 {
 // with rows are read and, for <= kDecodeRowsPerPass rows per expert, each weight byte once. Correct
 // (if slow) for any S; the CUDA fallback when nothing faster applies.
 constexpr int kDecodeRowsPerPass = 8;
+enum class SwiGLULayout : int { kNone = 0, kHF = 1, kInterleaved = 2 };  // kNone: no SwiGLU epilogue
 cudaError_t launch_grouped_gemm_decode(const void* x,                // [S, K]
                                        const void* weight,           // [E, N, K]
                                        const int32_t* expert_offsets,  // [E+1] device
                                        void* out,                    // [S, N_out]
-                                       int64_t S, int64_t E, int64_t N, int64_t K, bool swiglu,
+                                       int64_t S, int64_t E, int64_t N, int64_t K, SwiGLULayout swiglu,
                                        DType dtype, cudaStream_t stream);
 
 // out[r, :] = 0 for the rows outside every expert's range: [0, off[0]) and [off[E], S).
@@ -36,10 +44,11 @@ cudaError_t launch_zero_uncovered_rows(void* out,                    // [S, N_ou
                                        const int32_t* expert_offsets,  // [E+1] device
                                        int64_t S, int64_t E, int64_t N_out, DType dtype, cudaStream_t stream);
 
-// out[r, j] = silu(gate_up[r, j]) * gate_up[r, j + N/2] in fp32, rounded once (16-byte vectors).
+// out[r, f] = silu(gate) * up of feature f of gate_up's row r (columns in `layout`, kHF or
+// kInterleaved), in fp32, rounded once (16-byte vectors).
 cudaError_t launch_silu_mul(const void* gate_up,  // [S, N]
                             void* out,            // [S, N/2]
-                            int64_t S, int64_t N, DType dtype, cudaStream_t stream);
+                            int64_t S, int64_t N, SwiGLULayout layout, DType dtype, cudaStream_t stream);
 
 // ---- grouped_gemm_sm90*.cu: CUTLASS 3 ptr-array grouped GEMM (sm90a, fp16/bf16) ----
 
@@ -49,23 +58,29 @@ enum class Sm90GemmConfig : int {
   kPingpong64x256 = 1,      // fewer rows per expert: 64-row tiles waste less on partial tiles
 };
 
+enum class Sm90Epilogue : int {
+  kNone = 0,               // out [S, N] = the product (TMA store)
+  kSwiGLUInterleaved = 1,  // out [S, N/2] = silu(gate) * up, weights in the interleaved layout, N % 16 == 0
+};
+
 // Whether this build carries the sm90a kernels (compiled with an sm_90a target).
 bool sm90_grouped_gemm_compiled();
 
 // Device bytes the sm90 grouped GEMM needs for its argument arrays and CUTLASS workspace; the caller
 // allocates them (torch's caching allocator: CUDA-graph safe) and passes them to
 // launch_grouped_gemm_sm90. Depends only on E, the config and the SM count, not on data.
-size_t grouped_gemm_sm90_workspace_bytes(int64_t E, Sm90GemmConfig config, DType dtype, int sm_count);
+size_t grouped_gemm_sm90_workspace_bytes(int64_t E, Sm90GemmConfig config, Sm90Epilogue epilogue, DType dtype,
+                                         int sm_count);
 
-// out = per-expert x[rows_e] @ weight[e]^T, epilogue none. A tiny kernel turns expert_offsets into
+// out = per-expert x[rows_e] @ weight[e]^T, or its SwiGLU (see Sm90Epilogue). A tiny kernel turns expert_offsets into
 // CUTLASS's per-group problem shapes, pointers and strides on the device (no host synchronisation),
 // so the pair of launches captures in a CUDA graph. Rows outside every range are left untouched.
 cudaError_t launch_grouped_gemm_sm90(const void* x,                  // [S, K]
                                      const void* weight,             // [E, N, K]
                                      const int32_t* expert_offsets,  // [E+1] device
-                                     void* out,                      // [S, N]
+                                     void* out,                      // [S, N_out]
                                      int64_t S, int64_t E, int64_t N, int64_t K, Sm90GemmConfig config,
-                                     DType dtype, void* workspace, size_t workspace_bytes, int sm_count,
-                                     cudaStream_t stream);
+                                     Sm90Epilogue epilogue, DType dtype, void* workspace, size_t workspace_bytes,
+                                     int sm_count, cudaStream_t stream);
 
 }  // namespace dots1

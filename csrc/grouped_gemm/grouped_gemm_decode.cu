@@ -10,8 +10,8 @@ namespace {
 
 constexpr int kDecodeThreads = 256;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
-// Weight rows per warp: "swiglu" takes gate rows n, n+1 and up rows N/2+n, N/2+n+1 (two outputs);
-// "none" takes rows n..n+3 (four outputs). Each x vector read from shared memory feeds 4 rows.
+// Weight rows per warp: SwiGLU takes the gate and up rows of features f, f+1 (two outputs; f even, so
+// both sit in one 8-row block of the interleaved layout); "none" takes rows n..n+3 (four outputs). Each x vector read from shared memory feeds 4 rows.
 constexpr int kRowsPerWarp = 4;
 // Shared-memory x tile: kDecodeRowsPerPass rows x kChunkVecs 16-byte vectors of K (32 KiB).
 constexpr int kChunkVecs = 256;
@@ -23,6 +23,15 @@ template <typename T>
 __device__ __forceinline__ void vec_to_float(const Vec16<T>& v, float (&f)[Vec16<T>::kElems]) {
 #pragma unroll
   for (int i = 0; i < Vec16<T>::kElems; ++i) f[i] = to_float(v.v[i]);
+}
+
+// Weight row of the gate (up = false) or up projection of output feature f.
+template <SwiGLULayout kLayout>
+__device__ __forceinline__ int64_t swiglu_row(int64_t f, int64_t N, bool up) {
+  if constexpr (kLayout == SwiGLULayout::kInterleaved)
+    return (f >> 3) * 16 + (up ? 8 : 0) + (f & 7);
+  else
+    return (up ? N / 2 : 0) + f;
 }
 
 // Clamped bounds of expert e: [lo, hi) inside [0, S].
@@ -69,25 +78,26 @@ __device__ bool find_work_item(const int32_t* __restrict__ offsets, int64_t E, i
 }
 
 // One work item: rows [r0, r0 + nrows) (nrows <= TP) of expert e, the kRowsPerWarp weight rows of
-// each warp, the whole K. x goes through shared memory chunk by chunk; weights stream from global
-// memory in 16-byte loads, each byte read once for all the item's rows.
-template <typename T, bool kSwiGLU, int TP>
+// each warp, the whole K. x goes through shared memory chunk by chunk (from global memory directly
+// for one or two rows); weights stream from global memory in 16-byte loads, each byte read once for
+// all the item's rows.
+template <typename T, SwiGLULayout kLayout, int TP>
 __device__ void decode_item(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out,
                             Vec16<T> (*x_tile)[kChunkVecs], int64_t e, int64_t r0, int nrows, int64_t N,
                             int64_t K, int64_t N_out, int64_t col0, bool warp_active) {
   constexpr int VE = Vec16<T>::kElems;
   const int lane = threadIdx.x & 31;
+  constexpr bool kSwiGLU = kLayout != SwiGLULayout::kNone;
   const int64_t KV = K / VE;  // K is a multiple of 8 (checked on the host), hence of VE
 
   // Weight rows of this warp (valid only when warp_active).
   const Vec16<T>* wrow[kRowsPerWarp];
   {
-    const int64_t half = N / 2;
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       int64_t row;
       if constexpr (kSwiGLU)
-        row = (r < 2 ? col0 + r : half + col0 + (r - 2));
+        row = swiglu_row<kLayout>(col0 + (r & 1), N, /*up=*/r >= 2);
       else
         row = col0 + r;
       if (!warp_active) row = 0;
@@ -101,38 +111,67 @@ __device__ void decode_item(const T* __restrict__ x, const T* __restrict__ weigh
 #pragma unroll
     for (int t = 0; t < TP; ++t) acc[r][t] = 0.0f;
 
-  for (int64_t k0 = 0; k0 < KV; k0 += kChunkVecs) {
-    const int nv = static_cast<int>(min(static_cast<int64_t>(kChunkVecs), KV - k0));
-    __syncthreads();  // the previous chunk's x tile has been consumed
-    for (int i = threadIdx.x; i < TP * kChunkVecs; i += kDecodeThreads) {
-      const int t = i / kChunkVecs, v = i % kChunkVecs;
-      Vec16<T> val;
-      if (t < nrows && v < nv) {
-        val = *reinterpret_cast<const Vec16<T>*>(x + (r0 + t) * K + (k0 + v) * VE);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VE; ++j) val.v[j] = from_float<T>(0.0f);
-      }
-      x_tile[t][v] = val;
-    }
-    __syncthreads();
+  if constexpr (TP <= 2) {
+    // One or two rows (decode): x straight from global memory (L1/L2-resident, read by every warp),
+    // so the weight stream never waits on a shared-memory tile and its barriers.
     if (warp_active) {
+      const Vec16<T>* xrow[TP];
+#pragma unroll
+      for (int t = 0; t < TP; ++t) xrow[t] = reinterpret_cast<const Vec16<T>*>(x + (r0 + min(t, nrows - 1)) * K);
 #pragma unroll 4
-      for (int v = lane; v < nv; v += 32) {
+      for (int64_t v = lane; v < KV; v += 32) {
         float wf[kRowsPerWarp][VE];
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
-          const int4 raw = __ldg(reinterpret_cast<const int4*>(wrow[r] + k0 + v));
+          const int4 raw = __ldg(reinterpret_cast<const int4*>(wrow[r] + v));
           vec_to_float(*reinterpret_cast<const Vec16<T>*>(&raw), wf[r]);
         }
 #pragma unroll
         for (int t = 0; t < TP; ++t) {
+          const int4 raw = __ldg(reinterpret_cast<const int4*>(xrow[t] + v));
           float xf[VE];
-          vec_to_float(x_tile[t][v], xf);
+          vec_to_float(*reinterpret_cast<const Vec16<T>*>(&raw), xf);
 #pragma unroll
           for (int r = 0; r < kRowsPerWarp; ++r)
 #pragma unroll
             for (int j = 0; j < VE; ++j) acc[r][t] = fmaf(wf[r][j], xf[j], acc[r][t]);
+        }
+      }
+    }
+  } else {
+    for (int64_t k0 = 0; k0 < KV; k0 += kChunkVecs) {
+      const int nv = static_cast<int>(min(static_cast<int64_t>(kChunkVecs), KV - k0));
+      __syncthreads();  // the previous chunk's x tile has been consumed
+      for (int i = threadIdx.x; i < TP * kChunkVecs; i += kDecodeThreads) {
+        const int t = i / kChunkVecs, v = i % kChunkVecs;
+        Vec16<T> val;
+        if (t < nrows && v < nv) {
+          val = *reinterpret_cast<const Vec16<T>*>(x + (r0 + t) * K + (k0 + v) * VE);
+        } else {
+#pragma unroll
+          for (int j = 0; j < VE; ++j) val.v[j] = from_float<T>(0.0f);
+        }
+        x_tile[t][v] = val;
+      }
+      __syncthreads();
+      if (warp_active) {
+#pragma unroll 4
+        for (int v = lane; v < nv; v += 32) {
+          float wf[kRowsPerWarp][VE];
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r) {
+            const int4 raw = __ldg(reinterpret_cast<const int4*>(wrow[r] + k0 + v));
+            vec_to_float(*reinterpret_cast<const Vec16<T>*>(&raw), wf[r]);
+          }
+#pragma unroll
+          for (int t = 0; t < TP; ++t) {
+            float xf[VE];
+            vec_to_float(x_tile[t][v], xf);
+#pragma unroll
+            for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+              for (int j = 0; j < VE; ++j) acc[r][t] = fmaf(wf[r][j], xf[j], acc[r][t]);
+          }
         }
       }
     }
@@ -157,11 +196,12 @@ __device__ void decode_item(const T* __restrict__ x, const T* __restrict__ weigh
   }
 }
 
-template <typename T, bool kSwiGLU>
+template <typename T, SwiGLULayout kLayout>
 __global__ void __launch_bounds__(kDecodeThreads, 2)
     grouped_gemm_decode_kernel(const T* __restrict__ x, const T* __restrict__ weight,
                                const int32_t* __restrict__ offsets, T* __restrict__ out, int64_t S, int64_t E,
                                int64_t N, int64_t K, int64_t num_items) {
+  constexpr bool kSwiGLU = kLayout != SwiGLULayout::kNone;
   constexpr int kColsPerWarp = kSwiGLU ? 2 : kRowsPerWarp;
   __shared__ Vec16<T> x_tile[kDecodeRowsPerPass][kChunkVecs];
   __shared__ int64_t item_info[2];
@@ -190,13 +230,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
     const int nrows = static_cast<int>(min(static_cast<int64_t>(kDecodeRowsPerPass), hi - r0));
     // Uniform branch over the block: fewer rows, fewer FMAs (decode mostly has 1-2 rows per expert).
     if (nrows <= 1)
-      decode_item<T, kSwiGLU, 1>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0, warp_active);
+      decode_item<T, kLayout, 1>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0, warp_active);
     else if (nrows <= 2)
-      decode_item<T, kSwiGLU, 2>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0, warp_active);
+      decode_item<T, kLayout, 2>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0, warp_active);
     else if (nrows <= 4)
-      decode_item<T, kSwiGLU, 4>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0, warp_active);
+      decode_item<T, kLayout, 4>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0, warp_active);
     else
-      decode_item<T, kSwiGLU, kDecodeRowsPerPass>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0,
+      decode_item<T, kLayout, kDecodeRowsPerPass>(x, weight, out, x_tile, e, r0, nrows, N, K, N_out, col0,
                                                   warp_active);
   }
 }
@@ -222,7 +262,9 @@ __global__ void zero_uncovered_rows_kernel(T* __restrict__ out, const int32_t* _
   }
 }
 
-template <typename T, bool kVectorised>
+// One thread per VE consecutive features; VE divides 8, so they share one [8 gate | 8 up] block of
+// the interleaved layout.
+template <typename T, SwiGLULayout kLayout, bool kVectorised>
 __global__ void silu_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ out, int64_t S, int64_t N) {
   constexpr int VE = kVectorised ? Vec16<T>::kElems : 1;
   const int64_t half = N / 2;
@@ -231,16 +273,17 @@ __global__ void silu_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ o
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = i / per_row, c = (i % per_row) * VE;
-    const T* g = gate_up + row * N + c;
+    const T* g = gate_up + row * N + swiglu_row<kLayout>(c, N, /*up=*/false);
+    const T* u = gate_up + row * N + swiglu_row<kLayout>(c, N, /*up=*/true);
     if constexpr (kVectorised) {
       const Vec16<T> gv = *reinterpret_cast<const Vec16<T>*>(g);
-      const Vec16<T> uv = *reinterpret_cast<const Vec16<T>*>(g + half);
+      const Vec16<T> uv = *reinterpret_cast<const Vec16<T>*>(u);
       Vec16<T> o;
 #pragma unroll
       for (int j = 0; j < VE; ++j) o.v[j] = from_float<T>(silu_f(to_float(gv.v[j])) * to_float(uv.v[j]));
       *reinterpret_cast<Vec16<T>*>(out + row * half + c) = o;
     } else {
-      out[row * half + c] = from_float<T>(silu_f(to_float(g[0])) * to_float(g[half]));
+      out[row * half + c] = from_float<T>(silu_f(to_float(g[0])) * to_float(u[0]));
     }
   }
 }
@@ -253,11 +296,13 @@ unsigned int elementwise_blocks(int64_t work, int threads) {
 }  // namespace
 
 cudaError_t launch_grouped_gemm_decode(const void* x, const void* weight, const int32_t* expert_offsets, void* out,
-                                       int64_t S, int64_t E, int64_t N, int64_t K, bool swiglu, DType dtype,
-                                       cudaStream_t stream) {
+                                       int64_t S, int64_t E, int64_t N, int64_t K, SwiGLULayout swiglu_layout,
+                                       DType dtype, cudaStream_t stream) {
   // K == 0 needs no special case: the K loop is empty and the covered rows get exact zeros.
   if (S == 0 || E == 0 || N == 0) return cudaSuccess;
   if (N % 8 != 0 || K % 8 != 0) return cudaErrorInvalidValue;
+  if (swiglu_layout == SwiGLULayout::kInterleaved && N % 16 != 0) return cudaErrorInvalidValue;
+  const bool swiglu = swiglu_layout != SwiGLULayout::kNone;
   const int64_t N_out = swiglu ? N / 2 : N;
   const int64_t cols_per_block = static_cast<int64_t>(kDecodeWarps) * (swiglu ? 2 : kRowsPerWarp);
   const int64_t grid_x = (N_out + cols_per_block - 1) / cols_per_block;
@@ -269,11 +314,14 @@ cudaError_t launch_grouped_gemm_decode(const void* x, const void* weight, const 
     const auto* xp = static_cast<const scalar_t*>(x);
     const auto* wp = static_cast<const scalar_t*>(weight);
     auto* op = static_cast<scalar_t*>(out);
-    if (swiglu)
-      grouped_gemm_decode_kernel<scalar_t, true>
+    if (swiglu_layout == SwiGLULayout::kHF)
+      grouped_gemm_decode_kernel<scalar_t, SwiGLULayout::kHF>
+          <<<grid, kDecodeThreads, 0, stream>>>(xp, wp, expert_offsets, op, S, E, N, K, num_items);
+    else if (swiglu_layout == SwiGLULayout::kInterleaved)
+      grouped_gemm_decode_kernel<scalar_t, SwiGLULayout::kInterleaved>
           <<<grid, kDecodeThreads, 0, stream>>>(xp, wp, expert_offsets, op, S, E, N, K, num_items);
     else
-      grouped_gemm_decode_kernel<scalar_t, false>
+      grouped_gemm_decode_kernel<scalar_t, SwiGLULayout::kNone>
           <<<grid, kDecodeThreads, 0, stream>>>(xp, wp, expert_offsets, op, S, E, N, K, num_items);
   });
   return cudaGetLastError();
@@ -294,8 +342,11 @@ cudaError_t launch_zero_uncovered_rows(void* out, const int32_t* expert_offsets,
   return cudaGetLastError();
 }
 
-cudaError_t launch_silu_mul(const void* gate_up, void* out, int64_t S, int64_t N, DType dtype, cudaStream_t stream) {
+cudaError_t launch_silu_mul(const void* gate_up, void* out, int64_t S, int64_t N, SwiGLULayout layout, DType dtype,
+                            cudaStream_t stream) {
   if (S == 0 || N == 0) return cudaSuccess;
+  if (layout == SwiGLULayout::kNone || (layout == SwiGLULayout::kInterleaved && N % 16 != 0))
+    return cudaErrorInvalidValue;
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
     constexpr int VE = Vec16<scalar_t>::kElems;
     const int64_t half = N / 2;
@@ -303,10 +354,18 @@ cudaError_t launch_silu_mul(const void* gate_up, void* out, int64_t S, int64_t N
                             reinterpret_cast<uintptr_t>(out) % 16 == 0;
     const auto* gp = static_cast<const scalar_t*>(gate_up);
     auto* op = static_cast<scalar_t*>(out);
-    if (vectorised)
-      silu_mul_kernel<scalar_t, true><<<elementwise_blocks(S * (half / VE), 256), 256, 0, stream>>>(gp, op, S, N);
-    else
-      silu_mul_kernel<scalar_t, false><<<elementwise_blocks(S * half, 256), 256, 0, stream>>>(gp, op, S, N);
+    const unsigned vec_blocks = elementwise_blocks(S * (half / VE), 256), blocks = elementwise_blocks(S * half, 256);
+    if (layout == SwiGLULayout::kInterleaved) {
+      if (vectorised)
+        silu_mul_kernel<scalar_t, SwiGLULayout::kInterleaved, true><<<vec_blocks, 256, 0, stream>>>(gp, op, S, N);
+      else
+        silu_mul_kernel<scalar_t, SwiGLULayout::kInterleaved, false><<<blocks, 256, 0, stream>>>(gp, op, S, N);
+    } else {
+      if (vectorised)
+        silu_mul_kernel<scalar_t, SwiGLULayout::kHF, true><<<vec_blocks, 256, 0, stream>>>(gp, op, S, N);
+      else
+        silu_mul_kernel<scalar_t, SwiGLULayout::kHF, false><<<blocks, 256, 0, stream>>>(gp, op, S, N);
+    }
   });
   return cudaGetLastError();
 }

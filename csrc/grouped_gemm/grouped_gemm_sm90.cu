@@ -1,6 +1,6 @@
-// Entry points of the sm90a grouped GEMM: picks the instantiation for (dtype, config). The
-// instantiations themselves live in grouped_gemm_sm90_{coop,pingpong}.cu (heavy CUTLASS templates,
-// one file per configuration so they compile in parallel); this file stays light.
+// Entry points of the sm90a grouped GEMM: picks the instantiation for (dtype, config, epilogue). The
+// instantiations themselves live in grouped_gemm_sm90_{coop,pingpong}[_swiglu].cu (heavy CUTLASS
+// templates, one file per configuration so they compile in parallel); this file stays light.
 #include "cutlass/numeric_types.h"
 #include "grouped_gemm/grouped_gemm.h"
 
@@ -10,29 +10,42 @@ namespace sm90 {
 struct Cooperative128x256;
 struct Pingpong64x256;
 
-template <typename Element, class Config>
+template <typename Element, class Config, bool kSwiGLU>
 size_t workspace_bytes(int64_t E, int sm_count);
-template <typename Element, class Config>
+template <typename Element, class Config, bool kSwiGLU>
 int binary_version();
-template <typename Element, class Config>
+template <typename Element, class Config, bool kSwiGLU>
 cudaError_t run(const void* x, const void* weight, const int32_t* expert_offsets, void* out, int64_t S, int64_t E,
                 int64_t N, int64_t K, void* workspace, size_t workspace_bytes_given, int sm_count,
                 cudaStream_t stream);
 
+// The configurations are only declared here: they travel as tags.
+template <class T>
+struct Tag {
+  using type = T;
+};
+
 }  // namespace sm90
 
-// Runs BODY with Element and Config bound; unsupported combinations return cudaErrorInvalidValue.
-#define DOTS1_SM90_DISPATCH(dtype, config, ...)                                                     \
+// Runs BODY with Element, Config and kSwiGLU bound; unsupported dtypes return a value-initialised
+// result (0 / cudaSuccess is never reached: the callers check the dtype first).
+#define DOTS1_SM90_DISPATCH(dtype, config, epilogue, ...)                                           \
   [&]() {                                                                                           \
-    auto with_config = [&](auto element_tag) {                                                      \
+    auto with_epilogue = [&](auto element_tag, auto config_tag) {                                   \
       using Element = decltype(element_tag);                                                        \
-      if (config == Sm90GemmConfig::kCooperative128x256) {                                          \
-        using Config = sm90::Cooperative128x256;                                                    \
+      using Config = typename decltype(config_tag)::type;                                           \
+      if (epilogue == Sm90Epilogue::kSwiGLUInterleaved) {                                           \
+        constexpr bool kSwiGLU = true;                                                              \
         __VA_ARGS__;                                                                                \
       } else {                                                                                      \
-        using Config = sm90::Pingpong64x256;                                                        \
+        constexpr bool kSwiGLU = false;                                                             \
         __VA_ARGS__;                                                                                \
       }                                                                                             \
+    };                                                                                              \
+    auto with_config = [&](auto element_tag) {                                                      \
+      if (config == Sm90GemmConfig::kCooperative128x256)                                            \
+        return with_epilogue(element_tag, sm90::Tag<sm90::Cooperative128x256>{});                   \
+      return with_epilogue(element_tag, sm90::Tag<sm90::Pingpong64x256>{});                         \
     };                                                                                              \
     if (dtype == DType::kBFloat16) return with_config(cutlass::bfloat16_t{});                       \
     if (dtype == DType::kFloat16) return with_config(cutlass::half_t{});                            \
@@ -40,22 +53,29 @@ cudaError_t run(const void* x, const void* weight, const int32_t* expert_offsets
   }()
 
 bool sm90_grouped_gemm_compiled() {
-  // 90 only when the sm_90a cubin is in this build and the current device can run it.
-  return sm90::binary_version<cutlass::bfloat16_t, sm90::Cooperative128x256>() == 90 &&
-         sm90::binary_version<cutlass::bfloat16_t, sm90::Pingpong64x256>() == 90;
+  // 90 only when the sm_90a cubins are in this build and the current device can run them.
+  using BF16 = cutlass::bfloat16_t;
+  return sm90::binary_version<BF16, sm90::Cooperative128x256, false>() == 90 &&
+         sm90::binary_version<BF16, sm90::Pingpong64x256, false>() == 90 &&
+         sm90::binary_version<BF16, sm90::Cooperative128x256, true>() == 90 &&
+         sm90::binary_version<BF16, sm90::Pingpong64x256, true>() == 90;
 }
 
-size_t grouped_gemm_sm90_workspace_bytes(int64_t E, Sm90GemmConfig config, DType dtype, int sm_count) {
-  return DOTS1_SM90_DISPATCH(dtype, config, return sm90::workspace_bytes<Element, Config>(E, sm_count));
+size_t grouped_gemm_sm90_workspace_bytes(int64_t E, Sm90GemmConfig config, Sm90Epilogue epilogue, DType dtype,
+                                         int sm_count) {
+  return DOTS1_SM90_DISPATCH(dtype, config, epilogue,
+                             return sm90::workspace_bytes<Element, Config, kSwiGLU>(E, sm_count));
 }
 
 cudaError_t launch_grouped_gemm_sm90(const void* x, const void* weight, const int32_t* expert_offsets, void* out,
-                                     int64_t S, int64_t E, int64_t N, int64_t K, Sm90GemmConfig config, DType dtype,
-                                     void* workspace, size_t workspace_bytes, int sm_count, cudaStream_t stream) {
+                                     int64_t S, int64_t E, int64_t N, int64_t K, Sm90GemmConfig config,
+                                     Sm90Epilogue epilogue, DType dtype, void* workspace, size_t workspace_bytes,
+                                     int sm_count, cudaStream_t stream) {
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
-  return DOTS1_SM90_DISPATCH(dtype, config,
-                             return sm90::run<Element, Config>(x, weight, expert_offsets, out, S, E, N, K, workspace,
-                                                               workspace_bytes, sm_count, stream));
+  return DOTS1_SM90_DISPATCH(dtype, config, epilogue,
+                             return sm90::run<Element, Config, kSwiGLU>(x, weight, expert_offsets, out, S, E, N, K,
+                                                                        workspace, workspace_bytes, sm_count,
+                                                                        stream));
 }
 
 }  // namespace dots1

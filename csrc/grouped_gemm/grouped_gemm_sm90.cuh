@@ -4,6 +4,9 @@
 //   out[rows_e, :] = x[rows_e, :] @ weight[e]^T      x [S, K] row-major, weight [E, N, K] (K contiguous,
 //                                                     i.e. CUTLASS's column-major B), out [S, N] row-major
 //
+// kSwiGLU instantiations take weight rows in the interleaved gate/up layout (grouped_gemm.h) and write
+// silu(gate) * up, [S, N/2], straight from the accumulator registers (SwiGLUInterleavedEpilogue).
+//
 // Each configuration is instantiated in its own .cu file (grouped_gemm_sm90_<config>.cu) so the
 // expensive template instantiations compile in parallel. Included only by those files.
 #pragma once
@@ -26,6 +29,8 @@
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/collective/detail.hpp"
+#include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
@@ -52,7 +57,135 @@ struct Pingpong64x256 {
   using ClusterShape = Shape<_1, _1, _1>;
 };
 
+// Epilogue of the gate_up GEMM over interleaved weights: accumulator columns come in 16-column
+// blocks [8 gate | 8 up] of the same 8 features. wgmma's accumulator layout gives every thread the
+// same two adjacent columns of each 8-column block, so one thread holds gate and up of the features
+// it writes: silu(gate) * up goes from registers to global memory, 2 outputs (4 bytes) per store, and
+// the [S, N] product never exists. No shared memory (the mainloop gets the stages back), no source.
+template <typename Element>
+class SwiGLUInterleavedEpilogue {
+ public:
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
+  using DispatchPolicy = EpilogueSchedule;
+  // Only for the types the kernel and adapter read from it (ElementAccumulator); never called.
+  using ThreadEpilogueOp = cutlass::epilogue::thread::LinearCombination<Element, 1, float, float>;
+  using ElementAccumulator = float;
+  using ElementC = Element;  // no source is read
+  using ElementD = Element;
+  using StrideC = cutlass::detail::TagToStrideC_t<cutlass::layout::RowMajor*>;
+  using StrideD = StrideC;
+  using InternalStrideC = cute::remove_pointer_t<StrideC>;
+  using InternalStrideD = cute::remove_pointer_t<StrideD>;
+  using GmemTiledCopyC = void;
+  using GmemTiledCopyD = void;
+  struct SharedStorage {};
+  using TensorMapStorage = SharedStorage;
+
+  struct Arguments {
+    Element** ptr_D = nullptr;  // per group: its first output row
+    StrideD dD = nullptr;       // per group: (N/2, 1, 0)
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&, int) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.ptr_D != nullptr && args.dD != nullptr;
+  }
+
+  CUTLASS_HOST_DEVICE explicit SwiGLUInterleavedEpilogue(Params const& params) : params_(params) {}
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
+            class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
+                                 BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    // The fragment of one wgmma tile is ((2 adjacent columns, 2 rows 8 apart, N/8 column blocks),
+    // MMA_M, MMA_N); gate block b (even) and up block b + 1 are 8 columns apart.
+    static_assert(is_static<FrgLayout>::value, "accumulator layout must be static");
+    static_assert(rank<0>(FrgLayout{}) == 3 && size<0, 0>(FrgLayout{}) == 2 && size<0, 1>(FrgLayout{}) == 2 &&
+                      size<0, 2>(FrgLayout{}) % 2 == 0,
+                  "expected the sm90 wgmma accumulator layout");
+    static_assert(size<1>(BlockShapeMNK{}) % 16 == 0, "tile N must hold whole [8 gate | 8 up] blocks");
+
+    const int M = get<0>(problem_shape_mnkl);
+    const int N = get<1>(problem_shape_mnkl);  // gate + up columns; a multiple of 16
+    const auto l = get<3>(blk_coord_mnkl);
+    Element* d = params_.ptr_D[l];
+    const int64_t ldd = get<0>(params_.dD[l]);
+
+    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_mnk),
+                               make_coord(get<0>(blk_coord_mnkl), get<1>(blk_coord_mnkl)));
+    Tensor thr_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
+    CUTE_STATIC_ASSERT_V(size(thr_coords) == size(acc));
+
+    CUTLASS_PRAGMA_UNROLL
+    for (int mi = 0; mi < size<1>(FrgLayout{}); ++mi) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int ni = 0; ni < size<2>(FrgLayout{}); ++ni) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int b = 0; b < size<0, 2>(FrgLayout{}); b += 2) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            const auto gate = make_coord(make_coord(0, r, b), mi, ni);
+            const auto gate_next = make_coord(make_coord(1, r, b), mi, ni);
+            const auto up = make_coord(make_coord(0, r, b + 1), mi, ni);
+            const auto up_next = make_coord(make_coord(1, r, b + 1), mi, ni);
+            const int m = get<0>(thr_coords(gate));
+            const int n = get<1>(thr_coords(gate));  // n % 16 < 8: a gate column
+            if (m < M && n < N) {
+              cutlass::Array<Element, 2> out;
+              out[0] = static_cast<Element>(silu(acc(gate)) * acc(up));
+              out[1] = static_cast<Element>(silu(acc(gate_next)) * acc(up_next));
+              const int64_t col = static_cast<int64_t>(n >> 4) * 8 + (n & 7);
+              *reinterpret_cast<cutlass::Array<Element, 2>*>(d + m * ldd + col) = out;
+            }
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  CUTLASS_DEVICE static float silu(float g) { return g / (1.0f + __expf(-g)); }
+  Params params_;
+};
+
+// The collective epilogue of each instantiation: CUTLASS's TMA store of the plain product, or the
+// fused SwiGLU above.
+template <typename Element, class Config, bool kSwiGLU>
+struct EpilogueFor;
+
 template <typename Element, class Config>
+struct EpilogueFor<Element, Config, false> {
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
+  using CollectiveOp = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape, typename Config::ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, cutlass::layout::RowMajor*, kAlign,  // no source C: D = acc
+      Element, cutlass::layout::RowMajor*, kAlign, typename Config::EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+};
+
+template <typename Element, class Config>
+struct EpilogueFor<Element, Config, true> {
+  using CollectiveOp =
+      cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<SwiGLUInterleavedEpilogue<Element>>;
+};
+
+template <typename Element, class Config, bool kSwiGLU>
 struct GroupedGemm {
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M, N, K) per group
   using UnderlyingShape = typename ProblemShape::UnderlyingProblemShape;
@@ -61,12 +194,7 @@ struct GroupedGemm {
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA alignment
 
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape, typename Config::ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-      void, LayoutD*, kAlign,  // no source C: D = acc
-      Element, LayoutD*, kAlign, typename Config::EpilogueSchedule,
-      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+  using CollectiveEpilogue = typename EpilogueFor<Element, Config, kSwiGLU>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlign, Element, LayoutB*, kAlign, float,
@@ -123,11 +251,15 @@ struct GroupedGemm {
     args.problem_shape = {static_cast<int>(E), reinterpret_cast<UnderlyingShape*>(ws + l.shapes), nullptr};
     args.mainloop = {reinterpret_cast<const Element**>(ws + l.ptr_a), reinterpret_cast<StrideA*>(ws + l.stride_a),
                      reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<StrideB*>(ws + l.stride_b)};
-    decltype(args.epilogue.thread) fusion{};
-    fusion.alpha = 1.0f;
-    fusion.beta = 0.0f;
-    args.epilogue = {fusion, nullptr, nullptr, reinterpret_cast<Element**>(ws + l.ptr_d),
-                     reinterpret_cast<StrideD*>(ws + l.stride_d)};
+    if constexpr (kSwiGLU) {
+      args.epilogue = {reinterpret_cast<Element**>(ws + l.ptr_d), reinterpret_cast<StrideD*>(ws + l.stride_d)};
+    } else {
+      decltype(args.epilogue.thread) fusion{};
+      fusion.alpha = 1.0f;
+      fusion.beta = 0.0f;
+      args.epilogue = {fusion, nullptr, nullptr, reinterpret_cast<Element**>(ws + l.ptr_d),
+                       reinterpret_cast<StrideD*>(ws + l.stride_d)};
+    }
     args.hw_info = hw_info;
     return args;
   }
@@ -139,10 +271,12 @@ struct GroupedGemm {
   }
 };
 
-// Builds group e's problem shape (M_e, N, K), its pointers and its strides from the offsets.
-// Offsets are clamped into [0, S] so that no group reaches outside x or out.
+// Builds group e's problem shape (M_e, N, K), its pointers and its strides from the offsets; out
+// has N_out columns (N, or N/2 for the SwiGLU epilogue). Offsets are clamped into [0, S] so that no
+// group reaches outside x or out.
 template <class G, typename Element>
 __global__ void build_group_arguments_kernel(const int32_t* __restrict__ offsets, int64_t S, int64_t E, int N, int K,
+                                             int N_out,
                                              const Element* x, const Element* weight, Element* out,
                                              typename G::UnderlyingShape* shapes, const Element** ptr_a,
                                              const Element** ptr_b, Element** ptr_d, typename G::StrideA* stride_a,
@@ -154,31 +288,31 @@ __global__ void build_group_arguments_kernel(const int32_t* __restrict__ offsets
     shapes[e] = typename G::UnderlyingShape(static_cast<int>(hi - lo), N, K);
     ptr_a[e] = x + lo * K;
     ptr_b[e] = weight + e * static_cast<int64_t>(N) * K;
-    ptr_d[e] = out + lo * N;
+    ptr_d[e] = out + lo * N_out;
     typename G::StrideA sa{};
     typename G::StrideB sb{};
     typename G::StrideD sd{};
     get<0>(sa) = K;
     get<0>(sb) = K;
-    get<0>(sd) = N;
+    get<0>(sd) = N_out;
     stride_a[e] = sa;
     stride_b[e] = sb;
     stride_d[e] = sd;
   }
 }
 
-template <typename Element, class Config>
+template <typename Element, class Config, bool kSwiGLU>
 size_t workspace_bytes(int64_t E, int sm_count) {
-  return GroupedGemm<Element, Config>::workspace_bytes(E, sm_count);
+  return GroupedGemm<Element, Config, kSwiGLU>::workspace_bytes(E, sm_count);
 }
 
-template <typename Element, class Config>
+template <typename Element, class Config, bool kSwiGLU>
 cudaError_t run(const void* x, const void* weight, const int32_t* expert_offsets, void* out, int64_t S, int64_t E,
                 int64_t N, int64_t K, void* workspace, size_t workspace_bytes_given, int sm_count,
                 cudaStream_t stream) {
-  using G = GroupedGemm<Element, Config>;
+  using G = GroupedGemm<Element, Config, kSwiGLU>;
   if (E == 0 || S == 0) return cudaSuccess;
-  if (N % G::kAlign != 0 || K % G::kAlign != 0 || N > INT32_MAX || K > INT32_MAX || S > INT32_MAX)
+  if ((kSwiGLU && N % 16 != 0) || N % G::kAlign != 0 || K % G::kAlign != 0 || N > INT32_MAX || K > INT32_MAX || S > INT32_MAX)
     return cudaErrorInvalidValue;
   const typename G::Layout probe = G::layout(E, 0);
   char* ws = static_cast<char*>(workspace);
@@ -195,7 +329,8 @@ cudaError_t run(const void* x, const void* weight, const int32_t* expert_offsets
   const int threads = 128;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((E + threads - 1) / threads, 1024));
   build_group_arguments_kernel<G, Element><<<blocks, threads, 0, stream>>>(
-      expert_offsets, S, E, static_cast<int>(N), static_cast<int>(K), xp, wp, op,
+      expert_offsets, S, E, static_cast<int>(N), static_cast<int>(K), static_cast<int>(kSwiGLU ? N / 2 : N), xp, wp,
+      op,
       reinterpret_cast<typename G::UnderlyingShape*>(ws + l.shapes), reinterpret_cast<const Element**>(ws + l.ptr_a),
       reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<Element**>(ws + l.ptr_d),
       reinterpret_cast<typename G::StrideA*>(ws + l.stride_a), reinterpret_cast<typename G::StrideB*>(ws + l.stride_b),
@@ -215,9 +350,9 @@ cudaError_t run(const void* x, const void* weight, const int32_t* expert_offsets
 
 // PTX/SASS version of the kernel the runtime would launch on the current device (90 when the sm_90a
 // cubin is there; 80 when only the portable sm_80 build could be loaded), 0 if none.
-template <typename Element, class Config>
+template <typename Element, class Config, bool kSwiGLU>
 int binary_version() {
-  using G = GroupedGemm<Element, Config>;
+  using G = GroupedGemm<Element, Config, kSwiGLU>;
   cudaFuncAttributes attr{};
   if (cudaFuncGetAttributes(&attr, cutlass::device_kernel<typename G::Kernel>) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -230,9 +365,9 @@ int binary_version() {
 }  // namespace dots1
 
 // Instantiation helper for the per-config .cu files.
-#define DOTS1_SM90_INSTANTIATE(Element, Config)                                                                  \
-  template size_t dots1::sm90::workspace_bytes<Element, dots1::sm90::Config>(int64_t, int);                     \
-  template int dots1::sm90::binary_version<Element, dots1::sm90::Config>();                                    \
-  template cudaError_t dots1::sm90::run<Element, dots1::sm90::Config>(                                          \
+#define DOTS1_SM90_INSTANTIATE(Element, Config, kSwiGLU)                                                         \
+  template size_t dots1::sm90::workspace_bytes<Element, dots1::sm90::Config, kSwiGLU>(int64_t, int);            \
+  template int dots1::sm90::binary_version<Element, dots1::sm90::Config, kSwiGLU>();                           \
+  template cudaError_t dots1::sm90::run<Element, dots1::sm90::Config, kSwiGLU>(                                 \
       const void*, const void*, const int32_t*, void*, int64_t, int64_t, int64_t, int64_t, void*, size_t, int, \
       cudaStream_t);

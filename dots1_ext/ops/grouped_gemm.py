@@ -5,7 +5,7 @@ Kernels: csrc/grouped_gemm/. Reference: dots1_ext.reference.grouped_gemm.
 CUDA backend selection (read on every call): ``DOTS1_EXT_GEMM_BACKEND`` = auto | cutlass | decode |
 torch; ``DOTS1_EXT_GEMM_DECODE_MAX_ROWS`` (auto: the decode kernel up to this many rows S, default
 128); ``DOTS1_EXT_GEMM_SM90_CONFIG`` = auto | coop | pingpong; ``DOTS1_EXT_GEMM_COOP_MIN_ROWS`` (auto
-config: cooperative tiles from this many rows per expert on average, default 96; see
+config: cooperative tiles from this many rows per expert on average, default 512; see
 bench/tune_grouped_gemm.py).
 """
 
@@ -17,7 +17,12 @@ from dots1_ext import reference
 from dots1_ext.ops import _checks as C
 from dots1_ext.ops._lib import fill_with_reference, op
 
-EPILOGUES = ("none", "swiglu")
+EPILOGUES = ("none", "swiglu", "swiglu_interleaved")
+SWIGLU_EPILOGUES = ("swiglu", "swiglu_interleaved")
+
+# Layout conversions of the fused gate_up weight [E, 2I, K] (pure torch; run once at load).
+interleave_gate_up = reference.interleave_gate_up
+deinterleave_gate_up = reference.deinterleave_gate_up
 
 
 def _check_grouped_gemm(x, weight, expert_offsets, epilogue):
@@ -33,6 +38,11 @@ def _check_grouped_gemm(x, weight, expert_offsets, epilogue):
         raise ValueError(f"dots1_ext: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if epilogue == "swiglu" and weight.shape[1] % 2:
         raise ValueError(f"dots1_ext: epilogue 'swiglu' needs an even weight.shape[1] (gate + up rows), got {weight.shape[1]}")
+    if epilogue == "swiglu_interleaved" and weight.shape[1] % 16:
+        raise ValueError(
+            "dots1_ext: epilogue 'swiglu_interleaved' needs weight.shape[1] (gate + up rows) to be a multiple of 16 "
+            f"(whole [8 gate | 8 up] blocks), got {weight.shape[1]}"
+        )
     if x.is_cuda:
         # 16-byte vector loads and TMA need whole 16-byte rows.
         if weight.shape[1] % 8:
@@ -59,7 +69,7 @@ fill_with_reference("grouped_gemm", reference.grouped_gemm, _check_grouped_gemm)
 @torch.library.register_fake("dots1_ext::grouped_gemm")
 def _grouped_gemm_fake(x, weight, expert_offsets, epilogue):
     _check_grouped_gemm(x, weight, expert_offsets, epilogue)
-    N = weight.shape[1] // 2 if epilogue == "swiglu" else weight.shape[1]
+    N = weight.shape[1] // 2 if epilogue in SWIGLU_EPILOGUES else weight.shape[1]
     return x.new_empty(x.shape[0], N)
 
 
@@ -72,11 +82,14 @@ def grouped_gemm(
 ) -> torch.Tensor:
     """Per-expert ``x[rows_e] @ weight[e].T``.
 
-    x [S, K]; weight [E, N, K] (HF layout, K contiguous); expert_offsets [E+1] int32, expert e owns
-    rows [expert_offsets[e], expert_offsets[e+1]). Returns [S, N], or [S, N/2] with
-    ``epilogue="swiglu"`` (silu(gate) * up, gate = the first N/2 weight rows). Rows outside every
-    expert's range are zero. fp32 accumulation. ``check_offsets=True`` validates the offsets on the
-    host first (synchronises; not for CUDA graphs).
+    x [S, K]; weight [E, N, K] (K contiguous); expert_offsets [E+1] int32, expert e owns rows
+    [expert_offsets[e], expert_offsets[e+1]). Returns [S, N], or [S, N/2] with a SwiGLU epilogue:
+    ``"swiglu"`` takes the HF layout (gate = the first N/2 weight rows, up = the last N/2);
+    ``"swiglu_interleaved"`` takes the weight made once by :func:`interleave_gate_up` (16-row
+    [8 gate | 8 up] blocks, N % 16 == 0), which the sm90a kernel fuses into its epilogue (the [S, N]
+    product never reaches memory) — use it for weights you own. Rows outside every expert's range are
+    zero. fp32 accumulation. ``check_offsets=True`` validates the offsets on the host first
+    (synchronises; not for CUDA graphs).
     """
     if check_offsets:
         check_expert_offsets(expert_offsets, x.shape[0])
