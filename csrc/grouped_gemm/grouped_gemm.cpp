@@ -204,12 +204,12 @@ void run_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
     TORCH_CHECK_VALUE(cfg_s == "auto", "dots1_ext: DOTS1_EXT_GEMM_SM90_CONFIG must be auto, coop or pingpong, got '",
                       cfg_s, "'");
     // Rows per expert on average (host-known, no data read). Measured at Dots1 shapes, gate_up with
-    // the fused SwiGLU and down timed separately, round-robin (bench/results/2026-11-26-h200-tune):
-    // ping-pong 64x256 (its epilogue overlaps the other warp group's mainloop, and 64-row tiles waste
-    // less of each expert's rows) is as fast or faster up to 384 rows per expert (12% at 192);
-    // at 768 the two are within 4% either way.
+    // the fused SwiGLU and down timed separately, round-robin (bench/results/2026-11-26-h100-tune):
+    // on H100 ping-pong 64x256 wins up to ~100 rows per expert (balanced), cooperative 128x256 from
+    // 192 (tied balanced, 15% faster Zipf-skewed) and by 4-27% at 384-768. (An H200 preferred
+    // ping-pong up to 384 rows balanced: bench/results/2026-11-26-h200-tune; tuned for H100 here.)
     const int64_t rows_per_expert = g.S / std::max<int64_t>(g.E, 1);
-    config = rows_per_expert >= env_int("DOTS1_EXT_GEMM_COOP_MIN_ROWS", 512) ? Sm90GemmConfig::kCooperative128x256
+    config = rows_per_expert >= env_int("DOTS1_EXT_GEMM_COOP_MIN_ROWS", 128) ? Sm90GemmConfig::kCooperative128x256
                                                                               : Sm90GemmConfig::kPingpong64x256;
   }
   // The interleaved layout fuses SwiGLU into the epilogue; the HF layout's gate and up columns are
