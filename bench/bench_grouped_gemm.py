@@ -15,7 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from bench.common import bench_main, bytes_floor_ms, copy_bandwidth_gbs, flops_floor_ms, gemm_tflops, on_gpu, Report, Row, time_fns
+from bench.common import (Report, Row, bench_main, bytes_floor_ms, copy_bandwidth_gbs, flops_floor_ms, gemm_tflops,
+                          graph_us, on_gpu, time_fns)
 from dots1_ext.ops.grouped_gemm import grouped_gemm, interleave_gate_up
 
 
@@ -55,11 +56,24 @@ def with_backend(name: str | None, fn):
     return run
 
 
-def add_rows(report: Report, case: str, fns: dict, floor: float, wbytes: float, flops: float, gpu: bool) -> None:
-    """Times the implementations of one case round-robin (time_fns) and adds a row for each."""
+def _graph_us(fn) -> float | None:
+    try:
+        return graph_us(fn, reps=8, iters=10)
+    except RuntimeError:  # not capturable in a CUDA graph
+        torch.cuda.synchronize()
+        return None
+
+
+def add_rows(report: Report, case: str, fns: dict, floor: float, wbytes: float, flops: float, gpu: bool,
+             graph: bool = False) -> None:
+    """Times the implementations of one case round-robin (time_fns) and adds a row for each. With
+    ``graph`` (decode sizes, where a model step runs in a CUDA graph) also the GPU time per call with
+    the launch path taken away (graph_us, in the notes)."""
     times = time_fns(fns, warmup=10 if gpu else 2, rounds=10 if gpu else 2, iters=5 if gpu else 3)
     for label, ms in times.items():
-        report.add(Row("grouped_gemm", case, label, ms, floor, gbs=wbytes / ms / 1e6, tflops=flops / ms / 1e9))
+        extra = {"graph_us": _graph_us(fns[label])} if graph and gpu else {}
+        report.add(Row("grouped_gemm", case, label, ms, floor, gbs=wbytes / ms / 1e6, tflops=flops / ms / 1e9,
+                       extra=extra))
 
 
 def run(quick: bool = False) -> list[Report]:
@@ -120,7 +134,7 @@ def run(quick: bool = False) -> list[Report]:
                         fns["torch._grouped_mm + silu*mul"] = peer
                     else:
                         fns["torch._grouped_mm"] = lambda xin=xin, w=w, offs=offs: gmm(xin, w.transpose(-2, -1), offs=offs)
-                add_rows(report, case, fns, floor, wbytes, flops, gpu)
+                add_rows(report, case, fns, floor, wbytes, flops, gpu, graph=S <= 512)
             # The MoE expert pair end to end (gate_up + SwiGLU, then down on its output).
             case = f"gate_up+down T={T} {routing} ({active} experts)"
             flops = 2.0 * S * (2 * I * H + H * I)
@@ -137,7 +151,7 @@ def run(quick: bool = False) -> list[Report]:
                     return gmm(a, w_down.transpose(-2, -1), offs=offs)
 
                 fns["torch._grouped_mm + silu*mul"] = peer_pair
-            add_rows(report, case, fns, floor, wbytes, flops, gpu)
+            add_rows(report, case, fns, floor, wbytes, flops, gpu, graph=S <= 512)
     return [report]
 
 

@@ -176,7 +176,7 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
 void run_decode(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& offsets, at::Tensor& out,
                 const GemmShape& g, cudaStream_t stream) {
   const DType dt = to_dtype(x.scalar_type());
-  C10_CUDA_CHECK(launch_zero_uncovered_rows(out.data_ptr(), offsets.data_ptr<int32_t>(), g.S, g.E, g.N_out, dt, stream));
+  // The decode kernel also zeroes the rows no expert owns.
   C10_CUDA_CHECK(launch_grouped_gemm_decode(x.data_ptr(), weight.data_ptr(), offsets.data_ptr<int32_t>(),
                                             out.data_ptr(), g.S, g.E, g.N, g.K, layout_of(g.swiglu), dt, stream));
 }

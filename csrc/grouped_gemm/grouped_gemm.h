@@ -29,7 +29,8 @@ namespace dots1 {
 // Weight-streaming grouped GEMM for few rows per expert (decode). Each block takes one
 // (expert, chunk of up to kDecodeRowsPerPass rows) pair and a slice of weight rows, so only experts
 // with rows are read and, for <= kDecodeRowsPerPass rows per expert, each weight byte once. Correct
-// (if slow) for any S; the CUDA fallback when nothing faster applies.
+// (if slow) for any S; the CUDA fallback when nothing faster applies. Writes every row of out: rows
+// outside every expert's range are zeroed by the same launch.
 constexpr int kDecodeRowsPerPass = 8;
 enum class SwiGLULayout : int { kNone = 0, kHF = 1, kInterleaved = 2 };  // kNone: no SwiGLU epilogue
 cudaError_t launch_grouped_gemm_decode(const void* x,                // [S, K]

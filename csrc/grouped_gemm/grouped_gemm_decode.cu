@@ -207,6 +207,19 @@ __global__ void __launch_bounds__(kDecodeThreads, 2)
   __shared__ int64_t item_info[2];
 
   const int64_t N_out = kSwiGLU ? N / 2 : N;
+  {
+    // Rows no expert owns ([0, offsets[0]) and [offsets[E], S)) are zeroed here rather than by a
+    // second launch: decode is launch-bound. Usually there are none and this reads two offsets.
+    const int64_t first = min(max(static_cast<int64_t>(__ldg(offsets)), int64_t{0}), S);
+    const int64_t last = min(max(static_cast<int64_t>(__ldg(offsets + E)), first), S);
+    const int64_t total = (first + (S - last)) * N_out;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * gridDim.y * kDecodeThreads;
+    for (int64_t i = (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kDecodeThreads + threadIdx.x;
+         i < total; i += stride) {
+      const int64_t u = i / N_out, row = u < first ? u : last + (u - first);
+      out[row * N_out + i % N_out] = from_float<T>(0.0f);
+    }
+  }
   const int warp = threadIdx.x / 32;
   const int64_t col0 = (static_cast<int64_t>(blockIdx.x) * kDecodeWarps + warp) * kColsPerWarp;
   const bool warp_active = col0 < N_out;  // N_out is a multiple of kColsPerWarp (N % 8 == 0)
@@ -299,11 +312,12 @@ cudaError_t launch_grouped_gemm_decode(const void* x, const void* weight, const 
                                        int64_t S, int64_t E, int64_t N, int64_t K, SwiGLULayout swiglu_layout,
                                        DType dtype, cudaStream_t stream) {
   // K == 0 needs no special case: the K loop is empty and the covered rows get exact zeros.
-  if (S == 0 || E == 0 || N == 0) return cudaSuccess;
+  if (S == 0 || N == 0) return cudaSuccess;
   if (N % 8 != 0 || K % 8 != 0) return cudaErrorInvalidValue;
   if (swiglu_layout == SwiGLULayout::kInterleaved && N % 16 != 0) return cudaErrorInvalidValue;
   const bool swiglu = swiglu_layout != SwiGLULayout::kNone;
   const int64_t N_out = swiglu ? N / 2 : N;
+  if (E == 0) return launch_zero_uncovered_rows(out, expert_offsets, S, E, N_out, dtype, stream);
   const int64_t cols_per_block = static_cast<int64_t>(kDecodeWarps) * (swiglu ? 2 : kRowsPerWarp);
   const int64_t grid_x = (N_out + cols_per_block - 1) / cols_per_block;
   // Upper bound of the (expert, pass) pairs: sum over experts of ceil(rows/TP) <= S/TP + min(E, S).
