@@ -222,19 +222,16 @@ void run_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   char* ws = static_cast<char*>(workspace.data_ptr());
   const uintptr_t mis = reinterpret_cast<uintptr_t>(ws) % 256;
   if (mis) ws += 256 - mis;
-  if (fused) {
-    C10_CUDA_CHECK(launch_grouped_gemm_sm90(x.data_ptr(), weight.data_ptr(), offsets.data_ptr<int32_t>(),
-                                            out.data_ptr(), g.S, g.E, g.N, g.K, config, epilogue, dt, ws, ws_bytes,
-                                            info.sm_count, stream));
-    C10_CUDA_CHECK(launch_zero_uncovered_rows(out.data_ptr(), offsets.data_ptr<int32_t>(), g.S, g.E, g.N_out, dt,
-                                              stream));
-    return;
-  }
-  at::Tensor full = g.swiglu != SwiGLU::kNone ? at::empty({g.S, g.N}, x.options()) : out;
+  // The fused epilogue writes `out` itself; otherwise the plain product goes to `full` first.
+  at::Tensor full = g.swiglu == SwiGLU::kHF ? at::empty({g.S, g.N}, x.options()) : out;
   C10_CUDA_CHECK(launch_grouped_gemm_sm90(x.data_ptr(), weight.data_ptr(), offsets.data_ptr<int32_t>(),
                                           full.data_ptr(), g.S, g.E, g.N, g.K, config, epilogue, dt, ws, ws_bytes,
                                           info.sm_count, stream));
-  finish_unfused(full, offsets, out, g, stream);
+  if (fused)
+    C10_CUDA_CHECK(launch_zero_uncovered_rows(out.data_ptr(), offsets.data_ptr<int32_t>(), g.S, g.E, g.N_out, dt,
+                                              stream));
+  else
+    finish_unfused(full, offsets, out, g, stream);
 }
 
 bool torch_grouped_mm_available() {
