@@ -11,9 +11,12 @@ cache: a step at slot s replays the graph of the smallest bucket > s.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from dots1_ext.model import Dots1ForCausalLM
+if TYPE_CHECKING:  # model.py imports this module lazily; a runtime import back would be a cycle
+    from dots1_ext.model import Dots1ForCausalLM
 
 MIN_BUCKET = 256
 
@@ -39,6 +42,7 @@ class DecodeGraphs:
         if model.device.type != "cuda":
             raise ValueError(f"DecodeGraphs needs a model on a CUDA device, got {model.device}")
         self.model = model
+        self.captures = 0  # graphs captured so far (over resets): generate reports the ones it caused
         self.reset()
 
     def reset(self) -> None:
@@ -47,6 +51,7 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.cache_key = None
+        self.last_key: tuple[int, int] | None = None
         B, S = self.model.model.cache_shape
         self.tokens = torch.zeros(B, dtype=torch.long, device=self.model.device)
         self.slot = torch.zeros((), dtype=torch.long, device=self.model.device)
@@ -62,6 +67,7 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = model.decode(self.tokens, self.slot, kv_len)
+        self.captures += 1
         return graph, logits
 
     @torch.no_grad()
@@ -82,6 +88,27 @@ class DecodeGraphs:
         entry = self.graphs.get((B, kv_len))
         if entry is None:
             entry = self.graphs[(B, kv_len)] = self._capture(kv_len)
+        self.last_key = (B, kv_len)
         graph, logits = entry
         graph.replay()
         return logits
+
+    @torch.no_grad()
+    def replay_ms(self, iters: int = 50, warmup: int = 5) -> float:
+        """Median GPU time of one replay of the graph used last (CUDA events around each replay,
+        nothing else in between): the steady-state decode step that ``generate``'s figure should match.
+        It rewrites the last step's cache slot with the same token, so the cache is left as it was."""
+        if self.last_key is None:
+            raise ValueError("DecodeGraphs.replay_ms: no graph has been replayed yet")
+        graph, _ = self.graphs[self.last_key]
+        for _ in range(warmup):
+            graph.replay()
+        times = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]

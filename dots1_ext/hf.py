@@ -29,14 +29,14 @@ E experts, k experts per token, P rows of the RoPE table.
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from torch import nn
 
 from dots1_ext import modules, reference
 from dots1_ext.config import Dots1Config
-from dots1_ext.modules import _KeepsFp32Buffers
-from dots1_ext.rope import SUPPORTED_ROPE_TYPES, build_cos_sin_cache
+from dots1_ext.rope import SUPPORTED_ROPE_TYPES
 
 try:
     from transformers.models.dots1 import modeling_dots1 as hf_dots1
@@ -52,7 +52,6 @@ except ImportError:  # pragma: no cover - older transformers
 
 EXPERTS_IMPLEMENTATION = "dots1_ext"
 _PATCH_ATTR = "_dots1_ext_patch"
-_ROPE_MODULE = "dots1_ext_rope"
 
 
 # -- drop-in modules -------------------------------------------------------------------------------
@@ -103,21 +102,15 @@ class PatchedMoE(modules.Dots1MoE):
         return moe.train(hf_moe_block.training)
 
 
-class RopeTable(_KeepsFp32Buffers, nn.Module):
-    """The fp32 [P, D] cos/sin table of ``qk_norm_rope_``, one per device, shared by all attention layers."""
-
-    _fp32_buffers = ("cos_sin_cache",)
-
-    def __init__(self, cos_sin_cache: torch.Tensor):
-        super().__init__()
-        self.register_buffer("cos_sin_cache", cos_sin_cache, persistent=False)
-
-
 def _qk_norm_rope_(*args) -> None:
     # Through modules.ops so that `modules.use_reference_ops()` covers the patched model too.
     impl = getattr(modules.ops, "qk_norm_rope_", None)
     (impl if impl is not None else reference.qk_norm_rope_)(*args)
 
+
+# The (cos, sin) -> table conversion of the last forward, reused by its other layers (keyed by the
+# identity of transformers' cos tensor, held weakly so that no forward's tensors outlive it).
+_ROPE_ROWS: dict = {}
 
 # Newer transformers (those whose attention takes `cache`) pass the attention kwargs on to cache.update.
 _HF_CACHE_UPDATE_TAKES_KWARGS = "cache" in inspect.signature(hf_dots1.Dots1Attention.forward).parameters
@@ -127,25 +120,25 @@ class PatchedAttention(hf_dots1.Dots1Attention):
     """transformers' ``Dots1Attention`` with q_norm / k_norm + RoPE fused into ``qk_norm_rope_``.
 
     Weights, KV cache (``past_key_values``), attention interface (eager / sdpa / flash) and sliding
-    window stay transformers'. Positions come from the ``position_ids`` transformers passes down to
-    every attention layer, looked up in our fp32 RoPE table (built in fp64 from the config; RoPE types
-    default and linear, positions < ``max_positions`` of ``patch_hf_model``). Without position_ids,
-    or for other RoPE types, the (cos, sin) transformers computed are used as the table instead.
+    window stay transformers'. The rotation uses the (cos, sin) transformers computed for this forward
+    (``position_embeddings``, one row per token), as its own attention does: it covers every RoPE type
+    and every position transformers can produce, beyond ``max_position_embeddings`` included, which a
+    table sized ahead of time could not without a host synchronisation to check the positions.
     A patched module is the original object with its class swapped (``patch_hf_model``).
     """
 
-    _dots1_ext_rope: RopeTable | None = None
     _dots1_ext_eps: float = 1e-6
 
-    def _rope_inputs(self, position_embeddings, position_ids, batch: int, seq: int):
-        """-> (positions [T] int64, cos_sin_cache [P, D] fp32)."""
-        rope = self._dots1_ext_rope
-        if rope is not None and position_ids is not None:
-            return position_ids.long().expand(batch, seq).reshape(-1), rope.cos_sin_cache
+    def _rope_inputs(self, position_embeddings, batch: int, seq: int):
+        """-> (positions [T] int64, cos_sin_cache [P, D] fp32): the rows of this forward's (cos, sin)."""
         cos, sin = position_embeddings  # [B or 1, L, D]: cos/sin of (angles, angles)
+        cached = _ROPE_ROWS.get("cos")
+        if cached is not None and cached() is cos:  # every layer of one forward gets the same tensors
+            return _ROPE_ROWS["rows"].expand(batch, seq).reshape(-1), _ROPE_ROWS["table"]
         half = self.head_dim // 2
         table = torch.cat((cos[..., :half], sin[..., :half]), dim=-1).float().reshape(-1, self.head_dim)
         rows = torch.arange(table.shape[0], device=table.device).view(cos.shape[0], seq)
+        _ROPE_ROWS.update(cos=weakref.ref(cos), rows=rows, table=table)
         return rows.expand(batch, seq).reshape(-1), table
 
     def forward(
@@ -166,7 +159,7 @@ class PatchedAttention(hf_dots1.Dots1Attention):
 
         q = self.q_proj(hidden_states).view(T, -1, D)  # [T, Hq, D]
         k = self.k_proj(hidden_states).view(T, -1, D)  # [T, Hk, D]
-        positions, cos_sin_cache = self._rope_inputs(position_embeddings, kwargs.get("position_ids"), batch, seq)
+        positions, cos_sin_cache = self._rope_inputs(position_embeddings, batch, seq)
         _qk_norm_rope_(q, k, self.q_norm.weight, self.k_norm.weight, positions, cos_sin_cache, self._dots1_ext_eps)
         query_states = q.view(hidden_shape).transpose(1, 2)  # [B, Hq, L, D]
         key_states = k.view(hidden_shape).transpose(1, 2)
@@ -222,7 +215,7 @@ def _share_tensors(src: nn.Module, dst: nn.Module) -> None:
 
 def _our_config(hf_config) -> Dots1Config:
     d = hf_config.to_dict()
-    if not _rope_supported(hf_config):  # RoPE types our table lacks stay transformers' (cos, sin)
+    if not _rope_supported(hf_config):  # the patched model takes RoPE from transformers anyway
         d.pop("rope_parameters", None)
         d.pop("rope_scaling", None)
     return Dots1Config.from_dict(d)
@@ -247,7 +240,6 @@ def patch_hf_model(
     norms: bool = True,
     moe: bool = True,
     attention: bool = True,
-    max_positions: int | None = None,
 ) -> nn.Module:
     """Swaps, in place, the modules of a transformers Dots1 model for ones running dots1_ext ops.
 
@@ -286,18 +278,10 @@ def patch_hf_model(
             _check_no_accelerate_hook(module, name)
             targets.append((name, module))
 
-    tables: dict[torch.device, RopeTable] = {}
     for name, module in targets:
         if isinstance(module, hf_dots1.Dots1Attention):
             module.__class__ = PatchedAttention
             module._dots1_ext_eps = float(module.q_norm.variance_epsilon)
-            if _rope_supported(module.config):
-                device = module.q_proj.weight.device
-                if device not in tables:
-                    c = ours(module.config)
-                    size = max_positions or c.max_position_embeddings
-                    tables[device] = RopeTable(build_cos_sin_cache(c.head_dim, size, c.rope_theta, c.rope_scaling, device))
-                module.__dict__["_dots1_ext_rope"] = tables[device]  # a reference, not a submodule
             record["attention"].append(module)
             continue
         parent_name, _, attr = name.rpartition(".")
@@ -308,8 +292,6 @@ def patch_hf_model(
             replace(parent, attr, module, patched)
         else:
             replace(parent, attr, module, PatchedRMSNorm.from_hf(module))
-    if tables:  # registered once on the model so that .to() / .cuda() move them with it
-        model.add_module(_ROPE_MODULE, nn.ModuleList(tables.values()))
     object.__setattr__(model, _PATCH_ATTR, record)
     return model
 
@@ -328,11 +310,8 @@ def unpatch_hf_model(model: nn.Module) -> nn.Module:
         original.train(patched.training)
         setattr(parent, attr, original)
     for module in record["attention"]:
-        module.__dict__.pop("_dots1_ext_rope", None)
         module.__dict__.pop("_dots1_ext_eps", None)
         module.__class__ = hf_dots1.Dots1Attention
-    if _ROPE_MODULE in model._modules:
-        del model._modules[_ROPE_MODULE]
     object.__delattr__(model, _PATCH_ATTR)
     return model
 
@@ -397,7 +376,6 @@ __all__ = [
     "PatchedAttention",
     "PatchedMoE",
     "PatchedRMSNorm",
-    "RopeTable",
     "dots1_ext_experts_forward",
     "is_patched",
     "patch",

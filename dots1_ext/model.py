@@ -10,6 +10,8 @@ Shape letters: B batch, L new tokens per sequence, T = B*L, S cache slots, H hid
 
 from __future__ import annotations
 
+import copy
+import math
 import time
 from collections.abc import Sequence
 
@@ -66,7 +68,11 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         start = self.cache_start[:, None]  # [B, 1]
         positions = (slots[None, :] - start).clamp_min(0)  # [B, L]; padding gets 0
         batch_rows = torch.arange(B, device=slots.device)[:, None] * S
-        cache_rows = (batch_rows + slots[None, :]).reshape(-1)  # [T]
+        # A slot outside [0, S) (a device-tensor slot cannot be checked without a sync) gets row -1, which
+        # the cache-writing kernel rejects by poisoning that token with NaN: b*S + slot must never
+        # alias sequence b+1's slots.
+        in_cache = (slots >= 0) & (slots < S)
+        cache_rows = torch.where(in_cache[None, :], batch_rows + slots[None, :], -1).reshape(-1)  # [T]
         q_slot = slots[None, :, None]  # [1, L, 1]
         k_slot = torch.arange(kv_len, device=slots.device)[None, None, :]  # [1, 1, S']
         # Causal over real keys; a padding query sees only itself, so no softmax row is empty.
@@ -76,14 +82,29 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
             masks[w] = visible & (k_slot > q_slot - w)
         return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, masks, self.cos_sin_cache)
 
-    def forward(self, input_ids: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """input_ids [B, L] at cache ``slots`` [L] int64 -> final hidden states [T, H]."""
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, L] -> [T, H]. An id outside [0, V) gives a NaN row (checking it on the host
+        would synchronise every decode step; an index error on CUDA would kill the context)."""
+        V = self.embed_tokens.num_embeddings
+        valid = (input_ids >= 0) & (input_ids < V)
+        x = self.embed_tokens(input_ids.clamp(0, V - 1))
+        return x.masked_fill(~valid[..., None], float("nan")).view(input_ids.numel(), -1)
+
+    def forward(self, input_ids: torch.Tensor, slots: torch.Tensor, kv_len: int,
+                upcast: torch.dtype | None = None) -> torch.Tensor:
+        """input_ids [B, L] at cache ``slots`` [L] int64 -> final hidden states [T, H].
+
+        ``upcast``: run each module on a temporary copy in that dtype, one module at a time (the
+        parity check's higher-precision yardstick; never more than one layer's copy alive). The
+        copies write their own KV cache, so the model's cache is left as it was."""
         step = self.step_inputs(slots, kv_len)
-        x = self.embed_tokens(input_ids).view(step.batch_size * step.seq_len, -1)  # [T, H]
+        run = (lambda m: m) if upcast is None else (lambda m: upcast_copy(m, upcast))
+        x = self.embed(input_ids)
+        x = x if upcast is None else x.to(upcast)  # a row lookup: exact in any dtype
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, step)
-        return self.norm(x, residual)
+            x, residual = run(layer)(x, residual, step)
+        return run(self.norm)(x, residual)
 
 
 class Dots1ForCausalLM(nn.Module):
@@ -105,11 +126,20 @@ class Dots1ForCausalLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocates the static KV cache unless the current one already fits (same batch, enough slots)."""
+        """Makes sure a static KV cache of ``batch_size`` sequences with at least ``max_seq_len`` slots
+        exists. The current cache is kept when it fits; a longer request grows it geometrically (at
+        least doubling, up to ``max_position_embeddings`` unless the request is longer), and it never
+        shrinks, so alternating request lengths neither reallocate it nor invalidate captured graphs."""
+        if batch_size < 1 or max_seq_len < 1:
+            raise ValueError(f"setup_cache needs batch_size >= 1 and max_seq_len >= 1, got {batch_size}, {max_seq_len}")
         shape = self.model.cache_shape
         if shape is not None and shape[0] == batch_size and shape[1] >= max_seq_len and dtype in (None, self.dtype):
             return
-        self.model.setup_cache(batch_size, max_seq_len, dtype)
+        slots = max_seq_len
+        if shape is not None:
+            grown = max(max_seq_len, 2 * shape[1]) if shape[1] < max_seq_len else shape[1]
+            slots = max(max_seq_len, min(grown, self.config.max_position_embeddings))
+        self.model.setup_cache(batch_size, slots, dtype)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -118,32 +148,53 @@ class Dots1ForCausalLM(nn.Module):
     # -- forward passes ------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, upcast: torch.dtype | None = None) -> torch.Tensor:
         """Runs the prompt [B, L] (left-padded; ``attention_mask`` [B, L] 1 = real token) from cache
-        slot 0. Returns logits [B, L, V], or [B, V] for the last column with ``last_only``."""
+        slot 0. Returns logits [B, L, V], or [B, V] for the last column with ``last_only``.
+
+        Prefill checks its inputs on the host (one synchronisation per prompt, never per decode
+        step): token ids in [0, vocab_size), a left-padded mask with at least one real token per row.
+        ``upcast`` runs every module in that dtype on a temporary copy (see ``Dots1Model.forward``)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         B, L = input_ids.shape
+        if B == 0 or L == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
         shape = self.model.cache_shape
         if shape is None or shape[0] != B or shape[1] < L:
             raise ValueError(f"prefill of [{B}, {L}] tokens needs setup_cache({B}, >= {L}) first; cache is {shape}")
+        input_ids = input_ids.to(self.device)
+        check_token_ids(input_ids, self.config.vocab_size, attention_mask)
         if attention_mask is None:
             self.model.cache_start.zero_()
         else:
+            if tuple(attention_mask.shape) != (B, L):
+                raise ValueError(f"attention_mask must have the shape of input_ids {(B, L)}, got {tuple(attention_mask.shape)}")
             mask = attention_mask.to(self.device).bool()
             if not torch.equal(mask, mask.long().cumsum(1) > 0):  # prefill may synchronise; decode never does
                 raise ValueError("attention_mask must be left-padded (zeros, then ones, in every row)")
+            if not bool(mask[:, -1].all()):
+                empty = (~mask[:, -1]).nonzero().flatten().tolist()
+                raise ValueError(f"attention_mask: sequences {empty} have no real token (empty prompt)")
             self.model.cache_start.copy_(L - mask.sum(1))
         self.prompt_len = L
         slots = torch.arange(L, device=self.device)
-        hidden = self.model(input_ids.to(self.device), slots, L).view(B, L, -1)  # [B, L, H]
-        return self.lm_head(hidden[:, -1] if last_only else hidden)
+        hidden = self.model(input_ids, slots, L, upcast=upcast).view(B, L, -1)  # [B, L, H]
+        lm_head = self.lm_head if upcast is None else upcast_copy(self.lm_head, upcast)
+        return lm_head(hidden[:, -1] if last_only else hidden)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, slot: int | torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
         """One token per sequence, tokens [B] (or [B, 1]), written at cache ``slot``. Returns logits [B, V].
 
         ``slot`` may be a 0-d int64 device tensor (updated in place between steps) and ``kv_len`` left at
-        its default (all S slots) for a CUDA-graph capture; with an int slot only slots <= slot are read."""
+        its default (all S slots) for a CUDA-graph capture; with an int slot only slots <= slot are read.
+        Nothing here synchronises with the host, so nothing is checked on it: a token id outside the
+        vocabulary or a tensor slot outside the cache gives NaN logits for the sequences concerned
+        (an unmissable poison), never a plausible number or another sequence's cache."""
         B, S = self.model.cache_shape
+        if tokens.numel() != B:
+            raise ValueError(f"tokens must hold one token per sequence ({B}), got shape {tuple(tokens.shape)}")
         if isinstance(slot, int):
             if not 0 <= slot < S:
                 raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
@@ -185,24 +236,38 @@ class Dots1ForCausalLM(nn.Module):
         """Greedy (temperature 0) or temperature / top-p sampling. Returns the new tokens [B, N], N <=
         max_new_tokens (it stops once every sequence has emitted an eos; positions after a sequence's
         eos hold ``pad_token_id``). ``input_ids``: [B, L] left-padded with ``attention_mask``, or a list
-        of token lists of any lengths. ``timings``, if given, receives prefill/decode seconds.
+        of non-empty token lists of any lengths. Every argument is checked up front (ValueError naming
+        it). ``timings``, if given, receives prefill/decode seconds, the decode steps and
+        ``graph_captures`` (CUDA graphs captured during this call: 0 once a shape has been seen).
         ``cuda_graphs`` (default: on for a CUDA model) replays each decode step from a captured CUDA
-        graph per (batch size, context bucket); see ``dots1_ext.cuda_graph``."""
+        graph per (batch size, context bucket); see ``dots1_ext.cuda_graph``. The KV cache is kept
+        between calls and grows geometrically (``setup_cache``), so repeated calls replay the same graphs."""
+        V = self.config.vocab_size
         if not isinstance(input_ids, torch.Tensor):
+            input_ids = [list(seq) for seq in input_ids]
+            if not input_ids:
+                raise ValueError("input_ids: empty batch (no prompts)")
+            if empty := [b for b, seq in enumerate(input_ids) if not seq]:
+                raise ValueError(f"input_ids: prompts {empty} are empty; every prompt needs at least one token")
             input_ids, attention_mask = left_pad(input_ids, device=self.device)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_sampling(temperature, top_p)
         eos = self.config.eos_token_ids if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        if bad := [e for e in eos if not 0 <= e < V]:
+            raise ValueError(f"eos_token_id {bad} outside the vocabulary [0, {V})")
         if pad_token_id is None:
             pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
+        if not 0 <= pad_token_id < V:
+            raise ValueError(f"pad_token_id {pad_token_id} outside the vocabulary [0, {V})")
         eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
         B, L = input_ids.shape
         self.setup_cache(B, L + max_new_tokens)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
-        if cuda_graphs:
-            decode = self.decode_graphs()
-        else:
-            decode = self.decode
+        decode = self.decode_graphs() if cuda_graphs else self.decode
+        captures_before = self.decode_graphs().captures if cuda_graphs else 0
 
         def pick(logits, finished):
             tok = sample(logits, temperature, top_p, generator)
@@ -224,7 +289,8 @@ class Dots1ForCausalLM(nn.Module):
         t2 = _now(self.device)
         if timings is not None:
             timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=len(new_tokens) - 1,
-                           prompt_tokens=B * L)
+                           prompt_tokens=B * L,
+                           graph_captures=(self.decode_graphs().captures - captures_before) if cuda_graphs else 0)
         out = torch.stack(new_tokens, dim=1)  # [B, N]
         if eos:  # cut the columns after the step where the last sequence finished, as HF does
             is_eos = torch.isin(out, eos_ids)
@@ -233,10 +299,32 @@ class Dots1ForCausalLM(nn.Module):
         return out
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, attention_mask: torch.Tensor | None = None) -> None:
+    """ValueError unless every id (padding included: it runs through the model too) is in [0, vocab_size).
+    One host synchronisation: for prefill and generate, never for a decode step."""
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        return
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    """ValueError unless temperature is a finite number >= 0 and top_p is in (0, 1]."""
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:  # NaN fails both comparisons
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> token ids [B] int64: argmax at temperature 0, else a temperature / nucleus draw."""
-    if temperature <= 0:
+    check_sampling(temperature, top_p)
+    if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
@@ -258,6 +346,24 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0, device=None) -
             ids[b, L - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
             mask[b, L - len(seq):] = 1
     return ids.to(device), mask.to(device)
+
+
+def upcast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``module`` whose floating-point parameters and buffers are in ``dtype`` (one copy
+    made straight in the new dtype; parameters already in it are shared, buffers are always copied,
+    so a KV cache is never written through the copy)."""
+    memo = {}
+    for m in module.modules():  # share what is not data (e.g. a process group): it may not copy
+        for v in vars(m).values():
+            if not isinstance(v, (torch.Tensor, nn.Module, dict, list, tuple, set, str, int, float, type(None))):
+                memo[id(v)] = v
+    for t in module.parameters():
+        if t.is_floating_point():
+            memo[id(t)] = nn.Parameter(t.detach().to(dtype), requires_grad=False)
+    for t in module.buffers():
+        if t.is_floating_point():
+            memo[id(t)] = t.to(dtype, copy=True)
+    return copy.deepcopy(module, memo)
 
 
 def _now(device: torch.device) -> float:

@@ -60,3 +60,14 @@ def hf_dots1_config(base: dict, **overrides):
     config = transformers.Dots1Config(**kw)
     config._attn_implementation = "eager"
     return config
+
+
+def assert_parity(ours: torch.Tensor, theirs: torch.Tensor, gold: torch.Tensor, dtype: torch.dtype,
+                  what: str = "logits") -> None:
+    """Token by token (rows of [..., V]): our error against ``gold`` (the reference in higher precision)
+    within dots1_ext.parity's rule relative to ``theirs`` (the reference in ``dtype``) — no row may be
+    off, NaN never passes. For fp32 ``theirs`` is usually ``gold`` itself and the floor decides."""
+    from dots1_ext.parity import judge
+
+    result = judge(ours.float().cpu(), theirs.float().cpu(), gold.double().cpu(), dtype)
+    assert result.passed, f"{what}: {result.summary()}"

@@ -92,3 +92,55 @@ def test_parity_check_fails_on_a_wrong_op(cache_root, monkeypatch, capsys):
     monkeypatch.setattr(modules, "ops", type(modules.REFERENCE_OPS)(**wrong))
     rc = cli.main(["--device", "cpu", "--max-new-tokens", "2", "--prompt-len", "8"])
     assert rc == 1 and "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_parity_check_fails_on_a_wrong_routed_scaling_factor(cache_root, monkeypatch, capsys, dtype):
+    # A gating kernel applying the wrong routed_scaling_factor (2.5 -> 2.0) must FAIL in either dtype,
+    # while the same run with the right factor PASSes (the criterion separates rounding from bugs).
+    from dots1_ext import modules
+
+    monkeypatch.setenv("DOTS1_EXT_CACHE", cache_root)
+    args = ["--device", "cpu", "--dtype", dtype, "--max-new-tokens", "2", "--prompt-len", "12", "--batch-size", "2"]
+    assert cli.main(args) == 0 and "PASS" in capsys.readouterr().out
+    wrong = dict(vars(modules.REFERENCE_OPS))
+    good_router, good_topk = wrong["router_topk_gating"], wrong["topk_gating"]
+    wrong["router_topk_gating"] = lambda h, w, b, k, ng=1, tg=1, renorm=True, scale=1.0: good_router(
+        h, w, b, k, ng, tg, renorm, scale * 0.8)
+    wrong["topk_gating"] = lambda logits, b, k, ng=1, tg=1, renorm=True, scale=1.0: good_topk(
+        logits, b, k, ng, tg, renorm, scale * 0.8)
+    monkeypatch.setattr(modules, "ops", type(modules.REFERENCE_OPS)(**wrong))
+    rc = cli.main(args)
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAIL" in out and "reference ops in" in out, out
+
+
+def test_parity_check_fails_on_one_wrong_token(cache_root, monkeypatch, capsys):
+    # One token of one sequence off (an error diluted below any whole-tensor norm) still fails.
+    from dots1_ext import modules
+
+    monkeypatch.setenv("DOTS1_EXT_CACHE", cache_root)
+    wrong = dict(vars(modules.REFERENCE_OPS))
+    good_unpermute = wrong["unpermute"]
+
+    def unpermute_one_row_off(*a, **kw):
+        y = good_unpermute(*a, **kw)
+        if y.shape[0] > 1:
+            y[1] *= 1.05
+        return y
+
+    wrong["unpermute"] = unpermute_one_row_off
+    monkeypatch.setattr(modules, "ops", type(modules.REFERENCE_OPS)(**wrong))
+    rc = cli.main(["--device", "cpu", "--max-new-tokens", "2", "--prompt-len", "16", "--batch-size", "3"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "FAIL" in out, out
+
+
+@pytest.mark.parametrize("flag, value", [("--max-new-tokens", "-5"), ("--max-new-tokens", "0"), ("--top-p", "0"),
+                                         ("--top-p", "1.5"), ("--top-p", "nan"), ("--temperature", "-1"),
+                                         ("--temperature", "nan"), ("--batch-size", "0"), ("--prompt-len", "0")])
+def test_cli_rejects_bad_arguments(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--device", "cpu", flag, value])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
