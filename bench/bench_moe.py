@@ -1,6 +1,7 @@
 """The Dots1 MoE block (router + 128 experts top-6 + 2 shared experts) at real shape, end to end.
 
-Ours: dots1_ext.modules.Dots1MoE. Peers, in the same run and on the same weights: transformers'
+Ours: dots1_ext.modules.Dots1MoE with its experts packed as ``load_model`` ships them (gate/up
+interleaved, SwiGLU fused into the gate_up GEMM). Peers, in the same run and on the same weights: transformers'
 Dots1MoE with experts_implementation "eager", "grouped_mm", "batched_mm" (small T only: it
 materialises per-token weights), and "grouped_mm" under torch.compile.
 Floor: max(bytes of the weights a block must read / copy bandwidth, FLOPs / dense GEMM rate).
@@ -32,7 +33,7 @@ def make_blocks(s: dict, device: str, dtype: torch.dtype):
     from transformers.models.dots1.modeling_dots1 import Dots1MoE as HFMoE
 
     from dots1_ext.config import Dots1Config
-    from dots1_ext.modules import Dots1MoE
+    from dots1_ext.modules import Dots1MoE, interleave_gate_up_
 
     hf_cfg = hf_config(s)
     hf = HFMoE(hf_cfg).to(device=device, dtype=dtype)
@@ -42,6 +43,7 @@ def make_blocks(s: dict, device: str, dtype: torch.dtype):
         hf.gate.e_score_correction_bias = torch.randn(s["experts"], device=device) * 0.01  # stays fp32
     ours = Dots1MoE(Dots1Config.from_dict(hf_cfg.to_dict())).to(device=device, dtype=dtype)
     ours.load_state_dict(hf.state_dict())
+    interleave_gate_up_(ours)  # what load_model ships: gate/up interleaved, SwiGLU fused into the GEMM
     return ours, hf, hf_cfg
 
 

@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def on_gpu() -> bool:
-    return torch.cuda.is_available()
+    """Whether the benchmarks run on the GPU: when one is present, unless DOTS1_EXT_BENCH_DEVICE=cpu
+    (the harness's own tests run the quick CPU cases on a GPU machine too)."""
+    return os.environ.get("DOTS1_EXT_BENCH_DEVICE", "").lower() != "cpu" and torch.cuda.is_available()
 
 
 def default_device() -> str:

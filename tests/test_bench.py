@@ -7,9 +7,17 @@ import json
 import math
 
 import pytest
+import torch
 
 from bench import run as bench_run
 from bench.common import Report, Row, graph_us, time_fn, write_json
+
+
+@pytest.fixture(autouse=True)
+def _bench_on_cpu(monkeypatch):
+    # These tests check the harness on its quick CPU cases, also on a machine with a GPU (where the
+    # benchmarks would otherwise run at real shapes, with GPU timings).
+    monkeypatch.setenv("DOTS1_EXT_BENCH_DEVICE", "cpu")
 
 
 def test_quick_cpu_run_writes_rows_with_floors(tmp_path):
@@ -50,3 +58,14 @@ def test_plot_writes_png_from_a_moe_report(tmp_path):
     png = tmp_path / "moe.png"
     plot(str(path), str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_moe_bench_times_the_layout_load_model_ships():
+    pytest.importorskip("transformers")
+    from bench.bench_moe import TINY, make_blocks
+
+    ours, hf, _ = make_blocks(TINY, "cpu", torch.float32)
+    assert ours.experts.gate_up_interleaved and ours.experts.gate_up_epilogue == "swiglu_interleaved"
+    x = torch.randn(5, TINY["hidden"])
+    with torch.no_grad():
+        assert (ours(x) - hf(x[None])[0]).abs().max() < 1e-4  # the same block, only repacked
