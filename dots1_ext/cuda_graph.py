@@ -1,9 +1,16 @@
 """CUDA-graph capture and replay of the decode step.
 
 A decode step is ~10 launches per layer whose CPU launch cost exceeds their GPU time at batch 1;
-replaying a captured graph removes it. One graph is captured per (batch size, attended-slots bucket)
-on first use and replayed afterwards; the inputs (tokens, cache slot) live in static buffers that are
-updated in place, and the logits come back in a static buffer (valid until the next replay).
+replaying a captured graph removes it. Graphs are captured on first use per (batch size,
+attended-slots bucket, kind) and replayed afterwards; their inputs live in static buffers updated in
+place. Two kinds:
+
+- ``graphs(tokens, slot) -> logits``: one decode step; the logits come back in a static buffer (valid
+  until the next replay). ``generate`` samples from them (temperature > 0) outside the graph.
+- ``graphs.greedy_decode(...)``: greedy decoding with the whole step inside the graph: decode, argmax,
+  the finished/pad bookkeeping, the token written to a history buffer and the slot advanced, all on the
+  device. The host only replays (and every few steps reads whether all sequences finished), so a step
+  costs what its graph costs.
 
 Buckets of attended slots (kv_len) keep a short context from paying for attention over the whole
 cache: a step at slot s replays the graph of the smallest bucket > s.
@@ -11,6 +18,7 @@ cache: a step at slot s replays the graph of the smallest bucket > s.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,11 +39,10 @@ def kv_buckets(max_slots: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """``graphs(tokens, slot) -> logits``: ``model.decode(tokens, slot)`` through captured CUDA graphs.
+    """Decode steps of ``model`` through captured CUDA graphs (see the module docstring).
 
-    tokens [B] int64 on the model's device; slot: the cache slot the tokens are written at (an int).
-    The model's cache must be allocated (setup_cache) before the first call; reallocating it
-    invalidates the graphs (call ``reset()``).
+    The model's cache must be allocated (setup_cache) before the first call; a reallocated cache is
+    noticed (its address changes) and the graphs are captured anew. ``captures`` counts every capture.
     """
 
     def __init__(self, model: Dots1ForCausalLM):
@@ -43,72 +50,130 @@ class DecodeGraphs:
             raise ValueError(f"DecodeGraphs needs a model on a CUDA device, got {model.device}")
         self.model = model
         self.captures = 0  # graphs captured so far (over resets): generate reports the ones it caused
-        self.reset()
+        self.cache_key = None
+        self.graphs: dict = {}
+        self.last_key: tuple | None = None
 
     def reset(self) -> None:
         # A fresh memory pool too: the old one dies with the graphs dropped here, and capturing into a
         # dead pool's handle trips the caching allocator.
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.cache_key = None
-        self.last_key: tuple[int, int] | None = None
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.last_key: tuple | None = None
         B, S = self.model.model.cache_shape
-        self.tokens = torch.zeros(B, dtype=torch.long, device=self.model.device)
-        self.slot = torch.zeros((), dtype=torch.long, device=self.model.device)
+        device = self.model.device
+        self.tokens = torch.zeros(B, dtype=torch.long, device=device)  # [B] this step's input tokens
+        self.slot = torch.zeros((), dtype=torch.long, device=device)  # the cache slot they are written at
+        self.finished = torch.zeros(B, dtype=torch.bool, device=device)  # greedy: sequences past their eos
+        self.history = torch.zeros(B, S, dtype=torch.long, device=device)  # greedy: token picked at each slot
 
-    def _capture(self, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        model = self.model
+    def _sync_with_cache(self) -> tuple[int, int]:
+        shape = self.model.model.cache_shape
+        if shape is None:
+            raise ValueError("DecodeGraphs: call model.setup_cache(...) before decoding")
+        layers = self.model.model.layers
+        key = (shape, layers[0].self_attn.k_cache.data_ptr() if len(layers) else 0)
+        if key != self.cache_key:  # a new cache: the captured addresses are stale
+            self.reset()
+            self.cache_key = key
+        return shape
+
+    def _state(self) -> list[torch.Tensor]:
+        return [self.tokens, self.slot, self.finished]
+
+    def _capture(self, step) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Captures ``step()`` (its warm-up runs leave the static state as they found it)."""
+        saved = [t.clone() for t in self._state()]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, autotuning, allocations
             for _ in range(2):
-                model.decode(self.tokens, self.slot, kv_len)
+                step()
+                for t, s in zip(self._state(), saved):
+                    t.copy_(s)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = model.decode(self.tokens, self.slot, kv_len)
+            out = step()
         self.captures += 1
-        return graph, logits
+        return graph, out
+
+    def _replay(self, key: tuple, step) -> torch.Tensor:
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(step)
+        self.last_key = key
+        graph, out = entry
+        graph.replay()
+        return out
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
-        shape = self.model.model.cache_shape
-        if shape is None:
-            raise ValueError("DecodeGraphs: call model.setup_cache(...) before decoding")
-        key = (shape, self.model.model.layers[0].self_attn.k_cache.data_ptr() if len(self.model.model.layers) else 0)
-        if key != self.cache_key:  # the cache was reallocated: the captured addresses are stale
-            self.reset()
-            self.cache_key = key
-        B, S = shape
+        """One decode step: tokens [B] written at cache ``slot`` (an int) -> logits [B, V] (static buffer)."""
+        B, S = self._sync_with_cache()
         if not 0 <= slot < S:
             raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
         kv_len = next(b for b in kv_buckets(S) if b > slot)
         self.tokens.copy_(tokens.reshape(B))
         self.slot.fill_(slot)
-        entry = self.graphs.get((B, kv_len))
-        if entry is None:
-            entry = self.graphs[(B, kv_len)] = self._capture(kv_len)
-        self.last_key = (B, kv_len)
-        graph, logits = entry
-        graph.replay()
-        return logits
+        return self._replay((B, kv_len, "logits"), lambda: self.model.decode(self.tokens, self.slot, kv_len))
+
+    @torch.no_grad()
+    def greedy_decode(self, tokens: torch.Tensor, finished: torch.Tensor, first_slot: int, steps: int,
+                      pad_token_id: int, eos_token_ids: Sequence[int], eos_check_every: int = 8) -> torch.Tensor:
+        """``steps`` greedy steps, the first feeding ``tokens`` [B] at ``first_slot``; ``finished`` [B] bool
+        marks sequences that emit ``pad_token_id`` from now on (a sequence finishes when it emits an eos).
+        Every ``eos_check_every`` steps the host reads whether all have finished and stops early.
+        Returns the picked tokens [B, n], n <= steps."""
+        B, S = self._sync_with_cache()
+        if not (0 <= first_slot and first_slot + steps <= S):
+            raise IndexError(f"greedy_decode of {steps} steps from slot {first_slot} overruns the KV cache of {S} slots")
+        eos = tuple(int(e) for e in eos_token_ids)
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=self.model.device)
+        self.tokens.copy_(tokens.reshape(B))
+        self.finished.copy_(finished.reshape(B))
+        self.slot.fill_(first_slot)
+
+        def step(kv_len: int) -> torch.Tensor:
+            logits = self.model.decode(self.tokens, self.slot, kv_len)  # [B, V]
+            tok = torch.where(self.finished, pad_token_id, logits.argmax(dim=-1))
+            if eos:
+                self.finished |= torch.isin(tok, eos_ids)
+            self.history.index_copy_(1, self.slot.view(1), tok.view(B, 1))
+            self.tokens.copy_(tok)
+            self.slot += 1
+            return tok
+
+        done = steps
+        for n in range(steps):
+            if eos and eos_check_every and n and (n + 1) % eos_check_every == 0 and bool(self.finished.all()):
+                done = n
+                break
+            kv_len = next(b for b in kv_buckets(S) if b > first_slot + n)
+            self._replay((B, kv_len, "greedy", pad_token_id, eos), lambda kv_len=kv_len: step(kv_len))
+        return self.history[:, first_slot:first_slot + done].clone()
 
     @torch.no_grad()
     def replay_ms(self, iters: int = 50, warmup: int = 5) -> float:
-        """Median GPU time of one replay of the graph used last (CUDA events around each replay,
-        nothing else in between): the steady-state decode step that ``generate``'s figure should match.
-        It rewrites the last step's cache slot with the same token, so the cache is left as it was."""
+        """Median GPU time of one replay of the graph used last (CUDA events around each replay, the
+        static state restored between replays, outside the events): the steady-state decode step that
+        ``generate``'s per-step figure should match. The replays rewrite that step's cache slot, which
+        holds nothing a later request reads before writing it (every request starts with a prefill)."""
         if self.last_key is None:
             raise ValueError("DecodeGraphs.replay_ms: no graph has been replayed yet")
         graph, _ = self.graphs[self.last_key]
-        for _ in range(warmup):
-            graph.replay()
+        saved = [t.clone() for t in self._state()]
+        if self.last_key[2] == "greedy":  # the greedy graph advanced the state: replay its last step
+            saved[1] -= 1
         times = []
-        for _ in range(iters):
+        for i in range(warmup + iters):
+            for t, s in zip(self._state(), saved):
+                t.copy_(s)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             graph.replay()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            if i >= warmup:
+                times.append(start.elapsed_time(end))
         return sorted(times)[len(times) // 2]

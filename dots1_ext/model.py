@@ -240,7 +240,8 @@ class Dots1ForCausalLM(nn.Module):
         it). ``timings``, if given, receives prefill/decode seconds, the decode steps and
         ``graph_captures`` (CUDA graphs captured during this call: 0 once a shape has been seen).
         ``cuda_graphs`` (default: on for a CUDA model) replays each decode step from a captured CUDA
-        graph per (batch size, context bucket); see ``dots1_ext.cuda_graph``. The KV cache is kept
+        graph per (batch size, context bucket) — greedy steps with the token choice inside the graph;
+        see ``dots1_ext.cuda_graph``. The KV cache is kept
         between calls and grows geometrically (``setup_cache``), so repeated calls replay the same graphs."""
         V = self.config.vocab_size
         if not isinstance(input_ids, torch.Tensor):
@@ -277,21 +278,25 @@ class Dots1ForCausalLM(nn.Module):
         t0 = _now(self.device)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         tok, finished = pick(self.prefill(input_ids, attention_mask, last_only=True), finished)
-        new_tokens = [tok]
+        new_tokens = [tok[:, None]]
         t1 = _now(self.device)
-        for n in range(1, max_new_tokens):
-            # A host check between steps (never inside a forward), every few steps so that the host
-            # keeps queueing work ahead of the GPU.
-            if eos and n % EOS_CHECK_EVERY == 0 and bool(finished.all()):
-                break
-            tok, finished = pick(decode(tok, L + n - 1), finished)
-            new_tokens.append(tok)
+        if cuda_graphs and temperature == 0:  # the whole greedy step, bookkeeping included, in the graph
+            new_tokens.append(decode.greedy_decode(tok, finished, L, max_new_tokens - 1, pad_token_id, eos,
+                                                   EOS_CHECK_EVERY))
+        else:
+            for n in range(1, max_new_tokens):
+                # A host check between steps (never inside a forward), every few steps so that the host
+                # keeps queueing work ahead of the GPU.
+                if eos and n % EOS_CHECK_EVERY == 0 and bool(finished.all()):
+                    break
+                tok, finished = pick(decode(tok, L + n - 1), finished)
+                new_tokens.append(tok[:, None])
+        out = torch.cat(new_tokens, dim=1)  # [B, N]
         t2 = _now(self.device)
         if timings is not None:
-            timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=len(new_tokens) - 1,
+            timings.update(prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=out.shape[1] - 1,
                            prompt_tokens=B * L,
                            graph_captures=(self.decode_graphs().captures - captures_before) if cuda_graphs else 0)
-        out = torch.stack(new_tokens, dim=1)  # [B, N]
         if eos:  # cut the columns after the step where the last sequence finished, as HF does
             is_eos = torch.isin(out, eos_ids)
             ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, out.shape[1])

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 hf_dots1 = pytest.importorskip("transformers.models.dots1.modeling_dots1")
 
 from dots1_ext import hf as bridge  # noqa: E402
-from dots1_ext import modules, ops  # noqa: E402
+from dots1_ext import modules, ops, parity  # noqa: E402
 from dots1_ext.config import Dots1Config  # noqa: E402
 from dots1_ext.modules import StepInputs  # noqa: E402
 from dots1_ext.rope import build_cos_sin_cache  # noqa: E402
@@ -215,12 +215,19 @@ def test_patched_logits_match_transformers(case, device):
     ids, mask = left_padded([12, 9, 5])
     expected = hf_model(ids, attention_mask=mask).logits
     model = patched_copy(hf_model, device)
-    out = model(ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
     real = mask.bool()  # padded positions' logits are garbage on both sides
     if device == "cpu":
+        out = model(ids, attention_mask=mask).logits
         err = rel_err(out[real], expected[real])
         assert err < TOL[device], f"{case}: logits relative error {err:.2e}"
-    else:  # bf16: token by token, no worse than transformers' own bf16 run against the same fp32 logits
+    else:  # bf16: token by token, no worse than transformers' own bf16 run against the same fp32 logits;
+        # our run follows the routing of the patched model in fp64 through near-ties (dots1_ext.parity)
+        yardstick = bridge.patch_hf_model(copy.deepcopy(hf_model)).double()
+        with modules.use_reference_ops(), parity.record_routing() as log:
+            yardstick(ids, attention_mask=mask)
+        with parity.follow_routing(log) as routing:
+            out = model(ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
+        assert routing.unexplained == 0, routing.summary()
         hf_bf16 = copy.deepcopy(hf_model).to(device=device, dtype=torch.bfloat16)
         theirs = hf_bf16(ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
         assert_parity(out[real], theirs[real], expected[real], torch.bfloat16, case)

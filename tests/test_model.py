@@ -4,7 +4,8 @@ generation, the reference-ops switch, argument checks.
 Tolerances, token by token (no token exempt): fp32 on CPU, every token's logits within a relative
 error of 1e-5 of the other side. On CUDA the model runs in bf16: against transformers, our error
 against its fp32 logits may be at most 2x transformers' own bf16 error (+ 5e-3) on every token
-(``conftest.assert_parity``); two bf16 paths of our own model (decode vs recompute, batched vs alone)
+(``conftest.assert_parity``), our run following the fp64 reference's routing through near-ties
+(``dots1_ext.parity``: a flip must be explained by the run's own router inputs); two bf16 paths of our own model (decode vs recompute, batched vs alone)
 agree within 2e-2 on every token.
 """
 
@@ -20,7 +21,7 @@ from conftest import assert_parity, hf_dots1_config, requires_cuda
 from dots1_ext import modules, ops
 from dots1_ext.config import Dots1Config
 from dots1_ext.model import Dots1ForCausalLM, build_random_model, left_pad, reference_ops, sample
-from dots1_ext.parity import per_token_rel_err
+from dots1_ext.parity import aligned_logits, per_token_rel_err
 
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 TOL = {"cpu": 1e-5, "cuda": 2e-2}
@@ -196,12 +197,14 @@ def test_logits_match_transformers(case, device):
     with torch.no_grad():
         expected = hf(ids).logits
     ours = ours_from_hf(hf, device, DTYPE[device])
-    out = ours(ids.to(device))
     if device == "cpu":
-        assert_logits_close(out, expected, device, case)
-    else:  # bf16: judged against transformers' own bf16 error on the same inputs, token by token
+        assert_logits_close(ours(ids), expected, device, case)
+    else:  # bf16: judged against transformers' own bf16 error on the same inputs, token by token, our
+        # run following the fp64 reference's routing through near-ties (dots1_ext.parity)
+        out, _, _, routing = aligned_logits(ours, ids.to(device))
         with torch.no_grad():
             theirs = copy.deepcopy(hf).to(device=device, dtype=DTYPE[device])(ids.to(device)).logits
+        assert routing.unexplained == 0, routing.summary()
         assert_parity(out, theirs, expected, DTYPE[device], case)
 
 
@@ -379,6 +382,10 @@ def test_cuda_graph_generate_equals_eager(batch):
     ref = model.decode(tok, 10).clone()
     out = graphs(tok, 10)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # An eos inside the graph loop: the same tokens, pads after it, the same cut, as the eager loop.
+    eos = int(eager[0, 3])
+    with_eos = model.generate(prompts, max_new_tokens=12, eos_token_id=eos, pad_token_id=0, cuda_graphs=False)
+    assert model.generate(prompts, max_new_tokens=12, eos_token_id=eos, pad_token_id=0).tolist() == with_eos.tolist()
     # A reallocated cache invalidates the captured graphs rather than replaying stale addresses.
     model.setup_cache(batch, 64)
     again = model.generate(prompts, max_new_tokens=12, cuda_graphs=True)
@@ -518,6 +525,14 @@ def test_parity_rule_separates_rounding_from_bugs(dtype):
     modules.ops = type(modules.REFERENCE_OPS)(**broken)
     try:
         assert not logits_parity(model, prompts).passed
+        no_bias = dict(vars(modules.REFERENCE_OPS))  # picks experts without e_score_correction_bias
+        no_bias["router_topk_gating"] = lambda h, w, b, k, ng=1, tg=1, renorm=True, scale=1.0: good_router(
+            h, w, torch.zeros_like(b), k, ng, tg, renorm, scale)
+        no_bias["topk_gating"] = lambda logits, b, k, ng=1, tg=1, renorm=True, scale=1.0: good_topk(
+            logits, torch.zeros_like(b), k, ng, tg, renorm, scale)
+        modules.ops = type(modules.REFERENCE_OPS)(**no_bias)
+        result = logits_parity(model, prompts)
+        assert not result.passed and result.routing.unexplained > 0, result.summary()
         one_row = dict(vars(modules.REFERENCE_OPS))
 
         def unpermute_last_token_off(*a, **kw):
