@@ -60,9 +60,12 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         self.cos_sin_cache = build_cos_sin_cache(c.head_dim, max_seq_len, c.rope_theta, c.rope_scaling, weight.device)
         self.cache_start = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
 
-    def step_inputs(self, slots: torch.Tensor, kv_len: int) -> StepInputs:
+    def step_inputs(self, slots: torch.Tensor, kv_len: int, causal: bool = False) -> StepInputs:
         """Positions, cache rows and attention masks for new tokens at cache ``slots`` [L] (same for
-        every sequence), attending to slots [0, kv_len). Tensor ops only: no host synchronisation."""
+        every sequence), attending to slots [0, kv_len). Tensor ops only: no host synchronisation.
+
+        ``causal``: the caller guarantees slots == [0, kv_len) and no padding (cache_start == 0), so
+        full-attention layers take SDPA's ``is_causal`` (flash / cuDNN kernels, no [B, L, S] mask)."""
         B, S = self.cache_shape
         L = slots.shape[0]
         start = self.cache_start[:, None]  # [B, 1]
@@ -77,10 +80,10 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         k_slot = torch.arange(kv_len, device=slots.device)[None, None, :]  # [1, 1, S']
         # Causal over real keys; a padding query sees only itself, so no softmax row is empty.
         visible = (k_slot <= q_slot) & ((k_slot >= start[:, :, None]) | (k_slot == q_slot))  # [B, L, S']
-        masks = {None: visible}
+        masks = {} if causal else {None: visible}
         for w in self.windows:  # HF: a query at p sees keys in (p - window, p]
             masks[w] = visible & (k_slot > q_slot - w)
-        return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, masks, self.cos_sin_cache)
+        return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, masks, self.cos_sin_cache, causal)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] -> [T, H]. An id outside [0, V) gives a NaN row (checking it on the host
@@ -91,13 +94,14 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         return x.masked_fill(~valid[..., None], float("nan")).view(input_ids.numel(), -1)
 
     def forward(self, input_ids: torch.Tensor, slots: torch.Tensor, kv_len: int,
-                upcast: torch.dtype | None = None) -> torch.Tensor:
+                upcast: torch.dtype | None = None, causal: bool = False) -> torch.Tensor:
         """input_ids [B, L] at cache ``slots`` [L] int64 -> final hidden states [T, H].
 
         ``upcast``: run each module on a temporary copy in that dtype, one module at a time (the
         parity check's higher-precision yardstick; never more than one layer's copy alive). The
-        copies write their own KV cache, so the model's cache is left as it was."""
-        step = self.step_inputs(slots, kv_len)
+        copies write their own KV cache, so the model's cache is left as it was. ``causal``: see
+        ``step_inputs``."""
+        step = self.step_inputs(slots, kv_len, causal)
         run = (lambda m: m) if upcast is None else (lambda m: upcast_copy(m, upcast))
         x = self.embed(input_ids)
         x = x if upcast is None else x.to(upcast)  # a row lookup: exact in any dtype
@@ -165,6 +169,7 @@ class Dots1ForCausalLM(nn.Module):
             raise ValueError(f"prefill of [{B}, {L}] tokens needs setup_cache({B}, >= {L}) first; cache is {shape}")
         input_ids = input_ids.to(self.device)
         check_token_ids(input_ids, self.config.vocab_size, attention_mask)
+        no_padding = attention_mask is None
         if attention_mask is None:
             self.model.cache_start.zero_()
         else:
@@ -177,9 +182,10 @@ class Dots1ForCausalLM(nn.Module):
                 empty = (~mask[:, -1]).nonzero().flatten().tolist()
                 raise ValueError(f"attention_mask: sequences {empty} have no real token (empty prompt)")
             self.model.cache_start.copy_(L - mask.sum(1))
+            no_padding = bool(mask[:, 0].all())
         self.prompt_len = L
         slots = torch.arange(L, device=self.device)
-        hidden = self.model(input_ids, slots, L, upcast=upcast).view(B, L, -1)  # [B, L, H]
+        hidden = self.model(input_ids, slots, L, upcast=upcast, causal=no_padding).view(B, L, -1)  # [B, L, H]
         lm_head = self.lm_head if upcast is None else upcast_copy(self.lm_head, upcast)
         return lm_head(hidden[:, -1] if last_only else hidden)
 
