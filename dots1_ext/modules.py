@@ -27,7 +27,7 @@ ops = compiled_ops
 
 # Up to this many tokens the router projection runs inside the fused router_topk_gating op (one launch
 # for decode); above it a GEMM (F.linear in fp32) followed by topk_gating is faster.
-ROUTER_FUSED_MAX_TOKENS = 32
+from dots1_ext.ops.gating import ROUTER_FUSED_MAX_TOKENS  # noqa: E402  (one definition: ops/gating.py)
 
 
 def _reference_namespace() -> types.SimpleNamespace:
@@ -93,8 +93,9 @@ class StepInputs:
     kv_len: int  # S' <= S: cache slots attended to
     positions: torch.Tensor  # [T] int64 RoPE position of each token
     cache_rows: torch.Tensor  # [T] int64 row of each token in k_cache.view(-1, Hk, D)
-    masks: dict  # {window or None: [B, L, S'] bool, True = attend}
+    masks: dict  # {window or None: [B, L, S'] bool, True = attend}; None missing when causal
     cos_sin_cache: torch.Tensor  # [P, D] fp32
+    causal: bool = False  # queries are slots [0, S') of unpadded sequences: full layers use is_causal
 
 
 class RMSNorm(nn.Module):
@@ -164,8 +165,11 @@ class Dots1Attention(nn.Module):
         if Hk != Hq:  # GQA: query head h reads kv head h // (Hq / Hk)
             keys = keys.repeat_interleave(Hq // Hk, dim=1)
             values = values.repeat_interleave(Hq // Hk, dim=1)
-        mask = step.masks[self.sliding_window][:, None]  # [B, 1, L, S']
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+        mask = step.masks.get(self.sliding_window)
+        if mask is None and step.causal:  # no mask tensor: SDPA can take its flash / cuDNN kernels
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scaling)
         return self.o_proj(out.transpose(1, 2).reshape(T, Hq * D))
 
 
