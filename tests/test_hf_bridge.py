@@ -221,8 +221,8 @@ def test_patched_logits_match_transformers(case, device):
         err = rel_err(out[real], expected[real])
         assert err < TOL[device], f"{case}: logits relative error {err:.2e}"
     else:  # bf16: token by token, no worse than transformers' own bf16 run against the same fp32 logits;
-        # our run follows the routing of the patched model in fp64 through near-ties (dots1_ext.parity)
-        yardstick = bridge.patch_hf_model(copy.deepcopy(hf_model)).double()
+        # our run follows the routing of the patched model in fp32 through near-ties (dots1_ext.parity)
+        yardstick = bridge.patch_hf_model(copy.deepcopy(hf_model)).float()  # fp64: transformers NaNs padding rows
         with modules.use_reference_ops(), parity.record_routing() as log:
             yardstick(ids, attention_mask=mask)
         with parity.follow_routing(log) as routing:
@@ -311,20 +311,41 @@ def test_patched_generate_matches_transformers(device):
         assert tokens.tolist() == expected.tolist()
     # Every decode step's logits (KV cache, our kernels) against transformers' full forward of the
     # same tokens: robust to a bf16 near-tie choosing another token.
-    full_mask = torch.cat((mask, torch.ones(len(ids), kw["max_new_tokens"], dtype=torch.long)), dim=1)
+    steps = kw["max_new_tokens"]
+    full_mask = torch.cat((mask, torch.ones(len(ids), steps, dtype=torch.long)), dim=1)
     reference = hf_model(tokens, attention_mask=full_mask).logits
-    theirs = reference
-    if device == "cuda":  # transformers' own bf16 error on the same tokens sets the bar
-        hf_bf16 = copy.deepcopy(hf_model).to(device=device, dtype=torch.bfloat16)
-        theirs = hf_bf16(tokens.to(device), attention_mask=full_mask.to(device)).logits.float().cpu()
     L = ids.shape[1]
-    for n, step_logits in enumerate(result.logits):
-        col = L - 1 + n
-        if device == "cpu":
-            err = rel_err(step_logits.float().cpu(), reference[:, col])
+    if device == "cpu":
+        for n, step_logits in enumerate(result.logits):
+            err = rel_err(step_logits.float().cpu(), reference[:, L - 1 + n])
             assert err < TOL[device], f"decode step {n}: relative error {err:.2e}"
-        else:
-            assert_parity(step_logits, theirs[:, col], reference[:, col], torch.bfloat16, f"decode step {n}")
+        return
+    # bf16: the same steps, teacher-forced on those tokens, following the routing of the patched model
+    # in fp32 through near-ties (dots1_ext.parity), judged against transformers' own bf16 error.
+    yardstick = bridge.patch_hf_model(copy.deepcopy(hf_model)).float()  # fp64: transformers NaNs padding rows
+    with modules.use_reference_ops(), parity.record_routing() as log:
+        _stepwise_logits(yardstick, tokens, full_mask, L, steps, "cpu")
+    with parity.follow_routing(log) as routing:
+        ours = _stepwise_logits(model, tokens, full_mask, L, steps, device)
+    assert routing.unexplained == 0, routing.summary()
+    hf_bf16 = copy.deepcopy(hf_model).to(device=device, dtype=torch.bfloat16)
+    theirs = hf_bf16(tokens.to(device), attention_mask=full_mask.to(device)).logits.float().cpu()
+    for n, step_logits in enumerate(ours):
+        col = L - 1 + n
+        assert_parity(step_logits, theirs[:, col], reference[:, col], torch.bfloat16, f"decode step {n}")
+
+
+def _stepwise_logits(model, tokens, full_mask, L, steps, device) -> list[torch.Tensor]:
+    """A prefill of tokens[:, :L], then one token per forward through the KV cache, as generate runs
+    them: the last-position logits of each of the ``steps`` forwards."""
+    out = model(tokens[:, :L].to(device), attention_mask=full_mask[:, :L].to(device), use_cache=True)
+    logits = [out.logits[:, -1]]
+    for n in range(1, steps):
+        col = L + n - 1
+        out = model(tokens[:, col:col + 1].to(device), attention_mask=full_mask[:, :col + 1].to(device),
+                    past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return logits
 
 
 # -- experts implementation ------------------------------------------------------------------------
