@@ -152,9 +152,13 @@ class Dots1ForCausalLM(nn.Module):
     # -- forward passes ------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                last_only: bool = False, upcast: torch.dtype | None = None) -> torch.Tensor:
+                last_only: bool = False, upcast: torch.dtype | None = None,
+                chunk_size: int | None = None) -> torch.Tensor:
         """Runs the prompt [B, L] (left-padded; ``attention_mask`` [B, L] 1 = real token) from cache
         slot 0. Returns logits [B, L, V], or [B, V] for the last column with ``last_only``.
+
+        ``chunk_size``: run the prompt in chunks of that many tokens, each attending to the cache the
+        earlier chunks wrote (the same logits; activations bounded by the chunk, not the prompt).
 
         Prefill checks its inputs on the host (one synchronisation per prompt, never per decode
         step): token ids in [0, vocab_size), a left-padded mask with at least one real token per row.
@@ -164,6 +168,8 @@ class Dots1ForCausalLM(nn.Module):
         B, L = input_ids.shape
         if B == 0 or L == 0:
             raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
         shape = self.model.cache_shape
         if shape is None or shape[0] != B or shape[1] < L:
             raise ValueError(f"prefill of [{B}, {L}] tokens needs setup_cache({B}, >= {L}) first; cache is {shape}")
@@ -184,10 +190,20 @@ class Dots1ForCausalLM(nn.Module):
             self.model.cache_start.copy_(L - mask.sum(1))
             no_padding = bool(mask[:, 0].all())
         self.prompt_len = L
-        slots = torch.arange(L, device=self.device)
-        hidden = self.model(input_ids, slots, L, upcast=upcast, causal=no_padding).view(B, L, -1)  # [B, L, H]
         lm_head = self.lm_head if upcast is None else upcast_copy(self.lm_head, upcast)
-        return lm_head(hidden[:, -1] if last_only else hidden)
+        chunk = L if chunk_size is None else chunk_size
+        logits = []
+        for start in range(0, L, chunk):  # each chunk attends to the cache the earlier ones wrote
+            end = min(L, start + chunk)
+            slots = torch.arange(start, end, device=self.device)
+            causal = no_padding and start == 0  # a later chunk's queries are not slots [0, kv_len)
+            hidden = self.model(input_ids[:, start:end], slots, end, upcast=upcast, causal=causal)
+            hidden = hidden.view(B, end - start, -1)  # [B, C, H]
+            if not last_only:
+                logits.append(lm_head(hidden))
+            elif end == L:
+                logits.append(lm_head(hidden[:, -1]))
+        return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, slot: int | torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
@@ -238,6 +254,7 @@ class Dots1ForCausalLM(nn.Module):
         generator: torch.Generator | None = None,
         timings: dict | None = None,
         cuda_graphs: bool | None = None,
+        prefill_chunk_size: int | None = None,
     ) -> torch.Tensor:
         """Greedy (temperature 0) or temperature / top-p sampling. Returns the new tokens [B, N], N <=
         max_new_tokens (it stops once every sequence has emitted an eos; positions after a sequence's
@@ -247,7 +264,8 @@ class Dots1ForCausalLM(nn.Module):
         ``graph_captures`` (CUDA graphs captured during this call: 0 once a shape has been seen).
         ``cuda_graphs`` (default: on for a CUDA model) replays each decode step from a captured CUDA
         graph per (batch size, context bucket) — greedy steps with the token choice inside the graph;
-        see ``dots1_ext.cuda_graph``. The KV cache is kept
+        see ``dots1_ext.cuda_graph``. ``prefill_chunk_size`` runs the prompt in chunks (``prefill``).
+        The KV cache is kept
         between calls and grows geometrically (``setup_cache``), so repeated calls replay the same graphs."""
         V = self.config.vocab_size
         if not isinstance(input_ids, torch.Tensor):
@@ -283,7 +301,8 @@ class Dots1ForCausalLM(nn.Module):
 
         t0 = _now(self.device)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
-        tok, finished = pick(self.prefill(input_ids, attention_mask, last_only=True), finished)
+        tok, finished = pick(self.prefill(input_ids, attention_mask, last_only=True, chunk_size=prefill_chunk_size),
+                             finished)
         new_tokens = [tok[:, None]]
         t1 = _now(self.device)
         if cuda_graphs and temperature == 0:  # the whole greedy step, bookkeeping included, in the graph

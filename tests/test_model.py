@@ -546,3 +546,25 @@ def test_parity_rule_separates_rounding_from_bugs(dtype):
         assert not result.passed and result.bad_tokens.tolist()[-1] == result.ours_err.numel() - 1, result.summary()
     finally:
         modules.ops = saved
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_chunked_prefill_equals_one_pass(device, chunk):
+    # Chunks attend to the cache the earlier chunks wrote: the same logits as one pass, with left
+    # padding and a sliding window smaller than the prompt, then the same decode step.
+    model = tiny_ours(device, num_hidden_layers=3, sliding_window=4,
+                      layer_types=["full_attention", "sliding_attention", "full_attention"])
+    prompts = [torch.randint(0, BASE["vocab_size"], (n,)).tolist() for n in (11, 6)]
+    ids, mask = left_pad(prompts, device=device)
+    model.setup_cache(2, ids.shape[1] + 1)
+    whole = model.prefill(ids, mask).float()
+    step = model.decode(ids[:, -1], ids.shape[1]).float()
+    chunked = model.prefill(ids, mask, chunk_size=chunk).float()
+    chunked_step = model.decode(ids[:, -1], ids.shape[1]).float()
+    real = mask.bool()
+    assert_logits_close(chunked[real], whole[real], device, f"chunk {chunk}")
+    assert_logits_close(chunked_step, step, device, "decode after a chunked prefill")
+    last = model.prefill(ids, mask, last_only=True, chunk_size=chunk).float()
+    assert_logits_close(last, whole[:, -1], device, "last_only")
+    with pytest.raises(ValueError, match="chunk_size"):
+        model.prefill(ids, mask, chunk_size=0)
