@@ -153,12 +153,16 @@ class Dots1ForCausalLM(nn.Module):
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 last_only: bool = False, upcast: torch.dtype | None = None,
-                chunk_size: int | None = None) -> torch.Tensor:
+                chunk_size: int | None = None, start_slot: int = 0) -> torch.Tensor:
         """Runs the prompt [B, L] (left-padded; ``attention_mask`` [B, L] 1 = real token) from cache
         slot 0. Returns logits [B, L, V], or [B, V] for the last column with ``last_only``.
 
         ``chunk_size``: run the prompt in chunks of that many tokens, each attending to the cache the
         earlier chunks wrote (the same logits; activations bounded by the chunk, not the prompt).
+        ``start_slot`` > 0 continues the sequences already in the cache: the tokens go to slots
+        [start_slot, start_slot + L) and attend to everything before them (slots [0, start_slot) must
+        hold those sequences, e.g. an earlier prefill and its decode steps; no mask: the padding, if
+        any, is the earlier prefill's).
 
         Prefill checks its inputs on the host (one synchronisation per prompt, never per decode
         step): token ids in [0, vocab_size), a left-padded mask with at least one real token per row.
@@ -171,12 +175,19 @@ class Dots1ForCausalLM(nn.Module):
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
         shape = self.model.cache_shape
-        if shape is None or shape[0] != B or shape[1] < L:
-            raise ValueError(f"prefill of [{B}, {L}] tokens needs setup_cache({B}, >= {L}) first; cache is {shape}")
+        if isinstance(start_slot, bool) or not isinstance(start_slot, int) or start_slot < 0:
+            raise ValueError(f"start_slot must be an int >= 0, got {start_slot!r}")
+        if shape is None or shape[0] != B or shape[1] < start_slot + L:
+            raise ValueError(f"prefill of [{B}, {L}] tokens from slot {start_slot} needs setup_cache({B}, >= "
+                             f"{start_slot + L}) first; cache is {shape}")
         input_ids = input_ids.to(self.device)
         check_token_ids(input_ids, self.config.vocab_size, attention_mask)
         no_padding = attention_mask is None
-        if attention_mask is None:
+        if start_slot:
+            if attention_mask is not None:
+                raise ValueError("attention_mask must be None when start_slot > 0 (a continuation keeps the "
+                                 "padding of the prefill it continues)")
+        elif attention_mask is None:
             self.model.cache_start.zero_()
         else:
             if tuple(attention_mask.shape) != (B, L):
@@ -189,15 +200,15 @@ class Dots1ForCausalLM(nn.Module):
                 raise ValueError(f"attention_mask: sequences {empty} have no real token (empty prompt)")
             self.model.cache_start.copy_(L - mask.sum(1))
             no_padding = bool(mask[:, 0].all())
-        self.prompt_len = L
+        self.prompt_len = start_slot + L
         lm_head = self.lm_head if upcast is None else upcast_copy(self.lm_head, upcast)
         chunk = L if chunk_size is None else chunk_size
         logits = []
         for start in range(0, L, chunk):  # each chunk attends to the cache the earlier ones wrote
             end = min(L, start + chunk)
-            slots = torch.arange(start, end, device=self.device)
-            causal = no_padding and start == 0  # a later chunk's queries are not slots [0, kv_len)
-            hidden = self.model(input_ids[:, start:end], slots, end, upcast=upcast, causal=causal)
+            slots = torch.arange(start_slot + start, start_slot + end, device=self.device)
+            causal = no_padding and start_slot + start == 0  # else the queries are not slots [0, kv_len)
+            hidden = self.model(input_ids[:, start:end], slots, start_slot + end, upcast=upcast, causal=causal)
             hidden = hidden.view(B, end - start, -1)  # [B, C, H]
             if not last_only:
                 logits.append(lm_head(hidden))

@@ -568,3 +568,22 @@ def test_chunked_prefill_equals_one_pass(device, chunk):
     assert_logits_close(last, whole[:, -1], device, "last_only")
     with pytest.raises(ValueError, match="chunk_size"):
         model.prefill(ids, mask, chunk_size=0)
+
+
+def test_prefill_continues_a_cached_prompt(device):
+    # A second prompt appended to the cache (start_slot) sees the first one: the same logits as the
+    # whole prompt in one pass, for a left-padded batch.
+    model = tiny_ours(device, num_hidden_layers=3, sliding_window=4,
+                      layer_types=["full_attention", "sliding_attention", "full_attention"])
+    prompts = [torch.randint(0, BASE["vocab_size"], (n,)).tolist() for n in (9, 5)]
+    ids, mask = left_pad(prompts, device=device)
+    tail = torch.randint(0, BASE["vocab_size"], (2, 4), device=device)
+    model.setup_cache(2, ids.shape[1] + 4)
+    whole = model.prefill(torch.cat((ids, tail), 1), torch.cat((mask, torch.ones_like(tail)), 1)).float()
+    model.prefill(ids, mask)
+    continued = model.prefill(tail, start_slot=ids.shape[1], chunk_size=3).float()
+    assert_logits_close(continued, whole[:, ids.shape[1]:], device, "continuation")
+    with pytest.raises(ValueError, match="attention_mask must be None"):
+        model.prefill(tail, torch.ones_like(tail), start_slot=ids.shape[1])
+    with pytest.raises(ValueError, match="from slot"):
+        model.prefill(tail, start_slot=ids.shape[1] + 1)
