@@ -8,15 +8,51 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
+from dots1_ext.ops import dispatch as _dispatch_op
+from dots1_ext.ops import gating as _gating_op
 from dots1_ext.rope import SUPPORTED_ROPE_TYPES
 
 CONFIG_NAME = "config.json"
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# The kernels' limits (csrc/gating/gating.h kGatingMaxExperts / kGatingMaxTopk, csrc/dispatch/dispatch.h
+# kPermuteMaxExperts), as the op wrappers define them.
+MAX_EXPERTS = min(_gating_op.MAX_EXPERTS, _dispatch_op.MAX_EXPERTS)
+MAX_TOPK = _gating_op.MAX_TOPK
+
+# field -> (type, lower bound, may be null). Float bounds: ">0" or ">=0". Null fields that have a
+# default meaning (num_key_value_heads, n_group, topk_group, ...) are filled in before the check.
+_FIELD_RULES = {
+    "vocab_size": (int, 1, False),
+    "hidden_size": (int, 1, False),
+    "intermediate_size": (int, 0, False),  # >= 1 when a layer is dense (validate)
+    "moe_intermediate_size": (int, 0, False),  # >= 1 when a layer is MoE (validate)
+    "num_hidden_layers": (int, 1, False),
+    "num_attention_heads": (int, 1, False),
+    "num_key_value_heads": (int, 1, False),
+    "head_dim": (int, 1, True),
+    "n_routed_experts": (int, 1, True),
+    "n_shared_experts": (int, 0, False),
+    "num_experts_per_tok": (int, 1, True),
+    "n_group": (int, 1, False),
+    "topk_group": (int, 1, False),
+    "first_k_dense_replace": (int, 0, False),
+    "max_position_embeddings": (int, 1, False),
+    "sliding_window": (int, 1, True),
+    "max_window_layers": (int, 0, True),
+    "rms_norm_eps": (float, ">0", False),
+    "rope_theta": (float, ">0", False),
+    "routed_scaling_factor": (float, ">0", False),
+    "initializer_range": (float, ">=0", False),
+    "norm_topk_prob": (bool, None, False),
+    "attention_bias": (bool, None, False),
+    "tie_word_embeddings": (bool, None, False),
+}
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -75,14 +111,24 @@ class Dots1Config:
     extra: dict = field(default_factory=dict, repr=False)  # keys we do not use, kept for round trips
 
     def __post_init__(self):
+        # null in a config.json means the default; 0 is not null, and is rejected by validate().
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.n_group is None:
+            self.n_group = 1
+        if self.topk_group is None:
+            self.topk_group = 1
+        if self.first_k_dense_replace is None:
+            self.first_k_dense_replace = 0
+        if self.n_shared_experts is None:
+            self.n_shared_experts = 0
+        self._check_types_and_ranges()  # before anything below divides by or iterates over a field
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        self.n_group = self.n_group or 1
-        self.topk_group = self.topk_group or 1
-        self.first_k_dense_replace = self.first_k_dense_replace or 0
-        self.n_shared_experts = self.n_shared_experts or 0
+            if self.head_dim < 2 or self.head_dim % 2:
+                raise ValueError(f"Dots1Config: head_dim (null: hidden_size // num_attention_heads) must be a positive "
+                                 f"even number for RoPE, got {self.head_dim} (hidden_size={self.hidden_size}, "
+                                 f"num_attention_heads={self.num_attention_heads})")
         if self.layer_types is None:
             # transformers' rule: sliding from layer max_window_layers on, when a window is set.
             self.layer_types = [
@@ -93,42 +139,94 @@ class Dots1Config:
             ]
         self.layer_types = list(self.layer_types)
         if self.torch_dtype is not None:
-            self.torch_dtype = dtype_name(parse_dtype(self.torch_dtype))
+            try:
+                self.torch_dtype = dtype_name(parse_dtype(self.torch_dtype))
+            except ValueError as e:
+                raise ValueError(f"Dots1Config: torch_dtype: {e}") from None
         self.validate()
 
+    def _check_types_and_ranges(self) -> None:
+        """Each field on its own: type and range, naming the field and the value."""
+        for name, (kind, low, optional) in _FIELD_RULES.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+                want = f"an integer >= {low}"
+            elif kind is float:
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                      and (value > 0 if low == ">0" else value >= 0))
+                want = "a finite number > 0" if low == ">0" else "a finite number >= 0"
+            else:  # bool
+                ok = isinstance(value, bool)
+                want = "true or false"
+            if not ok:
+                raise ValueError(f"Dots1Config: {name} must be {want}{' (or null)' if optional else ''}, got {value!r}")
+
     def validate(self) -> None:
+        """Every field, alone and against the others, and the kernels' limits; raises ValueError naming
+        the field and its value. Called on construction (so on every config read)."""
         def bad(msg):
             raise ValueError(f"Dots1Config: {msg}")
 
+        self._check_types_and_ranges()
         if self.hidden_act != "silu":
             bad(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             bad(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}")
-        if self.head_dim % 2:
-            bad(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.head_dim < 2 or self.head_dim % 2:
+            bad(f"head_dim must be a positive even number for RoPE, got {self.head_dim} "
+                f"(hidden_size={self.hidden_size}, num_attention_heads={self.num_attention_heads})")
+        if min(self.first_k_dense_replace, self.num_hidden_layers) and self.intermediate_size < 1:
+            bad(f"intermediate_size must be >= 1 (layers [0, {self.first_k_dense_replace}) are dense), "
+                f"got {self.intermediate_size}")
+        if not isinstance(self.layer_types, (list, tuple)):
+            bad(f"layer_types must be a list of strings, got {self.layer_types!r}")
         if len(self.layer_types) != self.num_hidden_layers:
-            bad(f"layer_types has {len(self.layer_types)} entries for num_hidden_layers={self.num_hidden_layers}")
-        for t in self.layer_types:
+            bad(f"layer_types={self.layer_types!r} has {len(self.layer_types)} entries for "
+                f"num_hidden_layers={self.num_hidden_layers}")
+        for i, t in enumerate(self.layer_types):
             if t not in LAYER_TYPES:
-                bad(f"unknown layer type {t!r} (supported: {', '.join(LAYER_TYPES)})")
-        if "sliding_attention" in self.layer_types and not self.sliding_window:
+                bad(f"layer_types[{i}]: unknown layer type {t!r} (supported: {', '.join(LAYER_TYPES)})")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
             bad("a layer is 'sliding_attention' but sliding_window is not set")
         if self.num_moe_layers:
             E, k = self.n_routed_experts, self.num_experts_per_tok
-            if not E or not k:
-                bad("MoE layers need n_routed_experts and num_experts_per_tok")
+            if E is None or k is None or self.moe_intermediate_size < 1:
+                bad(f"MoE layers (from first_k_dense_replace={self.first_k_dense_replace} on) need n_routed_experts, "
+                    f"num_experts_per_tok and moe_intermediate_size >= 1, got {E}, {k}, {self.moe_intermediate_size}")
+            if E > MAX_EXPERTS:
+                bad(f"n_routed_experts={E} exceeds the kernels' limit of {MAX_EXPERTS} experts")
+            if k > min(E, MAX_TOPK):
+                bad(f"num_experts_per_tok={k} must be <= min(n_routed_experts={E}, {MAX_TOPK}) (the kernels' top-k limit)")
             if E % self.n_group:
                 bad(f"n_routed_experts={E} is not a multiple of n_group={self.n_group}")
-            if not 1 <= self.topk_group <= self.n_group:
+            if self.topk_group > self.n_group:
                 bad(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
             if k > self.topk_group * (E // self.n_group):
-                bad(f"num_experts_per_tok={k} exceeds the experts of the kept groups")
+                bad(f"num_experts_per_tok={k} exceeds the experts of the kept groups "
+                    f"(topk_group={self.topk_group} x {E // self.n_group} experts per group)")
+        for name in ("bos_token_id", "pad_token_id"):
+            self._check_token_id(name, getattr(self, name))
+        eos = self.eos_token_id
+        for i, t in enumerate(eos if isinstance(eos, list) else [eos]):
+            self._check_token_id("eos_token_id" if not isinstance(eos, list) else f"eos_token_id[{i}]", t)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            bad(f"rope_scaling must be a dict (or null), got {self.rope_scaling!r}")
         if self.rope_scaling:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise NotImplementedError(
                     f"Dots1Config: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+    def _check_token_id(self, name: str, value) -> None:
+        if value is None:
+            return
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < self.vocab_size:
+            raise ValueError(f"Dots1Config: {name} must be a token id in [0, vocab_size={self.vocab_size}) "
+                             f"(or null), got {value!r}")
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -156,6 +254,8 @@ class Dots1Config:
         # transformers 5 keeps rope_theta inside rope_parameters; 4.x next to rope_scaling.
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
         d.pop("rope_scaling", None)
+        if rope is not None and not isinstance(rope, dict):
+            raise ValueError(f"Dots1Config: rope_parameters / rope_scaling must be a dict (or null), got {rope!r}")
         rope = dict(rope) if rope else {}
         theta = rope.pop("rope_theta", None)
         if d.get("rope_theta") is None:
@@ -173,8 +273,22 @@ class Dots1Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Dots1Config":
+        """Errors name the file: ValueError for invalid JSON or an invalid field, NotImplementedError for
+        an unsupported feature (FileNotFoundError when there is no file)."""
+        path = os.fspath(path)
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except NotImplementedError as e:
+            raise NotImplementedError(f"{path}: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Dots1Config":
