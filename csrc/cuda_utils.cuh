@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
 
 #include "dtype.h"
 
@@ -87,5 +88,43 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
+
+// A host-side value computed once per device and cached (device attributes, kernel attributes):
+// std::call_once per device makes the first fill safe when several host threads launch at once.
+// Devices past kMaxDevices are computed on every call (uncached, still correct).
+template <typename T>
+class PerDeviceOnce {
+ public:
+  static constexpr int kMaxDevices = 64;
+  template <typename F>
+  T get(int device, F&& compute) {
+    if (device < 0 || device >= kMaxDevices) return compute();
+    std::call_once(flags_[device], [&] { values_[device] = compute(); });
+    return values_[device];
+  }
+
+ private:
+  std::once_flag flags_[kMaxDevices];
+  T values_[kMaxDevices] = {};
+};
+
+// The SM count of the current device (cached per device). Returns the query's error, if any.
+inline cudaError_t current_sm_count(int* sm_count) {
+  struct Result {
+    int sm_count;
+    cudaError_t err;
+  };
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static PerDeviceOnce<Result> cache;
+  const Result r = cache.get(device, [device] {
+    Result out{0, cudaSuccess};
+    out.err = cudaDeviceGetAttribute(&out.sm_count, cudaDevAttrMultiProcessorCount, device);
+    return out;
+  });
+  *sm_count = r.sm_count;
+  return r.err;
+}
 
 }  // namespace dots1

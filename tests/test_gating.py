@@ -7,7 +7,7 @@ import torch
 
 from dots1_ext import reference as R
 from dots1_ext.ops import router_topk_gating, topk_gating
-from tests.conftest import RTOL, assert_close_rel, requires_cuda
+from tests.conftest import assert_rows_close, requires_cuda
 
 DOTS1 = dict(k=6, n_group=1, topk_group=1, renormalize=True, scale=2.5)
 
@@ -37,7 +37,8 @@ def _check(logits, bias, k, n_group, topk_group, renormalize=True, scale=1.0):
     rw, rids = R.topk_gating(logits, bias, k, n_group, topk_group, renormalize, scale)
     assert ids.dtype == torch.int32 and w.dtype == torch.float32
     assert torch.equal(ids, rids), f"ids differ in {int((ids != rids).any(1).sum())} of {ids.shape[0]} tokens"
-    assert_close_rel(w, rw, RTOL[torch.float32], "weights")
+    assert_rows_close(w, rw, torch.float32, what="weights", equal_nan=True)
+    return w, ids
 
 
 @pytest.mark.parametrize("E,k,n_group,topk_group", _routing_cases())
@@ -81,6 +82,53 @@ def test_topk_gating_extreme_logits(device):
     _check(logits, bias, **DOTS1)
 
 
+def _nan(negative: bool = False) -> float:
+    return -float("nan") if negative else float("nan")
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("E,k,n_group,topk_group", [(128, 6, 1, 1), (64, 8, 8, 4), (256, 8, 8, 4), (32, 4, 4, 1),
+                                                     (40, 3, 1, 1), (512, 16, 8, 2)])
+def test_topk_gating_nan_ranks_highest(device, E, k, n_group, topk_group, renormalize):
+    # torch.topk's policy on every backend: NaN (either sign) ranks above every number, NaN ties to the
+    # lower id; a group holding a NaN is kept first. CPU kernel, CUDA kernel and reference agree.
+    T = 48
+    logits, bias = _draw(T, E, device)
+    g = torch.Generator().manual_seed(E * 31 + k)
+    for t in range(T):
+        n = t % 5  # 0..4 NaN per token, at random experts, random signs
+        where = torch.randperm(E, generator=g)[:n].tolist()
+        for j, e in enumerate(where):
+            logits[t, e] = _nan(negative=(t + j) % 2 == 1)
+    logits[T - 1] = float("nan")  # every expert NaN: ids 0..k-1 of the first groups, in order
+    logits[T - 2, :] = -float("inf")
+    logits[T - 2, E - 1] = float("nan")  # NaN beats -inf everywhere (and +inf: next token)
+    logits[T - 3, 0] = float("inf")
+    logits[T - 3, E // 2] = float("nan")
+    w, ids = _check(logits, bias, k, n_group, topk_group, renormalize, 2.5)
+    choice = logits.sigmoid() + bias
+    nan_choice = torch.isnan(choice)
+    for t in range(T):
+        nan_ids = torch.nonzero(nan_choice[t]).flatten().tolist()
+        if n_group == 1 and nan_ids:
+            # The NaN experts come first, in id order, as far as k allows.
+            assert ids[t, : min(k, len(nan_ids))].tolist() == nan_ids[:k], f"token {t}"
+            if len(nan_ids) <= k:  # and the same set as torch.topk picks
+                assert set(ids[t].tolist()) == set(torch.topk(choice[t], k).indices.tolist()), f"token {t}"
+        if nan_ids:
+            assert torch.isnan(w[t]).any(), f"token {t}: a NaN expert must give NaN weights"
+            if renormalize:
+                assert torch.isnan(w[t]).all()
+    assert ids[T - 1].tolist() == list(range(k))
+    assert ids[T - 2, 0].item() == E - 1 and ids[T - 3, 0].item() == E // 2
+    # A NaN in the bias is a NaN score for every token.
+    bias_nan = bias.clone()
+    bias_nan[5] = float("nan")
+    _, ids = _check(torch.randn(9, E, device=device), bias_nan, k, n_group, topk_group, renormalize, 1.0)
+    if n_group == 1:
+        assert (ids[:, 0] == 5).all()
+
+
 def _well_separated(choice: torch.Tensor, k: int, margin: float) -> torch.Tensor:
     top = choice.sort(dim=-1, descending=True).values[:, : k + 1]
     return (top[:, :-1] - top[:, 1:]).min(dim=-1).values > margin
@@ -105,7 +153,7 @@ def test_router_topk_gating(device, T, dtype, E, H, n_group, topk_group):
     sep = _well_separated(choice, k, 1e-5) if n_group == 1 else torch.ones(T, dtype=torch.bool, device=device)
     assert sep.float().mean() > 0.5
     assert torch.equal(ids[sep], rids[sep])
-    assert_close_rel(w[sep], rw[sep], 1e-4, "weights")
+    assert_rows_close(w[sep], rw[sep], torch.float32, rtol=1e-4, what="weights")
     if device == "cpu":
         assert torch.equal(ids, rids)  # same GEMM as the reference: exact
 
@@ -117,7 +165,7 @@ def test_router_topk_gating_mixed_dtypes(device):
     w, ids = router_topk_gating(hidden, router_weight, bias, 4)
     rw, rids = R.router_topk_gating(hidden, router_weight, bias, 4, 1, 1, True, 1.0)
     assert torch.equal(ids, rids)
-    assert_close_rel(w, rw, 1e-5, "weights")
+    assert_rows_close(w, rw, torch.float32, rtol=1e-5, what="weights")
 
 
 def test_router_topk_gating_empty(device):
@@ -167,7 +215,7 @@ def test_gating_cuda_graph_replay(T):
         torch.cuda.synchronize()
         rw, rids = R.topk_gating(logits, bias, 6, 1, 1, True, 2.5)
         assert torch.equal(outs["g"][1], rids)
-        assert_close_rel(outs["g"][0], rw, 1e-5, "weights")
+        assert_rows_close(outs["g"][0], rw, torch.float32, rtol=1e-5, what="weights")
         rw, rids = R.router_topk_gating(hidden, weight, bias, 6, 1, 1, True, 2.5)
         choice = (hidden.float() @ weight.float().t()).sigmoid() + bias
         sep = _well_separated(choice, 6, 1e-5)

@@ -1,5 +1,6 @@
 // Top-k gating: argument checks, the CPU kernel, and the CUDA implementations that call the
-// launchers of gating_kernels.cu. Semantics: dots1_ext.reference.topk_gating; tie rule in gating.h.
+// launchers of gating_kernels.cu. Semantics: dots1_ext.reference.topk_gating; tie and NaN rules in
+// gating.h.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -71,8 +72,10 @@ void gate_token_cpu(const float* logits, const float* bias, int E, int k, int n_
     std::vector<uint64_t> group_key(n_group);
     for (int g = 0; g < n_group; ++g) {
       float m1 = -INFINITY, m2 = -INFINITY;
+      bool has_nan = false;  // NaN rule (gating.h): a NaN score makes the group score NaN
       for (int j = 0; j < group_size; ++j) {
         const float v = choice[g * group_size + j];
+        has_nan |= v != v;
         if (v > m1) {
           m2 = m1;
           m1 = v;
@@ -80,7 +83,8 @@ void gate_token_cpu(const float* logits, const float* bias, int E, int k, int n_
           m2 = v;
         }
       }
-      group_key[g] = gating_key(group_size >= 2 ? m1 + m2 : m1, static_cast<uint32_t>(g));
+      const float gs = has_nan ? NAN : group_size >= 2 ? m1 + m2 : m1;
+      group_key[g] = gating_key(gs, static_cast<uint32_t>(g));
     }
     std::vector<char> kept(n_group, 0);
     for (int r = 0; r < topk_group; ++r) {

@@ -4,6 +4,12 @@
 // Tie rule (every backend): experts are ranked by the biased score s + bias, then by LOWER expert
 // id; groups by their top-2 sum, then by lower group id. This is what a stable descending sort
 // gives (dots1_ext.reference), so ids agree with the reference even on exact ties.
+//
+// NaN rule (every backend): torch.topk's policy, NaN ranks above every number (+inf included), of
+// either sign; several NaN tie, broken by the lower id as any tie (torch.topk itself leaves the order
+// of several NaN unspecified; torch.sort(descending=True, stable=True), the reference, gives this).
+// A group holding a NaN biased score has a NaN group score (the reference's top-2 sum), which ranks
+// first among groups the same way. Its weight is NaN, so a NaN logit poisons its token's weights.
 #pragma once
 
 #include <cstdint>
@@ -26,13 +32,16 @@ namespace dots1 {
 constexpr int kGatingMaxExperts = 512;
 constexpr int kGatingMaxTopk = 16;
 // router_topk_gating computes the projection inside the gating launch up to this many tokens
-// (decode); above it, logits come from one fp32 GEMM and topk_gating runs on them.
+// (decode); above it, logits come from one GEMM and topk_gating runs on them. Fixed by the cluster
+// kernel's per-lane accumulators (acc[8]) and its [8 x 512] fp32 logits tile in shared memory.
+// dots1_ext/ops/gating.py ROUTER_FUSED_MAX_TOKENS mirrors it (the one Python definition).
 constexpr int kRouterFusedMaxTokens = 8;
 
 // A totally ordered 64-bit key: the float's order in the high word (IEEE bits flipped so that
-// unsigned order == numeric order, -0 folded onto +0), the complement of the index in the low
-// word so that on equal scores the lower index is the larger key. max() over keys is therefore
-// "best score, lowest index on ties", and 0 is below every real key (used for "taken"/"masked").
+// unsigned order == numeric order, -0 folded onto +0, every NaN folded onto the top value 0xFFFFFFFF,
+// above +inf), the complement of the index in the low word so that on equal scores the lower index is
+// the larger key. max() over keys is therefore "best score, NaN first, lowest index on ties", and 0
+// is below every real key (used for "taken"/"masked").
 DOTS1_HOST_DEVICE uint64_t gating_key(float score, uint32_t index) {
   if (score == 0.0f) score = 0.0f;  // -0 == +0 must tie, broken by index
   uint32_t bits;
@@ -42,6 +51,7 @@ DOTS1_HOST_DEVICE uint64_t gating_key(float score, uint32_t index) {
   std::memcpy(&bits, &score, sizeof(bits));
 #endif
   bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  if (score != score) bits = 0xFFFFFFFFu;  // NaN (any sign or payload) ranks highest
   return (static_cast<uint64_t>(bits) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - index);
 }
 

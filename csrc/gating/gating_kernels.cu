@@ -1,5 +1,5 @@
 // Top-k gating kernels: one warp per token, fp32 end to end, exact expf (no fast math), ties to the
-// lower id (gating_key in gating.h). Kernels and launchers only; Tensor code is in gating.cpp.
+// lower id, NaN ranked highest (gating_key in gating.h). Kernels and launchers only; Tensor code is in gating.cpp.
 #include <cooperative_groups.h>
 
 #include "cuda_utils.cuh"
@@ -57,9 +57,11 @@ __device__ __forceinline__ void gate_token(const float* logits_row, const float*
       group_key[i] = 0;
       if (g < n_group) {
         float m1 = -INFINITY, m2 = -INFINITY;
+        bool has_nan = false;
         const float* grp = choice_smem + g * group_size;
         for (int j = 0; j < group_size; ++j) {
           const float v = grp[j];
+          has_nan |= v != v;
           if (v > m1) {
             m2 = m1;
             m1 = v;
@@ -67,8 +69,8 @@ __device__ __forceinline__ void gate_token(const float* logits_row, const float*
             m2 = v;
           }
         }
-        // NaN scores never win here (torch.topk would rank them first); NaN routing is unspecified.
-        const float gs = group_size >= 2 ? m1 + m2 : m1;
+        // NaN rule (gating.h): a group holding a NaN score has a NaN score, which ranks first.
+        const float gs = has_nan ? __int_as_float(0x7fffffff) : group_size >= 2 ? m1 + m2 : m1;
         group_key[i] = gating_key(gs, static_cast<uint32_t>(g));
       }
     }
@@ -254,43 +256,38 @@ cudaError_t dispatch_vpl(int E, F&& f) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// Cluster size per (device, kernel): 16 where the GPU takes non-portable clusters, else 8; 0 when
-// no cluster launch is possible. `cached` belongs to one kernel instantiation (-1: unsupported,
-// 0: not queried yet); the queries are host-only calls made once, on the first (eager) call.
+// Cluster size for `kernel` on `device` (the current device): 16 where the GPU takes non-portable
+// clusters, else 8; 0 when no cluster launch is possible. Host-only queries, run once per (device,
+// kernel instantiation) by the caller's PerDeviceOnce. The caller has checked that no earlier error
+// was pending, so the cudaGetLastError() calls here clear only what a failed probe call just set.
 template <typename Kernel>
-int cluster_size_for(Kernel kernel, int device, int (&cached)[64]) {
-  if (device < 0 || device >= 64) return 0;
-  if (cached[device] != 0) return cached[device] > 0 ? cached[device] : 0;
+int query_cluster_size(Kernel kernel, int device) {
   int major = 0;
-  int result = -1;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9) {
-    for (int size : {16, 8}) {
-      if (size > 8 &&
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-        cudaGetLastError();
-        continue;
-      }
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(size);
-      config.blockDim = dim3(kRouterWarps * 32);
-      cudaLaunchAttribute attr;
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = size;
-      attr.val.clusterDim.y = 1;
-      attr.val.clusterDim.z = 1;
-      config.attrs = &attr;
-      config.numAttrs = 1;
-      int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) {
-        result = size;
-        break;
-      }
-      cudaGetLastError();
-    }
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // the failed query's own error
+    return 0;
   }
-  cudaGetLastError();
-  cached[device] = result;
-  return result > 0 ? result : 0;
+  if (major < 9) return 0;
+  for (int size : {16, 8}) {
+    if (size > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      (void)cudaGetLastError();  // the failed attribute call's own error
+      continue;
+    }
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(size);
+    config.blockDim = dim3(kRouterWarps * 32);
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = size;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) return size;
+    (void)cudaGetLastError();  // the failed occupancy query's own error (if it failed)
+  }
+  return 0;
 }
 
 }  // namespace
@@ -329,8 +326,12 @@ cudaError_t launch_router_cluster(const T* hidden, const T* weight, const float*
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  static int cached_cluster_size[64] = {};  // one table per template instantiation
-  const int cluster = cluster_size_for(kernel, device, cached_cluster_size);
+  // An error still pending belongs to an earlier launch: report it here rather than let the probe
+  // below clear it.
+  err = cudaPeekAtLastError();
+  if (err != cudaSuccess) return err;
+  static PerDeviceOnce<int> cluster_sizes;  // one per template instantiation (kernel)
+  const int cluster = cluster_sizes.get(device, [&] { return query_cluster_size(kernel, device); });
   if (cluster == 0) return cudaErrorNotSupported;
   const bool vectorized = (H % Vec16<T>::kElems) == 0 && aligned16(hidden) && aligned16(weight);
   cudaLaunchConfig_t config = {};
@@ -345,8 +346,10 @@ cudaError_t launch_router_cluster(const T* hidden, const T* weight, const float*
   attr.val.clusterDim.z = 1;
   config.attrs = &attr;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, hidden, weight, bias, num_tokens, E, H, k, n_group, topk_group,
-                            renormalize, scale, vectorized, weights_out, ids_out);
+  err = cudaLaunchKernelEx(&config, kernel, hidden, weight, bias, num_tokens, E, H, k, n_group, topk_group,
+                           renormalize, scale, vectorized, weights_out, ids_out);
+  const cudaError_t last = cudaGetLastError();  // this launch's error state, consumed (reported below)
+  return err != cudaSuccess ? err : last;
 }
 
 }  // namespace

@@ -5,6 +5,11 @@ Ties between equal biased scores (and equal group scores) go to the lower expert
 every backend (what a stable descending sort gives; csrc/gating/gating.h). Routing runs in fp32 end
 to end with an exact expf sigmoid.
 
+NaN logits (every backend): torch.topk's policy, a NaN biased score ranks above every number, and
+several NaN tie, broken by the lower id like any tie (torch.topk itself leaves the order among NaN
+unspecified: on CPU it returned ids [1, 4, 3, 2, 0] for five NaN). A group holding a NaN has a NaN
+group score and so is kept first. The token's weights come out NaN: a NaN never routes silently.
+
 CUDA: one warp per token (E <= 512 in registers, k rounds of a warp arg-max on a 64-bit
 (score, -id) key). router_topk_gating with T <= 8 tokens (decode) computes the projection inside the
 same launch (a thread-block cluster on sm_90); above that (or pre-Hopper) it runs one fp32 GEMM
@@ -21,7 +26,14 @@ from dots1_ext.ops._lib import fill_with_reference, op
 
 MAX_EXPERTS = 512
 MAX_TOPK = 16
-ROUTER_FUSED_MAX_TOKENS = 8  # csrc/gating/gating.h kRouterFusedMaxTokens
+# router_topk_gating computes the router projection inside its one gating launch (a thread-block
+# cluster) for T <= this; above it the op runs a GEMM, then the gating kernel. 8 is what the kernel
+# holds, not a tuning knob: csrc/gating/gating.h kRouterFusedMaxTokens (per-lane accumulators acc[8]
+# and an [8 x 512] fp32 logits tile in shared memory). This is the one Python definition; modules.py
+# imports it and calls the op exactly where it is one launch (11.5 us in a CUDA graph at T=1 on the
+# H100, projection included: bench/results/2026-11-25-h100-07b969f). Its former 32 sent T in 9..32 to
+# the op's unfused GEMM path, contradicting its own comment; no measurement there chose 32.
+ROUTER_FUSED_MAX_TOKENS = 8
 
 
 def _check_routing_args(E: int, k: int, n_group: int, topk_group: int) -> None:
@@ -95,6 +107,8 @@ def topk_gating(
     Returns (weights [T, k] fp32, ids [T, k] int32): ids chosen by sigmoid(logits) + bias among the
     ``topk_group`` best of ``n_group`` groups (group score = sum of its top-2 biased scores); weights
     are the unbiased sigmoid scores at ids, renormalised to sum 1 if ``renormalize``, times ``scale``.
+    Ties go to the lower id. NaN ranks highest (torch.topk's policy; NaN ties to the lower id), so a
+    token with a NaN logit is routed to that expert first and gets NaN weights.
     """
     return op("topk_gating")(logits, bias, k, n_group, topk_group, renormalize, float(scale))
 
@@ -112,6 +126,7 @@ def router_topk_gating(
     """``topk_gating(hidden.float() @ router_weight.float().T, ...)`` in one op.
 
     hidden [T, H], router_weight [E, H] (any float dtypes; fp32 accumulation), bias [E] fp32.
-    Returns (weights [T, k] fp32, ids [T, k] int32). Meant for small T (decode), where it is one launch.
+    Returns (weights [T, k] fp32, ids [T, k] int32). Meant for small T (decode): one launch up to
+    ``ROUTER_FUSED_MAX_TOKENS`` tokens. Ties and NaN as :func:`topk_gating`.
     """
     return op("router_topk_gating")(hidden, router_weight, bias, k, n_group, topk_group, renormalize, float(scale))
