@@ -6,6 +6,14 @@ without a CUDA kernel for it. Each function has exactly the signature of the op 
 
 Shape letters: T tokens, E experts, k experts per token, H hidden size, S permuted rows,
 N output features, K input features, Hq/Hk query/key heads, D head_dim, P cached positions.
+
+Bad indices (the poison policy, shared by every backend): an index outside its range is never
+dereferenced; the output rows it would have produced are NaN instead, so that a bad index cannot
+give a plausible wrong number. A position outside [0, P) poisons the token's q and k rows; a KV-cache
+row outside the cache is not written and poisons the token's q rows (its attention output is NaN);
+an expert id outside [0, E) takes no permuted row (row_map -1) and a row_map entry outside [0, S)
+poisons the token's unpermute output row. NaN router logits rank highest (torch.topk's rule), ties
+to the lower id.
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ RENORM_EPS = 1e-20
 
 
 def _stable_topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    # torch.topk does not promise which of two equal scores it keeps; a stable descending sort
-    # keeps the lower index first, which is the tie rule every dots1_ext kernel follows.
+    # torch.topk does not promise which of two equal scores it keeps (nor the order of several NaN);
+    # a stable descending sort keeps the lower index first, which is the tie rule every dots1_ext
+    # kernel follows. Like torch.topk, torch.sort ranks NaN (of either sign) above +inf.
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
@@ -33,7 +42,11 @@ def topk_gating(
     renormalize: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fp32 weights [T, k], int32 ids [T, k]
-    """DeepSeek-V3 style sigmoid routing with bias-corrected, group-limited top-k selection."""
+    """DeepSeek-V3 style sigmoid routing with bias-corrected, group-limited top-k selection.
+
+    NaN: a NaN biased score ranks above every number (torch.topk's policy), NaN ties to the lower
+    expert id; a group holding a NaN score has a NaN group score, which ranks first in the same way.
+    A token routed to a NaN expert gets NaN weights (renormalised: all of its k weights)."""
     T, E = logits.shape
     scores = logits.float().sigmoid()
     choice = scores + bias.float()
@@ -85,23 +98,29 @@ def permute(
     ``row_map`` [T*k] with ``permuted[row_map[t*k + j]] == hidden[t]``. Rows are ordered by
     (expert, token, slot). Expert e's rows start at ``expert_offsets[e]``; with ``pad_to > 1`` each
     start is a multiple of ``pad_to`` and the gap rows (and any rows past ``expert_offsets[E]``)
-    are zero.
+    are zero. An id outside [0, E) takes no row: its row_map entry is -1 (which unpermute turns into
+    a NaN output row for that token).
     """
     T, k = topk_ids.shape
     H = hidden.shape[1]
+    E = num_experts
     flat_ids = topk_ids.reshape(-1).long()
-    order = torch.sort(flat_ids, stable=True).indices
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    valid = (flat_ids >= 0) & (flat_ids < E)
+    bins = torch.where(valid, flat_ids, E)  # bad ids collect in a virtual bin E, sorted last
+    order = torch.sort(bins, stable=True).indices
+    counts_all = torch.bincount(bins, minlength=E + 1)  # [E+1]
+    counts = counts_all[:E]
     seg_rows = (counts + pad_to - 1) // pad_to * pad_to if pad_to > 1 else counts
-    offsets = torch.zeros(num_experts + 1, dtype=torch.long, device=hidden.device)
+    offsets = torch.zeros(E + 1, dtype=torch.long, device=hidden.device)
     offsets[1:] = torch.cumsum(seg_rows, 0)
-    first_sorted = torch.cumsum(counts, 0) - counts  # index in `order` where each expert starts
-    sorted_ids = flat_ids[order]
-    rank = torch.arange(T * k, device=hidden.device) - first_sorted[sorted_ids]
+    first_sorted = torch.cumsum(counts_all, 0) - counts_all  # index in `order` where each bin starts
+    sorted_bins = bins[order]
+    rank = torch.arange(T * k, device=hidden.device) - first_sorted[sorted_bins]
     row_map = torch.empty(T * k, dtype=torch.long, device=hidden.device)
-    row_map[order] = offsets[sorted_ids] + rank
-    permuted = hidden.new_zeros(permuted_rows(T, k, num_experts, pad_to), H)
-    permuted[row_map] = hidden.repeat_interleave(k, dim=0)
+    row_map[order] = offsets[sorted_bins] + rank
+    row_map = torch.where(valid, row_map, -1)  # poison policy: a bad id takes no row
+    permuted = hidden.new_zeros(permuted_rows(T, k, E, pad_to), H)
+    permuted[row_map[valid]] = hidden.repeat_interleave(k, dim=0)[valid]
     return permuted, offsets.to(torch.int32), row_map.to(torch.int32)
 
 
@@ -112,10 +131,17 @@ def unpermute(
     shared_out: torch.Tensor | None,  # [T, H] or None
     residual: torch.Tensor | None,  # [T, H] or None
 ) -> torch.Tensor:  # [T, H], dtype of expert_out
-    """out[t] = sum_j w[t, j] * expert_out[row_map[t*k + j]] (+ shared_out[t]) (+ residual[t]), in fp32, j in order."""
+    """out[t] = sum_j w[t, j] * expert_out[row_map[t*k + j]] (+ shared_out[t]) (+ residual[t]), in fp32, j in order.
+
+    A row_map entry outside [0, S) makes the token's whole output row NaN (poison policy)."""
     T, k = topk_weights.shape
-    H = expert_out.shape[1]
-    gathered = expert_out[row_map.long()].view(T, k, H).float()
+    S, H = expert_out.shape
+    rows = row_map.long()
+    valid = (rows >= 0) & (rows < S)
+    if S > 0:
+        gathered = expert_out[rows.clamp(0, S - 1)].view(T, k, H).float()
+    else:
+        gathered = expert_out.new_zeros(T, k, H, dtype=torch.float32)
     acc = torch.zeros(T, H, dtype=torch.float32, device=expert_out.device)
     for j in range(k):
         acc = acc + topk_weights[:, j : j + 1].float() * gathered[:, j]
@@ -123,6 +149,7 @@ def unpermute(
         acc = acc + shared_out.float()
     if residual is not None:
         acc = acc + residual.float()
+    acc = acc.masked_fill(~valid.view(T, k).all(dim=1, keepdim=True), float("nan"))
     return acc.to(expert_out.dtype)
 
 
@@ -182,15 +209,26 @@ def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     x.copy_(rms_norm(residual, weight, eps))
 
 
+def _cos_sin_rows(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos_sin_cache rows at positions [T, D] fp32, valid [T] bool); bad positions read row 0 (masked later)."""
+    P, D = cos_sin_cache.shape
+    pos = positions.long()
+    valid = (pos >= 0) & (pos < P)
+    if P == 0:
+        return cos_sin_cache.new_zeros(pos.shape[0], D, dtype=torch.float32), valid
+    return cos_sin_cache[pos.clamp(0, P - 1)].float(), valid
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
     """Neox-style rotate_half RoPE of x [T, heads, D] in fp32; cos_sin_cache [P, D] holds cos in its
-    first D/2 columns and sin in its last D/2."""
+    first D/2 columns and sin in its last D/2. Tokens at positions outside [0, P) come out NaN."""
     half = x.shape[-1] // 2
-    cs = cos_sin_cache[positions.long()].float()  # [T, D]
+    cs, valid = _cos_sin_rows(positions, cos_sin_cache)  # [T, D]
     cos = cs[:, None, :half]
     sin = cs[:, None, half:]
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.masked_fill(~valid[:, None, None], float("nan"))
 
 
 def qk_norm_rope_(
@@ -202,7 +240,8 @@ def qk_norm_rope_(
     cos_sin_cache: torch.Tensor,  # [P, D] fp32
     eps: float,
 ) -> None:
-    """In place: per-head RMSNorm of q and k, then RoPE at each token's position."""
+    """In place: per-head RMSNorm of q and k, then RoPE at each token's position. A token whose
+    position is outside [0, P) gets NaN q and k rows (poison policy)."""
     q.copy_(apply_rope(rms_norm(q, q_weight, eps), positions, cos_sin_cache).to(q.dtype))
     k.copy_(apply_rope(rms_norm(k, k_weight, eps), positions, cos_sin_cache).to(k.dtype))
 
@@ -220,8 +259,16 @@ def qk_norm_rope_kv_cache_(
     v_cache: torch.Tensor,  # same shape as k_cache
     cache_rows: torch.Tensor,  # [T] int64 row of each token in k_cache.view(-1, Hk, D)
 ) -> None:
-    """qk_norm_rope_, then k and v written to the KV cache at ``cache_rows``."""
+    """qk_norm_rope_, then k and v written to the KV cache at ``cache_rows``.
+
+    Poison policy: a token whose cache row is outside [0, rows of the cache) writes nothing to the
+    cache and gets NaN q rows (so its attention output is NaN); a token with a bad position has NaN
+    q and k (that NaN k is what its cache row receives)."""
     qk_norm_rope_(q, k, q_weight, k_weight, positions, cos_sin_cache, eps)
     Hk, D = k.shape[1], k.shape[2]
-    k_cache.view(-1, Hk, D)[cache_rows.long()] = k.to(k_cache.dtype)
-    v_cache.view(-1, Hk, D)[cache_rows.long()] = v.to(v_cache.dtype)
+    k_rows, v_rows = k_cache.view(-1, Hk, D), v_cache.view(-1, Hk, D)
+    rows = cache_rows.long()
+    ok = (rows >= 0) & (rows < k_rows.shape[0])
+    q.masked_fill_(~ok[:, None, None], float("nan"))
+    k_rows[rows[ok]] = k[ok].to(k_cache.dtype)  # reference only: boolean indexing (a host sync) is fine
+    v_rows[rows[ok]] = v[ok].to(v_cache.dtype)

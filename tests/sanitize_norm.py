@@ -9,7 +9,7 @@
 a tensor's end.) Paths: row kernels with 1/2/4/8 vectors per thread and the generic row kernel
 (H not a multiple of the vector, H past the register limit, misaligned rows); QK kernels for head_dim
 64/128/256 (16-byte path) and 96 / misaligned views (generic path), with and without the KV cache,
-with skipped positions and cache rows out of range. Exits non-zero if an output disagrees with the
+with bad positions and cache rows (the poison policy: NaN where the reference has NaN). Exits non-zero if an output disagrees with the
 reference, so it doubles as a quick smoke test.
 """
 
@@ -71,22 +71,29 @@ def qk_paths(dtype: torch.dtype) -> None:
                 v = body[:, (Hq + Hk) * D :].view(T, Hk, D)
                 qw, kw = torch.randn(D, dtype=dtype, device="cuda"), torch.randn(D, device="cuda")
                 positions = torch.randint(0, P, (T,), device="cuda")
-                positions[3], positions[10] = P, -7  # skipped tokens
-                valid = torch.ones(T, dtype=torch.bool, device="cuda")
-                valid[3] = valid[10] = False
-                q_ref, k_ref = q[valid].clone(), k[valid].clone()
-                reference.qk_norm_rope_(q_ref, k_ref, qw, kw, positions[valid], cos_sin, EPS)
+                positions[3], positions[10] = P, -7  # bad positions: poisoned tokens (NaN q and k)
                 name = f"qk {dtype} D={D} shift={shift} cache={with_cache}"
+                q_r, k_r = q.clone(), k.clone()  # the reference on copies, same poison policy
                 if with_cache:
                     k_cache = torch.randn(cache_len, Hk, D, dtype=dtype, device="cuda")
                     v_cache = torch.randn_like(k_cache)
                     cache_rows = torch.arange(T, device="cuda") % cache_len
-                    cache_rows[5], cache_rows[6] = cache_len, -1  # no cache write for these
+                    cache_rows[5], cache_rows[6] = cache_len, -1  # bad rows: no cache write, NaN q
+                    kc_r, vc_r = k_cache.clone(), v_cache.clone()
+                    reference.qk_norm_rope_kv_cache_(q_r, k_r, v, qw, kw, positions, cos_sin, EPS, kc_r, vc_r,
+                                                     cache_rows)
                     N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cos_sin, EPS, k_cache, v_cache, cache_rows)
+                    pairs = ((q, q_r, "q"), (k, k_r, "k"), (k_cache, kc_r, "k_cache"), (v_cache, vc_r, "v_cache"))
                 else:
+                    reference.qk_norm_rope_(q_r, k_r, qw, kw, positions, cos_sin, EPS)
                     N.qk_norm_rope_(q, k, qw, kw, positions, cos_sin, EPS)
-                check(name + " q", q[valid], q_ref, dtype)
-                check(name + " k", k[valid], k_ref, dtype)
+                    pairs = ((q, q_r, "q"), (k, k_r, "k"))
+                for got, want, what in pairs:
+                    nan_got, nan_want = torch.isnan(got), torch.isnan(want)
+                    if not torch.equal(nan_got, nan_want):
+                        failures.append(f"{name} {what}: NaN (poison) pattern differs from the reference")
+                    keep = ~nan_want.flatten(1).any(1) if got.dim() > 1 else ~nan_want
+                    check(f"{name} {what}", got[keep], want[keep], dtype)
 
 
 def main() -> int:

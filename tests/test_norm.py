@@ -14,10 +14,33 @@ import torch
 from dots1_ext import reference
 from dots1_ext.ops import norm as N
 from dots1_ext.rope import build_cos_sin_cache
-from tests.conftest import RTOL, assert_close_rel, poison_, requires_cuda
+from tests.conftest import RTOL, assert_close_rel, assert_rows_close, assert_ulps, poison_, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = 1e-5
+
+# The norm kernels are exact up to rounding: they repeat the reference's roundings step by step and
+# differ only where the fp32 sum of squares (another summation order) moves a value across a rounding
+# boundary. Elementwise bound in ulps of the output dtype against the reference on the same inputs.
+# 16-bit: the normalised value moves by at most 1 ulp, the product with the weight by 1 more (measured
+# on CPU, H up to 20000: bf16 0, fp16 2). fp32: the sum of H squares itself differs by a few ulps
+# between summation orders, halved by the rsqrt (measured on CPU: up to 5).
+NORM_ULPS = {torch.float32: 8, torch.bfloat16: 2, torch.float16: 2}
+# QK-norm + RoPE: the rotation a*c - b*s cancels, so an ulp of the normalised value can be many ulps of
+# a small output element (measured on CPU: up to 8192 ulp in fp32, 8 in fp16): bounded instead in ulps
+# at the largest magnitude of each head (row) (measured on CPU: fp32 3.1, fp16 0.7, bf16 0.3).
+QK_ROW_ULPS = {torch.float32: 8, torch.bfloat16: 3, torch.float16: 3}
+
+
+def assert_norm_close(out, ref, dtype, what="output"):
+    """Per element in ulps against the reference on the same inputs, and per row against fp32."""
+    assert_ulps(out, ref, NORM_ULPS[dtype], what)
+
+
+def assert_qk_close(out, ref, dtype, what="output", equal_nan=False):
+    """Per head (row) of out [T, H, D]: max error <= QK_ROW_ULPS ulps at the head's largest magnitude."""
+    ulp_at_max = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    assert_rows_close(out, ref, dtype, rtol=QK_ROW_ULPS[dtype] * ulp_at_max, what=what, equal_nan=equal_nan)
 
 
 def _skip_big_on_cpu(device: str, numel: int) -> None:
@@ -40,7 +63,7 @@ def test_rms_norm_matches_reference(device, dtype, shape):
     weight = torch.randn(shape[-1], dtype=dtype, device=device)
     out = N.rms_norm(x, weight, EPS)
     assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
-    assert_close_rel(out, reference.rms_norm(x, weight, EPS), RTOL[dtype])
+    assert_norm_close(out, reference.rms_norm(x, weight, EPS), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -54,7 +77,7 @@ def test_rms_norm_non_contiguous(device, dtype, layout):
     else:  # stride-0 rows
         x = torch.randn(1, H, dtype=dtype, device=device).expand(6, H)
     weight = torch.randn(H, dtype=dtype, device=device)
-    assert_close_rel(N.rms_norm(x, weight, EPS), reference.rms_norm(x, weight, EPS), RTOL[dtype])
+    assert_norm_close(N.rms_norm(x, weight, EPS), reference.rms_norm(x, weight, EPS), dtype)
 
 
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
@@ -65,7 +88,7 @@ def test_rms_norm_weight_of_another_dtype(device, x_dtype, w_dtype):
     out = N.rms_norm(x, weight, EPS)
     assert out.dtype == x_dtype
     # The reference multiplies by weight.float(): an fp32 weight must not be rounded to x's dtype first.
-    assert_close_rel(out, reference.rms_norm(x, weight, EPS), RTOL[x_dtype])
+    assert_norm_close(out, reference.rms_norm(x, weight, EPS), x_dtype)
 
 
 @pytest.mark.parametrize("shape", [(0, 4096), (2, 0, 64), (3, 0)])
@@ -103,8 +126,7 @@ def test_add_rms_norm_matches_reference(device, dtype, shape):
     reference.add_rms_norm_(x_ref, residual_ref, weight, EPS)
     returned = N.add_rms_norm_(x, residual, weight, EPS)
     assert returned is x
-    assert_close_rel(residual, residual_ref, RTOL[dtype], "residual")
-    assert_close_rel(x, x_ref, RTOL[dtype], "x")
+    assert_norm_close(x, x_ref, dtype, "x")
     # residual = round(residual + x) is exact elementwise arithmetic: identical to the reference.
     assert torch.equal(residual, residual_ref)
 
@@ -126,7 +148,7 @@ def test_add_rms_norm_strided_in_place(device, dtype, layout):
     x_ref, residual_ref = x.clone(), residual.clone()
     reference.add_rms_norm_(x_ref, residual_ref, weight, EPS)
     N.add_rms_norm_(x, residual, weight, EPS)
-    assert_close_rel(x, x_ref, RTOL[dtype], "x")
+    assert_norm_close(x, x_ref, dtype, "x")
     assert torch.equal(residual, residual_ref)
     if layout == "column_slice":  # columns outside the views are untouched
         assert torch.equal(x_buf[:, :H], x_buf_before[:, :H]) and torch.equal(x_buf[:, 2 * H :], x_buf_before[:, 2 * H :])
@@ -141,7 +163,7 @@ def test_add_rms_norm_fp32_weight_with_bf16(device):
     x_ref, residual_ref = x.clone(), residual.clone()
     reference.add_rms_norm_(x_ref, residual_ref, weight, EPS)
     N.add_rms_norm_(x, residual, weight, EPS)
-    assert_close_rel(x, x_ref, RTOL[torch.bfloat16])
+    assert_norm_close(x, x_ref, torch.bfloat16)
     assert torch.equal(residual, residual_ref)
 
 
@@ -204,8 +226,8 @@ def test_qk_norm_rope_matches_reference(device, dtype, D, T):
     v_before = v.clone()
     q_ref, k_ref = run_reference(q, k, qw, kw, positions, cache)
     N.qk_norm_rope_(q, k, qw, kw, positions, cache, EPS)
-    assert_close_rel(q, q_ref, RTOL[dtype], "q")
-    assert_close_rel(k, k_ref, RTOL[dtype], "k")
+    assert_qk_close(q, q_ref, dtype, "q")
+    assert_qk_close(k, k_ref, dtype, "k")
     assert torch.equal(v, v_before), "v (the rest of the QKV buffer) was modified"
 
 
@@ -225,9 +247,9 @@ def test_qk_norm_rope_layouts_and_heads(device, dtype, layout, heads):
         owned = owned.bool()
         others_before = buf[~owned].clone()
     N.qk_norm_rope_(q, k, qw, kw, positions, cache, EPS)
-    assert_close_rel(q, q_ref, RTOL[dtype], "q")
+    assert_qk_close(q, q_ref, dtype, "q")
     if Hk:
-        assert_close_rel(k, k_ref, RTOL[dtype], "k")
+        assert_qk_close(k, k_ref, dtype, "k")
     if buf is not None:
         assert torch.equal(buf[~owned], others_before), "elements outside q and k were modified"
 
@@ -249,8 +271,8 @@ def test_qk_norm_rope_decode_positions(device, dtype):
         q, k, v, buf, qw, kw, positions, cache = qk_inputs(T, 8, 8, 128, dtype, device, P=P, start=start)
         q_ref, k_ref = run_reference(q, k, qw, kw, positions, cache)
         N.qk_norm_rope_(q, k, qw, kw, positions, cache, EPS)
-        assert_close_rel(q, q_ref, RTOL[dtype], f"q at start {start}")
-        assert_close_rel(k, k_ref, RTOL[dtype], f"k at start {start}")
+        assert_qk_close(q, q_ref, dtype, f"q at start {start}")
+        assert_qk_close(k, k_ref, dtype, f"k at start {start}")
 
 
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.float16])
@@ -258,25 +280,39 @@ def test_qk_norm_rope_weight_of_another_dtype(device, w_dtype):
     q, k, v, buf, qw, kw, positions, cache = qk_inputs(7, 4, 2, 128, torch.bfloat16, device, w_dtype=w_dtype)
     q_ref, k_ref = run_reference(q, k, qw, kw, positions, cache)
     N.qk_norm_rope_(q, k, qw, kw, positions, cache, EPS)
-    assert_close_rel(q, q_ref, RTOL[torch.bfloat16], "q")
-    assert_close_rel(k, k_ref, RTOL[torch.bfloat16], "k")
+    assert_qk_close(q, q_ref, torch.bfloat16, "q")
+    assert_qk_close(k, k_ref, torch.bfloat16, "k")
 
 
-@pytest.mark.parametrize("D", [128, 96])
-def test_qk_norm_rope_skips_out_of_range_positions(device, D):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,layout", [(128, "fused"), (96, "fused"), (64, "misaligned")])
+def test_qk_norm_rope_poisons_out_of_range_positions(device, dtype, D, layout):
+    # Poison policy: a position outside [0, P) makes every q and k head of its token NaN (never a
+    # plausible number, never an out-of-bounds read); the other tokens are as usual.
     P = 64
-    q, k, v, buf, qw, kw, positions, cache = qk_inputs(6, 4, 2, D, torch.bfloat16, device, P=P)
-    positions[1], positions[4] = P, -1
-    bad = torch.tensor([1, 4], device=device)
-    good = torch.tensor([0, 2, 3, 5], device=device)
-    q_before, k_before = q.clone(), k.clone()
-    q_ref, k_ref = run_reference(q[good], k[good], qw, kw, positions[good], cache)
+    q, k, v, buf, qw, kw, positions, cache = qk_inputs(6, 4, 2, D, dtype, device, layout, P=P)
+    positions[1], positions[4], positions[5] = P, -1, 2**40
+    bad = torch.tensor([1, 4, 5], device=device)
+    good = torch.tensor([0, 2, 3], device=device)
+    v_before = v.clone()
+    q_ref, k_ref = run_reference(q, k, qw, kw, positions, cache)
+    assert torch.isnan(q_ref[bad]).all() and torch.isnan(k_ref[bad]).all(), "the reference must poison too"
+    q_good, k_good = run_reference(q[good], k[good], qw, kw, positions[good], cache)
     N.qk_norm_rope_(q, k, qw, kw, positions, cache, EPS)
-    assert torch.equal(q[bad], q_before[bad]) and torch.equal(k[bad], k_before[bad])
-    assert_close_rel(q[good], q_ref, RTOL[torch.bfloat16], "q")
-    assert_close_rel(k[good], k_ref, RTOL[torch.bfloat16], "k")
+    assert torch.isnan(q[bad]).all() and torch.isnan(k[bad]).all(), "bad positions must poison q and k"
+    assert_qk_close(q[good], q_good, dtype, "q")
+    assert_qk_close(k[good], k_good, dtype, "k")
+    assert_qk_close(q, q_ref, dtype, "q vs reference", equal_nan=True)
+    assert torch.equal(v, v_before)
     with pytest.raises(IndexError, match="positions"):
         N.qk_norm_rope_(q, k, qw, kw, positions, cache, EPS, check_positions=True)
+
+
+def test_qk_norm_rope_empty_table_poisons_everything(device):
+    q, k, v, buf, qw, kw, positions, cache = qk_inputs(3, 4, 2, 128, torch.bfloat16, device, "contiguous")
+    empty = cache[:0]
+    N.qk_norm_rope_(q, k, qw, kw, positions, empty, EPS)
+    assert torch.isnan(q).all() and torch.isnan(k).all()
 
 
 def test_qk_norm_rope_empty(device):
@@ -305,8 +341,8 @@ def test_qk_norm_rope_kv_cache_writes_exactly_target_rows(device, dtype, D, layo
     k_expect.view(-1, Hk, D)[cache_rows] = k_ref
     v_expect.view(-1, Hk, D)[cache_rows] = v
     N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cache, EPS, k_cache, v_cache, cache_rows)
-    assert_close_rel(q, q_ref, RTOL[dtype], "q")
-    assert_close_rel(k, k_ref, RTOL[dtype], "k")
+    assert_qk_close(q, q_ref, dtype, "q")
+    assert_qk_close(k, k_ref, dtype, "k")
     assert torch.equal(k_cache.view(-1, Hk, D)[cache_rows], k), "cached k differs from the rotated k"
     assert torch.equal(v_cache, v_expect), "v cache: wrong rows written or rows not written"
     others = torch.ones(B * S, dtype=torch.bool, device=device)
@@ -315,24 +351,36 @@ def test_qk_norm_rope_kv_cache_writes_exactly_target_rows(device, dtype, D, layo
     assert torch.isfinite(k_cache).all()
 
 
-def test_qk_norm_rope_kv_cache_skips_bad_rows_and_positions(device):
-    Hq, Hk, D, P, rows = 4, 2, 128, 32, 8
-    q, k, v, buf, qw, kw, positions, cache = qk_inputs(4, Hq, Hk, D, torch.bfloat16, device, P=P)
-    positions[2] = P + 5  # token 2: skipped entirely
-    cache_rows = torch.tensor([0, rows, 5, -1], device=device)  # tokens 1, 3: no cache write
+@pytest.mark.parametrize("D,layout", [(128, "fused"), (96, "fused")])
+def test_qk_norm_rope_kv_cache_poisons_bad_rows_and_positions(device, D, layout):
+    # Poison policy: a bad cache row writes nothing and poisons the token's q (its attention output is
+    # NaN); a bad position poisons q and k, and its valid cache row receives that NaN k (and its v).
+    Hq, Hk, P, rows = 4, 2, 32, 8
+    q, k, v, buf, qw, kw, positions, cache = qk_inputs(5, Hq, Hk, D, torch.bfloat16, device, layout, P=P)
+    positions[2] = P + 5  # token 2: bad position, valid row 5
+    cache_rows = torch.tensor([0, rows, 5, -1, 2**40], device=device)  # tokens 1, 3, 4: bad rows
     k_cache = torch.randn(rows, Hk, D, dtype=torch.bfloat16, device=device)
     v_cache = torch.randn_like(k_cache)
-    k_cache_before, v_cache_before, q_before = k_cache.clone(), v_cache.clone(), q.clone()
-    good = torch.tensor([0, 1, 3], device=device)
-    q_ref, k_ref = run_reference(q[good], k[good], qw, kw, positions[good], cache)
+    k_cache_before, v_cache_before = k_cache.clone(), v_cache.clone()
+    # The reference, on copies, must agree element for element (NaN included).
+    q_r, k_r, kc_r, vc_r = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
+    reference.qk_norm_rope_kv_cache_(q_r, k_r, v, qw, kw, positions, cache, EPS, kc_r, vc_r, cache_rows)
+    good_pos = torch.tensor([0, 1, 3, 4], device=device)
+    q_ref, k_ref = run_reference(q[good_pos], k[good_pos], qw, kw, positions[good_pos], cache)
     N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cache, EPS, k_cache, v_cache, cache_rows)
-    assert torch.equal(q[2], q_before[2])
-    assert_close_rel(q[good], q_ref, RTOL[torch.bfloat16], "q")
-    assert_close_rel(k[good], k_ref, RTOL[torch.bfloat16], "k")
+    poisoned_q = torch.tensor([1, 2, 3, 4], device=device)
+    assert torch.isnan(q[poisoned_q]).all(), "a bad cache row or position must poison q"
+    assert torch.isnan(k[2]).all(), "a bad position must poison k"
+    assert_qk_close(q[0], q_ref[0], torch.bfloat16, "q of the good token")
+    assert_qk_close(k[good_pos], k_ref, torch.bfloat16, "k of tokens with a good position")
     assert torch.equal(k_cache[0], k[0]) and torch.equal(v_cache[0], v[0])
-    untouched = torch.tensor([1, 2, 3, 4, 5, 6, 7], device=device)  # row 5 belonged to the skipped token
+    assert torch.isnan(k_cache[5]).all() and torch.equal(v_cache[5], v[2])
+    untouched = torch.tensor([1, 2, 3, 4, 6, 7], device=device)
     assert torch.equal(k_cache[untouched], k_cache_before[untouched])
     assert torch.equal(v_cache[untouched], v_cache_before[untouched])
+    for got, want, name in ((q, q_r, "q"), (k, k_r, "k"), (k_cache, kc_r, "k_cache"), (v_cache, vc_r, "v_cache")):
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{name}: NaN pattern differs from the reference"
+        assert_qk_close(got, want, torch.bfloat16, f"{name} vs reference", equal_nan=True)
     with pytest.raises(IndexError, match="positions"):
         N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cache, EPS, k_cache, v_cache, cache_rows,
                                  check_positions=True)
@@ -340,6 +388,59 @@ def test_qk_norm_rope_kv_cache_skips_bad_rows_and_positions(device):
     with pytest.raises(IndexError, match="cache_rows"):
         N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cache, EPS, k_cache, v_cache, cache_rows,
                                  check_positions=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# In-place arguments that share memory: rejected before anything is written
+
+
+def test_add_rms_norm_rejects_overlapping_x_before_writing(device):
+    H = 64
+    weight = torch.randn(H, device=device)
+    residual = torch.randn(4, H, device=device)
+    before = residual.clone()
+    x = torch.randn(1, H, device=device).expand(4, H)  # expanded: every row is the same memory
+    with pytest.raises(ValueError, match="x is written in place but some of its elements share memory"):
+        N.add_rms_norm_(x, residual, weight, EPS)
+    assert torch.equal(residual, before), "residual was modified before the error"
+    with pytest.raises(ValueError, match="residual is written in place"):
+        N.add_rms_norm_(torch.randn(4, H, device=device), torch.randn(1, H, device=device).expand(4, H), weight, EPS)
+    with pytest.raises(ValueError, match="x and residual overlap"):
+        N.add_rms_norm_(residual, residual, weight, EPS)
+    assert torch.equal(residual, before)
+    buf = torch.randn(5, H, device=device)
+    buf_before = buf.clone()
+    with pytest.raises(ValueError, match="x and residual overlap"):
+        N.add_rms_norm_(buf[1:], buf[:-1], weight, EPS)  # rows shifted by one: partial overlap
+    assert torch.equal(buf, buf_before)
+    # Disjoint views of one buffer are fine (the model's fused layouts).
+    buf = torch.randn(4, 2 * H, device=device)
+    N.add_rms_norm_(buf[:, :H], buf[:, H:], weight, EPS)
+
+
+def test_qk_norm_rope_rejects_overlapping_q_k_before_writing(device):
+    T, D = 3, 128
+    q, k, v, buf, qw, kw, positions, cache = qk_inputs(T, 4, 2, D, torch.bfloat16, device, "fused")
+    buf_before = buf.clone()
+    body = buf
+    q_wide = body[:, : 4 * D].view(T, 4, D)
+    k_in_q = body[:, 2 * D : 4 * D].view(T, 2, D)  # k = q's last two heads
+    with pytest.raises(ValueError, match="q and k overlap"):
+        N.qk_norm_rope_(q_wide, k_in_q, qw, kw, positions, cache, EPS)
+    with pytest.raises(ValueError, match="q and k overlap"):
+        N.qk_norm_rope_(q, q[:, :2], qw, kw, positions, cache, EPS)
+    with pytest.raises(ValueError, match="q is written in place but some of its elements share memory"):
+        N.qk_norm_rope_(q[:1].expand(T, 4, D), k, qw, kw, positions, cache, EPS)  # stride-0 q
+    with pytest.raises(ValueError, match="k is written in place"):
+        N.qk_norm_rope_(q, k[:, :1].expand(T, 2, D), qw, kw, positions, cache, EPS)
+    assert torch.equal(buf, buf_before), "q/k were modified before the error"
+    k_cache = torch.randn(8, 2, D, dtype=torch.bfloat16, device=device)
+    rows = torch.arange(T, device=device)
+    with pytest.raises(ValueError, match="k_cache and v_cache overlap"):
+        N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cache, EPS, k_cache, k_cache, rows)
+    with pytest.raises(ValueError, match="k and v overlap"):
+        N.qk_norm_rope_kv_cache_(q, k, k, qw, kw, positions, cache, EPS, k_cache, k_cache.clone(), rows)
+    assert torch.equal(buf, buf_before)
 
 
 # ------------------------------------------------------------------------------------------------

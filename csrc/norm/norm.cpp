@@ -11,14 +11,22 @@
 // Weights may have any float dtype: the math multiplies by weight.float() either way. The CUDA
 // kernels read a weight in x's dtype or in fp32 directly; other combinations are converted to fp32.
 //
-// Out-of-range indices never reach memory: a token whose position is outside [0, P) is skipped (q, k
-// unchanged, no cache write); a token whose cache row is outside the cache writes no cache row. The
-// Python wrappers' check_positions=True raises IndexError for both on the host instead.
+// Poison policy (every backend: these CPU kernels, the CUDA kernels and dots1_ext.reference):
+// out-of-range indices never reach memory, and the rows they would have produced are NaN, so a bad
+// index cannot pass for a plausible number. A token whose position is outside [0, P) gets NaN in all
+// of its q and k heads (with the KV cache, its valid cache row receives that NaN k, and v as given);
+// a token whose cache row is outside the cache writes no cache row and gets NaN in all of its q heads
+// (so its attention output is NaN). The Python wrappers' check_positions=True raises IndexError for
+// both on the host instead (a synchronisation on CUDA).
+//
+// In-place ops check, before any write, that the tensors they write have distinct elements and do
+// not overlap each other or the tensors they read (csrc/common.h check_no_overlap).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <utility>
 
 #include "common.h"
@@ -52,6 +60,13 @@ void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const a
   TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "dots1_ext: residual must have shape ", x.sizes(), ", got ",
                     residual.sizes());
   check_same_device(residual, "residual", x, "x");
+  // Before any write: an expanded x (or residual) would be written through shared elements, and
+  // x aliasing residual would have one overwrite the other mid-op.
+  check_no_internal_overlap(x, "x");
+  check_no_internal_overlap(residual, "residual");
+  check_no_overlap(x, "x", residual, "residual");
+  check_no_overlap(x, "x", weight, "weight");
+  check_no_overlap(residual, "residual", weight, "weight");
 }
 
 void check_qk_norm_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight,
@@ -78,6 +93,10 @@ void check_qk_norm_rope(const at::Tensor& q, const at::Tensor& k, const at::Tens
   check_same_device(k_weight, "k_weight", q, "q");
   check_same_device(positions, "positions", q, "q");
   check_same_device(cos_sin_cache, "cos_sin_cache", q, "q");
+  // q and k are written in place by parallel threads: no shared elements within or between them.
+  check_no_internal_overlap(q, "q");
+  check_no_internal_overlap(k, "k");
+  check_no_overlap(q, "q", k, "k");
 }
 
 void check_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
@@ -101,6 +120,14 @@ void check_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   check_shape(cache_rows, "cache_rows", {T});
   check_same_device(v, "v", q, "q");
   check_same_device(cache_rows, "cache_rows", q, "q");
+  // The caches are written too; v is read while k and q are written.
+  check_no_overlap(k_cache, "k_cache", v_cache, "v_cache");
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_no_overlap(k_cache, "k_cache", *t, name);
+    check_no_overlap(v_cache, "v_cache", *t, name);
+  }
+  check_no_overlap(q, "q", v, "v");
+  check_no_overlap(k, "k", v, "v");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -172,39 +199,48 @@ void rms_norm_rows_cpu(const T* x, int64_t xs, T* residual, int64_t rs, T* out, 
   });
 }
 
+// One head in place: RMSNorm over D (weights w, fp32), then neox RoPE with the row cs = cos | sin.
+template <typename T>
+void norm_rope_head_cpu(T* base, const float* w, const float* cs, int64_t D, float eps) {
+  const int64_t half = D / 2;
+  double sum_sq = 0.0;
+  for (int64_t i = 0; i < D; ++i) {
+    const float f = static_cast<float>(base[i]);
+    sum_sq += static_cast<double>(f) * f;
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(sum_sq) / static_cast<float>(D) + eps);
+  for (int64_t i = 0; i < half; ++i) {
+    const float y1 = norm_times_weight<T>(static_cast<float>(base[i]), scale, w[i]);
+    const float y2 = norm_times_weight<T>(static_cast<float>(base[i + half]), scale, w[i + half]);
+    const float c = cs[i], s = cs[i + half];
+    const float a = y1 * c, b = y2 * s, e = y2 * c, f = y1 * s;  // rounded separately, as the reference
+    base[i] = static_cast<T>(a - b);
+    base[i + half] = static_cast<T>(e + f);
+  }
+}
+
 template <typename T>
 void qk_norm_rope_cpu_impl(T* q, T* k, const float* qw, const float* kw, const int64_t* positions,
                            const float* cos_sin, int64_t T_, int64_t Hq, int64_t Hk, int64_t D, int64_t P,
                            HeadStrides qs, HeadStrides ks, float eps, const T* v, HeadStrides vs, T* k_cache,
                            T* v_cache, const int64_t* cache_rows, int64_t num_cache_rows) {
-  const int64_t heads = Hq + Hk, half = D / 2;
+  const int64_t heads = Hq + Hk;
   at::parallel_for(0, T_ * heads, std::max<int64_t>(1, 16384 / D), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / heads, h = item % heads;
       const int64_t pos = positions[t];
-      if (pos < 0 || pos >= P) continue;
       const bool is_q = h < Hq;
       const int64_t kh = h - Hq;
       T* base = is_q ? q + t * qs.token + h * qs.head : k + t * ks.token + kh * ks.head;
-      const float* w = is_q ? qw : kw;
-      double sum_sq = 0.0;
-      for (int64_t i = 0; i < D; ++i) {
-        const float f = static_cast<float>(base[i]);
-        sum_sq += static_cast<double>(f) * f;
+      const int64_t row = k_cache != nullptr ? cache_rows[t] : 0;
+      const bool row_ok = k_cache == nullptr || (row >= 0 && row < num_cache_rows);
+      // Poison policy (top of file): a bad position poisons q and k, a bad cache row poisons q.
+      if (pos < 0 || pos >= P || (is_q && !row_ok)) {
+        for (int64_t i = 0; i < D; ++i) base[i] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+      } else {
+        norm_rope_head_cpu<T>(base, is_q ? qw : kw, cos_sin + pos * D, D, eps);
       }
-      const float scale = 1.0f / std::sqrt(static_cast<float>(sum_sq) / static_cast<float>(D) + eps);
-      const float* cs = cos_sin + pos * D;
-      for (int64_t i = 0; i < half; ++i) {
-        const float y1 = norm_times_weight<T>(static_cast<float>(base[i]), scale, w[i]);
-        const float y2 = norm_times_weight<T>(static_cast<float>(base[i + half]), scale, w[i + half]);
-        const float c = cs[i], s = cs[i + half];
-        const float a = y1 * c, b = y2 * s, e = y2 * c, f = y1 * s;  // rounded separately, as the reference
-        base[i] = static_cast<T>(a - b);
-        base[i + half] = static_cast<T>(e + f);
-      }
-      if (k_cache != nullptr && !is_q) {
-        const int64_t row = cache_rows[t];
-        if (row < 0 || row >= num_cache_rows) continue;
+      if (k_cache != nullptr && !is_q && row_ok) {
         T* kc = k_cache + (row * Hk + kh) * D;
         T* vc = v_cache + (row * Hk + kh) * D;
         const T* vr = v + t * vs.token + kh * vs.head;
@@ -269,7 +305,7 @@ void qk_norm_rope_cpu_common(const at::Tensor& q, const at::Tensor& k, const at:
                              const at::Tensor& cos_sin_cache, double eps, const at::Tensor* k_cache,
                              const at::Tensor* v_cache, const at::Tensor* cache_rows) {
   const int64_t T = q.size(0), Hq = q.size(1), Hk = k.size(1), D = q.size(2), P = cos_sin_cache.size(0);
-  if (T == 0 || Hq + Hk == 0 || P == 0) return;
+  if (T == 0 || Hq + Hk == 0) return;  // P == 0: every position is bad, every token poisoned
   const auto qw = weight_as_float(q_weight), kw = weight_as_float(k_weight);
   const auto pos = positions.contiguous();
   const auto cs = cos_sin_cache.contiguous();
@@ -352,7 +388,7 @@ void qk_norm_rope_cuda_common(const at::Tensor& q, const at::Tensor& k, const at
                               const at::Tensor* v_cache, const at::Tensor* cache_rows) {
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t T = q.size(0), Hq = q.size(1), Hk = k.size(1), D = q.size(2), P = cos_sin_cache.size(0);
-  if (T == 0 || Hq + Hk == 0 || P == 0) return;
+  if (T == 0 || Hq + Hk == 0) return;  // P == 0: every position is bad, every token poisoned
   const auto [qw, kw] = cuda_weights(q, q_weight, k_weight);
   const auto pos = positions.contiguous();
   const auto cs = cos_sin_cache.contiguous();

@@ -45,12 +45,15 @@ cudaError_t launch_add_rms_norm(void* x,             // [rows, H], row stride x_
                                 float eps, DType dtype, DType weight_dtype, cudaStream_t stream);
 
 // In place on q and k: per-head RMSNorm over D (weights q_weight / k_weight), then neox RoPE at
-// positions[t] from cos_sin_cache. A token whose position is outside [0, num_positions) is skipped:
-// its q and k rows are left untouched and nothing is written to the KV cache for it.
+// positions[t] from cos_sin_cache.
 //
 // KV cache (k_cache != nullptr): the rotated k and the v rows of token t are also written to row
-// cache_rows[t] of k_cache / v_cache viewed as [num_cache_rows, Hk, D] (contiguous). A token whose
-// cache row is outside [0, num_cache_rows) still gets q and k updated but writes no cache row.
+// cache_rows[t] of k_cache / v_cache viewed as [num_cache_rows, Hk, D] (contiguous).
+//
+// Poison policy (no index is ever dereferenced out of bounds; a bad one cannot go unnoticed): a token
+// whose position is outside [0, num_positions) gets NaN in all of its q and k heads (its cache row,
+// if valid, receives that NaN k and its v); a token whose cache row is outside [0, num_cache_rows)
+// writes no cache row and gets NaN in all of its q heads. num_positions == 0 poisons every token.
 cudaError_t launch_qk_norm_rope(void* q,                     // [T, Hq, D], strides q_strides
                                 void* k,                     // [T, Hk, D], strides k_strides
                                 const void* q_weight,        // [D], weight_dtype

@@ -12,6 +12,9 @@
 // so rotate_half pairs never leave the lane and the norm is a kLanes-wide shuffle reduction.
 // head_dim 64 / 128 / 256 take this path; any other even head_dim, or misaligned views, take a
 // generic warp-per-head kernel.
+//
+// Bad indices follow the poison policy of norm.h: the kernels clamp every index they dereference
+// into range, and write NaN to the q/k rows a bad position or cache row would have produced.
 #include "norm/norm.h"
 
 #include "cuda_utils.cuh"
@@ -273,18 +276,19 @@ __global__ void __launch_bounds__(256)
   const int lane = threadIdx.x % kLanes;
   const int64_t groups_per_block = blockDim.x / kLanes;
   int64_t item = static_cast<int64_t>(blockIdx.x) * groups_per_block + threadIdx.x / kLanes;
-  // Out-of-range items and skipped tokens still run the shuffles below (full-warp masks) on clamped,
-  // in-bounds addresses; they just store nothing.
-  bool valid = item < a.num_items;
-  if (!valid) item = a.num_items - 1;
+  // Items past the end still run the shuffles below (full-warp masks) on clamped, in-bounds
+  // addresses; they just store nothing. Poisoned items compute on a clamped position and store NaN.
+  const bool in_range = item < a.num_items;
+  if (!in_range) item = a.num_items - 1;
   const int num_heads = a.num_q_heads + a.num_k_heads;
   const int64_t token = item / num_heads;
   const int head = static_cast<int>(item - token * num_heads);
   const bool is_q = head < a.num_q_heads;
   const int k_head = head - a.num_q_heads;
   int64_t pos = positions[token];
+  bool poison = false;
   if (pos < 0 || pos >= a.num_positions) {
-    valid = false;
+    poison = true;
     pos = 0;
   }
   T* base = is_q ? q + token * a.q_strides.token + head * a.q_strides.head
@@ -295,9 +299,12 @@ __global__ void __launch_bounds__(256)
   load_vec<T, kHalf>(base + kHalfD + off, x2);
   T v1[kCache ? kHalf : 1], v2[kCache ? kHalf : 1];
   int64_t cache_row = -1;
+  bool cache_ok = false;
   if constexpr (kCache) {
+    cache_row = cache_rows[token];
+    cache_ok = cache_row >= 0 && cache_row < a.num_cache_rows;
+    if (is_q && !cache_ok) poison = true;  // no cache row: the token's attention output must be NaN
     if (!is_q) {
-      cache_row = cache_rows[token];
       const T* v_head = v + token * a.v_strides.token + k_head * a.v_strides.head;
       load_vec<T, kHalf>(v_head + off, v1);
       load_vec<T, kHalf>(v_head + kHalfD + off, v2);
@@ -309,9 +316,14 @@ __global__ void __launch_bounds__(256)
   float w1[kHalf], w2[kHalf], c[kHalf], s[kHalf];
   load_vec_float<W, kHalf>(weight + off, w1);
   load_vec_float<W, kHalf>(weight + kHalfD + off, w2);
-  const float* cs_row = cos_sin + pos * kD;
-  load_vec<float, kHalf>(cs_row + off, c);
-  load_vec<float, kHalf>(cs_row + kHalfD + off, s);
+  if (poison) {  // bad position (the table may even be empty): nothing to read
+#pragma unroll
+    for (int j = 0; j < kHalf; ++j) c[j] = s[j] = 0.f;
+  } else {
+    const float* cs_row = cos_sin + pos * kD;
+    load_vec<float, kHalf>(cs_row + off, c);
+    load_vec<float, kHalf>(cs_row + kHalfD + off, s);
+  }
 
   float sum_sq = 0.f;
 #pragma unroll
@@ -329,11 +341,15 @@ __global__ void __launch_bounds__(256)
     x1[j] = from_float<T>(rope_first(y1, y2, c[j], s[j]));
     x2[j] = from_float<T>(rope_second(y1, y2, c[j], s[j]));
   }
-  if (!valid) return;  // no warp-collective operation below
+  if (!in_range) return;  // no warp-collective operation below
+  if (poison) {
+#pragma unroll
+    for (int j = 0; j < kHalf; ++j) x1[j] = x2[j] = from_float<T>(__int_as_float(0x7fffffff));
+  }
   store_vec<T, kHalf>(base + off, x1);
   store_vec<T, kHalf>(base + kHalfD + off, x2);
   if constexpr (kCache) {
-    if (!is_q && cache_row >= 0 && cache_row < a.num_cache_rows) {
+    if (!is_q && cache_ok) {
       const int64_t cache_off = (cache_row * a.num_k_heads + k_head) * kD + off;
       store_vec<T, kHalf>(k_cache + cache_off, x1);
       store_vec<T, kHalf>(k_cache + cache_off + kHalfD, x2);
@@ -353,16 +369,17 @@ __global__ void __launch_bounds__(256)
                                 const int64_t* __restrict__ cache_rows) {
   const int lane = threadIdx.x & 31;
   int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  bool valid = item < a.num_items;
-  if (!valid) item = a.num_items - 1;
+  const bool in_range = item < a.num_items;
+  if (!in_range) item = a.num_items - 1;
   const int num_heads = a.num_q_heads + a.num_k_heads;
   const int64_t token = item / num_heads;
   const int head = static_cast<int>(item - token * num_heads);
   const bool is_q = head < a.num_q_heads;
   const int k_head = head - a.num_q_heads;
   int64_t pos = positions[token];
+  bool poison = false;
   if (pos < 0 || pos >= a.num_positions) {
-    valid = false;
+    poison = true;
     pos = 0;
   }
   T* base = is_q ? q + token * a.q_strides.token + head * a.q_strides.head
@@ -374,23 +391,27 @@ __global__ void __launch_bounds__(256)
     sum_sq += f1 * f1 + f2 * f2;
   }
   sum_sq = warp_sum(sum_sq);
-  if (!valid) return;  // no warp-collective operation below
+  if (!in_range) return;  // no warp-collective operation below
   const float scale = rsqrtf(sum_sq / static_cast<float>(head_dim) + a.eps);
   const W* weight = is_q ? q_weight : k_weight;
   const float* cs_row = cos_sin + pos * head_dim;
   int64_t cache_row = -1;
+  bool cache_ok = false;
   if constexpr (kCache) {
-    if (!is_q) cache_row = cache_rows[token];
+    cache_row = cache_rows[token];
+    cache_ok = cache_row >= 0 && cache_row < a.num_cache_rows;
+    if (is_q && !cache_ok) poison = true;  // no cache row: the token's attention output must be NaN
   }
-  const bool write_cache = kCache && !is_q && cache_row >= 0 && cache_row < a.num_cache_rows;
+  const bool write_cache = kCache && !is_q && cache_ok;
   const int64_t cache_off = (cache_row * a.num_k_heads + k_head) * head_dim;
   const T* v_head = kCache && !is_q ? v + token * a.v_strides.token + k_head * a.v_strides.head : nullptr;
   for (int i = lane; i < half; i += 32) {
     const float y1 = to_float(norm_times_weight<T>(to_float(base[i]), scale, to_float(weight[i])));
     const float y2 = to_float(norm_times_weight<T>(to_float(base[i + half]), scale, to_float(weight[i + half])));
-    const float c = cs_row[i], s = cs_row[i + half];
-    const T o1 = from_float<T>(rope_first(y1, y2, c, s));
-    const T o2 = from_float<T>(rope_second(y1, y2, c, s));
+    const float c = poison ? 0.f : cs_row[i], s = poison ? 0.f : cs_row[i + half];
+    const float nan = __int_as_float(0x7fffffff);
+    const T o1 = from_float<T>(poison ? nan : rope_first(y1, y2, c, s));
+    const T o2 = from_float<T>(poison ? nan : rope_second(y1, y2, c, s));
     base[i] = o1;
     base[i + half] = o2;
     if (write_cache) {
@@ -490,8 +511,9 @@ cudaError_t launch_qk_norm_rope(void* q, void* k, const void* q_weight, const vo
                                 HeadStrides v_strides, void* k_cache, void* v_cache, const int64_t* cache_rows,
                                 int64_t num_cache_rows, DType dtype, DType weight_dtype, cudaStream_t stream) {
   const int64_t num_heads = num_q_heads + num_k_heads;
-  // No position is valid in an empty cache: every token is skipped, so there is nothing to launch.
-  if (num_tokens == 0 || num_heads == 0 || head_dim == 0 || num_positions == 0) return cudaSuccess;
+  // num_positions == 0: every position is bad; the kernels poison every token and never read the
+  // (empty) cos/sin table: a bad position's cos/sin are not loaded.
+  if (num_tokens == 0 || num_heads == 0 || head_dim == 0) return cudaSuccess;
   if (head_dim % 2 != 0 || num_heads > 0x7fffffffLL) return cudaErrorInvalidValue;
   QkArgs a;
   a.num_items = num_tokens * num_heads;

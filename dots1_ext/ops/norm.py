@@ -7,10 +7,16 @@ Weights may have any float dtype (the math multiplies by ``weight.float()``; an 
 activations is read as fp32, not rounded). Any hidden size and head_dim (even) work; 16-byte aligned
 rows with H a multiple of 8 (bf16/fp16) or 4 (fp32), and head_dim 64/128/256, take the fast kernels.
 
-Out-of-range indices are never dereferenced: a token whose position is outside [0, P) is skipped
-(its q and k rows are left as they are and no cache row is written); a token whose cache row is
-outside the cache gets q and k updated but writes no cache row. ``check_positions=True`` raises
-IndexError on the host instead (it reads the indices: a synchronisation).
+Poison policy for bad indices (every backend: CPU and CUDA kernels, reference): out-of-range
+indices are never dereferenced, and cannot go unnoticed. A token whose position is outside [0, P)
+gets NaN in all of its q and k heads (with the KV cache, its valid cache row receives that NaN k,
+and v as given); a token whose cache row is outside the cache writes no cache row and gets NaN in all
+of its q heads, so its attention output is NaN. ``check_positions=True`` raises IndexError on the
+host instead (it reads the indices: a synchronisation on CUDA).
+
+In-place arguments must not share memory: x with residual (add_rms_norm_), q with k, the caches with
+each other or with q/k/v, or a tensor with itself (an expanded view). ValueError (naming them) before
+anything is written.
 """
 
 from __future__ import annotations
@@ -81,10 +87,38 @@ def _check_qk_norm_rope_kv_cache(q, k, v, q_weight, k_weight, positions, cos_sin
     C.check_same_device(cache_rows, "cache_rows", q, "q")
 
 
+def _check_add_rms_norm_memory(x, residual, weight, eps):
+    """The in-place checks of csrc/norm/norm.cpp on real tensors (the fakes have no storage to compare)."""
+    _check_add_rms_norm(x, residual, weight, eps)
+    C.check_no_internal_overlap(x, "x")
+    C.check_no_internal_overlap(residual, "residual")
+    C.check_no_overlap(x, "x", residual, "residual")
+
+
+def _check_qk_norm_rope_memory(q, k, q_weight, k_weight, positions, cos_sin_cache, eps):
+    _check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache, eps)
+    C.check_no_internal_overlap(q, "q")
+    C.check_no_internal_overlap(k, "k")
+    C.check_no_overlap(q, "q", k, "k")
+
+
+def _check_qk_norm_rope_kv_cache_memory(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
+                                        v_cache, cache_rows):
+    _check_qk_norm_rope_kv_cache(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache, v_cache,
+                                 cache_rows)
+    _check_qk_norm_rope_memory(q, k, q_weight, k_weight, positions, cos_sin_cache, eps)
+    C.check_no_overlap(k_cache, "k_cache", v_cache, "v_cache")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        C.check_no_overlap(k_cache, "k_cache", t, name)
+        C.check_no_overlap(v_cache, "v_cache", t, name)
+    C.check_no_overlap(q, "q", v, "v")
+    C.check_no_overlap(k, "k", v, "v")
+
+
 fill_with_reference("rms_norm", reference.rms_norm, _check_rms_norm)
-fill_with_reference("add_rms_norm_", reference.add_rms_norm_, _check_add_rms_norm)
-fill_with_reference("qk_norm_rope_", reference.qk_norm_rope_, _check_qk_norm_rope)
-fill_with_reference("qk_norm_rope_kv_cache_", reference.qk_norm_rope_kv_cache_, _check_qk_norm_rope_kv_cache)
+fill_with_reference("add_rms_norm_", reference.add_rms_norm_, _check_add_rms_norm_memory)
+fill_with_reference("qk_norm_rope_", reference.qk_norm_rope_, _check_qk_norm_rope_memory)
+fill_with_reference("qk_norm_rope_kv_cache_", reference.qk_norm_rope_kv_cache_, _check_qk_norm_rope_kv_cache_memory)
 
 
 @torch.library.register_fake("dots1_ext::rms_norm")
@@ -117,7 +151,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """In place: ``residual += x``; ``x = rms_norm(residual, weight)``. x, residual [..., H]. Returns x."""
+    """In place: ``residual += x``; ``x = rms_norm(residual, weight)``. x, residual [..., H]. Returns x.
+    x and residual must not share memory, with each other or within themselves (an expanded x):
+    ValueError before anything is written."""
     op("add_rms_norm_")(x, residual, weight, float(eps))
     return x
 
@@ -134,8 +170,9 @@ def qk_norm_rope_(
 ) -> None:
     """In place: per-head RMSNorm of q [T, Hq, D] and k [T, Hk, D] (weights [D]), then neox RoPE at
     ``positions`` [T] int64 from ``cos_sin_cache`` [P, D] fp32. q and k may be strided views (e.g. of
-    a fused QKV output) with a contiguous last dim. Tokens at positions outside [0, P) are left
-    untouched; ``check_positions`` raises IndexError for them instead (on the host: a synchronisation)."""
+    a fused QKV output) with a contiguous last dim, but must not share memory (ValueError). Tokens at
+    positions outside [0, P) get NaN q and k rows (poison policy); ``check_positions`` raises
+    IndexError for them instead (on the host: a synchronisation on CUDA)."""
     if check_positions:
         C.check_index_range(positions, "positions", cos_sin_cache.shape[0], "rows of cos_sin_cache")
     op("qk_norm_rope_")(q, k, q_weight, k_weight, positions, cos_sin_cache, float(eps))
@@ -157,7 +194,8 @@ def qk_norm_rope_kv_cache_(
 ) -> None:
     """``qk_norm_rope_`` then k, v [T, Hk, D] written to ``k_cache``/``v_cache`` ([..., Hk, D],
     contiguous) at flat rows ``cache_rows`` [T] int64 of ``cache.view(-1, Hk, D)``, in the same launch.
-    Rows outside the cache are not written; ``check_positions`` raises IndexError for them too."""
+    A token whose row is outside the cache writes nothing there and gets NaN q rows (poison policy:
+    its attention output is NaN); ``check_positions`` raises IndexError for such rows too."""
     if check_positions:
         C.check_index_range(positions, "positions", cos_sin_cache.shape[0], "rows of cos_sin_cache")
         row_numel = max(1, k.shape[1] * k.shape[2])
