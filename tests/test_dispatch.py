@@ -130,55 +130,58 @@ def test_unpermute_batch_independent(device):
     assert torch.equal(full, unpermute(expert_out, row_map, weights))
 
 
-def test_out_of_range_ids_cpu():
-    hidden = torch.randn(4, 8)
-    ids = torch.tensor([[0, 1], [2, 8], [1, 1], [0, 3]], dtype=torch.int32)
-    with pytest.raises(IndexError, match="topk_ids"):
-        permute(hidden, ids, 8)
-    ids[1, 1] = -1
-    with pytest.raises(IndexError, match="topk_ids"):
-        permute(hidden, ids, 8)
-    with pytest.raises(IndexError, match="topk_ids"):
-        permute(hidden, ids, 8, check_ids=True)
-    with pytest.raises(IndexError, match="row_map"):
-        unpermute(torch.randn(8, 8), torch.tensor([0, 1, 8, 2], dtype=torch.int32), torch.rand(2, 2))
-
-
-@requires_cuda
 @pytest.mark.parametrize("pad_to", [1, 4])
-def test_out_of_range_ids_cuda_route_to_no_expert(pad_to):
+def test_out_of_range_ids_poison_their_tokens(device, pad_to):
+    # Poison policy (every backend): a bad id takes no row (row_map -1) and the tokens it belongs to
+    # come out of unpermute as NaN rows; everything else is exactly the reference's.
     T, k, E, H = 50, 4, 16, 64
-    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    ids = _ids(T, k, E, "cuda")
-    bad = torch.rand(T, k, device="cuda") < 0.2
-    ids[bad] = torch.tensor([-1, E, E + 100, -(2**31)], dtype=torch.int32, device="cuda").repeat(T * k)[: int(bad.sum())]
-    permuted, offsets, row_map = permute(hidden, ids, E, pad_to)
-    # Same as the reference with a virtual expert E (unpadded) collecting the bad slots, except that
-    # those rows are zero rather than copies.
-    virt = torch.where((ids >= 0) & (ids < E), ids, torch.full_like(ids, E))
-    counts = torch.bincount(virt.flatten().long(), minlength=E + 1)
-    seg = torch.cat([(counts[:E] + pad_to - 1) // pad_to * pad_to, counts[E:]])
-    ref_offsets = torch.zeros(E + 2, dtype=torch.long, device="cuda")
-    ref_offsets[1:] = seg.cumsum(0)
-    assert torch.equal(offsets.long(), ref_offsets[: E + 1])
-    flat = virt.flatten().long()
-    order = torch.sort(flat, stable=True).indices
-    rank = torch.arange(T * k, device="cuda") - (counts.cumsum(0) - counts)[flat[order]]
-    ref_rows = torch.empty_like(flat)
-    ref_rows[order] = ref_offsets[flat[order]] + rank
-    assert torch.equal(row_map.long(), ref_rows)
-    assert (row_map[bad.flatten()] >= offsets[E]).all()
-    assert (permuted[offsets[E].item():] == 0).all()
-    good = ~bad.flatten()
+    hidden = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+    ids = _ids(T, k, E, device)
+    bad = torch.rand(T, k, device=device) < 0.2
+    bad[3, 1] = True
+    bad[7, :] = False
+    n_bad = int(bad.sum())
+    ids[bad] = torch.tensor([-1, E, E + 100, -(2**31)], dtype=torch.int32, device=device).repeat(T * k)[:n_bad]
+    permuted, offsets, row_map = _assert_permute_equal(hidden, ids, E, pad_to)  # == the reference, bit for bit
+    flat_bad = bad.flatten()
+    assert (row_map[flat_bad] == -1).all(), "a bad id must take no row"
+    good = ~flat_bad
     assert torch.equal(permuted[row_map[good].long()], hidden.repeat_interleave(k, 0)[good])
-    # unpermute: rows outside [0, S) contribute zero, without reading out of bounds.
-    expert_out = torch.randn(permuted.shape[0], H, device="cuda", dtype=torch.bfloat16)
-    weights = torch.rand(T, k, device="cuda")
-    rm = row_map.clone()
-    rm[::3] = torch.tensor([-5, 2**31 - 1], dtype=torch.int32, device="cuda").repeat(T * k)[: rm[::3].numel()]
-    valid = (rm >= 0) & (rm < expert_out.shape[0])
-    ref = R.unpermute(expert_out, torch.where(valid, rm, 0), weights * valid.view(T, k), None, None)
-    assert torch.equal(unpermute(expert_out, rm, weights), ref)
+    # Only valid ids counted: the segments are the reference's on the valid ids alone.
+    counts = torch.bincount(ids.flatten()[good].long(), minlength=E)
+    assert torch.equal(offsets.diff().long(), (counts + pad_to - 1) // pad_to * pad_to)
+    assert (permuted[offsets[E].item():] == 0).all()
+    expert_out = torch.randn(permuted.shape[0], H, device=device, dtype=torch.bfloat16)
+    weights = torch.rand(T, k, device=device)
+    out = unpermute(expert_out, row_map, weights, hidden, None)
+    bad_tok = bad.any(dim=1)
+    assert torch.isnan(out[bad_tok]).all(), "a token with a bad id must come out NaN"
+    assert not torch.isnan(out[~bad_tok]).any()
+    ref = R.unpermute(expert_out, row_map, weights, hidden, None)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(out[~bad_tok], ref[~bad_tok])
+    with pytest.raises(IndexError, match="topk_ids"):
+        permute(hidden, ids, E, pad_to, check_ids=True)
+
+
+def test_out_of_range_row_map_poisons_the_row(device):
+    T, k, H = 12, 3, 16
+    expert_out = torch.randn(T * k, H, device=device)
+    row_map = torch.randperm(T * k, device=device).to(torch.int32)
+    row_map[4] = -5  # token 1
+    row_map[10] = T * k  # token 3
+    row_map[11] = 2**31 - 1  # token 3
+    weights = torch.rand(T, k, device=device)
+    out = unpermute(expert_out, row_map, weights, None, expert_out[:T])
+    ref = R.unpermute(expert_out, row_map, weights, None, expert_out[:T])
+    poisoned = torch.zeros(T, dtype=torch.bool, device=device)
+    poisoned[[1, 3]] = True
+    assert torch.isnan(out[poisoned]).all() and torch.isnan(ref[poisoned]).all()
+    assert torch.equal(out[~poisoned], ref[~poisoned]) and not torch.isnan(out[~poisoned]).any()
+    # S == 0: every entry is out of range.
+    out = unpermute(torch.randn(0, H, device=device), torch.zeros(2 * k, dtype=torch.int32, device=device),
+                    torch.rand(2, k, device=device))
+    assert out.shape == (2, H) and torch.isnan(out).all()
 
 
 @requires_cuda

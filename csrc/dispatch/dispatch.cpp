@@ -1,5 +1,6 @@
 // Token dispatch: argument checks, the CPU kernels, and the CUDA implementations that call the
-// launchers of dispatch_kernels.cu. Semantics: dots1_ext.reference.permute / unpermute.
+// launchers of dispatch_kernels.cu. Semantics: dots1_ext.reference.permute / unpermute; bad ids and
+// row_map entries follow the poison policy of dispatch.h on every backend.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,19 +10,17 @@
 #include <vector>
 
 #include "common.h"
+#include "dispatch/dispatch.h"
 
 #ifdef DOTS1_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include "dispatch/dispatch.h"
 #endif
 
 namespace dots1 {
 namespace {
 
-constexpr int64_t kMaxPermuteExperts = 1024;  // == kPermuteMaxExperts (dispatch.h, CUDA builds)
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
 int64_t permuted_rows(int64_t T, int64_t k, int64_t E, int64_t pad_to) {
@@ -34,8 +33,8 @@ void check_permute(const at::Tensor& hidden, const at::Tensor& topk_ids, int64_t
   check_dtype(topk_ids, "topk_ids", {at::kInt});
   check_shape(topk_ids, "topk_ids", {hidden.size(0), -1});
   check_same_device(topk_ids, "topk_ids", hidden, "hidden");
-  TORCH_CHECK_VALUE(num_experts > 0 && num_experts <= kMaxPermuteExperts, "dots1_ext: num_experts must be in [1, ",
-                    kMaxPermuteExperts, "], got ", num_experts);
+  TORCH_CHECK_VALUE(num_experts > 0 && num_experts <= kPermuteMaxExperts, "dots1_ext: num_experts must be in [1, ",
+                    kPermuteMaxExperts, "], got ", num_experts);
   TORCH_CHECK_VALUE(pad_to > 0, "dots1_ext: pad_to must be positive, got ", pad_to);
   TORCH_CHECK_VALUE(pad_to <= kInt32Max && permuted_rows(topk_ids.size(0), topk_ids.size(1), num_experts, pad_to) <= kInt32Max,
                     "dots1_ext: permuted rows (T*k + num_experts*(pad_to-1)) must fit in int32 (row_map), got T=",
@@ -73,12 +72,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hid
   const int64_t T = ids.size(0), k = ids.size(1), H = hidden.size(1), N = T * k, E = num_experts;
   const int32_t* id = ids.data_ptr<int32_t>();
 
+  // Poison policy (dispatch.h): an id outside [0, E) takes no row; its row_map entry is -1.
+  const auto valid = [&](int64_t f) { return id[f] >= 0 && id[f] < E; };
   std::vector<int64_t> counts(E, 0);
-  for (int64_t f = 0; f < N; ++f) {
-    TORCH_CHECK_INDEX(id[f] >= 0 && id[f] < E, "dots1_ext: topk_ids must be in [0, num_experts=", E, "), got ", id[f],
-                      " at flat position ", f);
-    ++counts[id[f]];
-  }
+  for (int64_t f = 0; f < N; ++f)
+    if (valid(f)) ++counts[id[f]];
   at::Tensor offsets = at::empty({E + 1}, ids.options());
   int32_t* off = offsets.data_ptr<int32_t>();
   std::vector<int64_t> cursor(E);
@@ -92,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hid
   // A walk in (token, slot) order hands out each expert's rows in that order: stable by construction.
   at::Tensor row_map = at::empty({N}, ids.options());
   int32_t* rm = row_map.data_ptr<int32_t>();
-  for (int64_t f = 0; f < N; ++f) rm[f] = static_cast<int32_t>(cursor[id[f]]++);
+  for (int64_t f = 0; f < N; ++f) rm[f] = valid(f) ? static_cast<int32_t>(cursor[id[f]]++) : -1;
 
   at::Tensor permuted = at::zeros({permuted_rows(T, k, E, pad_to), H}, hidden.options());
   const int64_t row_bytes = H * hidden.element_size();
@@ -100,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hid
   char* dst = static_cast<char*>(permuted.data_ptr());
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t f = begin; f < end; ++f)
-      std::memcpy(dst + static_cast<int64_t>(rm[f]) * row_bytes, src + (f / k) * row_bytes, row_bytes);
+      if (rm[f] >= 0) std::memcpy(dst + static_cast<int64_t>(rm[f]) * row_bytes, src + (f / k) * row_bytes, row_bytes);
   });
   return {permuted, offsets, row_map};
 }
@@ -114,9 +112,6 @@ at::Tensor unpermute_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_
   const at::Tensor weights = topk_weights_in.contiguous();
   const int64_t T = weights.size(0), k = weights.size(1), H = expert_out.size(1), S = expert_out.size(0);
   const int32_t* rm = row_map.data_ptr<int32_t>();
-  for (int64_t f = 0; f < T * k; ++f)
-    TORCH_CHECK_INDEX(rm[f] >= 0 && rm[f] < S, "dots1_ext: row_map must be in [0, expert_out.shape[0]=", S, "), got ",
-                      rm[f], " at position ", f);
   at::Tensor shared_out, residual;
   if (shared_out_in.has_value()) shared_out = shared_out_in->contiguous();
   if (residual_in.has_value()) residual = residual_in->contiguous();
@@ -131,10 +126,17 @@ at::Tensor unpermute_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_
       std::vector<float> acc(H);
       for (int64_t t = begin; t < end; ++t) {
         std::fill(acc.begin(), acc.end(), 0.0f);
+        bool poison = false;
         for (int64_t j = 0; j < k; ++j) {
+          // Poison policy (dispatch.h): a row_map entry outside [0, S) makes the row NaN.
+          const int32_t r = rm[t * k + j];
+          if (r < 0 || r >= S) {
+            poison = true;
+            continue;
+          }
           // Product and sum rounded separately, slot by slot, as the reference does.
           const float wj = w[t * k + j];
-          const scalar_t* row = eo + static_cast<int64_t>(rm[t * k + j]) * H;
+          const scalar_t* row = eo + static_cast<int64_t>(r) * H;
           for (int64_t h = 0; h < H; ++h) {
             acc[h] = acc[h] + wj * static_cast<float>(row[h]);
           }
@@ -143,6 +145,7 @@ at::Tensor unpermute_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_
           for (int64_t h = 0; h < H; ++h) acc[h] = acc[h] + static_cast<float>(so[t * H + h]);
         if (re)
           for (int64_t h = 0; h < H; ++h) acc[h] = acc[h] + static_cast<float>(re[t * H + h]);
+        if (poison) std::fill(acc.begin(), acc.end(), std::numeric_limits<float>::quiet_NaN());
         for (int64_t h = 0; h < H; ++h) o[t * H + h] = static_cast<scalar_t>(acc[h]);
       }
     });

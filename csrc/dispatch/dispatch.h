@@ -1,23 +1,32 @@
-// Token dispatch (permute / unpermute): launchers on raw pointers. Tensor code: dispatch.cpp.
+// Token dispatch (permute / unpermute): the limits shared by the Tensor code (dispatch.cpp, every
+// build) and the launchers on raw pointers (dispatch_kernels.cu, CUDA builds).
 //
-// Out-of-range data never leads to an out-of-bounds access on the GPU:
-//  - permute: an id outside [0, E) sends its (token, slot) to NO expert: its row_map entry points
-//    past expert_offsets[E] (those rows are zero; they are ranked after every valid row, in
-//    (token, slot) order).
-//  - unpermute: a row_map entry outside [0, S) contributes zero.
-// (The CPU kernels raise IndexError instead.)
+// Poison policy (every backend: the CPU and CUDA kernels and dots1_ext.reference): out-of-range data
+// never leads to an out-of-bounds access, and cannot go unnoticed:
+//  - permute: an id outside [0, E) sends its (token, slot) to NO expert and takes no row: its
+//    row_map entry is -1 (the rows [expert_offsets[E], S) are zero).
+//  - unpermute: a row_map entry outside [0, S) (such as that -1) makes the token's whole output row
+//    NaN, so a bad expert id poisons exactly the tokens it belongs to.
 #pragma once
 
 #include <cstdint>
 
+namespace dots1 {
+
+// Experts permute supports: the single-block CUDA index kernel keeps 32 x (E+1) int32 counters in
+// shared memory (132 KiB at 1024, under the 227 KiB opt-in of sm_90). The one definition of this
+// limit in C++ (dots1_ext/ops/dispatch.py MAX_EXPERTS mirrors it for the fake kernels).
+constexpr int kPermuteMaxExperts = 1024;
+
+}  // namespace dots1
+
+// CPU-only builds have no CUDA headers: only the limits above.
+#if defined(DOTS1_WITH_CUDA) || defined(__CUDACC__)
 #include <cuda_runtime_api.h>
 
 #include "dtype.h"
 
 namespace dots1 {
-
-// Experts the single-block index kernel can rank (its shared memory holds 32 x (E+1) counters).
-constexpr int kPermuteMaxExperts = 1024;
 
 // Two launches: a single-block kernel that counts ids per expert (per warp slice of the flat ids),
 // scans them into expert_offsets and ranks every (token, slot) stably -> row_map; then a
@@ -46,3 +55,5 @@ cudaError_t launch_unpermute(const void* expert_out,     // [S, H] contiguous
                              cudaStream_t stream);
 
 }  // namespace dots1
+
+#endif  // DOTS1_WITH_CUDA || __CUDACC__

@@ -18,7 +18,7 @@ struct alignas(sizeof(T) * N) VecN {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// Bin of an expert id: the id itself, or E ("no expert") when it is out of range.
+// Bin of an expert id: the id itself, or E ("no expert", row_map -1) when it is out of range.
 __device__ __forceinline__ int id_bin(int32_t id, int E) { return (id >= 0 && id < E) ? id : E; }
 
 // Bins of the ids [base, base + 32 * kIdsPerRound) of a warp slice ending at `end`; -1 past it.
@@ -117,7 +117,8 @@ __global__ void __launch_bounds__(kIndexWarps * 32)
       __syncwarp();
       if (active && lane == __ffs(peers) - 1) my_hist[bins[u]] = before + __popc(peers);
       __syncwarp();
-      if (active) row_map[base + 32 * u + lane] = seg_start[bins[u]] + before + __popc(peers & lanes_below);
+      // Poison policy (dispatch.h): an out-of-range id (bin E) takes no row.
+      if (active) row_map[base + 32 * u + lane] = bins[u] == E ? -1 : seg_start[bins[u]] + before + __popc(peers & lanes_below);
     }
   }
 }
@@ -127,7 +128,7 @@ constexpr int kRowCache = 32;  // row_map / weight entries per token staged in s
 
 // Blocks [0, T): token t copies hidden[t] to its valid destinations (rows < expert_offsets[E]).
 // Blocks [T, T + gap_blocks): expert e zeroes its padding rows [offsets[e] + counts[e], offsets[e+1]).
-// The rest zero the rows [offsets[E], S) (unused rows and the rows of out-of-range ids), grid-stride.
+// The rest zero the rows [offsets[E], S) (rows no valid id uses), grid-stride.
 // Every row of permuted is written exactly once; the writes of different blocks never overlap.
 template <typename V>
 __global__ void permute_scatter_kernel(const V* __restrict__ hidden, const int32_t* __restrict__ row_map,
@@ -220,6 +221,7 @@ __global__ void unpermute_kernel(const T* __restrict__ expert_out, const int32_t
     // and the sum are rounded separately (__fmul_rn/__fadd_rn forbid FMA contraction) exactly as
     // the eager reference computes them.
     constexpr int kGroup = 4;
+    bool poison = false;  // a row_map entry outside [0, S): the whole output row is NaN (dispatch.h)
     for (int j0 = 0; j0 < k; j0 += kGroup) {
       Vec x[kGroup];
       float w[kGroup];
@@ -228,7 +230,10 @@ __global__ void unpermute_kernel(const T* __restrict__ expert_out, const int32_t
       for (int u = 0; u < kGroup; ++u) {
         r[u] = -1;
         w[u] = 0.0f;
-        if (j0 + u < k) slot(j0 + u, r[u], w[u]);
+        if (j0 + u < k) {
+          slot(j0 + u, r[u], w[u]);
+          poison |= r[u] < 0;
+        }
         if (r[u] >= 0) x[u] = rows[static_cast<int64_t>(r[u]) * nvec + v];
       }
 #pragma unroll
@@ -250,7 +255,7 @@ __global__ void unpermute_kernel(const T* __restrict__ expert_out, const int32_t
     }
     Vec o;
 #pragma unroll
-    for (int i = 0; i < kV; ++i) o.v[i] = from_float<T>(acc[i]);
+    for (int i = 0; i < kV; ++i) o.v[i] = from_float<T>(poison ? __int_as_float(0x7fffffff) : acc[i]);
     reinterpret_cast<Vec*>(out)[t * nvec + v] = o;
   }
 }
@@ -286,19 +291,19 @@ cudaError_t launch_permute(const void* hidden, const int32_t* topk_ids, int64_t 
   const int64_t N = num_tokens * k;
   const size_t smem = sizeof(int32_t) * (static_cast<size_t>(kIndexWarps) * (num_experts + 1) + num_experts + 2);
   if (smem > 48 * 1024) {
-    // Raised once per device to the largest size (host-side attribute; done on the first call).
-    static int raised[64] = {};
+    // Raised once per device to the largest size (host-side attribute; done on the first call, under
+    // std::call_once: concurrent first calls from several threads are safe).
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
-    if (device < 0 || device >= 64 || !raised[device]) {
+    static PerDeviceOnce<cudaError_t> raised;
+    err = raised.get(device, [] {
       const size_t most = sizeof(int32_t) * (static_cast<size_t>(kIndexWarps) * (kPermuteMaxExperts + 1) +
                                              kPermuteMaxExperts + 2);
-      err = cudaFuncSetAttribute(permute_index_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(most));
-      if (err != cudaSuccess) return err;
-      if (device >= 0 && device < 64) raised[device] = 1;
-    }
+      return cudaFuncSetAttribute(permute_index_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(most));
+    });
+    if (err != cudaSuccess) return err;
   }
   permute_index_kernel<<<1, kIndexWarps * 32, smem, stream>>>(topk_ids, N, num_experts, pad_to, expert_offsets,
                                                                row_map, expert_counts_ws);

@@ -2,6 +2,11 @@
 
 Kernels: csrc/dispatch/. Reference: dots1_ext.reference.permute / unpermute.
 Output shapes never depend on the routing (no host synchronisation, CUDA-graph safe).
+
+Poison policy for bad indices (every backend: CPU and CUDA kernels, reference; csrc/dispatch/
+dispatch.h): an expert id outside [0, E) takes no permuted row (its row_map entry is -1), and a
+row_map entry outside [0, S) (such as that -1) makes the token's unpermute output row NaN, so a bad id
+poisons exactly the tokens it belongs to and is never read or written out of bounds.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dots1_ext.ops._lib import fill_with_reference, op
 
 permuted_rows = reference.permuted_rows
 
-MAX_EXPERTS = 1024  # the CUDA index kernel keeps 32 x (E+1) counters in shared memory
+MAX_EXPERTS = 1024  # csrc/dispatch/dispatch.h kPermuteMaxExperts (32 x (E+1) counters in shared memory)
 _INT32_MAX = 2**31 - 1
 
 
@@ -53,16 +58,7 @@ def _check_unpermute(expert_out, row_map, topk_weights, shared_out, residual):
             C.check_same_device(t, name, expert_out, "expert_out")
 
 
-def _reference_permute(hidden, topk_ids, num_experts, pad_to):
-    # The compiled kernels send out-of-range ids to no expert (their rows land past
-    # expert_offsets[E] and are zero); mirror that so the fallback never indexes out of bounds.
-    valid = (topk_ids >= 0) & (topk_ids < num_experts)
-    if not bool(valid.all()):
-        raise IndexError(f"dots1_ext: topk_ids must be in [0, num_experts={num_experts})")
-    return reference.permute(hidden, topk_ids, num_experts, pad_to)
-
-
-fill_with_reference("permute", _reference_permute, _check_permute)
+fill_with_reference("permute", reference.permute, _check_permute)
 fill_with_reference("unpermute", reference.unpermute, _check_unpermute)
 
 
@@ -97,11 +93,9 @@ def permute(
     ``pad_to`` > 1), int32 expert_offsets [E+1] and int32 row_map [T*k], with
     ``permuted[row_map[t*k + j]] == hidden[t]``, rows ordered by (expert, token, slot).
     With ``pad_to`` > 1 each expert's segment starts at a multiple of ``pad_to``; gap rows are zero.
-    ``check_ids=True`` validates the ids on the host first (a synchronisation). Without it, the
-    CPU kernel raises IndexError naming topk_ids, and the CUDA kernel never reads or writes out of
-    bounds: an out-of-range id routes its (token, slot) to no expert — its row_map entry points to
-    a zero row at or after ``expert_offsets[E]`` (such rows are ranked after all valid rows, in
-    (token, slot) order), so unpermute adds nothing real for it.
+    ``check_ids=True`` validates the ids on the host first (IndexError; a synchronisation on CUDA).
+    Without it, an out-of-range id routes its (token, slot) to no expert and takes no row: its
+    row_map entry is -1, which unpermute turns into a NaN output row for that token (poison policy).
     Two launches on CUDA (count + scan + stable rank in one block; row copy); no host sync.
     """
     if check_ids:
@@ -124,6 +118,6 @@ def unpermute(
     in slot order with each product and sum rounded separately (as the eager reference does) —
     bitwise reproducible, no atomics, independent of the other tokens in the batch. shared_out is
     added as is (routed_scaling_factor belongs in topk_weights only). A row_map entry outside
-    [0, S) raises IndexError on CPU and contributes zero on CUDA (no out-of-bounds read).
+    [0, S) is never read: the token's whole output row is NaN instead (poison policy).
     """
     return op("unpermute")(expert_out, row_map, topk_weights, shared_out, residual)
