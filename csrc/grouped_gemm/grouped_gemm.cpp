@@ -79,6 +79,16 @@ GemmShape check_grouped_gemm(const at::Tensor& x, const at::Tensor& weight, cons
     TORCH_CHECK_VALUE(x.size(1) % 8 == 0, "dots1_ext: x.shape[1] (K) must be a multiple of 8 on CUDA, got ",
                       x.size(1));
   }
+  // The weight is read where it lies, never copied per call (a copy of every expert's weight, on
+  // every call and into every captured CUDA graph): contiguous and 16-byte aligned (vector loads,
+  // TMA), which any tensor allocated by torch (and any contiguous expert slice of one) is.
+  TORCH_CHECK_VALUE(weight.is_contiguous(), "dots1_ext: weight must be contiguous ([E, N, K] with K contiguous, ",
+                    "rows packed), got strides ", weight.strides(), " for shape ", weight.sizes(),
+                    "; make it contiguous once, at load (weight.contiguous())");
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0,
+                    "dots1_ext: weight must start at a 16-byte aligned address, got an offset of ",
+                    reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16,
+                    " bytes; copy it once, at load (weight.clone())");
   return {x.size(0), x.size(1), weight.size(0), N, swiglu != SwiGLU::kNone ? N / 2 : N, swiglu};
 }
 
@@ -160,13 +170,17 @@ const DeviceInfo& device_info(int device) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device));
+    // sm90_grouped_gemm_compiled() clears the error of a failed kernel-image query; an error still
+    // pending from an earlier launch is reported here instead of being cleared with it.
+    C10_CUDA_CHECK(cudaPeekAtLastError());
     info->sm90 = major == 9 && minor == 0 && sm90_grouped_gemm_compiled();
     cache[device] = std::move(info);
   }
   return *cache[device];
 }
 
-// A pointer usable by 16-byte vector loads and TMA; otherwise a fresh (aligned) copy.
+// A pointer usable by 16-byte vector loads and TMA; otherwise a fresh (aligned) copy. For the
+// activations only: the weight is required to be so already (check_grouped_gemm).
 at::Tensor aligned_contiguous(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
   if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
@@ -274,7 +288,7 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in
   if (g.S == 0 || g.N_out == 0) return out;
   if (g.E == 0) return out.zero_();  // no expert owns any row
   const at::Tensor x = aligned_contiguous(x_in);
-  const at::Tensor weight = aligned_contiguous(weight_in);
+  const at::Tensor& weight = weight_in;  // contiguous and aligned: checked, never copied
   const at::Tensor offsets = offsets_in.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 

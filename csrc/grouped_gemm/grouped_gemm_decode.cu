@@ -301,9 +301,10 @@ __global__ void silu_mul_kernel(const T* __restrict__ gate_up, T* __restrict__ o
   }
 }
 
-unsigned int elementwise_blocks(int64_t work, int threads) {
-  // Grid-stride loops: enough blocks to fill the GPU several times over, no more.
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, 132 * 16)));
+unsigned int elementwise_blocks(int64_t work, int threads, int sm_count) {
+  // Grid-stride loops: enough blocks to fill the GPU (16 per SM) several times over, no more.
+  const int64_t most = static_cast<int64_t>(std::max(sm_count, 1)) * 16;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>((work + threads - 1) / threads, most)));
 }
 
 }  // namespace
@@ -344,13 +345,16 @@ cudaError_t launch_grouped_gemm_decode(const void* x, const void* weight, const 
 cudaError_t launch_zero_uncovered_rows(void* out, const int32_t* expert_offsets, int64_t S, int64_t E, int64_t N_out,
                                        DType dtype, cudaStream_t stream) {
   if (S == 0 || N_out == 0) return cudaSuccess;
+  int sm_count = 0;
+  const cudaError_t err = current_sm_count(&sm_count);
+  if (err != cudaSuccess) return err;
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
     constexpr int VE = Vec16<scalar_t>::kElems;
     const bool vectorised = N_out % VE == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
     const int64_t row_vecs = N_out / VE;
     // The grid cannot depend on the offsets (no host read): size it for the worst case, capped.
     const int64_t work = S * (vectorised ? row_vecs : N_out);
-    zero_uncovered_rows_kernel<scalar_t><<<std::min(elementwise_blocks(work, 256), 132u * 2), 256, 0, stream>>>(
+    zero_uncovered_rows_kernel<scalar_t><<<std::min(elementwise_blocks(work, 256, sm_count), 2u * sm_count), 256, 0, stream>>>(
         static_cast<scalar_t*>(out), expert_offsets, S, E, row_vecs, vectorised, N_out);
   });
   return cudaGetLastError();
@@ -361,6 +365,9 @@ cudaError_t launch_silu_mul(const void* gate_up, void* out, int64_t S, int64_t N
   if (S == 0 || N == 0) return cudaSuccess;
   if (layout == SwiGLULayout::kNone || (layout == SwiGLULayout::kInterleaved && N % 16 != 0))
     return cudaErrorInvalidValue;
+  int sm_count = 0;
+  const cudaError_t err = current_sm_count(&sm_count);
+  if (err != cudaSuccess) return err;
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
     constexpr int VE = Vec16<scalar_t>::kElems;
     const int64_t half = N / 2;
@@ -368,7 +375,8 @@ cudaError_t launch_silu_mul(const void* gate_up, void* out, int64_t S, int64_t N
                             reinterpret_cast<uintptr_t>(out) % 16 == 0;
     const auto* gp = static_cast<const scalar_t*>(gate_up);
     auto* op = static_cast<scalar_t*>(out);
-    const unsigned vec_blocks = elementwise_blocks(S * (half / VE), 256), blocks = elementwise_blocks(S * half, 256);
+    const unsigned vec_blocks = elementwise_blocks(S * (half / VE), 256, sm_count),
+                   blocks = elementwise_blocks(S * half, 256, sm_count);
     if (layout == SwiGLULayout::kInterleaved) {
       if (vectorised)
         silu_mul_kernel<scalar_t, SwiGLULayout::kInterleaved, true><<<vec_blocks, 256, 0, stream>>>(gp, op, S, N);

@@ -49,6 +49,19 @@ def _check_grouped_gemm(x, weight, expert_offsets, epilogue):
             raise ValueError(f"dots1_ext: weight.shape[1] (N) must be a multiple of 8 on CUDA, got {weight.shape[1]}")
         if x.shape[1] % 8:
             raise ValueError(f"dots1_ext: x.shape[1] (K) must be a multiple of 8 on CUDA, got {x.shape[1]}")
+    # Mirrors csrc/grouped_gemm/grouped_gemm.cpp: the weight is never copied per call. (Alignment is
+    # judged from the storage offset here: fake tensors have no address; allocations are aligned.)
+    if not weight.is_contiguous():
+        raise ValueError(
+            f"dots1_ext: weight must be contiguous ([E, N, K] with K contiguous, rows packed), got strides "
+            f"{tuple(weight.stride())} for shape {list(weight.shape)}; make it contiguous once, at load "
+            "(weight.contiguous())"
+        )
+    if (weight.storage_offset() * weight.element_size()) % 16:
+        raise ValueError(
+            "dots1_ext: weight must start at a 16-byte aligned address, got an offset of "
+            f"{(weight.storage_offset() * weight.element_size()) % 16} bytes; copy it once, at load (weight.clone())"
+        )
 
 
 def check_expert_offsets(expert_offsets: torch.Tensor, num_rows: int) -> None:
@@ -82,7 +95,8 @@ def grouped_gemm(
 ) -> torch.Tensor:
     """Per-expert ``x[rows_e] @ weight[e].T``.
 
-    x [S, K]; weight [E, N, K] (K contiguous); expert_offsets [E+1] int32, expert e owns rows
+    x [S, K] (any strides: copied if needed); weight [E, N, K], contiguous and 16-byte aligned (it is
+    never copied per call: ValueError otherwise); expert_offsets [E+1] int32, expert e owns rows
     [expert_offsets[e], expert_offsets[e+1]). Returns [S, N], or [S, N/2] with a SwiGLU epilogue:
     ``"swiglu"`` takes the HF layout (gate = the first N/2 weight rows, up = the last N/2);
     ``"swiglu_interleaved"`` takes the weight made once by :func:`interleave_gate_up` (16-row
@@ -90,6 +104,10 @@ def grouped_gemm(
     product never reaches memory) — use it for weights you own. Rows outside every expert's range are
     zero. fp32 accumulation. ``check_offsets=True`` validates the offsets on the host first
     (synchronises; not for CUDA graphs).
+
+    Offsets that are decreasing or outside [0, S]: the CPU kernel raises IndexError naming
+    expert_offsets; the CUDA kernels clamp them and never access memory outside the tensors, but the
+    output values are unspecified; ``check_offsets=True`` raises the IndexError on any device.
     """
     if check_offsets:
         check_expert_offsets(expert_offsets, x.shape[0])
