@@ -1,9 +1,14 @@
-"""The op registry: every op has a schema, a kernel or reference for CPU and CUDA, and a fake."""
+"""The op registry: every op has a schema, a kernel or reference for CPU and CUDA, and a fake; in a
+CUDA build, every CPU and CUDA kernel is the compiled C++ one (read from the dispatcher itself)."""
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import dots1_ext  # noqa: F401  (registers the ops)
+from dots1_ext import _C
 
 OPS = [
     "topk_gating",
@@ -34,3 +39,30 @@ def test_cpu_ops_are_compiled_not_reference():
     # a CPU-only build.
     backed = dots1_ext.ops.reference_backed_ops()
     assert not [n for n, keys in backed.items() if "CPU" in keys], f"CPU ops running the reference: {backed}"
+
+
+def _is_cuda_build() -> bool:
+    # A CUDA build of the extension links torch's CUDA library; a CPU-only build does not.
+    return b"libc10_cuda.so" in Path(_C.__file__).read_bytes()
+
+
+def _kernel_source(qualname: str, key: str) -> str | None:
+    """Where the dispatcher's kernel for `key` was registered ("path:line"), or None."""
+    for line in torch._C._dispatch_dump(qualname).splitlines():
+        if line.startswith(f"{key}: registered at "):
+            return line[len(f"{key}: registered at "):].split(" ")[0]
+    return None
+
+
+@pytest.mark.parametrize("key", ["CPU", "CUDA"])
+@pytest.mark.parametrize("name", OPS)
+def test_kernel_is_compiled_cpp(name, key):
+    # The Python reference fallback also counts as "a kernel for CUDA", so existence proves nothing:
+    # the kernel must have been registered from the extension's C++ sources (csrc/<family>/*.cpp).
+    if key == "CUDA" and not _is_cuda_build():
+        pytest.skip("CPU-only build of the extension: CUDA runs the reference fallback by design")
+    qualname = f"dots1_ext::{name}"
+    source = _kernel_source(qualname, key)
+    assert source is not None, f"{qualname} has no {key} kernel"
+    assert re.search(r"csrc/[\w/]+\.cpp:\d+$", source), f"{qualname}: the {key} kernel comes from {source}, not csrc"
+    assert key not in dots1_ext.ops.reference_backed_ops().get(name, []), f"{qualname}: {key} runs the reference"
