@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh                 # all stages
 #   bash bench/gpu_check.sh build test      # some stages: build test sanitize bench
 #   BENCH_ARGS="--only norm --quick" bash bench/gpu_check.sh build bench
+#   SANITIZE_TOOLS="racecheck synccheck" bash bench/gpu_check.sh sanitize  # some compute-sanitizer tools
 #
 # Wheels missing on the GPU machine (nvidia-cutlass; liger-kernel as a benchmark peer) are taken
 # from .whl/ when present (the device machine has no network).
@@ -53,12 +54,27 @@ for stage in $stages; do
         echo "$f: rc=$r $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/tests_by_file.log"
       done ;;
     sanitize)
-      rc=0
-      for s in tests/sanitize_*.py; do
-        [ -f "$s" ] || continue
-        timeout 240 compute-sanitizer --tool memcheck --error-exitcode 9 python3 "$s" >>"$OUT/sanitize.log" 2>&1
-        r=$?; [ $r -eq 0 ] || rc=$r
-        echo "$s: rc=$r" | tee -a "$OUT/sanitize.log"
+      # memcheck on every script (without the caching allocator, so an access past a tensor's end is
+      # outside any allocation); racecheck and synccheck (shared memory, barriers, clusters: gating,
+      # permute/unpermute, the CUTLASS grouped GEMM, the norms' block reductions) on the same small
+      # cases. One line per (script, tool) with its rc; each run is capped at SANITIZE_TIMEOUT s
+      # (the scripts are seconds of GPU work; the sanitizer's start-up dominates).
+      rc=0; : >"$OUT/sanitize_by_tool.log"
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
+        for s in tests/sanitize_*.py; do
+          [ -f "$s" ] || continue
+          t1=$(date +%s)
+          echo "=== $tool $s" >>"$OUT/sanitize.log"
+          if [ "$tool" = memcheck ]; then
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-120} compute-sanitizer --tool memcheck \
+              --error-exitcode 9 python3 "$s" >>"$OUT/sanitize.log" 2>&1
+          else
+            timeout ${SANITIZE_TIMEOUT:-120} compute-sanitizer --tool "$tool" --error-exitcode 9 python3 "$s" \
+              >>"$OUT/sanitize.log" 2>&1
+          fi
+          r=$?; [ $r -eq 0 ] || rc=$r
+          echo "$tool $s: rc=$r in $(( $(date +%s) - t1 )) s" | tee -a "$OUT/sanitize.log" "$OUT/sanitize_by_tool.log"
+        done
       done ;;
     bench)
       timeout ${BENCH_TIMEOUT:-300} python3 -m bench.run ${BENCH_ARGS:-} --json "$OUT/bench.json" --md "$OUT/bench.md" \
@@ -72,7 +88,8 @@ done
 {
   echo
   [ -f "$OUT/tests_by_file.log" ] && { echo "## Tests (CUDA machine, one pytest process per file)"; echo; echo '```'; cat "$OUT/tests_by_file.log"; echo '```'; echo; }
-  [ -f "$OUT/sanitize.log" ] && { echo "## compute-sanitizer"; echo; echo '```'; grep -E "ERROR SUMMARY|rc=" "$OUT/sanitize.log"; echo '```'; echo; }
+  [ -f "$OUT/sanitize_by_tool.log" ] && { echo "## compute-sanitizer (rc per tool and script)"; echo; echo '```'; cat "$OUT/sanitize_by_tool.log"; echo '```'; echo; }
+  [ -f "$OUT/sanitize.log" ] && { echo "### ERROR SUMMARY lines"; echo; echo '```'; grep -E "^=== |ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log"; echo '```'; echo; }
   [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
 } >>"$summary"
 exit $status

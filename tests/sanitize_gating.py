@@ -1,0 +1,73 @@
+"""Small CUDA cases of topk_gating and router_topk_gating for compute-sanitizer (bench/gpu_check.sh).
+
+    compute-sanitizer --tool memcheck  --error-exitcode 9 python tests/sanitize_gating.py
+    compute-sanitizer --tool racecheck --error-exitcode 9 python tests/sanitize_gating.py
+    compute-sanitizer --tool synccheck --error-exitcode 9 python tests/sanitize_gating.py
+
+The gating kernel keeps per-warp scores in shared memory (grouped routing) and the fused router is a
+thread-block cluster whose block 0 reads the other blocks' shared memory (distributed shared memory,
+two cluster barriers): racecheck and synccheck are the tools for those. Covers T = 0/1/odd/8 (the
+fused limit)/9, E up to 512 and k up to 16, grouped routing, NaN logits, unaligned hidden rows (the
+fused router's scalar path) and the GEMM router. Exits non-zero if ids differ from the reference.
+A few seconds of GPU work: the sanitizer's start-up dominates.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import dots1_ext  # noqa: F401
+from dots1_ext import reference as R
+from dots1_ext.ops import router_topk_gating, topk_gating
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("sanitize_gating: needs a CUDA GPU")
+        return 2
+    dev = "cuda"
+    torch.manual_seed(0)
+    failures = 0
+
+    def expect(cond: bool, what: str) -> None:
+        nonlocal failures
+        if not cond:
+            failures += 1
+            print("MISMATCH:", what)
+
+    for T, E, k, ng, tg in [(0, 128, 6, 1, 1), (1, 128, 6, 1, 1), (7, 64, 8, 8, 4), (33, 512, 16, 8, 2), (5, 8, 8, 1, 1),
+                            (9, 40, 3, 1, 1), (17, 256, 8, 8, 4)]:
+        logits = torch.randn(T, E, device=dev)
+        bias = torch.randn(E, device=dev) * 0.1
+        for renorm in (True, False):
+            w, ids = topk_gating(logits, bias, k, ng, tg, renorm, 2.5)
+            rw, rids = R.topk_gating(logits, bias, k, ng, tg, renorm, 2.5)
+            expect(torch.equal(ids, rids), f"topk_gating ids T={T} E={E} renorm={renorm}")
+        if T > 2:  # NaN logits: ranked highest, the same ids as the reference
+            nan_logits = logits.clone()
+            nan_logits[1, E // 3] = float("nan")
+            nan_logits[2] = float("nan")
+            _, ids = topk_gating(nan_logits, bias, k, ng, tg, True, 1.0)
+            expect(torch.equal(ids, R.topk_gating(nan_logits, bias, k, ng, tg, True, 1.0)[1]), f"NaN ids E={E}")
+        for dtype in (torch.bfloat16, torch.float32):
+            for H in (64, 13):
+                for Tr in sorted({max(T, 0), 8, 9}):  # fused (cluster) up to 8 tokens, GEMM path above
+                    hidden = torch.randn(Tr, H, device=dev).to(dtype)
+                    weight = torch.randn(E, H, device=dev).to(dtype)
+                    router_topk_gating(hidden, weight, bias, k, ng, tg, True, 2.5)
+                    router_topk_gating(hidden, weight, bias, k, ng, tg, False, 1.0)
+        # Unaligned hidden for the fused router's scalar path.
+        if T > 0:
+            Tr = min(T, 8)
+            base = torch.randn(Tr * 64 + 1, device=dev, dtype=torch.bfloat16)
+            router_topk_gating(base[1:].view(Tr, 64), torch.randn(E, 64, device=dev, dtype=torch.bfloat16), bias, k,
+                               ng, tg, True, 1.0)
+    torch.cuda.synchronize()
+    print("sanitize_gating:", "OK" if failures == 0 else f"{failures} mismatches")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
