@@ -140,8 +140,8 @@ def model_report(model, config, info, dtype, prefill_len, batches, quick) -> Rep
     return report
 
 
-def run(quick: bool = False, layers: int | None = None) -> list[Report]:
-    info = distributed.init_from_env()
+def run(quick: bool = False, layers: int | None = None, info: distributed.DistInfo | None = None) -> list[Report]:
+    info = info or distributed.init_from_env()
     gpu = info.device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     if gpu:
@@ -166,19 +166,19 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, help="layers of the model (default 62 on GPU, 4 with --quick)")
     p.add_argument("--json", help="write the reports here (rank 0)")
     args = p.parse_args(argv)
-    reports = run(args.quick, args.layers)
-    info = distributed.current_info()
-    if info.is_main:
-        env = environment() | {"world_size": info.world_size}
-        print(header(env))
-        for r in reports:
-            print()
-            print(r.table())
-        if args.json:
-            write_json(args.json, reports, env)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    info = distributed.init_from_env()
+    try:
+        reports = run(args.quick, args.layers, info)
+        if info.is_main:
+            env = environment() | {"world_size": info.world_size}
+            print(header(env))
+            for r in reports:
+                print()
+                print(r.table())
+            if args.json:
+                write_json(args.json, reports, env)
+    finally:
+        distributed.shutdown(info)  # destroys the group it created, and checks its threads are gone
     return 0
 
 

@@ -42,8 +42,11 @@ torchrun), e.g. ``torchrun --nproc-per-node 4 -m dots1_ext --real-shape --layers
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import sys
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +54,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+
+if dist.is_available():
+    # Imported before any process group exists, on purpose. torch.distributed.nn.functional binds
+    # ``group=group.WORLD`` as default arguments when it is first imported; imported after
+    # init_process_group (torch._dynamo imports it, e.g. on the first nn.init of a meta-device
+    # nn.Embedding, which building a model does), ten of its functions keep the default process group
+    # alive for the life of the interpreter. destroy_process_group then frees nothing: gloo's threads
+    # run on until the group is torn down at interpreter exit, racing the other ranks' exits, where now
+    # and then a rank aborted ("terminate called without an active exception", exit -6).
+    # Imported first, those defaults are None. ``shutdown`` checks that the group is really gone.
+    import torch.distributed.nn  # noqa: F401
 
 from dots1_ext import modules
 from dots1_ext.config import Dots1Config, parse_dtype
@@ -126,13 +140,22 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
 
 
 def shutdown(info: DistInfo) -> None:
-    """Destroys the process group if ``init_from_env`` created it."""
+    """Destroys the process group if ``init_from_env`` created it, and checks that it is gone (its
+    transport threads joined) rather than left for the interpreter's exit to tear down."""
     if info.owns_group and dist.is_initialized():
-        # Every rank reaches here before any tears its transport down: a rank that leaves while another
-        # still has a collective in flight makes gloo's worker threads abort the process at exit.
+        # Every rank reaches here before any tears its transport down: none has a collective in flight.
         if dist.get_world_size() > 1:
             dist.barrier()
+        group = weakref.ref(dist.group.WORLD)
         dist.destroy_process_group()
+        if group() is not None:
+            gc.collect()
+        if group() is not None:
+            warnings.warn(
+                "dots1_ext.distributed.shutdown: the default process group is still referenced after "
+                "destroy_process_group, so its transport threads live on until interpreter exit, where "
+                "tearing them down can abort the process. Was torch.distributed.nn imported after "
+                "init_process_group? (see the top of dots1_ext/distributed.py)", RuntimeWarning, stacklevel=2)
 
 
 def current_info(device: str | torch.device | None = None) -> DistInfo:

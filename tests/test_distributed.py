@@ -208,7 +208,20 @@ def _scenario_cli(info, path) -> dict:
     return {"status": status}
 
 
+def _transport_threads() -> list[str]:
+    """Names of this process's threads that belong to a process group's transport (gloo)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    return sorted(n for n in names if "gloo" in n or "nccl" in n.lower())
+
+
 def worker(outdir: str, hub_path: str, fused_path: str) -> None:
+    import weakref
+
+    import torch.distributed as dist
+
     from dots1_ext import distributed
 
     torch.set_num_threads(1)
@@ -229,7 +242,12 @@ def worker(outdir: str, hub_path: str, fused_path: str) -> None:
             results[name] = {"error": traceback.format_exc()}
             break  # the other ranks may be stuck in a collective: stop here (the group times out)
     Path(outdir, f"rank{info.rank}.json").write_text(json.dumps(results))
+    # After shutdown the process group must be freed, its threads joined: a group that outlives
+    # destroy_process_group is torn down at interpreter exit, which aborted a rank now and then.
+    group = weakref.ref(dist.group.WORLD)
     distributed.shutdown(info)
+    results["teardown"] = {"group_alive": group() is not None, "transport_threads": _transport_threads()}
+    Path(outdir, f"rank{info.rank}.json").write_text(json.dumps(results))
 
 
 # -- pytest side ---------------------------------------------------------------------------------
@@ -301,6 +319,16 @@ def test_distributed(launch, world_size, scenario):
             assert r["read_twice"] == [], f"rank {rank}: {r['read_twice']}"
             assert r["local_experts"] == 8 // world_size
     assert run["rc"] == 0, run["log"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_shutdown_frees_the_process_group(launch, world_size):
+    run = launch(world_size)
+    for rank, res in enumerate(run["ranks"]):
+        assert "teardown" in res, f"rank {rank} did not finish shutdown (torchrun rc {run['rc']}):\n{run['log']}"
+        assert res["teardown"] == {"group_alive": False, "transport_threads": []}, f"rank {rank}: {res['teardown']}"
+    assert "still referenced after destroy_process_group" not in run["log"]
 
 
 def test_torchrun_log_has_cli_output(launch):
