@@ -52,7 +52,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 if dist.is_available():
@@ -68,16 +67,7 @@ if dist.is_available():
 
 from dots1_ext import modules
 from dots1_ext.config import Dots1Config, parse_dtype
-from dots1_ext.loader import (
-    _HUB_EXPERT_KEY,
-    IGNORED_KEYS,
-    _Progress,
-    _Slots,
-    _plan,
-    check_device_memory,
-    checkpoint_files,
-    model_bytes,
-)
+from dots1_ext.loader import check_device_memory, load_model, model_bytes, read_config
 from dots1_ext.model import Dots1ForCausalLM, init_random_weights_
 from dots1_ext.modules import Dots1MoE
 
@@ -158,6 +148,12 @@ def shutdown(info: DistInfo) -> None:
                 "init_process_group? (see the top of dots1_ext/distributed.py)", RuntimeWarning, stacklevel=2)
 
 
+def barrier(info: DistInfo) -> None:
+    """Waits for every rank of ``info``'s group (a no-op in a world of one)."""
+    if info.world_size > 1:
+        dist.barrier(group=info.group)
+
+
 def current_info(device: str | torch.device | None = None) -> DistInfo:
     """DistInfo of the initialised default group (rank 0 of 1 when there is none)."""
     return init_from_env(device) if dist.is_available() and dist.is_initialized() else DistInfo(
@@ -178,15 +174,24 @@ def expert_range(num_experts: int, rank: int, world_size: int) -> tuple[int, int
 # -- the expert-parallel MoE block ---------------------------------------------------------------
 class LocalExperts(modules.GateUpLayout, nn.Module):
     """This rank's slice of ``mlp.experts``: same parameter names, first dimension E/W, experts
-    [start, end) of the checkpoint, the same gate_up_proj layout."""
+    [start, end) of the checkpoint, the same gate_up_proj layout. Built from the full experts module
+    (meta: nothing allocated; materialised: this rank's experts are copied out), or adopts the tensors
+    of one that already holds just [start, end) (``load_model(..., experts=(start, end))``)."""
 
-    def __init__(self, experts: nn.Module, start: int, end: int):
+    def __init__(self, experts: nn.Module, start: int, end: int, num_experts: int):
         super().__init__()
         self._init_gate_up_layout()
         self.gate_up_interleaved = getattr(experts, "gate_up_interleaved", False)
-        self.start, self.end, self.num_experts = start, end, experts.gate_up_proj.shape[0]
+        self.start, self.end, self.num_experts = start, end, num_experts
+        self.expert_range = (start, end)
+        held = getattr(experts, "expert_range", None)
+        if held is not None and tuple(held) != (start, end):
+            raise ValueError(f"the experts module holds experts [{held[0]}, {held[1]}), not this rank's [{start}, {end})")
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name)
+            if held is not None:  # already this rank's experts: adopted as they are
+                setattr(self, name, full)
+                continue
             if full.is_meta:
                 local = torch.empty((end - start,) + tuple(full.shape[1:]), dtype=full.dtype, device="meta")
             else:  # a copy, so the full tensor is freed with the module it came from
@@ -207,7 +212,7 @@ class ExpertParallelMoE(nn.Module):
         self.rank, self.world_size, self.group, self.dispatch = rank, world_size, group, dispatch
         start, end = expert_range(moe.num_experts, rank, world_size)
         self.gate = moe.gate
-        self.experts = LocalExperts(moe.experts, start, end)
+        self.experts = LocalExperts(moe.experts, start, end, moe.num_experts)
         self.shared_experts = moe.shared_experts
 
     def extra_repr(self) -> str:
@@ -316,39 +321,6 @@ def set_dispatch(model: nn.Module, dispatch: str) -> None:
 
 
 # -- sharded loading -----------------------------------------------------------------------------
-class _OwnedSlots(_Slots):
-    """Where each checkpoint key goes in a sharded model; keys of other ranks' experts are skipped."""
-
-    def __init__(self, model: Dots1ForCausalLM, start: int, end: int):
-        super().__init__(model, start, end)
-
-    def resolve(self, key: str):
-        """key -> SKIP (another rank's expert), None (ignored), or (target name, destination view, filled
-        index, expert rows to read from a fused tensor or None)."""
-        m = _HUB_EXPERT_KEY.match(key)
-        if m:
-            part, e = m["part"], int(m["e"])
-            name = f"{m['prefix']}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}"
-            if name not in self.targets or e >= self.config.n_routed_experts:
-                raise KeyError(f"unexpected checkpoint tensor {key!r}: the model has no such expert "
-                               f"(n_routed_experts={self.config.n_routed_experts})")
-            if not self.start <= e < self.end:
-                return self.SKIP
-            local, I = e - self.start, self.config.moe_intermediate_size
-            fused = self.targets[name].data
-            if part == "down_proj":
-                return name, fused[local], (local, 0), None
-            j = 0 if part == "gate_proj" else 1
-            return name, fused[local, j * I:(j + 1) * I], (local, j), None
-        if key in self.targets:
-            fused_experts = key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
-            rows = (self.start, self.end) if fused_experts else None
-            return key, self.targets[key].data, (slice(None), slice(None)), rows
-        if IGNORED_KEYS.search(key) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
-            return None
-        raise KeyError(f"unexpected checkpoint tensor {key!r}: no parameter of that name in the Dots1 model")
-
-
 def load_model_distributed(
     path: str | os.PathLike,
     info: DistInfo | None = None,
@@ -357,42 +329,17 @@ def load_model_distributed(
     dispatch: str = "auto",
 ) -> Dots1ForCausalLM:
     """Loads the HF Dots1 checkpoint in ``path`` as this rank's shard onto ``info.device``: replicated
-    tensors, and of the routed experts only this rank's (hub layout: the other experts' tensors are never
-    opened; fused layout: only this rank's rows are read). Streams tensor by tensor like
-    loader.load_model; same errors. Progress is shown by rank 0 only."""
+    tensors, and of the routed experts only this rank's (``loader.load_model(experts=...)``: hub layout,
+    the other experts' tensors are never read; fused layout, only this rank's rows are). Streams tensor
+    by tensor like loader.load_model; same errors. Progress is shown by rank 0 only."""
     info = info or current_info()
-    device = info.device
-    dtype = parse_dtype(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    config = Dots1Config.from_pretrained(path)
-    files = checkpoint_files(path)
-    model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
-    shard_model_(model, info.rank, info.world_size, info.group, dispatch)
-    start, end = expert_range(config.n_routed_experts, info.rank, info.world_size) if config.num_moe_layers else (0, 0)
-    plan = _plan(files, _OwnedSlots(model, start, end))  # every key checked before any allocation
-
-    check_device_memory(model_bytes(model), device)
-    model.to_empty(device=device)
-    model.tie_weights()
-    slots = _OwnedSlots(model, start, end)  # the same plan, now pointing at real storage
-    bar = _Progress(sum(nbytes for *_, nbytes in plan), progress and info.is_main)
-    by_file: dict[str, list[str]] = {}
-    for file, key, _ in plan:
-        by_file.setdefault(file, []).append(key)
-    done = 0
-    with torch.no_grad():
-        for file, keys in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in keys:
-                    _, dest, _, rows = slots.resolve(key)
-                    if rows is not None:  # fused experts: this rank's rows, one expert at a time
-                        src = f.get_slice(key)
-                        for e in range(rows[0], rows[1]):
-                            dest[e - rows[0]].copy_(src[e])
-                    else:
-                        dest.copy_(f.get_tensor(key))
-                    done += 1
-                    bar.update(dest.numel() * dest.element_size(), done, len(plan))
-    return modules.interleave_gate_up_(model).eval()
+    experts = None
+    if info.world_size > 1:
+        config = read_config(path)
+        if config.num_moe_layers:
+            experts = expert_range(config.n_routed_experts, info.rank, info.world_size)
+    model = load_model(path, info.device, dtype, progress=progress and info.is_main, experts=experts)
+    return shard_model_(model, info.rank, info.world_size, info.group, dispatch).eval()
 
 
 @torch.no_grad()

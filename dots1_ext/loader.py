@@ -5,6 +5,10 @@ A checkpoint directory holds ``config.json`` and either ``model.safetensors`` or
 (``model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight``) or fused as in transformers 5
 (``mlp.experts.gate_up_proj`` [E, 2I, H], gate rows first, and ``mlp.experts.down_proj`` [E, H, I]).
 
+Every problem with a checkpoint (missing, unreadable or invalid files, missing / unexpected / misshapen
+tensors) raises a :class:`CheckpointError` (a ValueError) whose message names the file, and the tensor
+where there is one; ``python -m dots1_ext`` prints it as one line.
+
 Loading builds the model on the meta device, allocates it once on the target device, then copies each
 checkpoint tensor (read through safetensors' mmap) into its slot; a hub-layout expert lands in a slice
 of the fused parameter, and fused expert tensors are copied one expert at a time. So no weight is ever
@@ -13,19 +17,22 @@ held twice, and host memory holds at most one expert matrix (or one dense tensor
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dots1_ext.config import Dots1Config, dtype_name, parse_dtype
+from dots1_ext.config import CONFIG_NAME, Dots1Config, dtype_name, parse_dtype
 from dots1_ext.model import Dots1ForCausalLM
 from dots1_ext.modules import experts_in_hf_layout, interleave_gate_up_
 
@@ -35,24 +42,96 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|cos_cached|sin_cached)$")
 _HUB_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<part>gate_proj|up_proj|down_proj)\.weight$")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_FUSED_EXPERT_KEYS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+# -- errors --------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: a missing, unreadable or invalid file, or tensors that do not
+    fit the model. The message names the file (and the tensor, where there is one)."""
+
+
+class CheckpointKeyError(CheckpointError, KeyError):
+    """A tensor missing from the checkpoint, or one the model has no place for (also a KeyError)."""
+
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint (directory, config.json, weight files) where one was expected (also a FileNotFoundError)."""
+
+
+@contextlib.contextmanager
+def _open(path: str):
+    """safe_open(path) whose errors name the file (safetensors' own do not: "incomplete metadata, file
+    not fully covered" for a truncated file)."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            yield f
+    except CheckpointError:
+        raise
+    except FileNotFoundError as e:
+        raise CheckpointNotFoundError(f"{path}: no such file") from e
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _read_json(path: str, what: str) -> object:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON in the {what}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: the {what} is not UTF-8 text: {e}") from None
 
 
 # -- reading -------------------------------------------------------------------------------------
+def read_config(directory: str | os.PathLike) -> Dots1Config:
+    """The Dots1Config of the checkpoint in ``directory``; CheckpointError naming the file otherwise."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointNotFoundError(f"{directory}: no such checkpoint directory")
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"{path}: no such file (a Hugging Face checkpoint directory has a {CONFIG_NAME})")
+    try:
+        return Dots1Config.from_json_file(path)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text: {e}") from None
+    except (ValueError, NotImplementedError) as e:  # their messages name the file and the field
+        raise CheckpointError(str(e)) from None
+
+
 def checkpoint_files(directory: str | os.PathLike) -> dict[str, str]:
     """{tensor key: safetensors file path} of the checkpoint in ``directory``."""
     directory = os.fspath(directory)
     index_path = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {key: os.path.join(directory, name) for key, name in weight_map.items()}
+        index = _read_json(index_path, "checkpoint index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            found = f"keys {sorted(index)}" if isinstance(index, dict) else f"a JSON {type(index).__name__}"
+            raise CheckpointError(f"{index_path}: expected a JSON object with a non-empty \"weight_map\" "
+                                  f"{{tensor name: file name}}, found {found}")
+        bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v or os.sep in v]
+        if bad:
+            raise CheckpointError(f"{index_path}: weight_map[{bad[0][0]!r}] must be a file name in the "
+                                  f"checkpoint directory, got {bad[0][1]!r}")
+        files = {key: os.path.join(directory, name) for key, name in weight_map.items()}
+        for key, path in files.items():
+            if not os.path.isfile(path):
+                raise CheckpointNotFoundError(f"{path}: no such file (listed in {index_path} for {key!r})")
+        return files
     single = os.path.join(directory, SAFE_WEIGHTS_NAME)
     files = [single] if os.path.exists(single) else sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or *.safetensors in {directory}")
+        raise CheckpointNotFoundError(
+            f"{directory}: no {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or *.safetensors")
     keys = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
+        with _open(path) as f:
             keys.update({key: path for key in f.keys()})
     return keys
 
@@ -60,12 +139,13 @@ def checkpoint_files(directory: str | os.PathLike) -> dict[str, str]:
 class _Slots:
     """Where each checkpoint key goes in the model, and which parts of each weight have been filled."""
 
-    SKIP = "skip"  # a key that belongs to another rank (dots1_ext.distributed)
+    SKIP = "skip"  # a routed expert outside [start, end): not read
 
     def __init__(self, model: Dots1ForCausalLM, start: int = 0, end: int | None = None):
         self.config = model.config
-        # The model holds routed experts [start, end) (all of them unless sharded: dots1_ext.distributed).
-        self.start, self.end = start, model.config.n_routed_experts if end is None else end
+        # The model holds routed experts [start, end) of each MoE layer (all of them unless load_model
+        # was given an expert range).
+        self.start, self.end = start, (model.config.n_routed_experts or 0) if end is None else end
         # Tied lm_head.weight is the embedding: named_parameters drops the duplicate name.
         self.targets = dict(model.named_parameters())
         self.targets.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
@@ -79,31 +159,35 @@ class _Slots:
             return (self.end - self.start, 1)
         return (1, 1)
 
-    def resolve(self, key: str) -> tuple[str, torch.Tensor, tuple] | None:
-        """key -> (target name, destination view, the filled-map index it covers, None); None if ignored.
-        (A sharded model's subclass may also return SKIP, or expert rows to read from a fused tensor.)"""
+    def resolve(self, key: str):
+        """key -> None (ignored), SKIP (a routed expert outside [start, end)), or (target name, destination
+        view, the filled-map index it covers, rows): rows = (start, end), the experts to read from a fused
+        expert tensor [E, ...], else None."""
         m = _HUB_EXPERT_KEY.match(key)
         if m:
-            part = m["part"]
+            part, e = m["part"], int(m["e"])
             name = f"{m['prefix']}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}"
-            e = int(m["e"])
             if name not in self.targets or e >= self.config.n_routed_experts:
-                raise KeyError(f"unexpected checkpoint tensor {key!r}: the model has no such expert "
-                               f"(n_routed_experts={self.config.n_routed_experts})")
-            I = self.config.moe_intermediate_size
+                raise CheckpointKeyError(f"unexpected checkpoint tensor {key!r}: the model has no such expert "
+                                         f"(n_routed_experts={self.config.n_routed_experts})")
+            if not self.start <= e < self.end:
+                return self.SKIP
+            local, I = e - self.start, self.config.moe_intermediate_size
             fused = self.targets[name].data
             if part == "down_proj":
-                return name, fused[e], (e, 0), None
-            return name, fused[e, :I] if part == "gate_proj" else fused[e, I:], (e, 0 if part == "gate_proj" else 1), None
+                return name, fused[local], (local, 0), None
+            j = 0 if part == "gate_proj" else 1
+            return name, fused[local, j * I:(j + 1) * I], (local, j), None
         if key in self.targets:
-            return key, self.targets[key].data, (slice(None), slice(None)), None
+            rows = (self.start, self.end) if key.endswith(_FUSED_EXPERT_KEYS) else None
+            return key, self.targets[key].data, (slice(None), slice(None)), rows
         if IGNORED_KEYS.search(key) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
             return None
-        raise KeyError(f"unexpected checkpoint tensor {key!r}: no parameter of that name in the Dots1 model")
+        raise CheckpointKeyError(f"unexpected checkpoint tensor {key!r}: no parameter of that name in the Dots1 model")
 
     def mark(self, name: str, index: tuple, key: str) -> None:
         if self.filled[name][index].any():
-            raise ValueError(f"checkpoint tensor {key!r} fills {name!r} a second time (both hub and fused layouts?)")
+            raise CheckpointError(f"checkpoint tensor {key!r} fills {name!r} a second time (both hub and fused layouts?)")
         self.filled[name][index] = True
 
     def missing(self) -> list[str]:
@@ -168,41 +252,84 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = None,
     progress: bool = True,
+    experts: tuple[int, int] | None = None,
 ) -> Dots1ForCausalLM:
     """Loads the HF Dots1 checkpoint in ``path`` onto ``device`` in ``dtype`` (default: bf16 on CUDA,
-    fp32 elsewhere). Raises KeyError for a missing or unexpected tensor, ValueError for a misshapen one
-    (naming the key and both shapes), torch.OutOfMemoryError when the device cannot hold the model."""
+    fp32 elsewhere).
+
+    ``experts=(start, end)``: only routed experts [start, end) of each MoE layer are loaded, into
+    ``mlp.experts`` tensors of end - start experts (hub layout: the other experts' tensors are never
+    read; fused layout: only those rows are). Such a model is one rank's part of an expert-parallel
+    model: :func:`dots1_ext.distributed.shard_model_` turns it into one that runs; alone, its MoE
+    layers cannot run, and save_checkpoint refuses it.
+
+    Raises CheckpointError (a ValueError; CheckpointKeyError, also a KeyError, for a missing or
+    unexpected tensor; CheckpointNotFoundError, also a FileNotFoundError, for missing files) naming
+    the file and the tensor, and torch.OutOfMemoryError when the device cannot hold the model."""
     device = torch.device(device)
     dtype = parse_dtype(dtype) or _default_dtype(device)
-    config = Dots1Config.from_pretrained(path)
+    config = read_config(path)
     files = checkpoint_files(path)
 
     model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
-    slots = _Slots(model)
-    plan = _plan(files, slots)  # every key, shape and dtype checked before any allocation
+    start, end = 0, config.n_routed_experts or 0
+    if experts is not None:
+        start, end = _check_expert_range(experts, config)
+        keep_experts_(model, start, end)
+    plan = _plan(files, _Slots(model, start, end))  # every key, shape and dtype checked before any allocation
 
     check_device_memory(model_bytes(model), device)
     model.to_empty(device=device)
     model.tie_weights()
-    slots = _Slots(model)  # the same plan, now pointing at real storage
+    slots = _Slots(model, start, end)  # the same plan, now pointing at real storage
 
     bar = _Progress(sum(nbytes for *_, nbytes in plan), progress)
     done = 0
     with torch.no_grad():
         for path_, keys in _by_file(plan):
-            with safe_open(path_, framework="pt", device="cpu") as f:
+            with _open(path_) as f:
                 for key in keys:
-                    name, dest, _, _ = slots.resolve(key)
-                    if dest.dim() == 3:  # fused experts: one expert at a time bounds host memory
+                    _, dest, _, rows = slots.resolve(key)
+                    if rows is not None:  # fused experts: one expert at a time bounds host memory
                         src = f.get_slice(key)
-                        for e in range(dest.shape[0]):
-                            dest[e].copy_(src[e])
+                        for e in range(rows[0], rows[1]):
+                            dest[e - rows[0]].copy_(src[e])
                     else:
                         dest.copy_(f.get_tensor(key))
                     done += 1
                     bar.update(dest.numel() * dest.element_size(), done, len(plan))
     interleave_gate_up_(model)  # once, for the fused SwiGLU epilogue; state_dict stays HF
     return model.eval()
+
+
+def _check_expert_range(experts, config: Dots1Config) -> tuple[int, int]:
+    E = config.n_routed_experts
+    if not config.num_moe_layers:
+        raise ValueError(f"experts={experts!r}: the model has no MoE layers")
+    try:
+        start, end = experts
+    except (TypeError, ValueError):
+        raise ValueError(f"experts must be a (start, end) pair, got {experts!r}") from None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)) or not 0 <= start < end <= E:
+        raise ValueError(f"experts=({start!r}, {end!r}) must satisfy 0 <= start < end <= n_routed_experts={E}")
+    return start, end
+
+
+def keep_experts_(model: torch.nn.Module, start: int, end: int) -> torch.nn.Module:
+    """On a meta model: every MoE layer's ``mlp.experts`` now holds routed experts [start, end) only
+    (meta tensors of end - start experts; ``expert_range`` records which). Returns the model."""
+    for name, m in model.named_modules():
+        if not name.endswith("mlp.experts") or not hasattr(m, "gate_up_proj"):
+            continue
+        for pname in ("gate_up_proj", "down_proj"):
+            full = getattr(m, pname)
+            if not full.is_meta:
+                raise ValueError(f"keep_experts_ works on a meta model; {name}.{pname} is on {full.device}")
+            setattr(m, pname, torch.nn.Parameter(
+                torch.empty((end - start,) + tuple(full.shape[1:]), dtype=full.dtype, device="meta"),
+                requires_grad=full.requires_grad))
+        m.expert_range, m.num_experts = (start, end), model.config.n_routed_experts
+    return model
 
 
 def _plan(files: dict[str, str], slots: _Slots) -> list[tuple[str, str, int]]:
@@ -212,12 +339,15 @@ def _plan(files: dict[str, str], slots: _Slots) -> list[tuple[str, str, int]]:
     for key, path in files.items():
         by_file.setdefault(path, []).append(key)
     for path, keys in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with _open(path) as f:
             present = set(f.keys())
             for key in keys:
                 if key not in present:
-                    raise KeyError(f"checkpoint tensor {key!r} is listed in the index but missing from {path}")
-                resolved = slots.resolve(key)
+                    raise CheckpointKeyError(f"checkpoint tensor {key!r} is listed in the index but missing from {path}")
+                try:
+                    resolved = slots.resolve(key)
+                except CheckpointError as e:
+                    raise type(e)(f"{e} (in {path})") from None
                 if resolved is None or resolved is slots.SKIP:
                     continue
                 name, dest, index, rows = resolved
@@ -226,16 +356,20 @@ def _plan(files: dict[str, str], slots: _Slots) -> list[tuple[str, str, int]]:
                 # A fused expert tensor read in part (rows) holds every expert: check the whole.
                 expected = tuple(dest.shape) if rows is None else (slots.config.n_routed_experts,) + tuple(dest.shape[1:])
                 if shape != expected:
-                    raise ValueError(f"checkpoint tensor {key!r} has shape {list(shape)}, "
-                                     f"but the model expects {list(expected)} (config: {name})")
+                    raise CheckpointError(f"checkpoint tensor {key!r} in {path} has shape {list(shape)}, "
+                                          f"but the model expects {list(expected)} (config: {name})")
                 if src_dtype not in _SAFETENSORS_DTYPES:
-                    raise ValueError(f"checkpoint tensor {key!r} has unsupported dtype {src_dtype}")
-                slots.mark(name, index, key)
+                    raise CheckpointError(f"checkpoint tensor {key!r} in {path} has unsupported dtype {src_dtype}")
+                try:
+                    slots.mark(name, index, key)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{e} (in {path})") from None
                 plan.append((path, key, dest.numel() * dest.element_size()))
     missing = slots.missing()
     if missing:
         shown = ", ".join(repr(k) for k in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise KeyError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+        where = os.path.dirname(next(iter(files.values()))) if files else "the checkpoint"
+        raise CheckpointKeyError(f"checkpoint {where} is missing {len(missing)} tensor(s): {shown}")
     return plan
 
 
@@ -289,21 +423,81 @@ def save_checkpoint(
     dtype: torch.dtype | str | None = None,
 ) -> list[str]:
     """Writes config.json and safetensors shards (+ index when more than one) in the HF layout.
-    Returns the paths of the weight files. One shard's tensors are on the host at a time."""
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    Returns the paths of the weight files. One shard's tensors are on the host at a time.
+
+    Crash-safe: the checkpoint is written into a temporary directory next to ``directory`` and swapped
+    in by renames once complete, so an interrupted save leaves the previous checkpoint in place (or, in
+    the instant between the two renames, in a ``.<name>.old-*`` sibling). Other files in ``directory``
+    (a tokenizer, a generation config) are kept; its previous weights, index and config.json are not."""
+    directory = os.path.realpath(os.fspath(directory))
     dtype = parse_dtype(dtype) or model.dtype
     limit = parse_size(shard_size)
-    for stale in glob.glob(os.path.join(directory, "model*.safetensors")) + [
-            os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)]:
-        if os.path.exists(stale):
-            os.remove(stale)
+    for name, m in model.named_modules():
+        rng = getattr(m, "expert_range", None)
+        if rng is not None and tuple(rng) != (0, model.config.n_routed_experts):
+            raise ValueError(f"save_checkpoint: {name} holds only routed experts [{rng[0]}, {rng[1]}) of "
+                             f"{model.config.n_routed_experts}; save a model with all of them")
 
     def out_dtype(key, t):  # the router bias stays fp32, like HF
         return t.dtype if key.endswith("e_score_correction_bias") else dtype
 
-    with experts_in_hf_layout(model):  # in place for the duration: no second copy of the experts
-        return _save_shards(model, directory, limit, layout, dtype, out_dtype)
+    parent, base = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        os.chmod(tmp, _new_dir_mode(directory))  # mkdtemp's is 0700
+        with experts_in_hf_layout(model):  # in place for the duration: no second copy of the experts
+            names = _save_shards(model, tmp, limit, layout, dtype, out_dtype)
+        if os.path.isdir(directory):
+            _link_other_files(directory, tmp)
+            old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+            os.rmdir(old)  # a free name for the rename below
+            os.rename(directory, old)
+            try:
+                os.rename(tmp, directory)
+            except BaseException:
+                os.rename(old, directory)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a failed save's leftovers
+    return [os.path.join(directory, n) for n in names]
+
+
+def _new_dir_mode(directory: str) -> int:
+    """The mode of ``directory`` if it exists, else what os.makedirs would give under the umask."""
+    if os.path.isdir(directory):
+        return os.stat(directory).st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    """Files a save replaces: config.json, the index, and the weights (model*.safetensors)."""
+    return name in (CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME) or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _link_other_files(src: str, dst: str) -> None:
+    """Hard-links (copies where links fail) every entry of ``src`` that is not a checkpoint file into ``dst``."""
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    for entry in os.scandir(src):
+        if _is_checkpoint_file(entry.name):
+            continue
+        target = os.path.join(dst, entry.name)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, target, symlinks=True, copy_function=link)
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry.path), target)
+        else:
+            link(entry.path, target)
 
 
 def _save_shards(model, directory, limit, layout, dtype, out_dtype) -> list[str]:
@@ -335,4 +529,4 @@ def _save_shards(model, directory, limit, layout, dtype, out_dtype) -> list[str]
     if len(names) > 1:
         with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-    return [os.path.join(directory, n) for n in names]
+    return names

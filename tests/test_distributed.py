@@ -157,16 +157,16 @@ def _scenario_parity(info, dispatch) -> dict:
 
 
 def _scenario_load(info, path) -> dict:
-    from dots1_ext import distributed
+    from dots1_ext import distributed, loader
     from dots1_ext.loader import _HUB_EXPERT_KEY, checkpoint_files, load_model
 
     expected_model = load_model(path, progress=False)
-    saved, CountingSafeOpen.reads = distributed.safe_open, []
-    distributed.safe_open = CountingSafeOpen
+    saved, CountingSafeOpen.reads = loader.safe_open, []
+    loader.safe_open = CountingSafeOpen  # the loader reads the tensors (load_model(experts=...))
     try:
         model = distributed.load_model_distributed(path, info, progress=False)
     finally:
-        distributed.safe_open = saved
+        loader.safe_open = saved
     start, end = distributed.expert_range(8, info.rank, info.world_size)
     owned_hub, other_hub, replicated, fused_rows, twice = set(), set(), set(), {}, []
     seen = set()

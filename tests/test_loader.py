@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ from dots1_ext import modules
 from dots1_ext.loader import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
+    CheckpointError,
+    CheckpointKeyError,
+    CheckpointNotFoundError,
     check_device_memory,
     checkpoint_files,
     load_model,
@@ -198,3 +202,196 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20 and parse_size(123) == 123
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+# -- errors name the file (CheckpointError) ------------------------------------------------------------
+def test_truncated_safetensors_names_the_file(tmp_path):
+    saved_tiny(tmp_path, shard_size="30KB")
+    shard = os.path.join(tmp_path, sorted(set(checkpoint_files(tmp_path).values()))[1])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(shard)}: not a readable safetensors file"):
+        load_model(tmp_path, progress=False)
+
+
+def test_truncated_single_file_names_the_file(tmp_path):
+    saved_tiny(tmp_path)
+    path = os.path.join(tmp_path, SAFE_WEIGHTS_NAME)
+    with open(path, "r+b") as f:
+        f.truncate(50)
+    with pytest.raises(CheckpointError, match=re.escape(path)):
+        checkpoint_files(tmp_path)
+
+
+def test_invalid_config_json_names_the_file(tmp_path):
+    saved_tiny(tmp_path)
+    path = os.path.join(tmp_path, "config.json")
+    with open(path, "w") as f:
+        f.write('{"vocab_size": 96,\n  "hidden_size": }')
+    with pytest.raises(CheckpointError, match=rf"{re.escape(path)}: invalid JSON.*line 2"):
+        load_model(tmp_path, progress=False)
+
+
+def test_invalid_config_field_names_the_file_and_field(tmp_path):
+    saved_tiny(tmp_path)
+    path = os.path.join(tmp_path, "config.json")
+    config = json.load(open(path))
+    config["num_key_value_heads"] = 0
+    json.dump(config, open(path, "w"))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(path)}: .*num_key_value_heads must be .*got 0"):
+        load_model(tmp_path, progress=False)
+
+
+def test_missing_config_and_directory_are_named(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match=r"no such checkpoint directory"):
+        load_model(tmp_path / "nowhere", progress=False)
+    with pytest.raises(CheckpointNotFoundError, match=r"config\.json: no such file"):
+        load_model(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("index,why", [
+    ({"metadata": {}}, r"non-empty \"weight_map\".*found keys \['metadata'\]"),
+    ({"weight_map": []}, r"\"weight_map\""),
+    ([1, 2], r"found a JSON list"),
+    ({"weight_map": {"model.norm.weight": 3}}, r"weight_map\['model\.norm\.weight'\] must be a file name"),
+])
+def test_bad_index_names_the_file(tmp_path, index, why):
+    saved_tiny(tmp_path, shard_size="30KB")
+    path = os.path.join(tmp_path, SAFE_WEIGHTS_INDEX_NAME)
+    json.dump(index, open(path, "w"))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(path)}: .*{why}"):
+        load_model(tmp_path, progress=False)
+
+
+def test_index_with_invalid_json_or_missing_shard(tmp_path):
+    saved_tiny(tmp_path, shard_size="30KB")
+    path = os.path.join(tmp_path, SAFE_WEIGHTS_INDEX_NAME)
+    shard = sorted(set(checkpoint_files(tmp_path).values()))[0]
+    os.remove(shard)
+    with pytest.raises(CheckpointNotFoundError, match=rf"{re.escape(shard)}: no such file \(listed in {re.escape(path)}"):
+        load_model(tmp_path, progress=False)
+    with open(path, "w") as f:
+        f.write("{")
+    with pytest.raises(CheckpointError, match=rf"{re.escape(path)}: invalid JSON in the checkpoint index"):
+        load_model(tmp_path, progress=False)
+
+
+def test_checkpoint_errors_keep_their_old_types(tmp_path):
+    # CheckpointError is a ValueError; missing / unexpected tensors stay KeyErrors, missing files FileNotFoundErrors.
+    assert issubclass(CheckpointError, ValueError)
+    assert issubclass(CheckpointKeyError, CheckpointError) and issubclass(CheckpointKeyError, KeyError)
+    assert issubclass(CheckpointNotFoundError, CheckpointError) and issubclass(CheckpointNotFoundError, FileNotFoundError)
+    saved_tiny(tmp_path)
+    rewrite_single_file(tmp_path, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointKeyError) as info:
+        load_model(tmp_path, progress=False)
+    assert str(info.value).startswith("checkpoint ") and "'model.norm.weight'" in str(info.value)  # not quoted
+
+
+# -- save_checkpoint is crash-safe -------------------------------------------------------------------
+def test_crash_mid_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    from dots1_ext import loader
+
+    old = saved_tiny(tmp_path, shard_size="30KB")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    before = sorted(os.listdir(tmp_path))
+    new = tiny_ours("cpu", dtype=torch.float32, seed=1)
+    calls = []
+
+    def crash_on_third_shard(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(loader, "save_file", crash_on_third_shard)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(new, tmp_path, shard_size="30KB")
+    assert sorted(os.listdir(tmp_path)) == before
+    assert_same_weights(load_model(tmp_path, progress=False), old)
+    assert [p for p in os.listdir(tmp_path.parent) if p.startswith(f".{tmp_path.name}.")] == []  # no leftovers
+
+
+def test_save_over_a_checkpoint_replaces_weights_and_keeps_other_files(tmp_path):
+    saved_tiny(tmp_path, shard_size="30KB")  # sharded: an index and several shards
+    (tmp_path / "tokenizer.json").write_text('{"hello": 1}')
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "notes.txt").write_text("kept")
+    mode = os.stat(tmp_path).st_mode & 0o777
+    new = tiny_ours("cpu", dtype=torch.float32, seed=1)
+    save_checkpoint(new, tmp_path, shard_size="1GB")  # one file now: the old shards and index must go
+    names = sorted(os.listdir(tmp_path))
+    assert names == sorted(["config.json", SAFE_WEIGHTS_NAME, "tokenizer.json", "extra"])
+    assert (tmp_path / "tokenizer.json").read_text() == '{"hello": 1}'
+    assert (tmp_path / "extra" / "notes.txt").read_text() == "kept"
+    assert os.stat(tmp_path).st_mode & 0o777 == mode
+    assert_same_weights(load_model(tmp_path, progress=False), new)
+    assert [p for p in os.listdir(tmp_path.parent) if p.startswith(f".{tmp_path.name}.")] == []
+
+
+# -- an expert range (expert parallelism) ------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+@pytest.mark.parametrize("experts", [(0, 8), (2, 6), (7, 8)])
+def test_expert_range_equals_the_slice_of_a_full_load(tmp_path, monkeypatch, layout, experts):
+    from dots1_ext import loader
+
+    saved_tiny(tmp_path, layout=layout, shard_size="30KB")
+    full = load_model(tmp_path, progress=False)
+    reads = []
+    real_open = loader.safe_open
+
+    class Recording:
+        def __init__(self, path, **kw):
+            self._cm = real_open(path, **kw)
+
+        def __enter__(self):
+            f = self._cm.__enter__()
+
+            class F:
+                keys = f.keys
+
+                def get_tensor(_, key):
+                    reads.append(key)
+                    return f.get_tensor(key)
+
+                def get_slice(_, key):
+                    src = f.get_slice(key)
+
+                    class S:
+                        get_shape, get_dtype = src.get_shape, src.get_dtype
+
+                        def __getitem__(_, index):
+                            reads.append((key, index))
+                            return src[index]
+                    return S()
+            return F()
+
+        def __exit__(self, *exc):
+            return self._cm.__exit__(*exc)
+
+    monkeypatch.setattr(loader, "safe_open", Recording)
+    part = load_model(tmp_path, progress=False, experts=experts)
+    start, end = experts
+    sd_full, sd_part = full.state_dict(), part.state_dict()
+    assert sd_full.keys() == sd_part.keys()
+    for key, t in sd_full.items():
+        want = t[start:end] if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) else t
+        assert torch.equal(sd_part[key], want), key
+    for m in modules.gate_up_modules(part):
+        assert m.expert_range == experts and m.gate_up_interleaved
+        assert m.gate_up_proj.shape[0] == end - start
+    hub_experts = {int(k.split(".")[5]) for k in reads if isinstance(k, str) and ".mlp.experts." in k
+                   and k.split(".")[5].isdigit()}
+    fused_rows = {index for k, index in (r for r in reads if isinstance(r, tuple)) if "mlp.experts" in k}
+    assert hub_experts <= set(range(start, end)) and fused_rows <= set(range(start, end))
+    assert (hub_experts if layout == "hub" else fused_rows) == set(range(start, end))
+    if experts != (0, 8):
+        with pytest.raises(ValueError, match=r"holds only routed experts"):
+            save_checkpoint(part, tmp_path / "again")
+
+
+def test_bad_expert_range(tmp_path):
+    saved_tiny(tmp_path)
+    for bad in [(0, 9), (3, 3), (-1, 2), (1,), "0:4", (0.0, 4)]:
+        with pytest.raises(ValueError, match="experts"):
+            load_model(tmp_path, progress=False, experts=bad)
