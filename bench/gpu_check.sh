@@ -3,7 +3,7 @@
 # CUDA cases, the benchmarks; writes a dated summary to $OUT (default bench/out).
 #
 #   bash bench/gpu_check.sh                 # all stages
-#   bash bench/gpu_check.sh build test      # some stages: build test sanitize bench
+#   bash bench/gpu_check.sh build test      # some stages: build test sanitize cli bench
 #   BENCH_ARGS="--only norm --quick" bash bench/gpu_check.sh build bench
 #   SANITIZE_TOOLS="racecheck synccheck" bash bench/gpu_check.sh sanitize  # some compute-sanitizer tools
 #
@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
-stages=${*:-build test sanitize bench}
+stages=${*:-build test sanitize cli bench}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 # The GPU machine sets CC/CXX to a toolchain in /opt/gcc. An extension built with it loads and runs,
 # but the first C++ exception it throws (any bad-argument error) kills the process with SIGSEGV
@@ -76,6 +76,20 @@ for stage in $stages; do
           echo "$tool $s: rc=$r in $(( $(date +%s) - t1 )) s" | tee -a "$OUT/sanitize.log" "$OUT/sanitize_by_tool.log"
         done
       done ;;
+    cli)
+      # The main job as a newcomer runs it: the tiny default checkpoint, then random real-shape models;
+      # each must PASS its parity check and print its decode step beside the replay of its graph.
+      rc=0; : >"$OUT/cli.log"
+      while read -r args; do
+        [ -n "$args" ] || continue
+        echo "=== python -m dots1_ext $args" >>"$OUT/cli.log"
+        timeout ${CLI_TIMEOUT:-240} python3 -m dots1_ext $args >>"$OUT/cli.log" 2>&1
+        r=$?; [ $r -eq 0 ] || rc=$r
+        echo "python -m dots1_ext $args: rc=$r" | tee -a "$OUT/cli_by_run.log"
+      done <<<"${CLI_RUNS:-"--device cuda
+--device cuda --batch-size 4
+--real-shape --layers 3
+--real-shape --layers 8"}" ;;
     bench)
       timeout ${BENCH_TIMEOUT:-300} python3 -m bench.run ${BENCH_ARGS:-} --json "$OUT/bench.json" --md "$OUT/bench.md" \
         >"$OUT/bench.log" 2>&1
@@ -90,6 +104,7 @@ done
   [ -f "$OUT/tests_by_file.log" ] && { echo "## Tests (CUDA machine, one pytest process per file)"; echo; echo '```'; cat "$OUT/tests_by_file.log"; echo '```'; echo; }
   [ -f "$OUT/sanitize_by_tool.log" ] && { echo "## compute-sanitizer (rc per tool and script)"; echo; echo '```'; cat "$OUT/sanitize_by_tool.log"; echo '```'; echo; }
   [ -f "$OUT/sanitize.log" ] && { echo "### ERROR SUMMARY lines"; echo; echo '```'; grep -E "^=== |ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log"; echo '```'; echo; }
+  [ -f "$OUT/cli.log" ] && { echo "## The main job (python -m dots1_ext)"; echo; echo '```'; grep -E "^=== |^model:|^prefill:|^decode|^parity" "$OUT/cli.log"; echo '```'; echo; }
   [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
 } >>"$summary"
 exit $status
