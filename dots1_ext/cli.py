@@ -81,9 +81,20 @@ def make_prompts(args, vocab_size: int, encode) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
-def build_model(args, device: torch.device, dtype: torch.dtype) -> tuple[Dots1ForCausalLM, str | None]:
+def build_model(args, device: torch.device, dtype: torch.dtype, info=None) -> tuple[Dots1ForCausalLM, str | None]:
+    """The job's model and its checkpoint directory (None for --real-shape). ``info``: the
+    dots1_ext.distributed.DistInfo of a torchrun launch; with a world size > 1 the model is this rank's
+    expert-parallel shard (its routed experts only) and rank 0 alone prints."""
+    sharded = info is not None and info.world_size > 1
+    if sharded:
+        from dots1_ext import distributed
+    say = print if info is None or info.is_main else (lambda *a, **k: None)
     if args.real_shape:
         config = dots1_real_config(args.layers)
+        if sharded:
+            say(f"building a random-weight Dots1 at real shape with {args.layers} layers, experts sharded "
+                f"over {info.world_size} ranks ...", flush=True)
+            return distributed.build_random_model_distributed(config, info, dtype, args.seed), None
         check_device_memory(model_bytes(Dots1ForCausalLM(config, device="meta", dtype=dtype)), device)
         print(f"building a random-weight Dots1 at real shape with {args.layers} layers on {device} ...", flush=True)
         return build_random_model(config, device=device, dtype=dtype, seed=args.seed), None
@@ -91,7 +102,14 @@ def build_model(args, device: torch.device, dtype: torch.dtype) -> tuple[Dots1Fo
     if path is None:
         from dots1_ext.tiny import make_tiny_checkpoint
 
-        path = make_tiny_checkpoint()
+        if sharded:  # rank 0 writes the tiny checkpoint once; the others wait for it
+            if info.is_main:
+                path = make_tiny_checkpoint()
+            distributed.barrier(info)
+        path = path or make_tiny_checkpoint()
+    if sharded:
+        say(f"loading {path} onto {info.world_size} x {device.type} as {dtype} (experts sharded) ...", flush=True)
+        return distributed.load_model_distributed(path, info, dtype), path
     print(f"loading {path} onto {device} as {dtype} ...", flush=True)
     return load_model(path, device=device, dtype=dtype), path
 
@@ -161,23 +179,45 @@ def run_job(model: Dots1ForCausalLM, args, path: str | None, say=print, label: s
 
 
 def main(argv=None) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: experts sharded over the ranks
+    """Runs the job; returns the exit status: 0, 1 when parity FAILs, 2 for a checkpoint that cannot be
+    loaded (one ``error: ...`` line on stderr). Under torchrun (WORLD_SIZE > 1) the routed experts are
+    sharded over the ranks (dots1_ext.distributed) and rank 0 prints."""
+    from dots1_ext.loader import CheckpointError
+
+    args = parse_args(argv)
+    info = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
         from dots1_ext import distributed
 
-        return distributed.main(argv)
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but no CUDA device is available")
-    dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    torch.manual_seed(args.seed)
-
-    model, path = build_model(args, device, dtype)
-    c = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
-          f"{c.num_experts_per_tok}, {n_params / 1e6:.1f}M parameters, {device}, {dtype}")
-    return run_job(model, args, path)
+        info = distributed.init_from_env(args.device)
+        device = info.device
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda requested but no CUDA device is available")
+    say = print if info is None or info.is_main else (lambda *a, **k: None)
+    try:
+        dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        torch.manual_seed(args.seed)
+        try:
+            model, path = build_model(args, device, dtype, info)
+        except CheckpointError as e:
+            if info is None or info.is_main:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        c = model.config
+        if info is None or info.world_size == 1:
+            n_params = sum(p.numel() for p in model.parameters())
+            say(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
+                f"{c.num_experts_per_tok}, {n_params / 1e6:.1f}M parameters, {device}, {dtype}")
+            return run_job(model, args, path, say)
+        say(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
+            f"{c.num_experts_per_tok}, {info.world_size} rank(s) x {(c.n_routed_experts or 0) // info.world_size} experts, "
+            f"{model_bytes(model) / 2**30:.2f} GiB of weights per rank, {device}, {dtype}")
+        return run_job(model, args, path, say, label=f", {info.world_size} ranks")
+    finally:
+        if info is not None:
+            distributed.shutdown(info)
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ per layer, "all_reduce" needs 1 collective and moves less data, so it wins when 
 The same code runs on one process: ``init_from_env`` is a no-op without torchrun's WORLD_SIZE, and
 ``shard_model_`` leaves a model alone when the world size is 1.
 
-Launch: ``torchrun --nproc-per-node N -m dots1_ext [cli args]`` (``main`` below is the CLI's job under
-torchrun), e.g. ``torchrun --nproc-per-node 4 -m dots1_ext --real-shape --layers 62``.
+Launch: ``torchrun --nproc-per-node N -m dots1_ext [cli args]``, e.g.
+``torchrun --nproc-per-node 4 -m dots1_ext --real-shape --layers 62``: ``dots1_ext.cli.main`` sees
+torchrun's WORLD_SIZE and builds the model with the functions below. This module is a library (it has
+no entry point and does not import the CLI).
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ if dist.is_available():
     import torch.distributed.nn  # noqa: F401
 
 from dots1_ext import modules
-from dots1_ext.config import Dots1Config, parse_dtype
+from dots1_ext.config import Dots1Config
 from dots1_ext.loader import check_device_memory, load_model, model_bytes, read_config
 from dots1_ext.model import Dots1ForCausalLM, init_random_weights_
 from dots1_ext.modules import Dots1MoE
@@ -366,47 +367,3 @@ def build_random_model_distributed(config: Dots1Config, info: DistInfo | None = 
                 experts.gate_up_proj[e - experts.start].normal_(0.0, std, generator=gen)
                 experts.down_proj[e - experts.start].normal_(0.0, std, generator=gen)
     return modules.interleave_gate_up_(model).eval()
-
-
-# -- the CLI's job under torchrun ----------------------------------------------------------------
-def main(argv=None) -> int:
-    """``python -m dots1_ext`` under torchrun: the CLI's arguments and output (printed by rank 0), with
-    the model expert-parallel over the ranks. Runs on one process too (world size 1)."""
-    from dots1_ext import cli
-    from dots1_ext.tiny import make_tiny_checkpoint
-
-    args = cli.parse_args(argv)
-    info = init_from_env(args.device)
-    say = print if info.is_main else (lambda *a, **k: None)
-    try:
-        device = info.device
-        dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        torch.manual_seed(args.seed)
-        if args.real_shape:
-            from dots1_ext.config import dots1_real_config
-
-            say(f"building a random-weight Dots1 at real shape with {args.layers} layers, experts sharded "
-                f"over {info.world_size} ranks ...", flush=True)
-            model, path = build_random_model_distributed(dots1_real_config(args.layers), info, dtype, args.seed), None
-        else:
-            path = args.model
-            if path is None:  # rank 0 writes the tiny checkpoint once; the others wait for it
-                if info.is_main:
-                    path = make_tiny_checkpoint()
-                if info.world_size > 1:
-                    dist.barrier()
-                path = path or make_tiny_checkpoint()
-            say(f"loading {path} onto {info.world_size} x {device.type} as {dtype} (experts sharded) ...", flush=True)
-            model = load_model_distributed(path, info, dtype)
-        c = model.config
-        rank_bytes = model_bytes(model)
-        say(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
-            f"{c.num_experts_per_tok}, {info.world_size} rank(s) x {c.n_routed_experts // info.world_size} experts, "
-            f"{rank_bytes / 2**30:.2f} GiB of weights per rank, {device}, {dtype}")
-        return cli.run_job(model, args, path, say, label=f", {info.world_size} ranks")
-    finally:
-        shutdown(info)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -144,3 +144,24 @@ def test_cli_rejects_bad_arguments(flag, value, capsys):
         cli.main(["--device", "cpu", flag, value])
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_bad_checkpoint_is_one_error_line_and_exit_2(tmp_path, capsys):
+    # A truncated shard: `python -m dots1_ext` prints one `error: ...` line naming the file, no traceback.
+    save_checkpoint(tiny_ours("cpu"), tmp_path)
+    shard = tmp_path / "model.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "dots1_ext", "--model", str(tmp_path), "--device", "cpu"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {shard}: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    # In process, for each kind of checkpoint problem: exit status 2 and the file named.
+    (tmp_path / "config.json").write_text("{")
+    assert cli.main(["--model", str(tmp_path), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'config.json'}: invalid JSON")
+    assert cli.main(["--model", str(tmp_path / "missing"), "--device", "cpu"]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
