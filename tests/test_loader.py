@@ -15,7 +15,7 @@ import torch
 from conftest import rel_err
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_model import BASE, CONFIGS, DTYPE, assert_logits_close, make_hf_model, tiny_ours
+from test_model import BASE, CONFIGS, DTYPE, assert_matches_transformers, make_hf_model, tiny_ours
 
 from dots1_ext import modules
 from dots1_ext.loader import (
@@ -62,7 +62,7 @@ def test_transformers_save_pretrained_loads(tmp_path, device):
         expected = hf(ids).logits
     model = load_model(tmp_path, device=device, dtype=DTYPE[device], progress=False)
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
-    assert_logits_close(model(ids.to(device)), expected, device)
+    assert_matches_transformers(model, hf, ids, expected)
 
 
 def test_transformers_loads_our_hub_checkpoint(tmp_path):

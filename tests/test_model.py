@@ -58,6 +58,22 @@ def assert_logits_close(out: torch.Tensor, expected: torch.Tensor, device: str, 
                      f"(max {per_token.max():.2e})")
 
 
+def assert_matches_transformers(ours: Dots1ForCausalLM, hf, ids: torch.Tensor, expected: torch.Tensor,
+                                what: str = "logits") -> None:
+    """ours (any device, DTYPE of it) on ids [B, L] vs transformers' fp32 logits ``expected``. fp32:
+    every token within 1e-5. bf16: token by token against transformers' own bf16 run on the same inputs
+    (assert_parity), our run following the fp64 reference's routing through near-ties (dots1_ext.parity)."""
+    device = ours.device.type
+    if device == "cpu":
+        assert_logits_close(ours(ids), expected, device, what)
+        return
+    out, _, _, routing = aligned_logits(ours, ids.to(device))
+    with torch.no_grad():
+        theirs = copy.deepcopy(hf).to(device=device, dtype=ours.dtype)(ids.to(device)).logits
+    assert routing.unexplained == 0, f"{what}: {routing.summary()}"
+    assert_parity(out, theirs, expected, ours.dtype, what)
+
+
 def hf_config(**overrides):
     return hf_dots1_config(BASE, **overrides)
 
@@ -196,16 +212,7 @@ def test_logits_match_transformers(case, device):
     ids = torch.randint(0, BASE["vocab_size"], (2, 12))  # longer than every sliding window here
     with torch.no_grad():
         expected = hf(ids).logits
-    ours = ours_from_hf(hf, device, DTYPE[device])
-    if device == "cpu":
-        assert_logits_close(ours(ids), expected, device, case)
-    else:  # bf16: judged against transformers' own bf16 error on the same inputs, token by token, our
-        # run following the fp64 reference's routing through near-ties (dots1_ext.parity)
-        out, _, _, routing = aligned_logits(ours, ids.to(device))
-        with torch.no_grad():
-            theirs = copy.deepcopy(hf).to(device=device, dtype=DTYPE[device])(ids.to(device)).logits
-        assert routing.unexplained == 0, routing.summary()
-        assert_parity(out, theirs, expected, DTYPE[device], case)
+    assert_matches_transformers(ours_from_hf(hf, device, DTYPE[device]), hf, ids, expected, case)
 
 
 def test_greedy_generate_matches_transformers():
