@@ -66,10 +66,10 @@ for stage in $stages; do
           t1=$(date +%s)
           echo "=== $tool $s" >>"$OUT/sanitize.log"
           if [ "$tool" = memcheck ]; then
-            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-120} compute-sanitizer --tool memcheck \
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-180} compute-sanitizer --tool memcheck \
               --error-exitcode 9 python3 "$s" >>"$OUT/sanitize.log" 2>&1
           else
-            timeout ${SANITIZE_TIMEOUT:-120} compute-sanitizer --tool "$tool" --error-exitcode 9 python3 "$s" \
+            timeout ${SANITIZE_TIMEOUT:-180} compute-sanitizer --tool "$tool" --error-exitcode 9 python3 "$s" \
               >>"$OUT/sanitize.log" 2>&1
           fi
           r=$?; [ $r -eq 0 ] || rc=$r
