@@ -1,7 +1,7 @@
 """Dots1Config: the model hyper-parameters, read from and written to a Hugging Face ``config.json``.
 
 Missing keys take the defaults of transformers' ``Dots1Config`` so that a checkpoint means the same
-thing here and there; ``dots1_real_config()`` gives the dimensions of dots.llm1 (DESIGN.md §2).
+thing here and there; ``dots1_real_config()`` gives the dimensions of dots.llm1 (docs/design.md §2).
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ class Dots1Config:
 
 
 def dots1_real_config(num_layers: int = 62) -> Dots1Config:
-    """dots.llm1 dimensions (DESIGN.md §2) with ``num_layers`` layers (layer 0 dense)."""
+    """dots.llm1 dimensions (docs/design.md §2) with ``num_layers`` layers (layer 0 dense)."""
     return Dots1Config(
         vocab_size=152064, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
         num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=32, head_dim=128,

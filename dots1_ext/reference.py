@@ -1,6 +1,6 @@
 """Eager PyTorch definitions of every dots1_ext op.
 
-These are the semantics the kernels are tested against (DESIGN.md §2/§4, following transformers'
+These are the semantics the kernels are tested against (docs/design.md §2/§4, following transformers'
 ``modeling_dots1.py``), and the implementation a CUDA op falls back to when the extension was built
 without a CUDA kernel for it. Each function has exactly the signature of the op it defines.
 

@@ -9,7 +9,7 @@ import torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-# Relative error norm ||out - ref|| / ||ref|| allowed per dtype (DESIGN.md §5).
+# Relative error norm ||out - ref|| / ||ref|| allowed per dtype (docs/design.md §5).
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -73,7 +73,7 @@ def assert_parity(ours: torch.Tensor, theirs: torch.Tensor, gold: torch.Tensor, 
     assert result.passed, f"{what}: {result.summary()}"
 
 
-# ---- Per-row and ULP comparisons (DESIGN.md §5: a norm over the whole tensor hides a few wrong rows) ----
+# ---- Per-row and ULP comparisons (docs/design.md §5: a norm over the whole tensor hides a few wrong rows) ----
 
 # Per-row bound on max |out - ref| relative to the row's largest |ref|: 4 units of rounding
 # (u = 2^-8 bf16, 2^-11 fp16) at the row's largest magnitude, i.e. two ulps there; fp32 as the old

@@ -2,7 +2,7 @@
 
 Each world size (2 and 4) is one real ``torchrun`` launch on CPU with gloo on 127.0.0.1, whose ranks
 run every scenario (this file is also the worker script) and write their results as JSON; the tests
-below read them. Tolerance: fp32 relative error norm < 1e-5 (DESIGN.md §5). The tiny config has 8
+below read them. Tolerance: fp32 relative error norm < 1e-5 (docs/design.md §5). The tiny config has 8
 experts (divisible by 2 and 4), group-limited routing, shared experts, GQA and a sliding-window layer.
 Prefill of 2 left-padded sequences (T = 14: uneven token shards at W = 4) and decode (T = 2 < W: ranks
 with no tokens) run under each dispatch.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,19 @@ def test_each_module_imports_first_in_a_fresh_interpreter():
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         failed = [(m, p.stderr[-2000:]) for m, p in pool.map(run, modules) if p.returncode != 0]
     assert not failed, "\n".join(f"import {m} in a fresh interpreter failed:\n{err}" for m, err in failed)
+
+
+def test_design_notes_the_code_cites_are_in_the_project():
+    # Code and tests cite "docs/design.md §N": the file ships with the project and has each section.
+    root = Path(__file__).resolve().parent.parent
+    design = (root / "docs" / "design.md").read_text()
+    cited = set()
+    for path in [*root.glob("dots1_ext/**/*.py"), *root.glob("tests/*.py"), *root.glob("csrc/**/*.*")]:
+        if path.resolve() == Path(__file__).resolve():
+            continue
+        text = path.read_text()
+        assert "DESIGN.md" not in text, f"{path}: cites DESIGN.md, which users of the project do not have"
+        cited |= set(re.findall(r"docs/design\.md §(\d+)", text))
+    assert cited, "no citation found: the test would check nothing"
+    for section in cited:
+        assert f"\n## {section}. " in design, f"docs/design.md has no section {section}"
