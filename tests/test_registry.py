@@ -66,3 +66,26 @@ def test_kernel_is_compiled_cpp(name, key):
     assert source is not None, f"{qualname} has no {key} kernel"
     assert re.search(r"csrc/[\w/]+\.cpp:\d+$", source), f"{qualname}: the {key} kernel comes from {source}, not csrc"
     assert key not in dots1_ext.ops.reference_backed_ops().get(name, []), f"{qualname}: {key} runs the reference"
+
+
+def test_python_limits_match_the_kernels():
+    # Each limit is defined once per language (the C++ constant in its family's header, the Python
+    # mirror in ops/<family>.py, which the config and the modules import): a change to one side only
+    # would let a bad size reach a kernel, or refuse a good one. This keeps the two in step.
+    from dots1_ext.ops import dispatch as dispatch_op
+    from dots1_ext.ops import gating as gating_op
+
+    root = Path(__file__).resolve().parent.parent / "csrc"
+
+    def constant(header: str, name: str) -> int:
+        match = re.search(rf"constexpr\s+int\s+{name}\s*=\s*(\d+)\s*;", (root / header).read_text())
+        assert match, f"{name} not found in csrc/{header}"
+        return int(match.group(1))
+
+    assert gating_op.MAX_EXPERTS == constant("gating/gating.h", "kGatingMaxExperts")
+    assert gating_op.MAX_TOPK == constant("gating/gating.h", "kGatingMaxTopk")
+    assert gating_op.ROUTER_FUSED_MAX_TOKENS == constant("gating/gating.h", "kRouterFusedMaxTokens")
+    assert dispatch_op.MAX_EXPERTS == constant("dispatch/dispatch.h", "kPermuteMaxExperts")
+    from dots1_ext import modules
+
+    assert modules.ROUTER_FUSED_MAX_TOKENS is gating_op.ROUTER_FUSED_MAX_TOKENS
