@@ -69,3 +69,16 @@ def test_moe_bench_times_the_layout_load_model_ships():
     x = torch.randn(5, TINY["hidden"])
     with torch.no_grad():
         assert (ours(x) - hf(x[None])[0]).abs().max() < 1e-4  # the same block, only repacked
+
+
+def test_long_prompt_bench_rows_on_cpu():
+    pytest.importorskip("transformers")
+    from bench import bench_long_prompt
+
+    (report,) = bench_long_prompt.run(quick=True)
+    impls = {(r.case, r.impl) for r in report.rows}
+    cases = {case for case, _ in impls}
+    assert any(c.startswith("left-padded B=4") for c in cases) and any(c.startswith("B=1 T=") for c in cases)
+    for case in cases:  # ours and the transformers peer on every case, with the FLOPs floor
+        assert {(case, "dots1_ext"), (case, "hf sdpa + grouped_mm")} <= impls, case
+    assert all(r.ms > 0 and r.floor_ms > 0 for r in report.rows)
