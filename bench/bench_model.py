@@ -58,7 +58,9 @@ def decode_weight_bytes(cfg, batch: int, elem: int) -> float:
     return dense_and_attn + n_moe * touched * per_expert + cfg.vocab_size * H * elem  # + lm_head
 
 
-def prefill_flops(cfg, T: int) -> float:
+def prefill_flops(cfg, T: int, logit_tokens: int = 1) -> float:
+    """FLOPs of a prefill of T tokens of one sequence whose logits are computed for ``logit_tokens``
+    positions (1: last-token logits, as the prefill rows here and generate run it)."""
     H, I = cfg.hidden_size, cfg.moe_intermediate_size
     total = 0
     for i in range(cfg.num_hidden_layers):
@@ -66,7 +68,7 @@ def prefill_flops(cfg, T: int) -> float:
         total += 2 * 2 * T * T * cfg.num_attention_heads * cfg.head_dim / 2  # causal attention
         total += (2 * T * 3 * H * cfg.intermediate_size if not cfg.is_moe_layer(i)
                   else 2 * T * (cfg.num_experts_per_tok + cfg.n_shared_experts) * 3 * H * I)
-    return total + 2 * T * H * cfg.vocab_size
+    return total + 2 * logit_tokens * H * cfg.vocab_size
 
 
 def run(quick: bool = False) -> list[Report]:
