@@ -42,6 +42,7 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         self.windows = sorted({w for i in range(config.num_hidden_layers) if (w := config.window(i)) is not None})
         self.register_buffer("cos_sin_cache", None, persistent=False)  # [S, D] fp32
         self.register_buffer("cache_start", None, persistent=False)  # [B] int64, first real slot
+        self.cache_start_host: list[int] | None = None  # its host copy, set by prefill
 
     # -- cache ---------------------------------------------------------------------------------
     @property
@@ -59,13 +60,16 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         c = self.config
         self.cos_sin_cache = build_cos_sin_cache(c.head_dim, max_seq_len, c.rope_theta, c.rope_scaling, weight.device)
         self.cache_start = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
+        self.cache_start_host = None
 
-    def step_inputs(self, slots: torch.Tensor, kv_len: int, causal: bool = False) -> StepInputs:
+    def step_inputs(self, slots: torch.Tensor, kv_len: int, seq_starts: list[int] | None = None) -> StepInputs:
         """Positions, cache rows and attention masks for new tokens at cache ``slots`` [L] (same for
         every sequence), attending to slots [0, kv_len). Tensor ops only: no host synchronisation.
 
-        ``causal``: the caller guarantees slots == [0, kv_len) and no padding (cache_start == 0), so
-        full-attention layers take SDPA's ``is_causal`` (flash / cuDNN kernels, no [B, L, S] mask)."""
+        ``seq_starts``: the host's copy of ``cache_start`` (each sequence's first real slot), given when
+        the caller guarantees slots == [kv_len - L, kv_len) (a prefill or a chunk of one). Full-attention
+        layers then need no mask tensor: each sequence's real tokens run causal SDPA (flash / cuDNN
+        kernels eligible) on their own keys; only sliding-window layers get masks."""
         B, S = self.cache_shape
         L = slots.shape[0]
         start = self.cache_start[:, None]  # [B, 1]
@@ -80,10 +84,10 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         k_slot = torch.arange(kv_len, device=slots.device)[None, None, :]  # [1, 1, S']
         # Causal over real keys; a padding query sees only itself, so no softmax row is empty.
         visible = (k_slot <= q_slot) & ((k_slot >= start[:, :, None]) | (k_slot == q_slot))  # [B, L, S']
-        masks = {} if causal else {None: visible}
+        masks = {} if seq_starts is not None else {None: visible}
         for w in self.windows:  # HF: a query at p sees keys in (p - window, p]
             masks[w] = visible & (k_slot > q_slot - w)
-        return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, masks, self.cos_sin_cache, causal)
+        return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, masks, self.cos_sin_cache, seq_starts)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] -> [T, H]. An id outside [0, V) gives a NaN row (checking it on the host
@@ -94,14 +98,14 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         return x.masked_fill(~valid[..., None], float("nan")).view(input_ids.numel(), -1)
 
     def forward(self, input_ids: torch.Tensor, slots: torch.Tensor, kv_len: int,
-                upcast: torch.dtype | None = None, causal: bool = False) -> torch.Tensor:
+                upcast: torch.dtype | None = None, seq_starts: list[int] | None = None) -> torch.Tensor:
         """input_ids [B, L] at cache ``slots`` [L] int64 -> final hidden states [T, H].
 
         ``upcast``: run each module on a temporary copy in that dtype, one module at a time (the
         parity check's higher-precision yardstick; never more than one layer's copy alive). The
-        copies write their own KV cache, so the model's cache is left as it was. ``causal``: see
+        copies write their own KV cache, so the model's cache is left as it was. ``seq_starts``: see
         ``step_inputs``."""
-        step = self.step_inputs(slots, kv_len, causal)
+        step = self.step_inputs(slots, kv_len, seq_starts)
         run = (lambda m: m) if upcast is None else (lambda m: upcast_copy(m, upcast))
         x = self.embed(input_ids)
         x = x if upcast is None else x.to(upcast)  # a row lookup: exact in any dtype
@@ -182,13 +186,14 @@ class Dots1ForCausalLM(nn.Module):
                              f"{start_slot + L}) first; cache is {shape}")
         input_ids = input_ids.to(self.device)
         check_token_ids(input_ids, self.config.vocab_size, attention_mask)
-        no_padding = attention_mask is None
         if start_slot:
             if attention_mask is not None:
                 raise ValueError("attention_mask must be None when start_slot > 0 (a continuation keeps the "
                                  "padding of the prefill it continues)")
+            seq_starts = self.model.cache_start_host  # None if unknown: masks then
         elif attention_mask is None:
             self.model.cache_start.zero_()
+            seq_starts = [0] * B
         else:
             if tuple(attention_mask.shape) != (B, L):
                 raise ValueError(f"attention_mask must have the shape of input_ids {(B, L)}, got {tuple(attention_mask.shape)}")
@@ -198,8 +203,10 @@ class Dots1ForCausalLM(nn.Module):
             if not bool(mask[:, -1].all()):
                 empty = (~mask[:, -1]).nonzero().flatten().tolist()
                 raise ValueError(f"attention_mask: sequences {empty} have no real token (empty prompt)")
-            self.model.cache_start.copy_(L - mask.sum(1))
-            no_padding = bool(mask[:, 0].all())
+            starts = L - mask.sum(1)
+            self.model.cache_start.copy_(starts)
+            seq_starts = starts.tolist()  # the mask check above synchronised already
+        self.model.cache_start_host = seq_starts
         self.prompt_len = start_slot + L
         lm_head = self.lm_head if upcast is None else upcast_copy(self.lm_head, upcast)
         chunk = L if chunk_size is None else chunk_size
@@ -207,8 +214,7 @@ class Dots1ForCausalLM(nn.Module):
         for start in range(0, L, chunk):  # each chunk attends to the cache the earlier ones wrote
             end = min(L, start + chunk)
             slots = torch.arange(start_slot + start, start_slot + end, device=self.device)
-            causal = no_padding and start_slot + start == 0  # else the queries are not slots [0, kv_len)
-            hidden = self.model(input_ids[:, start:end], slots, start_slot + end, upcast=upcast, causal=causal)
+            hidden = self.model(input_ids[:, start:end], slots, start_slot + end, upcast=upcast, seq_starts=seq_starts)
             hidden = hidden.view(B, end - start, -1)  # [B, C, H]
             if not last_only:
                 logits.append(lm_head(hidden))

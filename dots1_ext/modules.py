@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from dots1_ext import ops as compiled_ops
 from dots1_ext import reference
@@ -93,9 +94,10 @@ class StepInputs:
     kv_len: int  # S' <= S: cache slots attended to
     positions: torch.Tensor  # [T] int64 RoPE position of each token
     cache_rows: torch.Tensor  # [T] int64 row of each token in k_cache.view(-1, Hk, D)
-    masks: dict  # {window or None: [B, L, S'] bool, True = attend}; None missing when causal
+    masks: dict  # {window or None: [B, L, S'] bool, True = attend}; None missing when seq_starts is set
     cos_sin_cache: torch.Tensor  # [P, D] fp32
-    causal: bool = False  # queries are slots [0, S') of unpadded sequences: full layers use is_causal
+    seq_starts: list[int] | None = None  # prefill: each sequence's first real slot (host); queries are
+    # slots [S' - L, S'), and full-attention layers run causal SDPA per sequence instead of a mask
 
 
 class RMSNorm(nn.Module):
@@ -166,11 +168,44 @@ class Dots1Attention(nn.Module):
             keys = keys.repeat_interleave(Hq // Hk, dim=1)
             values = values.repeat_interleave(Hq // Hk, dim=1)
         mask = step.masks.get(self.sliding_window)
-        if mask is None and step.causal:  # no mask tensor: SDPA can take its flash / cuDNN kernels
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scaling)
+        if mask is None and step.seq_starts is not None:  # no mask tensor: flash / cuDNN kernels eligible
+            out = prefill_attention(q, keys, values, step.seq_starts, self.scaling)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scaling)
         return self.o_proj(out.transpose(1, 2).reshape(T, Hq * D))
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq_starts: list[int],
+                      scale: float) -> torch.Tensor:
+    """Causal attention of queries at slots [S - L, S) over keys at slots [0, S), for left-padded
+    sequences whose real tokens start at ``seq_starts[b]`` (host ints), without a mask tensor.
+
+    q [B, Hq, L, D], keys/values [B, Hq, S, D] -> [B, Hq, L, D]. A real query sees the real keys up to
+    its own slot; a padding query sees only itself (the masks' rule, so no softmax row is empty).
+    Sequences sharing a start run as one SDPA call: ``is_causal`` when queries and keys are the same
+    slots, a lower-right causal bias when the queries are the last L of more keys (a later chunk)."""
+    B, _, L, _ = q.shape
+    S = keys.shape[2]
+    first = S - L
+
+    def causal(qs, ks, vs):
+        if qs.shape[2] == ks.shape[2]:
+            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        bias = causal_lower_right(qs.shape[2], ks.shape[2])
+        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, scale=scale)
+
+    if len(set(seq_starts)) == 1 and seq_starts[0] <= first:  # one call for the whole batch
+        s0 = seq_starts[0]
+        return causal(q, keys[:, :, s0:], values[:, :, s0:])
+    out = torch.empty_like(q)
+    for b, s0 in enumerate(seq_starts):
+        q0 = min(max(first, s0), S)  # this sequence's first real query slot in the chunk
+        pad = q0 - first
+        if pad:  # padding queries: their own value
+            out[b, :, :pad] = values[b, :, first:q0]
+        if q0 < S:
+            out[b:b + 1, :, pad:] = causal(q[b:b + 1, :, pad:], keys[b:b + 1, :, s0:], values[b:b + 1, :, s0:])
+    return out
 
 
 class Dots1Router(_KeepsFp32Buffers, nn.Module):

@@ -594,3 +594,24 @@ def test_prefill_continues_a_cached_prompt(device):
         model.prefill(tail, torch.ones_like(tail), start_slot=ids.shape[1])
     with pytest.raises(ValueError, match="from slot"):
         model.prefill(tail, start_slot=ids.shape[1] + 1)
+
+
+@pytest.mark.parametrize("L, S, starts", [(9, 9, [0, 0]), (9, 9, [0, 4]), (9, 9, [3, 3]), (4, 12, [0, 0]),
+                                          (4, 12, [2, 7]), (4, 12, [9, 11]), (1, 6, [0, 5])])
+def test_prefill_attention_equals_the_masked_form(device, L, S, starts):
+    # The mask-free prefill attention (per-sequence causal SDPA) against the boolean-mask rule of
+    # Dots1Model.step_inputs: causal over real keys, a padding query sees only itself.
+    from dots1_ext.modules import prefill_attention
+
+    B, H, D = len(starts), 3, 16
+    dtype = DTYPE[device]
+    q = torch.randn(B, H, L, D, device=device, dtype=dtype)
+    k = torch.randn(B, H, S, D, device=device, dtype=dtype)
+    v = torch.randn(B, H, S, D, device=device, dtype=dtype)
+    q_slot = torch.arange(S - L, S, device=device)[None, :, None]
+    k_slot = torch.arange(S, device=device)[None, None, :]
+    start = torch.tensor(starts, device=device)[:, None, None]
+    visible = (k_slot <= q_slot) & ((k_slot >= start) | (k_slot == q_slot))  # [B, L, S]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=0.25)
+    out = prefill_attention(q, k, v, starts, 0.25)
+    assert_logits_close(out.reshape(-1, D), expected.reshape(-1, D), device, "prefill attention rows")
