@@ -185,7 +185,7 @@ class Dots1ForCausalLM(nn.Module):
             raise ValueError(f"prefill of [{B}, {L}] tokens from slot {start_slot} needs setup_cache({B}, >= "
                              f"{start_slot + L}) first; cache is {shape}")
         input_ids = input_ids.to(self.device)
-        check_token_ids(input_ids, self.config.vocab_size, attention_mask)
+        check_token_ids(input_ids, self.config.vocab_size)
         if start_slot:
             if attention_mask is not None:
                 raise ValueError("attention_mask must be None when start_slot > 0 (a continuation keeps the "
@@ -346,7 +346,7 @@ class Dots1ForCausalLM(nn.Module):
         return out
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int, attention_mask: torch.Tensor | None = None) -> None:
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """ValueError unless every id (padding included: it runs through the model too) is in [0, vocab_size).
     One host synchronisation: for prefill and generate, never for a decode step."""
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
