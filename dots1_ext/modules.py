@@ -57,14 +57,20 @@ REFERENCE_OPS = _reference_namespace()
 
 
 @contextlib.contextmanager
-def use_reference_ops():
-    """Within the block, every module runs dots1_ext.reference instead of the compiled ops."""
+def use_ops(namespace):
+    """Within the block, every module calls the ops of ``namespace`` (an object with the attributes of
+    ``dots1_ext.ops`` the modules use), e.g. the reference ops or a wrapper of the current ones."""
     global ops
-    saved, ops = ops, REFERENCE_OPS
+    saved, ops = ops, namespace
     try:
         yield
     finally:
         ops = saved
+
+
+def use_reference_ops():
+    """Within the block, every module runs dots1_ext.reference instead of the compiled ops."""
+    return use_ops(REFERENCE_OPS)
 
 
 class _KeepsFp32Buffers:

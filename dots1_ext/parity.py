@@ -90,7 +90,8 @@ class RoutingStats:
 
 
 def _with_gating(base, wrap):
-    """A copy of the ops namespace ``base`` with its two gating ops wrapped by ``wrap(fn, logits_of)``."""
+    """A copy of the ops namespace ``base`` whose two gating ops return ``wrap(their output, router
+    logits in fp64, bias, n_group, topk_group, renormalize, scale)``."""
     names = [n for n in dir(base) if not n.startswith("_")]
     ns = types.SimpleNamespace(**{n: getattr(base, n) for n in names})
     router, topk = base.router_topk_gating, base.topk_gating
@@ -109,15 +110,6 @@ def _with_gating(base, wrap):
 
 
 @contextlib.contextmanager
-def _swapped_ops(ns):
-    saved, modules.ops = modules.ops, ns
-    try:
-        yield
-    finally:
-        modules.ops = saved
-
-
-@contextlib.contextmanager
 def record_routing():
     """Within the block, every gating call of the current ops (``modules.ops``) is logged."""
     log = RoutingLog()
@@ -127,7 +119,7 @@ def record_routing():
         log.calls.append((ids.long().sort(dim=-1).values, _choice_scores(logits, bias)))
         return out
 
-    with _swapped_ops(_with_gating(modules.ops, wrap)):
+    with modules.use_ops(_with_gating(modules.ops, wrap)):
         yield log
 
 
@@ -195,7 +187,7 @@ def follow_routing(log: RoutingLog):
         weights[rows] = _gating_weights(logits[rows], yard_ids[rows], renormalize, scale).to(weights.dtype)
         return weights, ids
 
-    with _swapped_ops(_with_gating(modules.ops, wrap)):
+    with modules.use_ops(_with_gating(modules.ops, wrap)):
         yield stats
 
 

@@ -528,31 +528,26 @@ def test_parity_rule_separates_rounding_from_bugs(dtype):
         h, w, b, k, ng, tg, renorm, scale * 0.8)
     broken["topk_gating"] = lambda logits, b, k, ng=1, tg=1, renorm=True, scale=1.0: good_topk(
         logits, b, k, ng, tg, renorm, scale * 0.8)
-    saved = modules.ops
-    modules.ops = type(modules.REFERENCE_OPS)(**broken)
-    try:
+    ns = type(modules.REFERENCE_OPS)
+    with modules.use_ops(ns(**broken)):
         assert not logits_parity(model, prompts).passed
-        no_bias = dict(vars(modules.REFERENCE_OPS))  # picks experts without e_score_correction_bias
-        no_bias["router_topk_gating"] = lambda h, w, b, k, ng=1, tg=1, renorm=True, scale=1.0: good_router(
-            h, w, torch.zeros_like(b), k, ng, tg, renorm, scale)
-        no_bias["topk_gating"] = lambda logits, b, k, ng=1, tg=1, renorm=True, scale=1.0: good_topk(
-            logits, torch.zeros_like(b), k, ng, tg, renorm, scale)
-        modules.ops = type(modules.REFERENCE_OPS)(**no_bias)
+    no_bias = dict(vars(modules.REFERENCE_OPS))  # picks experts without e_score_correction_bias
+    no_bias["router_topk_gating"] = lambda h, w, b, k, ng=1, tg=1, renorm=True, scale=1.0: good_router(
+        h, w, torch.zeros_like(b), k, ng, tg, renorm, scale)
+    no_bias["topk_gating"] = lambda logits, b, k, ng=1, tg=1, renorm=True, scale=1.0: good_topk(
+        logits, torch.zeros_like(b), k, ng, tg, renorm, scale)
+    with modules.use_ops(ns(**no_bias)):
         result = logits_parity(model, prompts)
-        assert not result.passed and result.routing.unexplained > 0, result.summary()
-        one_row = dict(vars(modules.REFERENCE_OPS))
+    assert not result.passed and result.routing.unexplained > 0, result.summary()
 
-        def unpermute_last_token_off(*a, **kw):
-            y = good_unpermute(*a, **kw)
-            y[-1] += 0.05 * y[-1].abs().mean()  # the last token of the last sequence, last MoE layer only
-            return y
+    def unpermute_last_token_off(*a, **kw):
+        y = good_unpermute(*a, **kw)
+        y[-1] += 0.05 * y[-1].abs().mean()  # the last token of the last sequence, last MoE layer only
+        return y
 
-        one_row["unpermute"] = unpermute_last_token_off
-        modules.ops = type(modules.REFERENCE_OPS)(**one_row)
+    with modules.use_ops(ns(**{**vars(modules.REFERENCE_OPS), "unpermute": unpermute_last_token_off})):
         result = logits_parity(model, prompts)
-        assert not result.passed and result.bad_tokens.tolist()[-1] == result.ours_err.numel() - 1, result.summary()
-    finally:
-        modules.ops = saved
+    assert not result.passed and result.bad_tokens.tolist()[-1] == result.ours_err.numel() - 1, result.summary()
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 5])
