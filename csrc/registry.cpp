@@ -39,6 +39,31 @@ TORCH_LIBRARY(dots1_ext, m) {
   m.def("qk_norm_rope_kv_cache_(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor q_weight, "
         "Tensor k_weight, Tensor positions, Tensor cos_sin_cache, float eps, Tensor(c!) k_cache, "
         "Tensor(d!) v_cache, Tensor cache_rows) -> ()");
+
+  // ---- decode attention: csrc/attention ----
+  // One query per sequence over the static cache. q [B, Hq, D]; k_cache/v_cache [B, S, Hk, D] (Hq a
+  // multiple of Hk: query head h reads kv head h / (Hq / Hk)); kv_start/kv_end [B] int64 on the device:
+  // sequence b attends to slots [kv_start[b], kv_end[b]), and with window > 0 only to slots
+  // >= kv_end[b] - window (HF: a query at p sees (p - window, p]); window 0 = no window -> out [B, Hq, D]
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_start, Tensor kv_end, "
+        "int window, float scale) -> Tensor");
+
+  // ---- skinny GEMM (decode linears): csrc/skinny_gemm ----
+  // x [M, K], weight [N, K] -> [M, N] ("none") or [M, N/2] ("swiglu": gate rows [0, N/2), up rows
+  // [N/2, N); "swiglu_interleaved": the grouped_gemm 16-row blocks). Fast for M <= 16; any M works.
+  m.def("skinny_gemm(Tensor x, Tensor weight, str epilogue) -> Tensor");
+
+  // ---- MoE decode (routed + shared experts without permute): csrc/moe_decode ----
+  // hidden [T, H], gate_up [E, 2I, H] (epilogue "swiglu" or "swiglu_interleaved"), topk_ids [T, k]
+  // int32, shared_gate_up [2Is, H] (gate rows then up rows) -> act [T, k*I + Is]: routed expert j of
+  // token t in columns [j*I, (j+1)*I), the shared experts in [k*I, k*I + Is)
+  m.def("moe_decode_gate_up(Tensor hidden, Tensor gate_up, Tensor topk_ids, Tensor? shared_gate_up, "
+        "str epilogue) -> Tensor");
+  // act [T, k*I + Is], down [E, H, I], topk_ids [T, k] int32, topk_weights [T, k] fp32, shared_down
+  // [H, Is], residual [T, H] -> out[t] = sum_j w[t, j] * down_j(act) + shared_down(act) + residual[t],
+  // summed in fp32 in that fixed order, rounded once
+  m.def("moe_decode_down(Tensor act, Tensor down, Tensor topk_ids, Tensor topk_weights, "
+        "Tensor? shared_down, Tensor? residual) -> Tensor");
 }
 
 // Importing dots1_ext._C loads this library and so runs the registrations above; there are no

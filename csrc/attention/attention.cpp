@@ -1,0 +1,2 @@
+// Filled in by the attention/attention op family.
+#include <torch/library.h>

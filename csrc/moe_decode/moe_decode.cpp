@@ -1,0 +1,2 @@
+// Filled in by the moe_decode/moe_decode op family.
+#include <torch/library.h>

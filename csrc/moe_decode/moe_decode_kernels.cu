@@ -1,0 +1,1 @@
+// Filled in by the moe_decode/moe_decode op family.

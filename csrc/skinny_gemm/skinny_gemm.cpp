@@ -1,0 +1,2 @@
+// Filled in by the skinny_gemm/skinny_gemm op family.
+#include <torch/library.h>

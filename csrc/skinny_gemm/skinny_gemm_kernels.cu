@@ -1,0 +1,1 @@
+// Filled in by the skinny_gemm/skinny_gemm op family.
