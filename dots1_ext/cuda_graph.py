@@ -1,9 +1,10 @@
 """CUDA-graph capture and replay of the decode step.
 
 A decode step is ~10 launches per layer whose CPU launch cost exceeds their GPU time at batch 1;
-replaying a captured graph removes it. Graphs are captured on first use per (batch size,
-attended-slots bucket, kind) and replayed afterwards; their inputs live in static buffers updated in
-place. Two kinds:
+replaying a captured graph removes it. One graph is captured per (batch size, kind) on first use and
+replayed afterwards; its inputs live in static buffers updated in place, and the cache slot is a device
+tensor: decode attention reads each sequence's [cache_start, slot + 1) from the device, so the same
+graph serves every length at the cost of that length. Two kinds:
 
 - ``graphs(tokens, slot) -> logits``: one decode step; the logits come back in a static buffer (valid
   until the next replay). ``generate`` samples from them (temperature > 0) outside the graph.
@@ -11,9 +12,6 @@ place. Two kinds:
   the finished/pad bookkeeping, the token written to a history buffer and the slot advanced, all on the
   device. The host only replays (and every few steps reads whether all sequences finished), so a step
   costs what its graph costs.
-
-Buckets of attended slots (kv_len) keep a short context from paying for attention over the whole
-cache: a step at slot s replays the graph of the smallest bucket > s.
 """
 
 from __future__ import annotations
@@ -25,18 +23,6 @@ import torch
 
 if TYPE_CHECKING:  # model.py imports this module lazily; a runtime import back would be a cycle
     from dots1_ext.model import Dots1ForCausalLM
-
-MIN_BUCKET = 256
-
-
-def kv_buckets(max_slots: int) -> list[int]:
-    """Powers of two from MIN_BUCKET up to, and ending with, the cache size."""
-    buckets, b = [], MIN_BUCKET
-    while b < max_slots:
-        buckets.append(b)
-        b *= 2
-    return buckets + [max_slots]
-
 
 class DecodeGraphs:
     """Decode steps of ``model`` through captured CUDA graphs (see the module docstring).
@@ -113,10 +99,9 @@ class DecodeGraphs:
         B, S = self._sync_with_cache()
         if not 0 <= slot < S:
             raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
-        kv_len = next(b for b in kv_buckets(S) if b > slot)
         self.tokens.copy_(tokens.reshape(B))
         self.slot.fill_(slot)
-        return self._replay((B, kv_len, "logits"), lambda: self.model.decode(self.tokens, self.slot, kv_len))
+        return self._replay((B, "logits"), lambda: self.model.decode(self.tokens, self.slot))
 
     @torch.no_grad()
     def greedy_decode(self, tokens: torch.Tensor, finished: torch.Tensor, first_slot: int, steps: int,
@@ -134,8 +119,8 @@ class DecodeGraphs:
         self.finished.copy_(finished.reshape(B))
         self.slot.fill_(first_slot)
 
-        def step(kv_len: int) -> torch.Tensor:
-            logits = self.model.decode(self.tokens, self.slot, kv_len)  # [B, V]
+        def step() -> torch.Tensor:
+            logits = self.model.decode(self.tokens, self.slot)  # [B, V]
             tok = torch.where(self.finished, pad_token_id, logits.argmax(dim=-1))
             if eos:
                 self.finished |= torch.isin(tok, eos_ids)
@@ -149,8 +134,7 @@ class DecodeGraphs:
             if eos and eos_check_every and n and (n + 1) % eos_check_every == 0 and bool(self.finished.all()):
                 done = n
                 break
-            kv_len = next(b for b in kv_buckets(S) if b > first_slot + n)
-            self._replay((B, kv_len, "greedy", pad_token_id, eos), lambda kv_len=kv_len: step(kv_len))
+            self._replay((B, "greedy", pad_token_id, eos), step)
         return self.history[:, first_slot:first_slot + done].clone()
 
     @torch.no_grad()
@@ -163,7 +147,7 @@ class DecodeGraphs:
             raise ValueError("DecodeGraphs.replay_ms: no graph has been replayed yet")
         graph, _ = self.graphs[self.last_key]
         saved = [t.clone() for t in self._state()]
-        if self.last_key[2] == "greedy":  # the greedy graph advanced the state: replay its last step
+        if self.last_key[1] == "greedy":  # the greedy graph advanced the state: replay its last step
             saved[1] -= 1
         times = []
         for i in range(warmup + iters):

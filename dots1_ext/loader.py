@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from dots1_ext.config import CONFIG_NAME, Dots1Config, dtype_name, parse_dtype
 from dots1_ext.model import Dots1ForCausalLM
-from dots1_ext.modules import experts_in_hf_layout, interleave_gate_up_
+from dots1_ext.modules import experts_in_hf_layout, interleave_gate_up_, pack_linears_
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -281,6 +281,9 @@ def load_model(
     check_device_memory(model_bytes(model), device)
     model.to_empty(device=device)
     model.tie_weights()
+    # q/k/v and gate/up as one weight each (state_dict stays HF): packed before loading, so the
+    # checkpoint's tensors are copied straight into their slices.
+    pack_linears_(model)
     slots = _Slots(model, start, end)  # the same plan, now pointing at real storage
 
     bar = _Progress(sum(nbytes for *_, nbytes in plan), progress)

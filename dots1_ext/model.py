@@ -80,6 +80,12 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         # alias sequence b+1's slots.
         in_cache = (slots >= 0) & (slots < S)
         cache_rows = torch.where(in_cache[None, :], batch_rows + slots[None, :], -1).reshape(-1)  # [T]
+        if L == 1 and seq_starts is None:  # decode: decode_attention reads [cache_start, slot + 1) itself
+            # A slot outside the cache gets kv_end -1 < kv_start: decode_attention poisons the sequence
+            # (an empty range would give a plausible zero output).
+            kv_end = torch.where(in_cache, slots + 1, -1).expand(B)
+            return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, {}, self.cos_sin_cache,
+                              kv_start=self.cache_start, kv_end=kv_end)
         q_slot = slots[None, :, None]  # [1, L, 1]
         k_slot = torch.arange(kv_len, device=slots.device)[None, None, :]  # [1, 1, S']
         # Causal over real keys; a padding query sees only itself, so no softmax row is empty.
@@ -217,31 +223,30 @@ class Dots1ForCausalLM(nn.Module):
             hidden = self.model(input_ids[:, start:end], slots, start_slot + end, upcast=upcast, seq_starts=seq_starts)
             hidden = hidden.view(B, end - start, -1)  # [B, C, H]
             if not last_only:
-                logits.append(lm_head(hidden))
+                logits.append(logits_of(lm_head, hidden))
             elif end == L:
-                logits.append(lm_head(hidden[:, -1]))
+                logits.append(logits_of(lm_head, hidden[:, -1]))
         return logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, slot: int | torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
         """One token per sequence, tokens [B] (or [B, 1]), written at cache ``slot``. Returns logits [B, V].
 
-        ``slot`` may be a 0-d int64 device tensor (updated in place between steps) and ``kv_len`` left at
-        its default (all S slots) for a CUDA-graph capture; with an int slot only slots <= slot are read.
-        Nothing here synchronises with the host, so nothing is checked on it: a token id outside the
-        vocabulary or a tensor slot outside the cache gives NaN logits for the sequences concerned
-        (an unmissable poison), never a plausible number or another sequence's cache."""
+        ``slot`` may be a 0-d int64 device tensor (updated in place between steps) for a CUDA-graph
+        capture: attention reads each sequence's slots [cache_start, slot + 1) from the device, so one
+        graph serves every length. Nothing here synchronises with the host, so nothing is checked on it:
+        a token id outside the vocabulary or a tensor slot outside the cache gives NaN logits for the
+        sequences concerned (an unmissable poison), never a plausible number or another sequence's cache."""
         B, S = self.model.cache_shape
         if tokens.numel() != B:
             raise ValueError(f"tokens must hold one token per sequence ({B}), got shape {tuple(tokens.shape)}")
         if isinstance(slot, int):
             if not 0 <= slot < S:
                 raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
-            kv_len = kv_len or slot + 1
             slot = torch.arange(slot, slot + 1, device=self.device)  # made on the device: no blocking copy
         slots = slot.reshape(1).to(torch.long)
-        hidden = self.model(tokens.reshape(B, 1), slots, kv_len or S)  # [B, H]
-        return self.lm_head(hidden)
+        hidden = self.model(tokens.reshape(B, 1), slots, S)  # [B, H]
+        return logits_of(self.lm_head, hidden)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,6 +351,12 @@ class Dots1ForCausalLM(nn.Module):
         return out
 
 
+def logits_of(lm_head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [..., H] -> logits [..., V]; a decode step's few rows stream the weight once (skinny_gemm)."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return modules.linear(flat, lm_head.weight, lm_head.bias).view(*hidden.shape[:-1], -1)
+
+
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """ValueError unless every id (padding included: it runs through the model too) is in [0, vocab_size).
     One host synchronisation: for prefill and generate, never for a decode step."""
@@ -447,4 +458,4 @@ def build_random_model(config: Dots1Config, device="cpu", dtype=torch.float32, s
     model.to_empty(device=device)
     model.tie_weights()
     init_random_weights_(model, seed)
-    return modules.interleave_gate_up_(model).eval()
+    return modules.pack_linears_(modules.interleave_gate_up_(model)).eval()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from dots1_ext import ops as compiled_ops
@@ -29,6 +30,12 @@ ops = compiled_ops
 # Up to this many tokens the router projection runs inside the fused router_topk_gating op (one launch
 # for decode); above it a GEMM (F.linear in fp32) followed by topk_gating is faster.
 from dots1_ext.ops.gating import ROUTER_FUSED_MAX_TOKENS  # noqa: E402  (one definition: ops/gating.py)
+
+# Up to this many rows a linear streams its weight once through skinny_gemm (decode: the weight read is
+# the whole cost); above it a tensor-core GEMM wins. The MoE layer likewise runs its decode ops (the
+# routed and shared experts in two launches, each touched expert read once) up to MOE_DECODE_MAX_TOKENS.
+SKINNY_MAX_ROWS = 16
+MOE_DECODE_MAX_TOKENS = 16
 
 
 def _reference_namespace() -> types.SimpleNamespace:
@@ -50,6 +57,13 @@ def _reference_namespace() -> types.SimpleNamespace:
         grouped_gemm=lambda x, w, offsets, epilogue="none": reference.grouped_gemm(x, w, offsets, epilogue),
         unpermute=lambda out, row_map, w, shared_out=None, residual=None:
             reference.unpermute(out, row_map, w, shared_out, residual),
+        skinny_gemm=lambda x, w, epilogue="none": reference.skinny_gemm(x, w, epilogue),
+        decode_attention=lambda q, kc, vc, start, end, window, scale:
+            reference.decode_attention(q, kc, vc, start, end, window, scale),
+        moe_decode_gate_up=lambda h, w, ids, shared=None, epilogue="swiglu":
+            reference.moe_decode_gate_up(h, w, ids, shared, epilogue),
+        moe_decode_down=lambda act, w, ids, weights, shared=None, residual=None:
+            reference.moe_decode_down(act, w, ids, weights, shared, residual),
     )
 
 
@@ -104,6 +118,84 @@ class StepInputs:
     cos_sin_cache: torch.Tensor  # [P, D] fp32
     seq_starts: list[int] | None = None  # prefill: each sequence's first real slot (host); queries are
     # slots [S' - L, S'), and full-attention layers run causal SDPA per sequence instead of a mask
+    kv_start: torch.Tensor | None = None  # decode (L == 1): [B] int64 first real slot of each sequence
+    kv_end: torch.Tensor | None = None  # decode: [B] int64 one past the query's slot (device tensors:
+    # decode_attention reads exactly [kv_start, kv_end), so one CUDA graph serves every length)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.kv_end is not None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           epilogue: str = "none") -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T (+ bias), then the epilogue ("swiglu": weight rows are gate then up
+    halves, output [T, N/2]). A few rows stream the weight once (skinny_gemm, the decode case); more
+    rows run a GEMM."""
+    if bias is None and x.shape[0] <= SKINNY_MAX_ROWS:
+        return ops.skinny_gemm(x, weight, epilogue)
+    y = F.linear(x, weight, bias)
+    if epilogue == "none":
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class _PacksLinears:
+    """Mixin for modules whose nn.Linear children are multiplied by the same input: their weights (and
+    biases) are kept as row slices of one packed tensor, so one launch reads them all.
+
+    ``_packs`` maps a buffer name to the children packed into it, in row order. ``pack_linears_()``
+    makes the packed buffers (non-persistent: ``state_dict`` keeps the children's HF names and shapes)
+    and points each child's parameter at its slice (same Parameter objects: shared references stay
+    valid; ``load_state_dict`` writes through into the packed tensor). ``.to()`` and friends convert
+    the children one by one, so the packing is redone after every conversion."""
+
+    _packs: dict[str, tuple[str, ...]] = {}
+
+    def _init_packs(self) -> None:
+        for name in self._packs:
+            self.register_buffer(name, None, persistent=False)
+            self.register_buffer(name + "_bias", None, persistent=False)
+
+    @property
+    def is_packed(self) -> bool:
+        return all(getattr(self, name) is not None for name in self._packs)
+
+    @torch.no_grad()
+    def pack_linears_(self) -> None:
+        for name, children in self._packs.items():
+            linears = [getattr(self, c) for c in children]
+            for attr in ("weight", "bias"):
+                params = [getattr(m, attr) for m in linears]
+                if any(p is None for p in params):
+                    setattr(self, name if attr == "weight" else name + "_bias", None)
+                    continue
+                packed = torch.cat([p.detach() for p in params])
+                row = 0
+                for p in params:
+                    p.data = packed[row: row + p.shape[0]]
+                    row += p.shape[0]
+                setattr(self, name if attr == "weight" else name + "_bias", packed)
+
+    def _apply(self, fn, recurse=True):
+        packed = self.is_packed
+        for name in self._packs:  # not converted on their own: rebuilt from the children below
+            setattr(self, name, None)
+            setattr(self, name + "_bias", None)
+        super()._apply(fn, recurse)
+        if packed:
+            self.pack_linears_()
+        return self
+
+
+def pack_linears_(root: nn.Module) -> nn.Module:
+    """Packs the projections of every module under ``root`` that has some (q/k/v, gate/up; see
+    :class:`_PacksLinears`). The loader and ``build_random_model`` call this once. Returns ``root``."""
+    for m in root.modules():
+        if isinstance(m, _PacksLinears):
+            m.pack_linears_()
+    return root
 
 
 class RMSNorm(nn.Module):
@@ -119,8 +211,11 @@ class RMSNorm(nn.Module):
         return ops.add_rms_norm_(x, residual, self.weight, self.eps)
 
 
-class Dots1MLP(nn.Module):
-    """SwiGLU MLP: the dense layers' MLP and the shared experts."""
+class Dots1MLP(_PacksLinears, nn.Module):
+    """SwiGLU MLP: the dense layers' MLP and the shared experts. Packed (``pack_linears_``), gate and
+    up are one [2I, H] weight, ``gate_up`` (gate rows first), multiplied with the SwiGLU fused."""
+
+    _packs = {"gate_up": ("gate_proj", "up_proj")}
 
     def __init__(self, hidden_size: int, intermediate_size: int, device=None, dtype=None):
         super().__init__()
@@ -128,13 +223,24 @@ class Dots1MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+        self._init_packs()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            act = linear(x, self.gate_up, epilogue="swiglu")
+        else:
+            act = F.silu(linear(x, self.gate_proj.weight)) * linear(x, self.up_proj.weight)
+        return linear(act, self.down_proj.weight)
 
 
-class Dots1Attention(nn.Module):
-    """QK-norm attention with RoPE over a static KV cache [B, S, Hk, D] (allocated by Dots1Model.setup_cache)."""
+class Dots1Attention(_PacksLinears, nn.Module):
+    """QK-norm attention with RoPE over a static KV cache [B, S, Hk, D] (allocated by Dots1Model.setup_cache).
+
+    Packed (``pack_linears_``), q, k and v are one [(Hq + 2Hk) D, H] weight ``qkv``. Decode steps (one
+    token per sequence) run ``decode_attention`` over exactly each sequence's cached slots; prefill runs
+    causal SDPA per sequence (no mask tensor) or, for sliding-window layers, SDPA with a mask."""
+
+    _packs = {"qkv": ("q_proj", "k_proj", "v_proj")}
 
     def __init__(self, config: Dots1Config, layer_idx: int, device=None, dtype=None):
         super().__init__()
@@ -152,6 +258,7 @@ class Dots1Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, c.rms_norm_eps, device=device, dtype=dtype)
         self.register_buffer("k_cache", None, persistent=False)  # [B, S, Hk, D]
         self.register_buffer("v_cache", None, persistent=False)
+        self._init_packs()
 
     def allocate_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (batch_size, max_seq_len, self.num_kv_heads, self.head_dim)
@@ -161,24 +268,46 @@ class Dots1Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: StepInputs) -> torch.Tensor:  # [T, H] -> [T, H]
         T, B, L, S = x.shape[0], step.batch_size, step.seq_len, step.kv_len
         Hq, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).view(T, Hq, D)
-        k = self.k_proj(x).view(T, Hk, D)
-        v = self.v_proj(x).view(T, Hk, D)
+        if self.qkv is not None:
+            qkv = linear(x, self.qkv, self.qkv_bias).view(T, Hq + 2 * Hk, D)
+            q, k, v = qkv.split([Hq, Hk, Hk], dim=1)  # views: the ops below take head strides
+        else:
+            q = linear(x, self.q_proj.weight, self.q_proj.bias).view(T, Hq, D)
+            k = linear(x, self.k_proj.weight, self.k_proj.bias).view(T, Hk, D)
+            v = linear(x, self.v_proj.weight, self.v_proj.bias).view(T, Hk, D)
         # In place: q, k normed and rotated; k, v written to the cache at this step's slots.
         ops.qk_norm_rope_kv_cache_(q, k, v, self.q_norm.weight, self.k_norm.weight, step.positions,
                                    step.cos_sin_cache, self.eps, self.k_cache, self.v_cache, step.cache_rows)
+        if step.is_decode:  # L == 1: q [B, Hq, D] over exactly [kv_start, kv_end) of each sequence
+            out = ops.decode_attention(q, self.k_cache, self.v_cache, step.kv_start, step.kv_end,
+                                       self.sliding_window or 0, self.scaling)
+            return linear(out.view(T, Hq * D), self.o_proj.weight, self.o_proj.bias)
         q = q.view(B, L, Hq, D).transpose(1, 2)  # [B, Hq, L, D]
         keys = self.k_cache[:, :S].transpose(1, 2)  # [B, Hk, S', D]
         values = self.v_cache[:, :S].transpose(1, 2)
-        if Hk != Hq:  # GQA: query head h reads kv head h // (Hq / Hk)
-            keys = keys.repeat_interleave(Hq // Hk, dim=1)
-            values = values.repeat_interleave(Hq // Hk, dim=1)
         mask = step.masks.get(self.sliding_window)
         if mask is None and step.seq_starts is not None:  # no mask tensor: flash / cuDNN kernels eligible
             out = prefill_attention(q, keys, values, step.seq_starts, self.scaling)
         else:
+            if Hk != Hq:  # GQA: query head h reads kv head h // (Hq / Hk)
+                keys = keys.repeat_interleave(Hq // Hk, dim=1)
+                values = values.repeat_interleave(Hq // Hk, dim=1)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], scale=self.scaling)
-        return self.o_proj(out.transpose(1, 2).reshape(T, Hq * D))
+        return linear(out.transpose(1, 2).reshape(T, Hq * D), self.o_proj.weight, self.o_proj.bias)
+
+
+# Prefill SDPA backends, fastest first where they apply: on Hopper cuDNN's fused attention runs causal
+# prefill at ~590 TFLOP/s against flash's ~350 (bench/results, long_prompt); SDPA skips a backend that
+# cannot take the inputs, so the others stay as fallbacks.
+_PREFILL_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                     SDPBackend.MATH]
+
+
+def _prefill_sdpa(*args, **kwargs) -> torch.Tensor:
+    if args[0].is_cuda and not torch.compiler.is_compiling():
+        with sdpa_kernel(_PREFILL_BACKENDS, set_priority=True):
+            return F.scaled_dot_product_attention(*args, **kwargs)
+    return F.scaled_dot_product_attention(*args, **kwargs)
 
 
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq_starts: list[int],
@@ -186,19 +315,23 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     """Causal attention of queries at slots [S - L, S) over keys at slots [0, S), for left-padded
     sequences whose real tokens start at ``seq_starts[b]`` (host ints), without a mask tensor.
 
-    q [B, Hq, L, D], keys/values [B, Hq, S, D] -> [B, Hq, L, D]. A real query sees the real keys up to
-    its own slot; a padding query sees only itself (the masks' rule, so no softmax row is empty).
-    Sequences sharing a start run as one SDPA call: ``is_causal`` when queries and keys are the same
-    slots, a lower-right causal bias when the queries are the last L of more keys (a later chunk)."""
-    B, _, L, _ = q.shape
-    S = keys.shape[2]
+    q [B, Hq, L, D], keys/values [B, Hk, S, D] (GQA: query head h reads kv head h // (Hq / Hk), without a
+    repeated copy) -> [B, Hq, L, D]. A real query sees the real keys up to its own slot; a padding
+    query sees only itself (the masks' rule, so no softmax row is empty). Sequences sharing a start run
+    as one SDPA call: ``is_causal`` when queries and keys are the same slots, a lower-right causal bias
+    when the queries are the last L of more keys (a later chunk)."""
+    B, Hq, L, _ = q.shape
+    Hk, S = keys.shape[1], keys.shape[2]
     first = S - L
+    gqa = dict(enable_gqa=True) if Hk != Hq else {}
 
     def causal(qs, ks, vs):
         if qs.shape[2] == ks.shape[2]:
-            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+            return _prefill_sdpa(qs, ks, vs, is_causal=True, scale=scale, **gqa)
+        if gqa:  # the lower-right bias has no GQA path
+            ks, vs = ks.repeat_interleave(Hq // Hk, dim=1), vs.repeat_interleave(Hq // Hk, dim=1)
         bias = causal_lower_right(qs.shape[2], ks.shape[2])
-        return F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bias, scale=scale)
+        return _prefill_sdpa(qs, ks, vs, attn_mask=bias, scale=scale)
 
     if len(set(seq_starts)) == 1 and seq_starts[0] <= first:  # one call for the whole batch
         s0 = seq_starts[0]
@@ -208,7 +341,7 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         q0 = min(max(first, s0), S)  # this sequence's first real query slot in the chunk
         pad = q0 - first
         if pad:  # padding queries: their own value
-            out[b, :, :pad] = values[b, :, first:q0]
+            out[b, :, :pad] = values[b, :, first:q0].repeat_interleave(Hq // Hk, dim=0)
         if q0 < S:
             out[b:b + 1, :, pad:] = causal(q[b:b + 1, :, pad:], keys[b:b + 1, :, s0:], values[b:b + 1, :, s0:])
     return out
@@ -351,8 +484,22 @@ class Dots1MoE(nn.Module):
             self.shared_experts = Dots1MLP(config.hidden_size, shared_size, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """[T, H] -> routed + shared experts (+ residual, fused into the combine) [T, H]."""
+        """[T, H] -> routed + shared experts (+ residual, fused into the combine) [T, H].
+
+        Up to MOE_DECODE_MAX_TOKENS tokens (decode): three launches, router + gating, then the touched
+        routed experts and the shared experts (packed gate_up: two always-on experts of weight 1) in
+        one gate_up + SwiGLU launch and one down + combine + residual launch, each expert read once."""
         weights, ids = self.gate(x)  # fp32 [T, k], int32 [T, k]
+        if x.shape[0] <= MOE_DECODE_MAX_TOKENS:
+            shared = self.shared_experts
+            shared_gate_up = shared_down = None
+            if shared is not None and shared.gate_up is not None:
+                shared_gate_up, shared_down = shared.gate_up, shared.down_proj.weight
+            elif shared is not None:  # unpacked (e.g. weights shared with an HF module): its own launches
+                residual = shared(x) if residual is None else shared(x) + residual
+            act = ops.moe_decode_gate_up(x, self.experts.gate_up_proj, ids, shared_gate_up,
+                                         self.experts.gate_up_epilogue)  # [T, k*I + Is]
+            return ops.moe_decode_down(act, self.experts.down_proj, ids, weights, shared_down, residual)
         permuted, offsets, row_map = ops.permute(x, ids, self.num_experts)  # [T*k, H], [E+1], [T*k]
         act = ops.grouped_gemm(permuted, self.experts.gate_up_proj, offsets, self.experts.gate_up_epilogue)  # [T*k, I]
         expert_out = ops.grouped_gemm(act, self.experts.down_proj, offsets, "none")  # [T*k, H]

@@ -268,7 +268,7 @@ def test_decode_with_tensor_slot_reads_the_whole_cache(device):
     model.setup_cache(1, 12)
     model.prefill(tokens[:, :5])
     by_int = model.decode(tokens[:, 5], 5).float()
-    slot = torch.tensor(5, device=device)  # the CUDA-graph form: attends over all 12 slots, masked
+    slot = torch.tensor(5, device=device)  # the CUDA-graph form: the length comes from the device
     by_tensor = model.decode(tokens[:, 5], slot).float()
     assert_logits_close(by_tensor, by_int, device)
 
@@ -593,20 +593,92 @@ def test_prefill_continues_a_cached_prompt(device):
 
 @pytest.mark.parametrize("L, S, starts", [(9, 9, [0, 0]), (9, 9, [0, 4]), (9, 9, [3, 3]), (4, 12, [0, 0]),
                                           (4, 12, [2, 7]), (4, 12, [9, 11]), (1, 6, [0, 5])])
-def test_prefill_attention_equals_the_masked_form(device, L, S, starts):
-    # The mask-free prefill attention (per-sequence causal SDPA) against the boolean-mask rule of
-    # Dots1Model.step_inputs: causal over real keys, a padding query sees only itself.
+@pytest.mark.parametrize("kv_heads", [6, 2])
+def test_prefill_attention_equals_the_masked_form(device, L, S, starts, kv_heads):
+    # The mask-free prefill attention (per-sequence causal SDPA, GQA without repeated K/V) against the
+    # boolean-mask rule of Dots1Model.step_inputs: causal over real keys, a padding query sees only itself.
     from dots1_ext.modules import prefill_attention
 
-    B, H, D = len(starts), 3, 16
+    B, H, D = len(starts), 6, 16
     dtype = DTYPE[device]
     q = torch.randn(B, H, L, D, device=device, dtype=dtype)
-    k = torch.randn(B, H, S, D, device=device, dtype=dtype)
-    v = torch.randn(B, H, S, D, device=device, dtype=dtype)
+    k = torch.randn(B, kv_heads, S, D, device=device, dtype=dtype)
+    v = torch.randn(B, kv_heads, S, D, device=device, dtype=dtype)
     q_slot = torch.arange(S - L, S, device=device)[None, :, None]
     k_slot = torch.arange(S, device=device)[None, None, :]
     start = torch.tensor(starts, device=device)[:, None, None]
     visible = (k_slot <= q_slot) & ((k_slot >= start) | (k_slot == q_slot))  # [B, L, S]
-    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=0.25)
+    group = H // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=visible[:, None], scale=0.25)
     out = prefill_attention(q, k, v, starts, 0.25)
     assert_logits_close(out.reshape(-1, D), expected.reshape(-1, D), device, "prefill attention rows")
+
+
+# -- packed projections, decode over device lengths ------------------------------------------------
+def _attn(model, layer=1):
+    return model.model.layers[layer].self_attn
+
+
+def test_packed_projections_keep_the_hf_state_dict(device):
+    # q/k/v (and gate/up of the dense MLP and shared experts) live as row slices of one packed weight;
+    # the module's interface stays transformers': names, shapes, and loads that write through.
+    model = tiny_ours(device)
+    attn, shared = _attn(model), model.model.layers[1].mlp.shared_experts
+    assert attn.is_packed and shared.is_packed and model.model.layers[0].mlp.is_packed
+    Hq, D = attn.num_heads, attn.head_dim
+    assert attn.qkv.shape == ((attn.num_heads + 2 * attn.num_kv_heads) * D, BASE["hidden_size"])
+    for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
+        assert p.untyped_storage().data_ptr() == attn.qkv.untyped_storage().data_ptr()
+    keys = set(model.state_dict())
+    assert "model.layers.1.self_attn.q_proj.weight" in keys and not any("qkv" in k or "gate_up." in k for k in keys)
+    unpacked = Dots1ForCausalLM(model.config, device=device, dtype=model.dtype)
+    unpacked.load_state_dict(model.state_dict())
+    assert not _attn(unpacked).is_packed
+    # load_state_dict into a packed model writes through into the packed weights.
+    fresh = tiny_ours(device, seed=1)
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(_attn(fresh).qkv[: Hq * D], _attn(model).q_proj.weight)
+    assert torch.equal(fresh.model.layers[1].mlp.shared_experts.gate_up, shared.gate_up)
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 7), device=device)
+    expected = unpacked.eval()(tokens).float()
+    assert_logits_close(fresh(tokens).float(), expected, device, "packed vs unpacked")
+    # A dtype cast converts the slices one by one; the packing is redone, so they stay one tensor.
+    half = fresh.to(torch.bfloat16)
+    attn16 = _attn(half)
+    assert attn16.qkv.dtype == torch.bfloat16
+    assert attn16.k_proj.weight.untyped_storage().data_ptr() == attn16.qkv.untyped_storage().data_ptr()
+    assert torch.equal(attn16.qkv[Hq * D: Hq * D + attn16.k_proj.weight.shape[0]], attn16.k_proj.weight)
+
+
+def test_decode_reads_exactly_each_sequences_slots(device):
+    # Stale numbers beyond a sequence's slot (and before its start) must not change its decode step:
+    # decode attention reads [cache_start, slot + 1) from the device, whatever the cache holds elsewhere.
+    model = tiny_ours(device)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    ids, mask = left_pad(prompts, device=device)
+    model.setup_cache(2, 16)
+    model.prefill(ids, mask)
+    tok = ids[:, -1]
+    clean = model.decode(tok, 5).float()
+    for layer in model.model.layers:
+        layer.self_attn.k_cache[:, 7:].normal_(0, 100)
+        layer.self_attn.v_cache[:, 7:].normal_(0, 100)
+        layer.self_attn.k_cache[1, :3].normal_(0, 100)  # sequence 1's left padding
+        layer.self_attn.v_cache[1, :3].normal_(0, 100)
+    torch.testing.assert_close(model.decode(tok, 5).float(), clean, rtol=0, atol=0)
+
+
+@requires_cuda
+def test_one_graph_serves_every_length():
+    model = tiny_ours("cuda")
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 40), device="cuda")
+    model.setup_cache(2, 64)
+    model.prefill(tokens[:, :8])
+    graphs = model.decode_graphs()
+    before = graphs.captures
+    for slot in (8, 9, 20, 39):  # lengths across what used to be separate buckets
+        out = graphs(tokens[:, slot], slot).clone()
+        ref = model.decode(tokens[:, slot], slot)
+        assert torch.equal(out, ref), f"graph replay differs from the eager step at slot {slot}"
+    assert graphs.captures - before == 1

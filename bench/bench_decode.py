@@ -1,0 +1,127 @@
+"""The decode step of an 8-layer real-shape Dots1 (layer 0 dense, then MoE) over batch sizes and context
+lengths: CUDA-graph replay time against the floor, and where an eager step's GPU time goes by kernel kind.
+
+Floor = bytes one step must read (attention, dense and shared weights, the routed experts the batch is
+expected to touch, the lm_head, and each sequence's KV cache up to its length) over the measured copy
+bandwidth. The read-only ceiling is above copy bandwidth, so floor/time can exceed 1 only slightly.
+Cases whose KV cache would not fit next to the model are skipped (and listed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import torch
+
+from bench.common import Report, Row, bench_main, bytes_floor_ms, on_gpu
+
+LAYERS = int(os.environ.get("DOTS1_BENCH_DECODE_LAYERS", "8"))
+BATCHES = (1, 8, 32, 128)
+CONTEXTS = (256, 2048, 16384, 32768)
+KV_BUDGET_BYTES = 64 * 2**30  # the model takes ~38 GB of the H200's 141
+
+
+def kv_bytes(cfg, batch: int, context: int, elem: int) -> int:
+    """K and V bytes a step reads: every layer, every sequence, ``context + 1`` slots (the new token)."""
+    return cfg.num_hidden_layers * 2 * batch * (context + 1) * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def kernel_kind(name: str) -> str:
+    """A profiler kernel name -> the kind it is reported under."""
+    n = name.lower()
+    for key, kind in (("skinny_gemm", "skinny GEMM (dense linears)"), ("moe_decode", "MoE decode (experts)"),
+                      ("decode_attention", "decode attention"), ("attention_combine", "decode attention"),
+                      ("gating", "router + gating"), ("qk_norm", "QK-norm + RoPE + cache write"),
+                      ("rms_norm", "norms"), ("gemv", "cuBLAS GEMV/GEMM"), ("gemm", "cuBLAS GEMV/GEMM"),
+                      ("cutlass", "cuBLAS GEMV/GEMM"), ("sm90_xmma", "cuBLAS GEMV/GEMM"),
+                      ("argmax", "argmax / sampling"), ("reduce", "argmax / sampling"),
+                      ("elementwise", "elementwise / copies"), ("copy", "elementwise / copies"),
+                      ("index", "elementwise / copies"), ("embedding", "elementwise / copies")):
+        if key in n:
+            return kind
+    return "other"
+
+
+def profile_step(step, iters: int = 5) -> dict[str, float]:
+    """GPU ms per call of ``step`` by kernel kind (torch.profiler, CUDA activity only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        if evt.device_type == torch.autograd.DeviceType.CUDA or getattr(evt, "self_device_time_total", 0):
+            us = getattr(evt, "self_device_time_total", None)
+            if us is None:
+                us = evt.self_cuda_time_total
+            if us:
+                by_kind[kernel_kind(evt.key)] += us / 1e3 / iters
+    return dict(sorted(by_kind.items(), key=lambda kv: -kv[1]))
+
+
+def run(quick: bool = False) -> list[Report]:
+    from bench.bench_model import decode_weight_bytes
+    from dots1_ext.config import dots1_real_config
+    from dots1_ext.cuda_graph import DecodeGraphs
+    from dots1_ext.model import build_random_model
+
+    if on_gpu():
+        device, dtype = "cuda", torch.bfloat16
+        cfg = dots1_real_config(num_layers=LAYERS)
+        batches, contexts = ((1, 32), (2048,)) if quick else (BATCHES, CONTEXTS)
+    else:  # the harness on a tiny stand-in
+        from dots1_ext.tiny import tiny_config
+
+        device, dtype, cfg = "cpu", torch.float32, tiny_config()
+        batches, contexts = (1, 2), (16,)
+    elem = torch.finfo(dtype).bits // 8
+    model = build_random_model(cfg, device=device, dtype=dtype)
+    name = f"{cfg.num_hidden_layers}-layer {'real-shape' if on_gpu() else 'tiny'} Dots1, {str(dtype)[6:]}"
+    steps = Report(f"decode step (CUDA-graph replay on GPU, eager on CPU), {name}")
+    kinds = Report(f"where an eager decode step's GPU time goes, {name} (torch.profiler, ms per step)")
+    skipped = []
+    with torch.inference_mode():
+        for B in batches:
+            for ctx in contexts:
+                kv = kv_bytes(cfg, B, ctx, elem)
+                if kv > KV_BUDGET_BYTES:
+                    skipped.append(f"B={B} context {ctx} ({kv / 2**30:.0f} GiB of KV cache)")
+                    continue
+                model.setup_cache(B, ctx + 1)
+                for layer in model.model.layers:  # realistic (finite, non-zero) cache contents
+                    layer.self_attn.k_cache.normal_()
+                    layer.self_attn.v_cache.normal_()
+                model.model.cache_start.zero_()
+                floor = bytes_floor_ms(decode_weight_bytes(cfg, B, elem) + kv)
+                tok = torch.randint(0, cfg.vocab_size, (B,), device=device)
+                case = f"B={B} context {ctx}"
+                if on_gpu():
+                    graphs = DecodeGraphs(model)
+                    graphs(tok, ctx)
+                    steps.add(Row("decode", case, "dots1_ext cuda-graph", graphs.replay_ms(), floor_ms=floor,
+                                  extra={"KV_MB": round(kv / 1e6)}))
+                    del graphs
+                    if ctx == 2048 or (B == 1 and ctx == max(contexts)):
+                        profile = profile_step(lambda: model.decode(tok, ctx))
+                        for kind, ms in profile.items():
+                            kinds.add(Row("decode", case, kind, ms))
+                        kinds.add(Row("decode", case, "total (eager, kernels only)", sum(profile.values()),
+                                      floor_ms=floor))
+                else:
+                    from bench.common import time_fn
+
+                    steps.add(Row("decode", case, "dots1_ext eager", time_fn(lambda: model.decode(tok, ctx), 1, 3),
+                                  floor_ms=floor))
+                torch.cuda.empty_cache() if on_gpu() else None
+    if skipped:
+        steps.notes.append("skipped (KV cache over the budget): " + "; ".join(skipped))
+    return [steps] + ([kinds] if kinds.rows else [])
+
+
+if __name__ == "__main__":
+    bench_main(run, __doc__)
