@@ -74,6 +74,18 @@ def _op_cases(device):
         "qk_norm_rope_": ("qk_norm_rope_", (q, kk, randn(D), randn(D), positions, cos_sin, 1e-5)),
         "qk_norm_rope_kv_cache_": ("qk_norm_rope_kv_cache_", (q.clone(), kk.clone(), v, randn(D), randn(D), positions,
                                                               cos_sin, 1e-5, k_cache, v_cache, cache_rows)),
+        "decode_attention": ("decode_attention", (randn(2, Hq, D), k_cache, v_cache,
+                                                  torch.tensor([0, 2], device=device), torch.tensor([5, 8], device=device),
+                                                  0, D**-0.5)),
+        "decode_attention-window": ("decode_attention", (randn(2, Hq, D), k_cache, v_cache,
+                                                         torch.tensor([0, 2], device=device),
+                                                         torch.tensor([5, 8], device=device), 3, D**-0.5)),
+        "skinny_gemm-none": ("skinny_gemm", (randn(3, H), randn(2 * I, H), "none")),
+        "skinny_gemm-swiglu": ("skinny_gemm", (randn(3, H), randn(2 * I, H), "swiglu")),
+        "moe_decode_gate_up": ("moe_decode_gate_up", (hidden, randn(E, 2 * I, H), ids, randn(4 * I, H),
+                                                      "swiglu_interleaved")),
+        "moe_decode_down": ("moe_decode_down", (randn(T, k * I + 2 * I), randn(E, H, I), ids, weights,
+                                                randn(H, 2 * I), randn(T, H))),
     }
 
 
