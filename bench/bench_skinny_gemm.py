@@ -144,10 +144,12 @@ def run(quick: bool = False) -> list[Report]:
             fns = {"dots1_ext": rotating(lambda w: skinny_gemm(x, w, epilogue))}
             if gpu and not quick:
                 for tiles in ("1", "2"):
-                    fns[f"dots1_ext (tiles={tiles})"] = with_tiles(tiles, rotating(lambda w: skinny_gemm(x, w, epilogue)))
-            fns["cuBLAS F.linear"] = rotating(lambda w: F.linear(x, w))
+                    ours = rotating(lambda w: skinny_gemm(x, w, epilogue))
+                    fns[f"dots1_ext (tiles={tiles})"] = with_tiles(tiles, ours)
+            peer = "F.linear (cuBLAS)" if gpu else "F.linear"
+            fns[peer] = rotating(lambda w: F.linear(x, w))
             if epilogue == "swiglu":
-                fns["cuBLAS F.linear + silu*mul"] = rotating(peer_swiglu)
+                fns[f"{peer} + silu*mul"] = rotating(peer_swiglu)
             if gpu:
                 reps = max(copies, 8 if w_bytes > 5e8 else 32)
                 reps = math.ceil(reps / copies) * copies  # every copy equally often

@@ -16,6 +16,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -120,11 +121,11 @@ at::Tensor skinny_gemm_cuda(const at::Tensor& x_in, const at::Tensor& weight, c1
   const int64_t w_stride = row_stride(weight);
   // x is a few KiB: when only its alignment keeps the weight off the tensor-core kernel, a fresh
   // (aligned, contiguous) copy of it is worth the extra launch.
-  if (skinny_gemm_kernel_kind(x.data_ptr(), weight.data_ptr(), s.M, s.N, s.K, row_stride(x), w_stride, dt) != 1) {
-    const at::Tensor x_copy = at::empty({s.M, s.K}, x.options());
-    if (skinny_gemm_kernel_kind(x_copy.data_ptr(), weight.data_ptr(), s.M, s.N, s.K, s.K, w_stride, dt) == 1)
-      x = x_copy.copy_(x);
-  }
+  const bool weight_vectorisable = dt != DType::kFloat32 && s.K % 8 == 0 && w_stride % 8 == 0 &&
+                                   reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0;
+  if (weight_vectorisable &&
+      skinny_gemm_kernel_kind(x.data_ptr(), weight.data_ptr(), s.M, s.N, s.K, row_stride(x), w_stride, dt) != 1)
+    x = at::empty({s.M, s.K}, x.options()).copy_(x);  // fresh allocations are 16-byte aligned
   C10_CUDA_CHECK(launch_skinny_gemm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), s.M, s.N, s.K, row_stride(x),
                                     w_stride, s.epilogue, dt, tiles_from_env(), c10::cuda::getCurrentCUDAStream()));
   return out;

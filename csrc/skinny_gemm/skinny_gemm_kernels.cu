@@ -331,14 +331,16 @@ void launch_mma(const T* x, const T* w, T* out, int M, int64_t N, int64_t K, int
   const unsigned int blocks = ceil_div(tiles, RT);
   switch (epi) {
     case SkinnyEpilogue::kNone:
-      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kNone><<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
+      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kNone>
+          <<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
       break;
     case SkinnyEpilogue::kHF:
-      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kHF><<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
+      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kHF>
+          <<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
       break;
     case SkinnyEpilogue::kInterleaved:
-      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kInterleaved><<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K,
-                                                                                                       xs, ws);
+      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kInterleaved>
+          <<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
       break;
   }
 }
@@ -393,9 +395,11 @@ cudaError_t launch_skinny_gemm(const void* x, const void* weight, void* out, int
       const auto* wp = static_cast<const scalar_t*>(weight);
       auto* op = static_cast<scalar_t*>(out);
       if (M <= 8)
-        launch_mma_tiles<scalar_t, 1>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles, rt, stream);
+        launch_mma_tiles<scalar_t, 1>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles, rt,
+                                      stream);
       else
-        launch_mma_tiles<scalar_t, 2>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles, rt, stream);
+        launch_mma_tiles<scalar_t, 2>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles, rt,
+                                      stream);
     });
     return cudaGetLastError();
   }

@@ -33,7 +33,9 @@ def _check_skinny_gemm(x, weight, epilogue):
         raise ValueError(f"dots1_ext: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     N = weight.shape[0]
     if epilogue == "swiglu" and N % 2:
-        raise ValueError(f"dots1_ext: epilogue 'swiglu' needs an even weight.shape[0] (gate rows then up rows), got {N}")
+        raise ValueError(
+            f"dots1_ext: epilogue 'swiglu' needs an even weight.shape[0] (gate rows then up rows), got {N}"
+        )
     if epilogue == "swiglu_interleaved" and N % 16:
         raise ValueError(
             "dots1_ext: epilogue 'swiglu_interleaved' needs weight.shape[0] (gate + up rows) to be a multiple of 16 "
