@@ -272,3 +272,25 @@ def qk_norm_rope_kv_cache_(
     q.masked_fill_(~ok[:, None, None], float("nan"))
     k_rows[rows[ok]] = k[ok].to(k_cache.dtype)  # reference only: boolean indexing (a host sync) is fine
     v_rows[rows[ok]] = v[ok].to(v_cache.dtype)
+
+
+# ---- skinny GEMM (decode linears) ----
+
+
+def skinny_gemm(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    epilogue: str,  # "none" | "swiglu" | "swiglu_interleaved"
+) -> torch.Tensor:  # [M, N] or, for the SwiGLU epilogues, [M, N/2]
+    """``x @ weight.T`` in fp32, rounded once to x's dtype. "swiglu": silu(gate) * up in fp32 on the
+    unrounded product, gate = weight rows [0, N/2), up = rows [N/2, N) (HF layout, N even);
+    "swiglu_interleaved": the same with the rows in 16-row [8 gate | 8 up] blocks (the layout of
+    :func:`interleave_gate_up`, N % 16 == 0). The same rounding as :func:`grouped_gemm`'s epilogues."""
+    M, N = x.shape[0], weight.shape[0]
+    y = x.float() @ weight.float().t()
+    if epilogue == "swiglu":
+        y = F.silu(y[:, : N // 2]) * y[:, N // 2 :]
+    elif epilogue == "swiglu_interleaved":
+        blocks = y.view(M, N // 16, 2, 8)  # [8 gate | 8 up] per 16 columns
+        y = F.silu(blocks[:, :, 0].reshape(M, N // 2)) * blocks[:, :, 1].reshape(M, N // 2)
+    return y.to(x.dtype)

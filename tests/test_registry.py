@@ -20,6 +20,7 @@ OPS = [
     "add_rms_norm_",
     "qk_norm_rope_",
     "qk_norm_rope_kv_cache_",
+    "skinny_gemm",
 ]
 
 

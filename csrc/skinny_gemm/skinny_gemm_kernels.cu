@@ -1,1 +1,433 @@
-// Filled in by the skinny_gemm/skinny_gemm op family.
+// Skinny GEMM kernels (decode linears, M <= 16): a tensor-core weight-streaming kernel for aligned
+// fp16/bf16 and a portable CUDA-core kernel for everything else. See skinny_gemm.h for the contract.
+//
+// The tensor-core kernel in one paragraph. The weight is the 16-row operand of mma.sync m16n8k16 and
+// x the 8-column one (tokens; two 8-token tiles for M > 8), so a single-token decode wastes only
+// tensor-core throughput, of which there is 30x more than the weight stream needs. Each lane loads
+// 16 bytes of weight row g (= lane / 4) and of row g + 8 at k = 32 s + 8 (lane % 4), and the 16 bytes
+// of x token g at the same k: that is exactly the A and B fragments of two mma k16 steps once the 32
+// k values of a step are renumbered (a permutation of k inside the step, the same for A and B, which
+// a dot product does not see). So the weight goes from global memory straight into mma registers, no
+// shared memory and no shuffles. A CTA owns RT 16-row tiles of the weight and its 8 warps split K
+// (contiguous step ranges, equal to one step); the partial sums meet in shared memory in a fixed
+// order and the epilogue is applied there, in fp32, with one rounding. A CTA reads x once (each warp
+// its own K range) and every weight byte once, with 16-byte loads that bypass L1
+// (ld.global.nc.L1::no_allocate); each lane keeps U x (2 RT) of them in flight.
+#include <cstdint>
+
+#include "cuda_utils.cuh"
+#include "skinny_gemm/skinny_gemm.h"
+
+namespace dots1 {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kStepK = 32;  // k values of one warp step: 4 lanes x 8 values per weight row
+
+__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
+
+// 16 bytes of the weight (read once: no L1 allocation, so L1 keeps x); zeros when !pred.
+__device__ __forceinline__ uint4 load_weight16(const void* p, bool pred) {
+  uint4 v;
+  asm("{\n\t"
+      ".reg .pred p;\n\t"
+      "setp.ne.b32 p, %5, 0;\n\t"
+      "mov.b32 %0, 0;\n\t"
+      "mov.b32 %1, 0;\n\t"
+      "mov.b32 %2, 0;\n\t"
+      "mov.b32 %3, 0;\n\t"
+      "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
+      "}"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+// 16 bytes of x (read by every CTA: cached in L1 and L2); zeros when !pred.
+__device__ __forceinline__ uint4 load_x16(const void* p, bool pred) {
+  uint4 v;
+  asm("{\n\t"
+      ".reg .pred p;\n\t"
+      "setp.ne.b32 p, %5, 0;\n\t"
+      "mov.b32 %0, 0;\n\t"
+      "mov.b32 %1, 0;\n\t"
+      "mov.b32 %2, 0;\n\t"
+      "mov.b32 %3, 0;\n\t"
+      "@p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
+      "}"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+// c += A (16 x 16, row) * B (16 x 8, col), fp32 accumulate.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                  uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Steps per batch: each lane holds U * (2 RT + NT) 16-byte vectors at once (20-24 of them, 80-96
+// registers; 128 registers in all for two CTAs per SM), of which U * 2 RT are weight (256 bytes, 192
+// for RT = 1, NT = 2). (RT = 4 spilled at U = 2: not offered.)
+template <int RT, int NT>
+constexpr int batch_steps() {
+  return RT == 1 ? (NT == 1 ? 8 : 6) : 4;
+}
+
+// Independent accumulator sets: an mma's result feeds the next mma on the same accumulator, so with
+// few tiles the chain of 2 U dependent mmas per batch would hold the warp longer than the loads it
+// waits for; 4 chains (sets x tiles) keep each chain short. Summed in a fixed order at the end.
+template <int RT, int NT>
+constexpr int accumulator_sets() {
+  return RT * NT >= 4 ? 1 : 4 / (RT * NT);
+}
+
+// Grid: one CTA per RT tiles of 16 weight rows ("none", "swiglu_interleaved": rows 16 tile .. + 16;
+// "swiglu" (HF): gate rows 8 tile .. + 8 then the matching up rows, the interleaved block made on the
+// fly). Row g of a tile (g < 8) and row g + 8 land in one lane's accumulators for the same tokens, so
+// with SwiGLU the gate and up of feature 8 tile + g meet in one thread.
+template <typename T, int RT, int NT, SkinnyEpilogue kEpi>
+__global__ void __launch_bounds__(kThreads, 2)
+    skinny_gemm_mma_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out, int M,
+                           int64_t N, int64_t K, int64_t x_row_stride, int64_t weight_row_stride) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sync m16n8k16 with fp16/bf16 needs sm_80; the launcher never picks this kernel there
+#else
+  constexpr int U = batch_steps<RT, NT>();
+  constexpr int kSets = accumulator_sets<RT, NT>();
+  __shared__ float4 partial[kWarps][RT * NT][32];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c = lane & 3;
+  const int64_t N_out = kEpi == SkinnyEpilogue::kNone ? N : N / 2;
+
+  // This lane's weight rows (h = 0: row g of the tile, h = 1: row g + 8) and x rows (token 8 j + g),
+  // already offset to its 16 bytes of each step. Rows and tokens past the end are never loaded
+  // (their fragments stay zero); their results are not written.
+  const T* w_ptr[RT][2];
+  bool w_ok[RT][2];
+#pragma unroll
+  for (int t = 0; t < RT; ++t) {
+    const int64_t tile = static_cast<int64_t>(blockIdx.x) * RT + t;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int64_t row;
+      bool ok;
+      if constexpr (kEpi == SkinnyEpilogue::kHF) {
+        const int64_t f = tile * 8 + g;
+        ok = f < N_out;
+        row = h == 0 ? f : N_out + f;
+      } else {
+        row = tile * 16 + g + 8 * h;
+        ok = row < N;
+      }
+      w_ok[t][h] = ok;
+      w_ptr[t][h] = weight + (ok ? row : 0) * weight_row_stride + 8 * c;
+    }
+  }
+  const T* x_ptr[NT];
+  bool x_ok[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int m = 8 * j + g;
+    x_ok[j] = m < M;
+    x_ptr[j] = x + (x_ok[j] ? m : 0) * x_row_stride + 8 * c;
+  }
+
+  float acc[kSets][RT][NT][4];
+#pragma unroll
+  for (int s = 0; s < kSets; ++s)
+#pragma unroll
+    for (int t = 0; t < RT; ++t)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[s][t][j][i] = 0.0f;
+
+  // This warp's steps: an equal share (to one step) of the K range, contiguous.
+  const int64_t steps = (K + kStepK - 1) / kStepK;
+  const int64_t step_begin = steps * warp / kWarps, step_end = steps * (warp + 1) / kWarps;
+  const int64_t lane_k = 8 * c;
+
+  for (int64_t s0 = step_begin; s0 < step_end; s0 += U) {
+    uint4 wv[U][RT][2];
+    uint4 xv[U][NT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (s0 + u) * kStepK;
+      const bool k_ok = s0 + u < step_end && k + lane_k < K;  // K % 8 == 0: the whole vector is in range
+#pragma unroll
+      for (int t = 0; t < RT; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wv[u][t][h] = load_weight16(w_ptr[t][h] + k, k_ok && w_ok[t][h]);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) xv[u][j] = load_x16(x_ptr[j] + k, k_ok && x_ok[j]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      // Words 0-1 of each vector are the first k16 step (A: row g, row g + 8, row g, row g + 8), words 2-3 the second.
+      const int set0 = (2 * u) % kSets, set1 = (2 * u + 1) % kSets;
+#pragma unroll
+      for (int t = 0; t < RT; ++t)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          mma_16816<T>(acc[set0][t][j], wv[u][t][0].x, wv[u][t][1].x, wv[u][t][0].y, wv[u][t][1].y, xv[u][j].x,
+                       xv[u][j].y);
+          mma_16816<T>(acc[set1][t][j], wv[u][t][0].z, wv[u][t][1].z, wv[u][t][0].w, wv[u][t][1].w, xv[u][j].z,
+                       xv[u][j].w);
+        }
+    }
+  }
+
+#pragma unroll
+  for (int t = 0; t < RT; ++t)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      float4 sum = make_float4(acc[0][t][j][0], acc[0][t][j][1], acc[0][t][j][2], acc[0][t][j][3]);
+#pragma unroll
+      for (int s = 1; s < kSets; ++s) {
+        sum.x += acc[s][t][j][0];
+        sum.y += acc[s][t][j][1];
+        sum.z += acc[s][t][j][2];
+        sum.w += acc[s][t][j][3];
+      }
+      partial[warp][t * NT + j][lane] = sum;
+    }
+  __syncthreads();
+
+  // One thread per (tile, token tile, lane) fragment: the warps' partial sums in warp order, then
+  // the epilogue. Fragment of lane l: rows g, g + 8 (g = l / 4) x tokens 8 j + 2 (l % 4) + {0, 1}.
+  static_assert(RT * NT * 32 <= kThreads, "one fragment per thread");
+  if (threadIdx.x < RT * NT * 32) {
+    const int tj = threadIdx.x >> 5, l = threadIdx.x & 31;
+    const int t = tj / NT, j = tj % NT;
+    float4 v = partial[0][tj][l];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      const float4 p = partial[w][tj][l];
+      v.x += p.x;
+      v.y += p.y;
+      v.z += p.z;
+      v.w += p.w;
+    }
+    const int lg = l >> 2;
+    const int m0 = 8 * j + 2 * (l & 3), m1 = m0 + 1;
+    const int64_t tile = static_cast<int64_t>(blockIdx.x) * RT + t;
+    if constexpr (kEpi == SkinnyEpilogue::kNone) {
+      const int64_t r0 = tile * 16 + lg, r1 = r0 + 8;
+      if (m0 < M) {
+        if (r0 < N) out[m0 * N + r0] = from_float<T>(v.x);
+        if (r1 < N) out[m0 * N + r1] = from_float<T>(v.z);
+      }
+      if (m1 < M) {
+        if (r0 < N) out[m1 * N + r0] = from_float<T>(v.y);
+        if (r1 < N) out[m1 * N + r1] = from_float<T>(v.w);
+      }
+    } else {
+      const int64_t f = tile * 8 + lg;
+      if (f < N_out) {
+        if (m0 < M) out[m0 * N_out + f] = from_float<T>(silu_f(v.x) * v.z);
+        if (m1 < M) out[m1 * N_out + f] = from_float<T>(silu_f(v.y) * v.w);
+      }
+    }
+  }
+#endif
+}
+
+// Portable kernel: any dtype, K, strides and alignment; scalar loads on CUDA cores. One warp per
+// item: "none" rows 2i and 2i + 1; SwiGLU feature i (its gate row and its up row). Tokens in chunks
+// of 8 (one pass over the item's weight rows per chunk). Lanes stride over K; warp sums in a fixed
+// shuffle order.
+template <typename T, SkinnyEpilogue kEpi>
+__global__ void __launch_bounds__(kThreads)
+    skinny_gemm_portable_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out, int M,
+                                int64_t N, int64_t K, int64_t x_row_stride, int64_t weight_row_stride) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t N_out = kEpi == SkinnyEpilogue::kNone ? N : N / 2;
+  const int64_t items = kEpi == SkinnyEpilogue::kNone ? (N + 1) / 2 : N_out;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (item >= items) return;  // uniform over the warp; no block-wide barrier below
+
+  int64_t row0, row1;
+  if constexpr (kEpi == SkinnyEpilogue::kNone) {
+    row0 = 2 * item;
+    row1 = 2 * item + 1;
+  } else if constexpr (kEpi == SkinnyEpilogue::kHF) {
+    row0 = item;
+    row1 = N_out + item;
+  } else {
+    row0 = (item >> 3) * 16 + (item & 7);
+    row1 = row0 + 8;
+  }
+  const bool row1_ok = row1 < N;
+  const T* w0 = weight + row0 * weight_row_stride;
+  const T* w1 = weight + (row1_ok ? row1 : row0) * weight_row_stride;
+
+  for (int m_base = 0; m_base < M; m_base += 8) {
+    float acc[2][8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[0][i] = acc[1][i] = 0.0f;
+    for (int64_t k = lane; k < K; k += 32) {
+      const float a = to_float(w0[k]), b = to_float(w1[k]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (m_base + i < M) {
+          const float xv = to_float(x[(m_base + i) * x_row_stride + k]);
+          acc[0][i] = fmaf(a, xv, acc[0][i]);
+          acc[1][i] = fmaf(b, xv, acc[1][i]);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float s0 = warp_sum(acc[0][i]), s1 = warp_sum(acc[1][i]);
+      const int64_t m = m_base + i;
+      if (lane == 0 && m < M) {
+        if constexpr (kEpi == SkinnyEpilogue::kNone) {
+          out[m * N + row0] = from_float<T>(s0);
+          if (row1_ok) out[m * N + row1] = from_float<T>(s1);
+        } else {
+          out[m * N_out + item] = from_float<T>(silu_f(s0) * s1);
+        }
+      }
+    }
+  }
+}
+
+// The tensor-core kernel's tiles per warp when the caller leaves it to us. Two tiles per warp halve
+// the CTAs: each lives twice as long (half the CTA turnover per byte) and reads x (M K elements, from
+// L2: M / (16 RT) of the weight's traffic) for twice the rows; but fewer, longer CTAs leave a coarser
+// tail. So two tiles where the grid still fills every SM's two CTA slots twice over, or once over when
+// M > 4 makes the x traffic worth saving; else one.
+int auto_tiles_per_warp(int64_t M, int64_t tiles, int sm_count) {
+  const int64_t slots = 2 * static_cast<int64_t>(sm_count);
+  const int64_t ctas = (tiles + 1) / 2;
+  return ctas >= 2 * slots || (M > 4 && ctas >= slots) ? 2 : 1;
+}
+
+template <typename T, int RT, int NT>
+void launch_mma(const T* x, const T* w, T* out, int M, int64_t N, int64_t K, int64_t xs, int64_t ws,
+                SkinnyEpilogue epi, int64_t tiles, cudaStream_t stream) {
+  const unsigned int blocks = ceil_div(tiles, RT);
+  switch (epi) {
+    case SkinnyEpilogue::kNone:
+      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kNone>
+          <<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
+      break;
+    case SkinnyEpilogue::kHF:
+      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kHF>
+          <<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
+      break;
+    case SkinnyEpilogue::kInterleaved:
+      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kInterleaved>
+          <<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
+      break;
+  }
+}
+
+template <typename T, int NT>
+void launch_mma_tiles(const T* x, const T* w, T* out, int M, int64_t N, int64_t K, int64_t xs, int64_t ws,
+                      SkinnyEpilogue epi, int64_t tiles, int rt, cudaStream_t stream) {
+  if (rt == 2)
+    launch_mma<T, 2, NT>(x, w, out, M, N, K, xs, ws, epi, tiles, stream);
+  else
+    launch_mma<T, 1, NT>(x, w, out, M, N, K, xs, ws, epi, tiles, stream);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+int skinny_gemm_kernel_kind(const void* x, const void* weight, int64_t M, int64_t N, int64_t K, int64_t x_row_stride,
+                            int64_t weight_row_stride, DType dtype) {
+  if (M <= 0 || N <= 0) return 0;
+  // 16-byte vectors of 8 elements: every row start must be 16-byte aligned.
+  const bool vectorisable = dtype != DType::kFloat32 && K % 8 == 0 && aligned16(x) && aligned16(weight) &&
+                            x_row_stride % 8 == 0 && weight_row_stride % 8 == 0;
+  return vectorisable && M <= kSkinnyMaxRows ? 1 : 2;
+}
+
+cudaError_t launch_skinny_gemm(const void* x, const void* weight, void* out, int64_t M, int64_t N, int64_t K,
+                               int64_t x_row_stride, int64_t weight_row_stride, SkinnyEpilogue epilogue, DType dtype,
+                               int tiles_per_warp, cudaStream_t stream) {
+  if (M < 0 || M > kSkinnyMaxRows || N < 0 || K < 0) return cudaErrorInvalidValue;
+  if (epilogue == SkinnyEpilogue::kHF && N % 2 != 0) return cudaErrorInvalidValue;
+  if (epilogue == SkinnyEpilogue::kInterleaved && N % 16 != 0) return cudaErrorInvalidValue;
+  const int64_t N_out = epilogue == SkinnyEpilogue::kNone ? N : N / 2;
+  if (M == 0 || N_out == 0) return cudaSuccess;
+  const int kind = skinny_gemm_kernel_kind(x, weight, M, N, K, x_row_stride, weight_row_stride, dtype);
+  const int m = static_cast<int>(M);
+
+  if (kind == 1) {
+    // 16-row weight tiles: "none" / interleaved 16 rows each; HF 8 features (8 gate + 8 up rows).
+    const int64_t tiles = epilogue == SkinnyEpilogue::kHF ? (N_out + 7) / 8 : (N + 15) / 16;
+    int rt = tiles_per_warp;
+    if (rt == 0) {
+      int sm_count = 0;
+      const cudaError_t err = current_sm_count(&sm_count);
+      if (err != cudaSuccess) return err;
+      rt = auto_tiles_per_warp(M, tiles, sm_count);
+    }
+    if (rt != 1 && rt != 2) return cudaErrorInvalidValue;
+    if ((tiles + rt - 1) / rt > 0x7fffffff) return cudaErrorInvalidValue;
+    DOTS1_DISPATCH_HALF_TYPES(dtype, scalar_t, {
+      const auto* xp = static_cast<const scalar_t*>(x);
+      const auto* wp = static_cast<const scalar_t*>(weight);
+      auto* op = static_cast<scalar_t*>(out);
+      if (M <= 8)
+        launch_mma_tiles<scalar_t, 1>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles, rt,
+                                      stream);
+      else
+        launch_mma_tiles<scalar_t, 2>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles, rt,
+                                      stream);
+    });
+    return cudaGetLastError();
+  }
+
+  const int64_t items = epilogue == SkinnyEpilogue::kNone ? (N + 1) / 2 : N_out;
+  const int64_t blocks = (items + kWarps - 1) / kWarps;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
+    const auto* xp = static_cast<const scalar_t*>(x);
+    const auto* wp = static_cast<const scalar_t*>(weight);
+    auto* op = static_cast<scalar_t*>(out);
+    const unsigned int grid = static_cast<unsigned int>(blocks);
+    switch (epilogue) {
+      case SkinnyEpilogue::kNone:
+        skinny_gemm_portable_kernel<scalar_t, SkinnyEpilogue::kNone>
+            <<<grid, kThreads, 0, stream>>>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride);
+        break;
+      case SkinnyEpilogue::kHF:
+        skinny_gemm_portable_kernel<scalar_t, SkinnyEpilogue::kHF>
+            <<<grid, kThreads, 0, stream>>>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride);
+        break;
+      case SkinnyEpilogue::kInterleaved:
+        skinny_gemm_portable_kernel<scalar_t, SkinnyEpilogue::kInterleaved>
+            <<<grid, kThreads, 0, stream>>>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride);
+        break;
+    }
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace dots1

@@ -5,6 +5,7 @@ from dots1_ext.ops.dispatch import permute, permuted_rows, unpermute
 from dots1_ext.ops.gating import router_topk_gating, topk_gating
 from dots1_ext.ops.grouped_gemm import deinterleave_gate_up, grouped_gemm, interleave_gate_up
 from dots1_ext.ops.norm import add_rms_norm_, qk_norm_rope_, qk_norm_rope_kv_cache_, rms_norm
+from dots1_ext.ops.skinny_gemm import skinny_gemm
 
 __all__ = [
     "add_rms_norm_",
@@ -18,6 +19,7 @@ __all__ = [
     "reference_backed_ops",
     "rms_norm",
     "router_topk_gating",
+    "skinny_gemm",
     "topk_gating",
     "unpermute",
 ]
