@@ -20,6 +20,8 @@ OPS = [
     "add_rms_norm_",
     "qk_norm_rope_",
     "qk_norm_rope_kv_cache_",
+    "moe_decode_gate_up",
+    "moe_decode_down",
 ]
 
 
