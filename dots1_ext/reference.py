@@ -282,7 +282,7 @@ def _swiglu_rows(y: torch.Tensor, inter: int, interleaved: bool) -> torch.Tensor
     or in interleave_gate_up's 16-column [8 gate | 8 up] blocks."""
     if interleaved:
         blocks = y.view(y.shape[0], inter // 8, 2, 8)
-        gate, up = blocks[:, :, 0].reshape(-1, inter), blocks[:, :, 1].reshape(-1, inter)
+        gate, up = blocks[:, :, 0].reshape(y.shape[0], inter), blocks[:, :, 1].reshape(y.shape[0], inter)
     else:
         gate, up = y[:, :inter], y[:, inter:]
     return F.silu(gate) * up

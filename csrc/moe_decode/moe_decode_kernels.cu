@@ -110,22 +110,22 @@ struct Schedule {
   int32_t item_ncols[kMaxItems];   // 1 .. kMaxCols
   int32_t num_routed_items;
   int32_t num_items;               // routed items + the shared item (if any)
-  int32_t any_bad;                 // some pair has an id outside [0, E)
 };
 
-// Every thread of the CTA calls it; ends with a barrier.
-__device__ void build_schedule(Schedule& s, const int32_t* __restrict__ topk_ids, int P, int T, int E,
+// Every thread of the CTA calls it; ends with a barrier. Returns whether some pair has an id outside
+// [0, E) (the same answer in every thread).
+__device__ bool build_schedule(Schedule& s, const int32_t* __restrict__ topk_ids, int P, int T, int E,
                                bool has_shared) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   for (int p = tid; p < P; p += kThreads) s.id[p] = __ldg(topk_ids + p);
-  if (tid == 0) s.any_bad = 0;
   __syncthreads();
+  int bad = 0;
   // O(P^2) comparisons (P <= 128): no table over E, so any E works.
   for (int p = tid; p < P; p += kThreads) {
     const int id = s.id[p];
     if (id < 0 || id >= E) {
       s.first[p] = -1;
-      s.any_bad = 1;  // benign race: every writer writes 1
+      bad = 1;
       continue;
     }
     int first = p, rank = 0, count = 0;
@@ -142,7 +142,7 @@ __device__ void build_schedule(Schedule& s, const int32_t* __restrict__ topk_ids
     s.rank[p] = rank;
     s.count[p] = count;
   }
-  __syncthreads();
+  const bool any_bad = __syncthreads_or(bad) != 0;
   if (warp == 0) {
     // Experts in order of first appearance: prefix sums of their pair counts (columns) and items.
     int cols = 0, items = 0;
@@ -189,6 +189,7 @@ __device__ void build_schedule(Schedule& s, const int32_t* __restrict__ topk_ids
     if (first >= 0) s.col_pair[s.col_start[first] + s.rank[p]] = p;
   }
   __syncthreads();
+  return any_bad;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,10 +444,10 @@ __global__ void __launch_bounds__(kThreads, 1) moe_gate_up_kernel(const GateUpPa
   __shared__ Schedule s;
   __shared__ float red[2][kWarps][kRedRegs][32];
   const int P = p.T_ * p.k;
-  build_schedule(s, p.topk_ids, P, p.T_, p.E, p.Is > 0);
+  const bool any_bad = build_schedule(s, p.topk_ids, P, p.T_, p.E, p.Is > 0);
 
   // Pairs with a bad id: NaN in their act columns (grid-stride; usually there are none).
-  if (s.any_bad) {
+  if (any_bad) {
     const int64_t total = static_cast<int64_t>(P) * p.I;
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
          i += static_cast<int64_t>(gridDim.x) * kThreads) {
