@@ -294,3 +294,81 @@ def skinny_gemm(
         blocks = y.view(M, N // 16, 2, 8)  # [8 gate | 8 up] per 16 columns
         y = F.silu(blocks[:, :, 0].reshape(M, N // 2)) * blocks[:, :, 1].reshape(M, N // 2)
     return y.to(x.dtype)
+
+# ---- MoE decode: routed + shared experts straight from topk_ids (no permute / unpermute) ----
+
+
+def _swiglu_rows(y: torch.Tensor, inter: int, interleaved: bool) -> torch.Tensor:
+    """silu(gate) * up of fp32 products y [n, 2*inter] whose columns are in the HF order (gate then up)
+    or in interleave_gate_up's 16-column [8 gate | 8 up] blocks."""
+    if interleaved:
+        blocks = y.view(y.shape[0], inter // 8, 2, 8)
+        gate, up = blocks[:, :, 0].reshape(y.shape[0], inter), blocks[:, :, 1].reshape(y.shape[0], inter)
+    else:
+        gate, up = y[:, :inter], y[:, inter:]
+    return F.silu(gate) * up
+
+
+def moe_decode_gate_up(
+    hidden: torch.Tensor,  # [T, H]
+    gate_up: torch.Tensor,  # [E, 2I, H]
+    topk_ids: torch.Tensor,  # [T, k] int32
+    shared_gate_up: torch.Tensor | None,  # [2Is, H]: gate rows then up rows, or None (Is = 0)
+    epilogue: str,  # "swiglu" (HF rows) | "swiglu_interleaved" (interleave_gate_up's rows)
+) -> torch.Tensor:  # act [T, k*I + Is]
+    """act[t, j*I:(j+1)*I] = silu(gate) * up of expert topk_ids[t, j] on hidden[t]; act[t, k*I:] the same
+    for the shared experts' weight. Exactly grouped_gemm's SwiGLU epilogue: fp32 products, silu(gate) * up
+    in fp32, rounded once to hidden's dtype.
+
+    A pair whose id is outside [0, E) gets NaN in its I columns (poison policy)."""
+    T, H = hidden.shape
+    E, N, _ = gate_up.shape
+    inter, k = N // 2, topk_ids.shape[1]
+    interleaved = epilogue == "swiglu_interleaved"
+    x = hidden.float()
+    routed = torch.full((T, k, inter), float("nan"), dtype=torch.float32, device=hidden.device)
+    for t in range(T):
+        for j in range(k):
+            e = int(topk_ids[t, j])  # reference only: a host read is fine here
+            if 0 <= e < E:
+                y = x[t : t + 1] @ gate_up[e].float().t()
+                routed[t, j] = _swiglu_rows(y, inter, interleaved)[0]
+    parts = [routed.view(T, k * inter)]
+    if shared_gate_up is not None:
+        parts.append(_swiglu_rows(x @ shared_gate_up.float().t(), shared_gate_up.shape[0] // 2, False))
+    return torch.cat(parts, dim=1).to(hidden.dtype)
+
+
+def moe_decode_down(
+    act: torch.Tensor,  # [T, k*I + Is]
+    down: torch.Tensor,  # [E, H, I]
+    topk_ids: torch.Tensor,  # [T, k] int32
+    topk_weights: torch.Tensor,  # [T, k] fp32
+    shared_down: torch.Tensor | None,  # [H, Is] or None (Is = 0)
+    residual: torch.Tensor | None,  # [T, H] or None
+) -> torch.Tensor:  # [T, H], act's dtype
+    """out[t] = sum_j w[t, j] * (down[ids[t, j]] @ act[t, j*I:(j+1)*I]) + shared_down @ act[t, k*I:]
+    + residual[t]: every term an fp32 dot product (not rounded), added in fp32 in exactly that order
+    (j = 0 .. k-1, then the shared experts, then the residual), rounded once to act's dtype.
+
+    A token with any id outside [0, E) gets a NaN output row (poison policy)."""
+    T = act.shape[0]
+    E, H, inter = down.shape
+    k = topk_ids.shape[1]
+    a = act.float()
+    out = torch.empty(T, H, dtype=act.dtype, device=act.device)
+    for t in range(T):
+        acc = torch.zeros(H, dtype=torch.float32, device=act.device)
+        bad = False
+        for j in range(k):
+            e = int(topk_ids[t, j])  # reference only: a host read is fine here
+            if not 0 <= e < E:
+                bad = True
+                continue
+            acc = acc + topk_weights[t, j].float() * (down[e].float() @ a[t, j * inter : (j + 1) * inter])
+        if shared_down is not None:
+            acc = acc + shared_down.float() @ a[t, k * inter :]
+        if residual is not None:
+            acc = acc + residual[t].float()
+        out[t] = (torch.full_like(acc, float("nan")) if bad else acc).to(act.dtype)
+    return out

@@ -21,6 +21,8 @@ OPS = [
     "qk_norm_rope_",
     "qk_norm_rope_kv_cache_",
     "skinny_gemm",
+    "moe_decode_gate_up",
+    "moe_decode_down",
 ]
 
 

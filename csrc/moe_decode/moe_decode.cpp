@@ -1,2 +1,282 @@
-// Filled in by the moe_decode/moe_decode op family.
+// Tensor-level code of the MoE decode family: argument checks, the C++ CPU kernels and the CUDA
+// entry points that call the launchers of moe_decode.h.
+//
+// Ops (schemas in csrc/registry.cpp, semantics in dots1_ext/reference.py):
+//   moe_decode_gate_up(hidden [T, H], gate_up [E, 2I, H], topk_ids [T, k] int32, shared_gate_up [2Is, H]?,
+//                      epilogue "swiglu" | "swiglu_interleaved") -> act [T, k*I + Is]
+//   moe_decode_down(act [T, k*I + Is], down [E, H, I], topk_ids [T, k] int32, topk_weights [T, k] fp32,
+//                   shared_down [H, Is]?, residual [T, H]?) -> out [T, H]
+//
+// Numerics (every backend): fp32 dot products of the dtype's values; gate_up applies silu(gate) * up
+// in fp32 and rounds once (as reference.grouped_gemm's SwiGLU epilogue); down sums
+// w[t, j] * dot_j for j = 0 .. k-1, then the shared experts' dot, then the residual, in fp32 in that
+// order (each product and sum rounded to fp32 separately), and rounds once.
+//
+// Poison policy: an id outside [0, E) never reaches memory; its pair's act columns are NaN (gate_up)
+// and its token's whole output row is NaN (down). Duplicate ids within a row are computed as given.
+//
+// The weights are read where they lie, never copied per call: they must be contiguous and 16-byte
+// aligned (as grouped_gemm's); activations are copied when their layout needs it (they are small).
+#include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <limits>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "moe_decode/moe_decode.h"
+
+#ifdef DOTS1_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace dots1 {
+namespace {
+
+const std::initializer_list<at::ScalarType> kFloatTypes = {at::kFloat, at::kHalf, at::kBFloat16};
+
+// ---------------------------------------------------------------------------------------------
+// Checks (mirror dots1_ext/ops/moe_decode.py)
+
+void check_weight_layout(const at::Tensor& w, const char* name, const char* layout) {
+  TORCH_CHECK_VALUE(w.is_contiguous(), "dots1_ext: ", name, " must be contiguous (", layout,
+                    ", rows packed), got strides ", w.strides(), " for shape ", w.sizes(),
+                    "; make it contiguous once, at load");
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "dots1_ext: ", name,
+                    " must start at a 16-byte aligned address, got an offset of ",
+                    reinterpret_cast<uintptr_t>(w.data_ptr()) % 16, " bytes; copy it once, at load (.clone())");
+}
+
+struct GateUpShape {
+  int64_t T, H, E, k, I, Is;
+  bool interleaved;
+};
+
+GateUpShape check_gate_up(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& topk_ids,
+                          const std::optional<at::Tensor>& shared_gate_up, const std::string& epilogue) {
+  check_dtype(hidden, "hidden", kFloatTypes);
+  check_shape(hidden, "hidden", {-1, -1});
+  const int64_t T = hidden.size(0), H = hidden.size(1);
+  check_dtype(gate_up, "gate_up", {hidden.scalar_type()});
+  check_shape(gate_up, "gate_up", {-1, -1, H});
+  check_same_device(gate_up, "gate_up", hidden, "hidden");
+  TORCH_CHECK_VALUE(epilogue == "swiglu" || epilogue == "swiglu_interleaved",
+                    "dots1_ext: epilogue must be one of ('swiglu', 'swiglu_interleaved'), got '", epilogue, "'");
+  const bool interleaved = epilogue == "swiglu_interleaved";
+  const int64_t N = gate_up.size(1);
+  TORCH_CHECK_VALUE(N % 2 == 0, "dots1_ext: gate_up.shape[1] (gate + up rows, 2I) must be even, got ", N);
+  TORCH_CHECK_VALUE(!interleaved || N % 16 == 0,
+                    "dots1_ext: epilogue 'swiglu_interleaved' needs gate_up.shape[1] (2I) to be a multiple of 16 "
+                    "(whole [8 gate | 8 up] blocks), got ", N);
+  check_dtype(topk_ids, "topk_ids", {at::kInt});
+  check_shape(topk_ids, "topk_ids", {T, -1});
+  check_same_device(topk_ids, "topk_ids", hidden, "hidden");
+  check_weight_layout(gate_up, "gate_up", "[E, 2I, H] with H contiguous");
+  int64_t Is = 0;
+  if (shared_gate_up.has_value()) {
+    const at::Tensor& s = *shared_gate_up;
+    check_dtype(s, "shared_gate_up", {hidden.scalar_type()});
+    check_shape(s, "shared_gate_up", {-1, H});
+    check_same_device(s, "shared_gate_up", hidden, "hidden");
+    TORCH_CHECK_VALUE(s.size(0) % 2 == 0,
+                      "dots1_ext: shared_gate_up.shape[0] (gate rows then up rows, 2Is) must be even, got ", s.size(0));
+    check_weight_layout(s, "shared_gate_up", "[2Is, H] with H contiguous");
+    Is = s.size(0) / 2;
+  }
+  const int64_t k = topk_ids.size(1);
+  TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max() && k <= std::numeric_limits<int32_t>::max() &&
+                        gate_up.size(0) <= std::numeric_limits<int32_t>::max(),
+                    "dots1_ext: T, k and E must fit in int32, got ", T, ", ", k, ", ", gate_up.size(0));
+  return {T, H, gate_up.size(0), k, N / 2, Is, interleaved};
+}
+
+struct DownShape {
+  int64_t T, H, E, k, I, Is;
+};
+
+DownShape check_down(const at::Tensor& act, const at::Tensor& down, const at::Tensor& topk_ids,
+                     const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
+                     const std::optional<at::Tensor>& residual) {
+  check_dtype(act, "act", kFloatTypes);
+  check_shape(act, "act", {-1, -1});
+  const int64_t T = act.size(0);
+  check_dtype(down, "down", {act.scalar_type()});
+  check_shape(down, "down", {-1, -1, -1});
+  check_same_device(down, "down", act, "act");
+  const int64_t E = down.size(0), H = down.size(1), I = down.size(2);
+  check_dtype(topk_ids, "topk_ids", {at::kInt});
+  check_shape(topk_ids, "topk_ids", {T, -1});
+  check_same_device(topk_ids, "topk_ids", act, "act");
+  const int64_t k = topk_ids.size(1);
+  check_dtype(topk_weights, "topk_weights", {at::kFloat});
+  check_shape(topk_weights, "topk_weights", {T, k});
+  check_same_device(topk_weights, "topk_weights", act, "act");
+  check_weight_layout(down, "down", "[E, H, I] with I contiguous");
+  int64_t Is = 0;
+  if (shared_down.has_value()) {
+    const at::Tensor& s = *shared_down;
+    check_dtype(s, "shared_down", {act.scalar_type()});
+    check_shape(s, "shared_down", {H, -1});
+    check_same_device(s, "shared_down", act, "act");
+    check_weight_layout(s, "shared_down", "[H, Is] with Is contiguous");
+    Is = s.size(1);
+  }
+  TORCH_CHECK_VALUE(act.size(1) == k * I + Is, "dots1_ext: act must have shape [T, k*I + Is] = [", T, ", ",
+                    k * I + Is, "] (k=", k, " from topk_ids, I=", I, " from down, Is=", Is,
+                    " from shared_down), got ", act.sizes());
+  if (residual.has_value()) {
+    check_dtype(*residual, "residual", {act.scalar_type()});
+    check_shape(*residual, "residual", {T, H});
+    check_same_device(*residual, "residual", act, "act");
+  }
+  TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max() && k <= std::numeric_limits<int32_t>::max() &&
+                        E <= std::numeric_limits<int32_t>::max(),
+                    "dots1_ext: T, k and E must fit in int32, got ", T, ", ", k, ", ", E);
+  return {T, H, E, k, I, Is};
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU kernels: per distinct expert, the tokens that chose it as one fp32 matmul.
+
+// Valid pairs (t*k + j) grouped by expert, experts in increasing order.
+std::map<int32_t, std::vector<int64_t>> pairs_by_expert(const int32_t* ids, int64_t P, int64_t E) {
+  std::map<int32_t, std::vector<int64_t>> groups;
+  for (int64_t p = 0; p < P; ++p)
+    if (ids[p] >= 0 && ids[p] < E) groups[ids[p]].push_back(p);
+  return groups;
+}
+
+at::Tensor pair_index(const std::vector<int64_t>& v) {
+  return at::from_blob(const_cast<int64_t*>(v.data()), {static_cast<int64_t>(v.size())}, at::kLong).clone();
+}
+
+// silu(gate) * up of the fp32 product y [n, 2I] whose columns are in `interleaved` or HF order.
+at::Tensor swiglu_of(const at::Tensor& y, int64_t I, bool interleaved) {
+  const int64_t n = y.size(0);
+  if (interleaved) {
+    const at::Tensor blocks = y.view({n, I / 8, 2, 8});
+    return at::silu(blocks.select(2, 0).reshape({n, I})) * blocks.select(2, 1).reshape({n, I});
+  }
+  return at::silu(y.narrow(1, 0, I)) * y.narrow(1, I, I);
+}
+
+at::Tensor moe_decode_gate_up_cpu(const at::Tensor& hidden_in, const at::Tensor& gate_up, const at::Tensor& topk_ids_in,
+                                  const std::optional<at::Tensor>& shared_gate_up, c10::string_view epilogue_view) {
+  const GateUpShape g = check_gate_up(hidden_in, gate_up, topk_ids_in, shared_gate_up, std::string(epilogue_view));
+  const at::Tensor x = hidden_in.to(at::kFloat).contiguous();
+  const at::Tensor ids = topk_ids_in.contiguous();
+  const int64_t NA = g.k * g.I + g.Is;
+  at::Tensor act = at::empty({g.T, NA}, hidden_in.options());
+  // Routed columns, one row per pair (t*k + j): [T*k, I]; pairs with a bad id stay NaN.
+  at::Tensor routed = at::full({g.T * g.k, g.I}, std::numeric_limits<float>::quiet_NaN(), act.options());
+  for (const auto& [e, pairs] : pairs_by_expert(ids.data_ptr<int32_t>(), g.T * g.k, g.E)) {
+    std::vector<int64_t> tokens(pairs.size());
+    for (size_t i = 0; i < pairs.size(); ++i) tokens[i] = pairs[i] / g.k;
+    const at::Tensor y = at::matmul(x.index_select(0, pair_index(tokens)), gate_up.select(0, e).to(at::kFloat).t());
+    routed.index_copy_(0, pair_index(pairs), swiglu_of(y, g.I, g.interleaved).to(act.scalar_type()));
+  }
+  act.narrow(1, 0, g.k * g.I).copy_(routed.view({g.T, g.k * g.I}));
+  if (g.Is > 0) {
+    const at::Tensor y = at::matmul(x, shared_gate_up->to(at::kFloat).t());
+    act.narrow(1, g.k * g.I, g.Is).copy_(swiglu_of(y, g.Is, /*interleaved=*/false).to(act.scalar_type()));
+  }
+  return act;
+}
+
+at::Tensor moe_decode_down_cpu(const at::Tensor& act_in, const at::Tensor& down, const at::Tensor& topk_ids_in,
+                               const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
+                               const std::optional<at::Tensor>& residual) {
+  const DownShape d = check_down(act_in, down, topk_ids_in, topk_weights, shared_down, residual);
+  const at::Tensor a = act_in.to(at::kFloat).contiguous();
+  const at::Tensor ids = topk_ids_in.contiguous();
+  const int32_t* id = ids.data_ptr<int32_t>();
+  // terms[t*k + j] = down[ids[t, j]] @ act[t, j*I:(j+1)*I] in fp32 (zero for a bad id: poisoned below).
+  at::Tensor terms = at::zeros({d.T * d.k, d.H}, a.options());
+  const at::Tensor routed = a.narrow(1, 0, d.k * d.I).reshape({d.T * d.k, d.I});
+  for (const auto& [e, pairs] : pairs_by_expert(id, d.T * d.k, d.E)) {
+    const at::Tensor p = pair_index(pairs);
+    terms.index_copy_(0, p, at::matmul(routed.index_select(0, p), down.select(0, e).to(at::kFloat).t()));
+  }
+  terms = terms.view({d.T, d.k, d.H});
+  const at::Tensor w = topk_weights.to(at::kFloat);
+  at::Tensor acc = at::zeros({d.T, d.H}, a.options());
+  for (int64_t j = 0; j < d.k; ++j) acc = acc + w.narrow(1, j, 1) * terms.select(1, j);
+  if (d.Is > 0) acc = acc + at::matmul(a.narrow(1, d.k * d.I, d.Is), shared_down->to(at::kFloat).t());
+  if (residual.has_value()) acc = acc + residual->to(at::kFloat);
+  std::vector<uint8_t> bad(d.T, 0);
+  for (int64_t p = 0; p < d.T * d.k; ++p)
+    if (id[p] < 0 || id[p] >= d.E) bad[p / d.k] = 1;
+  for (int64_t t = 0; t < d.T; ++t)
+    if (bad[t]) acc.select(0, t).fill_(std::numeric_limits<float>::quiet_NaN());
+  return acc.to(act_in.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA
+
+#ifdef DOTS1_WITH_CUDA
+
+// A pointer usable by 16-byte vector loads; otherwise a fresh (aligned) copy. Activations only.
+at::Tensor aligned_contiguous(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
+
+at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor& gate_up,
+                                   const at::Tensor& topk_ids_in, const std::optional<at::Tensor>& shared_gate_up,
+                                   c10::string_view epilogue_view) {
+  const GateUpShape g = check_gate_up(hidden_in, gate_up, topk_ids_in, shared_gate_up, std::string(epilogue_view));
+  c10::cuda::CUDAGuard guard(hidden_in.device());
+  const at::Tensor hidden = aligned_contiguous(hidden_in);
+  const at::Tensor ids = topk_ids_in.contiguous();
+  at::Tensor act = at::empty({g.T, g.k * g.I + g.Is}, hidden.options());
+  C10_CUDA_CHECK(launch_moe_decode_gate_up(
+      hidden.data_ptr(), gate_up.data_ptr(), ids.data_ptr<int32_t>(),
+      shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
+      g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
+      c10::cuda::getCurrentCUDAStream()));
+  return act;
+}
+
+at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down, const at::Tensor& topk_ids_in,
+                                const at::Tensor& topk_weights_in, const std::optional<at::Tensor>& shared_down,
+                                const std::optional<at::Tensor>& residual_in) {
+  const DownShape d = check_down(act_in, down, topk_ids_in, topk_weights_in, shared_down, residual_in);
+  c10::cuda::CUDAGuard guard(act_in.device());
+  const at::Tensor act = aligned_contiguous(act_in);
+  const at::Tensor ids = topk_ids_in.contiguous();
+  const at::Tensor weights = topk_weights_in.contiguous();
+  at::Tensor residual;
+  if (residual_in.has_value()) residual = residual_in->contiguous();
+  at::Tensor out = at::empty({d.T, d.H}, act.options());
+  C10_CUDA_CHECK(launch_moe_decode_down(act.data_ptr(), down.data_ptr(), ids.data_ptr<int32_t>(),
+                                        weights.data_ptr<float>(),
+                                        shared_down.has_value() ? shared_down->data_ptr() : nullptr,
+                                        residual.defined() ? residual.data_ptr() : nullptr, out.data_ptr(), d.T, d.H,
+                                        d.E, d.k, d.I, d.Is, to_dtype(act.scalar_type()),
+                                        c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+#endif  // DOTS1_WITH_CUDA
+
+}  // namespace
+}  // namespace dots1
+
+TORCH_LIBRARY_IMPL(dots1_ext, CPU, m) {
+  m.impl("moe_decode_gate_up", &dots1::moe_decode_gate_up_cpu);
+  m.impl("moe_decode_down", &dots1::moe_decode_down_cpu);
+}
+
+#ifdef DOTS1_WITH_CUDA
+TORCH_LIBRARY_IMPL(dots1_ext, CUDA, m) {
+  m.impl("moe_decode_gate_up", &dots1::moe_decode_gate_up_cuda);
+  m.impl("moe_decode_down", &dots1::moe_decode_down_cuda);
+}
+#endif

@@ -1,0 +1,137 @@
+"""The MoE experts of a decode step at real Dots1 shape (H=4096, 128 experts top-6, I=1408, shared
+Is=2816, bf16): ours = moe_decode_gate_up + moe_decode_down (two launches), against the current path
+timed in the same run on the same weights and ids = permute + grouped_gemm gate_up (SwiGLU fused) +
+grouped_gemm down + the shared experts as an F.linear MLP + unpermute (combine + residual).
+
+Each implementation is captured in one CUDA graph holding ``CALLS`` calls that cycle over
+``WEIGHT_SETS`` full copies of the layer's expert weights and fresh random distinct top-6 ids per call,
+so that L2 (50 MB) never serves a weight the previous call read; ids are redrawn between replays.
+Median replay time / CALLS. Floor: the bytes of the experts the calls touch (distinct routed experts x
+3*I*H*2 + the shared experts' 3*Is*H*2; the expected distinct count E*(1 - (1 - k/E)^T)) over the measured copy bandwidth.
+
+    python -m bench.bench_moe_decode [--quick]
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Report, Row, bench_main, bytes_floor_ms, copy_bandwidth_gbs, on_gpu, time_fn
+from dots1_ext import ops
+from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
+
+REAL = dict(E=128, k=6, H=4096, I=1408, Is=2816)
+TINY = dict(E=16, k=4, H=256, I=128, Is=256)
+WEIGHT_SETS = 2  # x 4.4 GB at real shape
+CALLS = 8  # calls per graph, cycling over the weight sets with their own ids
+
+
+def make_weights(s: dict, device: str, dtype: torch.dtype) -> dict:
+    E, H, I, Is = s["E"], s["H"], s["I"], s["Is"]
+    # Interleaved gate_up (what load_model ships, SwiGLU fused in grouped_gemm's epilogue); filled in
+    # place per expert to keep the peak at one set.
+    gate_up = torch.empty(E, 2 * I, H, device=device, dtype=dtype)
+    for e in range(E):
+        gate_up[e] = ops.interleave_gate_up((torch.randn(1, 2 * I, H, device=device) / H**0.5).to(dtype))[0]
+    down = torch.empty(E, H, I, device=device, dtype=dtype)
+    for e in range(E):
+        down[e] = (torch.randn(H, I, device=device) / I**0.5).to(dtype)
+    return dict(gate_up=gate_up, down=down, shared_gate_up=(torch.randn(2 * Is, H, device=device) / H**0.5).to(dtype),
+                shared_down=(torch.randn(H, Is, device=device) / Is**0.5).to(dtype))
+
+
+def draw_ids(T: int, k: int, E: int) -> torch.Tensor:
+    return torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
+
+
+def ours(x, w, ids, weights, residual):
+    act = moe_decode_gate_up(x, w["gate_up"], ids, w["shared_gate_up"], "swiglu_interleaved")
+    return moe_decode_down(act, w["down"], ids, weights, w["shared_down"], residual)
+
+
+def current_path(x, w, ids, weights, residual):
+    permuted, offsets, row_map = ops.permute(x, ids, w["gate_up"].shape[0])
+    act = ops.grouped_gemm(permuted, w["gate_up"], offsets, "swiglu_interleaved")
+    expert_out = ops.grouped_gemm(act, w["down"], offsets, "none")
+    gate, up = F.linear(x, w["shared_gate_up"]).chunk(2, dim=-1)
+    shared = F.linear(F.silu(gate) * up, w["shared_down"])
+    return ops.unpermute(expert_out, row_map, weights, shared_out=shared, residual=residual)
+
+
+def graph_ms(fn, calls: list[tuple], redraw, iters: int) -> float:
+    """Median ms per call of fn over ``calls`` (argument tuples), all captured in one CUDA graph;
+    ``redraw()`` refreshes the ids in place before each replay (untimed)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in calls:  # warm-up: workspaces, one-time setup
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in calls:
+            fn(*args)
+    times = []
+    for _ in range(iters + 2):
+        redraw()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times[2:]) / len(calls)
+
+
+def run(quick: bool = False) -> list[Report]:
+    gpu = on_gpu()
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    s = REAL if gpu else TINY
+    E, k, H, I, Is = s["E"], s["k"], s["H"], s["I"], s["Is"]
+    tokens = [1, 2, 4, 8, 16] if gpu else [1, 4]
+    sets = [make_weights(s, device, dtype) for _ in range(WEIGHT_SETS if gpu else 1)]
+    elt = torch.finfo(dtype).bits // 8
+    expert_bytes, shared_bytes = 3 * I * H * elt, 3 * Is * H * elt
+    report = Report(f"MoE decode experts (H={H}, E={E}, top-{k}, I={I}, shared Is={Is}, "
+                    f"{str(dtype).replace('torch.', '')}, {device}, copy {copy_bandwidth_gbs():.0f} GB/s)")
+    for T in tokens:
+        n_calls = CALLS if gpu else 2
+        calls, id_bufs = [], []
+        for i in range(n_calls):
+            ids = draw_ids(T, k, E).to(device)
+            id_bufs.append(ids)
+            calls.append((torch.randn(T, H, device=device).to(dtype), sets[i % len(sets)], ids,
+                          (torch.rand(T, k, device=device) + 0.1), torch.randn(T, H, device=device).to(dtype)))
+        # Ids are redrawn per replay: the expected number of distinct experts of T tokens' top-k.
+        touched = E * (1 - (1 - k / E) ** T)
+        floor = bytes_floor_ms(touched * expert_bytes + shared_bytes)
+        case = f"T={T} ({touched:.1f} experts)"
+
+        def redraw():
+            for ids in id_bufs:
+                ids.copy_(draw_ids(T, k, E))
+
+        impls = {"dots1_ext moe_decode (2 launches)": ours, "permute + grouped_gemm x2 + shared MLP + unpermute":
+                 current_path}
+        for label, fn in impls.items():
+            if gpu:
+                ms = graph_ms(fn, calls, redraw, iters=5 if quick else 20)
+            else:
+                ms = time_fn(lambda fn=fn: [fn(*a) for a in calls], warmup=1, iters=3) / len(calls)
+            report.add(Row("moe_decode", case, label, ms, floor,
+                           gbs=(touched * expert_bytes + shared_bytes) / ms / 1e6))
+    if gpu:
+        report.notes.append(f"floor = touched expert bytes / copy bandwidth; {CALLS} calls per CUDA graph over "
+                            f"{WEIGHT_SETS} weight sets, fresh ids per replay; median of replays")
+    del sets
+    return [report]
+
+
+if __name__ == "__main__":
+    bench_main(run, __doc__)

@@ -1,0 +1,69 @@
+// Launchers of the MoE decode family (csrc/moe_decode/moe_decode_kernels.cu): the routed and shared
+// experts of a few tokens straight from topk_ids, without permute / unpermute. Raw pointers only: the
+// Tensor checks and dtype mapping live in moe_decode.cpp.
+//
+// Shape letters: T tokens, H hidden, E routed experts, k experts per token, I expert intermediate,
+// Is shared-experts intermediate (0: no shared experts), NA = k*I + Is (act's row length).
+//
+//   gate_up: act[t, j*I + f]   = silu(g) * u of expert ids[t, j]'s gate / up rows of feature f,
+//            act[t, k*I + f]   = the same for the shared experts' weight;
+//   down:    out[t] = sum_j w[t, j] * (down[ids[t, j]] @ act[t, j*I:(j+1)*I]) + shared_down @ act[t, k*I:]
+//                     + residual[t]
+// Every dot product is an fp32 accumulation of the dtype's products; the SwiGLU epilogue is fp32 and
+// the result is rounded once; the down combine adds the fp32 terms in exactly that order and rounds
+// once. No float atomics: bitwise identical run to run and between eager and CUDA-graph replay.
+//
+// Ids are read on the device only. A pair (t, j) whose id is outside [0, E) gets NaN in its act
+// columns (gate_up) and NaN in token t's whole output row (down); no memory outside the tensors is
+// touched whatever the ids hold.
+//
+// Every launcher returns the launch's cudaError_t and launches nothing when there is no work.
+#pragma once
+
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace dots1 {
+
+// The gate_up weights' row order (the HF layout: gate rows [0, I) then up rows [I, 2I); interleaved:
+// 16-row blocks [8 gate | 8 up], see csrc/grouped_gemm/grouped_gemm.h). The shared experts' weight is
+// always in the HF layout.
+enum class MoeGateUpLayout : int { kHF = 0, kInterleaved = 1 };
+
+// The fast (tensor-core, weight-streaming) kernels take at most this many (t, j) pairs per launch; the
+// launchers loop over token chunks of floor(kMoeDecodeMaxPairs / k) (at most kMoeDecodeMaxTokens)
+// tokens, which is correct for any T and reads each touched expert once per chunk.
+constexpr int kMoeDecodeMaxPairs = 128;
+constexpr int kMoeDecodeMaxTokens = 16;
+
+}  // namespace dots1
+
+// CPU-only builds have no CUDA headers: only the shared constants above.
+#if defined(DOTS1_WITH_CUDA) || defined(__CUDACC__)
+#include <cuda_runtime.h>
+
+namespace dots1 {
+
+// All matrices row-major with contiguous rows, as laid out below; weights 16-byte aligned.
+cudaError_t launch_moe_decode_gate_up(const void* hidden,          // [T, H]
+                                      const void* gate_up,         // [E, 2I, H]
+                                      const int32_t* topk_ids,     // [T, k] device
+                                      const void* shared_gate_up,  // [2Is, H] or nullptr (Is == 0)
+                                      void* act,                   // [T, NA]
+                                      int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
+                                      MoeGateUpLayout layout, DType dtype, cudaStream_t stream);
+
+cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
+                                   const void* down,           // [E, H, I]
+                                   const int32_t* topk_ids,    // [T, k] device
+                                   const float* topk_weights,  // [T, k] device
+                                   const void* shared_down,    // [H, Is] or nullptr (Is == 0)
+                                   const void* residual,       // [T, H] or nullptr
+                                   void* out,                  // [T, H]
+                                   int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
+                                   cudaStream_t stream);
+
+}  // namespace dots1
+
+#endif  // DOTS1_WITH_CUDA || __CUDACC__

@@ -1,0 +1,520 @@
+"""moe_decode_gate_up / moe_decode_down against the fp32 reference and against the current MoE path
+(permute -> grouped_gemm gate_up -> grouped_gemm down -> shared MLP -> unpermute).
+
+CUDA paths: the tensor-core weight-streaming kernels (fp16 / bf16, H, I, Is multiples of 8) and the
+simple fallback (fp32, other shapes, or DOTS1_EXT_MOE_DECODE_KERNEL=simple). Memory check of every
+CUDA path: tests/sanitize_moe_decode.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dots1_ext  # noqa: F401  (registers the ops)
+from dots1_ext import ops, reference
+from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import ROW_RTOL, assert_rows_close, requires_cuda  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+REAL = dict(E=128, k=6, H=4096, I=1408, Is=2816)
+
+# ---------------------------------------------------------------- helpers
+
+
+class Weights:
+    """Random expert weights at a scale that keeps activations O(1). gate_up in the HF layout
+    (``gate_up_hf``) and in the layout the epilogue wants (``gate_up``)."""
+
+    def __init__(self, E, H, I, Is, dtype, device, epilogue="swiglu_interleaved"):
+        self.E, self.H, self.I, self.Is, self.epilogue = E, H, I, Is, epilogue
+        self.gate_up_hf = (torch.randn(E, 2 * I, H, device=device) / H**0.5).to(dtype)
+        self.gate_up = ops.interleave_gate_up(self.gate_up_hf) if epilogue == "swiglu_interleaved" else self.gate_up_hf
+        self.down = (torch.randn(E, H, I, device=device) / max(I, 1) ** 0.5).to(dtype)
+        self.shared_gate_up = (torch.randn(2 * Is, H, device=device) / H**0.5).to(dtype) if Is else None
+        self.shared_down = (torch.randn(H, Is, device=device) / Is**0.5).to(dtype) if Is else None
+
+
+def distinct_ids(T, k, E, device):
+    """Each token's k distinct experts, uniformly at random (decode routing)."""
+    if T == 0:
+        return torch.zeros(0, k, dtype=torch.int32, device=device)
+    return torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32).to(device)
+
+
+def topk_weights(T, k, device):
+    return (torch.rand(T, k, device=device) + 0.1).float()
+
+
+def ref_gate_up(hidden, w: Weights, ids):
+    """The reference in fp32 on the same (rounded) inputs: the kernel's error is then its own."""
+    sg = w.shared_gate_up.float() if w.shared_gate_up is not None else None
+    return reference.moe_decode_gate_up(hidden.float(), w.gate_up.float(), ids, sg, w.epilogue)
+
+
+def ref_down(act, w: Weights, ids, weights, residual):
+    sd = w.shared_down.float() if w.shared_down is not None else None
+    res = residual.float() if residual is not None else None
+    return reference.moe_decode_down(act.float(), w.down.float(), ids, weights, sd, res)
+
+
+def run_both(hidden, w: Weights, ids, weights, residual):
+    act = moe_decode_gate_up(hidden, w.gate_up, ids, w.shared_gate_up, w.epilogue)
+    out = moe_decode_down(act, w.down, ids, weights, w.shared_down, residual)
+    return act, out
+
+
+def current_path(hidden, w: Weights, ids, weights, residual):
+    """Today's decode MoE: permute, the two grouped GEMMs, the shared experts as an MLP, unpermute."""
+    permuted, offsets, row_map = ops.permute(hidden, ids, w.E)
+    act = ops.grouped_gemm(permuted, w.gate_up, offsets, w.epilogue)
+    expert_out = ops.grouped_gemm(act, w.down, offsets, "none")
+    shared = None
+    if w.shared_gate_up is not None:
+        gate, up = F.linear(hidden, w.shared_gate_up).chunk(2, dim=-1)
+        shared = F.linear(F.silu(gate) * up, w.shared_down)
+    return ops.unpermute(expert_out, row_map, weights, shared_out=shared, residual=residual)
+
+
+def check_pair(hidden, w, ids, weights, residual, dtype, what=""):
+    act, out = run_both(hidden, w, ids, weights, residual)
+    T, k = ids.shape
+    assert act.dtype == dtype and act.shape == (T, k * w.I + w.Is)
+    assert out.dtype == dtype and out.shape == (T, w.H)
+    assert_rows_close(act, ref_gate_up(hidden, w, ids), dtype, what=f"act {what}")
+    assert_rows_close(out, ref_down(act, w, ids, weights, residual), dtype, what=f"out {what}")
+    return act, out
+
+
+@pytest.fixture
+def simple_kernel(monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_KERNEL", "simple")
+
+
+# ---------------------------------------------------------------- any device
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [0, 1, 2, 5, 16, 17, 33])
+@pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
+def test_matches_reference(device, dtype, T, epilogue):
+    if device == "cpu" and dtype != torch.float32 and T in (17, 33) and epilogue == "swiglu":
+        pytest.skip("keeps the CPU suite short")
+    E, k, H, I, Is = 12, 3, 64, 32, 48
+    w = Weights(E, H, I, Is, dtype, device, epilogue)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    residual = torch.randn(T, H, device=device).to(dtype)
+    check_pair(hidden, w, ids, topk_weights(T, k, device), residual, dtype, f"T={T}")
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_optional_shared_and_residual(device, shared, with_residual, dtype):
+    E, k, H, I, Is, T = 8, 2, 32, 16, 24 if shared else 0, 6
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    residual = torch.randn(T, H, device=device).to(dtype) if with_residual else None
+    check_pair(hidden, w, ids, topk_weights(T, k, device), residual, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 2, 5, 16, 17])
+@pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
+def test_matches_current_path(device, dtype, T, epilogue):
+    # The same layer through permute -> grouped_gemm x2 -> shared MLP -> unpermute: that path rounds
+    # expert outputs and the shared MLP's intermediates to the dtype, ours rounds once, hence 2x.
+    E, k, H, I, Is = 16, 4, 64, 32, 64
+    w = Weights(E, H, I, Is, dtype, device, epilogue)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    _, out = run_both(hidden, w, ids, weights, residual)
+    theirs = current_path(hidden, w, ids, weights, residual)
+    assert_rows_close(out, theirs.float(), dtype, rtol=2 * ROW_RTOL[dtype], what="vs current path")
+    # The routed act equals grouped_gemm's SwiGLU epilogue (same rounding), pair by pair.
+    act = moe_decode_gate_up(hidden, w.gate_up, ids, None, epilogue)
+    permuted, offsets, row_map = ops.permute(hidden, ids, E)
+    gg = ops.grouped_gemm(permuted, w.gate_up, offsets, epilogue)
+    assert_rows_close(act.view(T * k, I), gg[row_map.long()].float(), dtype, what="act vs grouped_gemm")
+
+
+@pytest.mark.parametrize(
+    "routing", ["one_expert_for_all", "same_experts_everywhere", "duplicates_in_row", "all_same_id", "k1", "k8"]
+)
+@pytest.mark.parametrize("T", [1, 5, 16, 17])
+def test_routing_patterns(device, routing, T):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, H, I, Is = 10, 64, 32, 32
+    k = {"k1": 1, "k8": 8}.get(routing, 4)
+    ids = distinct_ids(T, k, E, "cpu")
+    if routing == "one_expert_for_all":  # every token has expert 7 among its k
+        ids = torch.stack([torch.cat([torch.tensor([7]), p[p != 7][: k - 1]]) for p in
+                           (torch.randperm(E) for _ in range(T))]).to(torch.int32)
+    elif routing == "same_experts_everywhere":  # every row the same k experts (T pairs per expert)
+        ids = torch.randperm(E)[:k].to(torch.int32).expand(T, k).contiguous()
+    elif routing == "duplicates_in_row":  # computed as given: the same expert twice in a row
+        ids[:, 1] = ids[:, 0]
+    elif routing == "all_same_id":  # T*k pairs on one expert: several 16-column items
+        ids = torch.full((T, k), 3, dtype=torch.int32)
+    ids = ids.to(device)
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    check_pair(hidden, w, ids, topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype), dtype, routing)
+
+
+@pytest.mark.parametrize("E", [1, 3, 300])
+def test_expert_counts(device, E):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    k, T, H, I, Is = min(E, 6), 9, 32, 16, 16
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    check_pair(hidden, w, ids, topk_weights(T, k, device), None, dtype, f"E={E}")
+
+
+def test_shared_only_k0(device):
+    # k = 0: act is the shared experts' columns only, out = shared + residual.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    T, H, I, Is = 3, 32, 16, 16
+    w = Weights(4, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = torch.zeros(T, 0, dtype=torch.int32, device=device)
+    check_pair(hidden, w, ids, torch.zeros(T, 0, device=device), torch.randn(T, H, device=device).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bad_ids_poison_only_their_slots(device, dtype):
+    E, k, H, I, Is, T = 8, 3, 32, 16, 16, 6
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    ids[1, 2] = -1
+    ids[3, 0] = E
+    ids[4, 1] = 2**30
+    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    act, out = run_both(hidden, w, ids, weights, residual)
+    bad = [(1, 2), (3, 0), (4, 1)]
+    act_nan = torch.isnan(act.view(T, -1))
+    for t in range(T):
+        for j in range(k):
+            cols = act_nan[t, j * I : (j + 1) * I]
+            assert bool(cols.all()) == ((t, j) in bad) and bool(cols.any()) == ((t, j) in bad), (t, j)
+        assert not act_nan[t, k * I :].any(), "shared experts' columns poisoned"
+    assert_rows_close(act, ref_gate_up(hidden, w, ids), dtype, equal_nan=True, what="act")
+    out_nan = torch.isnan(out)
+    for t in range(T):
+        assert bool(out_nan[t].all()) == (t in (1, 3, 4)) and bool(out_nan[t].any()) == (t in (1, 3, 4)), t
+    assert_rows_close(out, ref_down(act, w, ids, weights, residual), dtype, equal_nan=True, what="out")
+    with pytest.raises(IndexError, match="topk_ids"):
+        moe_decode_gate_up(hidden, w.gate_up, ids, w.shared_gate_up, w.epilogue, check_ids=True)
+    with pytest.raises(IndexError, match="topk_ids"):
+        moe_decode_down(act, w.down, ids, weights, w.shared_down, residual, check_ids=True)
+
+
+def test_non_contiguous_inputs(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is, T = 8, 3, 64, 32, 32, 5
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(H, T, device=device).to(dtype).t()
+    ids = distinct_ids(T, k, E, device).t().contiguous().t()
+    weights = topk_weights(k, T, device).t()
+    residual = torch.randn(H, T, device=device).to(dtype).t()
+    assert not (hidden.is_contiguous() or ids.is_contiguous() or weights.is_contiguous() or residual.is_contiguous())
+    act, out = check_pair(hidden, w, ids, weights, residual, dtype)
+    wide = torch.zeros(T, act.shape[1] + 8, device=device, dtype=dtype)
+    wide[:, 1:-7] = act  # a column slice: misaligned rows, copied by the op
+    assert_rows_close(moe_decode_down(wide[:, 1:-7], w.down, ids, weights, w.shared_down, residual), out.float(),
+                      dtype, rtol=0.0, what="down on a strided act")
+
+
+def test_deterministic(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is, T = 16, 6, 128, 64, 64, 16
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    a1, o1 = run_both(hidden, w, ids, weights, residual)
+    a2, o2 = run_both(hidden, w, ids, weights, residual)
+    assert torch.equal(a1, a2) and torch.equal(o1, o2)
+
+
+def test_bad_inputs_raise(device):
+    E, k, H, I, Is, T = 4, 2, 32, 16, 16, 3
+    w = Weights(E, H, I, Is, torch.float32, device)
+    x = torch.randn(T, H, device=device)
+    ids = distinct_ids(T, k, E, device)
+    wts = topk_weights(T, k, device)
+    gu = w.gate_up
+    with pytest.raises(TypeError, match="hidden"):
+        moe_decode_gate_up(x.long(), gu, ids)
+    with pytest.raises(TypeError, match="gate_up"):
+        moe_decode_gate_up(x, gu.half(), ids)
+    with pytest.raises(ValueError, match="gate_up"):
+        moe_decode_gate_up(x, gu[:, :, :-1].contiguous(), ids)
+    with pytest.raises(ValueError, match="even"):
+        moe_decode_gate_up(x, torch.randn(E, 2 * I - 1, H, device=device), ids, epilogue="swiglu")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        moe_decode_gate_up(x, torch.randn(E, 24, H, device=device), ids, epilogue="swiglu_interleaved")
+    with pytest.raises(ValueError, match="epilogue"):
+        moe_decode_gate_up(x, gu, ids, epilogue="none")
+    with pytest.raises(TypeError, match="topk_ids"):
+        moe_decode_gate_up(x, gu, ids.long())
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_decode_gate_up(x, gu, ids[:-1])
+    with pytest.raises(ValueError, match="shared_gate_up"):
+        moe_decode_gate_up(x, gu, ids, torch.randn(2 * Is, H + 1, device=device))
+    with pytest.raises(ValueError, match="shared_gate_up"):
+        moe_decode_gate_up(x, gu, ids, torch.randn(2 * Is + 1, H, device=device))
+    with pytest.raises(TypeError, match="shared_gate_up"):
+        moe_decode_gate_up(x, gu, ids, w.shared_gate_up.half())
+    with pytest.raises(ValueError, match="gate_up must be contiguous"):
+        moe_decode_gate_up(x, torch.randn(E, H, 2 * I, device=device).transpose(1, 2), ids)
+    misaligned = torch.empty(gu.numel() + 1, device=device)[1:].view_as(gu)
+    with pytest.raises(ValueError, match="gate_up must start at a 16-byte aligned address"):
+        moe_decode_gate_up(x, misaligned, ids)
+    with pytest.raises(ValueError, match="gate_up must be contiguous"):  # the op itself, not only the wrapper
+        torch.ops.dots1_ext.moe_decode_gate_up(x, torch.randn(E, H, 2 * I, device=device).transpose(1, 2), ids,
+                                               None, "swiglu")
+
+    act = moe_decode_gate_up(x, gu, ids, w.shared_gate_up)
+    with pytest.raises(TypeError, match="act"):
+        moe_decode_down(act.long(), w.down, ids, wts)
+    with pytest.raises(ValueError, match="act must have shape"):
+        moe_decode_down(act, w.down, ids, wts)  # the shared columns without shared_down
+    with pytest.raises(ValueError, match="act must have shape"):
+        torch.ops.dots1_ext.moe_decode_down(act[:, 1:], w.down, ids, wts, w.shared_down, None)
+    with pytest.raises(TypeError, match="down"):
+        moe_decode_down(act, w.down.half(), ids, wts, w.shared_down)
+    with pytest.raises(TypeError, match="topk_weights"):
+        moe_decode_down(act, w.down, ids, wts.half(), w.shared_down)
+    with pytest.raises(ValueError, match="topk_weights"):
+        moe_decode_down(act, w.down, ids, wts[:, :1], w.shared_down)
+    with pytest.raises(ValueError, match="shared_down"):
+        moe_decode_down(act, w.down, ids, wts, torch.randn(H + 1, Is, device=device))
+    with pytest.raises(ValueError, match="residual"):
+        moe_decode_down(act, w.down, ids, wts, w.shared_down, torch.randn(T, H + 1, device=device))
+    with pytest.raises(TypeError, match="residual"):
+        moe_decode_down(act, w.down, ids, wts, w.shared_down, torch.randn(T, H, device=device).half())
+    with pytest.raises(ValueError, match="down must be contiguous"):
+        moe_decode_down(act, torch.randn(E, I, H, device=device).transpose(1, 2), ids, wts, w.shared_down)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="same device"):
+            moe_decode_gate_up(x, gu, ids.cpu())
+        with pytest.raises(ValueError, match="same device"):
+            moe_decode_down(act, w.down, ids, wts.cpu(), w.shared_down)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_opcheck(device, shared):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is, T = 6, 2, 32, 16, 16 if shared else 0, 4
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    torch.library.opcheck(torch.ops.dots1_ext.moe_decode_gate_up.default,
+                          (hidden, w.gate_up, ids, w.shared_gate_up, "swiglu_interleaved"))
+    act = moe_decode_gate_up(hidden, w.gate_up, ids, w.shared_gate_up)
+    residual = torch.randn(T, H, device=device).to(dtype)
+    torch.library.opcheck(torch.ops.dots1_ext.moe_decode_down.default,
+                          (act, w.down, ids, topk_weights(T, k, device), w.shared_down, residual))
+
+
+def test_compile_fullgraph(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is, T = 8, 3, 64, 32, 32, 4
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+
+    def layer(x, i, wt, r):
+        act = moe_decode_gate_up(x, w.gate_up, i, w.shared_gate_up, w.epilogue)
+        return moe_decode_down(act, w.down, i, wt, w.shared_down, r)
+
+    compiled = torch.compile(layer, fullgraph=True)
+    _, eager = run_both(hidden, w, ids, weights, residual)
+    assert torch.equal(compiled(hidden, ids, weights, residual), eager)
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 2, 4, 16])
+@pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
+def test_cuda_real_shapes(T, epilogue):
+    dtype = torch.bfloat16
+    w = Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda", epilogue)
+    hidden = torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    ids = distinct_ids(T, REAL["k"], REAL["E"], "cuda")
+    weights, residual = topk_weights(T, REAL["k"], "cuda"), torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    check_pair(hidden, w, ids, weights, residual, dtype, f"real T={T}")
+    _, out = run_both(hidden, w, ids, weights, residual)
+    assert_rows_close(out, current_path(hidden, w, ids, weights, residual).float(), dtype,
+                      rtol=2 * ROW_RTOL[dtype], what="real shapes vs current path")
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 16, 17])
+def test_cuda_real_shapes_shared_everywhere(T):
+    # Every token on the same 6 experts: 16 pairs per expert (two full n-tiles), the heaviest item.
+    dtype = torch.bfloat16
+    w = Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda")
+    hidden = torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    ids = torch.randperm(REAL["E"])[: REAL["k"]].to(torch.int32).expand(T, -1).contiguous().cuda()
+    check_pair(hidden, w, ids, topk_weights(T, REAL["k"], "cuda"), None, dtype, f"same experts T={T}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 1, 8, 8, 8), (8, 3, 40, 16, 0), (5, 2, 72, 24, 40), (130, 6, 1032, 136, 264), (3, 2, 8, 0, 8),
+     (7, 3, 24, 12, 20), (7, 3, 20, 16, 16)],
+    ids=["tiny", "K-tail", "H%16", "odd-E", "I=0", "I%8 (fallback)", "H%8 (fallback)"],
+)
+@pytest.mark.parametrize("T", [1, 5, 16, 33])
+def test_cuda_odd_shapes(dtype, shape, T):
+    E, k, H, I, Is = shape
+    epilogue = "swiglu_interleaved" if I % 8 == 0 else "swiglu"
+    w = Weights(E, H, I, Is, dtype, "cuda", epilogue)
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    check_pair(hidden, w, ids, topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype), dtype,
+               f"{shape} T={T}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("k", [20, 130])
+def test_cuda_many_experts_per_token(k):
+    # k = 20: 6 tokens per fast launch (at most 128 pairs); k = 130: past the fast path's limit.
+    E, H, I, Is, T, dtype = 160, 64, 16, 16, 17, torch.bfloat16
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    check_pair(hidden, w, ids, topk_weights(T, k, "cuda"), None, dtype, f"k={k}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 7, 16])
+def test_cuda_fast_equals_simple(T, simple_kernel, monkeypatch):
+    # The fallback kernel (forced here) and the tensor-core kernel agree with the reference and each
+    # other up to rounding.
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 32, 6, 256, 64, 128
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    act_s, out_s = check_pair(hidden, w, ids, weights, residual, dtype, "simple")
+    monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_KERNEL")
+    act_f, out_f = check_pair(hidden, w, ids, weights, residual, dtype, "fast")
+    assert_rows_close(act_f, act_s.float(), dtype)
+    assert_rows_close(out_f, out_s.float(), dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kernel", ["fast", "simple"])
+@pytest.mark.parametrize("T", [1, 16, 17])
+def test_cuda_every_element_written(kernel, T, monkeypatch):
+    # The caching allocator hands the ops blocks that were just filled with NaN: an element a kernel
+    # fails to write stays NaN and fails the comparison.
+    if kernel == "simple":
+        monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_KERNEL", "simple")
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 16, 6, 128, 64, 64
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    torch.cuda.synchronize()
+    for _ in range(4):
+        junk = [torch.full((n,), float("nan"), device="cuda", dtype=dtype) for n in (T * (k * I + Is), T * H)]
+        del junk
+    check_pair(hidden, w, ids, weights, residual, dtype, f"{kernel} T={T}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 4, 16, 20])
+@pytest.mark.parametrize("shared", [True, False])
+def test_cuda_graph_replay_with_changed_ids(T, shared):
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 32, 6, 256, 128, 128 if shared else 0
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    run_both(hidden, w, ids, weights, residual)  # warm-up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            act, out = run_both(hidden, w, ids, weights, residual)
+    patterns = ["distinct", "same", "one_id", "bad"]
+    for pattern in patterns:
+        new_ids = distinct_ids(T, k, E, "cpu")
+        if pattern == "same":
+            new_ids[:] = new_ids[0]
+        elif pattern == "one_id":
+            new_ids.fill_(5)
+        elif pattern == "bad":
+            new_ids[0, 1] = -3
+        ids.copy_(new_ids)
+        hidden.copy_(torch.randn_like(hidden))
+        weights.copy_(topk_weights(T, k, "cuda"))
+        act.fill_(float("nan"))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_act, eager_out = run_both(hidden, w, ids, weights, residual)
+        assert torch.equal(act.isnan(), eager_act.isnan()) and torch.equal(out.isnan(), eager_out.isnan()), pattern
+        assert torch.equal(act.nan_to_num(), eager_act.nan_to_num()), f"act after replay, {pattern}"
+        assert torch.equal(out.nan_to_num(), eager_out.nan_to_num()), f"out after replay, {pattern}"
+        assert_rows_close(out, ref_down(eager_act, w, ids, weights, residual), dtype, equal_nan=True, what=pattern)
+
+
+@requires_cuda
+def test_cuda_compile_reduce_overhead():
+    dtype = torch.bfloat16
+    E, k, H, I, Is, T = 16, 6, 256, 64, 128, 8
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+
+    def layer(x, i, wt, r):
+        act = moe_decode_gate_up(x, w.gate_up, i, w.shared_gate_up, w.epilogue)
+        return moe_decode_down(act, w.down, i, wt, w.shared_down, r)
+
+    fn = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        out = fn(hidden, ids, weights, residual)
+    _, eager = run_both(hidden, w, ids, weights, residual)
+    assert torch.equal(out, eager)
+
+
+@requires_cuda
+def test_cuda_read_only_inputs_unchanged():
+    dtype = torch.bfloat16
+    E, k, H, I, Is, T = 8, 3, 64, 32, 32, 5
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    ids[0, 0] = 99
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    before = [t.clone() for t in (hidden, ids, weights, residual, w.gate_up, w.down, w.shared_gate_up, w.shared_down)]
+    run_both(hidden, w, ids, weights, residual)
+    torch.cuda.synchronize()
+    after = (hidden, ids, weights, residual, w.gate_up, w.down, w.shared_gate_up, w.shared_down)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
