@@ -295,6 +295,7 @@ def skinny_gemm(
         y = F.silu(blocks[:, :, 0].reshape(M, N // 2)) * blocks[:, :, 1].reshape(M, N // 2)
     return y.to(x.dtype)
 
+
 # ---- MoE decode: routed + shared experts straight from topk_ids (no permute / unpermute) ----
 
 
