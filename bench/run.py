@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bench.common import environment, header, write_json
 
-BENCHES = ["gating", "dispatch", "norm", "grouped_gemm", "moe", "model", "long_prompt", "generation"]
+BENCHES = ["gating", "dispatch", "norm", "attention", "grouped_gemm", "moe", "model", "long_prompt", "generation"]
 
 
 def main(argv: list[str] | None = None) -> int:
