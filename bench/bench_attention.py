@@ -12,12 +12,14 @@ the attended keys (the unmasked ideal, is_causal=False), and flex_attention (com
 mask from the device lengths) where it compiles. Times are GPU time per call inside a CUDA graph (32
 calls per graph, median of 20 replays): these kernels take microseconds, less than a launch. The floor
 is the bytes of K and V actually attended over the measured device copy bandwidth; floor / time is
-the fraction of it reached.
+the fraction of it reached. For B <= 8 the full run also times each forced split count
+(DOTS1_EXT_ATTENTION_SPLITS) beside the automatic choice.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -92,6 +94,18 @@ class Bench:
 
         ours = lambda: A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, 0, scale)  # noqa: E731
         self.add(report, case, "dots1_ext", ours, nbytes)
+        if on_gpu() and not self.quick and B <= 8:
+            # The automatic split count against each forced one (captured into the graph at its count).
+            previous = os.environ.get("DOTS1_EXT_ATTENTION_SPLITS")
+            try:
+                for splits in ("1", "2", "4", "8"):
+                    os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
+                    self.add(report, case, f"dots1_ext (splits={splits})", ours, nbytes)
+            finally:
+                if previous is None:
+                    os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS", None)
+                else:
+                    os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = previous
 
         # SDPA views of the cache as [B, H, S, D] (no copies); q as [B, H, 1, D].
         q4 = q[:, :, None]

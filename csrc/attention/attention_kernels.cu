@@ -20,6 +20,7 @@
 // on different streams. GPUs without clusters run one split.
 #include <cooperative_groups.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -430,6 +431,7 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 // What one kernel instantiation can keep resident on the current device: CTAs per SM times SMs (the
 // one-split case) and clusters of 2, 4 and 8 CTAs (0 where clusters are not available).
 struct Residency {
+  int sm_count = 0;
   int ctas = 0;
   int clusters[4] = {0, 0, 0, 0};  // index log2(cluster size); [0] unused
   cudaError_t err = cudaSuccess;
@@ -450,6 +452,7 @@ Residency query_residency(Kernel kernel, int device, int smem_bytes) {
     r.err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes);
   if (r.err == cudaSuccess) r.err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (r.err != cudaSuccess) return r;
+  r.sm_count = sm_count;
   r.ctas = per_sm * sm_count;
   if (major < 9) return r;
   for (int lg = 1; lg < 4; ++lg) {
@@ -475,21 +478,24 @@ Residency query_residency(Kernel kernel, int device, int smem_bytes) {
   return r;
 }
 
-// The split count: the one whose waves fill the resident slots best, counting a partly filled last
-// wave (or a single wave that leaves slots idle) as a whole wave, fewer splits on a tie. `units` are
-// the (sequence, kv head, head chunk) triples; a split needs at least one tile of the capacity.
-int choose_splits(const Residency& r, int64_t units, int64_t cache_len, int tile) {
-  const auto cost = [&](int64_t resident) {
-    const int64_t waves = (units + resident - 1) / resident;
-    return static_cast<double>(waves * resident) / static_cast<double>(units);
+// The split count, from a wave model in units of "time to stream one (sequence, kv head, head chunk)
+// at full bandwidth": the clusters of one split count run in waves of at most r.clusters (r.ctas for
+// one split); a wave of n clusters takes max(n, R / splits), where R = sm_count is about how many CTAs
+// (each with two 32 KB stages in flight) saturate HBM, and R / splits is the time of one CTA streaming
+// its 1 / splits share alone. Fewer splits on a tie; a split needs at least one tile of the capacity.
+int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache_len, int tile) {
+  const auto cost = [&](int64_t resident, int splits) {
+    const double lone = static_cast<double>(sm_count) / splits;
+    const int64_t full = units / resident, rest = units % resident;
+    return full * std::max(static_cast<double>(resident), lone) + (rest ? std::max(static_cast<double>(rest), lone) : 0.0);
   };
   int best = 1;
-  double best_cost = r.ctas > 0 ? cost(r.ctas) : 1e30;
+  double best_cost = r.ctas > 0 ? cost(r.ctas, 1) : 1e300;
   const int64_t useful = (cache_len + tile - 1) / tile;
   for (int lg = 1; lg < 4; ++lg) {
     const int size = 1 << lg;
     if (size > useful || r.clusters[lg] <= 0) continue;
-    const double c = cost(r.clusters[lg]);
+    const double c = cost(r.clusters[lg], size);
     if (c < best_cost * 0.999) {
       best = size;
       best_cost = c;
@@ -522,7 +528,7 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
   if (grid_y > 65535) return cudaErrorInvalidConfiguration;
   int splits;
   if (num_splits <= 0) {
-    splits = choose_splits(r, batch * grid_y, cache_len, Tl::kTile);
+    splits = choose_splits(r, r.sm_count, batch * grid_y, cache_len, Tl::kTile);
   } else {
     splits = 1;  // the largest cluster size offered that does not exceed the request
     for (int lg = 1; lg < 4; ++lg)
