@@ -3,11 +3,14 @@
 //
 // Work decomposition. A CTA serves one (sequence b, kv head, chunk of kGT query heads of that kv head,
 // KV split): every K/V byte it loads is used by all of its query heads (GQA without repeated K/V). Within
-// the CTA, a key row is spread over kLanesPerKey lanes (16 bytes each on the vector path), a warp holds
-// kKeysPerWarp keys at a time, and each thread loads kUnroll keys' K and V before any math, so a CTA has
-// 8 warps x 32 lanes x kUnroll x 32 bytes in flight. Each key group keeps its own running (max, sum, acc)
-// in fp32 (online softmax, one rescale per tile); the groups are merged through shuffles, then the warps
-// through shared memory in a fixed tree.
+// the CTA, a key row is spread over kLanesPerKey lanes (16 bytes each on the vector path) and a warp
+// holds kKeysPerWarp keys at a time. K and V stream through a 3-stage cp.async pipeline in shared memory
+// (32 KB per stage: each thread copies kUnroll keys' vectors and later reads back only its own, so the
+// only ordering needed is its own wait_group; two stages stay in flight while one is consumed). Plain
+// register loads would not do: ptxas issues about 8 of them and then starts the math, which waits for
+// the first and so delays the rest by a full memory latency. Each key group keeps its own running
+// (max, sum, acc) in fp32 (online softmax, one rescale per tile); the groups are merged through
+// shuffles, then the warps through shared memory in a fixed tree.
 //
 // Splits. The host picks the split count from the batch, the heads, the SM count and the cache capacity
 // (never the device lengths: one CUDA graph serves every length). Each split derives its key range from
