@@ -15,8 +15,8 @@ from pathlib import Path
 
 from bench.common import environment, header, write_json
 
-BENCHES = ["gating", "dispatch", "norm", "grouped_gemm", "skinny_gemm", "moe_decode", "moe", "model", "decode", "long_prompt",
-           "generation"]
+BENCHES = ["gating", "dispatch", "norm", "grouped_gemm", "skinny_gemm", "moe_decode", "attention", "moe", "model",
+           "decode", "long_prompt", "generation"]
 
 
 def main(argv: list[str] | None = None) -> int:

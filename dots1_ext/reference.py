@@ -373,3 +373,44 @@ def moe_decode_down(
             acc = acc + residual[t].float()
         out[t] = (torch.full_like(acc, float("nan")) if bad else acc).to(act.dtype)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode attention (csrc/attention)
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D]
+    k_cache: torch.Tensor,  # [B, S, Hk, D]
+    v_cache: torch.Tensor,  # [B, S, Hk, D]
+    kv_start: torch.Tensor,  # [B] int64
+    kv_end: torch.Tensor,  # [B] int64
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence over a static KV cache, in fp32, rounded once to q's dtype -> [B, Hq, D].
+
+    Sequence b attends to slots [lo, kv_end[b]) with lo = kv_start[b], or max(kv_start[b],
+    kv_end[b] - window) when window > 0 (HF sliding window: the query at slot p = kv_end[b] - 1 sees
+    keys in (p - window, p]). Query head h reads kv head h // (Hq // Hk). Scores q.k * scale.
+    An empty range gives exactly 0; bad bounds (kv_start < 0, kv_end > S, kv_start > kv_end) give NaN
+    in every element of that sequence's output (poison policy)."""
+    B, Hq, D = q.shape
+    S, Hk = k_cache.shape[1], k_cache.shape[2]
+    out = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out.to(q.dtype)
+    G = Hq // Hk
+    for b, (start, end) in enumerate(zip(kv_start.tolist(), kv_end.tolist())):  # reference: host reads are fine
+        if start < 0 or end > S or start > end:
+            out[b] = float("nan")
+            continue
+        lo = max(start, end - window) if window > 0 else start
+        if lo == end:
+            continue
+        k = k_cache[b, lo:end].float().permute(1, 2, 0)  # [Hk, D, L]
+        v = v_cache[b, lo:end].float().permute(1, 0, 2)  # [Hk, L, D]
+        qb = q[b].float().reshape(Hk, G, D)
+        probs = torch.softmax((qb @ k) * scale, dim=-1)  # [Hk, G, L]
+        out[b] = (probs @ v).reshape(Hq, D)
+    return out.to(q.dtype)

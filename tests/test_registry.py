@@ -23,6 +23,7 @@ OPS = [
     "skinny_gemm",
     "moe_decode_gate_up",
     "moe_decode_down",
+    "decode_attention",
 ]
 
 
@@ -89,6 +90,9 @@ def test_python_limits_match_the_kernels():
     assert gating_op.MAX_TOPK == constant("gating/gating.h", "kGatingMaxTopk")
     assert gating_op.ROUTER_FUSED_MAX_TOKENS == constant("gating/gating.h", "kRouterFusedMaxTokens")
     assert dispatch_op.MAX_EXPERTS == constant("dispatch/dispatch.h", "kPermuteMaxExperts")
+    from dots1_ext.ops import attention as attention_op
+
+    assert attention_op.MAX_HEAD_DIM == constant("attention/attention.h", "kAttentionMaxHeadDim")
     from dots1_ext import modules
 
     assert modules.ROUTER_FUSED_MAX_TOKENS is gating_op.ROUTER_FUSED_MAX_TOKENS

@@ -1,1 +1,631 @@
-// Filled in by the attention/attention op family.
+// Decode attention kernels: one query per sequence over a static KV cache. Kernels and launchers only;
+// Tensor code is in attention.cpp, the semantics in attention.h.
+//
+// Work decomposition. A CTA serves one (sequence b, kv head, chunk of kGT query heads of that kv head,
+// KV split): every K/V byte it loads is used by all of its query heads (GQA without repeated K/V). Within
+// the CTA, a key row is spread over kLanesPerKey lanes (16 bytes each on the vector path) and a warp
+// holds kKeysPerWarp keys at a time. K and V stream through a 3-stage cp.async pipeline in shared memory
+// (32 KB per stage: each thread copies kUnroll keys' vectors and later reads back only its own, so the
+// only ordering needed is its own wait_group; two stages stay in flight while one is consumed). Plain
+// register loads would not do: ptxas issues about 8 of them and then starts the math, which waits for
+// the first and so delays the rest by a full memory latency. Each key group keeps its own running
+// (max, sum, acc) in fp32 (online softmax, one rescale per tile); the groups are merged through
+// shuffles, then the warps through shared memory in a fixed tree.
+//
+// Splits. The host picks the split count from the batch, the heads, the SM count and the cache capacity
+// (never the device lengths: one CUDA graph serves every length). Each split derives its key range from
+// the device length: chunk = ceil(len / splits) rounded up to the tile, so a short context leaves the
+// later splits empty instead of paying for the capacity. The splits of one (b, kv head, head chunk) form
+// one thread-block cluster (sm_90): each CTA leaves its partial (max, sum, acc) in shared memory, and
+// after a cluster barrier every output element is combined from the partials read through distributed
+// shared memory in split order. No workspace, counters or second kernel, so the result is deterministic
+// (bitwise equal across runs, and between graph replay and eager) and any number of calls may run at once
+// on different streams. GPUs without clusters run one split.
+#include <cooperative_groups.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "attention/attention.h"
+#include "cuda_utils.cuh"
+
+namespace dots1 {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- K/V staging: kVecBytes (16 or 4) bytes per copy, global -> shared without a register round trip ----
+
+template <int kVecBytes>
+struct alignas(kVecBytes) Words {
+  uint32_t w[kVecBytes / 4];
+};
+
+// Copies kVecBytes from gmem to smem asynchronously; src_bytes 0 reads nothing and writes zeros (the
+// tail of a range). 16-byte copies bypass L1 (K and V are read once).
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int src_bytes, std::integral_constant<int, 16>) {
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int src_bytes, std::integral_constant<int, 4>) {
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Element i (of 4 / sizeof(T)) of a 32-bit word holding T values, as float (exact).
+template <typename T>
+__device__ __forceinline__ float word_elem(uint32_t w, int i);
+template <>
+__device__ __forceinline__ float word_elem<float>(uint32_t w, int) { return __uint_as_float(w); }
+template <>
+__device__ __forceinline__ float word_elem<__nv_bfloat16>(uint32_t w, int i) {
+  return __uint_as_float(i == 0 ? (w << 16) : (w & 0xffff0000u));
+}
+template <>
+__device__ __forceinline__ float word_elem<__half>(uint32_t w, int i) {
+  const __half h = __ushort_as_half(static_cast<unsigned short>(i == 0 ? (w & 0xffffu) : (w >> 16)));
+  return __half2float(h);
+}
+
+// 2^x: one MUFU instruction (2 ulp); 2^-inf = 0, which the masking below relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The subtrahend that turns running maxima into rescale factors: 0 while nothing was seen (max -inf),
+// so that 2^(-inf - 0) = 0 instead of 2^(-inf + inf) = NaN.
+__device__ __forceinline__ float safe_max(float m) { return m == kNegInf ? 0.0f : m; }
+
+// Shapes derived from (dtype, padded head_dim, load width, query heads per CTA).
+template <typename T, int kDPad, int kVecBytes, int kGT>
+struct Tiling {
+  static constexpr int kElemsPerVec = kVecBytes / static_cast<int>(sizeof(T));
+  static constexpr int kVecsPerRow = kDPad / kElemsPerVec;
+  static constexpr int kLanesPerKey = kVecsPerRow < 32 ? kVecsPerRow : 32;
+  static constexpr int kVecsPerLane = kVecsPerRow / kLanesPerKey;
+  static constexpr int kKeysPerWarp = 32 / kLanesPerKey;
+  // Keys per thread per pipeline stage: 128 bytes of K and V per thread (32 KB per CTA) per stage.
+  static constexpr int kUnrollBase = 128 / (kVecsPerLane * 2 * kVecBytes);
+  static constexpr int kUnroll = kUnrollBase < 1 ? 1 : (kUnrollBase > 8 ? 8 : kUnrollBase);
+  static constexpr int kTile = kWarps * kKeysPerWarp * kUnroll;  // keys per CTA iteration
+  static constexpr int kSlots = kWarps / 2;                      // shared-memory slots of the warp tree
+  // Pipeline depth: two stages in flight while the third is consumed.
+  static constexpr int kStages = 3;
+  static constexpr int kStageWords = 2 * kUnroll * kVecsPerLane * kThreads;  // K then V, per stage
+  static constexpr int kPipelineBytes = kStages * kStageWords * kVecBytes;
+  static constexpr int kReduceBytes = (kSlots * kGT * kDPad + 2 * kSlots * kGT) * 4;
+  static constexpr int kSmemBytes = kPipelineBytes > kReduceBytes ? kPipelineBytes : kReduceBytes;
+  static_assert(kVecsPerRow * kElemsPerVec == kDPad, "kDPad must be a multiple of the vector");
+  static_assert(kVecsPerRow % kLanesPerKey == 0, "vectors per row");
+  static_assert((kLanesPerKey & (kLanesPerKey - 1)) == 0, "lanes per key must be a power of two");
+};
+
+// Merges the running state (mb, lb, ab) into (ma, la, aa), `a` first: rescaled to the larger max.
+template <int kN>
+__device__ __forceinline__ void merge_state(float& ma, float& la, float (&aa)[kN], float mb, float lb,
+                                            const float (&ab)[kN]) {
+  const float m = fmaxf(ma, mb);
+  const float ms = safe_max(m);
+  const float fa = fast_exp2(ma - ms), fb = fast_exp2(mb - ms);
+  la = la * fa + lb * fb;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) aa[i] = aa[i] * fa + ab[i] * fb;
+  ma = m;
+}
+
+// Output value of one element: NaN for a poisoned sequence, 0 for an empty range (sum 0), else acc / sum
+// (a NaN sum, from NaN inputs, stays NaN).
+__device__ __forceinline__ float finish(float acc, float sum, bool bad) {
+  if (bad) return __int_as_float(0x7fc00000);
+  return sum == 0.0f ? 0.0f : acc / sum;
+}
+
+// grid (splits, Hk * head_chunks, batch); cluster (splits, 1, 1) when splits > 1.
+template <typename T, int kDPad, int kVecBytes, int kGT>
+__global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
+    decode_attention_kernel(const T* __restrict__ q, int64_t q_batch_stride, int64_t q_head_stride,
+                            const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                            const int64_t* __restrict__ kv_start, int64_t kv_start_stride,
+                            const int64_t* __restrict__ kv_end, int64_t kv_end_stride, T* __restrict__ out,
+                            int64_t cache_len, int num_q_heads, int num_kv_heads, int head_dim, int group,
+                            int head_chunks, int64_t window, float q_scale) {
+  using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
+  constexpr int kEPV = Tl::kElemsPerVec, kVPL = Tl::kVecsPerLane, kLPK = Tl::kLanesPerKey;
+  constexpr int kKPW = Tl::kKeysPerWarp, kU = Tl::kUnroll, kTile = Tl::kTile;
+  constexpr int kAcc = kVPL * kEPV;  // head_dim elements per lane
+
+  // One dynamic buffer: the K/V pipeline stages during the key loop, then the warp tree's slots
+  // (red_acc [kSlots][kGT][kDPad], red_m and red_l [kSlots][kGT]); slot 0 ends up holding the CTA's partial.
+  extern __shared__ __align__(16) unsigned char attention_smem[];
+  auto* stages = reinterpret_cast<Words<kVecBytes>*>(attention_smem);
+  auto* red_acc = reinterpret_cast<float(*)[kGT][kDPad]>(attention_smem);
+  auto* red_m = reinterpret_cast<float(*)[kGT]>(attention_smem + Tl::kSlots * kGT * kDPad * 4);
+  auto* red_l = reinterpret_cast<float(*)[kGT]>(attention_smem + (Tl::kSlots * kGT * kDPad + Tl::kSlots * kGT) * 4);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int key_slot = lane / kLPK, sub = lane % kLPK;
+  const int64_t b = blockIdx.z;
+  const int kv_head = blockIdx.y / head_chunks;
+  const int g0 = (blockIdx.y % head_chunks) * kGT;  // first query head of this CTA within the group
+  const int split = blockIdx.x, num_splits = gridDim.x;
+
+  const int64_t start = kv_start[b * kv_start_stride], end = kv_end[b * kv_end_stride];
+  const bool bad = start < 0 || end > cache_len || start > end;
+  int64_t lo = start;
+  if (window > 0 && end - window > lo) lo = end - window;
+
+  // Head-dim element of vector j, element e of this lane: ((j * kLPK + sub) * kEPV + e).
+  const auto elem = [&](int j, int e) { return (j * kLPK + sub) * kEPV + e; };
+
+  float qf[kGT][kAcc];
+#pragma unroll
+  for (int g = 0; g < kGT; ++g) {
+    const bool head_ok = g0 + g < group;
+    const T* qrow = q + b * q_batch_stride + static_cast<int64_t>(kv_head * group + g0 + g) * q_head_stride;
+#pragma unroll
+    for (int j = 0; j < kVPL; ++j)
+#pragma unroll
+      for (int e = 0; e < kEPV; ++e) {
+        const int d = elem(j, e);
+        qf[g][j * kEPV + e] = head_ok && d < head_dim ? to_float(qrow[d]) * q_scale : 0.0f;
+      }
+  }
+
+  float m[kGT], l[kGT], acc[kGT][kAcc];
+#pragma unroll
+  for (int g = 0; g < kGT; ++g) {
+    m[g] = kNegInf;
+    l[g] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) acc[g][i] = 0.0f;
+  }
+
+  if (!bad) {
+    const int64_t len = end - lo;
+    int64_t chunk = (len + num_splits - 1) / num_splits;
+    chunk = (chunk + kTile - 1) / kTile * kTile;
+    const int64_t k_begin = lo + split * chunk;
+    const int64_t k_end = k_begin + chunk < end ? k_begin + chunk : end;
+    const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * head_dim;  // elements between slots
+    const int64_t head_offset = (b * cache_len) * row_stride + static_cast<int64_t>(kv_head) * head_dim;
+    const T* k_base = k_cache + head_offset;
+    const T* v_base = v_cache + head_offset;
+    const int64_t num_tiles = k_begin < k_end ? (k_end - k_begin + kTile - 1) / kTile : 0;
+    constexpr int kStages = Tl::kStages;
+
+    // Each thread stages, and later reads back, only its own vectors: the copies need no barrier,
+    // only the thread's own wait_group. Keys past the range and vectors past head_dim are zero-filled.
+    const auto issue = [&](int64_t t) {
+      if (t < num_tiles) {
+        Words<kVecBytes>* stage = stages + (t % kStages) * Tl::kStageWords;
+        const int64_t tile = k_begin + t * kTile;
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          const int64_t key = tile + (u * kWarps + warp) * kKPW + key_slot;
+#pragma unroll
+          for (int j = 0; j < kVPL; ++j) {
+            const bool ok = key < k_end && elem(j, 0) < head_dim;
+            const int64_t offset = ok ? key * row_stride + elem(j, 0) : 0;
+            const int bytes = ok ? kVecBytes : 0;
+            const int slot = (u * kVPL + j) * kThreads + threadIdx.x;
+            cp_async(stage + slot, k_base + offset, bytes, std::integral_constant<int, kVecBytes>{});
+            cp_async(stage + kU * kVPL * kThreads + slot, v_base + offset, bytes,
+                     std::integral_constant<int, kVecBytes>{});
+          }
+        }
+      }
+      cp_async_commit();  // also when empty: one group per tile index keeps the wait count fixed
+    };
+
+#pragma unroll
+    for (int t = 0; t < kStages - 1; ++t) issue(t);
+
+    for (int64_t t = 0; t < num_tiles; ++t) {
+      issue(t + kStages - 1);  // into the stage consumed at t - 1 (by this thread only, already read)
+      cp_async_wait<kStages - 1>();
+      const Words<kVecBytes>* stage = stages + (t % kStages) * Tl::kStageWords;
+      const int64_t tile = k_begin + t * kTile;
+
+      // Scores (already in log2 units: q carries scale * log2(e)), summed over the key's lanes.
+      float s[kU][kGT];
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        Words<kVecBytes> kw[kVPL];
+#pragma unroll
+        for (int j = 0; j < kVPL; ++j) kw[j] = stage[(u * kVPL + j) * kThreads + threadIdx.x];
+        const bool valid = tile + (u * kWarps + warp) * kKPW + key_slot < k_end;
+#pragma unroll
+        for (int g = 0; g < kGT; ++g) {
+          float dot = 0.0f;
+#pragma unroll
+          for (int j = 0; j < kVPL; ++j)
+#pragma unroll
+            for (int e = 0; e < kEPV; ++e)
+              dot = fmaf(qf[g][j * kEPV + e], word_elem<T>(kw[j].w[e * sizeof(T) / 4], e % (4 / sizeof(T))), dot);
+#pragma unroll
+          for (int o = kLPK / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(kFullMask, dot, o);
+          s[u][g] = valid ? dot : kNegInf;
+        }
+      }
+
+      // Online softmax: one rescale per tile and head.
+      float p[kU][kGT];
+#pragma unroll
+      for (int g = 0; g < kGT; ++g) {
+        float m_new = m[g];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) m_new = fmaxf(m_new, s[u][g]);
+        const float ms = safe_max(m_new);
+        const float alpha = fast_exp2(m[g] - ms);
+        l[g] *= alpha;
+#pragma unroll
+        for (int i = 0; i < kAcc; ++i) acc[g][i] *= alpha;
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          p[u][g] = fast_exp2(s[u][g] - ms);
+          l[g] += p[u][g];
+        }
+        m[g] = m_new;
+      }
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+#pragma unroll
+        for (int j = 0; j < kVPL; ++j) {
+          const Words<kVecBytes> vw = stage[kU * kVPL * kThreads + (u * kVPL + j) * kThreads + threadIdx.x];
+#pragma unroll
+          for (int e = 0; e < kEPV; ++e) {
+            const float v = word_elem<T>(vw.w[e * sizeof(T) / 4], e % (4 / sizeof(T)));
+#pragma unroll
+            for (int g = 0; g < kGT; ++g) acc[g][j * kEPV + e] = fmaf(p[u][g], v, acc[g][j * kEPV + e]);
+          }
+        }
+      }
+    }
+  }
+  // The pipeline's buffer becomes the warp tree's: no copy may still be landing in it, and every
+  // thread must be done reading its stages.
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Merge the key groups of each warp (lanes kLPK apart) into key group 0, lower group first; the
+  // upper lanes' state is not used afterwards.
+#pragma unroll
+  for (int o = kLPK; o < 32; o <<= 1) {
+#pragma unroll
+    for (int g = 0; g < kGT; ++g) {
+      const float mo = __shfl_xor_sync(kFullMask, m[g], o);
+      const float lo_ = __shfl_xor_sync(kFullMask, l[g], o);
+      float ao[kAcc];
+#pragma unroll
+      for (int i = 0; i < kAcc; ++i) ao[i] = __shfl_xor_sync(kFullMask, acc[g][i], o);
+      if ((lane & o) == 0) merge_state(m[g], l[g], acc[g], mo, lo_, ao);
+    }
+  }
+
+  // Merge the warps in a fixed tree through shared memory: at step s, warp w + s hands its state to w.
+  const bool lead_group = key_slot == 0;
+#pragma unroll
+  for (int step = 1; step < kWarps; step <<= 1) {
+    const int slot = warp / (2 * step);
+    if ((warp & (2 * step - 1)) == step && lead_group) {
+#pragma unroll
+      for (int g = 0; g < kGT; ++g) {
+        if (sub == 0) {
+          red_m[slot][g] = m[g];
+          red_l[slot][g] = l[g];
+        }
+#pragma unroll
+        for (int j = 0; j < kVPL; ++j)
+#pragma unroll
+          for (int e = 0; e < kEPV; ++e) red_acc[slot][g][elem(j, e)] = acc[g][j * kEPV + e];
+      }
+    }
+    __syncthreads();
+    if ((warp & (2 * step - 1)) == 0 && lead_group) {
+#pragma unroll
+      for (int g = 0; g < kGT; ++g) {
+        float ao[kAcc];
+#pragma unroll
+        for (int j = 0; j < kVPL; ++j)
+#pragma unroll
+          for (int e = 0; e < kEPV; ++e) ao[j * kEPV + e] = red_acc[slot][g][elem(j, e)];
+        merge_state(m[g], l[g], acc[g], red_m[slot][g], red_l[slot][g], ao);
+      }
+    }
+    __syncthreads();
+  }
+
+  const auto out_row = [&](int g) {
+    return out + (b * num_q_heads + static_cast<int64_t>(kv_head) * group + g0 + g) * head_dim;
+  };
+
+  if (num_splits == 1) {
+    if (warp == 0 && lead_group) {
+#pragma unroll
+      for (int g = 0; g < kGT; ++g) {
+        if (g0 + g >= group) continue;
+        T* orow = out_row(g);
+#pragma unroll
+        for (int j = 0; j < kVPL; ++j)
+#pragma unroll
+          for (int e = 0; e < kEPV; ++e) {
+            const int d = elem(j, e);
+            if (d < head_dim) orow[d] = from_float<T>(finish(acc[g][j * kEPV + e], l[g], bad));
+          }
+      }
+    }
+    return;
+  }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  // The CTA's partial, in slot 0 (its last reader was warp 0 itself, in the tree's last step).
+  if (warp == 0 && lead_group) {
+#pragma unroll
+    for (int g = 0; g < kGT; ++g) {
+      if (sub == 0) {
+        red_m[0][g] = m[g];
+        red_l[0][g] = l[g];
+      }
+#pragma unroll
+      for (int j = 0; j < kVPL; ++j)
+#pragma unroll
+        for (int e = 0; e < kEPV; ++e) red_acc[0][g][elem(j, e)] = acc[g][j * kEPV + e];
+    }
+  }
+  // Release/acquire at cluster scope: every split's partial is visible to every CTA of the cluster.
+  cluster.sync();
+  const int rank = static_cast<int>(cluster.block_rank());
+  for (int idx = rank * kThreads + static_cast<int>(threadIdx.x); idx < kGT * head_dim; idx += num_splits * kThreads) {
+    const int g = idx / head_dim, d = idx % head_dim;
+    if (g0 + g >= group) continue;
+    float ms[kAttentionMaxSplits], ls[kAttentionMaxSplits], as[kAttentionMaxSplits];
+    float m_all = kNegInf;
+#pragma unroll
+    for (int i = 0; i < kAttentionMaxSplits; ++i) {
+      if (i < num_splits) {
+        ms[i] = cluster.map_shared_rank(&red_m[0][0], i)[g];
+        ls[i] = cluster.map_shared_rank(&red_l[0][0], i)[g];
+        as[i] = cluster.map_shared_rank(&red_acc[0][0][0], i)[g * kDPad + d];
+        m_all = fmaxf(m_all, ms[i]);
+      }
+    }
+    const float m_safe = safe_max(m_all);
+    float sum = 0.0f, a = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kAttentionMaxSplits; ++i) {
+      if (i < num_splits) {
+        const float f = fast_exp2(ms[i] - m_safe);
+        sum = sum + ls[i] * f;
+        a = a + as[i] * f;
+      }
+    }
+    out_row(g)[d] = from_float<T>(finish(a, sum, bad));
+  }
+  // No CTA may exit while another may still read its shared memory.
+  cluster.sync();
+#else
+  __trap();  // the host launches several splits only on GPUs with clusters
+#endif
+}
+
+// ---- host side ----
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// What one kernel instantiation can keep resident on the current device: CTAs per SM times SMs (the
+// one-split case) and clusters of 2, 4 and 8 CTAs (0 where clusters are not available).
+struct Residency {
+  int sm_count = 0;
+  int ctas = 0;
+  int clusters[4] = {0, 0, 0, 0};  // index log2(cluster size); [0] unused
+  cudaError_t err = cudaSuccess;
+};
+
+// Also raises the kernel's dynamic shared memory limit to smem_bytes (a per-device function attribute,
+// so it is set here, once per device, before anything is launched).
+template <typename Kernel>
+Residency query_residency(Kernel kernel, int device, int smem_bytes) {
+  Residency r;
+  int sm_count = 0, per_sm = 0, major = 0;
+  r.err = current_sm_count(&sm_count);
+  if (r.err == cudaSuccess) r.err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  // All of L1 as shared memory where it helps: K and V bypass L1, and two CTAs per SM need ~200 KB.
+  if (r.err == cudaSuccess)
+    r.err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  if (r.err == cudaSuccess)
+    r.err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes);
+  if (r.err == cudaSuccess) r.err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (r.err != cudaSuccess) return r;
+  r.sm_count = sm_count;
+  r.ctas = per_sm * sm_count;
+  if (major < 9) return r;
+  for (int lg = 1; lg < 4; ++lg) {
+    const int size = 1 << lg;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(size);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = smem_bytes;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = size;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    config.attrs = &attr;
+    config.numAttrs = 1;
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();  // the failed query's own error: that size is simply not offered
+      clusters = 0;
+    }
+    r.clusters[lg] = clusters;
+  }
+  return r;
+}
+
+// The split count, from a wave model in units of "time to stream one (sequence, kv head, head chunk)
+// at full bandwidth": the clusters of one split count run in waves of at most r.clusters (r.ctas for
+// one split); a wave of n clusters takes max(n, R / splits), where R = sm_count is about how many CTAs
+// (each with two 32 KB stages in flight) saturate HBM, and R / splits is the time of one CTA streaming
+// its 1 / splits share alone. Fewer splits on a tie; a split needs at least one tile of the capacity.
+int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache_len, int tile) {
+  const auto cost = [&](int64_t resident, int splits) {
+    const double lone = static_cast<double>(sm_count) / splits;
+    const int64_t full = units / resident, rest = units % resident;
+    return full * std::max(static_cast<double>(resident), lone) + (rest ? std::max(static_cast<double>(rest), lone) : 0.0);
+  };
+  int best = 1;
+  double best_cost = r.ctas > 0 ? cost(r.ctas, 1) : 1e300;
+  const int64_t useful = (cache_len + tile - 1) / tile;
+  for (int lg = 1; lg < 4; ++lg) {
+    const int size = 1 << lg;
+    if (size > useful || r.clusters[lg] <= 0) continue;
+    const double c = cost(r.clusters[lg], size);
+    if (c < best_cost * 0.999) {
+      best = size;
+      best_cost = c;
+    }
+  }
+  return best;
+}
+
+template <typename T, int kDPad, int kVecBytes, int kGT>
+cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stride, const T* k_cache,
+                         const T* v_cache, const int64_t* kv_start, int64_t kv_start_stride, const int64_t* kv_end,
+                         int64_t kv_end_stride, T* out, int64_t batch, int64_t cache_len, int num_q_heads,
+                         int num_kv_heads, int head_dim, int64_t window, float scale, int num_splits,
+                         cudaStream_t stream, int* splits_used) {
+  using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
+  auto kernel = decode_attention_kernel<T, kDPad, kVecBytes, kGT>;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  // An error still pending belongs to an earlier launch: report it rather than let the probes clear it.
+  err = cudaPeekAtLastError();
+  if (err != cudaSuccess) return err;
+  static PerDeviceOnce<Residency> residency;  // one per instantiation
+  const Residency r = residency.get(device, [&] { return query_residency(kernel, device, Tl::kSmemBytes); });
+  if (r.err != cudaSuccess) return r.err;
+
+  const int group = num_q_heads / num_kv_heads;
+  const int head_chunks = (group + kGT - 1) / kGT;
+  const int64_t grid_y = static_cast<int64_t>(num_kv_heads) * head_chunks;
+  if (grid_y > 65535) return cudaErrorInvalidConfiguration;
+  int splits;
+  if (num_splits <= 0) {
+    splits = choose_splits(r, r.sm_count, batch * grid_y, cache_len, Tl::kTile);
+  } else {
+    splits = 1;  // the largest cluster size offered that does not exceed the request
+    for (int lg = 1; lg < 4; ++lg)
+      if ((1 << lg) <= num_splits && r.clusters[lg] > 0) splits = 1 << lg;
+  }
+  if (splits_used) *splits_used = splits;
+
+  const float q_scale = scale * kLog2e;
+  constexpr int64_t kMaxGridZ = 65535;
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxGridZ) {
+    const int64_t nb = batch - b0 < kMaxGridZ ? batch - b0 : kMaxGridZ;
+    const T* qb = q + b0 * q_batch_stride;
+    const int64_t kv_offset = b0 * cache_len * num_kv_heads * head_dim;
+    const int64_t* sb = kv_start + b0 * kv_start_stride;
+    const int64_t* eb = kv_end + b0 * kv_end_stride;
+    T* ob = out + b0 * num_q_heads * head_dim;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(splits, static_cast<unsigned>(grid_y), static_cast<unsigned>(nb));
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = Tl::kSmemBytes;
+    config.stream = stream;
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = splits;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    config.attrs = &attr;
+    config.numAttrs = splits > 1 ? 1 : 0;
+    err = cudaLaunchKernelEx(&config, kernel, qb, q_batch_stride, q_head_stride, k_cache + kv_offset,
+                             v_cache + kv_offset, sb, kv_start_stride, eb, kv_end_stride, ob, cache_len, num_q_heads,
+                             num_kv_heads, head_dim, group, head_chunks, window, q_scale);
+    const cudaError_t last = cudaGetLastError();  // this launch's error state, consumed (reported below)
+    if (err == cudaSuccess) err = last;
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// Query heads per CTA: the group size rounded up to a power of two, at most 8 (larger groups take
+// several head chunks, each reading the kv head again, mostly from L2).
+template <typename F>
+cudaError_t dispatch_heads(int group, F&& f) {
+  if (group <= 1) return f(std::integral_constant<int, 1>{});
+  if (group <= 2) return f(std::integral_constant<int, 2>{});
+  if (group <= 4) return f(std::integral_constant<int, 4>{});
+  return f(std::integral_constant<int, 8>{});
+}
+
+// head_dim padded to 64, 128 or 256 (exact sizes are the fast case; others mask the tail).
+template <typename F>
+cudaError_t dispatch_head_dim(int64_t head_dim, F&& f) {
+  if (head_dim <= 64) return f(std::integral_constant<int, 64>{});
+  if (head_dim <= 128) return f(std::integral_constant<int, 128>{});
+  return f(std::integral_constant<int, 256>{});
+}
+
+}  // namespace
+
+cudaError_t launch_decode_attention(const void* q, int64_t q_batch_stride, int64_t q_head_stride, const void* k_cache,
+                                    const void* v_cache, const int64_t* kv_start, int64_t kv_start_stride,
+                                    const int64_t* kv_end, int64_t kv_end_stride, void* out, int64_t batch,
+                                    int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                    int64_t window, float scale, int num_splits, DType dtype, cudaStream_t stream,
+                                    int* splits_used) {
+  if (splits_used) *splits_used = 0;
+  if (batch <= 0 || num_q_heads <= 0 || head_dim <= 0) return cudaSuccess;
+  if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || head_dim > kAttentionMaxHeadDim || head_dim % 2 != 0 ||
+      cache_len < 0 || window < 0 || num_q_heads > (1 << 30))
+    return cudaErrorInvalidValue;
+  cudaError_t err = cudaErrorInvalidValue;
+  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
+    // 16-byte loads when every key row starts 16-byte aligned; 4-byte loads (an even head_dim keeps
+    // pairs of 16-bit values word aligned) otherwise.
+    const bool vec16 = (head_dim * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 && aligned16(k_cache) &&
+                       aligned16(v_cache);
+    const int group = static_cast<int>(num_q_heads / num_kv_heads);
+    err = dispatch_head_dim(head_dim, [&](auto dpad) {
+      constexpr int kDPad = decltype(dpad)::value;
+      return dispatch_heads(group, [&](auto gt) {
+        constexpr int kGT = decltype(gt)::value;
+        const auto run = [&](auto vec_bytes) {
+          constexpr int kVecBytes = decltype(vec_bytes)::value;
+          return launch_tiled<scalar_t, kDPad, kVecBytes, kGT>(
+              static_cast<const scalar_t*>(q), q_batch_stride, q_head_stride, static_cast<const scalar_t*>(k_cache),
+              static_cast<const scalar_t*>(v_cache), kv_start, kv_start_stride, kv_end, kv_end_stride,
+              static_cast<scalar_t*>(out), batch, cache_len, static_cast<int>(num_q_heads),
+              static_cast<int>(num_kv_heads), static_cast<int>(head_dim), window, scale, num_splits, stream,
+              splits_used);
+        };
+        return vec16 ? run(std::integral_constant<int, 16>{}) : run(std::integral_constant<int, 4>{});
+      });
+    });
+  });
+  return err;
+}
+
+}  // namespace dots1

@@ -1,6 +1,7 @@
 """Typed wrappers of the dots1_ext custom ops (torch.ops.dots1_ext.*), one module per op family."""
 
 from dots1_ext.ops._lib import reference_backed_ops
+from dots1_ext.ops.attention import decode_attention
 from dots1_ext.ops.dispatch import permute, permuted_rows, unpermute
 from dots1_ext.ops.gating import router_topk_gating, topk_gating
 from dots1_ext.ops.grouped_gemm import deinterleave_gate_up, grouped_gemm, interleave_gate_up
@@ -10,6 +11,7 @@ from dots1_ext.ops.skinny_gemm import skinny_gemm
 
 __all__ = [
     "add_rms_norm_",
+    "decode_attention",
     "deinterleave_gate_up",
     "grouped_gemm",
     "interleave_gate_up",

@@ -1,0 +1,152 @@
+"""Decode attention benchmark: one query per sequence over a static KV cache, real Dots1 attention shape.
+
+    python -m bench.bench_attention            # GPU: B in {1, 8, 32} x context in {256, 2048, 16384, 32768}
+    python -m bench.bench_attention --quick    # fewer cases
+
+Shape: MHA, 32 query and 32 kv heads, head_dim 128, bf16; q is the first 32 heads of a fused qkv
+activation (the model's layout); every sequence attends to its whole context [0, ctx). Cases whose
+cache (K + V) would exceed 8 GiB are skipped; one extra case puts a 2048-key context in a 32768-slot
+cache (the capacity must not cost anything). Peers, timed in the same run: SDPA with the equivalent
+boolean mask over the whole cache (what a static-cache decoder does), SDPA without a mask over exactly
+the attended keys (the unmasked ideal, is_causal=False), and flex_attention (compiled, with a block
+mask from the device lengths) where it compiles. Times are GPU time per call inside a CUDA graph (32
+calls per graph, median of 20 replays): these kernels take microseconds, less than a launch. The floor
+is the bytes of K and V actually attended over the measured device copy bandwidth; floor / time is
+the fraction of it reached. For B <= 8 the full run also times each forced split count
+(DOTS1_EXT_ATTENTION_SPLITS) beside the automatic choice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Report, Row, bench_main, bytes_floor_ms, graph_us, on_gpu, time_fn
+from dots1_ext.ops import attention as A
+
+HQ = HK = 32
+D = 128
+MAX_CACHE_BYTES = 8 << 30
+
+
+def _flex():
+    """(flex_attention compiled, create_block_mask) or a reason string."""
+    if not on_gpu():
+        return "flex_attention is Triton (GPU only)"
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        return f"flex_attention not importable ({type(exc).__name__}: {exc})"
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
+
+
+class Bench:
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.device = "cuda" if on_gpu() else "cpu"
+        self.dtype = torch.bfloat16 if on_gpu() else torch.float32
+        self.heads = (HQ, HK) if on_gpu() else (4, 4)
+        self.flex = _flex()
+        self.notes: list[str] = []
+        if isinstance(self.flex, str):
+            self.notes.append(f"flex_attention rows skipped: {self.flex}")
+
+    def time_ms(self, fn: Callable[[], object]) -> tuple[float, str]:
+        """GPU: per-call time inside a CUDA graph (falls back to per-call CUDA events if the capture
+        fails); CPU: perf_counter."""
+        if on_gpu():
+            try:
+                us = graph_us(fn)
+                if us is not None:
+                    return us / 1e3, "graph"
+            except Exception as exc:  # noqa: BLE001 - e.g. a peer that cannot be captured
+                torch.cuda.synchronize()
+                self.notes.append(f"graph capture failed ({type(exc).__name__}), per-call timing used")
+        return time_fn(fn, warmup=3 if self.quick else 10, iters=10 if self.quick else 50), "per call"
+
+    def add(self, report: Report, case: str, impl: str, fn: Callable[[], object], nbytes: float) -> None:
+        try:
+            with torch.no_grad():
+                fn()
+                ms, how = self.time_ms(fn)
+        except Exception as exc:  # noqa: BLE001 - a peer failing must not hide the others
+            self.notes.append(f"{impl} failed for {case}: {type(exc).__name__}: {str(exc)[:160]}")
+            return
+        report.add(Row("attention", case, impl, ms, floor_ms=bytes_floor_ms(nbytes), gbs=nbytes / (ms * 1e-3) / 1e9,
+                       extra={"timing": how}))
+
+    def case(self, report: Report, B: int, ctx: int, capacity: int) -> None:
+        dev, dt = self.device, self.dtype
+        Hq, Hk = self.heads
+        qkv = torch.randn(B, (Hq + 2 * Hk) * D, device=dev, dtype=dt)
+        q = qkv.view(B, Hq + 2 * Hk, D)[:, :Hq]
+        k_cache = torch.randn(B, capacity, Hk, D, device=dev, dtype=dt)
+        v_cache = torch.randn(B, capacity, Hk, D, device=dev, dtype=dt)
+        kv_start = torch.zeros(B, dtype=torch.int64, device=dev)
+        kv_end = torch.full((B,), ctx, dtype=torch.int64, device=dev)
+        scale = 1.0 / math.sqrt(D)
+        nbytes = 2 * B * ctx * Hk * D * k_cache.element_size()
+        case = f"B={B} ctx={ctx}" + (f" (cache {capacity})" if capacity != ctx else "")
+
+        ours = lambda: A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, 0, scale)  # noqa: E731
+        self.add(report, case, "dots1_ext", ours, nbytes)
+        if on_gpu() and not self.quick and B <= 8:
+            # The automatic split count against each forced one (captured into the graph at its count).
+            previous = os.environ.get("DOTS1_EXT_ATTENTION_SPLITS")
+            try:
+                for splits in ("1", "2", "4", "8"):
+                    os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
+                    self.add(report, case, f"dots1_ext (splits={splits})", ours, nbytes)
+            finally:
+                if previous is None:
+                    os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS", None)
+                else:
+                    os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = previous
+
+        # SDPA views of the cache as [B, H, S, D] (no copies); q as [B, H, 1, D].
+        q4 = q[:, :, None]
+        k4, v4 = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        mask = (torch.arange(capacity, device=dev)[None] < kv_end[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        self.add(report, case, "SDPA, boolean mask over the cache",
+                 lambda: F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale), nbytes)
+        k_ctx, v_ctx = k4[:, :, :ctx], v4[:, :, :ctx]
+        self.add(report, case, "SDPA, no mask, exactly the attended keys",
+                 lambda: F.scaled_dot_product_attention(q4, k_ctx, v_ctx, is_causal=False, scale=scale), nbytes)
+
+        if not isinstance(self.flex, str):
+            flex_attention, create_block_mask = self.flex
+            try:
+                block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx < kv_end[b], B, None, 1, capacity,
+                                               device=dev)
+            except Exception as exc:  # noqa: BLE001
+                self.notes.append(f"flex_attention block mask failed for {case}: {type(exc).__name__}: {str(exc)[:160]}")
+                return
+            self.add(report, case, "flex_attention (compiled, block mask)",
+                     lambda: flex_attention(q4, k4, v4, block_mask=block_mask, scale=scale), nbytes)
+
+
+def run(quick: bool = False) -> list[Report]:
+    b = Bench(quick)
+    report = Report(f"decode attention ({'bf16, 32 heads, D=128' if on_gpu() else 'fp32 CPU, 4 heads, D=128'})")
+    if on_gpu():
+        batches = [1, 32] if quick else [1, 8, 32]
+        contexts = [2048, 16384] if quick else [256, 2048, 16384, 32768]
+        cases = [(B, ctx, ctx) for B in batches for ctx in contexts
+                 if 2 * B * ctx * HK * D * 2 <= MAX_CACHE_BYTES]
+        cases.append((1, 2048, 32768))
+    else:
+        cases = [(1, 256, 256), (2, 64, 256)]
+    for B, ctx, capacity in cases:
+        b.case(report, B, ctx, capacity)
+        if on_gpu():
+            torch.cuda.empty_cache()
+    report.notes = list(dict.fromkeys(b.notes))
+    return [report]
+
+
+if __name__ == "__main__":
+    bench_main(run, __doc__)

@@ -1,0 +1,58 @@
+// Launcher of the decode attention family (csrc/attention/attention_kernels.cu): one query per sequence
+// over a static KV cache, split-KV (flash-decoding) with the splits of one (sequence, kv head) combined
+// inside a thread-block cluster. Raw pointers only: the Tensor checks, layout decisions and dtype mapping
+// live in attention.cpp.
+//
+// Semantics (matching dots1_ext/reference.py decode_attention): sequence b attends to cache slots
+// [lo, kv_end[b]) with lo = kv_start[b], or max(kv_start[b], kv_end[b] - window) when window > 0; query
+// head h reads kv head h / (Hq / Hk). Scores q.k * scale, exact softmax with a running max, all in fp32;
+// the output is rounded once to the dtype. An empty range gives exactly 0; bad bounds (kv_start < 0,
+// kv_end > S, kv_start > kv_end) give NaN in every output element of that sequence, and nothing outside
+// the cache is read.
+//
+// Every launcher returns the launch's cudaError_t and launches nothing when there is no work.
+#pragma once
+
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace dots1 {
+
+// The largest head_dim the kernels take (it must also be even: 4-byte loads of the fallback path).
+constexpr int kAttentionMaxHeadDim = 256;
+// The most KV splits of one (sequence, kv head): the portable thread-block cluster size.
+constexpr int kAttentionMaxSplits = 8;
+
+}  // namespace dots1
+
+// CPU-only builds have no CUDA headers.
+#if defined(DOTS1_WITH_CUDA) || defined(__CUDACC__)
+#include <cuda_runtime.h>
+
+namespace dots1 {
+
+// out[b, h, :] = softmax_j(q[b, h] . k_cache[b, j, h / G] * scale) @ v_cache[b, j, h / G], j in the
+// sequence's range (G = Hq / Hk).
+//
+// num_splits: 0 chooses the split count from batch * Hk, the SM count and cache_len (never from the
+// device lengths, so one CUDA graph serves every length); a positive value forces the largest power of
+// two not above it that the GPU's clusters take (at most kAttentionMaxSplits; GPUs without clusters
+// always run 1 split). *splits_used, when not null,
+// receives the split count launched.
+cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], strides q_batch_stride, q_head_stride
+                                    int64_t q_batch_stride, int64_t q_head_stride,
+                                    const void* k_cache,       // [B, S, Hk, D] contiguous
+                                    const void* v_cache,       // [B, S, Hk, D] contiguous
+                                    const int64_t* kv_start,   // [B], element stride kv_start_stride
+                                    int64_t kv_start_stride,
+                                    const int64_t* kv_end,     // [B], element stride kv_end_stride
+                                    int64_t kv_end_stride,
+                                    void* out,                 // [B, Hq, D] contiguous
+                                    int64_t batch, int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads,
+                                    int64_t head_dim, int64_t window, float scale, int num_splits, DType dtype,
+                                    cudaStream_t stream, int* splits_used = nullptr);
+
+}  // namespace dots1
+
+#endif  // DOTS1_WITH_CUDA || __CUDACC__

@@ -1,0 +1,102 @@
+"""Decode attention: one query per sequence over a static KV cache (split-KV, GQA without copies).
+
+Kernels: csrc/attention/. Reference: dots1_ext.reference.decode_attention.
+
+Shapes: q [B, Hq, D] (any batch and head strides, contiguous last dim: typically the first Hq heads of
+a fused qkv activation viewed as [B, Hq + 2 Hk, D]); k_cache, v_cache [B, S, Hk, D] contiguous, q's
+dtype; kv_start, kv_end [B] int64 on q's device (any stride, e.g. an expanded scalar). Hq must be a
+multiple of Hk: query head h reads kv head h // (Hq // Hk). D even, at most 256 (64/128/256 are the
+fast sizes). Returns out [B, Hq, D], contiguous, q's dtype.
+
+Sequence b attends to cache slots [lo, kv_end[b]) with lo = kv_start[b] (left padding), or with
+``window > 0`` lo = max(kv_start[b], kv_end[b] - window): the query sits at slot kv_end[b] - 1 and
+sees the keys in (p - window, p], as transformers' sliding window. Scores are q.k * scale; softmax
+and the weighted sum of V run in fp32 with a running max, and the result is rounded once.
+
+Bounds live on the device, so the op never synchronises and one CUDA graph serves every length:
+an empty range gives exactly 0 (flash-attention's convention); bad bounds (kv_start < 0, kv_end > S,
+kv_start > kv_end) give NaN in every output element of that sequence (poison policy) and read
+nothing. ``check_bounds=True`` raises IndexError for them on the host instead (a synchronisation).
+
+CUDA: one CTA per (sequence, kv head, up to 8 of its query heads, KV split) reads each K/V byte once
+for all those query heads. The split count depends on B, the heads, the SM count and S only; each
+split takes ceil(length / splits) keys from the device length, and the splits of one kv head are one
+thread-block cluster (sm_90) that combines its partial softmax states in a fixed order: results are
+deterministic (bitwise equal across runs and between graph replay and eager). Pre-Hopper GPUs run
+one split. DOTS1_EXT_ATTENTION_SPLITS=n forces the split count (tests, tuning).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dots1_ext import reference
+from dots1_ext.ops import _checks as C
+from dots1_ext.ops._lib import fill_with_reference, op
+
+# csrc/attention/attention.h kAttentionMaxHeadDim: the largest head_dim the kernels take.
+MAX_HEAD_DIM = 256
+
+
+def _check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window, scale):
+    C.check_dtype(q, "q", C.FLOAT_DTYPES)
+    C.check_shape(q, "q", (None, None, None))
+    B, Hq, D = q.shape
+    if D <= 0 or D % 2 or D > MAX_HEAD_DIM:
+        raise ValueError(f"dots1_ext: head_dim (q.shape[2]) must be positive, even and at most {MAX_HEAD_DIM}, got {D}")
+    C.check_last_dim_contiguous(q, "q")
+    C.check_dtype(k_cache, "k_cache", (q.dtype,))
+    C.check_shape(k_cache, "k_cache", (B, None, None, D))
+    Hk = k_cache.shape[2]
+    if Hk <= 0 or Hq % Hk:
+        raise ValueError(f"dots1_ext: the query heads (q.shape[1] = {Hq}) must be a multiple of the kv heads "
+                         f"(k_cache.shape[2] = {Hk})")
+    C.check_dtype(v_cache, "v_cache", (q.dtype,))
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"dots1_ext: v_cache must have k_cache's shape {list(k_cache.shape)}, got {list(v_cache.shape)}")
+    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        if not t.is_contiguous():
+            raise ValueError(f"dots1_ext: {name} must be contiguous")
+    for t, name in ((kv_start, "kv_start"), (kv_end, "kv_end")):
+        C.check_dtype(t, name, (torch.int64,))
+        C.check_shape(t, name, (B,))
+    if window < 0:
+        raise ValueError(f"dots1_ext: window must be >= 0 (0 = no window), got {window}")
+    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache"), (kv_start, "kv_start"), (kv_end, "kv_end")):
+        C.check_same_device(t, name, q, "q")
+
+
+fill_with_reference("decode_attention", reference.decode_attention, _check_decode_attention)
+
+
+@torch.library.register_fake("dots1_ext::decode_attention")
+def _decode_attention_fake(q, k_cache, v_cache, kv_start, kv_end, window, scale):
+    _check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window, scale)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # the kernels return a contiguous tensor
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    window: int = 0,
+    scale: float | None = None,
+    check_bounds: bool = False,
+) -> torch.Tensor:
+    """softmax(q . K^T * scale) @ V per sequence over its cache slots. q [B, Hq, D]; k_cache, v_cache
+    [B, S, Hk, D]; kv_start, kv_end [B] int64 (device) -> [B, Hq, D] in q's dtype. Slots [kv_start[b],
+    kv_end[b]), the last ``window`` of them when window > 0. ``scale`` defaults to 1 / sqrt(D). An
+    empty range gives 0; bad bounds give NaN rows unless ``check_bounds`` (IndexError, host sync)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if check_bounds and kv_start.numel():
+        S = k_cache.shape[1]
+        C.check_index_range(kv_start, "kv_start", S + 1, "slots of the cache, end included")
+        C.check_index_range(kv_end, "kv_end", S + 1, "slots of the cache, end included")
+        if bool((kv_start > kv_end).any()):
+            raise IndexError("dots1_ext: kv_start must not exceed kv_end")
+    return op("decode_attention")(q, k_cache, v_cache, kv_start, kv_end, int(window), float(scale))

@@ -1,0 +1,106 @@
+"""Runs every CUDA kernel path of the decode attention family once on small shapes, for compute-sanitizer.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck  python tests/sanitize_attention.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck python tests/sanitize_attention.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck python tests/sanitize_attention.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool synccheck python tests/sanitize_attention.py
+
+(Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees a read past a
+cache's end.) Paths: fp32/fp16/bf16; head_dim 64/128/256 (16-byte copies), 96 (padded) and 34 (padded,
+4-byte copies), a 16-bit cache at an odd element offset; 1, 2, 4 and 8 query heads per CTA (GQA 1, 2,
+3, 4, 8 and 12 = two head chunks); 1, 2, 4 and 8 splits (cluster combine); ranges that end exactly at
+the cache's end, windows, empty ranges and bad bounds (which must read nothing and give NaN). Exits
+non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+
+from dots1_ext import reference
+from dots1_ext.ops import attention as A
+
+# Per-row bound (max error / row max) against the fp32 reference rounded to the dtype.
+TOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
+failures: list[str] = []
+
+
+def check(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    ref = ref.to(dtype).double().reshape(-1, ref.shape[-1])
+    got = out.double().reshape(-1, out.shape[-1])
+    if not torch.equal(torch.isnan(got), torch.isnan(ref)):
+        failures.append(f"{name}: NaN (poison) pattern differs from the reference")
+        return
+    got, ref = got.nan_to_num(0.0), ref.nan_to_num(0.0)
+    if not torch.isfinite(got).all():
+        failures.append(f"{name}: non-finite values")
+        return
+    err = ((got - ref).abs().amax(1) / ref.abs().amax(1).clamp_min(1e-30)).max().item() if got.numel() else 0.0
+    if err > TOL[dtype]:
+        failures.append(f"{name}: worst row error {err:.3e} > {TOL[dtype]:.1e}")
+
+
+def run_case(dtype, B, Hq, Hk, D, S, pairs, window, cache_offset=0, q_layout="fused"):
+    if q_layout == "fused":
+        q = torch.randn(B, (Hq + 2 * Hk) * D, dtype=dtype, device="cuda").view(B, Hq + 2 * Hk, D)[:, :Hq]
+    else:  # misaligned: one element in
+        q = torch.randn(B, Hq * D + 1, dtype=dtype, device="cuda")[:, 1:].view(B, Hq, D)
+    n = B * S * Hk * D
+    k_buf = torch.randn(n + cache_offset, dtype=dtype, device="cuda")
+    k_cache = k_buf[cache_offset:].view(B, S, Hk, D)
+    v_cache = torch.randn(B, S, Hk, D, dtype=dtype, device="cuda")
+    kv_start = torch.tensor([p[0] for p in pairs], device="cuda")
+    kv_end = torch.tensor([p[1] for p in pairs], device="cuda")
+    out = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), kv_start, kv_end, window,
+                                     1.0 / math.sqrt(D))
+    name = (f"{dtype} B={B} Hq={Hq} Hk={Hk} D={D} S={S} window={window} offset={cache_offset} q={q_layout} "
+            f"splits={os.environ.get('DOTS1_EXT_ATTENTION_SPLITS', 'auto')}")
+    check(name, out, ref, dtype)
+
+
+def pairs_for(B, S):
+    base = [(0, S), (-1, 4), (0, 0), (S - 1, S), (0, 1), (3, S - 2), (5, 2), (0, S + 1)]
+    return [base[b % len(base)] if S > 5 else (0, S) for b in range(B)]
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("sanitize_attention: needs a CUDA GPU")
+        return 2
+    shapes = [  # (B, Hq, Hk, D, S)
+        (3, 4, 4, 128, 300),
+        (2, 8, 4, 64, 200),  # 2 query heads per CTA
+        (3, 6, 2, 96, 150),  # 3 -> 4 per CTA, padded head_dim
+        (3, 8, 2, 256, 130),
+        (2, 16, 2, 128, 90),  # 8 per CTA
+        (2, 24, 2, 64, 70),  # 12: two head chunks
+        (3, 4, 2, 34, 80),  # 4-byte copies
+        (8, 2, 2, 128, 520),
+    ]
+    for splits in ("1", "2", "4", "8", "auto"):
+        os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
+        # 2 and 4 splits take the same cluster code as 8: one dtype is enough there.
+        dtypes = (torch.bfloat16,) if splits in ("2", "4") else (torch.float32, torch.float16, torch.bfloat16)
+        for dtype in dtypes:
+            for B, Hq, Hk, D, S in shapes:
+                for window in (0, 33):
+                    run_case(dtype, B, Hq, Hk, D, S, pairs_for(B, S), window)
+            run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (10, 64)], 0, q_layout="misaligned")
+            if dtype != torch.float32:
+                run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=1)  # odd element offset
+                run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=8)  # 16-byte aligned view
+    os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS")
+    torch.cuda.synchronize()
+    for f in failures:
+        print("MISMATCH", f)
+    print("sanitize_attention:", "ok" if not failures else f"{len(failures)} mismatches")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
