@@ -26,6 +26,28 @@ def _activation_peak(fn) -> dict:
     return {"act_GiB": round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)}
 
 
+ATTENTION_KERNEL_KEYS = ("fmha", "flash", "attention", "cudnn", "sdpa")
+
+
+def attention_kernel_ms(fn) -> tuple[float, str]:
+    """GPU ms of one call of ``fn`` spent in attention kernels (torch.profiler, by kernel name), and
+    the names of those kernels (shortened)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total, names = 0.0, set()
+    for evt in prof.key_averages():
+        name = evt.key.lower()
+        if any(k in name for k in ATTENTION_KERNEL_KEYS) and "decode_attention" not in name:
+            total += getattr(evt, "self_device_time_total", 0) or evt.self_cuda_time_total
+            names.add(evt.key[:40])
+    return total / 1e3, "; ".join(sorted(names))
+
+
 def run(quick: bool = False) -> list[Report]:
     from dots1_ext.model import left_pad
 
@@ -56,6 +78,12 @@ def run(quick: bool = False) -> list[Report]:
             f = lambda: hf(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
             report.add(Row("long_prompt", case, "hf sdpa + grouped_mm", time_fn(f, 1, 3), floor_ms=floor,
                            extra=_activation_peak(f)))
+            if on_gpu() and T == max(lengths):  # attention's own rate, from the kernels the profiler saw
+                ms, kernels = attention_kernel_ms(lambda: ours.prefill(ids, last_only=True))
+                flops = cfg.num_hidden_layers * 2 * T * T * cfg.num_attention_heads * cfg.head_dim  # causal
+                report.add(Row("long_prompt", case, "dots1_ext attention kernels (profiler)", ms,
+                               floor_ms=flops_floor_ms(flops), tflops=flops / (ms * 1e-3) / 1e12,
+                               extra={"kernels": kernels}))
             del ids
 
         lengths = [2048, 4096, 6144, 8192] if on_gpu() else [16, 24, 32, 40]

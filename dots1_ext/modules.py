@@ -32,9 +32,14 @@ ops = compiled_ops
 from dots1_ext.ops.gating import ROUTER_FUSED_MAX_TOKENS  # noqa: E402  (one definition: ops/gating.py)
 
 # Up to this many rows a linear streams its weight once through skinny_gemm (decode: the weight read is
-# the whole cost); above it a tensor-core GEMM wins. The MoE layer likewise runs its decode ops (the
-# routed and shared experts in two launches, each touched expert read once) up to MOE_DECODE_MAX_TOKENS.
+# the whole cost); above it a tensor-core GEMM wins. Between SKINNY_ALWAYS_ROWS and SKINNY_MAX_ROWS,
+# cuBLAS streams large plain weights slightly faster (H200, bench/results 2026-11-29: qkv and lm_head
+# at M=8, 0.94x), so skinny_gemm keeps the fused-SwiGLU and the small (< SKINNY_LARGE_WEIGHT elements)
+# weights there. The MoE layer likewise runs its decode ops (the routed and shared experts in two
+# launches, each touched expert read once) up to MOE_DECODE_MAX_TOKENS.
 SKINNY_MAX_ROWS = 16
+SKINNY_ALWAYS_ROWS = 4
+SKINNY_LARGE_WEIGHT = 32 * 2**20
 MOE_DECODE_MAX_TOKENS = 16
 
 
@@ -132,7 +137,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [T, K] @ weight [N, K].T (+ bias), then the epilogue ("swiglu": weight rows are gate then up
     halves, output [T, N/2]). A few rows stream the weight once (skinny_gemm, the decode case); more
     rows run a GEMM."""
-    if bias is None and x.shape[0] <= SKINNY_MAX_ROWS:
+    if x.dim() != 2:  # drop-in use: any leading dims, like nn.Linear
+        return linear(x.reshape(-1, x.shape[-1]), weight, bias, epilogue).view(*x.shape[:-1], -1)
+    rows = x.shape[0]
+    if bias is None and (rows <= SKINNY_ALWAYS_ROWS or (rows <= SKINNY_MAX_ROWS and (
+            epilogue != "none" or weight.numel() < SKINNY_LARGE_WEIGHT))):
         return ops.skinny_gemm(x, weight, epilogue)
     y = F.linear(x, weight, bias)
     if epilogue == "none":
