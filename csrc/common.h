@@ -56,8 +56,8 @@ inline void check_shape(const at::Tensor& t, const char* name, std::initializer_
 }
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  DOTS1_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
-              "), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "dots1_ext: ", name, " must be on the same device as ", ref_name,
+                    " (", ref.device(), "), got ", t.device());
 }
 
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {

@@ -259,7 +259,11 @@ def test_decode_matches_full_recompute(device):
     for slot in range(prompt_len, tokens.shape[1]):  # the window (4) is passed after slot 4
         step = model.decode(tokens[:, slot], slot).float()
         full = recompute(tokens[:, : slot + 1])[:, -1].float()
-        assert_logits_close(step, full, device, f"slot {slot}")
+        if device == "cpu":  # fp32: the same numbers up to summation order
+            assert_logits_close(step, full, device, f"slot {slot}")
+        else:  # bf16: the decode ops round differently from prefill's; judged against an fp32 run
+            gold = recompute.prefill(tokens[:, : slot + 1], upcast=torch.float32)[:, -1]
+            assert_parity(step, full, gold, model.dtype, f"slot {slot}")
 
 
 def test_decode_with_tensor_slot_reads_the_whole_cache(device):

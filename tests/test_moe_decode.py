@@ -465,7 +465,7 @@ def test_cuda_graph_replay_with_changed_ids(T, shared):
     for pattern in patterns:
         new_ids = distinct_ids(T, k, E, "cpu")
         if pattern == "same":
-            new_ids[:] = new_ids[0]
+            new_ids[:] = new_ids[0].clone()
         elif pattern == "one_id":
             new_ids.fill_(5)
         elif pattern == "bad":

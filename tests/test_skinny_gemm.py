@@ -54,7 +54,13 @@ def make(M: int, N: int, K: int, dtype, device):
 def check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, epilogue: str, what: str) -> None:
     assert out.dtype == x.dtype, f"{what}: dtype {out.dtype}"
     assert out.is_contiguous(), f"{what}: output not contiguous"
-    assert_rows_close(out, reference.skinny_gemm(x.float(), w.float(), epilogue), x.dtype, what=what)
+    atol = 0.0
+    if x.dtype == torch.float32 and x.numel() and w.numel():
+        # fp32 accumulation order differs from the reference's: allow its rounding on the terms' scale
+        # (|x| @ |w|), not just on the result, which cancellation can make arbitrarily small.
+        scale = float((x.abs().double() @ w.abs().double().t()).max())
+        atol = 2e-6 * (scale * scale if epilogue != "none" else scale)
+    assert_rows_close(out, reference.skinny_gemm(x.double(), w.double(), epilogue), x.dtype, atol=atol, what=what)
 
 
 def poison_allocator(numel: int, dtype, device) -> None:
