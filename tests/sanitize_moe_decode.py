@@ -9,7 +9,9 @@
 a tensor's end.) Paths: the tensor-core kernels (bf16 / fp16; gate_up in the HF and interleaved
 layouts; with and without shared experts and residual; one token, a full 16-token launch, T=17 in two
 launches, k=20 (6 tokens per launch), one expert taking every pair (several 16-column items), a K
-that is not a multiple of the 64-wide step, H not a multiple of 16), bad ids (NaN poison where the
+that is not a multiple of the 32-wide step, H not a multiple of 16, the one-n-tile kernels (T <= 8)
+and the two-n-tile ones, items cut at 8 columns, more gate_up tiles than CTAs (the persistent loop)
+and many down items per warp (items cut by warp boundaries)), bad ids (NaN poison where the
 reference has it), and the simple kernels (fp32, I not a multiple of 8, forced by
 DOTS1_EXT_MOE_DECODE_KERNEL=simple, k past the fast path's 128 pairs). Exits non-zero if an output
 disagrees with the reference, so it doubles as a quick smoke test.
@@ -80,6 +82,12 @@ def main() -> int:
         case(f"fast {dtype} k=20", dtype, 13, 40, 20, 64, 16, 16)
         case(f"fast {dtype} one expert", dtype, 16, 8, 6, 64, 32, 32, ids=torch.full((16, 6), 3, dtype=torch.int32))
         case(f"fast {dtype} K tail, H%16", dtype, 3, 5, 2, 72, 24, 40)
+        case(f"fast {dtype} one expert, 8-column items", dtype, 5, 8, 6, 64, 32, 32,
+             ids=torch.full((5, 6), 3, dtype=torch.int32))
+        for T in (4, 16):
+            # Real I and Is on a narrow H: thousands of gate_up tiles for 2 CTAs per SM, ~70 down
+            # items of 44 steps over 8 warps.
+            case(f"fast {dtype} many tiles T={T}", dtype, T, 128, 6, 64, 1408, 2816)
         bad = torch.rand(6, 10).argsort(dim=1)[:, :3].to(torch.int32)
         bad[1, 2], bad[3, 0], bad[5, 1] = -1, 10, 2**30
         case(f"fast {dtype} bad ids", dtype, 6, 10, 3, 64, 32, 32, ids=bad)

@@ -350,7 +350,7 @@ def test_compile_fullgraph(device):
 
 
 @requires_cuda
-@pytest.mark.parametrize("T", [1, 2, 4, 16])
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 9, 16])  # 8 | 9: the last one-n-tile launch | the first two-n-tile one
 @pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
 def test_cuda_real_shapes(T, epilogue):
     dtype = torch.bfloat16

@@ -2,22 +2,35 @@
 // plus the shared experts, straight from topk_ids (no permute / unpermute).
 //
 // Fast path (fp16 / bf16, H, I, Is multiples of 8, 16-byte aligned rows): weight streaming on the
-// tensor cores. Every CTA first turns topk_ids into a schedule in shared memory: the distinct experts
-// (in order of first appearance) and, for each, the (t, j) pairs that chose it, cut into "items" of at
-// most 16 pairs (the columns of two m16n8k16 MMA n-tiles); the shared experts are one more item whose
-// columns are the tokens. Work "units" are 16 weight rows of one item:
-//   gate_up - (item, 8 output features): the 8 gate and 8 up rows of those features; the CTAs take
-//             equal contiguous ranges of the unit list, so the grid (one CTA per SM) stays balanced
-//             whatever the routing, and each touched weight row is read from HBM once per launch;
-//   down    - (16 output rows h, item): each CTA owns at most 2 tiles of 16 output rows and loops over
-//             every item for them, keeping one fp32 partial per (pair, row) in shared memory, then
-//             combines each token's pairs in the fixed j order, adds the shared experts and the
-//             residual and rounds once (no atomics: deterministic).
-// Inside a CTA the 8 warps split every unit's K in 64-wide steps, round-robin over the CTA's whole
-// step sequence (so no warp gets the remainders of every unit); each warp keeps kLookahead steps of
-// weight loads (16-byte, L1-bypassing) in flight across unit boundaries, multiplies them with the
-// activations (16-byte loads through L1/L2) on the tensor cores with fp32 accumulators, and at each
-// unit's end the warps' partials meet in shared memory and are summed in warp order.
+// tensor cores, the scheme of csrc/skinny_gemm (measured at 0.92-0.98 of copy bandwidth): 16 weight
+// rows are the A operand of mma.sync m16n8k16 and up to 16 (t, j) pair columns the B operand (NT = 1
+// or 2 n-tiles of 8, picked on the host from the launch's token count); the 8 warps of a CTA split K
+// in equal CONTIGUOUS ranges; each lane issues a batch of U steps (16 bytes of each of its two weight
+// rows and of each of its NT activation columns per step: 256 B of weight for NT = 1, 192 B for
+// NT = 2) before it multiplies any of them, so a warp waits one memory latency per batch, not per
+// step; the warps' partial sums meet once, in shared memory, in warp order. 128 registers, 2 CTAs
+// (16 warps) per SM.
+//
+// The schedule: the distinct experts of the launch's (t, j) pairs (in order of first appearance) and,
+// for each, the pairs that chose it, cut into "items" of at most 8 NT pairs (the MMA columns); the
+// shared experts are one more item whose columns are the tokens. Each CTA builds it in shared memory
+// from topk_ids (P <= 128 ids, one per thread, loaded at the kernel's start so that the load's latency
+// hides behind the first weight stream, which never needs the schedule: the shared experts come first).
+//   gate_up - tiles of (item, 8 output features): the 8 gate and 8 up rows of those features over all
+//             of H. Persistent CTAs (2 per SM) take tiles b, b + grid, ...: the shared experts' tiles,
+//             then the schedule, then the routed tiles; tiles past the launch's real count cost nothing.
+//             One barrier per tile (the warps' partials, double-buffered), then 32 NT threads apply
+//             SwiGLU to the warp-ordered sums and store.
+//   down    - one CTA per 16 output rows h. Its work is the shared experts' rows (K = Is, split over
+//             the 8 warps) and, per routed item, the item's expert's 16 rows (K = I): the routed items
+//             are laid end to end (R items x ceil(I / 32) steps) and that sequence is split over the
+//             8 warps in equal contiguous ranges, so every warp streams the same number of steps
+//             whatever the routing. A warp's piece of an item it holds whole goes straight to the
+//             pair's fp32 partial in shared memory; an item cut by a warp boundary leaves one piece per
+//             warp, summed in warp order after the only barrier. Then one thread per (token, row) adds
+//             w[t, j] * partial in the j order, the shared term and the residual, rounding once.
+// Every touched expert's weight rows are read from HBM once per launch (several tokens that chose an
+// expert are the columns of the same MMAs); no float atomics: the result is bitwise reproducible.
 //
 // The k permutation: an m16n8k16 A fragment holds, per lane (group g = lane/4, c = lane%4), rows g and
 // g+8 at logical k {2c, 2c+1, 2c+8, 2c+9}; the B fragment holds column g at the same logical k. A dot
@@ -26,7 +39,7 @@
 // activation row: words 0-1 feed one MMA, words 2-3 the next.
 //
 // Fallback (fp32, or shapes / addresses the fast path cannot vector-load): one warp per output
-// element pair, scalar loads, the same fp32 math and order. Correct for everything, not fast.
+// element, scalar loads, the same fp32 math and order. Correct for everything, not fast.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -41,35 +54,69 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kStepK = 64;       // k per warp step: per weight row, 4 lanes x 2 vectors x 8 elements
-constexpr int kLookahead = 6;    // weight steps in flight per warp (6 x 4 x 16 B per lane)
-constexpr int kMaxCols = 16;     // pair columns per item: two n-tiles of 8
+constexpr int kStepK = 32;  // k per warp step: per weight row, 4 lanes x 8 elements (one 16-byte vector)
 constexpr int kMaxPairs = kMoeDecodeMaxPairs;
 constexpr int kMaxTokens = kMoeDecodeMaxTokens;
-// Routed items: sum over experts of ceil(pairs / 16) <= experts + pairs / 16 <= pairs + pairs / 16; + shared.
-constexpr int kMaxItems = kMaxPairs + kMaxPairs / kMaxCols + 1;
-constexpr int kMaxTilesPerCta = 2;  // down: output row tiles owned by one CTA (their partials live in smem)
-constexpr int kRedRegs = 8;          // accumulator registers per lane: 2 n-tiles x 4
+// Routed items: sum over experts of ceil(pairs / cols) <= min(pairs, experts + pairs / cols), cols >= 8;
+// + the shared item.
+constexpr int kMaxItems = kMaxPairs + kMaxPairs / 8 + 1;
 
-static_assert(kMaxTokens <= kMaxCols, "the shared experts' item holds every token of a launch");
+static_assert(kMaxTokens <= 16, "the shared experts' item holds every token of a launch");
+static_assert(kMaxPairs <= kThreads, "build_schedule: one pair per thread");
+
+// Steps per batch and independent accumulator sets (as skinny_gemm's RT = 1): U (2 + NT) 16-byte
+// vectors per lane in flight (96 registers), and 4 MMA chains (sets x NT) so that the dependent MMAs
+// of a batch do not hold the warp longer than the loads it waits for.
+template <int NT>
+constexpr int batch_steps() {
+  return NT == 1 ? 8 : 6;
+}
+template <int NT>
+constexpr int accumulator_sets() {
+  return NT == 1 ? 2 : 2;
+}
 
 __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
 
 // ---------------------------------------------------------------------------------------------
 // Loads and the MMA
 
-// Weights are read once per launch: no L1 allocation, a 256-byte L2 fetch (the neighbouring lanes'
-// vectors of the same row come next).
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
+// 16 bytes of weight (read once per launch: no L1 allocation, so L1 keeps the activations); zeros
+// when !pred. Not volatile: the compiler may hoist a batch's loads together.
+__device__ __forceinline__ uint4 load_weight16(const void* p, bool pred) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+  asm("{\n\t"
+      ".reg .pred p;\n\t"
+      "setp.ne.b32 p, %5, 0;\n\t"
+      "mov.b32 %0, 0;\n\t"
+      "mov.b32 %1, 0;\n\t"
+      "mov.b32 %2, 0;\n\t"
+      "mov.b32 %3, 0;\n\t"
+      "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
+      "}"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
   return v;
 }
 
-// Activations are re-read by every CTA: the default (L1-cached) read-only path.
-__device__ __forceinline__ uint4 ld_act(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+// 16 bytes of an activation row (re-read by many CTAs and tiles: cached in L1 and L2); zeros when !pred.
+__device__ __forceinline__ uint4 load_act16(const void* p, bool pred) {
+  uint4 v;
+  asm("{\n\t"
+      ".reg .pred p;\n\t"
+      "setp.ne.b32 p, %5, 0;\n\t"
+      "mov.b32 %0, 0;\n\t"
+      "mov.b32 %1, 0;\n\t"
+      "mov.b32 %2, 0;\n\t"
+      "mov.b32 %3, 0;\n\t"
+      "@p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
+      "}"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -95,6 +142,73 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// One warp's share of a 16-row x (8 NT)-column product: steps [s_begin, s_end) of K (32 k each) of
+// weight rows row_lo (tile row g) and row_hi (g + 8) against activation rows col[n] (column 8 n + g;
+// col_ok false: not loaded, its fragment stays zero). res[n] is the lane's C fragment of n-tile n:
+// (row g, col 8n + 2c), (g, 8n + 2c + 1), (g + 8, 8n + 2c), (g + 8, 8n + 2c + 1), summed over the
+// accumulator sets in a fixed order. K % 8 == 0: a lane's vector is wholly in range or wholly out.
+template <typename T, int NT>
+__device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, const T* const (&col)[NT],
+                                            const bool (&col_ok)[NT], int64_t K, int s_begin, int s_end,
+                                            float (&res)[NT][4]) {
+  constexpr int U = batch_steps<NT>();
+  constexpr int kSets = accumulator_sets<NT>();
+  float acc[kSets][NT][4];
+#pragma unroll
+  for (int s = 0; s < kSets; ++s)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[s][n][r] = 0.0f;
+
+  // Pointers at this lane's 16 bytes of step s_begin, advanced a batch at a time (the steps of a
+  // batch are immediate offsets); this lane's steps end where its vector would pass K.
+  const int lane_k = 8 * (threadIdx.x & 3);
+  const int lane_end = static_cast<int>(min(static_cast<int64_t>(s_end), (K - lane_k + kStepK - 1) / kStepK));
+  const int64_t offset0 = static_cast<int64_t>(s_begin) * kStepK + lane_k;
+  const T* lo = row_lo + offset0;
+  const T* hi = row_hi + offset0;
+  const T* x[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) x[n] = col[n] + offset0;
+
+  for (int s0 = s_begin; s0 < s_end; s0 += U) {
+    const int valid = min(lane_end - s0, U);  // may be <= 0
+    uint4 wv[U][2];
+    uint4 xv[U][NT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool ok = u < valid;
+      wv[u][0] = load_weight16(lo + u * kStepK, ok);
+      wv[u][1] = load_weight16(hi + u * kStepK, ok);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) xv[u][n] = load_act16(x[n] + u * kStepK, ok && col_ok[n]);
+    }
+    lo += U * kStepK;
+    hi += U * kStepK;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) x[n] += U * kStepK;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int set0 = (2 * u) % kSets, set1 = (2 * u + 1) % kSets;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        mma_16816<T>(acc[set0][n], wv[u][0].x, wv[u][1].x, wv[u][0].y, wv[u][1].y, xv[u][n].x, xv[u][n].y);
+        mma_16816<T>(acc[set1][n], wv[u][0].z, wv[u][1].z, wv[u][0].w, wv[u][1].w, xv[u][n].z, xv[u][n].w);
+      }
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      float v = acc[0][n][r];
+#pragma unroll
+      for (int s = 1; s < kSets; ++s) v += acc[s][n][r];
+      res[n][r] = v;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The schedule: distinct experts of the launch's (t, j) pairs and the pairs that chose each.
 
@@ -107,40 +221,41 @@ struct Schedule {
   int32_t col_pair[kMaxPairs];   // the valid pairs grouped by expert (first-appearance order), in pair order
   int32_t item_expert[kMaxItems];  // expert id; -1 for the shared experts' item
   int32_t item_col0[kMaxItems];    // first column in col_pair (routed items)
-  int32_t item_ncols[kMaxItems];   // 1 .. kMaxCols
+  int32_t item_ncols[kMaxItems];   // 1 .. max_cols
   int32_t num_routed_items;
   int32_t num_items;               // routed items + the shared item (if any)
 };
 
-// Every thread of the CTA calls it; ends with a barrier. Returns whether some pair has an id outside
-// [0, E) (the same answer in every thread).
-__device__ bool build_schedule(Schedule& s, const int32_t* __restrict__ topk_ids, int P, int T, int E,
+// Every thread of the CTA calls it with its own pair's id (thread p < P holds pair p's, read
+// earlier so that the load's latency is already paid); ends with a barrier. Returns whether some
+// pair has an id outside [0, E) (the same answer in every thread).
+__device__ bool build_schedule(Schedule& s, int32_t my_id, int P, int T, int E, int max_cols,
                                bool has_shared) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int p = tid; p < P; p += kThreads) s.id[p] = __ldg(topk_ids + p);
+  if (tid < P) s.id[tid] = my_id;
   __syncthreads();
   int bad = 0;
-  // O(P^2) comparisons (P <= 128): no table over E, so any E works.
-  for (int p = tid; p < P; p += kThreads) {
-    const int id = s.id[p];
+  // O(P) comparisons per pair (P <= 128, broadcast reads): no table over E, so any E works.
+  if (tid < P) {
+    const int p = tid, id = my_id;
     if (id < 0 || id >= E) {
       s.first[p] = -1;
       bad = 1;
-      continue;
-    }
-    int first = p, rank = 0, count = 0;
-    for (int q = 0; q < P; ++q) {
-      if (s.id[q] == id) {
-        if (q < p) {
-          ++rank;
-          first = min(first, q);
+    } else {
+      int first = p, rank = 0, count = 0;
+      for (int q = 0; q < P; ++q) {
+        if (s.id[q] == id) {
+          if (q < p) {
+            ++rank;
+            first = min(first, q);
+          }
+          ++count;
         }
-        ++count;
       }
+      s.first[p] = first;
+      s.rank[p] = rank;
+      s.count[p] = count;
     }
-    s.first[p] = first;
-    s.rank[p] = rank;
-    s.count[p] = count;
   }
   const bool any_bad = __syncthreads_or(bad) != 0;
   if (warp == 0) {
@@ -150,7 +265,7 @@ __device__ bool build_schedule(Schedule& s, const int32_t* __restrict__ topk_ids
       const int p = base + lane;
       const bool is_first = p < P && s.first[p] == p;
       const int c = is_first ? s.count[p] : 0;
-      const int n = is_first ? (c + kMaxCols - 1) / kMaxCols : 0;
+      const int n = is_first ? (c + max_cols - 1) / max_cols : 0;
       int c_incl = c, n_incl = n;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
@@ -166,8 +281,8 @@ __device__ bool build_schedule(Schedule& s, const int32_t* __restrict__ topk_ids
         s.col_start[p] = col0;
         for (int i = 0; i < n; ++i) {
           s.item_expert[item0 + i] = s.id[p];
-          s.item_col0[item0 + i] = col0 + i * kMaxCols;
-          s.item_ncols[item0 + i] = min(kMaxCols, c - i * kMaxCols);
+          s.item_col0[item0 + i] = col0 + i * max_cols;
+          s.item_ncols[item0 + i] = min(max_cols, c - i * max_cols);
         }
       }
       cols += __shfl_sync(0xffffffffu, c_incl, 31);
@@ -184,148 +299,12 @@ __device__ bool build_schedule(Schedule& s, const int32_t* __restrict__ topk_ids
     }
   }
   __syncthreads();
-  for (int p = tid; p < P; p += kThreads) {
-    const int first = s.first[p];
-    if (first >= 0) s.col_pair[s.col_start[first] + s.rank[p]] = p;
+  if (tid < P) {
+    const int first = s.first[tid];
+    if (first >= 0) s.col_pair[s.col_start[first] + s.rank[tid]] = tid;
   }
   __syncthreads();
   return any_bad;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The streaming engine shared by both ops. A Work class describes the CTA's units:
-//   int num_units() const; int steps(int u) const (ceil(K / kStepK));
-//   void a_rows(int u, int g, const T*& row_g, const T*& row_g8, int64_t& K) const;
-//   int ncols(int u) const; const T* b_row(int u, int col) const (col < ncols(u));
-//   void reduce(int u, const float (*red)[kRedRegs][32]) const  (after the unit's barrier; any threads)
-
-// Where a warp is in the CTA's step sequence: unit u, step s of it.
-struct Cursor {
-  int unit;
-  int step;
-};
-
-template <class Work>
-__device__ __forceinline__ void settle(Cursor& c, const Work& w, int num_units) {
-  while (c.unit < num_units) {
-    const int n = w.steps(c.unit);
-    if (c.step < n) break;
-    c.step -= n;
-    ++c.unit;
-  }
-}
-
-template <typename T, class Work>
-__device__ void stream_units(const Work& work, float (*red)[kWarps][kRedRegs][32]) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, c = lane & 3;
-  const int num_units = work.num_units();
-  if (num_units == 0) return;  // uniform over the CTA
-
-  // ---- load side: the next steps' weight vectors into the ring ----
-  Cursor ld{0, warp};
-  settle(ld, work, num_units);
-  int ld_unit = -1;
-  const T* a_g = nullptr;
-  const T* a_g8 = nullptr;
-  int64_t a_len = 0;
-  uint4 ring[kLookahead][4];  // [row g, chunk 0], [row g+8, chunk 0], [row g, chunk 1], [row g+8, chunk 1]
-
-  auto issue = [&](uint4 (&slot)[4]) {
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    if (ld.unit >= num_units) return;
-    if (ld.unit != ld_unit) {
-      work.a_rows(ld.unit, g, a_g, a_g8, a_len);
-      ld_unit = ld.unit;
-    }
-    const int64_t k0 = static_cast<int64_t>(ld.step) * kStepK + c * 8;
-    const bool in0 = k0 < a_len, in1 = k0 + 32 < a_len;  // K % 8 == 0: a vector is all in or all out
-    slot[0] = in0 ? ld_stream(a_g + k0) : zero;
-    slot[1] = in0 ? ld_stream(a_g8 + k0) : zero;
-    slot[2] = in1 ? ld_stream(a_g + k0 + 32) : zero;
-    slot[3] = in1 ? ld_stream(a_g8 + k0 + 32) : zero;
-    ld.step += kWarps;
-    settle(ld, work, num_units);
-  };
-
-  // ---- compute side ----
-  Cursor cp{0, warp};
-  settle(cp, work, num_units);
-  int cur = 0;  // the unit the accumulators belong to
-  const T* b_row[2];
-  int cur_ncols = 0;
-  int64_t cur_len = 0;
-  float acc[2][4];
-
-  auto begin_unit = [&](int u) {
-    cur_ncols = work.ncols(u);
-    b_row[0] = work.b_row(u, min(g, cur_ncols - 1));
-    b_row[1] = work.b_row(u, min(8 + g, cur_ncols - 1));
-    const T* dummy0;
-    const T* dummy1;
-    work.a_rows(u, g, dummy0, dummy1, cur_len);
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[n][r] = 0.0f;
-  };
-
-  // This warp's partials of unit u (zeros if it had no steps there) meet the others'; the reduction
-  // of unit u runs while the ring's loads for later units are in flight.
-  auto finish_unit = [&](int u) {
-    float (*buf)[kRedRegs][32] = red[u & 1];
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) buf[warp][n * 4 + r][lane] = acc[n][r];
-    __syncthreads();
-    work.reduce(u, buf);
-  };
-
-  begin_unit(0);
-#pragma unroll
-  for (int s = 0; s < kLookahead; ++s) issue(ring[s]);
-
-  bool done = false;
-  while (!done) {
-#pragma unroll
-    for (int s = 0; s < kLookahead; ++s) {
-      if (cp.unit >= num_units) {
-        done = true;
-        break;
-      }
-      while (cur < cp.unit) {
-        finish_unit(cur);
-        ++cur;
-        begin_unit(cur);
-      }
-      const int64_t k0 = static_cast<int64_t>(cp.step) * kStepK + c * 8;
-      const bool two = cur_ncols > 8;
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int64_t kq = k0 + q * 32;
-        const bool in = kq < cur_len;
-        const uint4 wg = ring[s][2 * q], wg8 = ring[s][2 * q + 1];
-        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-        const uint4 x0 = in ? ld_act(b_row[0] + kq) : zero;
-        mma_16816<T>(acc[0], wg.x, wg8.x, wg.y, wg8.y, x0.x, x0.y);
-        mma_16816<T>(acc[0], wg.z, wg8.z, wg.w, wg8.w, x0.z, x0.w);
-        if (two) {
-          const uint4 x1 = in ? ld_act(b_row[1] + kq) : zero;
-          mma_16816<T>(acc[1], wg.x, wg8.x, wg.y, wg8.y, x1.x, x1.y);
-          mma_16816<T>(acc[1], wg.z, wg8.z, wg.w, wg8.w, x1.z, x1.w);
-        }
-      }
-      cp.step += kWarps;
-      settle(cp, work, num_units);
-      issue(ring[s]);
-    }
-  }
-  while (cur < num_units) {
-    finish_unit(cur);
-    ++cur;
-    if (cur < num_units) begin_unit(cur);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,39 +321,24 @@ struct GateUpParams {
   int64_t H, I, Is, NA;
 };
 
-template <typename T, MoeGateUpLayout kLayout>
-struct GateUpWork {
-  const GateUpParams<T>& p;
-  const Schedule& s;
-  int unit0;      // the CTA's first unit (global index)
-  int count;      // its number of units
-  int ft_routed;  // feature tiles (of 8) per routed item: ceil(I / 8)
-
-  __device__ int num_units() const { return count; }
-  __device__ int steps(int) const { return static_cast<int>((p.H + kStepK - 1) / kStepK); }
-
-  // Global unit -> item and first feature.
-  __device__ void locate(int u, int& item, int64_t& f0) const {
-    const int gu = unit0 + u;
-    const int routed_units = s.num_routed_items * ft_routed;
-    if (gu < routed_units) {
-      item = gu / ft_routed;
-      f0 = static_cast<int64_t>(gu % ft_routed) * 8;
-    } else {
-      item = s.num_routed_items;  // the shared experts
-      f0 = static_cast<int64_t>(gu - routed_units) * 8;
-    }
+// One tile = 8 features f0 .. f0 + 7 of one item: lane rows g -> gate of feature f0 + g, g + 8 -> its
+// up row; columns = the item's pairs (routed: their tokens' hidden rows) or the tokens (shared).
+// item < 0: the shared experts. Ends with the tile's act stored by 32 NT threads.
+template <typename T, MoeGateUpLayout kLayout, int NT>
+__device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Schedule& s, int item, int64_t f0,
+                                             int s_begin, int s_end, float4 (*red)[NT][32]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
+  const bool routed = item >= 0;
+  int ncols = p.T_, col0 = 0;  // the shared tiles run before the schedule exists: no read of it
+  if (routed) {
+    ncols = s.item_ncols[item];
+    col0 = s.item_col0[item];
   }
-
-  __device__ void a_rows(int u, int g, const T*& row_gate, const T*& row_up, int64_t& K) const {
-    int item;
-    int64_t f0;
-    locate(u, item, f0);
-    const int expert = s.item_expert[item];
-    int64_t gate, up;
+  {
     const T* base;
-    if (expert >= 0) {
-      const int64_t f = min(f0 + g, p.I - 1);  // a feature past I (never with I % 8 == 0) reads row I-1
+    int64_t gate, up;
+    if (routed) {
+      const int64_t f = min(f0 + g, p.I - 1);  // I % 8 == 0 on this path: always f0 + g
       if constexpr (kLayout == MoeGateUpLayout::kInterleaved) {
         gate = (f >> 3) * 16 + (f & 7);
         up = gate + 8;
@@ -382,70 +346,80 @@ struct GateUpWork {
         gate = f;
         up = p.I + f;
       }
-      base = p.gate_up + static_cast<int64_t>(expert) * 2 * p.I * p.H;
+      base = p.gate_up + static_cast<int64_t>(s.item_expert[item]) * 2 * p.I * p.H;
     } else {
       const int64_t f = min(f0 + g, p.Is - 1);
       gate = f;
       up = p.Is + f;
       base = p.shared_gate_up;
     }
-    row_gate = base + gate * p.H;
-    row_up = base + up * p.H;
-    K = p.H;
-  }
-
-  __device__ int ncols(int u) const {
-    int item;
-    int64_t f0;
-    locate(u, item, f0);
-    return s.item_ncols[item];
-  }
-
-  __device__ const T* b_row(int u, int col) const {
-    int item;
-    int64_t f0;
-    locate(u, item, f0);
-    const int token = s.item_expert[item] >= 0 ? s.col_pair[s.item_col0[item] + col] / p.k : col;
-    return p.hidden + static_cast<int64_t>(token) * p.H;
-  }
-
-  // 128 threads: (n-tile, i, lane) -> feature f0 + g, column n*8 + 2c + i; gate in register i, up in 2 + i.
-  __device__ void reduce(int u, const float (*buf)[kRedRegs][32]) const {
-    const int tid = threadIdx.x;
-    if (tid >= 128) return;
-    const int n = tid >> 6, i = (tid >> 5) & 1, lane = tid & 31;
-    const int g = lane >> 2, c = lane & 3;
-    int item;
-    int64_t f0;
-    locate(u, item, f0);
-    const int col = n * 8 + 2 * c + i;
-    const int expert = s.item_expert[item];
-    const int64_t f = f0 + g;
-    if (col >= s.item_ncols[item] || f >= (expert >= 0 ? p.I : p.Is)) return;
-    float gate = 0.0f, up = 0.0f;
+    const T* col[NT];
+    bool col_ok[NT];
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      gate += buf[w][n * 4 + i][lane];
-      up += buf[w][n * 4 + 2 + i][lane];
+    for (int n = 0; n < NT; ++n) {
+      const int cidx = 8 * n + g;
+      col_ok[n] = cidx < ncols;
+      const int token = !col_ok[n] ? 0 : routed ? s.col_pair[col0 + cidx] / p.k : cidx;
+      col[n] = p.hidden + static_cast<int64_t>(token) * p.H;
     }
-    int64_t dst;
-    if (expert >= 0) {
-      const int pair = s.col_pair[s.item_col0[item] + col];
-      dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
-    } else {
-      dst = static_cast<int64_t>(col) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
-    }
-    p.act[dst] = from_float<T>(silu_f(gate) * up);
+    float res[NT][4];
+    stream_rows<T, NT>(base + gate * p.H, base + up * p.H, col, col_ok, p.H, s_begin, s_end, res);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) red[warp][n][lane] = make_float4(res[n][0], res[n][1], res[n][2], res[n][3]);
   }
-};
+  __syncthreads();
+  // Thread (n, l): feature f0 + l / 4, columns 8n + 2 (l % 4) + {0, 1}: x, y gate; z, w up.
+  if (threadIdx.x < NT * 32) {
+    const int n = threadIdx.x >> 5, l = threadIdx.x & 31;
+    float4 v = red[0][n][l];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      const float4 q = red[w][n][l];
+      v.x += q.x;
+      v.y += q.y;
+      v.z += q.z;
+      v.w += q.w;
+    }
+    const int64_t f = f0 + (l >> 2);
+    if (f < (routed ? p.I : p.Is)) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int cidx = 8 * n + 2 * (l & 3) + i;
+        if (cidx >= ncols) continue;
+        int64_t dst;
+        if (routed) {
+          const int pair = s.col_pair[col0 + cidx];
+          dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
+        } else {
+          dst = static_cast<int64_t>(cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
+        }
+        p.act[dst] = from_float<T>(silu_f(i == 0 ? v.x : v.y) * (i == 0 ? v.z : v.w));
+      }
+    }
+  }
+}
 
-template <typename T, MoeGateUpLayout kLayout>
-__global__ void __launch_bounds__(kThreads, 1) moe_gate_up_kernel(const GateUpParams<T> p) {
+template <typename T, MoeGateUpLayout kLayout, int NT>
+__global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpParams<T> p) {
   __shared__ Schedule s;
-  __shared__ float red[2][kWarps][kRedRegs][32];
+  __shared__ float4 red[2][kWarps][NT][32];  // double-buffered: one barrier per tile
+  const int warp = threadIdx.x >> 5;
   const int P = p.T_ * p.k;
-  const bool any_bad = build_schedule(s, p.topk_ids, P, p.T_, p.E, p.Is > 0);
+  // The ids, read now: their latency passes under the shared experts' tiles.
+  const int32_t my_id = threadIdx.x < P ? __ldg(p.topk_ids + threadIdx.x) : 0;
 
+  // Every tile's K is H: this warp's contiguous share of it is the same for all of them.
+  const int64_t steps = (p.H + kStepK - 1) / kStepK;
+  const int s_begin = static_cast<int>(steps * warp / kWarps), s_end = static_cast<int>(steps * (warp + 1) / kWarps);
+  const int64_t ft_shared = p.Is / 8, ft_routed = p.I / 8;  // I, Is % 8 == 0 on this path
+  int parity = 0;
+  int64_t tile = blockIdx.x;
+  for (; tile < ft_shared; tile += gridDim.x) {
+    gate_up_tile<T, kLayout, NT>(p, s, -1, tile * 8, s_begin, s_end, red[parity]);
+    parity ^= 1;
+  }
+
+  const bool any_bad = build_schedule(s, my_id, P, p.T_, p.E, 8 * NT, p.Is > 0);
   // Pairs with a bad id: NaN in their act columns (grid-stride; usually there are none).
   if (any_bad) {
     const int64_t total = static_cast<int64_t>(P) * p.I;
@@ -457,13 +431,13 @@ __global__ void __launch_bounds__(kThreads, 1) moe_gate_up_kernel(const GateUpPa
             from_float<T>(NAN);
     }
   }
-
-  const int ft_routed = static_cast<int>((p.I + 7) / 8);
-  const int ft_shared = static_cast<int>((p.Is + 7) / 8);
-  const int64_t units = static_cast<int64_t>(s.num_routed_items) * ft_routed + ft_shared;
-  const int64_t lo = units * blockIdx.x / gridDim.x, hi = units * (blockIdx.x + 1) / gridDim.x;
-  const GateUpWork<T, kLayout> work{p, s, static_cast<int>(lo), static_cast<int>(hi - lo), ft_routed};
-  stream_units<T>(work, red);
+  const int64_t tiles = ft_shared + static_cast<int64_t>(s.num_routed_items) * ft_routed;
+  for (; tile < tiles; tile += gridDim.x) {
+    const int64_t rt = tile - ft_shared;
+    gate_up_tile<T, kLayout, NT>(p, s, static_cast<int>(rt / ft_routed), (rt % ft_routed) * 8, s_begin, s_end,
+                                 red[parity]);
+    parity ^= 1;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -471,111 +445,151 @@ __global__ void __launch_bounds__(kThreads, 1) moe_gate_up_kernel(const GateUpPa
 
 template <typename T>
 struct DownParams {
-  const T* act;             // [T, NA]
-  const T* down;            // [E, H, I]
-  const int32_t* topk_ids;  // [T, k]
+  const T* act;               // [T, NA]
+  const T* down;              // [E, H, I]
+  const int32_t* topk_ids;    // [T, k]
   const float* topk_weights;  // [T, k]
-  const T* shared_down;     // [H, Is] or nullptr
-  const T* residual;        // [T, H] or nullptr
-  T* out;                   // [T, H]
+  const T* shared_down;       // [H, Is] or nullptr
+  const T* residual;          // [T, H] or nullptr
+  T* out;                     // [T, H]
   int T_, k, E;
   int64_t H, I, Is, NA;
 };
 
-constexpr int kMaxSlots = kMaxPairs + kMaxTokens;  // one fp32 partial per pair, then per token (shared)
+// Start of warp w's range of an n-step sequence split in 8 equal contiguous ranges.
+__device__ __forceinline__ int64_t range_start(int64_t n, int w) { return n * w / kWarps; }
 
-template <typename T>
-struct DownWork {
-  const DownParams<T>& p;
-  const Schedule& s;
-  float (*partial)[kMaxSlots][16];  // [tile of the CTA][slot][row of the tile]
-  int64_t tile0;                    // the CTA's first 16-row tile
-  int tiles;                        // its number of tiles (<= kMaxTilesPerCta)
-
-  __device__ int num_units() const { return tiles * s.num_items; }
-  __device__ int steps(int u) const {
-    const int item = u % s.num_items;
-    const int64_t K = s.item_expert[item] >= 0 ? p.I : p.Is;
-    return static_cast<int>((K + kStepK - 1) / kStepK);
-  }
-
-  __device__ void a_rows(int u, int g, const T*& row_lo, const T*& row_hi, int64_t& K) const {
-    const int item = u % s.num_items;
-    const int64_t h0 = (tile0 + u / s.num_items) * 16;
-    const int64_t h_lo = min(h0 + g, p.H - 1), h_hi = min(h0 + g + 8, p.H - 1);  // rows past H: not stored
-    const int expert = s.item_expert[item];
-    if (expert >= 0) {
-      const T* base = p.down + static_cast<int64_t>(expert) * p.H * p.I;
-      row_lo = base + h_lo * p.I;
-      row_hi = base + h_hi * p.I;
-      K = p.I;
-    } else {
-      row_lo = p.shared_down + h_lo * p.Is;
-      row_hi = p.shared_down + h_hi * p.Is;
-      K = p.Is;
-    }
-  }
-
-  __device__ int ncols(int u) const { return s.item_ncols[u % s.num_items]; }
-
-  __device__ const T* b_row(int u, int col) const {
-    const int item = u % s.num_items;
-    if (s.item_expert[item] >= 0) {
-      const int pair = s.col_pair[s.item_col0[item] + col];
-      return p.act + static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I;
-    }
-    return p.act + static_cast<int64_t>(col) * p.NA + static_cast<int64_t>(p.k) * p.I;
-  }
-
-  // 256 threads: (n-tile, register, lane) -> row g (+8 for registers 2, 3), column n*8 + 2c + (r & 1).
-  __device__ void reduce(int u, const float (*buf)[kRedRegs][32]) const {
-    const int tid = threadIdx.x;
-    const int n = tid >> 7, r = (tid >> 5) & 3, lane = tid & 31;
-    const int g = lane >> 2, c = lane & 3;
-    const int item = u % s.num_items;
-    const int col = n * 8 + 2 * c + (r & 1);
-    if (col >= s.item_ncols[item]) return;
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += buf[w][n * 4 + r][lane];
-    const int slot = s.item_expert[item] >= 0 ? s.col_pair[s.item_col0[item] + col] : p.T_ * p.k + col;
-    partial[u / s.num_items][slot][g + (r >= 2 ? 8 : 0)] = sum;
-  }
-};
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) moe_down_kernel(const DownParams<T> p) {
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<T> p) {
+  constexpr int kCols = 8 * NT;
   __shared__ Schedule s;
-  __shared__ float red[2][kWarps][kRedRegs][32];
-  __shared__ float partial[kMaxTilesPerCta][kMaxSlots][16];
+  __shared__ float partial[kMaxPairs][16];             // routed term of each pair, the tile's 16 rows
+  __shared__ float shared_piece[kWarps][kMaxTokens][16];  // each warp's K range of the shared term
+  __shared__ float cut_piece[kWarps][2][kCols][16];    // a warp's first / last item when a warp boundary cuts it
+  __shared__ float weight[kMaxPairs];                  // topk_weights
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int P = p.T_ * p.k;
-  build_schedule(s, p.topk_ids, P, p.T_, p.E, p.Is > 0);
+  const int64_t h0 = static_cast<int64_t>(blockIdx.x) * 16;
+  // Rows past H (H % 16 != 0) read row H - 1 and are not stored.
+  const int64_t h_lo = min(h0 + g, p.H - 1), h_hi = min(h0 + g + 8, p.H - 1);
 
-  const int64_t num_tiles = (p.H + 15) / 16;
-  const int64_t lo = num_tiles * blockIdx.x / gridDim.x, hi = num_tiles * (blockIdx.x + 1) / gridDim.x;
-  const int tiles = static_cast<int>(hi - lo);  // <= kMaxTilesPerCta (grid sized so on the host)
-  const DownWork<T> work{p, s, partial, lo, tiles};
-  stream_units<T>(work, red);
-  __syncthreads();  // every unit's partials are in shared memory
+  // The ids first, so that their latency passes under the shared experts' stream; the weights and
+  // the residual (used at the end, written by the previous ops: L2 hits) only prefetched into L1,
+  // which holds no register.
+  const int32_t my_id = threadIdx.x < P ? __ldg(p.topk_ids + threadIdx.x) : 0;
+  if (threadIdx.x < P) prefetch_l1(p.topk_weights + threadIdx.x);
+  if (p.residual != nullptr && threadIdx.x / 16 < p.T_ && h0 + threadIdx.x % 16 < p.H)
+    prefetch_l1(p.residual + static_cast<int64_t>(threadIdx.x / 16) * p.H + h0 + threadIdx.x % 16);
+  // Zero terms for pairs no item covers (I == 0); bad pairs are never read.
+  for (int i = threadIdx.x; i < P * 16; i += kThreads) (&partial[0][0])[i] = 0.0f;
 
-  // Combine: token t, row h = sum_j w[t, j] * partial(t, j) + shared(t) + residual, in that order.
-  for (int i = threadIdx.x; i < tiles * p.T_ * 16; i += kThreads) {
-    const int tile = i / (p.T_ * 16), t = (i / 16) % p.T_, row = i % 16;
-    const int64_t h = (lo + tile) * 16 + row;
-    if (h >= p.H) continue;
+  // The shared experts: rows h of shared_down, columns = the tokens, this warp's share of Is.
+  if (p.Is > 0) {
+    const int64_t steps = (p.Is + kStepK - 1) / kStepK;
+    const T* col[NT];
+    bool col_ok[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int t = 8 * n + g;
+      col_ok[n] = t < p.T_;
+      col[n] = p.act + static_cast<int64_t>(col_ok[n] ? t : 0) * p.NA + static_cast<int64_t>(p.k) * p.I;
+    }
+    float res[NT][4];
+    stream_rows<T, NT>(p.shared_down + h_lo * p.Is, p.shared_down + h_hi * p.Is, col, col_ok, p.Is,
+                       static_cast<int>(range_start(steps, warp)), static_cast<int>(range_start(steps, warp + 1)), res);
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) shared_piece[warp][8 * n + 2 * c + (r & 1)][g + (r >> 1) * 8] = res[n][r];
+  }
+
+  build_schedule(s, my_id, P, p.T_, p.E, kCols, p.Is > 0);
+
+  // The routed items end to end, R x steps_item steps, split over the warps.
+  const int R = s.num_routed_items;
+  const int64_t steps_item = (p.I + kStepK - 1) / kStepK;
+  const int64_t S = R * steps_item;
+  const int64_t r_begin = range_start(S, warp), r_end = range_start(S, warp + 1);
+  if (r_begin < r_end) {
+    for (int64_t item = r_begin / steps_item; item * steps_item < r_end; ++item) {
+      const int64_t u0 = item * steps_item;
+      const int64_t a = max(r_begin, u0) - u0, b = min(r_end, u0 + steps_item) - u0;
+      const int it = static_cast<int>(item);
+      const int ncols = s.item_ncols[it], col0 = s.item_col0[it];
+      const T* base = p.down + static_cast<int64_t>(s.item_expert[it]) * p.H * p.I;
+      const T* col[NT];
+      bool col_ok[NT];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int cidx = 8 * n + g;
+        col_ok[n] = cidx < ncols;
+        const int pair = col_ok[n] ? s.col_pair[col0 + cidx] : 0;
+        col[n] = p.act + static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I;
+      }
+      float res[NT][4];
+      stream_rows<T, NT>(base + h_lo * p.I, base + h_hi * p.I, col, col_ok, p.I, static_cast<int>(a), static_cast<int>(b),
+                         res);
+      const bool whole = a == 0 && b == steps_item;
+      // Not whole: the warp's first item (its range starts inside it) or its last.
+      float (*cut)[16] = cut_piece[warp][r_begin >= u0 ? 0 : 1];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int cidx = 8 * n + 2 * c + (r & 1), row = g + (r >> 1) * 8;
+          if (cidx >= ncols) continue;
+          if (whole)
+            partial[s.col_pair[col0 + cidx]][row] = res[n][r];
+          else
+            cut[cidx][row] = res[n][r];
+        }
+    }
+  }
+  if (threadIdx.x < P) weight[threadIdx.x] = __ldg(p.topk_weights + threadIdx.x);
+  __syncthreads();
+
+  // Items cut by warp boundaries: the pieces in warp order. Boundary w (1..7) handles the item it
+  // falls strictly inside, unless boundary w - 1 does too.
+  if (steps_item > 0) {
+    for (int i = threadIdx.x; i < (kWarps - 1) * kCols * 16; i += kThreads) {
+      const int w = 1 + i / (kCols * 16), cidx = (i / 16) % kCols, row = i % 16;
+      const int64_t boundary = range_start(S, w);
+      if (boundary >= S) continue;
+      const int64_t item = boundary / steps_item, u0 = item * steps_item;
+      if (boundary == u0 || range_start(S, w - 1) > u0) continue;
+      const int it = static_cast<int>(item);
+      if (cidx >= s.item_ncols[it]) continue;
+      float sum = 0.0f;
+      for (int w2 = 0; w2 < kWarps; ++w2) {
+        const int64_t lo = range_start(S, w2), hi = range_start(S, w2 + 1);
+        if (lo < hi && lo < u0 + steps_item && hi > u0) sum += cut_piece[w2][lo >= u0 ? 0 : 1][cidx][row];
+      }
+      partial[s.col_pair[s.item_col0[it] + cidx]][row] = sum;
+    }
+    __syncthreads();
+  }
+
+  // Combine: out[t, h] = sum_j w[t, j] * term(t, j) + shared(t) + residual, in that order, rounded once.
+  // (The residual was written by the previous op: an L2 hit, read here rather than held in a register.)
+  const int t = threadIdx.x / 16, row = threadIdx.x % 16;
+  if (t < p.T_ && h0 + row < p.H) {
     float acc = 0.0f;
     bool bad = false;
     for (int j = 0; j < p.k; ++j) {
       const int pair = t * p.k + j;
-      if (s.first[pair] < 0) {
+      if (s.first[pair] < 0)
         bad = true;
-      } else {
-        acc = __fadd_rn(acc, __fmul_rn(__ldg(p.topk_weights + pair), partial[tile][pair][row]));
-      }
+      else
+        acc = __fadd_rn(acc, __fmul_rn(weight[pair], partial[pair][row]));
     }
-    if (p.Is > 0) acc = __fadd_rn(acc, partial[tile][P + t][row]);
-    if (p.residual != nullptr) acc = __fadd_rn(acc, to_float(p.residual[static_cast<int64_t>(t) * p.H + h]));
-    p.out[static_cast<int64_t>(t) * p.H + h] = from_float<T>(bad ? NAN : acc);
+    if (p.Is > 0) {
+      float shared = shared_piece[0][t][row];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) shared += shared_piece[w][t][row];
+      acc = __fadd_rn(acc, shared);
+    }
+    if (p.residual != nullptr) acc = __fadd_rn(acc, to_float(p.residual[static_cast<int64_t>(t) * p.H + h0 + row]));
+    p.out[static_cast<int64_t>(t) * p.H + h0 + row] = from_float<T>(bad ? NAN : acc);
   }
 }
 
@@ -666,6 +680,9 @@ bool moe_decode_force_simple() {
   return v != nullptr && std::string(v) == "simple";
 }
 
+// The fast kernels count K steps (and the down kernel its items' steps end to end) in int.
+bool fast_sizes(int64_t H, int64_t I, int64_t Is) { return std::max({H, I, Is}) < (int64_t{1} << 30); }
+
 // Tokens per launch of the fast kernels: every pair of the launch in the schedule.
 int64_t fast_chunk(int64_t k) { return k == 0 ? kMaxTokens : std::min<int64_t>(kMaxTokens, kMaxPairs / k); }
 
@@ -691,14 +708,28 @@ cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout lay
       p.hidden = hidden + t0 * p.H;
       p.topk_ids = ids + t0 * p.k;
       p.act = act + t0 * p.NA;
-      // Units: at most one routed item per pair (I / 8 feature tiles each) plus the shared tiles.
-      const int64_t max_units = tc * p.k * ((p.I + 7) / 8) + (p.Is + 7) / 8;
+      // 8 NT columns per item: NT = 1 when every item fits in one n-tile of 8 (a token count of at
+      // most 8 and distinct ids per token), which halves the activation registers and loads.
+      const int nt = tc <= 8 ? 1 : 2;
+      // Tiles of 8 features: the shared experts' plus I / 8 per routed item, of which there are at
+      // most min(pairs, E + pairs / (8 NT)). Persistent CTAs (2 per SM) stride over them; the real
+      // count is only known on the device.
+      const int64_t pairs = tc * p.k;
+      const int64_t max_items = std::min<int64_t>(pairs, p.E + pairs / (8 * nt));
+      const int64_t max_tiles = p.Is / 8 + max_items * (p.I / 8);
       const unsigned int grid =
-          static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(sm_count, max_units)));
-      if (layout == MoeGateUpLayout::kInterleaved)
-        moe_gate_up_kernel<T, MoeGateUpLayout::kInterleaved><<<grid, kThreads, 0, stream>>>(p);
-      else
-        moe_gate_up_kernel<T, MoeGateUpLayout::kHF><<<grid, kThreads, 0, stream>>>(p);
+          static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(2 * int64_t{sm_count}, max_tiles)));
+      if (layout == MoeGateUpLayout::kInterleaved) {
+        if (nt == 1)
+          moe_gate_up_kernel<T, MoeGateUpLayout::kInterleaved, 1><<<grid, kThreads, 0, stream>>>(p);
+        else
+          moe_gate_up_kernel<T, MoeGateUpLayout::kInterleaved, 2><<<grid, kThreads, 0, stream>>>(p);
+      } else {
+        if (nt == 1)
+          moe_gate_up_kernel<T, MoeGateUpLayout::kHF, 1><<<grid, kThreads, 0, stream>>>(p);
+        else
+          moe_gate_up_kernel<T, MoeGateUpLayout::kHF, 2><<<grid, kThreads, 0, stream>>>(p);
+      }
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
@@ -707,7 +738,7 @@ cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout lay
 }
 
 template <typename T>
-cudaError_t down_fast(DownParams<T> p, int64_t T_total, int sm_count, cudaStream_t stream) {
+cudaError_t down_fast(DownParams<T> p, int64_t T_total, cudaStream_t stream) {
   if constexpr (std::is_same_v<T, float>) {
     return cudaErrorInvalidValue;
   } else {
@@ -717,10 +748,9 @@ cudaError_t down_fast(DownParams<T> p, int64_t T_total, int sm_count, cudaStream
     const T* residual = p.residual;
     T* out = p.out;
     const int64_t chunk = fast_chunk(p.k);
-    const int64_t tiles = (p.H + 15) / 16;
-    // One CTA per SM, at most kMaxTilesPerCta tiles each (their partials live in shared memory).
-    const int64_t grid = std::max<int64_t>(std::min<int64_t>(sm_count, tiles),
-                                           (tiles + kMaxTilesPerCta - 1) / kMaxTilesPerCta);
+    // One CTA per 16 output rows (256 at H = 4096: about one wave of 2 CTAs per SM, every CTA with
+    // the same work).
+    const int64_t grid = (p.H + 15) / 16;
     if (grid > 0x7fffffff) return cudaErrorInvalidValue;
     for (int64_t t0 = 0; t0 < T_total; t0 += chunk) {
       const int64_t tc = std::min(chunk, T_total - t0);
@@ -730,7 +760,10 @@ cudaError_t down_fast(DownParams<T> p, int64_t T_total, int sm_count, cudaStream
       p.topk_weights = weights + t0 * p.k;
       p.residual = residual != nullptr ? residual + t0 * p.H : nullptr;
       p.out = out + t0 * p.H;
-      moe_down_kernel<T><<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(p);
+      if (tc <= 8)
+        moe_down_kernel<T, 1><<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(p);
+      else
+        moe_down_kernel<T, 2><<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(p);
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
@@ -751,7 +784,7 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
   const cudaError_t err = current_sm_count(&sm_count);
   if (err != cudaSuccess) return err;
   const bool fast = dtype != DType::kFloat32 && H % 8 == 0 && I % 8 == 0 && Is % 8 == 0 && k <= kMaxPairs &&
-                    aligned16(hidden) && aligned16(gate_up) && aligned16(shared_gate_up) && aligned16(act) &&
+                    fast_sizes(H, I, Is) && aligned16(hidden) && aligned16(gate_up) && aligned16(shared_gate_up) && aligned16(act) &&
                     !moe_decode_force_simple();
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
     const GateUpParams<scalar_t> p{static_cast<const scalar_t*>(hidden), static_cast<const scalar_t*>(gate_up),
@@ -779,13 +812,13 @@ cudaError_t launch_moe_decode_down(const void* act, const void* down, const int3
   const cudaError_t err = current_sm_count(&sm_count);
   if (err != cudaSuccess) return err;
   const bool fast = dtype != DType::kFloat32 && H % 8 == 0 && I % 8 == 0 && Is % 8 == 0 && k <= kMaxPairs &&
-                    aligned16(act) && aligned16(down) && aligned16(shared_down) && !moe_decode_force_simple();
+                    fast_sizes(H, I, Is) && aligned16(act) && aligned16(down) && aligned16(shared_down) && !moe_decode_force_simple();
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
     const DownParams<scalar_t> p{static_cast<const scalar_t*>(act), static_cast<const scalar_t*>(down), topk_ids,
                                  topk_weights, static_cast<const scalar_t*>(shared_down),
                                  static_cast<const scalar_t*>(residual), static_cast<scalar_t*>(out),
                                  static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
-    if (fast) return down_fast<scalar_t>(p, T, sm_count, stream);
+    if (fast) return down_fast<scalar_t>(p, T, stream);
     moe_down_simple_kernel<scalar_t><<<simple_blocks(T * H, sm_count), kThreads, 0, stream>>>(p);
   });
   return cudaGetLastError();
