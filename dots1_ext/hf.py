@@ -76,7 +76,8 @@ class PatchedMoE(modules.Dots1MoE):
     """``dots1_ext.modules.Dots1MoE`` standing in for transformers' ``Dots1MoE``: takes [..., H] like it.
 
     Shares ``gate.weight``, ``gate.e_score_correction_bias``, ``experts.gate_up_proj``,
-    ``experts.down_proj`` and ``shared_experts.*`` with the HF module. As in transformers,
+    ``experts.down_proj`` and ``shared_experts.*`` with the HF module (the shared experts' gate and up
+    Parameters become row slices of one packed weight, see ``modules._PacksLinears``). As in transformers,
     ``routed_scaling_factor`` scales the routed weights only; the shared experts' output is added
     unscaled (inside the combine op).
     """
@@ -96,6 +97,10 @@ class PatchedMoE(modules.Dots1MoE):
             # Our gating reads an fp32 bias; HF adds it to fp32 scores, so the upcast is exact for both.
             gate.e_score_correction_bias = gate.e_score_correction_bias.float()
         _share_tensors(hf_moe_block, moe)
+        if isinstance(moe.shared_experts, modules.Dots1MLP):
+            # gate/up as one weight, so decode runs the shared experts inside the MoE decode ops. The
+            # Parameters stay the HF module's (now slices of the packed tensor), so it still shares them.
+            moe.shared_experts.pack_linears_()
         # transformers' child order (experts before gate), so state_dict() lists keys in its order too.
         order = [name for name in hf_moe_block._modules if name in moe._modules]
         moe._modules = {**{name: moe._modules[name] for name in order}, **moe._modules}

@@ -251,10 +251,12 @@ def test_shared_experts_output_is_not_scaled():
     config = hf_config(routed_scaling_factor=2.5)
     hf_moe = randomize_(hf_dots1.Dots1MoE(config)).eval()
     x = torch.randn(3, 5, config.hidden_size)
-    expected = hf_moe(x)
+    expected, shared_before = hf_moe(x), hf_moe.shared_experts(x)
     moe = bridge.PatchedMoE.from_hf(hf_moe)
     assert moe.gate.weight is hf_moe.gate.weight and moe.experts.down_proj is hf_moe.experts.down_proj
     assert moe.shared_experts.up_proj.weight is hf_moe.shared_experts.up_proj.weight
+    assert moe.shared_experts.is_packed  # gate/up as one weight: the decode ops run the shared experts
+    assert torch.equal(hf_moe.shared_experts(x), shared_before)  # the HF module, on the packed slices
     out = moe(x)
     assert out.shape == x.shape and rel_err(out, expected) < 1e-5
     # The test can fail: scaling the shared output as well is far off.
