@@ -69,7 +69,7 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         ``seq_starts``: the host's copy of ``cache_start`` (each sequence's first real slot), given when
         the caller guarantees slots == [kv_len - L, kv_len) (a prefill or a chunk of one). Full-attention
         layers then need no mask tensor: each sequence's real tokens run causal SDPA (flash / cuDNN
-        kernels eligible) on their own keys; only sliding-window layers get masks."""
+        kernels eligible) on their own keys, sliding-window layers block by block on their band."""
         B, S = self.cache_shape
         L = slots.shape[0]
         start = self.cache_start[:, None]  # [B, 1]
@@ -86,13 +86,15 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
             kv_end = torch.where(in_cache, slots + 1, -1).expand(B)
             return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, {}, self.cos_sin_cache,
                               kv_start=self.cache_start, kv_end=kv_end)
-        q_slot = slots[None, :, None]  # [1, L, 1]
-        k_slot = torch.arange(kv_len, device=slots.device)[None, None, :]  # [1, 1, S']
-        # Causal over real keys; a padding query sees only itself, so no softmax row is empty.
-        visible = (k_slot <= q_slot) & ((k_slot >= start[:, :, None]) | (k_slot == q_slot))  # [B, L, S']
-        masks = {} if seq_starts is not None else {None: visible}
-        for w in self.windows:  # HF: a query at p sees keys in (p - window, p]
-            masks[w] = visible & (k_slot > q_slot - w)
+        masks = {}
+        if seq_starts is None:  # otherwise prefill_attention needs no mask tensor
+            q_slot = slots[None, :, None]  # [1, L, 1]
+            k_slot = torch.arange(kv_len, device=slots.device)[None, None, :]  # [1, 1, S']
+            # Causal over real keys; a padding query sees only itself, so no softmax row is empty.
+            visible = (k_slot <= q_slot) & ((k_slot >= start[:, :, None]) | (k_slot == q_slot))  # [B, L, S']
+            masks[None] = visible
+            for w in self.windows:  # HF: a query at p sees keys in (p - window, p]
+                masks[w] = visible & (k_slot > q_slot - w)
         return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, masks, self.cos_sin_cache, seq_starts)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

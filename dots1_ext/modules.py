@@ -294,10 +294,10 @@ class Dots1Attention(_PacksLinears, nn.Module):
         q = q.view(B, L, Hq, D).transpose(1, 2)  # [B, Hq, L, D]
         keys = self.k_cache[:, :S].transpose(1, 2)  # [B, Hk, S', D]
         values = self.v_cache[:, :S].transpose(1, 2)
-        mask = step.masks.get(self.sliding_window)
-        if mask is None and step.seq_starts is not None:  # no mask tensor: flash / cuDNN kernels eligible
-            out = prefill_attention(q, keys, values, step.seq_starts, self.scaling)
-        else:
+        if step.seq_starts is not None:  # no mask tensor over the prompt: flash / cuDNN kernels eligible
+            out = prefill_attention(q, keys, values, step.seq_starts, self.scaling, self.sliding_window)
+        else:  # a continuation whose sequence starts the host does not know: masks built on the device
+            mask = step.masks[self.sliding_window]
             if Hk != Hq:  # GQA: query head h reads kv head h // (Hq / Hk)
                 keys = keys.repeat_interleave(Hq // Hk, dim=1)
                 values = values.repeat_interleave(Hq // Hk, dim=1)
@@ -319,10 +319,39 @@ def _prefill_sdpa(*args, **kwargs) -> torch.Tensor:
     return F.scaled_dot_product_attention(*args, **kwargs)
 
 
+# Sliding-window prefill attends query blocks of this many tokens (at least the window) to their band
+# of keys, so the mask is [block, block + window] per block rather than [L, S] for the prompt.
+WINDOW_QUERY_BLOCK = 1024
+
+
+def _banded_attention(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, window: int, scale: float,
+                      gqa: dict) -> torch.Tensor:
+    """Queries qs [b, Hq, Lq, D], the last Lq of the keys ks/vs [b, Hk, Sk, D]: query i (key index
+    Sk - Lq + i) sees keys in (i' - window, i'] with i' its key index, block by block."""
+    Lq, Sk = qs.shape[2], ks.shape[2]
+    block = max(WINDOW_QUERY_BLOCK, window)
+    out = torch.empty_like(qs)
+    for a in range(0, Lq, block):
+        b = min(Lq, a + block)
+        q_first, q_last = Sk - Lq + a, Sk - Lq + b - 1  # key indices of the block's queries
+        k0 = max(0, q_first - window + 1)
+        q_idx = torch.arange(q_first, q_last + 1, device=qs.device)[:, None]
+        k_idx = torch.arange(k0, q_last + 1, device=qs.device)[None, :]
+        band = (k_idx <= q_idx) & (k_idx > q_idx - window)  # [b - a, q_last + 1 - k0]
+        kb, vb = ks[:, :, k0:q_last + 1], vs[:, :, k0:q_last + 1]
+        if gqa:  # SDPA's masked kernels take no GQA: repeat the block's keys only
+            group = qs.shape[1] // ks.shape[1]
+            kb, vb = kb.repeat_interleave(group, dim=1), vb.repeat_interleave(group, dim=1)
+        out[:, :, a:b] = _prefill_sdpa(qs[:, :, a:b], kb, vb, attn_mask=band, scale=scale)
+    return out
+
+
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq_starts: list[int],
-                      scale: float) -> torch.Tensor:
+                      scale: float, window: int | None = None) -> torch.Tensor:
     """Causal attention of queries at slots [S - L, S) over keys at slots [0, S), for left-padded
-    sequences whose real tokens start at ``seq_starts[b]`` (host ints), without a mask tensor.
+    sequences whose real tokens start at ``seq_starts[b]`` (host ints), without a mask tensor over the
+    prompt. ``window``: a sliding-window layer (a query at slot p sees keys in (p - window, p]), run in
+    query blocks against their band of keys (a block-sized mask, not a [L, S] one).
 
     q [B, Hq, L, D], keys/values [B, Hk, S, D] (GQA: query head h reads kv head h // (Hq / Hk), without a
     repeated copy) -> [B, Hq, L, D]. A real query sees the real keys up to its own slot; a padding
@@ -335,6 +364,8 @@ def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     gqa = dict(enable_gqa=True) if Hk != Hq else {}
 
     def causal(qs, ks, vs):
+        if window is not None:
+            return _banded_attention(qs, ks, vs, window, scale, gqa)
         if qs.shape[2] == ks.shape[2]:
             return _prefill_sdpa(qs, ks, vs, is_causal=True, scale=scale, **gqa)
         if gqa:  # the lower-right bias has no GQA path

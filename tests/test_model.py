@@ -598,10 +598,14 @@ def test_prefill_continues_a_cached_prompt(device):
 @pytest.mark.parametrize("L, S, starts", [(9, 9, [0, 0]), (9, 9, [0, 4]), (9, 9, [3, 3]), (4, 12, [0, 0]),
                                           (4, 12, [2, 7]), (4, 12, [9, 11]), (1, 6, [0, 5])])
 @pytest.mark.parametrize("kv_heads", [6, 2])
-def test_prefill_attention_equals_the_masked_form(device, L, S, starts, kv_heads):
-    # The mask-free prefill attention (per-sequence causal SDPA, GQA without repeated K/V) against the
-    # boolean-mask rule of Dots1Model.step_inputs: causal over real keys, a padding query sees only itself.
+@pytest.mark.parametrize("window", [None, 3])
+def test_prefill_attention_equals_the_masked_form(device, L, S, starts, kv_heads, window, monkeypatch):
+    # The mask-free prefill attention (per-sequence causal SDPA, GQA without repeated K/V; sliding
+    # windows block by block, blocks of 4 queries here) against the boolean-mask rule of
+    # Dots1Model.step_inputs: causal over real keys, a padding query sees only itself.
     from dots1_ext.modules import prefill_attention
+
+    monkeypatch.setattr(modules, "WINDOW_QUERY_BLOCK", 4)
 
     B, H, D = len(starts), 6, 16
     dtype = DTYPE[device]
@@ -612,10 +616,12 @@ def test_prefill_attention_equals_the_masked_form(device, L, S, starts, kv_heads
     k_slot = torch.arange(S, device=device)[None, None, :]
     start = torch.tensor(starts, device=device)[:, None, None]
     visible = (k_slot <= q_slot) & ((k_slot >= start) | (k_slot == q_slot))  # [B, L, S]
+    if window is not None:
+        visible = visible & (k_slot > q_slot - window)
     group = H // kv_heads
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=visible[:, None], scale=0.25)
-    out = prefill_attention(q, k, v, starts, 0.25)
+    out = prefill_attention(q, k, v, starts, 0.25, window)
     assert_logits_close(out.reshape(-1, D), expected.reshape(-1, D), device, "prefill attention rows")
 
 
