@@ -82,3 +82,41 @@ def test_long_prompt_bench_rows_on_cpu():
     for case in cases:  # ours and the transformers peer on every case, with the FLOPs floor
         assert {(case, "dots1_ext"), (case, "hf sdpa + grouped_mm")} <= impls, case
     assert all(r.ms > 0 and r.floor_ms > 0 for r in report.rows)
+
+
+def test_moe_peer_bench_rows_on_cpu():
+    from bench import bench_moe_peer
+
+    (report,) = bench_moe_peer.run(quick=True)
+    impls = {(r.case.split(" (")[0], r.impl) for r in report.rows}
+    for T in (8, 64):
+        for routing in ("balanced", "zipf"):
+            assert (f"T={T} {routing}", "dots1_ext permute+grouped_gemm") in impls
+    assert ("T=8 balanced", "dots1_ext moe_decode") in impls  # the decode ops up to 16 tokens
+    assert ("T=64 balanced", "dots1_ext moe_decode") not in impls
+    assert all(r.ms > 0 and r.floor_ms > 0 and float(r.extra["rel_err vs fp32"]) < 1e-4 for r in report.rows)
+    assert any("peer skipped on CPU" in n for n in report.notes)
+
+
+def test_moe_peer_is_found_in_the_peers_dir_or_reported_missing(tmp_path, monkeypatch):
+    import sys
+
+    from bench import bench_moe_peer
+
+    monkeypatch.delitem(sys.modules, bench_moe_peer.PEER_MODULE, raising=False)
+    monkeypatch.setattr(bench_moe_peer, "ROOT", tmp_path)  # no .peers/ there
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv(bench_moe_peer.PEERS_DIR_ENV, str(empty))
+    peer, why = bench_moe_peer.find_peer()
+    assert peer is None and "not found" in why and ".peers" in why and bench_moe_peer.PEERS_DIR_ENV in why
+
+    (tmp_path / ".peers").mkdir()
+    (tmp_path / ".peers" / f"{bench_moe_peer.PEER_MODULE}.py").write_text("WHERE = 'dot peers'\n")
+    peer, where = bench_moe_peer.find_peer()
+    assert peer.WHERE == "dot peers" and where.endswith(f".peers/{bench_moe_peer.PEER_MODULE}.py")
+
+    (empty / f"{bench_moe_peer.PEER_MODULE}.py").write_text("WHERE = 'env dir'\n")
+    peer, _ = bench_moe_peer.find_peer()  # the env var's folder comes first
+    assert peer.WHERE == "env dir"
+    monkeypatch.delitem(sys.modules, bench_moe_peer.PEER_MODULE, raising=False)
