@@ -47,6 +47,7 @@
 #include <type_traits>
 
 #include "cuda_utils.cuh"
+#include "weight_stream.cuh"
 #include "moe_decode/moe_decode.h"
 
 namespace dots1 {
@@ -81,66 +82,7 @@ __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g));
 // ---------------------------------------------------------------------------------------------
 // Loads and the MMA
 
-// 16 bytes of weight (read once per launch: no L1 allocation, so L1 keeps the activations); zeros
-// when !pred. Not volatile: the compiler may hoist a batch's loads together.
-__device__ __forceinline__ uint4 load_weight16(const void* p, bool pred) {
-  uint4 v;
-  asm("{\n\t"
-      ".reg .pred p;\n\t"
-      "setp.ne.b32 p, %5, 0;\n\t"
-      "mov.b32 %0, 0;\n\t"
-      "mov.b32 %1, 0;\n\t"
-      "mov.b32 %2, 0;\n\t"
-      "mov.b32 %3, 0;\n\t"
-      "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
-      "}"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(static_cast<int>(pred)));
-  return v;
-}
-
-// 16 bytes of an activation row (re-read by many CTAs and tiles: cached in L1 and L2); zeros when !pred.
-__device__ __forceinline__ uint4 load_act16(const void* p, bool pred) {
-  uint4 v;
-  asm("{\n\t"
-      ".reg .pred p;\n\t"
-      "setp.ne.b32 p, %5, 0;\n\t"
-      "mov.b32 %0, 0;\n\t"
-      "mov.b32 %1, 0;\n\t"
-      "mov.b32 %2, 0;\n\t"
-      "mov.b32 %3, 0;\n\t"
-      "@p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
-      "}"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(static_cast<int>(pred)));
-  return v;
-}
-
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
-
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                  uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // One warp's share of a 16-row x (8 NT)-column product: steps [s_begin, s_end) of K (32 k each) of
 // weight rows row_lo (tile row g) and row_hi (g + 8) against activation rows col[n] (column 8 n + g;

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cuda_utils.cuh"
+#include "weight_stream.cuh"
 #include "skinny_gemm/skinny_gemm.h"
 
 namespace dots1 {
@@ -26,65 +27,6 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kStepK = 32;  // k values of one warp step: 4 lanes x 8 values per weight row
 
 __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
-
-// 16 bytes of the weight (read once: no L1 allocation, so L1 keeps x); zeros when !pred.
-__device__ __forceinline__ uint4 load_weight16(const void* p, bool pred) {
-  uint4 v;
-  asm("{\n\t"
-      ".reg .pred p;\n\t"
-      "setp.ne.b32 p, %5, 0;\n\t"
-      "mov.b32 %0, 0;\n\t"
-      "mov.b32 %1, 0;\n\t"
-      "mov.b32 %2, 0;\n\t"
-      "mov.b32 %3, 0;\n\t"
-      "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
-      "}"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(static_cast<int>(pred)));
-  return v;
-}
-
-// 16 bytes of x (read by every CTA: cached in L1 and L2); zeros when !pred.
-__device__ __forceinline__ uint4 load_x16(const void* p, bool pred) {
-  uint4 v;
-  asm("{\n\t"
-      ".reg .pred p;\n\t"
-      "setp.ne.b32 p, %5, 0;\n\t"
-      "mov.b32 %0, 0;\n\t"
-      "mov.b32 %1, 0;\n\t"
-      "mov.b32 %2, 0;\n\t"
-      "mov.b32 %3, 0;\n\t"
-      "@p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
-      "}"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(static_cast<int>(pred)));
-  return v;
-}
-
-// c += A (16 x 16, row) * B (16 x 8, col), fp32 accumulate.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                                         uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                  uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // Steps per batch: each lane holds U * (2 RT + NT) 16-byte vectors at once (20-24 of them, 80-96
 // registers; 128 registers in all for two CTAs per SM), of which U * 2 RT are weight (256 bytes, 192
@@ -181,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int h = 0; h < 2; ++h) wv[u][t][h] = load_weight16(w_ptr[t][h] + k, k_ok && w_ok[t][h]);
 #pragma unroll
-      for (int j = 0; j < NT; ++j) xv[u][j] = load_x16(x_ptr[j] + k, k_ok && x_ok[j]);
+      for (int j = 0; j < NT; ++j) xv[u][j] = load_act16(x_ptr[j] + k, k_ok && x_ok[j]);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
