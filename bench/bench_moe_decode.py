@@ -19,7 +19,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench.common import Report, Row, bench_main, bytes_floor_ms, copy_bandwidth_gbs, on_gpu, time_fn
+from bench.common import Report, Row, bench_main, capture_graph, replay_ms, bytes_floor_ms, copy_bandwidth_gbs, on_gpu, time_fn
 from dots1_ext import ops
 from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
 
@@ -64,26 +64,8 @@ def current_path(x, w, ids, weights, residual):
 def graph_ms(fn, calls: list[tuple], redraw, iters: int) -> float:
     """Median ms per call of fn over ``calls`` (argument tuples), all captured in one CUDA graph;
     ``redraw()`` refreshes the ids in place before each replay (untimed)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for args in calls:  # warm-up: workspaces, one-time setup
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for args in calls:
-            fn(*args)
-    times = []
-    for _ in range(iters + 2):
-        redraw()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    graph = capture_graph(fn, calls)
+    times = [replay_ms(graph, redraw) for _ in range(iters + 2)]
     del graph
     return statistics.median(times[2:]) / len(calls)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import ROOT, Report, Row, bench_main, gemm_tflops, on_gpu, time_fn, time_fns
+from bench.common import ROOT, Report, Row, bench_main, capture_graph, gemm_tflops, on_gpu, time_fn, time_fns
 from dots1_ext import ops
 
 REAL = dict(E=128, k=6, H=4096, I=1408)
@@ -210,26 +210,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------
 # timing and ceilings
 # ---------------------------------------------------------------------------------------------------
-def capture(fn, calls: list[tuple]):
-    """One CUDA graph holding fn(*args) for every args in calls (warmed up, compiled, first)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for args in calls:
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for args in calls:
-            fn(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    return graph
-
-
 def graph_ms(fn, calls: list[tuple], iters: int) -> float:
-    graph = capture(fn, calls)
+    graph = capture_graph(fn, calls)
     ms = time_fn(graph.replay, warmup=1, iters=iters) / len(calls)
     del graph
     return ms
@@ -355,7 +337,7 @@ def run(quick: bool = False) -> list[Report]:
                 graphs = {}
                 for name, fn in impls.items():
                     try:
-                        graphs[name] = capture(fn, calls)
+                        graphs[name] = capture_graph(fn, calls)
                     except Exception as exc:
                         torch.cuda.synchronize()
                         notes.append(f"{label}: {name} not capturable ({type(exc).__name__}: {str(exc)[:200]})")

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.common import Report, Row, bench_main, copy_bandwidth_gbs, on_gpu, time_fn
+from bench.common import Report, Row, bench_main, capture_graph, replay_ms, copy_bandwidth_gbs, on_gpu, time_fn
 from dots1_ext.ops.skinny_gemm import skinny_gemm
 
 # (name, N, K, epilogue)
@@ -75,32 +75,12 @@ def with_tiles(tiles: str | None, fn: Callable) -> Callable:
 def graph_times_us(fns: dict[str, Callable], reps: int, rounds: int) -> dict[str, float]:
     """Per-call GPU microseconds: each fn captured ``reps`` times in one CUDA graph, the graphs
     replayed round-robin (order rotating per round, so drift falls on all alike), median / reps."""
-    graphs = {}
-    stream = torch.cuda.Stream()
-    for label, fn in fns.items():
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                fn()
-        graphs[label] = graph
-    for graph in graphs.values():
-        graph.replay()
-    torch.cuda.synchronize()
+    graphs = {label: capture_graph(fn, [()] * reps) for label, fn in fns.items()}
     labels = list(graphs)
     samples: dict[str, list[float]] = {label: [] for label in labels}
     for r in range(rounds):
         for label in labels[r % len(labels):] + labels[: r % len(labels)]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graphs[label].replay()
-            end.record()
-            end.synchronize()
-            samples[label].append(start.elapsed_time(end) * 1e3 / reps)
+            samples[label].append(replay_ms(graphs[label]) * 1e3 / reps)
     del graphs
     return {label: statistics.median(v) for label, v in samples.items()}
 

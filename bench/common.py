@@ -92,32 +92,45 @@ def time_fns(fns: dict[str, Callable[[], object]], warmup: int = 5, rounds: int 
 _CEILINGS: dict[str, float] = {}
 
 
+def capture_graph(fn: Callable[..., object], calls: list[tuple]) -> "torch.cuda.CUDAGraph":
+    """One CUDA graph holding ``fn(*args)`` for every ``args`` in ``calls``, each warmed up once on a side
+    stream first (lazy inits, workspaces, Triton compiles), replayed once before it is returned."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for args in calls:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in calls:
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def replay_ms(graph: "torch.cuda.CUDAGraph", before: Callable[[], object] | None = None) -> float:
+    """GPU ms of one replay between CUDA events; ``before()`` (e.g. fresh inputs) runs untimed first."""
+    if before is not None:
+        before()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def graph_us(fn: Callable[[], object], reps: int = 32, iters: int = 20) -> float | None:
     """GPU microseconds per call of fn with the launch path taken away: ``reps`` calls captured in one
     CUDA graph, the graph replayed ``iters`` times between CUDA events, median / reps. For kernels of a
     few microseconds, whose per-call time in ``time_fn`` is the host's launch path. None on CPU."""
     if not on_gpu():
         return None
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    graph = capture_graph(fn, [()] * reps)
+    times = [replay_ms(graph) for _ in range(iters)]
     return round(statistics.median(times) * 1e3 / reps, 2)
 
 
