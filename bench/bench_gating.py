@@ -2,8 +2,11 @@
 
 Two cases per T:
   * "after logits": dots1_ext topk_gating vs dots1_ext.reference.topk_gating on the same fp32 logits;
-  * "router incl. projection": dots1_ext router_topk_gating (fused single launch for T <= 8) vs the
+  * "router incl. projection": dots1_ext router_topk_gating (fused single launch for T <= 16) vs the
     HF transformers Dots1TopkRouter forward and the eager reference router (bf16 hidden and weight).
+  * "decode router kernels": router_topk_gating at T=1/4/16 with each kernel forced
+    (DOTS1_EXT_ROUTER_KERNEL=grid|cluster|gemm), graph_us per call in a CUDA graph, against the floor
+    of reading the 1 MB weight once at the measured copy bandwidth.
 Floors: bytes moved (inputs read once + outputs written) over the measured copy bandwidth.
 
     python -m bench.bench_gating [--quick] [--json PATH]
@@ -12,11 +15,14 @@ Floors: bytes moved (inputs read once + outputs written) over the measured copy 
 from __future__ import annotations
 
 
+import os
+
 import torch
 
 from bench.common import bench_main, bytes_floor_ms, default_device, graph_us, on_gpu, Report, Row, time_fn
 from dots1_ext import reference as R
 from dots1_ext.ops import router_topk_gating, topk_gating
+from dots1_ext.ops.gating import ROUTER_FUSED_MAX_TOKENS
 
 E, K, H = 128, 6, 4096
 SCALE = 2.5
@@ -73,12 +79,42 @@ def run(quick: bool = False) -> list[Report]:
                 ms = time_fn(fn)
             extra = {}
             if impl.startswith("dots1_ext"):
-                extra = {"fused": bool(T <= 8 and gpu)}
+                extra = {"fused": bool(T <= ROUTER_FUSED_MAX_TOKENS and gpu)}
                 if gpu:
                     with torch.no_grad():
                         extra["graph_us"] = graph_us(fn)
             router.add(Row("router", case, impl, ms, floor, gbs=nbytes / ms / 1e6, extra=extra))
-    return [after, router]
+    return [after, router, _decode_router_kernels(device, gpu, hidden_size, weight, bias)]
+
+
+def _decode_router_kernels(device: str, gpu: bool, hidden_size: int, weight, bias) -> Report:
+    """Each fused-router kernel at decode token counts, timed in a CUDA graph (graph_us): the launch
+    path gone, what a decode step pays. The floor is the weight read once (T * H hidden is noise)."""
+    report = Report(f"decode router kernels (E={E}, k={K}, H={hidden_size}, bf16; graph_us per call)")
+    previous = os.environ.get("DOTS1_EXT_ROUTER_KERNEL")
+    try:
+        for T in (1, 4, 16):
+            hidden = torch.randn(T, hidden_size, device=device).to(torch.bfloat16)
+            nbytes = E * hidden_size * 2 + T * hidden_size * 2 + E * 4 + T * K * 8
+            floor = bytes_floor_ms(nbytes)
+            for kernel in ("grid", "cluster", "gemm"):
+                os.environ["DOTS1_EXT_ROUTER_KERNEL"] = kernel
+
+                def fn():
+                    return router_topk_gating(hidden, weight, bias, K, 1, 1, True, SCALE)
+
+                ms = time_fn(fn)
+                us = graph_us(fn) if gpu else None
+                # Time in a graph where there is one: floor/time is then against graph_us.
+                row_ms = us / 1e3 if us is not None else ms
+                report.add(Row("router", f"T={T}", f"router_topk_gating [{kernel}]", row_ms, floor,
+                               gbs=nbytes / row_ms / 1e6, extra={"graph_us": us, "eager_ms": round(ms, 4)}))
+    finally:
+        if previous is None:
+            os.environ.pop("DOTS1_EXT_ROUTER_KERNEL", None)
+        else:
+            os.environ["DOTS1_EXT_ROUTER_KERNEL"] = previous
+    return report
 
 
 if __name__ == "__main__":

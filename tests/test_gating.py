@@ -273,3 +273,115 @@ def test_bad_device():
         topk_gating(logits, bias.cpu(), 6)
     with pytest.raises(ERRORS, match="router_weight"):
         router_topk_gating(torch.randn(2, 32, device="cuda"), torch.randn(64, 32), bias, 6)
+
+
+# ---- every router kernel for T <= ROUTER_FUSED_MAX_TOKENS, forced by DOTS1_EXT_ROUTER_KERNEL ----
+
+ROUTER_KERNELS = ["grid", "cluster", "gemm"]
+
+
+def _router_case(T, E, H, dtype, device, offset=0):
+    hidden = torch.randn(T * H + offset, device=device).to(dtype)[offset:].view(T, H)  # offset: unaligned rows
+    router_weight = (torch.randn(E, H, device=device) / max(H, 1) ** 0.5).to(dtype)
+    bias = torch.randn(E, device=device) * 0.1
+    return hidden, router_weight, bias
+
+
+def _check_router(hidden, router_weight, bias, k, n_group, topk_group, renormalize=True, scale=2.5):
+    w, ids = router_topk_gating(hidden, router_weight, bias, k, n_group, topk_group, renormalize, scale)
+    rw, rids = R.router_topk_gating(hidden, router_weight, bias, k, n_group, topk_group, renormalize, scale)
+    assert w.shape == rw.shape and ids.shape == rids.shape
+    logits = hidden.float() @ router_weight.float().t()
+    choice = logits.sigmoid() + bias
+    T = hidden.shape[0]
+    sep = _well_separated(choice, k, 1e-5) if n_group == 1 else torch.ones(T, dtype=torch.bool, device=hidden.device)
+    assert torch.equal(ids[sep], rids[sep])
+    assert_rows_close(w[sep], rw[sep], torch.float32, rtol=1e-4, what="weights")
+    assert not torch.isnan(w).any()  # every output element written
+    return w, ids
+
+
+@requires_cuda
+@pytest.mark.parametrize("kernel", ROUTER_KERNELS)
+@pytest.mark.parametrize("T", [1, 2, 4, 7, 8, 9, 15, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("E,H,k,n_group,topk_group", [(128, 4096, 6, 1, 1), (64, 264, 6, 4, 2), (40, 100, 3, 1, 1),
+                                                       (512, 1536, 16, 8, 2), (8, 8, 8, 1, 1), (256, 5000, 8, 8, 4)])
+def test_router_kernels(monkeypatch, kernel, T, dtype, E, H, k, n_group, topk_group):
+    monkeypatch.setenv("DOTS1_EXT_ROUTER_KERNEL", kernel)
+    hidden, router_weight, bias = _router_case(T, E, H, dtype, "cuda")
+    _check_router(hidden, router_weight, bias, k, n_group, topk_group)
+    _check_router(hidden, router_weight, bias, k, n_group, topk_group, renormalize=False, scale=1.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kernel", ROUTER_KERNELS)
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_router_kernels_unaligned_and_odd(monkeypatch, kernel, T):
+    # Unaligned hidden rows and H not a multiple of a 16-byte vector: the fused kernels' scalar paths.
+    monkeypatch.setenv("DOTS1_EXT_ROUTER_KERNEL", kernel)
+    for H, offset in ((4096, 1), (1027, 0), (1, 0), (0, 0)):
+        hidden, router_weight, bias = _router_case(T, 128, H, torch.bfloat16, "cuda", offset)
+        _check_router(hidden, router_weight, bias, 6, 1, 1)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kernel", ROUTER_KERNELS)
+def test_router_kernels_nan_and_ties(monkeypatch, kernel):
+    monkeypatch.setenv("DOTS1_EXT_ROUTER_KERNEL", kernel)
+    T, E, H = 16, 128, 256
+    hidden, router_weight, bias = _router_case(T, E, H, torch.bfloat16, "cuda")
+    hidden[3, 7] = float("nan")  # NaN logits for token 3: every expert NaN -> ids 0..5, NaN weights
+    w, ids = router_topk_gating(hidden, router_weight, bias, 6, 1, 1, True, 1.0)
+    assert ids[3].tolist() == list(range(6)) and torch.isnan(w[3]).all()
+    rw, rids = R.router_topk_gating(hidden, router_weight, bias, 6, 1, 1, True, 1.0)
+    assert torch.equal(ids[3], rids[3])
+    # All-zero hidden: every logit 0 exactly, ties to the lowest ids.
+    w, ids = router_topk_gating(torch.zeros(T, H, device="cuda", dtype=torch.bfloat16), router_weight,
+                                torch.zeros(E, device="cuda"), 6, 4, 2, True, 1.0)
+    assert ids.tolist() == [list(range(6))] * T
+    torch.testing.assert_close(w, torch.full_like(w, 1.0 / 6))
+
+
+@requires_cuda
+@pytest.mark.parametrize("kernel", ["grid", "cluster"])
+@pytest.mark.parametrize("T", [1, 4, 16])
+def test_router_kernels_graph_replay_and_bitwise(monkeypatch, kernel, T):
+    # The grid kernel's arrival counter is reset by the kernel itself: many replays of a graph with
+    # several router launches (and eager launches between replays) stay correct and bitwise stable.
+    monkeypatch.setenv("DOTS1_EXT_ROUTER_KERNEL", kernel)
+    E, H = 128, 4096
+    hidden, weight, bias = _router_case(T, E, H, torch.bfloat16, "cuda")
+    outs = []
+
+    def step():
+        outs.clear()
+        for _ in range(3):
+            outs.append(router_topk_gating(hidden, weight, bias, 6, 1, 1, True, 2.5))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for it in range(70):  # more replays than the kernel has arrival slots
+        if it % 10 == 0:
+            hidden.copy_(torch.randn_like(hidden))
+        graph.replay()
+        eager = router_topk_gating(hidden, weight, bias, 6, 1, 1, True, 2.5)
+        torch.cuda.synchronize()
+        for w, ids in outs:
+            assert torch.equal(w, eager[0]) and torch.equal(ids, eager[1]), f"replay {it}"
+    _check_router(hidden, weight, bias, 6, 1, 1)
+
+
+def test_router_kernel_env_rejects_unknown(monkeypatch, device):
+    if device != "cuda":
+        pytest.skip("the variable is read by the CUDA implementation")
+    monkeypatch.setenv("DOTS1_EXT_ROUTER_KERNEL", "fast")
+    with pytest.raises(ValueError, match="DOTS1_EXT_ROUTER_KERNEL"):
+        router_topk_gating(torch.randn(1, 64, device=device), torch.randn(16, 64, device=device),
+                           torch.zeros(16, device=device), 2)

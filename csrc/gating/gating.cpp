@@ -6,6 +6,8 @@
 #include <torch/version.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -158,6 +160,22 @@ std::tuple<at::Tensor, at::Tensor> router_topk_gating_cpu(const at::Tensor& hidd
 
 #ifdef DOTS1_WITH_CUDA
 
+// Which kernel computes router_topk_gating for T <= kRouterFusedMaxTokens: "grid" (default: the
+// weight read by the whole GPU, one launch), "cluster" (one thread-block cluster, sm_90; falls back
+// to "gemm" elsewhere) or "gemm" (cuBLAS logits + the gating kernel, two launches). For tests and
+// benchmarks; every path gives the same semantics.
+enum class RouterKernel { kGrid, kCluster, kGemm };
+
+RouterKernel router_kernel_from_env() {
+  const char* v = std::getenv("DOTS1_EXT_ROUTER_KERNEL");
+  if (v == nullptr || *v == '\0') return RouterKernel::kGrid;
+  const std::string s(v);
+  if (s == "auto" || s == "grid") return RouterKernel::kGrid;
+  if (s == "cluster") return RouterKernel::kCluster;
+  if (s == "gemm") return RouterKernel::kGemm;
+  TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_ROUTER_KERNEL must be auto, grid, cluster or gemm, got '", s, "'");
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_gating_from_logits_cuda(const at::Tensor& logits_in, const at::Tensor& bias_in,
                                                                 int64_t k, int64_t n_group, int64_t topk_group,
                                                                 bool renormalize, double scale) {
@@ -190,19 +208,34 @@ std::tuple<at::Tensor, at::Tensor> router_topk_gating_cuda(const at::Tensor& hid
   c10::cuda::CUDAGuard guard(hidden_in.device());
   const int64_t T = hidden_in.size(0);
   const int64_t H = hidden_in.size(1);
-  // Decode: one launch computes the projection and the routing (when the GPU takes clusters).
-  if (T >= 1 && T <= kRouterFusedMaxTokens && hidden_in.scalar_type() == router_weight_in.scalar_type() &&
-      H <= std::numeric_limits<int>::max()) {
+  // Decode: one launch computes the projection and the routing.
+  const RouterKernel kernel = router_kernel_from_env();
+  if (kernel != RouterKernel::kGemm && T >= 1 && T <= kRouterFusedMaxTokens &&
+      hidden_in.scalar_type() == router_weight_in.scalar_type() && H <= std::numeric_limits<int>::max()) {
     const at::Tensor hidden = hidden_in.contiguous();
     const at::Tensor router_weight = router_weight_in.contiguous();
     const at::Tensor bias = bias_in.contiguous();
+    const int E = static_cast<int>(router_weight.size(0));
+    const DType dtype = to_dtype(hidden.scalar_type());
     at::Tensor weights = at::empty({T, k}, hidden.options().dtype(at::kFloat));
     at::Tensor ids = at::empty({T, k}, hidden.options().dtype(at::kInt));
-    const cudaError_t err = launch_router_topk_gating_fused(
-        hidden.data_ptr(), router_weight.data_ptr(), to_dtype(hidden.scalar_type()), bias.data_ptr<float>(), T,
-        static_cast<int>(router_weight.size(0)), static_cast<int>(H), static_cast<int>(k), static_cast<int>(n_group),
-        static_cast<int>(topk_group), renormalize, static_cast<float>(scale), weights.data_ptr<float>(),
-        ids.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream());
+    cudaError_t err;
+    if (kernel == RouterKernel::kGrid) {
+      // Partial logits, [slices, T, E] fp32: 32 KB for Dots1 at T=1. No initialisation needed.
+      at::Tensor workspace = at::empty({router_grid_workspace_floats(T, E, static_cast<int>(H), dtype)},
+                                       hidden.options().dtype(at::kFloat));
+      err = launch_router_topk_gating_grid(hidden.data_ptr(), router_weight.data_ptr(), dtype, bias.data_ptr<float>(),
+                                           T, E, static_cast<int>(H), static_cast<int>(k), static_cast<int>(n_group),
+                                           static_cast<int>(topk_group), renormalize, static_cast<float>(scale),
+                                           workspace.data_ptr<float>(), weights.data_ptr<float>(),
+                                           ids.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream());
+    } else {
+      err = launch_router_topk_gating_fused(hidden.data_ptr(), router_weight.data_ptr(), dtype, bias.data_ptr<float>(),
+                                            T, E, static_cast<int>(H), static_cast<int>(k), static_cast<int>(n_group),
+                                            static_cast<int>(topk_group), renormalize, static_cast<float>(scale),
+                                            weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
+                                            c10::cuda::getCurrentCUDAStream());
+    }
     if (err != cudaErrorNotSupported) {
       C10_CUDA_CHECK(err);
       return {weights, ids};

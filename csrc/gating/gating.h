@@ -32,10 +32,11 @@ namespace dots1 {
 constexpr int kGatingMaxExperts = 512;
 constexpr int kGatingMaxTopk = 16;
 // router_topk_gating computes the projection inside the gating launch up to this many tokens
-// (decode); above it, logits come from one GEMM and topk_gating runs on them. Fixed by the cluster
-// kernel's per-lane accumulators (acc[8]) and its [8 x 512] fp32 logits tile in shared memory.
+// (decode); above it, logits come from one GEMM and topk_gating runs on them. Fixed by the fused
+// kernels' per-lane accumulators (acc[16]) and their [16 x 512] fp32 logits tile in shared memory
+// (with the grouped routing's [8 x 512] scratch: the 48 KB of static shared memory, exactly).
 // dots1_ext/ops/gating.py ROUTER_FUSED_MAX_TOKENS mirrors it (the one Python definition).
-constexpr int kRouterFusedMaxTokens = 8;
+constexpr int kRouterFusedMaxTokens = 16;
 
 // A totally ordered 64-bit key: the float's order in the high word (IEEE bits flipped so that
 // unsigned order == numeric order, -0 folded onto +0, every NaN folded onto the top value 0xFFFFFFFF,
@@ -71,7 +72,27 @@ cudaError_t launch_topk_gating(const float* logits,  // [T, E] fp32, contiguous
                                int32_t* topk_ids,    // [T, k] int32
                                cudaStream_t stream);
 
-// Router projection (fp32 accumulate) + gating in ONE launch, for num_tokens <= kRouterFusedMaxTokens.
+// Router projection + gating in ONE launch on a plain grid (any arch), for num_tokens <=
+// kRouterFusedMaxTokens: block (slice, group) writes the partial logits of 8 experts over one 1 KB
+// column slice to `workspace`; the last block to arrive sums them in slice order and routes. The
+// arrival counter is a device global reset by the kernel itself (graph replays stay correct).
+// workspace: router_grid_workspace_floats(...) fp32, any contents (every entry read is written
+// first), not shared with a concurrent launch. cudaErrorNotSupported for too many tokens.
+int router_grid_slices(int hidden_size, int elem_bytes);
+int64_t router_grid_workspace_floats(int64_t num_tokens, int num_experts, int hidden_size, DType dtype);
+cudaError_t launch_router_topk_gating_grid(const void* hidden,         // [T, H] dtype, contiguous
+                                           const void* router_weight,  // [E, H] dtype, contiguous
+                                           DType dtype,
+                                           const float* bias,  // [E] fp32
+                                           int64_t num_tokens, int num_experts, int hidden_size, int k,
+                                           int n_group, int topk_group, bool renormalize, float scale,
+                                           float* workspace,     // [router_grid_workspace_floats] fp32
+                                           float* topk_weights,  // [T, k] fp32
+                                           int32_t* topk_ids,    // [T, k] int32
+                                           cudaStream_t stream);
+
+// Router projection (fp32 accumulate) + gating in ONE launch (the former decode default, now
+// DOTS1_EXT_ROUTER_KERNEL=cluster), for num_tokens <= kRouterFusedMaxTokens.
 // Uses a thread-block cluster (sm_90+): the cluster's blocks split the experts' weight rows and
 // write their logits into block 0's shared memory, which then runs the gating. Returns
 // cudaErrorNotSupported (and launches nothing) where that is not possible (pre-Hopper GPU, too many

@@ -2,6 +2,8 @@
 // lower id, NaN ranked highest (gating_key in gating.h). Kernels and launchers only; Tensor code is in gating.cpp.
 #include <cooperative_groups.h>
 
+#include <atomic>
+
 #include "cuda_utils.cuh"
 #include "gating/gating.h"
 
@@ -244,6 +246,166 @@ __global__ void __launch_bounds__(kRouterWarps * 32)
 #endif
 }
 
+// ---- fused router projection + gating on a grid (any arch; the default for decode) ----
+//
+// The cluster kernel above reads the 1 MB router weight with 8-16 SMs: its time is their bandwidth.
+// Here the weight is spread over the whole GPU: block (slice, group) computes the partial dot
+// products of 8 experts (one per warp) over one 1 KB column slice of their rows and of the tokens'
+// hidden rows, and writes them to a [slices, T, E] fp32 workspace. Each lane issues both of its
+// 16-byte weight loads before anything else, so every byte of the weight is in flight at once. The
+// last block to arrive (an arrival counter, reset by that block's own atomicInc wrap so that graph
+// replays start from zero) sums the slices in slice order (deterministic) and routes the tokens.
+
+constexpr int kRouterGridWarps = 8;
+constexpr int kRouterSliceBytes = 1024;  // per row and block: 64 16-byte vectors, 2 per lane
+constexpr int kRouterArrivalSlots = 64;
+
+// Arrival counters, zero at module load and left at zero by every completed launch. Launches that
+// may run at once (other streams) must use different slots: the host hands them out round-robin.
+__device__ unsigned int g_router_arrivals[kRouterArrivalSlots];
+
+template <typename T>
+__host__ __device__ constexpr int router_slice_elems() {
+  return kRouterSliceBytes / static_cast<int>(sizeof(T));
+}
+
+template <int kVPL, bool kGrouped, typename T>
+__global__ void __launch_bounds__(kRouterGridWarps * 32)
+    router_gating_grid_kernel(const T* __restrict__ hidden, const T* __restrict__ weight,
+                              const float* __restrict__ bias, int num_tokens, int E, int H, int k, int n_group,
+                              int topk_group, bool renormalize, float scale, bool vectorized,
+                              float* __restrict__ partial,  // [gridDim.x, num_tokens, E]
+                              int arrival_slot, float* __restrict__ weights_out, int32_t* __restrict__ ids_out) {
+  constexpr int kSliceElems = router_slice_elems<T>();
+  constexpr int kV = Vec16<T>::kElems;
+  constexpr int kVecPerLane = kSliceElems / kV / 32;
+  constexpr int kElemsPerLane = kSliceElems / 32;
+  static_assert(kVecPerLane * kV * 32 == kSliceElems, "slice: whole vectors per lane");
+  constexpr int kRow = 32 * kVPL;
+  constexpr int kStageBytes = kRouterFusedMaxTokens * kRouterSliceBytes;
+  constexpr int kLogitsBytes = kRouterFusedMaxTokens * kRow * static_cast<int>(sizeof(float));
+  // The tokens' hidden slice [T, kSliceElems] while the block computes its partial sums; in the last
+  // block, once those are done, the summed logits [T, kRow].
+  __shared__ __align__(16) unsigned char smem_raw[kStageBytes > kLogitsBytes ? kStageBytes : kLogitsBytes];
+  __shared__ float choice_smem[kGrouped ? kRouterGridWarps * kRow : 1];
+  T* hidden_smem = reinterpret_cast<T*>(smem_raw);
+  float* logits_smem = reinterpret_cast<float*>(smem_raw);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int slice = blockIdx.x;
+  const int e = blockIdx.y * kRouterGridWarps + warp;
+  const int h0 = slice * kSliceElems;
+  const int slice_len = max(0, min(kSliceElems, H - h0));
+  const T* wrow = weight + static_cast<int64_t>(e < E ? e : 0) * H + h0;
+
+  // This lane's share of its expert's slice, loaded raw (converted at use) before anything waits.
+  Vec16<T> wvec[kVecPerLane];
+  T wscalar[kElemsPerLane];
+  if (vectorized) {
+#pragma unroll
+    for (int u = 0; u < kVecPerLane; ++u) {
+      const int c = (lane + 32 * u) * kV;
+      if (e < E && c < slice_len) {
+        wvec[u] = *reinterpret_cast<const Vec16<T>*>(wrow + c);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kV; ++i) wvec[u].v[i] = from_float<T>(0.0f);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kElemsPerLane; ++u) {
+      const int c = lane + 32 * u;
+      wscalar[u] = (e < E && c < slice_len) ? wrow[c] : from_float<T>(0.0f);
+    }
+  }
+
+  // Stage the tokens' hidden slice (read by all 8 warps) in shared memory.
+  if (vectorized) {
+    const int vecs = slice_len / kV;
+    for (int i = threadIdx.x; i < num_tokens * vecs; i += blockDim.x) {
+      const int t = i / vecs, c = (i % vecs) * kV;
+      *reinterpret_cast<Vec16<T>*>(hidden_smem + t * kSliceElems + c) =
+          *reinterpret_cast<const Vec16<T>*>(hidden + static_cast<int64_t>(t) * H + h0 + c);
+    }
+  } else {
+    for (int i = threadIdx.x; i < num_tokens * slice_len; i += blockDim.x) {
+      const int t = i / slice_len, c = i % slice_len;
+      hidden_smem[t * kSliceElems + c] = hidden[static_cast<int64_t>(t) * H + h0 + c];
+    }
+  }
+  __syncthreads();
+
+  float acc[kRouterFusedMaxTokens];
+#pragma unroll
+  for (int t = 0; t < kRouterFusedMaxTokens; ++t) acc[t] = 0.0f;
+#pragma unroll
+  for (int t = 0; t < kRouterFusedMaxTokens; ++t) {
+    if (t < num_tokens) {
+      const T* hrow = hidden_smem + t * kSliceElems;
+      if (vectorized) {
+#pragma unroll
+        for (int u = 0; u < kVecPerLane; ++u) {
+          const int c = (lane + 32 * u) * kV;
+          if (c < slice_len) {  // staged entries past the slice are not written
+            const Vec16<T> hv = *reinterpret_cast<const Vec16<T>*>(hrow + c);
+#pragma unroll
+            for (int i = 0; i < kV; ++i) acc[t] = fmaf(to_float(hv.v[i]), to_float(wvec[u].v[i]), acc[t]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < kElemsPerLane; ++u) {
+          const int c = lane + 32 * u;
+          if (c < slice_len) acc[t] = fmaf(to_float(hrow[c]), to_float(wscalar[u]), acc[t]);
+        }
+      }
+    }
+  }
+  const int64_t slice_base = static_cast<int64_t>(slice) * num_tokens * E;
+#pragma unroll
+  for (int t = 0; t < kRouterFusedMaxTokens; ++t) {
+    if (t < num_tokens) {
+      const float s = warp_sum(acc[t]);
+      if (lane == 0 && e < E) partial[slice_base + static_cast<int64_t>(t) * E + e] = s;
+    }
+  }
+
+  // Release this block's partial sums, then arrive. atomicInc wraps the counter to 0 on the last
+  // arrival (total - 1), so the slot is ready for the next launch without a memset.
+  __threadfence();
+  __syncthreads();
+  int is_last = 0;
+  if (threadIdx.x == 0) {
+    const unsigned int total = gridDim.x * gridDim.y;
+    is_last = atomicInc(&g_router_arrivals[arrival_slot], total - 1) == total - 1;
+  }
+  if (!__syncthreads_or(is_last)) return;  // uniform per block; no barrier follows for the others
+  __threadfence();  // acquire: every other block's partial sums are visible below
+
+  // Logits in slice order (the same order on every run: deterministic). The staging buffer is free:
+  // every warp passed the barrier above after its last read of it. __ldcg: the partial sums were
+  // written by other SMs; read them from L2, never from a line this SM's L1 might hold.
+  const int slices = static_cast<int>(gridDim.x);
+  for (int i = threadIdx.x; i < num_tokens * kRow; i += blockDim.x) {
+    const int t = i / kRow, ee = i % kRow;
+    if (ee < E) {
+      const float* p = partial + static_cast<int64_t>(t) * E + ee;
+      const int64_t stride = static_cast<int64_t>(num_tokens) * E;
+      float s = 0.0f;
+#pragma unroll 8
+      for (int sl = 0; sl < slices; ++sl) s += __ldcg(p + sl * stride);
+      logits_smem[i] = s;
+    }
+  }
+  __syncthreads();
+  for (int t = warp; t < num_tokens; t += kRouterGridWarps) {
+    gate_token<kVPL, kGrouped>(logits_smem + t * kRow, bias, E, k, n_group, topk_group, renormalize, scale,
+                               choice_smem + warp * kRow, weights_out + static_cast<int64_t>(t) * k,
+                               ids_out + static_cast<int64_t>(t) * k, lane);
+  }
+}
+
 template <typename F>
 cudaError_t dispatch_vpl(int E, F&& f) {
   if (E <= 32) return f(std::integral_constant<int, 1>{});
@@ -352,6 +514,20 @@ cudaError_t launch_router_cluster(const T* hidden, const T* weight, const float*
   return err != cudaSuccess ? err : last;
 }
 
+template <int kVPL, bool kGrouped, typename T>
+cudaError_t launch_router_grid(const T* hidden, const T* weight, const float* bias, int num_tokens, int E, int H, int k,
+                               int n_group, int topk_group, bool renormalize, float scale, float* workspace,
+                               float* weights_out, int32_t* ids_out, cudaStream_t stream) {
+  static std::atomic<unsigned int> next_slot{0};
+  const int slot = static_cast<int>(next_slot.fetch_add(1, std::memory_order_relaxed) % kRouterArrivalSlots);
+  const bool vectorized = (H % Vec16<T>::kElems) == 0 && aligned16(hidden) && aligned16(weight);
+  const dim3 grid(router_grid_slices(H, static_cast<int>(sizeof(T))), ceil_div(E, kRouterGridWarps));
+  router_gating_grid_kernel<kVPL, kGrouped, T><<<grid, kRouterGridWarps * 32, 0, stream>>>(
+      hidden, weight, bias, num_tokens, E, H, k, n_group, topk_group, renormalize, scale, vectorized, workspace, slot,
+      weights_out, ids_out);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_router_topk_gating_fused(const void* hidden, const void* router_weight, DType dtype,
@@ -379,6 +555,49 @@ cudaError_t launch_router_topk_gating_fused(const void* hidden, const void* rout
       return launch_router_cluster<kVPL, false, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group,
                                                           topk_group, renormalize, scale, topk_weights, topk_ids,
                                                           stream);
+    });
+  });
+  return err;
+}
+
+}  // namespace dots1
+
+namespace dots1 {
+
+int router_grid_slices(int hidden_size, int elem_bytes) {
+  const int slice_elems = kRouterSliceBytes / elem_bytes;
+  return hidden_size <= 0 ? 1 : static_cast<int>((static_cast<int64_t>(hidden_size) + slice_elems - 1) / slice_elems);
+}
+
+int64_t router_grid_workspace_floats(int64_t num_tokens, int num_experts, int hidden_size, DType dtype) {
+  return static_cast<int64_t>(router_grid_slices(hidden_size, dtype == DType::kFloat32 ? 4 : 2)) * num_tokens *
+         num_experts;
+}
+
+cudaError_t launch_router_topk_gating_grid(const void* hidden, const void* router_weight, DType dtype,
+                                           const float* bias, int64_t num_tokens, int num_experts, int hidden_size,
+                                           int k, int n_group, int topk_group, bool renormalize, float scale,
+                                           float* workspace, float* topk_weights, int32_t* topk_ids,
+                                           cudaStream_t stream) {
+  if (num_tokens <= 0) return cudaSuccess;
+  if (num_tokens > kRouterFusedMaxTokens) return cudaErrorNotSupported;
+  if (num_experts < 1 || num_experts > kGatingMaxExperts || k < 1 || k > kGatingMaxTopk || k > num_experts ||
+      n_group < 1 || num_experts % n_group != 0 || topk_group < 1 || topk_group > n_group || hidden_size < 0)
+    return cudaErrorInvalidValue;
+  const bool grouped = topk_group < n_group;
+  cudaError_t err = cudaErrorInvalidValue;
+  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
+    err = dispatch_vpl(num_experts, [&](auto vpl) {
+      constexpr int kVPL = decltype(vpl)::value;
+      const auto* h = static_cast<const scalar_t*>(hidden);
+      const auto* w = static_cast<const scalar_t*>(router_weight);
+      const int T = static_cast<int>(num_tokens);
+      if (grouped)
+        return launch_router_grid<kVPL, true, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group,
+                                                        topk_group, renormalize, scale, workspace, topk_weights,
+                                                        topk_ids, stream);
+      return launch_router_grid<kVPL, false, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group, topk_group,
+                                                       renormalize, scale, workspace, topk_weights, topk_ids, stream);
     });
   });
   return err;

@@ -11,9 +11,11 @@ unspecified: on CPU it returned ids [1, 4, 3, 2, 0] for five NaN). A group holdi
 group score and so is kept first. The token's weights come out NaN: a NaN never routes silently.
 
 CUDA: one warp per token (E <= 512 in registers, k rounds of a warp arg-max on a 64-bit
-(score, -id) key). router_topk_gating with T <= 8 tokens (decode) computes the projection inside the
-same launch (a thread-block cluster on sm_90); above that (or pre-Hopper) it runs one fp32 GEMM
-through ATen (``hidden.float() @ router_weight.float().T``, as the reference) and the gating kernel.
+(score, -id) key). router_topk_gating with T <= 16 tokens (decode) computes the projection inside the
+same launch (a grid of 1 KB column slices x 8 experts writing partial logits, the last block to arrive
+summing them in slice order and routing; DOTS1_EXT_ROUTER_KERNEL=cluster|gemm picks the sm_90
+thread-block-cluster kernel or the unfused path); above that it runs one GEMM through ATen
+(fp32 accumulation, as the reference) and the gating kernel.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ from dots1_ext.ops._lib import fill_with_reference, op
 
 MAX_EXPERTS = 512
 MAX_TOPK = 16
-# router_topk_gating computes the router projection inside its one gating launch (a thread-block
-# cluster) for T <= this; above it the op runs a GEMM, then the gating kernel. 8 is what the kernel
-# holds, not a tuning knob: csrc/gating/gating.h kRouterFusedMaxTokens (per-lane accumulators acc[8]
-# and an [8 x 512] fp32 logits tile in shared memory). This is the one Python definition; modules.py
-# imports it and calls the op exactly where it is one launch (11.5 us in a CUDA graph at T=1 on the
-# H100, projection included: bench/results/2026-11-25-h100-07b969f). Its former 32 sent T in 9..32 to
-# the op's unfused GEMM path, contradicting its own comment; no measurement there chose 32.
-ROUTER_FUSED_MAX_TOKENS = 8
+# router_topk_gating computes the router projection inside its one gating launch for T <= this;
+# above it the op runs a GEMM, then the gating kernel. 16 is what the fused kernels hold, not a tuning
+# knob: csrc/gating/gating.h kRouterFusedMaxTokens (per-lane accumulators acc[16] and a [16 x 512]
+# fp32 logits tile in shared memory). This is the one Python definition; modules.py imports it and
+# calls the op exactly where it is one launch. The default fused kernel is a grid over the whole GPU
+# (csrc/gating/gating_kernels.cu router_gating_grid_kernel); DOTS1_EXT_ROUTER_KERNEL=cluster|gemm
+# selects the former thread-block-cluster kernel (11.5 us in a CUDA graph at T=1 on the H100,
+# bench/results/2026-11-25-h100-07b969f) or the unfused GEMM path, for tests and benchmarks.
+ROUTER_FUSED_MAX_TOKENS = 16
 
 
 def _check_routing_args(E: int, k: int, n_group: int, topk_group: int) -> None:
