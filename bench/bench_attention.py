@@ -98,7 +98,7 @@ class Bench:
             # The automatic split count against each forced one (captured into the graph at its count).
             previous = os.environ.get("DOTS1_EXT_ATTENTION_SPLITS")
             try:
-                for splits in ("1", "2", "4", "8"):
+                for splits in ("1", "2", "4", "8", "16"):
                     os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
                     self.add(report, case, f"dots1_ext (splits={splits})", ours, nbytes)
             finally:

@@ -82,10 +82,10 @@ def main() -> int:
         (3, 4, 2, 34, 80),  # 4-byte copies
         (8, 2, 2, 128, 520),
     ]
-    for splits in ("1", "2", "4", "8", "auto"):
+    for splits in ("1", "2", "4", "8", "16", "auto"):
         os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
         # 2 and 4 splits take the same cluster code as 8: one dtype is enough there.
-        dtypes = (torch.bfloat16,) if splits in ("2", "4") else (torch.float32, torch.float16, torch.bfloat16)
+        dtypes = (torch.bfloat16,) if splits in ("2", "4", "16") else (torch.float32, torch.float16, torch.bfloat16)
         for dtype in dtypes:
             for B, Hq, Hk, D, S in shapes:
                 for window in (0, 33):
@@ -95,6 +95,11 @@ def main() -> int:
                 run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=1)  # odd element offset
                 run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=8)  # 16-byte aligned view
     os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS")
+    # Without programmatic dependent launch (the default launches with it on sm_90).
+    os.environ["DOTS1_EXT_ATTENTION_PDL"] = "0"
+    for B, Hq, Hk, D, S in shapes:
+        run_case(torch.bfloat16, B, Hq, Hk, D, S, pairs_for(B, S), 0)
+    os.environ.pop("DOTS1_EXT_ATTENTION_PDL")
     torch.cuda.synchronize()
     for f in failures:
         print("MISMATCH", f)

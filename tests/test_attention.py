@@ -343,7 +343,7 @@ def test_device_mismatch_raises():
 
 
 @requires_cuda
-@pytest.mark.parametrize("splits", ["1", "2", "4", "8", "auto"])
+@pytest.mark.parametrize("splits", ["1", "2", "4", "8", "16", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 32, 32, 128, 2048), (3, 8, 1, 64, 1500), (3, 12, 3, 96, 700),
                                    (2, 4, 4, 256, 900), (3, 6, 6, 34, 600), (8, 16, 2, 128, 257)],
@@ -404,7 +404,7 @@ def test_cuda_graph_replay_with_changed_lengths(dtype, shape):
 
 
 @requires_cuda
-@pytest.mark.parametrize("splits", ["1", "8", "auto"])
+@pytest.mark.parametrize("splits", ["1", "8", "16", "auto"])
 def test_deterministic(monkeypatch, splits):
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
     B, Hq, Hk, D, S = 4, 32, 8, 128, 3000
@@ -414,6 +414,35 @@ def test_deterministic(monkeypatch, splits):
     first = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end)
     for _ in range(3):
         assert torch.equal(first, A.decode_attention(q, k_cache, v_cache, kv_start, kv_end))
+
+
+@requires_cuda
+@pytest.mark.parametrize("splits", ["1", "16", "auto"])
+def test_pdl_off_same_bits(monkeypatch, splits):
+    # Programmatic dependent launch changes when the CTAs start, never what they compute. The producer
+    # of q runs right before the op (the PDL predecessor): q must be read after it completed.
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
+    B, Hq, Hk, D, S = 2, 32, 32, 128, 4096
+    k_cache, v_cache = make_cache(B, S, Hk, D, torch.bfloat16, "cuda")
+    kv_start, kv_end = bounds(random_pairs(B, S), "cuda")
+    base = make_q(B, Hq, Hk, D, torch.bfloat16, "cuda")
+    outs = []
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("DOTS1_EXT_ATTENTION_PDL", pdl)
+        q = torch.zeros_like(base)
+        q.copy_(base * 2)  # a kernel writing q immediately before the op
+        outs.append(A.decode_attention(q, k_cache, v_cache, kv_start, kv_end))
+    assert torch.equal(outs[0], outs[1])
+    check(outs[0], base * 2, k_cache, v_cache, kv_start, kv_end, window=0, what=f"pdl splits={splits}")
+
+
+@requires_cuda
+def test_bad_pdl_setting_raises(monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_PDL", "yes")
+    q = make_q(1, 4, 4, 64, torch.bfloat16, "cuda")
+    kc, vc = make_cache(1, 8, 4, 64, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="DOTS1_EXT_ATTENTION_PDL"):
+        A.decode_attention(q, kc, vc, *bounds([(0, 8)], "cuda"))
 
 
 @requires_cuda

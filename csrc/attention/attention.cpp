@@ -15,6 +15,8 @@
 // DOTS1_EXT_ATTENTION_SPLITS (CUDA, read per call; default auto) forces the number of KV splits per
 // (sequence, kv head): tests use it to run every combine path; the automatic choice depends on the
 // batch, the heads, the SM count and the cache capacity only, never on the lengths.
+// DOTS1_EXT_ATTENTION_PDL=0 (read per call; default on) launches without programmatic dependent launch
+// (benchmarks compare the two; the results are the same).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -131,6 +133,14 @@ int forced_splits() {
   return static_cast<int>(n);
 }
 
+bool pdl_enabled() {
+  const char* v = std::getenv("DOTS1_EXT_ATTENTION_PDL");
+  if (v == nullptr || *v == '\0') return true;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "0" || s == "1", "dots1_ext: DOTS1_EXT_ATTENTION_PDL must be 0 or 1, got '", v, "'");
+  return s == "1";
+}
+
 bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -153,7 +163,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
       q.const_data_ptr(), q_batch_stride, q_head_stride, kc.const_data_ptr(), vc.const_data_ptr(),
       kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
       out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), forced_splits(),
-      to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream()));
+      to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled()));
   return out;
 }
 

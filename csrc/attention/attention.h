@@ -21,8 +21,9 @@ namespace dots1 {
 
 // The largest head_dim the kernels take (it must also be even: 4-byte loads of the fallback path).
 constexpr int kAttentionMaxHeadDim = 256;
-// The most KV splits of one (sequence, kv head): the portable thread-block cluster size.
-constexpr int kAttentionMaxSplits = 8;
+// The most KV splits of one (sequence, kv head): a thread-block cluster of 16, the non-portable size
+// Hopper takes (GPUs that do not take 16 get at most 8, the portable size).
+constexpr int kAttentionMaxSplits = 16;
 
 }  // namespace dots1
 
@@ -38,8 +39,11 @@ namespace dots1 {
 // num_splits: 0 chooses the split count from batch * Hk, the SM count and cache_len (never from the
 // device lengths, so one CUDA graph serves every length); a positive value forces the largest power of
 // two not above it that the GPU's clusters take (at most kAttentionMaxSplits; GPUs without clusters
-// always run 1 split). *splits_used, when not null,
-// receives the split count launched.
+// always run 1 split). *splits_used, when not null, receives the split count launched.
+// On sm_90 the kernel is launched with programmatic stream serialization (PDL): its CTAs may be
+// scheduled while the previous kernel of the stream drains, and wait (griddepcontrol.wait) for that
+// kernel's completion and memory before their first global read. DOTS1_EXT_ATTENTION_PDL=0 (read by
+// attention.cpp) turns it off: use_pdl.
 cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], strides q_batch_stride, q_head_stride
                                     int64_t q_batch_stride, int64_t q_head_stride,
                                     const void* k_cache,       // [B, S, Hk, D] contiguous
@@ -51,7 +55,7 @@ cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], st
                                     void* out,                 // [B, Hq, D] contiguous
                                     int64_t batch, int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads,
                                     int64_t head_dim, int64_t window, float scale, int num_splits, DType dtype,
-                                    cudaStream_t stream, int* splits_used = nullptr);
+                                    cudaStream_t stream, int* splits_used = nullptr, bool use_pdl = true);
 
 }  // namespace dots1
 

@@ -10,13 +10,15 @@
 // register loads would not do: ptxas issues about 8 of them and then starts the math, which waits for
 // the first and so delays the rest by a full memory latency. Each key group keeps its own running
 // (max, sum, acc) in fp32 (online softmax, one rescale per tile); the groups are merged through
-// shuffles, then the warps through shared memory in a fixed tree.
+// shuffles, then the warps through shared memory in warp order (one barrier, every thread merging some
+// elements).
 //
 // Splits. The host picks the split count from the batch, the heads, the SM count and the cache capacity
 // (never the device lengths: one CUDA graph serves every length). Each split derives its key range from
 // the device length: chunk = ceil(len / splits) rounded up to the tile, so a short context leaves the
 // later splits empty instead of paying for the capacity. The splits of one (b, kv head, head chunk) form
-// one thread-block cluster (sm_90): each CTA leaves its partial (max, sum, acc) in shared memory, and
+// one thread-block cluster (sm_90; up to 16 CTAs, the non-portable size, where the GPU takes it): each
+// CTA leaves its partial (max, sum, acc) in shared memory, and
 // after a cluster barrier every output element is combined from the partials read through distributed
 // shared memory in split order. No workspace, counters or second kernel, so the result is deterministic
 // (bitwise equal across runs, and between graph replay and eager) and any number of calls may run at once
@@ -47,10 +49,14 @@ struct alignas(kVecBytes) Words {
 };
 
 // Copies kVecBytes from gmem to smem asynchronously; src_bytes 0 reads nothing and writes zeros (the
-// tail of a range). 16-byte copies bypass L1 (K and V are read once).
+// tail of a range). 16-byte copies bypass L1 (K and V are read once) and let L2 fetch the whole
+// 256-byte block from DRAM at the first miss: a bf16 key row of one head (D = 128) is exactly one
+// such block, and the two halves of it otherwise reach DRAM as separate requests. (A hint only: it
+// never faults and stays inside the aligned block, so inside the allocation's page.)
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem, int src_bytes, std::integral_constant<int, 16>) {
   const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes)
+               : "memory");
 }
 
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem, int src_bytes, std::integral_constant<int, 4>) {
@@ -105,12 +111,12 @@ struct Tiling {
   static constexpr int kUnrollBase = 128 / (kVecsPerLane * 2 * kVecBytes);
   static constexpr int kUnroll = kUnrollBase < 1 ? 1 : (kUnrollBase > 8 ? 8 : kUnrollBase);
   static constexpr int kTile = kWarps * kKeysPerWarp * kUnroll;  // keys per CTA iteration
-  static constexpr int kSlots = kWarps / 2;                      // shared-memory slots of the warp tree
   // Pipeline depth: two stages in flight while the third is consumed.
   static constexpr int kStages = 3;
   static constexpr int kStageWords = 2 * kUnroll * kVecsPerLane * kThreads;  // K then V, per stage
   static constexpr int kPipelineBytes = kStages * kStageWords * kVecBytes;
-  static constexpr int kReduceBytes = (kSlots * kGT * kDPad + 2 * kSlots * kGT) * 4;
+  // The warps' states (one slot each), then the CTA's merged partial: acc, then max and sum.
+  static constexpr int kReduceBytes = ((kWarps + 1) * kGT * kDPad + 2 * (kWarps + 1) * kGT) * 4;
   static constexpr int kSmemBytes = kPipelineBytes > kReduceBytes ? kPipelineBytes : kReduceBytes;
   static_assert(kVecsPerRow * kElemsPerVec == kDPad, "kDPad must be a multiple of the vector");
   static_assert(kVecsPerRow % kLanesPerKey == 0, "vectors per row");
@@ -151,13 +157,18 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
   constexpr int kKPW = Tl::kKeysPerWarp, kU = Tl::kUnroll, kTile = Tl::kTile;
   constexpr int kAcc = kVPL * kEPV;  // head_dim elements per lane
 
-  // One dynamic buffer: the K/V pipeline stages during the key loop, then the warp tree's slots
-  // (red_acc [kSlots][kGT][kDPad], red_m and red_l [kSlots][kGT]); slot 0 ends up holding the CTA's partial.
+  // One dynamic buffer: the K/V pipeline stages during the key loop, then the warps' states
+  // (red_acc [kWarps][kGT][kDPad], red_m and red_l [kWarps][kGT]) and the CTA's merged partial
+  // (part_acc [kGT][kDPad], part_m and part_l [kGT]), which the cluster combine reads.
   extern __shared__ __align__(16) unsigned char attention_smem[];
   auto* stages = reinterpret_cast<Words<kVecBytes>*>(attention_smem);
-  auto* red_acc = reinterpret_cast<float(*)[kGT][kDPad]>(attention_smem);
-  auto* red_m = reinterpret_cast<float(*)[kGT]>(attention_smem + Tl::kSlots * kGT * kDPad * 4);
-  auto* red_l = reinterpret_cast<float(*)[kGT]>(attention_smem + (Tl::kSlots * kGT * kDPad + Tl::kSlots * kGT) * 4);
+  float* const red_base = reinterpret_cast<float*>(attention_smem);
+  auto* red_acc = reinterpret_cast<float(*)[kGT][kDPad]>(red_base);
+  auto* red_m = reinterpret_cast<float(*)[kGT]>(red_base + kWarps * kGT * kDPad);
+  auto* red_l = reinterpret_cast<float(*)[kGT]>(red_base + kWarps * kGT * kDPad + kWarps * kGT);
+  float* const part_acc = red_base + kWarps * kGT * kDPad + 2 * kWarps * kGT;  // [kGT][kDPad]
+  float* const part_m = part_acc + kGT * kDPad;                                 // [kGT]
+  float* const part_l = part_m + kGT;                                           // [kGT]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int key_slot = lane / kLPK, sub = lane % kLPK;
@@ -166,10 +177,16 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
   const int g0 = (blockIdx.y % head_chunks) * kGT;  // first query head of this CTA within the group
   const int split = blockIdx.x, num_splits = gridDim.x;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched with programmatic stream serialization: everything above ran while the previous kernel
+  // of the stream may still be writing q, the cache or the bounds; nothing global is read before this.
+  // Without a programmatic predecessor it returns at once.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+
+  // The bounds and q are independent loads, issued together: the first K/V copy waits for the bounds
+  // only, not for the bounds and then q.
   const int64_t start = kv_start[b * kv_start_stride], end = kv_end[b * kv_end_stride];
-  const bool bad = start < 0 || end > cache_len || start > end;
-  int64_t lo = start;
-  if (window > 0 && end - window > lo) lo = end - window;
 
   // Head-dim element of vector j, element e of this lane: ((j * kLPK + sub) * kEPV + e).
   const auto elem = [&](int j, int e) { return (j * kLPK + sub) * kEPV + e; };
@@ -187,6 +204,10 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
         qf[g][j * kEPV + e] = head_ok && d < head_dim ? to_float(qrow[d]) * q_scale : 0.0f;
       }
   }
+
+  const bool bad = start < 0 || end > cache_len || start > end;
+  int64_t lo = start;
+  if (window > 0 && end - window > lo) lo = end - window;
 
   float m[kGT], l[kGT], acc[kGT][kAcc];
 #pragma unroll
@@ -299,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
       }
     }
   }
-  // The pipeline's buffer becomes the warp tree's: no copy may still be landing in it, and every
+  // The pipeline's buffer becomes the merge slots: no copy may still be landing in it, and every
   // thread must be done reading its stages.
   cp_async_wait<0>();
   __syncthreads();
@@ -319,104 +340,72 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
     }
   }
 
-  // Merge the warps in a fixed tree through shared memory: at step s, warp w + s hands its state to w.
+  // Every warp's state into its slot, then one barrier: each (head, element) of the CTA is merged over
+  // the warps in warp order by one thread (all threads share the work; no log-depth tree of barriers).
   const bool lead_group = key_slot == 0;
+  if (lead_group) {
 #pragma unroll
-  for (int step = 1; step < kWarps; step <<= 1) {
-    const int slot = warp / (2 * step);
-    if ((warp & (2 * step - 1)) == step && lead_group) {
-#pragma unroll
-      for (int g = 0; g < kGT; ++g) {
-        if (sub == 0) {
-          red_m[slot][g] = m[g];
-          red_l[slot][g] = l[g];
-        }
-#pragma unroll
-        for (int j = 0; j < kVPL; ++j)
-#pragma unroll
-          for (int e = 0; e < kEPV; ++e) red_acc[slot][g][elem(j, e)] = acc[g][j * kEPV + e];
+    for (int g = 0; g < kGT; ++g) {
+      if (sub == 0) {
+        red_m[warp][g] = m[g];
+        red_l[warp][g] = l[g];
       }
+#pragma unroll
+      for (int j = 0; j < kVPL; ++j)
+#pragma unroll
+        for (int e = 0; e < kEPV; ++e) red_acc[warp][g][elem(j, e)] = acc[g][j * kEPV + e];
     }
-    __syncthreads();
-    if ((warp & (2 * step - 1)) == 0 && lead_group) {
-#pragma unroll
-      for (int g = 0; g < kGT; ++g) {
-        float ao[kAcc];
-#pragma unroll
-        for (int j = 0; j < kVPL; ++j)
-#pragma unroll
-          for (int e = 0; e < kEPV; ++e) ao[j * kEPV + e] = red_acc[slot][g][elem(j, e)];
-        merge_state(m[g], l[g], acc[g], red_m[slot][g], red_l[slot][g], ao);
-      }
-    }
-    __syncthreads();
   }
+  __syncthreads();
 
   const auto out_row = [&](int g) {
     return out + (b * num_q_heads + static_cast<int64_t>(kv_head) * group + g0 + g) * head_dim;
   };
 
-  if (num_splits == 1) {
-    if (warp == 0 && lead_group) {
+  for (int idx = threadIdx.x; idx < kGT * kDPad; idx += kThreads) {
+    const int g = idx / kDPad, d = idx % kDPad;
+    float m_all = kNegInf;
 #pragma unroll
-      for (int g = 0; g < kGT; ++g) {
-        if (g0 + g >= group) continue;
-        T* orow = out_row(g);
+    for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, red_m[w][g]);
+    const float m_safe = safe_max(m_all);
+    float sum = 0.0f, a = 0.0f;
 #pragma unroll
-        for (int j = 0; j < kVPL; ++j)
-#pragma unroll
-          for (int e = 0; e < kEPV; ++e) {
-            const int d = elem(j, e);
-            if (d < head_dim) orow[d] = from_float<T>(finish(acc[g][j * kEPV + e], l[g], bad));
-          }
+    for (int w = 0; w < kWarps; ++w) {
+      const float f = fast_exp2(red_m[w][g] - m_safe);
+      sum = sum + red_l[w][g] * f;
+      a = a + red_acc[w][g][d] * f;
+    }
+    if (num_splits == 1) {
+      if (d < head_dim && g0 + g < group) out_row(g)[d] = from_float<T>(finish(a, sum, bad));
+    } else {
+      part_acc[g * kDPad + d] = a;
+      if (d == 0) {
+        part_m[g] = m_all;
+        part_l[g] = sum;
       }
     }
-    return;
   }
+  if (num_splits == 1) return;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
-  // The CTA's partial, in slot 0 (its last reader was warp 0 itself, in the tree's last step).
-  if (warp == 0 && lead_group) {
-#pragma unroll
-    for (int g = 0; g < kGT; ++g) {
-      if (sub == 0) {
-        red_m[0][g] = m[g];
-        red_l[0][g] = l[g];
-      }
-#pragma unroll
-      for (int j = 0; j < kVPL; ++j)
-#pragma unroll
-        for (int e = 0; e < kEPV; ++e) red_acc[0][g][elem(j, e)] = acc[g][j * kEPV + e];
-    }
-  }
   // Release/acquire at cluster scope: every split's partial is visible to every CTA of the cluster.
   cluster.sync();
   const int rank = static_cast<int>(cluster.block_rank());
   for (int idx = rank * kThreads + static_cast<int>(threadIdx.x); idx < kGT * head_dim; idx += num_splits * kThreads) {
     const int g = idx / head_dim, d = idx % head_dim;
     if (g0 + g >= group) continue;
-    float ms[kAttentionMaxSplits], ls[kAttentionMaxSplits], as[kAttentionMaxSplits];
+    // Two passes over the splits' partials (the max, then the sums) rather than 3 x 16 values held in
+    // registers: with 16 splits those arrays pushed the kernel past its 128-register budget.
     float m_all = kNegInf;
-#pragma unroll
-    for (int i = 0; i < kAttentionMaxSplits; ++i) {
-      if (i < num_splits) {
-        ms[i] = cluster.map_shared_rank(&red_m[0][0], i)[g];
-        ls[i] = cluster.map_shared_rank(&red_l[0][0], i)[g];
-        as[i] = cluster.map_shared_rank(&red_acc[0][0][0], i)[g * kDPad + d];
-        m_all = fmaxf(m_all, ms[i]);
-      }
-    }
+    for (int i = 0; i < num_splits; ++i) m_all = fmaxf(m_all, cluster.map_shared_rank(part_m, i)[g]);
     const float m_safe = safe_max(m_all);
     float sum = 0.0f, a = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kAttentionMaxSplits; ++i) {
-      if (i < num_splits) {
-        const float f = fast_exp2(ms[i] - m_safe);
-        sum = sum + ls[i] * f;
-        a = a + as[i] * f;
-      }
+    for (int i = 0; i < num_splits; ++i) {
+      const float f = fast_exp2(cluster.map_shared_rank(part_m, i)[g] - m_safe);
+      sum = sum + cluster.map_shared_rank(part_l, i)[g] * f;
+      a = a + cluster.map_shared_rank(part_acc, i)[g * kDPad + d] * f;
     }
     out_row(g)[d] = from_float<T>(finish(a, sum, bad));
   }
@@ -431,12 +420,18 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// log2(kAttentionMaxSplits) + 1: cluster sizes 1 (no cluster), 2, 4, 8, 16.
+constexpr int kSplitLevels = 5;
+static_assert(1 << (kSplitLevels - 1) == kAttentionMaxSplits, "split levels");
+
 // What one kernel instantiation can keep resident on the current device: CTAs per SM times SMs (the
-// one-split case) and clusters of 2, 4 and 8 CTAs (0 where clusters are not available).
+// one-split case) and clusters of 2, 4, 8 and 16 CTAs (0 where that size is not available: 16 is
+// non-portable, Hopper takes it).
 struct Residency {
   int sm_count = 0;
+  int major = 0;
   int ctas = 0;
-  int clusters[4] = {0, 0, 0, 0};  // index log2(cluster size); [0] unused
+  int clusters[kSplitLevels] = {};  // index log2(cluster size); [0] unused
   cudaError_t err = cudaSuccess;
 };
 
@@ -456,10 +451,15 @@ Residency query_residency(Kernel kernel, int device, int smem_bytes) {
   if (r.err == cudaSuccess) r.err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (r.err != cudaSuccess) return r;
   r.sm_count = sm_count;
+  r.major = major;
   r.ctas = per_sm * sm_count;
   if (major < 9) return r;
-  for (int lg = 1; lg < 4; ++lg) {
+  for (int lg = 1; lg < kSplitLevels; ++lg) {
     const int size = 1 << lg;
+    if (size > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+      (void)cudaGetLastError();  // the failed attribute call's own error: that size is not offered
+      continue;
+    }
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(size);
     config.blockDim = dim3(kThreads);
@@ -495,7 +495,7 @@ int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache
   int best = 1;
   double best_cost = r.ctas > 0 ? cost(r.ctas, 1) : 1e300;
   const int64_t useful = (cache_len + tile - 1) / tile;
-  for (int lg = 1; lg < 4; ++lg) {
+  for (int lg = 1; lg < kSplitLevels; ++lg) {
     const int size = 1 << lg;
     if (size > useful || r.clusters[lg] <= 0) continue;
     const double c = cost(r.clusters[lg], size);
@@ -512,7 +512,7 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
                          const T* v_cache, const int64_t* kv_start, int64_t kv_start_stride, const int64_t* kv_end,
                          int64_t kv_end_stride, T* out, int64_t batch, int64_t cache_len, int num_q_heads,
                          int num_kv_heads, int head_dim, int64_t window, float scale, int num_splits,
-                         cudaStream_t stream, int* splits_used) {
+                         cudaStream_t stream, int* splits_used, bool use_pdl) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
   auto kernel = decode_attention_kernel<T, kDPad, kVecBytes, kGT>;
   int device = 0;
@@ -534,7 +534,7 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
     splits = choose_splits(r, r.sm_count, batch * grid_y, cache_len, Tl::kTile);
   } else {
     splits = 1;  // the largest cluster size offered that does not exceed the request
-    for (int lg = 1; lg < 4; ++lg)
+    for (int lg = 1; lg < kSplitLevels; ++lg)
       if ((1 << lg) <= num_splits && r.clusters[lg] > 0) splits = 1 << lg;
   }
   if (splits_used) *splits_used = splits;
@@ -553,13 +553,24 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
     config.blockDim = dim3(kThreads);
     config.dynamicSmemBytes = Tl::kSmemBytes;
     config.stream = stream;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = splits;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    config.attrs = &attr;
-    config.numAttrs = splits > 1 ? 1 : 0;
+    cudaLaunchAttribute attrs[2];
+    unsigned num_attrs = 0;
+    if (splits > 1) {
+      attrs[num_attrs].id = cudaLaunchAttributeClusterDimension;
+      attrs[num_attrs].val.clusterDim.x = splits;
+      attrs[num_attrs].val.clusterDim.y = 1;
+      attrs[num_attrs].val.clusterDim.z = 1;
+      ++num_attrs;
+    }
+    // PDL: the launch and the CTAs' index math overlap the previous kernel's tail (in a decode step
+    // that is the qkv projection); the kernel's griddepcontrol.wait keeps every global read after it.
+    if (use_pdl && r.major >= 9) {
+      attrs[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attrs[num_attrs].val.programmaticStreamSerializationAllowed = 1;
+      ++num_attrs;
+    }
+    config.attrs = attrs;
+    config.numAttrs = num_attrs;
     err = cudaLaunchKernelEx(&config, kernel, qb, q_batch_stride, q_head_stride, k_cache + kv_offset,
                              v_cache + kv_offset, sb, kv_start_stride, eb, kv_end_stride, ob, cache_len, num_q_heads,
                              num_kv_heads, head_dim, group, head_chunks, window, q_scale);
@@ -595,7 +606,7 @@ cudaError_t launch_decode_attention(const void* q, int64_t q_batch_stride, int64
                                     const int64_t* kv_end, int64_t kv_end_stride, void* out, int64_t batch,
                                     int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t window, float scale, int num_splits, DType dtype, cudaStream_t stream,
-                                    int* splits_used) {
+                                    int* splits_used, bool use_pdl) {
   if (splits_used) *splits_used = 0;
   if (batch <= 0 || num_q_heads <= 0 || head_dim <= 0) return cudaSuccess;
   if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || head_dim > kAttentionMaxHeadDim || head_dim % 2 != 0 ||
@@ -619,7 +630,7 @@ cudaError_t launch_decode_attention(const void* q, int64_t q_batch_stride, int64
               static_cast<const scalar_t*>(v_cache), kv_start, kv_start_stride, kv_end, kv_end_stride,
               static_cast<scalar_t*>(out), batch, cache_len, static_cast<int>(num_q_heads),
               static_cast<int>(num_kv_heads), static_cast<int>(head_dim), window, scale, num_splits, stream,
-              splits_used);
+              splits_used, use_pdl);
         };
         return vec16 ? run(std::integral_constant<int, 16>{}) : run(std::integral_constant<int, 4>{});
       });

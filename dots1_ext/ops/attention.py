@@ -23,7 +23,10 @@ for all those query heads. The split count depends on B, the heads, the SM count
 split takes ceil(length / splits) keys from the device length, and the splits of one kv head are one
 thread-block cluster (sm_90) that combines its partial softmax states in a fixed order: results are
 deterministic (bitwise equal across runs and between graph replay and eager). Pre-Hopper GPUs run
-one split. DOTS1_EXT_ATTENTION_SPLITS=n forces the split count (tests, tuning).
+one split; clusters of 16 (non-portable) where the GPU takes them, else at most 8.
+DOTS1_EXT_ATTENTION_SPLITS=n forces the split count (tests, tuning). On sm_90 the kernel is launched
+with programmatic dependent launch (its launch overlaps the previous kernel's tail; it reads nothing
+before that kernel completed); DOTS1_EXT_ATTENTION_PDL=0 turns it off.
 """
 
 from __future__ import annotations
