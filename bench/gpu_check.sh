@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh build test      # some stages: build test sanitize cli bench
 #   BENCH_ARGS="--only norm --quick" bash bench/gpu_check.sh build bench
 #   SANITIZE_TOOLS="racecheck synccheck" bash bench/gpu_check.sh sanitize  # some compute-sanitizer tools
+#   SANITIZE_SCRIPTS=tests/sanitize_gating.py TEST_ARGS=tests/test_gating.py bash bench/gpu_check.sh build test sanitize
 #
 # Wheels missing on the GPU machine (nvidia-cutlass; liger-kernel as a benchmark peer) are taken
 # from .whl/ when present (the device machine has no network).
@@ -61,7 +62,7 @@ for stage in $stages; do
       # (the scripts are seconds of GPU work; the sanitizer's start-up dominates).
       rc=0; : >"$OUT/sanitize_by_tool.log"
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
-        for s in tests/sanitize_*.py; do
+        for s in ${SANITIZE_SCRIPTS:-tests/sanitize_*.py}; do
           [ -f "$s" ] || continue
           t1=$(date +%s)
           echo "=== $tool $s" >>"$OUT/sanitize.log"
