@@ -92,39 +92,41 @@ def run(quick: bool = False) -> list[Report]:
         return {"peak_MiB": round(torch.cuda.max_memory_allocated() / 2**20)}
 
     with torch.inference_mode():
-        # ---- prefill ----
+        # ---- prefill ---- (DOTS1_BENCH_MODEL_ONLY=decode skips it: a short GPU run)
+        only = os.environ.get("DOTS1_BENCH_MODEL_ONLY", "")
         ids = torch.randint(0, cfg.vocab_size, (1, prompt), device=device)
         ours.setup_cache(1, prompt + 16)
         floor = flops_floor_ms(prefill_flops(cfg, prompt))
-        f = lambda: ours.prefill(ids, last_only=True)  # noqa: E731
-        pre.add(Row("model", f"prefill T={prompt}", "dots1_ext", time_fn(f, 3, 10), floor_ms=floor, extra=peak(f)))
-        if on_gpu() and not quick:  # our prefill under torch.compile: is it faster than eager?
-            try:
-                compiled_model = torch.compile(ours.model)
-                slots = torch.arange(prompt, device=device)
-                f = lambda: ours.lm_head(compiled_model(ids, slots, prompt)[-1:])  # noqa: E731
-                pre.add(Row("model", f"prefill T={prompt}", "dots1_ext + torch.compile", time_fn(f, 3, 10),
+        if only != "decode":
+            f = lambda: ours.prefill(ids, last_only=True)  # noqa: E731
+            pre.add(Row("model", f"prefill T={prompt}", "dots1_ext", time_fn(f, 3, 10), floor_ms=floor, extra=peak(f)))
+            if on_gpu() and not quick:  # our prefill under torch.compile: is it faster than eager?
+                try:
+                    compiled_model = torch.compile(ours.model)
+                    slots = torch.arange(prompt, device=device)
+                    f = lambda: ours.lm_head(compiled_model(ids, slots, prompt)[-1:])  # noqa: E731
+                    pre.add(Row("model", f"prefill T={prompt}", "dots1_ext + torch.compile", time_fn(f, 3, 10),
+                                floor_ms=floor, extra=peak(f)))
+                except Exception as exc:  # noqa: BLE001 - a compile failure is a finding, not a crash of the run
+                    print(f"[bench] our prefill under torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
+            for impl in ["eager", "grouped_mm"]:
+                hf_cfg._experts_implementation = impl
+                f = lambda: hf(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+                pre.add(Row("model", f"prefill T={prompt}", f"hf {impl}", time_fn(f, 1, 3 if impl == "eager" else 10),
                             floor_ms=floor, extra=peak(f)))
-            except Exception as exc:  # noqa: BLE001 - a compile failure is a finding, not a crash of the run
-                print(f"[bench] our prefill under torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
-        for impl in ["eager", "grouped_mm"]:
-            hf_cfg._experts_implementation = impl
-            f = lambda: hf(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
-            pre.add(Row("model", f"prefill T={prompt}", f"hf {impl}", time_fn(f, 1, 3 if impl == "eager" else 10),
-                        floor_ms=floor, extra=peak(f)))
 
-        if on_gpu() and not quick:  # peak memory of a long prefill (activations dominate)
-            big = torch.randint(0, cfg.vocab_size, (1, 4096), device=device)
-            ours.setup_cache(1, 4096)
-            f = lambda: ours.prefill(big, last_only=True)  # noqa: E731
-            case = "prefill T=4096"
-            pre.add(Row("model", case, "dots1_ext", time_fn(f, 2, 5), floor_ms=flops_floor_ms(prefill_flops(cfg, 4096)),
-                        extra=peak(f)))
-            hf_cfg._experts_implementation = "grouped_mm"
-            f = lambda: hf(big, use_cache=False, logits_to_keep=1)  # noqa: E731
-            pre.add(Row("model", case, "hf grouped_mm", time_fn(f, 2, 5), floor_ms=flops_floor_ms(prefill_flops(cfg, 4096)),
-                        extra=peak(f)))
-            del big
+            if on_gpu() and not quick:  # peak memory of a long prefill (activations dominate)
+                big = torch.randint(0, cfg.vocab_size, (1, 4096), device=device)
+                ours.setup_cache(1, 4096)
+                f = lambda: ours.prefill(big, last_only=True)  # noqa: E731
+                case = "prefill T=4096"
+                pre.add(Row("model", case, "dots1_ext", time_fn(f, 2, 5), floor_ms=flops_floor_ms(prefill_flops(cfg, 4096)),
+                            extra=peak(f)))
+                hf_cfg._experts_implementation = "grouped_mm"
+                f = lambda: hf(big, use_cache=False, logits_to_keep=1)  # noqa: E731
+                pre.add(Row("model", case, "hf grouped_mm", time_fn(f, 2, 5), floor_ms=flops_floor_ms(prefill_flops(cfg, 4096)),
+                            extra=peak(f)))
+                del big
 
         # ---- one decode step at context `prompt` ----
         for B in [1] if quick else [1, 32]:
@@ -156,7 +158,7 @@ def run(quick: bool = False) -> list[Report]:
                 dec.add(Row("model", case, "hf grouped_mm static cache + compile reduce-overhead",
                             time_fn(lambda: step(compiled), 5, 20), floor_ms=floor))
             del cache
-    return [pre, dec]
+    return [r for r in (pre, dec) if r.rows]
 
 
 if __name__ == "__main__":
