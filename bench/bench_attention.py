@@ -10,9 +10,11 @@ cache (the capacity must not cost anything). Peers, timed in the same run: SDPA 
 boolean mask over the whole cache (what a static-cache decoder does), SDPA without a mask over exactly
 the attended keys (the unmasked ideal, is_causal=False), and flex_attention (compiled, with a block
 mask from the device lengths) where it compiles. Times are GPU time per call inside a CUDA graph (32
-calls per graph, median of 20 replays): these kernels take microseconds, less than a launch. The floor
-is the bytes of K and V actually attended over the measured device copy bandwidth; floor / time is
-the fraction of it reached. For B <= 8 the full run also times each forced split count
+calls per graph, median of 20 replays): these kernels take microseconds, less than a launch. The calls
+of a graph cycle through enough copies of the cache that the K and V they attend to (at least
+ROTATE_BYTES, 5x the H200's 50 MB L2) come from HBM, as in a model step, where the other layers' weights
+evict the cache between two visits. The floor is the bytes of K and V actually attended over the
+measured device copy bandwidth; floor / time is the fraction of it reached. For B <= 8 the full run also times each forced split count
 (DOTS1_EXT_ATTENTION_SPLITS) beside the automatic choice.
 """
 
@@ -20,17 +22,20 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import Report, Row, bench_main, bytes_floor_ms, graph_us, on_gpu, time_fn
+from bench.common import Report, Row, bench_main, bytes_floor_ms, capture_graph, on_gpu, replay_ms, time_fn
 from dots1_ext.ops import attention as A
 
 HQ = HK = 32
 D = 128
 MAX_CACHE_BYTES = 8 << 30
+ROTATE_BYTES = 256 << 20  # attended K + V bytes one graph cycles through (beyond L2)
+MAX_ROTATED_BYTES = 16 << 30  # allocated cache bytes of all the copies together
 
 
 def _flex():
@@ -55,24 +60,26 @@ class Bench:
         if isinstance(self.flex, str):
             self.notes.append(f"flex_attention rows skipped: {self.flex}")
 
-    def time_ms(self, fn: Callable[[], object]) -> tuple[float, str]:
-        """GPU: per-call time inside a CUDA graph (falls back to per-call CUDA events if the capture
-        fails); CPU: perf_counter."""
+    def time_ms(self, fn: Callable[[int], object], copies: int) -> tuple[float, str]:
+        """GPU: per-call time inside a CUDA graph whose calls cycle through the ``copies`` caches (falls
+        back to per-call CUDA events if the capture fails); CPU: perf_counter."""
         if on_gpu():
             try:
-                us = graph_us(fn)
-                if us is not None:
-                    return us / 1e3, "graph"
+                calls = [(i % copies,) for i in range(max(32, copies))]
+                graph = capture_graph(fn, calls)
+                times = [replay_ms(graph) for _ in range(20)]
+                return statistics.median(times) / len(calls), "graph"
             except Exception as exc:  # noqa: BLE001 - e.g. a peer that cannot be captured
                 torch.cuda.synchronize()
                 self.notes.append(f"graph capture failed ({type(exc).__name__}), per-call timing used")
-        return time_fn(fn, warmup=3 if self.quick else 10, iters=10 if self.quick else 50), "per call"
+        return time_fn(lambda: fn(0), warmup=3 if self.quick else 10, iters=10 if self.quick else 50), "per call"
 
-    def add(self, report: Report, case: str, impl: str, fn: Callable[[], object], nbytes: float) -> None:
+    def add(self, report: Report, case: str, impl: str, fn: Callable[[int], object], nbytes: float,
+            copies: int = 1) -> None:
         try:
             with torch.no_grad():
-                fn()
-                ms, how = self.time_ms(fn)
+                fn(0)
+                ms, how = self.time_ms(fn, copies)
         except Exception as exc:  # noqa: BLE001 - a peer failing must not hide the others
             self.notes.append(f"{impl} failed for {case}: {type(exc).__name__}: {str(exc)[:160]}")
             return
@@ -84,23 +91,28 @@ class Bench:
         Hq, Hk = self.heads
         qkv = torch.randn(B, (Hq + 2 * Hk) * D, device=dev, dtype=dt)
         q = qkv.view(B, Hq + 2 * Hk, D)[:, :Hq]
-        k_cache = torch.randn(B, capacity, Hk, D, device=dev, dtype=dt)
-        v_cache = torch.randn(B, capacity, Hk, D, device=dev, dtype=dt)
+        elem = torch.finfo(dt).bits // 8
+        nbytes = 2 * B * ctx * Hk * D * elem
+        copies = 1
+        if on_gpu():  # enough caches that a graph's calls read HBM, not L2
+            copies = max(1, min(-(-ROTATE_BYTES // nbytes), MAX_ROTATED_BYTES // (2 * B * capacity * Hk * D * elem)))
+        k_caches = [torch.randn(B, capacity, Hk, D, device=dev, dtype=dt) for _ in range(copies)]
+        v_caches = [torch.randn(B, capacity, Hk, D, device=dev, dtype=dt) for _ in range(copies)]
         kv_start = torch.zeros(B, dtype=torch.int64, device=dev)
         kv_end = torch.full((B,), ctx, dtype=torch.int64, device=dev)
         scale = 1.0 / math.sqrt(D)
-        nbytes = 2 * B * ctx * Hk * D * k_cache.element_size()
         case = f"B={B} ctx={ctx}" + (f" (cache {capacity})" if capacity != ctx else "")
+        add = lambda impl, fn: self.add(report, case, impl, fn, nbytes, copies)  # noqa: E731
 
-        ours = lambda: A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, 0, scale)  # noqa: E731
-        self.add(report, case, "dots1_ext", ours, nbytes)
+        ours = lambda i: A.decode_attention(q, k_caches[i], v_caches[i], kv_start, kv_end, 0, scale)  # noqa: E731
+        add("dots1_ext", ours)
         if on_gpu() and not self.quick and B <= 8:
             # The automatic split count against each forced one (captured into the graph at its count).
             previous = os.environ.get("DOTS1_EXT_ATTENTION_SPLITS")
             try:
                 for splits in ("1", "2", "4", "8", "16"):
                     os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
-                    self.add(report, case, f"dots1_ext (splits={splits})", ours, nbytes)
+                    add(f"dots1_ext (splits={splits})", ours)
             finally:
                 if previous is None:
                     os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS", None)
@@ -109,13 +121,14 @@ class Bench:
 
         # SDPA views of the cache as [B, H, S, D] (no copies); q as [B, H, 1, D].
         q4 = q[:, :, None]
-        k4, v4 = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+        k4 = [k.transpose(1, 2) for k in k_caches]
+        v4 = [v.transpose(1, 2) for v in v_caches]
         mask = (torch.arange(capacity, device=dev)[None] < kv_end[:, None])[:, None, None, :]  # [B, 1, 1, S]
-        self.add(report, case, "SDPA, boolean mask over the cache",
-                 lambda: F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale), nbytes)
-        k_ctx, v_ctx = k4[:, :, :ctx], v4[:, :, :ctx]
-        self.add(report, case, "SDPA, no mask, exactly the attended keys",
-                 lambda: F.scaled_dot_product_attention(q4, k_ctx, v_ctx, is_causal=False, scale=scale), nbytes)
+        add("SDPA, boolean mask over the cache",
+            lambda i: F.scaled_dot_product_attention(q4, k4[i], v4[i], attn_mask=mask, scale=scale))
+        add("SDPA, no mask, exactly the attended keys",
+            lambda i: F.scaled_dot_product_attention(q4, k4[i][:, :, :ctx], v4[i][:, :, :ctx], is_causal=False,
+                                                     scale=scale))
 
         if not isinstance(self.flex, str):
             flex_attention, create_block_mask = self.flex
@@ -125,8 +138,8 @@ class Bench:
             except Exception as exc:  # noqa: BLE001
                 self.notes.append(f"flex_attention block mask failed for {case}: {type(exc).__name__}: {str(exc)[:160]}")
                 return
-            self.add(report, case, "flex_attention (compiled, block mask)",
-                     lambda: flex_attention(q4, k4, v4, block_mask=block_mask, scale=scale), nbytes)
+            add("flex_attention (compiled, block mask)",
+                lambda i: flex_attention(q4, k4[i], v4[i], block_mask=block_mask, scale=scale))
 
 
 def run(quick: bool = False) -> list[Report]:

@@ -487,6 +487,7 @@ Residency query_residency(Kernel kernel, int device, int smem_bytes) {
 // HBM and R / splits is the time of one CTA streaming its 1 / splits share alone. R = sm_count / 2:
 // measured on the H200 (B=1, 32 kv heads, context 16k-32k), 64 CTAs read the cache at 4.1 TB/s while
 // 128 (4 splits) reached only 3.3 and 256 (8 splits) 3.2 TB/s, so on a tie the fewer splits win.
+// Costs within 10% count as a tie (the model is coarse; more splits also pay more combine work).
 // A split needs at least one tile of the capacity.
 int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache_len, int tile) {
   const auto cost = [&](int64_t resident, int splits) {
@@ -494,19 +495,18 @@ int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache
     const int64_t full = units / resident, rest = units % resident;
     return full * std::max(static_cast<double>(resident), lone) + (rest ? std::max(static_cast<double>(rest), lone) : 0.0);
   };
-  int best = 1;
-  double best_cost = r.ctas > 0 ? cost(r.ctas, 1) : 1e300;
+  double costs[kSplitLevels];
+  double lowest = 1e300;
   const int64_t useful = (cache_len + tile - 1) / tile;
-  for (int lg = 1; lg < kSplitLevels; ++lg) {
+  for (int lg = 0; lg < kSplitLevels; ++lg) {
     const int size = 1 << lg;
-    if (size > useful || r.clusters[lg] <= 0) continue;
-    const double c = cost(r.clusters[lg], size);
-    if (c < best_cost * 0.999) {
-      best = size;
-      best_cost = c;
-    }
+    const int resident = lg == 0 ? r.ctas : r.clusters[lg];
+    costs[lg] = (size > useful || resident <= 0) ? 1e300 : cost(resident, size);
+    lowest = std::min(lowest, costs[lg]);
   }
-  return best;
+  for (int lg = 0; lg < kSplitLevels; ++lg)
+    if (costs[lg] <= lowest * 1.1) return 1 << lg;
+  return 1;
 }
 
 template <typename T, int kDPad, int kVecBytes, int kGT>
