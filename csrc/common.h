@@ -177,6 +177,17 @@ inline void check_no_overlap(const at::Tensor& a, const char* a_name, const at::
               " and ", b.strides(), ") that cannot be proven disjoint; pass separate tensors");
 }
 
+// DOTS1_EXT_PDL (read per call; default 1): whether the CUDA wrappers launch the decode kernels with
+// programmatic dependent launch (csrc/pdl.cuh; applied on sm_90+ only). 0 launches them plainly
+// (benchmarks compare the two; the results are bitwise the same). Any other value raises ValueError.
+inline bool pdl_enabled() {
+  const char* v = std::getenv("DOTS1_EXT_PDL");
+  if (v == nullptr || *v == '\0') return true;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "0" || s == "1", "dots1_ext: DOTS1_EXT_PDL must be 0 or 1, got '", s, "'");
+  return s == "1";
+}
+
 inline DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return DType::kFloat32;

@@ -11,8 +11,10 @@
 namespace dots1 {
 
 // 16 bytes at p, zeros when !pred. kStream: data read once (ld.global.nc.L1::no_allocate, so L1 keeps
-// the small operands every CTA re-reads); otherwise the L1- and L2-cached read-only path. Not
-// volatile: the compiler may hoist a batch of loads together.
+// the small operands every CTA re-reads); otherwise the L1- and L2-cached read-only path. The weight
+// load (kStream) is not volatile: the compiler may hoist a batch of them together, even above a PDL
+// wait, which is right for weights (csrc/pdl.cuh rule 1). The activation load is volatile: it reads
+// the previous kernel's output, so it must stay after the kernel's pdl_wait() (a volatile asm too).
 template <bool kStream>
 __device__ __forceinline__ uint4 load16(const void* p, bool pred) {
   uint4 v;
@@ -29,7 +31,7 @@ __device__ __forceinline__ uint4 load16(const void* p, bool pred) {
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
         : "l"(p), "r"(static_cast<int>(pred)));
   } else {
-    asm("{\n\t"
+    asm volatile("{\n\t"
         ".reg .pred p;\n\t"
         "setp.ne.b32 p, %5, 0;\n\t"
         "mov.b32 %0, 0;\n\t"

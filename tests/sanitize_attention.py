@@ -96,10 +96,10 @@ def main() -> int:
                 run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=8)  # 16-byte aligned view
     os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS")
     # Without programmatic dependent launch (the default launches with it on sm_90).
-    os.environ["DOTS1_EXT_ATTENTION_PDL"] = "0"
+    os.environ["DOTS1_EXT_PDL"] = "0"
     for B, Hq, Hk, D, S in shapes:
         run_case(torch.bfloat16, B, Hq, Hk, D, S, pairs_for(B, S), 0)
-    os.environ.pop("DOTS1_EXT_ATTENTION_PDL")
+    os.environ.pop("DOTS1_EXT_PDL")
     torch.cuda.synchronize()
     for f in failures:
         print("MISMATCH", f)

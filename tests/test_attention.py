@@ -428,7 +428,7 @@ def test_pdl_off_same_bits(monkeypatch, splits):
     base = make_q(B, Hq, Hk, D, torch.bfloat16, "cuda")
     outs = []
     for pdl in ("1", "0"):
-        monkeypatch.setenv("DOTS1_EXT_ATTENTION_PDL", pdl)
+        monkeypatch.setenv("DOTS1_EXT_PDL", pdl)
         q = torch.zeros_like(base)
         q.copy_(base * 2)  # a kernel writing q immediately before the op
         outs.append(A.decode_attention(q, k_cache, v_cache, kv_start, kv_end))
@@ -438,10 +438,10 @@ def test_pdl_off_same_bits(monkeypatch, splits):
 
 @requires_cuda
 def test_bad_pdl_setting_raises(monkeypatch):
-    monkeypatch.setenv("DOTS1_EXT_ATTENTION_PDL", "yes")
+    monkeypatch.setenv("DOTS1_EXT_PDL", "yes")
     q = make_q(1, 4, 4, 64, torch.bfloat16, "cuda")
     kc, vc = make_cache(1, 8, 4, 64, torch.bfloat16, "cuda")
-    with pytest.raises(ValueError, match="DOTS1_EXT_ATTENTION_PDL"):
+    with pytest.raises(ValueError, match="DOTS1_EXT_PDL"):
         A.decode_attention(q, kc, vc, *bounds([(0, 8)], "cuda"))
 
 

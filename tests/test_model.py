@@ -692,3 +692,77 @@ def test_one_graph_serves_every_length():
         ref = model.decode(tokens[:, slot], slot)
         assert torch.equal(out, ref), f"graph replay differs from the eager step at slot {slot}"
     assert graphs.captures - before == 1
+
+
+# -- programmatic dependent launch (csrc/pdl.cuh) ---------------------------------------------------
+PDL_CASES = {
+    "tiny": {},  # head_dim 16: the generic qk kernel; H 64: one CTA per projection tile
+    "wide": dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=128, n_routed_experts=16, num_experts_per_tok=4),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", list(PDL_CASES))
+def test_pdl_changes_no_bit_of_the_decode_step(monkeypatch, case, batch):
+    # PDL changes when each kernel's CTAs start (and they read only weights before waiting for the
+    # previous kernel), never what they compute: the same decode steps, eager and replayed from a CUDA
+    # graph captured under each setting, give bitwise the same logits with DOTS1_EXT_PDL=1 and 0.
+    from dots1_ext.cuda_graph import DecodeGraphs
+
+    model = tiny_ours("cuda", **PDL_CASES[case])
+    V, L, steps = model.config.vocab_size, 6, 4
+    prompt = torch.randint(1, V, (batch, L), device="cuda")
+    feed = torch.randint(1, V, (steps, batch), device="cuda")
+    model.setup_cache(batch, L + steps)
+    model.prefill(prompt)
+    # Each run writes slots L .. L + steps - 1 before it reads them: every run starts from the same cache.
+    runs = {}
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("DOTS1_EXT_PDL", pdl)
+        runs[f"eager, PDL={pdl}"] = torch.stack([model.decode(feed[n], L + n).clone() for n in range(steps)])
+        graphs = DecodeGraphs(model)  # captured now, under this setting
+        runs[f"graph, PDL={pdl}"] = torch.stack([graphs(feed[n], L + n).clone() for n in range(steps)])
+        assert graphs.captures == 1
+    (ref_name, ref), *others = runs.items()
+    assert torch.isfinite(ref).all(), f"{ref_name}: non-finite logits"
+    for name, out in others:
+        assert torch.equal(out, ref), f"{name} differs from {ref_name} (max {(out - ref).abs().max().item():.3e})"
+
+
+@requires_cuda
+def test_bad_pdl_setting_raises(monkeypatch):
+    # Every CUDA wrapper of the decode step reads DOTS1_EXT_PDL per call; anything but 0 or 1 is an error.
+    model = tiny_ours("cuda")
+    model.setup_cache(1, 8)
+    model.prefill(torch.tensor([[3, 4, 5]], device="cuda"))
+    layer = model.model.layers[1]
+    moe, attn = layer.mlp, layer.self_attn
+    H, D = model.config.hidden_size, attn.head_dim
+    x = torch.randn(1, H, device="cuda", dtype=model.dtype)
+    weights, ids = moe.gate(x)  # PDL at its default
+    act = ops.moe_decode_gate_up(x, moe.experts.gate_up_proj, ids, moe.shared_experts.gate_up,
+                                 moe.experts.gate_up_epilogue)
+    q = torch.randn(1, attn.num_heads, D, device="cuda", dtype=model.dtype)
+    k = torch.randn(1, attn.num_kv_heads, D, device="cuda", dtype=model.dtype)
+    calls = {
+        "rms_norm": lambda: ops.rms_norm(x, layer.input_layernorm.weight, 1e-5),
+        "add_rms_norm_": lambda: ops.add_rms_norm_(x.clone(), x.clone(), layer.input_layernorm.weight, 1e-5),
+        "qk_norm_rope_": lambda: ops.qk_norm_rope_(q, k, attn.q_norm.weight, attn.k_norm.weight,
+                                                   torch.zeros(1, dtype=torch.long, device="cuda"),
+                                                   torch.zeros(4, D, device="cuda"), 1e-5),
+        "skinny_gemm": lambda: ops.skinny_gemm(x, attn.qkv),
+        "router_topk_gating": lambda: moe.gate(x),
+        "moe_decode_gate_up": lambda: ops.moe_decode_gate_up(x, moe.experts.gate_up_proj, ids,
+                                                             moe.shared_experts.gate_up, moe.experts.gate_up_epilogue),
+        "moe_decode_down": lambda: ops.moe_decode_down(act, moe.experts.down_proj, ids, weights,
+                                                       moe.shared_experts.down_proj.weight, x),
+    }
+    monkeypatch.setenv("DOTS1_EXT_PDL", "2")
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="DOTS1_EXT_PDL"):
+            call()
+            pytest.fail(f"{name}: DOTS1_EXT_PDL=2 was accepted")
+    with pytest.raises(ValueError, match="DOTS1_EXT_PDL"):
+        model.decode(torch.tensor([6], device="cuda"), 3)

@@ -15,8 +15,8 @@
 // DOTS1_EXT_ATTENTION_SPLITS (CUDA, read per call; default auto) forces the number of KV splits per
 // (sequence, kv head): tests use it to run every combine path; the automatic choice depends on the
 // batch, the heads, the SM count and the cache capacity only, never on the lengths.
-// DOTS1_EXT_ATTENTION_PDL=0 (read per call; default on) launches without programmatic dependent launch
-// (benchmarks compare the two; the results are the same).
+// DOTS1_EXT_PDL=0 (read per call, csrc/common.h pdl_enabled; default on) launches without programmatic
+// dependent launch (benchmarks compare the two; the results are the same).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -131,14 +131,6 @@ int forced_splits() {
                     "dots1_ext: DOTS1_EXT_ATTENTION_SPLITS must be auto or an integer in [1, ", kAttentionMaxSplits,
                     "], got '", v, "'");
   return static_cast<int>(n);
-}
-
-bool pdl_enabled() {
-  const char* v = std::getenv("DOTS1_EXT_ATTENTION_PDL");
-  if (v == nullptr || *v == '\0') return true;
-  const std::string s(v);
-  TORCH_CHECK_VALUE(s == "0" || s == "1", "dots1_ext: DOTS1_EXT_ATTENTION_PDL must be 0 or 1, got '", v, "'");
-  return s == "1";
 }
 
 bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }

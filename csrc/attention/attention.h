@@ -40,10 +40,10 @@ namespace dots1 {
 // device lengths, so one CUDA graph serves every length); a positive value forces the largest power of
 // two not above it that the GPU's clusters take (at most kAttentionMaxSplits; GPUs without clusters
 // always run 1 split). *splits_used, when not null, receives the split count launched.
-// On sm_90 the kernel is launched with programmatic stream serialization (PDL): its CTAs may be
-// scheduled while the previous kernel of the stream drains, and wait (griddepcontrol.wait) for that
-// kernel's completion and memory before their first global read. DOTS1_EXT_ATTENTION_PDL=0 (read by
-// attention.cpp) turns it off: use_pdl.
+// use_pdl: on sm_90+ the kernel is launched with programmatic stream serialization (csrc/pdl.cuh): its
+// CTAs may be scheduled while the previous kernel of the stream drains and wait for that kernel's
+// completion and memory before their first global read (it has no weights to read earlier); it lets
+// the next kernel launch right after that wait. DOTS1_EXT_PDL=0 (read by attention.cpp) turns it off.
 cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], strides q_batch_stride, q_head_stride
                                     int64_t q_batch_stride, int64_t q_head_stride,
                                     const void* k_cache,       // [B, S, Hk, D] contiguous

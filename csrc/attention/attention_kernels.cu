@@ -32,6 +32,7 @@
 
 #include "attention/attention.h"
 #include "cuda_utils.cuh"
+#include "pdl.cuh"
 
 namespace dots1 {
 namespace {
@@ -177,12 +178,11 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
   const int g0 = (blockIdx.y % head_chunks) * kGT;  // first query head of this CTA within the group
   const int split = blockIdx.x, num_splits = gridDim.x;
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Launched with programmatic stream serialization: everything above ran while the previous kernel
-  // of the stream may still be writing q, the cache or the bounds; nothing global is read before this.
-  // Without a programmatic predecessor it returns at once.
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  // PDL (csrc/pdl.cuh): everything above ran while the previous kernel of the stream may still be
+  // writing q, the cache or the bounds; nothing global is read before this. Then the next kernel (the
+  // o_proj GEMM) may be scheduled as this grid's CTAs retire and start streaming its weight.
+  pdl_wait();
+  pdl_launch_dependents();
 
   // The bounds and q are independent loads, issued together: the first K/V copy waits for the bounds
   // only, not for the bounds and then q.
@@ -565,12 +565,8 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
       ++num_attrs;
     }
     // PDL: the launch and the CTAs' index math overlap the previous kernel's tail (in a decode step
-    // that is the qkv projection); the kernel's griddepcontrol.wait keeps every global read after it.
-    if (use_pdl && r.major >= 9) {
-      attrs[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attrs[num_attrs].val.programmaticStreamSerializationAllowed = 1;
-      ++num_attrs;
-    }
+    // that is qk_norm_rope_kv_cache_); the kernel's pdl_wait keeps every global read after it.
+    num_attrs += pdl_attribute(use_pdl && r.major >= 9, &attrs[num_attrs]);
     config.attrs = attrs;
     config.numAttrs = num_attrs;
     err = cudaLaunchKernelEx(&config, kernel, qb, q_batch_stride, q_head_stride, k_cache + kv_offset,

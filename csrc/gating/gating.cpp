@@ -217,6 +217,8 @@ std::tuple<at::Tensor, at::Tensor> router_topk_gating_cuda(const at::Tensor& hid
     const at::Tensor bias = bias_in.contiguous();
     const int E = static_cast<int>(router_weight.size(0));
     const DType dtype = to_dtype(hidden.scalar_type());
+    // PDL (csrc/pdl.cuh) unless the weight was just copied here: the kernel reads it before its wait.
+    const bool use_pdl = pdl_enabled() && router_weight.is_same(router_weight_in);
     at::Tensor weights = at::empty({T, k}, hidden.options().dtype(at::kFloat));
     at::Tensor ids = at::empty({T, k}, hidden.options().dtype(at::kInt));
     cudaError_t err;
@@ -228,13 +230,13 @@ std::tuple<at::Tensor, at::Tensor> router_topk_gating_cuda(const at::Tensor& hid
                                            T, E, static_cast<int>(H), static_cast<int>(k), static_cast<int>(n_group),
                                            static_cast<int>(topk_group), renormalize, static_cast<float>(scale),
                                            workspace.data_ptr<float>(), weights.data_ptr<float>(),
-                                           ids.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream());
+                                           ids.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream(), use_pdl);
     } else {
       err = launch_router_topk_gating_fused(hidden.data_ptr(), router_weight.data_ptr(), dtype, bias.data_ptr<float>(),
                                             T, E, static_cast<int>(H), static_cast<int>(k), static_cast<int>(n_group),
                                             static_cast<int>(topk_group), renormalize, static_cast<float>(scale),
                                             weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
-                                            c10::cuda::getCurrentCUDAStream());
+                                            c10::cuda::getCurrentCUDAStream(), use_pdl);
     }
     if (err != cudaErrorNotSupported) {
       C10_CUDA_CHECK(err);

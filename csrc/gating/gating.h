@@ -78,6 +78,9 @@ cudaError_t launch_topk_gating(const float* logits,  // [T, E] fp32, contiguous
 // arrival counter is a device global reset by the kernel itself (graph replays stay correct).
 // workspace: router_grid_workspace_floats(...) fp32, any contents (every entry read is written
 // first), not shared with a concurrent launch. cudaErrorNotSupported for too many tokens.
+// use_pdl (both fused launchers): programmatic dependent launch on sm_90+ (csrc/pdl.cuh); the grid
+// kernel loads its router weight slice before waiting for the previous kernel, so router_weight must
+// not be written by the kernel right before the launch (gating.cpp passes false when it copied it).
 int router_grid_slices(int hidden_size, int elem_bytes);
 int64_t router_grid_workspace_floats(int64_t num_tokens, int num_experts, int hidden_size, DType dtype);
 cudaError_t launch_router_topk_gating_grid(const void* hidden,         // [T, H] dtype, contiguous
@@ -89,7 +92,7 @@ cudaError_t launch_router_topk_gating_grid(const void* hidden,         // [T, H]
                                            float* workspace,     // [router_grid_workspace_floats] fp32
                                            float* topk_weights,  // [T, k] fp32
                                            int32_t* topk_ids,    // [T, k] int32
-                                           cudaStream_t stream);
+                                           cudaStream_t stream, bool use_pdl);
 
 // Router projection (fp32 accumulate) + gating in ONE launch (the former decode default, now
 // DOTS1_EXT_ROUTER_KERNEL=cluster), for num_tokens <= kRouterFusedMaxTokens.
@@ -105,7 +108,7 @@ cudaError_t launch_router_topk_gating_fused(const void* hidden,         // [T, H
                                             int n_group, int topk_group, bool renormalize, float scale,
                                             float* topk_weights,  // [T, k] fp32
                                             int32_t* topk_ids,    // [T, k] int32
-                                            cudaStream_t stream);
+                                            cudaStream_t stream, bool use_pdl);
 
 #endif
 

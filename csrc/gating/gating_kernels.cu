@@ -5,6 +5,7 @@
 #include <atomic>
 
 #include "cuda_utils.cuh"
+#include "pdl.cuh"
 #include "gating/gating.h"
 
 namespace dots1 {
@@ -172,6 +173,9 @@ __global__ void __launch_bounds__(kRouterWarps * 32)
   const int rank = static_cast<int>(cluster.block_rank());
   const int nblocks = static_cast<int>(cluster.num_blocks());
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // PDL (csrc/pdl.cuh): this kernel's weight loads are interleaved with the hidden loads; it only waits.
+  pdl_wait();
+  pdl_launch_dependents();
 
   constexpr int kV = Vec16<T>::kElems;
   for (int e = rank * kRouterWarps + warp; e < E; e += nblocks * kRouterWarps) {
@@ -319,6 +323,12 @@ __global__ void __launch_bounds__(kRouterGridWarps * 32)
       wscalar[u] = (e < E && c < slice_len) ? wrow[c] : from_float<T>(0.0f);
     }
   }
+
+  // PDL (csrc/pdl.cuh): the router weight is never written in a step, so it is loaded above, before
+  // the wait, while the previous kernel (the producer of hidden) may still be running; hidden, the
+  // workspace and the arrival counter only after it.
+  pdl_wait();
+  pdl_launch_dependents();
 
   // Stage the tokens' hidden slice (read by all 8 warps) in shared memory.
   if (vectorized) {
@@ -483,7 +493,7 @@ namespace {
 template <int kVPL, bool kGrouped, typename T>
 cudaError_t launch_router_cluster(const T* hidden, const T* weight, const float* bias, int num_tokens, int E, int H,
                                   int k, int n_group, int topk_group, bool renormalize, float scale,
-                                  float* weights_out, int32_t* ids_out, cudaStream_t stream) {
+                                  float* weights_out, int32_t* ids_out, cudaStream_t stream, bool use_pdl) {
   auto kernel = router_gating_cluster_kernel<kVPL, kGrouped, T>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -501,13 +511,13 @@ cudaError_t launch_router_cluster(const T* hidden, const T* weight, const float*
   config.blockDim = dim3(kRouterWarps * 32);
   config.dynamicSmemBytes = 0;
   config.stream = stream;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = cluster;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  config.attrs = &attr;
-  config.numAttrs = 1;
+  cudaLaunchAttribute attrs[2];
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = cluster;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  config.attrs = attrs;
+  config.numAttrs = 1 + pdl_attribute(use_pdl, &attrs[1]);
   err = cudaLaunchKernelEx(&config, kernel, hidden, weight, bias, num_tokens, E, H, k, n_group, topk_group,
                            renormalize, scale, vectorized, weights_out, ids_out);
   const cudaError_t last = cudaGetLastError();  // this launch's error state, consumed (reported below)
@@ -517,15 +527,14 @@ cudaError_t launch_router_cluster(const T* hidden, const T* weight, const float*
 template <int kVPL, bool kGrouped, typename T>
 cudaError_t launch_router_grid(const T* hidden, const T* weight, const float* bias, int num_tokens, int E, int H, int k,
                                int n_group, int topk_group, bool renormalize, float scale, float* workspace,
-                               float* weights_out, int32_t* ids_out, cudaStream_t stream) {
+                               float* weights_out, int32_t* ids_out, cudaStream_t stream, bool use_pdl) {
   static std::atomic<unsigned int> next_slot{0};
   const int slot = static_cast<int>(next_slot.fetch_add(1, std::memory_order_relaxed) % kRouterArrivalSlots);
   const bool vectorized = (H % Vec16<T>::kElems) == 0 && aligned16(hidden) && aligned16(weight);
   const dim3 grid(router_grid_slices(H, static_cast<int>(sizeof(T))), ceil_div(E, kRouterGridWarps));
-  router_gating_grid_kernel<kVPL, kGrouped, T><<<grid, kRouterGridWarps * 32, 0, stream>>>(
-      hidden, weight, bias, num_tokens, E, H, k, n_group, topk_group, renormalize, scale, vectorized, workspace, slot,
-      weights_out, ids_out);
-  return cudaGetLastError();
+  return launch_pdl(router_gating_grid_kernel<kVPL, kGrouped, T>, grid, dim3(kRouterGridWarps * 32), 0, stream, use_pdl,
+                    hidden, weight, bias, num_tokens, E, H, k, n_group, topk_group, renormalize, scale, vectorized,
+                    workspace, slot, weights_out, ids_out);
 }
 
 }  // namespace
@@ -534,7 +543,7 @@ cudaError_t launch_router_topk_gating_fused(const void* hidden, const void* rout
                                             const float* bias, int64_t num_tokens, int num_experts,
                                             int hidden_size, int k, int n_group, int topk_group, bool renormalize,
                                             float scale, float* topk_weights, int32_t* topk_ids,
-                                            cudaStream_t stream) {
+                                            cudaStream_t stream, bool use_pdl) {
   if (num_tokens <= 0) return cudaSuccess;
   if (num_tokens > kRouterFusedMaxTokens) return cudaErrorNotSupported;
   if (num_experts < 1 || num_experts > kGatingMaxExperts || k < 1 || k > kGatingMaxTopk || k > num_experts ||
@@ -551,10 +560,10 @@ cudaError_t launch_router_topk_gating_fused(const void* hidden, const void* rout
       if (grouped)
         return launch_router_cluster<kVPL, true, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group,
                                                            topk_group, renormalize, scale, topk_weights, topk_ids,
-                                                           stream);
+                                                           stream, use_pdl);
       return launch_router_cluster<kVPL, false, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group,
                                                           topk_group, renormalize, scale, topk_weights, topk_ids,
-                                                          stream);
+                                                          stream, use_pdl);
     });
   });
   return err;
@@ -578,7 +587,7 @@ cudaError_t launch_router_topk_gating_grid(const void* hidden, const void* route
                                            const float* bias, int64_t num_tokens, int num_experts, int hidden_size,
                                            int k, int n_group, int topk_group, bool renormalize, float scale,
                                            float* workspace, float* topk_weights, int32_t* topk_ids,
-                                           cudaStream_t stream) {
+                                           cudaStream_t stream, bool use_pdl) {
   if (num_tokens <= 0) return cudaSuccess;
   if (num_tokens > kRouterFusedMaxTokens) return cudaErrorNotSupported;
   if (num_experts < 1 || num_experts > kGatingMaxExperts || k < 1 || k > kGatingMaxTopk || k > num_experts ||
@@ -595,9 +604,10 @@ cudaError_t launch_router_topk_gating_grid(const void* hidden, const void* route
       if (grouped)
         return launch_router_grid<kVPL, true, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group,
                                                         topk_group, renormalize, scale, workspace, topk_weights,
-                                                        topk_ids, stream);
+                                                        topk_ids, stream, use_pdl);
       return launch_router_grid<kVPL, false, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group, topk_group,
-                                                       renormalize, scale, workspace, topk_weights, topk_ids, stream);
+                                                       renormalize, scale, workspace, topk_weights, topk_ids, stream,
+                                                       use_pdl);
     });
   });
   return err;

@@ -240,7 +240,7 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor
       hidden.data_ptr(), gate_up.data_ptr(), ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      c10::cuda::getCurrentCUDAStream()));
+      c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
   return act;
 }
 
@@ -260,7 +260,7 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down
                                         shared_down.has_value() ? shared_down->data_ptr() : nullptr,
                                         residual.defined() ? residual.data_ptr() : nullptr, out.data_ptr(), d.T, d.H,
                                         d.E, d.k, d.I, d.Is, to_dtype(act.scalar_type()),
-                                        c10::cuda::getCurrentCUDAStream()));
+                                        c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
   return out;
 }
 

@@ -46,13 +46,16 @@ constexpr int kMoeDecodeMaxTokens = 16;
 namespace dots1 {
 
 // All matrices row-major with contiguous rows, as laid out below; weights 16-byte aligned.
+// use_pdl: programmatic dependent launch on sm_90+ (csrc/pdl.cuh); the fast kernels prefetch their first
+// shared experts' weight rows into L2 before waiting for the previous kernel, so the weights must not
+// be written by the kernel right before the launch (moe_decode.cpp never copies them).
 cudaError_t launch_moe_decode_gate_up(const void* hidden,          // [T, H]
                                       const void* gate_up,         // [E, 2I, H]
                                       const int32_t* topk_ids,     // [T, k] device
                                       const void* shared_gate_up,  // [2Is, H] or nullptr (Is == 0)
                                       void* act,                   // [T, NA]
                                       int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
-                                      MoeGateUpLayout layout, DType dtype, cudaStream_t stream);
+                                      MoeGateUpLayout layout, DType dtype, cudaStream_t stream, bool use_pdl);
 
 cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
                                    const void* down,           // [E, H, I]
@@ -62,7 +65,7 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
                                    const void* residual,       // [T, H] or nullptr
                                    void* out,                  // [T, H]
                                    int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                   cudaStream_t stream);
+                                   cudaStream_t stream, bool use_pdl);
 
 }  // namespace dots1
 

@@ -47,6 +47,7 @@
 #include <type_traits>
 
 #include "cuda_utils.cuh"
+#include "pdl.cuh"
 #include "weight_stream.cuh"
 #include "moe_decode/moe_decode.h"
 
@@ -83,6 +84,25 @@ __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g));
 // Loads and the MMA
 
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// PDL (csrc/pdl.cuh), before the wait: the first batch (U steps) of this warp's steps [s_begin, s_end)
+// of two weight rows, prefetched into L2 (weights are never written in a step), so that the first
+// stream_rows after the wait, over the same rows and steps, finds it there; no register is held across
+// the wait. One lane per 4 (c == 0) requests each step's 64 bytes of a row.
+template <typename T, int NT>
+__device__ __forceinline__ void prefetch_first_batch(const T* row_lo, const T* row_hi, int64_t K, int s_begin,
+                                                     int s_end) {
+  if ((threadIdx.x & 3) != 0) return;
+#pragma unroll
+  for (int u = 0; u < batch_steps<NT>(); ++u) {
+    const int64_t k = static_cast<int64_t>(s_begin + u) * kStepK;
+    if (s_begin + u < s_end && k < K) {
+      prefetch_l2(row_lo + k);
+      prefetch_l2(row_hi + k);
+    }
+  }
+}
 
 // One warp's share of a 16-row x (8 NT)-column product: steps [s_begin, s_end) of K (32 k each) of
 // weight rows row_lo (tile row g) and row_hi (g + 8) against activation rows col[n] (column 8 n + g;
@@ -346,14 +366,26 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   __shared__ Schedule s;
   __shared__ float4 red[2][kWarps][NT][32];  // double-buffered: one barrier per tile
   const int warp = threadIdx.x >> 5;
-  const int P = p.T_ * p.k;
-  // The ids, read now: their latency passes under the shared experts' tiles.
-  const int32_t my_id = threadIdx.x < P ? __ldg(p.topk_ids + threadIdx.x) : 0;
 
   // Every tile's K is H: this warp's contiguous share of it is the same for all of them.
   const int64_t steps = (p.H + kStepK - 1) / kStepK;
   const int s_begin = static_cast<int>(steps * warp / kWarps), s_end = static_cast<int>(steps * (warp + 1) / kWarps);
   const int64_t ft_shared = p.Is / 8, ft_routed = p.I / 8;  // I, Is % 8 == 0 on this path
+
+  // PDL (csrc/pdl.cuh): the routed experts depend on topk_ids (the router, the previous kernel) and
+  // every tile on hidden, so the CTA waits before reading either; before that it prefetches into L2
+  // the first batch of its first tile's weight rows when that tile is a shared experts' one (the rows
+  // of gate_up_tile below).
+  if (static_cast<int64_t>(blockIdx.x) < ft_shared) {
+    const int64_t f = min(static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x & 31) / 4, p.Is - 1);
+    prefetch_first_batch<T, NT>(p.shared_gate_up + f * p.H, p.shared_gate_up + (p.Is + f) * p.H, p.H, s_begin, s_end);
+  }
+  pdl_wait();
+  pdl_launch_dependents();
+
+  const int P = p.T_ * p.k;
+  // The ids, read now: their latency passes under the shared experts' tiles.
+  const int32_t my_id = threadIdx.x < P ? __ldg(p.topk_ids + threadIdx.x) : 0;
   int parity = 0;
   int64_t tile = blockIdx.x;
   for (; tile < ft_shared; tile += gridDim.x) {
@@ -410,10 +442,16 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   __shared__ float cut_piece[kWarps][2][kCols][16];    // a warp's first / last item when a warp boundary cuts it
   __shared__ float weight[kMaxPairs];                  // topk_weights
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int P = p.T_ * p.k;
   const int64_t h0 = static_cast<int64_t>(blockIdx.x) * 16;
   // Rows past H (H % 16 != 0) read row H - 1 and are not stored.
   const int64_t h_lo = min(h0 + g, p.H - 1), h_hi = min(h0 + g + 8, p.H - 1);
+
+  // PDL (csrc/pdl.cuh): act (the previous kernel's output), the ids and weights of the routing and the
+  // residual are all read after the wait. (An L2 prefetch of the first shared experts' rows before it
+  // made this kernel spill registers: not done.)
+  pdl_wait();
+  pdl_launch_dependents();
+  const int P = p.T_ * p.k;
 
   // The ids first, so that their latency passes under the shared experts' stream; the weights and
   // the residual (used at the end, written by the previous ops: L2 hits) only prefetched into L1,
@@ -540,6 +578,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
 
 template <typename T, MoeGateUpLayout kLayout>
 __global__ void __launch_bounds__(kThreads) moe_gate_up_simple_kernel(const GateUpParams<T> p) {
+  pdl_wait();  // csrc/pdl.cuh: this fallback reads nothing before it
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int64_t total = static_cast<int64_t>(p.T_) * p.NA;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -579,6 +619,8 @@ __global__ void __launch_bounds__(kThreads) moe_gate_up_simple_kernel(const Gate
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) moe_down_simple_kernel(const DownParams<T> p) {
+  pdl_wait();  // csrc/pdl.cuh: this fallback reads nothing before it
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   const int64_t total = static_cast<int64_t>(p.T_) * p.H;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -636,7 +678,7 @@ unsigned int simple_blocks(int64_t outputs, int sm_count) {
 // The fast path over token chunks (fp16 / bf16 only: fp32 never instantiates the MMA kernels).
 template <typename T>
 cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout layout, int sm_count,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, bool use_pdl) {
   if constexpr (std::is_same_v<T, float>) {
     return cudaErrorInvalidValue;
   } else {
@@ -659,20 +701,14 @@ cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout lay
       const int64_t pairs = tc * p.k;
       const int64_t max_items = std::min<int64_t>(pairs, p.E + pairs / (8 * nt));
       const int64_t max_tiles = p.Is / 8 + max_items * (p.I / 8);
-      const unsigned int grid =
-          static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(2 * int64_t{sm_count}, max_tiles)));
-      if (layout == MoeGateUpLayout::kInterleaved) {
-        if (nt == 1)
-          moe_gate_up_kernel<T, MoeGateUpLayout::kInterleaved, 1><<<grid, kThreads, 0, stream>>>(p);
-        else
-          moe_gate_up_kernel<T, MoeGateUpLayout::kInterleaved, 2><<<grid, kThreads, 0, stream>>>(p);
-      } else {
-        if (nt == 1)
-          moe_gate_up_kernel<T, MoeGateUpLayout::kHF, 1><<<grid, kThreads, 0, stream>>>(p);
-        else
-          moe_gate_up_kernel<T, MoeGateUpLayout::kHF, 2><<<grid, kThreads, 0, stream>>>(p);
-      }
-      const cudaError_t err = cudaGetLastError();
+      const dim3 grid(
+          static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(2 * int64_t{sm_count}, max_tiles))));
+      const auto kernel = layout == MoeGateUpLayout::kInterleaved
+                              ? (nt == 1 ? moe_gate_up_kernel<T, MoeGateUpLayout::kInterleaved, 1>
+                                         : moe_gate_up_kernel<T, MoeGateUpLayout::kInterleaved, 2>)
+                              : (nt == 1 ? moe_gate_up_kernel<T, MoeGateUpLayout::kHF, 1>
+                                         : moe_gate_up_kernel<T, MoeGateUpLayout::kHF, 2>);
+      const cudaError_t err = launch_pdl(kernel, grid, dim3(kThreads), 0, stream, use_pdl, p);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -680,7 +716,7 @@ cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout lay
 }
 
 template <typename T>
-cudaError_t down_fast(DownParams<T> p, int64_t T_total, cudaStream_t stream) {
+cudaError_t down_fast(DownParams<T> p, int64_t T_total, cudaStream_t stream, bool use_pdl) {
   if constexpr (std::is_same_v<T, float>) {
     return cudaErrorInvalidValue;
   } else {
@@ -702,11 +738,9 @@ cudaError_t down_fast(DownParams<T> p, int64_t T_total, cudaStream_t stream) {
       p.topk_weights = weights + t0 * p.k;
       p.residual = residual != nullptr ? residual + t0 * p.H : nullptr;
       p.out = out + t0 * p.H;
-      if (tc <= 8)
-        moe_down_kernel<T, 1><<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(p);
-      else
-        moe_down_kernel<T, 2><<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(p);
-      const cudaError_t err = cudaGetLastError();
+      const auto kernel = tc <= 8 ? moe_down_kernel<T, 1> : moe_down_kernel<T, 2>;
+      const cudaError_t err =
+          launch_pdl(kernel, dim3(static_cast<unsigned int>(grid)), dim3(kThreads), 0, stream, use_pdl, p);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -718,7 +752,7 @@ cudaError_t down_fast(DownParams<T> p, int64_t T_total, cudaStream_t stream) {
 cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, const int32_t* topk_ids,
                                       const void* shared_gate_up, void* act, int64_t T, int64_t H, int64_t E,
                                       int64_t k, int64_t I, int64_t Is, MoeGateUpLayout layout, DType dtype,
-                                      cudaStream_t stream) {
+                                      cudaStream_t stream, bool use_pdl) {
   const int64_t NA = k * I + Is;
   if (T == 0 || NA == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
@@ -733,20 +767,21 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
                                    topk_ids, static_cast<const scalar_t*>(shared_gate_up),
                                    static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k),
                                    static_cast<int>(E), H, I, Is, NA};
-    if (fast) return gate_up_fast<scalar_t>(p, T, layout, sm_count, stream);
-    const unsigned int blocks = simple_blocks(T * NA, sm_count);
+    if (fast) return gate_up_fast<scalar_t>(p, T, layout, sm_count, stream, use_pdl);
+    const dim3 blocks(simple_blocks(T * NA, sm_count));
     if (layout == MoeGateUpLayout::kInterleaved)
-      moe_gate_up_simple_kernel<scalar_t, MoeGateUpLayout::kInterleaved><<<blocks, kThreads, 0, stream>>>(p);
-    else
-      moe_gate_up_simple_kernel<scalar_t, MoeGateUpLayout::kHF><<<blocks, kThreads, 0, stream>>>(p);
+      return launch_pdl(moe_gate_up_simple_kernel<scalar_t, MoeGateUpLayout::kInterleaved>, blocks, dim3(kThreads), 0,
+                        stream, use_pdl, p);
+    return launch_pdl(moe_gate_up_simple_kernel<scalar_t, MoeGateUpLayout::kHF>, blocks, dim3(kThreads), 0, stream,
+                      use_pdl, p);
   });
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }
 
 cudaError_t launch_moe_decode_down(const void* act, const void* down, const int32_t* topk_ids,
                                    const float* topk_weights, const void* shared_down, const void* residual, void* out,
                                    int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                   cudaStream_t stream) {
+                                   cudaStream_t stream, bool use_pdl) {
   if (T == 0 || H == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
   const int64_t NA = k * I + Is;
@@ -760,10 +795,11 @@ cudaError_t launch_moe_decode_down(const void* act, const void* down, const int3
                                  topk_weights, static_cast<const scalar_t*>(shared_down),
                                  static_cast<const scalar_t*>(residual), static_cast<scalar_t*>(out),
                                  static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
-    if (fast) return down_fast<scalar_t>(p, T, stream);
-    moe_down_simple_kernel<scalar_t><<<simple_blocks(T * H, sm_count), kThreads, 0, stream>>>(p);
+    if (fast) return down_fast<scalar_t>(p, T, stream, use_pdl);
+    return launch_pdl(moe_down_simple_kernel<scalar_t>, dim3(simple_blocks(T * H, sm_count)), dim3(kThreads), 0, stream,
+                      use_pdl, p);
   });
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }
 
 }  // namespace dots1

@@ -19,6 +19,9 @@
 // (so its attention output is NaN). The Python wrappers' check_positions=True raises IndexError for
 // both on the host instead (a synchronisation on CUDA).
 //
+// DOTS1_EXT_PDL=0 launches the CUDA kernels without programmatic dependent launch (csrc/pdl.cuh); a
+// weight converted per call (a dtype other than x's or fp32, or non-contiguous) is launched without it.
+//
 // In-place ops check, before any write, that the tensors they write have distinct elements and do
 // not overlap each other or the tensors they read (csrc/common.h check_no_overlap).
 #include <ATen/Parallel.h>
@@ -351,6 +354,10 @@ std::pair<at::Tensor, at::Tensor> cuda_weights(const at::Tensor& x, const at::Te
   return {w1.to(at::kFloat).contiguous(), w2.to(at::kFloat).contiguous()};
 }
 
+// PDL (csrc/pdl.cuh) when DOTS1_EXT_PDL allows it and the kernel's weights are the caller's tensors:
+// the kernels read them before waiting for the previous kernel, which must not be a conversion made here.
+bool use_pdl_with(const at::Tensor& w, const at::Tensor& weight) { return pdl_enabled() && w.is_same(weight); }
+
 at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_rms_norm(x, weight);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -364,7 +371,7 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
   const auto w = cuda_weights(x, weight, weight).first;
   C10_CUDA_CHECK(launch_rms_norm(xin.const_data_ptr(), w.const_data_ptr(), out.mutable_data_ptr(), rows, H, xs, H,
                                  static_cast<float>(eps), to_dtype(x.scalar_type()), to_dtype(w.scalar_type()),
-                                 c10::cuda::getCurrentCUDAStream()));
+                                 c10::cuda::getCurrentCUDAStream(), use_pdl_with(w, weight)));
   return out;
 }
 
@@ -378,7 +385,8 @@ void add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual, const at
   with_row_views(x, residual, [&](const at::Tensor& xw, int64_t xs, const at::Tensor& rw, int64_t rs) {
     C10_CUDA_CHECK(launch_add_rms_norm(xw.mutable_data_ptr(), rw.mutable_data_ptr(), w.const_data_ptr(), rows, H, xs,
                                        rs, static_cast<float>(eps), to_dtype(x.scalar_type()),
-                                       to_dtype(w.scalar_type()), c10::cuda::getCurrentCUDAStream()));
+                                       to_dtype(w.scalar_type()), c10::cuda::getCurrentCUDAStream(),
+                                       use_pdl_with(w, weight)));
   });
 }
 
@@ -400,7 +408,8 @@ void qk_norm_rope_cuda_common(const at::Tensor& q, const at::Tensor& k, const at
       static_cast<float>(eps), v ? v->const_data_ptr() : nullptr, v ? head_strides(*v) : HeadStrides{0, 0},
       k_cache ? k_cache->mutable_data_ptr() : nullptr, v_cache ? v_cache->mutable_data_ptr() : nullptr,
       cache_rows ? rows.const_data_ptr<int64_t>() : nullptr, num_cache_rows, to_dtype(q.scalar_type()),
-      to_dtype(qw.scalar_type()), c10::cuda::getCurrentCUDAStream()));
+      to_dtype(qw.scalar_type()), c10::cuda::getCurrentCUDAStream(),
+      use_pdl_with(qw, q_weight) && use_pdl_with(kw, k_weight)));
 }
 
 void qk_norm_rope_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight,

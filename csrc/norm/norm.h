@@ -29,20 +29,24 @@ struct HeadStrides {
 
 namespace dots1 {
 
+// use_pdl (every launcher): programmatic dependent launch on sm_90+ (csrc/pdl.cuh). The kernels read
+// their norm weights before waiting for the previous kernel of the stream, so a weight must not be
+// written by the kernel right before the launch (norm.cpp passes false when it converted the weight).
+
 // out[r, :] = rms_norm(x[r, :]) * weight. Rows are `rows` apart by the given strides (in elements);
 // the last dim is contiguous. weight_dtype is either dtype or kFloat32.
 cudaError_t launch_rms_norm(const void* x,       // [rows, H], row stride x_row_stride
                             const void* weight,  // [H]
                             void* out,           // [rows, H], row stride out_row_stride
                             int64_t rows, int64_t hidden, int64_t x_row_stride, int64_t out_row_stride,
-                            float eps, DType dtype, DType weight_dtype, cudaStream_t stream);
+                            float eps, DType dtype, DType weight_dtype, cudaStream_t stream, bool use_pdl);
 
 // In place: residual[r] = round(residual[r] + x[r]); x[r] = rms_norm(residual[r]) * weight.
 cudaError_t launch_add_rms_norm(void* x,             // [rows, H], row stride x_row_stride
                                 void* residual,      // [rows, H], row stride residual_row_stride
                                 const void* weight,  // [H]
                                 int64_t rows, int64_t hidden, int64_t x_row_stride, int64_t residual_row_stride,
-                                float eps, DType dtype, DType weight_dtype, cudaStream_t stream);
+                                float eps, DType dtype, DType weight_dtype, cudaStream_t stream, bool use_pdl);
 
 // In place on q and k: per-head RMSNorm over D (weights q_weight / k_weight), then neox RoPE at
 // positions[t] from cos_sin_cache.
@@ -68,7 +72,8 @@ cudaError_t launch_qk_norm_rope(void* q,                     // [T, Hq, D], stri
                                 void* k_cache,               // [num_cache_rows, Hk, D] contiguous
                                 void* v_cache,               // [num_cache_rows, Hk, D] contiguous
                                 const int64_t* cache_rows,   // [T]
-                                int64_t num_cache_rows, DType dtype, DType weight_dtype, cudaStream_t stream);
+                                int64_t num_cache_rows, DType dtype, DType weight_dtype, cudaStream_t stream,
+                                bool use_pdl);
 
 }  // namespace dots1
 

@@ -18,6 +18,7 @@
 #include "norm/norm.h"
 
 #include "cuda_utils.cuh"
+#include "pdl.cuh"
 
 namespace dots1 {
 namespace {
@@ -112,6 +113,21 @@ __global__ void __launch_bounds__(row_kernel_max_threads<kVecs>())
   const T* x_row = x + row * x_row_stride;
   T* res_row = kAdd ? residual + row * residual_row_stride : nullptr;
 
+  // Small weight slices are fetched first, before the PDL wait (csrc/pdl.cuh: norm weights are never
+  // written in a step), so their latency hides behind it and the reduction; large ones (many vectors
+  // per thread, fp32 weights) at their use, to stay clear of register spills.
+  constexpr bool kPreloadWeight = kVecs * kN * sizeof(W) <= 64;
+  W w_pre[kPreloadWeight ? kVecs : 1][kN];
+  if constexpr (kPreloadWeight) {
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int v = threadIdx.x + i * blockDim.x;
+      if (v < num_vecs) load_vec<W, kN>(weight + static_cast<int64_t>(v) * kN, w_pre[i]);
+    }
+  }
+  pdl_wait();
+  pdl_launch_dependents();
+
   T vals[kVecs][kN];
   T res[kAdd ? kVecs : 1][kN];
   // Every load first (x and residual may alias the stores below as far as the compiler knows).
@@ -138,17 +154,6 @@ __global__ void __launch_bounds__(row_kernel_max_threads<kVecs>())
         const float f = to_float(vals[i][j]);
         sum_sq += f * f;
       }
-    }
-  }
-  // Small weight slices are fetched before the block reduction so their latency hides behind it;
-  // large ones (many vectors per thread, fp32 weights) after, to stay clear of register spills.
-  constexpr bool kPreloadWeight = kVecs * kN * sizeof(W) <= 64;
-  W w_pre[kPreloadWeight ? kVecs : 1][kN];
-  if constexpr (kPreloadWeight) {
-#pragma unroll
-    for (int i = 0; i < kVecs; ++i) {
-      const int v = threadIdx.x + i * blockDim.x;
-      if (v < num_vecs) load_vec<W, kN>(weight + static_cast<int64_t>(v) * kN, w_pre[i]);
     }
   }
   const float total = block_sum(sum_sq, smem);
@@ -180,6 +185,8 @@ __global__ void __launch_bounds__(1024)
     rms_norm_generic_kernel(const T* x, T* out, T* residual, const W* __restrict__ weight, int64_t hidden,
                             int64_t x_row_stride, int64_t out_row_stride, int64_t residual_row_stride, float eps) {
   __shared__ float smem[32];
+  pdl_wait();  // csrc/pdl.cuh: this fallback reads nothing before it
+  pdl_launch_dependents();
   const int64_t row = blockIdx.x;
   const T* x_row = x + row * x_row_stride;
   T* res_row = kAdd ? residual + row * residual_row_stride : nullptr;
@@ -204,15 +211,15 @@ __global__ void __launch_bounds__(1024)
 
 template <typename T, typename W, int kVecs, bool kAdd>
 cudaError_t launch_vec(const T* x, T* out, T* residual, const W* weight, int64_t rows, int64_t hidden,
-                       int64_t xs, int64_t os, int64_t rs, float eps, int threads, cudaStream_t stream) {
-  rms_norm_vec_kernel<T, W, kVecs, kAdd>
-      <<<static_cast<unsigned int>(rows), threads, 0, stream>>>(x, out, residual, weight, hidden, xs, os, rs, eps);
-  return cudaGetLastError();
+                       int64_t xs, int64_t os, int64_t rs, float eps, int threads, cudaStream_t stream,
+                       bool use_pdl) {
+  return launch_pdl(rms_norm_vec_kernel<T, W, kVecs, kAdd>, dim3(static_cast<unsigned int>(rows)), dim3(threads), 0,
+                    stream, use_pdl, x, out, residual, weight, hidden, xs, os, rs, eps);
 }
 
 template <typename T, typename W, bool kAdd>
 cudaError_t launch_rows(const T* x, T* out, T* residual, const W* weight, int64_t rows, int64_t hidden,
-                        int64_t xs, int64_t os, int64_t rs, float eps, cudaStream_t stream) {
+                        int64_t xs, int64_t os, int64_t rs, float eps, cudaStream_t stream, bool use_pdl) {
   if (rows == 0 || hidden == 0) return cudaSuccess;
   if (rows > 0x7fffffffLL) return cudaErrorInvalidValue;  // grid.x limit; norm.cpp checks first
   constexpr int kN = 16 / sizeof(T);
@@ -231,16 +238,15 @@ cudaError_t launch_rows(const T* x, T* out, T* residual, const W* weight, int64_
     while (vecs < 8 && !threads_ok(vecs)) vecs *= 2;
     const int threads = static_cast<int>(((num_vecs + vecs - 1) / vecs + 31) / 32 * 32);
     switch (vecs) {
-      case 1: return launch_vec<T, W, 1, kAdd>(x, out, residual, weight, rows, hidden, xs, os, rs, eps, threads, stream);
-      case 2: return launch_vec<T, W, 2, kAdd>(x, out, residual, weight, rows, hidden, xs, os, rs, eps, threads, stream);
-      case 4: return launch_vec<T, W, 4, kAdd>(x, out, residual, weight, rows, hidden, xs, os, rs, eps, threads, stream);
-      default: return launch_vec<T, W, 8, kAdd>(x, out, residual, weight, rows, hidden, xs, os, rs, eps, threads, stream);
+      case 1: return launch_vec<T, W, 1, kAdd>(x, out, residual, weight, rows, hidden, xs, os, rs, eps, threads, stream, use_pdl);
+      case 2: return launch_vec<T, W, 2, kAdd>(x, out, residual, weight, rows, hidden, xs, os, rs, eps, threads, stream, use_pdl);
+      case 4: return launch_vec<T, W, 4, kAdd>(x, out, residual, weight, rows, hidden, xs, os, rs, eps, threads, stream, use_pdl);
+      default: return launch_vec<T, W, 8, kAdd>(x, out, residual, weight, rows, hidden, xs, os, rs, eps, threads, stream, use_pdl);
     }
   }
   const int threads = static_cast<int>(hidden >= 1024 ? 1024 : (hidden + 31) / 32 * 32);
-  rms_norm_generic_kernel<T, W, kAdd>
-      <<<static_cast<unsigned int>(rows), threads, 0, stream>>>(x, out, residual, weight, hidden, xs, os, rs, eps);
-  return cudaGetLastError();
+  return launch_pdl(rms_norm_generic_kernel<T, W, kAdd>, dim3(static_cast<unsigned int>(rows)), dim3(threads), 0,
+                    stream, use_pdl, x, out, residual, weight, hidden, xs, os, rs, eps);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -285,6 +291,18 @@ __global__ void __launch_bounds__(256)
   const int head = static_cast<int>(item - token * num_heads);
   const bool is_q = head < a.num_q_heads;
   const int k_head = head - a.num_q_heads;
+  const int64_t off = static_cast<int64_t>(lane) * kHalf;
+
+  // The norm weights are requested first, before the PDL wait (csrc/pdl.cuh: never written in a step):
+  // their latency hides behind it. Everything else (q, k, v, the positions and so the cos/sin rows,
+  // the cache rows) is produced in the step and read after it.
+  const W* weight = is_q ? q_weight : k_weight;
+  float w1[kHalf], w2[kHalf];
+  load_vec_float<W, kHalf>(weight + off, w1);
+  load_vec_float<W, kHalf>(weight + kHalfD + off, w2);
+  pdl_wait();
+  pdl_launch_dependents();
+
   int64_t pos = positions[token];
   bool poison = false;
   if (pos < 0 || pos >= a.num_positions) {
@@ -293,7 +311,6 @@ __global__ void __launch_bounds__(256)
   }
   T* base = is_q ? q + token * a.q_strides.token + head * a.q_strides.head
                  : k + token * a.k_strides.token + k_head * a.k_strides.head;
-  const int64_t off = static_cast<int64_t>(lane) * kHalf;
   T x1[kHalf], x2[kHalf];
   load_vec<T, kHalf>(base + off, x1);
   load_vec<T, kHalf>(base + kHalfD + off, x2);
@@ -311,11 +328,8 @@ __global__ void __launch_bounds__(256)
     }
   }
 
-  // Weights and cos/sin (L1/L2-resident) are requested before the reduction, hiding their latency.
-  const W* weight = is_q ? q_weight : k_weight;
-  float w1[kHalf], w2[kHalf], c[kHalf], s[kHalf];
-  load_vec_float<W, kHalf>(weight + off, w1);
-  load_vec_float<W, kHalf>(weight + kHalfD + off, w2);
+  // cos/sin (L1/L2-resident) are requested before the reduction, hiding their latency.
+  float c[kHalf], s[kHalf];
   if (poison) {  // bad position (the table may even be empty): nothing to read
 #pragma unroll
     for (int j = 0; j < kHalf; ++j) c[j] = s[j] = 0.f;
@@ -367,6 +381,8 @@ __global__ void __launch_bounds__(256)
                                 const int64_t* __restrict__ positions, const float* __restrict__ cos_sin,
                                 QkArgs a, int64_t head_dim, const T* v, T* k_cache, T* v_cache,
                                 const int64_t* __restrict__ cache_rows) {
+  pdl_wait();  // csrc/pdl.cuh: this fallback reads nothing before it
+  pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
   int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   const bool in_range = item < a.num_items;
@@ -426,21 +442,20 @@ __global__ void __launch_bounds__(256)
 template <typename T, typename W, int kD, bool kCache>
 cudaError_t launch_qk_fast(T* q, T* k, const W* qw, const W* kw, const int64_t* positions, const float* cos_sin,
                            const QkArgs& a, const T* v, T* k_cache, T* v_cache, const int64_t* cache_rows,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, bool use_pdl) {
   constexpr int kThreads = 256;
   constexpr int kLanes = kD / (2 * (16 / static_cast<int>(sizeof(T))));
   constexpr int64_t kItemsPerBlock = kThreads / kLanes;
   const int64_t blocks = (a.num_items + kItemsPerBlock - 1) / kItemsPerBlock;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  qk_norm_rope_kernel<T, W, kD, kCache><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-      q, k, qw, kw, positions, cos_sin, a, v, k_cache, v_cache, cache_rows);
-  return cudaGetLastError();
+  return launch_pdl(qk_norm_rope_kernel<T, W, kD, kCache>, dim3(static_cast<unsigned int>(blocks)), dim3(kThreads), 0,
+                    stream, use_pdl, q, k, qw, kw, positions, cos_sin, a, v, k_cache, v_cache, cache_rows);
 }
 
 template <typename T, typename W, bool kCache>
 cudaError_t launch_qk(T* q, T* k, const W* qw, const W* kw, const int64_t* positions, const float* cos_sin,
                       const QkArgs& a, int64_t head_dim, const T* v, T* k_cache, T* v_cache,
-                      const int64_t* cache_rows, cudaStream_t stream) {
+                      const int64_t* cache_rows, cudaStream_t stream, bool use_pdl) {
   constexpr int64_t kHalf = 16 / sizeof(T);
   const HeadStrides& qs = a.q_strides;
   const HeadStrides& ks = a.k_strides;
@@ -453,17 +468,16 @@ cudaError_t launch_qk(T* q, T* k, const W* qw, const W* kw, const int64_t* posit
            vs.head % kHalf == 0;
   if (fast) {
     switch (head_dim) {
-      case 64: return launch_qk_fast<T, W, 64, kCache>(q, k, qw, kw, positions, cos_sin, a, v, k_cache, v_cache, cache_rows, stream);
-      case 128: return launch_qk_fast<T, W, 128, kCache>(q, k, qw, kw, positions, cos_sin, a, v, k_cache, v_cache, cache_rows, stream);
-      default: return launch_qk_fast<T, W, 256, kCache>(q, k, qw, kw, positions, cos_sin, a, v, k_cache, v_cache, cache_rows, stream);
+      case 64: return launch_qk_fast<T, W, 64, kCache>(q, k, qw, kw, positions, cos_sin, a, v, k_cache, v_cache, cache_rows, stream, use_pdl);
+      case 128: return launch_qk_fast<T, W, 128, kCache>(q, k, qw, kw, positions, cos_sin, a, v, k_cache, v_cache, cache_rows, stream, use_pdl);
+      default: return launch_qk_fast<T, W, 256, kCache>(q, k, qw, kw, positions, cos_sin, a, v, k_cache, v_cache, cache_rows, stream, use_pdl);
     }
   }
   constexpr int kThreads = 256;
   const int64_t blocks = (a.num_items + kThreads / 32 - 1) / (kThreads / 32);
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  qk_norm_rope_generic_kernel<T, W, kCache><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-      q, k, qw, kw, positions, cos_sin, a, head_dim, v, k_cache, v_cache, cache_rows);
-  return cudaGetLastError();
+  return launch_pdl(qk_norm_rope_generic_kernel<T, W, kCache>, dim3(static_cast<unsigned int>(blocks)), dim3(kThreads),
+                    0, stream, use_pdl, q, k, qw, kw, positions, cos_sin, a, head_dim, v, k_cache, v_cache, cache_rows);
 }
 
 }  // namespace
@@ -482,25 +496,25 @@ cudaError_t launch_qk(T* q, T* k, const W* qw, const W* kw, const int64_t* posit
 
 cudaError_t launch_rms_norm(const void* x, const void* weight, void* out, int64_t rows, int64_t hidden,
                             int64_t x_row_stride, int64_t out_row_stride, float eps, DType dtype,
-                            DType weight_dtype, cudaStream_t stream) {
+                            DType weight_dtype, cudaStream_t stream, bool use_pdl) {
   cudaError_t err = cudaErrorInvalidValue;
   DOTS1_NORM_DISPATCH(dtype, weight_dtype, err,
                       (launch_rows<scalar_t, weight_t, false>(
                           static_cast<const scalar_t*>(x), static_cast<scalar_t*>(out), nullptr,
                           static_cast<const weight_t*>(weight), rows, hidden, x_row_stride, out_row_stride, 0, eps,
-                          stream)));
+                          stream, use_pdl)));
   return err;
 }
 
 cudaError_t launch_add_rms_norm(void* x, void* residual, const void* weight, int64_t rows, int64_t hidden,
                                 int64_t x_row_stride, int64_t residual_row_stride, float eps, DType dtype,
-                                DType weight_dtype, cudaStream_t stream) {
+                                DType weight_dtype, cudaStream_t stream, bool use_pdl) {
   cudaError_t err = cudaErrorInvalidValue;
   DOTS1_NORM_DISPATCH(dtype, weight_dtype, err,
                       (launch_rows<scalar_t, weight_t, true>(
                           static_cast<const scalar_t*>(x), static_cast<scalar_t*>(x),
                           static_cast<scalar_t*>(residual), static_cast<const weight_t*>(weight), rows, hidden,
-                          x_row_stride, x_row_stride, residual_row_stride, eps, stream)));
+                          x_row_stride, x_row_stride, residual_row_stride, eps, stream, use_pdl)));
   return err;
 }
 
@@ -509,7 +523,8 @@ cudaError_t launch_qk_norm_rope(void* q, void* k, const void* q_weight, const vo
                                 int64_t num_q_heads, int64_t num_k_heads, int64_t head_dim, int64_t num_positions,
                                 HeadStrides q_strides, HeadStrides k_strides, float eps, const void* v,
                                 HeadStrides v_strides, void* k_cache, void* v_cache, const int64_t* cache_rows,
-                                int64_t num_cache_rows, DType dtype, DType weight_dtype, cudaStream_t stream) {
+                                int64_t num_cache_rows, DType dtype, DType weight_dtype, cudaStream_t stream,
+                                bool use_pdl) {
   const int64_t num_heads = num_q_heads + num_k_heads;
   // num_positions == 0: every position is bad; the kernels poison every token and never read the
   // (empty) cos/sin table: a bad position's cos/sin are not loaded.
@@ -532,13 +547,14 @@ cudaError_t launch_qk_norm_rope(void* q, void* k, const void* q_weight, const vo
                             static_cast<scalar_t*>(q), static_cast<scalar_t*>(k),
                             static_cast<const weight_t*>(q_weight), static_cast<const weight_t*>(k_weight), positions,
                             cos_sin_cache, a, head_dim, static_cast<const scalar_t*>(v),
-                            static_cast<scalar_t*>(k_cache), static_cast<scalar_t*>(v_cache), cache_rows, stream)));
+                            static_cast<scalar_t*>(k_cache), static_cast<scalar_t*>(v_cache), cache_rows, stream,
+                            use_pdl)));
   } else {
     DOTS1_NORM_DISPATCH(dtype, weight_dtype, err,
                         (launch_qk<scalar_t, weight_t, false>(
                             static_cast<scalar_t*>(q), static_cast<scalar_t*>(k),
                             static_cast<const weight_t*>(q_weight), static_cast<const weight_t*>(k_weight), positions,
-                            cos_sin_cache, a, head_dim, nullptr, nullptr, nullptr, nullptr, stream)));
+                            cos_sin_cache, a, head_dim, nullptr, nullptr, nullptr, nullptr, stream, use_pdl)));
   }
   return err;
 }

@@ -12,7 +12,8 @@
 // fp16/bf16, a portable kernel otherwise); M > 16 runs cuBLAS (at::mm, with an fp32 output for the
 // SwiGLU epilogues so that they round once) and the epilogue in ATen: correct, not tuned.
 // DOTS1_EXT_SKINNY_TILES = 1 | 2 forces the tensor-core kernel's 16-row tiles per warp (default: chosen
-// from the shape; for tuning runs).
+// from the shape; for tuning runs). DOTS1_EXT_PDL=0 launches without programmatic dependent launch
+// (csrc/pdl.cuh; the weight is read where it lies, never produced per call, so PDL is always safe here).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -127,7 +128,8 @@ at::Tensor skinny_gemm_cuda(const at::Tensor& x_in, const at::Tensor& weight, c1
       skinny_gemm_kernel_kind(x.data_ptr(), weight.data_ptr(), s.M, s.N, s.K, row_stride(x), w_stride, dt) != 1)
     x = at::empty({s.M, s.K}, x.options()).copy_(x);  // fresh allocations are 16-byte aligned
   C10_CUDA_CHECK(launch_skinny_gemm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), s.M, s.N, s.K, row_stride(x),
-                                    w_stride, s.epilogue, dt, tiles_from_env(), c10::cuda::getCurrentCUDAStream()));
+                                    w_stride, s.epilogue, dt, tiles_from_env(), c10::cuda::getCurrentCUDAStream(),
+                                    pdl_enabled()));
   return out;
 }
 

@@ -41,11 +41,15 @@ namespace dots1 {
 // tiles_per_warp: 16-row weight tiles per warp in the tensor-core kernel (1 or 2; 0 = choose from
 // the shape and the SM count). M in [1, kSkinnyMaxRows]; M == 0 or N_out == 0 launches nothing.
 // K == 0 gives zeros (then the epilogue: silu(0) * 0 = 0).
+// use_pdl: programmatic dependent launch on sm_90+ (csrc/pdl.cuh): the tensor-core kernel requests its
+// first batch of weight before waiting for the previous kernel, so `weight` must not be written by the
+// kernel right before this launch in the stream (a decode step never writes weights).
 cudaError_t launch_skinny_gemm(const void* x,       // [M, K], row stride x_row_stride (elements)
                                const void* weight,  // [N, K], row stride weight_row_stride (elements)
                                void* out,           // [M, N_out] contiguous
                                int64_t M, int64_t N, int64_t K, int64_t x_row_stride, int64_t weight_row_stride,
-                               SkinnyEpilogue epilogue, DType dtype, int tiles_per_warp, cudaStream_t stream);
+                               SkinnyEpilogue epilogue, DType dtype, int tiles_per_warp, cudaStream_t stream,
+                               bool use_pdl);
 
 // Which kernel launch_skinny_gemm picks for these arguments (for tests and the benchmark's notes):
 // 0 = none (no work), 1 = tensor-core kernel, 2 = portable kernel.

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cuda_utils.cuh"
+#include "pdl.cuh"
 #include "weight_stream.cuh"
 #include "skinny_gemm/skinny_gemm.h"
 
@@ -111,17 +112,37 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t step_begin = steps * warp / kWarps, step_end = steps * (warp + 1) / kWarps;
   const int64_t lane_k = 8 * c;
 
-  for (int64_t s0 = step_begin; s0 < step_end; s0 += U) {
-    uint4 wv[U][RT][2];
-    uint4 xv[U][NT];
+  // A batch: U steps of weight (wv) and of x (xv). Step s is in range when s < step_end and the
+  // lane's vector starts below K (K % 8 == 0: then the whole vector is in range).
+  uint4 wv[U][RT][2];
+  const auto load_weight_batch = [&](int64_t s0) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t k = (s0 + u) * kStepK;
-      const bool k_ok = s0 + u < step_end && k + lane_k < K;  // K % 8 == 0: the whole vector is in range
+      const bool k_ok = s0 + u < step_end && k + lane_k < K;
 #pragma unroll
       for (int t = 0; t < RT; ++t)
 #pragma unroll
         for (int h = 0; h < 2; ++h) wv[u][t][h] = load_weight16(w_ptr[t][h] + k, k_ok && w_ok[t][h]);
+    }
+  };
+
+  // PDL (csrc/pdl.cuh): the weight is never written in a decode step, so its first batch is requested
+  // before the wait, while the previous kernel (the producer of x) may still be running; x only after
+  // it (load_act16 is volatile asm, which the compiler keeps after the wait's).
+  load_weight_batch(step_begin);
+  pdl_wait();
+  pdl_launch_dependents();
+
+  for (int64_t s0 = step_begin; s0 < step_end; s0 += U) {
+    // The loop body in the order of a batch: its weight (the first batch's is already in flight), its
+    // x, then the MMAs; so a warp waits one memory latency per batch.
+    if (s0 != step_begin) load_weight_batch(s0);
+    uint4 xv[U][NT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (s0 + u) * kStepK;
+      const bool k_ok = s0 + u < step_end && k + lane_k < K;
 #pragma unroll
       for (int j = 0; j < NT; ++j) xv[u][j] = load_act16(x_ptr[j] + k, k_ok && x_ok[j]);
     }
@@ -204,6 +225,9 @@ template <typename T, SkinnyEpilogue kEpi>
 __global__ void __launch_bounds__(kThreads)
     skinny_gemm_portable_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out, int M,
                                 int64_t N, int64_t K, int64_t x_row_stride, int64_t weight_row_stride) {
+  // PDL (csrc/pdl.cuh): this kernel (fp32, misaligned views) only waits, before anything else.
+  pdl_wait();
+  pdl_launch_dependents();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t N_out = kEpi == SkinnyEpilogue::kNone ? N : N / 2;
   const int64_t items = kEpi == SkinnyEpilogue::kNone ? (N + 1) / 2 : N_out;
@@ -268,32 +292,28 @@ int auto_tiles_per_warp(int64_t M, int64_t tiles, int sm_count) {
 }
 
 template <typename T, int RT, int NT>
-void launch_mma(const T* x, const T* w, T* out, int M, int64_t N, int64_t K, int64_t xs, int64_t ws,
-                SkinnyEpilogue epi, int64_t tiles, cudaStream_t stream) {
-  const unsigned int blocks = ceil_div(tiles, RT);
+cudaError_t launch_mma(const T* x, const T* w, T* out, int M, int64_t N, int64_t K, int64_t xs, int64_t ws,
+                       SkinnyEpilogue epi, int64_t tiles, cudaStream_t stream, bool use_pdl) {
+  const dim3 grid(ceil_div(tiles, RT));
   switch (epi) {
     case SkinnyEpilogue::kNone:
-      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kNone>
-          <<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
-      break;
+      return launch_pdl(skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kNone>, grid, kThreads, 0, stream, use_pdl,
+                        x, w, out, M, N, K, xs, ws);
     case SkinnyEpilogue::kHF:
-      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kHF>
-          <<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
-      break;
+      return launch_pdl(skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kHF>, grid, kThreads, 0, stream, use_pdl,
+                        x, w, out, M, N, K, xs, ws);
     case SkinnyEpilogue::kInterleaved:
-      skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kInterleaved>
-          <<<blocks, kThreads, 0, stream>>>(x, w, out, M, N, K, xs, ws);
-      break;
+      return launch_pdl(skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kInterleaved>, grid, kThreads, 0, stream,
+                        use_pdl, x, w, out, M, N, K, xs, ws);
   }
+  return cudaErrorInvalidValue;
 }
 
 template <typename T, int NT>
-void launch_mma_tiles(const T* x, const T* w, T* out, int M, int64_t N, int64_t K, int64_t xs, int64_t ws,
-                      SkinnyEpilogue epi, int64_t tiles, int rt, cudaStream_t stream) {
-  if (rt == 2)
-    launch_mma<T, 2, NT>(x, w, out, M, N, K, xs, ws, epi, tiles, stream);
-  else
-    launch_mma<T, 1, NT>(x, w, out, M, N, K, xs, ws, epi, tiles, stream);
+cudaError_t launch_mma_tiles(const T* x, const T* w, T* out, int M, int64_t N, int64_t K, int64_t xs, int64_t ws,
+                             SkinnyEpilogue epi, int64_t tiles, int rt, cudaStream_t stream, bool use_pdl) {
+  if (rt == 2) return launch_mma<T, 2, NT>(x, w, out, M, N, K, xs, ws, epi, tiles, stream, use_pdl);
+  return launch_mma<T, 1, NT>(x, w, out, M, N, K, xs, ws, epi, tiles, stream, use_pdl);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -311,7 +331,7 @@ int skinny_gemm_kernel_kind(const void* x, const void* weight, int64_t M, int64_
 
 cudaError_t launch_skinny_gemm(const void* x, const void* weight, void* out, int64_t M, int64_t N, int64_t K,
                                int64_t x_row_stride, int64_t weight_row_stride, SkinnyEpilogue epilogue, DType dtype,
-                               int tiles_per_warp, cudaStream_t stream) {
+                               int tiles_per_warp, cudaStream_t stream, bool use_pdl) {
   if (M < 0 || M > kSkinnyMaxRows || N < 0 || K < 0) return cudaErrorInvalidValue;
   if (epilogue == SkinnyEpilogue::kHF && N % 2 != 0) return cudaErrorInvalidValue;
   if (epilogue == SkinnyEpilogue::kInterleaved && N % 16 != 0) return cudaErrorInvalidValue;
@@ -337,39 +357,39 @@ cudaError_t launch_skinny_gemm(const void* x, const void* weight, void* out, int
       const auto* wp = static_cast<const scalar_t*>(weight);
       auto* op = static_cast<scalar_t*>(out);
       if (M <= 8)
-        launch_mma_tiles<scalar_t, 1>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles, rt,
-                                      stream);
-      else
-        launch_mma_tiles<scalar_t, 2>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles, rt,
-                                      stream);
+        return launch_mma_tiles<scalar_t, 1>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles,
+                                             rt, stream, use_pdl);
+      return launch_mma_tiles<scalar_t, 2>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles, rt,
+                                           stream, use_pdl);
     });
-    return cudaGetLastError();
+    return cudaErrorInvalidValue;  // not reached: the dispatch returns (fp32 never takes this kernel)
   }
 
   const int64_t items = epilogue == SkinnyEpilogue::kNone ? (N + 1) / 2 : N_out;
   const int64_t blocks = (items + kWarps - 1) / kWarps;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  cudaError_t err = cudaErrorInvalidValue;
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
     const auto* xp = static_cast<const scalar_t*>(x);
     const auto* wp = static_cast<const scalar_t*>(weight);
     auto* op = static_cast<scalar_t*>(out);
-    const unsigned int grid = static_cast<unsigned int>(blocks);
+    const dim3 grid(static_cast<unsigned int>(blocks));
     switch (epilogue) {
       case SkinnyEpilogue::kNone:
-        skinny_gemm_portable_kernel<scalar_t, SkinnyEpilogue::kNone>
-            <<<grid, kThreads, 0, stream>>>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride);
+        err = launch_pdl(skinny_gemm_portable_kernel<scalar_t, SkinnyEpilogue::kNone>, grid, kThreads, 0, stream,
+                         use_pdl, xp, wp, op, m, N, K, x_row_stride, weight_row_stride);
         break;
       case SkinnyEpilogue::kHF:
-        skinny_gemm_portable_kernel<scalar_t, SkinnyEpilogue::kHF>
-            <<<grid, kThreads, 0, stream>>>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride);
+        err = launch_pdl(skinny_gemm_portable_kernel<scalar_t, SkinnyEpilogue::kHF>, grid, kThreads, 0, stream,
+                         use_pdl, xp, wp, op, m, N, K, x_row_stride, weight_row_stride);
         break;
       case SkinnyEpilogue::kInterleaved:
-        skinny_gemm_portable_kernel<scalar_t, SkinnyEpilogue::kInterleaved>
-            <<<grid, kThreads, 0, stream>>>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride);
+        err = launch_pdl(skinny_gemm_portable_kernel<scalar_t, SkinnyEpilogue::kInterleaved>, grid, kThreads, 0,
+                         stream, use_pdl, xp, wp, op, m, N, K, x_row_stride, weight_row_stride);
         break;
     }
   });
-  return cudaGetLastError();
+  return err;
 }
 
 }  // namespace dots1

@@ -26,7 +26,8 @@ deterministic (bitwise equal across runs and between graph replay and eager). Pr
 one split; clusters of 16 (non-portable) where the GPU takes them, else at most 8.
 DOTS1_EXT_ATTENTION_SPLITS=n forces the split count (tests, tuning). On sm_90 the kernel is launched
 with programmatic dependent launch (its launch overlaps the previous kernel's tail; it reads nothing
-before that kernel completed); DOTS1_EXT_ATTENTION_PDL=0 turns it off.
+before that kernel completed), as are the other decode-step kernels; DOTS1_EXT_PDL=0 turns it off
+(docs/design.md §3, csrc/pdl.cuh).
 """
 
 from __future__ import annotations
