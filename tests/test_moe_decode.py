@@ -518,3 +518,19 @@ def test_cuda_read_only_inputs_unchanged():
     torch.cuda.synchronize()
     after = (hidden, ids, weights, residual, w.gate_up, w.down, w.shared_gate_up, w.shared_down)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+@requires_cuda
+def test_cuda_bad_kernel_setting_raises(monkeypatch):
+    # An unrecognised DOTS1_EXT_MOE_DECODE_KERNEL is an error naming the variable, not the default.
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 16, 6, 128, 64, 64
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(2, H, device="cuda").to(dtype)
+    ids = distinct_ids(2, k, E, "cuda")
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_KERNEL"):
+        moe_decode_gate_up(hidden, w.gate_up, ids, w.shared_gate_up)
+    act = torch.randn(2, k * I + Is, device="cuda").to(dtype)
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_KERNEL"):
+        moe_decode_down(act, w.down, ids, topk_weights(2, k, "cuda"), w.shared_down)

@@ -228,9 +228,20 @@ at::Tensor aligned_contiguous(const at::Tensor& t) {
   return c;
 }
 
+// The launchers read DOTS1_EXT_MOE_DECODE_KERNEL themselves ("simple" forces the fallback kernels);
+// a value they would not recognise is an error here rather than silently the default.
+void check_kernel_env() {
+  const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_KERNEL");
+  if (v == nullptr || *v == '\0') return;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "auto" || s == "fast" || s == "simple",
+                    "dots1_ext: DOTS1_EXT_MOE_DECODE_KERNEL must be auto, fast or simple, got '", s, "'");
+}
+
 at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor& gate_up,
                                    const at::Tensor& topk_ids_in, const std::optional<at::Tensor>& shared_gate_up,
                                    c10::string_view epilogue_view) {
+  check_kernel_env();
   const GateUpShape g = check_gate_up(hidden_in, gate_up, topk_ids_in, shared_gate_up, std::string(epilogue_view));
   c10::cuda::CUDAGuard guard(hidden_in.device());
   const at::Tensor hidden = aligned_contiguous(hidden_in);
@@ -247,6 +258,7 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor
 at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down, const at::Tensor& topk_ids_in,
                                 const at::Tensor& topk_weights_in, const std::optional<at::Tensor>& shared_down,
                                 const std::optional<at::Tensor>& residual_in) {
+  check_kernel_env();
   const DownShape d = check_down(act_in, down, topk_ids_in, topk_weights_in, shared_down, residual_in);
   c10::cuda::CUDAGuard guard(act_in.device());
   const at::Tensor act = aligned_contiguous(act_in);
