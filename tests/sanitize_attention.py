@@ -11,6 +11,10 @@ cache's end.) Paths: fp32/fp16/bf16; head_dim 64/128/256 (16-byte copies), 96 (p
 3, 4, 8 and 12 = two head chunks); 1, 2, 4 and 8 splits (cluster combine); ranges that end exactly at
 the cache's end, windows, empty ranges and bad bounds (which must read nothing and give NaN). Exits
 non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
+
+DOTS1_SANITIZE_SMALL=1 (what bench/gpu_check.sh sets for racecheck and synccheck, whose per-launch cost
+is far above memcheck's) keeps one case per kernel structure: bf16, one, two and several query heads
+per CTA, two head chunks, 1 / 2 / 8 / 16 splits.
 """
 
 from __future__ import annotations
@@ -82,10 +86,16 @@ def main() -> int:
         (3, 4, 2, 34, 80),  # 4-byte copies
         (8, 2, 2, 128, 520),
     ]
-    for splits in ("1", "2", "4", "8", "16", "auto"):
+    small = os.environ.get("DOTS1_SANITIZE_SMALL") == "1"
+    split_counts = ("1", "2", "4", "8", "16", "auto")
+    if small:
+        shapes = [shapes[0], shapes[1], shapes[4], shapes[5]]
+        split_counts = ("1", "2", "8", "16")
+    for splits in split_counts:
         os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
         # 2 and 4 splits take the same cluster code as 8: one dtype is enough there.
-        dtypes = (torch.bfloat16,) if splits in ("2", "4", "16") else (torch.float32, torch.float16, torch.bfloat16)
+        dtypes = (torch.bfloat16,) if splits in ("2", "4", "16") or small else (
+            torch.float32, torch.float16, torch.bfloat16)
         for dtype in dtypes:
             for B, Hq, Hk, D, S in shapes:
                 for window in (0, 33):
