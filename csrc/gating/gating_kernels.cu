@@ -537,6 +537,17 @@ cudaError_t launch_router_grid(const T* hidden, const T* weight, const float* bi
                     workspace, slot, weights_out, ids_out);
 }
 
+// The decode routers' shared preconditions: cudaSuccess to launch, or the error to return (with
+// num_tokens <= 0 answered by the callers first: nothing to launch).
+cudaError_t router_decode_args(int64_t num_tokens, int num_experts, int hidden_size, int k, int n_group,
+                               int topk_group) {
+  if (num_tokens > kRouterFusedMaxTokens) return cudaErrorNotSupported;
+  if (num_experts < 1 || num_experts > kGatingMaxExperts || k < 1 || k > kGatingMaxTopk || k > num_experts ||
+      n_group < 1 || num_experts % n_group != 0 || topk_group < 1 || topk_group > n_group || hidden_size < 0)
+    return cudaErrorInvalidValue;
+  return cudaSuccess;
+}
+
 }  // namespace
 
 cudaError_t launch_router_topk_gating_fused(const void* hidden, const void* router_weight, DType dtype,
@@ -545,10 +556,8 @@ cudaError_t launch_router_topk_gating_fused(const void* hidden, const void* rout
                                             float scale, float* topk_weights, int32_t* topk_ids,
                                             cudaStream_t stream, bool use_pdl) {
   if (num_tokens <= 0) return cudaSuccess;
-  if (num_tokens > kRouterFusedMaxTokens) return cudaErrorNotSupported;
-  if (num_experts < 1 || num_experts > kGatingMaxExperts || k < 1 || k > kGatingMaxTopk || k > num_experts ||
-      n_group < 1 || num_experts % n_group != 0 || topk_group < 1 || topk_group > n_group || hidden_size < 0)
-    return cudaErrorInvalidValue;
+  if (const cudaError_t bad = router_decode_args(num_tokens, num_experts, hidden_size, k, n_group, topk_group))
+    return bad;
   const bool grouped = topk_group < n_group;
   cudaError_t err = cudaErrorInvalidValue;
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
@@ -589,10 +598,8 @@ cudaError_t launch_router_topk_gating_grid(const void* hidden, const void* route
                                            float* workspace, float* topk_weights, int32_t* topk_ids,
                                            cudaStream_t stream, bool use_pdl) {
   if (num_tokens <= 0) return cudaSuccess;
-  if (num_tokens > kRouterFusedMaxTokens) return cudaErrorNotSupported;
-  if (num_experts < 1 || num_experts > kGatingMaxExperts || k < 1 || k > kGatingMaxTopk || k > num_experts ||
-      n_group < 1 || num_experts % n_group != 0 || topk_group < 1 || topk_group > n_group || hidden_size < 0)
-    return cudaErrorInvalidValue;
+  if (const cudaError_t bad = router_decode_args(num_tokens, num_experts, hidden_size, k, n_group, topk_group))
+    return bad;
   const bool grouped = topk_group < n_group;
   cudaError_t err = cudaErrorInvalidValue;
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
