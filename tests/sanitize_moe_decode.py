@@ -18,7 +18,7 @@ bad ids (NaN poison where the reference has it, also in a 64-token launch), and 
 (fp32, I not a multiple of 8, forced by DOTS1_EXT_MOE_DECODE_KERNEL=simple, k past the fast path's 512
 pairs). Exits non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
 
-``--small`` (or DOTS1_EXT_SANITIZE_SMALL=1) runs a minimal set for the slow tools (racecheck /
+``--small`` (or DOTS1_SANITIZE_SMALL=1, which bench/gpu_check.sh sets for them) runs a minimal set for the slow tools (racecheck /
 synccheck: the full set took > 70 s under racecheck before the 64-token cases): bf16 only, one case
 per kernel variant and schedule shape (T = 1, 16, 64 with hot experts, one expert for all, 512 distinct
 experts, bad ids, NT = 4, a K tail), and the fp32 fallback once.
@@ -77,7 +77,7 @@ def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual
 
 
 def small() -> bool:
-    return "--small" in sys.argv[1:] or os.environ.get("DOTS1_EXT_SANITIZE_SMALL", "") not in ("", "0")
+    return "--small" in sys.argv[1:] or os.environ.get("DOTS1_SANITIZE_SMALL", "") not in ("", "0")
 
 
 def with_nt(nt: str, fn) -> None:
