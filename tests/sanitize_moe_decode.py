@@ -18,8 +18,8 @@ bad ids (NaN poison where the reference has it, also in a 64-token launch), and 
 (fp32, I not a multiple of 8, forced by DOTS1_EXT_MOE_DECODE_KERNEL=simple, k past the fast path's 512
 pairs). Exits non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
 
-``--small`` (or DOTS1_SANITIZE_SMALL=1, which bench/gpu_check.sh sets for them) runs a minimal set for the slow tools (racecheck /
-synccheck: the full set took > 70 s under racecheck before the 64-token cases): bf16 only, one case
+``--small`` (or DOTS1_SANITIZE_SMALL=1, which bench/gpu_check.sh sets for them) runs a minimal set
+for the slow tools (racecheck / synccheck: the full set took > 70 s under racecheck before the 64-token cases): bf16 only, one case
 per kernel variant and schedule shape (T = 1, 16, 64 with hot experts, one expert for all, 512 distinct
 experts, bad ids, NT = 4, a K tail), and the fp32 fallback once.
 """
@@ -52,7 +52,8 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -
     err = (o - r).abs().amax(dim=1)
     bound = ROW_RTOL[dtype] * r.abs().amax(dim=1)
     if (err > bound).any():
-        failures.append(f"{name}: {int((err > bound).sum())} rows off (worst {float((err / bound.clamp_min(1e-30)).max()):.2f}x)")
+        worst = float((err / bound.clamp_min(1e-30)).max())
+        failures.append(f"{name}: {int((err > bound).sum())} rows off (worst {worst:.2f}x)")
 
 
 def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual=True, ids=None):
