@@ -20,9 +20,10 @@ peer's output is checked against ours (and both against an fp32 reference) befor
 Timing: each implementation is captured in one CUDA graph of several calls cycling over WEIGHT_SETS
 copies of the weights (so L2 does not serve the experts the previous call read), the graphs replayed
 round-robin (bench.common.time_fns), median replay / calls. Floor: max(touched experts' bytes / the read
-ceiling, FLOPs / the dense GEMM rate), the read ceiling measured in the same run as a cuBLAS GEMV
-(F.linear at M=1) over a ~1.5 GB weight. Issue 15's bar: the lower speed of 1.15x the tuned peer and
-0.95 of the floor, and never slower than the tuned peer.
+ceiling, FLOPs / the dense GEMM rate), the read ceiling measured in the same run (bench.common.
+read_ceiling_gbs: the best of torch.sum, a cuBLAS GEMV and our skinny_gemm at M=1 over ~1.5 GB).
+Issue 15's bar: the lower speed of 1.15x the tuned peer and 0.95 of the floor, and never slower than
+the tuned peer.
 
     python -m bench.bench_moe_peer [--quick]
 """
@@ -39,7 +40,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import ROOT, Report, Row, bench_main, capture_graph, gemm_tflops, on_gpu, time_fn, time_fns
+from bench.common import (ROOT, Report, Row, bench_main, capture_graph, gemm_tflops, on_gpu, read_ceiling_gbs, time_fn,
+                          time_fns)
 from dots1_ext import ops
 
 REAL = dict(E=128, k=6, H=4096, I=1408)
@@ -218,21 +220,6 @@ def graph_ms(fn, calls: list[tuple], iters: int) -> float:
     return ms
 
 
-def read_ceiling_gbs() -> tuple[float, float]:
-    """(GB/s, GB) of a cuBLAS GEMV (F.linear at M=1) over one large weight: what a weight-streaming
-    kernel can read, which the copy bandwidth (read + write) understates."""
-    gpu = on_gpu()
-    K, N = (4096, 180224) if gpu else (1024, 16384)  # 1.48 GB bf16 / 64 MB fp32
-    dtype = torch.bfloat16 if gpu else torch.float32
-    device = "cuda" if gpu else "cpu"
-    w = torch.randn(N, K, device=device, dtype=dtype)
-    x = torch.randn(1, K, device=device, dtype=dtype)
-    ms = time_fn(lambda: F.linear(x, w), warmup=3, iters=20)
-    nbytes = w.numel() * w.element_size()
-    del w
-    return nbytes / (ms * 1e-3) / 1e9, nbytes / 1e9
-
-
 def calls_per_graph(T: int) -> int:
     return 8 if T <= 64 else 4 if T <= 512 else 2
 
@@ -260,12 +247,12 @@ def run(quick: bool = False) -> list[Report]:
     notes.append(f"peer: {where}" if peer is not None else where)
     budget = sweep_budget_s(quick)
 
-    read_gbs, read_gb = read_ceiling_gbs()
+    read_gbs, read_detail = read_ceiling_gbs()
     gemm_rate = gemm_tflops()
     report = Report(f"MoE routed experts vs vLLM fused_moe (H={H}, E={E}, top-{k}, I={I}, "
                     f"{str(dtype).replace('torch.', '')}, {device}, read ceiling {read_gbs:.0f} GB/s, "
                     f"dense GEMM {gemm_rate:.0f} TFLOP/s)")
-    notes.append(f"read ceiling: GEMV (F.linear, M=1; cuBLAS on GPU) over a {read_gb:.2f} GB weight, {read_gbs:.0f} GB/s; "
+    notes.append(f"read ceiling: {read_detail}; "
                  f"floor = max(touched experts' bytes / read ceiling, FLOPs / dense GEMM rate)")
 
     sets = [make_weights(s, device, dtype, seed=i) for i in range(WEIGHT_SETS if gpu else 1)]

@@ -9,8 +9,9 @@ shapes. Each implementation is captured in one CUDA graph of many calls (launch 
 in a decode step's graph) that rotates over enough copies of the weight (>= 200 MB together) for L2
 (50 MB) never to serve a repeated read; the graphs are replayed round-robin and the median per call
 reported. Floors: weight + x + output bytes over the measured device copy bandwidth ("floor",
-floor / time beside it), and over the read-only ceiling measured in the same run (torch.sum over a
-1.5 GB tensor: "read floor" in the notes). Without --quick the tensor-core kernel is also timed with
+floor / time beside it), and over the read-only ceiling measured in the same run (bench.common.
+read_ceiling_gbs: the best of torch.sum, a cuBLAS GEMV and our M=1 kernel over 1.5 GB; "read floor" in the
+notes). Without --quick the tensor-core kernel is also timed with
 its tile choice forced to 1 and 2 weight tiles per warp (DOTS1_EXT_SKINNY_TILES), for tuning.
 """
 
@@ -24,7 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.common import Report, Row, bench_main, capture_graph, replay_ms, copy_bandwidth_gbs, on_gpu, time_fn
+from bench.common import (Report, Row, bench_main, capture_graph, copy_bandwidth_gbs, on_gpu, read_ceiling_gbs, replay_ms,
+                          time_fn)
 from dots1_ext.ops.skinny_gemm import skinny_gemm
 
 # (name, N, K, epilogue)
@@ -39,20 +41,6 @@ DOTS1_SHAPES = [
 ]
 CPU_SHAPES = [("qkv (small)", 384, 256, "none"), ("gate_up (small)", 512, 256, "swiglu")]
 ROTATION_BYTES = 200e6
-_READ: dict[str, float] = {}
-
-
-def read_bandwidth_gbs() -> float:
-    """Read-only streaming rate in GB/s: torch.sum over a 1.5 GB bf16 tensor (GPU; 64 MB on CPU)."""
-    if "read" not in _READ:
-        n = int(1.5e9) // 2 if on_gpu() else (1 << 25)
-        t = torch.ones(n, dtype=torch.bfloat16, device="cuda" if on_gpu() else "cpu")
-        ms = time_fn(lambda: t.sum(), warmup=3, iters=10)
-        _READ["read"] = 2 * n / (ms * 1e-3) / 1e9
-        del t
-    return _READ["read"]
-
-
 def with_tiles(tiles: str | None, fn: Callable) -> Callable:
     """fn with DOTS1_EXT_SKINNY_TILES set (read by the op at launch, so also while capturing a graph)."""
     if tiles is None:
@@ -93,9 +81,10 @@ def run(quick: bool = False) -> list[Report]:
     if gpu and quick:
         shapes = [s for s in shapes if s[0] in ("qkv", "dense gate_up", "shared down", "lm_head")]
     Ms = (1, 8, 16) if not quick or gpu else (1, 16)
-    copy_gbs, read_gbs = copy_bandwidth_gbs(), read_bandwidth_gbs()
+    copy_gbs, (read_gbs, read_detail) = copy_bandwidth_gbs(), read_ceiling_gbs()
     report = Report(f"skinny_gemm (decode linears, {str(dtype).replace('torch.', '')}, copy {copy_gbs:.0f} GB/s, "
                     f"read ceiling {read_gbs:.0f} GB/s)")
+    report.notes.append(f"read ceiling: {read_detail}")
     if not gpu:
         report.notes.append("CPU timings of small shapes (the harness check); the GPU run times the Dots1 shapes")
     esize = torch.finfo(dtype).bits // 8

@@ -89,7 +89,7 @@ def time_fns(fns: dict[str, Callable[[], object]], warmup: int = 5, rounds: int 
     return {label: statistics.median(v) for label, v in samples.items()}
 
 
-_CEILINGS: dict[str, float] = {}
+_CEILINGS: dict[str, float | str] = {}
 
 
 def capture_graph(fn: Callable[..., object], calls: list[tuple]) -> "torch.cuda.CUDAGraph":
@@ -143,6 +143,36 @@ def copy_bandwidth_gbs() -> float:
         ms = time_fn(lambda: dst.copy_(src), warmup=3, iters=10)
         _CEILINGS["copy"] = 2 * n / (ms * 1e-3) / 1e9
     return _CEILINGS["copy"]
+
+
+def read_ceiling_gbs() -> tuple[float, str]:
+    """(GB/s, which kernel) of the fastest read-only stream measured over ~1.5 GB, weights read once: what
+    a weight-streaming kernel can reach (the copy bandwidth counts a write per read and sits below it).
+    The best of torch.sum (a reduction), a cuBLAS GEMV (F.linear at M=1, lm_head's row length) and, when
+    the extension has CUDA kernels, our skinny_gemm at M=1 over the same weight. Cached per process."""
+    if "read" not in _CEILINGS:
+        gpu = on_gpu()
+        device, dtype = default_device(), (torch.bfloat16 if gpu else torch.float32)
+        K = 4096 if gpu else 1024
+        N = (int(1.5e9) // (2 * K)) // 256 * 256 if gpu else 16384
+        w = torch.randn(N, K, device=device, dtype=dtype)
+        x = torch.randn(1, K, device=device, dtype=dtype)
+        nbytes = w.numel() * w.element_size()
+        candidates = {"torch.sum": lambda: w.sum(),
+                      ("cuBLAS GEMV" if gpu else "F.linear"): lambda: torch.nn.functional.linear(x, w)}
+        if gpu:
+            from dots1_ext import ops
+            from dots1_ext.ops._lib import has_kernel
+
+            if has_kernel("skinny_gemm", "CUDA"):
+                candidates["skinny_gemm M=1"] = lambda: ops.skinny_gemm(x, w, "none")
+        rates = {name: nbytes / (time_fn(fn, warmup=3, iters=10) * 1e-3) / 1e9 for name, fn in candidates.items()}
+        del w
+        best = max(rates, key=rates.get)
+        _CEILINGS["read"] = rates[best]
+        _CEILINGS["read_detail"] = (f"best of {', '.join(f'{k} {v:.0f}' for k, v in rates.items())} GB/s "
+                                    f"over a {nbytes / 1e9:.2f} GB weight: {best}")
+    return _CEILINGS["read"], _CEILINGS["read_detail"]
 
 
 def gemm_tflops() -> float:
