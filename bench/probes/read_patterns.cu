@@ -9,6 +9,7 @@
 // U = 8 steps (two 16-byte loads per step) before it consumes any. Only the address pattern and the
 // cache hints differ:
 //   rows8x64   the MMA-fragment pattern the kernels use: one warp load covers 8 rows x 64 B
+//   rows4x128  one warp load covers 4 rows x 128 B (one cache line each)
 //   rows2x256  one warp load covers 2 rows x 256 B
 //   row1x512   one warp load covers 512 contiguous bytes of one row
 // each with ld.global.nc.L1::no_allocate, and with the .L2::256B prefetch-size hint added. Reference
@@ -56,6 +57,9 @@ __device__ __forceinline__ int64_t share_offset(int i, int lane) {
   if constexpr (kPattern == 0) {  // rows8x64: step s = i / 2, half h = i % 2 (rows g or g + 8)
     const int s = i >> 1, h = i & 1, g = lane >> 2, c = lane & 3;
     return static_cast<int64_t>(g + 8 * h) * kRowBytes + s * 64 + c * 16;
+  } else if constexpr (kPattern == 3) {  // rows4x128: load i covers rows 4 (i / 8) + {0..3}, 128 B each
+    const int quad = i >> 3, eighth = i & 7, r = lane >> 3, l = lane & 7;
+    return static_cast<int64_t>(4 * quad + r) * kRowBytes + eighth * 128 + l * 16;
   } else if constexpr (kPattern == 1) {  // rows2x256: load i covers rows 2 (i / 4) + {0, 1}, 256 B each
     const int pair = i >> 2, quarter = i & 3, r = lane >> 4, l = lane & 15;
     return static_cast<int64_t>(2 * pair + r) * kRowBytes + quarter * 256 + l * 16;
@@ -125,6 +129,8 @@ int main() {
   };
   row("rows8x64 (the kernels' pattern)", stream_kernel<0, false>);
   row("rows8x64 + L2::256B", stream_kernel<0, true>);
+  row("rows4x128", stream_kernel<3, false>);
+  row("rows4x128 + L2::256B", stream_kernel<3, true>);
   row("rows2x256", stream_kernel<1, false>);
   row("rows2x256 + L2::256B", stream_kernel<1, true>);
   row("row1x512", stream_kernel<2, false>);
