@@ -50,8 +50,14 @@ def main() -> int:
         sep = (top[:, :-1] - top[:, 1:]).min(dim=-1).values > 1e-5
         expect(torch.equal(ids[sep], rids[sep]), f"router ids {what}")
 
-    for T, E, k, ng, tg in [(0, 128, 6, 1, 1), (1, 128, 6, 1, 1), (7, 64, 8, 8, 4), (33, 512, 16, 8, 2), (5, 8, 8, 1, 1),
-                            (9, 40, 3, 1, 1), (17, 256, 8, 8, 4)]:
+    # --small / DOTS1_SANITIZE_SMALL=1 (racecheck, synccheck: the full set did not finish in 45 s under
+    # racecheck): one shape per kernel variant, bf16 routers only.
+    small = "--small" in sys.argv or os.environ.get("DOTS1_SANITIZE_SMALL") == "1"
+    cases = [(0, 128, 6, 1, 1), (1, 128, 6, 1, 1), (7, 64, 8, 8, 4), (33, 512, 16, 8, 2), (5, 8, 8, 1, 1),
+             (9, 40, 3, 1, 1), (17, 256, 8, 8, 4)]
+    if small:
+        cases = [(1, 128, 6, 1, 1), (7, 64, 8, 8, 4), (17, 256, 8, 8, 4)]
+    for T, E, k, ng, tg in cases:
         logits = torch.randn(T, E, device=dev)
         bias = torch.randn(E, device=dev) * 0.1
         for renorm in (True, False):
@@ -66,9 +72,9 @@ def main() -> int:
             expect(torch.equal(ids, R.topk_gating(nan_logits, bias, k, ng, tg, True, 1.0)[1]), f"NaN ids E={E}")
         for kernel in ("grid", "cluster", "gemm"):
             os.environ["DOTS1_EXT_ROUTER_KERNEL"] = kernel
-            for dtype in (torch.bfloat16, torch.float32):
+            for dtype in (torch.bfloat16,) if small else (torch.bfloat16, torch.float32):
                 # 1100: more than one 1 KB column slice of the grid kernel, the last one partial.
-                for H in (64, 13, 1100):
+                for H in (13, 1100) if small else (64, 13, 1100):
                     for Tr in sorted({max(T, 0), 16, 17}):  # fused up to 16 tokens, GEMM path above
                         hidden = torch.randn(Tr, H, device=dev).to(dtype)
                         weight = (torch.randn(E, H, device=dev) / H**0.5).to(dtype)
@@ -84,7 +90,7 @@ def main() -> int:
                                    k, ng, tg, True, 1.0)
             os.environ.pop("DOTS1_EXT_ROUTER_KERNEL")
     torch.cuda.synchronize()
-    print("sanitize_gating:", "OK" if failures == 0 else f"{failures} mismatches")
+    print("sanitize_gating:", "small set" if small else "full set", "OK" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0
 
 
