@@ -1,7 +1,11 @@
 """The MoE experts of a decode step at real Dots1 shape (H=4096, 128 experts top-6, I=1408, shared
-Is=2816, bf16): ours = moe_decode_gate_up + moe_decode_down (two launches), against the current path
-timed in the same run on the same weights and ids = permute + grouped_gemm gate_up (SwiGLU fused) +
-grouped_gemm down + the shared experts as an F.linear MLP + unpermute (combine + residual).
+Is=2816, bf16): ours = moe_decode_gate_up + moe_decode_down (two launches, up to 64 tokens each),
+against the current path timed in the same run on the same weights and ids = permute + grouped_gemm
+gate_up (SwiGLU fused) + grouped_gemm down + the shared experts as an F.linear MLP + unpermute
+(combine + residual). Above 16 tokens also ours in 16-token launches (what the op did before it took
+64 tokens per launch: every chunk re-reads the experts it touches) and ours with four n-tiles per MMA
+(DOTS1_EXT_MOE_DECODE_NT=4: 32-column items, so fewer hot-expert re-reads, but a quarter of the bytes
+in flight per lane), to choose the default.
 
 Each implementation is captured in one CUDA graph holding ``CALLS`` calls that cycle over
 ``WEIGHT_SETS`` full copies of the layer's expert weights and fresh random distinct top-6 ids per call,
@@ -14,6 +18,7 @@ Median replay time / CALLS. Floor: the bytes of the experts the calls touch (dis
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import torch
@@ -52,6 +57,25 @@ def ours(x, w, ids, weights, residual):
     return moe_decode_down(act, w["down"], ids, weights, w["shared_down"], residual)
 
 
+CHUNK_T = 16  # the tokens per launch before 64-token launches
+
+
+def ours_16_token_launches(x, w, ids, weights, residual):
+    """The op as it ran before (16 tokens per launch, each touched expert re-read per chunk)."""
+    T = x.shape[0]
+    return torch.cat([ours(x[t0:t0 + CHUNK_T], w, ids[t0:t0 + CHUNK_T], weights[t0:t0 + CHUNK_T],
+                           residual[t0:t0 + CHUNK_T]) for t0 in range(0, T, CHUNK_T)])
+
+
+def ours_nt4(x, w, ids, weights, residual):
+    """Ours with DOTS1_EXT_MOE_DECODE_NT=4 (read at launch: a captured graph keeps those kernels)."""
+    os.environ["DOTS1_EXT_MOE_DECODE_NT"] = "4"
+    try:
+        return ours(x, w, ids, weights, residual)
+    finally:
+        del os.environ["DOTS1_EXT_MOE_DECODE_NT"]
+
+
 def current_path(x, w, ids, weights, residual):
     permuted, offsets, row_map = ops.permute(x, ids, w["gate_up"].shape[0])
     act = ops.grouped_gemm(permuted, w["gate_up"], offsets, "swiglu_interleaved")
@@ -76,7 +100,7 @@ def run(quick: bool = False) -> list[Report]:
     dtype = torch.bfloat16 if gpu else torch.float32
     s = REAL if gpu else TINY
     E, k, H, I, Is = s["E"], s["k"], s["H"], s["I"], s["Is"]
-    tokens = [1, 2, 4, 8, 16] if gpu else [1, 4]
+    tokens = [1, 2, 4, 8, 16, 32, 64] if gpu else [1, 4]
     sets = [make_weights(s, device, dtype) for _ in range(WEIGHT_SETS if gpu else 1)]
     elt = torch.finfo(dtype).bits // 8
     expert_bytes, shared_bytes = 3 * I * H * elt, 3 * Is * H * elt
@@ -99,8 +123,12 @@ def run(quick: bool = False) -> list[Report]:
             for ids in id_bufs:
                 ids.copy_(draw_ids(T, k, E))
 
-        impls = {"dots1_ext moe_decode (2 launches)": ours, "permute + grouped_gemm x2 + shared MLP + unpermute":
-                 current_path}
+        impls = {"dots1_ext moe_decode (2 launches)": ours}
+        if T > CHUNK_T:
+            impls[f"dots1_ext moe_decode, {CHUNK_T}-token launches (before)"] = ours_16_token_launches
+            if gpu:
+                impls["dots1_ext moe_decode NT=4"] = ours_nt4
+        impls["permute + grouped_gemm x2 + shared MLP + unpermute"] = current_path
         for label, fn in impls.items():
             if gpu:
                 ms = graph_ms(fn, calls, redraw, iters=5 if quick else 20)

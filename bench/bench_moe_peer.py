@@ -4,7 +4,8 @@ E=128 top-6, I=1408, bf16), ours against vLLM's tuned Triton fused-MoE kernel (i
     out[t] = sum_j w[t, j] * down[ids[t, j]] @ (silu(gate[ids[t, j]] @ x[t]) * up[ids[t, j]] @ x[t])
 
 - ours: permute -> grouped_gemm(gate_up, "swiglu_interleaved") -> grouped_gemm(down) -> unpermute, and
-  for T <= 16 also moe_decode_gate_up + moe_decode_down (what decode runs). Ours reads the interleaved
+  for T <= 64 also moe_decode_gate_up + moe_decode_down (what decode runs up to modules.
+  MOE_DECODE_MAX_TOKENS; one launch each up to 64 tokens). Ours reads the interleaved
   copy of gate_up (SwiGLU fused in the epilogue), as the model does.
 - peer: vLLM's ``fused_experts`` (../shared/peers/vllm_fused_moe.py, never part of the project) in the
   HF layout, with per (T, routing) the best config of a time-boxed sweep over the peer's own candidates
@@ -46,7 +47,7 @@ TINY = dict(E=8, k=2, H=256, I=128)
 PEER_MODULE = "vllm_fused_moe"
 PEERS_DIR_ENV = "DOTS1_EXT_PEERS_DIR"
 SWEEP_ENV = "DOTS1_EXT_PEER_SWEEP_S"
-DECODE_MAX_T = 16  # the moe_decode ops read each touched expert once per launch of up to 16 tokens
+DECODE_MAX_T = 64  # the moe_decode ops read each touched expert once per launch of up to 64 tokens
 WEIGHT_SETS = 2  # x 7.4 GB at real shape (HF gate_up for the peer, interleaved gate_up for ours, down)
 PEER_TOL = 2e-2  # the peer's own tolerance: max |out - ref| / max |ref|
 ROUTINGS = ("balanced", "zipf")
@@ -246,7 +247,7 @@ def run(quick: bool = False) -> list[Report]:
     s = REAL if gpu else TINY
     E, k, H, I = s["E"], s["k"], s["H"], s["I"]
     if gpu:
-        Ts = [8, 4096] if quick else [1, 8, 64, 512, 4096, 16384]
+        Ts = [8, 4096] if quick else [1, 8, 32, 64, 512, 4096, 16384]
     else:
         Ts = [8, 64] if quick else [1, 8, 64]
     elt = torch.finfo(dtype).bits // 8

@@ -89,6 +89,34 @@ __device__ __forceinline__ float warp_max(float v) {
 
 inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned int>((a + b - 1) / b); }
 
+// How many clusters of `size` CTAs (1-D) of `kernel` can be resident at once on the current device;
+// 0 when that size is not offered. Sizes above 8 first opt the kernel into non-portable cluster sizes.
+// Host-only; a failed probe's own error is cleared (callers check that none was pending before).
+template <typename Kernel>
+int max_active_clusters(Kernel kernel, int size, int threads, int smem_bytes) {
+  if (size > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(size);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem_bytes;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = size;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return clusters;
+}
+
 // A host-side value computed once per device and cached (device attributes, kernel attributes):
 // std::call_once per device makes the first fill safe when several host threads launch at once.
 // Devices past kMaxDevices are computed on every call (uncached, still correct).

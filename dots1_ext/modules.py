@@ -36,7 +36,8 @@ from dots1_ext.ops.gating import ROUTER_FUSED_MAX_TOKENS  # noqa: E402  (one def
 # cuBLAS streams large plain weights slightly faster (H200, bench/results 2026-11-29: qkv and lm_head
 # at M=8, 0.94x), so skinny_gemm keeps the fused-SwiGLU and the small (< SKINNY_LARGE_WEIGHT elements)
 # weights there. The MoE layer likewise runs its decode ops (the routed and shared experts in two
-# launches, each touched expert read once) up to MOE_DECODE_MAX_TOKENS.
+# launches, each touched expert read once) up to MOE_DECODE_MAX_TOKENS. (The ops take up to 64 tokens
+# per launch; raising this switch waits on bench_moe_decode / bench_moe_peer at T = 32, 64.)
 SKINNY_MAX_ROWS = 16
 SKINNY_ALWAYS_ROWS = 4
 SKINNY_LARGE_WEIGHT = 32 * 2**20

@@ -1,20 +1,27 @@
 """Runs every CUDA kernel path of the MoE decode family once on small shapes, for compute-sanitizer.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck  python tests/sanitize_moe_decode.py
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck python tests/sanitize_moe_decode.py
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck python tests/sanitize_moe_decode.py
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool synccheck python tests/sanitize_moe_decode.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck python tests/sanitize_moe_decode.py --small
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool synccheck python tests/sanitize_moe_decode.py --small
 
 (Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees an access past
 a tensor's end.) Paths: the tensor-core kernels (bf16 / fp16; gate_up in the HF and interleaved
-layouts; with and without shared experts and residual; one token, a full 16-token launch, T=17 in two
-launches, k=20 (6 tokens per launch), one expert taking every pair (several 16-column items), a K
-that is not a multiple of the 32-wide step, H not a multiple of 16, the one-n-tile kernels (T <= 8)
-and the two-n-tile ones, items cut at 8 columns, more gate_up tiles than CTAs (the persistent loop)
-and many down items per warp (items cut by warp boundaries)), bad ids (NaN poison where the
-reference has it), and the simple kernels (fp32, I not a multiple of 8, forced by
-DOTS1_EXT_MOE_DECODE_KERNEL=simple, k past the fast path's 128 pairs). Exits non-zero if an output
-disagrees with the reference, so it doubles as a quick smoke test.
+layouts; with and without shared experts and residual; one token, a 16-token launch, a full 64-token
+launch (384 pairs; the shared experts in four 16-token column groups), T=65 in two launches, 512 pairs
+on 512 distinct experts (the most one launch takes), k=20 (25 tokens per launch), one expert taking
+every pair (several 16-column items side by side), a K that is not a multiple of the 32-wide step, H
+not a multiple of 16, the one-n-tile kernels (T <= 8) and the two-n-tile ones, the four-n-tile ones
+(DOTS1_EXT_MOE_DECODE_NT=4) and one-n-tile ones at 64 tokens (=1), items cut at 8 columns, more gate_up
+tiles than CTAs (the persistent loop) and many down items per warp (items cut by warp boundaries)),
+bad ids (NaN poison where the reference has it, also in a 64-token launch), and the simple kernels
+(fp32, I not a multiple of 8, forced by DOTS1_EXT_MOE_DECODE_KERNEL=simple, k past the fast path's 512
+pairs). Exits non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
+
+``--small`` (or DOTS1_SANITIZE_SMALL=1, which bench/gpu_check.sh sets for them) runs a minimal set
+for the slow tools (racecheck / synccheck: the full set took > 70 s under racecheck before the 64-token cases): bf16 only, one case
+per kernel variant and schedule shape (T = 1, 16, 64 with hot experts, one expert for all, 512 distinct
+experts, bad ids, NT = 4, a K tail), and the fp32 fallback once.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -
     err = (o - r).abs().amax(dim=1)
     bound = ROW_RTOL[dtype] * r.abs().amax(dim=1)
     if (err > bound).any():
-        failures.append(f"{name}: {int((err > bound).sum())} rows off (worst {float((err / bound.clamp_min(1e-30)).max()):.2f}x)")
+        worst = float((err / bound.clamp_min(1e-30)).max())
+        failures.append(f"{name}: {int((err > bound).sum())} rows off (worst {worst:.2f}x)")
 
 
 def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual=True, ids=None):
@@ -69,40 +77,90 @@ def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual
     check(f"{name} out", out, ref_out, dtype)
 
 
+def small() -> bool:
+    return "--small" in sys.argv[1:] or os.environ.get("DOTS1_SANITIZE_SMALL", "") not in ("", "0")
+
+
+def with_nt(nt: str, fn) -> None:
+    os.environ["DOTS1_EXT_MOE_DECODE_NT"] = nt
+    try:
+        fn()
+    finally:
+        del os.environ["DOTS1_EXT_MOE_DECODE_NT"]
+
+
+def bad_ids(T: int, E: int, k: int) -> torch.Tensor:
+    ids = torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
+    ids[1, 2], ids[3, 0], ids[5, 1] = -1, E, 2**30
+    if T > 40:
+        ids[40, 0], ids[T - 1, k - 1] = -(2**31), E + 1
+    return ids
+
+
+def run_small() -> None:
+    dtype = torch.bfloat16
+    case("small fast T=1", dtype, 1, 24, 6, 256, 64, 128)
+    case("small fast T=16 HF", dtype, 16, 24, 6, 256, 64, 128, "swiglu")
+    case("small fast T=64 hot experts", dtype, 64, 24, 6, 128, 64, 128)
+    case("small fast T=64 one expert", dtype, 64, 8, 6, 64, 32, 32, ids=torch.full((64, 6), 3, dtype=torch.int32))
+    case("small fast T=64 512 distinct", dtype, 64, 512, 8, 32, 16, 16, ids=torch.randperm(512).view(64, 8).int())
+    case("small fast T=64 bad ids", dtype, 64, 10, 3, 64, 32, 32, ids=bad_ids(64, 10, 3))
+    with_nt("4", lambda: case("small fast NT=4 T=64", dtype, 64, 24, 6, 128, 64, 128))
+    case("small fast K tail, H%16", dtype, 3, 5, 2, 72, 24, 40)
+    case("small fast no shared / residual", dtype, 5, 16, 4, 128, 32, 0, residual=False)
+    case("small simple fp32", torch.float32, 5, 12, 3, 64, 32, 48)
+
+
+def run_full() -> None:
+    for dtype in (torch.bfloat16, torch.float16):
+        for epilogue in ("swiglu", "swiglu_interleaved"):
+            for T in (1, 16, 17, 64, 65):
+                case(f"fast {dtype} {epilogue} T={T}", dtype, T, 24, 6, 256, 64, 128, epilogue)
+        case(f"fast {dtype} no shared / residual", dtype, 5, 16, 4, 128, 32, 0, residual=False)
+        case(f"fast {dtype} no shared / residual T=64", dtype, 64, 16, 4, 128, 32, 0, residual=False)
+        case(f"fast {dtype} k=20", dtype, 30, 40, 20, 64, 16, 16)
+        case(f"fast {dtype} one expert", dtype, 16, 8, 6, 64, 32, 32, ids=torch.full((16, 6), 3, dtype=torch.int32))
+        case(f"fast {dtype} one expert T=64", dtype, 64, 8, 6, 64, 32, 32,
+             ids=torch.full((64, 6), 3, dtype=torch.int32))
+        case(f"fast {dtype} 512 distinct experts", dtype, 64, 512, 8, 32, 16, 16,
+             ids=torch.randperm(512).view(64, 8).int())
+        case(f"fast {dtype} K tail, H%16", dtype, 3, 5, 2, 72, 24, 40)
+        case(f"fast {dtype} K tail, H%16 T=64", dtype, 64, 5, 2, 72, 24, 40)
+        case(f"fast {dtype} one expert, 8-column items", dtype, 5, 8, 6, 64, 32, 32,
+             ids=torch.full((5, 6), 3, dtype=torch.int32))
+        for nt in ("1", "4"):
+            with_nt(nt, lambda: case(f"fast {dtype} NT={nt} T=64", dtype, 64, 24, 6, 128, 64, 128))
+        for T in (4, 16) + ((64,) if dtype == torch.bfloat16 else ()):
+            # Real I and Is on a narrow H: thousands of gate_up tiles for 2 CTAs per SM, ~70 (T=64:
+            # ~120) down items of 44 steps over 8 warps.
+            case(f"fast {dtype} many tiles T={T}", dtype, T, 128, 6, 64, 1408, 2816)
+        case(f"fast {dtype} bad ids", dtype, 6, 10, 3, 64, 32, 32, ids=bad_ids(6, 10, 3))
+        case(f"fast {dtype} bad ids T=64", dtype, 64, 10, 3, 64, 32, 32, ids=bad_ids(64, 10, 3))
+    bad = bad_ids(6, 10, 3)
+    case("simple fp32", torch.float32, 5, 12, 3, 64, 32, 48)
+    case("simple fp32 bad ids", torch.float32, 6, 10, 3, 64, 32, 32, ids=bad)
+    case("simple bf16 I%8", torch.bfloat16, 5, 7, 3, 24, 12, 20, epilogue="swiglu")
+    case("simple bf16 k>512", torch.bfloat16, 2, 530, 520, 32, 8, 8)
+    os.environ["DOTS1_EXT_MOE_DECODE_KERNEL"] = "simple"
+    case("simple bf16 forced", torch.bfloat16, 5, 12, 3, 64, 32, 48)
+    case("simple bf16 forced bad ids", torch.bfloat16, 6, 10, 3, 64, 32, 32, ids=bad)
+    del os.environ["DOTS1_EXT_MOE_DECODE_KERNEL"]
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("sanitize_moe_decode: needs a CUDA GPU")
         return 2
     torch.manual_seed(0)
-    for dtype in (torch.bfloat16, torch.float16):
-        for epilogue in ("swiglu", "swiglu_interleaved"):
-            for T in (1, 16, 17):
-                case(f"fast {dtype} {epilogue} T={T}", dtype, T, 24, 6, 256, 64, 128, epilogue)
-        case(f"fast {dtype} no shared / residual", dtype, 5, 16, 4, 128, 32, 0, residual=False)
-        case(f"fast {dtype} k=20", dtype, 13, 40, 20, 64, 16, 16)
-        case(f"fast {dtype} one expert", dtype, 16, 8, 6, 64, 32, 32, ids=torch.full((16, 6), 3, dtype=torch.int32))
-        case(f"fast {dtype} K tail, H%16", dtype, 3, 5, 2, 72, 24, 40)
-        case(f"fast {dtype} one expert, 8-column items", dtype, 5, 8, 6, 64, 32, 32,
-             ids=torch.full((5, 6), 3, dtype=torch.int32))
-        for T in (4, 16):
-            # Real I and Is on a narrow H: thousands of gate_up tiles for 2 CTAs per SM, ~70 down
-            # items of 44 steps over 8 warps.
-            case(f"fast {dtype} many tiles T={T}", dtype, T, 128, 6, 64, 1408, 2816)
-        bad = torch.rand(6, 10).argsort(dim=1)[:, :3].to(torch.int32)
-        bad[1, 2], bad[3, 0], bad[5, 1] = -1, 10, 2**30
-        case(f"fast {dtype} bad ids", dtype, 6, 10, 3, 64, 32, 32, ids=bad)
-    case("simple fp32", torch.float32, 5, 12, 3, 64, 32, 48)
-    case("simple fp32 bad ids", torch.float32, 6, 10, 3, 64, 32, 32, ids=bad)
-    case("simple bf16 I%8", torch.bfloat16, 5, 7, 3, 24, 12, 20, epilogue="swiglu")
-    case("simple bf16 k>128", torch.bfloat16, 3, 140, 130, 32, 8, 8)
-    os.environ["DOTS1_EXT_MOE_DECODE_KERNEL"] = "simple"
-    case("simple bf16 forced", torch.bfloat16, 5, 12, 3, 64, 32, 48)
-    case("simple bf16 forced bad ids", torch.bfloat16, 6, 10, 3, 64, 32, 32, ids=bad)
-    del os.environ["DOTS1_EXT_MOE_DECODE_KERNEL"]
+    if small():
+        run_small()
+    else:
+        run_full()
     torch.cuda.synchronize()
     for f in failures:
         print("MISMATCH", f)
-    print("sanitize_moe_decode:", "ok" if not failures else f"{len(failures)} mismatches")
+    print("sanitize_moe_decode:", "small set" if small() else "full set", "ok" if not failures else
+          f"{len(failures)} mismatches")
     return 1 if failures else 0
 
 

@@ -1,9 +1,10 @@
 """moe_decode_gate_up / moe_decode_down against the fp32 reference and against the current MoE path
 (permute -> grouped_gemm gate_up -> grouped_gemm down -> shared MLP -> unpermute).
 
-CUDA paths: the tensor-core weight-streaming kernels (fp16 / bf16, H, I, Is multiples of 8) and the
-simple fallback (fp32, other shapes, or DOTS1_EXT_MOE_DECODE_KERNEL=simple). Memory check of every
-CUDA path: tests/sanitize_moe_decode.py.
+CUDA paths: the tensor-core weight-streaming kernels (fp16 / bf16, H, I, Is multiples of 8; up to 64
+tokens / 512 (t, j) pairs per launch, chunks above; 1, 2 or 4 n-tiles per MMA, DOTS1_EXT_MOE_DECODE_NT)
+and the simple fallback (fp32, other shapes, or DOTS1_EXT_MOE_DECODE_KERNEL=simple). Memory check of
+every CUDA path: tests/sanitize_moe_decode.py.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ def distinct_ids(T, k, E, device):
     if T == 0:
         return torch.zeros(0, k, dtype=torch.int32, device=device)
     return torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32).to(device)
+
+
+def zipf_ids(T, k, E, device, s=1.2, seed=0):
+    """Each token's k distinct experts drawn with popularity 1 / rank^s (skewed, as real routing): the
+    head experts are chosen by most tokens (several items each at T = 64)."""
+    g = torch.Generator().manual_seed(seed)
+    p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
+    p = p[torch.randperm(E, generator=g)]
+    ids = torch.multinomial(p.expand(T, E).contiguous(), k, replacement=False, generator=g)
+    return ids.to(torch.int32).to(device)
 
 
 def topk_weights(T, k, device):
@@ -101,10 +112,11 @@ def simple_kernel(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [0, 1, 2, 5, 16, 17, 33])
+@pytest.mark.parametrize("T", [0, 1, 2, 5, 16, 17, 32, 33, 48, 64, 65, 130])
 @pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
 def test_matches_reference(device, dtype, T, epilogue):
-    if device == "cpu" and dtype != torch.float32 and T in (17, 33) and epilogue == "swiglu":
+    # 64 tokens (192 pairs here) in one fast launch; 65 and 130: a second / third chunk.
+    if device == "cpu" and dtype != torch.float32 and T > 16 and epilogue == "swiglu":
         pytest.skip("keeps the CPU suite short")
     E, k, H, I, Is = 12, 3, 64, 32, 48
     w = Weights(E, H, I, Is, dtype, device, epilogue)
@@ -150,8 +162,10 @@ def test_matches_current_path(device, dtype, T, epilogue):
 @pytest.mark.parametrize(
     "routing", ["one_expert_for_all", "same_experts_everywhere", "duplicates_in_row", "all_same_id", "k1", "k8"]
 )
-@pytest.mark.parametrize("T", [1, 5, 16, 17])
+@pytest.mark.parametrize("T", [1, 5, 16, 17, 32, 64, 65, 130])
 def test_routing_patterns(device, routing, T):
+    # At T = 64: one_expert_for_all gives expert 7 64 columns (4 items of 16 on CUDA), all_same_id 256
+    # pairs on one expert (16 items), k8 512 pairs (the most one launch takes).
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     E, H, I, Is = 10, 64, 32, 32
     k = {"k1": 1, "k8": 8}.get(routing, 4)
@@ -181,6 +195,31 @@ def test_expert_counts(device, E):
     check_pair(hidden, w, ids, topk_weights(T, k, device), None, dtype, f"E={E}")
 
 
+@pytest.mark.parametrize("T", [64, 65])
+def test_all_distinct_experts(device, T):
+    # Every pair its own expert: 64 tokens x top-8 = 512 pairs (the most one launch takes), 512 items
+    # of one column each; T = 65: the 65th token in a second launch.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is = T * 8, 8, 32, 16, 16
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = torch.randperm(E).view(T, k).to(torch.int32).to(device)
+    check_pair(hidden, w, ids, topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype), dtype,
+               f"all distinct T={T}")
+
+
+@pytest.mark.parametrize("T", [17, 32, 64, 65])
+def test_zipf_routing(device, T):
+    # Skewed routing: a few experts take most tokens (hot experts cut into several items).
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is = 32, 6, 64, 32, 32
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = zipf_ids(T, k, E, device)
+    check_pair(hidden, w, ids, topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype), dtype,
+               f"zipf T={T}")
+
+
 def test_shared_only_k0(device):
     # k = 0: act is the shared experts' columns only, out = shared + residual.
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -192,17 +231,23 @@ def test_shared_only_k0(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bad_ids_poison_only_their_slots(device, dtype):
-    E, k, H, I, Is, T = 8, 3, 32, 16, 16, 6
+@pytest.mark.parametrize("T", [6, 64, 65])
+def test_bad_ids_poison_only_their_slots(device, dtype, T):
+    # T = 64: one launch of 192 pairs with bad ids among them; 65: the last token's bad id is in the
+    # second chunk.
+    E, k, H, I, Is = 8, 3, 32, 16, 16
     w = Weights(E, H, I, Is, dtype, device)
     hidden = torch.randn(T, H, device=device).to(dtype)
     ids = distinct_ids(T, k, E, device)
-    ids[1, 2] = -1
-    ids[3, 0] = E
-    ids[4, 1] = 2**30
+    bad_ids = {(1, 2): -1, (3, 0): E, (4, 1): 2**30}
+    if T > 6:
+        bad_ids.update({(40, 1): -(2**31), (T - 1, 0): E + 1})
+    for (t, j), v in bad_ids.items():
+        ids[t, j] = v
     weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
     act, out = run_both(hidden, w, ids, weights, residual)
-    bad = [(1, 2), (3, 0), (4, 1)]
+    bad = list(bad_ids)
+    bad_tokens = {t for t, _ in bad}
     act_nan = torch.isnan(act.view(T, -1))
     for t in range(T):
         for j in range(k):
@@ -212,7 +257,7 @@ def test_bad_ids_poison_only_their_slots(device, dtype):
     assert_rows_close(act, ref_gate_up(hidden, w, ids), dtype, equal_nan=True, what="act")
     out_nan = torch.isnan(out)
     for t in range(T):
-        assert bool(out_nan[t].all()) == (t in (1, 3, 4)) and bool(out_nan[t].any()) == (t in (1, 3, 4)), t
+        assert bool(out_nan[t].all()) == (t in bad_tokens) and bool(out_nan[t].any()) == (t in bad_tokens), t
     assert_rows_close(out, ref_down(act, w, ids, weights, residual), dtype, equal_nan=True, what="out")
     with pytest.raises(IndexError, match="topk_ids"):
         moe_decode_gate_up(hidden, w.gate_up, ids, w.shared_gate_up, w.epilogue, check_ids=True)
@@ -236,9 +281,10 @@ def test_non_contiguous_inputs(device):
                       dtype, rtol=0.0, what="down on a strided act")
 
 
-def test_deterministic(device):
+@pytest.mark.parametrize("T", [16, 64])
+def test_deterministic(device, T):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    E, k, H, I, Is, T = 16, 6, 128, 64, 64, 16
+    E, k, H, I, Is = 16, 6, 128, 64, 64
     w = Weights(E, H, I, Is, dtype, device)
     hidden = torch.randn(T, H, device=device).to(dtype)
     ids = distinct_ids(T, k, E, device)
@@ -350,7 +396,9 @@ def test_compile_fullgraph(device):
 
 
 @requires_cuda
-@pytest.mark.parametrize("T", [1, 2, 4, 8, 9, 16])  # 8 | 9: the last one-n-tile launch | the first two-n-tile one
+# 8 | 9: the last one-n-tile launch | the first two-n-tile one; 64: one launch of 384 pairs (~122
+# experts); 65, 130: two / three launches.
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 9, 16, 17, 32, 48, 64, 65, 130])
 @pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
 def test_cuda_real_shapes(T, epilogue):
     dtype = torch.bfloat16
@@ -365,9 +413,10 @@ def test_cuda_real_shapes(T, epilogue):
 
 
 @requires_cuda
-@pytest.mark.parametrize("T", [1, 16, 17])
+@pytest.mark.parametrize("T", [1, 16, 17, 32, 64, 65])
 def test_cuda_real_shapes_shared_everywhere(T):
-    # Every token on the same 6 experts: 16 pairs per expert (two full n-tiles), the heaviest item.
+    # Every token on the same 6 experts: T pairs per expert, at T = 64 four full 16-column items each
+    # (the same expert read by four side-by-side tiles), the shared experts in four column groups.
     dtype = torch.bfloat16
     w = Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda")
     hidden = torch.randn(T, REAL["H"], device="cuda").to(dtype)
@@ -383,7 +432,7 @@ def test_cuda_real_shapes_shared_everywhere(T):
      (7, 3, 24, 12, 20), (7, 3, 20, 16, 16)],
     ids=["tiny", "K-tail", "H%16", "odd-E", "I=0", "I%8 (fallback)", "H%8 (fallback)"],
 )
-@pytest.mark.parametrize("T", [1, 5, 16, 33])
+@pytest.mark.parametrize("T", [1, 5, 16, 33, 64, 130])
 def test_cuda_odd_shapes(dtype, shape, T):
     E, k, H, I, Is = shape
     epilogue = "swiglu_interleaved" if I % 8 == 0 else "swiglu"
@@ -395,10 +444,12 @@ def test_cuda_odd_shapes(dtype, shape, T):
 
 
 @requires_cuda
-@pytest.mark.parametrize("k", [20, 130])
+@pytest.mark.parametrize("k", [20, 130, 520])
 def test_cuda_many_experts_per_token(k):
-    # k = 20: 6 tokens per fast launch (at most 128 pairs); k = 130: past the fast path's limit.
-    E, H, I, Is, T, dtype = 160, 64, 16, 16, 17, torch.bfloat16
+    # k = 20: 25 tokens per fast launch (at most 512 pairs); k = 130: 3; k = 520: past the fast path's
+    # limit (the simple kernels).
+    E, H, I, Is, dtype = k + 40, 64, 16, 16, torch.bfloat16
+    T = 17 if k < 512 else 3
     w = Weights(E, H, I, Is, dtype, "cuda")
     hidden = torch.randn(T, H, device="cuda").to(dtype)
     ids = distinct_ids(T, k, E, "cuda")
@@ -406,7 +457,7 @@ def test_cuda_many_experts_per_token(k):
 
 
 @requires_cuda
-@pytest.mark.parametrize("T", [1, 7, 16])
+@pytest.mark.parametrize("T", [1, 7, 16, 64])
 def test_cuda_fast_equals_simple(T, simple_kernel, monkeypatch):
     # The fallback kernel (forced here) and the tensor-core kernel agree with the reference and each
     # other up to rounding.
@@ -425,7 +476,7 @@ def test_cuda_fast_equals_simple(T, simple_kernel, monkeypatch):
 
 @requires_cuda
 @pytest.mark.parametrize("kernel", ["fast", "simple"])
-@pytest.mark.parametrize("T", [1, 16, 17])
+@pytest.mark.parametrize("T", [1, 16, 17, 64, 65])
 def test_cuda_every_element_written(kernel, T, monkeypatch):
     # The caching allocator hands the ops blocks that were just filled with NaN: an element a kernel
     # fails to write stays NaN and fails the comparison.
@@ -445,9 +496,11 @@ def test_cuda_every_element_written(kernel, T, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("T", [1, 4, 16, 20])
+@pytest.mark.parametrize("T", [1, 4, 16, 20, 64, 65])
 @pytest.mark.parametrize("shared", [True, False])
 def test_cuda_graph_replay_with_changed_ids(T, shared):
+    # T = 64: "same" puts 64 pairs on each of 6 experts (4 items each), "one_id" 384 pairs on one
+    # expert (24 items); the schedule is rebuilt on the device at every replay.
     dtype = torch.bfloat16
     E, k, H, I, Is = 32, 6, 256, 128, 128 if shared else 0
     w = Weights(E, H, I, Is, dtype, "cuda")
@@ -482,6 +535,80 @@ def test_cuda_graph_replay_with_changed_ids(T, shared):
         assert torch.equal(act.nan_to_num(), eager_act.nan_to_num()), f"act after replay, {pattern}"
         assert torch.equal(out.nan_to_num(), eager_out.nan_to_num()), f"out after replay, {pattern}"
         assert_rows_close(out, ref_down(eager_act, w, ids, weights, residual), dtype, equal_nan=True, what=pattern)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [32, 64])
+def test_cuda_real_shapes_zipf(T):
+    # Skewed routing at real shape: the head experts take most of the 64 tokens (several items each).
+    dtype = torch.bfloat16
+    w = Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda")
+    hidden = torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    ids = zipf_ids(T, REAL["k"], REAL["E"], "cuda")
+    weights, residual = topk_weights(T, REAL["k"], "cuda"), torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    check_pair(hidden, w, ids, weights, residual, dtype, f"zipf real T={T}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("nt", ["1", "2", "4"])
+@pytest.mark.parametrize("T", [5, 9, 64])
+@pytest.mark.parametrize("routing", ["distinct", "one_expert_for_all"])
+def test_cuda_n_tiles_override(nt, T, routing, monkeypatch):
+    # DOTS1_EXT_MOE_DECODE_NT forces the n-tiles per MMA: items of 8, 16 or 32 columns, the shared
+    # experts in as many column groups; every setting correct (the bits may differ between settings).
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_NT", nt)
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 24, 6, 256, 64, 128
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cpu")
+    if routing == "one_expert_for_all":
+        ids = torch.stack([torch.cat([torch.tensor([7]), r[r != 7][: k - 1]]) for r in
+                           (torch.randperm(E) for _ in range(T))]).to(torch.int32)
+    ids = ids.cuda()
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    a1, o1 = check_pair(hidden, w, ids, weights, residual, dtype, f"NT={nt} T={T} {routing}")
+    a2, o2 = run_both(hidden, w, ids, weights, residual)
+    assert torch.equal(a1, a2) and torch.equal(o1, o2)
+
+
+@requires_cuda
+def test_cuda_n_tiles_bad_setting_raises(monkeypatch):
+    w = Weights(4, 32, 16, 16, torch.bfloat16, "cuda")
+    x = torch.randn(2, 32, device="cuda").to(torch.bfloat16)
+    ids = distinct_ids(2, 2, 4, "cuda")
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_NT", "3")
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_NT"):
+        moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up)
+    monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_NT")
+    act = moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up)
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_NT", "8")
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_NT"):
+        moe_decode_down(act, w.down, ids, topk_weights(2, 2, "cuda"), w.shared_down)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 16, 64])
+def test_cuda_pdl_off_same_bits(T, monkeypatch):
+    # Programmatic dependent launch changes when the CTAs start, never what they compute. Kernels
+    # writing hidden and the ids run right before gate_up (its PDL predecessor), and act is written
+    # by gate_up right before down: both must read them only after the wait.
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 128, 6, 512, 128, 256
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    base_hidden = torch.randn(T, H, device="cuda").to(dtype)
+    base_ids = zipf_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    outs = []
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("DOTS1_EXT_PDL", pdl)
+        hidden = torch.zeros_like(base_hidden)
+        ids = torch.zeros_like(base_ids)
+        ids.copy_(base_ids)
+        hidden.copy_(base_hidden * 2)  # the kernel right before gate_up
+        outs.append(run_both(hidden, w, ids, weights, residual))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    check_pair(base_hidden * 2, w, base_ids, weights, residual, dtype, f"pdl T={T}")
 
 
 @requires_cuda

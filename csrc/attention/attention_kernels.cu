@@ -454,30 +454,7 @@ Residency query_residency(Kernel kernel, int device, int smem_bytes) {
   r.major = major;
   r.ctas = per_sm * sm_count;
   if (major < 9) return r;
-  for (int lg = 1; lg < kSplitLevels; ++lg) {
-    const int size = 1 << lg;
-    if (size > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-      (void)cudaGetLastError();  // the failed attribute call's own error: that size is not offered
-      continue;
-    }
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(size);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = smem_bytes;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = size;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    config.attrs = &attr;
-    config.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
-      (void)cudaGetLastError();  // the failed query's own error: that size is simply not offered
-      clusters = 0;
-    }
-    r.clusters[lg] = clusters;
-  }
+  for (int lg = 1; lg < kSplitLevels; ++lg) r.clusters[lg] = max_active_clusters(kernel, 1 << lg, kThreads, smem_bytes);
   return r;
 }
 

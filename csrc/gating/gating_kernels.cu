@@ -3,6 +3,7 @@
 #include <cooperative_groups.h>
 
 #include <atomic>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 #include "pdl.cuh"
@@ -440,25 +441,8 @@ int query_cluster_size(Kernel kernel, int device) {
     return 0;
   }
   if (major < 9) return 0;
-  for (int size : {16, 8}) {
-    if (size > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-      (void)cudaGetLastError();  // the failed attribute call's own error
-      continue;
-    }
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(size);
-    config.blockDim = dim3(kRouterWarps * 32);
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = size;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    config.attrs = &attr;
-    config.numAttrs = 1;
-    int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0) return size;
-    (void)cudaGetLastError();  // the failed occupancy query's own error (if it failed)
-  }
+  for (int size : {16, 8})
+    if (max_active_clusters(kernel, size, kRouterWarps * 32, 0) > 0) return size;
   return 0;
 }
 
@@ -548,6 +532,20 @@ cudaError_t router_decode_args(int64_t num_tokens, int num_experts, int hidden_s
   return cudaSuccess;
 }
 
+// The decode routers' compile-time dispatch: launch(vpl, grouped, (const T*)nullptr) with the experts
+// per lane, whether group-limited routing runs, and the element type as constants.
+template <typename Launch>
+cudaError_t dispatch_router(DType dtype, int num_experts, bool grouped, Launch&& launch) {
+  cudaError_t err = cudaErrorInvalidValue;
+  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
+    err = dispatch_vpl(num_experts, [&](auto vpl) {
+      const scalar_t* tag = nullptr;
+      return grouped ? launch(vpl, std::true_type{}, tag) : launch(vpl, std::false_type{}, tag);
+    });
+  });
+  return err;
+}
+
 }  // namespace
 
 cudaError_t launch_router_topk_gating_fused(const void* hidden, const void* router_weight, DType dtype,
@@ -558,24 +556,12 @@ cudaError_t launch_router_topk_gating_fused(const void* hidden, const void* rout
   if (num_tokens <= 0) return cudaSuccess;
   if (const cudaError_t bad = router_decode_args(num_tokens, num_experts, hidden_size, k, n_group, topk_group))
     return bad;
-  const bool grouped = topk_group < n_group;
-  cudaError_t err = cudaErrorInvalidValue;
-  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
-    err = dispatch_vpl(num_experts, [&](auto vpl) {
-      constexpr int kVPL = decltype(vpl)::value;
-      const auto* h = static_cast<const scalar_t*>(hidden);
-      const auto* w = static_cast<const scalar_t*>(router_weight);
-      const int T = static_cast<int>(num_tokens);
-      if (grouped)
-        return launch_router_cluster<kVPL, true, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group,
-                                                           topk_group, renormalize, scale, topk_weights, topk_ids,
-                                                           stream, use_pdl);
-      return launch_router_cluster<kVPL, false, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group,
-                                                          topk_group, renormalize, scale, topk_weights, topk_ids,
-                                                          stream, use_pdl);
-    });
+  return dispatch_router(dtype, num_experts, topk_group < n_group, [&](auto vpl, auto grouped, auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    return launch_router_cluster<decltype(vpl)::value, decltype(grouped)::value, T>(
+        static_cast<const T*>(hidden), static_cast<const T*>(router_weight), bias, static_cast<int>(num_tokens),
+        num_experts, hidden_size, k, n_group, topk_group, renormalize, scale, topk_weights, topk_ids, stream, use_pdl);
   });
-  return err;
 }
 
 }  // namespace dots1
@@ -600,24 +586,13 @@ cudaError_t launch_router_topk_gating_grid(const void* hidden, const void* route
   if (num_tokens <= 0) return cudaSuccess;
   if (const cudaError_t bad = router_decode_args(num_tokens, num_experts, hidden_size, k, n_group, topk_group))
     return bad;
-  const bool grouped = topk_group < n_group;
-  cudaError_t err = cudaErrorInvalidValue;
-  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
-    err = dispatch_vpl(num_experts, [&](auto vpl) {
-      constexpr int kVPL = decltype(vpl)::value;
-      const auto* h = static_cast<const scalar_t*>(hidden);
-      const auto* w = static_cast<const scalar_t*>(router_weight);
-      const int T = static_cast<int>(num_tokens);
-      if (grouped)
-        return launch_router_grid<kVPL, true, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group,
-                                                        topk_group, renormalize, scale, workspace, topk_weights,
-                                                        topk_ids, stream, use_pdl);
-      return launch_router_grid<kVPL, false, scalar_t>(h, w, bias, T, num_experts, hidden_size, k, n_group, topk_group,
-                                                       renormalize, scale, workspace, topk_weights, topk_ids, stream,
-                                                       use_pdl);
-    });
+  return dispatch_router(dtype, num_experts, topk_group < n_group, [&](auto vpl, auto grouped, auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    return launch_router_grid<decltype(vpl)::value, decltype(grouped)::value, T>(
+        static_cast<const T*>(hidden), static_cast<const T*>(router_weight), bias, static_cast<int>(num_tokens),
+        num_experts, hidden_size, k, n_group, topk_group, renormalize, scale, workspace, topk_weights, topk_ids,
+        stream, use_pdl);
   });
-  return err;
 }
 
 }  // namespace dots1

@@ -20,6 +20,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <optional>
@@ -221,6 +222,18 @@ at::Tensor moe_decode_down_cpu(const at::Tensor& act_in, const at::Tensor& down,
 
 #ifdef DOTS1_WITH_CUDA
 
+// DOTS1_EXT_MOE_DECODE_NT (read per call; unset or empty: by token count): the fast kernels' n-tiles of
+// 8 columns per MMA, 1, 2 or 4 (benchmarks compare them; every value computes a correct result, the
+// bits may differ between values). Any other value raises ValueError.
+int moe_decode_n_tiles() {
+  const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_NT");
+  if (v == nullptr || *v == '\0') return 0;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "1" || s == "2" || s == "4", "dots1_ext: DOTS1_EXT_MOE_DECODE_NT must be 1, 2 or 4, got '",
+                    s, "'");
+  return s[0] - '0';
+}
+
 // A pointer usable by 16-byte vector loads; otherwise a fresh (aligned) copy. Activations only.
 at::Tensor aligned_contiguous(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
@@ -251,7 +264,7 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor
       hidden.data_ptr(), gate_up.data_ptr(), ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
+      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
   return act;
 }
 
@@ -271,7 +284,7 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down
                                         weights.data_ptr<float>(),
                                         shared_down.has_value() ? shared_down->data_ptr() : nullptr,
                                         residual.defined() ? residual.data_ptr() : nullptr, out.data_ptr(), d.T, d.H,
-                                        d.E, d.k, d.I, d.Is, to_dtype(act.scalar_type()),
+                                        d.E, d.k, d.I, d.Is, to_dtype(act.scalar_type()), moe_decode_n_tiles(),
                                         c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
   return out;
 }

@@ -31,11 +31,13 @@ namespace dots1 {
 // always in the HF layout.
 enum class MoeGateUpLayout : int { kHF = 0, kInterleaved = 1 };
 
-// The fast (tensor-core, weight-streaming) kernels take at most this many (t, j) pairs per launch; the
-// launchers loop over token chunks of floor(kMoeDecodeMaxPairs / k) (at most kMoeDecodeMaxTokens)
-// tokens, which is correct for any T and reads each touched expert once per chunk.
-constexpr int kMoeDecodeMaxPairs = 128;
-constexpr int kMoeDecodeMaxTokens = 16;
+// The fast (tensor-core, weight-streaming) kernels take at most this many (t, j) pairs per launch (64
+// tokens of top-8); the launchers loop over token chunks of floor(kMoeDecodeMaxPairs / k) (at most
+// kMoeDecodeMaxTokens) tokens, which is correct for any T and reads each touched expert once per chunk
+// (an expert chosen by more than 8 NT pairs of a chunk: once per 8 NT of them, the extra reads served
+// by L2; NT = 2 above 8 tokens).
+constexpr int kMoeDecodeMaxPairs = 512;
+constexpr int kMoeDecodeMaxTokens = 64;
 
 }  // namespace dots1
 
@@ -49,13 +51,16 @@ namespace dots1 {
 // use_pdl: programmatic dependent launch on sm_90+ (csrc/pdl.cuh); the fast kernels prefetch their first
 // shared experts' weight rows into L2 before waiting for the previous kernel, so the weights must not
 // be written by the kernel right before the launch (moe_decode.cpp never copies them).
+// n_tiles: the fast kernels' n-tiles of 8 columns per MMA (1, 2 or 4; items of at most 8 n_tiles pairs);
+// 0 picks by the launch's token count (1 up to 8 tokens, else 2). Any value gives a correct result.
 cudaError_t launch_moe_decode_gate_up(const void* hidden,          // [T, H]
                                       const void* gate_up,         // [E, 2I, H]
                                       const int32_t* topk_ids,     // [T, k] device
                                       const void* shared_gate_up,  // [2Is, H] or nullptr (Is == 0)
                                       void* act,                   // [T, NA]
                                       int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
-                                      MoeGateUpLayout layout, DType dtype, cudaStream_t stream, bool use_pdl);
+                                      MoeGateUpLayout layout, DType dtype, int n_tiles, cudaStream_t stream,
+                                      bool use_pdl);
 
 cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
                                    const void* down,           // [E, H, I]
@@ -65,7 +70,7 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
                                    const void* residual,       // [T, H] or nullptr
                                    void* out,                  // [T, H]
                                    int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                   cudaStream_t stream, bool use_pdl);
+                                   int n_tiles, cudaStream_t stream, bool use_pdl);
 
 }  // namespace dots1
 

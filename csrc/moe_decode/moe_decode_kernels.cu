@@ -3,34 +3,47 @@
 //
 // Fast path (fp16 / bf16, H, I, Is multiples of 8, 16-byte aligned rows): weight streaming on the
 // tensor cores, the scheme of csrc/skinny_gemm (measured at 0.92-0.98 of copy bandwidth): 16 weight
-// rows are the A operand of mma.sync m16n8k16 and up to 16 (t, j) pair columns the B operand (NT = 1
-// or 2 n-tiles of 8, picked on the host from the launch's token count); the 8 warps of a CTA split K
-// in equal CONTIGUOUS ranges; each lane issues a batch of U steps (16 bytes of each of its two weight
-// rows and of each of its NT activation columns per step: 256 B of weight for NT = 1, 192 B for
-// NT = 2) before it multiplies any of them, so a warp waits one memory latency per batch, not per
+// rows are the A operand of mma.sync m16n8k16 and up to 8 NT (t, j) pair columns the B operand (NT = 1,
+// 2 or 4 n-tiles of 8, picked on the host from the launch's token count: 1 up to 8 tokens, else 2;
+// DOTS1_EXT_MOE_DECODE_NT forces one, for benchmarks); the 8 warps of a CTA split K in equal
+// CONTIGUOUS ranges; each lane issues a batch of U steps (16 bytes of each of its two weight rows and
+// of each of its NT activation columns per step: 256 B of weight for NT = 1, 192 B for NT = 2, 64 B for
+// NT = 4) before it multiplies any of them, so a warp waits one memory latency per batch, not per
 // step; the warps' partial sums meet once, in shared memory, in warp order. 128 registers, 2 CTAs
-// (16 warps) per SM.
+// (16 warps) per SM; shared memory is dynamic (up to ~88 KB per CTA, see the Smem structs).
+//
+// One launch takes up to kMoeDecodeMaxPairs (t, j) pairs and kMoeDecodeMaxTokens tokens (512 / 64:
+// every pair of a 64-token top-6 or top-8 step); the launchers loop over chunks beyond that.
 //
 // The schedule: the distinct experts of the launch's (t, j) pairs (in order of first appearance) and,
-// for each, the pairs that chose it, cut into "items" of at most 8 NT pairs (the MMA columns); the
-// shared experts are one more item whose columns are the tokens. Each CTA builds it in shared memory
-// from topk_ids (P <= 128 ids, one per thread, loaded at the kernel's start so that the load's latency
-// hides behind the first weight stream, which never needs the schedule: the shared experts come first).
-//   gate_up - tiles of (item, 8 output features): the 8 gate and 8 up rows of those features over all
-//             of H. Persistent CTAs (2 per SM) take tiles b, b + grid, ...: the shared experts' tiles,
-//             then the schedule, then the routed tiles; tiles past the launch's real count cost nothing.
-//             One barrier per tile (the warps' partials, double-buffered), then 32 NT threads apply
-//             SwiGLU to the warp-ordered sums and store.
+// for each, the pairs that chose it (in pair order), cut into "items" of at most 8 NT pairs (the MMA
+// columns): an expert chosen by more pairs than an item holds (a hot expert) becomes several items
+// and only it is read more than once; its items are scheduled side by side so that those re-reads
+// are L2 hits. Each CTA builds the schedule in shared memory from the P ids with all its threads
+// (build_schedule: a hash table of the ids, then one warp ranks the pairs 32 at a time; O(P)); the
+// ids are copied to shared memory (cp.async) at the kernel's start, so that the load's latency hides
+// behind the shared experts' stream, which never needs the schedule. The shared experts are not
+// part of it: their columns are the tokens, in column groups of 8 NT tokens.
+//   gate_up - tiles of (item or shared column group, 8 output features): the 8 gate and 8 up rows of
+//             those features over all of H. Persistent CTAs (2 per SM) take tiles b, b + grid, ...:
+//             the shared experts' tiles (the column groups of a feature tile side by side), then the
+//             schedule, then the routed tiles (per expert: its feature tiles, each over the expert's
+//             items side by side); tiles past the launch's real count cost nothing. One barrier per
+//             tile (the warps' partials, double-buffered), then 32 NT threads apply SwiGLU to the
+//             warp-ordered sums and store.
 //   down    - one CTA per 16 output rows h. Its work is the shared experts' rows (K = Is, split over
-//             the 8 warps) and, per routed item, the item's expert's 16 rows (K = I): the routed items
+//             the 8 warps; one pass per column group of tokens, reduced in warp order after a
+//             barrier) and, per routed item, the item's expert's 16 rows (K = I): the routed items
 //             are laid end to end (R items x ceil(I / 32) steps) and that sequence is split over the
 //             8 warps in equal contiguous ranges, so every warp streams the same number of steps
 //             whatever the routing. A warp's piece of an item it holds whole goes straight to the
 //             pair's fp32 partial in shared memory; an item cut by a warp boundary leaves one piece per
-//             warp, summed in warp order after the only barrier. Then one thread per (token, row) adds
+//             warp, summed in warp order after a barrier. Then one thread per (token, row) adds
 //             w[t, j] * partial in the j order, the shared term and the residual, rounding once.
 // Every touched expert's weight rows are read from HBM once per launch (several tokens that chose an
-// expert are the columns of the same MMAs); no float atomics: the result is bitwise reproducible.
+// expert are the columns of the same MMAs; a hot expert's further items re-read from L2); no float
+// atomics: the result is bitwise reproducible (the schedule, hence every summation order, is a
+// function of the ids alone).
 //
 // The k permutation: an m16n8k16 A fragment holds, per lane (group g = lane/4, c = lane%4), rows g and
 // g+8 at logical k {2c, 2c+1, 2c+8, 2c+9}; the B fragment holds column g at the same logical k. A dot
@@ -59,23 +72,26 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kStepK = 32;  // k per warp step: per weight row, 4 lanes x 8 elements (one 16-byte vector)
 constexpr int kMaxPairs = kMoeDecodeMaxPairs;
 constexpr int kMaxTokens = kMoeDecodeMaxTokens;
-// Routed items: sum over experts of ceil(pairs / cols) <= min(pairs, experts + pairs / cols), cols >= 8;
-// + the shared item.
-constexpr int kMaxItems = kMaxPairs + kMaxPairs / 8 + 1;
+// Routed items: sum over experts of ceil(pairs / cols) <= the pairs (every item holds at least one).
+constexpr int kMaxItems = kMaxPairs;
+// The schedule's hash table of expert ids: a power of two, at least twice the pairs (at most half full).
+constexpr int kHashSlots = 2 * kMaxPairs;
 
-static_assert(kMaxTokens <= 16, "the shared experts' item holds every token of a launch");
-static_assert(kMaxPairs <= kThreads, "build_schedule: one pair per thread");
+static_assert(kMaxTokens * 1 <= kMaxPairs, "a launch of kMaxTokens tokens with k = 1 fits");
+static_assert((kHashSlots & (kHashSlots - 1)) == 0 && kHashSlots >= 2 * kMaxPairs, "hash table size");
+static_assert(kHashSlots <= 32767 && kMaxPairs <= 32767, "the schedule stores pairs, items and slots as int16");
 
 // Steps per batch and independent accumulator sets (as skinny_gemm's RT = 1): U (2 + NT) 16-byte
-// vectors per lane in flight (96 registers), and 4 MMA chains (sets x NT) so that the dependent MMAs
-// of a batch do not hold the warp longer than the loads it waits for.
+// vectors per lane in flight (96 registers for NT = 1 and 2; 48 for NT = 4, where U = 3 already
+// spilled in gate_up), and at least 4 MMA chains (sets x NT) so that the dependent MMAs of a batch do
+// not hold the warp longer than the loads it waits for.
 template <int NT>
 constexpr int batch_steps() {
-  return NT == 1 ? 8 : 6;
+  return NT == 1 ? 8 : NT == 2 ? 6 : 2;
 }
 template <int NT>
 constexpr int accumulator_sets() {
-  return NT == 1 ? 2 : 2;
+  return NT == 4 ? 1 : 2;
 }
 
 __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g)); }
@@ -85,6 +101,23 @@ __device__ __forceinline__ float silu_f(float g) { return g / (1.0f + expf(-g));
 
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// 4 bytes global -> shared without a register (cp.async, sm_80+), completed by cp_async_wait_all() of
+// the same thread (then a barrier makes them visible to the others). Volatile with a memory clobber:
+// stays after a PDL wait (csrc/pdl.cuh rule 2).
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+  const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// The same value, opaque to the compiler (a volatile move is not hoisted out of a loop): what is
+// computed from it inside a loop is recomputed per iteration instead of held in registers across it.
+__device__ __forceinline__ int opaque(int v) {
+  int r;
+  asm volatile("mov.b32 %0, %1;" : "=r"(r) : "r"(v));
+  return r;
+}
 
 // PDL (csrc/pdl.cuh), before the wait: the first batch (U steps) of this warp's steps [s_begin, s_end)
 // of two weight rows, prefetched into L2 (weights are never written in a step), so that the first
@@ -126,7 +159,8 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
   // Pointers at this lane's 16 bytes of step s_begin, advanced a batch at a time (the steps of a
   // batch are immediate offsets); this lane's steps end where its vector would pass K.
   const int lane_k = 8 * (threadIdx.x & 3);
-  const int lane_end = static_cast<int>(min(static_cast<int64_t>(s_end), (K - lane_k + kStepK - 1) / kStepK));
+  // (int: K < 2^30 on the fast path, fast_sizes; a 64-bit bound costs registers.)
+  const int lane_end = min(s_end, (static_cast<int>(K) - lane_k + kStepK - 1) / kStepK);
   const int64_t offset0 = static_cast<int64_t>(s_begin) * kStepK + lane_k;
   const T* lo = row_lo + offset0;
   const T* hi = row_hi + offset0;
@@ -175,59 +209,86 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
 // The schedule: distinct experts of the launch's (t, j) pairs and the pairs that chose each.
 
 struct Schedule {
-  int32_t id[kMaxPairs];         // topk_ids as read
-  int32_t first[kMaxPairs];      // the first pair with the same id (-1: id outside [0, E))
-  int32_t rank[kMaxPairs];       // how many earlier pairs have the same id
-  int32_t count[kMaxPairs];      // how many pairs have the same id
-  int32_t col_start[kMaxPairs];  // at a first pair: where its expert's pairs start in col_pair
-  int32_t col_pair[kMaxPairs];   // the valid pairs grouped by expert (first-appearance order), in pair order
-  int32_t item_expert[kMaxItems];  // expert id; -1 for the shared experts' item
-  int32_t item_col0[kMaxItems];    // first column in col_pair (routed items)
-  int32_t item_ncols[kMaxItems];   // 1 .. max_cols
+  int32_t pair_id[kMaxPairs];       // topk_ids as read (load_ids_async)
+  int32_t slot_key[kHashSlots];     // the expert id a hash slot holds; -1: empty
+  int16_t slot_count[kHashSlots];   // how many pairs chose it (a running count while ranking)
+  int16_t slot_col0[kHashSlots];    // where its pairs start in col_pair
+  int16_t pair_slot[kMaxPairs];     // the slot of the pair's expert; -1: id outside [0, E)
+  int16_t pair_rank[kMaxPairs];     // how many earlier pairs have the same id
+  int16_t col_pair[kMaxPairs];      // the valid pairs grouped by expert (first-appearance order), in pair order
+  int32_t item_expert[kMaxItems];   // expert id
+  int16_t item_col0[kMaxItems];     // first column in col_pair
+  int16_t item_ncols[kMaxItems];    // 1 .. max_cols
+  int16_t item_group0[kMaxItems];   // the first item of the same expert
+  int16_t item_groupn[kMaxItems];   // how many items that expert has
   int32_t num_routed_items;
-  int32_t num_items;               // routed items + the shared item (if any)
 };
 
-// Every thread of the CTA calls it with its own pair's id (thread p < P holds pair p's, read
-// earlier so that the load's latency is already paid); ends with a barrier. Returns whether some
-// pair has an id outside [0, E) (the same answer in every thread).
-__device__ bool build_schedule(Schedule& s, int32_t my_id, int P, int T, int E, int max_cols,
-                               bool has_shared) {
+// Starts the copy of the launch's P ids into s.pair_id (after the PDL wait: the router wrote them);
+// build_schedule completes it.
+__device__ __forceinline__ void load_ids_async(Schedule& s, const int32_t* topk_ids, int P) {
+  for (int p = threadIdx.x; p < P; p += kThreads) cp_async4(&s.pair_id[p], topk_ids + p);
+}
+
+// Every thread of the CTA calls it, after load_ids_async (this thread's cp.async copies, whatever
+// they hold, are complete on return); starts and ends with a barrier. Returns whether some pair has
+// an id outside [0, E) (the same answer in every thread). Deterministic: every output is a function
+// of the ids alone (the hash slots an id lands in depend on the threads' timing, but they are only
+// names: ranks, counts and the order of experts come from pair order).
+__device__ bool build_schedule(Schedule& s, int P, int E, int max_cols) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid < P) s.id[tid] = my_id;
+  int lg = 5;  // a table of 2^lg >= 2P slots (at least 32)
+  while ((1 << lg) < 2 * P) ++lg;
+  const int slots = 1 << lg;
+  cp_async_wait_all();
+  for (int i = tid; i < slots; i += kThreads) {
+    s.slot_key[i] = -1;
+    s.slot_count[i] = 0;
+  }
   __syncthreads();
+  // 1. Each distinct id claims a slot (open addressing, linear probing, multiplicative hash); every
+  //    pair learns its id's slot. The table is at most half full: the probe ends.
   int bad = 0;
-  // O(P) comparisons per pair (P <= 128, broadcast reads): no table over E, so any E works.
-  if (tid < P) {
-    const int p = tid, id = my_id;
-    if (id < 0 || id >= E) {
-      s.first[p] = -1;
-      bad = 1;
-    } else {
-      int first = p, rank = 0, count = 0;
-      for (int q = 0; q < P; ++q) {
-        if (s.id[q] == id) {
-          if (q < p) {
-            ++rank;
-            first = min(first, q);
-          }
-          ++count;
-        }
+  for (int p = tid; p < P; p += kThreads) {
+    const int id = s.pair_id[p];
+    int slot = -1;
+    if (id >= 0 && id < E) {
+      slot = static_cast<int>((static_cast<uint32_t>(id) * 2654435761u) >> (32 - lg));
+      for (;;) {
+        const int prev = atomicCAS(&s.slot_key[slot], -1, id);
+        if (prev == -1 || prev == id) break;
+        slot = (slot + 1) & (slots - 1);
       }
-      s.first[p] = first;
-      s.rank[p] = rank;
-      s.count[p] = count;
+    } else {
+      bad = 1;
     }
+    s.pair_slot[p] = static_cast<int16_t>(slot);
   }
   const bool any_bad = __syncthreads_or(bad) != 0;
   if (warp == 0) {
-    // Experts in order of first appearance: prefix sums of their pair counts (columns) and items.
+    // 2. Ranks, 32 pairs at a time in pair order: a pair's rank is its expert's running count before
+    //    this chunk plus the same-expert lanes below it; the highest such lane advances the count.
+    for (int base = 0; base < P; base += 32) {
+      const int p = base + lane;
+      const int slot = p < P ? s.pair_slot[p] : -1;
+      const unsigned int same = __match_any_sync(0xffffffffu, slot >= 0 ? slot : -1 - lane);
+      const int before = slot >= 0 ? s.slot_count[slot] : 0;
+      __syncwarp();
+      if (slot >= 0) {
+        s.pair_rank[p] = static_cast<int16_t>(before + __popc(same & ((1u << lane) - 1u)));
+        if ((same >> lane) == 1u) s.slot_count[slot] = static_cast<int16_t>(before + __popc(same));
+      }
+      __syncwarp();
+    }
+    // 3. Experts in order of first appearance (their rank-0 pairs, in pair order): prefix sums of
+    //    their pair counts (columns) and items.
     int cols = 0, items = 0;
     for (int base = 0; base < P; base += 32) {
       const int p = base + lane;
-      const bool is_first = p < P && s.first[p] == p;
-      const int c = is_first ? s.count[p] : 0;
-      const int n = is_first ? (c + max_cols - 1) / max_cols : 0;
+      const int slot = p < P ? s.pair_slot[p] : -1;
+      const bool is_first = slot >= 0 && s.pair_rank[p] == 0;
+      const int c = is_first ? s.slot_count[slot] : 0;
+      const int n = (c + max_cols - 1) / max_cols;
       int c_incl = c, n_incl = n;
 #pragma unroll
       for (int o = 1; o < 32; o <<= 1) {
@@ -240,30 +301,26 @@ __device__ bool build_schedule(Schedule& s, int32_t my_id, int P, int T, int E, 
       }
       if (is_first) {
         const int col0 = cols + c_incl - c, item0 = items + n_incl - n;
-        s.col_start[p] = col0;
+        s.slot_col0[slot] = static_cast<int16_t>(col0);
+        const int id = s.pair_id[p];
         for (int i = 0; i < n; ++i) {
-          s.item_expert[item0 + i] = s.id[p];
-          s.item_col0[item0 + i] = col0 + i * max_cols;
-          s.item_ncols[item0 + i] = min(max_cols, c - i * max_cols);
+          s.item_expert[item0 + i] = id;
+          s.item_col0[item0 + i] = static_cast<int16_t>(col0 + i * max_cols);
+          s.item_ncols[item0 + i] = static_cast<int16_t>(min(max_cols, c - i * max_cols));
+          s.item_group0[item0 + i] = static_cast<int16_t>(item0);
+          s.item_groupn[item0 + i] = static_cast<int16_t>(n);
         }
       }
       cols += __shfl_sync(0xffffffffu, c_incl, 31);
       items += __shfl_sync(0xffffffffu, n_incl, 31);
     }
-    if (lane == 0) {
-      s.num_routed_items = items;
-      if (has_shared) {
-        s.item_expert[items] = -1;
-        s.item_col0[items] = 0;
-        s.item_ncols[items] = T;
-      }
-      s.num_items = items + (has_shared ? 1 : 0);
-    }
+    if (lane == 0) s.num_routed_items = items;
   }
   __syncthreads();
-  if (tid < P) {
-    const int first = s.first[tid];
-    if (first >= 0) s.col_pair[s.col_start[first] + s.rank[tid]] = tid;
+  // 4. Every valid pair into its expert's columns.
+  for (int p = tid; p < P; p += kThreads) {
+    const int slot = s.pair_slot[p];
+    if (slot >= 0) s.col_pair[s.slot_col0[slot] + s.pair_rank[p]] = static_cast<int16_t>(p);
   }
   __syncthreads();
   return any_bad;
@@ -283,24 +340,35 @@ struct GateUpParams {
   int64_t H, I, Is, NA;
 };
 
-// One tile = 8 features f0 .. f0 + 7 of one item: lane rows g -> gate of feature f0 + g, g + 8 -> its
-// up row; columns = the item's pairs (routed: their tokens' hidden rows) or the tokens (shared).
-// item < 0: the shared experts. Ends with the tile's act stored by 32 NT threads.
+template <int NT>
+struct GateUpSmem {
+  Schedule s;
+  float4 red[2][kWarps][NT][32];  // the warps' partials of a tile, double-buffered: one barrier per tile
+};
+
+// One tile = 8 features f0 .. f0 + 7 of one item over all of H: lane rows g -> the gate row of
+// feature f0 + g, g + 8 -> its up row; columns = the item's pairs (routed, item >= 0: their tokens'
+// hidden rows) or the tokens [8 NT sub, 8 NT (sub + 1)) (the shared experts, item = -1 - sub). Ends
+// with the tile's act stored by 32 NT threads.
 template <typename T, MoeGateUpLayout kLayout, int NT>
-__device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Schedule& s, int item, int64_t f0,
+__device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Schedule& s, int item, int f0,
                                              int s_begin, int s_end, float4 (*red)[NT][32]) {
+  constexpr int kCols = 8 * NT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
   const bool routed = item >= 0;
-  int ncols = p.T_, col0 = 0;  // the shared tiles run before the schedule exists: no read of it
+  int ncols, col0;  // the shared tiles run before the schedule exists: no read of it
   if (routed) {
     ncols = s.item_ncols[item];
     col0 = s.item_col0[item];
+  } else {
+    col0 = kCols * (-1 - item);
+    ncols = min(kCols, p.T_ - col0);
   }
   {
     const T* base;
     int64_t gate, up;
     if (routed) {
-      const int64_t f = min(f0 + g, p.I - 1);  // I % 8 == 0 on this path: always f0 + g
+      const int64_t f = min(static_cast<int64_t>(f0 + g), p.I - 1);  // I % 8 == 0 on this path: always f0 + g
       if constexpr (kLayout == MoeGateUpLayout::kInterleaved) {
         gate = (f >> 3) * 16 + (f & 7);
         up = gate + 8;
@@ -310,7 +378,7 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Sch
       }
       base = p.gate_up + static_cast<int64_t>(s.item_expert[item]) * 2 * p.I * p.H;
     } else {
-      const int64_t f = min(f0 + g, p.Is - 1);
+      const int64_t f = min(static_cast<int64_t>(f0 + g), p.Is - 1);
       gate = f;
       up = p.Is + f;
       base = p.shared_gate_up;
@@ -321,7 +389,7 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Sch
     for (int n = 0; n < NT; ++n) {
       const int cidx = 8 * n + g;
       col_ok[n] = cidx < ncols;
-      const int token = !col_ok[n] ? 0 : routed ? s.col_pair[col0 + cidx] / p.k : cidx;
+      const int token = !col_ok[n] ? 0 : routed ? s.col_pair[col0 + cidx] / p.k : col0 + cidx;
       col[n] = p.hidden + static_cast<int64_t>(token) * p.H;
     }
     float res[NT][4];
@@ -353,7 +421,7 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Sch
           const int pair = s.col_pair[col0 + cidx];
           dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
         } else {
-          dst = static_cast<int64_t>(cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
+          dst = static_cast<int64_t>(col0 + cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
         }
         p.act[dst] = from_float<T>(silu_f(i == 0 ? v.x : v.y) * (i == 0 ? v.z : v.w));
       }
@@ -363,53 +431,66 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Sch
 
 template <typename T, MoeGateUpLayout kLayout, int NT>
 __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpParams<T> p) {
-  __shared__ Schedule s;
-  __shared__ float4 red[2][kWarps][NT][32];  // double-buffered: one barrier per tile
+  constexpr int kCols = 8 * NT;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  GateUpSmem<NT>& sm = *reinterpret_cast<GateUpSmem<NT>*>(smem_raw);
+  Schedule& s = sm.s;
   const int warp = threadIdx.x >> 5;
 
   // Every tile's K is H: this warp's contiguous share of it is the same for all of them.
   const int64_t steps = (p.H + kStepK - 1) / kStepK;
   const int s_begin = static_cast<int>(steps * warp / kWarps), s_end = static_cast<int>(steps * (warp + 1) / kWarps);
-  const int64_t ft_shared = p.Is / 8, ft_routed = p.I / 8;  // I, Is % 8 == 0 on this path
+  // Tile counts in int: < 2^27 shared (Is < 2^30, 8 groups at most) + 2^9 items x 2^21 (I < 2^24).
+  const int ft_shared = static_cast<int>(p.Is / 8), ft_routed = static_cast<int>(p.I / 8);  // I, Is % 8 == 0
+  // The shared experts' tiles: (feature tile, column group of 8 NT tokens), the groups of a feature
+  // tile side by side (CTAs b, b + 1, ...: the same weight rows at the same time, one HBM read).
+  const int groups = (p.T_ + kCols - 1) / kCols;
+  const int tiles_shared = ft_shared * groups;
 
   // PDL (csrc/pdl.cuh): the routed experts depend on topk_ids (the router, the previous kernel) and
   // every tile on hidden, so the CTA waits before reading either; before that it prefetches into L2
   // the first batch of its first tile's weight rows when that tile is a shared experts' one (the rows
   // of gate_up_tile below).
-  if (static_cast<int64_t>(blockIdx.x) < ft_shared) {
-    const int64_t f = min(static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x & 31) / 4, p.Is - 1);
+  if (static_cast<int>(blockIdx.x) < tiles_shared) {
+    const int64_t f = min(static_cast<int64_t>(static_cast<int>(blockIdx.x) / groups * 8 + (threadIdx.x & 31) / 4), p.Is - 1);
     prefetch_first_batch<T, NT>(p.shared_gate_up + f * p.H, p.shared_gate_up + (p.Is + f) * p.H, p.H, s_begin, s_end);
   }
   pdl_wait();
   pdl_launch_dependents();
 
   const int P = p.T_ * p.k;
-  // The ids, read now: their latency passes under the shared experts' tiles.
-  const int32_t my_id = threadIdx.x < P ? __ldg(p.topk_ids + threadIdx.x) : 0;
+  // The ids, copied now: their latency passes under the shared experts' tiles.
+  load_ids_async(s, p.topk_ids, P);
   int parity = 0;
-  int64_t tile = blockIdx.x;
-  for (; tile < ft_shared; tile += gridDim.x) {
-    gate_up_tile<T, kLayout, NT>(p, s, -1, tile * 8, s_begin, s_end, red[parity]);
+  int tile = blockIdx.x;
+  for (; tile < tiles_shared; tile += gridDim.x) {
+    gate_up_tile<T, kLayout, NT>(p, s, -1 - tile % groups, tile / groups * 8, s_begin, s_end, sm.red[parity]);
     parity ^= 1;
   }
 
-  const bool any_bad = build_schedule(s, my_id, P, p.T_, p.E, 8 * NT, p.Is > 0);
+  const bool any_bad = build_schedule(s, P, p.E, kCols);
   // Pairs with a bad id: NaN in their act columns (grid-stride; usually there are none).
   if (any_bad) {
     const int64_t total = static_cast<int64_t>(P) * p.I;
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
          i += static_cast<int64_t>(gridDim.x) * kThreads) {
       const int pair = static_cast<int>(i / p.I);
-      if (s.first[pair] < 0)
+      if (s.pair_slot[pair] < 0)
         p.act[static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + i % p.I] =
             from_float<T>(NAN);
     }
   }
-  const int64_t tiles = ft_shared + static_cast<int64_t>(s.num_routed_items) * ft_routed;
+  // The routed tiles, per expert (its items, contiguous in the schedule): (feature tile, item of the
+  // expert), the items of a feature tile side by side, so a hot expert's re-reads are L2 hits. A tile
+  // rt lies in its expert's range [group0 * ft_routed, (group0 + groupn) * ft_routed), and rt /
+  // ft_routed is one of the expert's items.
+  const int tiles = tiles_shared + s.num_routed_items * ft_routed;
   for (; tile < tiles; tile += gridDim.x) {
-    const int64_t rt = tile - ft_shared;
-    gate_up_tile<T, kLayout, NT>(p, s, static_cast<int>(rt / ft_routed), (rt % ft_routed) * 8, s_begin, s_end,
-                                 red[parity]);
+    const int rt = tile - tiles_shared;
+    const int any_item = rt / ft_routed;
+    const int group0 = s.item_group0[any_item], groupn = s.item_groupn[any_item];
+    const int local = rt - group0 * ft_routed;
+    gate_up_tile<T, kLayout, NT>(p, s, group0 + local % groupn, local / groupn * 8, s_begin, s_end, sm.red[parity]);
     parity ^= 1;
   }
 }
@@ -430,21 +511,32 @@ struct DownParams {
   int64_t H, I, Is, NA;
 };
 
+template <int NT>
+struct DownSmem {
+  Schedule s;
+  float partial[kMaxPairs][16];        // routed term of each pair, the CTA's 16 rows
+  float shared_term[kMaxTokens][16];   // the shared experts' term of each token
+  // Per warp, 8 NT columns x 16 rows: first the shared passes' pieces ([pass % 2][warp]), then the
+  // pieces of the warp's first ([0][warp]) and last ([1][warp]) routed item when a warp boundary cuts it.
+  float piece[2][kWarps][8 * NT][16];
+  float weight[kMaxPairs];             // topk_weights
+};
+
 // Start of warp w's range of an n-step sequence split in 8 equal contiguous ranges.
-__device__ __forceinline__ int64_t range_start(int64_t n, int w) { return n * w / kWarps; }
+// (n < 2^28 on the fast path: fast_sizes.)
+__device__ __forceinline__ int range_start(int n, int w) { return static_cast<int>(static_cast<int64_t>(n) * w / kWarps); }
 
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<T> p) {
   constexpr int kCols = 8 * NT;
-  __shared__ Schedule s;
-  __shared__ float partial[kMaxPairs][16];             // routed term of each pair, the tile's 16 rows
-  __shared__ float shared_piece[kWarps][kMaxTokens][16];  // each warp's K range of the shared term
-  __shared__ float cut_piece[kWarps][2][kCols][16];    // a warp's first / last item when a warp boundary cuts it
-  __shared__ float weight[kMaxPairs];                  // topk_weights
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DownSmem<NT>& sm = *reinterpret_cast<DownSmem<NT>*>(smem_raw);
+  Schedule& s = sm.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-  const int64_t h0 = static_cast<int64_t>(blockIdx.x) * 16;
+  // (int: H < 2^30 on the fast path.)
+  const int h0 = static_cast<int>(blockIdx.x) * 16, H = static_cast<int>(p.H);
   // Rows past H (H % 16 != 0) read row H - 1 and are not stored.
-  const int64_t h_lo = min(h0 + g, p.H - 1), h_hi = min(h0 + g + 8, p.H - 1);
+  const int h_lo = min(h0 + g, H - 1), h_hi = min(h0 + g + 8, H - 1);
 
   // PDL (csrc/pdl.cuh): act (the previous kernel's output), the ids and weights of the routing and the
   // residual are all read after the wait. (An L2 prefetch of the first shared experts' rows before it
@@ -453,48 +545,69 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   pdl_launch_dependents();
   const int P = p.T_ * p.k;
 
-  // The ids first, so that their latency passes under the shared experts' stream; the weights and
-  // the residual (used at the end, written by the previous ops: L2 hits) only prefetched into L1,
-  // which holds no register.
-  const int32_t my_id = threadIdx.x < P ? __ldg(p.topk_ids + threadIdx.x) : 0;
-  if (threadIdx.x < P) prefetch_l1(p.topk_weights + threadIdx.x);
-  if (p.residual != nullptr && threadIdx.x / 16 < p.T_ && h0 + threadIdx.x % 16 < p.H)
-    prefetch_l1(p.residual + static_cast<int64_t>(threadIdx.x / 16) * p.H + h0 + threadIdx.x % 16);
+  // The ids and the weights first (cp.async into shared memory, no register held), so that their
+  // latency passes under the shared experts' stream; the residual (used at the end, written by the
+  // previous ops: L2 hits) only prefetched into L1.
+  load_ids_async(s, p.topk_ids, P);
+  for (int i = threadIdx.x; i < P; i += kThreads) cp_async4(&sm.weight[i], p.topk_weights + i);
+  if (p.residual != nullptr)
+    for (int i = threadIdx.x; i < p.T_ * 16; i += kThreads)
+      if (h0 + i % 16 < p.H) prefetch_l1(p.residual + static_cast<int64_t>(i / 16) * p.H + h0 + i % 16);
   // Zero terms for pairs no item covers (I == 0); bad pairs are never read.
-  for (int i = threadIdx.x; i < P * 16; i += kThreads) (&partial[0][0])[i] = 0.0f;
+  for (int i = threadIdx.x; i < P * 16; i += kThreads) (&sm.partial[0][0])[i] = 0.0f;
 
-  // The shared experts: rows h of shared_down, columns = the tokens, this warp's share of Is.
+  // The shared experts: rows h of shared_down, columns = the tokens, 8 NT at a time (one pass per
+  // column group; a warp re-reads its K range of the 16 rows from L1 / L2), this warp's share of Is;
+  // each pass's pieces summed in warp order after a barrier (double-buffered: the pass after next
+  // writes the buffer only after the next barrier, which follows this sum).
   if (p.Is > 0) {
-    const int64_t steps = (p.Is + kStepK - 1) / kStepK;
-    const T* col[NT];
-    bool col_ok[NT];
+    const int groups = (p.T_ + kCols - 1) / kCols;
+    for (int sub = 0; sub < groups; ++sub) {
+      // Everything below derives from per-pass opaque values: the compiler recomputes the (same)
+      // rows and ranges each pass instead of holding them in registers across the passes.
+      const int steps = opaque(static_cast<int>((p.Is + kStepK - 1) / kStepK)), hb = opaque(h0);
+      const int t0 = sub * kCols;
+      const T* col[NT];
+      bool col_ok[NT];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int t = 8 * n + g;
-      col_ok[n] = t < p.T_;
-      col[n] = p.act + static_cast<int64_t>(col_ok[n] ? t : 0) * p.NA + static_cast<int64_t>(p.k) * p.I;
+      for (int n = 0; n < NT; ++n) {
+        const int t = t0 + 8 * n + g;
+        col_ok[n] = t < p.T_;
+        col[n] = p.act + static_cast<int64_t>(col_ok[n] ? t : 0) * p.NA + static_cast<int64_t>(p.k) * p.I;
+      }
+      float res[NT][4];
+      stream_rows<T, NT>(p.shared_down + min(hb + g, H - 1) * p.Is, p.shared_down + min(hb + g + 8, H - 1) * p.Is,
+                         col, col_ok, p.Is, range_start(steps, warp), range_start(steps, warp + 1), res);
+      float (*mine)[16] = sm.piece[sub & 1][warp];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) mine[8 * n + 2 * c + (r & 1)][g + (r >> 1) * 8] = res[n][r];
+      __syncthreads();
+      for (int i = threadIdx.x; i < kCols * 16; i += kThreads) {
+        const int cidx = i / 16, row = i % 16;
+        if (t0 + cidx >= p.T_) continue;
+        float v = sm.piece[sub & 1][0][cidx][row];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) v += sm.piece[sub & 1][w][cidx][row];
+        sm.shared_term[t0 + cidx][row] = v;
+      }
     }
-    float res[NT][4];
-    stream_rows<T, NT>(p.shared_down + h_lo * p.Is, p.shared_down + h_hi * p.Is, col, col_ok, p.Is,
-                       static_cast<int>(range_start(steps, warp)), static_cast<int>(range_start(steps, warp + 1)), res);
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) shared_piece[warp][8 * n + 2 * c + (r & 1)][g + (r >> 1) * 8] = res[n][r];
   }
 
-  build_schedule(s, my_id, P, p.T_, p.E, kCols, p.Is > 0);
+  // Starts with a barrier: the last pass's sums above are done before the routed stream below writes
+  // piece[] again.
+  build_schedule(s, P, p.E, kCols);
 
   // The routed items end to end, R x steps_item steps, split over the warps.
   const int R = s.num_routed_items;
-  const int64_t steps_item = (p.I + kStepK - 1) / kStepK;
-  const int64_t S = R * steps_item;
-  const int64_t r_begin = range_start(S, warp), r_end = range_start(S, warp + 1);
+  const int steps_item = static_cast<int>((p.I + kStepK - 1) / kStepK);
+  const int S = R * steps_item;  // < 2^28 (fast_sizes)
+  const int r_begin = range_start(S, warp), r_end = range_start(S, warp + 1);
   if (r_begin < r_end) {
-    for (int64_t item = r_begin / steps_item; item * steps_item < r_end; ++item) {
-      const int64_t u0 = item * steps_item;
-      const int64_t a = max(r_begin, u0) - u0, b = min(r_end, u0 + steps_item) - u0;
-      const int it = static_cast<int>(item);
+    for (int it = r_begin / steps_item; it * steps_item < r_end; ++it) {
+      const int u0 = it * steps_item;
+      const int a = max(r_begin, u0) - u0, b = min(r_end, u0 + steps_item) - u0;
       const int ncols = s.item_ncols[it], col0 = s.item_col0[it];
       const T* base = p.down + static_cast<int64_t>(s.item_expert[it]) * p.H * p.I;
       const T* col[NT];
@@ -507,11 +620,10 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
         col[n] = p.act + static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I;
       }
       float res[NT][4];
-      stream_rows<T, NT>(base + h_lo * p.I, base + h_hi * p.I, col, col_ok, p.I, static_cast<int>(a), static_cast<int>(b),
-                         res);
+      stream_rows<T, NT>(base + h_lo * p.I, base + h_hi * p.I, col, col_ok, p.I, a, b, res);
       const bool whole = a == 0 && b == steps_item;
       // Not whole: the warp's first item (its range starts inside it) or its last.
-      float (*cut)[16] = cut_piece[warp][r_begin >= u0 ? 0 : 1];
+      const int which = r_begin >= u0 ? 0 : 1;
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -519,13 +631,12 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
           const int cidx = 8 * n + 2 * c + (r & 1), row = g + (r >> 1) * 8;
           if (cidx >= ncols) continue;
           if (whole)
-            partial[s.col_pair[col0 + cidx]][row] = res[n][r];
+            sm.partial[s.col_pair[col0 + cidx]][row] = res[n][r];
           else
-            cut[cidx][row] = res[n][r];
+            sm.piece[which][warp][cidx][row] = res[n][r];
         }
     }
   }
-  if (threadIdx.x < P) weight[threadIdx.x] = __ldg(p.topk_weights + threadIdx.x);
   __syncthreads();
 
   // Items cut by warp boundaries: the pieces in warp order. Boundary w (1..7) handles the item it
@@ -533,41 +644,36 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   if (steps_item > 0) {
     for (int i = threadIdx.x; i < (kWarps - 1) * kCols * 16; i += kThreads) {
       const int w = 1 + i / (kCols * 16), cidx = (i / 16) % kCols, row = i % 16;
-      const int64_t boundary = range_start(S, w);
+      const int boundary = range_start(S, w);
       if (boundary >= S) continue;
-      const int64_t item = boundary / steps_item, u0 = item * steps_item;
+      const int it = boundary / steps_item, u0 = it * steps_item;
       if (boundary == u0 || range_start(S, w - 1) > u0) continue;
-      const int it = static_cast<int>(item);
       if (cidx >= s.item_ncols[it]) continue;
       float sum = 0.0f;
       for (int w2 = 0; w2 < kWarps; ++w2) {
-        const int64_t lo = range_start(S, w2), hi = range_start(S, w2 + 1);
-        if (lo < hi && lo < u0 + steps_item && hi > u0) sum += cut_piece[w2][lo >= u0 ? 0 : 1][cidx][row];
+        const int lo = range_start(S, w2), hi = range_start(S, w2 + 1);
+        if (lo < hi && lo < u0 + steps_item && hi > u0) sum += sm.piece[lo >= u0 ? 0 : 1][w2][cidx][row];
       }
-      partial[s.col_pair[s.item_col0[it] + cidx]][row] = sum;
+      sm.partial[s.col_pair[s.item_col0[it] + cidx]][row] = sum;
     }
     __syncthreads();
   }
 
   // Combine: out[t, h] = sum_j w[t, j] * term(t, j) + shared(t) + residual, in that order, rounded once.
   // (The residual was written by the previous op: an L2 hit, read here rather than held in a register.)
-  const int t = threadIdx.x / 16, row = threadIdx.x % 16;
-  if (t < p.T_ && h0 + row < p.H) {
+  for (int i = threadIdx.x; i < p.T_ * 16; i += kThreads) {
+    const int t = i / 16, row = i % 16;
+    if (h0 + row >= p.H) continue;
     float acc = 0.0f;
     bool bad = false;
     for (int j = 0; j < p.k; ++j) {
       const int pair = t * p.k + j;
-      if (s.first[pair] < 0)
+      if (s.pair_slot[pair] < 0)
         bad = true;
       else
-        acc = __fadd_rn(acc, __fmul_rn(weight[pair], partial[pair][row]));
+        acc = __fadd_rn(acc, __fmul_rn(sm.weight[pair], sm.partial[pair][row]));
     }
-    if (p.Is > 0) {
-      float shared = shared_piece[0][t][row];
-#pragma unroll
-      for (int w = 1; w < kWarps; ++w) shared += shared_piece[w][t][row];
-      acc = __fadd_rn(acc, shared);
-    }
+    if (p.Is > 0) acc = __fadd_rn(acc, sm.shared_term[t][row]);
     if (p.residual != nullptr) acc = __fadd_rn(acc, to_float(p.residual[static_cast<int64_t>(t) * p.H + h0 + row]));
     p.out[static_cast<int64_t>(t) * p.H + h0 + row] = from_float<T>(bad ? NAN : acc);
   }
@@ -664,20 +770,77 @@ bool moe_decode_force_simple() {
   return v != nullptr && std::string(v) == "simple";
 }
 
-// The fast kernels count K steps (and the down kernel its items' steps end to end) in int.
-bool fast_sizes(int64_t H, int64_t I, int64_t Is) { return std::max({H, I, Is}) < (int64_t{1} << 30); }
+// The fast kernels count K steps and rows in int, and the down kernel its items' steps end to end:
+// at most kMaxPairs x ceil(I / 32) < 2^9 x 2^19 = 2^28 with I < 2^24.
+bool fast_sizes(int64_t H, int64_t I, int64_t Is) {
+  return std::max(H, Is) < (int64_t{1} << 30) && I < (int64_t{1} << 24);
+}
 
 // Tokens per launch of the fast kernels: every pair of the launch in the schedule.
 int64_t fast_chunk(int64_t k) { return k == 0 ? kMaxTokens : std::min<int64_t>(kMaxTokens, kMaxPairs / k); }
+
+// n-tiles of 8 columns per MMA for a launch of `tokens` tokens: 1 when every item fits in one n-tile
+// (at most 8 tokens and distinct ids per token), which halves the activation registers and loads;
+// else 2 (an expert chosen by more than 16 pairs becomes several items). n_tiles (1, 2 or 4: from
+// DOTS1_EXT_MOE_DECODE_NT, checked in moe_decode.cpp) overrides it; 0: by token count.
+int pick_nt(int64_t tokens, int n_tiles) { return n_tiles != 0 ? n_tiles : tokens <= 8 ? 1 : 2; }
 
 unsigned int simple_blocks(int64_t outputs, int sm_count) {
   const int64_t blocks = (outputs + kWarps - 1) / kWarps;
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{sm_count} * 32)));
 }
 
+// Launches a fast kernel with `bytes` of dynamic shared memory. Past the default 48 KB, once per device
+// (host-side function attributes, not stream operations): raises the kernel's limit to `bytes` and asks
+// for a shared-memory carveout that holds 2 CTAs per SM (the kernels' __launch_bounds__ occupancy;
+// every size here fits twice in an H200 SM's 228 KB, the rest stays L1).
+template <auto Kernel, typename Params>
+cudaError_t launch_fast(dim3 grid, size_t bytes, cudaStream_t stream, bool use_pdl, const Params& p) {
+  if (bytes > 48 * 1024) {
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    static PerDeviceOnce<cudaError_t> raised;
+    err = raised.get(device, [bytes, device] {
+      cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+      int per_sm = 0, reserved = 0;
+      if (e == cudaSuccess) e = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+      if (e == cudaSuccess) e = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
+      if (e == cudaSuccess && per_sm > 0) {
+        const int64_t need = 2 * (static_cast<int64_t>(bytes) + reserved);
+        const int percent = static_cast<int>(std::min<int64_t>(100, (100 * need + per_sm - 1) / per_sm));
+        e = cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
+      }
+      return e;
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return launch_pdl(Kernel, grid, dim3(kThreads), bytes, stream, use_pdl, p);
+}
+
+template <typename T, MoeGateUpLayout kLayout>
+cudaError_t launch_gate_up_nt(int nt, dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T>& p) {
+  switch (nt) {
+    case 1: return launch_fast<moe_gate_up_kernel<T, kLayout, 1>>(grid, sizeof(GateUpSmem<1>), stream, use_pdl, p);
+    case 2: return launch_fast<moe_gate_up_kernel<T, kLayout, 2>>(grid, sizeof(GateUpSmem<2>), stream, use_pdl, p);
+    case 4: return launch_fast<moe_gate_up_kernel<T, kLayout, 4>>(grid, sizeof(GateUpSmem<4>), stream, use_pdl, p);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t launch_down_nt(int nt, dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T>& p) {
+  switch (nt) {
+    case 1: return launch_fast<moe_down_kernel<T, 1>>(grid, sizeof(DownSmem<1>), stream, use_pdl, p);
+    case 2: return launch_fast<moe_down_kernel<T, 2>>(grid, sizeof(DownSmem<2>), stream, use_pdl, p);
+    case 4: return launch_fast<moe_down_kernel<T, 4>>(grid, sizeof(DownSmem<4>), stream, use_pdl, p);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 // The fast path over token chunks (fp16 / bf16 only: fp32 never instantiates the MMA kernels).
 template <typename T>
-cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout layout, int sm_count,
+cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout layout, int n_tiles, int sm_count,
                          cudaStream_t stream, bool use_pdl) {
   if constexpr (std::is_same_v<T, float>) {
     return cudaErrorInvalidValue;
@@ -692,23 +855,18 @@ cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout lay
       p.hidden = hidden + t0 * p.H;
       p.topk_ids = ids + t0 * p.k;
       p.act = act + t0 * p.NA;
-      // 8 NT columns per item: NT = 1 when every item fits in one n-tile of 8 (a token count of at
-      // most 8 and distinct ids per token), which halves the activation registers and loads.
-      const int nt = tc <= 8 ? 1 : 2;
-      // Tiles of 8 features: the shared experts' plus I / 8 per routed item, of which there are at
-      // most min(pairs, E + pairs / (8 NT)). Persistent CTAs (2 per SM) stride over them; the real
-      // count is only known on the device.
+      const int nt = pick_nt(tc, n_tiles);
+      // Tiles of 8 features: the shared experts' (Is / 8 per column group of 8 NT tokens) plus I / 8
+      // per routed item, of which there are at most min(pairs, E + pairs / (8 NT)). Persistent CTAs
+      // (2 per SM) stride over them; the real count is only known on the device.
       const int64_t pairs = tc * p.k;
       const int64_t max_items = std::min<int64_t>(pairs, p.E + pairs / (8 * nt));
-      const int64_t max_tiles = p.Is / 8 + max_items * (p.I / 8);
+      const int64_t max_tiles = p.Is / 8 * ((tc + 8 * nt - 1) / (8 * nt)) + max_items * (p.I / 8);
       const dim3 grid(
           static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(2 * int64_t{sm_count}, max_tiles))));
-      const auto kernel = layout == MoeGateUpLayout::kInterleaved
-                              ? (nt == 1 ? moe_gate_up_kernel<T, MoeGateUpLayout::kInterleaved, 1>
-                                         : moe_gate_up_kernel<T, MoeGateUpLayout::kInterleaved, 2>)
-                              : (nt == 1 ? moe_gate_up_kernel<T, MoeGateUpLayout::kHF, 1>
-                                         : moe_gate_up_kernel<T, MoeGateUpLayout::kHF, 2>);
-      const cudaError_t err = launch_pdl(kernel, grid, dim3(kThreads), 0, stream, use_pdl, p);
+      const cudaError_t err = layout == MoeGateUpLayout::kInterleaved
+                                  ? launch_gate_up_nt<T, MoeGateUpLayout::kInterleaved>(nt, grid, stream, use_pdl, p)
+                                  : launch_gate_up_nt<T, MoeGateUpLayout::kHF>(nt, grid, stream, use_pdl, p);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -716,7 +874,7 @@ cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout lay
 }
 
 template <typename T>
-cudaError_t down_fast(DownParams<T> p, int64_t T_total, cudaStream_t stream, bool use_pdl) {
+cudaError_t down_fast(DownParams<T> p, int64_t T_total, int n_tiles, cudaStream_t stream, bool use_pdl) {
   if constexpr (std::is_same_v<T, float>) {
     return cudaErrorInvalidValue;
   } else {
@@ -738,9 +896,8 @@ cudaError_t down_fast(DownParams<T> p, int64_t T_total, cudaStream_t stream, boo
       p.topk_weights = weights + t0 * p.k;
       p.residual = residual != nullptr ? residual + t0 * p.H : nullptr;
       p.out = out + t0 * p.H;
-      const auto kernel = tc <= 8 ? moe_down_kernel<T, 1> : moe_down_kernel<T, 2>;
       const cudaError_t err =
-          launch_pdl(kernel, dim3(static_cast<unsigned int>(grid)), dim3(kThreads), 0, stream, use_pdl, p);
+          launch_down_nt<T>(pick_nt(tc, n_tiles), dim3(static_cast<unsigned int>(grid)), stream, use_pdl, p);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -752,7 +909,7 @@ cudaError_t down_fast(DownParams<T> p, int64_t T_total, cudaStream_t stream, boo
 cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, const int32_t* topk_ids,
                                       const void* shared_gate_up, void* act, int64_t T, int64_t H, int64_t E,
                                       int64_t k, int64_t I, int64_t Is, MoeGateUpLayout layout, DType dtype,
-                                      cudaStream_t stream, bool use_pdl) {
+                                      int n_tiles, cudaStream_t stream, bool use_pdl) {
   const int64_t NA = k * I + Is;
   if (T == 0 || NA == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
@@ -767,7 +924,7 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
                                    topk_ids, static_cast<const scalar_t*>(shared_gate_up),
                                    static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k),
                                    static_cast<int>(E), H, I, Is, NA};
-    if (fast) return gate_up_fast<scalar_t>(p, T, layout, sm_count, stream, use_pdl);
+    if (fast) return gate_up_fast<scalar_t>(p, T, layout, n_tiles, sm_count, stream, use_pdl);
     const dim3 blocks(simple_blocks(T * NA, sm_count));
     if (layout == MoeGateUpLayout::kInterleaved)
       return launch_pdl(moe_gate_up_simple_kernel<scalar_t, MoeGateUpLayout::kInterleaved>, blocks, dim3(kThreads), 0,
@@ -781,7 +938,7 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
 cudaError_t launch_moe_decode_down(const void* act, const void* down, const int32_t* topk_ids,
                                    const float* topk_weights, const void* shared_down, const void* residual, void* out,
                                    int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                   cudaStream_t stream, bool use_pdl) {
+                                   int n_tiles, cudaStream_t stream, bool use_pdl) {
   if (T == 0 || H == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
   const int64_t NA = k * I + Is;
@@ -795,7 +952,7 @@ cudaError_t launch_moe_decode_down(const void* act, const void* down, const int3
                                  topk_weights, static_cast<const scalar_t*>(shared_down),
                                  static_cast<const scalar_t*>(residual), static_cast<scalar_t*>(out),
                                  static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
-    if (fast) return down_fast<scalar_t>(p, T, stream, use_pdl);
+    if (fast) return down_fast<scalar_t>(p, T, n_tiles, stream, use_pdl);
     return launch_pdl(moe_down_simple_kernel<scalar_t>, dim3(simple_blocks(T * H, sm_count)), dim3(kThreads), 0, stream,
                       use_pdl, p);
   });

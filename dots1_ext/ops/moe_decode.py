@@ -6,10 +6,14 @@ A decode-sized MoE layer is three launches: router_topk_gating, :func:`moe_decod
 SwiGLU of the k routed experts and the shared experts) and :func:`moe_decode_down` (down projections,
 the weighted combine in a fixed order and the residual) — no permute, no unpermute, no separate
 shared-experts MLP. On CUDA (fp16 / bf16) each touched expert's weights are read from HBM once per
-launch of up to 16 tokens; larger T is correct (the launcher loops over 16-token chunks) but reads
-the weights once per chunk: prefill belongs to permute + grouped_gemm. fp32, and shapes the 16-byte
-vector path cannot take (H, I or Is not a multiple of 8), run a simple correct kernel.
-``DOTS1_EXT_MOE_DECODE_KERNEL=simple`` forces that kernel (tests compare the two).
+launch of up to 64 tokens (512 (t, j) pairs: 64 tokens of top-8; an expert chosen by more than 16 of
+them is read once per 16, the re-reads side by side so that L2 serves them); larger T is correct (the
+launcher loops over 64-token chunks) but reads the weights once per chunk: prefill belongs to permute
++ grouped_gemm. fp32, and shapes the 16-byte vector path cannot take (H, I or Is not a multiple of
+8), run a simple correct kernel. ``DOTS1_EXT_MOE_DECODE_KERNEL=simple`` forces that kernel (tests
+compare the two); ``DOTS1_EXT_MOE_DECODE_NT=1|2|4`` forces the tensor-core kernels' n-tiles per MMA
+(items of 8, 16 or 32 pairs; default 1 up to 8 tokens, else 2; for benchmarks: the bits may differ
+between settings).
 
 Output shapes depend only on the input shapes (no host synchronisation, CUDA-graph safe); results
 are bitwise reproducible run to run and between eager and CUDA-graph replay (no float atomics).
