@@ -70,6 +70,10 @@ def _reference_namespace() -> types.SimpleNamespace:
             reference.moe_decode_gate_up(h, w, ids, shared, epilogue),
         moe_decode_down=lambda act, w, ids, weights, shared=None, residual=None:
             reference.moe_decode_down(act, w, ids, weights, shared, residual),
+        moe_decode_int4_gate_up=lambda h, q, s, z, ids, shared=None, epilogue="swiglu":
+            reference.moe_decode_int4_gate_up(h, q, s, z, ids, shared, epilogue),
+        moe_decode_int4_down=lambda act, q, s, z, ids, weights, shared=None, residual=None:
+            reference.moe_decode_int4_down(act, q, s, z, ids, weights, shared, residual),
     )
 
 
@@ -571,8 +575,9 @@ class Dots1Int4Experts(GateUpLayout, nn.Module):
 
     ``gate_up_proj``'s rows are interleaved like the bf16 weight's (:class:`GateUpLayout`; groups run
     along K, so a row permutation commutes with quantization); ``state_dict`` speaks the HF row order.
-    The forward (``Dots1MoE``) dequantizes the experts a call touches into the model's dtype and runs
-    the bf16 path's ops on them: the reference path, exact on the dequantized weights but not fast."""
+    Decode (``Dots1MoE``, up to MOE_DECODE_MAX_TOKENS tokens) runs the int4 decode ops on these tensors
+    (the kernels stream the packed bytes); prefill dequantizes the touched experts into the model's dtype
+    and runs the bf16 path's grouped GEMMs on them. Both equal the bf16 math on the dequantized weights."""
 
     def __init__(self, config: Dots1Config, device=None, symmetric: bool = False):
         super().__init__()
@@ -657,10 +662,29 @@ def _int4_gate_up_load_hook(module, state_dict, prefix, *args) -> None:
 INT4_PREFILL_EXPERT_CHUNK = 16
 
 
+# Decode with int4 experts runs the int4 decode ops (the packed bytes streamed and dequantized in the
+# kernels); False: every (token, slot) pair's expert is dequantized into a stack and the bf16 decode ops
+# run on it (the reference path, kept for comparisons: bench_moe_decode, tests).
+INT4_DECODE_KERNELS = True
+
+
 def _int4_moe_decode(moe, x, weights, ids, shared_gate_up, shared_down, residual):
-    """Decode (few tokens) with int4 experts, no host synchronisation (CUDA graphs capture it): the
-    expert of each (token, slot) pair is dequantized into a [T*k, ...] stack and the decode ops run
-    with ids 0 .. T*k-1 (an id outside [0, E) keeps its poison: it maps to T*k, outside the stack)."""
+    """Decode (few tokens) with int4 experts, no host synchronisation (CUDA graphs capture it): the int4
+    decode ops on the stored tensors (rows interleaved like the bf16 weight's when the module is:
+    ``gate_up_epilogue``), exactly the bf16 decode ops on the dequantized weights. A bad id poisons."""
+    experts = moe.experts
+    if not INT4_DECODE_KERNELS:
+        return _int4_moe_decode_dequantized(moe, x, weights, ids, shared_gate_up, shared_down, residual)
+    gu, dn = experts.gate_up_proj, experts.down_proj
+    act = ops.moe_decode_int4_gate_up(x, gu.qweight, gu.scales, gu.zeros, ids, shared_gate_up,
+                                      experts.gate_up_epilogue)  # [T, k*I + Is]
+    return ops.moe_decode_int4_down(act, dn.qweight, dn.scales, dn.zeros, ids, weights, shared_down, residual)
+
+
+def _int4_moe_decode_dequantized(moe, x, weights, ids, shared_gate_up, shared_down, residual):
+    """The reference decode path: the expert of each (token, slot) pair is dequantized into a [T*k, ...]
+    stack and the bf16 decode ops run with ids 0 .. T*k-1 (an id outside [0, E) keeps its poison: it maps
+    to T*k, outside the stack)."""
     experts = moe.experts
     T, k = ids.shape
     E = experts.num_experts

@@ -86,7 +86,22 @@ def _op_cases(device):
                                                       "swiglu_interleaved")),
         "moe_decode_down": ("moe_decode_down", (randn(T, k * I + 2 * I), randn(E, H, I), ids, weights,
                                                 randn(H, 2 * I), randn(T, H))),
+        # int4 routed experts: K (H for gate_up, I for down) a multiple of the 128-wide group.
+        "moe_decode_int4_gate_up": ("moe_decode_int4_gate_up", (randn(T, 128), *_int4(E, 2 * 128, 128, device), ids,
+                                                                randn(4 * I, 128), "swiglu_interleaved")),
+        "moe_decode_int4_gate_up-symmetric": ("moe_decode_int4_gate_up", (
+            randn(T, 128), *_int4(E, 2 * 128, 128, device, symmetric=True), ids, None, "swiglu")),
+        "moe_decode_int4_down": ("moe_decode_int4_down", (randn(T, k * 128 + 2 * I), *_int4(E, H, 128, device), ids,
+                                                          weights, randn(H, 2 * I), randn(T, H))),
     }
+
+
+def _int4(E, N, K, device, symmetric=False):
+    """(qweight, scales, zeros) of a random [E, N, K] weight in the int4 format."""
+    from dots1_ext.quant import quantize_int4
+
+    q = quantize_int4(torch.randn(E, N, K, device=device) * 0.05, symmetric=symmetric)
+    return q.qweight, q.scales, q.zeros
 
 
 OP_CASES = sorted(_op_cases("cpu"))

@@ -23,6 +23,8 @@ OPS = [
     "skinny_gemm",
     "moe_decode_gate_up",
     "moe_decode_down",
+    "moe_decode_int4_gate_up",
+    "moe_decode_int4_down",
     "decode_attention",
 ]
 
