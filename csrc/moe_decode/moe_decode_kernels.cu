@@ -232,31 +232,37 @@ __device__ __forceinline__ uint32_t bf16x2_fma(uint32_t a, uint32_t b, uint32_t 
   return d;
 }
 
-// 2 bytes / 1 byte at p (zero-extended), 0 when !pred: a weight's scale or zero point (never written in
-// a step: non-volatile, as load_weight16).
-__device__ __forceinline__ uint32_t load_weight_u16(const void* p, bool pred) {
+// 2 bytes / 1 byte at p (zero-extended) when pred, undefined otherwise (the caller never uses it then): a
+// weight's scale or zero point (never written in a step: non-volatile, as load_weight16).
+__device__ __forceinline__ uint32_t load_weight_u16_if(const void* p, bool pred) {
   unsigned short v;
   asm("{\n\t"
       ".reg .pred p;\n\t"
       "setp.ne.b32 p, %2, 0;\n\t"
-      "mov.b16 %0, 0;\n\t"
       "@p ld.global.nc.u16 %0, [%1];\n\t"
       "}"
       : "=h"(v)
       : "l"(p), "r"(static_cast<int>(pred)));
   return v;
 }
-__device__ __forceinline__ uint32_t load_weight_u8(const void* p, bool pred) {
+__device__ __forceinline__ uint32_t load_weight_u8_if(const void* p, bool pred) {
   unsigned short v;
   asm("{\n\t"
       ".reg .pred p;\n\t"
       "setp.ne.b32 p, %2, 0;\n\t"
-      "mov.b16 %0, 0;\n\t"
       "@p ld.global.nc.u8 %0, [%1];\n\t"
       "}"
       : "=h"(v)
       : "l"(p), "r"(static_cast<int>(pred)));
   return v;
+}
+
+// (a & b) | c in one instruction (lop3 with the masks in registers: the compiler's own lowering of two
+// different immediates takes two).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
@@ -272,14 +278,16 @@ __device__ __forceinline__ void dequant8(uint32_t w, uint32_t neg_z128x2, uint32
   constexpr uint32_t kMask = 0x000F000Fu, kMagic128 = 0x43004300u, kOne = 0x3F803F80u, kNegZero = 0x80008000u;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint32_t q = ((w >> (4 * j)) & kMask) | kMagic128;
+    const uint32_t q = and_or(w >> (4 * j), kMask, kMagic128);
     d[j] = bf16x2_fma(bf16x2_fma(q, kOne, neg_z128x2), sx2, kNegZero);
   }
 }
 
 // stream_rows for int4 rows (bf16 activations): groups [s_begin, s_end) of rows lo and hi (q_* their
 // packed bytes, s_* their K/128 scales, z_* their zero points or nullptr for symmetric, z = 8) against
-// activation rows col[n]; res as stream_rows. K % 128 == 0: no tail.
+// activation rows col[n]; res as stream_rows. K % 128 == 0: no tail. Every col[n] must be a readable row,
+// also where !col_ok[n] (the callers point those at a real row): the activations are loaded without a
+// predicate, and such a column only feeds its own MMA output column, which the callers never store.
 template <int NT>
 __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint8_t* q_hi,
                                                  const __nv_bfloat16* s_lo, const __nv_bfloat16* s_hi,
@@ -315,10 +323,12 @@ __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool ok = u < valid;
-      wv[u][0] = load_weight16(lo + u * (kGroupK / 2), ok);
-      wv[u][1] = load_weight16(hi + u * (kGroupK / 2), ok);
-      scale2[u] = load_weight_u16(s_lo + s0 + u, ok) | load_weight_u16(s_hi + s0 + u, ok) << 16;
-      zero2[u] = symmetric ? 0x00080008u : load_weight_u8(z_lo + s0 + u, ok) | load_weight_u8(z_hi + s0 + u, ok) << 16;
+      // (Steps past `valid` are loaded under a false predicate and never used: no zero fill.)
+      wv[u][0] = load_weight16_if(lo + u * (kGroupK / 2), ok);
+      wv[u][1] = load_weight16_if(hi + u * (kGroupK / 2), ok);
+      scale2[u] = load_weight_u16_if(s_lo + s0 + u, ok) | load_weight_u16_if(s_hi + s0 + u, ok) << 16;
+      zero2[u] = symmetric ? 0x00080008u
+                           : load_weight_u8_if(z_lo + s0 + u, ok) | load_weight_u8_if(z_hi + s0 + u, ok) << 16;
     }
     lo += U * (kGroupK / 2);
     hi += U * (kGroupK / 2);
@@ -326,17 +336,17 @@ __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint
     // activation vectors are loaded one word ahead (volatile loads keep their order with the MMAs).
     uint4 xv[NT];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) xv[n] = load_act16(x[n], col_ok[n]);
+    for (int n = 0; n < NT; ++n) xv[n] = load_act16_always(x[n]);
 #pragma unroll
     for (int wi = 0; wi < 4 * U; ++wi) {
       const int u = wi >> 2, i = wi & 3;
       if (u >= valid) break;  // warp-uniform
       uint4 xn[NT];
       const int wn = wi + 1;
+      // The next word's activations (a step past `valid` re-reads this word: in range, never used).
+      const int next = wn < 4 * U && (wn >> 2) < valid ? (wn >> 2) * kGroupK + (wn & 3) * 8 : u * kGroupK + i * 8;
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
-        xn[n] = wn < 4 * U ? load_act16(x[n] + (wn >> 2) * kGroupK + (wn & 3) * 8, (wn >> 2) < valid && col_ok[n])
-                           : make_uint4(0, 0, 0, 0);
+      for (int n = 0; n < NT; ++n) xn[n] = load_act16_always(x[n] + next);
       // bf16x2 (s, s) of each row; -(128 + z) as bf16 (z <= 15 sits in the mantissa's low bits).
       const uint32_t s_lo2 = __byte_perm(scale2[u], 0, 0x1010), s_hi2 = __byte_perm(scale2[u], 0, 0x3232);
       const uint32_t nz_lo2 = (zero2[u] & 0xFFFFu) * 0x00010001u | 0xC300C300u;
