@@ -26,6 +26,11 @@ TORCH_LIBRARY(dots1_ext, m) {
   // ---- grouped GEMM: csrc/grouped_gemm ----
   // x [S, K], weight [E, N, K], expert_offsets [E+1] int32 -> [S, N] ("none") or [S, N/2] ("swiglu")
   m.def("grouped_gemm(Tensor x, Tensor weight, Tensor expert_offsets, str epilogue) -> Tensor");
+  // The same with the weight in the int4 format (docs/design.md §7): x [S, K] bf16, qweight [E, N, K/2]
+  // uint8, scales [E, N, K/128] bf16, zeros [E, N, K/128] uint8 or None (symmetric), K % 128 == 0;
+  // epilogue "none" or "swiglu_interleaved" -> [S, N] or [S, N/2] bf16
+  m.def("grouped_gemm_int4(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor expert_offsets, "
+        "str epilogue) -> Tensor");
 
   // ---- norms and RoPE: csrc/norm ----
   // x [T, H], weight [H] -> [T, H]

@@ -698,12 +698,34 @@ def _int4_moe_decode_dequantized(moe, x, weights, ids, shared_gate_up, shared_do
     return ops.moe_decode_down(act, down, local, weights, shared_down, residual)
 
 
+# Prefill with int4 experts on CUDA (bf16 activations, an sm90 GPU) runs the W4A16 grouped GEMM
+# (ops.grouped_gemm_int4: the packed codes read by the kernel, no dequantized copy, no host read of the
+# offsets, CUDA-graph capturable); False, or where it does not apply: the dequantizing path below.
+INT4_PREFILL_KERNEL = True
+
+
+def _int4_prefill_kernel_applies(x: torch.Tensor) -> bool:
+    # sm90 only: elsewhere the op's own fallback dequantizes the whole weight at once, while the path
+    # below bounds its temporaries to INT4_PREFILL_EXPERT_CHUNK experts.
+    return (INT4_PREFILL_KERNEL and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) == (9, 0)
+            and "CUDA" not in ops.reference_backed_ops().get("grouped_gemm_int4", []))
+
+
 def _int4_moe_prefill(moe, x, weights, ids, residual):
-    """Prefill with int4 experts: permute as the bf16 path does, then the touched experts (a host read
-    of the offsets) dequantized INT4_PREFILL_EXPERT_CHUNK at a time, each chunk's rows through the same
-    grouped_gemm calls, the combine unchanged."""
+    """Prefill with int4 experts: permute as the bf16 path does, then either the W4A16 grouped GEMMs
+    (:data:`INT4_PREFILL_KERNEL`) or the touched experts (a host read of the offsets) dequantized
+    INT4_PREFILL_EXPERT_CHUNK at a time, each chunk's rows through the same grouped_gemm calls; the
+    combine unchanged."""
     experts = moe.experts
     permuted, offsets, row_map = ops.permute(x, ids, moe.num_experts)  # [T*k, H], [E+1], [T*k]
+    shared = moe.shared_experts(x) if moe.shared_experts is not None else None
+    if _int4_prefill_kernel_applies(x) and experts.gate_up_epilogue == "swiglu_interleaved":
+        gu, dn = experts.gate_up_proj, experts.down_proj
+        act = ops.grouped_gemm_int4(permuted, gu.qweight, gu.scales, gu.zeros, offsets,
+                                    experts.gate_up_epilogue)  # [T*k, I]
+        expert_out = ops.grouped_gemm_int4(act, dn.qweight, dn.scales, dn.zeros, offsets, "none")  # [T*k, H]
+        return ops.unpermute(expert_out, row_map, weights, shared_out=shared, residual=residual)
     bounds = offsets.tolist()
     touched = [e for e in range(moe.num_experts) if bounds[e + 1] > bounds[e]]
     S = permuted.shape[0]
@@ -716,7 +738,6 @@ def _int4_moe_prefill(moe, x, weights, ids, residual):
         act = ops.grouped_gemm(permuted[lo:hi], experts.dequantized("gate_up_proj", sel, x.dtype), local,
                                experts.gate_up_epilogue)
         expert_out[lo:hi] = ops.grouped_gemm(act, experts.dequantized("down_proj", sel, x.dtype), local, "none")
-    shared = moe.shared_experts(x) if moe.shared_experts is not None else None
     return ops.unpermute(expert_out, row_map, weights, shared_out=shared, residual=residual)
 
 

@@ -198,6 +198,20 @@ def grouped_gemm(
     return out
 
 
+def grouped_gemm_int4(
+    x: torch.Tensor,  # [S, K] bf16
+    qweight: torch.Tensor,  # [E, N, K/2] uint8
+    scales: torch.Tensor,  # [E, N, K/128] bf16
+    zeros: torch.Tensor | None,  # [E, N, K/128] uint8, or None (symmetric)
+    expert_offsets: torch.Tensor,  # [E+1] int32
+    epilogue: str,  # "none" | "swiglu_interleaved"
+) -> torch.Tensor:
+    """grouped_gemm on the int4 weight dequantized to x's dtype (dots1_ext.quant.dequantize_int4: (u - z) * s
+    exact, rounded once)."""
+    weight = quant.dequantize_int4(quant.Int4Weight(qweight, scales, zeros), x.dtype)
+    return grouped_gemm(x, weight, expert_offsets, epilogue)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Dots1RMSNorm over the last dim: normalise in fp32, cast to x's dtype, then times the weight."""
     xf = x.float()

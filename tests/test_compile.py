@@ -67,6 +67,11 @@ def _op_cases(device):
         "grouped_gemm-swiglu": ("grouped_gemm", (permuted, randn(E, 2 * I, H), offsets, "swiglu")),
         "grouped_gemm-swiglu_interleaved": ("grouped_gemm", (permuted, randn(E, 2 * I, H), offsets, "swiglu_interleaved")),
         "grouped_gemm-none": ("grouped_gemm", (randn(T * k, I), randn(E, H, I), offsets, "none")),
+        # W4A16 grouped GEMM: bf16 activations on every device, K a multiple of 128.
+        "grouped_gemm_int4-swiglu_interleaved": ("grouped_gemm_int4", (
+            randn(T * k, 128, dtype=torch.bfloat16), *_int4(E, 2 * 128, 128, device), offsets, "swiglu_interleaved")),
+        "grouped_gemm_int4-none-symmetric": ("grouped_gemm_int4", (
+            randn(T * k, 128, dtype=torch.bfloat16), *_int4(E, 64, 128, device, symmetric=True), offsets, "none")),
         "unpermute": ("unpermute", (randn(T * k, H), row_map, weights, None, None)),
         "unpermute-shared-residual": ("unpermute", (randn(T * k, H), row_map, weights, randn(T, H), randn(T, H))),
         "rms_norm": ("rms_norm", (hidden, randn(H), 1e-5)),

@@ -16,6 +16,7 @@ OPS = [
     "permute",
     "unpermute",
     "grouped_gemm",
+    "grouped_gemm_int4",
     "rms_norm",
     "add_rms_norm_",
     "qk_norm_rope_",
