@@ -141,25 +141,25 @@ def test_bad_inputs_raise(device):
     E, N, K = 2, 32, 256
     x, q, off = make_int4_case([3, 4], E, N, K, device)
     qw, sc, z = q.qweight, q.scales, q.zeros
-    with pytest.raises(TypeError, match="x must have dtype bfloat16"):
+    with pytest.raises(TypeError, match="x must have dtype"):
         grouped_gemm_int4(x.float(), qw, sc, z, off)
     with pytest.raises(ValueError, match="positive multiple of the int4 group size 128"):
         grouped_gemm_int4(x[:, :192], qw[..., :96], sc[..., :1], z[..., :1], off)
-    with pytest.raises(TypeError, match="qweight must have dtype uint8"):
+    with pytest.raises(TypeError, match="qweight must have dtype"):
         grouped_gemm_int4(x, qw.to(torch.int8), sc, z, off)
     with pytest.raises(ValueError, match="qweight must have shape"):
         grouped_gemm_int4(x, qw[..., :64].contiguous(), sc, z, off)
     with pytest.raises(ValueError, match="qweight must be contiguous"):
         grouped_gemm_int4(x, qw.transpose(0, 1).contiguous().transpose(0, 1), sc, z, off)
-    with pytest.raises(TypeError, match="scales must have dtype bfloat16"):
+    with pytest.raises(TypeError, match="scales must have dtype"):
         grouped_gemm_int4(x, qw, sc.float(), z, off)
     with pytest.raises(ValueError, match="scales must have shape"):
         grouped_gemm_int4(x, qw, sc[:, :16], z, off)
-    with pytest.raises(TypeError, match="zeros must have dtype uint8"):
+    with pytest.raises(TypeError, match="zeros must have dtype"):
         grouped_gemm_int4(x, qw, sc, z.to(torch.int32), off)
     with pytest.raises(ValueError, match="zeros must have shape"):
         grouped_gemm_int4(x, qw, sc, z[:1], off)
-    with pytest.raises(TypeError, match="expert_offsets must have dtype int32"):
+    with pytest.raises(TypeError, match="expert_offsets must have dtype"):
         grouped_gemm_int4(x, qw, sc, z, off.long())
     with pytest.raises(ValueError, match="expert_offsets must have shape"):
         grouped_gemm_int4(x, qw, sc, z, off[:-1])
