@@ -576,8 +576,9 @@ class Dots1Int4Experts(GateUpLayout, nn.Module):
     ``gate_up_proj``'s rows are interleaved like the bf16 weight's (:class:`GateUpLayout`; groups run
     along K, so a row permutation commutes with quantization); ``state_dict`` speaks the HF row order.
     Decode (``Dots1MoE``, up to MOE_DECODE_MAX_TOKENS tokens) runs the int4 decode ops on these tensors
-    (the kernels stream the packed bytes); prefill dequantizes the touched experts into the model's dtype
-    and runs the bf16 path's grouped GEMMs on them. Both equal the bf16 math on the dequantized weights."""
+    (the kernels stream the packed bytes); prefill runs the W4A16 grouped GEMM (``ops.grouped_gemm_int4``,
+    sm90, bf16: :data:`INT4_PREFILL_KERNEL`) or else dequantizes the touched experts into the model's dtype
+    and runs the bf16 path's grouped GEMMs on them. All equal the bf16 math on the dequantized weights."""
 
     def __init__(self, config: Dots1Config, device=None, symmetric: bool = False):
         super().__init__()
