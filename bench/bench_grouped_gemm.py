@@ -5,6 +5,10 @@
 then SiLU * mul). Floors: FLOPs over the measured dense GEMM rate and
 the active experts' weight bytes over the measured copy bandwidth (whichever is larger).
 
+W4A16 rows (prefill sizes, T = 4096 and 16384; --quick: 4096): grouped_gemm_int4 on the int4 weights
+(the same random weights quantized, asymmetric) against our bf16 grouped_gemm, same routing, timed
+round-robin in the same run; each with its own floor (int4: packed codes + scales + zeros bytes).
+
     python -m bench.bench_grouped_gemm [--quick]
 """
 
@@ -17,7 +21,9 @@ import torch.nn.functional as F
 
 from bench.common import (Report, Row, bench_main, bytes_floor_ms, copy_bandwidth_gbs, flops_floor_ms, gemm_tflops,
                           graph_us, on_gpu, time_fns)
+from dots1_ext import quant
 from dots1_ext.ops.grouped_gemm import grouped_gemm, interleave_gate_up
+from dots1_ext.ops.grouped_gemm_int4 import grouped_gemm_int4
 
 
 def routing_offsets(kind: str, T: int, k: int, E: int, device: str) -> torch.Tensor:
@@ -152,7 +158,62 @@ def run(quick: bool = False) -> list[Report]:
 
                 fns["torch._grouped_mm + silu*mul"] = peer_pair
             add_rows(report, case, fns, floor, wbytes, flops, gpu, graph=S <= 512)
+    add_int4_rows(report, w_gate_up_packed, w_down, [T for T in Ts if T >= 4096] if gpu else [64], k, gpu)
     return [report]
+
+
+def quantize_by_expert(w: torch.Tensor) -> quant.Int4Weight:
+    """quantize_int4 a few experts at a time (bounded fp32 temporaries at the real shape)."""
+    parts = [quant.quantize_int4(w[e:e + 16]) for e in range(0, w.shape[0], 16)]
+    return quant.Int4Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                            torch.cat([p.zeros for p in parts]))
+
+
+def add_int4_rows(report: Report, w_gate_up_packed: torch.Tensor, w_down: torch.Tensor, Ts: list[int], k: int,
+                  gpu: bool) -> None:
+    """The W4A16 grouped GEMM against the bf16 one (balanced routing, same offsets, same run): gate_up +
+    SwiGLU, down, and the pair. Floors per implementation: FLOPs over the dense GEMM rate or the
+    active experts' weight bytes (bf16: 2 per weight; int4: 0.5 + 3/128 per weight) over copy bandwidth."""
+    device = w_down.device
+    E, H, I = w_down.shape
+    bf16 = {"gate_up": w_gate_up_packed.to(torch.bfloat16), "down": w_down.to(torch.bfloat16)}
+    int4 = {"gate_up": quantize_by_expert(w_gate_up_packed), "down": quantize_by_expert(w_down)}
+    per_weight = {"dots1_ext bf16": 2.0, "dots1_ext int4 (W4A16)": 0.5 + 3 / quant.GROUP_SIZE}
+    for T in Ts:
+        S = T * k
+        off = routing_offsets("balanced", T, k, E, device)
+        active = int((off[1:] > off[:-1]).sum())
+        x = torch.randn(S, H, device=device, dtype=torch.bfloat16)
+        h = torch.randn(S, I, device=device, dtype=torch.bfloat16)
+
+        def gemm_bf16(xin, name, epi):
+            return grouped_gemm(xin, bf16[name], off, epi)
+
+        def gemm_int4(xin, name, epi):
+            q = int4[name]
+            return grouped_gemm_int4(xin, q.qweight, q.scales, q.zeros, off, epi)
+
+        for stage, name, xin, epi in (("gate_up+swiglu", "gate_up", x, "swiglu_interleaved"),
+                                      ("down", "down", h, "none"), ("gate_up+down", None, x, None)):
+            if name is None:
+                weights = 3 * I * H
+                fns = {"dots1_ext bf16":
+                       lambda: gemm_bf16(gemm_bf16(x, "gate_up", "swiglu_interleaved"), "down", "none"),
+                       "dots1_ext int4 (W4A16)":
+                       lambda: gemm_int4(gemm_int4(x, "gate_up", "swiglu_interleaved"), "down", "none")}
+            else:
+                weights = bf16[name].shape[1] * bf16[name].shape[2]
+                fns = {"dots1_ext bf16": lambda xin=xin, name=name, epi=epi: gemm_bf16(xin, name, epi),
+                       "dots1_ext int4 (W4A16)": lambda xin=xin, name=name, epi=epi: gemm_int4(xin, name, epi)}
+            flops = 2.0 * S * weights
+            times = time_fns(fns, warmup=5 if gpu else 1, rounds=10 if gpu else 2, iters=5 if gpu else 2)
+            case = f"W4A16 {stage} T={T} balanced ({active} experts)"
+            for label, ms in times.items():
+                wbytes = active * weights * per_weight[label]
+                floor = max(flops_floor_ms(flops), bytes_floor_ms(wbytes))
+                extra = {"vs_bf16": times["dots1_ext bf16"] / ms}
+                report.add(Row("grouped_gemm", case, label, ms, floor, gbs=wbytes / ms / 1e6,
+                               tflops=flops / ms / 1e9, extra=extra))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ so that L2 (50 MB) never serves a weight the previous call read; ids are redrawn
 Median replay time / CALLS. Floor: the bytes of the experts the calls touch (distinct routed experts x
 3*I*H*2 + the shared experts' 3*Is*H*2; the expected distinct count E*(1 - (1 - k/E)^T)) over the measured copy bandwidth.
 
+int4 routed experts (W4A16, issue 14): moe_decode_int4_gate_up + moe_decode_int4_down on the same layer
+quantized (asymmetric, groups of 128; the shared experts stay bf16), its own rows with its own floor: the
+touched experts' packed bytes 3*I*H/2 plus their scales and zero points 3*I*H*3/128, plus the shared
+experts' bf16 bytes. The weight sets hold both formats, so the bf16 rows of the same run compare.
+
     python -m bench.bench_moe_decode [--quick]
 """
 
@@ -27,6 +32,8 @@ import torch.nn.functional as F
 from bench.common import Report, Row, bench_main, capture_graph, replay_ms, bytes_floor_ms, copy_bandwidth_gbs, on_gpu, time_fn
 from dots1_ext import ops
 from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
+from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_gate_up
+from dots1_ext.quant import GROUP_SIZE, quantize_int4
 
 REAL = dict(E=128, k=6, H=4096, I=1408, Is=2816)
 TINY = dict(E=16, k=4, H=256, I=128, Is=256)
@@ -44,8 +51,16 @@ def make_weights(s: dict, device: str, dtype: torch.dtype) -> dict:
     down = torch.empty(E, H, I, device=device, dtype=dtype)
     for e in range(E):
         down[e] = (torch.randn(H, I, device=device) / I**0.5).to(dtype)
+    # The same experts in int4 (interleaved rows like the bf16 gate_up: a row permutation commutes with
+    # the quantization along K), quantized one expert at a time.
+    q_gate_up = [quantize_int4(gate_up[e]) for e in range(E)]
+    q_down = [quantize_int4(down[e]) for e in range(E)]
+    int4 = {name: [torch.stack([getattr(q, field) for q in qs]) for field in ("qweight", "scales", "zeros")]
+            for name, qs in (("gate_up", q_gate_up), ("down", q_down))}
+    del q_gate_up, q_down
     return dict(gate_up=gate_up, down=down, shared_gate_up=(torch.randn(2 * Is, H, device=device) / H**0.5).to(dtype),
-                shared_down=(torch.randn(H, Is, device=device) / Is**0.5).to(dtype))
+                shared_down=(torch.randn(H, Is, device=device) / Is**0.5).to(dtype), int4_gate_up=int4["gate_up"],
+                int4_down=int4["down"])
 
 
 def draw_ids(T: int, k: int, E: int) -> torch.Tensor:
@@ -55,6 +70,12 @@ def draw_ids(T: int, k: int, E: int) -> torch.Tensor:
 def ours(x, w, ids, weights, residual):
     act = moe_decode_gate_up(x, w["gate_up"], ids, w["shared_gate_up"], "swiglu_interleaved")
     return moe_decode_down(act, w["down"], ids, weights, w["shared_down"], residual)
+
+
+def ours_int4(x, w, ids, weights, residual):
+    """The int4 decode ops (issue 14) on the same layer quantized; the shared experts bf16."""
+    act = moe_decode_int4_gate_up(x, *w["int4_gate_up"], ids, w["shared_gate_up"], "swiglu_interleaved")
+    return moe_decode_int4_down(act, *w["int4_down"], ids, weights, w["shared_down"], residual)
 
 
 CHUNK_T = 16  # the tokens per launch before 64-token launches
@@ -104,6 +125,8 @@ def run(quick: bool = False) -> list[Report]:
     sets = [make_weights(s, device, dtype) for _ in range(WEIGHT_SETS if gpu else 1)]
     elt = torch.finfo(dtype).bits // 8
     expert_bytes, shared_bytes = 3 * I * H * elt, 3 * Is * H * elt
+    # int4: packed codes (half a byte) plus a bf16 scale and a uint8 zero point per group of 128.
+    int4_expert_bytes = 3 * I * H // 2 + 3 * I * H // GROUP_SIZE * 3
     report = Report(f"MoE decode experts (H={H}, E={E}, top-{k}, I={I}, shared Is={Is}, "
                     f"{str(dtype).replace('torch.', '')}, {device}, copy {copy_bandwidth_gbs():.0f} GB/s)")
     for T in tokens:
@@ -116,7 +139,6 @@ def run(quick: bool = False) -> list[Report]:
                           (torch.rand(T, k, device=device) + 0.1), torch.randn(T, H, device=device).to(dtype)))
         # Ids are redrawn per replay: the expected number of distinct experts of T tokens' top-k.
         touched = E * (1 - (1 - k / E) ** T)
-        floor = bytes_floor_ms(touched * expert_bytes + shared_bytes)
         case = f"T={T} ({touched:.1f} experts)"
 
         def redraw():
@@ -129,16 +151,20 @@ def run(quick: bool = False) -> list[Report]:
             if gpu:
                 impls["dots1_ext moe_decode NT=4"] = ours_nt4
         impls["permute + grouped_gemm x2 + shared MLP + unpermute"] = current_path
+        impls["dots1_ext moe_decode_int4 (2 launches, int4 experts)"] = ours_int4
+        int4_bytes = touched * int4_expert_bytes + shared_bytes
         for label, fn in impls.items():
+            nbytes = int4_bytes if fn is ours_int4 else touched * expert_bytes + shared_bytes
             if gpu:
                 ms = graph_ms(fn, calls, redraw, iters=5 if quick else 20)
             else:
                 ms = time_fn(lambda fn=fn: [fn(*a) for a in calls], warmup=1, iters=3) / len(calls)
-            report.add(Row("moe_decode", case, label, ms, floor,
-                           gbs=(touched * expert_bytes + shared_bytes) / ms / 1e6))
+            report.add(Row("moe_decode", case, label, ms, bytes_floor_ms(nbytes), gbs=nbytes / ms / 1e6))
     if gpu:
         report.notes.append(f"floor = touched expert bytes / copy bandwidth; {CALLS} calls per CUDA graph over "
                             f"{WEIGHT_SETS} weight sets, fresh ids per replay; median of replays")
+        report.notes.append("int4 rows: bytes = touched experts' packed codes + scales + zero points (0.523 B per "
+                            "weight) + the shared experts' bf16; their own floor")
     del sets
     return [report]
 

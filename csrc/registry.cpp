@@ -26,6 +26,11 @@ TORCH_LIBRARY(dots1_ext, m) {
   // ---- grouped GEMM: csrc/grouped_gemm ----
   // x [S, K], weight [E, N, K], expert_offsets [E+1] int32 -> [S, N] ("none") or [S, N/2] ("swiglu")
   m.def("grouped_gemm(Tensor x, Tensor weight, Tensor expert_offsets, str epilogue) -> Tensor");
+  // The same with the weight in the int4 format (docs/design.md §7): x [S, K] bf16, qweight [E, N, K/2]
+  // uint8, scales [E, N, K/128] bf16, zeros [E, N, K/128] uint8 or None (symmetric), K % 128 == 0;
+  // epilogue "none" or "swiglu_interleaved" -> [S, N] or [S, N/2] bf16
+  m.def("grouped_gemm_int4(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor expert_offsets, "
+        "str epilogue) -> Tensor");
 
   // ---- norms and RoPE: csrc/norm ----
   // x [T, H], weight [H] -> [T, H]
@@ -64,6 +69,13 @@ TORCH_LIBRARY(dots1_ext, m) {
   // summed in fp32 in that fixed order, rounded once
   m.def("moe_decode_down(Tensor act, Tensor down, Tensor topk_ids, Tensor topk_weights, "
         "Tensor? shared_down, Tensor? residual) -> Tensor");
+  // The same two with int4 routed experts (docs/design.md §7): the weight as qweight [E, N, K/2] uint8,
+  // scales [E, N, K/128] bf16, zeros [E, N, K/128] uint8 or None (symmetric); equal to the ops above on
+  // the dequantized weights ((u - z) * s rounded once to the activations' dtype). K % 128 == 0.
+  m.def("moe_decode_int4_gate_up(Tensor hidden, Tensor gate_up_qweight, Tensor gate_up_scales, "
+        "Tensor? gate_up_zeros, Tensor topk_ids, Tensor? shared_gate_up, str epilogue) -> Tensor");
+  m.def("moe_decode_int4_down(Tensor act, Tensor down_qweight, Tensor down_scales, Tensor? down_zeros, "
+        "Tensor topk_ids, Tensor topk_weights, Tensor? shared_down, Tensor? residual) -> Tensor");
 }
 
 // Importing dots1_ext._C loads this library and so runs the registrations above; there are no

@@ -20,6 +20,8 @@ from dots1_ext.config import dots1_real_config, parse_dtype
 from dots1_ext.loader import check_device_memory, load_model, model_bytes
 from dots1_ext.model import Dots1ForCausalLM, build_random_model
 from dots1_ext.parity import ParityResult, logits_parity
+from dots1_ext.modules import quantize_experts_
+from dots1_ext.quant import EXPERT_FORMATS
 
 
 
@@ -59,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--real-shape", action="store_true",
                    help="random weights at real Dots1 dimensions, built on the device (timing only)")
     p.add_argument("--layers", type=_positive_int, default=3, help="layers of the --real-shape model (layer 0 dense)")
+    p.add_argument("--experts", choices=EXPERT_FORMATS, default=None,
+                   help="routed experts' format: bf16 (unquantized, in --dtype) or int4 (quantized while loading / "
+                        "building; the reference path, fast kernels pending). Default: the checkpoint's (bf16 for "
+                        "--real-shape)")
     p.add_argument("--no-parity", action="store_true", help="skip the check against the reference ops")
     return p.parse_args(argv)
 
@@ -106,6 +112,9 @@ def build_model(args, device: torch.device, dtype: torch.dtype, info=None) -> tu
     dots1_ext.distributed.DistInfo of a torchrun launch; with a world size > 1 the model is this rank's
     expert-parallel shard (its routed experts only) and rank 0 alone prints."""
     sharded = info is not None and info.world_size > 1
+    experts = getattr(args, "experts", None)
+    if sharded and experts == "int4":
+        raise SystemExit("error: --experts int4 is not supported with several ranks yet")
     if sharded:
         from dots1_ext import distributed
     say = print if info is None or info.is_main else (lambda *a, **k: None)
@@ -115,9 +124,13 @@ def build_model(args, device: torch.device, dtype: torch.dtype, info=None) -> tu
             say(f"building a random-weight Dots1 at real shape with {args.layers} layers, experts sharded "
                 f"over {info.world_size} ranks ...", flush=True)
             return distributed.build_random_model_distributed(config, info, dtype, args.seed), None
-        check_device_memory(model_bytes(Dots1ForCausalLM(config, device="meta", dtype=dtype)), device)
-        print(f"building a random-weight Dots1 at real shape with {args.layers} layers on {device} ...", flush=True)
-        return build_random_model(config, device=device, dtype=dtype, seed=args.seed), None
+        meta = Dots1ForCausalLM(config, device="meta", dtype=dtype)
+        if experts == "int4":
+            quantize_experts_(meta)
+        check_device_memory(model_bytes(meta), device)
+        kind = " with int4 experts" if experts == "int4" else ""
+        print(f"building a random-weight Dots1 at real shape with {args.layers} layers{kind} on {device} ...", flush=True)
+        return build_random_model(config, device=device, dtype=dtype, seed=args.seed, experts=experts or "bf16"), None
     path = args.model
     if path is None:
         from dots1_ext.tiny import make_tiny_checkpoint
@@ -130,8 +143,9 @@ def build_model(args, device: torch.device, dtype: torch.dtype, info=None) -> tu
     if sharded:
         say(f"loading {path} onto {info.world_size} x {device.type} as {dtype} (experts sharded) ...", flush=True)
         return distributed.load_model_distributed(path, info, dtype), path
-    print(f"loading {path} onto {device} as {dtype} ...", flush=True)
-    return load_model(path, device=device, dtype=dtype), path
+    kind = " (routed experts quantized to int4)" if experts == "int4" else ""
+    print(f"loading {path} onto {device} as {dtype}{kind} ...", flush=True)
+    return load_model(path, device=device, dtype=dtype, experts=experts), path
 
 
 def parity_check(model: Dots1ForCausalLM, prompts: list[list[int]]) -> ParityResult:
@@ -214,8 +228,12 @@ def main(argv=None) -> int:
         c = model.config
         if info is None or info.world_size == 1:
             n_params = sum(p.numel() for p in model.parameters())
+            from dots1_ext.modules import is_int4
+
+            kind = ", int4 routed experts" if is_int4(model) else ""
             say(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
-                f"{c.num_experts_per_tok}, {n_params / 1e6:.1f}M parameters, {device}, {dtype}")
+                f"{c.num_experts_per_tok}, {n_params / 1e6:.1f}M parameters, {model_bytes(model) / 2**30:.3f} GiB of "
+                f"weights, {device}, {dtype}{kind}")
             return run_job(model, args, path, say)
         say(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
             f"{c.num_experts_per_tok}, {info.world_size} rank(s) x {(c.n_routed_experts or 0) // info.world_size} experts, "

@@ -13,6 +13,16 @@ Loading builds the model on the meta device, allocates it once on the target dev
 checkpoint tensor (read through safetensors' mmap) into its slot; a hub-layout expert lands in a slice
 of the fused parameter, and fused expert tensors are copied one expert at a time. So no weight is ever
 held twice, and host memory holds at most one expert matrix (or one dense tensor) at a time.
+
+int4 routed experts (``dots1_ext.quant``): ``load_model(path, experts="int4")`` quantizes each expert
+matrix of a bf16/fp16/fp32 checkpoint on the target device as it is copied (the only high-precision
+copy is that one matrix), and a checkpoint written by ``save_checkpoint`` from an int4 model is read
+back as int4. That checkpoint's config.json carries ``quantization_config`` (``quant.quantization_config``:
+``quant_method`` "dots1_ext", ``format`` "int4-g128", ``symmetric``), each safetensors file the metadata
+key ``dots1_ext.experts`` ("int4-g128-asym" / "-sym"), and every MoE layer the fused tensors
+``model.layers.{i}.mlp.experts.{gate_up_proj,down_proj}.{qweight,scales,zeros}`` (qweight uint8
+[E, N, K/2], scales bf16 and zeros uint8 [E, N, K/128], gate_up rows in the HF order: gate first; no
+zeros when symmetric), whatever ``layout`` says; every other tensor is as in a bf16 checkpoint.
 """
 
 from __future__ import annotations
@@ -32,9 +42,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dots1_ext import quant
 from dots1_ext.config import CONFIG_NAME, Dots1Config, dtype_name, parse_dtype
 from dots1_ext.model import Dots1ForCausalLM
-from dots1_ext.modules import experts_in_hf_layout, interleave_gate_up_, pack_linears_
+from dots1_ext.modules import (
+    Dots1Int4Experts,
+    Int4Tensor,
+    experts_in_hf_layout,
+    int4_expert_modules,
+    interleave_gate_up_,
+    pack_linears_,
+    quantize_experts_,
+)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -42,7 +61,8 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|cos_cached|sin_cached)$")
 _HUB_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<part>gate_proj|up_proj|down_proj)\.weight$")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-_FUSED_EXPERT_KEYS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# Fused expert tensors [E, ...], read one expert at a time: bf16 ones and the int4 format's.
+_FUSED_EXPERT_KEY = re.compile(r"mlp\.experts\.(gate_up_proj|down_proj)(\.(qweight|scales|zeros))?$")
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -136,12 +156,53 @@ def checkpoint_files(directory: str | os.PathLike) -> dict[str, str]:
     return keys
 
 
+class _Int4Slot:
+    """Where high-precision expert weights go in an int4 model: ``copy_`` quantizes them into the
+    Int4Tensor (expert ``e``, ``rows`` of it; all experts when e is None). Duck-types the tensor
+    destinations of _Slots (``data``, ``shape``, indexing, ``numel``, ``element_size``)."""
+
+    def __init__(self, target: Int4Tensor, e: int | None = None, rows: slice = slice(None)):
+        self.target, self.e, self.rows = target, e, rows
+
+    @property
+    def data(self) -> "_Int4Slot":
+        return self
+
+    @property
+    def shape(self) -> torch.Size:
+        E, N, K = self.target.shape
+        if self.e is None:
+            return torch.Size((E, N, K))
+        return torch.Size((len(range(N)[self.rows]), K))
+
+    dtype = None  # any floating-point source is quantized
+
+    def __getitem__(self, index) -> "_Int4Slot":
+        if isinstance(index, int):
+            return _Int4Slot(self.target, index)
+        e, rows = index
+        return _Int4Slot(self.target, e, rows)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:  # progress counts the bytes read (a 16-bit source's)
+        return 2
+
+    def copy_(self, src: torch.Tensor) -> None:
+        if self.e is None:
+            for e in range(src.shape[0]):
+                self.target.set_rows_(e, slice(None), src[e])
+        else:
+            self.target.set_rows_(self.e, self.rows, src)
+
+
 class _Slots:
     """Where each checkpoint key goes in the model, and which parts of each weight have been filled."""
 
     SKIP = "skip"  # a routed expert outside [start, end): not read
 
-    def __init__(self, model: Dots1ForCausalLM, start: int = 0, end: int | None = None):
+    def __init__(self, model: Dots1ForCausalLM, start: int = 0, end: int | None = None, quantized_source: bool = False):
         self.config = model.config
         # The model holds routed experts [start, end) of each MoE layer (all of them unless load_model
         # was given an expert range).
@@ -149,6 +210,16 @@ class _Slots:
         # Tied lm_head.weight is the embedding: named_parameters drops the duplicate name.
         self.targets = dict(model.named_parameters())
         self.targets.update((n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+        # int4 experts: the int4 tensors themselves (a quantized checkpoint) or, for a high-precision
+        # one, a slot that quantizes what is copied into it, under the bf16 parameter's name.
+        for name, m in model.named_modules():
+            if isinstance(m, Dots1Int4Experts):
+                for part in ("gate_up_proj", "down_proj"):
+                    int4 = getattr(m, part)
+                    if quantized_source:
+                        self.targets.update((f"{name}.{part}.{leaf}", t) for leaf, t in int4.buffers_by_name().items())
+                    else:
+                        self.targets[f"{name}.{part}"] = _Int4Slot(int4)
         # Per target, a bool per fillable part: [E, 2] for gate_up_proj (gate, up), [E, 1] for down_proj.
         self.filled = {n: torch.zeros(*self._parts(n), dtype=torch.bool) for n in self.targets}
 
@@ -179,7 +250,7 @@ class _Slots:
             j = 0 if part == "gate_proj" else 1
             return name, fused[local, j * I:(j + 1) * I], (local, j), None
         if key in self.targets:
-            rows = (self.start, self.end) if key.endswith(_FUSED_EXPERT_KEYS) else None
+            rows = (self.start, self.end) if _FUSED_EXPERT_KEY.search(key) else None
             return key, self.targets[key].data, (slice(None), slice(None)), rows
         if IGNORED_KEYS.search(key) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
             return None
@@ -252,7 +323,7 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | str | None = None,
     progress: bool = True,
-    experts: tuple[int, int] | None = None,
+    experts: tuple[int, int] | str | None = None,
 ) -> Dots1ForCausalLM:
     """Loads the HF Dots1 checkpoint in ``path`` onto ``device`` in ``dtype`` (default: bf16 on CUDA,
     fp32 elsewhere).
@@ -263,20 +334,43 @@ def load_model(
     model: :func:`dots1_ext.distributed.shard_model_` turns it into one that runs; alone, its MoE
     layers cannot run, and save_checkpoint refuses it.
 
+    ``experts="int4"``: the routed experts are quantized to int4 (``dots1_ext.quant``: groups of 128
+    along the reduction dimension, asymmetric, round to nearest) on ``device`` while loading, one
+    expert matrix at a time; everything else is in ``dtype``. A checkpoint saved from an int4 model
+    loads as int4 (``experts`` None or "int4"); ``experts="bf16"`` keeps the experts unquantized in
+    ``dtype`` (the default for a high-precision checkpoint) and refuses an int4 one.
+
     Raises CheckpointError (a ValueError; CheckpointKeyError, also a KeyError, for a missing or
     unexpected tensor; CheckpointNotFoundError, also a FileNotFoundError, for missing files) naming
     the file and the tensor, and torch.OutOfMemoryError when the device cannot hold the model."""
     device = torch.device(device)
     dtype = parse_dtype(dtype) or _default_dtype(device)
+    expert_format = quant.check_expert_format(experts) if isinstance(experts, str) else None
     config = read_config(path)
+    try:
+        stored_symmetric = quant.checkpoint_symmetric(config)  # None: not quantized
+    except ValueError as e:
+        raise CheckpointError(f"{os.path.join(os.fspath(path), CONFIG_NAME)}: {e}") from None
+    if stored_symmetric is not None and expert_format == "bf16":
+        raise CheckpointError(f"{path}: the checkpoint's routed experts are int4; load it with experts='int4' "
+                              "(dequantizing to bf16 while loading is not supported)")
+    if stored_symmetric is not None and experts is not None and expert_format is None:
+        raise ValueError(f"experts={experts!r}: loading a range of experts of an int4 checkpoint is not supported")
     files = checkpoint_files(path)
 
     model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
     start, end = 0, config.n_routed_experts or 0
-    if experts is not None:
+    if experts is not None and expert_format is None:
         start, end = _check_expert_range(experts, config)
         keep_experts_(model, start, end)
-    plan = _plan(files, _Slots(model, start, end))  # every key, shape and dtype checked before any allocation
+    int4 = stored_symmetric is not None or expert_format == "int4"
+    if int4:
+        if not config.num_moe_layers:
+            raise ValueError("experts='int4': the model has no MoE layers")
+        quantize_experts_(model, symmetric=bool(stored_symmetric))  # on meta: empty int4 modules
+    quantized = stored_symmetric is not None
+    # every key, shape and dtype checked before any allocation
+    plan = _plan(files, _Slots(model, start, end, quantized_source=quantized))
 
     check_device_memory(model_bytes(model), device)
     model.to_empty(device=device)
@@ -284,7 +378,7 @@ def load_model(
     # q/k/v and gate/up as one weight each (state_dict stays HF): packed before loading, so the
     # checkpoint's tensors are copied straight into their slices.
     pack_linears_(model)
-    slots = _Slots(model, start, end)  # the same plan, now pointing at real storage
+    slots = _Slots(model, start, end, quantized_source=quantized)  # the same plan, now pointing at real storage
 
     bar = _Progress(sum(nbytes for *_, nbytes in plan), progress)
     done = 0
@@ -361,7 +455,11 @@ def _plan(files: dict[str, str], slots: _Slots) -> list[tuple[str, str, int]]:
                 if shape != expected:
                     raise CheckpointError(f"checkpoint tensor {key!r} in {path} has shape {list(shape)}, "
                                           f"but the model expects {list(expected)} (config: {name})")
-                if src_dtype not in _SAFETENSORS_DTYPES:
+                if getattr(dest, "dtype", None) == torch.uint8:  # an int4 model's packed codes / zero points
+                    if src_dtype != "U8":
+                        raise CheckpointError(f"checkpoint tensor {key!r} in {path} has dtype {src_dtype}, but the "
+                                              "int4 format stores it as U8 (uint8)")
+                elif src_dtype not in _SAFETENSORS_DTYPES:
                     raise CheckpointError(f"checkpoint tensor {key!r} in {path} has unsupported dtype {src_dtype}")
                 try:
                     slots.mark(name, index, key)
@@ -441,8 +539,10 @@ def save_checkpoint(
             raise ValueError(f"save_checkpoint: {name} holds only routed experts [{rng[0]}, {rng[1]}) of "
                              f"{model.config.n_routed_experts}; save a model with all of them")
 
-    def out_dtype(key, t):  # the router bias stays fp32, like HF
-        return t.dtype if key.endswith("e_score_correction_bias") else dtype
+    def out_dtype(key, t):  # the router bias stays fp32, like HF; the int4 tensors keep the format's dtypes
+        if key.endswith("e_score_correction_bias") or not t.is_floating_point():
+            return t.dtype
+        return torch.bfloat16 if _FUSED_EXPERT_KEY.search(key) and key.endswith(".scales") else dtype
 
     parent, base = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
@@ -516,6 +616,13 @@ def _save_shards(model, directory, limit, layout, dtype, out_dtype) -> list[str]
 
     config = Dots1Config.from_dict(model.config.to_dict())
     config.torch_dtype = dtype_name(dtype)
+    int4 = int4_expert_modules(model)
+    metadata = {"format": "pt"}
+    if int4:
+        config.extra["quantization_config"] = quant.quantization_config(int4[0].symmetric)
+        metadata[quant.METADATA_KEY] = quant.metadata_value(int4[0].symmetric)
+    else:
+        config.extra.pop("quantization_config", None)
     config.save(directory)
     names = [SAFE_WEIGHTS_NAME] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -524,7 +631,7 @@ def _save_shards(model, directory, limit, layout, dtype, out_dtype) -> list[str]
         # Copies that own their storage: safetensors refuses tensors sharing memory (expert slices).
         tensors = {key: t.detach().to(device="cpu", dtype=out_dtype(key, t), copy=True).contiguous()
                    for key, t in shard}
-        save_file(tensors, os.path.join(directory, name), metadata={"format": "pt"})
+        save_file(tensors, os.path.join(directory, name), metadata=metadata)
         for key, t in tensors.items():
             weight_map[key] = name
             total += t.numel() * t.element_size()

@@ -436,12 +436,21 @@ def _now(device: torch.device) -> float:
 def init_random_weights_(model: Dots1ForCausalLM, seed: int = 0, std: float | None = None) -> Dots1ForCausalLM:
     """Fills every weight in place with seeded random values (on the weights' own device): normal
     ``std`` (config.initializer_range) for matrices, 1 + noise for norm weights, a nonzero
-    e_score_correction_bias, and a wider router so that routing is far from ties."""
+    e_score_correction_bias, and a wider router so that routing is far from ties.
+
+    int4 routed experts (``Dots1Int4Experts``) are drawn one expert at a time in the model's dtype, at
+    the point of the parameter order where the bf16 experts would be, and quantized: on the CPU the
+    draws are those of the bf16 model, so it equals the bf16 model with its experts quantized."""
     std = std if std is not None else model.config.initializer_range
     device = model.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
+    for name, p in _init_order(model):
+        if isinstance(p, modules.Int4Tensor):
+            E, N, K = p.shape
+            for e in range(E):
+                w = torch.empty(N, K, dtype=model.dtype, device=device).normal_(0.0, std, generator=gen)
+                p.set_rows_(e, slice(None), w)
+        elif name.endswith("norm.weight"):
             p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32))
         elif name.endswith("mlp.gate.weight"):
             p.normal_(0.0, 1.0 / p.shape[1] ** 0.5, generator=gen)
@@ -453,10 +462,31 @@ def init_random_weights_(model: Dots1ForCausalLM, seed: int = 0, std: float | No
     return model
 
 
-def build_random_model(config: Dots1Config, device="cpu", dtype=torch.float32, seed: int = 0) -> Dots1ForCausalLM:
+def _init_order(model: nn.Module):
+    """(name, parameter) in ``named_parameters`` order, with each int4 experts tensor (an Int4Tensor)
+    where the bf16 experts' parameter would be."""
+    seen = set()
+    for mname, m in model.named_modules():
+        if isinstance(m, modules.Int4Tensor):
+            yield mname, m
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield f"{mname}.{pname}" if mname else pname, p
+
+
+def build_random_model(config: Dots1Config, device="cpu", dtype=torch.float32, seed: int = 0,
+                       experts: str = "bf16") -> Dots1ForCausalLM:
     """A random-weight model built directly on ``device`` (no default init pass, no checkpoint), its
-    expert weights packed for the fused SwiGLU epilogue like a loaded model's."""
+    expert weights packed for the fused SwiGLU epilogue like a loaded model's. ``experts="int4"``
+    builds the routed experts directly in int4 (``dots1_ext.quant``), one expert in ``dtype`` at a time."""
+    from dots1_ext import quant
+
+    quant.check_expert_format(experts)
     model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
+    if experts == "int4":
+        modules.quantize_experts_(model)
     model.to_empty(device=device)
     model.tie_weights()
     init_random_weights_(model, seed)

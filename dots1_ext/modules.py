@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from dots1_ext import ops as compiled_ops
-from dots1_ext import reference
+from dots1_ext import quant, reference
 from dots1_ext.config import Dots1Config
 
 # Every op call goes through this name, so `use_reference_ops()` can swap the whole model onto the
@@ -70,6 +70,10 @@ def _reference_namespace() -> types.SimpleNamespace:
             reference.moe_decode_gate_up(h, w, ids, shared, epilogue),
         moe_decode_down=lambda act, w, ids, weights, shared=None, residual=None:
             reference.moe_decode_down(act, w, ids, weights, shared, residual),
+        moe_decode_int4_gate_up=lambda h, q, s, z, ids, shared=None, epilogue="swiglu":
+            reference.moe_decode_int4_gate_up(h, q, s, z, ids, shared, epilogue),
+        moe_decode_int4_down=lambda act, q, s, z, ids, weights, shared=None, residual=None:
+            reference.moe_decode_int4_down(act, q, s, z, ids, weights, shared, residual),
     )
 
 
@@ -513,6 +517,231 @@ class Dots1Experts(GateUpLayout, nn.Module):
         return f"gate_up_proj {'interleaved' if self.gate_up_interleaved else 'HF'} layout"
 
 
+class Int4Tensor(nn.Module):
+    """One int4 weight [E, N, K] in the format of :mod:`dots1_ext.quant`, as persistent buffers
+    ``qweight`` [E, N, K/2] uint8, ``scales`` [E, N, K/128] bf16 and (asymmetric) ``zeros`` [E, N, K/128]
+    uint8, so ``state_dict`` names them ``<name>.qweight`` / ``.scales`` / ``.zeros``. ``scales`` stays
+    bf16 through ``.to(dtype)`` (the format's dtype); a device move moves all three."""
+
+    def __init__(self, E: int, N: int, K: int, symmetric: bool, device=None):
+        super().__init__()
+        if K % quant.GROUP_SIZE:
+            raise ValueError(f"int4 weight [{E}, {N}, {K}]: K must be a multiple of {quant.GROUP_SIZE}")
+        G = K // quant.GROUP_SIZE
+        self.register_buffer("qweight", torch.zeros(E, N, K // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(E, N, G, dtype=torch.bfloat16, device=device))
+        self.register_buffer("zeros", None if symmetric else torch.full((E, N, G), 8, dtype=torch.uint8, device=device))
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def shape(self) -> torch.Size:
+        """The logical shape [E, N, K]."""
+        return torch.Size((*self.qweight.shape[:2], self.qweight.shape[2] * 2))
+
+    def buffers_by_name(self) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in (("qweight", self.qweight), ("scales", self.scales), ("zeros", self.zeros))
+                if t is not None}
+
+    def weight(self, experts=None) -> quant.Int4Weight:
+        """The Int4Weight of all experts, or of ``experts`` (an index tensor or slice along E)."""
+        pick = (lambda t: t) if experts is None else (lambda t: None if t is None else t[experts])
+        return quant.Int4Weight(pick(self.qweight), pick(self.scales), pick(self.zeros))
+
+    @torch.no_grad()
+    def set_rows_(self, e: int, rows: slice, w: torch.Tensor) -> None:
+        """Quantizes ``w`` [r, K] (rows ``rows`` of expert ``e``) on this module's device into place."""
+        q = quant.quantize_int4(w.to(self.qweight.device), symmetric=self.symmetric)
+        self.qweight[e, rows] = q.qweight
+        self.scales[e, rows] = q.scales
+        if q.zeros is not None:
+            self.zeros[e, rows] = q.zeros
+
+    def _apply(self, fn, recurse=True):
+        old = self.scales
+        super()._apply(fn, recurse)
+        if old is not None and self.scales is not None and self.scales.dtype != old.dtype:
+            self.scales = (torch.empty_like(old, device=self.scales.device) if old.is_meta
+                           else old.to(self.scales.device))
+        return self
+
+
+class Dots1Int4Experts(GateUpLayout, nn.Module):
+    """The routed experts in int4 (W4A16; format: :mod:`dots1_ext.quant`), a drop-in for
+    :class:`Dots1Experts` in ``Dots1MoE.experts``: ``gate_up_proj`` and ``down_proj`` are
+    :class:`Int4Tensor` children (keys ``gate_up_proj.qweight``, ``.scales``, ``.zeros``).
+
+    ``gate_up_proj``'s rows are interleaved like the bf16 weight's (:class:`GateUpLayout`; groups run
+    along K, so a row permutation commutes with quantization); ``state_dict`` speaks the HF row order.
+    Decode (``Dots1MoE``, up to MOE_DECODE_MAX_TOKENS tokens) runs the int4 decode ops on these tensors
+    (the kernels stream the packed bytes); prefill runs the W4A16 grouped GEMM (``ops.grouped_gemm_int4``,
+    sm90, bf16: :data:`INT4_PREFILL_KERNEL`) or else dequantizes the touched experts into the model's dtype
+    and runs the bf16 path's grouped GEMMs on them. All equal the bf16 math on the dequantized weights."""
+
+    def __init__(self, config: Dots1Config, device=None, symmetric: bool = False):
+        super().__init__()
+        E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        for name, v in (("hidden_size", H), ("moe_intermediate_size", I)):
+            if v % quant.GROUP_SIZE:
+                raise ValueError(f"int4 experts need {name} to be a multiple of {quant.GROUP_SIZE} (the "
+                                 f"quantization group along the reduction dimension), got {v}")
+        self.num_experts, self.hidden_size, self.intermediate_size = E, H, I
+        self.gate_up_proj = Int4Tensor(E, 2 * I, H, symmetric, device)  # HF rows: gate first
+        self.down_proj = Int4Tensor(E, H, I, symmetric, device)
+        self.register_state_dict_post_hook(_int4_gate_up_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_int4_gate_up_load_hook)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.gate_up_proj.symmetric
+
+    def can_interleave_gate_up(self) -> bool:
+        return self.gate_up_proj.shape[1] % 16 == 0
+
+    @torch.no_grad()
+    def interleave_gate_up_(self) -> bool:
+        if not self.gate_up_interleaved and self.can_interleave_gate_up():
+            for t in self.gate_up_proj.buffers_by_name().values():
+                _convert_per_expert_(t, reference.interleave_gate_up)
+            self.gate_up_interleaved = True
+        return self.gate_up_interleaved
+
+    @torch.no_grad()
+    def deinterleave_gate_up_(self) -> None:
+        if self.gate_up_interleaved:
+            for t in self.gate_up_proj.buffers_by_name().values():
+                _convert_per_expert_(t, reference.deinterleave_gate_up)
+            self.gate_up_interleaved = False
+
+    @torch.no_grad()
+    def quantize_expert_(self, e: int, gate_up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> None:
+        """Quantizes expert ``e``'s high-precision weights into place: ``gate_up`` [2I, H] in the HF row
+        order (gate rows first; interleaved here when the module is), ``down`` [H, I]."""
+        if gate_up is not None:
+            if self.gate_up_interleaved:
+                gate_up = reference.interleave_gate_up(gate_up[None])[0]
+            self.gate_up_proj.set_rows_(e, slice(None), gate_up)
+        if down is not None:
+            self.down_proj.set_rows_(e, slice(None), down)
+
+    def dequantized(self, name: str, experts, dtype: torch.dtype) -> torch.Tensor:
+        """``gate_up_proj`` or ``down_proj`` of ``experts`` (index tensor or slice) in ``dtype``, in
+        the stored row order: [n, 2I, H] or [n, H, I]."""
+        return quant.dequantize_int4(getattr(self, name).weight(experts), dtype)
+
+    def extra_repr(self) -> str:
+        return (f"int4 {'symmetric' if self.symmetric else 'asymmetric'} g{quant.GROUP_SIZE}, gate_up_proj "
+                f"{'interleaved' if self.gate_up_interleaved else 'HF'} layout")
+
+
+_INT4_SUFFIXES = ("qweight", "scales", "zeros")
+
+
+def _int4_gate_up_state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
+    if not module.gate_up_interleaved:
+        return
+    for leaf in _INT4_SUFFIXES:
+        key = f"{prefix}gate_up_proj.{leaf}"
+        if key in state_dict:
+            state_dict[key] = reference.deinterleave_gate_up(state_dict[key].detach())
+
+
+def _int4_gate_up_load_hook(module, state_dict, prefix, *args) -> None:
+    if not module.gate_up_interleaved:
+        return
+    mine = module.gate_up_proj.buffers_by_name()
+    for leaf, t in mine.items():
+        key = f"{prefix}gate_up_proj.{leaf}"
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and value.shape == t.shape:
+            state_dict[key] = reference.interleave_gate_up(value)
+
+
+# Dequantized experts per call of the int4 prefill path: bounds its temporaries (real shape: 16 x 35 MB).
+INT4_PREFILL_EXPERT_CHUNK = 16
+
+
+# Decode with int4 experts runs the int4 decode ops (the packed bytes streamed and dequantized in the
+# kernels); False: every (token, slot) pair's expert is dequantized into a stack and the bf16 decode ops
+# run on it (the reference path, kept for comparisons: bench_moe_decode, tests).
+INT4_DECODE_KERNELS = True
+
+
+def _int4_moe_decode(moe, x, weights, ids, shared_gate_up, shared_down, residual):
+    """Decode (few tokens) with int4 experts, no host synchronisation (CUDA graphs capture it): the int4
+    decode ops on the stored tensors (rows interleaved like the bf16 weight's when the module is:
+    ``gate_up_epilogue``), exactly the bf16 decode ops on the dequantized weights. A bad id poisons."""
+    experts = moe.experts
+    if not INT4_DECODE_KERNELS:
+        return _int4_moe_decode_dequantized(moe, x, weights, ids, shared_gate_up, shared_down, residual)
+    gu, dn = experts.gate_up_proj, experts.down_proj
+    act = ops.moe_decode_int4_gate_up(x, gu.qweight, gu.scales, gu.zeros, ids, shared_gate_up,
+                                      experts.gate_up_epilogue)  # [T, k*I + Is]
+    return ops.moe_decode_int4_down(act, dn.qweight, dn.scales, dn.zeros, ids, weights, shared_down, residual)
+
+
+def _int4_moe_decode_dequantized(moe, x, weights, ids, shared_gate_up, shared_down, residual):
+    """The reference decode path: the expert of each (token, slot) pair is dequantized into a [T*k, ...]
+    stack and the bf16 decode ops run with ids 0 .. T*k-1 (an id outside [0, E) keeps its poison: it maps
+    to T*k, outside the stack)."""
+    experts = moe.experts
+    T, k = ids.shape
+    E = experts.num_experts
+    flat = ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    picked = flat.clamp(0, E - 1)
+    gate_up = experts.dequantized("gate_up_proj", picked, x.dtype)  # [T*k, 2I, H]
+    down = experts.dequantized("down_proj", picked, x.dtype)  # [T*k, H, I]
+    local = torch.where(valid, torch.arange(T * k, device=ids.device), T * k).view(T, k).to(torch.int32)
+    act = ops.moe_decode_gate_up(x, gate_up, local, shared_gate_up, experts.gate_up_epilogue)
+    return ops.moe_decode_down(act, down, local, weights, shared_down, residual)
+
+
+# Prefill with int4 experts on CUDA (bf16 activations, an sm90 GPU) runs the W4A16 grouped GEMM
+# (ops.grouped_gemm_int4: the packed codes read by the kernel, no dequantized copy, no host read of the
+# offsets, CUDA-graph capturable); False, or where it does not apply: the dequantizing path below.
+INT4_PREFILL_KERNEL = True
+
+
+def _int4_prefill_kernel_applies(x: torch.Tensor) -> bool:
+    # sm90 only: elsewhere the op's own fallback dequantizes the whole weight at once, while the path
+    # below bounds its temporaries to INT4_PREFILL_EXPERT_CHUNK experts.
+    return (INT4_PREFILL_KERNEL and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) == (9, 0)
+            and "CUDA" not in ops.reference_backed_ops().get("grouped_gemm_int4", []))
+
+
+def _int4_moe_prefill(moe, x, weights, ids, residual):
+    """Prefill with int4 experts: permute as the bf16 path does, then either the W4A16 grouped GEMMs
+    (:data:`INT4_PREFILL_KERNEL`) or the touched experts (a host read of the offsets) dequantized
+    INT4_PREFILL_EXPERT_CHUNK at a time, each chunk's rows through the same grouped_gemm calls; the
+    combine unchanged."""
+    experts = moe.experts
+    permuted, offsets, row_map = ops.permute(x, ids, moe.num_experts)  # [T*k, H], [E+1], [T*k]
+    shared = moe.shared_experts(x) if moe.shared_experts is not None else None
+    if _int4_prefill_kernel_applies(x) and experts.gate_up_epilogue == "swiglu_interleaved":
+        gu, dn = experts.gate_up_proj, experts.down_proj
+        act = ops.grouped_gemm_int4(permuted, gu.qweight, gu.scales, gu.zeros, offsets,
+                                    experts.gate_up_epilogue)  # [T*k, I]
+        expert_out = ops.grouped_gemm_int4(act, dn.qweight, dn.scales, dn.zeros, offsets, "none")  # [T*k, H]
+        return ops.unpermute(expert_out, row_map, weights, shared_out=shared, residual=residual)
+    bounds = offsets.tolist()
+    touched = [e for e in range(moe.num_experts) if bounds[e + 1] > bounds[e]]
+    S = permuted.shape[0]
+    expert_out = x.new_zeros(S, experts.hidden_size)
+    for a in range(0, len(touched), INT4_PREFILL_EXPERT_CHUNK):
+        chunk = touched[a:a + INT4_PREFILL_EXPERT_CHUNK]
+        lo, hi = bounds[chunk[0]], bounds[chunk[-1] + 1]  # untouched experts in between have no rows
+        local = torch.tensor([bounds[e] - lo for e in chunk] + [hi - lo], dtype=torch.int32, device=x.device)
+        sel = torch.tensor(chunk, dtype=torch.long, device=x.device)
+        act = ops.grouped_gemm(permuted[lo:hi], experts.dequantized("gate_up_proj", sel, x.dtype), local,
+                               experts.gate_up_epilogue)
+        expert_out[lo:hi] = ops.grouped_gemm(act, experts.dequantized("down_proj", sel, x.dtype), local, "none")
+    return ops.unpermute(expert_out, row_map, weights, shared_out=shared, residual=residual)
+
+
 class Dots1MoE(nn.Module):
     def __init__(self, config: Dots1Config, device=None, dtype=None):
         super().__init__()
@@ -538,14 +767,64 @@ class Dots1MoE(nn.Module):
                 shared_gate_up, shared_down = shared.gate_up, shared.down_proj.weight
             elif shared is not None:  # unpacked (e.g. weights shared with an HF module): its own launches
                 residual = shared(x) if residual is None else shared(x) + residual
+            if isinstance(self.experts, Dots1Int4Experts):
+                return _int4_moe_decode(self, x, weights, ids, shared_gate_up, shared_down, residual)
             act = ops.moe_decode_gate_up(x, self.experts.gate_up_proj, ids, shared_gate_up,
                                          self.experts.gate_up_epilogue)  # [T, k*I + Is]
             return ops.moe_decode_down(act, self.experts.down_proj, ids, weights, shared_down, residual)
+        if isinstance(self.experts, Dots1Int4Experts):
+            return _int4_moe_prefill(self, x, weights, ids, residual)
         permuted, offsets, row_map = ops.permute(x, ids, self.num_experts)  # [T*k, H], [E+1], [T*k]
         act = ops.grouped_gemm(permuted, self.experts.gate_up_proj, offsets, self.experts.gate_up_epilogue)  # [T*k, I]
         expert_out = ops.grouped_gemm(act, self.experts.down_proj, offsets, "none")  # [T*k, H]
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         return ops.unpermute(expert_out, row_map, weights, shared_out=shared, residual=residual)
+
+
+# -- int4 experts of a whole model ------------------------------------------------------------------
+def int4_expert_modules(root: nn.Module) -> list[Dots1Int4Experts]:
+    return [m for m in root.modules() if isinstance(m, Dots1Int4Experts)]
+
+
+def is_int4(root: nn.Module) -> bool:
+    return bool(int4_expert_modules(root))
+
+
+@torch.no_grad()
+def quantize_experts_(model: nn.Module, symmetric: bool = False) -> nn.Module:
+    """Replaces the routed experts (``Dots1Experts``) of every MoE layer under ``model`` by
+    ``Dots1Int4Experts`` on the same device, in place. On the meta device the new modules are empty
+    (the loader fills them); otherwise each expert is quantized from the bf16 weights one at a time
+    (their gate/up layout kept), and each layer's bf16 experts are freed once converted. Returns ``model``."""
+    for moe in [m for m in model.modules() if isinstance(m, Dots1MoE)]:
+        old = moe.experts
+        if not isinstance(old, Dots1Experts):
+            continue
+        if getattr(old, "expert_range", None) is not None:
+            raise ValueError("quantize_experts_: a model holding a range of experts (expert parallel) is not supported")
+        config = _moe_config(model, old)
+        device = old.gate_up_proj.device
+        new = Dots1Int4Experts(config, device=device, symmetric=symmetric)
+        if device.type != "meta":
+            for e in range(new.num_experts):
+                gate_up = old.gate_up_proj[e]
+                if old.gate_up_interleaved:
+                    gate_up = reference.deinterleave_gate_up(gate_up[None])[0]
+                new.quantize_expert_(e, gate_up, old.down_proj[e])
+            if old.gate_up_interleaved:
+                new.interleave_gate_up_()
+        moe.experts = new
+    return model
+
+
+def _moe_config(model, experts):
+    config = getattr(model, "config", None)
+    if config is not None:
+        return config
+    from types import SimpleNamespace
+
+    E, N, H = experts.gate_up_proj.shape
+    return SimpleNamespace(n_routed_experts=E, hidden_size=H, moe_intermediate_size=N // 2)
 
 
 class Dots1DecoderLayer(nn.Module):

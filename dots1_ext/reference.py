@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dots1_ext import quant
+
 # Added to the renormalisation denominator exactly as transformers does, so that a row of all-zero
 # scores gives zeros rather than NaN.
 RENORM_EPS = 1e-20
@@ -194,6 +196,20 @@ def grouped_gemm(
             y = F.silu(gate) * up
         out[lo:hi] = y.to(x.dtype)
     return out
+
+
+def grouped_gemm_int4(
+    x: torch.Tensor,  # [S, K] bf16
+    qweight: torch.Tensor,  # [E, N, K/2] uint8
+    scales: torch.Tensor,  # [E, N, K/128] bf16
+    zeros: torch.Tensor | None,  # [E, N, K/128] uint8, or None (symmetric)
+    expert_offsets: torch.Tensor,  # [E+1] int32
+    epilogue: str,  # "none" | "swiglu_interleaved"
+) -> torch.Tensor:
+    """grouped_gemm on the int4 weight dequantized to x's dtype (dots1_ext.quant.dequantize_int4: (u - z) * s
+    exact, rounded once)."""
+    weight = quant.dequantize_int4(quant.Int4Weight(qweight, scales, zeros), x.dtype)
+    return grouped_gemm(x, weight, expert_offsets, epilogue)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -373,6 +389,36 @@ def moe_decode_down(
             acc = acc + residual[t].float()
         out[t] = (torch.full_like(acc, float("nan")) if bad else acc).to(act.dtype)
     return out
+
+
+def moe_decode_int4_gate_up(
+    hidden: torch.Tensor,  # [T, H]
+    gate_up_qweight: torch.Tensor,  # [E, 2I, H/2] uint8
+    gate_up_scales: torch.Tensor,  # [E, 2I, H/128] bf16
+    gate_up_zeros: torch.Tensor | None,  # [E, 2I, H/128] uint8, or None (symmetric)
+    topk_ids: torch.Tensor,  # [T, k] int32
+    shared_gate_up: torch.Tensor | None,
+    epilogue: str,
+) -> torch.Tensor:
+    """moe_decode_gate_up on the int4 weight dequantized to hidden's dtype (dots1_ext.quant.dequantize_int4:
+    (u - z) * s exact, rounded once)."""
+    gate_up = quant.dequantize_int4(quant.Int4Weight(gate_up_qweight, gate_up_scales, gate_up_zeros), hidden.dtype)
+    return moe_decode_gate_up(hidden, gate_up, topk_ids, shared_gate_up, epilogue)
+
+
+def moe_decode_int4_down(
+    act: torch.Tensor,  # [T, k*I + Is]
+    down_qweight: torch.Tensor,  # [E, H, I/2] uint8
+    down_scales: torch.Tensor,  # [E, H, I/128] bf16
+    down_zeros: torch.Tensor | None,  # [E, H, I/128] uint8, or None (symmetric)
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    shared_down: torch.Tensor | None,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """moe_decode_down on the int4 weight dequantized to act's dtype."""
+    down = quant.dequantize_int4(quant.Int4Weight(down_qweight, down_scales, down_zeros), act.dtype)
+    return moe_decode_down(act, down, topk_ids, topk_weights, shared_down, residual)
 
 
 # ---------------------------------------------------------------------------------------------------

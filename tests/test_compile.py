@@ -67,6 +67,11 @@ def _op_cases(device):
         "grouped_gemm-swiglu": ("grouped_gemm", (permuted, randn(E, 2 * I, H), offsets, "swiglu")),
         "grouped_gemm-swiglu_interleaved": ("grouped_gemm", (permuted, randn(E, 2 * I, H), offsets, "swiglu_interleaved")),
         "grouped_gemm-none": ("grouped_gemm", (randn(T * k, I), randn(E, H, I), offsets, "none")),
+        # W4A16 grouped GEMM: bf16 activations on every device, K a multiple of 128.
+        "grouped_gemm_int4-swiglu_interleaved": ("grouped_gemm_int4", (
+            randn(T * k, 128, dtype=torch.bfloat16), *_int4(E, 2 * 128, 128, device), offsets, "swiglu_interleaved")),
+        "grouped_gemm_int4-none-symmetric": ("grouped_gemm_int4", (
+            randn(T * k, 128, dtype=torch.bfloat16), *_int4(E, 64, 128, device, symmetric=True), offsets, "none")),
         "unpermute": ("unpermute", (randn(T * k, H), row_map, weights, None, None)),
         "unpermute-shared-residual": ("unpermute", (randn(T * k, H), row_map, weights, randn(T, H), randn(T, H))),
         "rms_norm": ("rms_norm", (hidden, randn(H), 1e-5)),
@@ -86,7 +91,22 @@ def _op_cases(device):
                                                       "swiglu_interleaved")),
         "moe_decode_down": ("moe_decode_down", (randn(T, k * I + 2 * I), randn(E, H, I), ids, weights,
                                                 randn(H, 2 * I), randn(T, H))),
+        # int4 routed experts: K (H for gate_up, I for down) a multiple of the 128-wide group.
+        "moe_decode_int4_gate_up": ("moe_decode_int4_gate_up", (randn(T, 128), *_int4(E, 2 * 128, 128, device), ids,
+                                                                randn(4 * I, 128), "swiglu_interleaved")),
+        "moe_decode_int4_gate_up-symmetric": ("moe_decode_int4_gate_up", (
+            randn(T, 128), *_int4(E, 2 * 128, 128, device, symmetric=True), ids, None, "swiglu")),
+        "moe_decode_int4_down": ("moe_decode_int4_down", (randn(T, k * 128 + 2 * I), *_int4(E, H, 128, device), ids,
+                                                          weights, randn(H, 2 * I), randn(T, H))),
     }
+
+
+def _int4(E, N, K, device, symmetric=False):
+    """(qweight, scales, zeros) of a random [E, N, K] weight in the int4 format."""
+    from dots1_ext.quant import quantize_int4
+
+    q = quantize_int4(torch.randn(E, N, K, device=device) * 0.05, symmetric=symmetric)
+    return q.qweight, q.scales, q.zeros
 
 
 OP_CASES = sorted(_op_cases("cpu"))

@@ -16,6 +16,7 @@ OPS = [
     "permute",
     "unpermute",
     "grouped_gemm",
+    "grouped_gemm_int4",
     "rms_norm",
     "add_rms_norm_",
     "qk_norm_rope_",
@@ -23,6 +24,8 @@ OPS = [
     "skinny_gemm",
     "moe_decode_gate_up",
     "moe_decode_down",
+    "moe_decode_int4_gate_up",
+    "moe_decode_int4_down",
     "decode_attention",
 ]
 

@@ -15,6 +15,16 @@
 //             H100: the decode kernel wins at T=8 (48 rows), CUTLASS at T=64 (384 rows)),
 //             else cutlass on sm90a, else torch, else decode; a one-time notice on a fallback.
 // DOTS1_EXT_GEMM_SM90_CONFIG = auto | coop | pingpong picks the CUTLASS tile configuration.
+//
+// grouped_gemm_int4: the same product with the weight in the int4 format (docs/design.md §7):
+//   x [S, K] bf16, qweight [E, N, K/2] uint8, scales [E, N, K/128] bf16, zeros [E, N, K/128] uint8 or
+//   None (zero point 8), K % 128 == 0; epilogue "none" or "swiglu_interleaved"; equal to grouped_gemm
+//   on the dequantized weight (bf16((u - z) * s)) to fp32 summation order.
+// CUDA backends (DOTS1_EXT_GEMM_INT4_BACKEND = auto | cutlass | dequantize):
+//   cutlass    - CUTLASS 3 mixed-input ptr-array grouped GEMM on sm90a (grouped_gemm_int4_sm90.cuh).
+//   dequantize - the weight dequantized expert by expert into a bf16 [E, N, K] copy, then grouped_gemm
+//                (the CPU kernel's way; memory: the whole bf16 weight).
+//   auto       - cutlass where it runs, else dequantize (a one-time notice).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -22,6 +32,7 @@
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -123,6 +134,85 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& x, const at::Tensor& weight, const
   return out;
 }
 
+// ---- grouped_gemm_int4: checks and the dequantizing path (the CPU kernel, and the CUDA fallback) ----
+
+constexpr int64_t kInt4GroupSize = 128;  // the int4 format's group along K (csrc kInt4GroupK)
+
+struct Int4GemmShape {
+  int64_t S, K, E, N, N_out;
+  bool swiglu;  // "swiglu_interleaved"
+};
+
+Int4GemmShape check_grouped_gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                      const std::optional<at::Tensor>& zeros, const at::Tensor& expert_offsets,
+                                      const std::string& epilogue) {
+  check_dtype(x, "x", {at::kBFloat16});
+  check_shape(x, "x", {-1, -1});
+  const int64_t K = x.size(1);
+  TORCH_CHECK_VALUE(K > 0 && K % kInt4GroupSize == 0, "dots1_ext: x.shape[1] (K) must be a positive multiple of the "
+                    "int4 group size ", kInt4GroupSize, ", got ", K);
+  check_dtype(qweight, "qweight", {at::kByte});
+  check_shape(qweight, "qweight", {-1, -1, K / 2});
+  check_same_device(qweight, "qweight", x, "x");
+  const int64_t E = qweight.size(0), N = qweight.size(1), G = K / kInt4GroupSize;
+  TORCH_CHECK_VALUE(qweight.is_contiguous(), "dots1_ext: qweight must be contiguous ([E, N, K/2] uint8, two codes "
+                    "per byte, rows packed), got strides ", qweight.strides(), " for shape ", qweight.sizes(),
+                    "; make it contiguous once, at load");
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0,
+                    "dots1_ext: qweight must start at a 16-byte aligned address, got an offset of ",
+                    reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16, " bytes; copy it once, at load (.clone())");
+  check_dtype(scales, "scales", {at::kBFloat16});
+  check_shape(scales, "scales", {E, N, G});
+  check_same_device(scales, "scales", x, "x");
+  TORCH_CHECK_VALUE(scales.is_contiguous(), "dots1_ext: scales must be contiguous, got strides ", scales.strides());
+  if (zeros.has_value()) {
+    check_dtype(*zeros, "zeros", {at::kByte});
+    check_shape(*zeros, "zeros", {E, N, G});
+    check_same_device(*zeros, "zeros", x, "x");
+    TORCH_CHECK_VALUE(zeros->is_contiguous(), "dots1_ext: zeros must be contiguous, got strides ", zeros->strides());
+  }
+  check_dtype(expert_offsets, "expert_offsets", {at::kInt});
+  check_shape(expert_offsets, "expert_offsets", {E + 1});
+  check_same_device(expert_offsets, "expert_offsets", x, "x");
+  TORCH_CHECK_VALUE(epilogue == "none" || epilogue == "swiglu_interleaved",
+                    "dots1_ext: epilogue must be one of ('none', 'swiglu_interleaved'), got '", epilogue, "'");
+  const bool swiglu = epilogue == "swiglu_interleaved";
+  TORCH_CHECK_VALUE(!swiglu || N % 16 == 0, "dots1_ext: epilogue 'swiglu_interleaved' needs qweight.shape[1] (gate "
+                    "+ up rows) to be a multiple of 16 (whole [8 gate | 8 up] blocks), got ", N);
+  if (x.is_cuda()) {
+    // TMA: whole 16-byte rows of the output and of the per-call fp32 scales.
+    TORCH_CHECK_VALUE(N % 8 == 0, "dots1_ext: qweight.shape[1] (N) must be a multiple of 8 on CUDA, got ", N);
+  }
+  return {x.size(0), K, E, N, swiglu ? N / 2 : N, swiglu};
+}
+
+// dequantize_int4 of quant.py: (u - z) * s exactly in fp32, rounded once to bf16; one expert at a
+// time so that the fp32 temporaries stay one expert's size.
+at::Tensor dequantize_int4_bf16(const at::Tensor& qweight, const at::Tensor& scales,
+                                const std::optional<at::Tensor>& zeros) {
+  const int64_t E = qweight.size(0), N = qweight.size(1), K = 2 * qweight.size(2), G = K / kInt4GroupSize;
+  at::Tensor out = at::empty({E, N, K}, qweight.options().dtype(at::kBFloat16));
+  for (int64_t e = 0; e < E; ++e) {
+    const at::Tensor q = qweight.select(0, e);
+    const at::Tensor codes = at::stack({at::bitwise_and(q, 15), at::bitwise_right_shift(q, 4)}, -1)
+                                 .reshape({N, G, kInt4GroupSize})
+                                 .to(at::kFloat);
+    const at::Tensor s = scales.select(0, e).to(at::kFloat).unsqueeze(-1);
+    const at::Tensor z = zeros.has_value() ? zeros->select(0, e).to(at::kFloat).unsqueeze(-1)
+                                           : at::full({1}, 8.0, codes.options());
+    out.select(0, e).copy_(((codes - z) * s).reshape({N, K}));
+  }
+  return out;
+}
+
+at::Tensor grouped_gemm_int4_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                 const std::optional<at::Tensor>& zeros, const at::Tensor& expert_offsets,
+                                 c10::string_view epilogue_view) {
+  const std::string epilogue(epilogue_view);
+  check_grouped_gemm_int4(x, qweight, scales, zeros, expert_offsets, epilogue);
+  return grouped_gemm_cpu(x, dequantize_int4_bf16(qweight, scales, zeros), expert_offsets, epilogue);
+}
+
 #ifdef DOTS1_WITH_CUDA
 
 enum class Backend { kAuto, kCutlass, kDecode, kTorch };
@@ -155,6 +245,7 @@ int64_t env_int(const char* name, int64_t fallback) {
 // Per device: whether the sm90a CUTLASS kernels can run there, and its SM count.
 struct DeviceInfo {
   bool sm90 = false;
+  bool sm90_int4 = false;  // the int4 (W4A16) sm90a kernels too
   int sm_count = 0;
 };
 
@@ -174,6 +265,7 @@ const DeviceInfo& device_info(int device) {
     // pending from an earlier launch is reported here instead of being cleared with it.
     C10_CUDA_CHECK(cudaPeekAtLastError());
     info->sm90 = major == 9 && minor == 0 && sm90_grouped_gemm_compiled();
+    info->sm90_int4 = major == 9 && minor == 0 && sm90_grouped_gemm_int4_compiled();
     cache[device] = std::move(info);
   }
   return *cache[device];
@@ -331,13 +423,72 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& x_in, const at::Tensor& weight_in
   return out;
 }
 
+enum class Int4Backend { kAuto, kCutlass, kDequantize };
+
+Int4Backend int4_backend_from_env() {
+  const char* v = std::getenv("DOTS1_EXT_GEMM_INT4_BACKEND");
+  if (v == nullptr || *v == '\0') return Int4Backend::kAuto;
+  const std::string s(v);
+  if (s == "auto") return Int4Backend::kAuto;
+  if (s == "cutlass") return Int4Backend::kCutlass;
+  if (s == "dequantize") return Int4Backend::kDequantize;
+  TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_GEMM_INT4_BACKEND must be auto, cutlass or dequantize, got '", s, "'");
+}
+
+at::Tensor grouped_gemm_int4_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                                  const std::optional<at::Tensor>& zeros, const at::Tensor& offsets_in,
+                                  c10::string_view epilogue_view) {
+  const std::string epilogue(epilogue_view);
+  const Int4GemmShape g = check_grouped_gemm_int4(x_in, qweight, scales, zeros, offsets_in, epilogue);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const Int4Backend requested = int4_backend_from_env();
+  const DeviceInfo& info = device_info(x_in.get_device());
+  const bool cutlass_ok = info.sm90_int4 && g.S <= INT32_MAX && g.N <= INT32_MAX && g.K <= INT32_MAX;
+  TORCH_CHECK(requested != Int4Backend::kCutlass || cutlass_ok, "dots1_ext: DOTS1_EXT_GEMM_INT4_BACKEND=cutlass "
+              "needs an sm90 GPU (compute capability 9.0) and a build with the sm_90a target (device int4 sm90 "
+              "kernels usable: ", info.sm90_int4, ")");
+  if (requested == Int4Backend::kDequantize || !cutlass_ok) {
+    if (requested == Int4Backend::kAuto) {
+      TORCH_WARN_ONCE("dots1_ext: grouped_gemm_int4 has no sm90a kernel for this GPU/build; dequantizing the "
+                      "weight into a bf16 copy and running grouped_gemm (correct, memory-hungry)");
+    }
+    return grouped_gemm_cuda(x_in, dequantize_int4_bf16(qweight, scales, zeros), offsets_in, epilogue);
+  }
+  at::Tensor out = at::empty({g.S, g.N_out}, x_in.options());
+  if (g.S == 0 || g.N_out == 0) return out;
+  if (g.E == 0) return out.zero_();  // no expert owns any row
+  const at::Tensor x = aligned_contiguous(x_in);
+  const at::Tensor offsets = offsets_in.contiguous();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Sm90Epilogue ep = g.swiglu ? Sm90Epilogue::kSwiGLUInterleaved : Sm90Epilogue::kNone;
+  const size_t ws_bytes = grouped_gemm_int4_sm90_workspace_bytes(g.E, g.N, g.K, ep, info.sm_count);
+  // +256: the launcher wants a 256-byte aligned start. From torch's caching allocator: CUDA-graph safe.
+  at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes + 256)}, x.options().dtype(at::kByte));
+  char* ws = static_cast<char*>(workspace.data_ptr());
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(ws) % 256;
+  if (mis) ws += 256 - mis;
+  const uint8_t* zp = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
+  C10_CUDA_CHECK(launch_grouped_gemm_int4_sm90(x.data_ptr(), qweight.data_ptr<uint8_t>(), scales.data_ptr(), zp,
+                                               offsets.data_ptr<int32_t>(), out.data_ptr(), g.S, g.E, g.N, g.K, ep,
+                                               ws, ws_bytes, info.sm_count, stream));
+  C10_CUDA_CHECK(launch_zero_uncovered_rows(out.data_ptr(), offsets.data_ptr<int32_t>(), g.S, g.E, g.N_out,
+                                            DType::kBFloat16, stream));
+  return out;
+}
+
 #endif  // DOTS1_WITH_CUDA
 
 }  // namespace
 }  // namespace dots1
 
-TORCH_LIBRARY_IMPL(dots1_ext, CPU, m) { m.impl("grouped_gemm", &dots1::grouped_gemm_cpu); }
+TORCH_LIBRARY_IMPL(dots1_ext, CPU, m) {
+  m.impl("grouped_gemm", &dots1::grouped_gemm_cpu);
+  m.impl("grouped_gemm_int4", &dots1::grouped_gemm_int4_cpu);
+}
 
 #ifdef DOTS1_WITH_CUDA
-TORCH_LIBRARY_IMPL(dots1_ext, CUDA, m) { m.impl("grouped_gemm", &dots1::grouped_gemm_cuda); }
+TORCH_LIBRARY_IMPL(dots1_ext, CUDA, m) {
+  m.impl("grouped_gemm", &dots1::grouped_gemm_cuda);
+  m.impl("grouped_gemm_int4", &dots1::grouped_gemm_int4_cuda);
+}
 #endif

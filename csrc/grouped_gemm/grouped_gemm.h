@@ -84,4 +84,31 @@ cudaError_t launch_grouped_gemm_sm90(const void* x,                  // [S, K]
                                      Sm90Epilogue epilogue, DType dtype, void* workspace, size_t workspace_bytes,
                                      int sm_count, cudaStream_t stream);
 
+
+// ---- grouped_gemm_int4_sm90*.cu: W4A16 mixed-input grouped GEMM (sm90a, bf16 activations) ----
+
+// The int4 format's group along K (docs/design.md §7; dots1_ext.quant.GROUP_SIZE).
+constexpr int kInt4GroupK = 128;
+
+// Whether this build carries the sm90a int4 kernels (compiled with an sm_90a target).
+bool sm90_grouped_gemm_int4_compiled();
+
+// Device bytes the int4 grouped GEMM needs (argument arrays, the fp32 scales and zero terms
+// [E, K/128, N] it derives per call, CUTLASS's workspace), for a 256-byte aligned buffer the caller
+// allocates. Depends only on E, N, K, the epilogue and the SM count.
+size_t grouped_gemm_int4_sm90_workspace_bytes(int64_t E, int64_t N, int64_t K, Sm90Epilogue epilogue, int sm_count);
+
+// out = per-expert x[rows_e] @ dq(weight[e])^T (bf16, fp32 accumulation), or its SwiGLU over
+// interleaved rows; dq(w) = bf16((u - z) * s) exactly (see grouped_gemm_int4_sm90.cuh). The weight in
+// the stored int4 format; no host synchronisation. Rows outside every range are left untouched.
+cudaError_t launch_grouped_gemm_int4_sm90(const void* x,                  // [S, K] bf16
+                                          const uint8_t* qweight,         // [E, N, K/2] codes
+                                          const void* scales,             // [E, N, K/128] bf16
+                                          const uint8_t* zeros,           // [E, N, K/128] or null (8)
+                                          const int32_t* expert_offsets,  // [E+1] device
+                                          void* out,                      // [S, N_out] bf16
+                                          int64_t S, int64_t E, int64_t N, int64_t K, Sm90Epilogue epilogue,
+                                          void* workspace, size_t workspace_bytes, int sm_count,
+                                          cudaStream_t stream);
+
 }  // namespace dots1

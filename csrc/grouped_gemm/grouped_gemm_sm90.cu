@@ -9,6 +9,7 @@ namespace sm90 {
 
 struct Cooperative128x256;
 struct Pingpong64x256;
+struct Int4Cooperative128x128;
 
 template <typename Element, class Config, bool kSwiGLU>
 size_t workspace_bytes(int64_t E, int sm_count);
@@ -18,6 +19,15 @@ template <typename Element, class Config, bool kSwiGLU>
 cudaError_t run(const void* x, const void* weight, const int32_t* expert_offsets, void* out, int64_t S, int64_t E,
                 int64_t N, int64_t K, void* workspace, size_t workspace_bytes_given, int sm_count,
                 cudaStream_t stream);
+
+template <class Config, bool kSwiGLU>
+size_t int4_workspace_bytes(int64_t E, int64_t N, int64_t K, int sm_count);
+template <class Config, bool kSwiGLU>
+int int4_binary_version();
+template <class Config, bool kSwiGLU>
+cudaError_t run_int4(const void* x, const uint8_t* qweight, const void* scales, const uint8_t* zeros,
+                     const int32_t* expert_offsets, void* out, int64_t S, int64_t E, int64_t N, int64_t K,
+                     void* workspace, size_t workspace_bytes_given, int sm_count, cudaStream_t stream);
 
 // The configurations are only declared here: they travel as tags.
 template <class T>
@@ -76,6 +86,31 @@ cudaError_t launch_grouped_gemm_sm90(const void* x, const void* weight, const in
                              return sm90::run<Element, Config, kSwiGLU>(x, weight, expert_offsets, out, S, E, N, K,
                                                                         workspace, workspace_bytes, sm_count,
                                                                         stream));
+}
+
+// ---- int4 (W4A16): grouped_gemm_int4_sm90_{none,swiglu}.cu, one configuration ----
+
+bool sm90_grouped_gemm_int4_compiled() {
+  return sm90::int4_binary_version<sm90::Int4Cooperative128x128, false>() == 90 &&
+         sm90::int4_binary_version<sm90::Int4Cooperative128x128, true>() == 90;
+}
+
+size_t grouped_gemm_int4_sm90_workspace_bytes(int64_t E, int64_t N, int64_t K, Sm90Epilogue epilogue,
+                                              int sm_count) {
+  if (epilogue == Sm90Epilogue::kSwiGLUInterleaved)
+    return sm90::int4_workspace_bytes<sm90::Int4Cooperative128x128, true>(E, N, K, sm_count);
+  return sm90::int4_workspace_bytes<sm90::Int4Cooperative128x128, false>(E, N, K, sm_count);
+}
+
+cudaError_t launch_grouped_gemm_int4_sm90(const void* x, const uint8_t* qweight, const void* scales,
+                                          const uint8_t* zeros, const int32_t* expert_offsets, void* out, int64_t S,
+                                          int64_t E, int64_t N, int64_t K, Sm90Epilogue epilogue, void* workspace,
+                                          size_t workspace_bytes, int sm_count, cudaStream_t stream) {
+  if (epilogue == Sm90Epilogue::kSwiGLUInterleaved)
+    return sm90::run_int4<sm90::Int4Cooperative128x128, true>(x, qweight, scales, zeros, expert_offsets, out, S, E,
+                                                              N, K, workspace, workspace_bytes, sm_count, stream);
+  return sm90::run_int4<sm90::Int4Cooperative128x128, false>(x, qweight, scales, zeros, expert_offsets, out, S, E, N,
+                                                             K, workspace, workspace_bytes, sm_count, stream);
 }
 
 }  // namespace dots1

@@ -6,6 +6,10 @@
 //                      epilogue "swiglu" | "swiglu_interleaved") -> act [T, k*I + Is]
 //   moe_decode_down(act [T, k*I + Is], down [E, H, I], topk_ids [T, k] int32, topk_weights [T, k] fp32,
 //                   shared_down [H, Is]?, residual [T, H]?) -> out [T, H]
+//   moe_decode_int4_gate_up / moe_decode_int4_down: the same, the routed weights in the int4 format
+//                   (qweight [E, N, K/2] uint8, scales [E, N, K/128] bf16, zeros [E, N, K/128] uint8 or None;
+//                   docs/design.md §7): exactly the ops above on the dequantized weights (each element
+//                   (u - z) * s rounded once to the activations' dtype).
 //
 // Numerics (every backend): fp32 dot products of the dtype's values; gate_up applies silu(gate) * up
 // in fp32 and rounds once (as reference.grouped_gemm's SwiGLU epilogue); down sums
@@ -20,7 +24,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdlib>
+#include <functional>
 #include <limits>
 #include <map>
 #include <optional>
@@ -100,16 +106,27 @@ struct DownShape {
   int64_t T, H, E, k, I, Is;
 };
 
+DownShape check_down_rest(const at::Tensor& act, int64_t E, int64_t H, int64_t I, const at::Tensor& topk_ids,
+                          const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
+                          const std::optional<at::Tensor>& residual);
+
 DownShape check_down(const at::Tensor& act, const at::Tensor& down, const at::Tensor& topk_ids,
                      const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
                      const std::optional<at::Tensor>& residual) {
   check_dtype(act, "act", kFloatTypes);
   check_shape(act, "act", {-1, -1});
-  const int64_t T = act.size(0);
   check_dtype(down, "down", {act.scalar_type()});
   check_shape(down, "down", {-1, -1, -1});
   check_same_device(down, "down", act, "act");
-  const int64_t E = down.size(0), H = down.size(1), I = down.size(2);
+  check_weight_layout(down, "down", "[E, H, I] with I contiguous");
+  return check_down_rest(act, down.size(0), down.size(1), down.size(2), topk_ids, topk_weights, shared_down, residual);
+}
+
+// check_down after the routed weight [E, H, I] (dense or int4) was checked.
+DownShape check_down_rest(const at::Tensor& act, int64_t E, int64_t H, int64_t I, const at::Tensor& topk_ids,
+                          const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
+                          const std::optional<at::Tensor>& residual) {
+  const int64_t T = act.size(0);
   check_dtype(topk_ids, "topk_ids", {at::kInt});
   check_shape(topk_ids, "topk_ids", {T, -1});
   check_same_device(topk_ids, "topk_ids", act, "act");
@@ -117,7 +134,6 @@ DownShape check_down(const at::Tensor& act, const at::Tensor& down, const at::Te
   check_dtype(topk_weights, "topk_weights", {at::kFloat});
   check_shape(topk_weights, "topk_weights", {T, k});
   check_same_device(topk_weights, "topk_weights", act, "act");
-  check_weight_layout(down, "down", "[E, H, I] with I contiguous");
   int64_t Is = 0;
   if (shared_down.has_value()) {
     const at::Tensor& s = *shared_down;
@@ -139,6 +155,83 @@ DownShape check_down(const at::Tensor& act, const at::Tensor& down, const at::Te
                         E <= std::numeric_limits<int32_t>::max(),
                     "dots1_ext: T, k and E must fit in int32, got ", T, ", ", k, ", ", E);
   return {T, H, E, k, I, Is};
+}
+
+// The int4 routed weights of `what` ("gate_up" / "down"): qweight [E, N, K/2] uint8, scales [E, N, K/128]
+// bf16, zeros [E, N, K/128] uint8 or None, on `ref`'s device; K % 128 == 0. Returns {E, N, K}.
+constexpr int64_t kInt4Group = 128;
+
+std::array<int64_t, 3> check_int4_weight(const std::string& what, const at::Tensor& qweight, const at::Tensor& scales,
+                                         const std::optional<at::Tensor>& zeros, const at::Tensor& ref,
+                                         const char* ref_name) {
+  const std::string qn = what + "_qweight", sn = what + "_scales", zn = what + "_zeros";
+  check_dtype(qweight, qn.c_str(), {at::kByte});
+  check_shape(qweight, qn.c_str(), {-1, -1, -1});
+  check_same_device(qweight, qn.c_str(), ref, ref_name);
+  const int64_t E = qweight.size(0), N = qweight.size(1), K = 2 * qweight.size(2);
+  TORCH_CHECK_VALUE(K > 0 && K % kInt4Group == 0, "dots1_ext: ", qn, ": the reduction dimension K = 2 x ",
+                    qweight.size(2), " = ", K, " must be a positive multiple of the int4 group size ", kInt4Group);
+  check_weight_layout(qweight, qn.c_str(), "[E, N, K/2] uint8, two codes per byte");
+  check_dtype(scales, sn.c_str(), {at::kBFloat16});
+  check_shape(scales, sn.c_str(), {E, N, K / kInt4Group});
+  check_same_device(scales, sn.c_str(), ref, ref_name);
+  TORCH_CHECK_VALUE(scales.is_contiguous(), "dots1_ext: ", sn, " must be contiguous, got strides ", scales.strides());
+  if (zeros.has_value()) {
+    check_dtype(*zeros, zn.c_str(), {at::kByte});
+    check_shape(*zeros, zn.c_str(), {E, N, K / kInt4Group});
+    check_same_device(*zeros, zn.c_str(), ref, ref_name);
+    TORCH_CHECK_VALUE(zeros->is_contiguous(), "dots1_ext: ", zn, " must be contiguous, got strides ",
+                      zeros->strides());
+  }
+  return {E, N, K};
+}
+
+// The checks of check_gate_up with the int4 weight in place of gate_up.
+GateUpShape check_int4_gate_up(const at::Tensor& hidden, const at::Tensor& qweight, const at::Tensor& scales,
+                               const std::optional<at::Tensor>& zeros, const at::Tensor& topk_ids,
+                               const std::optional<at::Tensor>& shared_gate_up, const std::string& epilogue) {
+  check_dtype(hidden, "hidden", kFloatTypes);
+  check_shape(hidden, "hidden", {-1, -1});
+  const auto [E, N, K] = check_int4_weight("gate_up", qweight, scales, zeros, hidden, "hidden");
+  TORCH_CHECK_VALUE(K == hidden.size(1), "dots1_ext: gate_up_qweight must have shape [E, 2I, H/2] = [E, 2I, ",
+                    hidden.size(1) / 2, "] (H = ", hidden.size(1), " from hidden), got ", qweight.sizes());
+  TORCH_CHECK_VALUE(epilogue == "swiglu" || epilogue == "swiglu_interleaved",
+                    "dots1_ext: epilogue must be one of ('swiglu', 'swiglu_interleaved'), got '", epilogue, "'");
+  TORCH_CHECK_VALUE(N % 2 == 0, "dots1_ext: gate_up_qweight.shape[1] (gate + up rows, 2I) must be even, got ", N);
+  TORCH_CHECK_VALUE(epilogue != "swiglu_interleaved" || N % 16 == 0,
+                    "dots1_ext: epilogue 'swiglu_interleaved' needs gate_up_qweight.shape[1] (2I) to be a multiple of "
+                    "16 (whole [8 gate | 8 up] blocks), got ", N);
+  const int64_t T = hidden.size(0), H = K;
+  check_dtype(topk_ids, "topk_ids", {at::kInt});
+  check_shape(topk_ids, "topk_ids", {T, -1});
+  check_same_device(topk_ids, "topk_ids", hidden, "hidden");
+  int64_t Is = 0;
+  if (shared_gate_up.has_value()) {
+    const at::Tensor& s = *shared_gate_up;
+    check_dtype(s, "shared_gate_up", {hidden.scalar_type()});
+    check_shape(s, "shared_gate_up", {-1, H});
+    check_same_device(s, "shared_gate_up", hidden, "hidden");
+    TORCH_CHECK_VALUE(s.size(0) % 2 == 0,
+                      "dots1_ext: shared_gate_up.shape[0] (gate rows then up rows, 2Is) must be even, got ", s.size(0));
+    check_weight_layout(s, "shared_gate_up", "[2Is, H] with H contiguous");
+    Is = s.size(0) / 2;
+  }
+  const int64_t k = topk_ids.size(1);
+  TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max() && k <= std::numeric_limits<int32_t>::max() &&
+                        E <= std::numeric_limits<int32_t>::max(),
+                    "dots1_ext: T, k and E must fit in int32, got ", T, ", ", k, ", ", E);
+  return {T, H, E, k, N / 2, Is, epilogue == "swiglu_interleaved"};
+}
+
+// The checks of check_down with the int4 weight in place of down.
+DownShape check_int4_down(const at::Tensor& act, const at::Tensor& qweight, const at::Tensor& scales,
+                          const std::optional<at::Tensor>& zeros, const at::Tensor& topk_ids,
+                          const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
+                          const std::optional<at::Tensor>& residual) {
+  check_dtype(act, "act", kFloatTypes);
+  check_shape(act, "act", {-1, -1});
+  const auto [E, H, I] = check_int4_weight("down", qweight, scales, zeros, act, "act");
+  return check_down_rest(act, E, H, I, topk_ids, topk_weights, shared_down, residual);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -166,9 +259,26 @@ at::Tensor swiglu_of(const at::Tensor& y, int64_t I, bool interleaved) {
   return at::silu(y.narrow(1, 0, I)) * y.narrow(1, I, I);
 }
 
-at::Tensor moe_decode_gate_up_cpu(const at::Tensor& hidden_in, const at::Tensor& gate_up, const at::Tensor& topk_ids_in,
-                                  const std::optional<at::Tensor>& shared_gate_up, c10::string_view epilogue_view) {
-  const GateUpShape g = check_gate_up(hidden_in, gate_up, topk_ids_in, shared_gate_up, std::string(epilogue_view));
+// Expert e's routed weight [N, K] in fp32 (its values in the activations' dtype, widened).
+using ExpertWeight = std::function<at::Tensor(int64_t)>;
+
+// Expert e of an int4 weight (check_int4_weight), dequantized as dots1_ext.quant.dequantize_int4:
+// (u - z) * s exact in fp32, rounded once to `dtype`, then widened back to fp32.
+at::Tensor dequantize_int4_expert(const at::Tensor& qweight, const at::Tensor& scales,
+                                  const std::optional<at::Tensor>& zeros, int64_t e, at::ScalarType dtype) {
+  const at::Tensor q = qweight.select(0, e);  // [N, K/2]
+  const int64_t N = q.size(0), K = 2 * q.size(1), G = K / kInt4Group;
+  const at::Tensor codes = at::stack({at::bitwise_and(q, 15), at::bitwise_right_shift(q, 4)}, -1)
+                               .reshape({N, G, kInt4Group})
+                               .to(at::kFloat);
+  const at::Tensor s = scales.select(0, e).to(at::kFloat).unsqueeze(-1);
+  const at::Tensor z = zeros.has_value() ? zeros->select(0, e).to(at::kFloat).unsqueeze(-1)
+                                         : at::full({1}, 8.0f, codes.options());
+  return ((codes - z) * s).reshape({N, K}).to(dtype).to(at::kFloat);
+}
+
+at::Tensor gate_up_cpu(const at::Tensor& hidden_in, const GateUpShape& g, const at::Tensor& topk_ids_in,
+                       const std::optional<at::Tensor>& shared_gate_up, const ExpertWeight& expert_weight) {
   const at::Tensor x = hidden_in.to(at::kFloat).contiguous();
   const at::Tensor ids = topk_ids_in.contiguous();
   const int64_t NA = g.k * g.I + g.Is;
@@ -178,7 +288,7 @@ at::Tensor moe_decode_gate_up_cpu(const at::Tensor& hidden_in, const at::Tensor&
   for (const auto& [e, pairs] : pairs_by_expert(ids.data_ptr<int32_t>(), g.T * g.k, g.E)) {
     std::vector<int64_t> tokens(pairs.size());
     for (size_t i = 0; i < pairs.size(); ++i) tokens[i] = pairs[i] / g.k;
-    const at::Tensor y = at::matmul(x.index_select(0, pair_index(tokens)), gate_up.select(0, e).to(at::kFloat).t());
+    const at::Tensor y = at::matmul(x.index_select(0, pair_index(tokens)), expert_weight(e).t());
     routed.index_copy_(0, pair_index(pairs), swiglu_of(y, g.I, g.interleaved).to(act.scalar_type()));
   }
   act.narrow(1, 0, g.k * g.I).copy_(routed.view({g.T, g.k * g.I}));
@@ -189,10 +299,9 @@ at::Tensor moe_decode_gate_up_cpu(const at::Tensor& hidden_in, const at::Tensor&
   return act;
 }
 
-at::Tensor moe_decode_down_cpu(const at::Tensor& act_in, const at::Tensor& down, const at::Tensor& topk_ids_in,
-                               const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
-                               const std::optional<at::Tensor>& residual) {
-  const DownShape d = check_down(act_in, down, topk_ids_in, topk_weights, shared_down, residual);
+at::Tensor down_cpu(const at::Tensor& act_in, const DownShape& d, const at::Tensor& topk_ids_in,
+                    const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
+                    const std::optional<at::Tensor>& residual, const ExpertWeight& expert_weight) {
   const at::Tensor a = act_in.to(at::kFloat).contiguous();
   const at::Tensor ids = topk_ids_in.contiguous();
   const int32_t* id = ids.data_ptr<int32_t>();
@@ -201,7 +310,7 @@ at::Tensor moe_decode_down_cpu(const at::Tensor& act_in, const at::Tensor& down,
   const at::Tensor routed = a.narrow(1, 0, d.k * d.I).reshape({d.T * d.k, d.I});
   for (const auto& [e, pairs] : pairs_by_expert(id, d.T * d.k, d.E)) {
     const at::Tensor p = pair_index(pairs);
-    terms.index_copy_(0, p, at::matmul(routed.index_select(0, p), down.select(0, e).to(at::kFloat).t()));
+    terms.index_copy_(0, p, at::matmul(routed.index_select(0, p), expert_weight(e).t()));
   }
   terms = terms.view({d.T, d.k, d.H});
   const at::Tensor w = topk_weights.to(at::kFloat);
@@ -215,6 +324,42 @@ at::Tensor moe_decode_down_cpu(const at::Tensor& act_in, const at::Tensor& down,
   for (int64_t t = 0; t < d.T; ++t)
     if (bad[t]) acc.select(0, t).fill_(std::numeric_limits<float>::quiet_NaN());
   return acc.to(act_in.scalar_type());
+}
+
+at::Tensor moe_decode_gate_up_cpu(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& topk_ids,
+                                  const std::optional<at::Tensor>& shared_gate_up, c10::string_view epilogue) {
+  const GateUpShape g = check_gate_up(hidden, gate_up, topk_ids, shared_gate_up, std::string(epilogue));
+  return gate_up_cpu(hidden, g, topk_ids, shared_gate_up,
+                     [&](int64_t e) { return gate_up.select(0, e).to(at::kFloat); });
+}
+
+at::Tensor moe_decode_down_cpu(const at::Tensor& act, const at::Tensor& down, const at::Tensor& topk_ids,
+                               const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
+                               const std::optional<at::Tensor>& residual) {
+  const DownShape d = check_down(act, down, topk_ids, topk_weights, shared_down, residual);
+  return down_cpu(act, d, topk_ids, topk_weights, shared_down, residual,
+                  [&](int64_t e) { return down.select(0, e).to(at::kFloat); });
+}
+
+// int4: each touched expert dequantized once (the reference rule), then the same CPU math.
+at::Tensor moe_decode_int4_gate_up_cpu(const at::Tensor& hidden, const at::Tensor& qweight, const at::Tensor& scales,
+                                       const std::optional<at::Tensor>& zeros, const at::Tensor& topk_ids,
+                                       const std::optional<at::Tensor>& shared_gate_up, c10::string_view epilogue) {
+  const GateUpShape g =
+      check_int4_gate_up(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, std::string(epilogue));
+  const at::ScalarType dtype = hidden.scalar_type();
+  return gate_up_cpu(hidden, g, topk_ids, shared_gate_up,
+                     [&](int64_t e) { return dequantize_int4_expert(qweight, scales, zeros, e, dtype); });
+}
+
+at::Tensor moe_decode_int4_down_cpu(const at::Tensor& act, const at::Tensor& qweight, const at::Tensor& scales,
+                                    const std::optional<at::Tensor>& zeros, const at::Tensor& topk_ids,
+                                    const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
+                                    const std::optional<at::Tensor>& residual) {
+  const DownShape d = check_int4_down(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual);
+  const at::ScalarType dtype = act.scalar_type();
+  return down_cpu(act, d, topk_ids, topk_weights, shared_down, residual,
+                  [&](int64_t e) { return dequantize_int4_expert(qweight, scales, zeros, e, dtype); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,6 +434,49 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down
   return out;
 }
 
+at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor& qweight,
+                                        const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                                        const at::Tensor& topk_ids_in, const std::optional<at::Tensor>& shared_gate_up,
+                                        c10::string_view epilogue_view) {
+  check_kernel_env();
+  const GateUpShape g =
+      check_int4_gate_up(hidden_in, qweight, scales, zeros, topk_ids_in, shared_gate_up, std::string(epilogue_view));
+  c10::cuda::CUDAGuard guard(hidden_in.device());
+  const at::Tensor hidden = aligned_contiguous(hidden_in);
+  const at::Tensor ids = topk_ids_in.contiguous();
+  at::Tensor act = at::empty({g.T, g.k * g.I + g.Is}, hidden.options());
+  C10_CUDA_CHECK(launch_moe_decode_int4_gate_up(
+      hidden.data_ptr(), qweight.data_ptr<uint8_t>(), scales.data_ptr(),
+      zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, ids.data_ptr<int32_t>(),
+      shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
+      g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
+      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
+  return act;
+}
+
+at::Tensor moe_decode_int4_down_cuda(const at::Tensor& act_in, const at::Tensor& qweight, const at::Tensor& scales,
+                                     const std::optional<at::Tensor>& zeros, const at::Tensor& topk_ids_in,
+                                     const at::Tensor& topk_weights_in, const std::optional<at::Tensor>& shared_down,
+                                     const std::optional<at::Tensor>& residual_in) {
+  check_kernel_env();
+  const DownShape d =
+      check_int4_down(act_in, qweight, scales, zeros, topk_ids_in, topk_weights_in, shared_down, residual_in);
+  c10::cuda::CUDAGuard guard(act_in.device());
+  const at::Tensor act = aligned_contiguous(act_in);
+  const at::Tensor ids = topk_ids_in.contiguous();
+  const at::Tensor weights = topk_weights_in.contiguous();
+  at::Tensor residual;
+  if (residual_in.has_value()) residual = residual_in->contiguous();
+  at::Tensor out = at::empty({d.T, d.H}, act.options());
+  C10_CUDA_CHECK(launch_moe_decode_int4_down(
+      act.data_ptr(), qweight.data_ptr<uint8_t>(), scales.data_ptr(),
+      zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, ids.data_ptr<int32_t>(), weights.data_ptr<float>(),
+      shared_down.has_value() ? shared_down->data_ptr() : nullptr, residual.defined() ? residual.data_ptr() : nullptr,
+      out.data_ptr(), d.T, d.H, d.E, d.k, d.I, d.Is, to_dtype(act.scalar_type()), moe_decode_n_tiles(),
+      c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
+  return out;
+}
+
 #endif  // DOTS1_WITH_CUDA
 
 }  // namespace
@@ -297,11 +485,15 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down
 TORCH_LIBRARY_IMPL(dots1_ext, CPU, m) {
   m.impl("moe_decode_gate_up", &dots1::moe_decode_gate_up_cpu);
   m.impl("moe_decode_down", &dots1::moe_decode_down_cpu);
+  m.impl("moe_decode_int4_gate_up", &dots1::moe_decode_int4_gate_up_cpu);
+  m.impl("moe_decode_int4_down", &dots1::moe_decode_int4_down_cpu);
 }
 
 #ifdef DOTS1_WITH_CUDA
 TORCH_LIBRARY_IMPL(dots1_ext, CUDA, m) {
   m.impl("moe_decode_gate_up", &dots1::moe_decode_gate_up_cuda);
   m.impl("moe_decode_down", &dots1::moe_decode_down_cuda);
+  m.impl("moe_decode_int4_gate_up", &dots1::moe_decode_int4_gate_up_cuda);
+  m.impl("moe_decode_int4_down", &dots1::moe_decode_int4_down_cuda);
 }
 #endif

@@ -72,6 +72,35 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
                                    int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
                                    int n_tiles, cudaStream_t stream, bool use_pdl);
 
+// int4 routed experts (W4A16, docs/design.md §7; Python: dots1_ext/ops/moe_decode_int4.py): the same
+// ops with the routed weights as qweight [E, N, K/2] uint8 (code 2j in the low nibble of byte j),
+// scales [E, N, K/128] bf16 and zeros [E, N, K/128] uint8 or nullptr (symmetric: zero point 8); each
+// element is (u - z) * s rounded once to the activations' dtype, then the math above. K % 128 == 0
+// (H for gate_up, I for down; else cudaErrorInvalidValue), weights 16-byte aligned. bf16 activations
+// run the tensor-core kernels (one 128-k group per warp step), fp16 / fp32 the fallback kernels.
+cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H]
+                                           const uint8_t* qweight,      // [E, 2I, H/2]
+                                           const void* scales,          // [E, 2I, H/128] bf16
+                                           const uint8_t* zeros,        // [E, 2I, H/128] or nullptr
+                                           const int32_t* topk_ids,     // [T, k] device
+                                           const void* shared_gate_up,  // [2Is, H] or nullptr (Is == 0)
+                                           void* act,                   // [T, NA]
+                                           int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
+                                           MoeGateUpLayout layout, DType dtype, int n_tiles, cudaStream_t stream,
+                                           bool use_pdl);
+
+cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
+                                        const uint8_t* qweight,     // [E, H, I/2]
+                                        const void* scales,         // [E, H, I/128] bf16
+                                        const uint8_t* zeros,       // [E, H, I/128] or nullptr
+                                        const int32_t* topk_ids,    // [T, k] device
+                                        const float* topk_weights,  // [T, k] device
+                                        const void* shared_down,    // [H, Is] or nullptr (Is == 0)
+                                        const void* residual,       // [T, H] or nullptr
+                                        void* out,                  // [T, H]
+                                        int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
+                                        DType dtype, int n_tiles, cudaStream_t stream, bool use_pdl);
+
 }  // namespace dots1
 
 #endif  // DOTS1_WITH_CUDA || __CUDACC__

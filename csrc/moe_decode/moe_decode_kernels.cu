@@ -206,6 +206,233 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
 }
 
 // ---------------------------------------------------------------------------------------------
+// int4 routed experts (W4A16, docs/design.md §7): the weight stream of two rows.
+//
+// A warp step is one quantization group of 128 k: each lane loads 16 bytes = 32 codes of each of its
+// two rows (4 lanes cover the group, so each row needs one scale and one zero point per step) and the
+// same 32 k of each activation column (4 16-byte vectors). Each 32-bit word holds 8 codes in the
+// format's nibble order (code j in bits 4j .. 4j + 3); the mask-and-or trick below yields the bf16x2
+// pairs (code j, code j + 4), so by the k permutation (the header comment) those pairs are the logical
+// k (2c, 2c + 1) of an MMA and the activation words are permuted to match: (x_j, x_j+4) from two
+// 16-byte halves with one byte permute.
+
+constexpr int kGroupK = 128;  // k per int4 warp step: 4 lanes x 32 codes (16 bytes) = one group
+
+// Steps per batch of the int4 stream: U x 32 bytes of weight per lane in flight (2 rows x 16 bytes),
+// plus the scales and zero points; activations are loaded one word ahead inside the batch (L1 hits).
+template <int NT>
+constexpr int int4_batch_steps() {
+  return NT == 4 ? 1 : 4;  // NT = 4 (forced by DOTS1_EXT_MOE_DECODE_NT only): 2 spilled in down
+}
+
+// d = a * b + c on bf16x2, rounded once (round to nearest even).
+__device__ __forceinline__ uint32_t bf16x2_fma(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// 2 bytes / 1 byte at p (zero-extended) when pred, undefined otherwise (the caller never uses it then): a
+// weight's scale or zero point (never written in a step: non-volatile, as load_weight16).
+__device__ __forceinline__ uint32_t load_weight_u16_if(const void* p, bool pred) {
+  unsigned short v;
+  asm("{\n\t"
+      ".reg .pred p;\n\t"
+      "setp.ne.b32 p, %2, 0;\n\t"
+      "@p ld.global.nc.u16 %0, [%1];\n\t"
+      "}"
+      : "=h"(v)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+__device__ __forceinline__ uint32_t load_weight_u8_if(const void* p, bool pred) {
+  unsigned short v;
+  asm("{\n\t"
+      ".reg .pred p;\n\t"
+      "setp.ne.b32 p, %2, 0;\n\t"
+      "@p ld.global.nc.u8 %0, [%1];\n\t"
+      "}"
+      : "=h"(v)
+      : "l"(p), "r"(static_cast<int>(pred)));
+  return v;
+}
+
+// (a & b) | c in one instruction (lop3 with the masks in registers: the compiler's own lowering of two
+// different immediates takes two).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// 8 codes of one row (word w) -> d[j] = the bf16x2 pair (code j, code j + 4), j = 0..3, each element
+// (u - z) * s rounded once to bf16, exactly the reference's dequantized value:
+//   (w >> 4j) & 0x000F000F | 0x43004300 is the bf16 pair 128 + u (2^7: mantissa ulp 1, exact);
+//   times 1 plus neg_z128 = -(128 + z): u - z, exact (|u - z| <= 15);
+//   times s plus -0: the exact product rounded once (-0 keeps the product's zero sign).
+__device__ __forceinline__ void dequant8(uint32_t w, uint32_t neg_z128x2, uint32_t sx2, uint32_t (&d)[4]) {
+  constexpr uint32_t kMask = 0x000F000Fu, kMagic128 = 0x43004300u, kOne = 0x3F803F80u, kNegZero = 0x80008000u;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t q = and_or(w >> (4 * j), kMask, kMagic128);
+    d[j] = bf16x2_fma(bf16x2_fma(q, kOne, neg_z128x2), sx2, kNegZero);
+  }
+}
+
+// stream_rows for int4 rows (bf16 activations): groups [s_begin, s_end) of rows lo and hi (q_* their
+// packed bytes, s_* their K/128 scales, z_* their zero points or nullptr for symmetric, z = 8) against
+// activation rows col[n]; res as stream_rows. K % 128 == 0: no tail. Every col[n] must be a readable row,
+// also where !col_ok[n] (the callers point those at a real row): the activations are loaded without a
+// predicate, and such a column only feeds its own MMA output column, which the callers never store.
+template <int NT>
+__device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint8_t* q_hi,
+                                                 const __nv_bfloat16* s_lo, const __nv_bfloat16* s_hi,
+                                                 const uint8_t* z_lo, const uint8_t* z_hi,
+                                                 const __nv_bfloat16* const (&col)[NT], const bool (&col_ok)[NT],
+                                                 int s_begin, int s_end, float (&res)[NT][4]) {
+  using T = __nv_bfloat16;
+  constexpr int U = int4_batch_steps<NT>();
+  constexpr int kSets = accumulator_sets<NT>();
+  float acc[kSets][NT][4];
+#pragma unroll
+  for (int s = 0; s < kSets; ++s)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[s][n][r] = 0.0f;
+
+  // This lane's 16 bytes of group s: bytes [64 s + 16 c, + 16) of the row = codes 128 s + 32 c + [0, 32).
+  const int c = threadIdx.x & 3;
+  const uint8_t* lo = q_lo + static_cast<int64_t>(s_begin) * (kGroupK / 2) + 16 * c;
+  const uint8_t* hi = q_hi + static_cast<int64_t>(s_begin) * (kGroupK / 2) + 16 * c;
+  const T* x[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) x[n] = col[n] + static_cast<int64_t>(s_begin) * kGroupK + 32 * c;
+  const bool symmetric = z_lo == nullptr;
+
+  for (int s0 = s_begin; s0 < s_end; s0 += U) {
+    const int valid = min(s_end - s0, U);  // >= 1
+    // Per step: both rows' 16 bytes, their scales (lo | hi << 16) and zero points (lo | hi << 16),
+    // one register each (the pairs are spread per step below: fewer registers held across the batch).
+    uint4 wv[U][2];
+    uint32_t scale2[U], zero2[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool ok = u < valid;
+      // (Steps past `valid` are loaded under a false predicate and never used: no zero fill.)
+      wv[u][0] = load_weight16_if(lo + u * (kGroupK / 2), ok);
+      wv[u][1] = load_weight16_if(hi + u * (kGroupK / 2), ok);
+      scale2[u] = load_weight_u16_if(s_lo + s0 + u, ok) | load_weight_u16_if(s_hi + s0 + u, ok) << 16;
+      zero2[u] = symmetric ? 0x00080008u
+                           : load_weight_u8_if(z_lo + s0 + u, ok) | load_weight_u8_if(z_hi + s0 + u, ok) << 16;
+    }
+    lo += U * (kGroupK / 2);
+    hi += U * (kGroupK / 2);
+    // The words of the batch in order (step u, word i: k 8i .. 8i + 7 of the lane's 32); each word's
+    // activation vectors are loaded one word ahead (volatile loads keep their order with the MMAs).
+    uint4 xv[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) xv[n] = load_act16_always(x[n]);
+#pragma unroll
+    for (int wi = 0; wi < 4 * U; ++wi) {
+      const int u = wi >> 2, i = wi & 3;
+      if (u >= valid) break;  // warp-uniform
+      uint4 xn[NT];
+      const int wn = wi + 1;
+      // The next word's activations (a step past `valid` re-reads this word: in range, never used).
+      const int next = wn < 4 * U && (wn >> 2) < valid ? (wn >> 2) * kGroupK + (wn & 3) * 8 : u * kGroupK + i * 8;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) xn[n] = load_act16_always(x[n] + next);
+      // bf16x2 (s, s) of each row; -(128 + z) as bf16 (z <= 15 sits in the mantissa's low bits).
+      const uint32_t s_lo2 = __byte_perm(scale2[u], 0, 0x1010), s_hi2 = __byte_perm(scale2[u], 0, 0x3232);
+      const uint32_t nz_lo2 = (zero2[u] & 0xFFFFu) * 0x00010001u | 0xC300C300u;
+      const uint32_t nz_hi2 = (zero2[u] >> 16) * 0x00010001u | 0xC300C300u;
+      uint32_t dl[4], dh[4];
+      dequant8(word_of(wv[u][0], i), nz_lo2, s_lo2, dl);
+      dequant8(word_of(wv[u][1], i), nz_hi2, s_hi2, dh);
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        // Activation pairs matching the weight pairs (code j, code j + 4): (x0, x4), (x1, x5) | (x2, x6), (x3, x7).
+        const uint32_t b0 = __byte_perm(xv[n].x, xv[n].z, 0x5410), b1 = __byte_perm(xv[n].x, xv[n].z, 0x7632);
+        const uint32_t b2 = __byte_perm(xv[n].y, xv[n].w, 0x5410), b3 = __byte_perm(xv[n].y, xv[n].w, 0x7632);
+        mma_16816<T>(acc[0][n], dl[0], dh[0], dl[1], dh[1], b0, b1);
+        mma_16816<T>(acc[1 % kSets][n], dl[2], dh[2], dl[3], dh[3], b2, b3);
+        xv[n] = xn[n];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) x[n] += U * kGroupK;
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      float v = acc[0][n][r];
+#pragma unroll
+      for (int s = 1; s < kSets; ++s) v += acc[s][n][r];
+      res[n][r] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The routed experts' weights [E, N, K] (K the reduction dimension): how a warp streams two rows of
+// one expert (stream, steps of kStep k) and what the fallback kernels read per element (value). The
+// kernels are templates on these; the shared experts are always in the model dtype (stream_rows).
+
+// In the model dtype: rows of K contiguous elements.
+template <typename T>
+struct DenseExperts {
+  enum : int { kStep = kStepK };  // k per warp step
+  static constexpr bool kFast = !std::is_same_v<T, float>;  // the MMA kernels: fp16 / bf16
+  const T* w;  // [E, N, K]
+  int64_t N, K;
+
+  __device__ __forceinline__ float value(int expert, int64_t row, int64_t k) const {
+    return to_float(w[(static_cast<int64_t>(expert) * N + row) * K + k]);
+  }
+  template <int NT>
+  __device__ __forceinline__ void stream(int expert, int64_t row_lo, int64_t row_hi, const T* const (&col)[NT],
+                                         const bool (&col_ok)[NT], int s_begin, int s_end, float (&res)[NT][4]) const {
+    const T* base = w + static_cast<int64_t>(expert) * N * K;
+    stream_rows<T, NT>(base + row_lo * K, base + row_hi * K, col, col_ok, K, s_begin, s_end, res);
+  }
+};
+
+// int4 (docs/design.md §7): element = (u - z) * s rounded once to T, exactly dequantize_int4's value.
+// K % 128 == 0. The MMA kernels take bf16 activations only (kFast); the fallback any dtype.
+template <typename T>
+struct Int4Experts {
+  enum : int { kStep = kGroupK };  // k per warp step: one group
+  static constexpr bool kFast = std::is_same_v<T, __nv_bfloat16>;
+  const uint8_t* qweight;        // [E, N, K/2]: code 2j in the low nibble of byte j, 2j + 1 in the high
+  const __nv_bfloat16* scales;   // [E, N, K/128]
+  const uint8_t* zeros;          // [E, N, K/128] or nullptr (symmetric: z = 8)
+  int64_t N, K;
+
+  __device__ __forceinline__ float value(int expert, int64_t row, int64_t k) const {
+    const int64_t r = static_cast<int64_t>(expert) * N + row, g = r * (K / kGroupK) + k / kGroupK;
+    const int u = (__ldg(qweight + r * (K / 2) + k / 2) >> (4 * (k & 1))) & 0xF;
+    const int z = zeros == nullptr ? 8 : __ldg(zeros + g);
+    // (u - z) * s is exact in fp32 (5-bit integer times an 8-bit significand); one rounding to T.
+    return to_float(from_float<T>(static_cast<float>(u - z) * __bfloat162float(scales[g])));
+  }
+  template <int NT>
+  __device__ __forceinline__ void stream(int expert, int64_t row_lo, int64_t row_hi, const T* const (&col)[NT],
+                                         const bool (&col_ok)[NT], int s_begin, int s_end, float (&res)[NT][4]) const {
+    static_assert(kFast, "the int4 MMA stream takes bf16 activations");
+    const int64_t G = K / kGroupK, r_lo = static_cast<int64_t>(expert) * N + row_lo,
+                  r_hi = static_cast<int64_t>(expert) * N + row_hi;
+    stream_rows_int4<NT>(qweight + r_lo * (K / 2), qweight + r_hi * (K / 2), scales + r_lo * G, scales + r_hi * G,
+                         zeros == nullptr ? nullptr : zeros + r_lo * G, zeros == nullptr ? nullptr : zeros + r_hi * G,
+                         col, col_ok, s_begin, s_end, res);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
 // The schedule: distinct experts of the launch's (t, j) pairs and the pairs that chose each.
 
 struct Schedule {
@@ -329,10 +556,10 @@ __device__ bool build_schedule(Schedule& s, int P, int E, int max_cols) {
 // ---------------------------------------------------------------------------------------------
 // gate_up + SwiGLU
 
-template <typename T>
+template <typename T, typename W>
 struct GateUpParams {
   const T* hidden;          // [T, H]
-  const T* gate_up;         // [E, 2I, H]
+  W gate_up;                // the routed experts [E, 2I, H] (DenseExperts or Int4Experts)
   const int32_t* topk_ids;  // [T, k]
   const T* shared_gate_up;  // [2Is, H] or nullptr
   T* act;                   // [T, NA]
@@ -348,16 +575,20 @@ struct GateUpSmem {
 
 // One tile = 8 features f0 .. f0 + 7 of one item over all of H: lane rows g -> the gate row of
 // feature f0 + g, g + 8 -> its up row; columns = the item's pairs (routed, item >= 0: their tokens'
-// hidden rows) or the tokens [8 NT sub, 8 NT (sub + 1)) (the shared experts, item = -1 - sub). Ends
-// with the tile's act stored by 32 NT threads.
-template <typename T, MoeGateUpLayout kLayout, int NT>
-__device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Schedule& s, int item, int f0,
-                                             int s_begin, int s_end, float4 (*red)[NT][32]) {
+// hidden rows) or the tokens [8 NT sub, 8 NT (sub + 1)) (the shared experts, item = -1 - sub). This
+// warp's K range: steps [s_begin, s_end) of kStepK (shared) or [r_begin, r_end) of W::kStep (routed).
+// Ends with the tile's act stored by 32 NT threads. kRouted (item >= 0) is a template argument: each
+// of the kernel's two tile loops holds only its own weight stream (one inlined stream of each kind in
+// the same loop spilled registers).
+template <typename T, MoeGateUpLayout kLayout, int NT, bool kRouted, typename W>
+__device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const Schedule& s, int item, int f0,
+                                             int s_begin, int s_end, int r_begin, int r_end,
+                                             float4 (*red)[NT][32]) {
   constexpr int kCols = 8 * NT;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
-  const bool routed = item >= 0;
+  constexpr bool routed = kRouted;
   int ncols, col0;  // the shared tiles run before the schedule exists: no read of it
-  if (routed) {
+  if constexpr (routed) {
     ncols = s.item_ncols[item];
     col0 = s.item_col0[item];
   } else {
@@ -365,24 +596,6 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Sch
     ncols = min(kCols, p.T_ - col0);
   }
   {
-    const T* base;
-    int64_t gate, up;
-    if (routed) {
-      const int64_t f = min(static_cast<int64_t>(f0 + g), p.I - 1);  // I % 8 == 0 on this path: always f0 + g
-      if constexpr (kLayout == MoeGateUpLayout::kInterleaved) {
-        gate = (f >> 3) * 16 + (f & 7);
-        up = gate + 8;
-      } else {
-        gate = f;
-        up = p.I + f;
-      }
-      base = p.gate_up + static_cast<int64_t>(s.item_expert[item]) * 2 * p.I * p.H;
-    } else {
-      const int64_t f = min(static_cast<int64_t>(f0 + g), p.Is - 1);
-      gate = f;
-      up = p.Is + f;
-      base = p.shared_gate_up;
-    }
     const T* col[NT];
     bool col_ok[NT];
 #pragma unroll
@@ -393,7 +606,22 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Sch
       col[n] = p.hidden + static_cast<int64_t>(token) * p.H;
     }
     float res[NT][4];
-    stream_rows<T, NT>(base + gate * p.H, base + up * p.H, col, col_ok, p.H, s_begin, s_end, res);
+    if constexpr (routed) {
+      const int64_t f = min(static_cast<int64_t>(f0 + g), p.I - 1);  // I % 8 == 0 on this path: always f0 + g
+      int64_t gate, up;
+      if constexpr (kLayout == MoeGateUpLayout::kInterleaved) {
+        gate = (f >> 3) * 16 + (f & 7);
+        up = gate + 8;
+      } else {
+        gate = f;
+        up = p.I + f;
+      }
+      p.gate_up.template stream<NT>(s.item_expert[item], gate, up, col, col_ok, r_begin, r_end, res);
+    } else {
+      const int64_t f = min(static_cast<int64_t>(f0 + g), p.Is - 1);
+      stream_rows<T, NT>(p.shared_gate_up + f * p.H, p.shared_gate_up + (p.Is + f) * p.H, col, col_ok, p.H, s_begin,
+                         s_end, res);
+    }
 #pragma unroll
     for (int n = 0; n < NT; ++n) red[warp][n][lane] = make_float4(res[n][0], res[n][1], res[n][2], res[n][3]);
   }
@@ -417,7 +645,7 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Sch
         const int cidx = 8 * n + 2 * (l & 3) + i;
         if (cidx >= ncols) continue;
         int64_t dst;
-        if (routed) {
+        if constexpr (routed) {
           const int pair = s.col_pair[col0 + cidx];
           dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
         } else {
@@ -429,8 +657,8 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T>& p, const Sch
   }
 }
 
-template <typename T, MoeGateUpLayout kLayout, int NT>
-__global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpParams<T> p) {
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W>
+__global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpParams<T, W> p) {
   constexpr int kCols = 8 * NT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   GateUpSmem<NT>& sm = *reinterpret_cast<GateUpSmem<NT>*>(smem_raw);
@@ -464,7 +692,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   int parity = 0;
   int tile = blockIdx.x;
   for (; tile < tiles_shared; tile += gridDim.x) {
-    gate_up_tile<T, kLayout, NT>(p, s, -1 - tile % groups, tile / groups * 8, s_begin, s_end, sm.red[parity]);
+    gate_up_tile<T, kLayout, NT, false>(p, s, -1 - tile % groups, tile / groups * 8, s_begin, s_end, 0, 0,
+                                        sm.red[parity]);
     parity ^= 1;
   }
 
@@ -485,12 +714,18 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   // rt lies in its expert's range [group0 * ft_routed, (group0 + groupn) * ft_routed), and rt /
   // ft_routed is one of the expert's items.
   const int tiles = tiles_shared + s.num_routed_items * ft_routed;
+  // This warp's share of H for the routed rows, in their steps (W::kStep k: 32 in the model dtype, the
+  // same as the shared rows', 128 for int4); computed here, not held across the shared tiles.
+  const int64_t r_steps = (p.H + W::kStep - 1) / W::kStep;
+  const int r_begin = static_cast<int>(r_steps * warp / kWarps);
+  const int r_end = static_cast<int>(r_steps * (warp + 1) / kWarps);
   for (; tile < tiles; tile += gridDim.x) {
     const int rt = tile - tiles_shared;
     const int any_item = rt / ft_routed;
     const int group0 = s.item_group0[any_item], groupn = s.item_groupn[any_item];
     const int local = rt - group0 * ft_routed;
-    gate_up_tile<T, kLayout, NT>(p, s, group0 + local % groupn, local / groupn * 8, s_begin, s_end, sm.red[parity]);
+    gate_up_tile<T, kLayout, NT, true>(p, s, group0 + local % groupn, local / groupn * 8, 0, 0, r_begin, r_end,
+                                       sm.red[parity]);
     parity ^= 1;
   }
 }
@@ -498,10 +733,10 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
 // ---------------------------------------------------------------------------------------------
 // down + combine
 
-template <typename T>
+template <typename T, typename W>
 struct DownParams {
   const T* act;               // [T, NA]
-  const T* down;              // [E, H, I]
+  W down;                     // the routed experts [E, H, I] (DenseExperts or Int4Experts)
   const int32_t* topk_ids;    // [T, k]
   const float* topk_weights;  // [T, k]
   const T* shared_down;       // [H, Is] or nullptr
@@ -526,8 +761,8 @@ struct DownSmem {
 // (n < 2^28 on the fast path: fast_sizes.)
 __device__ __forceinline__ int range_start(int n, int w) { return static_cast<int>(static_cast<int64_t>(n) * w / kWarps); }
 
-template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<T> p) {
+template <typename T, int NT, typename W>
+__global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<T, W> p) {
   constexpr int kCols = 8 * NT;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DownSmem<NT>& sm = *reinterpret_cast<DownSmem<NT>*>(smem_raw);
@@ -601,7 +836,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
 
   // The routed items end to end, R x steps_item steps, split over the warps.
   const int R = s.num_routed_items;
-  const int steps_item = static_cast<int>((p.I + kStepK - 1) / kStepK);
+  const int steps_item = static_cast<int>((p.I + W::kStep - 1) / W::kStep);
   const int S = R * steps_item;  // < 2^28 (fast_sizes)
   const int r_begin = range_start(S, warp), r_end = range_start(S, warp + 1);
   if (r_begin < r_end) {
@@ -609,7 +844,6 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
       const int u0 = it * steps_item;
       const int a = max(r_begin, u0) - u0, b = min(r_end, u0 + steps_item) - u0;
       const int ncols = s.item_ncols[it], col0 = s.item_col0[it];
-      const T* base = p.down + static_cast<int64_t>(s.item_expert[it]) * p.H * p.I;
       const T* col[NT];
       bool col_ok[NT];
 #pragma unroll
@@ -620,7 +854,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
         col[n] = p.act + static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I;
       }
       float res[NT][4];
-      stream_rows<T, NT>(base + h_lo * p.I, base + h_hi * p.I, col, col_ok, p.I, a, b, res);
+      p.down.template stream<NT>(s.item_expert[it], h_lo, h_hi, col, col_ok, a, b, res);
       const bool whole = a == 0 && b == steps_item;
       // Not whole: the warp's first item (its range starts inside it) or its last.
       const int which = r_begin >= u0 ? 0 : 1;
@@ -682,8 +916,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
 // ---------------------------------------------------------------------------------------------
 // Fallback kernels: one warp per output (gate_up: an act element; down: an out element).
 
-template <typename T, MoeGateUpLayout kLayout>
-__global__ void __launch_bounds__(kThreads) moe_gate_up_simple_kernel(const GateUpParams<T> p) {
+template <typename T, MoeGateUpLayout kLayout, typename W>
+__global__ void __launch_bounds__(kThreads) moe_gate_up_simple_kernel(const GateUpParams<T, W> p) {
   pdl_wait();  // csrc/pdl.cuh: this fallback reads nothing before it
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
@@ -691,8 +925,8 @@ __global__ void __launch_bounds__(kThreads) moe_gate_up_simple_kernel(const Gate
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t o = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); o < total; o += warps) {
     const int64_t t = o / p.NA, col = o % p.NA;
-    const T* row_gate;
-    const T* row_up;
+    const T* x = p.hidden + t * p.H;
+    float gate = 0.0f, up = 0.0f;
     if (col < p.k * p.I) {
       const int64_t j = col / p.I, f = col % p.I;
       const int expert = __ldg(p.topk_ids + t * p.k + j);
@@ -700,22 +934,22 @@ __global__ void __launch_bounds__(kThreads) moe_gate_up_simple_kernel(const Gate
         if (lane == 0) p.act[o] = from_float<T>(NAN);
         continue;
       }
-      const T* base = p.gate_up + static_cast<int64_t>(expert) * 2 * p.I * p.H;
-      const int64_t gate = kLayout == MoeGateUpLayout::kInterleaved ? (f >> 3) * 16 + (f & 7) : f;
-      const int64_t up = kLayout == MoeGateUpLayout::kInterleaved ? gate + 8 : p.I + f;
-      row_gate = base + gate * p.H;
-      row_up = base + up * p.H;
+      const int64_t row_gate = kLayout == MoeGateUpLayout::kInterleaved ? (f >> 3) * 16 + (f & 7) : f;
+      const int64_t row_up = kLayout == MoeGateUpLayout::kInterleaved ? row_gate + 8 : p.I + f;
+      for (int64_t h = lane; h < p.H; h += 32) {
+        const float xv = to_float(x[h]);
+        gate = fmaf(p.gate_up.value(expert, row_gate, h), xv, gate);
+        up = fmaf(p.gate_up.value(expert, row_up, h), xv, up);
+      }
     } else {
       const int64_t f = col - p.k * p.I;
-      row_gate = p.shared_gate_up + f * p.H;
-      row_up = p.shared_gate_up + (p.Is + f) * p.H;
-    }
-    const T* x = p.hidden + t * p.H;
-    float gate = 0.0f, up = 0.0f;
-    for (int64_t h = lane; h < p.H; h += 32) {
-      const float xv = to_float(x[h]);
-      gate = fmaf(to_float(row_gate[h]), xv, gate);
-      up = fmaf(to_float(row_up[h]), xv, up);
+      const T* row_gate = p.shared_gate_up + f * p.H;
+      const T* row_up = p.shared_gate_up + (p.Is + f) * p.H;
+      for (int64_t h = lane; h < p.H; h += 32) {
+        const float xv = to_float(x[h]);
+        gate = fmaf(to_float(row_gate[h]), xv, gate);
+        up = fmaf(to_float(row_up[h]), xv, up);
+      }
     }
     gate = warp_sum(gate);
     up = warp_sum(up);
@@ -723,8 +957,8 @@ __global__ void __launch_bounds__(kThreads) moe_gate_up_simple_kernel(const Gate
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) moe_down_simple_kernel(const DownParams<T> p) {
+template <typename T, typename W>
+__global__ void __launch_bounds__(kThreads) moe_down_simple_kernel(const DownParams<T, W> p) {
   pdl_wait();  // csrc/pdl.cuh: this fallback reads nothing before it
   pdl_launch_dependents();
   const int lane = threadIdx.x & 31;
@@ -740,10 +974,9 @@ __global__ void __launch_bounds__(kThreads) moe_down_simple_kernel(const DownPar
         bad = true;
         continue;
       }
-      const T* w = p.down + (static_cast<int64_t>(expert) * p.H + h) * p.I;
       const T* a = p.act + t * p.NA + static_cast<int64_t>(j) * p.I;
       float dot = 0.0f;
-      for (int64_t i = lane; i < p.I; i += 32) dot = fmaf(to_float(w[i]), to_float(a[i]), dot);
+      for (int64_t i = lane; i < p.I; i += 32) dot = fmaf(p.down.value(expert, h, i), to_float(a[i]), dot);
       dot = warp_sum(dot);
       acc = __fadd_rn(acc, __fmul_rn(__ldg(p.topk_weights + t * p.k + j), dot));
     }
@@ -818,31 +1051,31 @@ cudaError_t launch_fast(dim3 grid, size_t bytes, cudaStream_t stream, bool use_p
   return launch_pdl(Kernel, grid, dim3(kThreads), bytes, stream, use_pdl, p);
 }
 
-template <typename T, MoeGateUpLayout kLayout>
-cudaError_t launch_gate_up_nt(int nt, dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T>& p) {
+template <typename T, MoeGateUpLayout kLayout, typename W>
+cudaError_t launch_gate_up_nt(int nt, dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T, W>& p) {
   switch (nt) {
-    case 1: return launch_fast<moe_gate_up_kernel<T, kLayout, 1>>(grid, sizeof(GateUpSmem<1>), stream, use_pdl, p);
-    case 2: return launch_fast<moe_gate_up_kernel<T, kLayout, 2>>(grid, sizeof(GateUpSmem<2>), stream, use_pdl, p);
-    case 4: return launch_fast<moe_gate_up_kernel<T, kLayout, 4>>(grid, sizeof(GateUpSmem<4>), stream, use_pdl, p);
+    case 1: return launch_fast<moe_gate_up_kernel<T, kLayout, 1, W>>(grid, sizeof(GateUpSmem<1>), stream, use_pdl, p);
+    case 2: return launch_fast<moe_gate_up_kernel<T, kLayout, 2, W>>(grid, sizeof(GateUpSmem<2>), stream, use_pdl, p);
+    case 4: return launch_fast<moe_gate_up_kernel<T, kLayout, 4, W>>(grid, sizeof(GateUpSmem<4>), stream, use_pdl, p);
     default: return cudaErrorInvalidValue;
   }
 }
 
-template <typename T>
-cudaError_t launch_down_nt(int nt, dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T>& p) {
+template <typename T, typename W>
+cudaError_t launch_down_nt(int nt, dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T, W>& p) {
   switch (nt) {
-    case 1: return launch_fast<moe_down_kernel<T, 1>>(grid, sizeof(DownSmem<1>), stream, use_pdl, p);
-    case 2: return launch_fast<moe_down_kernel<T, 2>>(grid, sizeof(DownSmem<2>), stream, use_pdl, p);
-    case 4: return launch_fast<moe_down_kernel<T, 4>>(grid, sizeof(DownSmem<4>), stream, use_pdl, p);
+    case 1: return launch_fast<moe_down_kernel<T, 1, W>>(grid, sizeof(DownSmem<1>), stream, use_pdl, p);
+    case 2: return launch_fast<moe_down_kernel<T, 2, W>>(grid, sizeof(DownSmem<2>), stream, use_pdl, p);
+    case 4: return launch_fast<moe_down_kernel<T, 4, W>>(grid, sizeof(DownSmem<4>), stream, use_pdl, p);
     default: return cudaErrorInvalidValue;
   }
 }
 
-// The fast path over token chunks (fp16 / bf16 only: fp32 never instantiates the MMA kernels).
-template <typename T>
-cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout layout, int n_tiles, int sm_count,
+// The fast path over token chunks (only for W::kFast dtypes: fp16 / bf16 dense, bf16 int4).
+template <typename T, typename W>
+cudaError_t gate_up_fast(GateUpParams<T, W> p, int64_t T_total, MoeGateUpLayout layout, int n_tiles, int sm_count,
                          cudaStream_t stream, bool use_pdl) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (!W::kFast) {
     return cudaErrorInvalidValue;
   } else {
     const T* hidden = p.hidden;
@@ -873,9 +1106,9 @@ cudaError_t gate_up_fast(GateUpParams<T> p, int64_t T_total, MoeGateUpLayout lay
   }
 }
 
-template <typename T>
-cudaError_t down_fast(DownParams<T> p, int64_t T_total, int n_tiles, cudaStream_t stream, bool use_pdl) {
-  if constexpr (std::is_same_v<T, float>) {
+template <typename T, typename W>
+cudaError_t down_fast(DownParams<T, W> p, int64_t T_total, int n_tiles, cudaStream_t stream, bool use_pdl) {
+  if constexpr (!W::kFast) {
     return cudaErrorInvalidValue;
   } else {
     const T* act = p.act;
@@ -904,6 +1137,27 @@ cudaError_t down_fast(DownParams<T> p, int64_t T_total, int n_tiles, cudaStream_
   }
 }
 
+// One gate_up launch sequence: the fast kernels when `fast`, else the fallback.
+template <typename T, typename W>
+cudaError_t gate_up_launch(const GateUpParams<T, W>& p, bool fast, MoeGateUpLayout layout, int n_tiles, int sm_count,
+                           cudaStream_t stream, bool use_pdl) {
+  if (fast) return gate_up_fast<T, W>(p, p.T_, layout, n_tiles, sm_count, stream, use_pdl);
+  const dim3 blocks(simple_blocks(static_cast<int64_t>(p.T_) * p.NA, sm_count));
+  if (layout == MoeGateUpLayout::kInterleaved)
+    return launch_pdl(moe_gate_up_simple_kernel<T, MoeGateUpLayout::kInterleaved, W>, blocks, dim3(kThreads), 0, stream,
+                      use_pdl, p);
+  return launch_pdl(moe_gate_up_simple_kernel<T, MoeGateUpLayout::kHF, W>, blocks, dim3(kThreads), 0, stream, use_pdl,
+                    p);
+}
+
+template <typename T, typename W>
+cudaError_t down_launch(const DownParams<T, W>& p, bool fast, int n_tiles, int sm_count, cudaStream_t stream,
+                        bool use_pdl) {
+  if (fast) return down_fast<T, W>(p, p.T_, n_tiles, stream, use_pdl);
+  return launch_pdl(moe_down_simple_kernel<T, W>, dim3(simple_blocks(static_cast<int64_t>(p.T_) * p.H, sm_count)),
+                    dim3(kThreads), 0, stream, use_pdl, p);
+}
+
 }  // namespace
 
 cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, const int32_t* topk_ids,
@@ -917,20 +1171,14 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
   const cudaError_t err = current_sm_count(&sm_count);
   if (err != cudaSuccess) return err;
   const bool fast = dtype != DType::kFloat32 && H % 8 == 0 && I % 8 == 0 && Is % 8 == 0 && k <= kMaxPairs &&
-                    fast_sizes(H, I, Is) && aligned16(hidden) && aligned16(gate_up) && aligned16(shared_gate_up) && aligned16(act) &&
-                    !moe_decode_force_simple();
+                    fast_sizes(H, I, Is) && aligned16(hidden) && aligned16(gate_up) && aligned16(shared_gate_up) &&
+                    aligned16(act) && !moe_decode_force_simple();
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
-    const GateUpParams<scalar_t> p{static_cast<const scalar_t*>(hidden), static_cast<const scalar_t*>(gate_up),
-                                   topk_ids, static_cast<const scalar_t*>(shared_gate_up),
-                                   static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k),
-                                   static_cast<int>(E), H, I, Is, NA};
-    if (fast) return gate_up_fast<scalar_t>(p, T, layout, n_tiles, sm_count, stream, use_pdl);
-    const dim3 blocks(simple_blocks(T * NA, sm_count));
-    if (layout == MoeGateUpLayout::kInterleaved)
-      return launch_pdl(moe_gate_up_simple_kernel<scalar_t, MoeGateUpLayout::kInterleaved>, blocks, dim3(kThreads), 0,
-                        stream, use_pdl, p);
-    return launch_pdl(moe_gate_up_simple_kernel<scalar_t, MoeGateUpLayout::kHF>, blocks, dim3(kThreads), 0, stream,
-                      use_pdl, p);
+    const DenseExperts<scalar_t> experts{static_cast<const scalar_t*>(gate_up), 2 * I, H};
+    const GateUpParams<scalar_t, DenseExperts<scalar_t>> p{
+        static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
+        static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
+    return gate_up_launch(p, fast, layout, n_tiles, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }
@@ -946,15 +1194,68 @@ cudaError_t launch_moe_decode_down(const void* act, const void* down, const int3
   const cudaError_t err = current_sm_count(&sm_count);
   if (err != cudaSuccess) return err;
   const bool fast = dtype != DType::kFloat32 && H % 8 == 0 && I % 8 == 0 && Is % 8 == 0 && k <= kMaxPairs &&
-                    fast_sizes(H, I, Is) && aligned16(act) && aligned16(down) && aligned16(shared_down) && !moe_decode_force_simple();
+                    fast_sizes(H, I, Is) && aligned16(act) && aligned16(down) && aligned16(shared_down) &&
+                    !moe_decode_force_simple();
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
-    const DownParams<scalar_t> p{static_cast<const scalar_t*>(act), static_cast<const scalar_t*>(down), topk_ids,
-                                 topk_weights, static_cast<const scalar_t*>(shared_down),
-                                 static_cast<const scalar_t*>(residual), static_cast<scalar_t*>(out),
-                                 static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
-    if (fast) return down_fast<scalar_t>(p, T, n_tiles, stream, use_pdl);
-    return launch_pdl(moe_down_simple_kernel<scalar_t>, dim3(simple_blocks(T * H, sm_count)), dim3(kThreads), 0, stream,
-                      use_pdl, p);
+    const DenseExperts<scalar_t> experts{static_cast<const scalar_t*>(down), H, I};
+    const DownParams<scalar_t, DenseExperts<scalar_t>> p{
+        static_cast<const scalar_t*>(act), experts, topk_ids, topk_weights,
+        static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
+        static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
+    return down_launch(p, fast, n_tiles, sm_count, stream, use_pdl);
+  });
+  return cudaErrorInvalidValue;  // not reached: every dtype returns above
+}
+
+// int4 routed experts: the same kernels with Int4Experts; the MMA kernels for bf16 activations (H and I
+// are multiples of 128 by the format), the fallback for fp16 / fp32 and the shapes the fast path refuses.
+cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qweight, const void* scales,
+                                           const uint8_t* zeros, const int32_t* topk_ids, const void* shared_gate_up,
+                                           void* act, int64_t T, int64_t H, int64_t E, int64_t k, int64_t I,
+                                           int64_t Is, MoeGateUpLayout layout, DType dtype, int n_tiles,
+                                           cudaStream_t stream, bool use_pdl) {
+  const int64_t NA = k * I + Is;
+  if (T == 0 || NA == 0) return cudaSuccess;
+  if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
+  if (H % kGroupK != 0 || I % kGroupK != 0) return cudaErrorInvalidValue;  // the format's groups
+  int sm_count = 0;
+  const cudaError_t err = current_sm_count(&sm_count);
+  if (err != cudaSuccess) return err;
+  const bool fast = dtype == DType::kBFloat16 && Is % 8 == 0 && k <= kMaxPairs && fast_sizes(H, I, Is) &&
+                    aligned16(hidden) && aligned16(qweight) && aligned16(shared_gate_up) && aligned16(act) &&
+                    !moe_decode_force_simple();
+  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
+    const Int4Experts<scalar_t> experts{qweight, static_cast<const __nv_bfloat16*>(scales), zeros, 2 * I, H};
+    const GateUpParams<scalar_t, Int4Experts<scalar_t>> p{
+        static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
+        static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
+    return gate_up_launch(p, fast, layout, n_tiles, sm_count, stream, use_pdl);
+  });
+  return cudaErrorInvalidValue;  // not reached: every dtype returns above
+}
+
+cudaError_t launch_moe_decode_int4_down(const void* act, const uint8_t* qweight, const void* scales,
+                                        const uint8_t* zeros, const int32_t* topk_ids, const float* topk_weights,
+                                        const void* shared_down, const void* residual, void* out, int64_t T,
+                                        int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
+                                        int n_tiles, cudaStream_t stream, bool use_pdl) {
+  if (T == 0 || H == 0) return cudaSuccess;
+  if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
+  if (I % kGroupK != 0) return cudaErrorInvalidValue;  // the format's groups
+  const int64_t NA = k * I + Is;
+  int sm_count = 0;
+  const cudaError_t err = current_sm_count(&sm_count);
+  if (err != cudaSuccess) return err;
+  const bool fast = dtype == DType::kBFloat16 && H % 8 == 0 && Is % 8 == 0 && k <= kMaxPairs &&
+                    fast_sizes(H, I, Is) && aligned16(act) && aligned16(qweight) && aligned16(shared_down) &&
+                    !moe_decode_force_simple();
+  DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
+    const Int4Experts<scalar_t> experts{qweight, static_cast<const __nv_bfloat16*>(scales), zeros, H, I};
+    const DownParams<scalar_t, Int4Experts<scalar_t>> p{
+        static_cast<const scalar_t*>(act), experts, topk_ids, topk_weights,
+        static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
+        static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
+    return down_launch(p, fast, n_tiles, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }

@@ -5,7 +5,9 @@ from dots1_ext.ops.attention import decode_attention
 from dots1_ext.ops.dispatch import permute, permuted_rows, unpermute
 from dots1_ext.ops.gating import router_topk_gating, topk_gating
 from dots1_ext.ops.grouped_gemm import deinterleave_gate_up, grouped_gemm, interleave_gate_up
+from dots1_ext.ops.grouped_gemm_int4 import grouped_gemm_int4
 from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
+from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_gate_up
 from dots1_ext.ops.norm import add_rms_norm_, qk_norm_rope_, qk_norm_rope_kv_cache_, rms_norm
 from dots1_ext.ops.skinny_gemm import skinny_gemm
 
@@ -14,9 +16,12 @@ __all__ = [
     "decode_attention",
     "deinterleave_gate_up",
     "grouped_gemm",
+    "grouped_gemm_int4",
     "interleave_gate_up",
     "moe_decode_down",
     "moe_decode_gate_up",
+    "moe_decode_int4_down",
+    "moe_decode_int4_gate_up",
     "permute",
     "permuted_rows",
     "qk_norm_rope_",

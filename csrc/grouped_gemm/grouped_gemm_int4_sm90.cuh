@@ -1,0 +1,441 @@
+// CUTLASS 3 ptr-array grouped GEMM with int4 weights and bf16 activations (W4A16) for sm90a, one
+// expert per group, on CUTLASS's Hopper mixed-input mainloop (register-sourced A: the weights are
+// loaded by TMA as packed codes and converted in the consumer warps before each wgmma).
+//
+//   out[rows_e, :] = x[rows_e, :] @ dq(weight[e])^T      x [S, K] bf16 row-major, the weight in the
+//                                                          int4 format of docs/design.md §7
+//
+// CUTLASS converts only its A operand in registers and its TMA epilogue does not transpose, so the
+// product is computed transposed, out^T = dq(W) @ x^T: CUTLASS's (M, N, K) is (weight rows, rows of
+// the expert, K); A = the codes [N_w, K] (K-major), B = x's rows (K-major), D = out^T column-major,
+// which is out row-major.
+//
+// Numerics: the mainloop's "convert, scale and add the zero" runs in fp32 here (scale and zero in
+// fp32): code u (exact in fp32) * s + (-z * s) is exactly (u - z) * s (|u - z| <= 15 times an 8-bit
+// mantissa fits in fp32, so each step and the sum are exact whether or not the compiler fuses them),
+// then one round-to-nearest-even to bf16: exactly quant.dequantize_int4's bf16 weight. (With bf16
+// scale and zero CUTLASS would round u * s and then the sum: two roundings.) The codes are read as
+// stored (uint4, element 2j in the low nibble of byte j, which is CUTLASS's subbyte order); the scales
+// and zero points are turned per call into [E, K/128, N_w] fp32 s and -z * s (TMA wants them N-major),
+// a small kernel in the same stream.
+//
+// Included only by grouped_gemm_int4_sm90_{none,swiglu}.cu (one instantiation each).
+#pragma once
+
+#include "grouped_gemm/grouped_gemm_sm90.cuh"
+
+// uint4 -> fp32, 8 codes per 32-bit word, for the mainloop's conversion (CUTLASS has a fast converter
+// for int4b_t -> float but not for uint4b_t; its generic one converts element by element). Code j of
+// a word: (w & (0xF << 4j)) | 0x4B000000 is the float 2^23 + u * 16^j, exact; one FMA by 16^-j, minus
+// 2^23 * 16^-j, leaves u exactly.
+namespace cutlass {
+template <FloatRoundStyle Round, int N>
+struct NumericArrayConverter<float, cutlass::uint4b_t, N, Round> {
+  using result_type = Array<float, N>;
+  using source_type = Array<cutlass::uint4b_t, N>;
+  static FloatRoundStyle const round_style = Round;
+
+  CUTLASS_DEVICE static void convert_nibbles4(uint32_t word, float* out) {
+    constexpr float kScale[4] = {1.f, 1.f / 16.f, 1.f / 256.f, 1.f / 4096.f};
+    constexpr float kOffset[4] = {-8388608.f, -524288.f, -32768.f, -2048.f};
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t bits = (word & (0xFu << (4 * j))) | 0x4B000000u;
+      out[j] = __fmaf_rn(__uint_as_float(bits), kScale[j], kOffset[j]);
+    }
+  }
+
+  CUTLASS_DEVICE static result_type convert(source_type const& source) {
+    result_type result;
+    if constexpr (N % 8 == 0) {
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(&source);
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = 0; w < N / 8; ++w) {
+        convert_nibbles4(words[w], &result[8 * w]);
+        convert_nibbles4(words[w] >> 16, &result[8 * w + 4]);
+      }
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < N; ++i) result[i] = static_cast<float>(static_cast<int>(source[i]));
+    }
+    return result;
+  }
+
+  CUTLASS_DEVICE result_type operator()(source_type const& s) const { return convert(s); }
+};
+}  // namespace cutlass
+
+namespace dots1 {
+namespace sm90 {
+
+using namespace cute;
+
+// Cooperative 128 (weight rows) x 128 (rows of x) x 64 (k) tiles: the two consumer warpgroups take
+// 64 weight rows each and convert them once per k block for all 128 activation rows.
+struct Int4Cooperative128x128 {
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+  using TileShape = Shape<_128, _128, _64>;
+  using ClusterShape = Shape<_1, _1, _1>;
+};
+
+// The SwiGLU epilogue of the transposed product: accumulator rows are weight rows, in 16-row blocks
+// [8 gate | 8 up] (the interleaved layout). wgmma gives each thread rows r and r + 8 of every 16-row
+// block, i.e. gate and up of one feature, for two adjacent activation rows: silu(gate) * up goes from
+// registers to global memory (one bf16 per store: the out row of each activation row is elsewhere).
+// No shared memory, no source.
+template <typename Element>
+class SwiGLUInterleavedTransposedEpilogue {
+ public:
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
+  using DispatchPolicy = EpilogueSchedule;
+  using ThreadEpilogueOp = cutlass::epilogue::thread::LinearCombination<Element, 1, float, float>;
+  using ElementAccumulator = float;
+  using ElementC = Element;
+  using ElementD = Element;
+  using StrideC = cutlass::detail::TagToStrideC_t<cutlass::layout::ColumnMajor*>;  // out^T: (1, ld, 0)
+  using StrideD = StrideC;
+  using InternalStrideC = cute::remove_pointer_t<StrideC>;
+  using InternalStrideD = cute::remove_pointer_t<StrideD>;
+  using GmemTiledCopyC = void;
+  using GmemTiledCopyD = void;
+  struct SharedStorage {};
+  using TensorMapStorage = SharedStorage;
+
+  struct Arguments {
+    Element** ptr_D = nullptr;  // per group: its first output row
+    StrideD dD = nullptr;       // per group: (1, N_w/2, 0)
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&, int) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const& args) {
+    return args.ptr_D != nullptr && args.dD != nullptr;
+  }
+
+  CUTLASS_HOST_DEVICE explicit SwiGLUInterleavedTransposedEpilogue(Params const& params) : params_(params) {}
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
+            class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_mnk,
+                                 BlockCoordMNKL blk_coord_mnkl, cute::Tensor<FrgEngine, FrgLayout> const& acc,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    // Fragment of one wgmma tile: ((2 adjacent columns, 2 rows 8 apart, N/8 column blocks), MMA_M,
+    // MMA_N); rows 8 apart are gate (r = 0) and up (r = 1) of one feature.
+    static_assert(is_static<FrgLayout>::value, "accumulator layout must be static");
+    static_assert(rank<0>(FrgLayout{}) == 3 && size<0, 0>(FrgLayout{}) == 2 && size<0, 1>(FrgLayout{}) == 2,
+                  "expected the sm90 wgmma accumulator layout");
+    static_assert(size<0>(BlockShapeMNK{}) % 16 == 0, "tile M must hold whole [8 gate | 8 up] row blocks");
+
+    const int M = get<0>(problem_shape_mnkl);  // gate + up rows; a multiple of 16
+    const int N = get<1>(problem_shape_mnkl);  // rows of x of this expert
+    const auto l = get<3>(blk_coord_mnkl);
+    Element* d = params_.ptr_D[l];
+    const int64_t ldd = get<1>(params_.dD[l]);
+
+    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_mnk),
+                               make_coord(get<0>(blk_coord_mnkl), get<1>(blk_coord_mnkl)));
+    Tensor thr_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
+    CUTE_STATIC_ASSERT_V(size(thr_coords) == size(acc));
+
+    CUTLASS_PRAGMA_UNROLL
+    for (int mi = 0; mi < size<1>(FrgLayout{}); ++mi) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int ni = 0; ni < size<2>(FrgLayout{}); ++ni) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int b = 0; b < size<0, 2>(FrgLayout{}); ++b) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            const auto gate = make_coord(make_coord(c, 0, b), mi, ni);
+            const auto up = make_coord(make_coord(c, 1, b), mi, ni);
+            const int m = get<0>(thr_coords(gate));  // m % 16 < 8: a gate row
+            const int n = get<1>(thr_coords(gate));
+            if (m < M && n < N) {
+              const int64_t feature = static_cast<int64_t>(m >> 4) * 8 + (m & 7);
+              d[n * ldd + feature] = static_cast<Element>(silu(acc(gate)) * acc(up));
+            }
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  CUTLASS_DEVICE static float silu(float g) { return g / (1.0f + __expf(-g)); }
+  Params params_;
+};
+
+template <class Config, bool kSwiGLU>
+struct Int4EpilogueFor;
+
+template <class Config>
+struct Int4EpilogueFor<Config, false> {
+  using Element = cutlass::bfloat16_t;
+  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
+  using CollectiveOp = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape, typename Config::ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
+      void, cutlass::layout::ColumnMajor*, kAlign,  // no source C; D = out^T, column-major
+      Element, cutlass::layout::ColumnMajor*, kAlign, typename Config::EpilogueSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+};
+
+template <class Config>
+struct Int4EpilogueFor<Config, true> {
+  using CollectiveOp = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+      SwiGLUInterleavedTransposedEpilogue<cutlass::bfloat16_t>>;
+};
+
+template <class Config, bool kSwiGLU>
+struct GroupedGemmInt4 {
+  using Element = cutlass::bfloat16_t;         // activations and output
+  using ElementCode = cutlass::uint4b_t;       // the stored codes u in [0, 15]
+  using ElementScale = float;                  // s, and the zero term -z * s: fp32 for the exact product
+  using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (N_w, rows_e, K)
+  using UnderlyingShape = typename ProblemShape::UnderlyingProblemShape;
+  using LayoutW = cutlass::layout::RowMajor;     // A = the codes [N_w, K], K contiguous
+  using LayoutX = cutlass::layout::ColumnMajor;  // B = x's rows [rows_e, K], K contiguous
+  static constexpr int kAlignW = 128 / cutlass::sizeof_bits<ElementCode>::value;  // 32 codes = 16 bytes
+  static constexpr int kAlignX = 128 / cutlass::sizeof_bits<Element>::value;
+
+  using CollectiveEpilogue = typename Int4EpilogueFor<Config, kSwiGLU>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<ElementCode, ElementScale, ElementScale>,
+      LayoutW*, kAlignW, Element, LayoutX*, kAlignX, float, typename Config::TileShape, typename Config::ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      typename Config::KernelSchedule>::CollectiveOp;
+  static_assert(CollectiveMainloop::KernelConversionMode ==
+                    CollectiveMainloop::ConversionMode::ConvertAndScaleWithZero,
+                "expected the scale-and-zero conversion");
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  using StrideW = typename Kernel::InternalStrideA;
+  using StrideX = typename Kernel::InternalStrideB;
+  using StrideD = typename Kernel::InternalStrideD;
+  using StrideScale = typename CollectiveMainloop::StrideScale;
+  static_assert(cute::is_same_v<cute::remove_cvref_t<decltype(get<1>(StrideW{}))>, _1>);
+  static_assert(cute::is_same_v<cute::remove_cvref_t<decltype(get<1>(StrideX{}))>, _1>);
+  static_assert(cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideD{}))>, _1>);
+
+  // Argument arrays, then the fp32 scales and zero terms [E, K/128, N_w], then CUTLASS's workspace;
+  // each 256-byte aligned.
+  struct Layout {
+    size_t shapes, ptr_w, ptr_x, ptr_s, ptr_z, ptr_d, stride_w, stride_x, stride_s, stride_d, scales, zeros, cutlass,
+        total;
+  };
+  static size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
+  static Layout layout(int64_t E, int64_t scale_elements, size_t cutlass_bytes) {
+    Layout l{};
+    size_t at = 0;
+    auto take = [&](size_t bytes) {
+      const size_t here = at;
+      at = align_up(at + bytes);
+      return here;
+    };
+    l.shapes = take(E * sizeof(UnderlyingShape));
+    l.ptr_w = take(E * sizeof(void*));
+    l.ptr_x = take(E * sizeof(void*));
+    l.ptr_s = take(E * sizeof(void*));
+    l.ptr_z = take(E * sizeof(void*));
+    l.ptr_d = take(E * sizeof(void*));
+    l.stride_w = take(E * sizeof(StrideW));
+    l.stride_x = take(E * sizeof(StrideX));
+    l.stride_s = take(E * sizeof(StrideScale));
+    l.stride_d = take(E * sizeof(StrideD));
+    l.scales = take(scale_elements * sizeof(float));
+    l.zeros = take(scale_elements * sizeof(float));
+    l.cutlass = take(cutlass_bytes);
+    l.total = at;
+    return l;
+  }
+
+  static typename Gemm::Arguments arguments(int64_t E, const Layout& l, char* ws, int sm_count) {
+    cutlass::KernelHardwareInfo hw_info;
+    hw_info.device_id = 0;  // only informative: sm_count is given
+    hw_info.sm_count = sm_count;
+    typename Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    // Device-only problem shapes: no host read of the offsets (CUDA-graph capturable).
+    args.problem_shape = {static_cast<int>(E), reinterpret_cast<UnderlyingShape*>(ws + l.shapes), nullptr};
+    args.mainloop.ptr_A = reinterpret_cast<const ElementCode**>(ws + l.ptr_w);
+    args.mainloop.dA = reinterpret_cast<StrideW*>(ws + l.stride_w);
+    args.mainloop.ptr_B = reinterpret_cast<const Element**>(ws + l.ptr_x);
+    args.mainloop.dB = reinterpret_cast<StrideX*>(ws + l.stride_x);
+    args.mainloop.ptr_S = reinterpret_cast<const ElementScale**>(ws + l.ptr_s);
+    args.mainloop.dS = reinterpret_cast<const StrideScale*>(ws + l.stride_s);
+    args.mainloop.chunk_size = kInt4GroupK;
+    args.mainloop.ptr_Z = reinterpret_cast<const ElementScale**>(ws + l.ptr_z);
+    if constexpr (kSwiGLU) {
+      args.epilogue = {reinterpret_cast<Element**>(ws + l.ptr_d), reinterpret_cast<StrideD*>(ws + l.stride_d)};
+    } else {
+      decltype(args.epilogue.thread) fusion{};
+      fusion.alpha = 1.0f;
+      fusion.beta = 0.0f;
+      args.epilogue = {fusion, nullptr, nullptr, reinterpret_cast<Element**>(ws + l.ptr_d),
+                       reinterpret_cast<StrideD*>(ws + l.stride_d)};
+    }
+    args.hw_info = hw_info;
+    return args;
+  }
+
+  static size_t workspace_bytes(int64_t E, int64_t N, int64_t K, int sm_count) {
+    const int64_t scale_elements = E * N * (K / kInt4GroupK);
+    const Layout probe = layout(E, scale_elements, 0);
+    const size_t cutlass_bytes = Gemm::get_workspace_size(arguments(E, probe, nullptr, sm_count));
+    return layout(E, scale_elements, cutlass_bytes).total;
+  }
+};
+
+// scales [E, N, G] bf16, zeros [E, N, G] uint8 or null (zero point 8) -> scales_t [E, G, N] fp32 = s
+// and zeros_t [E, G, N] fp32 = -z * s (exact). One thread per weight row: it reads its row's G
+// groups in order (cache lines reused through L1) and writes each with its neighbours' (coalesced).
+template <typename ScaleIn>
+__global__ void int4_scales_transpose_kernel(const ScaleIn* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                                             int64_t E, int64_t N, int64_t G, float* __restrict__ scales_t,
+                                             float* __restrict__ zeros_t) {
+  const int64_t rows = E * N;
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = r / N, n = r - e * N;
+    for (int64_t g = 0; g < G; ++g) {
+      const float s = static_cast<float>(scales[r * G + g]);
+      const float z = zeros ? static_cast<float>(zeros[r * G + g]) : 8.0f;
+      const int64_t at = (e * G + g) * N + n;
+      scales_t[at] = s;
+      zeros_t[at] = -(z * s);
+    }
+  }
+}
+
+// Group e's problem (N_w, M_e, K), pointers and strides from the offsets (clamped into [0, S], so no
+// group reaches outside x or out).
+template <class G>
+__global__ void build_int4_group_arguments_kernel(
+    const int32_t* __restrict__ offsets, int64_t S, int64_t E, int N_w, int K, int N_out,
+    const cutlass::bfloat16_t* x, const uint8_t* qweight, const float* scales_t, const float* zeros_t,
+    cutlass::bfloat16_t* out, typename G::UnderlyingShape* shapes, const typename G::ElementCode** ptr_w,
+    const cutlass::bfloat16_t** ptr_x, const float** ptr_s, const float** ptr_z, cutlass::bfloat16_t** ptr_d,
+    typename G::StrideW* stride_w, typename G::StrideX* stride_x, typename G::StrideScale* stride_s,
+    typename G::StrideD* stride_d) {
+  const int64_t groups = K / kInt4GroupK;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < E;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t lo = min(max(static_cast<int64_t>(offsets[e]), int64_t{0}), S);
+    const int64_t hi = min(max(static_cast<int64_t>(offsets[e + 1]), lo), S);
+    shapes[e] = typename G::UnderlyingShape(N_w, static_cast<int>(hi - lo), K);
+    ptr_w[e] = reinterpret_cast<const typename G::ElementCode*>(qweight + e * static_cast<int64_t>(N_w) * (K / 2));
+    ptr_x[e] = x + lo * K;
+    ptr_s[e] = scales_t + e * groups * N_w;
+    ptr_z[e] = zeros_t + e * groups * N_w;
+    ptr_d[e] = out + lo * N_out;
+    typename G::StrideW sw{};
+    typename G::StrideX sx{};
+    typename G::StrideScale ss{};
+    typename G::StrideD sd{};
+    get<0>(sw) = K;
+    get<0>(sx) = K;
+    get<1>(ss) = N_w;
+    get<2>(ss) = groups * N_w;
+    get<1>(sd) = N_out;
+    stride_w[e] = sw;
+    stride_x[e] = sx;
+    stride_s[e] = ss;
+    stride_d[e] = sd;
+  }
+}
+
+template <class Config, bool kSwiGLU>
+size_t int4_workspace_bytes(int64_t E, int64_t N, int64_t K, int sm_count) {
+  return GroupedGemmInt4<Config, kSwiGLU>::workspace_bytes(E, N, K, sm_count);
+}
+
+template <class Config, bool kSwiGLU>
+cudaError_t run_int4(const void* x, const uint8_t* qweight, const void* scales, const uint8_t* zeros,
+                     const int32_t* expert_offsets, void* out, int64_t S, int64_t E, int64_t N, int64_t K,
+                     void* workspace, size_t workspace_bytes_given, int sm_count, cudaStream_t stream) {
+  using G = GroupedGemmInt4<Config, kSwiGLU>;
+  if (E == 0 || S == 0) return cudaSuccess;
+  if ((kSwiGLU && N % 16 != 0) || N % 8 != 0 || K % kInt4GroupK != 0 || N > INT32_MAX || K > INT32_MAX ||
+      S > INT32_MAX)
+    return cudaErrorInvalidValue;
+  const int64_t groups = K / kInt4GroupK;
+  const int64_t scale_elements = E * N * groups;
+  char* ws = static_cast<char*>(workspace);
+  typename G::Layout l = G::layout(E, scale_elements, 0);
+  typename G::Gemm::Arguments args = G::arguments(E, l, ws, sm_count);
+  l = G::layout(E, scale_elements, G::Gemm::get_workspace_size(args));
+  if (workspace_bytes_given < l.total || reinterpret_cast<uintptr_t>(workspace) % 256 != 0)
+    return cudaErrorInvalidValue;
+  args = G::arguments(E, l, ws, sm_count);
+
+  auto* scales_t = reinterpret_cast<float*>(ws + l.scales);
+  auto* zeros_t = reinterpret_cast<float*>(ws + l.zeros);
+  const int threads = 256;
+  const unsigned scale_blocks = static_cast<unsigned>(std::min<int64_t>((E * N + threads - 1) / threads, 4096));
+  int4_scales_transpose_kernel<cutlass::bfloat16_t><<<scale_blocks, threads, 0, stream>>>(
+      static_cast<const cutlass::bfloat16_t*>(scales), zeros, E, N, groups, scales_t, zeros_t);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((E + 127) / 128, 1024));
+  build_int4_group_arguments_kernel<G><<<blocks, 128, 0, stream>>>(
+      expert_offsets, S, E, static_cast<int>(N), static_cast<int>(K), static_cast<int>(kSwiGLU ? N / 2 : N),
+      static_cast<const cutlass::bfloat16_t*>(x), qweight, scales_t, zeros_t, static_cast<cutlass::bfloat16_t*>(out),
+      reinterpret_cast<typename G::UnderlyingShape*>(ws + l.shapes),
+      reinterpret_cast<const typename G::ElementCode**>(ws + l.ptr_w),
+      reinterpret_cast<const cutlass::bfloat16_t**>(ws + l.ptr_x), reinterpret_cast<const float**>(ws + l.ptr_s),
+      reinterpret_cast<const float**>(ws + l.ptr_z), reinterpret_cast<cutlass::bfloat16_t**>(ws + l.ptr_d),
+      reinterpret_cast<typename G::StrideW*>(ws + l.stride_w), reinterpret_cast<typename G::StrideX*>(ws + l.stride_x),
+      reinterpret_cast<typename G::StrideScale*>(ws + l.stride_s),
+      reinterpret_cast<typename G::StrideD*>(ws + l.stride_d));
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  typename G::Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  if (gemm.initialize(args, ws + l.cutlass, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorUnknown;
+  }
+  return cudaGetLastError();
+}
+
+template <class Config, bool kSwiGLU>
+int int4_binary_version() {
+  using G = GroupedGemmInt4<Config, kSwiGLU>;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, cutlass::device_kernel<typename G::Kernel>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return attr.binaryVersion;
+}
+
+}  // namespace sm90
+}  // namespace dots1
+
+#define DOTS1_SM90_INT4_INSTANTIATE(Config, kSwiGLU)                                                          \
+  template size_t dots1::sm90::int4_workspace_bytes<dots1::sm90::Config, kSwiGLU>(int64_t, int64_t, int64_t,  \
+                                                                                  int);                      \
+  template int dots1::sm90::int4_binary_version<dots1::sm90::Config, kSwiGLU>();                             \
+  template cudaError_t dots1::sm90::run_int4<dots1::sm90::Config, kSwiGLU>(                                   \
+      const void*, const uint8_t*, const void*, const uint8_t*, const int32_t*, void*, int64_t, int64_t, int64_t, \
+      int64_t, void*, size_t, int, cudaStream_t);

@@ -1,0 +1,175 @@
+"""MoE decode with int4 routed experts (W4A16): :func:`moe_decode_int4_gate_up` and
+:func:`moe_decode_int4_down` are :mod:`dots1_ext.ops.moe_decode`'s two ops with the routed weights in
+the int4 format of :mod:`dots1_ext.quant` (docs/design.md §7): ``qweight [E, N, K/2]`` uint8 (code 2j
+in the low nibble of byte j), ``scales [E, N, K/128]`` bf16, ``zeros [E, N, K/128]`` uint8 or None
+(symmetric, zero point 8); K (H for gate_up, I for down) a multiple of 128. The shared experts and the
+activations stay in the model dtype.
+
+Semantics: exactly the bf16 ops on the dequantized weights, each element ``(u - z) * s`` rounded once
+to the activations' dtype (``quant.dequantize_int4``); every other rule (fp32 accumulation, rounding
+once, the fixed combine order, NaN poison for ids outside [0, E), ``check_ids``, chunking above 64
+tokens, bitwise reproducibility) is the bf16 ops'.
+
+Kernels: csrc/moe_decode/ (the same persistent kernels and schedule; the routed rows are streamed as
+packed bytes, one 128-k group per warp step, and dequantized in registers). bf16 activations run the
+tensor-core kernels; fp16 / fp32 activations (correct, not fast) and ``DOTS1_EXT_MOE_DECODE_KERNEL=simple``
+run the fallback kernels. CPU: each touched expert dequantized once, then the bf16 ops' CPU math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dots1_ext import reference
+from dots1_ext.ops import _checks as C
+from dots1_ext.ops._lib import fill_with_reference, op
+from dots1_ext.ops.moe_decode import EPILOGUES, _check_int32, _check_weight_layout
+
+GROUP_SIZE = 128  # the int4 format's group along K (dots1_ext.quant.GROUP_SIZE; csrc kGroupK)
+
+
+def _check_int4_weight(what: str, qweight, scales, zeros, ref, ref_name: str) -> tuple[int, int, int]:
+    """Mirrors csrc/moe_decode/moe_decode.cpp check_int4_weight. Returns (E, N, K)."""
+    qn, sn, zn = f"{what}_qweight", f"{what}_scales", f"{what}_zeros"
+    C.check_dtype(qweight, qn, (torch.uint8,))
+    C.check_shape(qweight, qn, (None, None, None))
+    C.check_same_device(qweight, qn, ref, ref_name)
+    E, N, K = qweight.shape[0], qweight.shape[1], 2 * qweight.shape[2]
+    if K <= 0 or K % GROUP_SIZE:
+        raise ValueError(f"dots1_ext: {qn}: the reduction dimension K = 2 x {qweight.shape[2]} = {K} must be a "
+                         f"positive multiple of the int4 group size {GROUP_SIZE}")
+    _check_weight_layout(qweight, qn, "[E, N, K/2] uint8, two codes per byte")
+    C.check_dtype(scales, sn, (torch.bfloat16,))
+    C.check_shape(scales, sn, (E, N, K // GROUP_SIZE))
+    C.check_same_device(scales, sn, ref, ref_name)
+    if not scales.is_contiguous():
+        raise ValueError(f"dots1_ext: {sn} must be contiguous, got strides {tuple(scales.stride())}")
+    if zeros is not None:
+        C.check_dtype(zeros, zn, (torch.uint8,))
+        C.check_shape(zeros, zn, (E, N, K // GROUP_SIZE))
+        C.check_same_device(zeros, zn, ref, ref_name)
+        if not zeros.is_contiguous():
+            raise ValueError(f"dots1_ext: {zn} must be contiguous, got strides {tuple(zeros.stride())}")
+    return E, N, K
+
+
+def _check_gate_up(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, epilogue):
+    C.check_dtype(hidden, "hidden", C.FLOAT_DTYPES)
+    C.check_shape(hidden, "hidden", (None, None))
+    T, H = hidden.shape
+    E, N, K = _check_int4_weight("gate_up", qweight, scales, zeros, hidden, "hidden")
+    if K != H:
+        raise ValueError(f"dots1_ext: gate_up_qweight must have shape [E, 2I, H/2] = [E, 2I, {H // 2}] (H = {H} from "
+                         f"hidden), got {list(qweight.shape)}")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"dots1_ext: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if N % 2:
+        raise ValueError(f"dots1_ext: gate_up_qweight.shape[1] (gate + up rows, 2I) must be even, got {N}")
+    if epilogue == "swiglu_interleaved" and N % 16:
+        raise ValueError(
+            "dots1_ext: epilogue 'swiglu_interleaved' needs gate_up_qweight.shape[1] (2I) to be a multiple of 16 "
+            f"(whole [8 gate | 8 up] blocks), got {N}"
+        )
+    C.check_dtype(topk_ids, "topk_ids", (torch.int32,))
+    C.check_shape(topk_ids, "topk_ids", (T, None))
+    C.check_same_device(topk_ids, "topk_ids", hidden, "hidden")
+    if shared_gate_up is not None:
+        C.check_dtype(shared_gate_up, "shared_gate_up", (hidden.dtype,))
+        C.check_shape(shared_gate_up, "shared_gate_up", (None, H))
+        C.check_same_device(shared_gate_up, "shared_gate_up", hidden, "hidden")
+        if shared_gate_up.shape[0] % 2:
+            raise ValueError(
+                "dots1_ext: shared_gate_up.shape[0] (gate rows then up rows, 2Is) must be even, got "
+                f"{shared_gate_up.shape[0]}"
+            )
+        _check_weight_layout(shared_gate_up, "shared_gate_up", "[2Is, H] with H contiguous")
+    _check_int32(T, topk_ids.shape[1], E)
+
+
+def _check_down(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual):
+    C.check_dtype(act, "act", C.FLOAT_DTYPES)
+    C.check_shape(act, "act", (None, None))
+    T = act.shape[0]
+    E, H, inter = _check_int4_weight("down", qweight, scales, zeros, act, "act")
+    C.check_dtype(topk_ids, "topk_ids", (torch.int32,))
+    C.check_shape(topk_ids, "topk_ids", (T, None))
+    C.check_same_device(topk_ids, "topk_ids", act, "act")
+    k = topk_ids.shape[1]
+    C.check_dtype(topk_weights, "topk_weights", (torch.float32,))
+    C.check_shape(topk_weights, "topk_weights", (T, k))
+    C.check_same_device(topk_weights, "topk_weights", act, "act")
+    shared = 0
+    if shared_down is not None:
+        C.check_dtype(shared_down, "shared_down", (act.dtype,))
+        C.check_shape(shared_down, "shared_down", (H, None))
+        C.check_same_device(shared_down, "shared_down", act, "act")
+        _check_weight_layout(shared_down, "shared_down", "[H, Is] with Is contiguous")
+        shared = shared_down.shape[1]
+    if act.shape[1] != k * inter + shared:
+        raise ValueError(
+            f"dots1_ext: act must have shape [T, k*I + Is] = [{T}, {k * inter + shared}] (k={k} from topk_ids, "
+            f"I={inter} from down_qweight, Is={shared} from shared_down), got {list(act.shape)}"
+        )
+    if residual is not None:
+        C.check_dtype(residual, "residual", (act.dtype,))
+        C.check_shape(residual, "residual", (T, H))
+        C.check_same_device(residual, "residual", act, "act")
+    _check_int32(T, k, E)
+
+
+fill_with_reference("moe_decode_int4_gate_up", reference.moe_decode_int4_gate_up, _check_gate_up)
+fill_with_reference("moe_decode_int4_down", reference.moe_decode_int4_down, _check_down)
+
+
+@torch.library.register_fake("dots1_ext::moe_decode_int4_gate_up")
+def _moe_decode_int4_gate_up_fake(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, epilogue):
+    _check_gate_up(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, epilogue)
+    shared = shared_gate_up.shape[0] // 2 if shared_gate_up is not None else 0
+    return hidden.new_empty(hidden.shape[0], topk_ids.shape[1] * (qweight.shape[1] // 2) + shared)
+
+
+@torch.library.register_fake("dots1_ext::moe_decode_int4_down")
+def _moe_decode_int4_down_fake(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual):
+    _check_down(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual)
+    return act.new_empty(act.shape[0], qweight.shape[1])
+
+
+def moe_decode_int4_gate_up(
+    hidden: torch.Tensor,
+    gate_up_qweight: torch.Tensor,
+    gate_up_scales: torch.Tensor,
+    gate_up_zeros: torch.Tensor | None,
+    topk_ids: torch.Tensor,
+    shared_gate_up: torch.Tensor | None = None,
+    epilogue: str = "swiglu_interleaved",
+    check_ids: bool = False,
+) -> torch.Tensor:
+    """:func:`dots1_ext.ops.moe_decode_gate_up` with the routed ``gate_up`` [E, 2I, H] in the int4 format:
+    ``gate_up_qweight`` [E, 2I, H/2] uint8 (contiguous, 16-byte aligned: never copied per call),
+    ``gate_up_scales`` [E, 2I, H/128] bf16, ``gate_up_zeros`` [E, 2I, H/128] uint8 or None (symmetric);
+    rows in the HF order (``"swiglu"``) or interleaved (``"swiglu_interleaved"``, the three tensors'
+    rows permuted alike). H % 128 == 0. Returns act [T, k*I + Is] in hidden's dtype."""
+    if check_ids:
+        C.check_index_range(topk_ids, "topk_ids", gate_up_qweight.shape[0], "experts of gate_up_qweight")
+    return op("moe_decode_int4_gate_up")(hidden, gate_up_qweight, gate_up_scales, gate_up_zeros, topk_ids,
+                                         shared_gate_up, epilogue)
+
+
+def moe_decode_int4_down(
+    act: torch.Tensor,
+    down_qweight: torch.Tensor,
+    down_scales: torch.Tensor,
+    down_zeros: torch.Tensor | None,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    shared_down: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    check_ids: bool = False,
+) -> torch.Tensor:
+    """:func:`dots1_ext.ops.moe_decode_down` with the routed ``down`` [E, H, I] in the int4 format
+    (``down_qweight`` [E, H, I/2], ``down_scales`` / ``down_zeros`` [E, H, I/128]; I % 128 == 0).
+    Returns out [T, H] in act's dtype."""
+    if check_ids:
+        C.check_index_range(topk_ids, "topk_ids", down_qweight.shape[0], "experts of down_qweight")
+    return op("moe_decode_int4_down")(act, down_qweight, down_scales, down_zeros, topk_ids, topk_weights,
+                                      shared_down, residual)

@@ -1,0 +1,156 @@
+"""Runs every CUDA kernel path of the int4 MoE decode ops once on small shapes, for compute-sanitizer.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck  python tests/sanitize_moe_decode_int4.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck python tests/sanitize_moe_decode_int4.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck python tests/sanitize_moe_decode_int4.py --small
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool synccheck python tests/sanitize_moe_decode_int4.py --small
+
+Paths: the tensor-core kernels with int4 routed experts (bf16; asymmetric and symmetric; gate_up rows in
+the HF and interleaved layouts; with and without shared experts and residual; T = 1, 16, 64 and 65 (two
+launches); one expert taking every pair (several items side by side); 512 distinct experts; 1, 2 and 4
+n-tiles; the last expert's last rows (memcheck sees a read past qweight / scales / zeros); many down
+items per warp (items cut by warp boundaries); bad ids), and the fallback kernels (fp16, fp32,
+DOTS1_EXT_MOE_DECODE_KERNEL=simple, shared experts' Is not a multiple of 8). Exits non-zero if an output
+disagrees with the reference on the dequantized weights, so it doubles as a quick smoke test.
+
+``--small`` (or DOTS1_SANITIZE_SMALL=1, which bench/gpu_check.sh sets) runs a minimal set for the slow
+tools (racecheck / synccheck): bf16, one case per kernel variant and schedule shape, and the fp32 fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from dots1_ext import reference
+from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_gate_up
+from dots1_ext.quant import Int4Weight, dequantize_int4, quantize_int4
+
+failures: list[str] = []
+ROW_RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
+
+
+def check(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    o, r = out.double().reshape(-1, out.shape[-1]), ref.to(dtype).double().reshape(-1, ref.shape[-1])
+    if not torch.equal(torch.isnan(o), torch.isnan(r)):
+        failures.append(f"{name}: NaN (poison) pattern differs from the reference")
+        return
+    o, r = o.nan_to_num(), r.nan_to_num()
+    if not torch.isfinite(o).all():
+        failures.append(f"{name}: non-finite values")
+        return
+    if o.numel() == 0:
+        return
+    err = (o - r).abs().amax(dim=1)
+    bound = ROW_RTOL[dtype] * r.abs().amax(dim=1)
+    if (err > bound).any():
+        worst = float((err / bound.clamp_min(1e-30)).max())
+        failures.append(f"{name}: {int((err > bound).sum())} rows off (worst {worst:.2f}x)")
+
+
+def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual=True, ids=None, symmetric=False):
+    g = quantize_int4(torch.randn(E, 2 * I, H, device="cuda") / H**0.5, symmetric=symmetric)
+    if epilogue == "swiglu_interleaved":
+        g = Int4Weight(*(None if t is None else reference.interleave_gate_up(t)
+                         for t in (g.qweight, g.scales, g.zeros)))
+    d = quantize_int4(torch.randn(E, H, I, device="cuda") / I**0.5, symmetric=symmetric)
+    sg = (torch.randn(2 * Is, H, device="cuda") / H**0.5).to(dtype) if Is else None
+    sd = (torch.randn(H, Is, device="cuda") / Is**0.5).to(dtype) if Is else None
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    if ids is None:
+        ids = torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
+        ids[-1, -1] = E - 1  # the last expert's rows: the end of every weight tensor
+    ids = ids.cuda()
+    weights = torch.rand(T, k, device="cuda") + 0.1
+    res = torch.randn(T, H, device="cuda").to(dtype) if residual else None
+    act = moe_decode_int4_gate_up(hidden, g.qweight, g.scales, g.zeros, ids, sg, epilogue)
+    out = moe_decode_int4_down(act, d.qweight, d.scales, d.zeros, ids, weights, sd, res)
+    gu, dn = dequantize_int4(g, dtype).float(), dequantize_int4(d, dtype).float()
+    ref_act = reference.moe_decode_gate_up(hidden.float(), gu, ids, sg.float() if Is else None, epilogue)
+    ref_out = reference.moe_decode_down(act.float(), dn, ids, weights, sd.float() if Is else None,
+                                        res.float() if residual else None)
+    check(f"{name} act", act, ref_act, dtype)
+    check(f"{name} out", out, ref_out, dtype)
+
+
+def small() -> bool:
+    return "--small" in sys.argv[1:] or os.environ.get("DOTS1_SANITIZE_SMALL", "") not in ("", "0")
+
+
+def with_env(name: str, value: str, fn) -> None:
+    os.environ[name] = value
+    try:
+        fn()
+    finally:
+        del os.environ[name]
+
+
+def bad_ids(T: int, E: int, k: int) -> torch.Tensor:
+    ids = torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
+    ids[1, 2], ids[3, 0], ids[5, 1] = -1, E, 2**30
+    if T > 40:
+        ids[40, 0], ids[T - 1, k - 1] = -(2**31), E + 1
+    return ids
+
+
+def run_small() -> None:
+    bf = torch.bfloat16
+    case("small int4 T=1", bf, 1, 24, 6, 256, 128, 128)
+    case("small int4 T=16 HF symmetric", bf, 16, 24, 6, 256, 128, 128, "swiglu", symmetric=True)
+    case("small int4 T=64 hot experts", bf, 64, 24, 6, 128, 128, 128)
+    case("small int4 T=64 one expert", bf, 64, 8, 6, 128, 128, 32, ids=torch.full((64, 6), 3, dtype=torch.int32))
+    case("small int4 T=64 512 distinct", bf, 64, 512, 8, 128, 128, 16, ids=torch.randperm(512).view(64, 8).int())
+    case("small int4 T=64 bad ids", bf, 64, 10, 3, 128, 128, 32, ids=bad_ids(64, 10, 3))
+    with_env("DOTS1_EXT_MOE_DECODE_NT", "4", lambda: case("small int4 NT=4 T=64", bf, 64, 24, 6, 128, 128, 128))
+    case("small int4 no shared / residual", bf, 5, 16, 4, 128, 128, 0, residual=False)
+    case("small simple fp32", torch.float32, 5, 12, 3, 128, 128, 48)
+
+
+def run_full() -> None:
+    bf = torch.bfloat16
+    for symmetric in (False, True):
+        for epilogue in ("swiglu", "swiglu_interleaved"):
+            for T in (1, 16, 17, 64, 65):
+                case(f"int4 sym={symmetric} {epilogue} T={T}", bf, T, 24, 6, 256, 128, 128, epilogue,
+                     symmetric=symmetric)
+    case("int4 no shared / residual", bf, 5, 16, 4, 128, 128, 0, residual=False)
+    case("int4 one expert T=16", bf, 16, 8, 6, 128, 128, 32, ids=torch.full((16, 6), 3, dtype=torch.int32))
+    case("int4 one expert T=64", bf, 64, 8, 6, 128, 128, 32, ids=torch.full((64, 6), 3, dtype=torch.int32))
+    case("int4 512 distinct experts", bf, 64, 512, 8, 128, 128, 16, ids=torch.randperm(512).view(64, 8).int())
+    for nt in ("1", "2", "4"):
+        with_env("DOTS1_EXT_MOE_DECODE_NT", nt, lambda: case(f"int4 NT={nt} T=64", bf, 64, 24, 6, 128, 128, 128))
+    for T in (4, 64):
+        # Real I and Is on a narrow H: many gate_up tiles per CTA, ~70 (T=64: ~120) down items of 11 steps
+        # over 8 warps.
+        case(f"int4 many tiles T={T}", bf, T, 128, 6, 128, 1408, 2816)
+    case("int4 bad ids", bf, 6, 10, 3, 128, 128, 32, ids=bad_ids(6, 10, 3))
+    case("int4 bad ids T=64", bf, 64, 10, 3, 128, 128, 32, ids=bad_ids(64, 10, 3))
+    case("simple fp32", torch.float32, 5, 12, 3, 128, 128, 48)
+    case("simple fp16 symmetric", torch.float16, 5, 12, 3, 128, 128, 48, symmetric=True)
+    case("simple bf16 Is%8", bf, 5, 12, 3, 128, 128, 20, epilogue="swiglu")
+    case("simple bf16 k>512", bf, 2, 530, 520, 128, 128, 8)
+    with_env("DOTS1_EXT_MOE_DECODE_KERNEL", "simple", lambda: case("simple bf16 forced", bf, 6, 10, 3, 128, 128, 32,
+                                                                   ids=bad_ids(6, 10, 3)))
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("sanitize_moe_decode_int4: needs a CUDA GPU")
+        return 2
+    torch.manual_seed(0)
+    if small():
+        run_small()
+    else:
+        run_full()
+    torch.cuda.synchronize()
+    for f in failures:
+        print("MISMATCH", f)
+    print("sanitize_moe_decode_int4:", "small set" if small() else "full set", "ok" if not failures else
+          f"{len(failures)} mismatches")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""moe_decode_int4_gate_up / moe_decode_int4_down (int4 routed experts, W4A16) against the bf16 decode
+ops and the fp32 reference on the dequantized weights (dots1_ext.quant.dequantize_int4).
+
+The contract: exactly the bf16 ops on the dequantized weights (each element (u - z) * s rounded once
+to the activations' dtype). On the CPU the op dequantizes each touched expert and runs the bf16 ops'
+CPU math: bitwise equal to moe_decode_* on the dequantized weights. On CUDA the kernels dequantize in
+registers (the same values, exactly) and differ from the bf16 kernels only in fp32 summation order
+(one 128-k group per warp step instead of 32 k): per row within ROW_RTOL (two ulps at the row's largest
+value) of the fp32 reference computed from the dequantized weights, as the bf16 tests.
+
+CUDA paths: the tensor-core kernels (bf16; 1, 2 or 4 n-tiles; HF and interleaved gate_up rows;
+symmetric and asymmetric), the fallback kernels (fp16 / fp32, DOTS1_EXT_MOE_DECODE_KERNEL=simple, k
+past 512 pairs). Memory check: tests/sanitize_moe_decode_int4.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+import dots1_ext  # noqa: F401  (registers the ops)
+from dots1_ext import reference
+from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
+from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_gate_up
+from dots1_ext.quant import Int4Weight, dequantize_int4, quantize_int4
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import assert_rows_close, requires_cuda  # noqa: E402
+
+REAL = dict(E=128, k=6, H=4096, I=1408, Is=2816)
+
+
+class Int4Weights:
+    """Random experts quantized to int4 (gate_up's three tensors interleaved like the bf16 weight for
+    "swiglu_interleaved"), their dequantized copies in ``dtype`` (the reference's weights) and bf16
+    shared experts."""
+
+    def __init__(self, E, H, I, Is, dtype, device, epilogue="swiglu_interleaved", symmetric=False, scale=1.0):
+        self.E, self.H, self.I, self.Is, self.epilogue, self.dtype = E, H, I, Is, epilogue, dtype
+        g = quantize_int4(torch.randn(E, 2 * I, H, device=device) * (scale / H**0.5), symmetric=symmetric)
+        if epilogue == "swiglu_interleaved":
+            g = Int4Weight(*(None if t is None else reference.interleave_gate_up(t) for t in
+                             (g.qweight, g.scales, g.zeros)))
+        self.gate_up = g
+        self.down = quantize_int4(torch.randn(E, H, I, device=device) / max(I, 1) ** 0.5, symmetric=symmetric)
+        self.gate_up_dq = dequantize_int4(g, dtype)
+        self.down_dq = dequantize_int4(self.down, dtype)
+        self.shared_gate_up = (torch.randn(2 * Is, H, device=device) / H**0.5).to(dtype) if Is else None
+        self.shared_down = (torch.randn(H, Is, device=device) / Is**0.5).to(dtype) if Is else None
+
+    def gate_up_args(self):
+        return self.gate_up.qweight, self.gate_up.scales, self.gate_up.zeros
+
+    def down_args(self):
+        return self.down.qweight, self.down.scales, self.down.zeros
+
+
+def distinct_ids(T, k, E, device):
+    if T == 0:
+        return torch.zeros(0, k, dtype=torch.int32, device=device)
+    return torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32).to(device)
+
+
+def topk_weights(T, k, device):
+    return (torch.rand(T, k, device=device) + 0.1).float()
+
+
+def run_int4(hidden, w: Int4Weights, ids, weights, residual):
+    act = moe_decode_int4_gate_up(hidden, *w.gate_up_args(), ids, w.shared_gate_up, w.epilogue)
+    out = moe_decode_int4_down(act, *w.down_args(), ids, weights, w.shared_down, residual)
+    return act, out
+
+
+def run_dequantized(hidden, w: Int4Weights, ids, weights, residual):
+    """The bf16 decode ops on the dequantized weights: what the int4 ops must equal."""
+    act = moe_decode_gate_up(hidden, w.gate_up_dq, ids, w.shared_gate_up, w.epilogue)
+    out = moe_decode_down(act, w.down_dq, ids, weights, w.shared_down, residual)
+    return act, out
+
+
+def ref_gate_up(hidden, w: Int4Weights, ids):
+    sg = w.shared_gate_up.float() if w.shared_gate_up is not None else None
+    return reference.moe_decode_gate_up(hidden.float(), w.gate_up_dq.float(), ids, sg, w.epilogue)
+
+
+def ref_down(act, w: Int4Weights, ids, weights, residual):
+    sd = w.shared_down.float() if w.shared_down is not None else None
+    res = residual.float() if residual is not None else None
+    return reference.moe_decode_down(act.float(), w.down_dq.float(), ids, weights, sd, res)
+
+
+def check_pair(hidden, w, ids, weights, residual, what="", equal_nan=False):
+    """Runs the int4 ops; per row against the fp32 reference on the dequantized weights; on the CPU also
+    bitwise against the bf16 ops on the dequantized weights."""
+    act, out = run_int4(hidden, w, ids, weights, residual)
+    T, k = ids.shape
+    assert act.dtype == hidden.dtype and act.shape == (T, k * w.I + w.Is)
+    assert out.dtype == hidden.dtype and out.shape == (T, w.H)
+    assert_rows_close(act, ref_gate_up(hidden, w, ids), hidden.dtype, what=f"act {what}", equal_nan=equal_nan)
+    assert_rows_close(out, ref_down(act, w, ids, weights, residual), hidden.dtype, what=f"out {what}",
+                      equal_nan=equal_nan)
+    if hidden.device.type == "cpu":
+        act_dq, out_dq = run_dequantized(hidden, w, ids, weights, residual)
+        assert torch.equal(act.nan_to_num(), act_dq.nan_to_num()) and torch.equal(act.isnan(), act_dq.isnan()), what
+        assert torch.equal(out.nan_to_num(), out_dq.nan_to_num()) and torch.equal(out.isnan(), out_dq.isnan()), what
+    return act, out
+
+
+# ---------------------------------------------------------------- any device
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("T", [0, 1, 2, 8, 16, 17, 64, 65])
+@pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
+def test_matches_dequantized_reference(device, symmetric, T, epilogue):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu" and T > 17 and epilogue == "swiglu":
+        pytest.skip("keeps the CPU suite short")
+    E, k, H, I, Is = 12, 3, 256, 128, 64
+    w = Int4Weights(E, H, I, Is, dtype, device, epilogue, symmetric)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    check_pair(hidden, w, ids, topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype),
+               f"T={T} symmetric={symmetric}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes(device, dtype):
+    # The dequantized values are rounded to the activations' dtype, then the bf16 ops' math (on CUDA fp16
+    # and fp32 run the fallback kernels).
+    E, k, H, I, Is, T = 8, 2, 128, 128, 32, 5
+    w = Int4Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    check_pair(hidden, w, ids, topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype), str(dtype))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_optional_shared_and_residual(device, shared, with_residual):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is, T = 8, 2, 128, 128, 48 if shared else 0, 6
+    w = Int4Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    residual = torch.randn(T, H, device=device).to(dtype) if with_residual else None
+    check_pair(hidden, w, ids, topk_weights(T, k, device), residual, f"shared={shared} residual={with_residual}")
+
+
+@pytest.mark.parametrize("routing", ["one_expert_for_all", "all_same_id", "duplicates_in_row", "k1", "k8"])
+@pytest.mark.parametrize("T", [1, 8, 16, 64])
+def test_routing_patterns(device, routing, T):
+    # Hot experts: one_expert_for_all gives expert 7 every token (several items at T = 64), all_same_id
+    # puts every pair on one expert; k8 at T = 64 is 512 pairs (the most one launch takes).
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, H, I, Is = 10, 128, 128, 32
+    k = {"k1": 1, "k8": 8}.get(routing, 4)
+    ids = distinct_ids(T, k, E, "cpu")
+    if routing == "one_expert_for_all":
+        ids = torch.stack([torch.cat([torch.tensor([7]), p[p != 7][: k - 1]]) for p in
+                           (torch.randperm(E) for _ in range(T))]).to(torch.int32)
+    elif routing == "all_same_id":
+        ids = torch.full((T, k), 3, dtype=torch.int32)
+    elif routing == "duplicates_in_row":
+        ids[:, 1] = ids[:, 0]
+    ids = ids.to(device)
+    w = Int4Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    check_pair(hidden, w, ids, topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype), routing)
+
+
+@pytest.mark.parametrize("T", [6, 64])
+def test_bad_ids_poison_only_their_slots(device, T):
+    # The bf16 ops' contract: NaN in the bad pair's act columns, the bad token's whole output row.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is = 8, 3, 128, 128, 32
+    w = Int4Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    bad = {(1, 2): -1, (3, 0): E, (4, 1): 2**30}
+    if T > 6:
+        bad.update({(40, 1): -(2**31), (T - 1, 0): E + 1})
+    for (t, j), v in bad.items():
+        ids[t, j] = v
+    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    act, out = check_pair(hidden, w, ids, weights, residual, "bad ids", equal_nan=True)
+    act_nan = act.isnan()
+    for t in range(T):
+        for j in range(k):
+            cols = act_nan[t, j * I:(j + 1) * I]
+            assert bool(cols.all()) == ((t, j) in bad) and bool(cols.any()) == ((t, j) in bad), (t, j)
+        assert not act_nan[t, k * I:].any()
+        assert bool(out[t].isnan().all()) == (t in {tt for tt, _ in bad})
+    with pytest.raises(IndexError, match="topk_ids"):
+        moe_decode_int4_gate_up(hidden, *w.gate_up_args(), ids, w.shared_gate_up, w.epilogue, check_ids=True)
+    with pytest.raises(IndexError, match="topk_ids"):
+        moe_decode_int4_down(act, *w.down_args(), ids, weights, w.shared_down, residual, check_ids=True)
+
+
+@pytest.mark.parametrize("T", [16, 64])
+def test_deterministic(device, T):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is = 16, 6, 256, 128, 64
+    w = Int4Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    a1, o1 = run_int4(hidden, w, ids, weights, residual)
+    a2, o2 = run_int4(hidden, w, ids, weights, residual)
+    assert torch.equal(a1, a2) and torch.equal(o1, o2)
+
+
+def test_bad_inputs_raise(device):
+    E, k, H, I, Is, T = 4, 2, 128, 128, 16, 3
+    w = Int4Weights(E, H, I, Is, torch.float32, device)
+    x = torch.randn(T, H, device=device)
+    ids = distinct_ids(T, k, E, device)
+    wts = topk_weights(T, k, device)
+    q, s, z = w.gate_up_args()
+    with pytest.raises(TypeError, match="gate_up_qweight"):
+        moe_decode_int4_gate_up(x, q.to(torch.int8), s, z, ids)
+    with pytest.raises(TypeError, match="gate_up_scales"):
+        moe_decode_int4_gate_up(x, q, s.float(), z, ids)
+    with pytest.raises(ValueError, match="gate_up_scales"):
+        moe_decode_int4_gate_up(x, q, s[:, :1].contiguous(), z, ids)
+    with pytest.raises(TypeError, match="gate_up_zeros"):
+        moe_decode_int4_gate_up(x, q, s, z.int(), ids)
+    with pytest.raises(ValueError, match="gate_up_zeros"):
+        moe_decode_int4_gate_up(x, q, s, z[:1].contiguous(), ids)
+    with pytest.raises(ValueError, match="multiple of the int4 group size 128"):
+        moe_decode_int4_gate_up(x[:, :96], q[:, :, :48].contiguous(), s[:, :, :1].contiguous(),
+                                z[:, :, :1].contiguous(), ids)
+    with pytest.raises(ValueError, match=r"gate_up_qweight must have shape \[E, 2I, H/2\]"):
+        moe_decode_int4_gate_up(torch.randn(T, 2 * H, device=device), q, s, z, ids)
+    with pytest.raises(ValueError, match="gate_up_qweight must be contiguous"):
+        moe_decode_int4_gate_up(x, q.transpose(0, 1).contiguous().transpose(0, 1), s, z, ids)
+    misaligned = torch.empty(q.numel() + 1, dtype=torch.uint8, device=device)[1:].view_as(q)
+    with pytest.raises(ValueError, match="gate_up_qweight must start at a 16-byte aligned address"):
+        moe_decode_int4_gate_up(x, misaligned, s, z, ids)
+    with pytest.raises(ValueError, match="epilogue"):
+        moe_decode_int4_gate_up(x, q, s, z, ids, epilogue="none")
+    with pytest.raises(TypeError, match="topk_ids"):
+        moe_decode_int4_gate_up(x, q, s, z, ids.long())
+    with pytest.raises(TypeError, match="hidden"):
+        moe_decode_int4_gate_up(x.long(), q, s, z, ids)
+    with pytest.raises(TypeError, match="shared_gate_up"):
+        moe_decode_int4_gate_up(x, q, s, z, ids, w.shared_gate_up.half())
+    # The op itself (not only the wrapper) checks.
+    with pytest.raises(ValueError, match="gate_up_scales"):
+        torch.ops.dots1_ext.moe_decode_int4_gate_up(x, q, s[:, :-1].contiguous(), z, ids, None, "swiglu")
+
+    act = moe_decode_int4_gate_up(x, q, s, z, ids, w.shared_gate_up)
+    dq, ds, dz = w.down_args()
+    with pytest.raises(TypeError, match="down_qweight"):
+        moe_decode_int4_down(act, dq.float(), ds, dz, ids, wts, w.shared_down)
+    with pytest.raises(ValueError, match="down_scales"):
+        moe_decode_int4_down(act, dq, ds[:1].contiguous(), dz, ids, wts, w.shared_down)
+    with pytest.raises(ValueError, match="act must have shape"):
+        moe_decode_int4_down(act, dq, ds, dz, ids, wts)  # shared columns without shared_down
+    with pytest.raises(ValueError, match="act must have shape"):
+        torch.ops.dots1_ext.moe_decode_int4_down(act[:, 1:], dq, ds, dz, ids, wts, w.shared_down, None)
+    with pytest.raises(TypeError, match="topk_weights"):
+        moe_decode_int4_down(act, dq, ds, dz, ids, wts.half(), w.shared_down)
+    with pytest.raises(ValueError, match="residual"):
+        moe_decode_int4_down(act, dq, ds, dz, ids, wts, w.shared_down, torch.randn(T, H + 1, device=device))
+    with pytest.raises(ValueError, match="multiple of the int4 group size 128"):
+        moe_decode_int4_down(act, dq[:, :, :32].contiguous(), ds[:, :, :1].contiguous(), dz[:, :, :1].contiguous(),
+                             ids, wts, w.shared_down)
+    if device == "cuda":
+        with pytest.raises(ValueError, match="same device"):
+            moe_decode_int4_gate_up(x, q, s.cpu(), z, ids)
+        with pytest.raises(ValueError, match="same device"):
+            moe_decode_int4_down(act, dq, ds, dz, ids.cpu(), wts, w.shared_down)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_opcheck(device, symmetric):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is, T = 6, 2, 128, 128, 16, 4
+    w = Int4Weights(E, H, I, Is, dtype, device, symmetric=symmetric)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    torch.library.opcheck(torch.ops.dots1_ext.moe_decode_int4_gate_up.default,
+                          (hidden, *w.gate_up_args(), ids, w.shared_gate_up, "swiglu_interleaved"))
+    act = moe_decode_int4_gate_up(hidden, *w.gate_up_args(), ids, w.shared_gate_up)
+    torch.library.opcheck(torch.ops.dots1_ext.moe_decode_int4_down.default,
+                          (act, *w.down_args(), ids, topk_weights(T, k, device), w.shared_down,
+                           torch.randn(T, H, device=device).to(dtype)))
+
+
+def test_compile_fullgraph(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is, T = 8, 3, 128, 128, 32, 4
+    w = Int4Weights(E, H, I, Is, dtype, device)
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    compiled = torch.compile(lambda x, i, wt, r: run_int4(x, w, i, wt, r)[1], fullgraph=True)
+    assert torch.equal(compiled(hidden, ids, weights, residual), run_int4(hidden, w, ids, weights, residual)[1])
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@requires_cuda
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("T", [1, 2, 8, 9, 16, 64])
+@pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
+def test_cuda_real_shapes(symmetric, T, epilogue):
+    dtype = torch.bfloat16
+    w = Int4Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda", epilogue, symmetric)
+    hidden = torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    ids = distinct_ids(T, REAL["k"], REAL["E"], "cuda")
+    weights, residual = topk_weights(T, REAL["k"], "cuda"), torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    act, out = check_pair(hidden, w, ids, weights, residual, f"real T={T}")
+    # Against the bf16 kernels on the dequantized weights: the same values, another summation order.
+    act_dq, out_dq = run_dequantized(hidden, w, ids, weights, residual)
+    assert_rows_close(act, act_dq.float(), dtype, what="act vs bf16 kernels")
+    assert_rows_close(out, out_dq.float(), dtype, what="out vs bf16 kernels")
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 16, 64])
+def test_cuda_real_shapes_hot_experts(T):
+    # Every token on the same 6 experts (T pairs each: several items at T > 8), and one expert taking
+    # every pair.
+    dtype = torch.bfloat16
+    w = Int4Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda")
+    hidden = torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    ids = torch.randperm(REAL["E"])[: REAL["k"]].to(torch.int32).expand(T, -1).contiguous().cuda()
+    check_pair(hidden, w, ids, topk_weights(T, REAL["k"], "cuda"), None, f"same experts T={T}")
+    ids = torch.full((T, REAL["k"]), 5, dtype=torch.int32, device="cuda")
+    check_pair(hidden, w, ids, topk_weights(T, REAL["k"], "cuda"), None, f"one expert T={T}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("nt", ["1", "2", "4"])
+@pytest.mark.parametrize("T", [5, 9, 64])
+def test_cuda_n_tiles_override(nt, T, monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_NT", nt)
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 24, 6, 512, 256, 128
+    w = Int4Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    a1, o1 = check_pair(hidden, w, ids, weights, residual, f"NT={nt} T={T}")
+    a2, o2 = run_int4(hidden, w, ids, weights, residual)
+    assert torch.equal(a1, a2) and torch.equal(o1, o2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(8, 1, 128, 128, 8), (130, 6, 384, 256, 264), (5, 2, 128, 128, 20),
+                                   (7, 3, 128, 384, 0)], ids=["tiny", "odd-E", "Is%8 (fallback)", "no shared"])
+@pytest.mark.parametrize("T", [1, 16, 33, 130])
+def test_cuda_odd_shapes(shape, T):
+    E, k, H, I, Is = shape
+    dtype = torch.bfloat16
+    w = Int4Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    check_pair(hidden, w, ids, topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype),
+               f"{shape} T={T}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 7, 16, 64])
+def test_cuda_fast_equals_simple(T, monkeypatch):
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 32, 6, 256, 128, 128
+    w = Int4Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_KERNEL", "simple")
+    act_s, out_s = check_pair(hidden, w, ids, weights, residual, "simple")
+    monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_KERNEL")
+    act_f, out_f = check_pair(hidden, w, ids, weights, residual, "fast")
+    assert_rows_close(act_f, act_s.float(), dtype)
+    assert_rows_close(out_f, out_s.float(), dtype)
+
+
+@requires_cuda
+def test_cuda_many_experts_per_token():
+    # k = 520: past the fast kernels' 512 pairs (the fallback kernels).
+    E, k, H, I, Is, T = 560, 520, 128, 128, 16, 2
+    w = Int4Weights(E, H, I, Is, torch.bfloat16, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(torch.bfloat16)
+    check_pair(hidden, w, distinct_ids(T, k, E, "cuda"), topk_weights(T, k, "cuda"), None, "k=520")
+
+
+@requires_cuda
+@pytest.mark.parametrize("kernel", ["fast", "simple"])
+@pytest.mark.parametrize("T", [1, 16, 64, 65])
+def test_cuda_every_element_written(kernel, T, monkeypatch):
+    # The caching allocator hands the ops blocks just filled with NaN: an element not written stays NaN.
+    if kernel == "simple":
+        monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_KERNEL", "simple")
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 16, 6, 256, 128, 64
+    w = Int4Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    torch.cuda.synchronize()
+    for _ in range(4):
+        junk = [torch.full((n,), float("nan"), device="cuda", dtype=dtype) for n in (T * (k * I + Is), T * H)]
+        del junk
+    check_pair(hidden, w, ids, weights, residual, f"{kernel} T={T}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 16, 64])
+def test_cuda_graph_replay_with_changed_ids(T):
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 32, 6, 256, 128, 128
+    w = Int4Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    run_int4(hidden, w, ids, weights, residual)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            act, out = run_int4(hidden, w, ids, weights, residual)
+    for pattern in ["distinct", "same", "one_id", "bad"]:
+        new_ids = distinct_ids(T, k, E, "cpu")
+        if pattern == "same":
+            new_ids[:] = new_ids[0].clone()
+        elif pattern == "one_id":
+            new_ids.fill_(5)
+        elif pattern == "bad":
+            new_ids[0, 1] = -3
+        ids.copy_(new_ids)
+        hidden.copy_(torch.randn_like(hidden))
+        act.fill_(float("nan"))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_act, eager_out = run_int4(hidden, w, ids, weights, residual)
+        assert torch.equal(act.isnan(), eager_act.isnan()) and torch.equal(out.isnan(), eager_out.isnan()), pattern
+        assert torch.equal(act.nan_to_num(), eager_act.nan_to_num()), pattern
+        assert torch.equal(out.nan_to_num(), eager_out.nan_to_num()), pattern
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 16])
+def test_cuda_pdl_off_same_bits(T, monkeypatch):
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 64, 6, 512, 256, 256
+    w = Int4Weights(E, H, I, Is, dtype, "cuda")
+    base = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    outs = []
+    for pdl in ("1", "0"):
+        monkeypatch.setenv("DOTS1_EXT_PDL", pdl)
+        hidden = torch.zeros_like(base)
+        hidden.copy_(base * 2)  # the kernel right before gate_up writes hidden
+        outs.append(run_int4(hidden, w, ids, weights, residual))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@requires_cuda
+def test_cuda_extreme_codes_and_scales():
+    # Every code and zero point at its ends (u - z = +-15), tiny and large scales, zero-scale groups: the
+    # in-register dequantization equals dequantize_int4 element for element (checked through a one-hot
+    # activation per k: act columns then hold single weights times SwiGLU).
+    dtype = torch.bfloat16
+    E, k, H, I, Is, T = 2, 1, 128, 128, 0, 1
+    w = Int4Weights(E, H, I, Is, dtype, "cuda")
+    g = w.gate_up
+    g.qweight.copy_(torch.randint(0, 256, g.qweight.shape, dtype=torch.uint8))
+    g.zeros.copy_(torch.randint(0, 16, g.zeros.shape, dtype=torch.uint8))
+    g.zeros.view(-1)[::3] = 15
+    g.zeros.view(-1)[1::3] = 0
+    sc = torch.exp2(torch.randint(-30, 10, g.scales.shape, device="cuda").float()) * (1 + torch.rand(g.scales.shape,
+                                                                                                       device="cuda"))
+    sc.view(-1)[::7] = 0
+    g.scales.copy_(sc.to(torch.bfloat16))
+    w.gate_up_dq = dequantize_int4(g, dtype)
+    for h in (0, 1, 37, 127):
+        hidden = torch.zeros(T, H, device="cuda", dtype=dtype)
+        hidden[0, h] = 1.0
+        ids = torch.tensor([[1]], dtype=torch.int32, device="cuda")
+        act = moe_decode_int4_gate_up(hidden, *w.gate_up_args(), ids, None, w.epilogue)
+        ref = ref_gate_up(hidden, w, ids)
+        # Elementwise (the scales span 2^-30 .. 2^10 within a row): one rounding of silu(g) * u apart at most.
+        r = ref.to(dtype).float()
+        assert bool(((act.float() - r).abs() <= 2**-7 * r.abs()).all()), f"h={h}"
