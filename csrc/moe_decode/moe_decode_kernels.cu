@@ -146,11 +146,10 @@ __device__ __forceinline__ void prefetch_first_batch(const T* row_lo, const T* r
 // accumulator sets in a fixed order. K % 8 == 0: a lane's vector is wholly in range or wholly out.
 // P > 1: the wide mapping (below): row_lo / row_hi / col[n] are the lane's row and column of the warp's
 // fragment, a step is 32 P k and the lane's 16 bytes lie at 32 (g % P) + 8 c in it.
-template <typename T, int NT, int P = 1>
+template <typename T, int NT, int P = 1, int U = batch_steps<NT>()>
 __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, const T* const (&col)[NT],
                                             const bool (&col_ok)[NT], int64_t K, int s_begin, int s_end,
                                             float (&res)[NT][4]) {
-  constexpr int U = batch_steps<NT>();
   constexpr int kSets = accumulator_sets<NT>();
   constexpr int kRowStep = kStepK * P;
   float acc[kSets][NT][4];
@@ -479,12 +478,12 @@ struct DenseExperts {
     stream_rows<T, NT>(base + row_lo * K, base + row_hi * K, col, col_ok, K, s_begin, s_end, res);
   }
   // The wide mapping: row_lo / row_hi are the lane's rows of its warp's fragment (stream_rows<T, NT, P>).
-  template <int NT, int P>
+  template <int NT, int P, int U>
   __device__ __forceinline__ void stream_wide(int expert, int64_t row_lo, int64_t row_hi, const T* const (&col)[NT],
                                               const bool (&col_ok)[NT], int s_begin, int s_end,
                                               float (&res)[NT][4]) const {
     const T* base = w + static_cast<int64_t>(expert) * N * K;
-    stream_rows<T, NT, P>(base + row_lo * K, base + row_hi * K, col, col_ok, K, s_begin, s_end, res);
+    stream_rows<T, NT, P, U>(base + row_lo * K, base + row_hi * K, col, col_ok, K, s_begin, s_end, res);
   }
 };
 
@@ -718,7 +717,8 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
       if constexpr (kParts == 1)
         p.gate_up.template stream<NT>(s.item_expert[item], gate, up, col, col_ok, r_begin, r_end, res);
       else
-        p.gate_up.template stream_wide<NT, kParts>(s.item_expert[item], gate, up, col, col_ok, r_begin, r_end, res);
+        p.gate_up.template stream_wide<NT, kParts, batch_steps<NT>()>(s.item_expert[item], gate, up, col, col_ok,
+                                                                      r_begin, r_end, res);
     } else {
       const int64_t f = min(static_cast<int64_t>(f0 + row), p.Is - 1);
       stream_rows<T, NT, kParts>(p.shared_gate_up + f * p.H, p.shared_gate_up + (p.Is + f) * p.H, col, col_ok, p.H,
@@ -919,6 +919,10 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   static_assert(kParts == 1 || (W::kWideLoads && wide_parts_ok<kParts>()), "the wide mapping: model-dtype rows");
   constexpr int kCols = 8 * NT / kParts;
   constexpr int kRanges = kWarps / kParts;
+  // Steps per batch of the weight streams: the frag ones (batch_steps) but for the wide mapping at NT = 1,
+  // where 8 steps (16 weight vectors per lane in flight) spilled registers here (12-20 bytes; gate_up
+  // holds 8): 7 for P = 4, 6 for P = 2 (7 still spilled 4 bytes).
+  constexpr int kDownU = kParts == 1 || NT > 1 ? batch_steps<NT>() : kParts == 4 ? 7 : 6;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DownSmem<NT>& sm = *reinterpret_cast<DownSmem<NT>*>(smem_raw);
   Schedule& s = sm.s;
@@ -970,7 +974,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
         col[n] = p.act + static_cast<int64_t>(col_ok[n] ? t : 0) * p.NA + static_cast<int64_t>(p.k) * p.I;
       }
       float res[NT][4];
-      stream_rows<T, NT, kParts>(p.shared_down + min(hb + row, H - 1) * p.Is,
+      stream_rows<T, NT, kParts, kDownU>(p.shared_down + min(hb + row, H - 1) * p.Is,
                                  p.shared_down + min(hb + row + 8, H - 1) * p.Is, col, col_ok, p.Is,
                                  range_start<kRanges>(steps, range), range_start<kRanges>(steps, range + 1), res);
       float (*mine)[16] = sm.piece[sub & 1][range];
@@ -1031,8 +1035,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
         p.down.template stream<NT>(s.item_expert[it], h_lo, h_hi, col, col_ok, a, b, res);
       } else {
         const int hb = static_cast<int>(blockIdx.x) * 16 + wide_place<kParts>().row;
-        p.down.template stream_wide<NT, kParts>(s.item_expert[it], min(hb, H - 1), min(hb + 8, H - 1), col, col_ok, a,
-                                                b, res);
+        p.down.template stream_wide<NT, kParts, kDownU>(s.item_expert[it], min(hb, H - 1), min(hb + 8, H - 1), col,
+                                                        col_ok, a, b, res);
       }
       const bool whole = a == 0 && b == steps_item;
       // Not whole: the range's first item (its range starts inside it) or its last.
