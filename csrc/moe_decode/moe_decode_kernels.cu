@@ -10,7 +10,8 @@
 // of each of its NT activation columns per step: 256 B of weight for NT = 1, 192 B for NT = 2, 64 B for
 // NT = 4) before it multiplies any of them, so a warp waits one memory latency per batch, not per
 // step; the warps' partial sums meet once, in shared memory, in warp order. 128 registers, 2 CTAs
-// (16 warps) per SM; shared memory is dynamic (up to ~88 KB per CTA, see the Smem structs).
+// (16 warps) per SM; shared memory is dynamic (up to ~88 KB per CTA, see the Smem structs). (That is
+// the frag weight-load mapping; the wide one, below, changes which bytes of which rows a lane reads.)
 //
 // One launch takes up to kMoeDecodeMaxPairs (t, j) pairs and kMoeDecodeMaxTokens tokens (512 / 64:
 // every pair of a 64-token top-6 or top-8 step); the launchers loop over chunks beyond that.
@@ -50,6 +51,31 @@
 // product does not care which physical k a logical k is, as long as A and B agree, so each lane loads
 // 8 consecutive physical k of its rows (one 16-byte vector) and the same 8 k of its column's
 // activation row: words 0-1 feed one MMA, words 2-3 the next.
+//
+// Two weight-load mappings of the model-dtype rows (DOTS1_EXT_MOE_DECODE_LOADS, read per call; moe_decode.h
+// MoeDecodeLoads). frag (above, the default): one warp load instruction reads 8 rows x 64 bytes.
+// bench/probes/read_patterns.cu (branch next-skinny-wide), the decode kernels' streaming structure with
+// only the address pattern varied, read 4238 GB/s that way on the H200 and 4659 GB/s with 2 rows x 256
+// bytes per instruction. wide: the 16 A slots of an MMA need not be 16 rows. With P k-parts per row, the
+// tile's 16 rows are P fragments; fragment f holds in lo slot g the tile row (8 / P) f + g / P at part
+// g % P (hi slot g + 8: that row's hi partner, gate_up's up row of the feature or down's row 8 below), so
+// lane (g, c) reads 16 bytes at k = 32 P s + 32 (g % P) + 8 c and the 4 P lanes of a row read 64 P
+// contiguous bytes per instruction (P = 4: 2 rows x 256 bytes; P = 2: 4 rows x 128). B column n of an
+// n-tile holds (item column n / P, part n % P), loaded at the same k; C[slot, n] is a partial dot product
+// where the two parts agree, the other entries cross terms that are never read. The 8 warps of a CTA are
+// P fragments x 8 / P K ranges (warp w: fragment w % P over range w / P), so a lane still streams two
+// rows with the frag stream's batches, registers and bytes in flight (stream_rows<T, NT, P>); a warp
+// step covers 32 P k of 16 / P rows. Each (row, column)'s P partials are summed across lanes in a fixed
+// butterfly (wide_sum_parts), then the K ranges in order, where frag sums its 8 warps. An item's columns
+// are 8 NT / P, so the launcher takes wide only while they hold every token of the launch (the shared
+// experts in one column group, read once, and with distinct ids per token every expert one item, as
+// frag at <= 8 tokens): (P, NT) = (4, 1) for 1-2 tokens, (2, 1) for 3-4, (2, 2) for 5-8; frag above
+// (8 columns at P = 4 need NT = 8, at P = 2 NT = 4: those accumulators and batches do not fit 128
+// registers; P = 4, NT = 2 already spilled in gate_up). Register use (nvcc --resource-usage, sm_90a):
+// every dense instantiation 128 (down wide P = 2, NT = 1: 120) registers, no spills; down streams 7
+// (P = 4) / 6 (P = 2) steps per batch at NT = 1, where frag's 8 spilled 12-20 bytes there. The int4
+// routed weights (Int4Experts) keep their own 128-k group mapping. Results equal frag's up to the fp32
+// summation order; each mapping is bitwise reproducible.
 //
 // Fallback (fp32, or shapes / addresses the fast path cannot vector-load): one warp per output
 // element, scalar loads, the same fp32 math and order. Correct for everything, not fast.
@@ -210,20 +236,9 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
 }
 
 // ---------------------------------------------------------------------------------------------
-// The wide-row mapping (DOTS1_EXT_MOE_DECODE_LOADS=wide, model-dtype rows only; the header comment).
-//
-// The 16 A slots of an MMA need not be 16 rows: with P k-parts per row, the tile's 16 rows are P
-// fragments, fragment f holding in lo slot g the tile row (8 / P) f + g / P at part g % P and in hi
-// slot g + 8 the matching hi row (gate_up: that feature's up row; down: the row 8 below). Lane (g, c)
-// loads 16 bytes at k = 32 P s + 32 (g % P) + 8 c of its row, so the 4 P lanes of a row read 64 P
-// contiguous bytes per instruction (P = 4: 2 rows x 256 bytes). B column n of n-tile j holds (column
-// (8 j + n) / P, part n % P): the lane loads its column's activation at the same k. C[slot, n] is a
-// partial dot product where the parts of slot and column agree (the other entries are cross terms,
-// never read). The CTA's 8 warps are P fragments x 8 / P groups: warp w streams fragment w % P over
-// the K range w / P of 8 / P equal contiguous ranges, so a lane still streams two rows, with the frag
-// stream's batches and registers (stream_rows<T, NT, P>). The P partials of a (row, column) are summed
-// across lanes in a fixed butterfly (wide_sum_parts), then the groups in order, as the frag kernels
-// sum their warps.
+// The wide-row mapping (DOTS1_EXT_MOE_DECODE_LOADS=wide, model-dtype rows only; the header comment):
+// P k-parts per row, warp w streams fragment w % P of the 16 rows (stream_rows<T, NT, P>) over K range
+// w / P; below, how a lane's C entries become (row, column) sums.
 
 template <int P>
 constexpr bool wide_parts_ok() {
@@ -1274,22 +1289,30 @@ cudaError_t launch_fast(dim3 grid, size_t bytes, cudaStream_t stream, bool use_p
   return launch_pdl(Kernel, grid, dim3(kThreads), bytes, stream, use_pdl, p);
 }
 
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P>
+cudaError_t launch_gate_up(dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T, W>& p) {
+  return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P>>(grid, sizeof(GateUpSmem<NT>), stream, use_pdl, p);
+}
+
+template <typename T, int NT, typename W, int P>
+cudaError_t launch_down(dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T, W>& p) {
+  return launch_fast<moe_down_kernel<T, NT, W, P>>(grid, sizeof(DownSmem<NT>), stream, use_pdl, p);
+}
+
+// The instantiations: frag at NT = 1, 2, 4; wide (model-dtype rows) at (P, NT) = (4, 1), (2, 1), (2, 2).
 template <typename T, MoeGateUpLayout kLayout, typename W>
 cudaError_t launch_gate_up_mapped(Mapping m, dim3 grid, cudaStream_t stream, bool use_pdl,
                                   const GateUpParams<T, W>& p) {
   if constexpr (W::kWideLoads) {
-    if (m.parts == 4 && m.nt == 1)
-      return launch_fast<moe_gate_up_kernel<T, kLayout, 1, W, 4>>(grid, sizeof(GateUpSmem<1>), stream, use_pdl, p);
-    if (m.parts == 2 && m.nt == 1)
-      return launch_fast<moe_gate_up_kernel<T, kLayout, 1, W, 2>>(grid, sizeof(GateUpSmem<1>), stream, use_pdl, p);
-    if (m.parts == 2 && m.nt == 2)
-      return launch_fast<moe_gate_up_kernel<T, kLayout, 2, W, 2>>(grid, sizeof(GateUpSmem<2>), stream, use_pdl, p);
+    if (m.parts == 4 && m.nt == 1) return launch_gate_up<T, kLayout, 1, W, 4>(grid, stream, use_pdl, p);
+    if (m.parts == 2 && m.nt == 1) return launch_gate_up<T, kLayout, 1, W, 2>(grid, stream, use_pdl, p);
+    if (m.parts == 2 && m.nt == 2) return launch_gate_up<T, kLayout, 2, W, 2>(grid, stream, use_pdl, p);
   }
   if (m.parts != 1) return cudaErrorInvalidValue;
   switch (m.nt) {
-    case 1: return launch_fast<moe_gate_up_kernel<T, kLayout, 1, W, 1>>(grid, sizeof(GateUpSmem<1>), stream, use_pdl, p);
-    case 2: return launch_fast<moe_gate_up_kernel<T, kLayout, 2, W, 1>>(grid, sizeof(GateUpSmem<2>), stream, use_pdl, p);
-    case 4: return launch_fast<moe_gate_up_kernel<T, kLayout, 4, W, 1>>(grid, sizeof(GateUpSmem<4>), stream, use_pdl, p);
+    case 1: return launch_gate_up<T, kLayout, 1, W, 1>(grid, stream, use_pdl, p);
+    case 2: return launch_gate_up<T, kLayout, 2, W, 1>(grid, stream, use_pdl, p);
+    case 4: return launch_gate_up<T, kLayout, 4, W, 1>(grid, stream, use_pdl, p);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -1297,18 +1320,15 @@ cudaError_t launch_gate_up_mapped(Mapping m, dim3 grid, cudaStream_t stream, boo
 template <typename T, typename W>
 cudaError_t launch_down_mapped(Mapping m, dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T, W>& p) {
   if constexpr (W::kWideLoads) {
-    if (m.parts == 4 && m.nt == 1)
-      return launch_fast<moe_down_kernel<T, 1, W, 4>>(grid, sizeof(DownSmem<1>), stream, use_pdl, p);
-    if (m.parts == 2 && m.nt == 1)
-      return launch_fast<moe_down_kernel<T, 1, W, 2>>(grid, sizeof(DownSmem<1>), stream, use_pdl, p);
-    if (m.parts == 2 && m.nt == 2)
-      return launch_fast<moe_down_kernel<T, 2, W, 2>>(grid, sizeof(DownSmem<2>), stream, use_pdl, p);
+    if (m.parts == 4 && m.nt == 1) return launch_down<T, 1, W, 4>(grid, stream, use_pdl, p);
+    if (m.parts == 2 && m.nt == 1) return launch_down<T, 1, W, 2>(grid, stream, use_pdl, p);
+    if (m.parts == 2 && m.nt == 2) return launch_down<T, 2, W, 2>(grid, stream, use_pdl, p);
   }
   if (m.parts != 1) return cudaErrorInvalidValue;
   switch (m.nt) {
-    case 1: return launch_fast<moe_down_kernel<T, 1, W, 1>>(grid, sizeof(DownSmem<1>), stream, use_pdl, p);
-    case 2: return launch_fast<moe_down_kernel<T, 2, W, 1>>(grid, sizeof(DownSmem<2>), stream, use_pdl, p);
-    case 4: return launch_fast<moe_down_kernel<T, 4, W, 1>>(grid, sizeof(DownSmem<4>), stream, use_pdl, p);
+    case 1: return launch_down<T, 1, W, 1>(grid, stream, use_pdl, p);
+    case 2: return launch_down<T, 2, W, 1>(grid, stream, use_pdl, p);
+    case 4: return launch_down<T, 4, W, 1>(grid, stream, use_pdl, p);
     default: return cudaErrorInvalidValue;
   }
 }
