@@ -839,7 +839,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   // the first batch of its first tile's weight rows when that tile is a shared experts' one (the rows
   // of gate_up_tile below).
   if (static_cast<int>(blockIdx.x) < tiles_shared) {
-    const int row = kParts == 1 ? (threadIdx.x & 31) / 4 : wide_row<kParts>(warp % kParts);
+    // (Unsigned lane row for frag: the expression its tuned code was built from.)
+    const auto row = kParts == 1 ? (threadIdx.x & 31) / 4 : wide_row<kParts>(warp % kParts);
     const int64_t f = min(static_cast<int64_t>(static_cast<int>(blockIdx.x) / groups * 8 + row), p.Is - 1);
     prefetch_first_batch<T, NT, kParts>(p.shared_gate_up + f * p.H, p.shared_gate_up + (p.Is + f) * p.H, p.H,
                                         s_begin, s_end);
