@@ -14,14 +14,18 @@ every pair (several 16-column items side by side), a K that is not a multiple of
 not a multiple of 16, the one-n-tile kernels (T <= 8) and the two-n-tile ones, the four-n-tile ones
 (DOTS1_EXT_MOE_DECODE_NT=4) and one-n-tile ones at 64 tokens (=1), items cut at 8 columns, more gate_up
 tiles than CTAs (the persistent loop) and many down items per warp (items cut by warp boundaries)),
-bad ids (NaN poison where the reference has it, also in a 64-token launch), and the simple kernels
-(fp32, I not a multiple of 8, forced by DOTS1_EXT_MOE_DECODE_KERNEL=simple, k past the fast path's 512
-pairs). Exits non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
+bad ids (NaN poison where the reference has it, also in a 64-token launch), the wide weight-load
+mapping (DOTS1_EXT_MOE_DECODE_LOADS=wide: P = 4 at 1-2 tokens, P = 2 with one n-tile at 3-4 and two at
+5-8, both layouts and dtypes, hot experts cut into 2- and 4-column items, K tails, H % 16 == 8, no
+shared experts, shared experts only, bad ids, a real-I shape), and the simple kernels (fp32, I not a
+multiple of 8, forced by DOTS1_EXT_MOE_DECODE_KERNEL=simple, k past the fast path's 512 pairs). Exits
+non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
 
 ``--small`` (or DOTS1_SANITIZE_SMALL=1, which bench/gpu_check.sh sets for them) runs a minimal set
 for the slow tools (racecheck / synccheck: the full set took > 70 s under racecheck before the 64-token cases): bf16 only, one case
 per kernel variant and schedule shape (T = 1, 16, 64 with hot experts, one expert for all, 512 distinct
-experts, bad ids, NT = 4, a K tail), and the fp32 fallback once.
+experts, bad ids, NT = 4, a K tail; wide at T = 1, 3 and 8, with hot experts and a K tail), and the fp32
+fallback once.
 """
 
 from __future__ import annotations
@@ -81,12 +85,21 @@ def small() -> bool:
     return "--small" in sys.argv[1:] or os.environ.get("DOTS1_SANITIZE_SMALL", "") not in ("", "0")
 
 
-def with_nt(nt: str, fn) -> None:
-    os.environ["DOTS1_EXT_MOE_DECODE_NT"] = nt
+def with_env(name: str, value: str, fn) -> None:
+    os.environ[name] = value
     try:
         fn()
     finally:
-        del os.environ["DOTS1_EXT_MOE_DECODE_NT"]
+        del os.environ[name]
+
+
+def with_nt(nt: str, fn) -> None:
+    with_env("DOTS1_EXT_MOE_DECODE_NT", nt, fn)
+
+
+def wide(fn) -> None:
+    """fn under the wide weight-load mapping (launches of up to 8 tokens take it)."""
+    with_env("DOTS1_EXT_MOE_DECODE_LOADS", "wide", fn)
 
 
 def bad_ids(T: int, E: int, k: int) -> torch.Tensor:
@@ -108,7 +121,29 @@ def run_small() -> None:
     with_nt("4", lambda: case("small fast NT=4 T=64", dtype, 64, 24, 6, 128, 64, 128))
     case("small fast K tail, H%16", dtype, 3, 5, 2, 72, 24, 40)
     case("small fast no shared / residual", dtype, 5, 16, 4, 128, 32, 0, residual=False)
+    wide(lambda: case("small wide T=1", dtype, 1, 24, 6, 256, 64, 128))
+    wide(lambda: case("small wide T=3 HF", dtype, 3, 24, 6, 256, 64, 128, "swiglu"))
+    wide(lambda: case("small wide T=8 one expert", dtype, 8, 8, 6, 64, 32, 32,
+                      ids=torch.full((8, 6), 3, dtype=torch.int32)))
+    wide(lambda: case("small wide K tail, H%16", dtype, 2, 5, 2, 72, 24, 40))
     case("small simple fp32", torch.float32, 5, 12, 3, 64, 32, 48)
+
+
+def run_wide(dtype: torch.dtype) -> None:
+    for epilogue in ("swiglu", "swiglu_interleaved"):
+        for T in range(1, 10):  # every wide launch size, and 9 (frag)
+            wide(lambda: case(f"wide {dtype} {epilogue} T={T}", dtype, T, 24, 6, 256, 64, 128, epilogue))
+    for T in (2, 4, 8):  # one expert for every pair: items of 2, 4 and 8 columns, side by side
+        wide(lambda: case(f"wide {dtype} one expert T={T}", dtype, T, 8, 6, 64, 32, 32,
+                          ids=torch.full((T, 6), 3, dtype=torch.int32)))
+    for T in (1, 3, 6):
+        wide(lambda: case(f"wide {dtype} K tail, H%16 T={T}", dtype, T, 5, 2, 72, 24, 40))
+        wide(lambda: case(f"wide {dtype} no shared / residual T={T}", dtype, T, 16, 4, 128, 32, 0, residual=False))
+        wide(lambda: case(f"wide {dtype} shared only T={T}", dtype, T, 4, 0, 64, 32, 48,
+                          ids=torch.zeros(T, 0, dtype=torch.int32)))
+    wide(lambda: case(f"wide {dtype} tiny K", dtype, 2, 8, 1, 8, 8, 8))
+    wide(lambda: case(f"wide {dtype} bad ids", dtype, 6, 10, 3, 64, 32, 32, ids=bad_ids(6, 10, 3)))
+    wide(lambda: case(f"wide {dtype} many tiles T=4", dtype, 4, 128, 6, 64, 1408, 2816))
 
 
 def run_full() -> None:
@@ -136,6 +171,7 @@ def run_full() -> None:
             case(f"fast {dtype} many tiles T={T}", dtype, T, 128, 6, 64, 1408, 2816)
         case(f"fast {dtype} bad ids", dtype, 6, 10, 3, 64, 32, 32, ids=bad_ids(6, 10, 3))
         case(f"fast {dtype} bad ids T=64", dtype, 64, 10, 3, 64, 32, 32, ids=bad_ids(64, 10, 3))
+        run_wide(dtype)
     bad = bad_ids(6, 10, 3)
     case("simple fp32", torch.float32, 5, 12, 3, 64, 32, 48)
     case("simple fp32 bad ids", torch.float32, 6, 10, 3, 64, 32, 32, ids=bad)

@@ -3,8 +3,10 @@
 
 CUDA paths: the tensor-core weight-streaming kernels (fp16 / bf16, H, I, Is multiples of 8; up to 64
 tokens / 512 (t, j) pairs per launch, chunks above; 1, 2 or 4 n-tiles per MMA, DOTS1_EXT_MOE_DECODE_NT)
-and the simple fallback (fp32, other shapes, or DOTS1_EXT_MOE_DECODE_KERNEL=simple). Memory check of
-every CUDA path: tests/sanitize_moe_decode.py.
+and the simple fallback (fp32, other shapes, or DOTS1_EXT_MOE_DECODE_KERNEL=simple). Every test that
+runs the CUDA kernels runs under both weight-load mappings (DOTS1_EXT_MOE_DECODE_LOADS=frag | wide: the
+wide one takes launches of up to 8 tokens); the test_cuda_wide_* tests aim at the wide mapping's cases.
+Memory check of every CUDA path: tests/sanitize_moe_decode.py.
 """
 
 from __future__ import annotations
@@ -101,6 +103,33 @@ def check_pair(hidden, w, ids, weights, residual, dtype, what=""):
     assert_rows_close(act, ref_gate_up(hidden, w, ids), dtype, what=f"act {what}")
     assert_rows_close(out, ref_down(act, w, ids, weights, residual), dtype, what=f"out {what}")
     return act, out
+
+
+LOADS = ["frag", "wide"]
+WIDE_MAX_TOKENS = 8  # moe_decode_kernels.cu kWideMaxTokens: launches of more tokens take frag
+
+
+def pytest_generate_tests(metafunc):
+    # With a GPU, the tests that can run the CUDA kernels run under both weight-load mappings (not those
+    # that set the mapping themselves); the CPU kernels have one mapping.
+    name = metafunc.function.__name__
+    sets_its_own = name.startswith("test_cuda_wide_") or name == "test_cuda_bad_loads_setting_raises"
+    cuda = name.startswith("test_cuda_") or "device" in metafunc.fixturenames
+    if torch.cuda.is_available() and cuda and not sets_its_own:
+        metafunc.parametrize("moe_loads", LOADS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def moe_loads(request, monkeypatch):
+    """DOTS1_EXT_MOE_DECODE_LOADS for the test (read per call by the ops); unparametrized: unset (frag)."""
+    loads = getattr(request, "param", None)
+    if loads is None:
+        monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_LOADS", raising=False)
+        return "frag"
+    if loads == "wide" and request.node.callspec.params.get("device") == "cpu":
+        pytest.skip("the CPU kernels have one mapping")
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", loads)
+    return loads
 
 
 @pytest.fixture
@@ -661,3 +690,193 @@ def test_cuda_bad_kernel_setting_raises(monkeypatch):
     act = torch.randn(2, k * I + Is, device="cuda").to(dtype)
     with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_KERNEL"):
         moe_decode_down(act, w.down, ids, topk_weights(2, k, "cuda"), w.shared_down)
+
+
+# ---------------------------------------------------------------- CUDA, the wide mapping
+
+
+def run_with_loads(loads, monkeypatch, *args):
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", loads)
+    return run_both(*args)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", list(range(1, WIDE_MAX_TOKENS + 2)))
+@pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
+def test_cuda_wide_every_token_count(T, epilogue, monkeypatch):
+    # Every launch size the wide mapping takes (P = 4 up to 2 tokens, 2 above; one n-tile up to 4, two
+    # up to 8) and the first one it leaves to frag (9), at the real shape: matches the reference, and
+    # frag within tolerance (a different fp32 summation order).
+    dtype = torch.bfloat16
+    w = Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda", epilogue)
+    hidden = torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    ids = distinct_ids(T, REAL["k"], REAL["E"], "cuda")
+    weights, residual = topk_weights(T, REAL["k"], "cuda"), torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide")
+    act_w, out_w = check_pair(hidden, w, ids, weights, residual, dtype, f"wide T={T}")
+    act_f, out_f = run_with_loads("frag", monkeypatch, hidden, w, ids, weights, residual)
+    assert_rows_close(act_w, act_f.float(), dtype, what="act wide vs frag")
+    assert_rows_close(out_w, out_f.float(), dtype, what="out wide vs frag")
+    if T > WIDE_MAX_TOKENS:  # frag either way
+        assert torch.equal(act_w, act_f) and torch.equal(out_w, out_f)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 1, 8, 8, 8), (8, 3, 40, 16, 0), (5, 2, 72, 24, 40), (13, 6, 1032, 136, 264), (3, 2, 8, 0, 8),
+     (9, 4, 264, 40, 24)],
+    ids=["tiny", "K-tail", "H%16", "odd-E", "I=0", "H-I-Is-tails"],
+)
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8])
+def test_cuda_wide_odd_shapes(dtype, shape, T, monkeypatch):
+    # K not a multiple of a wide step (32 P), H % 16 == 8 (the down kernel's last CTA has no hi rows),
+    # fewer steps than K ranges (tiny), no routed rows (I = 0), no shared experts (Is = 0).
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide")
+    E, k, H, I, Is = shape
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    check_pair(hidden, w, ids, topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype), dtype,
+               f"wide {shape} T={T}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("routing", ["all_same_id", "duplicates_in_row", "same_experts_everywhere"])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 6, 8])
+def test_cuda_wide_hot_experts(routing, T, monkeypatch):
+    # More pairs on one expert than a wide item's columns (2 at P = 4, 4 at P = 2 and one n-tile): the
+    # expert becomes several items, re-read side by side.
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide")
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 10, 4, 256, 64, 64
+    ids = distinct_ids(T, k, E, "cpu")
+    if routing == "all_same_id":
+        ids = torch.full((T, k), 3, dtype=torch.int32)
+    elif routing == "duplicates_in_row":
+        ids[:, 1] = ids[:, 0]
+        ids[:, 2] = ids[:, 0]
+    else:
+        ids = torch.randperm(E)[:k].to(torch.int32).expand(T, k).contiguous()
+    ids = ids.cuda()
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    check_pair(hidden, w, ids, weights, residual, dtype, f"wide {routing} T={T}")
+    a1, o1 = run_both(hidden, w, ids, weights, residual)
+    a2, o2 = run_both(hidden, w, ids, weights, residual)
+    assert torch.equal(a1, a2) and torch.equal(o1, o2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 2, 4, 7])
+def test_cuda_wide_shared_only_and_no_shared(T, monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide")
+    dtype = torch.bfloat16
+    H, I, Is = 128, 32, 48
+    w = Weights(4, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = torch.zeros(T, 0, dtype=torch.int32, device="cuda")
+    check_pair(hidden, w, ids, torch.zeros(T, 0, device="cuda"), torch.randn(T, H, device="cuda").to(dtype), dtype,
+               "wide shared only")
+    w0 = Weights(6, H, I, 0, dtype, "cuda")
+    ids = distinct_ids(T, 3, 6, "cuda")
+    check_pair(hidden, w0, ids, topk_weights(T, 3, "cuda"), None, dtype, "wide no shared")
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 2, 4, 8])
+def test_cuda_wide_bad_ids(T, monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide")
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 8, 3, 64, 32, 32
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    ids[0, 1] = -1
+    ids[T - 1, 2] = E
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    act, out = run_both(hidden, w, ids, weights, residual)
+    bad = {(0, 1), (T - 1, 2)}
+    for t in range(T):
+        for j in range(k):
+            assert bool(act[t, j * I:(j + 1) * I].isnan().all()) == ((t, j) in bad), (t, j)
+            assert bool(act[t, j * I:(j + 1) * I].isnan().any()) == ((t, j) in bad), (t, j)
+        assert not act[t, k * I:].isnan().any()
+        assert bool(out[t].isnan().all()) == (t in {0, T - 1})
+    assert_rows_close(act, ref_gate_up(hidden, w, ids), dtype, equal_nan=True, what="act")
+    assert_rows_close(out, ref_down(act, w, ids, weights, residual), dtype, equal_nan=True, what="out")
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_cuda_wide_graph_replay(T, monkeypatch):
+    # Captured under wide, replayed with new ids (the schedule is rebuilt on the device), equal to eager
+    # wide bit for bit; the setting is read at capture, so a later frag setting does not change the graph.
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide")
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 32, 6, 256, 128, 128
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    run_both(hidden, w, ids, weights, residual)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            act, out = run_both(hidden, w, ids, weights, residual)
+    for pattern in ["distinct", "one_id", "bad"]:
+        new_ids = distinct_ids(T, k, E, "cpu")
+        if pattern == "one_id":
+            new_ids.fill_(5)
+        elif pattern == "bad":
+            new_ids[0, 1] = -3
+        ids.copy_(new_ids)
+        hidden.copy_(torch.randn_like(hidden))
+        act.fill_(float("nan"))
+        out.fill_(float("nan"))
+        monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "frag")
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide")
+        eager_act, eager_out = run_both(hidden, w, ids, weights, residual)
+        assert torch.equal(act.isnan(), eager_act.isnan()) and torch.equal(out.isnan(), eager_out.isnan()), pattern
+        assert torch.equal(act.nan_to_num(), eager_act.nan_to_num()), pattern
+        assert torch.equal(out.nan_to_num(), eager_out.nan_to_num()), pattern
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [2, 4, 8, 16])
+def test_cuda_wide_ignores_n_tiles_override(T, monkeypatch):
+    # DOTS1_EXT_MOE_DECODE_NT forces the frag launches' n-tiles; the wide launches (T <= 8) pick their own.
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 24, 6, 256, 64, 128
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden = torch.randn(T, H, device="cuda").to(dtype)
+    ids = distinct_ids(T, k, E, "cuda")
+    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    base = run_with_loads("wide", monkeypatch, hidden, w, ids, weights, residual)
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_NT", "4")
+    forced = check_pair(hidden, w, ids, weights, residual, dtype, f"wide NT=4 T={T}")
+    if T <= WIDE_MAX_TOKENS:
+        assert torch.equal(base[0], forced[0]) and torch.equal(base[1], forced[1])
+
+
+@requires_cuda
+def test_cuda_bad_loads_setting_raises(monkeypatch):
+    w = Weights(4, 32, 16, 16, torch.bfloat16, "cuda")
+    x = torch.randn(2, 32, device="cuda").to(torch.bfloat16)
+    ids = distinct_ids(2, 2, 4, "cuda")
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wider")
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_LOADS"):
+        moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up)
+    monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_LOADS")
+    act = moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up)  # unset: frag
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "")
+    assert torch.equal(moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up), act)  # empty: frag
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "Wide")
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_LOADS"):
+        moe_decode_down(act, w.down, ids, topk_weights(2, 2, "cuda"), w.shared_down)

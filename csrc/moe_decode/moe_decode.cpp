@@ -379,6 +379,18 @@ int moe_decode_n_tiles() {
   return s[0] - '0';
 }
 
+// DOTS1_EXT_MOE_DECODE_LOADS (read per call, so a benchmark can time both in one process; unset or empty:
+// frag): the fast kernels' weight-load mapping for model-dtype weights, frag or wide (moe_decode.h
+// MoeDecodeLoads). Any other value raises ValueError.
+MoeDecodeLoads moe_decode_loads() {
+  const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_LOADS");
+  if (v == nullptr || *v == '\0') return MoeDecodeLoads::kFrag;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "frag" || s == "wide", "dots1_ext: DOTS1_EXT_MOE_DECODE_LOADS must be frag or wide, got '",
+                    s, "'");
+  return s == "wide" ? MoeDecodeLoads::kWide : MoeDecodeLoads::kFrag;
+}
+
 // A pointer usable by 16-byte vector loads; otherwise a fresh (aligned) copy. Activations only.
 at::Tensor aligned_contiguous(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
@@ -409,7 +421,7 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor
       hidden.data_ptr(), gate_up.data_ptr(), ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
+      moe_decode_n_tiles(), moe_decode_loads(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
   return act;
 }
 
@@ -430,7 +442,7 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down
                                         shared_down.has_value() ? shared_down->data_ptr() : nullptr,
                                         residual.defined() ? residual.data_ptr() : nullptr, out.data_ptr(), d.T, d.H,
                                         d.E, d.k, d.I, d.Is, to_dtype(act.scalar_type()), moe_decode_n_tiles(),
-                                        c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
+                                        moe_decode_loads(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
   return out;
 }
 

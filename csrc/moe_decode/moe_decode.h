@@ -31,6 +31,13 @@ namespace dots1 {
 // always in the HF layout.
 enum class MoeGateUpLayout : int { kHF = 0, kInterleaved = 1 };
 
+// How the fast kernels' lanes map onto the model-dtype weight rows (DOTS1_EXT_MOE_DECODE_LOADS;
+// moe_decode_kernels.cu's header): kFrag, one warp load = 8 rows x 64 bytes (the MMA fragment's rows);
+// kWide, 2 rows x 256 bytes (up to 2 tokens) or 4 rows x 128 bytes (3-8 tokens), frag above 8 tokens.
+// Both compute the same sums in different fp32 orders. The int4 routed weights always use their own
+// mapping.
+enum class MoeDecodeLoads : int { kFrag = 0, kWide = 1 };
+
 // The fast (tensor-core, weight-streaming) kernels take at most this many (t, j) pairs per launch (64
 // tokens of top-8); the launchers loop over token chunks of floor(kMoeDecodeMaxPairs / k) (at most
 // kMoeDecodeMaxTokens) tokens, which is correct for any T and reads each touched expert once per chunk
@@ -53,14 +60,15 @@ namespace dots1 {
 // be written by the kernel right before the launch (moe_decode.cpp never copies them).
 // n_tiles: the fast kernels' n-tiles of 8 columns per MMA (1, 2 or 4; items of at most 8 n_tiles pairs);
 // 0 picks by the launch's token count (1 up to 8 tokens, else 2). Any value gives a correct result.
+// loads: the weight-load mapping (MoeDecodeLoads); n_tiles applies to the launches that take frag.
 cudaError_t launch_moe_decode_gate_up(const void* hidden,          // [T, H]
                                       const void* gate_up,         // [E, 2I, H]
                                       const int32_t* topk_ids,     // [T, k] device
                                       const void* shared_gate_up,  // [2Is, H] or nullptr (Is == 0)
                                       void* act,                   // [T, NA]
                                       int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
-                                      MoeGateUpLayout layout, DType dtype, int n_tiles, cudaStream_t stream,
-                                      bool use_pdl);
+                                      MoeGateUpLayout layout, DType dtype, int n_tiles, MoeDecodeLoads loads,
+                                      cudaStream_t stream, bool use_pdl);
 
 cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
                                    const void* down,           // [E, H, I]
@@ -70,7 +78,7 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
                                    const void* residual,       // [T, H] or nullptr
                                    void* out,                  // [T, H]
                                    int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                   int n_tiles, cudaStream_t stream, bool use_pdl);
+                                   int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl);
 
 // int4 routed experts (W4A16, docs/design.md §7; Python: dots1_ext/ops/moe_decode_int4.py): the same
 // ops with the routed weights as qweight [E, N, K/2] uint8 (code 2j in the low nibble of byte j),

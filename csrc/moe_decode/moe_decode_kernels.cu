@@ -10,7 +10,8 @@
 // of each of its NT activation columns per step: 256 B of weight for NT = 1, 192 B for NT = 2, 64 B for
 // NT = 4) before it multiplies any of them, so a warp waits one memory latency per batch, not per
 // step; the warps' partial sums meet once, in shared memory, in warp order. 128 registers, 2 CTAs
-// (16 warps) per SM; shared memory is dynamic (up to ~88 KB per CTA, see the Smem structs).
+// (16 warps) per SM; shared memory is dynamic (up to ~88 KB per CTA, see the Smem structs). (That is
+// the frag weight-load mapping; the wide one, below, changes which bytes of which rows a lane reads.)
 //
 // One launch takes up to kMoeDecodeMaxPairs (t, j) pairs and kMoeDecodeMaxTokens tokens (512 / 64:
 // every pair of a 64-token top-6 or top-8 step); the launchers loop over chunks beyond that.
@@ -50,6 +51,31 @@
 // product does not care which physical k a logical k is, as long as A and B agree, so each lane loads
 // 8 consecutive physical k of its rows (one 16-byte vector) and the same 8 k of its column's
 // activation row: words 0-1 feed one MMA, words 2-3 the next.
+//
+// Two weight-load mappings of the model-dtype rows (DOTS1_EXT_MOE_DECODE_LOADS, read per call; moe_decode.h
+// MoeDecodeLoads). frag (above, the default): one warp load instruction reads 8 rows x 64 bytes.
+// bench/probes/read_patterns.cu (branch next-skinny-wide), the decode kernels' streaming structure with
+// only the address pattern varied, read 4238 GB/s that way on the H200 and 4659 GB/s with 2 rows x 256
+// bytes per instruction. wide: the 16 A slots of an MMA need not be 16 rows. With P k-parts per row, the
+// tile's 16 rows are P fragments; fragment f holds in lo slot g the tile row (8 / P) f + g / P at part
+// g % P (hi slot g + 8: that row's hi partner, gate_up's up row of the feature or down's row 8 below), so
+// lane (g, c) reads 16 bytes at k = 32 P s + 32 (g % P) + 8 c and the 4 P lanes of a row read 64 P
+// contiguous bytes per instruction (P = 4: 2 rows x 256 bytes; P = 2: 4 rows x 128). B column n of an
+// n-tile holds (item column n / P, part n % P), loaded at the same k; C[slot, n] is a partial dot product
+// where the two parts agree, the other entries cross terms that are never read. The 8 warps of a CTA are
+// P fragments x 8 / P K ranges (warp w: fragment w % P over range w / P), so a lane still streams two
+// rows with the frag stream's batches, registers and bytes in flight (stream_rows<T, NT, P>); a warp
+// step covers 32 P k of 16 / P rows. Each (row, column)'s P partials are summed across lanes in a fixed
+// butterfly (wide_sum_parts), then the K ranges in order, where frag sums its 8 warps. An item's columns
+// are 8 NT / P, so the launcher takes wide only while they hold every token of the launch (the shared
+// experts in one column group, read once, and with distinct ids per token every expert one item, as
+// frag at <= 8 tokens): (P, NT) = (4, 1) for 1-2 tokens, (2, 1) for 3-4, (2, 2) for 5-8; frag above
+// (8 columns at P = 4 need NT = 8, at P = 2 NT = 4: those accumulators and batches do not fit 128
+// registers; P = 4, NT = 2 already spilled in gate_up). Register use (nvcc --resource-usage, sm_90a):
+// every dense instantiation 128 (down wide P = 2, NT = 1: 120) registers, no spills; down streams 7
+// (P = 4) / 6 (P = 2) steps per batch at NT = 1, where frag's 8 spilled 12-20 bytes there. The int4
+// routed weights (Int4Experts) keep their own 128-k group mapping. Results equal frag's up to the fp32
+// summation order; each mapping is bitwise reproducible.
 //
 // Fallback (fp32, or shapes / addresses the fast path cannot vector-load): one warp per output
 // element, scalar loads, the same fp32 math and order. Correct for everything, not fast.
@@ -122,14 +148,16 @@ __device__ __forceinline__ int opaque(int v) {
 // PDL (csrc/pdl.cuh), before the wait: the first batch (U steps) of this warp's steps [s_begin, s_end)
 // of two weight rows, prefetched into L2 (weights are never written in a step), so that the first
 // stream_rows after the wait, over the same rows and steps, finds it there; no register is held across
-// the wait. One lane per 4 (c == 0) requests each step's 64 bytes of a row.
-template <typename T, int NT>
+// the wait. One lane per 4 (c == 0) requests each step's 64 bytes of a row (P > 1, the wide mapping:
+// of its row's part g % P, at 32 (g % P) in a step of 32 P).
+template <typename T, int NT, int P = 1>
 __device__ __forceinline__ void prefetch_first_batch(const T* row_lo, const T* row_hi, int64_t K, int s_begin,
                                                      int s_end) {
   if ((threadIdx.x & 3) != 0) return;
+  const int lane_k = kStepK * (((threadIdx.x & 31) >> 2) % P);
 #pragma unroll
   for (int u = 0; u < batch_steps<NT>(); ++u) {
-    const int64_t k = static_cast<int64_t>(s_begin + u) * kStepK;
+    const int64_t k = static_cast<int64_t>(s_begin + u) * kStepK * P + lane_k;
     if (s_begin + u < s_end && k < K) {
       prefetch_l2(row_lo + k);
       prefetch_l2(row_hi + k);
@@ -142,12 +170,14 @@ __device__ __forceinline__ void prefetch_first_batch(const T* row_lo, const T* r
 // col_ok false: not loaded, its fragment stays zero). res[n] is the lane's C fragment of n-tile n:
 // (row g, col 8n + 2c), (g, 8n + 2c + 1), (g + 8, 8n + 2c), (g + 8, 8n + 2c + 1), summed over the
 // accumulator sets in a fixed order. K % 8 == 0: a lane's vector is wholly in range or wholly out.
-template <typename T, int NT>
+// P > 1: the wide mapping (below): row_lo / row_hi / col[n] are the lane's row and column of the warp's
+// fragment, a step is 32 P k and the lane's 16 bytes lie at 32 (g % P) + 8 c in it.
+template <typename T, int NT, int P = 1, int U = batch_steps<NT>()>
 __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, const T* const (&col)[NT],
                                             const bool (&col_ok)[NT], int64_t K, int s_begin, int s_end,
                                             float (&res)[NT][4]) {
-  constexpr int U = batch_steps<NT>();
   constexpr int kSets = accumulator_sets<NT>();
+  constexpr int kRowStep = kStepK * P;
   float acc[kSets][NT][4];
 #pragma unroll
   for (int s = 0; s < kSets; ++s)
@@ -158,10 +188,10 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
 
   // Pointers at this lane's 16 bytes of step s_begin, advanced a batch at a time (the steps of a
   // batch are immediate offsets); this lane's steps end where its vector would pass K.
-  const int lane_k = 8 * (threadIdx.x & 3);
+  const int lane_k = kStepK * (((threadIdx.x & 31) >> 2) % P) + 8 * (threadIdx.x & 3);
   // (int: K < 2^30 on the fast path, fast_sizes; a 64-bit bound costs registers.)
-  const int lane_end = min(s_end, (static_cast<int>(K) - lane_k + kStepK - 1) / kStepK);
-  const int64_t offset0 = static_cast<int64_t>(s_begin) * kStepK + lane_k;
+  const int lane_end = min(s_end, (static_cast<int>(K) - lane_k + kRowStep - 1) / kRowStep);
+  const int64_t offset0 = static_cast<int64_t>(s_begin) * kRowStep + lane_k;
   const T* lo = row_lo + offset0;
   const T* hi = row_hi + offset0;
   const T* x[NT];
@@ -175,15 +205,15 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool ok = u < valid;
-      wv[u][0] = load_weight16(lo + u * kStepK, ok);
-      wv[u][1] = load_weight16(hi + u * kStepK, ok);
+      wv[u][0] = load_weight16(lo + u * kRowStep, ok);
+      wv[u][1] = load_weight16(hi + u * kRowStep, ok);
 #pragma unroll
-      for (int n = 0; n < NT; ++n) xv[u][n] = load_act16(x[n] + u * kStepK, ok && col_ok[n]);
+      for (int n = 0; n < NT; ++n) xv[u][n] = load_act16(x[n] + u * kRowStep, ok && col_ok[n]);
     }
-    lo += U * kStepK;
-    hi += U * kStepK;
+    lo += U * kRowStep;
+    hi += U * kRowStep;
 #pragma unroll
-    for (int n = 0; n < NT; ++n) x[n] += U * kStepK;
+    for (int n = 0; n < NT; ++n) x[n] += U * kRowStep;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int set0 = (2 * u) % kSets, set1 = (2 * u + 1) % kSets;
@@ -203,6 +233,67 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
       for (int s = 1; s < kSets; ++s) v += acc[s][n][r];
       res[n][r] = v;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The wide-row mapping (DOTS1_EXT_MOE_DECODE_LOADS=wide, model-dtype rows only; the header comment):
+// P k-parts per row, warp w streams fragment w % P of the 16 rows (stream_rows<T, NT, P>) over K range
+// w / P; below, how a lane's C entries become (row, column) sums.
+
+template <int P>
+constexpr bool wide_parts_ok() {
+  return P == 2 || P == 4;
+}
+
+// The sum over parts of a lane's C entries res[n] (stream_rows<T, NT, P>): out[n][0] for its lo row,
+// out[n][1] for its hi row, column wide_col<P>(n); valid on the wide_writer<P>() lanes. Lane (g, c)
+// holds C[g | g + 8, 8 n + 2 c + e], e = 0, 1; column 8 n + 2 c + e has part (2 c + e) % P, so the entry
+// whose part is the slot's is e = g % 2 (when one is: for P = 4, lanes with (g % 4) / 2 != c % 2 hold
+// cross terms only, and only trade them with each other). The butterfly: P = 2, lanes g and g ^ 1 (same
+// c); P = 4, then lanes (g, c) and (g ^ 2, c ^ 1). Every participant ends with the same value (a + b ==
+// b + a exactly): a function of the data alone. All 32 lanes call it.
+template <int P, int NT>
+__device__ __forceinline__ void wide_sum_parts(const float (&res)[NT][4], float (&out)[NT][2]) {
+  const bool odd = (threadIdx.x & 4) != 0;  // g % 2 (selected, not indexed: no local memory)
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float v = odd ? res[n][2 * h + 1] : res[n][2 * h];
+      v += __shfl_xor_sync(0xffffffffu, v, 4);                        // parts (0, 1) | (2, 3)
+      if constexpr (P == 4) v += __shfl_xor_sync(0xffffffffu, v, 9);  // (0 + 1) + (2 + 3)
+      out[n][h] = v;
+    }
+}
+
+// Whether this lane holds (row, column) sums of wide_sum_parts: the part-0 lane of each, lane (g, c)
+// with g % P == 0 and 2 c % P == 0. Its lo row in the tile: wide_row<P>(f) for fragment f (hi: + 8);
+// its column in n-tile n: wide_col<P>(n). The lane's own row and column are the same formulas for
+// every lane (g / P and (8 n + g) / P of the fragment).
+template <int P>
+__device__ __forceinline__ bool wide_writer() {
+  const int lane = threadIdx.x & 31;
+  return (lane >> 2) % P == 0 && (2 * (lane & 3)) % P == 0;
+}
+template <int P>
+__device__ __forceinline__ int wide_row(int f) {
+  return (8 / P) * f + ((threadIdx.x & 31) >> 2) / P;
+}
+template <int P>
+__device__ __forceinline__ int wide_col(int n) {
+  return (8 * n + 2 * (threadIdx.x & 3)) / P;
+}
+
+// A thread's K range (warp / P) and lo row of the 16 (its warp's fragment's wide_row), from an opaque
+// thread index: recomputed where they are used rather than held in registers across a loop (the down
+// kernel spilled holding them).
+struct WidePlace {
+  int range, row;
+};
+template <int P>
+__device__ __forceinline__ WidePlace wide_place() {
+  const int tid = opaque(static_cast<int>(threadIdx.x)), warp = tid >> 5;
+  return {warp / P, (8 / P) * (warp % P) + ((tid & 31) >> 2) / P};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -386,8 +477,9 @@ __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint
 // In the model dtype: rows of K contiguous elements.
 template <typename T>
 struct DenseExperts {
-  enum : int { kStep = kStepK };  // k per warp step
+  enum : int { kStep = kStepK };  // k per warp step (frag mapping; wide: kStep * P)
   static constexpr bool kFast = !std::is_same_v<T, float>;  // the MMA kernels: fp16 / bf16
+  enum : bool { kWideLoads = kFast };                        // stream_wide exists
   const T* w;  // [E, N, K]
   int64_t N, K;
 
@@ -400,6 +492,14 @@ struct DenseExperts {
     const T* base = w + static_cast<int64_t>(expert) * N * K;
     stream_rows<T, NT>(base + row_lo * K, base + row_hi * K, col, col_ok, K, s_begin, s_end, res);
   }
+  // The wide mapping: row_lo / row_hi are the lane's rows of its warp's fragment (stream_rows<T, NT, P>).
+  template <int NT, int P, int U>
+  __device__ __forceinline__ void stream_wide(int expert, int64_t row_lo, int64_t row_hi, const T* const (&col)[NT],
+                                              const bool (&col_ok)[NT], int s_begin, int s_end,
+                                              float (&res)[NT][4]) const {
+    const T* base = w + static_cast<int64_t>(expert) * N * K;
+    stream_rows<T, NT, P, U>(base + row_lo * K, base + row_hi * K, col, col_ok, K, s_begin, s_end, res);
+  }
 };
 
 // int4 (docs/design.md §7): element = (u - z) * s rounded once to T, exactly dequantize_int4's value.
@@ -408,6 +508,7 @@ template <typename T>
 struct Int4Experts {
   enum : int { kStep = kGroupK };  // k per warp step: one group
   static constexpr bool kFast = std::is_same_v<T, __nv_bfloat16>;
+  enum : bool { kWideLoads = false };  // one 128-k group per step and lane quad: the frag mapping only
   const uint8_t* qweight;        // [E, N, K/2]: code 2j in the low nibble of byte j, 2j + 1 in the high
   const __nv_bfloat16* scales;   // [E, N, K/128]
   const uint8_t* zeros;          // [E, N, K/128] or nullptr (symmetric: z = 8)
@@ -570,21 +671,29 @@ struct GateUpParams {
 template <int NT>
 struct GateUpSmem {
   Schedule s;
-  float4 red[2][kWarps][NT][32];  // the warps' partials of a tile, double-buffered: one barrier per tile
+  // The warps' partials of a tile, double-buffered (one barrier per tile). frag: each lane's C fragments
+  // as they are; wide: the part sums, [K range][column][tile row] (8 / P ranges, 8 NT / P columns).
+  union {
+    float4 frag[2][kWarps][NT][32];
+    float wide[2][kWarps][8 * NT][16];
+  } red;
 };
 
 // One tile = 8 features f0 .. f0 + 7 of one item over all of H: lane rows g -> the gate row of
-// feature f0 + g, g + 8 -> its up row; columns = the item's pairs (routed, item >= 0: their tokens'
-// hidden rows) or the tokens [8 NT sub, 8 NT (sub + 1)) (the shared experts, item = -1 - sub). This
-// warp's K range: steps [s_begin, s_end) of kStepK (shared) or [r_begin, r_end) of W::kStep (routed).
-// Ends with the tile's act stored by 32 NT threads. kRouted (item >= 0) is a template argument: each
-// of the kernel's two tile loops holds only its own weight stream (one inlined stream of each kind in
-// the same loop spilled registers).
-template <typename T, MoeGateUpLayout kLayout, int NT, bool kRouted, typename W>
+// feature f0 + g, g + 8 -> its up row (wide, kParts = P > 1: this warp's fragment f, its lo slot g ->
+// the gate row of feature f0 + wide_row<P>(f), hi slot that feature's up row); columns = the item's
+// pairs (routed, item >= 0: their tokens' hidden rows) or the tokens [kCols sub, kCols (sub + 1))
+// (the shared experts, item = -1 - sub), kCols = 8 NT / P. This warp's K range: steps [s_begin, s_end)
+// of kStepK P (shared) or [r_begin, r_end) of W::kStep P (routed). Ends with the tile's act stored by
+// 32 NT (wide: 8 kCols) threads. kRouted (item >= 0) is a template argument: each of the kernel's two
+// tile loops holds only its own weight stream (one inlined stream of each kind in the same loop
+// spilled registers).
+template <typename T, MoeGateUpLayout kLayout, int NT, int kParts, bool kRouted, typename W>
 __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const Schedule& s, int item, int f0,
-                                             int s_begin, int s_end, int r_begin, int r_end,
-                                             float4 (*red)[NT][32]) {
-  constexpr int kCols = 8 * NT;
+                                             int s_begin, int s_end, int r_begin, int r_end, GateUpSmem<NT>& sm,
+                                             int parity) {
+  constexpr int kCols = 8 * NT / kParts;
+  constexpr int kRanges = kWarps / kParts;  // wide: the K ranges (warp / kParts) of a fragment
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
   constexpr bool routed = kRouted;
   int ncols, col0;  // the shared tiles run before the schedule exists: no read of it
@@ -600,14 +709,18 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
     bool col_ok[NT];
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-      const int cidx = 8 * n + g;
+      const int cidx = (8 * n + g) / kParts;
       col_ok[n] = cidx < ncols;
       const int token = !col_ok[n] ? 0 : routed ? s.col_pair[col0 + cidx] / p.k : col0 + cidx;
       col[n] = p.hidden + static_cast<int64_t>(token) * p.H;
     }
+    // This lane's feature: f0 + g (frag), f0 + wide_row(warp % P) (wide; the 8 features of a tile are 8
+    // consecutive gate rows and 8 consecutive up rows in both layouts: f0 % 8 == 0, one interleaved
+    // [8 gate | 8 up] block).
+    const int row = kParts == 1 ? g : wide_row<kParts>(warp % kParts);
     float res[NT][4];
     if constexpr (routed) {
-      const int64_t f = min(static_cast<int64_t>(f0 + g), p.I - 1);  // I % 8 == 0 on this path: always f0 + g
+      const int64_t f = min(static_cast<int64_t>(f0 + row), p.I - 1);  // I % 8 == 0 on this path: always f0 + row
       int64_t gate, up;
       if constexpr (kLayout == MoeGateUpLayout::kInterleaved) {
         gate = (f >> 3) * 16 + (f & 7);
@@ -616,34 +729,75 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
         gate = f;
         up = p.I + f;
       }
-      p.gate_up.template stream<NT>(s.item_expert[item], gate, up, col, col_ok, r_begin, r_end, res);
+      if constexpr (kParts == 1)
+        p.gate_up.template stream<NT>(s.item_expert[item], gate, up, col, col_ok, r_begin, r_end, res);
+      else
+        p.gate_up.template stream_wide<NT, kParts, batch_steps<NT>()>(s.item_expert[item], gate, up, col, col_ok,
+                                                                      r_begin, r_end, res);
     } else {
-      const int64_t f = min(static_cast<int64_t>(f0 + g), p.Is - 1);
-      stream_rows<T, NT>(p.shared_gate_up + f * p.H, p.shared_gate_up + (p.Is + f) * p.H, col, col_ok, p.H, s_begin,
-                         s_end, res);
+      const int64_t f = min(static_cast<int64_t>(f0 + row), p.Is - 1);
+      stream_rows<T, NT, kParts>(p.shared_gate_up + f * p.H, p.shared_gate_up + (p.Is + f) * p.H, col, col_ok, p.H,
+                                 s_begin, s_end, res);
     }
+    if constexpr (kParts == 1) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) red[warp][n][lane] = make_float4(res[n][0], res[n][1], res[n][2], res[n][3]);
+      for (int n = 0; n < NT; ++n)
+        sm.red.frag[parity][warp][n][lane] = make_float4(res[n][0], res[n][1], res[n][2], res[n][3]);
+    } else {
+      float sum[NT][2];
+      wide_sum_parts<kParts, NT>(res, sum);
+      if (wide_writer<kParts>()) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          sm.red.wide[parity][warp / kParts][wide_col<kParts>(n)][row] = sum[n][0];
+          sm.red.wide[parity][warp / kParts][wide_col<kParts>(n)][row + 8] = sum[n][1];
+        }
+      }
+    }
   }
   __syncthreads();
-  // Thread (n, l): feature f0 + l / 4, columns 8n + 2 (l % 4) + {0, 1}: x, y gate; z, w up.
-  if (threadIdx.x < NT * 32) {
-    const int n = threadIdx.x >> 5, l = threadIdx.x & 31;
-    float4 v = red[0][n][l];
+  if constexpr (kParts == 1) {
+    // Thread (n, l): feature f0 + l / 4, columns 8n + 2 (l % 4) + {0, 1}: x, y gate; z, w up.
+    if (threadIdx.x < NT * 32) {
+      const int n = threadIdx.x >> 5, l = threadIdx.x & 31;
+      float4 v = sm.red.frag[parity][0][n][l];
 #pragma unroll
-    for (int w = 1; w < kWarps; ++w) {
-      const float4 q = red[w][n][l];
-      v.x += q.x;
-      v.y += q.y;
-      v.z += q.z;
-      v.w += q.w;
+      for (int w = 1; w < kWarps; ++w) {
+        const float4 q = sm.red.frag[parity][w][n][l];
+        v.x += q.x;
+        v.y += q.y;
+        v.z += q.z;
+        v.w += q.w;
+      }
+      const int64_t f = f0 + (l >> 2);
+      if (f < (routed ? p.I : p.Is)) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int cidx = 8 * n + 2 * (l & 3) + i;
+          if (cidx >= ncols) continue;
+          int64_t dst;
+          if constexpr (routed) {
+            const int pair = s.col_pair[col0 + cidx];
+            dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
+          } else {
+            dst = static_cast<int64_t>(col0 + cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
+          }
+          p.act[dst] = from_float<T>(silu_f(i == 0 ? v.x : v.y) * (i == 0 ? v.z : v.w));
+        }
+      }
     }
-    const int64_t f = f0 + (l >> 2);
-    if (f < (routed ? p.I : p.Is)) {
+  } else {
+    // Thread (column cidx, feature f0 + i): the gate (row i) and up (row i + 8) sums, K ranges in order.
+    if (threadIdx.x < kCols * 8) {
+      const int cidx = threadIdx.x >> 3, i = threadIdx.x & 7;
+      float gate = sm.red.wide[parity][0][cidx][i], up = sm.red.wide[parity][0][cidx][i + 8];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int cidx = 8 * n + 2 * (l & 3) + i;
-        if (cidx >= ncols) continue;
+      for (int r = 1; r < kRanges; ++r) {
+        gate += sm.red.wide[parity][r][cidx][i];
+        up += sm.red.wide[parity][r][cidx][i + 8];
+      }
+      const int64_t f = f0 + i;
+      if (cidx < ncols && f < (routed ? p.I : p.Is)) {
         int64_t dst;
         if constexpr (routed) {
           const int pair = s.col_pair[col0 + cidx];
@@ -651,26 +805,31 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
         } else {
           dst = static_cast<int64_t>(col0 + cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
         }
-        p.act[dst] = from_float<T>(silu_f(i == 0 ? v.x : v.y) * (i == 0 ? v.z : v.w));
+        p.act[dst] = from_float<T>(silu_f(gate) * up);
       }
     }
   }
 }
 
-template <typename T, MoeGateUpLayout kLayout, int NT, typename W>
+// kParts: k-parts per weight row, 1 for the frag mapping, 2 or 4 for the wide one (W::kWideLoads; warp w
+// streams fragment w % kParts of each tile over the K range w / kParts of kWarps / kParts).
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int kParts>
 __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpParams<T, W> p) {
-  constexpr int kCols = 8 * NT;
+  static_assert(kParts == 1 || (W::kWideLoads && wide_parts_ok<kParts>()), "the wide mapping: model-dtype rows");
+  constexpr int kCols = 8 * NT / kParts;
+  constexpr int kRanges = kWarps / kParts;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   GateUpSmem<NT>& sm = *reinterpret_cast<GateUpSmem<NT>*>(smem_raw);
   Schedule& s = sm.s;
-  const int warp = threadIdx.x >> 5;
+  const int warp = threadIdx.x >> 5, range = warp / kParts;
 
   // Every tile's K is H: this warp's contiguous share of it is the same for all of them.
-  const int64_t steps = (p.H + kStepK - 1) / kStepK;
-  const int s_begin = static_cast<int>(steps * warp / kWarps), s_end = static_cast<int>(steps * (warp + 1) / kWarps);
+  const int64_t steps = (p.H + kStepK * kParts - 1) / (kStepK * kParts);
+  const int s_begin = static_cast<int>(steps * range / kRanges);
+  const int s_end = static_cast<int>(steps * (range + 1) / kRanges);
   // Tile counts in int: < 2^27 shared (Is < 2^30, 8 groups at most) + 2^9 items x 2^21 (I < 2^24).
   const int ft_shared = static_cast<int>(p.Is / 8), ft_routed = static_cast<int>(p.I / 8);  // I, Is % 8 == 0
-  // The shared experts' tiles: (feature tile, column group of 8 NT tokens), the groups of a feature
+  // The shared experts' tiles: (feature tile, column group of kCols tokens), the groups of a feature
   // tile side by side (CTAs b, b + 1, ...: the same weight rows at the same time, one HBM read).
   const int groups = (p.T_ + kCols - 1) / kCols;
   const int tiles_shared = ft_shared * groups;
@@ -680,8 +839,11 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   // the first batch of its first tile's weight rows when that tile is a shared experts' one (the rows
   // of gate_up_tile below).
   if (static_cast<int>(blockIdx.x) < tiles_shared) {
-    const int64_t f = min(static_cast<int64_t>(static_cast<int>(blockIdx.x) / groups * 8 + (threadIdx.x & 31) / 4), p.Is - 1);
-    prefetch_first_batch<T, NT>(p.shared_gate_up + f * p.H, p.shared_gate_up + (p.Is + f) * p.H, p.H, s_begin, s_end);
+    // (Unsigned lane row for frag: the expression its tuned code was built from.)
+    const auto row = kParts == 1 ? (threadIdx.x & 31) / 4 : wide_row<kParts>(warp % kParts);
+    const int64_t f = min(static_cast<int64_t>(static_cast<int>(blockIdx.x) / groups * 8 + row), p.Is - 1);
+    prefetch_first_batch<T, NT, kParts>(p.shared_gate_up + f * p.H, p.shared_gate_up + (p.Is + f) * p.H, p.H,
+                                        s_begin, s_end);
   }
   pdl_wait();
   pdl_launch_dependents();
@@ -692,8 +854,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   int parity = 0;
   int tile = blockIdx.x;
   for (; tile < tiles_shared; tile += gridDim.x) {
-    gate_up_tile<T, kLayout, NT, false>(p, s, -1 - tile % groups, tile / groups * 8, s_begin, s_end, 0, 0,
-                                        sm.red[parity]);
+    gate_up_tile<T, kLayout, NT, kParts, false>(p, s, -1 - tile % groups, tile / groups * 8, s_begin, s_end, 0, 0,
+                                                sm, parity);
     parity ^= 1;
   }
 
@@ -714,18 +876,18 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   // rt lies in its expert's range [group0 * ft_routed, (group0 + groupn) * ft_routed), and rt /
   // ft_routed is one of the expert's items.
   const int tiles = tiles_shared + s.num_routed_items * ft_routed;
-  // This warp's share of H for the routed rows, in their steps (W::kStep k: 32 in the model dtype, the
-  // same as the shared rows', 128 for int4); computed here, not held across the shared tiles.
-  const int64_t r_steps = (p.H + W::kStep - 1) / W::kStep;
-  const int r_begin = static_cast<int>(r_steps * warp / kWarps);
-  const int r_end = static_cast<int>(r_steps * (warp + 1) / kWarps);
+  // This warp's share of H for the routed rows, in their steps (W::kStep kParts k: 32 kParts in the
+  // model dtype, as the shared rows', 128 for int4); computed here, not held across the shared tiles.
+  const int64_t r_steps = (p.H + W::kStep * kParts - 1) / (W::kStep * kParts);
+  const int r_begin = static_cast<int>(r_steps * range / kRanges);
+  const int r_end = static_cast<int>(r_steps * (range + 1) / kRanges);
   for (; tile < tiles; tile += gridDim.x) {
     const int rt = tile - tiles_shared;
     const int any_item = rt / ft_routed;
     const int group0 = s.item_group0[any_item], groupn = s.item_groupn[any_item];
     const int local = rt - group0 * ft_routed;
-    gate_up_tile<T, kLayout, NT, true>(p, s, group0 + local % groupn, local / groupn * 8, 0, 0, r_begin, r_end,
-                                       sm.red[parity]);
+    gate_up_tile<T, kLayout, NT, kParts, true>(p, s, group0 + local % groupn, local / groupn * 8, 0, 0, r_begin,
+                                               r_end, sm, parity);
     parity ^= 1;
   }
 }
@@ -751,26 +913,40 @@ struct DownSmem {
   Schedule s;
   float partial[kMaxPairs][16];        // routed term of each pair, the CTA's 16 rows
   float shared_term[kMaxTokens][16];   // the shared experts' term of each token
-  // Per warp, 8 NT columns x 16 rows: first the shared passes' pieces ([pass % 2][warp]), then the
-  // pieces of the warp's first ([0][warp]) and last ([1][warp]) routed item when a warp boundary cuts it.
+  // Per K range (frag: a warp; wide: the kParts warps of range w / kParts, which hold disjoint rows),
+  // 8 NT columns x 16 rows: first the shared passes' pieces ([pass % 2][range]), then the pieces of the
+  // range's first ([0][range]) and last ([1][range]) routed item when a range boundary cuts it.
   float piece[2][kWarps][8 * NT][16];
   float weight[kMaxPairs];             // topk_weights
 };
 
-// Start of warp w's range of an n-step sequence split in 8 equal contiguous ranges.
-// (n < 2^28 on the fast path: fast_sizes.)
-__device__ __forceinline__ int range_start(int n, int w) { return static_cast<int>(static_cast<int64_t>(n) * w / kWarps); }
+// Start of range w of an n-step sequence split in kRanges equal contiguous ranges (8: one per warp; the
+// wide mapping's 8 / P). (n < 2^28 on the fast path: fast_sizes.)
+template <int kRanges>
+__device__ __forceinline__ int range_start(int n, int w) {
+  return static_cast<int>(static_cast<int64_t>(n) * w / kRanges);
+}
 
-template <typename T, int NT, typename W>
+// kParts: k-parts per weight row, 1 for the frag mapping, 2 or 4 for the wide one (W::kWideLoads; warp w
+// streams fragment w % kParts of the 16 rows over the K range w / kParts of kWarps / kParts): the
+// columns are then 8 NT / kParts, and the lanes that hold a (row, column) sum (wide_writer) store it.
+template <typename T, int NT, typename W, int kParts>
 __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<T, W> p) {
-  constexpr int kCols = 8 * NT;
+  static_assert(kParts == 1 || (W::kWideLoads && wide_parts_ok<kParts>()), "the wide mapping: model-dtype rows");
+  constexpr int kCols = 8 * NT / kParts;
+  constexpr int kRanges = kWarps / kParts;
+  // Steps per batch of the weight streams: the frag ones (batch_steps) but for the wide mapping at NT = 1,
+  // where 8 steps (16 weight vectors per lane in flight) spilled registers here (12-20 bytes; gate_up
+  // holds 8): 7 for P = 4, 6 for P = 2 (7 still spilled 4 bytes).
+  constexpr int kDownU = kParts == 1 || NT > 1 ? batch_steps<NT>() : kParts == 4 ? 7 : 6;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   DownSmem<NT>& sm = *reinterpret_cast<DownSmem<NT>*>(smem_raw);
   Schedule& s = sm.s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   // (int: H < 2^30 on the fast path.)
   const int h0 = static_cast<int>(blockIdx.x) * 16, H = static_cast<int>(p.H);
-  // Rows past H (H % 16 != 0) read row H - 1 and are not stored.
+  // Rows past H (H % 16 != 0) read row H - 1 and are not stored. (The wide mapping's rows: per use,
+  // from wide_place; the lane's lo row of the 16 is its fragment's wide_row, the hi row 8 below.)
   const int h_lo = min(h0 + g, H - 1), h_hi = min(h0 + g + 8, H - 1);
 
   // PDL (csrc/pdl.cuh): act (the previous kernel's output), the ids and weights of the routing and the
@@ -791,41 +967,57 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   // Zero terms for pairs no item covers (I == 0); bad pairs are never read.
   for (int i = threadIdx.x; i < P * 16; i += kThreads) (&sm.partial[0][0])[i] = 0.0f;
 
-  // The shared experts: rows h of shared_down, columns = the tokens, 8 NT at a time (one pass per
+  // The shared experts: rows h of shared_down, columns = the tokens, kCols at a time (one pass per
   // column group; a warp re-reads its K range of the 16 rows from L1 / L2), this warp's share of Is;
-  // each pass's pieces summed in warp order after a barrier (double-buffered: the pass after next
+  // each pass's pieces summed in range order after a barrier (double-buffered: the pass after next
   // writes the buffer only after the next barrier, which follows this sum).
   if (p.Is > 0) {
     const int groups = (p.T_ + kCols - 1) / kCols;
     for (int sub = 0; sub < groups; ++sub) {
       // Everything below derives from per-pass opaque values: the compiler recomputes the (same)
       // rows and ranges each pass instead of holding them in registers across the passes.
-      const int steps = opaque(static_cast<int>((p.Is + kStepK - 1) / kStepK)), hb = opaque(h0);
+      const int steps = opaque(static_cast<int>((p.Is + kStepK * kParts - 1) / (kStepK * kParts)));
+      const int hb = opaque(h0);
+      const WidePlace place = kParts == 1 ? WidePlace{warp, g} : wide_place<kParts>();
+      const int range = place.range, row = place.row;
       const int t0 = sub * kCols;
       const T* col[NT];
       bool col_ok[NT];
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
-        const int t = t0 + 8 * n + g;
+        const int t = t0 + (8 * n + g) / kParts;
         col_ok[n] = t < p.T_;
         col[n] = p.act + static_cast<int64_t>(col_ok[n] ? t : 0) * p.NA + static_cast<int64_t>(p.k) * p.I;
       }
       float res[NT][4];
-      stream_rows<T, NT>(p.shared_down + min(hb + g, H - 1) * p.Is, p.shared_down + min(hb + g + 8, H - 1) * p.Is,
-                         col, col_ok, p.Is, range_start(steps, warp), range_start(steps, warp + 1), res);
-      float (*mine)[16] = sm.piece[sub & 1][warp];
+      stream_rows<T, NT, kParts, kDownU>(p.shared_down + min(hb + row, H - 1) * p.Is,
+                                 p.shared_down + min(hb + row + 8, H - 1) * p.Is, col, col_ok, p.Is,
+                                 range_start<kRanges>(steps, range), range_start<kRanges>(steps, range + 1), res);
+      float (*mine)[16] = sm.piece[sub & 1][range];
+      if constexpr (kParts == 1) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) mine[8 * n + 2 * c + (r & 1)][g + (r >> 1) * 8] = res[n][r];
+          for (int r = 0; r < 4; ++r) mine[8 * n + 2 * c + (r & 1)][g + (r >> 1) * 8] = res[n][r];
+      } else {
+        float sum[NT][2];
+        wide_sum_parts<kParts, NT>(res, sum);
+        if (wide_writer<kParts>()) {
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            mine[wide_col<kParts>(n)][row] = sum[n][0];
+            mine[wide_col<kParts>(n)][row + 8] = sum[n][1];
+          }
+        }
+      }
       __syncthreads();
       for (int i = threadIdx.x; i < kCols * 16; i += kThreads) {
-        const int cidx = i / 16, row = i % 16;
+        const int cidx = i / 16, r = i % 16;
         if (t0 + cidx >= p.T_) continue;
-        float v = sm.piece[sub & 1][0][cidx][row];
+        float v = sm.piece[sub & 1][0][cidx][r];
 #pragma unroll
-        for (int w = 1; w < kWarps; ++w) v += sm.piece[sub & 1][w][cidx][row];
-        sm.shared_term[t0 + cidx][row] = v;
+        for (int w = 1; w < kRanges; ++w) v += sm.piece[sub & 1][w][cidx][r];
+        sm.shared_term[t0 + cidx][r] = v;
       }
     }
   }
@@ -834,11 +1026,12 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   // piece[] again.
   build_schedule(s, P, p.E, kCols);
 
-  // The routed items end to end, R x steps_item steps, split over the warps.
+  // The routed items end to end, R x steps_item steps, split over the K ranges.
   const int R = s.num_routed_items;
-  const int steps_item = static_cast<int>((p.I + W::kStep - 1) / W::kStep);
+  const int steps_item = static_cast<int>((p.I + W::kStep * kParts - 1) / (W::kStep * kParts));
   const int S = R * steps_item;  // < 2^28 (fast_sizes)
-  const int r_begin = range_start(S, warp), r_end = range_start(S, warp + 1);
+  const int range = kParts == 1 ? warp : wide_place<kParts>().range;
+  const int r_begin = range_start<kRanges>(S, range), r_end = range_start<kRanges>(S, range + 1);
   if (r_begin < r_end) {
     for (int it = r_begin / steps_item; it * steps_item < r_end; ++it) {
       const int u0 = it * steps_item;
@@ -848,47 +1041,72 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
       bool col_ok[NT];
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
-        const int cidx = 8 * n + g;
+        const int cidx = (8 * n + g) / kParts;
         col_ok[n] = cidx < ncols;
         const int pair = col_ok[n] ? s.col_pair[col0 + cidx] : 0;
         col[n] = p.act + static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I;
       }
       float res[NT][4];
-      p.down.template stream<NT>(s.item_expert[it], h_lo, h_hi, col, col_ok, a, b, res);
+      if constexpr (kParts == 1) {
+        p.down.template stream<NT>(s.item_expert[it], h_lo, h_hi, col, col_ok, a, b, res);
+      } else {
+        const int hb = static_cast<int>(blockIdx.x) * 16 + wide_place<kParts>().row;
+        p.down.template stream_wide<NT, kParts, kDownU>(s.item_expert[it], min(hb, H - 1), min(hb + 8, H - 1), col,
+                                                        col_ok, a, b, res);
+      }
       const bool whole = a == 0 && b == steps_item;
-      // Not whole: the warp's first item (its range starts inside it) or its last.
+      // Not whole: the range's first item (its range starts inside it) or its last.
       const int which = r_begin >= u0 ? 0 : 1;
+      if constexpr (kParts == 1) {
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int cidx = 8 * n + 2 * c + (r & 1), row = g + (r >> 1) * 8;
-          if (cidx >= ncols) continue;
-          if (whole)
-            sm.partial[s.col_pair[col0 + cidx]][row] = res[n][r];
-          else
-            sm.piece[which][warp][cidx][row] = res[n][r];
+          for (int r = 0; r < 4; ++r) {
+            const int cidx = 8 * n + 2 * c + (r & 1), rr = g + (r >> 1) * 8;
+            if (cidx >= ncols) continue;
+            if (whole)
+              sm.partial[s.col_pair[col0 + cidx]][rr] = res[n][r];
+            else
+              sm.piece[which][warp][cidx][rr] = res[n][r];
+          }
+      } else {
+        float sum[NT][2];
+        wide_sum_parts<kParts, NT>(res, sum);
+        if (wide_writer<kParts>()) {
+          const WidePlace place = wide_place<kParts>();
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int cidx = wide_col<kParts>(n), rr = place.row + 8 * h;
+              if (cidx >= ncols) continue;
+              if (whole)
+                sm.partial[s.col_pair[col0 + cidx]][rr] = sum[n][h];
+              else
+                sm.piece[which][place.range][cidx][rr] = sum[n][h];
+            }
         }
+      }
     }
   }
   __syncthreads();
 
-  // Items cut by warp boundaries: the pieces in warp order. Boundary w (1..7) handles the item it
-  // falls strictly inside, unless boundary w - 1 does too.
+  // Items cut by range boundaries: the pieces in range order. Boundary w (1 .. kRanges - 1) handles the
+  // item it falls strictly inside, unless boundary w - 1 does too.
   if (steps_item > 0) {
-    for (int i = threadIdx.x; i < (kWarps - 1) * kCols * 16; i += kThreads) {
-      const int w = 1 + i / (kCols * 16), cidx = (i / 16) % kCols, row = i % 16;
-      const int boundary = range_start(S, w);
+    for (int i = threadIdx.x; i < (kRanges - 1) * kCols * 16; i += kThreads) {
+      const int w = 1 + i / (kCols * 16), cidx = (i / 16) % kCols, r = i % 16;
+      const int boundary = range_start<kRanges>(S, w);
       if (boundary >= S) continue;
       const int it = boundary / steps_item, u0 = it * steps_item;
-      if (boundary == u0 || range_start(S, w - 1) > u0) continue;
+      if (boundary == u0 || range_start<kRanges>(S, w - 1) > u0) continue;
       if (cidx >= s.item_ncols[it]) continue;
       float sum = 0.0f;
-      for (int w2 = 0; w2 < kWarps; ++w2) {
-        const int lo = range_start(S, w2), hi = range_start(S, w2 + 1);
-        if (lo < hi && lo < u0 + steps_item && hi > u0) sum += sm.piece[lo >= u0 ? 0 : 1][w2][cidx][row];
+      for (int w2 = 0; w2 < kRanges; ++w2) {
+        const int lo = range_start<kRanges>(S, w2), hi = range_start<kRanges>(S, w2 + 1);
+        if (lo < hi && lo < u0 + steps_item && hi > u0) sum += sm.piece[lo >= u0 ? 0 : 1][w2][cidx][r];
       }
-      sm.partial[s.col_pair[s.item_col0[it] + cidx]][row] = sum;
+      sm.partial[s.col_pair[s.item_col0[it] + cidx]][r] = sum;
     }
     __syncthreads();
   }
@@ -896,8 +1114,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   // Combine: out[t, h] = sum_j w[t, j] * term(t, j) + shared(t) + residual, in that order, rounded once.
   // (The residual was written by the previous op: an L2 hit, read here rather than held in a register.)
   for (int i = threadIdx.x; i < p.T_ * 16; i += kThreads) {
-    const int t = i / 16, row = i % 16;
-    if (h0 + row >= p.H) continue;
+    const int t = i / 16, r = i % 16;
+    if (h0 + r >= p.H) continue;
     float acc = 0.0f;
     bool bad = false;
     for (int j = 0; j < p.k; ++j) {
@@ -905,11 +1123,11 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
       if (s.pair_slot[pair] < 0)
         bad = true;
       else
-        acc = __fadd_rn(acc, __fmul_rn(sm.weight[pair], sm.partial[pair][row]));
+        acc = __fadd_rn(acc, __fmul_rn(sm.weight[pair], sm.partial[pair][r]));
     }
-    if (p.Is > 0) acc = __fadd_rn(acc, sm.shared_term[t][row]);
-    if (p.residual != nullptr) acc = __fadd_rn(acc, to_float(p.residual[static_cast<int64_t>(t) * p.H + h0 + row]));
-    p.out[static_cast<int64_t>(t) * p.H + h0 + row] = from_float<T>(bad ? NAN : acc);
+    if (p.Is > 0) acc = __fadd_rn(acc, sm.shared_term[t][r]);
+    if (p.residual != nullptr) acc = __fadd_rn(acc, to_float(p.residual[static_cast<int64_t>(t) * p.H + h0 + r]));
+    p.out[static_cast<int64_t>(t) * p.H + h0 + r] = from_float<T>(bad ? NAN : acc);
   }
 }
 
@@ -1018,6 +1236,27 @@ int64_t fast_chunk(int64_t k) { return k == 0 ? kMaxTokens : std::min<int64_t>(k
 // DOTS1_EXT_MOE_DECODE_NT, checked in moe_decode.cpp) overrides it; 0: by token count.
 int pick_nt(int64_t tokens, int n_tiles) { return n_tiles != 0 ? n_tiles : tokens <= 8 ? 1 : 2; }
 
+// A fast launch's weight-load mapping: parts (P) k-parts per row (1: frag) and n-tiles per MMA.
+struct Mapping {
+  int parts, nt;
+};
+
+// The wide mapping (loads == kWide, model-dtype rows) takes launches of up to kWideMaxTokens tokens, with
+// P and NT such that the 8 NT / P columns of an item hold every token: the shared experts are one
+// column group (read once, as frag's at T <= 8) and, with distinct ids per token, every expert one
+// item. P = 4, NT = 1 (2 columns) up to 2 tokens; P = 2, NT = 1 (4 columns) up to 4; P = 2, NT = 2 (8
+// columns) up to 8: no more MMAs per weight byte than frag's NT = 1 below 5 tokens, twice as many above
+// (tensor-core time is not what limits these kernels). Above 8 tokens frag: a wide item of 8 columns
+// needs P = 2, NT = 4 or P = 4, NT = 8, whose accumulators and batches do not fit in 128 registers.
+// n_tiles (DOTS1_EXT_MOE_DECODE_NT) applies to the frag launches only.
+constexpr int kWideMaxTokens = 8;
+template <typename W>
+Mapping pick_mapping(int64_t tokens, int n_tiles, MoeDecodeLoads loads) {
+  if (W::kWideLoads && loads == MoeDecodeLoads::kWide && tokens <= kWideMaxTokens)
+    return tokens <= 2 ? Mapping{4, 1} : tokens <= 4 ? Mapping{2, 1} : Mapping{2, 2};
+  return {1, pick_nt(tokens, n_tiles)};
+}
+
 unsigned int simple_blocks(int64_t outputs, int sm_count) {
   const int64_t blocks = (outputs + kWarps - 1) / kWarps;
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{sm_count} * 32)));
@@ -1051,30 +1290,54 @@ cudaError_t launch_fast(dim3 grid, size_t bytes, cudaStream_t stream, bool use_p
   return launch_pdl(Kernel, grid, dim3(kThreads), bytes, stream, use_pdl, p);
 }
 
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P>
+cudaError_t launch_gate_up(dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T, W>& p) {
+  return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P>>(grid, sizeof(GateUpSmem<NT>), stream, use_pdl, p);
+}
+
+template <typename T, int NT, typename W, int P>
+cudaError_t launch_down(dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T, W>& p) {
+  return launch_fast<moe_down_kernel<T, NT, W, P>>(grid, sizeof(DownSmem<NT>), stream, use_pdl, p);
+}
+
+// The instantiations: frag at NT = 1, 2, 4; wide (model-dtype rows) at (P, NT) = (4, 1), (2, 1), (2, 2).
 template <typename T, MoeGateUpLayout kLayout, typename W>
-cudaError_t launch_gate_up_nt(int nt, dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T, W>& p) {
-  switch (nt) {
-    case 1: return launch_fast<moe_gate_up_kernel<T, kLayout, 1, W>>(grid, sizeof(GateUpSmem<1>), stream, use_pdl, p);
-    case 2: return launch_fast<moe_gate_up_kernel<T, kLayout, 2, W>>(grid, sizeof(GateUpSmem<2>), stream, use_pdl, p);
-    case 4: return launch_fast<moe_gate_up_kernel<T, kLayout, 4, W>>(grid, sizeof(GateUpSmem<4>), stream, use_pdl, p);
+cudaError_t launch_gate_up_mapped(Mapping m, dim3 grid, cudaStream_t stream, bool use_pdl,
+                                  const GateUpParams<T, W>& p) {
+  if constexpr (W::kWideLoads) {
+    if (m.parts == 4 && m.nt == 1) return launch_gate_up<T, kLayout, 1, W, 4>(grid, stream, use_pdl, p);
+    if (m.parts == 2 && m.nt == 1) return launch_gate_up<T, kLayout, 1, W, 2>(grid, stream, use_pdl, p);
+    if (m.parts == 2 && m.nt == 2) return launch_gate_up<T, kLayout, 2, W, 2>(grid, stream, use_pdl, p);
+  }
+  if (m.parts != 1) return cudaErrorInvalidValue;
+  switch (m.nt) {
+    case 1: return launch_gate_up<T, kLayout, 1, W, 1>(grid, stream, use_pdl, p);
+    case 2: return launch_gate_up<T, kLayout, 2, W, 1>(grid, stream, use_pdl, p);
+    case 4: return launch_gate_up<T, kLayout, 4, W, 1>(grid, stream, use_pdl, p);
     default: return cudaErrorInvalidValue;
   }
 }
 
 template <typename T, typename W>
-cudaError_t launch_down_nt(int nt, dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T, W>& p) {
-  switch (nt) {
-    case 1: return launch_fast<moe_down_kernel<T, 1, W>>(grid, sizeof(DownSmem<1>), stream, use_pdl, p);
-    case 2: return launch_fast<moe_down_kernel<T, 2, W>>(grid, sizeof(DownSmem<2>), stream, use_pdl, p);
-    case 4: return launch_fast<moe_down_kernel<T, 4, W>>(grid, sizeof(DownSmem<4>), stream, use_pdl, p);
+cudaError_t launch_down_mapped(Mapping m, dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T, W>& p) {
+  if constexpr (W::kWideLoads) {
+    if (m.parts == 4 && m.nt == 1) return launch_down<T, 1, W, 4>(grid, stream, use_pdl, p);
+    if (m.parts == 2 && m.nt == 1) return launch_down<T, 1, W, 2>(grid, stream, use_pdl, p);
+    if (m.parts == 2 && m.nt == 2) return launch_down<T, 2, W, 2>(grid, stream, use_pdl, p);
+  }
+  if (m.parts != 1) return cudaErrorInvalidValue;
+  switch (m.nt) {
+    case 1: return launch_down<T, 1, W, 1>(grid, stream, use_pdl, p);
+    case 2: return launch_down<T, 2, W, 1>(grid, stream, use_pdl, p);
+    case 4: return launch_down<T, 4, W, 1>(grid, stream, use_pdl, p);
     default: return cudaErrorInvalidValue;
   }
 }
 
 // The fast path over token chunks (only for W::kFast dtypes: fp16 / bf16 dense, bf16 int4).
 template <typename T, typename W>
-cudaError_t gate_up_fast(GateUpParams<T, W> p, int64_t T_total, MoeGateUpLayout layout, int n_tiles, int sm_count,
-                         cudaStream_t stream, bool use_pdl) {
+cudaError_t gate_up_fast(GateUpParams<T, W> p, int64_t T_total, MoeGateUpLayout layout, int n_tiles,
+                         MoeDecodeLoads loads, int sm_count, cudaStream_t stream, bool use_pdl) {
   if constexpr (!W::kFast) {
     return cudaErrorInvalidValue;
   } else {
@@ -1088,18 +1351,19 @@ cudaError_t gate_up_fast(GateUpParams<T, W> p, int64_t T_total, MoeGateUpLayout 
       p.hidden = hidden + t0 * p.H;
       p.topk_ids = ids + t0 * p.k;
       p.act = act + t0 * p.NA;
-      const int nt = pick_nt(tc, n_tiles);
-      // Tiles of 8 features: the shared experts' (Is / 8 per column group of 8 NT tokens) plus I / 8
-      // per routed item, of which there are at most min(pairs, E + pairs / (8 NT)). Persistent CTAs
+      const Mapping m = pick_mapping<W>(tc, n_tiles, loads);
+      const int64_t cols = 8 * m.nt / m.parts;  // per item / column group
+      // Tiles of 8 features: the shared experts' (Is / 8 per column group of `cols` tokens) plus I / 8
+      // per routed item, of which there are at most min(pairs, E + pairs / cols). Persistent CTAs
       // (2 per SM) stride over them; the real count is only known on the device.
       const int64_t pairs = tc * p.k;
-      const int64_t max_items = std::min<int64_t>(pairs, p.E + pairs / (8 * nt));
-      const int64_t max_tiles = p.Is / 8 * ((tc + 8 * nt - 1) / (8 * nt)) + max_items * (p.I / 8);
+      const int64_t max_items = std::min<int64_t>(pairs, p.E + pairs / cols);
+      const int64_t max_tiles = p.Is / 8 * ((tc + cols - 1) / cols) + max_items * (p.I / 8);
       const dim3 grid(
           static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(2 * int64_t{sm_count}, max_tiles))));
       const cudaError_t err = layout == MoeGateUpLayout::kInterleaved
-                                  ? launch_gate_up_nt<T, MoeGateUpLayout::kInterleaved>(nt, grid, stream, use_pdl, p)
-                                  : launch_gate_up_nt<T, MoeGateUpLayout::kHF>(nt, grid, stream, use_pdl, p);
+                                  ? launch_gate_up_mapped<T, MoeGateUpLayout::kInterleaved>(m, grid, stream, use_pdl, p)
+                                  : launch_gate_up_mapped<T, MoeGateUpLayout::kHF>(m, grid, stream, use_pdl, p);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -1107,7 +1371,8 @@ cudaError_t gate_up_fast(GateUpParams<T, W> p, int64_t T_total, MoeGateUpLayout 
 }
 
 template <typename T, typename W>
-cudaError_t down_fast(DownParams<T, W> p, int64_t T_total, int n_tiles, cudaStream_t stream, bool use_pdl) {
+cudaError_t down_fast(DownParams<T, W> p, int64_t T_total, int n_tiles, MoeDecodeLoads loads, cudaStream_t stream,
+                      bool use_pdl) {
   if constexpr (!W::kFast) {
     return cudaErrorInvalidValue;
   } else {
@@ -1129,8 +1394,8 @@ cudaError_t down_fast(DownParams<T, W> p, int64_t T_total, int n_tiles, cudaStre
       p.topk_weights = weights + t0 * p.k;
       p.residual = residual != nullptr ? residual + t0 * p.H : nullptr;
       p.out = out + t0 * p.H;
-      const cudaError_t err =
-          launch_down_nt<T>(pick_nt(tc, n_tiles), dim3(static_cast<unsigned int>(grid)), stream, use_pdl, p);
+      const cudaError_t err = launch_down_mapped<T>(pick_mapping<W>(tc, n_tiles, loads),
+                                                    dim3(static_cast<unsigned int>(grid)), stream, use_pdl, p);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -1139,9 +1404,9 @@ cudaError_t down_fast(DownParams<T, W> p, int64_t T_total, int n_tiles, cudaStre
 
 // One gate_up launch sequence: the fast kernels when `fast`, else the fallback.
 template <typename T, typename W>
-cudaError_t gate_up_launch(const GateUpParams<T, W>& p, bool fast, MoeGateUpLayout layout, int n_tiles, int sm_count,
-                           cudaStream_t stream, bool use_pdl) {
-  if (fast) return gate_up_fast<T, W>(p, p.T_, layout, n_tiles, sm_count, stream, use_pdl);
+cudaError_t gate_up_launch(const GateUpParams<T, W>& p, bool fast, MoeGateUpLayout layout, int n_tiles,
+                           MoeDecodeLoads loads, int sm_count, cudaStream_t stream, bool use_pdl) {
+  if (fast) return gate_up_fast<T, W>(p, p.T_, layout, n_tiles, loads, sm_count, stream, use_pdl);
   const dim3 blocks(simple_blocks(static_cast<int64_t>(p.T_) * p.NA, sm_count));
   if (layout == MoeGateUpLayout::kInterleaved)
     return launch_pdl(moe_gate_up_simple_kernel<T, MoeGateUpLayout::kInterleaved, W>, blocks, dim3(kThreads), 0, stream,
@@ -1151,9 +1416,9 @@ cudaError_t gate_up_launch(const GateUpParams<T, W>& p, bool fast, MoeGateUpLayo
 }
 
 template <typename T, typename W>
-cudaError_t down_launch(const DownParams<T, W>& p, bool fast, int n_tiles, int sm_count, cudaStream_t stream,
-                        bool use_pdl) {
-  if (fast) return down_fast<T, W>(p, p.T_, n_tiles, stream, use_pdl);
+cudaError_t down_launch(const DownParams<T, W>& p, bool fast, int n_tiles, MoeDecodeLoads loads, int sm_count,
+                        cudaStream_t stream, bool use_pdl) {
+  if (fast) return down_fast<T, W>(p, p.T_, n_tiles, loads, stream, use_pdl);
   return launch_pdl(moe_down_simple_kernel<T, W>, dim3(simple_blocks(static_cast<int64_t>(p.T_) * p.H, sm_count)),
                     dim3(kThreads), 0, stream, use_pdl, p);
 }
@@ -1163,7 +1428,7 @@ cudaError_t down_launch(const DownParams<T, W>& p, bool fast, int n_tiles, int s
 cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, const int32_t* topk_ids,
                                       const void* shared_gate_up, void* act, int64_t T, int64_t H, int64_t E,
                                       int64_t k, int64_t I, int64_t Is, MoeGateUpLayout layout, DType dtype,
-                                      int n_tiles, cudaStream_t stream, bool use_pdl) {
+                                      int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl) {
   const int64_t NA = k * I + Is;
   if (T == 0 || NA == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
@@ -1178,7 +1443,7 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
     const GateUpParams<scalar_t, DenseExperts<scalar_t>> p{
         static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
         static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
-    return gate_up_launch(p, fast, layout, n_tiles, sm_count, stream, use_pdl);
+    return gate_up_launch(p, fast, layout, n_tiles, loads, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }
@@ -1186,7 +1451,7 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
 cudaError_t launch_moe_decode_down(const void* act, const void* down, const int32_t* topk_ids,
                                    const float* topk_weights, const void* shared_down, const void* residual, void* out,
                                    int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                   int n_tiles, cudaStream_t stream, bool use_pdl) {
+                                   int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl) {
   if (T == 0 || H == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
   const int64_t NA = k * I + Is;
@@ -1202,7 +1467,7 @@ cudaError_t launch_moe_decode_down(const void* act, const void* down, const int3
         static_cast<const scalar_t*>(act), experts, topk_ids, topk_weights,
         static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
         static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
-    return down_launch(p, fast, n_tiles, sm_count, stream, use_pdl);
+    return down_launch(p, fast, n_tiles, loads, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }
@@ -1229,7 +1494,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
     const GateUpParams<scalar_t, Int4Experts<scalar_t>> p{
         static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
         static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
-    return gate_up_launch(p, fast, layout, n_tiles, sm_count, stream, use_pdl);
+    return gate_up_launch(p, fast, layout, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }
@@ -1255,7 +1520,7 @@ cudaError_t launch_moe_decode_int4_down(const void* act, const uint8_t* qweight,
         static_cast<const scalar_t*>(act), experts, topk_ids, topk_weights,
         static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
         static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
-    return down_launch(p, fast, n_tiles, sm_count, stream, use_pdl);
+    return down_launch(p, fast, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }
