@@ -13,9 +13,10 @@
 // SwiGLU epilogues so that they round once) and the epilogue in ATen: correct, not tuned.
 // DOTS1_EXT_SKINNY_TILES = 1 | 2 forces the tensor-core kernel's 16-row tiles per warp (default: chosen
 // from the shape; for tuning runs). DOTS1_EXT_SKINNY_KERNEL = frag | wide picks the tensor-core kernel's
-// weight-load mapping (skinny_gemm.h SkinnyKernel; default frag until the GPU has measured wide).
-// Both are read at every launch, so one process (a benchmark) can time each. DOTS1_EXT_PDL=0 launches without programmatic dependent launch
-// (csrc/pdl.cuh; the weight is read where it lies, never produced per call, so PDL is always safe here).
+// weight-load mapping (skinny_gemm.h SkinnyKernel; default frag until the GPU has measured wide). Both
+// are read at every launch, so one process (a benchmark) can time each. DOTS1_EXT_PDL=0 launches
+// without programmatic dependent launch (csrc/pdl.cuh; the weight is read where it lies, never
+// produced per call, so PDL is always safe here).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
