@@ -17,8 +17,8 @@
 // Two weight-load mappings of that kernel (skinny_gemm.h SkinnyKernel, DOTS1_EXT_SKINNY_KERNEL):
 // - frag (above): a warp load instruction reads 8 rows x 64 bytes. bench/probes/read_patterns.cu,
 //   the same streaming structure with only the address pattern varied, read 4238 GB/s that way on the
-//   H200, and 4659 GB/s with 2 rows x 256 bytes per instruction (DRAM pages and L2 sectors are used
-//   whole), about 10% more bandwidth for a memory-bound kernel.
+//   H200, and 4659 GB/s with 2 rows x 256 bytes per instruction: about 10% more bandwidth for a
+//   kernel that is bound by it (the reason is the memory system's; only the rate was measured).
 // - wide: the 16 A slots of an MMA need not be 16 rows. With P k-parts per row, lo slot g holds row
 //   g / P of the fragment at part g % P (hi slot g + 8: the row 8 below, or HF's up row), so lane
 //   (g, c) reads 16 bytes at k = 32 P s + 32 (g % P) + 8 c and the 4 P lanes of a row read 64 P
@@ -26,10 +26,10 @@
 //   at part n % P (lane (g, c) loads x at the same k), and C[slot, n] is a partial dot product where
 //   the parts of slot and column agree; the epilogue sums those P entries per (row, token), in a
 //   fixed order, then across warps. The columns needed are P M: P = 4 for M <= 2 and P = 2 for
-//   M <= 4 keep one n-tile, so no extra MMAs; M > 4 runs frag (P = 4 with two n-tiles spilled
-//   12-20 bytes at 128 registers, P = 2 with two n-tiles and 2 tiles per warp too). Per lane: 16
-//   weight vectors in flight as in frag (U = 8 / (RT P) steps of 2 RT P), RT P >= 4 accumulator
-//   chains. 116-124 registers, no spills. Results equal frag's up to the fp32 summation order.
+//   M <= 4 keep one n-tile, so no extra MMAs; M > 4 runs frag (two n-tiles spilled at 128 registers:
+//   P = 4 12-20 bytes, P = 2 up to 4 bytes with 1 tile per warp and 8-20 with 2). Per lane: 16 weight
+//   vectors in flight as in frag (U = 8 / (RT P) steps of 2 RT P), at least 4 accumulator chains.
+//   110-124 registers, no spills. Results equal frag's up to the fp32 summation order.
 #include <cstdint>
 
 #include "cuda_utils.cuh"
