@@ -1,4 +1,4 @@
-"""Skinny GEMM (the decode linears) at the Dots1 shapes, M in {1, 8, 16}, bf16, against cuBLAS.
+"""Skinny GEMM (the decode linears) at the Dots1 shapes, M in {1, 2, 4, 8, 16}, bf16, against cuBLAS.
 
     python -m bench.bench_skinny_gemm [--quick]
 
@@ -11,8 +11,11 @@ in a decode step's graph) that rotates over enough copies of the weight (>= 200 
 reported. Floors: weight + x + output bytes over the measured device copy bandwidth ("floor",
 floor / time beside it), and over the read-only ceiling measured in the same run (bench.common.
 read_ceiling_gbs: the best of torch.sum, a cuBLAS GEMV and our M=1 kernel over 1.5 GB; "read floor" in the
-notes). Without --quick the tensor-core kernel is also timed with
-its tile choice forced to 1 and 2 weight tiles per warp (DOTS1_EXT_SKINNY_TILES), for tuning.
+notes). "dots1_ext" is the default kernel; "dots1_ext (wide)" the tensor-core kernel's wide weight-load
+mapping (DOTS1_EXT_SKINNY_KERNEL=wide: each warp load 2 rows x 256 bytes at M <= 2, 4 rows x 128 bytes
+at M <= 4; timed there only, above it runs the default kernel). Without --quick both mappings are also
+timed with the tile choice forced to 1 and 2 weight tiles per warp (DOTS1_EXT_SKINNY_TILES), for tuning.
+--quick on the GPU: four shapes, M in {1, 4, 8, 16}.
 """
 
 from __future__ import annotations
@@ -41,21 +44,27 @@ DOTS1_SHAPES = [
 ]
 CPU_SHAPES = [("qkv (small)", 384, 256, "none"), ("gate_up (small)", 512, 256, "swiglu")]
 ROTATION_BYTES = 200e6
-def with_tiles(tiles: str | None, fn: Callable) -> Callable:
-    """fn with DOTS1_EXT_SKINNY_TILES set (read by the op at launch, so also while capturing a graph)."""
-    if tiles is None:
+# The most rows for which DOTS1_EXT_SKINNY_KERNEL=wide runs a kernel of its own (csrc/skinny_gemm).
+WIDE_MAX_ROWS = 4
+
+
+def with_env(env: dict[str, str], fn: Callable) -> Callable:
+    """fn with the given DOTS1_EXT_SKINNY_* variables set (read by the op at launch, so also while
+    capturing a graph), restored after each call."""
+    if not env:
         return fn
 
     def call():
-        old = os.environ.get("DOTS1_EXT_SKINNY_TILES")
-        os.environ["DOTS1_EXT_SKINNY_TILES"] = tiles
+        old = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
         try:
             return fn()
         finally:
-            if old is None:
-                os.environ.pop("DOTS1_EXT_SKINNY_TILES", None)
-            else:
-                os.environ["DOTS1_EXT_SKINNY_TILES"] = old
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     return call
 
@@ -80,7 +89,7 @@ def run(quick: bool = False) -> list[Report]:
     shapes = DOTS1_SHAPES if gpu else CPU_SHAPES
     if gpu and quick:
         shapes = [s for s in shapes if s[0] in ("qkv", "dense gate_up", "shared down", "lm_head")]
-    Ms = (1, 8, 16) if not quick or gpu else (1, 16)
+    Ms = ((1, 4, 8, 16) if quick else (1, 2, 4, 8, 16)) if gpu else ((1, 16) if quick else (1, 8, 16))
     copy_gbs, (read_gbs, read_detail) = copy_bandwidth_gbs(), read_ceiling_gbs()
     report = Report(f"skinny_gemm (decode linears, {str(dtype).replace('torch.', '')}, copy {copy_gbs:.0f} GB/s, "
                     f"read ceiling {read_gbs:.0f} GB/s)")
@@ -111,10 +120,17 @@ def run(quick: bool = False) -> list[Report]:
                 return F.silu(y[:, :N_out]) * y[:, N_out:]
 
             fns = {"dots1_ext": rotating(lambda w: skinny_gemm(x, w, epilogue))}
+            kernels = ["frag", "wide"] if gpu and M <= WIDE_MAX_ROWS else ["frag"]
+            if "wide" in kernels:
+                ours = rotating(lambda w: skinny_gemm(x, w, epilogue))
+                fns["dots1_ext (wide)"] = with_env({"DOTS1_EXT_SKINNY_KERNEL": "wide"}, ours)
             if gpu and not quick:
-                for tiles in ("1", "2"):
-                    ours = rotating(lambda w: skinny_gemm(x, w, epilogue))
-                    fns[f"dots1_ext (tiles={tiles})"] = with_tiles(tiles, ours)
+                for kernel in kernels:
+                    for tiles in ("1", "2"):
+                        ours = rotating(lambda w: skinny_gemm(x, w, epilogue))
+                        label = f"dots1_ext ({'wide, ' if kernel == 'wide' else ''}tiles={tiles})"
+                        env = {"DOTS1_EXT_SKINNY_KERNEL": kernel, "DOTS1_EXT_SKINNY_TILES": tiles}
+                        fns[label] = with_env(env, ours)
             peer = "F.linear (cuBLAS)" if gpu else "F.linear"
             fns[peer] = rotating(lambda w: F.linear(x, w))
             if epilogue == "swiglu":

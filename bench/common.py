@@ -145,13 +145,27 @@ def copy_bandwidth_gbs() -> float:
     return _CEILINGS["copy"]
 
 
+def _with_skinny_kernel(kernel: str, fn, *args):
+    """fn(*args) with DOTS1_EXT_SKINNY_KERNEL = kernel (read by skinny_gemm at launch), restored after."""
+    old = os.environ.get("DOTS1_EXT_SKINNY_KERNEL")
+    os.environ["DOTS1_EXT_SKINNY_KERNEL"] = kernel
+    try:
+        return fn(*args)
+    finally:
+        if old is None:
+            os.environ.pop("DOTS1_EXT_SKINNY_KERNEL", None)
+        else:
+            os.environ["DOTS1_EXT_SKINNY_KERNEL"] = old
+
+
 def read_ceiling_gbs() -> tuple[float, str]:
     """(GB/s, which kernel) of the fastest read-only stream measured over ~1.5 GB, weights read once: what
     a weight-streaming kernel can reach (the copy bandwidth counts a write per read and sits below it).
     The best of torch.sum (a reduction), a cuBLAS GEMV (F.linear at M=1, lm_head's row length) and, when
-    the extension has CUDA kernels, our skinny_gemm at M=1 over the same weight, each as 4 calls in one
-    CUDA graph (median of 10 replays). Cached per process. Not the hardware's read limit: the probe
-    bench/probes/read_patterns.cu reads ~10% faster when every warp load covers >= 256 B of a row."""
+    the extension has CUDA kernels, our skinny_gemm at M=1 (both weight-load mappings) over the same
+    weight, each as 4 calls in one CUDA graph (median of 10 replays). Cached per process. Not the
+    hardware's read limit: the probe bench/probes/read_patterns.cu reads ~10% faster when every warp
+    load covers >= 256 B of a row."""
     if "read" not in _CEILINGS:
         gpu = on_gpu()
         device, dtype = default_device(), (torch.bfloat16 if gpu else torch.float32)
@@ -168,6 +182,9 @@ def read_ceiling_gbs() -> tuple[float, str]:
 
             if has_kernel("skinny_gemm", "CUDA"):
                 candidates["skinny_gemm M=1"] = lambda: ops.skinny_gemm(x, w, "none")
+                candidates["skinny_gemm wide M=1"] = lambda: _with_skinny_kernel("wide", ops.skinny_gemm, x, w,
+                                                                                  "none")
+
         def ms_per_call(fn) -> float:
             # Back to back in one graph (as the kernels it bounds run): per-call events around an idle
             # GPU read 5-10% lower and moved between processes (measured on the H200, 2026-11-29).

@@ -9,14 +9,18 @@
 tensor's end.) Paths: the tensor-core kernel with 1 and 2 weight tiles per warp x 1 and 2 token
 tiles (M <= 8, M > 8) x the three epilogues x fp16/bf16, on shapes with partial tiles (N not a
 multiple of 16, N/2 not a multiple of 8), partial 32-wide steps (K % 32 != 0), fewer steps than warps
-(K = 8), tight allocations (the weight and x end exactly at the tensor's end) and row strides; the
+(K = 8), tight allocations (the weight and x end exactly at the tensor's end) and row strides; its
+wide weight-load mapping (DOTS1_EXT_SKINNY_KERNEL=wide: 4 k-parts per row for M <= 2, 2 for M <= 4)
+x 1 and 2 tiles x the epilogues x fp16/bf16 on the same shapes plus partial 128- and 64-wide steps
+and K shorter than one step; the
 portable kernel (fp32, odd K, misaligned weight); the aligned copy of a misaligned x; cuBLAS (M > 16);
 M = 0, K = 0. Exits non-zero if an output disagrees with the fp32 reference, so it doubles as a smoke
 test.
 
 DOTS1_SANITIZE_SMALL=1 (what bench/gpu_check.sh sets for racecheck and synccheck, whose per-launch cost
 is far above memcheck's) keeps every kernel structure (tiles 1 / 2 x token tiles 1 / 2 x epilogues, the
-portable kernel, the edges) in bf16 on two shapes each.
+wide kernels' 4 and 2 parts x tiles 1 / 2 x epilogues, the portable kernel, the edges) in bf16 on two
+shapes each.
 """
 
 from __future__ import annotations
@@ -76,11 +80,49 @@ def tensor_core_paths(dtype: torch.dtype) -> None:
             w = (torch.randn(96, 272, dtype=dtype, device="cuda") / 16)[:, 16:]
             run(f"mma tiles={tiles} {dtype} {epilogue} strided", x, w, epilogue)
     os.environ.pop("DOTS1_EXT_SKINNY_TILES")
+    wide_paths(dtype)
     # The automatic choice on a shape large enough for 2 tiles per warp at M > 4.
     for M in (2, 6, 12):
         x = torch.randn(M, 128, dtype=dtype, device="cuda")
         w = torch.randn(16 * 700, 128, dtype=dtype, device="cuda") / 12
         run(f"mma auto {dtype} M={M}", x, w, "swiglu")
+
+
+# Wide-kernel shapes on top of SHAPES: K = 200 (not a whole number of 128- or 64-wide steps, and a
+# last step whose lanes are partly past K), K = 96 (shorter than one 128-wide step), N ending a tile early.
+WIDE_SHAPES = {
+    "none": ((24, 200), (40, 96)),
+    "swiglu": ((36, 200), (20, 96)),
+    "swiglu_interleaved": ((48, 200), (16, 96)),
+}
+
+
+def wide_paths(dtype: torch.dtype) -> None:
+    os.environ["DOTS1_EXT_SKINNY_KERNEL"] = "wide"
+    try:
+        for tiles in ("1", "2"):
+            os.environ["DOTS1_EXT_SKINNY_TILES"] = tiles
+            for epilogue in ("none", "swiglu", "swiglu_interleaved"):
+                shapes = SHAPES[epilogue] + WIDE_SHAPES[epilogue]
+                for M in (1, 3) if SMALL else (1, 2, 3, 4, 5):  # parts 4, 4, 2, 2, then frag
+                    for N, K in WIDE_SHAPES[epilogue] if SMALL else shapes:
+                        x = torch.randn(M, K, dtype=dtype, device="cuda")
+                        w = torch.randn(N, K, dtype=dtype, device="cuda") / K**0.5
+                        run(f"wide tiles={tiles} {dtype} {epilogue} M={M} N={N} K={K}", x, w, epilogue)
+                # Row strides on both operands (aligned): column slices of wider tensors.
+                for M in (2, 4):
+                    x = torch.randn(M, 264, dtype=dtype, device="cuda")[:, 8:]
+                    w = (torch.randn(96, 272, dtype=dtype, device="cuda") / 16)[:, 16:]
+                    run(f"wide tiles={tiles} {dtype} {epilogue} M={M} strided", x, w, epilogue)
+        os.environ.pop("DOTS1_EXT_SKINNY_TILES")
+        # The automatic tile choice on a shape large enough for 2 tiles per warp.
+        for M in (1, 4):
+            x = torch.randn(M, 128, dtype=dtype, device="cuda")
+            w = torch.randn(16 * 1100, 128, dtype=dtype, device="cuda") / 12
+            run(f"wide auto {dtype} M={M}", x, w, "none")
+    finally:
+        os.environ.pop("DOTS1_EXT_SKINNY_KERNEL", None)
+        os.environ.pop("DOTS1_EXT_SKINNY_TILES", None)
 
 
 def portable_paths(dtype: torch.dtype) -> None:

@@ -3,7 +3,10 @@ misaligned views, empty shapes, bad inputs, CUDA graphs, torch.compile, opcheck,
 
 CUDA kernel paths (csrc/skinny_gemm/skinny_gemm.h): the tensor-core kernel (fp16/bf16, K % 8 == 0,
 aligned), with 1 or 2 weight tiles per warp (DOTS1_EXT_SKINNY_TILES) and 1 or 2 token tiles (M <= 8,
-M > 8); the portable kernel (fp32, K % 8 != 0, misaligned weight); cuBLAS for M > 16. The memory
+M > 8), in both weight-load mappings (DOTS1_EXT_SKINNY_KERNEL = frag | wide; wide has its own
+kernels for M <= 2 (4 k-parts per row) and M <= 4 (2 parts) and runs frag above: the
+``skinny_kernel`` fixture runs the reference grid, the layouts, determinism and the graph tests under
+each); the portable kernel (fp32, K % 8 != 0, misaligned weight); cuBLAS for M > 16. The memory
 check: compute-sanitizer --tool memcheck python tests/sanitize_skinny_gemm.py
 """
 
@@ -25,7 +28,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from conftest import ROW_RTOL, assert_rows_close, requires_cuda  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-M_GRID = [0, 1, 2, 3, 5, 8, 16, 17, 40]
+M_GRID = [0, 1, 2, 3, 4, 5, 8, 16, 17, 40]
+# DOTS1_EXT_SKINNY_KERNEL values: the tensor-core kernel's weight-load mappings.
+SKINNY_KERNELS = ["frag", "wide"]
 K_GRID = [8, 64, 1000, 4096]  # 1000: a whole number of 16-byte vectors but not of 32-wide steps
 # Per epilogue: small, not a whole number of tiles, larger (SwiGLU: N/2 features, 8 per tile).
 N_GRID = {"none": [1, 24, 200, 1000], "swiglu": [2, 40, 208, 1040], "swiglu_interleaved": [16, 48, 208, 1024]}
@@ -63,6 +68,16 @@ def check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, epilogue: str, wh
     assert_rows_close(out, reference.skinny_gemm(x.double(), w.double(), epilogue), x.dtype, atol=atol, what=what)
 
 
+@pytest.fixture(params=SKINNY_KERNELS)
+def skinny_kernel(request, monkeypatch, device) -> str:
+    """Runs the test under each DOTS1_EXT_SKINNY_KERNEL (read by the op at every launch). The variants
+    are CUDA kernels: on CPU only the default runs."""
+    if device != "cuda" and request.param != "frag":
+        pytest.skip("DOTS1_EXT_SKINNY_KERNEL selects between CUDA kernels")
+    monkeypatch.setenv("DOTS1_EXT_SKINNY_KERNEL", request.param)
+    return request.param
+
+
 def poison_allocator(numel: int, dtype, device) -> None:
     """Leaves a freed NaN block of the output's size in the caching allocator, which the op's output
     then usually reuses: an element a kernel fails to write stays NaN and fails the comparison."""
@@ -78,7 +93,7 @@ def poison_allocator(numel: int, dtype, device) -> None:
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("M", M_GRID)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matches_reference(device, dtype, M, epilogue):
+def test_matches_reference(device, skinny_kernel, dtype, M, epilogue):
     for K in K_GRID:
         for N in N_GRID[epilogue]:
             x, w = make(M, N, K, dtype, device)
@@ -101,28 +116,29 @@ def test_reference_definition():
 
 
 @pytest.mark.parametrize("epilogue", EPILOGUES)
-def test_interleaved_matches_hf(device, epilogue):
+def test_interleaved_matches_hf(device, skinny_kernel, epilogue):
     # The interleaved layout is the HF one with rows permuted: same result (bitwise on CUDA, where the
     # HF kernel builds the same [8 gate | 8 up] tiles on the fly).
     if epilogue == "none":
         pytest.skip("SwiGLU layouts only")
-    x, w = make(5, 96, 256, torch.bfloat16, device)
-    hf = skinny_gemm(x, w, "swiglu")
-    inter = skinny_gemm(x, interleave_gate_up(w[None])[0], "swiglu_interleaved")
-    if device == "cuda":
-        assert torch.equal(hf, inter)
-    else:
-        assert_rows_close(inter, hf.float())
+    for M in (1, 3, 5):  # wide: 4 and 2 k-parts per row, then frag
+        x, w = make(M, 96, 256, torch.bfloat16, device)
+        hf = skinny_gemm(x, w, "swiglu")
+        inter = skinny_gemm(x, interleave_gate_up(w[None])[0], "swiglu_interleaved")
+        if device == "cuda":
+            assert torch.equal(hf, inter), f"M={M}"
+        else:
+            assert_rows_close(inter, hf.float())
 
 
 @pytest.mark.parametrize("epilogue", EPILOGUES)
-def test_empty_and_zero_k(device, epilogue):
+def test_empty_and_zero_k(device, skinny_kernel, epilogue):
     N = 32
     x, w = make(0, N, 64, torch.bfloat16, device)
     out = skinny_gemm(x, w, epilogue)
     assert out.shape == (0, n_out(N, epilogue))
     # K == 0: the product is zero, and so is silu(0) * 0.
-    for M in (1, 3, 16, 20):
+    for M in (1, 2, 3, 4, 16, 20):
         x, w = make(M, N, 0, torch.bfloat16, device)
         poison_allocator(M * n_out(N, epilogue), torch.bfloat16, device)
         out = skinny_gemm(x, w, epilogue)
@@ -139,8 +155,8 @@ def test_empty_and_zero_k(device, epilogue):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("epilogue", EPILOGUES)
-@pytest.mark.parametrize("M", [1, 3, 16, 24])
-def test_strided_x(device, dtype, epilogue, M):
+@pytest.mark.parametrize("M", [1, 2, 3, 16, 24])
+def test_strided_x(device, skinny_kernel, dtype, epilogue, M):
     N, K = 48, 1024
     _, w = make(0, N, K, dtype, device)
     wide = torch.randn(M, K + 16, device=device, dtype=dtype)
@@ -156,8 +172,8 @@ def test_strided_x(device, dtype, epilogue, M):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
-@pytest.mark.parametrize("M", [1, 5, 16])
-def test_weight_views(device, dtype, epilogue, M):
+@pytest.mark.parametrize("M", [1, 2, 4, 5, 16])
+def test_weight_views(device, skinny_kernel, dtype, epilogue, M):
     N, K = 80, 512
     x = torch.randn(M, K, device=device, dtype=dtype)
     packed = torch.randn(3 * N, K, device=device, dtype=dtype) / K**0.5
@@ -217,8 +233,8 @@ def test_cuda_device_mismatch_raises():
 
 
 @pytest.mark.parametrize("epilogue", EPILOGUES)
-def test_deterministic(device, epilogue):
-    for M in (1, 8, 16, 20):
+def test_deterministic(device, skinny_kernel, epilogue):
+    for M in (1, 2, 3, 4, 8, 16, 20):
         x, w = make(M, 1024, 2048, torch.bfloat16, device)
         a = skinny_gemm(x, w, epilogue)
         b = skinny_gemm(x, w, epilogue)
@@ -259,16 +275,64 @@ def test_under_torch_compile(device):
 
 
 @requires_cuda
+@pytest.mark.parametrize("kernel", SKINNY_KERNELS)
 @pytest.mark.parametrize("tiles", ["1", "2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("epilogue", EPILOGUES)
-def test_cuda_forced_tiles(monkeypatch, tiles, dtype, epilogue):
+def test_cuda_forced_tiles(monkeypatch, kernel, tiles, dtype, epilogue):
+    monkeypatch.setenv("DOTS1_EXT_SKINNY_KERNEL", kernel)
     monkeypatch.setenv("DOTS1_EXT_SKINNY_TILES", tiles)
-    for M in (1, 4, 8, 9, 16):
+    for M in (1, 2, 3, 4, 8, 9, 16):
         for N, K in ((48, 40), (208, 1000), (1040, 4096), (4112, 256)):
             x, w = make(M, N, K, dtype, "cuda")
             poison_allocator(M * n_out(N, epilogue), dtype, "cuda")
-            check(skinny_gemm(x, w, epilogue), x, w, epilogue, f"tiles={tiles} M={M} N={N} K={K}")
+            check(skinny_gemm(x, w, epilogue), x, w, epilogue, f"{kernel} tiles={tiles} M={M} N={N} K={K}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("kernel", SKINNY_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_cuda_kernel_every_m(monkeypatch, kernel, dtype, epilogue):
+    # Every M the tensor-core kernel takes, on ragged shapes: K not a whole number of the wide steps
+    # (128 and 64 k per row) nor of the 32-wide ones, K shorter than one wide step, fewer steps than
+    # warps; N (features) not a whole number of 16-row (8-feature) tiles. Each output element written
+    # (the poisoned allocation), within the per-row tolerance, and bitwise the same on a second run.
+    monkeypatch.setenv("DOTS1_EXT_SKINNY_KERNEL", kernel)
+    shapes = {"none": ((24, 40), (200, 1000), (1000, 4104)), "swiglu": ((20, 40), (208, 1000), (1044, 4104)),
+              "swiglu_interleaved": ((16, 40), (208, 1000), (1040, 4104))}[epilogue]
+    for M in range(1, 17):
+        for N, K in shapes:
+            x, w = make(M, N, K, dtype, "cuda")
+            poison_allocator(M * n_out(N, epilogue), dtype, "cuda")
+            out = skinny_gemm(x, w, epilogue)
+            what = f"{kernel} {dtype} M={M} N={N} K={K} {epilogue}"
+            check(out, x, w, epilogue, what)
+            assert torch.equal(out, skinny_gemm(x, w, epilogue)), f"{what}: two runs differ"
+
+
+@requires_cuda
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_cuda_wide_matches_frag(monkeypatch, epilogue):
+    # The two mappings compute the same sums in different fp32 orders: within the kernels' tolerance
+    # of each other at the Dots1 hidden size, for the Ms where wide has its own kernels and above.
+    for M in (1, 2, 3, 4, 5):
+        x, w = make(M, 2048, 4096, torch.bfloat16, "cuda")
+        monkeypatch.setenv("DOTS1_EXT_SKINNY_KERNEL", "frag")
+        frag = skinny_gemm(x, w, epilogue)
+        monkeypatch.setenv("DOTS1_EXT_SKINNY_KERNEL", "wide")
+        wide = skinny_gemm(x, w, epilogue)
+        assert_rows_close(wide, frag.float(), torch.bfloat16, rtol=2 * ROW_RTOL[torch.bfloat16], what=f"M={M}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("M", [1, 3, 20])
+def test_cuda_bad_kernel_env(monkeypatch, M):
+    # Raised on every CUDA path (cuBLAS for M > 16 too), not only where the tensor-core kernel runs.
+    monkeypatch.setenv("DOTS1_EXT_SKINNY_KERNEL", "fast")
+    x, w = make(M, 16, 64, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="DOTS1_EXT_SKINNY_KERNEL must be frag or wide, got 'fast'"):
+        skinny_gemm(x, w)
 
 
 @requires_cuda
@@ -280,9 +344,11 @@ def test_cuda_bad_tiles_env(monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("kernel", SKINNY_KERNELS)
+@pytest.mark.parametrize("M", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("shape", DOTS1_SHAPES, ids=[s[0] for s in DOTS1_SHAPES])
-def test_cuda_dots1_shapes_vs_reference_and_cublas(shape, M):
+def test_cuda_dots1_shapes_vs_reference_and_cublas(monkeypatch, shape, M, kernel):
+    monkeypatch.setenv("DOTS1_EXT_SKINNY_KERNEL", kernel)
     _, N, K, epilogue = shape
     x, w = make(M, N, K, torch.bfloat16, "cuda")
     poison_allocator(M * n_out(N, epilogue), torch.bfloat16, "cuda")
@@ -297,9 +363,11 @@ def test_cuda_dots1_shapes_vs_reference_and_cublas(shape, M):
 
 
 @requires_cuda
+@pytest.mark.parametrize("kernel", SKINNY_KERNELS)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
-@pytest.mark.parametrize("M", [1, 7, 16, 33])
-def test_cuda_graph_replay(epilogue, M):
+@pytest.mark.parametrize("M", [1, 2, 3, 7, 16, 33])
+def test_cuda_graph_replay(monkeypatch, kernel, epilogue, M):
+    monkeypatch.setenv("DOTS1_EXT_SKINNY_KERNEL", kernel)
     N, K = 1024, 2048
     x, w = make(M, N, K, torch.bfloat16, "cuda")
     static_x = x.clone()

@@ -12,8 +12,11 @@
 // fp16/bf16, a portable kernel otherwise); M > 16 runs cuBLAS (at::mm, with an fp32 output for the
 // SwiGLU epilogues so that they round once) and the epilogue in ATen: correct, not tuned.
 // DOTS1_EXT_SKINNY_TILES = 1 | 2 forces the tensor-core kernel's 16-row tiles per warp (default: chosen
-// from the shape; for tuning runs). DOTS1_EXT_PDL=0 launches without programmatic dependent launch
-// (csrc/pdl.cuh; the weight is read where it lies, never produced per call, so PDL is always safe here).
+// from the shape; for tuning runs). DOTS1_EXT_SKINNY_KERNEL = frag | wide picks the tensor-core kernel's
+// weight-load mapping (skinny_gemm.h SkinnyKernel; default frag until the GPU has measured wide). Both
+// are read at every launch, so one process (a benchmark) can time each. DOTS1_EXT_PDL=0 launches
+// without programmatic dependent launch (csrc/pdl.cuh; the weight is read where it lies, never
+// produced per call, so PDL is always safe here).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -93,6 +96,15 @@ int tiles_from_env() {
   return s == "1" ? 1 : 2;
 }
 
+SkinnyKernel kernel_from_env() {
+  const char* v = std::getenv("DOTS1_EXT_SKINNY_KERNEL");
+  if (v == nullptr || *v == '\0') return SkinnyKernel::kFrag;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "frag" || s == "wide", "dots1_ext: DOTS1_EXT_SKINNY_KERNEL must be frag or wide, got '", s,
+                    "'");
+  return s == "wide" ? SkinnyKernel::kWide : SkinnyKernel::kFrag;
+}
+
 // The stride of a dim of size <= 1 is never used to step: report the row length so it never spoils
 // an alignment test.
 int64_t row_stride(const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
@@ -110,6 +122,7 @@ void skinny_gemm_cublas(const at::Tensor& x, const at::Tensor& weight, const Ski
 
 at::Tensor skinny_gemm_cuda(const at::Tensor& x_in, const at::Tensor& weight, c10::string_view epilogue_view) {
   const SkinnyShape s = check_skinny_gemm(x_in, weight, std::string(epilogue_view));
+  const SkinnyKernel variant = kernel_from_env();  // a bad value raises whichever path the shape takes
   const c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor out = at::empty({s.M, s.N_out}, x_in.options());
   if (s.M == 0 || s.N_out == 0) return out;
@@ -128,8 +141,8 @@ at::Tensor skinny_gemm_cuda(const at::Tensor& x_in, const at::Tensor& weight, c1
       skinny_gemm_kernel_kind(x.data_ptr(), weight.data_ptr(), s.M, s.N, s.K, row_stride(x), w_stride, dt) != 1)
     x = at::empty({s.M, s.K}, x.options()).copy_(x);  // fresh allocations are 16-byte aligned
   C10_CUDA_CHECK(launch_skinny_gemm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), s.M, s.N, s.K, row_stride(x),
-                                    w_stride, s.epilogue, dt, tiles_from_env(), c10::cuda::getCurrentCUDAStream(),
-                                    pdl_enabled()));
+                                    w_stride, s.epilogue, dt, tiles_from_env(), variant,
+                                    c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
   return out;
 }
 

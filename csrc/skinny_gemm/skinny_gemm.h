@@ -22,6 +22,11 @@ namespace dots1 {
 
 enum class SkinnyEpilogue : int { kNone = 0, kHF = 1, kInterleaved = 2 };
 
+// The tensor-core kernel's weight-load mapping (skinny_gemm_kernels.cu): kFrag, one MMA fragment row
+// per weight row (each warp load: 8 rows x 64 bytes); kWide, P k-parts of a row per fragment (each
+// warp load: 2 rows x 256 bytes for M <= 2, 4 rows x 128 bytes for M <= 4; larger M runs kFrag).
+enum class SkinnyKernel : int { kFrag = 0, kWide = 1 };
+
 // The most rows of x the launcher takes (two 8-column tensor-core tiles); the Tensor code sends
 // larger M to cuBLAS.
 constexpr int64_t kSkinnyMaxRows = 16;
@@ -39,7 +44,8 @@ namespace dots1 {
 //     range split over the 8 warps of a CTA, reduced in shared memory);
 //   anything else (fp32, odd K, misaligned views) -> a portable CUDA-core kernel (scalar loads).
 // tiles_per_warp: 16-row weight tiles per warp in the tensor-core kernel (1 or 2; 0 = choose from
-// the shape and the SM count). M in [1, kSkinnyMaxRows]; M == 0 or N_out == 0 launches nothing.
+// the shape and the SM count); variant: its weight-load mapping (same results up to the summation
+// order; each variant is deterministic). M in [1, kSkinnyMaxRows]; M == 0 or N_out == 0 launches nothing.
 // K == 0 gives zeros (then the epilogue: silu(0) * 0 = 0).
 // use_pdl: programmatic dependent launch on sm_90+ (csrc/pdl.cuh): the tensor-core kernel requests its
 // first batch of weight before waiting for the previous kernel, so `weight` must not be written by the
@@ -48,8 +54,8 @@ cudaError_t launch_skinny_gemm(const void* x,       // [M, K], row stride x_row_
                                const void* weight,  // [N, K], row stride weight_row_stride (elements)
                                void* out,           // [M, N_out] contiguous
                                int64_t M, int64_t N, int64_t K, int64_t x_row_stride, int64_t weight_row_stride,
-                               SkinnyEpilogue epilogue, DType dtype, int tiles_per_warp, cudaStream_t stream,
-                               bool use_pdl);
+                               SkinnyEpilogue epilogue, DType dtype, int tiles_per_warp, SkinnyKernel variant,
+                               cudaStream_t stream, bool use_pdl);
 
 // Which kernel launch_skinny_gemm picks for these arguments (for tests and the benchmark's notes):
 // 0 = none (no work), 1 = tensor-core kernel, 2 = portable kernel.

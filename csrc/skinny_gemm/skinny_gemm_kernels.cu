@@ -13,6 +13,23 @@
 // order and the epilogue is applied there, in fp32, with one rounding. A CTA reads x once (each warp
 // its own K range) and every weight byte once, with 16-byte loads that bypass L1
 // (ld.global.nc.L1::no_allocate); each lane keeps U x (2 RT) of them in flight.
+//
+// Two weight-load mappings of that kernel (skinny_gemm.h SkinnyKernel, DOTS1_EXT_SKINNY_KERNEL):
+// - frag (above): a warp load instruction reads 8 rows x 64 bytes. bench/probes/read_patterns.cu,
+//   the same streaming structure with only the address pattern varied, read 4238 GB/s that way on the
+//   H200, and 4659 GB/s with 2 rows x 256 bytes per instruction: about 10% more bandwidth for a
+//   kernel that is bound by it (the reason is the memory system's; only the rate was measured).
+// - wide: the 16 A slots of an MMA need not be 16 rows. With P k-parts per row, lo slot g holds row
+//   g / P of the fragment at part g % P (hi slot g + 8: the row 8 below, or HF's up row), so lane
+//   (g, c) reads 16 bytes at k = 32 P s + 32 (g % P) + 8 c and the 4 P lanes of a row read 64 P
+//   contiguous bytes (P = 4: 2 rows x 256 bytes per instruction). B column n then holds token n / P
+//   at part n % P (lane (g, c) loads x at the same k), and C[slot, n] is a partial dot product where
+//   the parts of slot and column agree; the epilogue sums those P entries per (row, token), in a
+//   fixed order, then across warps. The columns needed are P M: P = 4 for M <= 2 and P = 2 for
+//   M <= 4 keep one n-tile, so no extra MMAs; M > 4 runs frag (two n-tiles spilled at 128 registers:
+//   P = 4 12-20 bytes, P = 2 up to 4 bytes with 1 tile per warp and 8-20 with 2). Per lane: 16 weight
+//   vectors in flight as in frag (U = 8 / (RT P) steps of 2 RT P), at least 4 accumulator chains.
+//   110-124 registers, no spills. Results equal frag's up to the fp32 summation order.
 #include <cstdint>
 
 #include "cuda_utils.cuh"
@@ -217,6 +234,199 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
+// The wide-load variant (DOTS1_EXT_SKINNY_KERNEL=wide): the same CTA structure, accumulation and
+// epilogues, with P k-parts of one weight row side by side in an A fragment, so that the 4 P lanes
+// reading a row cover 64 P contiguous bytes per load instruction (P = 4: 256 bytes, two rows per
+// instruction, the pattern that streams ~10% faster than 8 rows x 64 bytes on the H200; see the
+// file's header). Lo slot g of a fragment holds tile row (8 / P) fr + g / P at part g % P, hi slot
+// g + 8 the row 8 below it (HF: the matching up row); column n of an n-tile holds token n / P at
+// part n % P, so lane (g, c) reads 16 bytes at k = 32 P s + 32 (g % P) + 8 c of its row and of its
+// token. C[slot, n] is a partial dot product of the slot's row and the column's token when their
+// parts agree (the other entries are cross terms, never read). A 16-row tile is P fragments; a step
+// advances 32 P k per row.
+template <int P>
+constexpr bool wide_parts_ok() {
+  return P == 2 || P == 4;
+}
+
+// Steps per batch: U x 2 RT P weight vectors per lane (16: 256 bytes in flight, as the frag kernel
+// keeps) plus U x NT x vectors.
+template <int P, int RT>
+constexpr int wide_batch_steps() {
+  return RT * P >= 8 ? 1 : 8 / (RT * P);
+}
+
+// Independent accumulator chains: RT P NT fragments; with fewer than 4, sets as in the frag kernel.
+template <int P, int RT, int NT>
+constexpr int wide_accumulator_sets() {
+  return RT * P * NT >= 4 ? 1 : 4 / (RT * P * NT);
+}
+
+// Grid and tiles as in skinny_gemm_mma_kernel: one CTA per RT tiles of 16 weight rows (HF: 8 gate rows
+// and their 8 up rows); NT n-tiles of 8 columns carry 8 NT / P tokens.
+template <typename T, int P, int RT, int NT, SkinnyEpilogue kEpi>
+__global__ void __launch_bounds__(kThreads, 2)
+    skinny_gemm_wide_kernel(const T* __restrict__ x, const T* __restrict__ weight, T* __restrict__ out, int M,
+                            int64_t N, int64_t K, int64_t x_row_stride, int64_t weight_row_stride) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sync m16n8k16 with fp16/bf16 needs sm_80; the launcher never picks this kernel there
+#else
+  static_assert(wide_parts_ok<P>(), "P k-parts per row: 2 or 4");
+  constexpr int kRowsPerFrag = 8 / P;  // lo rows (and as many hi rows) of one A fragment
+  constexpr int kFrags = RT * P;       // A fragments of the CTA's RT tiles
+  constexpr int kWideStepK = kStepK * P;
+  constexpr int kTokens = 8 * NT / P;  // tokens the n-tiles carry
+  constexpr int U = wide_batch_steps<P, RT>();
+  constexpr int kSets = wide_accumulator_sets<P, RT, NT>();
+  constexpr int kRows = 16 * RT;  // weight rows of the CTA, tile-major: [tile][lo 0..7 | hi 8..15]
+  // Per warp, the useful C entries only: its partial sum of (row, token, part).
+  __shared__ float partial[kWarps][kRows][kTokens][P];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c = lane & 3;
+  const int part = g % P;
+  const int64_t N_out = kEpi == SkinnyEpilogue::kNone ? N : N / 2;
+  const int64_t lane_k = kStepK * part + 8 * c;
+
+  // This lane's weight rows: in fragment f, lo slot g is row frag_row(f) + lane_row of the CTA's
+  // first tile (HF: that feature's gate row) and hi slot g + 8 the row 8 below (HF: its up row).
+  // Kept as one pointer per half plus compile-time row offsets rather than a pointer per fragment:
+  // 2 RT P 64-bit pointers would not fit beside the batch in 128 registers (P = 4 spilled).
+  // Missing rows are never loaded (their fragments stay zero) and their results not written.
+  constexpr int kTileRows = kEpi == SkinnyEpilogue::kHF ? 8 : 16;  // lo rows (features) a tile advances
+  const auto frag_row = [](int f) { return (f / P) * kTileRows + (f % P) * kRowsPerFrag; };
+  const int64_t lane_row = static_cast<int64_t>(blockIdx.x) * RT * kTileRows + g / P;
+  const int64_t rows_left = (kEpi == SkinnyEpilogue::kHF ? N_out : N) - lane_row;  // lo rows from lane_row on
+  const int64_t hi_rows = kEpi == SkinnyEpilogue::kHF ? N_out : 8;                // hi row - lo row
+  const int64_t lane_offset = lane_row * weight_row_stride + lane_k;  // a pointer only where the row exists
+  const auto weight_ptr = [&](int f, int h, int64_t k, bool& ok) {
+    // HF: gate and up of a feature are both present when the feature is; "none": the hi row 8 below.
+    ok = frag_row(f) + (kEpi == SkinnyEpilogue::kHF ? 0 : 8 * h) < rows_left;
+    return ok ? weight + lane_offset + (frag_row(f) + h * hi_rows) * weight_row_stride + k : weight;
+  };
+  const T* x_ptr[NT];
+  bool x_ok[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int m = (8 * j + g) / P;
+    x_ok[j] = m < M;
+    x_ptr[j] = x + (x_ok[j] ? m : 0) * x_row_stride + lane_k;
+  }
+
+  float acc[kSets][kFrags][NT][4];
+#pragma unroll
+  for (int s = 0; s < kSets; ++s)
+#pragma unroll
+    for (int f = 0; f < kFrags; ++f)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[s][f][j][i] = 0.0f;
+
+  const int64_t steps = (K + kWideStepK - 1) / kWideStepK;
+  const int64_t step_begin = steps * warp / kWarps, step_end = steps * (warp + 1) / kWarps;
+
+  uint4 wv[U][kFrags][2];
+  const auto load_weight_batch = [&](int64_t s0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (s0 + u) * kWideStepK;
+      const bool k_ok = s0 + u < step_end && k + lane_k < K;
+#pragma unroll
+      for (int f = 0; f < kFrags; ++f)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          bool row_ok;
+          const T* p = weight_ptr(f, h, k, row_ok);
+          wv[u][f][h] = load_weight16(p, k_ok && row_ok);
+        }
+    }
+  };
+
+  // PDL as in the frag kernel: the first weight batch before the wait, x only after it.
+  load_weight_batch(step_begin);
+  pdl_wait();
+  pdl_launch_dependents();
+
+  for (int64_t s0 = step_begin; s0 < step_end; s0 += U) {
+    if (s0 != step_begin) load_weight_batch(s0);
+    uint4 xv[U][NT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (s0 + u) * kWideStepK;
+      const bool k_ok = s0 + u < step_end && k + lane_k < K;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) xv[u][j] = load_act16(x_ptr[j] + k, k_ok && x_ok[j]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int set0 = (2 * u) % kSets, set1 = (2 * u + 1) % kSets;
+#pragma unroll
+      for (int f = 0; f < kFrags; ++f)
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          mma_16816<T>(acc[set0][f][j], wv[u][f][0].x, wv[u][f][1].x, wv[u][f][0].y, wv[u][f][1].y, xv[u][j].x,
+                       xv[u][j].y);
+          mma_16816<T>(acc[set1][f][j], wv[u][f][0].z, wv[u][f][1].z, wv[u][f][0].w, wv[u][f][1].w, xv[u][j].z,
+                       xv[u][j].w);
+        }
+    }
+  }
+
+  // Lane (g, c) holds C[g | g + 8, 8 j + 2 c + e] (e = 0, 1); it keeps the entries whose column part
+  // is its slot part. Every (row, token, part) of partial[warp] is written by exactly one lane.
+#pragma unroll
+  for (int f = 0; f < kFrags; ++f)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      float lo0 = acc[0][f][j][0], lo1 = acc[0][f][j][1], hi0 = acc[0][f][j][2], hi1 = acc[0][f][j][3];
+#pragma unroll
+      for (int s = 1; s < kSets; ++s) {
+        lo0 += acc[s][f][j][0];
+        lo1 += acc[s][f][j][1];
+        hi0 += acc[s][f][j][2];
+        hi1 += acc[s][f][j][3];
+      }
+      const int row = (f / P) * 16 + (f % P) * kRowsPerFrag + g / P;  // lo row; its hi row is + 8
+      const int n0 = 8 * j + 2 * c;
+      if (n0 % P == part) {
+        partial[warp][row][n0 / P][part] = lo0;
+        partial[warp][row + 8][n0 / P][part] = hi0;
+      }
+      if ((n0 + 1) % P == part) {
+        partial[warp][row][(n0 + 1) / P][part] = lo1;
+        partial[warp][row + 8][(n0 + 1) / P][part] = hi1;
+      }
+    }
+  __syncthreads();
+
+  // One thread per output (row or feature, token): warps in order, parts in order within each warp,
+  // then the epilogue in fp32.
+  const auto sum_row = [&](int row, int m) {
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w)
+#pragma unroll
+      for (int p = 0; p < P; ++p) v += partial[w][row][m][p];
+    return v;
+  };
+  if constexpr (kEpi == SkinnyEpilogue::kNone) {
+    for (int i = threadIdx.x; i < kRows * kTokens; i += kThreads) {
+      const int row = i % kRows, m = i / kRows;
+      const int64_t r = static_cast<int64_t>(blockIdx.x) * kRows + row;
+      if (m < M && r < N) out[m * N + r] = from_float<T>(sum_row(row, m));
+    }
+  } else {
+    for (int i = threadIdx.x; i < 8 * RT * kTokens; i += kThreads) {
+      const int feature = i % (8 * RT), m = i / (8 * RT);
+      const int row = (feature / 8) * 16 + feature % 8;  // the gate row; up is 8 below
+      const int64_t f = static_cast<int64_t>(blockIdx.x) * 8 * RT + feature;
+      if (m < M && f < N_out) out[m * N_out + f] = from_float<T>(silu_f(sum_row(row, m)) * sum_row(row + 8, m));
+    }
+  }
+#endif
+}
+
 // Portable kernel: any dtype, K, strides and alignment; scalar loads on CUDA cores. One warp per
 // item: "none" rows 2i and 2i + 1; SwiGLU feature i (its gate row and its up row). Tokens in chunks
 // of 8 (one pass over the item's weight rows per chunk). Lanes stride over K; warp sums in a fixed
@@ -291,29 +501,41 @@ int auto_tiles_per_warp(int64_t M, int64_t tiles, int sm_count) {
   return ctas >= 2 * slots || (M > 4 && ctas >= slots) ? 2 : 1;
 }
 
+template <typename T>
+using SkinnyKernelFn = void (*)(const T*, const T*, T*, int, int64_t, int64_t, int64_t, int64_t);
+
 template <typename T, int RT, int NT>
-cudaError_t launch_mma(const T* x, const T* w, T* out, int M, int64_t N, int64_t K, int64_t xs, int64_t ws,
-                       SkinnyEpilogue epi, int64_t tiles, cudaStream_t stream, bool use_pdl) {
-  const dim3 grid(ceil_div(tiles, RT));
+SkinnyKernelFn<T> frag_kernel(SkinnyEpilogue epi) {
   switch (epi) {
-    case SkinnyEpilogue::kNone:
-      return launch_pdl(skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kNone>, grid, kThreads, 0, stream, use_pdl,
-                        x, w, out, M, N, K, xs, ws);
-    case SkinnyEpilogue::kHF:
-      return launch_pdl(skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kHF>, grid, kThreads, 0, stream, use_pdl,
-                        x, w, out, M, N, K, xs, ws);
-    case SkinnyEpilogue::kInterleaved:
-      return launch_pdl(skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kInterleaved>, grid, kThreads, 0, stream,
-                        use_pdl, x, w, out, M, N, K, xs, ws);
+    case SkinnyEpilogue::kNone: return skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kNone>;
+    case SkinnyEpilogue::kHF: return skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kHF>;
+    case SkinnyEpilogue::kInterleaved: return skinny_gemm_mma_kernel<T, RT, NT, SkinnyEpilogue::kInterleaved>;
   }
-  return cudaErrorInvalidValue;
+  return nullptr;
 }
 
-template <typename T, int NT>
-cudaError_t launch_mma_tiles(const T* x, const T* w, T* out, int M, int64_t N, int64_t K, int64_t xs, int64_t ws,
-                             SkinnyEpilogue epi, int64_t tiles, int rt, cudaStream_t stream, bool use_pdl) {
-  if (rt == 2) return launch_mma<T, 2, NT>(x, w, out, M, N, K, xs, ws, epi, tiles, stream, use_pdl);
-  return launch_mma<T, 1, NT>(x, w, out, M, N, K, xs, ws, epi, tiles, stream, use_pdl);
+template <typename T, int P, int RT, int NT>
+SkinnyKernelFn<T> wide_kernel(SkinnyEpilogue epi) {
+  switch (epi) {
+    case SkinnyEpilogue::kNone: return skinny_gemm_wide_kernel<T, P, RT, NT, SkinnyEpilogue::kNone>;
+    case SkinnyEpilogue::kHF: return skinny_gemm_wide_kernel<T, P, RT, NT, SkinnyEpilogue::kHF>;
+    case SkinnyEpilogue::kInterleaved: return skinny_gemm_wide_kernel<T, P, RT, NT, SkinnyEpilogue::kInterleaved>;
+  }
+  return nullptr;
+}
+
+// The one place that maps (variant, M, tiles per warp, epilogue) to a tensor-core kernel instantiation.
+// Wide: P k-parts per row and NT n-tiles cover P M columns, so P = 4 up to 2 tokens (one n-tile, the
+// frag kernel's MMA count) and P = 2 up to 4 (one n-tile); larger M takes the frag kernel, whose
+// 8-row loads serve 8 or 16 tokens per n-tile at no extra MMAs (register counts: the .cu header).
+template <typename T>
+SkinnyKernelFn<T> tensor_core_kernel(SkinnyKernel variant, int M, int rt, SkinnyEpilogue epi) {
+  if (variant == SkinnyKernel::kWide && M <= 2)
+    return rt == 2 ? wide_kernel<T, 4, 2, 1>(epi) : wide_kernel<T, 4, 1, 1>(epi);
+  if (variant == SkinnyKernel::kWide && M <= 4)
+    return rt == 2 ? wide_kernel<T, 2, 2, 1>(epi) : wide_kernel<T, 2, 1, 1>(epi);
+  if (M <= 8) return rt == 2 ? frag_kernel<T, 2, 1>(epi) : frag_kernel<T, 1, 1>(epi);
+  return rt == 2 ? frag_kernel<T, 2, 2>(epi) : frag_kernel<T, 1, 2>(epi);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -331,7 +553,7 @@ int skinny_gemm_kernel_kind(const void* x, const void* weight, int64_t M, int64_
 
 cudaError_t launch_skinny_gemm(const void* x, const void* weight, void* out, int64_t M, int64_t N, int64_t K,
                                int64_t x_row_stride, int64_t weight_row_stride, SkinnyEpilogue epilogue, DType dtype,
-                               int tiles_per_warp, cudaStream_t stream, bool use_pdl) {
+                               int tiles_per_warp, SkinnyKernel variant, cudaStream_t stream, bool use_pdl) {
   if (M < 0 || M > kSkinnyMaxRows || N < 0 || K < 0) return cudaErrorInvalidValue;
   if (epilogue == SkinnyEpilogue::kHF && N % 2 != 0) return cudaErrorInvalidValue;
   if (epilogue == SkinnyEpilogue::kInterleaved && N % 16 != 0) return cudaErrorInvalidValue;
@@ -353,14 +575,12 @@ cudaError_t launch_skinny_gemm(const void* x, const void* weight, void* out, int
     if (rt != 1 && rt != 2) return cudaErrorInvalidValue;
     if ((tiles + rt - 1) / rt > 0x7fffffff) return cudaErrorInvalidValue;
     DOTS1_DISPATCH_HALF_TYPES(dtype, scalar_t, {
-      const auto* xp = static_cast<const scalar_t*>(x);
-      const auto* wp = static_cast<const scalar_t*>(weight);
-      auto* op = static_cast<scalar_t*>(out);
-      if (M <= 8)
-        return launch_mma_tiles<scalar_t, 1>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles,
-                                             rt, stream, use_pdl);
-      return launch_mma_tiles<scalar_t, 2>(xp, wp, op, m, N, K, x_row_stride, weight_row_stride, epilogue, tiles, rt,
-                                           stream, use_pdl);
+      // Both variants: one CTA per rt 16-row tiles.
+      const SkinnyKernelFn<scalar_t> kernel = tensor_core_kernel<scalar_t>(variant, m, rt, epilogue);
+      if (kernel == nullptr) return cudaErrorInvalidValue;
+      return launch_pdl(kernel, dim3(ceil_div(tiles, rt)), kThreads, 0, stream, use_pdl,
+                        static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(weight),
+                        static_cast<scalar_t*>(out), m, N, K, x_row_stride, weight_row_stride);
     });
     return cudaErrorInvalidValue;  // not reached: the dispatch returns (fp32 never takes this kernel)
   }
