@@ -24,6 +24,7 @@ OPS = [
     "moe_decode_gate_up",
     "moe_decode_down",
     "decode_attention",
+    "qk_norm_rope_decode_attention",
 ]
 
 
