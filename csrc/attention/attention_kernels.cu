@@ -242,9 +242,24 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
   // only, not for the bounds and then q.
   const int64_t start = kv_start[b * kv_start_stride], end = kv_end[b * kv_end_stride];
   int64_t position = 0, cache_row = -1;
+  // Fused: the raw head of a thread's item (a query head of this CTA, or the kv head), a clamped one
+  // for groups without an item. The first round's is loaded here, with the bounds: nothing it needs
+  // depends on them.
+  T x1[kFused ? kHalf : 1], x2[kFused ? kHalf : 1];
+  const auto load_raw_head = [&](int item) {
+    if constexpr (kFused) {
+      const bool is_q = item < kGT;
+      const int q_head = kv_head * group + g0 + (is_q && g0 + item < group ? item : 0);
+      const T* src = is_q ? q + b * q_batch_stride + static_cast<int64_t>(q_head) * q_head_stride
+                          : fresh.k + b * fresh.k_batch_stride + static_cast<int64_t>(kv_head) * fresh.k_head_stride;
+      load_vec<T, kHalf>(src + norm_off, x1);
+      load_vec<T, kHalf>(src + kHalfD + norm_off, x2);
+    }
+  };
   if constexpr (kFused) {
     position = fresh.positions[b * fresh.positions_stride];
     cache_row = fresh.cache_rows[b * fresh.cache_rows_stride];
+    load_raw_head(norm_group);
   }
 
   // Head-dim element of vector j, element e of this lane: ((j * kLPK + sub) * kEPV + e).
@@ -330,15 +345,12 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
     // Every warp runs every round (full-mask shuffles); a group without an item computes on a clamped one.
     for (int base = 0; base < kGT + 1; base += kNormGroups) {
       const int item = base + norm_group;
-      if (base > 0) load_norm_weight(item);
+      if (base > 0) {
+        load_norm_weight(item);
+        load_raw_head(item);
+      }
       const bool is_q = item < kGT;
       const bool has_work = is_q ? g0 + item < group : item == kGT && writer;
-      const int q_head = kv_head * group + g0 + (is_q && g0 + item < group ? item : 0);
-      const T* src = is_q ? q + b * q_batch_stride + static_cast<int64_t>(q_head) * q_head_stride
-                          : fresh.k + b * fresh.k_batch_stride + static_cast<int64_t>(kv_head) * fresh.k_head_stride;
-      T x1[kHalf], x2[kHalf];
-      load_vec<T, kHalf>(src + norm_off, x1);
-      load_vec<T, kHalf>(src + kHalfD + norm_off, x2);
       float c[kHalf], s[kHalf];
       if (position_bad) {  // the table may even be empty: nothing to read
 #pragma unroll
