@@ -270,10 +270,16 @@ def test_model_decode_fused_switch(device, monkeypatch):
         steps = [model.decode(tokens[:, slot], slot).float() for slot in range(4, 9)]
         caches = [(layer.self_attn.k_cache.clone(), layer.self_attn.v_cache.clone()) for layer in model.model.layers]
         runs[flag] = steps, caches
+    # The ops agree bitwise; at the model level the GPU gets the graph tests' margin in case another
+    # kernel of the step is not run-to-run bitwise.
+    tol = 0.0 if device == "cpu" else 1e-5
+    close = lambda a, b, what: torch.testing.assert_close(  # noqa: E731
+        a, b, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
     for n, (a, b) in enumerate(zip(runs["0"][0], runs["1"][0])):
-        assert_bitwise(b, a, f"decode step {n} logits")
-    for (k0, v0), (k1, v1) in zip(runs["0"][1], runs["1"][1]):
-        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+        close(b, a, f"decode step {n} logits")
+    for layer, ((k0, v0), (k1, v1)) in enumerate(zip(runs["0"][1], runs["1"][1])):
+        close(k1, k0, f"layer {layer} k_cache")
+        close(v1, v0, f"layer {layer} v_cache")
     monkeypatch.setenv(A.FUSED_QK_ENV, "2")
     with pytest.raises(ValueError, match=A.FUSED_QK_ENV):
         model.decode(tokens[:, 8], 8)
