@@ -16,6 +16,10 @@ ROTATE_BYTES, 5x the H200's 50 MB L2) come from HBM, as in a model step, where t
 evict the cache between two visits. The floor is the bytes of K and V actually attended over the
 measured device copy bandwidth; floor / time is the fraction of it reached. For B <= 8 the full run also times each forced split count
 (DOTS1_EXT_ATTENTION_SPLITS) beside the automatic choice.
+
+The decode step's whole attention, from the raw qkv activation: qk_norm_rope_kv_cache_ + decode_attention
+(two launches, what Dots1Attention runs with DOTS1_EXT_ATTENTION_FUSED_QK=0) against
+qk_norm_rope_decode_attention (one launch, =1), same inputs, same graph timing.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import Report, Row, bench_main, bytes_floor_ms, capture_graph, on_gpu, replay_ms, time_fn
+from dots1_ext import ops
 from dots1_ext.ops import attention as A
+from dots1_ext.rope import build_cos_sin_cache
 
 HQ = HK = 32
 D = 128
@@ -118,6 +124,26 @@ class Bench:
                     os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS", None)
                 else:
                     os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = previous
+
+        # The whole decode-step attention from the raw qkv (q, k rotated in place by the two-op path on
+        # every call: the times, not the values, matter here; the norm keeps them bounded).
+        k_new, v_new = qkv.view(B, Hq + 2 * Hk, D)[:, Hq:Hq + Hk], qkv.view(B, Hq + 2 * Hk, D)[:, Hq + Hk:]
+        q_weight = torch.ones(D, device=dev, dtype=dt)
+        k_weight = torch.ones(D, device=dev, dtype=dt)
+        cos_sin = build_cos_sin_cache(D, capacity, 10000.0, None, torch.device(dev))
+        positions = kv_end - 1
+        cache_rows = torch.arange(B, device=dev) * capacity + kv_end - 1
+
+        def two_ops(i):
+            ops.qk_norm_rope_kv_cache_(q, k_new, v_new, q_weight, k_weight, positions, cos_sin, 1e-6, k_caches[i],
+                                       v_caches[i], cache_rows)
+            return A.decode_attention(q, k_caches[i], v_caches[i], kv_start, kv_end, 0, scale)
+
+        add("qk_norm_rope_kv_cache_ + decode_attention (raw qkv)", two_ops)
+        add("qk_norm_rope_decode_attention (raw qkv, one launch)",
+            lambda i: A.qk_norm_rope_decode_attention(q, k_new, v_new, q_weight, k_weight, positions, cos_sin, 1e-6,
+                                                      k_caches[i], v_caches[i], cache_rows, kv_start, kv_end, 0,
+                                                      scale))
 
         # SDPA views of the cache as [B, H, S, D] (no copies); q as [B, H, 1, D].
         q4 = q[:, :, None]

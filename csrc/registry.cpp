@@ -52,6 +52,12 @@ TORCH_LIBRARY(dots1_ext, m) {
   // >= kv_end[b] - window (HF: a query at p sees (p - window, p]); window 0 = no window -> out [B, Hq, D]
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_start, Tensor kv_end, "
         "int window, float scale) -> Tensor");
+  // qk_norm_rope_kv_cache_ then decode_attention in one launch (csrc/attention/attention.cpp): raw q [B, Hq, D],
+  // k, v [B, Hk, D] (not written), the norm weights, positions and cos_sin_cache as qk_norm_rope_kv_cache_;
+  // the new k, v go to cache_rows [B], which must be slot kv_end[b] - 1 of sequence b (else: poison) -> out
+  m.def("qk_norm_rope_decode_attention(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, "
+        "Tensor positions, Tensor cos_sin_cache, float eps, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor cache_rows, Tensor kv_start, Tensor kv_end, int window, float scale) -> Tensor");
 
   // ---- skinny GEMM (decode linears): csrc/skinny_gemm ----
   // x [M, K], weight [N, K] -> [M, N] ("none") or [M, N/2] ("swiglu": gate rows [0, N/2), up rows

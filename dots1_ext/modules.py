@@ -289,6 +289,14 @@ class Dots1Attention(_PacksLinears, nn.Module):
             q = linear(x, self.q_proj.weight, self.q_proj.bias).view(T, Hq, D)
             k = linear(x, self.k_proj.weight, self.k_proj.bias).view(T, Hk, D)
             v = linear(x, self.v_proj.weight, self.v_proj.bias).view(T, Hk, D)
+        if step.is_decode and ops.fused_qk_enabled():
+            # One launch: q, k normed and rotated inside the attention kernel, which also writes k, v at
+            # this step's slots (cache_rows = slot kv_end - 1 of each sequence, as StepInputs has it).
+            out = ops.qk_norm_rope_decode_attention(
+                q, k, v, self.q_norm.weight, self.k_norm.weight, step.positions, step.cos_sin_cache, self.eps,
+                self.k_cache, self.v_cache, step.cache_rows, step.kv_start, step.kv_end, self.sliding_window or 0,
+                self.scaling)
+            return linear(out.view(T, Hq * D), self.o_proj.weight, self.o_proj.bias)
         # In place: q, k normed and rotated; k, v written to the cache at this step's slots.
         ops.qk_norm_rope_kv_cache_(q, k, v, self.q_norm.weight, self.k_norm.weight, step.positions,
                                    step.cos_sin_cache, self.eps, self.k_cache, self.v_cache, step.cache_rows)

@@ -460,3 +460,35 @@ def decode_attention(
         probs = torch.softmax((qb @ k) * scale, dim=-1)  # [Hk, G, L]
         out[b] = (probs @ v).reshape(Hq, D)
     return out.to(q.dtype)
+
+
+def qk_norm_rope_decode_attention(
+    q: torch.Tensor,  # [B, Hq, D] raw (not written)
+    k: torch.Tensor,  # [B, Hk, D] raw (not written)
+    v: torch.Tensor,  # [B, Hk, D]
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,  # [B] int64
+    cos_sin_cache: torch.Tensor,
+    eps: float,
+    k_cache: torch.Tensor,  # [B, S, Hk, D]
+    v_cache: torch.Tensor,
+    cache_rows: torch.Tensor,  # [B] int64
+    kv_start: torch.Tensor,  # [B] int64
+    kv_end: torch.Tensor,  # [B] int64
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """qk_norm_rope_kv_cache_ on copies of q and k, then decode_attention -> [B, Hq, D].
+
+    Contract of the fused kernel: sequence b's new key goes to its own slot kv_end[b] - 1, i.e.
+    cache_rows[b] == b * S + kv_end[b] - 1; any other row (inside the cache or not) is a bad cache row
+    (poison policy of qk_norm_rope_kv_cache_: nothing written, NaN q)."""
+    B, S = q.shape[0], k_cache.shape[1]
+    own_slot = torch.arange(B, device=kv_end.device) * S + kv_end - 1
+    rows_ok = (kv_end >= 1) & (kv_end <= S) & (cache_rows == own_slot)
+    rows = torch.where(rows_ok, cache_rows, torch.full_like(cache_rows, -1))
+    q, k = q.clone(), k.clone()
+    qk_norm_rope_kv_cache_(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache, v_cache, rows)
+    return decode_attention(q, k_cache, v_cache, kv_start, kv_end, window, scale)
+

@@ -12,6 +12,12 @@ cache's end.) Paths: fp32/fp16/bf16; head_dim 64/128/256 (16-byte copies), 96 (p
 the cache's end, windows, empty ranges and bad bounds (which must read nothing and give NaN). Exits
 non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
 
+qk_norm_rope_decode_attention (the fused decode step: norm + rope of q and k, the new cache row written
+by the one CTA that owns it) runs on the same shapes and split counts, compared bitwise (output and
+both caches) with qk_norm_rope_kv_cache_ + decode_attention, with a bad position and a bad cache row
+mixed in; its two-op fallback (head_dim 96, two head chunks) too. racecheck is the check that matters
+for it: the new row is written and read within one CTA, and must be read by no other.
+
 DOTS1_SANITIZE_SMALL=1 (what bench/gpu_check.sh sets for racecheck and synccheck, whose per-launch cost
 is far above memcheck's) keeps one case per kernel structure: bf16, one, two and several query heads
 per CTA, two head chunks, 1 / 2 / 8 / 16 splits.
@@ -67,6 +73,40 @@ def run_case(dtype, B, Hq, Hk, D, S, pairs, window, cache_offset=0, q_layout="fu
     check(name, out, ref, dtype)
 
 
+def run_fused_case(dtype, B, Hq, Hk, D, S, pairs, window):
+    from dots1_ext import ops
+    from dots1_ext.rope import build_cos_sin_cache
+
+    qkv = torch.randn(B, (Hq + 2 * Hk) * D, dtype=dtype, device="cuda").view(B, Hq + 2 * Hk, D)
+    q, k, v = qkv.split([Hq, Hk, Hk], dim=1)
+    q_weight = 1.0 + 0.1 * torch.randn(D, dtype=dtype, device="cuda")
+    k_weight = 1.0 + 0.1 * torch.randn(D, dtype=dtype, device="cuda")
+    cos_sin = build_cos_sin_cache(D, S, 10000.0, None, torch.device("cuda"))
+    k_cache = torch.randn(B, S, Hk, D, dtype=dtype, device="cuda")
+    v_cache = torch.randn(B, S, Hk, D, dtype=dtype, device="cuda")
+    kv_start = torch.tensor([p[0] for p in pairs], device="cuda")
+    kv_end = torch.tensor([p[1] for p in pairs], device="cuda")
+    positions = (kv_end - 1 - kv_start).clamp_min(0)
+    cache_rows = torch.arange(B, device="cuda") * S + kv_end - 1
+    if B > 2:
+        positions[1] = -1  # bad position: NaN q and k
+        cache_rows[2] = -1  # bad cache row: nothing written, NaN q
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = ops.qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin, 1e-6, kc, vc,
+                                            cache_rows, kv_start, kv_end, window)
+    own = (kv_end >= 1) & (kv_end <= S) & (cache_rows == torch.arange(B, device="cuda") * S + kv_end - 1)
+    rows = torch.where(own, cache_rows, torch.full_like(cache_rows, -1))
+    q2, k2, rc, rv = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
+    ops.qk_norm_rope_kv_cache_(q2, k2, v, q_weight, k_weight, positions, cos_sin, 1e-6, rc, rv, rows)
+    ref = ops.decode_attention(q2, rc, rv, kv_start, kv_end, window)
+    name = (f"fused {dtype} B={B} Hq={Hq} Hk={Hk} D={D} S={S} window={window} "
+            f"splits={os.environ.get('DOTS1_EXT_ATTENTION_SPLITS', 'auto')}")
+    for what, got, want in (("output", out, ref), ("k_cache", kc, rc), ("v_cache", vc, rv)):
+        same = torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(got.nan_to_num(0), want.nan_to_num(0))
+        if not same:
+            failures.append(f"{name}: {what} differs from qk_norm_rope_kv_cache_ + decode_attention")
+
+
 def pairs_for(B, S):
     base = [(0, S), (-1, 4), (0, 0), (S - 1, S), (0, 1), (3, S - 2), (5, 2), (0, S + 1)]
     return [base[b % len(base)] if S > 5 else (0, S) for b in range(B)]
@@ -100,6 +140,8 @@ def main() -> int:
             for B, Hq, Hk, D, S in shapes:
                 for window in (0, 33):
                     run_case(dtype, B, Hq, Hk, D, S, pairs_for(B, S), window)
+                    if D >= 64:  # not head_dim 34: the 4-byte plain path only
+                        run_fused_case(dtype, B, Hq, Hk, D, S, pairs_for(B, S), window)
             run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (10, 64)], 0, q_layout="misaligned")
             if dtype != torch.float32:
                 run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=1)  # odd element offset
@@ -109,6 +151,8 @@ def main() -> int:
     os.environ["DOTS1_EXT_PDL"] = "0"
     for B, Hq, Hk, D, S in shapes:
         run_case(torch.bfloat16, B, Hq, Hk, D, S, pairs_for(B, S), 0)
+        if D >= 64:
+            run_fused_case(torch.bfloat16, B, Hq, Hk, D, S, pairs_for(B, S), 0)
     os.environ.pop("DOTS1_EXT_PDL")
     torch.cuda.synchronize()
     for f in failures:

@@ -85,6 +85,10 @@ def _op_cases(device):
         "decode_attention-window": ("decode_attention", (randn(2, Hq, D), k_cache, v_cache,
                                                          torch.tensor([0, 2], device=device),
                                                          torch.tensor([5, 8], device=device), 3, D**-0.5)),
+        "qk_norm_rope_decode_attention": ("qk_norm_rope_decode_attention", (
+            randn(2, Hq, D), randn(2, Hk, D), randn(2, Hk, D), randn(D), randn(D), torch.tensor([4, 5], device=device),
+            cos_sin, 1e-5, k_cache.clone(), v_cache.clone(), torch.tensor([4, 8 + 7], device=device),
+            torch.tensor([0, 2], device=device), torch.tensor([5, 8], device=device), 3, D**-0.5)),
         "skinny_gemm-none": ("skinny_gemm", (randn(3, H), randn(2 * I, H), "none")),
         "skinny_gemm-swiglu": ("skinny_gemm", (randn(3, H), randn(2 * I, H), "swiglu")),
         "moe_decode_gate_up": ("moe_decode_gate_up", (hidden, randn(E, 2 * I, H), ids, randn(4 * I, H),

@@ -27,6 +27,7 @@ OPS = [
     "moe_decode_int4_gate_up",
     "moe_decode_int4_down",
     "decode_attention",
+    "qk_norm_rope_decode_attention",
 ]
 
 

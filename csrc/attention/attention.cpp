@@ -7,6 +7,19 @@
 // Sequence b attends to slots [lo, kv_end[b]), lo = kv_start[b], or max(kv_start[b], kv_end[b] - window)
 // when window > 0; query head h reads kv head h / (Hq / Hk). fp32 math, exact softmax, one rounding.
 //
+//   qk_norm_rope_decode_attention(q [B, Hq, D], k [B, Hk, D], v [B, Hk, D], q_weight [D], k_weight [D],
+//                    positions [B] int64, cos_sin_cache [P, D] fp32, eps, k_cache, v_cache, cache_rows [B]
+//                    int64, kv_start, kv_end, window, scale) -> [B, Hq, D]
+// The decode step's qk_norm_rope_kv_cache_ (csrc/norm) then decode_attention, in one launch on CUDA,
+// with the same bits: out, and the k_cache / v_cache rows written. q and k are inputs only (the
+// unfused pair leaves them normed and rotated; nothing reads them afterwards). Contract of the one
+// launch: sequence b's new key goes to slot kv_end[b] - 1 of its own sequence, i.e. cache_rows[b] ==
+// b * S + kv_end[b] - 1; any other cache row, inside the cache or not, counts as a bad cache row
+// (norm.cpp's poison policy: nothing written, NaN q, so a NaN output unless the range is empty). The
+// CPU kernel is the two ops' CPU kernels in order (on copies of q and k, with such rows set to -1);
+// CUDA runs the same two ops where the fused kernel does not apply (Hq / Hk > 8, head_dim not 64 / 128
+// / 256, weights not in q's dtype or not contiguous, unaligned pointers or strides).
+//
 // Poison policy (every backend: this CPU kernel, the CUDA kernel and dots1_ext.reference): bounds are
 // device data, so bad ones cannot raise; a sequence with kv_start < 0, kv_end > S or kv_start > kv_end
 // gets NaN in every output element and reads nothing. An empty range (kv_start == kv_end, or a window
@@ -24,6 +37,9 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <utility>
+
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "attention/attention.h"
 #include "common.h"
@@ -84,6 +100,44 @@ KvRange kv_range(int64_t start, int64_t end, int64_t window, int64_t cache_len) 
   return {lo, end, false};
 }
 
+// The fused op's checks: decode_attention's, and qk_norm_rope_kv_cache_'s for B tokens (mirror
+// dots1_ext/ops/attention.py and csrc/norm/norm.cpp; the messages name the arguments the same way).
+void check_qk_norm_rope_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                         const at::Tensor& positions, const at::Tensor& cos_sin_cache,
+                                         const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& cache_rows, const at::Tensor& kv_start,
+                                         const at::Tensor& kv_end, int64_t window) {
+  check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window);
+  const int64_t B = q.size(0), D = q.size(2), Hk = k_cache.size(2);
+  check_dtype(k, "k", {q.scalar_type()});
+  check_shape(k, "k", {B, Hk, D});
+  TORCH_CHECK_VALUE(k.stride(2) == 1, "dots1_ext: k must have a contiguous last dimension, got strides ", k.strides());
+  check_dtype(v, "v", {q.scalar_type()});
+  check_shape(v, "v", {B, Hk, D});
+  TORCH_CHECK_VALUE(v.stride(2) == 1, "dots1_ext: v must have a contiguous last dimension, got strides ", v.strides());
+  check_dtype(q_weight, "q_weight", kFloatTypes);
+  check_shape(q_weight, "q_weight", {D});
+  check_dtype(k_weight, "k_weight", kFloatTypes);
+  check_shape(k_weight, "k_weight", {D});
+  check_dtype(positions, "positions", {at::kLong});
+  check_shape(positions, "positions", {B});
+  check_dtype(cos_sin_cache, "cos_sin_cache", {at::kFloat});
+  check_shape(cos_sin_cache, "cos_sin_cache", {-1, D});
+  check_dtype(cache_rows, "cache_rows", {at::kLong});
+  check_shape(cache_rows, "cache_rows", {B});
+  for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}, std::pair{&q_weight, "q_weight"},
+                                std::pair{&k_weight, "k_weight"}, std::pair{&positions, "positions"},
+                                std::pair{&cos_sin_cache, "cos_sin_cache"}, std::pair{&cache_rows, "cache_rows"}})
+    check_same_device(*t, name, q, "q");
+  // The caches are written while q, k and v are read.
+  check_no_overlap(k_cache, "k_cache", v_cache, "v_cache");
+  for (const auto& [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    check_no_overlap(k_cache, "k_cache", *t, name);
+    check_no_overlap(v_cache, "v_cache", *t, name);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // CPU kernel: per sequence, fp32 matmul + softmax over the attended slots (ATen ops).
 
@@ -115,6 +169,48 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
     out[b].copy_(o.reshape({Hq, D}));
   }
   return out;
+}
+
+// The fused op as its two ops, through the dispatcher (the CPU kernel; the CUDA fallback): on copies
+// of q and k (the fused op does not write them), with every cache row other than slot kv_end[b] - 1 of
+// sequence b replaced by -1 (a bad row for qk_norm_rope_kv_cache_: nothing written, NaN q).
+at::Tensor qk_norm_rope_decode_attention_two_ops(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                                 const at::Tensor& positions, const at::Tensor& cos_sin_cache,
+                                                 double eps, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                                 const at::Tensor& cache_rows, const at::Tensor& kv_start,
+                                                 const at::Tensor& kv_end, int64_t window, double scale) {
+  static const auto qk_norm_rope_kv_cache =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dots1_ext::qk_norm_rope_kv_cache_", "")
+          .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&, const at::Tensor&, double, const at::Tensor&, const at::Tensor&,
+                      const at::Tensor&)>();
+  static const auto decode_attention =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dots1_ext::decode_attention", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, int64_t, double)>();
+  const int64_t B = q.size(0), S = k_cache.size(1);
+  const auto own_slot = at::arange(B, kv_end.options()) * S + kv_end - 1;
+  const auto rows_ok = kv_end.ge(1).logical_and(kv_end.le(S)).logical_and(cache_rows.eq(own_slot));
+  const auto rows = at::where(rows_ok, cache_rows, at::full({}, -1, cache_rows.options()));
+  const auto q_rotated = q.clone(), k_rotated = k.clone();
+  qk_norm_rope_kv_cache.call(q_rotated, k_rotated, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
+                             v_cache, rows);
+  return decode_attention.call(q_rotated, k_cache, v_cache, kv_start, kv_end, window, scale);
+}
+
+at::Tensor qk_norm_rope_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                             const at::Tensor& positions, const at::Tensor& cos_sin_cache,
+                                             double eps, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                             const at::Tensor& cache_rows, const at::Tensor& kv_start,
+                                             const at::Tensor& kv_end, int64_t window, double scale) {
+  check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, k_cache, v_cache,
+                                      cache_rows, kv_start, kv_end, window);
+  return qk_norm_rope_decode_attention_two_ops(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
+                                               v_cache, cache_rows, kv_start, kv_end, window, scale);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,13 +255,69 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   return out;
 }
 
+at::Tensor qk_norm_rope_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                              const at::Tensor& positions, const at::Tensor& cos_sin_cache,
+                                              double eps, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                              const at::Tensor& cache_rows, const at::Tensor& kv_start,
+                                              const at::Tensor& kv_end, int64_t window, double scale) {
+  check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, k_cache, v_cache,
+                                      cache_rows, kv_start, kv_end, window);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), S = k_cache.size(1), Hk = k_cache.size(2);
+  if (B == 0 || Hq == 0) return at::empty({B, Hq, D}, q.options());
+  // A dim of size 1 may carry any stride: 0 keeps the kernel's address math trivially in range.
+  const auto stride_or_0 = [](const at::Tensor& t, int dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); };
+  DecodeQkNormRopeArgs args;
+  args.k = k.const_data_ptr();
+  args.k_batch_stride = stride_or_0(k, 0);
+  args.k_head_stride = stride_or_0(k, 1);
+  args.v = v.const_data_ptr();
+  args.v_batch_stride = stride_or_0(v, 0);
+  args.v_head_stride = stride_or_0(v, 1);
+  args.q_weight = q_weight.const_data_ptr();
+  args.k_weight = k_weight.const_data_ptr();
+  args.positions = positions.const_data_ptr<int64_t>();
+  args.positions_stride = stride_or_0(positions, 0);
+  args.cos_sin_cache = cos_sin_cache.const_data_ptr<float>();
+  args.num_positions = cos_sin_cache.size(0);
+  args.cache_rows = cache_rows.const_data_ptr<int64_t>();
+  args.cache_rows_stride = stride_or_0(cache_rows, 0);
+  args.eps = static_cast<float>(eps);
+  const int64_t q_batch_stride = stride_or_0(q, 0), q_head_stride = stride_or_0(q, 1);
+  // The kernel reads the weights in q's dtype, directly (and before the PDL wait: a weight converted
+  // here would be written by the kernel right before). Anything else runs the two ops.
+  const bool weights_direct = q_weight.scalar_type() == q.scalar_type() && k_weight.scalar_type() == q.scalar_type() &&
+                              q_weight.is_contiguous() && k_weight.is_contiguous();
+  // The row stride of cos_sin_cache is D when it is contiguous; a strided table runs the two ops.
+  if (!weights_direct || !cos_sin_cache.is_contiguous() ||
+      !can_fuse_qk_norm_rope(q.const_data_ptr(), q_batch_stride, q_head_stride, k_cache.const_data_ptr(),
+                             v_cache.const_data_ptr(), args, Hq, Hk, D, to_dtype(q.scalar_type())))
+    return qk_norm_rope_decode_attention_two_ops(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
+                                                 v_cache, cache_rows, kv_start, kv_end, window, scale);
+  auto out = at::empty({B, Hq, D}, q.options());
+  const int64_t start_stride = B == 1 ? 0 : kv_start.stride(0), end_stride = B == 1 ? 0 : kv_end.stride(0);
+  C10_CUDA_CHECK(launch_qk_norm_rope_decode_attention(
+      q.const_data_ptr(), q_batch_stride, q_head_stride, k_cache.mutable_data_ptr(), v_cache.mutable_data_ptr(),
+      kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
+      out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), args, forced_splits(),
+      to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled()));
+  return out;
+}
+
 #endif  // DOTS1_WITH_CUDA
 
 }  // namespace
 }  // namespace dots1
 
-TORCH_LIBRARY_IMPL(dots1_ext, CPU, m) { m.impl("decode_attention", &dots1::decode_attention_cpu); }
+TORCH_LIBRARY_IMPL(dots1_ext, CPU, m) {
+  m.impl("decode_attention", &dots1::decode_attention_cpu);
+  m.impl("qk_norm_rope_decode_attention", &dots1::qk_norm_rope_decode_attention_cpu);
+}
 
 #ifdef DOTS1_WITH_CUDA
-TORCH_LIBRARY_IMPL(dots1_ext, CUDA, m) { m.impl("decode_attention", &dots1::decode_attention_cuda); }
+TORCH_LIBRARY_IMPL(dots1_ext, CUDA, m) {
+  m.impl("decode_attention", &dots1::decode_attention_cuda);
+  m.impl("qk_norm_rope_decode_attention", &dots1::qk_norm_rope_decode_attention_cuda);
+}
 #endif

@@ -57,6 +57,48 @@ cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], st
                                     int64_t head_dim, int64_t window, float scale, int num_splits, DType dtype,
                                     cudaStream_t stream, int* splits_used = nullptr, bool use_pdl = true);
 
+// The fused op's inputs besides the plain op's (qk_norm_rope_decode_attention, attention.cpp): this
+// step's raw k and v and what qk_norm_rope_kv_cache_ (norm.h) takes. Strides in elements.
+struct DecodeQkNormRopeArgs {
+  const void* k;  // [B, Hk, D], q's dtype
+  int64_t k_batch_stride, k_head_stride;
+  const void* v;  // [B, Hk, D], q's dtype
+  int64_t v_batch_stride, v_head_stride;
+  const void* q_weight;  // [D] contiguous, q's dtype (read before the PDL wait: never written in a step)
+  const void* k_weight;  // [D] contiguous, q's dtype
+  const int64_t* positions;  // [B]
+  int64_t positions_stride;
+  const float* cos_sin_cache;  // [num_positions, D] contiguous: cos | sin
+  int64_t num_positions;
+  const int64_t* cache_rows;  // [B], flat rows of k_cache.view(-1, Hk, D)
+  int64_t cache_rows_stride;
+  float eps;
+};
+
+// Whether launch_qk_norm_rope_decode_attention takes these shapes and pointers: Hq / Hk <= 8 (one CTA
+// per kv head and split), head_dim 64, 128 or 256, every pointer 16-byte aligned and every stride a
+// whole number of 16-byte vectors. Otherwise attention.cpp runs the two ops.
+bool can_fuse_qk_norm_rope(const void* q, int64_t q_batch_stride, int64_t q_head_stride, const void* k_cache,
+                           const void* v_cache, const DecodeQkNormRopeArgs& args, int64_t num_q_heads,
+                           int64_t num_kv_heads, int64_t head_dim, DType dtype);
+
+// One launch: qk_norm_rope_kv_cache_ (norm.h: per-head RMSNorm + neox RoPE of q and k, k and v written
+// at cache_rows) then launch_decode_attention, same bits. q (raw) and k are not written; the caches
+// are. Contract: sequence b's cache row is slot kv_end[b] - 1 of its own sequence
+// (b * cache_len + kv_end[b] - 1); any other row, in range or not, is a bad cache row (nothing written,
+// NaN output). cudaErrorInvalidValue where can_fuse_qk_norm_rope is false.
+cudaError_t launch_qk_norm_rope_decode_attention(const void* q,  // [B, Hq, D] raw, strides as launch_decode_attention
+                                                 int64_t q_batch_stride, int64_t q_head_stride,
+                                                 void* k_cache,  // [B, S, Hk, D] contiguous
+                                                 void* v_cache, const int64_t* kv_start, int64_t kv_start_stride,
+                                                 const int64_t* kv_end, int64_t kv_end_stride,
+                                                 void* out,  // [B, Hq, D] contiguous
+                                                 int64_t batch, int64_t cache_len, int64_t num_q_heads,
+                                                 int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale,
+                                                 const DecodeQkNormRopeArgs& args, int num_splits, DType dtype,
+                                                 cudaStream_t stream, int* splits_used = nullptr,
+                                                 bool use_pdl = true);
+
 }  // namespace dots1
 
 #endif  // DOTS1_WITH_CUDA || __CUDACC__

@@ -32,6 +32,7 @@
 
 #include "attention/attention.h"
 #include "cuda_utils.cuh"
+#include "norm/norm_rope.cuh"
 #include "pdl.cuh"
 
 namespace dots1 {
@@ -119,6 +120,9 @@ struct Tiling {
   // The warps' states (one slot each), then the CTA's merged partial: acc, then max and sum.
   static constexpr int kReduceBytes = ((kWarps + 1) * kGT * kDPad + 2 * (kWarps + 1) * kGT) * 4;
   static constexpr int kSmemBytes = kPipelineBytes > kReduceBytes ? kPipelineBytes : kReduceBytes;
+  // The fused op's extra buffer, after kSmemBytes: its normed + rotated query heads [kGT][kDPad] and
+  // the new key and value rows [kDPad] each, in T.
+  static constexpr int kFreshBytes = (kGT + 2) * kDPad * static_cast<int>(sizeof(T));
   static_assert(kVecsPerRow * kElemsPerVec == kDPad, "kDPad must be a multiple of the vector");
   static_assert(kVecsPerRow % kLanesPerKey == 0, "vectors per row");
   static_assert((kLanesPerKey & (kLanesPerKey - 1)) == 0, "lanes per key must be a power of two");
@@ -144,15 +148,48 @@ __device__ __forceinline__ float finish(float acc, float sum, bool bad) {
   return sum == 0.0f ? 0.0f : acc / sum;
 }
 
+// The fused op's inputs (qk_norm_rope_decode_attention; attention.h DecodeQkNormRopeArgs), typed and
+// offset to the launch's first sequence. Unused by the plain op.
+template <typename T>
+struct FreshKv {
+  const T* k;  // [B, Hk, D] raw (before norm and rope)
+  int64_t k_batch_stride, k_head_stride;
+  const T* v;
+  int64_t v_batch_stride, v_head_stride;
+  const T* q_weight;  // [D]
+  const T* k_weight;
+  const int64_t* positions;
+  int64_t positions_stride;
+  const float* cos_sin;  // [num_positions, D]: cos | sin
+  int64_t num_positions;
+  const int64_t* cache_rows;
+  int64_t cache_rows_stride;
+  int64_t first_row;  // flat cache row (of k_cache.view(-1, Hk, D)) of slot 0 of the launch's sequence 0
+  T* k_cache;         // the kernel's k_cache / v_cache, writable: the new row goes there
+  T* v_cache;
+  float eps;
+};
+
 // grid (splits, Hk * head_chunks, batch); cluster (splits, 1, 1) when splits > 1.
-template <typename T, int kDPad, int kVecBytes, int kGT>
+//
+// kFused (qk_norm_rope_decode_attention, head_chunks == 1, head_dim == kDPad, 16-byte vectors): q is
+// the raw query; the CTA normalises and rotates its query heads (the norm family's math,
+// csrc/norm/norm_rope.cuh) into shared memory before the key loop. The new key / value (slot end - 1)
+// belongs to exactly one split of (b, kv head): the one whose key range holds it, or split 0 when no
+// split reads it (empty or bad range). That CTA computes it, writes it to the cache, and, when it also
+// attends to it, skips that row in its cp.async copies and puts its own copy into its stage slots
+// (the thread that would have copied it does, after its wait_group): no CTA reads the row it writes,
+// and no other CTA reads the row at all (other splits, sequences and kv heads never do).
+template <typename T, int kDPad, int kVecBytes, int kGT, bool kFused>
 __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
     decode_attention_kernel(const T* __restrict__ q, int64_t q_batch_stride, int64_t q_head_stride,
-                            const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                            // not __restrict__: the fused variant writes the new row through fresh.k_cache
+                            // (only cp.async, an asm statement, reads through these)
+                            const T* k_cache, const T* v_cache,
                             const int64_t* __restrict__ kv_start, int64_t kv_start_stride,
                             const int64_t* __restrict__ kv_end, int64_t kv_end_stride, T* __restrict__ out,
                             int64_t cache_len, int num_q_heads, int num_kv_heads, int head_dim, int group,
-                            int head_chunks, int64_t window, float q_scale) {
+                            int head_chunks, int64_t window, float q_scale, FreshKv<T> fresh) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
   constexpr int kEPV = Tl::kElemsPerVec, kVPL = Tl::kVecsPerLane, kLPK = Tl::kLanesPerKey;
   constexpr int kKPW = Tl::kKeysPerWarp, kU = Tl::kUnroll, kTile = Tl::kTile;
@@ -178,36 +215,192 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
   const int g0 = (blockIdx.y % head_chunks) * kGT;  // first query head of this CTA within the group
   const int split = blockIdx.x, num_splits = gridDim.x;
 
+  using NormRope = NormRopeLanes<T, kDPad>;
+  constexpr int kHalf = NormRope::kHalf, kNormLanes = NormRope::kLanes, kHalfD = kDPad / 2;
+  constexpr int kNormGroups = kThreads / kNormLanes;  // heads normalised at once (fused)
+  const int norm_group = threadIdx.x / kNormLanes;
+  const int norm_off = (threadIdx.x % kNormLanes) * kHalf;
+  float w1[kFused ? kHalf : 1], w2[kFused ? kHalf : 1];
+  // Fused: items [0, kGT) are this CTA's query heads, item kGT the kv head. The norm weights of each
+  // thread's first item are read before the PDL wait (never written in a step, csrc/pdl.cuh).
+  const auto load_norm_weight = [&](int item) {
+    if constexpr (kFused) {
+      const T* weight = item < kGT ? fresh.q_weight : fresh.k_weight;
+      load_vec_float<T, kHalf>(weight + norm_off, w1);
+      load_vec_float<T, kHalf>(weight + kHalfD + norm_off, w2);
+    }
+  };
+  load_norm_weight(norm_group);
+
   // PDL (csrc/pdl.cuh): everything above ran while the previous kernel of the stream may still be
-  // writing q, the cache or the bounds; nothing global is read before this. Then the next kernel (the
-  // o_proj GEMM) may be scheduled as this grid's CTAs retire and start streaming its weight.
+  // writing q, the cache or the bounds; nothing else global is read before this. Then the next kernel
+  // (the o_proj GEMM) may be scheduled as this grid's CTAs retire and start streaming its weight.
   pdl_wait();
   pdl_launch_dependents();
 
   // The bounds and q are independent loads, issued together: the first K/V copy waits for the bounds
   // only, not for the bounds and then q.
   const int64_t start = kv_start[b * kv_start_stride], end = kv_end[b * kv_end_stride];
+  int64_t position = 0, cache_row = -1;
+  // Fused: the raw head of a thread's item (a query head of this CTA, or the kv head), a clamped one
+  // for groups without an item. The first round's is loaded here, with the bounds: nothing it needs
+  // depends on them.
+  T x1[kFused ? kHalf : 1], x2[kFused ? kHalf : 1];
+  const auto load_raw_head = [&](int item) {
+    if constexpr (kFused) {
+      const bool is_q = item < kGT;
+      const int q_head = kv_head * group + g0 + (is_q && g0 + item < group ? item : 0);
+      const T* src = is_q ? q + b * q_batch_stride + static_cast<int64_t>(q_head) * q_head_stride
+                          : fresh.k + b * fresh.k_batch_stride + static_cast<int64_t>(kv_head) * fresh.k_head_stride;
+      load_vec<T, kHalf>(src + norm_off, x1);
+      load_vec<T, kHalf>(src + kHalfD + norm_off, x2);
+    }
+  };
+  if constexpr (kFused) {
+    position = fresh.positions[b * fresh.positions_stride];
+    cache_row = fresh.cache_rows[b * fresh.cache_rows_stride];
+    load_raw_head(norm_group);
+  }
 
   // Head-dim element of vector j, element e of this lane: ((j * kLPK + sub) * kEPV + e).
   const auto elem = [&](int j, int e) { return (j * kLPK + sub) * kEPV + e; };
 
   float qf[kGT][kAcc];
+  if constexpr (!kFused) {
 #pragma unroll
-  for (int g = 0; g < kGT; ++g) {
-    const bool head_ok = g0 + g < group;
-    const T* qrow = q + b * q_batch_stride + static_cast<int64_t>(kv_head * group + g0 + g) * q_head_stride;
+    for (int g = 0; g < kGT; ++g) {
+      const bool head_ok = g0 + g < group;
+      const T* qrow = q + b * q_batch_stride + static_cast<int64_t>(kv_head * group + g0 + g) * q_head_stride;
 #pragma unroll
-    for (int j = 0; j < kVPL; ++j)
+      for (int j = 0; j < kVPL; ++j)
 #pragma unroll
-      for (int e = 0; e < kEPV; ++e) {
-        const int d = elem(j, e);
-        qf[g][j * kEPV + e] = head_ok && d < head_dim ? to_float(qrow[d]) * q_scale : 0.0f;
-      }
+        for (int e = 0; e < kEPV; ++e) {
+          const int d = elem(j, e);
+          qf[g][j * kEPV + e] = head_ok && d < head_dim ? to_float(qrow[d]) * q_scale : 0.0f;
+        }
+    }
   }
 
   const bool bad = start < 0 || end > cache_len || start > end;
   int64_t lo = start;
   if (window > 0 && end - window > lo) lo = end - window;
+
+  // This split's keys [k_begin, k_end) (none when bad).
+  const int64_t len = end - lo;
+  int64_t chunk = (len + num_splits - 1) / num_splits;
+  chunk = (chunk + kTile - 1) / kTile * kTile;
+  const int64_t k_begin = lo + split * chunk;
+  const int64_t k_end = k_begin + chunk < end ? k_begin + chunk : end;
+  const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * head_dim;  // elements between slots
+  const int64_t head_offset = (b * cache_len) * row_stride + static_cast<int64_t>(kv_head) * head_dim;
+  const T* k_base = k_cache + head_offset;
+  const T* v_base = v_cache + head_offset;
+  const int64_t num_tiles = !bad && k_begin < k_end ? (k_end - k_begin + kTile - 1) / kTile : 0;
+  constexpr int kStages = Tl::kStages;
+
+  // Fused: the slot this CTA fills from its own copy of the new key / value instead of the cache.
+  int64_t fresh_key = -1;
+
+  // Each thread stages, and later reads back, only its own vectors: the copies need no barrier,
+  // only the thread's own wait_group. Keys past the range and vectors past head_dim are zero-filled.
+  const auto issue = [&](int64_t t) {
+    if (t < num_tiles) {
+      Words<kVecBytes>* stage = stages + (t % kStages) * Tl::kStageWords;
+      const int64_t tile = k_begin + t * kTile;
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int64_t key = tile + (u * kWarps + warp) * kKPW + key_slot;
+#pragma unroll
+        for (int j = 0; j < kVPL; ++j) {
+          const bool ok = key < k_end && elem(j, 0) < head_dim && (!kFused || key != fresh_key);
+          const int64_t offset = ok ? key * row_stride + elem(j, 0) : 0;
+          const int bytes = ok ? kVecBytes : 0;
+          const int slot = (u * kVPL + j) * kThreads + threadIdx.x;
+          cp_async(stage + slot, k_base + offset, bytes, std::integral_constant<int, kVecBytes>{});
+          cp_async(stage + kU * kVPL * kThreads + slot, v_base + offset, bytes,
+                   std::integral_constant<int, kVecBytes>{});
+        }
+      }
+    }
+    cp_async_commit();  // also when empty: one group per tile index keeps the wait count fixed
+  };
+
+  // Fused: the normed + rotated query heads, then the new key and value row (after kSmemBytes).
+  T* const fresh_q = reinterpret_cast<T*>(attention_smem + Tl::kSmemBytes);  // [kGT][kDPad]
+  T* const fresh_k = fresh_q + kGT * kDPad;                                    // [kDPad]
+  T* const fresh_v = fresh_k + kDPad;                                          // [kDPad]
+  if constexpr (kFused) {
+    // Poison policy of qk_norm_rope_kv_cache_ (norm.h): a bad position gives NaN q and k; a bad cache
+    // row (here also any row other than slot end - 1 of this sequence) writes nothing, NaN q.
+    const bool position_bad = position < 0 || position >= fresh.num_positions;
+    const bool row_ok = end >= 1 && end <= cache_len && cache_row == fresh.first_row + b * cache_len + end - 1;
+    const bool attended = !bad && lo < end;  // then slot end - 1 is in exactly one split's range
+    const bool writer = row_ok && (attended ? k_begin <= end - 1 && end - 1 < k_end : split == 0);
+    if (writer && attended) fresh_key = end - 1;
+    // The first copies fly while the heads are normalised (the new row is not among them).
+#pragma unroll
+    for (int t = 0; t < kStages - 1; ++t) issue(t);
+
+    const float* cs_row = fresh.cos_sin + (position_bad ? 0 : position) * kDPad;
+    // Every warp runs every round (full-mask shuffles); a group without an item computes on a clamped one.
+    for (int base = 0; base < kGT + 1; base += kNormGroups) {
+      const int item = base + norm_group;
+      if (base > 0) {
+        load_norm_weight(item);
+        load_raw_head(item);
+      }
+      const bool is_q = item < kGT;
+      const bool has_work = is_q ? g0 + item < group : item == kGT && writer;
+      float c[kHalf], s[kHalf];
+      if (position_bad) {  // the table may even be empty: nothing to read
+#pragma unroll
+        for (int j = 0; j < kHalf; ++j) c[j] = s[j] = 0.f;
+      } else {
+        load_vec<float, kHalf>(cs_row + norm_off, c);
+        load_vec<float, kHalf>(cs_row + kHalfD + norm_off, s);
+      }
+      norm_rope_in_lanes<T, kDPad>(x1, x2, w1, w2, c, s, fresh.eps);
+      if (position_bad || (is_q && !row_ok)) {
+#pragma unroll
+        for (int j = 0; j < kHalf; ++j) x1[j] = x2[j] = from_float<T>(__int_as_float(0x7fffffff));
+      }
+      if (has_work) {
+        T* dst = is_q ? fresh_q + item * kDPad : fresh_k;
+        store_vec<T, kHalf>(dst + norm_off, x1);
+        store_vec<T, kHalf>(dst + kHalfD + norm_off, x2);
+        if (!is_q) {
+          const T* v_src = fresh.v + b * fresh.v_batch_stride + static_cast<int64_t>(kv_head) * fresh.v_head_stride;
+          T v1[kHalf], v2[kHalf];
+          load_vec<T, kHalf>(v_src + norm_off, v1);
+          load_vec<T, kHalf>(v_src + kHalfD + norm_off, v2);
+          store_vec<T, kHalf>(fresh_v + norm_off, v1);
+          store_vec<T, kHalf>(fresh_v + kHalfD + norm_off, v2);
+          const int64_t row_offset = head_offset + (end - 1) * row_stride + norm_off;
+          store_vec<T, kHalf>(fresh.k_cache + row_offset, x1);
+          store_vec<T, kHalf>(fresh.k_cache + row_offset + kHalfD, x2);
+          store_vec<T, kHalf>(fresh.v_cache + row_offset, v1);
+          store_vec<T, kHalf>(fresh.v_cache + row_offset + kHalfD, v2);
+        }
+      }
+    }
+    __syncthreads();  // fresh_q / fresh_k / fresh_v complete
+#pragma unroll
+    for (int g = 0; g < kGT; ++g) {
+      const bool head_ok = g0 + g < group;
+#pragma unroll
+      for (int j = 0; j < kVPL; ++j)
+#pragma unroll
+        for (int e = 0; e < kEPV; ++e) {
+          const int d = elem(j, e);  // as the plain op reads q: rounded to T, times scale * log2(e)
+          qf[g][j * kEPV + e] = head_ok && d < head_dim ? to_float(fresh_q[g * kDPad + d]) * q_scale : 0.0f;
+        }
+    }
+  } else {
+#pragma unroll
+    for (int t = 0; t < kStages - 1; ++t) issue(t);
+  }
+  // The tile holding fresh_key (-1: none).
+  const int64_t fresh_tile = kFused && fresh_key >= 0 ? (fresh_key - k_begin) / kTile : -1;
 
   float m[kGT], l[kGT], acc[kGT][kAcc];
 #pragma unroll
@@ -218,51 +411,26 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
     for (int i = 0; i < kAcc; ++i) acc[g][i] = 0.0f;
   }
 
-  if (!bad) {
-    const int64_t len = end - lo;
-    int64_t chunk = (len + num_splits - 1) / num_splits;
-    chunk = (chunk + kTile - 1) / kTile * kTile;
-    const int64_t k_begin = lo + split * chunk;
-    const int64_t k_end = k_begin + chunk < end ? k_begin + chunk : end;
-    const int64_t row_stride = static_cast<int64_t>(num_kv_heads) * head_dim;  // elements between slots
-    const int64_t head_offset = (b * cache_len) * row_stride + static_cast<int64_t>(kv_head) * head_dim;
-    const T* k_base = k_cache + head_offset;
-    const T* v_base = v_cache + head_offset;
-    const int64_t num_tiles = k_begin < k_end ? (k_end - k_begin + kTile - 1) / kTile : 0;
-    constexpr int kStages = Tl::kStages;
-
-    // Each thread stages, and later reads back, only its own vectors: the copies need no barrier,
-    // only the thread's own wait_group. Keys past the range and vectors past head_dim are zero-filled.
-    const auto issue = [&](int64_t t) {
-      if (t < num_tiles) {
-        Words<kVecBytes>* stage = stages + (t % kStages) * Tl::kStageWords;
-        const int64_t tile = k_begin + t * kTile;
-#pragma unroll
-        for (int u = 0; u < kU; ++u) {
-          const int64_t key = tile + (u * kWarps + warp) * kKPW + key_slot;
-#pragma unroll
-          for (int j = 0; j < kVPL; ++j) {
-            const bool ok = key < k_end && elem(j, 0) < head_dim;
-            const int64_t offset = ok ? key * row_stride + elem(j, 0) : 0;
-            const int bytes = ok ? kVecBytes : 0;
-            const int slot = (u * kVPL + j) * kThreads + threadIdx.x;
-            cp_async(stage + slot, k_base + offset, bytes, std::integral_constant<int, kVecBytes>{});
-            cp_async(stage + kU * kVPL * kThreads + slot, v_base + offset, bytes,
-                     std::integral_constant<int, kVecBytes>{});
-          }
-        }
-      }
-      cp_async_commit();  // also when empty: one group per tile index keeps the wait count fixed
-    };
-
-#pragma unroll
-    for (int t = 0; t < kStages - 1; ++t) issue(t);
-
+  {
     for (int64_t t = 0; t < num_tiles; ++t) {
       issue(t + kStages - 1);  // into the stage consumed at t - 1 (by this thread only, already read)
       cp_async_wait<kStages - 1>();
-      const Words<kVecBytes>* stage = stages + (t % kStages) * Tl::kStageWords;
       const int64_t tile = k_begin + t * kTile;
+      if (kFused && t == fresh_tile) {  // the new row: this CTA's own copy into the copier's slots
+        Words<kVecBytes>* own = stages + (t % kStages) * Tl::kStageWords;
+        const auto* fresh_k_words = reinterpret_cast<const Words<kVecBytes>*>(fresh_k);
+        const auto* fresh_v_words = reinterpret_cast<const Words<kVecBytes>*>(fresh_v);
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+          if (tile + (u * kWarps + warp) * kKPW + key_slot == fresh_key) {
+#pragma unroll
+            for (int j = 0; j < kVPL; ++j) {
+              own[(u * kVPL + j) * kThreads + threadIdx.x] = fresh_k_words[j * kLPK + sub];
+              own[kU * kVPL * kThreads + (u * kVPL + j) * kThreads + threadIdx.x] = fresh_v_words[j * kLPK + sub];
+            }
+          }
+      }
+      const Words<kVecBytes>* stage = stages + (t % kStages) * Tl::kStageWords;
 
       // Scores (already in log2 units: q carries scale * log2(e)), summed over the key's lanes.
       float s[kU][kGT];
@@ -486,14 +654,16 @@ int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache
   return 1;
 }
 
-template <typename T, int kDPad, int kVecBytes, int kGT>
+// fresh (kFused only): the fused op's inputs for the whole batch (first_row 0); each launch offsets them.
+template <typename T, int kDPad, int kVecBytes, int kGT, bool kFused>
 cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stride, const T* k_cache,
                          const T* v_cache, const int64_t* kv_start, int64_t kv_start_stride, const int64_t* kv_end,
                          int64_t kv_end_stride, T* out, int64_t batch, int64_t cache_len, int num_q_heads,
                          int num_kv_heads, int head_dim, int64_t window, float scale, int num_splits,
-                         cudaStream_t stream, int* splits_used, bool use_pdl) {
+                         cudaStream_t stream, int* splits_used, bool use_pdl, const FreshKv<T>& fresh) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
-  auto kernel = decode_attention_kernel<T, kDPad, kVecBytes, kGT>;
+  constexpr int kSmemBytes = Tl::kSmemBytes + (kFused ? Tl::kFreshBytes : 0);
+  auto kernel = decode_attention_kernel<T, kDPad, kVecBytes, kGT, kFused>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -501,11 +671,12 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
   err = cudaPeekAtLastError();
   if (err != cudaSuccess) return err;
   static PerDeviceOnce<Residency> residency;  // one per instantiation
-  const Residency r = residency.get(device, [&] { return query_residency(kernel, device, Tl::kSmemBytes); });
+  const Residency r = residency.get(device, [&] { return query_residency(kernel, device, kSmemBytes); });
   if (r.err != cudaSuccess) return r.err;
 
   const int group = num_q_heads / num_kv_heads;
   const int head_chunks = (group + kGT - 1) / kGT;
+  if (kFused && (head_chunks != 1 || head_dim != kDPad)) return cudaErrorInvalidValue;  // see can_fuse
   const int64_t grid_y = static_cast<int64_t>(num_kv_heads) * head_chunks;
   if (grid_y > 65535) return cudaErrorInvalidConfiguration;
   int splits;
@@ -530,7 +701,7 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(splits, static_cast<unsigned>(grid_y), static_cast<unsigned>(nb));
     config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = Tl::kSmemBytes;
+    config.dynamicSmemBytes = kSmemBytes;
     config.stream = stream;
     cudaLaunchAttribute attrs[2];
     unsigned num_attrs = 0;
@@ -542,13 +713,25 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
       ++num_attrs;
     }
     // PDL: the launch and the CTAs' index math overlap the previous kernel's tail (in a decode step
-    // that is qk_norm_rope_kv_cache_); the kernel's pdl_wait keeps every global read after it.
+    // qk_norm_rope_kv_cache_, or the qkv GEMM for the fused op); the kernel's pdl_wait keeps every
+    // global read after it but the fused op's norm weights.
     num_attrs += pdl_attribute(use_pdl && r.major >= 9, &attrs[num_attrs]);
     config.attrs = attrs;
     config.numAttrs = num_attrs;
+    FreshKv<T> fb = {};
+    if constexpr (kFused) {
+      fb = fresh;
+      fb.k += b0 * fresh.k_batch_stride;
+      fb.v += b0 * fresh.v_batch_stride;
+      fb.positions += b0 * fresh.positions_stride;
+      fb.cache_rows += b0 * fresh.cache_rows_stride;
+      fb.first_row = b0 * cache_len;
+      fb.k_cache += kv_offset;
+      fb.v_cache += kv_offset;
+    }
     err = cudaLaunchKernelEx(&config, kernel, qb, q_batch_stride, q_head_stride, k_cache + kv_offset,
                              v_cache + kv_offset, sb, kv_start_stride, eb, kv_end_stride, ob, cache_len, num_q_heads,
-                             num_kv_heads, head_dim, group, head_chunks, window, q_scale);
+                             num_kv_heads, head_dim, group, head_chunks, window, q_scale, fb);
     const cudaError_t last = cudaGetLastError();  // this launch's error state, consumed (reported below)
     if (err == cudaSuccess) err = last;
     if (err != cudaSuccess) return err;
@@ -574,14 +757,14 @@ cudaError_t dispatch_head_dim(int64_t head_dim, F&& f) {
   return f(std::integral_constant<int, 256>{});
 }
 
-}  // namespace
-
-cudaError_t launch_decode_attention(const void* q, int64_t q_batch_stride, int64_t q_head_stride, const void* k_cache,
-                                    const void* v_cache, const int64_t* kv_start, int64_t kv_start_stride,
-                                    const int64_t* kv_end, int64_t kv_end_stride, void* out, int64_t batch,
-                                    int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                    int64_t window, float scale, int num_splits, DType dtype, cudaStream_t stream,
-                                    int* splits_used, bool use_pdl) {
+// Shared by both public launchers; args is null for the plain op.
+template <bool kFused>
+cudaError_t launch_impl(const void* q, int64_t q_batch_stride, int64_t q_head_stride, const void* k_cache,
+                        const void* v_cache, const int64_t* kv_start, int64_t kv_start_stride, const int64_t* kv_end,
+                        int64_t kv_end_stride, void* out, int64_t batch, int64_t cache_len, int64_t num_q_heads,
+                        int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale, int num_splits,
+                        DType dtype, cudaStream_t stream, int* splits_used, bool use_pdl,
+                        const DecodeQkNormRopeArgs* args, void* k_cache_mut, void* v_cache_mut) {
   if (splits_used) *splits_used = 0;
   if (batch <= 0 || num_q_heads <= 0 || head_dim <= 0) return cudaSuccess;
   if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || head_dim > kAttentionMaxHeadDim || head_dim % 2 != 0 ||
@@ -594,24 +777,96 @@ cudaError_t launch_decode_attention(const void* q, int64_t q_batch_stride, int64
     const bool vec16 = (head_dim * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 && aligned16(k_cache) &&
                        aligned16(v_cache);
     const int group = static_cast<int>(num_q_heads / num_kv_heads);
+    FreshKv<scalar_t> fresh = {};
+    if constexpr (kFused) {
+      fresh.k = static_cast<const scalar_t*>(args->k);
+      fresh.k_batch_stride = args->k_batch_stride;
+      fresh.k_head_stride = args->k_head_stride;
+      fresh.v = static_cast<const scalar_t*>(args->v);
+      fresh.v_batch_stride = args->v_batch_stride;
+      fresh.v_head_stride = args->v_head_stride;
+      fresh.q_weight = static_cast<const scalar_t*>(args->q_weight);
+      fresh.k_weight = static_cast<const scalar_t*>(args->k_weight);
+      fresh.positions = args->positions;
+      fresh.positions_stride = args->positions_stride;
+      fresh.cos_sin = args->cos_sin_cache;
+      fresh.num_positions = args->num_positions;
+      fresh.cache_rows = args->cache_rows;
+      fresh.cache_rows_stride = args->cache_rows_stride;
+      fresh.first_row = 0;
+      fresh.k_cache = static_cast<scalar_t*>(k_cache_mut);
+      fresh.v_cache = static_cast<scalar_t*>(v_cache_mut);
+      fresh.eps = args->eps;
+    }
     err = dispatch_head_dim(head_dim, [&](auto dpad) {
       constexpr int kDPad = decltype(dpad)::value;
       return dispatch_heads(group, [&](auto gt) {
         constexpr int kGT = decltype(gt)::value;
-        const auto run = [&](auto vec_bytes) {
+        const auto run = [&](auto vec_bytes) -> cudaError_t {
           constexpr int kVecBytes = decltype(vec_bytes)::value;
-          return launch_tiled<scalar_t, kDPad, kVecBytes, kGT>(
-              static_cast<const scalar_t*>(q), q_batch_stride, q_head_stride, static_cast<const scalar_t*>(k_cache),
-              static_cast<const scalar_t*>(v_cache), kv_start, kv_start_stride, kv_end, kv_end_stride,
-              static_cast<scalar_t*>(out), batch, cache_len, static_cast<int>(num_q_heads),
-              static_cast<int>(num_kv_heads), static_cast<int>(head_dim), window, scale, num_splits, stream,
-              splits_used, use_pdl);
+          if constexpr (kFused && kVecBytes != 16) {
+            return cudaErrorInvalidValue;  // can_fuse requires 16-byte rows: no 4-byte fused variant
+          } else {
+            return launch_tiled<scalar_t, kDPad, kVecBytes, kGT, kFused>(
+                static_cast<const scalar_t*>(q), q_batch_stride, q_head_stride,
+                static_cast<const scalar_t*>(k_cache), static_cast<const scalar_t*>(v_cache), kv_start,
+                kv_start_stride, kv_end, kv_end_stride, static_cast<scalar_t*>(out), batch, cache_len,
+                static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim), window,
+                scale, num_splits, stream, splits_used, use_pdl, fresh);
+          }
         };
         return vec16 ? run(std::integral_constant<int, 16>{}) : run(std::integral_constant<int, 4>{});
       });
     });
   });
   return err;
+}
+
+}  // namespace
+
+bool can_fuse_qk_norm_rope(const void* q, int64_t q_batch_stride, int64_t q_head_stride, const void* k_cache,
+                           const void* v_cache, const DecodeQkNormRopeArgs& args, int64_t num_q_heads,
+                           int64_t num_kv_heads, int64_t head_dim, DType dtype) {
+  if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || num_q_heads / num_kv_heads > 8) return false;
+  if (head_dim != 64 && head_dim != 128 && head_dim != 256) return false;
+  const int64_t elem_bytes = dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t per16 = 16 / elem_bytes;  // elements per 16-byte vector
+  for (const void* p : {q, k_cache, v_cache, args.k, args.v, args.q_weight, args.k_weight,
+                        static_cast<const void*>(args.cos_sin_cache)})
+    if (!aligned16(p)) return false;
+  for (const int64_t stride : {q_batch_stride, q_head_stride, args.k_batch_stride, args.k_head_stride,
+                               args.v_batch_stride, args.v_head_stride})
+    if (stride % per16 != 0) return false;
+  return true;
+}
+
+cudaError_t launch_decode_attention(const void* q, int64_t q_batch_stride, int64_t q_head_stride, const void* k_cache,
+                                    const void* v_cache, const int64_t* kv_start, int64_t kv_start_stride,
+                                    const int64_t* kv_end, int64_t kv_end_stride, void* out, int64_t batch,
+                                    int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                    int64_t window, float scale, int num_splits, DType dtype, cudaStream_t stream,
+                                    int* splits_used, bool use_pdl) {
+  return launch_impl<false>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
+                            kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
+                            num_splits, dtype, stream, splits_used, use_pdl, nullptr, nullptr, nullptr);
+}
+
+cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_stride, int64_t q_head_stride,
+                                                 void* k_cache, void* v_cache, const int64_t* kv_start,
+                                                 int64_t kv_start_stride, const int64_t* kv_end,
+                                                 int64_t kv_end_stride, void* out, int64_t batch, int64_t cache_len,
+                                                 int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                                 int64_t window, float scale, const DecodeQkNormRopeArgs& args,
+                                                 int num_splits, DType dtype, cudaStream_t stream, int* splits_used,
+                                                 bool use_pdl) {
+  if (!can_fuse_qk_norm_rope(q, q_batch_stride, q_head_stride, k_cache, v_cache, args, num_q_heads, num_kv_heads,
+                             head_dim, dtype)) {
+    if (splits_used) *splits_used = 0;
+    return cudaErrorInvalidValue;
+  }
+  return launch_impl<true>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
+                           kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
+                           num_splits, dtype, stream, splits_used, use_pdl, &args, k_cache, v_cache);
 }
 
 }  // namespace dots1

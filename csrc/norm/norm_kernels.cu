@@ -18,63 +18,11 @@
 #include "norm/norm.h"
 
 #include "cuda_utils.cuh"
+#include "norm/norm_rope.cuh"
 #include "pdl.cuh"
 
 namespace dots1 {
 namespace {
-
-// N elements of T aligned to their size (N * sizeof(T) in {2, 4, 8, 16}): one vector access.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) VecN {
-  T v[N];
-};
-
-// Loads N contiguous elements (p aligned to min(16, N * sizeof(T)) bytes) in 16-byte pieces.
-template <typename T, int N>
-__device__ __forceinline__ void load_vec(const T* p, T (&out)[N]) {
-  constexpr int kChunk = (N * sizeof(T) >= 16) ? static_cast<int>(16 / sizeof(T)) : N;
-  static_assert(N % kChunk == 0, "N must be a multiple of the 16-byte chunk");
-  using Chunk = VecN<T, kChunk>;
-#pragma unroll
-  for (int c = 0; c < N / kChunk; ++c) {
-    const Chunk chunk = reinterpret_cast<const Chunk*>(p)[c];
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) out[c * kChunk + j] = chunk.v[j];
-  }
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void load_vec_float(const T* p, float (&out)[N]) {
-  T raw[N];
-  load_vec<T, N>(p, raw);
-#pragma unroll
-  for (int j = 0; j < N; ++j) out[j] = to_float(raw[j]);
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void store_vec(T* p, const T (&in)[N]) {
-  constexpr int kChunk = (N * sizeof(T) >= 16) ? static_cast<int>(16 / sizeof(T)) : N;
-  static_assert(N % kChunk == 0, "N must be a multiple of the 16-byte chunk");
-  using Chunk = VecN<T, kChunk>;
-#pragma unroll
-  for (int c = 0; c < N / kChunk; ++c) {
-    Chunk chunk;
-#pragma unroll
-    for (int j = 0; j < kChunk; ++j) chunk.v[j] = in[c * kChunk + j];
-    reinterpret_cast<Chunk*>(p)[c] = chunk;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return to_float(from_float<T>(v));
-}
-
-// The reference's rms_norm on one element: normalise, round to T, times the weight in fp32, round.
-template <typename T>
-__device__ __forceinline__ T norm_times_weight(float x, float scale, float w) {
-  return from_float<T>(__fmul_rn(round_to<T>(__fmul_rn(x, scale)), w));
-}
 
 // Sum over the block; every thread gets the same value (each thread adds the per-warp partials in
 // the same order). blockDim.x must be a multiple of 32. Uses smem once: call once per kernel.
@@ -261,23 +209,13 @@ struct QkArgs {
   float eps;
 };
 
-// Rope on a pair of rounded, weighted values (y1 from the first half, y2 from the second); the
-// products and the sum are rounded separately, as the reference's eager ops do.
-__device__ __forceinline__ float rope_first(float y1, float y2, float c, float s) {
-  return __fsub_rn(__fmul_rn(y1, c), __fmul_rn(y2, s));
-}
-__device__ __forceinline__ float rope_second(float y1, float y2, float c, float s) {
-  return __fadd_rn(__fmul_rn(y2, c), __fmul_rn(y1, s));
-}
-
 template <typename T, typename W, int kD, bool kCache>
 __global__ void __launch_bounds__(256)
     qk_norm_rope_kernel(T* q, T* k, const W* __restrict__ q_weight, const W* __restrict__ k_weight,
                         const int64_t* __restrict__ positions, const float* __restrict__ cos_sin, QkArgs a,
                         const T* v, T* k_cache, T* v_cache, const int64_t* __restrict__ cache_rows) {
-  constexpr int kHalf = 16 / sizeof(T);  // elements per lane in each half of the head
-  constexpr int kLanes = kD / (2 * kHalf);
-  static_assert(kLanes >= 1 && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0, "unsupported head_dim");
+  constexpr int kHalf = NormRopeLanes<T, kD>::kHalf;  // elements per lane in each half of the head
+  constexpr int kLanes = NormRopeLanes<T, kD>::kLanes;
   constexpr int kHalfD = kD / 2;
   const int lane = threadIdx.x % kLanes;
   const int64_t groups_per_block = blockDim.x / kLanes;
@@ -339,22 +277,7 @@ __global__ void __launch_bounds__(256)
     load_vec<float, kHalf>(cs_row + kHalfD + off, s);
   }
 
-  float sum_sq = 0.f;
-#pragma unroll
-  for (int j = 0; j < kHalf; ++j) {
-    const float f1 = to_float(x1[j]), f2 = to_float(x2[j]);
-    sum_sq += f1 * f1 + f2 * f2;
-  }
-#pragma unroll
-  for (int o = kLanes / 2; o > 0; o >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, o);
-  const float scale = rsqrtf(sum_sq / static_cast<float>(kD) + a.eps);
-#pragma unroll
-  for (int j = 0; j < kHalf; ++j) {
-    const float y1 = to_float(norm_times_weight<T>(to_float(x1[j]), scale, w1[j]));
-    const float y2 = to_float(norm_times_weight<T>(to_float(x2[j]), scale, w2[j]));
-    x1[j] = from_float<T>(rope_first(y1, y2, c[j], s[j]));
-    x2[j] = from_float<T>(rope_second(y1, y2, c[j], s[j]));
-  }
+  norm_rope_in_lanes<T, kD>(x1, x2, w1, w2, c, s, a.eps);
   if (!in_range) return;  // no warp-collective operation below
   if (poison) {
 #pragma unroll

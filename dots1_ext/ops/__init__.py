@@ -1,7 +1,7 @@
 """Typed wrappers of the dots1_ext custom ops (torch.ops.dots1_ext.*), one module per op family."""
 
 from dots1_ext.ops._lib import reference_backed_ops
-from dots1_ext.ops.attention import decode_attention
+from dots1_ext.ops.attention import decode_attention, fused_qk_enabled, qk_norm_rope_decode_attention
 from dots1_ext.ops.dispatch import permute, permuted_rows, unpermute
 from dots1_ext.ops.gating import router_topk_gating, topk_gating
 from dots1_ext.ops.grouped_gemm import deinterleave_gate_up, grouped_gemm, interleave_gate_up
@@ -15,6 +15,7 @@ __all__ = [
     "add_rms_norm_",
     "decode_attention",
     "deinterleave_gate_up",
+    "fused_qk_enabled",
     "grouped_gemm",
     "grouped_gemm_int4",
     "interleave_gate_up",
@@ -25,6 +26,7 @@ __all__ = [
     "permute",
     "permuted_rows",
     "qk_norm_rope_",
+    "qk_norm_rope_decode_attention",
     "qk_norm_rope_kv_cache_",
     "reference_backed_ops",
     "rms_norm",

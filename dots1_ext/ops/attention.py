@@ -28,9 +28,20 @@ DOTS1_EXT_ATTENTION_SPLITS=n forces the split count (tests, tuning). On sm_90 th
 with programmatic dependent launch (its launch overlaps the previous kernel's tail; it reads nothing
 before that kernel completed), as are the other decode-step kernels; DOTS1_EXT_PDL=0 turns it off
 (docs/design.md §3, csrc/pdl.cuh).
+
+``qk_norm_rope_decode_attention``: the decode step's ``qk_norm_rope_kv_cache_`` (per-head RMSNorm + RoPE
+of the raw q and k, k and v written to the cache) then ``decode_attention``, in one launch on CUDA and
+with the same bits (out and the cache rows). q and k are not written. The new key of sequence b must go
+to its own slot kv_end[b] - 1 (cache_rows[b] == b * S + kv_end[b] - 1, as the model's decode steps
+have it); any other cache row is treated as a bad one (nothing written, NaN output: the norm ops'
+poison policy). Shapes the fused kernel does not take (Hq / Hk > 8, head_dim other than 64/128/256,
+weights not in q's dtype, unaligned views) run the two ops. ``Dots1Attention`` uses it in decode steps
+when DOTS1_EXT_ATTENTION_FUSED_QK=1 (read per call; default 0).
 """
 
 from __future__ import annotations
+
+import os
 
 import math
 
@@ -104,3 +115,92 @@ def decode_attention(
         if bool((kv_start > kv_end).any()):
             raise IndexError("dots1_ext: kv_start must not exceed kv_end")
     return op("decode_attention")(q, k_cache, v_cache, kv_start, kv_end, int(window), float(scale))
+
+
+def _check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
+                                         v_cache, cache_rows, kv_start, kv_end, window, scale):
+    _check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window, scale)
+    B, _, D = q.shape
+    Hk = k_cache.shape[2]
+    for t, name in ((k, "k"), (v, "v")):
+        C.check_dtype(t, name, (q.dtype,))
+        C.check_shape(t, name, (B, Hk, D))
+        C.check_last_dim_contiguous(t, name)
+    for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
+        C.check_dtype(w, name, C.FLOAT_DTYPES)
+        C.check_shape(w, name, (D,))
+    C.check_dtype(positions, "positions", (torch.int64,))
+    C.check_shape(positions, "positions", (B,))
+    C.check_dtype(cos_sin_cache, "cos_sin_cache", (torch.float32,))
+    C.check_shape(cos_sin_cache, "cos_sin_cache", (None, D))
+    C.check_dtype(cache_rows, "cache_rows", (torch.int64,))
+    C.check_shape(cache_rows, "cache_rows", (B,))
+    for t, name in ((k, "k"), (v, "v"), (q_weight, "q_weight"), (k_weight, "k_weight"), (positions, "positions"),
+                    (cos_sin_cache, "cos_sin_cache"), (cache_rows, "cache_rows")):
+        C.check_same_device(t, name, q, "q")
+
+
+def _check_qk_norm_rope_decode_attention_memory(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
+                                                v_cache, cache_rows, kv_start, kv_end, window, scale):
+    """The overlap checks of csrc/attention/attention.cpp on real tensors (the fakes have no storage)."""
+    _check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
+                                         v_cache, cache_rows, kv_start, kv_end, window, scale)
+    C.check_no_overlap(k_cache, "k_cache", v_cache, "v_cache")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        C.check_no_overlap(k_cache, "k_cache", t, name)
+        C.check_no_overlap(v_cache, "v_cache", t, name)
+
+
+fill_with_reference("qk_norm_rope_decode_attention", reference.qk_norm_rope_decode_attention,
+                    _check_qk_norm_rope_decode_attention_memory)
+
+
+@torch.library.register_fake("dots1_ext::qk_norm_rope_decode_attention")
+def _qk_norm_rope_decode_attention_fake(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache, v_cache,
+                                        cache_rows, kv_start, kv_end, window, scale):
+    _check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
+                                         v_cache, cache_rows, kv_start, kv_end, window, scale)
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+def qk_norm_rope_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    eps: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_rows: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_end: torch.Tensor,
+    window: int = 0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``qk_norm_rope_kv_cache_(q, k, v, ...)`` then ``decode_attention(q, k_cache, v_cache, kv_start,
+    kv_end, window, scale)`` as one op (one launch on CUDA), with the same results and cache writes;
+    q and k are left as they are. q [B, Hq, D], k, v [B, Hk, D] (strided views of a qkv activation are
+    fine); k_cache, v_cache [B, S, Hk, D]; positions, cache_rows, kv_start, kv_end [B] int64. cache_rows[b]
+    must be b * S + kv_end[b] - 1 (else poison: NaN output, nothing written). ``scale`` defaults to
+    1 / sqrt(D)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return op("qk_norm_rope_decode_attention")(q, k, v, q_weight, k_weight, positions, cos_sin_cache, float(eps),
+                                               k_cache, v_cache, cache_rows, kv_start, kv_end, int(window),
+                                               float(scale))
+
+
+FUSED_QK_ENV = "DOTS1_EXT_ATTENTION_FUSED_QK"
+
+
+def fused_qk_enabled() -> bool:
+    """DOTS1_EXT_ATTENTION_FUSED_QK (read per call): 1 = decode steps run qk_norm_rope_decode_attention,
+    0 (default) = qk_norm_rope_kv_cache_ then decode_attention. Anything else raises ValueError."""
+    value = os.environ.get(FUSED_QK_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"dots1_ext: {FUSED_QK_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
