@@ -66,6 +66,7 @@ def _reference_namespace() -> types.SimpleNamespace:
         skinny_gemm=lambda x, w, epilogue="none": reference.skinny_gemm(x, w, epilogue),
         decode_attention=lambda q, kc, vc, start, end, window, scale:
             reference.decode_attention(q, kc, vc, start, end, window, scale),
+        qk_norm_rope_decode_attention=reference.qk_norm_rope_decode_attention,
         moe_decode_gate_up=lambda h, w, ids, shared=None, epilogue="swiglu":
             reference.moe_decode_gate_up(h, w, ids, shared, epilogue),
         moe_decode_down=lambda act, w, ids, weights, shared=None, residual=None:
@@ -289,7 +290,7 @@ class Dots1Attention(_PacksLinears, nn.Module):
             q = linear(x, self.q_proj.weight, self.q_proj.bias).view(T, Hq, D)
             k = linear(x, self.k_proj.weight, self.k_proj.bias).view(T, Hk, D)
             v = linear(x, self.v_proj.weight, self.v_proj.bias).view(T, Hk, D)
-        if step.is_decode and ops.fused_qk_enabled():
+        if step.is_decode and compiled_ops.fused_qk_enabled():  # a setting, whichever op namespace runs
             # One launch: q, k normed and rotated inside the attention kernel, which also writes k, v at
             # this step's slots (cache_rows = slot kv_end - 1 of each sequence, as StepInputs has it).
             out = ops.qk_norm_rope_decode_attention(
