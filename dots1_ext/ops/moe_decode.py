@@ -58,27 +58,22 @@ def _check_int32(T: int, k: int, E: int) -> None:
         raise ValueError(f"dots1_ext: T, k and E must fit in int32, got {T}, {k}, {E}")
 
 
-def _check_gate_up(hidden, gate_up, topk_ids, shared_gate_up, epilogue):
-    C.check_dtype(hidden, "hidden", C.FLOAT_DTYPES)
-    C.check_shape(hidden, "hidden", (None, None))
+def check_gate_up_routing(hidden, N: int, E: int, weight_name: str, topk_ids, shared_gate_up, epilogue) -> None:
+    """The checks of moe_decode_gate_up's arguments other than the routed weight itself (whose rows N
+    and experts E the caller checked and passes; also the int4 op's)."""
     T, H = hidden.shape
-    C.check_dtype(gate_up, "gate_up", (hidden.dtype,))
-    C.check_shape(gate_up, "gate_up", (None, None, H))
-    C.check_same_device(gate_up, "gate_up", hidden, "hidden")
     if epilogue not in EPILOGUES:
         raise ValueError(f"dots1_ext: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    N = gate_up.shape[1]
     if N % 2:
-        raise ValueError(f"dots1_ext: gate_up.shape[1] (gate + up rows, 2I) must be even, got {N}")
+        raise ValueError(f"dots1_ext: {weight_name}.shape[1] (gate + up rows, 2I) must be even, got {N}")
     if epilogue == "swiglu_interleaved" and N % 16:
         raise ValueError(
-            "dots1_ext: epilogue 'swiglu_interleaved' needs gate_up.shape[1] (2I) to be a multiple of 16 "
+            f"dots1_ext: epilogue 'swiglu_interleaved' needs {weight_name}.shape[1] (2I) to be a multiple of 16 "
             f"(whole [8 gate | 8 up] blocks), got {N}"
         )
     C.check_dtype(topk_ids, "topk_ids", (torch.int32,))
     C.check_shape(topk_ids, "topk_ids", (T, None))
     C.check_same_device(topk_ids, "topk_ids", hidden, "hidden")
-    _check_weight_layout(gate_up, "gate_up", "[E, 2I, H] with H contiguous")
     if shared_gate_up is not None:
         C.check_dtype(shared_gate_up, "shared_gate_up", (hidden.dtype,))
         C.check_shape(shared_gate_up, "shared_gate_up", (None, H))
@@ -89,17 +84,14 @@ def _check_gate_up(hidden, gate_up, topk_ids, shared_gate_up, epilogue):
                 f"{shared_gate_up.shape[0]}"
             )
         _check_weight_layout(shared_gate_up, "shared_gate_up", "[2Is, H] with H contiguous")
-    _check_int32(T, topk_ids.shape[1], gate_up.shape[0])
+    _check_int32(T, topk_ids.shape[1], E)
 
 
-def _check_down(act, down, topk_ids, topk_weights, shared_down, residual):
-    C.check_dtype(act, "act", C.FLOAT_DTYPES)
-    C.check_shape(act, "act", (None, None))
+def check_down_routing(act, E: int, H: int, inter: int, weight_name: str, topk_ids, topk_weights, shared_down,
+                       residual) -> None:
+    """The checks of moe_decode_down's arguments other than the routed weight itself ([E, H, inter],
+    checked by the caller; also the int4 op's)."""
     T = act.shape[0]
-    C.check_dtype(down, "down", (act.dtype,))
-    C.check_shape(down, "down", (None, None, None))
-    C.check_same_device(down, "down", act, "act")
-    E, H, inter = down.shape
     C.check_dtype(topk_ids, "topk_ids", (torch.int32,))
     C.check_shape(topk_ids, "topk_ids", (T, None))
     C.check_same_device(topk_ids, "topk_ids", act, "act")
@@ -107,7 +99,6 @@ def _check_down(act, down, topk_ids, topk_weights, shared_down, residual):
     C.check_dtype(topk_weights, "topk_weights", (torch.float32,))
     C.check_shape(topk_weights, "topk_weights", (T, k))
     C.check_same_device(topk_weights, "topk_weights", act, "act")
-    _check_weight_layout(down, "down", "[E, H, I] with I contiguous")
     shared = 0
     if shared_down is not None:
         C.check_dtype(shared_down, "shared_down", (act.dtype,))
@@ -118,13 +109,35 @@ def _check_down(act, down, topk_ids, topk_weights, shared_down, residual):
     if act.shape[1] != k * inter + shared:
         raise ValueError(
             f"dots1_ext: act must have shape [T, k*I + Is] = [{T}, {k * inter + shared}] (k={k} from topk_ids, "
-            f"I={inter} from down, Is={shared} from shared_down), got {list(act.shape)}"
+            f"I={inter} from {weight_name}, Is={shared} from shared_down), got {list(act.shape)}"
         )
     if residual is not None:
         C.check_dtype(residual, "residual", (act.dtype,))
         C.check_shape(residual, "residual", (T, H))
         C.check_same_device(residual, "residual", act, "act")
     _check_int32(T, k, E)
+
+
+def _check_gate_up(hidden, gate_up, topk_ids, shared_gate_up, epilogue):
+    C.check_dtype(hidden, "hidden", C.FLOAT_DTYPES)
+    C.check_shape(hidden, "hidden", (None, None))
+    H = hidden.shape[1]
+    C.check_dtype(gate_up, "gate_up", (hidden.dtype,))
+    C.check_shape(gate_up, "gate_up", (None, None, H))
+    C.check_same_device(gate_up, "gate_up", hidden, "hidden")
+    _check_weight_layout(gate_up, "gate_up", "[E, 2I, H] with H contiguous")
+    check_gate_up_routing(hidden, gate_up.shape[1], gate_up.shape[0], "gate_up", topk_ids, shared_gate_up, epilogue)
+
+
+def _check_down(act, down, topk_ids, topk_weights, shared_down, residual):
+    C.check_dtype(act, "act", C.FLOAT_DTYPES)
+    C.check_shape(act, "act", (None, None))
+    C.check_dtype(down, "down", (act.dtype,))
+    C.check_shape(down, "down", (None, None, None))
+    C.check_same_device(down, "down", act, "act")
+    _check_weight_layout(down, "down", "[E, H, I] with I contiguous")
+    E, H, inter = down.shape
+    check_down_routing(act, E, H, inter, "down", topk_ids, topk_weights, shared_down, residual)
 
 
 fill_with_reference("moe_decode_gate_up", reference.moe_decode_gate_up, _check_gate_up)

@@ -23,7 +23,7 @@ import torch
 from dots1_ext import reference
 from dots1_ext.ops import _checks as C
 from dots1_ext.ops._lib import fill_with_reference, op
-from dots1_ext.ops.moe_decode import EPILOGUES, _check_int32, _check_weight_layout
+from dots1_ext.ops.moe_decode import _check_weight_layout, check_down_routing, check_gate_up_routing
 
 GROUP_SIZE = 128  # the int4 format's group along K (dots1_ext.quant.GROUP_SIZE; csrc kGroupK)
 
@@ -56,65 +56,19 @@ def _check_int4_weight(what: str, qweight, scales, zeros, ref, ref_name: str) ->
 def _check_gate_up(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, epilogue):
     C.check_dtype(hidden, "hidden", C.FLOAT_DTYPES)
     C.check_shape(hidden, "hidden", (None, None))
-    T, H = hidden.shape
+    H = hidden.shape[1]
     E, N, K = _check_int4_weight("gate_up", qweight, scales, zeros, hidden, "hidden")
     if K != H:
         raise ValueError(f"dots1_ext: gate_up_qweight must have shape [E, 2I, H/2] = [E, 2I, {H // 2}] (H = {H} from "
                          f"hidden), got {list(qweight.shape)}")
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"dots1_ext: epilogue must be one of {EPILOGUES}, got {epilogue!r}")
-    if N % 2:
-        raise ValueError(f"dots1_ext: gate_up_qweight.shape[1] (gate + up rows, 2I) must be even, got {N}")
-    if epilogue == "swiglu_interleaved" and N % 16:
-        raise ValueError(
-            "dots1_ext: epilogue 'swiglu_interleaved' needs gate_up_qweight.shape[1] (2I) to be a multiple of 16 "
-            f"(whole [8 gate | 8 up] blocks), got {N}"
-        )
-    C.check_dtype(topk_ids, "topk_ids", (torch.int32,))
-    C.check_shape(topk_ids, "topk_ids", (T, None))
-    C.check_same_device(topk_ids, "topk_ids", hidden, "hidden")
-    if shared_gate_up is not None:
-        C.check_dtype(shared_gate_up, "shared_gate_up", (hidden.dtype,))
-        C.check_shape(shared_gate_up, "shared_gate_up", (None, H))
-        C.check_same_device(shared_gate_up, "shared_gate_up", hidden, "hidden")
-        if shared_gate_up.shape[0] % 2:
-            raise ValueError(
-                "dots1_ext: shared_gate_up.shape[0] (gate rows then up rows, 2Is) must be even, got "
-                f"{shared_gate_up.shape[0]}"
-            )
-        _check_weight_layout(shared_gate_up, "shared_gate_up", "[2Is, H] with H contiguous")
-    _check_int32(T, topk_ids.shape[1], E)
+    check_gate_up_routing(hidden, N, E, "gate_up_qweight", topk_ids, shared_gate_up, epilogue)
 
 
 def _check_down(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual):
     C.check_dtype(act, "act", C.FLOAT_DTYPES)
     C.check_shape(act, "act", (None, None))
-    T = act.shape[0]
     E, H, inter = _check_int4_weight("down", qweight, scales, zeros, act, "act")
-    C.check_dtype(topk_ids, "topk_ids", (torch.int32,))
-    C.check_shape(topk_ids, "topk_ids", (T, None))
-    C.check_same_device(topk_ids, "topk_ids", act, "act")
-    k = topk_ids.shape[1]
-    C.check_dtype(topk_weights, "topk_weights", (torch.float32,))
-    C.check_shape(topk_weights, "topk_weights", (T, k))
-    C.check_same_device(topk_weights, "topk_weights", act, "act")
-    shared = 0
-    if shared_down is not None:
-        C.check_dtype(shared_down, "shared_down", (act.dtype,))
-        C.check_shape(shared_down, "shared_down", (H, None))
-        C.check_same_device(shared_down, "shared_down", act, "act")
-        _check_weight_layout(shared_down, "shared_down", "[H, Is] with Is contiguous")
-        shared = shared_down.shape[1]
-    if act.shape[1] != k * inter + shared:
-        raise ValueError(
-            f"dots1_ext: act must have shape [T, k*I + Is] = [{T}, {k * inter + shared}] (k={k} from topk_ids, "
-            f"I={inter} from down_qweight, Is={shared} from shared_down), got {list(act.shape)}"
-        )
-    if residual is not None:
-        C.check_dtype(residual, "residual", (act.dtype,))
-        C.check_shape(residual, "residual", (T, H))
-        C.check_same_device(residual, "residual", act, "act")
-    _check_int32(T, k, E)
+    check_down_routing(act, E, H, inter, "down_qweight", topk_ids, topk_weights, shared_down, residual)
 
 
 fill_with_reference("moe_decode_int4_gate_up", reference.moe_decode_int4_gate_up, _check_gate_up)
