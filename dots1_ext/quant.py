@@ -17,7 +17,9 @@ Quantizers (round to nearest, half to even as ``torch.round``; computed in fp32,
 - symmetric: ``s = bf16(absmax / 7)``, ``q = clamp(round(w / s), -8, 7)``, ``u = q + 8``. Per element
   ``|w - (u - 8) * s| <= s / 2`` (the bf16 rounding of s can push ``|w / s|`` to 7.03: still rounds to 7).
 - asymmetric: ``lo = min(min(w), 0)``, ``hi = max(max(w), 0)``, ``s = bf16((hi - lo) / 15)``,
-  ``z = clamp(round(-lo / s), 0, 15)``, ``u = clamp(round(w / s) + z, 0, 15)``.
+  ``z = clamp(round(-lo / s), 0, 15)``, ``u = clamp(round(w / s) + z, 0, 15)``. Per element
+  ``|w - (u - z) * s| <= (1/2 + 15 * 2^-8) * s``: the bf16 rounding of s (up to 2^-8 of it) can leave the
+  grid's last step short of the group's extreme, where the code clamps.
 - An all-zero group gets s = 0 (its elements dequantize to 0). NaN or Inf weights are refused.
 
 Dequantization (:func:`dequantize_int4`): ``(u - z) * s`` computed exactly in fp32 (a 5-bit integer times

@@ -178,6 +178,67 @@ class SwiGLUInterleavedTransposedEpilogue {
   Params params_;
 };
 
+// CUTLASS 4.2's ptr-array mixed-input mainloop, in its scale-and-zero mode, sets up and updates only
+// the zero term's TMA descriptor: its tensormap functions handle the scale's in the scale-only mode
+// alone (an if / else-if on the conversion mode), so the scale loads run on an uninitialized descriptor
+// (an illegal instruction on the H200, caught by compute-sanitizer at the scale's TMA load). This
+// mainloop is CUTLASS's with those four functions completed: each calls CUTLASS's, then does the
+// same for the scale's descriptor (the kernel calls them on this type, so CUTLASS's are not reached
+// directly).
+template <class Base>
+struct MixedInputScaleAndZeroMainloop : Base {
+  using typename Base::Params;
+  using typename Base::TensorMapStorage;
+  using NonVoidElementScale = typename Base::NonVoidElementScale;
+  static_assert(Base::KernelConversionMode == Base::ConversionMode::ConvertAndScaleWithZero,
+                "only the scale-and-zero mode lacks the scale descriptor");
+
+  CUTLASS_DEVICE auto tensormaps_init(Params const& params, TensorMapStorage& smem, int32_t sm_count,
+                                      int32_t sm_idx) {
+    auto maps = Base::tensormaps_init(params, smem, sm_count, sm_idx);  // (A, B, scale, zero) in gmem
+    Tensor p_scale = make_tensor(params.tma_load_scale.get_tma_descriptor(), Int<1>{}, Int<1>{});
+    Tensor s_scale = make_tensor(make_smem_ptr(&smem.smem_tensormap_scale), Int<1>{}, Int<1>{});
+    if (cute::elect_one_sync()) copy(recast<uint128_t>(p_scale), recast<uint128_t>(s_scale));
+    __syncwarp();
+    return maps;
+  }
+
+  template <class... TMs, class ProblemShapeMNKL>
+  CUTLASS_DEVICE void tensormaps_perform_update(TensorMapStorage& smem, Params const& params,
+                                                cute::tuple<TMs...> const& maps, ProblemShapeMNKL problem_shape_mnkl,
+                                                int32_t next_group) {
+    Base::tensormaps_perform_update(smem, params, maps, problem_shape_mnkl, next_group);
+    if (cute::elect_one_sync()) {
+      cute::tma_descriptor_replace_addr_in_shared_mem(smem.smem_tensormap_scale, params.ptr_S[next_group]);
+      if constexpr (Base::IsGroupedGemmKernel) {
+        // A (the weight) is the converted operand: M is the weight rows (no swap of A and B).
+        const uint32_t M = get<0>(problem_shape_mnkl);
+        const uint32_t K = get<2>(problem_shape_mnkl);
+        cute::array<uint32_t, 5> shape = {1, 1, 1, 1, 1};
+        cute::array<uint64_t, 5> stride = {0, 0, 0, 0, 0};
+        Tensor scale = make_tensor(cutlass::gemm::collective::detail::get_logical_ptr(
+                                       static_cast<NonVoidElementScale const*>(nullptr)),
+                                   make_shape(M, ceil_div(K, params.chunk_size), Int<1>{}), params.dS[next_group]);
+        cute::detail::fill_tma_gmem_shape_stride(params.tma_load_scale, scale, shape, stride);
+        for (uint64_t& st : stride) st = st * cutlass::sizeof_bits_v<NonVoidElementScale> / 8;
+        cute::tma_descriptor_replace_dims_strides_in_shared_mem(smem.smem_tensormap_scale, shape, stride);
+      }
+    }
+  }
+
+  template <class... TMs>
+  CUTLASS_DEVICE void tensormaps_cp_fence_release(TensorMapStorage& smem, cute::tuple<TMs...> const& maps) {
+    Base::tensormaps_cp_fence_release(smem, maps);  // waits for all descriptor updates, then A, B, zero
+    tma_descriptor_cp_fence_release(get<2>(maps), smem.smem_tensormap_scale);
+  }
+
+  template <class... TMs>
+  CUTLASS_DEVICE void tensormaps_fence_acquire(cute::tuple<TMs...> const& maps) {
+    Base::tensormaps_fence_acquire(maps);
+    cute::tma_descriptor_fence_acquire(get<2>(maps));
+  }
+};
+
 template <class Config, bool kSwiGLU>
 struct Int4EpilogueFor;
 
@@ -213,12 +274,12 @@ struct GroupedGemmInt4 {
 
   using CollectiveEpilogue = typename Int4EpilogueFor<Config, kSwiGLU>::CollectiveOp;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+  using CollectiveMainloop = MixedInputScaleAndZeroMainloop<typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<ElementCode, ElementScale, ElementScale>,
       LayoutW*, kAlignW, Element, LayoutX*, kAlignX, float, typename Config::TileShape, typename Config::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      typename Config::KernelSchedule>::CollectiveOp;
+      typename Config::KernelSchedule>::CollectiveOp>;
   static_assert(CollectiveMainloop::KernelConversionMode ==
                     CollectiveMainloop::ConversionMode::ConvertAndScaleWithZero,
                 "expected the scale-and-zero conversion");
