@@ -20,6 +20,16 @@ LAYERS = int(os.environ.get("DOTS1_BENCH_DECODE_LAYERS", "8"))
 # A subset for a short run: DOTS1_BENCH_DECODE_BATCHES=1,32 DOTS1_BENCH_DECODE_CONTEXTS=2048
 BATCHES = tuple(int(b) for b in os.environ.get("DOTS1_BENCH_DECODE_BATCHES", "1,8,32,128").split(","))
 CONTEXTS = tuple(int(c) for c in os.environ.get("DOTS1_BENCH_DECODE_CONTEXTS", "256,2048,16384,32768").split(","))
+# Kernel switches compared in the same process on GPU (each variant's graphs captured under its
+# settings, which the ops read at launch; replays alternated so GPU clock drift hits all alike):
+# DOTS1_BENCH_DECODE_VARIANTS=0 measures the default only.
+VARIANTS = {
+    "wide loads": {"DOTS1_EXT_SKINNY_KERNEL": "wide", "DOTS1_EXT_MOE_DECODE_LOADS": "wide"},
+    "fused QK attention": {"DOTS1_EXT_ATTENTION_FUSED_QK": "1"},
+    "wide loads + fused QK": {"DOTS1_EXT_SKINNY_KERNEL": "wide", "DOTS1_EXT_MOE_DECODE_LOADS": "wide",
+                              "DOTS1_EXT_ATTENTION_FUSED_QK": "1"},
+}
+COMPARE_VARIANTS = os.environ.get("DOTS1_BENCH_DECODE_VARIANTS", "1") != "0"
 KV_BUDGET_BYTES = 72 * 2**30  # the 8-layer model takes ~35 GB of the H200's 141; graphs and activations the rest
 
 
@@ -54,6 +64,29 @@ def kernel_kind(name: str) -> str:
         if key in n:
             return kind
     return "other"
+
+
+def with_env(settings: dict[str, str], fn):
+    """fn() with the environment variables in ``settings`` set, restored after."""
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        return fn()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def replay_round_robin(graphs: dict, rounds: int = 5) -> dict[str, float]:
+    """Median over ``rounds`` alternations of each DecodeGraphs' ``replay_ms`` (itself a median)."""
+    times: dict[str, list[float]] = {label: [] for label in graphs}
+    for _ in range(rounds):
+        for label, g in graphs.items():
+            times[label].append(g.replay_ms(iters=30))
+    return {label: sorted(t)[len(t) // 2] for label, t in times.items()}
 
 
 def profile_step(step, iters: int = 5) -> dict[str, float]:
@@ -129,10 +162,14 @@ def run(quick: bool = False) -> list[Report]:
                 tok = torch.randint(0, cfg.vocab_size, (B,), device=device)
                 case = f"B={B} context {ctx}"
                 if on_gpu():
-                    graphs = DecodeGraphs(model)
-                    graphs(tok, ctx)
-                    steps.add(Row("decode", case, "dots1_ext cuda-graph", graphs.replay_ms(), floor_ms=floor,
-                                  extra={"KV_MB": round(kv / 1e6)}))
+                    variants = {"": {}} | (VARIANTS if COMPARE_VARIANTS else {})
+                    graphs = {}
+                    for label, settings in variants.items():
+                        graphs[label] = DecodeGraphs(model)
+                        with_env(settings, lambda: graphs[label](tok, ctx))  # captured under the settings
+                    for label, ms in replay_round_robin(graphs).items():
+                        impl = "dots1_ext cuda-graph" + (f" ({label})" if label else "")
+                        steps.add(Row("decode", case, impl, ms, floor_ms=floor, extra={"KV_MB": round(kv / 1e6)}))
                     del graphs
                     if ctx == 2048 and B in (1, 32):
                         profile = profile_step(lambda: model.decode(tok, ctx))
@@ -146,6 +183,10 @@ def run(quick: bool = False) -> list[Report]:
                     steps.add(Row("decode", case, "dots1_ext eager", time_fn(lambda: model.decode(tok, ctx), 1, 3),
                                   floor_ms=floor))
                 torch.cuda.empty_cache() if on_gpu() else None
+    if on_gpu() and COMPARE_VARIANTS:
+        steps.notes.append("variants (same process, graphs captured under each setting, replays alternated): "
+                           + "; ".join(f"{k}: " + " ".join(f"{n}={v}" for n, v in e.items())
+                                       for k, e in VARIANTS.items()))
     if skipped:
         steps.notes.append("skipped (KV cache over the budget): " + "; ".join(skipped))
     return [steps] + ([kinds] if kinds.rows else [])
