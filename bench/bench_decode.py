@@ -24,10 +24,8 @@ CONTEXTS = tuple(int(c) for c in os.environ.get("DOTS1_BENCH_DECODE_CONTEXTS", "
 # settings, which the ops read at launch; replays alternated so GPU clock drift hits all alike):
 # DOTS1_BENCH_DECODE_VARIANTS=0 measures the default only.
 VARIANTS = {
-    "wide loads": {"DOTS1_EXT_SKINNY_KERNEL": "wide", "DOTS1_EXT_MOE_DECODE_LOADS": "wide"},
+    "fragment loads": {"DOTS1_EXT_SKINNY_KERNEL": "frag", "DOTS1_EXT_MOE_DECODE_LOADS": "frag"},
     "fused QK attention": {"DOTS1_EXT_ATTENTION_FUSED_QK": "1"},
-    "wide loads + fused QK": {"DOTS1_EXT_SKINNY_KERNEL": "wide", "DOTS1_EXT_MOE_DECODE_LOADS": "wide",
-                              "DOTS1_EXT_ATTENTION_FUSED_QK": "1"},
 }
 COMPARE_VARIANTS = os.environ.get("DOTS1_BENCH_DECODE_VARIANTS", "1") != "0"
 KV_BUDGET_BYTES = 72 * 2**30  # the 8-layer model takes ~35 GB of the H200's 141; graphs and activations the rest
@@ -54,6 +52,7 @@ def kernel_kind(name: str) -> str:
     """A profiler kernel name -> the kind it is reported under."""
     n = name.lower()
     for key, kind in (("skinny_gemm", "skinny GEMM (dense linears)"), ("moe_decode", "MoE decode (experts)"),
+                      ("moe_gate_up", "MoE decode (experts)"), ("moe_down", "MoE decode (experts)"),
                       ("decode_attention", "decode attention"), ("attention_combine", "decode attention"),
                       ("gating", "router + gating"), ("qk_norm", "QK-norm + RoPE + cache write"),
                       ("rms_norm", "norms"), ("gemv", "cuBLAS GEMV/GEMM"), ("gemm", "cuBLAS GEMV/GEMM"),

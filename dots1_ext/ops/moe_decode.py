@@ -14,8 +14,8 @@ launcher loops over 64-token chunks) but reads the weights once per chunk: prefi
 compare the two); ``DOTS1_EXT_MOE_DECODE_NT=1|2|4`` forces the tensor-core kernels' n-tiles per MMA
 (items of 8, 16 or 32 pairs; default 1 up to 8 tokens, else 2; for benchmarks: the bits may differ
 between settings). ``DOTS1_EXT_MOE_DECODE_LOADS=frag|wide`` picks how the kernels' lanes read the bf16 /
-fp16 weight rows (frag, the default: 8 rows x 64 bytes per warp load; wide: 2 rows x 256 bytes up to 2
-tokens, 4 rows x 128 bytes up to 8, frag above; the NT override applies to the frag launches); both
+fp16 weight rows (wide, the default: 2 rows x 256 bytes per warp load up to 2 tokens, 4 rows x 128
+bytes up to 8, frag above; frag: 8 rows x 64 bytes; the NT override applies to the frag launches); both
 are correct, the bits differ (fp32 summation order). Any other value raises ValueError.
 
 Output shapes depend only on the input shapes (no host synchronisation, CUDA-graph safe); results

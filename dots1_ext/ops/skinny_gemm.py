@@ -7,8 +7,8 @@ kernel for fp16/bf16 with K % 8 == 0 and a 16-byte aligned weight (any row strid
 aligned), a portable kernel otherwise (fp32, odd K, a misaligned view: correct, slower). M > 16 runs
 cuBLAS and the epilogue after it (correct, not tuned). ``DOTS1_EXT_SKINNY_TILES`` = auto | 1 | 2 forces
 the tensor-core kernel's 16-row weight tiles per warp (tuning); ``DOTS1_EXT_SKINNY_KERNEL`` = frag | wide
-picks its weight-load mapping (wide: each warp load reads 256 contiguous bytes of a row, for up to 4
-rows of x; same results up to the fp32 summation order).
+picks its weight-load mapping (wide, the default: each warp load reads 256 contiguous bytes of a row,
+for up to 4 rows of x; frag: 64 bytes of 8 rows; same results up to the fp32 summation order).
 """
 
 from __future__ import annotations
