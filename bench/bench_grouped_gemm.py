@@ -211,7 +211,7 @@ def add_int4_rows(report: Report, w_gate_up_packed: torch.Tensor, w_down: torch.
             for label, ms in times.items():
                 wbytes = active * weights * per_weight[label]
                 floor = max(flops_floor_ms(flops), bytes_floor_ms(wbytes))
-                extra = {"vs_bf16": times["dots1_ext bf16"] / ms}
+                extra = {"vs_bf16": round(times["dots1_ext bf16"] / ms, 3)}
                 report.add(Row("grouped_gemm", case, label, ms, floor, gbs=wbytes / ms / 1e6,
                                tflops=flops / ms / 1e9, extra=extra))
 

@@ -5,10 +5,10 @@ gate_up (SwiGLU fused) + grouped_gemm down + the shared experts as an F.linear M
 (combine + residual). Above 16 tokens also ours in 16-token launches (what the op did before it took
 64 tokens per launch: every chunk re-reads the experts it touches) and ours with four n-tiles per MMA
 (DOTS1_EXT_MOE_DECODE_NT=4: 32-column items, so fewer hot-expert re-reads, but a quarter of the bytes
-in flight per lane), to choose the default. At every T also ours with the wide weight-load mapping
-(DOTS1_EXT_MOE_DECODE_LOADS=wide: each warp load reads 2 rows x 256 B up to 2 tokens, 4 rows x 128 B up
-to 8; launches of more tokens take the default frag mapping, so above 8 tokens that row times the same
-kernels as the default one), captured and replayed like the others.
+in flight per lane), to choose the default. At every T also ours with the fragment weight-load mapping
+(DOTS1_EXT_MOE_DECODE_LOADS=frag: each warp load reads 8 rows x 64 B; the default, wide, reads 2 rows x
+256 B up to 2 tokens, 4 rows x 128 B up to 8, and runs frag above 8 tokens, so above 8 tokens that row
+times the same kernels as the default one), captured and replayed like the others.
 
 Each implementation is captured in one CUDA graph holding ``CALLS`` calls that cycle over
 ``WEIGHT_SETS`` full copies of the layer's expert weights and fresh random distinct top-6 ids per call,
@@ -100,9 +100,9 @@ def ours_nt4(x, w, ids, weights, residual):
         del os.environ["DOTS1_EXT_MOE_DECODE_NT"]
 
 
-def ours_wide(x, w, ids, weights, residual):
-    """Ours with DOTS1_EXT_MOE_DECODE_LOADS=wide (read at launch: a captured graph keeps those kernels)."""
-    os.environ["DOTS1_EXT_MOE_DECODE_LOADS"] = "wide"
+def ours_frag(x, w, ids, weights, residual):
+    """Ours with DOTS1_EXT_MOE_DECODE_LOADS=frag (read at launch: a captured graph keeps those kernels)."""
+    os.environ["DOTS1_EXT_MOE_DECODE_LOADS"] = "frag"
     try:
         return ours(x, w, ids, weights, residual)
     finally:
@@ -157,7 +157,7 @@ def run(quick: bool = False) -> list[Report]:
             for ids in id_bufs:
                 ids.copy_(draw_ids(T, k, E))
 
-        impls = {"dots1_ext moe_decode (2 launches)": ours, "dots1_ext moe_decode wide loads": ours_wide}
+        impls = {"dots1_ext moe_decode (2 launches)": ours, "dots1_ext moe_decode frag loads": ours_frag}
         if T > CHUNK_T:
             impls[f"dots1_ext moe_decode, {CHUNK_T}-token launches (before)"] = ours_16_token_launches
             if gpu:
@@ -175,8 +175,8 @@ def run(quick: bool = False) -> list[Report]:
     if gpu:
         report.notes.append(f"floor = touched expert bytes / copy bandwidth; {CALLS} calls per CUDA graph over "
                             f"{WEIGHT_SETS} weight sets, fresh ids per replay; median of replays")
-        report.notes.append("wide loads: DOTS1_EXT_MOE_DECODE_LOADS=wide, (P k-parts, n-tiles) = (4, 1) at T <= 2, "
-                            "(2, 1) at T <= 4, (2, 2) at T <= 8; frag (the default's kernels) above")
+        report.notes.append("default = wide loads, (P k-parts, n-tiles) = (4, 1) at T <= 2, (2, 1) at T <= 4, "
+                            "(2, 2) at T <= 8, frag above; frag loads: DOTS1_EXT_MOE_DECODE_LOADS=frag")
         report.notes.append("int4 rows: bytes = touched experts' packed codes + scales + zero points (0.523 B per "
                             "weight) + the shared experts' bf16; their own floor")
     del sets

@@ -11,9 +11,10 @@ in a decode step's graph) that rotates over enough copies of the weight (>= 200 
 reported. Floors: weight + x + output bytes over the measured device copy bandwidth ("floor",
 floor / time beside it), and over the read-only ceiling measured in the same run (bench.common.
 read_ceiling_gbs: the best of torch.sum, a cuBLAS GEMV and our M=1 kernel over 1.5 GB; "read floor" in the
-notes). "dots1_ext" is the default kernel; "dots1_ext (wide)" the tensor-core kernel's wide weight-load
-mapping (DOTS1_EXT_SKINNY_KERNEL=wide: each warp load 2 rows x 256 bytes at M <= 2, 4 rows x 128 bytes
-at M <= 4; timed there only, above it runs the default kernel). Without --quick both mappings are also
+notes). "dots1_ext" is the default kernel (the wide weight-load mapping: each warp load 2 rows x 256
+bytes at M <= 2, 4 rows x 128 bytes at M <= 4, the fragment mapping above); "dots1_ext (frag)" forces
+the fragment mapping (DOTS1_EXT_SKINNY_KERNEL=frag: 8 rows x 64 bytes per warp load; timed at M <= 4
+only, where the two differ). Without --quick both mappings are also
 timed with the tile choice forced to 1 and 2 weight tiles per warp (DOTS1_EXT_SKINNY_TILES), for tuning.
 --quick on the GPU: four shapes, M in {1, 4, 8, 16}.
 """
@@ -123,12 +124,12 @@ def run(quick: bool = False) -> list[Report]:
             kernels = ["frag", "wide"] if gpu and M <= WIDE_MAX_ROWS else ["frag"]
             if "wide" in kernels:
                 ours = rotating(lambda w: skinny_gemm(x, w, epilogue))
-                fns["dots1_ext (wide)"] = with_env({"DOTS1_EXT_SKINNY_KERNEL": "wide"}, ours)
+                fns["dots1_ext (frag)"] = with_env({"DOTS1_EXT_SKINNY_KERNEL": "frag"}, ours)
             if gpu and not quick:
                 for kernel in kernels:
                     for tiles in ("1", "2"):
                         ours = rotating(lambda w: skinny_gemm(x, w, epilogue))
-                        label = f"dots1_ext ({'wide, ' if kernel == 'wide' else ''}tiles={tiles})"
+                        label = f"dots1_ext ({'frag, ' if kernel == 'frag' else ''}tiles={tiles})"
                         env = {"DOTS1_EXT_SKINNY_KERNEL": kernel, "DOTS1_EXT_SKINNY_TILES": tiles}
                         fns[label] = with_env(env, ours)
             peer = "F.linear (cuBLAS)" if gpu else "F.linear"

@@ -182,7 +182,7 @@ def read_ceiling_gbs() -> tuple[float, str]:
 
             if has_kernel("skinny_gemm", "CUDA"):
                 candidates["skinny_gemm M=1"] = lambda: ops.skinny_gemm(x, w, "none")
-                candidates["skinny_gemm wide M=1"] = lambda: _with_skinny_kernel("wide", ops.skinny_gemm, x, w,
+                candidates["skinny_gemm frag M=1"] = lambda: _with_skinny_kernel("frag", ops.skinny_gemm, x, w,
                                                                                   "none")
 
         def ms_per_call(fn) -> float:
