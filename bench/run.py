@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.common import environment, header, write_json
 
 BENCHES = ["gating", "dispatch", "norm", "grouped_gemm", "skinny_gemm", "moe_decode", "moe_peer", "attention", "moe", "model",
-           "decode", "long_prompt", "generation", "quant"]
+           "decode", "long_prompt", "generation", "quant", "int4_model"]
 
 
 def main(argv: list[str] | None = None) -> int:

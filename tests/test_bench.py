@@ -121,3 +121,36 @@ def test_moe_peer_is_found_in_the_peers_dir_or_reported_missing(tmp_path, monkey
     peer, _ = bench_moe_peer.find_peer()  # the env var's folder comes first
     assert peer.WHERE == "env dir"
     monkeypatch.delitem(sys.modules, bench_moe_peer.PEER_MODULE, raising=False)
+
+
+def test_int4_model_bench_rows_on_cpu():
+    """The whole-model int4 bench (issue 14) on the tiny stand-in: build rows with the weight bytes
+    (int4 experts smaller than bf16), decode rows with a floor and tokens/s, prefill rows."""
+    from bench import bench_int4_model
+
+    build, steps = bench_int4_model.run(quick=True)
+    by_model = {r.case: r for r in build.rows}
+    assert set(by_model) == {"4 layers, bf16 experts", "4 layers, int4 experts"}
+    assert by_model["4 layers, int4 experts"].extra["weights_GB"] < by_model["4 layers, bf16 experts"].extra["weights_GB"]
+    decode = [r for r in steps.rows if "decode" in r.case]
+    prefill = [r for r in steps.rows if "prefill" in r.case]
+    assert len(decode) == 2 * 2 and len(prefill) == 2
+    for r in decode:
+        assert r.ms > 0 and r.floor_ms and r.floor_ms > 0 and r.extra["tokens_per_s"] > 0, r
+    for r in prefill:
+        assert r.ms > 0 and r.extra["tokens_per_s"] > 0, r
+
+
+def test_int4_step_bytes_count_the_touched_experts_at_their_stored_size():
+    from bench.bench_int4_model import step_weight_bytes
+    from bench.bench_model import decode_weight_bytes
+    from dots1_ext.config import dots1_real_config
+
+    cfg = dots1_real_config(62)
+    bf16 = step_weight_bytes(cfg, 1, 2, "bf16")
+    int4 = step_weight_bytes(cfg, 1, 2, "int4")
+    assert bf16 == decode_weight_bytes(cfg, 1, 2)
+    # issue 14: about 17.6 GB per token at B=1 for the 62-layer int4 model (weights only)
+    assert 17.0e9 < int4 < 18.0e9, int4
+    routed = 61 * 6 * 3 * 4096 * 1408  # weights of the experts one token touches
+    assert abs((bf16 - int4) - routed * (2 - (0.5 + 3 / 128))) < 1e3
