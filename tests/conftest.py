@@ -48,6 +48,29 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(-1)
 
 
+def capture_cuda_graph(fn):
+    """(graph, out): fn() run once first (warm-up outside the capture: workspaces, first-call device
+    queries), then captured into a CUDA graph; ``out`` is what the captured call returned, the static
+    output every replay rewrites."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph):
+            out = fn()
+    return graph, out
+
+
+def replay_poisoned(graph, *outputs: torch.Tensor) -> None:
+    """Replays graph with its static ``outputs`` poisoned first (poison_: an element the replay does not
+    write stays NaN), then waits for it."""
+    for t in outputs:
+        poison_(t)
+    graph.replay()
+    torch.cuda.synchronize()
+
+
 def hf_dots1_config(base: dict, **overrides):
     """transformers' Dots1Config from a dict of our test fields (``rope_theta`` or ``rope_parameters``),
     eager attention."""

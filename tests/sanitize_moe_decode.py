@@ -183,9 +183,11 @@ def run_full() -> None:
     del os.environ["DOTS1_EXT_MOE_DECODE_KERNEL"]
 
 
-def main() -> int:
+def run_sets(name: str, run_small, run_full) -> int:
+    """The small set (small()) or the full one, then the mismatches: the exit status (2: no GPU). Also
+    sanitize_moe_decode_int4's."""
     if not torch.cuda.is_available():
-        print("sanitize_moe_decode: needs a CUDA GPU")
+        print(f"{name}: needs a CUDA GPU")
         return 2
     torch.manual_seed(0)
     if small():
@@ -195,9 +197,13 @@ def main() -> int:
     torch.cuda.synchronize()
     for f in failures:
         print("MISMATCH", f)
-    print("sanitize_moe_decode:", "small set" if small() else "full set", "ok" if not failures else
+    print(f"{name}:", "small set" if small() else "full set", "ok" if not failures else
           f"{len(failures)} mismatches")
     return 1 if failures else 0
+
+
+def main() -> int:
+    return run_sets("sanitize_moe_decode", run_small, run_full)
 
 
 if __name__ == "__main__":

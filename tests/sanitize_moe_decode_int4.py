@@ -28,26 +28,8 @@ from dots1_ext import reference
 from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_gate_up
 from dots1_ext.quant import Int4Weight, dequantize_int4, quantize_int4
 
-failures: list[str] = []
-ROW_RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
-
-
-def check(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    o, r = out.double().reshape(-1, out.shape[-1]), ref.to(dtype).double().reshape(-1, ref.shape[-1])
-    if not torch.equal(torch.isnan(o), torch.isnan(r)):
-        failures.append(f"{name}: NaN (poison) pattern differs from the reference")
-        return
-    o, r = o.nan_to_num(), r.nan_to_num()
-    if not torch.isfinite(o).all():
-        failures.append(f"{name}: non-finite values")
-        return
-    if o.numel() == 0:
-        return
-    err = (o - r).abs().amax(dim=1)
-    bound = ROW_RTOL[dtype] * r.abs().amax(dim=1)
-    if (err > bound).any():
-        worst = float((err / bound.clamp_min(1e-30)).max())
-        failures.append(f"{name}: {int((err > bound).sum())} rows off (worst {worst:.2f}x)")
+sys.path.insert(0, os.path.dirname(__file__))
+from sanitize_moe_decode import bad_ids, check, run_sets, with_env  # noqa: E402
 
 
 def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual=True, ids=None, symmetric=False):
@@ -73,26 +55,6 @@ def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual
                                         res.float() if residual else None)
     check(f"{name} act", act, ref_act, dtype)
     check(f"{name} out", out, ref_out, dtype)
-
-
-def small() -> bool:
-    return "--small" in sys.argv[1:] or os.environ.get("DOTS1_SANITIZE_SMALL", "") not in ("", "0")
-
-
-def with_env(name: str, value: str, fn) -> None:
-    os.environ[name] = value
-    try:
-        fn()
-    finally:
-        del os.environ[name]
-
-
-def bad_ids(T: int, E: int, k: int) -> torch.Tensor:
-    ids = torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
-    ids[1, 2], ids[3, 0], ids[5, 1] = -1, E, 2**30
-    if T > 40:
-        ids[40, 0], ids[T - 1, k - 1] = -(2**31), E + 1
-    return ids
 
 
 def run_small() -> None:
@@ -136,20 +98,7 @@ def run_full() -> None:
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("sanitize_moe_decode_int4: needs a CUDA GPU")
-        return 2
-    torch.manual_seed(0)
-    if small():
-        run_small()
-    else:
-        run_full()
-    torch.cuda.synchronize()
-    for f in failures:
-        print("MISMATCH", f)
-    print("sanitize_moe_decode_int4:", "small set" if small() else "full set", "ok" if not failures else
-          f"{len(failures)} mismatches")
-    return 1 if failures else 0
+    return run_sets("sanitize_moe_decode_int4", run_small, run_full)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dots1_ext import reference
 from dots1_ext.ops import attention as A
-from tests.conftest import assert_rows_close, poison_, requires_cuda
+from tests.conftest import assert_rows_close, capture_cuda_graph, poison_, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -384,14 +384,7 @@ def test_cuda_graph_replay_with_changed_lengths(dtype, shape):
     kv_end = torch.full((B,), S, dtype=torch.int64, device="cuda")
     for window in (0, 300):
         fn = lambda: A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)  # noqa: E731
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()  # warm-up outside the capture (first-call device queries)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = fn()
+        graph, static_out = capture_cuda_graph(fn)
         lengths = [[S] * B, [1] * B, [min(S, 37 + 101 * b) for b in range(B)], [S - 1] * B, [0] * B]
         for step, ends in enumerate(lengths):
             kv_end.copy_(torch.tensor(ends, device="cuda"))

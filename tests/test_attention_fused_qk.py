@@ -19,7 +19,7 @@ import torch
 from dots1_ext import ops
 from dots1_ext.ops import attention as A
 from dots1_ext.rope import build_cos_sin_cache
-from tests.conftest import requires_cuda
+from tests.conftest import capture_cuda_graph, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS = 1e-6
@@ -198,14 +198,7 @@ def test_cuda_graph_replay_with_changed_lengths(Hq, Hk):
     x = make_inputs(B, Hq, Hk, D, S, torch.bfloat16, "cuda", [(0, S)] * B)
     k_cache, v_cache = x["k_cache"].clone(), x["v_cache"].clone()
     fn = lambda: fused(x, k_cache, v_cache)[0]  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up outside the capture (first-call device queries)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn()
+    graph, static_out = capture_cuda_graph(fn)
     for step, ends in enumerate([[S] * B, [1] * B, [37, 640, 999], [S - 1] * B, [65, 64, 129]]):
         kv_end = torch.tensor(ends, device="cuda")
         x["kv_end"].copy_(kv_end)

@@ -18,7 +18,8 @@ from dots1_ext import reference
 from dots1_ext.ops.grouped_gemm import EPILOGUES, SWIGLU_EPILOGUES, deinterleave_gate_up, grouped_gemm, interleave_gate_up
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import ROW_RTOL, assert_rows_close, rel_err, requires_cuda  # noqa: E402
+from conftest import (ROW_RTOL, assert_rows_close, capture_cuda_graph, rel_err, replay_poisoned,  # noqa: E402
+                      requires_cuda)
 
 # ---------------------------------------------------------------- helpers
 
@@ -73,11 +74,20 @@ def tol(dtype, epilogue="none", device="cpu"):
     return ROW_RTOL[dtype] * factor
 
 
-@pytest.fixture
-def backend(request, monkeypatch):
-    name = getattr(request, "param", "auto")
-    monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", name)
-    return name
+def env_fixture(variable: str):
+    """A fixture that sets ``variable`` to its parameter (indirect parametrization; "auto" when the test
+    has none) and returns it. Also test_grouped_gemm_int4's."""
+
+    @pytest.fixture
+    def fixture(request, monkeypatch):
+        name = getattr(request, "param", "auto")
+        monkeypatch.setenv(variable, name)
+        return name
+
+    return fixture
+
+
+backend = env_fixture("DOTS1_EXT_GEMM_BACKEND")
 
 
 def cuda_backends():
@@ -325,19 +335,11 @@ def test_cuda_graph_replay_with_new_routing(backend, T, epilogue):
     x = torch.randn(S, K, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16) / K**0.5
     off = offsets_from_counts(routing_counts("balanced", T, k, E), "cuda")
-    grouped_gemm(x, w, off, epilogue)  # warm-up outside the capture (workspace, one-time setup)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph):
-            out = grouped_gemm(x, w, off, epilogue)
+    graph, out = capture_cuda_graph(lambda: grouped_gemm(x, w, off, epilogue))
     for routing in ("zipf", "one_expert", "many_empty"):
         off.copy_(offsets_from_counts(routing_counts(routing, T, k, E), "cuda"))
         x.copy_(torch.randn_like(x))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        replay_poisoned(graph, out)
         assert_rows_close(out, ref_fp32(x, w, off, epilogue), torch.bfloat16, tol(torch.bfloat16, epilogue, "cuda"),
                           what=f"graph replay {routing}")
 

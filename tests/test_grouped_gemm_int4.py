@@ -25,8 +25,8 @@ from dots1_ext import quant, reference
 from dots1_ext.ops import grouped_gemm, grouped_gemm_int4, interleave_gate_up
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import assert_rows_close, requires_cuda  # noqa: E402
-from test_grouped_gemm import offsets_from_counts, routing_counts  # noqa: E402
+from conftest import assert_rows_close, capture_cuda_graph, replay_poisoned, requires_cuda  # noqa: E402
+from test_grouped_gemm import env_fixture, offsets_from_counts, routing_counts  # noqa: E402
 
 INT4_ROW_RTOL = 2.0**-7
 EPILOGUES = ("none", "swiglu_interleaved")
@@ -59,11 +59,7 @@ def out_features(q, epilogue):
     return q.qweight.shape[1] // 2 if epilogue == "swiglu_interleaved" else q.qweight.shape[1]
 
 
-@pytest.fixture
-def int4_backend(request, monkeypatch):
-    name = getattr(request, "param", "auto")
-    monkeypatch.setenv("DOTS1_EXT_GEMM_INT4_BACKEND", name)
-    return name
+int4_backend = env_fixture("DOTS1_EXT_GEMM_INT4_BACKEND")
 
 
 def cuda_int4_backends():
@@ -272,19 +268,11 @@ def test_cuda_deterministic(int4_backend, epilogue):
 def test_cuda_graph_replay_with_new_routing(int4_backend, epilogue, T):
     E, k, N, K = 16, 6, 256, 512
     x, q, off = make_int4_case(routing_counts("balanced", T, k, E), E, N, K, "cuda", interleave=True)
-    run(x, q, off, epilogue)  # warm-up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph):
-            out = run(x, q, off, epilogue)
+    graph, out = capture_cuda_graph(lambda: run(x, q, off, epilogue))
     for routing in ("zipf", "one_expert", "many_empty"):
         off.copy_(offsets_from_counts(routing_counts(routing, T, k, E), "cuda"))
         x.copy_(torch.randn_like(x))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        replay_poisoned(graph, out)
         assert_rows_close(out, ref_fp32(x, q, off, epilogue), torch.bfloat16, INT4_ROW_RTOL,
                           what=f"graph replay {routing}")
 

@@ -23,7 +23,7 @@ from dots1_ext import ops, reference
 from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import ROW_RTOL, assert_rows_close, requires_cuda  # noqa: E402
+from conftest import ROW_RTOL, assert_rows_close, capture_cuda_graph, replay_poisoned, requires_cuda  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REAL = dict(E=128, k=6, H=4096, I=1408, Is=2816)
@@ -65,6 +65,36 @@ def topk_weights(T, k, device):
     return (torch.rand(T, k, device=device) + 0.1).float()
 
 
+def decode_inputs(T, k, E, H, dtype, device):
+    """A decode step's inputs, drawn in this order: hidden [T, H], each token's k distinct experts of E
+    (distinct_ids), the routing weights [T, k] (topk_weights) and a residual [T, H]."""
+    hidden = torch.randn(T, H, device=device).to(dtype)
+    ids = distinct_ids(T, k, E, device)
+    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    return hidden, ids, weights, residual
+
+
+def redraw_ids_(ids, pattern, E):
+    """ids [T, k] (a captured graph's input) rewritten in place with fresh distinct experts of E, then per
+    ``pattern``: "distinct" as drawn, "same" every token the first token's experts, "one_id" every pair
+    expert 5, "bad" one id -3."""
+    T, k = ids.shape
+    new_ids = distinct_ids(T, k, E, "cpu")
+    if pattern == "same":
+        new_ids[:] = new_ids[0].clone()
+    elif pattern == "one_id":
+        new_ids.fill_(5)
+    elif pattern == "bad":
+        new_ids[0, 1] = -3
+    ids.copy_(new_ids)
+
+
+def assert_same_bits(got, expected, what):
+    """Bit for bit equal, NaN at the same places."""
+    assert torch.equal(got.isnan(), expected.isnan()), what
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num()), what
+
+
 def ref_gate_up(hidden, w: Weights, ids):
     """The reference in fp32 on the same (rounded) inputs: the kernel's error is then its own."""
     sg = w.shared_gate_up.float() if w.shared_gate_up is not None else None
@@ -95,14 +125,28 @@ def current_path(hidden, w: Weights, ids, weights, residual):
     return ops.unpermute(expert_out, row_map, weights, shared_out=shared, residual=residual)
 
 
-def check_pair(hidden, w, ids, weights, residual, dtype, what=""):
-    act, out = run_both(hidden, w, ids, weights, residual)
+def check_outputs(act, out, hidden, w, ids, weights, residual, dtype, what="", equal_nan=False):
+    """act and out of the two ops on these inputs: dtype, shape, and per row against the fp32 reference
+    on w's weights (test_moe_decode_int4 passes the dequantized ones)."""
     T, k = ids.shape
     assert act.dtype == dtype and act.shape == (T, k * w.I + w.Is)
     assert out.dtype == dtype and out.shape == (T, w.H)
-    assert_rows_close(act, ref_gate_up(hidden, w, ids), dtype, what=f"act {what}")
-    assert_rows_close(out, ref_down(act, w, ids, weights, residual), dtype, what=f"out {what}")
+    assert_rows_close(act, ref_gate_up(hidden, w, ids), dtype, what=f"act {what}", equal_nan=equal_nan)
+    assert_rows_close(out, ref_down(act, w, ids, weights, residual), dtype, what=f"out {what}", equal_nan=equal_nan)
+
+
+def check_pair(hidden, w, ids, weights, residual, dtype, what=""):
+    act, out = run_both(hidden, w, ids, weights, residual)
+    check_outputs(act, out, hidden, w, ids, weights, residual, dtype, what)
     return act, out
+
+
+def small_cuda_layer():
+    """A 4-expert layer (H = 32, I = Is = 16, bf16), two tokens' hidden and their top-2 ids, on the GPU."""
+    w = Weights(4, 32, 16, 16, torch.bfloat16, "cuda")
+    x = torch.randn(2, 32, device="cuda").to(torch.bfloat16)
+    ids = distinct_ids(2, 2, 4, "cuda")
+    return w, x, ids
 
 
 LOADS = ["frag", "wide"]
@@ -175,9 +219,7 @@ def test_matches_current_path(device, dtype, T, epilogue):
     # expert outputs and the shared MLP's intermediates to the dtype, ours rounds once, hence 2x.
     E, k, H, I, Is = 16, 4, 64, 32, 64
     w = Weights(E, H, I, Is, dtype, device, epilogue)
-    hidden = torch.randn(T, H, device=device).to(dtype)
-    ids = distinct_ids(T, k, E, device)
-    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
     _, out = run_both(hidden, w, ids, weights, residual)
     theirs = current_path(hidden, w, ids, weights, residual)
     assert_rows_close(out, theirs.float(), dtype, rtol=2 * ROW_RTOL[dtype], what="vs current path")
@@ -266,14 +308,12 @@ def test_bad_ids_poison_only_their_slots(device, dtype, T):
     # second chunk.
     E, k, H, I, Is = 8, 3, 32, 16, 16
     w = Weights(E, H, I, Is, dtype, device)
-    hidden = torch.randn(T, H, device=device).to(dtype)
-    ids = distinct_ids(T, k, E, device)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
     bad_ids = {(1, 2): -1, (3, 0): E, (4, 1): 2**30}
     if T > 6:
         bad_ids.update({(40, 1): -(2**31), (T - 1, 0): E + 1})
     for (t, j), v in bad_ids.items():
         ids[t, j] = v
-    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
     act, out = run_both(hidden, w, ids, weights, residual)
     bad = list(bad_ids)
     bad_tokens = {t for t, _ in bad}
@@ -315,9 +355,7 @@ def test_deterministic(device, T):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     E, k, H, I, Is = 16, 6, 128, 64, 64
     w = Weights(E, H, I, Is, dtype, device)
-    hidden = torch.randn(T, H, device=device).to(dtype)
-    ids = distinct_ids(T, k, E, device)
-    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
     a1, o1 = run_both(hidden, w, ids, weights, residual)
     a2, o2 = run_both(hidden, w, ids, weights, residual)
     assert torch.equal(a1, a2) and torch.equal(o1, o2)
@@ -408,9 +446,7 @@ def test_compile_fullgraph(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     E, k, H, I, Is, T = 8, 3, 64, 32, 32, 4
     w = Weights(E, H, I, Is, dtype, device)
-    hidden = torch.randn(T, H, device=device).to(dtype)
-    ids = distinct_ids(T, k, E, device)
-    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
 
     def layer(x, i, wt, r):
         act = moe_decode_gate_up(x, w.gate_up, i, w.shared_gate_up, w.epilogue)
@@ -432,9 +468,7 @@ def test_compile_fullgraph(device):
 def test_cuda_real_shapes(T, epilogue):
     dtype = torch.bfloat16
     w = Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda", epilogue)
-    hidden = torch.randn(T, REAL["H"], device="cuda").to(dtype)
-    ids = distinct_ids(T, REAL["k"], REAL["E"], "cuda")
-    weights, residual = topk_weights(T, REAL["k"], "cuda"), torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, REAL["k"], REAL["E"], REAL["H"], dtype, "cuda")
     check_pair(hidden, w, ids, weights, residual, dtype, f"real T={T}")
     _, out = run_both(hidden, w, ids, weights, residual)
     assert_rows_close(out, current_path(hidden, w, ids, weights, residual).float(), dtype,
@@ -466,10 +500,8 @@ def test_cuda_odd_shapes(dtype, shape, T):
     E, k, H, I, Is = shape
     epilogue = "swiglu_interleaved" if I % 8 == 0 else "swiglu"
     w = Weights(E, H, I, Is, dtype, "cuda", epilogue)
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    check_pair(hidden, w, ids, topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype), dtype,
-               f"{shape} T={T}")
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    check_pair(hidden, w, ids, weights, residual, dtype, f"{shape} T={T}")
 
 
 @requires_cuda
@@ -493,9 +525,7 @@ def test_cuda_fast_equals_simple(T, simple_kernel, monkeypatch):
     dtype = torch.bfloat16
     E, k, H, I, Is = 32, 6, 256, 64, 128
     w = Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
     act_s, out_s = check_pair(hidden, w, ids, weights, residual, dtype, "simple")
     monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_KERNEL")
     act_f, out_f = check_pair(hidden, w, ids, weights, residual, dtype, "fast")
@@ -514,9 +544,7 @@ def test_cuda_every_element_written(kernel, T, monkeypatch):
     dtype = torch.bfloat16
     E, k, H, I, Is = 16, 6, 128, 64, 64
     w = Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
     torch.cuda.synchronize()
     for _ in range(4):
         junk = [torch.full((n,), float("nan"), device="cuda", dtype=dtype) for n in (T * (k * I + Is), T * H)]
@@ -533,36 +561,16 @@ def test_cuda_graph_replay_with_changed_ids(T, shared):
     dtype = torch.bfloat16
     E, k, H, I, Is = 32, 6, 256, 128, 128 if shared else 0
     w = Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
-    run_both(hidden, w, ids, weights, residual)  # warm-up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph):
-            act, out = run_both(hidden, w, ids, weights, residual)
-    patterns = ["distinct", "same", "one_id", "bad"]
-    for pattern in patterns:
-        new_ids = distinct_ids(T, k, E, "cpu")
-        if pattern == "same":
-            new_ids[:] = new_ids[0].clone()
-        elif pattern == "one_id":
-            new_ids.fill_(5)
-        elif pattern == "bad":
-            new_ids[0, 1] = -3
-        ids.copy_(new_ids)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    graph, (act, out) = capture_cuda_graph(lambda: run_both(hidden, w, ids, weights, residual))
+    for pattern in ["distinct", "same", "one_id", "bad"]:
+        redraw_ids_(ids, pattern, E)
         hidden.copy_(torch.randn_like(hidden))
         weights.copy_(topk_weights(T, k, "cuda"))
-        act.fill_(float("nan"))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        replay_poisoned(graph, act, out)
         eager_act, eager_out = run_both(hidden, w, ids, weights, residual)
-        assert torch.equal(act.isnan(), eager_act.isnan()) and torch.equal(out.isnan(), eager_out.isnan()), pattern
-        assert torch.equal(act.nan_to_num(), eager_act.nan_to_num()), f"act after replay, {pattern}"
-        assert torch.equal(out.nan_to_num(), eager_out.nan_to_num()), f"out after replay, {pattern}"
+        assert_same_bits(act, eager_act, f"act after replay, {pattern}")
+        assert_same_bits(out, eager_out, f"out after replay, {pattern}")
         assert_rows_close(out, ref_down(eager_act, w, ids, weights, residual), dtype, equal_nan=True, what=pattern)
 
 
@@ -603,9 +611,7 @@ def test_cuda_n_tiles_override(nt, T, routing, monkeypatch):
 
 @requires_cuda
 def test_cuda_n_tiles_bad_setting_raises(monkeypatch):
-    w = Weights(4, 32, 16, 16, torch.bfloat16, "cuda")
-    x = torch.randn(2, 32, device="cuda").to(torch.bfloat16)
-    ids = distinct_ids(2, 2, 4, "cuda")
+    w, x, ids = small_cuda_layer()
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_NT", "3")
     with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_NT"):
         moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up)
@@ -645,9 +651,7 @@ def test_cuda_compile_reduce_overhead():
     dtype = torch.bfloat16
     E, k, H, I, Is, T = 16, 6, 256, 64, 128, 8
     w = Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
 
     def layer(x, i, wt, r):
         act = moe_decode_gate_up(x, w.gate_up, i, w.shared_gate_up, w.epilogue)
@@ -709,9 +713,7 @@ def test_cuda_wide_every_token_count(T, epilogue, monkeypatch):
     # frag within tolerance (a different fp32 summation order).
     dtype = torch.bfloat16
     w = Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda", epilogue)
-    hidden = torch.randn(T, REAL["H"], device="cuda").to(dtype)
-    ids = distinct_ids(T, REAL["k"], REAL["E"], "cuda")
-    weights, residual = topk_weights(T, REAL["k"], "cuda"), torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, REAL["k"], REAL["E"], REAL["H"], dtype, "cuda")
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide")
     act_w, out_w = check_pair(hidden, w, ids, weights, residual, dtype, f"wide T={T}")
     act_f, out_f = run_with_loads("frag", monkeypatch, hidden, w, ids, weights, residual)
@@ -736,10 +738,8 @@ def test_cuda_wide_odd_shapes(dtype, shape, T, monkeypatch):
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide")
     E, k, H, I, Is = shape
     w = Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    check_pair(hidden, w, ids, topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype), dtype,
-               f"wide {shape} T={T}")
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    check_pair(hidden, w, ids, weights, residual, dtype, f"wide {shape} T={T}")
 
 
 @requires_cuda
@@ -792,11 +792,9 @@ def test_cuda_wide_bad_ids(T, monkeypatch):
     dtype = torch.bfloat16
     E, k, H, I, Is = 8, 3, 64, 32, 32
     w = Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
     ids[0, 1] = -1
     ids[T - 1, 2] = E
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
     act, out = run_both(hidden, w, ids, weights, residual)
     bad = {(0, 1), (T - 1, 2)}
     for t in range(T):
@@ -818,34 +816,17 @@ def test_cuda_wide_graph_replay(T, monkeypatch):
     dtype = torch.bfloat16
     E, k, H, I, Is = 32, 6, 256, 128, 128
     w = Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
-    run_both(hidden, w, ids, weights, residual)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph):
-            act, out = run_both(hidden, w, ids, weights, residual)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    graph, (act, out) = capture_cuda_graph(lambda: run_both(hidden, w, ids, weights, residual))
     for pattern in ["distinct", "one_id", "bad"]:
-        new_ids = distinct_ids(T, k, E, "cpu")
-        if pattern == "one_id":
-            new_ids.fill_(5)
-        elif pattern == "bad":
-            new_ids[0, 1] = -3
-        ids.copy_(new_ids)
+        redraw_ids_(ids, pattern, E)
         hidden.copy_(torch.randn_like(hidden))
-        act.fill_(float("nan"))
-        out.fill_(float("nan"))
         monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "frag")
-        graph.replay()
-        torch.cuda.synchronize()
+        replay_poisoned(graph, act, out)
         monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide")
         eager_act, eager_out = run_both(hidden, w, ids, weights, residual)
-        assert torch.equal(act.isnan(), eager_act.isnan()) and torch.equal(out.isnan(), eager_out.isnan()), pattern
-        assert torch.equal(act.nan_to_num(), eager_act.nan_to_num()), pattern
-        assert torch.equal(out.nan_to_num(), eager_out.nan_to_num()), pattern
+        assert_same_bits(act, eager_act, pattern)
+        assert_same_bits(out, eager_out, pattern)
 
 
 @requires_cuda
@@ -855,9 +836,7 @@ def test_cuda_wide_ignores_n_tiles_override(T, monkeypatch):
     dtype = torch.bfloat16
     E, k, H, I, Is = 24, 6, 256, 64, 128
     w = Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
     base = run_with_loads("wide", monkeypatch, hidden, w, ids, weights, residual)
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_NT", "4")
     forced = check_pair(hidden, w, ids, weights, residual, dtype, f"wide NT=4 T={T}")
@@ -867,9 +846,7 @@ def test_cuda_wide_ignores_n_tiles_override(T, monkeypatch):
 
 @requires_cuda
 def test_cuda_bad_loads_setting_raises(monkeypatch):
-    w = Weights(4, 32, 16, 16, torch.bfloat16, "cuda")
-    x = torch.randn(2, 32, device="cuda").to(torch.bfloat16)
-    ids = distinct_ids(2, 2, 4, "cuda")
+    w, x, ids = small_cuda_layer()
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wider")
     with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_LOADS"):
         moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up)

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import dots1_ext  # noqa: F401  (registers the ops)
 from dots1_ext import reference
-from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
 from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_gate_up
 from dots1_ext.quant import Int4Weight, dequantize_int4, quantize_int4
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import assert_rows_close, requires_cuda  # noqa: E402
+from conftest import assert_rows_close, capture_cuda_graph, replay_poisoned, requires_cuda  # noqa: E402
+from test_moe_decode import (assert_same_bits, check_outputs, decode_inputs, distinct_ids, redraw_ids_,  # noqa: E402
+                             ref_gate_up, run_both, topk_weights)
 
 REAL = dict(E=128, k=6, H=4096, I=1408, Is=2816)
 
@@ -51,21 +53,19 @@ class Int4Weights:
         self.shared_gate_up = (torch.randn(2 * Is, H, device=device) / H**0.5).to(dtype) if Is else None
         self.shared_down = (torch.randn(H, Is, device=device) / Is**0.5).to(dtype) if Is else None
 
+    @property
+    def dequantized(self):
+        """The same layer with the dequantized routed experts, shaped as test_moe_decode.Weights (what its
+        reference and the bf16 ops take)."""
+        return SimpleNamespace(E=self.E, H=self.H, I=self.I, Is=self.Is, epilogue=self.epilogue,
+                               gate_up=self.gate_up_dq, down=self.down_dq, shared_gate_up=self.shared_gate_up,
+                               shared_down=self.shared_down)
+
     def gate_up_args(self):
         return self.gate_up.qweight, self.gate_up.scales, self.gate_up.zeros
 
     def down_args(self):
         return self.down.qweight, self.down.scales, self.down.zeros
-
-
-def distinct_ids(T, k, E, device):
-    if T == 0:
-        return torch.zeros(0, k, dtype=torch.int32, device=device)
-    return torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32).to(device)
-
-
-def topk_weights(T, k, device):
-    return (torch.rand(T, k, device=device) + 0.1).float()
 
 
 def run_int4(hidden, w: Int4Weights, ids, weights, residual):
@@ -74,38 +74,15 @@ def run_int4(hidden, w: Int4Weights, ids, weights, residual):
     return act, out
 
 
-def run_dequantized(hidden, w: Int4Weights, ids, weights, residual):
-    """The bf16 decode ops on the dequantized weights: what the int4 ops must equal."""
-    act = moe_decode_gate_up(hidden, w.gate_up_dq, ids, w.shared_gate_up, w.epilogue)
-    out = moe_decode_down(act, w.down_dq, ids, weights, w.shared_down, residual)
-    return act, out
-
-
-def ref_gate_up(hidden, w: Int4Weights, ids):
-    sg = w.shared_gate_up.float() if w.shared_gate_up is not None else None
-    return reference.moe_decode_gate_up(hidden.float(), w.gate_up_dq.float(), ids, sg, w.epilogue)
-
-
-def ref_down(act, w: Int4Weights, ids, weights, residual):
-    sd = w.shared_down.float() if w.shared_down is not None else None
-    res = residual.float() if residual is not None else None
-    return reference.moe_decode_down(act.float(), w.down_dq.float(), ids, weights, sd, res)
-
-
 def check_pair(hidden, w, ids, weights, residual, what="", equal_nan=False):
     """Runs the int4 ops; per row against the fp32 reference on the dequantized weights; on the CPU also
-    bitwise against the bf16 ops on the dequantized weights."""
+    bitwise against the bf16 ops on the dequantized weights (what the int4 ops must equal)."""
     act, out = run_int4(hidden, w, ids, weights, residual)
-    T, k = ids.shape
-    assert act.dtype == hidden.dtype and act.shape == (T, k * w.I + w.Is)
-    assert out.dtype == hidden.dtype and out.shape == (T, w.H)
-    assert_rows_close(act, ref_gate_up(hidden, w, ids), hidden.dtype, what=f"act {what}", equal_nan=equal_nan)
-    assert_rows_close(out, ref_down(act, w, ids, weights, residual), hidden.dtype, what=f"out {what}",
-                      equal_nan=equal_nan)
+    check_outputs(act, out, hidden, w.dequantized, ids, weights, residual, hidden.dtype, what, equal_nan)
     if hidden.device.type == "cpu":
-        act_dq, out_dq = run_dequantized(hidden, w, ids, weights, residual)
-        assert torch.equal(act.nan_to_num(), act_dq.nan_to_num()) and torch.equal(act.isnan(), act_dq.isnan()), what
-        assert torch.equal(out.nan_to_num(), out_dq.nan_to_num()) and torch.equal(out.isnan(), out_dq.isnan()), what
+        act_dq, out_dq = run_both(hidden, w.dequantized, ids, weights, residual)
+        assert_same_bits(act, act_dq, what)
+        assert_same_bits(out, out_dq, what)
     return act, out
 
 
@@ -121,10 +98,8 @@ def test_matches_dequantized_reference(device, symmetric, T, epilogue):
         pytest.skip("keeps the CPU suite short")
     E, k, H, I, Is = 12, 3, 256, 128, 64
     w = Int4Weights(E, H, I, Is, dtype, device, epilogue, symmetric)
-    hidden = torch.randn(T, H, device=device).to(dtype)
-    ids = distinct_ids(T, k, E, device)
-    check_pair(hidden, w, ids, topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype),
-               f"T={T} symmetric={symmetric}")
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
+    check_pair(hidden, w, ids, weights, residual, f"T={T} symmetric={symmetric}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -133,9 +108,8 @@ def test_dtypes(device, dtype):
     # and fp32 run the fallback kernels).
     E, k, H, I, Is, T = 8, 2, 128, 128, 32, 5
     w = Int4Weights(E, H, I, Is, dtype, device)
-    hidden = torch.randn(T, H, device=device).to(dtype)
-    ids = distinct_ids(T, k, E, device)
-    check_pair(hidden, w, ids, topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype), str(dtype))
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
+    check_pair(hidden, w, ids, weights, residual, str(dtype))
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -178,14 +152,12 @@ def test_bad_ids_poison_only_their_slots(device, T):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     E, k, H, I, Is = 8, 3, 128, 128, 32
     w = Int4Weights(E, H, I, Is, dtype, device)
-    hidden = torch.randn(T, H, device=device).to(dtype)
-    ids = distinct_ids(T, k, E, device)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
     bad = {(1, 2): -1, (3, 0): E, (4, 1): 2**30}
     if T > 6:
         bad.update({(40, 1): -(2**31), (T - 1, 0): E + 1})
     for (t, j), v in bad.items():
         ids[t, j] = v
-    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
     act, out = check_pair(hidden, w, ids, weights, residual, "bad ids", equal_nan=True)
     act_nan = act.isnan()
     for t in range(T):
@@ -205,9 +177,7 @@ def test_deterministic(device, T):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     E, k, H, I, Is = 16, 6, 256, 128, 64
     w = Int4Weights(E, H, I, Is, dtype, device)
-    hidden = torch.randn(T, H, device=device).to(dtype)
-    ids = distinct_ids(T, k, E, device)
-    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
     a1, o1 = run_int4(hidden, w, ids, weights, residual)
     a2, o2 = run_int4(hidden, w, ids, weights, residual)
     assert torch.equal(a1, a2) and torch.equal(o1, o2)
@@ -295,9 +265,7 @@ def test_compile_fullgraph(device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     E, k, H, I, Is, T = 8, 3, 128, 128, 32, 4
     w = Int4Weights(E, H, I, Is, dtype, device)
-    hidden = torch.randn(T, H, device=device).to(dtype)
-    ids = distinct_ids(T, k, E, device)
-    weights, residual = topk_weights(T, k, device), torch.randn(T, H, device=device).to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
     compiled = torch.compile(lambda x, i, wt, r: run_int4(x, w, i, wt, r)[1], fullgraph=True)
     assert torch.equal(compiled(hidden, ids, weights, residual), run_int4(hidden, w, ids, weights, residual)[1])
 
@@ -312,12 +280,10 @@ def test_compile_fullgraph(device):
 def test_cuda_real_shapes(symmetric, T, epilogue):
     dtype = torch.bfloat16
     w = Int4Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda", epilogue, symmetric)
-    hidden = torch.randn(T, REAL["H"], device="cuda").to(dtype)
-    ids = distinct_ids(T, REAL["k"], REAL["E"], "cuda")
-    weights, residual = topk_weights(T, REAL["k"], "cuda"), torch.randn(T, REAL["H"], device="cuda").to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, REAL["k"], REAL["E"], REAL["H"], dtype, "cuda")
     act, out = check_pair(hidden, w, ids, weights, residual, f"real T={T}")
     # Against the bf16 kernels on the dequantized weights: the same values, another summation order.
-    act_dq, out_dq = run_dequantized(hidden, w, ids, weights, residual)
+    act_dq, out_dq = run_both(hidden, w.dequantized, ids, weights, residual)
     assert_rows_close(act, act_dq.float(), dtype, what="act vs bf16 kernels")
     assert_rows_close(out, out_dq.float(), dtype, what="out vs bf16 kernels")
 
@@ -344,9 +310,7 @@ def test_cuda_n_tiles_override(nt, T, monkeypatch):
     dtype = torch.bfloat16
     E, k, H, I, Is = 24, 6, 512, 256, 128
     w = Int4Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
     a1, o1 = check_pair(hidden, w, ids, weights, residual, f"NT={nt} T={T}")
     a2, o2 = run_int4(hidden, w, ids, weights, residual)
     assert torch.equal(a1, a2) and torch.equal(o1, o2)
@@ -360,10 +324,8 @@ def test_cuda_odd_shapes(shape, T):
     E, k, H, I, Is = shape
     dtype = torch.bfloat16
     w = Int4Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    check_pair(hidden, w, ids, topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype),
-               f"{shape} T={T}")
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    check_pair(hidden, w, ids, weights, residual, f"{shape} T={T}")
 
 
 @requires_cuda
@@ -372,9 +334,7 @@ def test_cuda_fast_equals_simple(T, monkeypatch):
     dtype = torch.bfloat16
     E, k, H, I, Is = 32, 6, 256, 128, 128
     w = Int4Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_KERNEL", "simple")
     act_s, out_s = check_pair(hidden, w, ids, weights, residual, "simple")
     monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_KERNEL")
@@ -402,9 +362,7 @@ def test_cuda_every_element_written(kernel, T, monkeypatch):
     dtype = torch.bfloat16
     E, k, H, I, Is = 16, 6, 256, 128, 64
     w = Int4Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
     torch.cuda.synchronize()
     for _ in range(4):
         junk = [torch.full((n,), float("nan"), device="cuda", dtype=dtype) for n in (T * (k * I + Is), T * H)]
@@ -418,34 +376,15 @@ def test_cuda_graph_replay_with_changed_ids(T):
     dtype = torch.bfloat16
     E, k, H, I, Is = 32, 6, 256, 128, 128
     w = Int4Weights(E, H, I, Is, dtype, "cuda")
-    hidden = torch.randn(T, H, device="cuda").to(dtype)
-    ids = distinct_ids(T, k, E, "cuda")
-    weights, residual = topk_weights(T, k, "cuda"), torch.randn(T, H, device="cuda").to(dtype)
-    run_int4(hidden, w, ids, weights, residual)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph):
-            act, out = run_int4(hidden, w, ids, weights, residual)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    graph, (act, out) = capture_cuda_graph(lambda: run_int4(hidden, w, ids, weights, residual))
     for pattern in ["distinct", "same", "one_id", "bad"]:
-        new_ids = distinct_ids(T, k, E, "cpu")
-        if pattern == "same":
-            new_ids[:] = new_ids[0].clone()
-        elif pattern == "one_id":
-            new_ids.fill_(5)
-        elif pattern == "bad":
-            new_ids[0, 1] = -3
-        ids.copy_(new_ids)
+        redraw_ids_(ids, pattern, E)
         hidden.copy_(torch.randn_like(hidden))
-        act.fill_(float("nan"))
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
+        replay_poisoned(graph, act, out)
         eager_act, eager_out = run_int4(hidden, w, ids, weights, residual)
-        assert torch.equal(act.isnan(), eager_act.isnan()) and torch.equal(out.isnan(), eager_out.isnan()), pattern
-        assert torch.equal(act.nan_to_num(), eager_act.nan_to_num()), pattern
-        assert torch.equal(out.nan_to_num(), eager_out.nan_to_num()), pattern
+        assert_same_bits(act, eager_act, pattern)
+        assert_same_bits(out, eager_out, pattern)
 
 
 @requires_cuda
@@ -489,7 +428,7 @@ def test_cuda_extreme_codes_and_scales():
         hidden[0, h] = 1.0
         ids = torch.tensor([[1]], dtype=torch.int32, device="cuda")
         act = moe_decode_int4_gate_up(hidden, *w.gate_up_args(), ids, None, w.epilogue)
-        ref = ref_gate_up(hidden, w, ids)
+        ref = ref_gate_up(hidden, w.dequantized, ids)
         # Elementwise (the scales span 2^-30 .. 2^10 within a row): one rounding of silu(g) * u apart at most.
         r = ref.to(dtype).float()
         assert bool(((act.float() - r).abs() <= 2**-7 * r.abs()).all()), f"h={h}"

@@ -50,6 +50,7 @@ import torch
 from dots1_ext import reference
 from dots1_ext.ops import _checks as C
 from dots1_ext.ops._lib import fill_with_reference, op
+from dots1_ext.ops.norm import check_caches_apart, check_norm_rope_params
 
 # csrc/attention/attention.h kAttentionMaxHeadDim: the largest head_dim the kernels take.
 MAX_HEAD_DIM = 256
@@ -126,13 +127,7 @@ def _check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions,
         C.check_dtype(t, name, (q.dtype,))
         C.check_shape(t, name, (B, Hk, D))
         C.check_last_dim_contiguous(t, name)
-    for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
-        C.check_dtype(w, name, C.FLOAT_DTYPES)
-        C.check_shape(w, name, (D,))
-    C.check_dtype(positions, "positions", (torch.int64,))
-    C.check_shape(positions, "positions", (B,))
-    C.check_dtype(cos_sin_cache, "cos_sin_cache", (torch.float32,))
-    C.check_shape(cos_sin_cache, "cos_sin_cache", (None, D))
+    check_norm_rope_params(q_weight, k_weight, positions, cos_sin_cache, B, D)
     C.check_dtype(cache_rows, "cache_rows", (torch.int64,))
     C.check_shape(cache_rows, "cache_rows", (B,))
     for t, name in ((k, "k"), (v, "v"), (q_weight, "q_weight"), (k_weight, "k_weight"), (positions, "positions"),
@@ -145,10 +140,7 @@ def _check_qk_norm_rope_decode_attention_memory(q, k, v, q_weight, k_weight, pos
     """The overlap checks of csrc/attention/attention.cpp on real tensors (the fakes have no storage)."""
     _check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
                                          v_cache, cache_rows, kv_start, kv_end, window, scale)
-    C.check_no_overlap(k_cache, "k_cache", v_cache, "v_cache")
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        C.check_no_overlap(k_cache, "k_cache", t, name)
-        C.check_no_overlap(v_cache, "v_cache", t, name)
+    check_caches_apart(k_cache, v_cache, q, k, v)
 
 
 fill_with_reference("qk_norm_rope_decode_attention", reference.qk_norm_rope_decode_attention,

@@ -44,6 +44,27 @@ def _check_add_rms_norm(x, residual, weight, eps):
     C.check_same_device(residual, "residual", x, "x")
 
 
+def check_norm_rope_params(q_weight, k_weight, positions, cos_sin_cache, T: int, D: int) -> None:
+    """The QK-norm + RoPE parameters of T tokens with head_dim D: q_weight, k_weight [D] (any float dtype),
+    positions [T] int64, cos_sin_cache [P, D] fp32. Also qk_norm_rope_decode_attention's (ops/attention.py)."""
+    for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
+        C.check_dtype(w, name, C.FLOAT_DTYPES)
+        C.check_shape(w, name, (D,))
+    C.check_dtype(positions, "positions", (torch.int64,))
+    C.check_shape(positions, "positions", (T,))
+    C.check_dtype(cos_sin_cache, "cos_sin_cache", (torch.float32,))
+    C.check_shape(cos_sin_cache, "cos_sin_cache", (None, D))
+
+
+def check_caches_apart(k_cache, v_cache, q, k, v) -> None:
+    """The caches written share no memory with each other nor with q, k, v (ValueError naming them). Also
+    qk_norm_rope_decode_attention's."""
+    C.check_no_overlap(k_cache, "k_cache", v_cache, "v_cache")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        C.check_no_overlap(k_cache, "k_cache", t, name)
+        C.check_no_overlap(v_cache, "v_cache", t, name)
+
+
 def _check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache, eps):
     C.check_dtype(q, "q", C.FLOAT_DTYPES)
     C.check_shape(q, "q", (None, None, None))
@@ -54,13 +75,7 @@ def _check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache, eps)
         raise ValueError(f"dots1_ext: head_dim (q.shape[2]) must be positive and even for RoPE, got {D}")
     C.check_last_dim_contiguous(q, "q")
     C.check_last_dim_contiguous(k, "k")
-    for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight")):
-        C.check_dtype(w, name, C.FLOAT_DTYPES)
-        C.check_shape(w, name, (D,))
-    C.check_dtype(positions, "positions", (torch.int64,))
-    C.check_shape(positions, "positions", (T,))
-    C.check_dtype(cos_sin_cache, "cos_sin_cache", (torch.float32,))
-    C.check_shape(cos_sin_cache, "cos_sin_cache", (None, D))
+    check_norm_rope_params(q_weight, k_weight, positions, cos_sin_cache, T, D)
     for t, name in ((k, "k"), (q_weight, "q_weight"), (k_weight, "k_weight"), (positions, "positions"),
                     (cos_sin_cache, "cos_sin_cache")):
         C.check_same_device(t, name, q, "q")
@@ -107,10 +122,7 @@ def _check_qk_norm_rope_kv_cache_memory(q, k, v, q_weight, k_weight, positions, 
     _check_qk_norm_rope_kv_cache(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache, v_cache,
                                  cache_rows)
     _check_qk_norm_rope_memory(q, k, q_weight, k_weight, positions, cos_sin_cache, eps)
-    C.check_no_overlap(k_cache, "k_cache", v_cache, "v_cache")
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        C.check_no_overlap(k_cache, "k_cache", t, name)
-        C.check_no_overlap(v_cache, "v_cache", t, name)
+    check_caches_apart(k_cache, v_cache, q, k, v)
     C.check_no_overlap(q, "q", v, "v")
     C.check_no_overlap(k, "k", v, "v")
 
