@@ -72,12 +72,7 @@ using namespace cute;
 
 // Cooperative 128 (weight rows) x 128 (rows of x) x 64 (k) tiles: the two consumer warpgroups take
 // 64 weight rows each and convert them once per k block for all 128 activation rows.
-struct Int4Cooperative128x128 {
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-  using TileShape = Shape<_128, _128, _64>;
-  using ClusterShape = Shape<_1, _1, _1>;
-};
+struct Int4Cooperative128x128 : Cooperative<Shape<_128, _128, _64>> {};
 
 // The SwiGLU epilogue of the transposed product: accumulator rows are weight rows, in 16-row blocks
 // [8 gate | 8 up] (the interleaved layout). wgmma gives each thread rows r and r + 8 of every 16-row
@@ -113,9 +108,7 @@ class SwiGLUInterleavedTransposedEpilogue : public RegisterEpilogueBase<Element,
     Element* d = params_.ptr_D[l];
     const int64_t ldd = get<1>(params_.dD[l]);
 
-    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_mnk),
-                               make_coord(get<0>(blk_coord_mnkl), get<1>(blk_coord_mnkl)));
-    Tensor thr_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
+    Tensor thr_coords = Base::thread_coords(M, N, blk_shape_mnk, blk_coord_mnkl, tiled_mma, thread_idx);
     CUTE_STATIC_ASSERT_V(size(thr_coords) == size(acc));
 
     CUTLASS_PRAGMA_UNROLL

@@ -44,12 +44,16 @@ namespace sm90 {
 
 using namespace cute;
 
-struct Cooperative128x256 {
+// The cooperative schedule (two consumer warpgroups on one tile) with tiles of TileShape_, no cluster.
+template <class TileShape_>
+struct Cooperative {
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-  using TileShape = Shape<_128, _256, _64>;
+  using TileShape = TileShape_;
   using ClusterShape = Shape<_1, _1, _1>;
 };
+
+struct Cooperative128x256 : Cooperative<Shape<_128, _256, _64>> {};
 
 struct Pingpong64x256 {
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
@@ -110,6 +114,17 @@ class RegisterEpilogueBase {
 
  protected:
   CUTLASS_DEVICE static float silu(float g) { return g / (1.0f + __expf(-g)); }
+
+  // The problem coordinates (m, n) of this thread's accumulator entries of the tile at blk_coord_mnkl,
+  // in the accumulator fragment's layout.
+  template <class BlockShapeMNK, class BlockCoordMNKL, class TiledMma>
+  CUTLASS_DEVICE static auto thread_coords(int M, int N, BlockShapeMNK blk_shape_mnk, BlockCoordMNKL blk_coord_mnkl,
+                                           TiledMma tiled_mma, int thread_idx) {
+    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_mnk),
+                               make_coord(get<0>(blk_coord_mnkl), get<1>(blk_coord_mnkl)));
+    return tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
+  }
+
   Params params_;
 };
 
@@ -146,9 +161,7 @@ class SwiGLUInterleavedEpilogue : public RegisterEpilogueBase<Element, cutlass::
     Element* d = params_.ptr_D[l];
     const int64_t ldd = get<0>(params_.dD[l]);
 
-    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_mnk),
-                               make_coord(get<0>(blk_coord_mnkl), get<1>(blk_coord_mnkl)));
-    Tensor thr_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
+    Tensor thr_coords = Base::thread_coords(M, N, blk_shape_mnk, blk_coord_mnkl, tiled_mma, thread_idx);
     CUTE_STATIC_ASSERT_V(size(thr_coords) == size(acc));
 
     CUTLASS_PRAGMA_UNROLL
