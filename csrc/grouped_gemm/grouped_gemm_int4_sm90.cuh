@@ -72,61 +72,23 @@ using namespace cute;
 
 // Cooperative 128 (weight rows) x 128 (rows of x) x 64 (k) tiles: the two consumer warpgroups take
 // 64 weight rows each and convert them once per k block for all 128 activation rows.
-struct Int4Cooperative128x128 {
-  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-  using TileShape = Shape<_128, _128, _64>;
-  using ClusterShape = Shape<_1, _1, _1>;
-};
+struct Int4Cooperative128x128 : Cooperative<Shape<_128, _128, _64>> {};
 
 // The SwiGLU epilogue of the transposed product: accumulator rows are weight rows, in 16-row blocks
 // [8 gate | 8 up] (the interleaved layout). wgmma gives each thread rows r and r + 8 of every 16-row
 // block, i.e. gate and up of one feature, for two adjacent activation rows: silu(gate) * up goes from
 // registers to global memory (one bf16 per store: the out row of each activation row is elsewhere).
-// No shared memory, no source.
+// No shared memory, no source (RegisterEpilogueBase); D = out^T, column-major: arguments per group its
+// first output row and (1, N_w/2, 0).
 template <typename Element>
-class SwiGLUInterleavedTransposedEpilogue {
+class SwiGLUInterleavedTransposedEpilogue : public RegisterEpilogueBase<Element, cutlass::layout::ColumnMajor> {
+  using Base = RegisterEpilogueBase<Element, cutlass::layout::ColumnMajor>;
+  using Base::params_;
+  using Base::silu;
+
  public:
-  using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
-  using DispatchPolicy = EpilogueSchedule;
-  using ThreadEpilogueOp = cutlass::epilogue::thread::LinearCombination<Element, 1, float, float>;
-  using ElementAccumulator = float;
-  using ElementC = Element;
-  using ElementD = Element;
-  using StrideC = cutlass::detail::TagToStrideC_t<cutlass::layout::ColumnMajor*>;  // out^T: (1, ld, 0)
-  using StrideD = StrideC;
-  using InternalStrideC = cute::remove_pointer_t<StrideC>;
-  using InternalStrideD = cute::remove_pointer_t<StrideD>;
-  using GmemTiledCopyC = void;
-  using GmemTiledCopyD = void;
-  struct SharedStorage {};
-  using TensorMapStorage = SharedStorage;
-
-  struct Arguments {
-    Element** ptr_D = nullptr;  // per group: its first output row
-    StrideD dD = nullptr;       // per group: (1, N_w/2, 0)
-  };
-  using Params = Arguments;
-
-  template <class ProblemShape>
-  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
-    return args;
-  }
-  template <class ProblemShape>
-  static size_t get_workspace_size(ProblemShape const&, Arguments const&, int) {
-    return 0;
-  }
-  template <class ProblemShape>
-  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
-                                              cutlass::CudaHostAdapter* = nullptr) {
-    return cutlass::Status::kSuccess;
-  }
-  template <class ProblemShape>
-  static bool can_implement(ProblemShape const&, Arguments const& args) {
-    return args.ptr_D != nullptr && args.dD != nullptr;
-  }
-
-  CUTLASS_HOST_DEVICE explicit SwiGLUInterleavedTransposedEpilogue(Params const& params) : params_(params) {}
+  CUTLASS_HOST_DEVICE explicit SwiGLUInterleavedTransposedEpilogue(typename Base::Params const& params)
+      : Base(params) {}
 
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
             class TiledMma, class ResidueMNK>
@@ -146,9 +108,7 @@ class SwiGLUInterleavedTransposedEpilogue {
     Element* d = params_.ptr_D[l];
     const int64_t ldd = get<1>(params_.dD[l]);
 
-    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_mnk),
-                               make_coord(get<0>(blk_coord_mnkl), get<1>(blk_coord_mnkl)));
-    Tensor thr_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
+    Tensor thr_coords = Base::thread_coords(M, N, blk_shape_mnk, blk_coord_mnkl, tiled_mma, thread_idx);
     CUTE_STATIC_ASSERT_V(size(thr_coords) == size(acc));
 
     CUTLASS_PRAGMA_UNROLL
@@ -172,10 +132,6 @@ class SwiGLUInterleavedTransposedEpilogue {
       }
     }
   }
-
- private:
-  CUTLASS_DEVICE static float silu(float g) { return g / (1.0f + __expf(-g)); }
-  Params params_;
 };
 
 // CUTLASS 4.2's ptr-array mixed-input mainloop, in its scale-and-zero mode, sets up and updates only
@@ -239,20 +195,9 @@ struct MixedInputScaleAndZeroMainloop : Base {
   }
 };
 
+// The plain product: CUTLASS's TMA store of D = out^T, column-major.
 template <class Config, bool kSwiGLU>
-struct Int4EpilogueFor;
-
-template <class Config>
-struct Int4EpilogueFor<Config, false> {
-  using Element = cutlass::bfloat16_t;
-  static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
-  using CollectiveOp = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape, typename Config::ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-      void, cutlass::layout::ColumnMajor*, kAlign,  // no source C; D = out^T, column-major
-      Element, cutlass::layout::ColumnMajor*, kAlign, typename Config::EpilogueSchedule,
-      cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
-};
+struct Int4EpilogueFor : EpilogueFor<cutlass::bfloat16_t, Config, false, cutlass::layout::ColumnMajor> {};
 
 template <class Config>
 struct Int4EpilogueFor<Config, true> {
@@ -301,40 +246,30 @@ struct GroupedGemmInt4 {
     size_t shapes, ptr_w, ptr_x, ptr_s, ptr_z, ptr_d, stride_w, stride_x, stride_s, stride_d, scales, zeros, cutlass,
         total;
   };
-  static size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
   static Layout layout(int64_t E, int64_t scale_elements, size_t cutlass_bytes) {
+    WorkspaceCarver w;
     Layout l{};
-    size_t at = 0;
-    auto take = [&](size_t bytes) {
-      const size_t here = at;
-      at = align_up(at + bytes);
-      return here;
-    };
-    l.shapes = take(E * sizeof(UnderlyingShape));
-    l.ptr_w = take(E * sizeof(void*));
-    l.ptr_x = take(E * sizeof(void*));
-    l.ptr_s = take(E * sizeof(void*));
-    l.ptr_z = take(E * sizeof(void*));
-    l.ptr_d = take(E * sizeof(void*));
-    l.stride_w = take(E * sizeof(StrideW));
-    l.stride_x = take(E * sizeof(StrideX));
-    l.stride_s = take(E * sizeof(StrideScale));
-    l.stride_d = take(E * sizeof(StrideD));
-    l.scales = take(scale_elements * sizeof(float));
-    l.zeros = take(scale_elements * sizeof(float));
-    l.cutlass = take(cutlass_bytes);
-    l.total = at;
+    l.shapes = w.take(E * sizeof(UnderlyingShape));
+    l.ptr_w = w.take(E * sizeof(void*));
+    l.ptr_x = w.take(E * sizeof(void*));
+    l.ptr_s = w.take(E * sizeof(void*));
+    l.ptr_z = w.take(E * sizeof(void*));
+    l.ptr_d = w.take(E * sizeof(void*));
+    l.stride_w = w.take(E * sizeof(StrideW));
+    l.stride_x = w.take(E * sizeof(StrideX));
+    l.stride_s = w.take(E * sizeof(StrideScale));
+    l.stride_d = w.take(E * sizeof(StrideD));
+    l.scales = w.take(scale_elements * sizeof(float));
+    l.zeros = w.take(scale_elements * sizeof(float));
+    l.cutlass = w.take(cutlass_bytes);
+    l.total = w.at;
     return l;
   }
 
   static typename Gemm::Arguments arguments(int64_t E, const Layout& l, char* ws, int sm_count) {
-    cutlass::KernelHardwareInfo hw_info;
-    hw_info.device_id = 0;  // only informative: sm_count is given
-    hw_info.sm_count = sm_count;
-    typename Gemm::Arguments args;
-    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-    // Device-only problem shapes: no host read of the offsets (CUDA-graph capturable).
-    args.problem_shape = {static_cast<int>(E), reinterpret_cast<UnderlyingShape*>(ws + l.shapes), nullptr};
+    typename Gemm::Arguments args = grouped_arguments<Gemm, kSwiGLU>(
+        E, reinterpret_cast<UnderlyingShape*>(ws + l.shapes), reinterpret_cast<Element**>(ws + l.ptr_d),
+        reinterpret_cast<StrideD*>(ws + l.stride_d), sm_count);
     args.mainloop.ptr_A = reinterpret_cast<const ElementCode**>(ws + l.ptr_w);
     args.mainloop.dA = reinterpret_cast<StrideW*>(ws + l.stride_w);
     args.mainloop.ptr_B = reinterpret_cast<const Element**>(ws + l.ptr_x);
@@ -343,24 +278,7 @@ struct GroupedGemmInt4 {
     args.mainloop.dS = reinterpret_cast<const StrideScale*>(ws + l.stride_s);
     args.mainloop.chunk_size = kInt4GroupK;
     args.mainloop.ptr_Z = reinterpret_cast<const ElementScale**>(ws + l.ptr_z);
-    if constexpr (kSwiGLU) {
-      args.epilogue = {reinterpret_cast<Element**>(ws + l.ptr_d), reinterpret_cast<StrideD*>(ws + l.stride_d)};
-    } else {
-      decltype(args.epilogue.thread) fusion{};
-      fusion.alpha = 1.0f;
-      fusion.beta = 0.0f;
-      args.epilogue = {fusion, nullptr, nullptr, reinterpret_cast<Element**>(ws + l.ptr_d),
-                       reinterpret_cast<StrideD*>(ws + l.stride_d)};
-    }
-    args.hw_info = hw_info;
     return args;
-  }
-
-  static size_t workspace_bytes(int64_t E, int64_t N, int64_t K, int sm_count) {
-    const int64_t scale_elements = E * N * (K / kInt4GroupK);
-    const Layout probe = layout(E, scale_elements, 0);
-    const size_t cutlass_bytes = Gemm::get_workspace_size(arguments(E, probe, nullptr, sm_count));
-    return layout(E, scale_elements, cutlass_bytes).total;
   }
 };
 
@@ -396,10 +314,7 @@ __global__ void build_int4_group_arguments_kernel(
     typename G::StrideW* stride_w, typename G::StrideX* stride_x, typename G::StrideScale* stride_s,
     typename G::StrideD* stride_d) {
   const int64_t groups = K / kInt4GroupK;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < E;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t lo = min(max(static_cast<int64_t>(offsets[e]), int64_t{0}), S);
-    const int64_t hi = min(max(static_cast<int64_t>(offsets[e + 1]), lo), S);
+  for_each_group(offsets, S, E, [&](int64_t e, int64_t lo, int64_t hi) {
     shapes[e] = typename G::UnderlyingShape(N_w, static_cast<int>(hi - lo), K);
     ptr_w[e] = reinterpret_cast<const typename G::ElementCode*>(qweight + e * static_cast<int64_t>(N_w) * (K / 2));
     ptr_x[e] = x + lo * K;
@@ -419,12 +334,13 @@ __global__ void build_int4_group_arguments_kernel(
     stride_x[e] = sx;
     stride_s[e] = ss;
     stride_d[e] = sd;
-  }
+  });
 }
 
 template <class Config, bool kSwiGLU>
 size_t int4_workspace_bytes(int64_t E, int64_t N, int64_t K, int sm_count) {
-  return GroupedGemmInt4<Config, kSwiGLU>::workspace_bytes(E, N, K, sm_count);
+  const int64_t scale_elements = E * N * (K / kInt4GroupK);
+  return plan_workspace<GroupedGemmInt4<Config, kSwiGLU>>(E, nullptr, sm_count, scale_elements).first.total;
 }
 
 template <class Config, bool kSwiGLU>
@@ -439,12 +355,8 @@ cudaError_t run_int4(const void* x, const uint8_t* qweight, const void* scales, 
   const int64_t groups = K / kInt4GroupK;
   const int64_t scale_elements = E * N * groups;
   char* ws = static_cast<char*>(workspace);
-  typename G::Layout l = G::layout(E, scale_elements, 0);
-  typename G::Gemm::Arguments args = G::arguments(E, l, ws, sm_count);
-  l = G::layout(E, scale_elements, G::Gemm::get_workspace_size(args));
-  if (workspace_bytes_given < l.total || reinterpret_cast<uintptr_t>(workspace) % 256 != 0)
-    return cudaErrorInvalidValue;
-  args = G::arguments(E, l, ws, sm_count);
+  const auto [l, args] = plan_workspace<G>(E, ws, sm_count, scale_elements);
+  if (!workspace_ok(workspace, workspace_bytes_given, l.total)) return cudaErrorInvalidValue;
 
   auto* scales_t = reinterpret_cast<float*>(ws + l.scales);
   auto* zeros_t = reinterpret_cast<float*>(ws + l.zeros);
@@ -468,26 +380,12 @@ cudaError_t run_int4(const void* x, const uint8_t* qweight, const void* scales, 
       reinterpret_cast<typename G::StrideD*>(ws + l.stride_d));
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-
-  typename G::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  if (gemm.initialize(args, ws + l.cutlass, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
-    err = cudaGetLastError();
-    return err != cudaSuccess ? err : cudaErrorUnknown;
-  }
-  return cudaGetLastError();
+  return run_gemm<typename G::Gemm>(args, ws + l.cutlass, stream);
 }
 
 template <class Config, bool kSwiGLU>
 int int4_binary_version() {
-  using G = GroupedGemmInt4<Config, kSwiGLU>;
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, cutlass::device_kernel<typename G::Kernel>) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return attr.binaryVersion;
+  return kernel_binary_version<typename GroupedGemmInt4<Config, kSwiGLU>::Kernel>();
 }
 
 }  // namespace sm90

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 // CUTLASS's sm100 headers (pulled in by the collective builders) capture `this` implicitly, which
 // C++20 deprecates; the warning is theirs, not ours.
@@ -43,12 +44,16 @@ namespace sm90 {
 
 using namespace cute;
 
-struct Cooperative128x256 {
+// The cooperative schedule (two consumer warpgroups on one tile) with tiles of TileShape_, no cluster.
+template <class TileShape_>
+struct Cooperative {
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-  using TileShape = Shape<_128, _256, _64>;
+  using TileShape = TileShape_;
   using ClusterShape = Shape<_1, _1, _1>;
 };
+
+struct Cooperative128x256 : Cooperative<Shape<_128, _256, _64>> {};
 
 struct Pingpong64x256 {
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
@@ -57,13 +62,13 @@ struct Pingpong64x256 {
   using ClusterShape = Shape<_1, _1, _1>;
 };
 
-// Epilogue of the gate_up GEMM over interleaved weights: accumulator columns come in 16-column
-// blocks [8 gate | 8 up] of the same 8 features. wgmma's accumulator layout gives every thread the
-// same two adjacent columns of each 8-column block, so one thread holds gate and up of the features
-// it writes: silu(gate) * up goes from registers to global memory, 2 outputs (4 bytes) per store, and
-// the [S, N] product never exists. No shared memory (the mainloop gets the stages back), no source.
-template <typename Element>
-class SwiGLUInterleavedEpilogue {
+// What the epilogues that store straight from the accumulator registers (SwiGLUInterleavedEpilogue
+// below, SwiGLUInterleavedTransposedEpilogue in grouped_gemm_int4_sm90.cuh) share: CUTLASS's
+// interface of a ptr-array epilogue with no shared memory (the mainloop gets the stages back) and no
+// source; the arguments are the per-group output pointers and strides (D in LayoutD). The derived
+// class writes the tile in its operator().
+template <typename Element, class LayoutD>
+class RegisterEpilogueBase {
  public:
   using EpilogueSchedule = cutlass::epilogue::PtrArrayNoSmemWarpSpecialized;
   using DispatchPolicy = EpilogueSchedule;
@@ -72,7 +77,7 @@ class SwiGLUInterleavedEpilogue {
   using ElementAccumulator = float;
   using ElementC = Element;  // no source is read
   using ElementD = Element;
-  using StrideC = cutlass::detail::TagToStrideC_t<cutlass::layout::RowMajor*>;
+  using StrideC = cutlass::detail::TagToStrideC_t<LayoutD*>;
   using StrideD = StrideC;
   using InternalStrideC = cute::remove_pointer_t<StrideC>;
   using InternalStrideD = cute::remove_pointer_t<StrideD>;
@@ -83,7 +88,7 @@ class SwiGLUInterleavedEpilogue {
 
   struct Arguments {
     Element** ptr_D = nullptr;  // per group: its first output row
-    StrideD dD = nullptr;       // per group: (N/2, 1, 0)
+    StrideD dD = nullptr;       // per group: the output's strides
   };
   using Params = Arguments;
 
@@ -105,7 +110,37 @@ class SwiGLUInterleavedEpilogue {
     return args.ptr_D != nullptr && args.dD != nullptr;
   }
 
-  CUTLASS_HOST_DEVICE explicit SwiGLUInterleavedEpilogue(Params const& params) : params_(params) {}
+  CUTLASS_HOST_DEVICE explicit RegisterEpilogueBase(Params const& params) : params_(params) {}
+
+ protected:
+  CUTLASS_DEVICE static float silu(float g) { return g / (1.0f + __expf(-g)); }
+
+  // The problem coordinates (m, n) of this thread's accumulator entries of the tile at blk_coord_mnkl,
+  // in the accumulator fragment's layout.
+  template <class BlockShapeMNK, class BlockCoordMNKL, class TiledMma>
+  CUTLASS_DEVICE static auto thread_coords(int M, int N, BlockShapeMNK blk_shape_mnk, BlockCoordMNKL blk_coord_mnkl,
+                                           TiledMma tiled_mma, int thread_idx) {
+    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_mnk),
+                               make_coord(get<0>(blk_coord_mnkl), get<1>(blk_coord_mnkl)));
+    return tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
+  }
+
+  Params params_;
+};
+
+// Epilogue of the gate_up GEMM over interleaved weights: accumulator columns come in 16-column
+// blocks [8 gate | 8 up] of the same 8 features. wgmma's accumulator layout gives every thread the
+// same two adjacent columns of each 8-column block, so one thread holds gate and up of the features
+// it writes: silu(gate) * up goes from registers to global memory, 2 outputs (4 bytes) per store, and
+// the [S, N] product never exists. Arguments: per group its first output row and (N/2, 1, 0).
+template <typename Element>
+class SwiGLUInterleavedEpilogue : public RegisterEpilogueBase<Element, cutlass::layout::RowMajor> {
+  using Base = RegisterEpilogueBase<Element, cutlass::layout::RowMajor>;
+  using Base::params_;
+  using Base::silu;
+
+ public:
+  CUTLASS_HOST_DEVICE explicit SwiGLUInterleavedEpilogue(typename Base::Params const& params) : Base(params) {}
 
   template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine, class FrgLayout,
             class TiledMma, class ResidueMNK>
@@ -126,9 +161,7 @@ class SwiGLUInterleavedEpilogue {
     Element* d = params_.ptr_D[l];
     const int64_t ldd = get<0>(params_.dD[l]);
 
-    Tensor coords = local_tile(make_identity_tensor(make_shape(M, N)), take<0, 2>(blk_shape_mnk),
-                               make_coord(get<0>(blk_coord_mnkl), get<1>(blk_coord_mnkl)));
-    Tensor thr_coords = tiled_mma.get_thread_slice(thread_idx).partition_C(coords);
+    Tensor thr_coords = Base::thread_coords(M, N, blk_shape_mnk, blk_coord_mnkl, tiled_mma, thread_idx);
     CUTE_STATIC_ASSERT_V(size(thr_coords) == size(acc));
 
     CUTLASS_PRAGMA_UNROLL
@@ -157,33 +190,124 @@ class SwiGLUInterleavedEpilogue {
       }
     }
   }
-
- private:
-  CUTLASS_DEVICE static float silu(float g) { return g / (1.0f + __expf(-g)); }
-  Params params_;
 };
 
-// The collective epilogue of each instantiation: CUTLASS's TMA store of the plain product, or the
-// fused SwiGLU above.
-template <typename Element, class Config, bool kSwiGLU>
+// The collective epilogue of each instantiation: CUTLASS's TMA store of the plain product (D in
+// LayoutD; the int4 GEMM stores out^T column-major), or the fused SwiGLU above.
+template <typename Element, class Config, bool kSwiGLU, class LayoutD = cutlass::layout::RowMajor>
 struct EpilogueFor;
 
-template <typename Element, class Config>
-struct EpilogueFor<Element, Config, false> {
+template <typename Element, class Config, class LayoutD>
+struct EpilogueFor<Element, Config, false, LayoutD> {
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
   using CollectiveOp = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename Config::TileShape, typename Config::ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
-      void, cutlass::layout::RowMajor*, kAlign,  // no source C: D = acc
-      Element, cutlass::layout::RowMajor*, kAlign, typename Config::EpilogueSchedule,
+      void, LayoutD*, kAlign,  // no source C: D = acc
+      Element, LayoutD*, kAlign, typename Config::EpilogueSchedule,
       cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
 };
 
 template <typename Element, class Config>
-struct EpilogueFor<Element, Config, true> {
+struct EpilogueFor<Element, Config, true, cutlass::layout::RowMajor> {
   using CollectiveOp =
       cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<SwiGLUInterleavedEpilogue<Element>>;
 };
+
+// ---- The workspace, the arguments and the run, shared with the int4 GEMM (grouped_gemm_int4_sm90.cuh) ----
+
+// Offsets of consecutive pieces of a workspace, each 256-byte aligned.
+struct WorkspaceCarver {
+  size_t at = 0;  // the end so far: the total once every piece is taken
+  size_t take(size_t bytes) {
+    const size_t here = at;
+    at = (at + bytes + 255) / 256 * 256;
+    return here;
+  }
+};
+
+// The arguments of a ptr-array grouped GEMM, but for the mainloop's (the caller sets those): E groups
+// whose problem shapes, output pointers and output strides are arrays in the workspace. Problem
+// shapes live only on the device (host_problem_shapes = nullptr): no host read of the offsets, so the
+// launch captures in a CUDA graph.
+template <class Gemm, bool kSwiGLU, class UnderlyingShape, typename Element, class StrideD>
+typename Gemm::Arguments grouped_arguments(int64_t E, UnderlyingShape* shapes, Element** ptr_d, StrideD* stride_d,
+                                           int sm_count) {
+  cutlass::KernelHardwareInfo hw_info;
+  hw_info.device_id = 0;  // only informative: sm_count is given
+  hw_info.sm_count = sm_count;
+  typename Gemm::Arguments args;
+  args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+  args.problem_shape = {static_cast<int>(E), shapes, nullptr};
+  if constexpr (kSwiGLU) {
+    args.epilogue = {ptr_d, stride_d};
+  } else {
+    decltype(args.epilogue.thread) fusion{};
+    fusion.alpha = 1.0f;
+    fusion.beta = 0.0f;
+    args.epilogue = {fusion, nullptr, nullptr, ptr_d, stride_d};
+  }
+  args.hw_info = hw_info;
+  return args;
+}
+
+// G's workspace layout and GEMM arguments for E groups at ws (nullptr: for the size only). CUTLASS's
+// own workspace comes last and its size depends on the arguments, which point into the layout: a
+// probe without it first. layout_args: G::layout's arguments between E and CUTLASS's bytes.
+template <class G, class... LayoutArgs>
+std::pair<typename G::Layout, typename G::Gemm::Arguments> plan_workspace(int64_t E, char* ws, int sm_count,
+                                                                          LayoutArgs... layout_args) {
+  const typename G::Layout probe = G::layout(E, layout_args..., 0);
+  const size_t cutlass_bytes = G::Gemm::get_workspace_size(G::arguments(E, probe, ws, sm_count));
+  const typename G::Layout l = G::layout(E, layout_args..., cutlass_bytes);
+  return {l, G::arguments(E, l, ws, sm_count)};
+}
+
+// The caller's workspace: at least the bytes the layout needs, 256-byte aligned.
+inline bool workspace_ok(const void* workspace, size_t bytes_given, size_t bytes_needed) {
+  return bytes_given >= bytes_needed && reinterpret_cast<uintptr_t>(workspace) % 256 == 0;
+}
+
+// CUTLASS's part of a run, once the argument arrays are being filled in `stream`: checks, initializes
+// its workspace, launches.
+template <class Gemm>
+cudaError_t run_gemm(const typename Gemm::Arguments& args, void* cutlass_workspace, cudaStream_t stream) {
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+  if (gemm.initialize(args, cutlass_workspace, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : cudaErrorUnknown;
+  }
+  return cudaGetLastError();
+}
+
+// PTX/SASS version of Kernel as the runtime would launch it on the current device (90 when the sm_90a
+// cubin is there; 80 when only the portable sm_80 build could be loaded), 0 if none.
+template <class Kernel>
+int kernel_binary_version() {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, cutlass::device_kernel<Kernel>) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return attr.binaryVersion;
+}
+
+// Calls f(e, lo, hi) for the groups e of this thread (a grid-stride loop over E), with rows [lo, hi)
+// of group e: its offsets clamped into [0, S], so that no group reaches outside x or out.
+template <class F>
+__device__ __forceinline__ void for_each_group(const int32_t* __restrict__ offsets, int64_t S, int64_t E,
+                                               const F& f) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < E;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t lo = min(max(static_cast<int64_t>(offsets[e]), int64_t{0}), S);
+    const int64_t hi = min(max(static_cast<int64_t>(offsets[e + 1]), lo), S);
+    f(e, lo, hi);
+  }
+}
+
+// ---- The bf16 / fp16 GEMM ----
 
 template <typename Element, class Config, bool kSwiGLU>
 struct GroupedGemm {
@@ -219,55 +343,28 @@ struct GroupedGemm {
   struct Layout {
     size_t shapes, ptr_a, ptr_b, ptr_d, stride_a, stride_b, stride_d, cutlass, total;
   };
-  static size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
   static Layout layout(int64_t E, size_t cutlass_bytes) {
+    WorkspaceCarver w;
     Layout l{};
-    size_t at = 0;
-    auto take = [&](size_t bytes) {
-      const size_t here = at;
-      at = align_up(at + bytes);
-      return here;
-    };
-    l.shapes = take(E * sizeof(UnderlyingShape));
-    l.ptr_a = take(E * sizeof(void*));
-    l.ptr_b = take(E * sizeof(void*));
-    l.ptr_d = take(E * sizeof(void*));
-    l.stride_a = take(E * sizeof(StrideA));
-    l.stride_b = take(E * sizeof(StrideB));
-    l.stride_d = take(E * sizeof(StrideD));
-    l.cutlass = take(cutlass_bytes);
-    l.total = at;
+    l.shapes = w.take(E * sizeof(UnderlyingShape));
+    l.ptr_a = w.take(E * sizeof(void*));
+    l.ptr_b = w.take(E * sizeof(void*));
+    l.ptr_d = w.take(E * sizeof(void*));
+    l.stride_a = w.take(E * sizeof(StrideA));
+    l.stride_b = w.take(E * sizeof(StrideB));
+    l.stride_d = w.take(E * sizeof(StrideD));
+    l.cutlass = w.take(cutlass_bytes);
+    l.total = w.at;
     return l;
   }
 
   static typename Gemm::Arguments arguments(int64_t E, const Layout& l, char* ws, int sm_count) {
-    cutlass::KernelHardwareInfo hw_info;
-    hw_info.device_id = 0;  // only informative: sm_count is given
-    hw_info.sm_count = sm_count;
-    typename Gemm::Arguments args;
-    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-    // Problem shapes live only on the device (host_problem_shapes = nullptr): no host read of the
-    // offsets, so the launch captures in a CUDA graph.
-    args.problem_shape = {static_cast<int>(E), reinterpret_cast<UnderlyingShape*>(ws + l.shapes), nullptr};
+    typename Gemm::Arguments args = grouped_arguments<Gemm, kSwiGLU>(
+        E, reinterpret_cast<UnderlyingShape*>(ws + l.shapes), reinterpret_cast<Element**>(ws + l.ptr_d),
+        reinterpret_cast<StrideD*>(ws + l.stride_d), sm_count);
     args.mainloop = {reinterpret_cast<const Element**>(ws + l.ptr_a), reinterpret_cast<StrideA*>(ws + l.stride_a),
                      reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<StrideB*>(ws + l.stride_b)};
-    if constexpr (kSwiGLU) {
-      args.epilogue = {reinterpret_cast<Element**>(ws + l.ptr_d), reinterpret_cast<StrideD*>(ws + l.stride_d)};
-    } else {
-      decltype(args.epilogue.thread) fusion{};
-      fusion.alpha = 1.0f;
-      fusion.beta = 0.0f;
-      args.epilogue = {fusion, nullptr, nullptr, reinterpret_cast<Element**>(ws + l.ptr_d),
-                       reinterpret_cast<StrideD*>(ws + l.stride_d)};
-    }
-    args.hw_info = hw_info;
     return args;
-  }
-
-  static size_t workspace_bytes(int64_t E, int sm_count) {
-    const Layout probe = layout(E, 0);
-    const size_t cutlass_bytes = Gemm::get_workspace_size(arguments(E, probe, nullptr, sm_count));
-    return layout(E, cutlass_bytes).total;
   }
 };
 
@@ -281,10 +378,7 @@ __global__ void build_group_arguments_kernel(const int32_t* __restrict__ offsets
                                              typename G::UnderlyingShape* shapes, const Element** ptr_a,
                                              const Element** ptr_b, Element** ptr_d, typename G::StrideA* stride_a,
                                              typename G::StrideB* stride_b, typename G::StrideD* stride_d) {
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < E;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t lo = min(max(static_cast<int64_t>(offsets[e]), int64_t{0}), S);
-    const int64_t hi = min(max(static_cast<int64_t>(offsets[e + 1]), lo), S);
+  for_each_group(offsets, S, E, [&](int64_t e, int64_t lo, int64_t hi) {
     shapes[e] = typename G::UnderlyingShape(static_cast<int>(hi - lo), N, K);
     ptr_a[e] = x + lo * K;
     ptr_b[e] = weight + e * static_cast<int64_t>(N) * K;
@@ -298,12 +392,12 @@ __global__ void build_group_arguments_kernel(const int32_t* __restrict__ offsets
     stride_a[e] = sa;
     stride_b[e] = sb;
     stride_d[e] = sd;
-  }
+  });
 }
 
 template <typename Element, class Config, bool kSwiGLU>
 size_t workspace_bytes(int64_t E, int sm_count) {
-  return GroupedGemm<Element, Config, kSwiGLU>::workspace_bytes(E, sm_count);
+  return plan_workspace<GroupedGemm<Element, Config, kSwiGLU>>(E, nullptr, sm_count).first.total;
 }
 
 template <typename Element, class Config, bool kSwiGLU>
@@ -314,14 +408,9 @@ cudaError_t run(const void* x, const void* weight, const int32_t* expert_offsets
   if (E == 0 || S == 0) return cudaSuccess;
   if ((kSwiGLU && N % 16 != 0) || N % G::kAlign != 0 || K % G::kAlign != 0 || N > INT32_MAX || K > INT32_MAX || S > INT32_MAX)
     return cudaErrorInvalidValue;
-  const typename G::Layout probe = G::layout(E, 0);
   char* ws = static_cast<char*>(workspace);
-  typename G::Gemm::Arguments args = G::arguments(E, probe, ws, sm_count);
-  const size_t cutlass_bytes = G::Gemm::get_workspace_size(args);
-  const typename G::Layout l = G::layout(E, cutlass_bytes);
-  if (workspace_bytes_given < l.total || reinterpret_cast<uintptr_t>(workspace) % 256 != 0)
-    return cudaErrorInvalidValue;
-  args = G::arguments(E, l, ws, sm_count);
+  const auto [l, args] = plan_workspace<G>(E, ws, sm_count);
+  if (!workspace_ok(workspace, workspace_bytes_given, l.total)) return cudaErrorInvalidValue;
 
   const auto* xp = static_cast<const Element*>(x);
   const auto* wp = static_cast<const Element*>(weight);
@@ -335,30 +424,14 @@ cudaError_t run(const void* x, const void* weight, const int32_t* expert_offsets
       reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<Element**>(ws + l.ptr_d),
       reinterpret_cast<typename G::StrideA*>(ws + l.stride_a), reinterpret_cast<typename G::StrideB*>(ws + l.stride_b),
       reinterpret_cast<typename G::StrideD*>(ws + l.stride_d));
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-
-  typename G::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
-  if (gemm.initialize(args, ws + l.cutlass, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
-    err = cudaGetLastError();
-    return err != cudaSuccess ? err : cudaErrorUnknown;
-  }
-  return cudaGetLastError();
+  return run_gemm<typename G::Gemm>(args, ws + l.cutlass, stream);
 }
 
-// PTX/SASS version of the kernel the runtime would launch on the current device (90 when the sm_90a
-// cubin is there; 80 when only the portable sm_80 build could be loaded), 0 if none.
 template <typename Element, class Config, bool kSwiGLU>
 int binary_version() {
-  using G = GroupedGemm<Element, Config, kSwiGLU>;
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, cutlass::device_kernel<typename G::Kernel>) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return attr.binaryVersion;
+  return kernel_binary_version<typename GroupedGemm<Element, Config, kSwiGLU>::Kernel>();
 }
 
 }  // namespace sm90
