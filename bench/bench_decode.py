@@ -53,6 +53,7 @@ def kernel_kind(name: str) -> str:
     n = name.lower()
     for key, kind in (("skinny_gemm", "skinny GEMM (dense linears)"), ("moe_decode", "MoE decode (experts)"),
                       ("moe_gate_up", "MoE decode (experts)"), ("moe_down", "MoE decode (experts)"),
+                      ("decode_step_inputs", "embedding + step inputs"),
                       ("decode_attention", "decode attention"), ("attention_combine", "decode attention"),
                       ("gating", "router + gating"), ("qk_norm", "QK-norm + RoPE + cache write"),
                       ("rms_norm", "norms"), ("gemv", "cuBLAS GEMV/GEMM"), ("gemm", "cuBLAS GEMV/GEMM"),

@@ -113,10 +113,19 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         parity check's higher-precision yardstick; never more than one layer's copy alive). The
         copies write their own KV cache, so the model's cache is left as it was. ``seq_starts``: see
         ``step_inputs``."""
-        step = self.step_inputs(slots, kv_len, seq_starts)
         run = (lambda m: m) if upcast is None else (lambda m: upcast_copy(m, upcast))
-        x = self.embed(input_ids)
-        x = x if upcast is None else x.to(upcast)  # a row lookup: exact in any dtype
+        if upcast is None and seq_starts is None and input_ids.shape[1] == 1:
+            # A decode step: the embedding and the integer inputs in one launch (decode_step_inputs), the
+            # same values as embed() and step_inputs(), which took a dozen small kernels per step.
+            B, S = self.cache_shape
+            x, positions, cache_rows, kv_end = modules.ops.decode_step_inputs(
+                input_ids.reshape(-1).long(), slots.reshape(1), self.cache_start, self.embed_tokens.weight, S)
+            step = StepInputs(B, 1, kv_len, positions, cache_rows, {}, self.cos_sin_cache,
+                              kv_start=self.cache_start, kv_end=kv_end)
+        else:
+            step = self.step_inputs(slots, kv_len, seq_starts)
+            x = self.embed(input_ids)
+            x = x if upcast is None else x.to(upcast)  # a row lookup: exact in any dtype
         residual = None
         for layer in self.layers:
             x, residual = run(layer)(x, residual, step)

@@ -67,6 +67,7 @@ def _reference_namespace() -> types.SimpleNamespace:
         decode_attention=lambda q, kc, vc, start, end, window, scale:
             reference.decode_attention(q, kc, vc, start, end, window, scale),
         qk_norm_rope_decode_attention=reference.qk_norm_rope_decode_attention,
+        decode_step_inputs=reference.decode_step_inputs,
         moe_decode_gate_up=lambda h, w, ids, shared=None, epilogue="swiglu":
             reference.moe_decode_gate_up(h, w, ids, shared, epilogue),
         moe_decode_down=lambda act, w, ids, weights, shared=None, residual=None:

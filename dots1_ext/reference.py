@@ -425,6 +425,27 @@ def moe_decode_int4_down(
 # Decode attention (csrc/attention)
 
 
+def decode_step_inputs(
+    tokens: torch.Tensor,  # [B] int64
+    slot: torch.Tensor,  # [1] int64
+    cache_start: torch.Tensor,  # [B] int64
+    embed_weight: torch.Tensor,  # [V, H]
+    cache_len: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step's embedding and integer inputs -> (x [B, H], positions, cache_rows, kv_end [B]
+    int64). x[b] = embed_weight[tokens[b]], NaN for an id outside [0, V); positions[b] =
+    max(slot - cache_start[b], 0); cache_rows[b] = b * cache_len + slot and kv_end[b] = slot + 1, both
+    -1 for a slot outside [0, cache_len). Tensor ops only (no host synchronisation)."""
+    B, V = tokens.shape[0], embed_weight.shape[0]
+    valid = (tokens >= 0) & (tokens < V)
+    x = F.embedding(tokens.clamp(0, V - 1), embed_weight).masked_fill(~valid[:, None], float("nan"))
+    positions = (slot - cache_start).clamp_min(0)
+    in_cache = (slot >= 0) & (slot < cache_len)
+    cache_rows = torch.where(in_cache, torch.arange(B, device=tokens.device) * cache_len + slot, -1)
+    kv_end = torch.where(in_cache, slot + 1, -1).expand(B).contiguous()
+    return x.contiguous(), positions, cache_rows, kv_end
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k_cache: torch.Tensor,  # [B, S, Hk, D]

@@ -28,6 +28,7 @@ OPS = [
     "moe_decode_int4_down",
     "decode_attention",
     "qk_norm_rope_decode_attention",
+    "decode_step_inputs",
 ]
 
 

@@ -2,6 +2,7 @@
 
 from dots1_ext.ops._lib import reference_backed_ops
 from dots1_ext.ops.attention import decode_attention, fused_qk_enabled, qk_norm_rope_decode_attention
+from dots1_ext.ops.decode_step_inputs import decode_step_inputs
 from dots1_ext.ops.dispatch import permute, permuted_rows, unpermute
 from dots1_ext.ops.gating import router_topk_gating, topk_gating
 from dots1_ext.ops.grouped_gemm import deinterleave_gate_up, grouped_gemm, interleave_gate_up
@@ -14,6 +15,7 @@ from dots1_ext.ops.skinny_gemm import skinny_gemm
 __all__ = [
     "add_rms_norm_",
     "decode_attention",
+    "decode_step_inputs",
     "deinterleave_gate_up",
     "fused_qk_enabled",
     "grouped_gemm",
