@@ -10,6 +10,24 @@
 
 namespace dots1 {
 
+// The predicated 16-byte load's PTX: {%0, %1, %2, %3} = the 16 bytes at [%4] when %5 != 0, with
+// ZERO_FILL (DOTS1_LD16_ZERO_FILL or nothing) before the load and CACHE_HINT (".L1::no_allocate" or
+// nothing) in it. One text for every variant below; its operands are DOTS1_LD16_OPERANDS.
+#define DOTS1_LD16_ZERO_FILL                                                         \
+  "mov.b32 %0, 0;\n\t"                                                               \
+  "mov.b32 %1, 0;\n\t"                                                               \
+  "mov.b32 %2, 0;\n\t"                                                               \
+  "mov.b32 %3, 0;\n\t"
+#define DOTS1_LD16_PTX(ZERO_FILL, CACHE_HINT)                                        \
+  "{\n\t"                                                                            \
+  ".reg .pred p;\n\t"                                                                \
+  "setp.ne.b32 p, %5, 0;\n\t"                                                        \
+  ZERO_FILL                                                                          \
+  "@p ld.global.nc" CACHE_HINT ".v4.u32 {%0, %1, %2, %3}, [%4];\n\t"                 \
+  "}"
+#define DOTS1_LD16_OPERANDS(v, p, pred)                                              \
+  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p), "r"(static_cast<int>(pred))
+
 // 16 bytes at p, zeros when !pred. kStream: data read once (ld.global.nc.L1::no_allocate, so L1 keeps
 // the small operands every CTA re-reads); otherwise the L1- and L2-cached read-only path. The weight
 // load (kStream) is not volatile: the compiler may hoist a batch of them together, even above a PDL
@@ -19,29 +37,9 @@ template <bool kStream>
 __device__ __forceinline__ uint4 load16(const void* p, bool pred) {
   uint4 v;
   if constexpr (kStream) {
-    asm("{\n\t"
-        ".reg .pred p;\n\t"
-        "setp.ne.b32 p, %5, 0;\n\t"
-        "mov.b32 %0, 0;\n\t"
-        "mov.b32 %1, 0;\n\t"
-        "mov.b32 %2, 0;\n\t"
-        "mov.b32 %3, 0;\n\t"
-        "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
-        "}"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p), "r"(static_cast<int>(pred)));
+    asm(DOTS1_LD16_PTX(DOTS1_LD16_ZERO_FILL, ".L1::no_allocate") DOTS1_LD16_OPERANDS(v, p, pred));
   } else {
-    asm volatile("{\n\t"
-        ".reg .pred p;\n\t"
-        "setp.ne.b32 p, %5, 0;\n\t"
-        "mov.b32 %0, 0;\n\t"
-        "mov.b32 %1, 0;\n\t"
-        "mov.b32 %2, 0;\n\t"
-        "mov.b32 %3, 0;\n\t"
-        "@p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
-        "}"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p), "r"(static_cast<int>(pred)));
+    asm volatile(DOTS1_LD16_PTX(DOTS1_LD16_ZERO_FILL, "") DOTS1_LD16_OPERANDS(v, p, pred));
   }
   return v;
 }
@@ -55,13 +53,7 @@ __device__ __forceinline__ uint4 load_act16(const void* p, bool pred) { return l
 // without a predicate (p must be readable).
 __device__ __forceinline__ uint4 load_weight16_if(const void* p, bool pred) {
   uint4 v;
-  asm("{\n\t"
-      ".reg .pred p;\n\t"
-      "setp.ne.b32 p, %5, 0;\n\t"
-      "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t"
-      "}"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(static_cast<int>(pred)));
+  asm(DOTS1_LD16_PTX("", ".L1::no_allocate") DOTS1_LD16_OPERANDS(v, p, pred));
   return v;
 }
 __device__ __forceinline__ uint4 load_act16_always(const void* p) {
@@ -69,6 +61,10 @@ __device__ __forceinline__ uint4 load_act16_always(const void* p) {
   asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
+
+#undef DOTS1_LD16_OPERANDS
+#undef DOTS1_LD16_PTX
+#undef DOTS1_LD16_ZERO_FILL
 
 // c += A (16 x 16, row) * B (16 x 8, col), fp32 accumulate.
 template <typename T>
