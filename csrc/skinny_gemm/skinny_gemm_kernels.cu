@@ -62,6 +62,19 @@ constexpr int accumulator_sets() {
   return RT * NT >= 4 ? 1 : 4 / (RT * NT);
 }
 
+// The accumulators of both tensor-core kernels, [set][A fragment][n-tile][C entry], zeroed.
+template <int kSets, int F, int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[kSets][F][NT][4]) {
+#pragma unroll
+  for (int s = 0; s < kSets; ++s)
+#pragma unroll
+    for (int f = 0; f < F; ++f)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[s][f][j][i] = 0.0f;
+}
+
 // Grid: one CTA per RT tiles of 16 weight rows ("none", "swiglu_interleaved": rows 16 tile .. + 16;
 // "swiglu" (HF): gate rows 8 tile .. + 8 then the matching up rows, the interleaved block made on the
 // fly). Row g of a tile (g < 8) and row g + 8 land in one lane's accumulators for the same tokens, so
@@ -115,14 +128,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   float acc[kSets][RT][NT][4];
-#pragma unroll
-  for (int s = 0; s < kSets; ++s)
-#pragma unroll
-    for (int t = 0; t < RT; ++t)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[s][t][j][i] = 0.0f;
+  zero_acc(acc);
 
   // This warp's steps: an equal share (to one step) of the K range, contiguous.
   const int64_t steps = (K + kStepK - 1) / kStepK;
@@ -314,18 +320,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   float acc[kSets][kFrags][NT][4];
-#pragma unroll
-  for (int s = 0; s < kSets; ++s)
-#pragma unroll
-    for (int f = 0; f < kFrags; ++f)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[s][f][j][i] = 0.0f;
+  zero_acc(acc);
 
   const int64_t steps = (K + kWideStepK - 1) / kWideStepK;
   const int64_t step_begin = steps * warp / kWarps, step_end = steps * (warp + 1) / kWarps;
 
+  // The K loop below is the frag kernel's over kFrags fragments. It stays written out in both kernels:
+  // as one shared function it compiled to other machine code (register assignment, operand order).
   uint4 wv[U][kFrags][2];
   const auto load_weight_batch = [&](int64_t s0) {
 #pragma unroll
