@@ -165,6 +165,30 @@ __device__ __forceinline__ void prefetch_first_batch(const T* row_lo, const T* r
   }
 }
 
+// The accumulators of a stream, kSets independent MMA chains per n-tile: zeroed before it, summed in
+// set order into res after it.
+template <int kSets, int NT>
+__device__ __forceinline__ void zero_sets(float (&acc)[kSets][NT][4]) {
+#pragma unroll
+  for (int s = 0; s < kSets; ++s)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[s][n][r] = 0.0f;
+}
+template <int kSets, int NT>
+__device__ __forceinline__ void sum_sets(const float (&acc)[kSets][NT][4], float (&res)[NT][4]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      float v = acc[0][n][r];
+#pragma unroll
+      for (int s = 1; s < kSets; ++s) v += acc[s][n][r];
+      res[n][r] = v;
+    }
+}
+
 // One warp's share of a 16-row x (8 NT)-column product: steps [s_begin, s_end) of K (32 k each) of
 // weight rows row_lo (tile row g) and row_hi (g + 8) against activation rows col[n] (column 8 n + g;
 // col_ok false: not loaded, its fragment stays zero). res[n] is the lane's C fragment of n-tile n:
@@ -179,12 +203,7 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
   constexpr int kSets = accumulator_sets<NT>();
   constexpr int kRowStep = kStepK * P;
   float acc[kSets][NT][4];
-#pragma unroll
-  for (int s = 0; s < kSets; ++s)
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[s][n][r] = 0.0f;
+  zero_sets(acc);
 
   // Pointers at this lane's 16 bytes of step s_begin, advanced a batch at a time (the steps of a
   // batch are immediate offsets); this lane's steps end where its vector would pass K.
@@ -224,15 +243,7 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
       }
     }
   }
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      float v = acc[0][n][r];
-#pragma unroll
-      for (int s = 1; s < kSets; ++s) v += acc[s][n][r];
-      res[n][r] = v;
-    }
+  sum_sets(acc, res);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,28 +336,23 @@ __device__ __forceinline__ uint32_t bf16x2_fma(uint32_t a, uint32_t b, uint32_t 
 
 // 2 bytes / 1 byte at p (zero-extended) when pred, undefined otherwise (the caller never uses it then): a
 // weight's scale or zero point (never written in a step: non-volatile, as load_weight16).
+#define DOTS1_LD_IF_PTX(TYPE)              \
+  "{\n\t"                                  \
+  ".reg .pred p;\n\t"                      \
+  "setp.ne.b32 p, %2, 0;\n\t"              \
+  "@p ld.global.nc." TYPE " %0, [%1];\n\t" \
+  "}"
 __device__ __forceinline__ uint32_t load_weight_u16_if(const void* p, bool pred) {
   unsigned short v;
-  asm("{\n\t"
-      ".reg .pred p;\n\t"
-      "setp.ne.b32 p, %2, 0;\n\t"
-      "@p ld.global.nc.u16 %0, [%1];\n\t"
-      "}"
-      : "=h"(v)
-      : "l"(p), "r"(static_cast<int>(pred)));
+  asm(DOTS1_LD_IF_PTX("u16") : "=h"(v) : "l"(p), "r"(static_cast<int>(pred)));
   return v;
 }
 __device__ __forceinline__ uint32_t load_weight_u8_if(const void* p, bool pred) {
   unsigned short v;
-  asm("{\n\t"
-      ".reg .pred p;\n\t"
-      "setp.ne.b32 p, %2, 0;\n\t"
-      "@p ld.global.nc.u8 %0, [%1];\n\t"
-      "}"
-      : "=h"(v)
-      : "l"(p), "r"(static_cast<int>(pred)));
+  asm(DOTS1_LD_IF_PTX("u8") : "=h"(v) : "l"(p), "r"(static_cast<int>(pred)));
   return v;
 }
+#undef DOTS1_LD_IF_PTX
 
 // (a & b) | c in one instruction (lop3 with the masks in registers: the compiler's own lowering of two
 // different immediates takes two).
@@ -389,12 +395,7 @@ __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint
   constexpr int U = int4_batch_steps<NT>();
   constexpr int kSets = accumulator_sets<NT>();
   float acc[kSets][NT][4];
-#pragma unroll
-  for (int s = 0; s < kSets; ++s)
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[s][n][r] = 0.0f;
+  zero_sets(acc);
 
   // This lane's 16 bytes of group s: bytes [64 s + 16 c, + 16) of the row = codes 128 s + 32 c + [0, 32).
   const int c = threadIdx.x & 3;
@@ -458,15 +459,7 @@ __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint
 #pragma unroll
     for (int n = 0; n < NT; ++n) x[n] += U * kGroupK;
   }
-#pragma unroll
-  for (int n = 0; n < NT; ++n)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      float v = acc[0][n][r];
-#pragma unroll
-      for (int s = 1; s < kSets; ++s) v += acc[s][n][r];
-      res[n][r] = v;
-    }
+  sum_sets(acc, res);
 }
 
 // ---------------------------------------------------------------------------------------------
