@@ -64,6 +64,32 @@ struct GateUpShape {
   bool interleaved;
 };
 
+void check_fits_int32(int64_t T, int64_t k, int64_t E) {
+  TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max() && k <= std::numeric_limits<int32_t>::max() &&
+                        E <= std::numeric_limits<int32_t>::max(),
+                    "dots1_ext: T, k and E must fit in int32, got ", T, ", ", k, ", ", E);
+}
+
+// check_gate_up after the routed weight [E, N = 2I, H] (dense or int4) and topk_ids were checked: the
+// shared experts' weight and the int32 limits.
+GateUpShape check_gate_up_rest(const at::Tensor& hidden, int64_t E, int64_t H, int64_t N, bool interleaved,
+                               const at::Tensor& topk_ids, const std::optional<at::Tensor>& shared_gate_up) {
+  int64_t Is = 0;
+  if (shared_gate_up.has_value()) {
+    const at::Tensor& s = *shared_gate_up;
+    check_dtype(s, "shared_gate_up", {hidden.scalar_type()});
+    check_shape(s, "shared_gate_up", {-1, H});
+    check_same_device(s, "shared_gate_up", hidden, "hidden");
+    TORCH_CHECK_VALUE(s.size(0) % 2 == 0,
+                      "dots1_ext: shared_gate_up.shape[0] (gate rows then up rows, 2Is) must be even, got ", s.size(0));
+    check_weight_layout(s, "shared_gate_up", "[2Is, H] with H contiguous");
+    Is = s.size(0) / 2;
+  }
+  const int64_t T = hidden.size(0), k = topk_ids.size(1);
+  check_fits_int32(T, k, E);
+  return {T, H, E, k, N / 2, Is, interleaved};
+}
+
 GateUpShape check_gate_up(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& topk_ids,
                           const std::optional<at::Tensor>& shared_gate_up, const std::string& epilogue) {
   check_dtype(hidden, "hidden", kFloatTypes);
@@ -84,22 +110,7 @@ GateUpShape check_gate_up(const at::Tensor& hidden, const at::Tensor& gate_up, c
   check_shape(topk_ids, "topk_ids", {T, -1});
   check_same_device(topk_ids, "topk_ids", hidden, "hidden");
   check_weight_layout(gate_up, "gate_up", "[E, 2I, H] with H contiguous");
-  int64_t Is = 0;
-  if (shared_gate_up.has_value()) {
-    const at::Tensor& s = *shared_gate_up;
-    check_dtype(s, "shared_gate_up", {hidden.scalar_type()});
-    check_shape(s, "shared_gate_up", {-1, H});
-    check_same_device(s, "shared_gate_up", hidden, "hidden");
-    TORCH_CHECK_VALUE(s.size(0) % 2 == 0,
-                      "dots1_ext: shared_gate_up.shape[0] (gate rows then up rows, 2Is) must be even, got ", s.size(0));
-    check_weight_layout(s, "shared_gate_up", "[2Is, H] with H contiguous");
-    Is = s.size(0) / 2;
-  }
-  const int64_t k = topk_ids.size(1);
-  TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max() && k <= std::numeric_limits<int32_t>::max() &&
-                        gate_up.size(0) <= std::numeric_limits<int32_t>::max(),
-                    "dots1_ext: T, k and E must fit in int32, got ", T, ", ", k, ", ", gate_up.size(0));
-  return {T, H, gate_up.size(0), k, N / 2, Is, interleaved};
+  return check_gate_up_rest(hidden, gate_up.size(0), H, N, interleaved, topk_ids, shared_gate_up);
 }
 
 struct DownShape {
@@ -151,9 +162,7 @@ DownShape check_down_rest(const at::Tensor& act, int64_t E, int64_t H, int64_t I
     check_shape(*residual, "residual", {T, H});
     check_same_device(*residual, "residual", act, "act");
   }
-  TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max() && k <= std::numeric_limits<int32_t>::max() &&
-                        E <= std::numeric_limits<int32_t>::max(),
-                    "dots1_ext: T, k and E must fit in int32, got ", T, ", ", k, ", ", E);
+  check_fits_int32(T, k, E);
   return {T, H, E, k, I, Is};
 }
 
@@ -205,22 +214,7 @@ GateUpShape check_int4_gate_up(const at::Tensor& hidden, const at::Tensor& qweig
   check_dtype(topk_ids, "topk_ids", {at::kInt});
   check_shape(topk_ids, "topk_ids", {T, -1});
   check_same_device(topk_ids, "topk_ids", hidden, "hidden");
-  int64_t Is = 0;
-  if (shared_gate_up.has_value()) {
-    const at::Tensor& s = *shared_gate_up;
-    check_dtype(s, "shared_gate_up", {hidden.scalar_type()});
-    check_shape(s, "shared_gate_up", {-1, H});
-    check_same_device(s, "shared_gate_up", hidden, "hidden");
-    TORCH_CHECK_VALUE(s.size(0) % 2 == 0,
-                      "dots1_ext: shared_gate_up.shape[0] (gate rows then up rows, 2Is) must be even, got ", s.size(0));
-    check_weight_layout(s, "shared_gate_up", "[2Is, H] with H contiguous");
-    Is = s.size(0) / 2;
-  }
-  const int64_t k = topk_ids.size(1);
-  TORCH_CHECK_VALUE(T <= std::numeric_limits<int32_t>::max() && k <= std::numeric_limits<int32_t>::max() &&
-                        E <= std::numeric_limits<int32_t>::max(),
-                    "dots1_ext: T, k and E must fit in int32, got ", T, ", ", k, ", ", E);
-  return {T, H, E, k, N / 2, Is, epilogue == "swiglu_interleaved"};
+  return check_gate_up_rest(hidden, E, H, N, epilogue == "swiglu_interleaved", topk_ids, shared_gate_up);
 }
 
 // The checks of check_down with the int4 weight in place of down.
@@ -427,25 +421,38 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor
   return act;
 }
 
+// The down ops' tensors as the kernels read them (on the current device): act aligned and contiguous,
+// the ids, weights and residual contiguous; and the output [T, H], new.
+struct DownInputs {
+  at::Tensor act, ids, weights, residual, out;
+};
+
+DownInputs down_inputs(const DownShape& d, const at::Tensor& act_in, const at::Tensor& topk_ids_in,
+                       const at::Tensor& topk_weights_in, const std::optional<at::Tensor>& residual_in) {
+  DownInputs in;
+  in.act = aligned_contiguous(act_in);
+  in.ids = topk_ids_in.contiguous();
+  in.weights = topk_weights_in.contiguous();
+  if (residual_in.has_value()) in.residual = residual_in->contiguous();
+  in.out = at::empty({d.T, d.H}, in.act.options());
+  return in;
+}
+
 at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down, const at::Tensor& topk_ids_in,
                                 const at::Tensor& topk_weights_in, const std::optional<at::Tensor>& shared_down,
                                 const std::optional<at::Tensor>& residual_in) {
   check_kernel_env();
   const DownShape d = check_down(act_in, down, topk_ids_in, topk_weights_in, shared_down, residual_in);
   c10::cuda::CUDAGuard guard(act_in.device());
-  const at::Tensor act = aligned_contiguous(act_in);
-  const at::Tensor ids = topk_ids_in.contiguous();
-  const at::Tensor weights = topk_weights_in.contiguous();
-  at::Tensor residual;
-  if (residual_in.has_value()) residual = residual_in->contiguous();
-  at::Tensor out = at::empty({d.T, d.H}, act.options());
-  C10_CUDA_CHECK(launch_moe_decode_down(act.data_ptr(), down.data_ptr(), ids.data_ptr<int32_t>(),
-                                        weights.data_ptr<float>(),
+  const DownInputs in = down_inputs(d, act_in, topk_ids_in, topk_weights_in, residual_in);
+  C10_CUDA_CHECK(launch_moe_decode_down(in.act.data_ptr(), down.data_ptr(), in.ids.data_ptr<int32_t>(),
+                                        in.weights.data_ptr<float>(),
                                         shared_down.has_value() ? shared_down->data_ptr() : nullptr,
-                                        residual.defined() ? residual.data_ptr() : nullptr, out.data_ptr(), d.T, d.H,
-                                        d.E, d.k, d.I, d.Is, to_dtype(act.scalar_type()), moe_decode_n_tiles(),
-                                        moe_decode_loads(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
-  return out;
+                                        in.residual.defined() ? in.residual.data_ptr() : nullptr, in.out.data_ptr(),
+                                        d.T, d.H, d.E, d.k, d.I, d.Is, to_dtype(in.act.scalar_type()),
+                                        moe_decode_n_tiles(), moe_decode_loads(), c10::cuda::getCurrentCUDAStream(),
+                                        pdl_enabled()));
+  return in.out;
 }
 
 at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor& qweight,
@@ -476,19 +483,14 @@ at::Tensor moe_decode_int4_down_cuda(const at::Tensor& act_in, const at::Tensor&
   const DownShape d =
       check_int4_down(act_in, qweight, scales, zeros, topk_ids_in, topk_weights_in, shared_down, residual_in);
   c10::cuda::CUDAGuard guard(act_in.device());
-  const at::Tensor act = aligned_contiguous(act_in);
-  const at::Tensor ids = topk_ids_in.contiguous();
-  const at::Tensor weights = topk_weights_in.contiguous();
-  at::Tensor residual;
-  if (residual_in.has_value()) residual = residual_in->contiguous();
-  at::Tensor out = at::empty({d.T, d.H}, act.options());
+  const DownInputs in = down_inputs(d, act_in, topk_ids_in, topk_weights_in, residual_in);
   C10_CUDA_CHECK(launch_moe_decode_int4_down(
-      act.data_ptr(), qweight.data_ptr<uint8_t>(), scales.data_ptr(),
-      zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, ids.data_ptr<int32_t>(), weights.data_ptr<float>(),
-      shared_down.has_value() ? shared_down->data_ptr() : nullptr, residual.defined() ? residual.data_ptr() : nullptr,
-      out.data_ptr(), d.T, d.H, d.E, d.k, d.I, d.Is, to_dtype(act.scalar_type()), moe_decode_n_tiles(),
-      c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
-  return out;
+      in.act.data_ptr(), qweight.data_ptr<uint8_t>(), scales.data_ptr(),
+      zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, in.ids.data_ptr<int32_t>(),
+      in.weights.data_ptr<float>(), shared_down.has_value() ? shared_down->data_ptr() : nullptr,
+      in.residual.defined() ? in.residual.data_ptr() : nullptr, in.out.data_ptr(), d.T, d.H, d.E, d.k, d.I, d.Is,
+      to_dtype(in.act.scalar_type()), moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
+  return in.out;
 }
 
 #endif  // DOTS1_WITH_CUDA
