@@ -201,18 +201,6 @@ at::Tensor qk_norm_rope_decode_attention_two_ops(const at::Tensor& q, const at::
   return decode_attention.call(q_rotated, k_cache, v_cache, kv_start, kv_end, window, scale);
 }
 
-at::Tensor qk_norm_rope_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const at::Tensor& q_weight, const at::Tensor& k_weight,
-                                             const at::Tensor& positions, const at::Tensor& cos_sin_cache,
-                                             double eps, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                             const at::Tensor& cache_rows, const at::Tensor& kv_start,
-                                             const at::Tensor& kv_end, int64_t window, double scale) {
-  check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, k_cache, v_cache,
-                                      cache_rows, kv_start, kv_end, window);
-  return qk_norm_rope_decode_attention_two_ops(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
-                                               v_cache, cache_rows, kv_start, kv_end, window, scale);
-}
-
 // ---------------------------------------------------------------------------------------------
 // CUDA entry point
 
@@ -255,69 +243,79 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   return out;
 }
 
-at::Tensor qk_norm_rope_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                              const at::Tensor& q_weight, const at::Tensor& k_weight,
-                                              const at::Tensor& positions, const at::Tensor& cos_sin_cache,
-                                              double eps, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                              const at::Tensor& cache_rows, const at::Tensor& kv_start,
-                                              const at::Tensor& kv_end, int64_t window, double scale) {
+#endif  // DOTS1_WITH_CUDA
+
+// The fused op's kernel. CPU: the two ops (their CPU kernels). CUDA: one fused launch where the
+// inputs allow it, else the two ops (their CUDA kernels).
+template <bool kCuda>
+at::Tensor qk_norm_rope_decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                         const at::Tensor& positions, const at::Tensor& cos_sin_cache, double eps,
+                                         const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                         const at::Tensor& cache_rows, const at::Tensor& kv_start,
+                                         const at::Tensor& kv_end, int64_t window, double scale) {
   check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, k_cache, v_cache,
                                       cache_rows, kv_start, kv_end, window);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), S = k_cache.size(1), Hk = k_cache.size(2);
-  if (B == 0 || Hq == 0) return at::empty({B, Hq, D}, q.options());
-  // A dim of size 1 may carry any stride: 0 keeps the kernel's address math trivially in range.
-  const auto stride_or_0 = [](const at::Tensor& t, int dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); };
-  DecodeQkNormRopeArgs args;
-  args.k = k.const_data_ptr();
-  args.k_batch_stride = stride_or_0(k, 0);
-  args.k_head_stride = stride_or_0(k, 1);
-  args.v = v.const_data_ptr();
-  args.v_batch_stride = stride_or_0(v, 0);
-  args.v_head_stride = stride_or_0(v, 1);
-  args.q_weight = q_weight.const_data_ptr();
-  args.k_weight = k_weight.const_data_ptr();
-  args.positions = positions.const_data_ptr<int64_t>();
-  args.positions_stride = stride_or_0(positions, 0);
-  args.cos_sin_cache = cos_sin_cache.const_data_ptr<float>();
-  args.num_positions = cos_sin_cache.size(0);
-  args.cache_rows = cache_rows.const_data_ptr<int64_t>();
-  args.cache_rows_stride = stride_or_0(cache_rows, 0);
-  args.eps = static_cast<float>(eps);
-  const int64_t q_batch_stride = stride_or_0(q, 0), q_head_stride = stride_or_0(q, 1);
-  // The kernel reads the weights in q's dtype, directly (and before the PDL wait: a weight converted
-  // here would be written by the kernel right before). Anything else runs the two ops.
-  const bool weights_direct = q_weight.scalar_type() == q.scalar_type() && k_weight.scalar_type() == q.scalar_type() &&
-                              q_weight.is_contiguous() && k_weight.is_contiguous();
-  // The row stride of cos_sin_cache is D when it is contiguous; a strided table runs the two ops.
-  if (!weights_direct || !cos_sin_cache.is_contiguous() ||
-      !can_fuse_qk_norm_rope(q.const_data_ptr(), q_batch_stride, q_head_stride, k_cache.const_data_ptr(),
-                             v_cache.const_data_ptr(), args, Hq, Hk, D, to_dtype(q.scalar_type())))
-    return qk_norm_rope_decode_attention_two_ops(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
-                                                 v_cache, cache_rows, kv_start, kv_end, window, scale);
-  auto out = at::empty({B, Hq, D}, q.options());
-  const int64_t start_stride = B == 1 ? 0 : kv_start.stride(0), end_stride = B == 1 ? 0 : kv_end.stride(0);
-  C10_CUDA_CHECK(launch_qk_norm_rope_decode_attention(
-      q.const_data_ptr(), q_batch_stride, q_head_stride, k_cache.mutable_data_ptr(), v_cache.mutable_data_ptr(),
-      kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
-      out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), args, forced_splits(),
-      to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled()));
-  return out;
+#ifdef DOTS1_WITH_CUDA
+  if constexpr (kCuda) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), S = k_cache.size(1), Hk = k_cache.size(2);
+    if (B == 0 || Hq == 0) return at::empty({B, Hq, D}, q.options());
+    // A dim of size 1 may carry any stride: 0 keeps the kernel's address math trivially in range.
+    const auto stride_or_0 = [](const at::Tensor& t, int dim) { return t.size(dim) == 1 ? 0 : t.stride(dim); };
+    DecodeQkNormRopeArgs args;
+    args.k = k.const_data_ptr();
+    args.k_batch_stride = stride_or_0(k, 0);
+    args.k_head_stride = stride_or_0(k, 1);
+    args.v = v.const_data_ptr();
+    args.v_batch_stride = stride_or_0(v, 0);
+    args.v_head_stride = stride_or_0(v, 1);
+    args.q_weight = q_weight.const_data_ptr();
+    args.k_weight = k_weight.const_data_ptr();
+    args.positions = positions.const_data_ptr<int64_t>();
+    args.positions_stride = stride_or_0(positions, 0);
+    args.cos_sin_cache = cos_sin_cache.const_data_ptr<float>();
+    args.num_positions = cos_sin_cache.size(0);
+    args.cache_rows = cache_rows.const_data_ptr<int64_t>();
+    args.cache_rows_stride = stride_or_0(cache_rows, 0);
+    args.eps = static_cast<float>(eps);
+    const int64_t q_batch_stride = stride_or_0(q, 0), q_head_stride = stride_or_0(q, 1);
+    // The kernel reads the weights in q's dtype, directly (and before the PDL wait: a weight converted
+    // here would be written by the kernel right before). Anything else runs the two ops.
+    const bool weights_direct = q_weight.scalar_type() == q.scalar_type() &&
+                                k_weight.scalar_type() == q.scalar_type() && q_weight.is_contiguous() &&
+                                k_weight.is_contiguous();
+    // The row stride of cos_sin_cache is D when it is contiguous; a strided table runs the two ops.
+    if (!weights_direct || !cos_sin_cache.is_contiguous() ||
+        !can_fuse_qk_norm_rope(q.const_data_ptr(), q_batch_stride, q_head_stride, k_cache.const_data_ptr(),
+                               v_cache.const_data_ptr(), args, Hq, Hk, D, to_dtype(q.scalar_type())))
+      return qk_norm_rope_decode_attention_two_ops(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
+                                                   v_cache, cache_rows, kv_start, kv_end, window, scale);
+    auto out = at::empty({B, Hq, D}, q.options());
+    const int64_t start_stride = B == 1 ? 0 : kv_start.stride(0), end_stride = B == 1 ? 0 : kv_end.stride(0);
+    C10_CUDA_CHECK(launch_qk_norm_rope_decode_attention(
+        q.const_data_ptr(), q_batch_stride, q_head_stride, k_cache.mutable_data_ptr(), v_cache.mutable_data_ptr(),
+        kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
+        out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), args, forced_splits(),
+        to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled()));
+    return out;
+  }
+#endif
+  return qk_norm_rope_decode_attention_two_ops(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
+                                               v_cache, cache_rows, kv_start, kv_end, window, scale);
 }
-
-#endif  // DOTS1_WITH_CUDA
 
 }  // namespace
 }  // namespace dots1
 
 TORCH_LIBRARY_IMPL(dots1_ext, CPU, m) {
   m.impl("decode_attention", &dots1::decode_attention_cpu);
-  m.impl("qk_norm_rope_decode_attention", &dots1::qk_norm_rope_decode_attention_cpu);
+  m.impl("qk_norm_rope_decode_attention", &dots1::qk_norm_rope_decode_attention<false>);
 }
 
 #ifdef DOTS1_WITH_CUDA
 TORCH_LIBRARY_IMPL(dots1_ext, CUDA, m) {
   m.impl("decode_attention", &dots1::decode_attention_cuda);
-  m.impl("qk_norm_rope_decode_attention", &dots1::qk_norm_rope_decode_attention_cuda);
+  m.impl("qk_norm_rope_decode_attention", &dots1::qk_norm_rope_decode_attention<true>);
 }
 #endif
