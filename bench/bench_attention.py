@@ -25,14 +25,13 @@ qk_norm_rope_decode_attention (one launch, =1), same inputs, same graph timing.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import Report, Row, bench_main, bytes_floor_ms, capture_graph, on_gpu, replay_ms, time_fn
+from bench.common import Report, Row, bench_main, bytes_floor_ms, capture_graph, env_vars, on_gpu, replay_ms, time_fn
 from dots1_ext import ops
 from dots1_ext.ops import attention as A
 from dots1_ext.rope import build_cos_sin_cache
@@ -114,16 +113,9 @@ class Bench:
         add("dots1_ext", ours)
         if on_gpu() and not self.quick and B <= 8:
             # The automatic split count against each forced one (captured into the graph at its count).
-            previous = os.environ.get("DOTS1_EXT_ATTENTION_SPLITS")
-            try:
-                for splits in ("1", "2", "4", "8", "16"):
-                    os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
+            for splits in ("1", "2", "4", "8", "16"):
+                with env_vars({"DOTS1_EXT_ATTENTION_SPLITS": splits}):
                     add(f"dots1_ext (splits={splits})", ours)
-            finally:
-                if previous is None:
-                    os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS", None)
-                else:
-                    os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = previous
 
         # The whole decode-step attention from the raw qkv (q, k rotated in place by the two-op path on
         # every call: the times, not the values, matter here; the norm keeps them bounded).

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 
-from bench.common import Report, Row, bench_main, bytes_floor_ms, on_gpu
+from bench.common import Report, Row, bench_main, bytes_floor_ms, env_vars, on_gpu
 
 LAYERS = int(os.environ.get("DOTS1_BENCH_DECODE_LAYERS", "8"))
 # A subset for a short run: DOTS1_BENCH_DECODE_BATCHES=1,32 DOTS1_BENCH_DECODE_CONTEXTS=2048
@@ -65,20 +65,6 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def with_env(settings: dict[str, str], fn):
-    """fn() with the environment variables in ``settings`` set, restored after."""
-    old = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
-        return fn()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def replay_round_robin(graphs: dict, rounds: int = 5) -> dict[str, float]:
     """Median over ``rounds`` alternations of each DecodeGraphs' ``replay_ms`` (itself a median)."""
     times: dict[str, list[float]] = {label: [] for label in graphs}
@@ -95,20 +81,13 @@ def profile_step(step, iters: int = 5) -> dict[str, float]:
     from 0.56 to 0.66 ms of a 1.50 ms step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    previous = os.environ.get("DOTS1_EXT_PDL")
-    os.environ["DOTS1_EXT_PDL"] = "0"
-    try:
+    with env_vars({"DOTS1_EXT_PDL": "0"}):
         step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(iters):
                 step()
             torch.cuda.synchronize()
-    finally:
-        if previous is None:
-            os.environ.pop("DOTS1_EXT_PDL", None)
-        else:
-            os.environ["DOTS1_EXT_PDL"] = previous
     by_kind: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
         if evt.device_type == torch.autograd.DeviceType.CUDA or getattr(evt, "self_device_time_total", 0):
@@ -165,7 +144,8 @@ def run(quick: bool = False) -> list[Report]:
                     graphs = {}
                     for label, settings in variants.items():
                         graphs[label] = DecodeGraphs(model)
-                        with_env(settings, lambda: graphs[label](tok, ctx))  # captured under the settings
+                        with env_vars(settings):  # captured under the settings
+                            graphs[label](tok, ctx)
                     for label, ms in replay_round_robin(graphs).items():
                         impl = "dots1_ext cuda-graph" + (f" ({label})" if label else "")
                         steps.add(Row("decode", case, impl, ms, floor_ms=floor, extra={"KV_MB": round(kv / 1e6)}))

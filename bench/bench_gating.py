@@ -14,12 +14,9 @@ Floors: bytes moved (inputs read once + outputs written) over the measured copy 
 
 from __future__ import annotations
 
-
-import os
-
 import torch
 
-from bench.common import bench_main, bytes_floor_ms, default_device, graph_us, on_gpu, Report, Row, time_fn
+from bench.common import bench_main, bytes_floor_ms, default_device, env_vars, graph_us, on_gpu, Report, Row, time_fn
 from dots1_ext import reference as R
 from dots1_ext.ops import router_topk_gating, topk_gating
 from dots1_ext.ops.gating import ROUTER_FUSED_MAX_TOKENS
@@ -91,29 +88,22 @@ def _decode_router_kernels(device: str, gpu: bool, hidden_size: int, weight, bia
     """Each fused-router kernel at decode token counts, timed in a CUDA graph (graph_us): the launch
     path gone, what a decode step pays. The floor is the weight read once (T * H hidden is noise)."""
     report = Report(f"decode router kernels (E={E}, k={K}, H={hidden_size}, bf16; graph_us per call)")
-    previous = os.environ.get("DOTS1_EXT_ROUTER_KERNEL")
-    try:
-        for T in (1, 4, 16):
-            hidden = torch.randn(T, hidden_size, device=device).to(torch.bfloat16)
-            nbytes = E * hidden_size * 2 + T * hidden_size * 2 + E * 4 + T * K * 8
-            floor = bytes_floor_ms(nbytes)
-            for kernel in ("grid", "cluster", "gemm"):
-                os.environ["DOTS1_EXT_ROUTER_KERNEL"] = kernel
+    for T in (1, 4, 16):
+        hidden = torch.randn(T, hidden_size, device=device).to(torch.bfloat16)
+        nbytes = E * hidden_size * 2 + T * hidden_size * 2 + E * 4 + T * K * 8
+        floor = bytes_floor_ms(nbytes)
+        for kernel in ("grid", "cluster", "gemm"):
 
-                def fn():
-                    return router_topk_gating(hidden, weight, bias, K, 1, 1, True, SCALE)
+            def fn():
+                return router_topk_gating(hidden, weight, bias, K, 1, 1, True, SCALE)
 
+            with env_vars({"DOTS1_EXT_ROUTER_KERNEL": kernel}):
                 ms = time_fn(fn)
                 us = graph_us(fn) if gpu else None
-                # Time in a graph where there is one: floor/time is then against graph_us.
-                row_ms = us / 1e3 if us is not None else ms
-                report.add(Row("router", f"T={T}", f"router_topk_gating [{kernel}]", row_ms, floor,
-                               gbs=nbytes / row_ms / 1e6, extra={"graph_us": us, "eager_ms": round(ms, 4)}))
-    finally:
-        if previous is None:
-            os.environ.pop("DOTS1_EXT_ROUTER_KERNEL", None)
-        else:
-            os.environ["DOTS1_EXT_ROUTER_KERNEL"] = previous
+            # Time in a graph where there is one: floor/time is then against graph_us.
+            row_ms = us / 1e3 if us is not None else ms
+            report.add(Row("router", f"T={T}", f"router_topk_gating [{kernel}]", row_ms, floor,
+                           gbs=nbytes / row_ms / 1e6, extra={"graph_us": us, "eager_ms": round(ms, 4)}))
     return report
 
 

@@ -14,13 +14,11 @@ round-robin in the same run; each with its own floor (int4: packed codes + scale
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from bench.common import (Report, Row, bench_main, bytes_floor_ms, copy_bandwidth_gbs, flops_floor_ms, gemm_tflops,
-                          graph_us, on_gpu, time_fns)
+                          graph_us, on_gpu, time_fns, with_env)
 from dots1_ext import quant
 from dots1_ext.ops.grouped_gemm import grouped_gemm, interleave_gate_up
 from dots1_ext.ops.grouped_gemm_int4 import grouped_gemm_int4
@@ -46,20 +44,8 @@ def torch_grouped_mm():
 
 
 def with_backend(name: str | None, fn):
-    def run():
-        old = os.environ.get("DOTS1_EXT_GEMM_BACKEND")
-        if name is not None:
-            os.environ["DOTS1_EXT_GEMM_BACKEND"] = name
-        try:
-            return fn()
-        finally:
-            if name is not None:
-                if old is None:
-                    os.environ.pop("DOTS1_EXT_GEMM_BACKEND", None)
-                else:
-                    os.environ["DOTS1_EXT_GEMM_BACKEND"] = old
-
-    return run
+    """fn run with DOTS1_EXT_GEMM_BACKEND = name (None: as the environment has it)."""
+    return with_env({} if name is None else {"DOTS1_EXT_GEMM_BACKEND": name}, fn)
 
 
 def _graph_us(fn) -> float | None:

@@ -26,13 +26,13 @@ experts' bf16 bytes. The weight sets hold both formats, so the bf16 rows of the 
 
 from __future__ import annotations
 
-import os
 import statistics
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import Report, Row, bench_main, capture_graph, replay_ms, bytes_floor_ms, copy_bandwidth_gbs, on_gpu, time_fn
+from bench.common import (Report, Row, bench_main, capture_graph, replay_ms, bytes_floor_ms, copy_bandwidth_gbs, on_gpu,
+                          time_fn, with_env)
 from dots1_ext import ops
 from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
 from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_gate_up
@@ -91,22 +91,9 @@ def ours_16_token_launches(x, w, ids, weights, residual):
                            residual[t0:t0 + CHUNK_T]) for t0 in range(0, T, CHUNK_T)])
 
 
-def ours_nt4(x, w, ids, weights, residual):
-    """Ours with DOTS1_EXT_MOE_DECODE_NT=4 (read at launch: a captured graph keeps those kernels)."""
-    os.environ["DOTS1_EXT_MOE_DECODE_NT"] = "4"
-    try:
-        return ours(x, w, ids, weights, residual)
-    finally:
-        del os.environ["DOTS1_EXT_MOE_DECODE_NT"]
-
-
-def ours_frag(x, w, ids, weights, residual):
-    """Ours with DOTS1_EXT_MOE_DECODE_LOADS=frag (read at launch: a captured graph keeps those kernels)."""
-    os.environ["DOTS1_EXT_MOE_DECODE_LOADS"] = "frag"
-    try:
-        return ours(x, w, ids, weights, residual)
-    finally:
-        del os.environ["DOTS1_EXT_MOE_DECODE_LOADS"]
+# Ours with a kernel switch set (read at launch: a captured graph keeps those kernels).
+ours_nt4 = with_env({"DOTS1_EXT_MOE_DECODE_NT": "4"}, ours)
+ours_frag = with_env({"DOTS1_EXT_MOE_DECODE_LOADS": "frag"}, ours)
 
 
 def current_path(x, w, ids, weights, residual):

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (ROOT, Report, Row, bench_main, capture_graph, gemm_tflops, on_gpu, read_ceiling_gbs, time_fn,
-                          time_fns)
+                          time_fns, with_env)
 from dots1_ext import ops
 
 REAL = dict(E=128, k=6, H=4096, I=1408)
@@ -160,13 +160,8 @@ def ours_decode(x, w, ids, weights):
     return ops.moe_decode_down(act, w["down"], ids, weights, None, None)
 
 
-def ours_decode_frag(x, w, ids, weights):
-    """ours_decode with DOTS1_EXT_MOE_DECODE_LOADS=frag (read at launch: a captured graph keeps it)."""
-    os.environ["DOTS1_EXT_MOE_DECODE_LOADS"] = "frag"
-    try:
-        return ours_decode(x, w, ids, weights)
-    finally:
-        del os.environ["DOTS1_EXT_MOE_DECODE_LOADS"]
+# ours_decode with DOTS1_EXT_MOE_DECODE_LOADS=frag (read at launch: a captured graph keeps it).
+ours_decode_frag = with_env({"DOTS1_EXT_MOE_DECODE_LOADS": "frag"}, ours_decode)
 
 
 def ours_permute(x, w, ids, weights):

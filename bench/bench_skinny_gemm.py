@@ -22,7 +22,6 @@ timed with the tile choice forced to 1 and 2 weight tiles per warp (DOTS1_EXT_SK
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from typing import Callable
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (Report, Row, bench_main, capture_graph, copy_bandwidth_gbs, on_gpu, read_ceiling_gbs, replay_ms,
-                          time_fn)
+                          time_fn, with_env)
 from dots1_ext.ops.skinny_gemm import skinny_gemm
 
 # (name, N, K, epilogue)
@@ -47,27 +46,6 @@ CPU_SHAPES = [("qkv (small)", 384, 256, "none"), ("gate_up (small)", 512, 256, "
 ROTATION_BYTES = 200e6
 # The most rows for which DOTS1_EXT_SKINNY_KERNEL=wide runs a kernel of its own (csrc/skinny_gemm).
 WIDE_MAX_ROWS = 4
-
-
-def with_env(env: dict[str, str], fn: Callable) -> Callable:
-    """fn with the given DOTS1_EXT_SKINNY_* variables set (read by the op at launch, so also while
-    capturing a graph), restored after each call."""
-    if not env:
-        return fn
-
-    def call():
-        old = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-        try:
-            return fn()
-        finally:
-            for name, value in old.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-
-    return call
 
 
 def graph_times_us(fns: dict[str, Callable], reps: int, rounds: int) -> dict[str, float]:

@@ -7,6 +7,7 @@ the speedup over each peer timed in the same run — and appends its rows to a J
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -16,7 +17,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -145,17 +146,33 @@ def copy_bandwidth_gbs() -> float:
     return _CEILINGS["copy"]
 
 
-def _with_skinny_kernel(kernel: str, fn, *args):
-    """fn(*args) with DOTS1_EXT_SKINNY_KERNEL = kernel (read by skinny_gemm at launch), restored after."""
-    old = os.environ.get("DOTS1_EXT_SKINNY_KERNEL")
-    os.environ["DOTS1_EXT_SKINNY_KERNEL"] = kernel
+@contextlib.contextmanager
+def env_vars(settings: dict[str, str]) -> Iterator[None]:
+    """The environment variables in ``settings`` set for the ``with`` block, then each put back as it
+    was (unset again where it was unset). The ops read their DOTS1_EXT_* switches at launch, also while
+    a CUDA graph is captured, so a graph keeps the kernels chosen under these settings."""
+    old = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
-        return fn(*args)
+        yield
     finally:
-        if old is None:
-            os.environ.pop("DOTS1_EXT_SKINNY_KERNEL", None)
-        else:
-            os.environ["DOTS1_EXT_SKINNY_KERNEL"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def with_env(settings: dict[str, str], fn: Callable[..., object]) -> Callable[..., object]:
+    """fn, each call of it run under ``env_vars(settings)`` (fn itself where there are no settings)."""
+    if not settings:
+        return fn
+
+    def call(*args, **kwargs):
+        with env_vars(settings):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def read_ceiling_gbs() -> tuple[float, str]:
@@ -182,8 +199,8 @@ def read_ceiling_gbs() -> tuple[float, str]:
 
             if has_kernel("skinny_gemm", "CUDA"):
                 candidates["skinny_gemm M=1"] = lambda: ops.skinny_gemm(x, w, "none")
-                candidates["skinny_gemm frag M=1"] = lambda: _with_skinny_kernel("frag", ops.skinny_gemm, x, w,
-                                                                                  "none")
+                candidates["skinny_gemm frag M=1"] = with_env({"DOTS1_EXT_SKINNY_KERNEL": "frag"},
+                                                               lambda: ops.skinny_gemm(x, w, "none"))
 
         def ms_per_call(fn) -> float:
             # Back to back in one graph (as the kernels it bounds run): per-call events around an idle

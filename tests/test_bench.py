@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from bench import run as bench_run
-from bench.common import Report, Row, graph_us, time_fn, write_json
+from bench.common import Report, Row, env_vars, graph_us, time_fn, with_env, write_json
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +44,23 @@ def test_quick_cpu_run_writes_rows_with_floors(tmp_path):
 def test_timing_helpers_on_cpu():
     assert time_fn(lambda: sum(range(100)), warmup=1, iters=3) > 0
     assert graph_us(lambda: None) is None  # GPU-only measurement
+
+
+def test_env_vars_set_then_restore(monkeypatch):
+    # The kernel switches the benchmarks set around a call (the ops read them at launch): each variable
+    # put back as it was, unset again where it was unset, also when the call raises.
+    monkeypatch.setenv("DOTS1_TEST_SET", "before")
+    monkeypatch.delenv("DOTS1_TEST_UNSET", raising=False)
+    settings = {"DOTS1_TEST_SET": "during", "DOTS1_TEST_UNSET": "during"}
+    with pytest.raises(KeyError):
+        with env_vars(settings):
+            assert os.environ["DOTS1_TEST_SET"] == os.environ["DOTS1_TEST_UNSET"] == "during"
+            raise KeyError
+    assert os.environ["DOTS1_TEST_SET"] == "before" and "DOTS1_TEST_UNSET" not in os.environ
+    seen = with_env(settings, lambda a, b=0: (a, b, os.environ.get("DOTS1_TEST_UNSET")))
+    assert seen(1, b=2) == (1, 2, "during") and "DOTS1_TEST_UNSET" not in os.environ
+    fn = lambda: None  # noqa: E731
+    assert with_env({}, fn) is fn
 
 
 def test_plot_writes_png_from_a_moe_report(tmp_path):
