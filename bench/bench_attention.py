@@ -116,6 +116,11 @@ class Bench:
             for splits in ("1", "2", "4", "8", "16"):
                 with env_vars({"DOTS1_EXT_ATTENTION_SPLITS": splits}):
                     add(f"dots1_ext (splits={splits})", ours)
+            # Both K/V pipeline depths forced (the automatic choice takes the deep one where the grid
+            # fits the GPU at one CTA per SM).
+            for stages in ("3", "6"):
+                with env_vars({"DOTS1_EXT_ATTENTION_STAGES": stages}):
+                    add(f"dots1_ext ({stages} stages)", ours)
 
         # The whole decode-step attention from the raw qkv (q, k rotated in place by the two-op path on
         # every call: the times, not the values, matter here; the norm keeps them bounded).

@@ -64,6 +64,32 @@ def time_fn(fn: Callable[[], object], warmup: int = 10, iters: int = 50, setup: 
     return statistics.median(times)
 
 
+def time_steps(fn: Callable[[], object], steps: int = 20, warmup: int = 3, repeats: int = 10) -> float:
+    """Median milliseconds per call of ``steps`` calls issued back to back, one pair of CUDA events
+    around them (CPU: perf_counter): the steady state of a generation loop, where the host queues step
+    n + 1 while the GPU runs step n. time_fn's per-call figure also holds the host's launch latency of
+    the call, which the GPU waits for after each synchronisation."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if on_gpu():
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / steps)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / steps)
+    return statistics.median(times)
+
+
 def time_fns(fns: dict[str, Callable[[], object]], warmup: int = 5, rounds: int = 10, iters: int = 5) -> dict[str, float]:
     """Median milliseconds of each fn, measured round-robin: ``rounds`` rounds, each timing ``iters``
     calls of every fn in turn (the order rotating per round), so that clock and power drift over the

@@ -8,7 +8,8 @@
 (Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees a read past a
 cache's end.) Paths: fp32/fp16/bf16; head_dim 64/128/256 (16-byte copies), 96 (padded) and 34 (padded,
 4-byte copies), a 16-bit cache at an odd element offset; 1, 2, 4 and 8 query heads per CTA (GQA 1, 2,
-3, 4, 8 and 12 = two head chunks); 1, 2, 4 and 8 splits (cluster combine); ranges that end exactly at
+3, 4, 8 and 12 = two head chunks); 1, 2, 4 and 8 splits (cluster combine); both K/V pipeline depths
+(DOTS1_EXT_ATTENTION_STAGES 6 and 3); ranges that end exactly at
 the cache's end, windows, empty ranges and bad bounds (which must read nothing and give NaN). Exits
 non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
 
@@ -69,7 +70,8 @@ def run_case(dtype, B, Hq, Hk, D, S, pairs, window, cache_offset=0, q_layout="fu
     ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), kv_start, kv_end, window,
                                      1.0 / math.sqrt(D))
     name = (f"{dtype} B={B} Hq={Hq} Hk={Hk} D={D} S={S} window={window} offset={cache_offset} q={q_layout} "
-            f"splits={os.environ.get('DOTS1_EXT_ATTENTION_SPLITS', 'auto')}")
+            f"splits={os.environ.get('DOTS1_EXT_ATTENTION_SPLITS', 'auto')} "
+            f"stages={os.environ.get('DOTS1_EXT_ATTENTION_STAGES', 'auto')}")
     check(name, out, ref, dtype)
 
 
@@ -131,10 +133,14 @@ def main() -> int:
     if small:
         shapes = [shapes[0], shapes[1], shapes[4], shapes[5]]
         split_counts = ("1", "2", "8", "16")
-    for splits in split_counts:
+    # Both K/V pipeline depths (the automatic choice takes the deep one for these small grids, the
+    # shallow one where the forced splits make too many CTAs): forced each way. One dtype for the
+    # shallow pass: its stage indexing is the deep one's with another modulus.
+    for stages, splits in [(st, sp) for st in ("6", "3") for sp in split_counts]:
+        os.environ["DOTS1_EXT_ATTENTION_STAGES"] = stages
         os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
         # 2 and 4 splits take the same cluster code as 8: one dtype is enough there.
-        dtypes = (torch.bfloat16,) if splits in ("2", "4", "16") or small else (
+        dtypes = (torch.bfloat16,) if splits in ("2", "4", "16") or small or stages == "3" else (
             torch.float32, torch.float16, torch.bfloat16)
         for dtype in dtypes:
             for B, Hq, Hk, D, S in shapes:
@@ -147,6 +153,7 @@ def main() -> int:
                 run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=1)  # odd element offset
                 run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=8)  # 16-byte aligned view
     os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS")
+    os.environ.pop("DOTS1_EXT_ATTENTION_STAGES")
     # Without programmatic dependent launch (the default launches with it on sm_90).
     os.environ["DOTS1_EXT_PDL"] = "0"
     for B, Hq, Hk, D, S in shapes:

@@ -5,7 +5,8 @@ GQA (Hq / Hk in {1, 4, 8}, 12 = two head chunks); head_dim 64/128/256 (fast), 96
 (padded, 4-byte copies); lengths 1, short, not a multiple of any tile, the whole cache, mixed per
 sequence, left padding (kv_start > 0), sliding windows smaller and larger than the length, empty
 ranges (exactly 0), bad bounds (NaN rows), q as a slice of a fused qkv activation (aligned, misaligned,
-head-padded), expanded bounds; on the GPU every split count, CUDA graph replay with changed device
+head-padded), expanded bounds; on the GPU every split count, both K/V pipeline depths (same bits), CUDA
+graph replay with changed device
 lengths (bitwise equal to eager), determinism, every output element written; torch.compile and opcheck.
 """
 
@@ -369,6 +370,45 @@ def test_bad_split_setting_raises(monkeypatch):
     q = make_q(1, 4, 4, 64, torch.bfloat16, "cuda")
     kc, vc = make_cache(1, 8, 4, 64, torch.bfloat16, "cuda")
     with pytest.raises(ValueError, match="DOTS1_EXT_ATTENTION_SPLITS"):
+        A.decode_attention(q, kc, vc, *bounds([(0, 8)], "cuda"))
+
+
+@requires_cuda
+@pytest.mark.parametrize("splits", ["1", "2", "16", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 32, 32, 128, 2048), (3, 12, 3, 96, 700), (2, 4, 4, 256, 900),
+                                   (3, 6, 6, 34, 600), (64, 32, 32, 128, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_pipeline_depths_same_bits(monkeypatch, splits, dtype, shape):
+    # The deep K/V pipeline (one CTA per SM: batch 1's default) and the shallow one (two per SM) differ
+    # in where the copies land, never in the arithmetic: forced either way, including the deep one on a
+    # grid that takes several waves (B = 64), the results are equal bit for bit and right.
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
+    B, Hq, Hk, D, S = shape
+    q = make_q(B, Hq, Hk, D, dtype, "cuda")
+    k_cache, v_cache = make_cache(B, S, Hk, D, dtype, "cuda")
+    pairs = random_pairs(B, S)
+    pairs[-1] = (0, 0) if B > 1 else pairs[-1]
+    if B > 2:
+        pairs[1] = (-1, 3)
+    kv_start, kv_end = bounds(pairs, "cuda")
+    for window in (0, 100):
+        outs = {}
+        for stages in ("3", "6"):
+            monkeypatch.setenv("DOTS1_EXT_ATTENTION_STAGES", stages)
+            outs[stages] = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)
+        torch.testing.assert_close(outs["6"], outs["3"], rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"splits={splits} window={window}: depths differ: {m}")
+        check(outs["6"], q, k_cache, v_cache, kv_start, kv_end, window=window, what=f"stages=6 splits={splits}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("value", ["4", "deep", "0"])
+def test_bad_stages_setting_raises(monkeypatch, value):
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_STAGES", value)
+    q = make_q(1, 4, 4, 64, torch.bfloat16, "cuda")
+    kc, vc = make_cache(1, 8, 4, 64, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="DOTS1_EXT_ATTENTION_STAGES"):
         A.decode_attention(q, kc, vc, *bounds([(0, 8)], "cuda"))
 
 

@@ -192,6 +192,23 @@ def test_dots1_shapes_every_split_count(monkeypatch, splits, B, Hq, Hk):
 
 
 @requires_cuda
+@pytest.mark.parametrize("splits", ["1", "2", "auto"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_pipeline_depths_same_bits(monkeypatch, splits, B):
+    # The fused op's new row, put into the stage slots by its own CTA, lands in a different stage
+    # under each depth: same output and caches either way, and equal to the two ops.
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
+    S = 2048
+    pairs = [(0, S), (7, 1500), (0, 65)][:B]
+    x = make_inputs(B, 32, 32, 128, S, torch.bfloat16, "cuda", pairs, window=0)
+    results = {}
+    for stages in ("3", "6"):
+        monkeypatch.setenv("DOTS1_EXT_ATTENTION_STAGES", stages)
+        results[stages] = check_fused_equals_two_ops(x, f"stages {stages} splits {splits}")
+    assert_bitwise(results["6"], results["3"], f"splits {splits}: the two depths")
+
+
+@requires_cuda
 @pytest.mark.parametrize("Hq,Hk", [(32, 32), (16, 2)])
 def test_cuda_graph_replay_with_changed_lengths(Hq, Hk):
     B, D, S = 3, 128, 1000

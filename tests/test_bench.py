@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench import run as bench_run
-from bench.common import Report, Row, env_vars, graph_us, time_fn, with_env, write_json
+from bench.common import Report, Row, env_vars, graph_us, time_fn, time_steps, with_env, write_json
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +44,9 @@ def test_quick_cpu_run_writes_rows_with_floors(tmp_path):
 def test_timing_helpers_on_cpu():
     assert time_fn(lambda: sum(range(100)), warmup=1, iters=3) > 0
     assert graph_us(lambda: None) is None  # GPU-only measurement
+    calls = []
+    assert time_steps(lambda: calls.append(sum(range(100))), steps=4, warmup=2, repeats=3) > 0
+    assert len(calls) == 2 + 4 * 3  # warm-up, then `repeats` runs of `steps` calls
 
 
 def test_env_vars_set_then_restore(monkeypatch):

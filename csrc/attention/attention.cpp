@@ -28,6 +28,8 @@
 // DOTS1_EXT_ATTENTION_SPLITS (CUDA, read per call; default auto) forces the number of KV splits per
 // (sequence, kv head): tests use it to run every combine path; the automatic choice depends on the
 // batch, the heads, the SM count and the cache capacity only, never on the lengths.
+// DOTS1_EXT_ATTENTION_STAGES (CUDA, read per call; auto, 3 or 6; default auto) forces the K/V
+// pipeline's depth (attention.h pipeline_stages): tests run both, benchmarks compare them; same bits.
 // DOTS1_EXT_PDL=0 (read per call, csrc/common.h pdl_enabled; default on) launches without programmatic
 // dependent launch (benchmarks compare the two; the results are the same).
 #include <torch/library.h>
@@ -217,6 +219,16 @@ int forced_splits() {
   return static_cast<int>(n);
 }
 
+int forced_stages() {
+  const char* v = std::getenv("DOTS1_EXT_ATTENTION_STAGES");
+  if (v == nullptr || *v == '\0' || std::string(v) == "auto") return 0;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == std::to_string(kAttentionShallowStages) || s == std::to_string(kAttentionDeepStages),
+                    "dots1_ext: DOTS1_EXT_ATTENTION_STAGES must be auto, ", kAttentionShallowStages, " or ",
+                    kAttentionDeepStages, ", got '", v, "'");
+  return std::stoi(s);
+}
+
 bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -239,7 +251,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
       q.const_data_ptr(), q_batch_stride, q_head_stride, kc.const_data_ptr(), vc.const_data_ptr(),
       kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
       out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), forced_splits(),
-      to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled()));
+      to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled(), forced_stages()));
   return out;
 }
 
@@ -297,7 +309,7 @@ at::Tensor qk_norm_rope_decode_attention(const at::Tensor& q, const at::Tensor& 
         q.const_data_ptr(), q_batch_stride, q_head_stride, k_cache.mutable_data_ptr(), v_cache.mutable_data_ptr(),
         kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
         out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), args, forced_splits(),
-        to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled()));
+        to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled(), forced_stages()));
     return out;
   }
 #endif

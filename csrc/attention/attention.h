@@ -24,6 +24,9 @@ constexpr int kAttentionMaxHeadDim = 256;
 // The most KV splits of one (sequence, kv head): a thread-block cluster of 16, the non-portable size
 // Hopper takes (GPUs that do not take 16 get at most 8, the portable size).
 constexpr int kAttentionMaxSplits = 16;
+// The K/V pipeline depths (stages of 32 KB per CTA) a launch may force; DOTS1_EXT_ATTENTION_STAGES.
+constexpr int kAttentionShallowStages = 3;
+constexpr int kAttentionDeepStages = 6;
 
 }  // namespace dots1
 
@@ -44,6 +47,9 @@ namespace dots1 {
 // CTAs may be scheduled while the previous kernel of the stream drains and wait for that kernel's
 // completion and memory before their first global read (it has no weights to read earlier); it lets
 // the next kernel launch right after that wait. DOTS1_EXT_PDL=0 (read by attention.cpp) turns it off.
+// pipeline_stages: the K/V pipeline's depth (attention_kernels.cu header): 0 chooses (deep where the
+// grid fits the GPU at one CTA per SM, so batch 1; shallow otherwise); kAttentionShallowStages or
+// kAttentionDeepStages forces one (deep only where the device's shared memory holds it). Same bits.
 cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], strides q_batch_stride, q_head_stride
                                     int64_t q_batch_stride, int64_t q_head_stride,
                                     const void* k_cache,       // [B, S, Hk, D] contiguous
@@ -55,7 +61,8 @@ cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], st
                                     void* out,                 // [B, Hq, D] contiguous
                                     int64_t batch, int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads,
                                     int64_t head_dim, int64_t window, float scale, int num_splits, DType dtype,
-                                    cudaStream_t stream, int* splits_used = nullptr, bool use_pdl = true);
+                                    cudaStream_t stream, int* splits_used = nullptr, bool use_pdl = true,
+                                    int pipeline_stages = 0);
 
 // The fused op's inputs besides the plain op's (qk_norm_rope_decode_attention, attention.cpp): this
 // step's raw k and v and what qk_norm_rope_kv_cache_ (norm.h) takes. Strides in elements.
@@ -97,7 +104,7 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q,  // [B, Hq, D] r
                                                  int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale,
                                                  const DecodeQkNormRopeArgs& args, int num_splits, DType dtype,
                                                  cudaStream_t stream, int* splits_used = nullptr,
-                                                 bool use_pdl = true);
+                                                 bool use_pdl = true, int pipeline_stages = 0);
 
 }  // namespace dots1
 

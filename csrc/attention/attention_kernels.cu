@@ -4,11 +4,18 @@
 // Work decomposition. A CTA serves one (sequence b, kv head, chunk of kGT query heads of that kv head,
 // KV split): every K/V byte it loads is used by all of its query heads (GQA without repeated K/V). Within
 // the CTA, a key row is spread over kLanesPerKey lanes (16 bytes each on the vector path) and a warp
-// holds kKeysPerWarp keys at a time. K and V stream through a 3-stage cp.async pipeline in shared memory
-// (32 KB per stage: each thread copies kUnroll keys' vectors and later reads back only its own, so the
-// only ordering needed is its own wait_group; two stages stay in flight while one is consumed). Plain
+// holds kKeysPerWarp keys at a time. K and V stream through a cp.async pipeline in shared memory (32 KB
+// per stage: each thread copies kUnroll keys' vectors and later reads back only its own, so the only
+// ordering needed is its own wait_group; all stages but the one consumed stay in flight). Plain
 // register loads would not do: ptxas issues about 8 of them and then starts the math, which waits for
-// the first and so delays the rest by a full memory latency. Each key group keeps its own running
+// the first and so delays the rest by a full memory latency.
+//
+// Pipeline depth. A CTA streams at about (bytes in flight) / (memory latency), so a grid that fills
+// the GPU at two CTAs per SM (3 stages, 64 KB in flight each) reads at HBM speed, while a grid of fewer
+// CTAs than SMs (batch 1: 32 kv heads x 2 splits) cannot: with 3 stages one CTA reads ~50 GB/s. Such a
+// grid runs kDeepStages stages (192 KB of shared memory, one CTA per SM, 160 KB in flight each). The
+// depth is a launch argument, not a template one: it changes where bytes land, never the arithmetic or
+// its order, so both depths give the same bits. Each key group keeps its own running
 // (max, sum, acc) in fp32 (online softmax, one rescale per tile); the groups are merged through
 // shuffles, then the warps through shared memory in warp order (one barrier, every thread merging some
 // elements).
@@ -40,6 +47,9 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
+// Pipeline depths (stages of 32 KB): the default, two CTAs per SM; the deep one, one CTA per SM.
+constexpr int kShallowStages = kAttentionShallowStages;
+constexpr int kDeepStages = kAttentionDeepStages;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -113,16 +123,17 @@ struct Tiling {
   static constexpr int kUnrollBase = 128 / (kVecsPerLane * 2 * kVecBytes);
   static constexpr int kUnroll = kUnrollBase < 1 ? 1 : (kUnrollBase > 8 ? 8 : kUnrollBase);
   static constexpr int kTile = kWarps * kKeysPerWarp * kUnroll;  // keys per CTA iteration
-  // Pipeline depth: two stages in flight while the third is consumed.
-  static constexpr int kStages = 3;
   static constexpr int kStageWords = 2 * kUnroll * kVecsPerLane * kThreads;  // K then V, per stage
-  static constexpr int kPipelineBytes = kStages * kStageWords * kVecBytes;
   // The warps' states (one slot each), then the CTA's merged partial: acc, then max and sum.
   static constexpr int kReduceBytes = ((kWarps + 1) * kGT * kDPad + 2 * (kWarps + 1) * kGT) * 4;
-  static constexpr int kSmemBytes = kPipelineBytes > kReduceBytes ? kPipelineBytes : kReduceBytes;
-  // The fused op's extra buffer, after kSmemBytes: its normed + rotated query heads [kGT][kDPad] and
-  // the new key and value rows [kDPad] each, in T.
+  // The fused op's extra buffer, after the pipeline / reduce area: its normed + rotated query heads
+  // [kGT][kDPad] and the new key and value rows [kDPad] each, in T.
   static constexpr int kFreshBytes = (kGT + 2) * kDPad * static_cast<int>(sizeof(T));
+  // The pipeline / reduce area (they alias) of a pipeline of `stages` stages.
+  static constexpr int area_bytes(int stages) {
+    return stages * kStageWords * kVecBytes > kReduceBytes ? stages * kStageWords * kVecBytes : kReduceBytes;
+  }
+  static constexpr int smem_bytes(int stages, bool fused) { return area_bytes(stages) + (fused ? kFreshBytes : 0); }
   static_assert(kVecsPerRow * kElemsPerVec == kDPad, "kDPad must be a multiple of the vector");
   static_assert(kVecsPerRow % kLanesPerKey == 0, "vectors per row");
   static_assert((kLanesPerKey & (kLanesPerKey - 1)) == 0, "lanes per key must be a power of two");
@@ -170,7 +181,8 @@ struct FreshKv {
   float eps;
 };
 
-// grid (splits, Hk * head_chunks, batch); cluster (splits, 1, 1) when splits > 1.
+// grid (splits, Hk * head_chunks, batch); cluster (splits, 1, 1) when splits > 1. num_stages:
+// kShallowStages or kDeepStages, with Tiling::smem_bytes(num_stages, kFused) of dynamic shared memory.
 //
 // kFused (qk_norm_rope_decode_attention, head_chunks == 1, head_dim == kDPad, 16-byte vectors): q is
 // the raw query; the CTA normalises and rotates its query heads (the norm family's math,
@@ -189,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
                             const int64_t* __restrict__ kv_start, int64_t kv_start_stride,
                             const int64_t* __restrict__ kv_end, int64_t kv_end_stride, T* __restrict__ out,
                             int64_t cache_len, int num_q_heads, int num_kv_heads, int head_dim, int group,
-                            int head_chunks, int64_t window, float q_scale, FreshKv<T> fresh) {
+                            int head_chunks, int64_t window, float q_scale, int num_stages, FreshKv<T> fresh) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
   constexpr int kEPV = Tl::kElemsPerVec, kVPL = Tl::kVecsPerLane, kLPK = Tl::kLanesPerKey;
   constexpr int kKPW = Tl::kKeysPerWarp, kU = Tl::kUnroll, kTile = Tl::kTile;
@@ -296,7 +308,15 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
   const T* k_base = k_cache + head_offset;
   const T* v_base = v_cache + head_offset;
   const int64_t num_tiles = !bad && k_begin < k_end ? (k_end - k_begin + kTile - 1) / kTile : 0;
-  constexpr int kStages = Tl::kStages;
+  const int stage_count = num_stages == kDeepStages ? kDeepStages : kShallowStages;
+  // Waits until tile t's copies (the oldest group but stage_count - 2 newer ones) have landed.
+  const auto wait_oldest = [&] {
+    if (stage_count == kDeepStages)
+      cp_async_wait<kDeepStages - 1>();
+    else
+      cp_async_wait<kShallowStages - 1>();
+  };
+  const auto stage_of = [&](int64_t t) { return stages + static_cast<int>(t % stage_count) * Tl::kStageWords; };
 
   // Fused: the slot this CTA fills from its own copy of the new key / value instead of the cache.
   int64_t fresh_key = -1;
@@ -305,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
   // only the thread's own wait_group. Keys past the range and vectors past head_dim are zero-filled.
   const auto issue = [&](int64_t t) {
     if (t < num_tiles) {
-      Words<kVecBytes>* stage = stages + (t % kStages) * Tl::kStageWords;
+      Words<kVecBytes>* stage = stage_of(t);
       const int64_t tile = k_begin + t * kTile;
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
@@ -325,8 +345,8 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
     cp_async_commit();  // also when empty: one group per tile index keeps the wait count fixed
   };
 
-  // Fused: the normed + rotated query heads, then the new key and value row (after kSmemBytes).
-  T* const fresh_q = reinterpret_cast<T*>(attention_smem + Tl::kSmemBytes);  // [kGT][kDPad]
+  // Fused: the normed + rotated query heads, then the new key and value row (after the pipeline).
+  T* const fresh_q = reinterpret_cast<T*>(attention_smem + Tl::area_bytes(stage_count));  // [kGT][kDPad]
   T* const fresh_k = fresh_q + kGT * kDPad;                                    // [kDPad]
   T* const fresh_v = fresh_k + kDPad;                                          // [kDPad]
   if constexpr (kFused) {
@@ -338,8 +358,7 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
     const bool writer = row_ok && (attended ? k_begin <= end - 1 && end - 1 < k_end : split == 0);
     if (writer && attended) fresh_key = end - 1;
     // The first copies fly while the heads are normalised (the new row is not among them).
-#pragma unroll
-    for (int t = 0; t < kStages - 1; ++t) issue(t);
+    for (int t = 0; t < stage_count - 1; ++t) issue(t);
 
     const float* cs_row = fresh.cos_sin + (position_bad ? 0 : position) * kDPad;
     // Every warp runs every round (full-mask shuffles); a group without an item computes on a clamped one.
@@ -396,8 +415,7 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
         }
     }
   } else {
-#pragma unroll
-    for (int t = 0; t < kStages - 1; ++t) issue(t);
+    for (int t = 0; t < stage_count - 1; ++t) issue(t);
   }
   // The tile holding fresh_key (-1: none).
   const int64_t fresh_tile = kFused && fresh_key >= 0 ? (fresh_key - k_begin) / kTile : -1;
@@ -413,11 +431,11 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
 
   {
     for (int64_t t = 0; t < num_tiles; ++t) {
-      issue(t + kStages - 1);  // into the stage consumed at t - 1 (by this thread only, already read)
-      cp_async_wait<kStages - 1>();
+      issue(t + stage_count - 1);  // into the stage consumed at t - 1 (by this thread only, already read)
+      wait_oldest();
       const int64_t tile = k_begin + t * kTile;
       if (kFused && t == fresh_tile) {  // the new row: this CTA's own copy into the copier's slots
-        Words<kVecBytes>* own = stages + (t % kStages) * Tl::kStageWords;
+        Words<kVecBytes>* own = stage_of(t);
         const auto* fresh_k_words = reinterpret_cast<const Words<kVecBytes>*>(fresh_k);
         const auto* fresh_v_words = reinterpret_cast<const Words<kVecBytes>*>(fresh_v);
 #pragma unroll
@@ -430,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
             }
           }
       }
-      const Words<kVecBytes>* stage = stages + (t % kStages) * Tl::kStageWords;
+      const Words<kVecBytes>* stage = stage_of(t);
 
       // Scores (already in log2 units: q carries scale * log2(e)), summed over the key's lanes.
       float s[kU][kGT];
@@ -592,42 +610,78 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 constexpr int kSplitLevels = 5;
 static_assert(1 << (kSplitLevels - 1) == kAttentionMaxSplits, "split levels");
 
-// What one kernel instantiation can keep resident on the current device: CTAs per SM times SMs (the
-// one-split case) and clusters of 2, 4, 8 and 16 CTAs (0 where that size is not available: 16 is
-// non-portable, Hopper takes it).
+// What one kernel instantiation can keep resident on the current device at one pipeline depth: CTAs
+// per SM times SMs (the one-split case) and clusters of 2, 4, 8 and 16 CTAs (0 where that size is not
+// available: 16 is non-portable, Hopper takes it).
+struct Resident {
+  int ctas = 0;
+  int clusters[kSplitLevels] = {};  // index log2(cluster size); [0] unused
+
+  // CTAs of `splits`-CTA clusters resident at once (0: that split count cannot run).
+  int ctas_in_clusters(int splits) const {
+    int lg = 0;
+    while ((1 << lg) < splits) ++lg;
+    return lg == 0 ? ctas : clusters[lg] * splits;
+  }
+};
+
 struct Residency {
   int sm_count = 0;
   int major = 0;
-  int ctas = 0;
-  int clusters[kSplitLevels] = {};  // index log2(cluster size); [0] unused
+  Resident shallow, deep;  // deep all 0 where the device's shared memory cannot hold kDeepStages
   cudaError_t err = cudaSuccess;
 };
 
-// Also raises the kernel's dynamic shared memory limit to smem_bytes (a per-device function attribute,
-// so it is set here, once per device, before anything is launched).
 template <typename Kernel>
-Residency query_residency(Kernel kernel, int device, int smem_bytes) {
+cudaError_t query_resident(Kernel kernel, int smem_bytes, bool clusters, Resident* out) {
+  int per_sm = 0;
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes);
+  if (err != cudaSuccess) return err;
+  int sm_count = 0;
+  err = current_sm_count(&sm_count);
+  if (err != cudaSuccess) return err;
+  out->ctas = per_sm * sm_count;
+  if (clusters)
+    for (int lg = 1; lg < kSplitLevels; ++lg) out->clusters[lg] = max_active_clusters(kernel, 1 << lg, kThreads, smem_bytes);
+  return cudaSuccess;
+}
+
+// Also raises the kernel's dynamic shared memory limit to the deep pipeline's size where the device
+// allows it, else to the shallow one's (a per-device function attribute, so it is set here, once per
+// device, before anything is launched).
+template <typename Kernel>
+Residency query_residency(Kernel kernel, int device, int shallow_bytes, int deep_bytes) {
   Residency r;
-  int sm_count = 0, per_sm = 0, major = 0;
+  int sm_count = 0, major = 0, optin = 0;
   r.err = current_sm_count(&sm_count);
-  if (r.err == cudaSuccess) r.err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (r.err == cudaSuccess) r.err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (r.err == cudaSuccess) r.err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (r.err != cudaSuccess) return r;
+  const bool deep_fits = optin >= deep_bytes;
+  r.err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, deep_fits ? deep_bytes : shallow_bytes);
   // All of L1 as shared memory where it helps: K and V bypass L1, and two CTAs per SM need ~200 KB.
   if (r.err == cudaSuccess)
     r.err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-  if (r.err == cudaSuccess)
-    r.err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem_bytes);
-  if (r.err == cudaSuccess) r.err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (r.err != cudaSuccess) return r;
+  if (r.err == cudaSuccess) r.err = query_resident(kernel, shallow_bytes, major >= 9, &r.shallow);
+  if (r.err == cudaSuccess && deep_fits) r.err = query_resident(kernel, deep_bytes, major >= 9, &r.deep);
   r.sm_count = sm_count;
   r.major = major;
-  r.ctas = per_sm * sm_count;
-  if (major < 9) return r;
-  for (int lg = 1; lg < kSplitLevels; ++lg) r.clusters[lg] = max_active_clusters(kernel, 1 << lg, kThreads, smem_bytes);
   return r;
 }
 
+// The pipeline depth of a launch of `ctas` CTAs in `splits`-CTA clusters: deep where they all fit at
+// once at one CTA per SM (then nothing else wants the SMs' shared memory, and each CTA's streaming
+// rate is what limits the grid), shallow otherwise; `requested` (kShallowStages / kDeepStages) forces
+// one, deep only where it can run at all.
+int choose_stages(const Residency& r, int splits, int64_t ctas, int requested) {
+  const int deep_resident = r.deep.ctas_in_clusters(splits);
+  if (requested == kShallowStages || deep_resident <= 0) return kShallowStages;
+  if (requested == kDeepStages) return kDeepStages;
+  return ctas <= deep_resident ? kDeepStages : kShallowStages;
+}
+
 // The split count, from a wave model in units of "time to stream one (sequence, kv head, head chunk)
-// at full bandwidth": the clusters of one split count run in waves of at most r.clusters (r.ctas for
+// at full bandwidth": the clusters of one split count run in waves of at most r.shallow.clusters (.ctas for
 // one split); a wave of n clusters takes max(n, R / splits), where R is about how many CTAs saturate
 // HBM and R / splits is the time of one CTA streaming its 1 / splits share alone. R = sm_count / 2:
 // measured on the H200 (B=1, 32 kv heads, context 16k-32k), 64 CTAs read the cache at 4.1 TB/s while
@@ -645,7 +699,7 @@ int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache
   const int64_t useful = (cache_len + tile - 1) / tile;
   for (int lg = 0; lg < kSplitLevels; ++lg) {
     const int size = 1 << lg;
-    const int resident = lg == 0 ? r.ctas : r.clusters[lg];
+    const int resident = lg == 0 ? r.shallow.ctas : r.shallow.clusters[lg];
     costs[lg] = (size > useful || resident <= 0) ? 1e300 : cost(resident, size);
     lowest = std::min(lowest, costs[lg]);
   }
@@ -660,9 +714,9 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
                          const T* v_cache, const int64_t* kv_start, int64_t kv_start_stride, const int64_t* kv_end,
                          int64_t kv_end_stride, T* out, int64_t batch, int64_t cache_len, int num_q_heads,
                          int num_kv_heads, int head_dim, int64_t window, float scale, int num_splits,
-                         cudaStream_t stream, int* splits_used, bool use_pdl, const FreshKv<T>& fresh) {
+                         int pipeline_stages, cudaStream_t stream, int* splits_used, bool use_pdl,
+                         const FreshKv<T>& fresh) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
-  constexpr int kSmemBytes = Tl::kSmemBytes + (kFused ? Tl::kFreshBytes : 0);
   auto kernel = decode_attention_kernel<T, kDPad, kVecBytes, kGT, kFused>;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -671,7 +725,9 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
   err = cudaPeekAtLastError();
   if (err != cudaSuccess) return err;
   static PerDeviceOnce<Residency> residency;  // one per instantiation
-  const Residency r = residency.get(device, [&] { return query_residency(kernel, device, kSmemBytes); });
+  const Residency r = residency.get(device, [&] {
+    return query_residency(kernel, device, Tl::smem_bytes(kShallowStages, kFused), Tl::smem_bytes(kDeepStages, kFused));
+  });
   if (r.err != cudaSuccess) return r.err;
 
   const int group = num_q_heads / num_kv_heads;
@@ -685,9 +741,12 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
   } else {
     splits = 1;  // the largest cluster size offered that does not exceed the request
     for (int lg = 1; lg < kSplitLevels; ++lg)
-      if ((1 << lg) <= num_splits && r.clusters[lg] > 0) splits = 1 << lg;
+      if ((1 << lg) <= num_splits && r.shallow.clusters[lg] > 0) splits = 1 << lg;
   }
   if (splits_used) *splits_used = splits;
+  // Every launch of the loop below has at most kMaxGridZ sequences.
+  const int64_t ctas = std::min<int64_t>(batch, 65535) * grid_y * splits;
+  const int stages = choose_stages(r, splits, ctas, pipeline_stages);
 
   const float q_scale = scale * kLog2e;
   constexpr int64_t kMaxGridZ = 65535;
@@ -701,7 +760,7 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(splits, static_cast<unsigned>(grid_y), static_cast<unsigned>(nb));
     config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = kSmemBytes;
+    config.dynamicSmemBytes = Tl::smem_bytes(stages, kFused);
     config.stream = stream;
     cudaLaunchAttribute attrs[2];
     unsigned num_attrs = 0;
@@ -731,7 +790,7 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
     }
     err = cudaLaunchKernelEx(&config, kernel, qb, q_batch_stride, q_head_stride, k_cache + kv_offset,
                              v_cache + kv_offset, sb, kv_start_stride, eb, kv_end_stride, ob, cache_len, num_q_heads,
-                             num_kv_heads, head_dim, group, head_chunks, window, q_scale, fb);
+                             num_kv_heads, head_dim, group, head_chunks, window, q_scale, stages, fb);
     const cudaError_t last = cudaGetLastError();  // this launch's error state, consumed (reported below)
     if (err == cudaSuccess) err = last;
     if (err != cudaSuccess) return err;
@@ -763,7 +822,7 @@ cudaError_t launch_impl(const void* q, int64_t q_batch_stride, int64_t q_head_st
                         const void* v_cache, const int64_t* kv_start, int64_t kv_start_stride, const int64_t* kv_end,
                         int64_t kv_end_stride, void* out, int64_t batch, int64_t cache_len, int64_t num_q_heads,
                         int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale, int num_splits,
-                        DType dtype, cudaStream_t stream, int* splits_used, bool use_pdl,
+                        int pipeline_stages, DType dtype, cudaStream_t stream, int* splits_used, bool use_pdl,
                         const DecodeQkNormRopeArgs* args, void* k_cache_mut, void* v_cache_mut) {
   if (splits_used) *splits_used = 0;
   if (batch <= 0 || num_q_heads <= 0 || head_dim <= 0) return cudaSuccess;
@@ -812,7 +871,7 @@ cudaError_t launch_impl(const void* q, int64_t q_batch_stride, int64_t q_head_st
                 static_cast<const scalar_t*>(k_cache), static_cast<const scalar_t*>(v_cache), kv_start,
                 kv_start_stride, kv_end, kv_end_stride, static_cast<scalar_t*>(out), batch, cache_len,
                 static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim), window,
-                scale, num_splits, stream, splits_used, use_pdl, fresh);
+                scale, num_splits, pipeline_stages, stream, splits_used, use_pdl, fresh);
           }
         };
         return vec16 ? run(std::integral_constant<int, 16>{}) : run(std::integral_constant<int, 4>{});
@@ -845,10 +904,11 @@ cudaError_t launch_decode_attention(const void* q, int64_t q_batch_stride, int64
                                     const int64_t* kv_end, int64_t kv_end_stride, void* out, int64_t batch,
                                     int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t window, float scale, int num_splits, DType dtype, cudaStream_t stream,
-                                    int* splits_used, bool use_pdl) {
+                                    int* splits_used, bool use_pdl, int pipeline_stages) {
   return launch_impl<false>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
                             kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
-                            num_splits, dtype, stream, splits_used, use_pdl, nullptr, nullptr, nullptr);
+                            num_splits, pipeline_stages, dtype, stream, splits_used, use_pdl, nullptr, nullptr,
+                            nullptr);
 }
 
 cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_stride, int64_t q_head_stride,
@@ -858,7 +918,7 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_
                                                  int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                                  int64_t window, float scale, const DecodeQkNormRopeArgs& args,
                                                  int num_splits, DType dtype, cudaStream_t stream, int* splits_used,
-                                                 bool use_pdl) {
+                                                 bool use_pdl, int pipeline_stages) {
   if (!can_fuse_qk_norm_rope(q, q_batch_stride, q_head_stride, k_cache, v_cache, args, num_q_heads, num_kv_heads,
                              head_dim, dtype)) {
     if (splits_used) *splits_used = 0;
@@ -866,7 +926,8 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_
   }
   return launch_impl<true>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
                            kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
-                           num_splits, dtype, stream, splits_used, use_pdl, &args, k_cache, v_cache);
+                           num_splits, pipeline_stages, dtype, stream, splits_used, use_pdl, &args, k_cache,
+                           v_cache);
 }
 
 }  // namespace dots1
