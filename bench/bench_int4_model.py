@@ -103,7 +103,10 @@ def run(quick: bool = False) -> list[Report]:
         if gpu:
             torch.cuda.synchronize()
         build_s = time.perf_counter() - t0
-        weight_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        # Each storage once: q/k/v and gate/up are views of the packed qkv and gate_up buffers.
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in list(model.parameters()) + list(model.buffers())}
+        weight_bytes = sum(storages.values())
         extra = {"build_s": round(build_s, 1), "weights_GB": round(weight_bytes / 1e9, 2)}
         if gpu:
             extra["peak_GiB_after_build"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -160,7 +163,7 @@ def run(quick: bool = False) -> list[Report]:
         del model
         _free()
     build.notes.append("build: random weights made on the device, routed experts quantized expert by expert "
-                       "(int4: groups of 128, asymmetric); weights_GB = parameters + buffers")
+                       "(int4: groups of 128, asymmetric); weights_GB = the storages of parameters + buffers, each once")
     steps.notes.append("floor = (non-expert weights + expected touched routed experts at their stored bytes "
                        "+ KV) / copy bandwidth; tokens_per_s = B / step time")
     if skipped:
