@@ -25,6 +25,7 @@ qk_norm_rope_decode_attention (one launch, =1), same inputs, same graph timing.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from typing import Callable
 
@@ -171,6 +172,11 @@ def run(quick: bool = False) -> list[Report]:
     if on_gpu():
         batches = [1, 32] if quick else [1, 8, 32]
         contexts = [2048, 16384] if quick else [256, 2048, 16384, 32768]
+        # A subset for a short run: DOTS1_BENCH_ATTENTION_BATCHES=1 DOTS1_BENCH_ATTENTION_CONTEXTS=2048,32768
+        if os.environ.get("DOTS1_BENCH_ATTENTION_BATCHES"):
+            batches = [int(v) for v in os.environ["DOTS1_BENCH_ATTENTION_BATCHES"].split(",")]
+        if os.environ.get("DOTS1_BENCH_ATTENTION_CONTEXTS"):
+            contexts = [int(v) for v in os.environ["DOTS1_BENCH_ATTENTION_CONTEXTS"].split(",")]
         cases = [(B, ctx, ctx) for B in batches for ctx in contexts
                  if 2 * B * ctx * HK * D * 2 <= MAX_CACHE_BYTES]
         cases.append((1, 2048, 32768))
