@@ -10,12 +10,12 @@
 // register loads would not do: ptxas issues about 8 of them and then starts the math, which waits for
 // the first and so delays the rest by a full memory latency.
 //
-// Pipeline depth. A CTA streams at about (bytes in flight) / (memory latency), so a grid that fills
-// the GPU at two CTAs per SM (3 stages, 64 KB in flight each) reads at HBM speed, while a grid of fewer
-// CTAs than SMs (batch 1: 32 kv heads x 2 splits) cannot: with 3 stages one CTA reads ~50 GB/s. Such a
-// grid runs kDeepStages stages (192 KB of shared memory, one CTA per SM, 160 KB in flight each). The
-// depth is a launch argument, not a template one: it changes where bytes land, never the arithmetic or
-// its order, so both depths give the same bits. Each key group keeps its own running
+// Pipeline depth. A grid that fits the GPU at one CTA per SM (batch 1: 32 kv heads x 1 or 2 splits)
+// runs kDeepStages stages (192 KB of shared memory, 160 KB in flight per CTA) instead of 3: measured on
+// the H200 (bench/probes/attention_splits.py, 61f4a58) 3-5% faster at 2 splits (14.0 vs 14.6 us at
+// context 2048). Not more: a CTA reads ~45 GB/s at either depth (1 split, 2048: 23.2 vs 23.7 us), so
+// what bounds it is the consuming loop, not the bytes in flight. The depth is a launch argument, not a
+// template one: it changes where bytes land, never the arithmetic or its order (the same bits). Each key group keeps its own running
 // (max, sum, acc) in fp32 (online softmax, one rescale per tile); the groups are merged through
 // shuffles, then the warps through shared memory in warp order (one barrier, every thread merging some
 // elements).
@@ -670,9 +670,9 @@ Residency query_residency(Kernel kernel, int device, int shallow_bytes, int deep
 }
 
 // The pipeline depth of a launch of `ctas` CTAs in `splits`-CTA clusters: deep where they all fit at
-// once at one CTA per SM (then nothing else wants the SMs' shared memory, and each CTA's streaming
-// rate is what limits the grid), shallow otherwise; `requested` (kShallowStages / kDeepStages) forces
-// one, deep only where it can run at all.
+// once at one CTA per SM (then nothing else wants the SMs' shared memory), shallow otherwise (forced
+// deep, a grid that would run at two CTAs per SM ran 10-45% slower: the probe above at 4-16 splits);
+// `requested` (kShallowStages / kDeepStages) forces one, deep only where it can run at all.
 int choose_stages(const Residency& r, int splits, int64_t ctas, int requested) {
   const int deep_resident = r.deep.ctas_in_clusters(splits);
   if (requested == kShallowStages || deep_resident <= 0) return kShallowStages;
