@@ -343,6 +343,19 @@ def test_device_mismatch_raises():
 # GPU: split counts, graph replay, determinism, every element written, big batches
 
 
+def mixed_case(shape, dtype):
+    """q, caches and bounds on the GPU for shape (B, Hq, Hk, D, S): random lengths, an empty range next
+    to full ones and (B > 2) a poisoned sequence inside a cluster launch."""
+    B, Hq, Hk, D, S = shape
+    q = make_q(B, Hq, Hk, D, dtype, "cuda")
+    k_cache, v_cache = make_cache(B, S, Hk, D, dtype, "cuda")
+    pairs = random_pairs(B, S)
+    pairs[-1] = (0, 0) if B > 1 else pairs[-1]
+    if B > 2:
+        pairs[1] = (-1, 3)
+    return (q, k_cache, v_cache, *bounds(pairs, "cuda"))
+
+
 @requires_cuda
 @pytest.mark.parametrize("splits", ["1", "2", "4", "8", "16", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -351,14 +364,7 @@ def test_device_mismatch_raises():
                          ids=lambda s: "x".join(map(str, s)))
 def test_every_split_count(monkeypatch, splits, dtype, shape):
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
-    B, Hq, Hk, D, S = shape
-    q = make_q(B, Hq, Hk, D, dtype, "cuda")
-    k_cache, v_cache = make_cache(B, S, Hk, D, dtype, "cuda")
-    pairs = random_pairs(B, S)
-    pairs[-1] = (0, 0) if B > 1 else pairs[-1]  # an empty range next to full ones
-    if B > 2:
-        pairs[1] = (-1, 3)  # poisoned, inside a cluster launch
-    kv_start, kv_end = bounds(pairs, "cuda")
+    q, k_cache, v_cache, kv_start, kv_end = mixed_case(shape, dtype)
     for window in (0, 100):
         out = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)
         check(out, q, k_cache, v_cache, kv_start, kv_end, window=window, what=f"splits={splits} window={window}")
@@ -384,14 +390,7 @@ def test_pipeline_depths_same_bits(monkeypatch, splits, dtype, shape):
     # in where the copies land, never in the arithmetic: forced either way, including the deep one on a
     # grid that takes several waves (B = 64), the results are equal bit for bit and right.
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
-    B, Hq, Hk, D, S = shape
-    q = make_q(B, Hq, Hk, D, dtype, "cuda")
-    k_cache, v_cache = make_cache(B, S, Hk, D, dtype, "cuda")
-    pairs = random_pairs(B, S)
-    pairs[-1] = (0, 0) if B > 1 else pairs[-1]
-    if B > 2:
-        pairs[1] = (-1, 3)
-    kv_start, kv_end = bounds(pairs, "cuda")
+    q, k_cache, v_cache, kv_start, kv_end = mixed_case(shape, dtype)
     for window in (0, 100):
         outs = {}
         for stages in ("3", "6"):

@@ -16,23 +16,11 @@
 //   order    heads-fastest grid (blockIdx.x = head) against splits-fastest (blockIdx.x = split, the
 //            kernel's order)
 // at contexts 2048 (33.5 MB: cycled through 8 copies so that L2 does not serve it) and 32768 (537 MB).
-// Timing: CUDA events around 20 calls after 3 warm-up calls, the median of 5 repetitions. Reference:
+// Timing: probe_util.cuh time_ms. Reference:
 // cudaMemcpy device to device over 1 GB (read + write bytes / time, the benches' "copy bandwidth").
-#include <cuda_runtime.h>
-
-#include <algorithm>
 #include <cstdint>
-#include <cstdio>
-#include <vector>
 
-#define CHECK(x)                                                                          \
-  do {                                                                                    \
-    cudaError_t e = (x);                                                                  \
-    if (e != cudaSuccess) {                                                               \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); \
-      return 1;                                                                           \
-    }                                                                                     \
-  } while (0)
+#include "probe_util.cuh"
 
 constexpr int kHeads = 32;
 constexpr int kD = 128;                    // bf16 elements per row: 256 B
@@ -98,23 +86,6 @@ __global__ void __launch_bounds__(kThreads, 1) kv_stream(const char* __restrict_
   }
   cp_wait<0>();
   if (acc == 0x9e3779b9u) sink[blockIdx.y * gridDim.x + blockIdx.x] = acc;  // keeps the reads
-}
-
-template <typename Launch>
-float time_ms(Launch launch, cudaEvent_t a, cudaEvent_t b) {
-  for (int i = 0; i < 3; ++i) launch(i);
-  std::vector<float> reps;
-  for (int r = 0; r < 5; ++r) {
-    cudaEventRecord(a);
-    for (int i = 0; i < 20; ++i) launch(i);
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    reps.push_back(ms / 20);
-  }
-  std::sort(reps.begin(), reps.end());
-  return reps[reps.size() / 2];
 }
 
 template <int kStages, bool kHeadMajor, bool kHeadsFastest>

@@ -15,21 +15,9 @@
 // each with ld.global.nc.L1::no_allocate, and with the .L2::256B prefetch-size hint added. Reference
 // rows: cudaMemcpy device to device (read + write bytes / time, the benches' "copy bandwidth").
 // Timing: CUDA events around 20 calls after 3 warm-up calls, the median of 5 repetitions.
-#include <cuda_runtime.h>
-
-#include <algorithm>
 #include <cstdint>
-#include <cstdio>
-#include <vector>
 
-#define CHECK(x)                                                                   \
-  do {                                                                             \
-    cudaError_t e = (x);                                                           \
-    if (e != cudaSuccess) {                                                        \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); \
-      return 1;                                                                    \
-    }                                                                              \
-  } while (0)
+#include "probe_util.cuh"
 
 constexpr int kK = 4096;           // elements per row (bf16): 8 KB
 constexpr int kRowBytes = kK * 2;
@@ -86,23 +74,6 @@ __global__ void __launch_bounds__(256, 2) stream_kernel(const char* __restrict__
   if (acc == 0x9e3779b9u) sink[blockIdx.x] = acc;  // keeps the loads; practically never stores
 }
 
-template <typename Launch>
-float time_ms(Launch launch, cudaEvent_t a, cudaEvent_t b) {
-  for (int i = 0; i < 3; ++i) launch();
-  std::vector<float> reps;
-  for (int r = 0; r < 5; ++r) {
-    cudaEventRecord(a);
-    for (int i = 0; i < 20; ++i) launch();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    reps.push_back(ms / 20);
-  }
-  std::sort(reps.begin(), reps.end());
-  return reps[reps.size() / 2];
-}
-
 int main() {
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -119,12 +90,12 @@ int main() {
   cudaEventCreate(&a);
   cudaEventCreate(&b);
 
-  const float copy_ms = time_ms([&] { cudaMemcpyAsync(dst, w, bytes, cudaMemcpyDeviceToDevice); }, a, b);
+  const float copy_ms = time_ms([&](int) { cudaMemcpyAsync(dst, w, bytes, cudaMemcpyDeviceToDevice); }, a, b);
   std::printf("| variant | ms | GB/s |\n| --- | --- | --- |\n");
   std::printf("| cudaMemcpy D2D (read + write) | %.4f | %.0f |\n", copy_ms, 2.0 * bytes / (copy_ms * 1e6));
   const int grid = 2 * sms;
   auto row = [&](const char* name, auto kernel) {
-    const float ms = time_ms([&] { kernel<<<grid, 256>>>(w, tiles, sink); }, a, b);
+    const float ms = time_ms([&](int) { kernel<<<grid, 256>>>(w, tiles, sink); }, a, b);
     std::printf("| %s | %.4f | %.0f |\n", name, ms, bytes / (ms * 1e6));
   };
   row("rows8x64 (the kernels' pattern)", stream_kernel<0, false>);

@@ -1,0 +1,36 @@
+// Shared by the standalone probes in this folder (each is compiled on its own with nvcc).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#define CHECK(x)                                                                          \
+  do {                                                                                    \
+    cudaError_t e = (x);                                                                  \
+    if (e != cudaSuccess) {                                                               \
+      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); \
+      return 1;                                                                           \
+    }                                                                                     \
+  } while (0)
+
+// Median ms per call of launch(i): CUDA events around 20 calls (i = 0..19) after 3 warm-up calls, the
+// median of 5 repetitions.
+template <typename Launch>
+float time_ms(Launch launch, cudaEvent_t a, cudaEvent_t b) {
+  for (int i = 0; i < 3; ++i) launch(i);
+  std::vector<float> reps;
+  for (int r = 0; r < 5; ++r) {
+    cudaEventRecord(a);
+    for (int i = 0; i < 20; ++i) launch(i);
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    reps.push_back(ms / 20);
+  }
+  std::sort(reps.begin(), reps.end());
+  return reps[reps.size() / 2];
+}
