@@ -10,7 +10,9 @@
 // a pipeline stage (32 KB), waits for its oldest group, reads its words back and folds them into a
 // register. No math: what is left is the reading. Variants:
 //   layout   [S, Hk, D] (the cache's layout: a head's rows 8 KB apart) or [Hk, S, D] (head-major:
-//            a head's rows contiguous)
+//            a head's rows contiguous). The second stands for any contiguous stream per CTA, such as
+//            a CTA that takes a key range of every head of the [S, Hk, D] cache: if it reads much
+//            faster, that decomposition is the fix and the cache layout can stay.
 //   stages   3 (the default, two CTAs per SM) or 6 (the deep pipeline, one CTA per SM)
 //   splits   1, 2, 4, 8, 16 (no clusters, no combine: the splits only divide the range)
 //   order    heads-fastest grid (blockIdx.x = head) against splits-fastest (blockIdx.x = split, the
