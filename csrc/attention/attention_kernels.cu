@@ -14,11 +14,14 @@
 // runs kDeepStages stages (192 KB of shared memory, 160 KB in flight per CTA) instead of 3: measured on
 // the H200 (bench/probes/attention_splits.py, 61f4a58) 3-5% faster at 2 splits (14.0 vs 14.6 us at
 // context 2048). Not more: a CTA reads ~45 GB/s at either depth (1 split, 2048: 23.2 vs 23.7 us), so
-// what bounds it is the consuming loop, not the bytes in flight. The depth is a launch argument, not a
-// template one: it changes where bytes land, never the arithmetic or its order (the same bits). Each key group keeps its own running
-// (max, sum, acc) in fp32 (online softmax, one rescale per tile); the groups are merged through
-// shuffles, then the warps through shared memory in warp order (one barrier, every thread merging some
-// elements).
+// its bytes in flight are not what bounds it; and 128 CTAs read less in total than 64, so neither is
+// its loop alone (the access pattern, each CTA on one head's rows 8 KB apart, is the suspect:
+// bench/probes/kv_read_patterns.cu). The depth is a launch argument, not a template one: it changes
+// where bytes land, never the arithmetic or its order (the same bits).
+//
+// Each key group keeps its own running (max, sum, acc) in fp32 (online softmax, one rescale per tile);
+// the groups are merged through shuffles, then the warps through shared memory in warp order (one
+// barrier, every thread merging some elements).
 //
 // Splits. The host picks the split count from the batch, the heads, the SM count and the cache capacity
 // (never the device lengths: one CUDA graph serves every length). Each split derives its key range from
