@@ -49,6 +49,20 @@ def fresh_cache(model, batch: int, slots: int) -> None:
     model.setup_cache(batch, slots)
 
 
+def decode_cache(model, batch: int, slots: int) -> bool:
+    """fresh_cache, filled as a decode step finds it: realistic (finite, non-zero) K/V history, every
+    sequence starting at slot 0. False (nothing allocated) when the device runs out of memory."""
+    try:
+        fresh_cache(model, batch, slots)
+    except torch.OutOfMemoryError:
+        return False
+    for layer in model.model.layers:
+        layer.self_attn.k_cache.normal_()
+        layer.self_attn.v_cache.normal_()
+    model.model.cache_start.zero_()
+    return True
+
+
 def kernel_kind(name: str) -> str:
     """A profiler kernel name -> the kind it is reported under."""
     n = name.lower()
@@ -129,15 +143,9 @@ def run(quick: bool = False) -> list[Report]:
                 if kv > KV_BUDGET_BYTES:
                     skipped.append(f"B={B} context {ctx} ({kv / 2**30:.0f} GiB of KV cache)")
                     continue
-                try:
-                    fresh_cache(model, B, ctx + 1)
-                except torch.OutOfMemoryError:
+                if not decode_cache(model, B, ctx + 1):
                     skipped.append(f"B={B} context {ctx} (out of memory allocating the cache)")
                     continue
-                for layer in model.model.layers:  # realistic (finite, non-zero) cache contents
-                    layer.self_attn.k_cache.normal_()
-                    layer.self_attn.v_cache.normal_()
-                model.model.cache_start.zero_()
                 floor = bytes_floor_ms(decode_weight_bytes(cfg, B, elem) + kv)
                 tok = torch.randint(0, cfg.vocab_size, (B,), device=device)
                 case = f"B={B} context {ctx}"

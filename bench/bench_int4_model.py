@@ -65,7 +65,7 @@ def _free(model=None) -> None:
 
 
 def run(quick: bool = False) -> list[Report]:
-    from bench.bench_decode import fresh_cache, kv_bytes
+    from bench.bench_decode import decode_cache, fresh_cache, kv_bytes
     from dots1_ext.config import dots1_real_config
     from dots1_ext.cuda_graph import DecodeGraphs
     from dots1_ext.model import build_random_model
@@ -123,15 +123,9 @@ def run(quick: bool = False) -> list[Report]:
                     if gpu and weight_bytes + kv + HEADROOM_BYTES > total:
                         skipped.append(f"{case} ({kv / 2**30:.0f} GiB of KV beside {weight_bytes / 2**30:.0f} GiB)")
                         continue
-                    try:
-                        fresh_cache(model, B, ctx + 1)
-                    except torch.OutOfMemoryError:
+                    if not decode_cache(model, B, ctx + 1):
                         skipped.append(f"{case} (out of memory allocating the cache)")
                         continue
-                    for layer in model.model.layers:  # finite, non-zero cache contents
-                        layer.self_attn.k_cache.normal_()
-                        layer.self_attn.v_cache.normal_()
-                    model.model.cache_start.zero_()
                     tok = torch.randint(0, cfg.vocab_size, (B,), device=device)
                     floor = bytes_floor_ms(step_weight_bytes(cfg, B, elem, experts) + kv)
                     if gpu:
