@@ -410,8 +410,9 @@ def test_pipeline_depths_same_bits(monkeypatch, splits, dtype, shape):
 def test_workspace_combine_same_bits_as_clusters(monkeypatch, splits, dtype, shape):
     # DOTS1_EXT_ATTENTION_COMBINE=workspace: the splits as independent CTAs, their partials combined by
     # a second kernel in split order with the cluster combine's arithmetic. For a forced split count
-    # the two modes give the same bits (poisoned and empty sequences included); auto may pick another
-    # count in each mode, so there only the reference decides.
+    # the two modes give the same bits (poisoned and empty sequences included). Only the portable
+    # cluster sizes (<= 8) are sure to run as asked in the cluster mode (16 is taken where the GPU
+    # allows it), and auto may pick another count in each mode: there only the reference decides.
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
     q, k_cache, v_cache, kv_start, kv_end = mixed_case(shape, dtype)
     for window in (0, 100):
@@ -421,7 +422,7 @@ def test_workspace_combine_same_bits_as_clusters(monkeypatch, splits, dtype, sha
             outs[mode] = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)
         check(outs["workspace"], q, k_cache, v_cache, kv_start, kv_end, window=window,
               what=f"workspace splits={splits} window={window}")
-        if splits != "auto":
+        if splits in ("1", "2", "4", "8"):
             torch.testing.assert_close(outs["workspace"], outs["cluster"], rtol=0, atol=0, equal_nan=True,
                                        msg=lambda m: f"splits={splits} window={window}: modes differ: {m}")
 
