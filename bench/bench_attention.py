@@ -122,6 +122,10 @@ class Bench:
             for stages in ("3", "6"):
                 with env_vars({"DOTS1_EXT_ATTENTION_STAGES": stages}):
                     add(f"dots1_ext ({stages} stages)", ours)
+            # The workspace combine (independent split CTAs + a combine kernel) at each split count.
+            for splits in ("auto", "2", "4", "8", "16"):
+                with env_vars({"DOTS1_EXT_ATTENTION_COMBINE": "workspace", "DOTS1_EXT_ATTENTION_SPLITS": splits}):
+                    add(f"dots1_ext (workspace combine, splits={splits})", ours)
 
         # The whole decode-step attention from the raw qkv (q, k rotated in place by the two-op path on
         # every call: the times, not the values, matter here; the norm keeps them bounded).

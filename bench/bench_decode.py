@@ -27,6 +27,7 @@ VARIANTS = {
     "fragment loads": {"DOTS1_EXT_SKINNY_KERNEL": "frag", "DOTS1_EXT_MOE_DECODE_LOADS": "frag"},
     "fused QK attention": {"DOTS1_EXT_ATTENTION_FUSED_QK": "1"},
     "shallow attention pipeline": {"DOTS1_EXT_ATTENTION_STAGES": "3"},
+    "workspace attention combine": {"DOTS1_EXT_ATTENTION_COMBINE": "workspace"},
 }
 COMPARE_VARIANTS = os.environ.get("DOTS1_BENCH_DECODE_VARIANTS", "1") != "0"
 KV_BUDGET_BYTES = 72 * 2**30  # the 8-layer model takes ~35 GB of the H200's 141; graphs and activations the rest

@@ -71,7 +71,8 @@ def run_case(dtype, B, Hq, Hk, D, S, pairs, window, cache_offset=0, q_layout="fu
                                      1.0 / math.sqrt(D))
     name = (f"{dtype} B={B} Hq={Hq} Hk={Hk} D={D} S={S} window={window} offset={cache_offset} q={q_layout} "
             f"splits={os.environ.get('DOTS1_EXT_ATTENTION_SPLITS', 'auto')} "
-            f"stages={os.environ.get('DOTS1_EXT_ATTENTION_STAGES', 'auto')}")
+            f"stages={os.environ.get('DOTS1_EXT_ATTENTION_STAGES', 'auto')} "
+            f"combine={os.environ.get('DOTS1_EXT_ATTENTION_COMBINE', 'auto')}")
     check(name, out, ref, dtype)
 
 
@@ -154,6 +155,14 @@ def main() -> int:
                 run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=8)  # 16-byte aligned view
     os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS")
     os.environ.pop("DOTS1_EXT_ATTENTION_STAGES")
+    # The workspace combine (independent split CTAs, a second kernel): the plain op at every split count.
+    os.environ["DOTS1_EXT_ATTENTION_COMBINE"] = "workspace"
+    for splits in split_counts:
+        os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
+        for B, Hq, Hk, D, S in shapes:
+            run_case(torch.bfloat16, B, Hq, Hk, D, S, pairs_for(B, S), 0)
+    os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS")
+    os.environ.pop("DOTS1_EXT_ATTENTION_COMBINE")
     # Without programmatic dependent launch (the default launches with it on sm_90).
     os.environ["DOTS1_EXT_PDL"] = "0"
     for B, Hq, Hk, D, S in shapes:

@@ -402,6 +402,64 @@ def test_pipeline_depths_same_bits(monkeypatch, splits, dtype, shape):
 
 
 @requires_cuda
+@pytest.mark.parametrize("splits", ["1", "2", "4", "8", "16", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 32, 32, 128, 2048), (3, 8, 1, 64, 1500), (3, 12, 3, 96, 700),
+                                   (2, 4, 4, 256, 900), (3, 6, 6, 34, 600), (8, 16, 2, 128, 257)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_workspace_combine_same_bits_as_clusters(monkeypatch, splits, dtype, shape):
+    # DOTS1_EXT_ATTENTION_COMBINE=workspace: the splits as independent CTAs, their partials combined by
+    # a second kernel in split order with the cluster combine's arithmetic. For a forced split count
+    # the two modes give the same bits (poisoned and empty sequences included). Only the portable
+    # cluster sizes (<= 8) are sure to run as asked in the cluster mode (16 is taken where the GPU
+    # allows it), and auto may pick another count in each mode: there only the reference decides.
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
+    q, k_cache, v_cache, kv_start, kv_end = mixed_case(shape, dtype)
+    for window in (0, 100):
+        outs = {}
+        for mode in ("cluster", "workspace"):
+            monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", mode)
+            outs[mode] = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)
+        check(outs["workspace"], q, k_cache, v_cache, kv_start, kv_end, window=window,
+              what=f"workspace splits={splits} window={window}")
+        if splits in ("1", "2", "4", "8"):
+            torch.testing.assert_close(outs["workspace"], outs["cluster"], rtol=0, atol=0, equal_nan=True,
+                                       msg=lambda m: f"splits={splits} window={window}: modes differ: {m}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("splits", ["4", "auto"])
+def test_workspace_combine_graph_replay(monkeypatch, splits):
+    # The workspace comes from the caching allocator at capture: the graph keeps it; replays with new
+    # device lengths equal eager calls bit for bit.
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", "workspace")
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
+    B, Hq, Hk, D, S = 2, 32, 32, 128, 3000
+    q = make_q(B, Hq, Hk, D, torch.bfloat16, "cuda")
+    k_cache, v_cache = make_cache(B, S, Hk, D, torch.bfloat16, "cuda")
+    kv_start = torch.zeros(B, dtype=torch.int64, device="cuda")
+    kv_end = torch.full((B,), S, dtype=torch.int64, device="cuda")
+    fn = lambda: A.decode_attention(q, k_cache, v_cache, kv_start, kv_end)  # noqa: E731
+    graph, static_out = capture_cuda_graph(fn)
+    for step, ends in enumerate([[S, S], [1, 700], [2048, 0], [S - 1, 65]]):
+        kv_end.copy_(torch.tensor(ends, device="cuda"))
+        graph.replay()
+        eager = fn()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager), f"step {step}: graph replay differs from eager"
+        check(static_out, q, k_cache, v_cache, kv_start, kv_end, window=0, what=f"workspace replay step {step}")
+
+
+@requires_cuda
+def test_bad_combine_setting_raises(monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", "global")
+    q = make_q(1, 4, 4, 64, torch.bfloat16, "cuda")
+    kc, vc = make_cache(1, 8, 4, 64, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="DOTS1_EXT_ATTENTION_COMBINE"):
+        A.decode_attention(q, kc, vc, *bounds([(0, 8)], "cuda"))
+
+
+@requires_cuda
 @pytest.mark.parametrize("value", ["4", "deep", "0"])
 def test_bad_stages_setting_raises(monkeypatch, value):
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_STAGES", value)

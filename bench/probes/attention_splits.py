@@ -1,4 +1,5 @@
-"""Probe: decode attention at batch 1 over split counts and both K/V pipeline depths, against SDPA.
+"""Probe: decode attention at batch 1 over split counts, both K/V pipeline depths and both split
+combines (clusters; a workspace and a second kernel), against SDPA.
 
     PYTHONPATH=. python bench/probes/attention_splits.py [out.md]
 
@@ -49,11 +50,15 @@ def main() -> int:
             end = torch.full((1,), ctx, dtype=torch.int64, device="cuda")
             floor_us = nbytes / (bw * 1e9) * 1e6
             rows = []
-            for splits in ("auto", "1", "2", "4", "8", "16"):
-                for stages in ("auto", "3", "6"):
-                    with env_vars({"DOTS1_EXT_ATTENTION_SPLITS": splits, "DOTS1_EXT_ATTENTION_STAGES": stages}):
-                        ms = time_call(lambda i: A.decode_attention(q, kc[i], vc[i], start, end, 0, scale), copies)
-                    rows.append((f"splits={splits} stages={stages}", ms))
+            for combine in ("cluster", "workspace"):
+                for splits in ("auto", "1", "2", "4", "8", "16"):
+                    for stages in ("auto", "3", "6"):
+                        env = {"DOTS1_EXT_ATTENTION_SPLITS": splits, "DOTS1_EXT_ATTENTION_STAGES": stages,
+                               "DOTS1_EXT_ATTENTION_COMBINE": combine}
+                        with env_vars(env):
+                            ms = time_call(lambda i: A.decode_attention(q, kc[i], vc[i], start, end, 0, scale),
+                                           copies)
+                        rows.append((f"{combine} splits={splits} stages={stages}", ms))
             q4 = q.view(1, HQ, 1, D)
             ms = time_call(lambda i: F.scaled_dot_product_attention(q4, kc[i].transpose(1, 2), vc[i].transpose(1, 2),
                                                                     scale=scale), copies)

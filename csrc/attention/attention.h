@@ -62,7 +62,13 @@ cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], st
                                     int64_t batch, int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads,
                                     int64_t head_dim, int64_t window, float scale, int num_splits, DType dtype,
                                     cudaStream_t stream, int* splits_used = nullptr, bool use_pdl = true,
-                                    int pipeline_stages = 0);
+                                    int pipeline_stages = 0, float* workspace = nullptr);
+
+// workspace (launch_decode_attention): nullptr combines the splits in thread-block clusters (the
+// default); else the splits are independent CTAs that leave their partials in it (at least
+// decode_attention_workspace_floats(batch, num_q_heads, head_dim) fp32, 16-byte aligned, any contents)
+// and a second kernel combines them, with the same bits as the cluster mode for the same split count.
+int64_t decode_attention_workspace_floats(int64_t batch, int64_t num_q_heads, int64_t head_dim);
 
 // The fused op's inputs besides the plain op's (qk_norm_rope_decode_attention, attention.cpp): this
 // step's raw k and v and what qk_norm_rope_kv_cache_ (norm.h) takes. Strides in elements.

@@ -33,6 +33,12 @@
 // shared memory in split order. No workspace, counters or second kernel, so the result is deterministic
 // (bitwise equal across runs, and between graph replay and eager) and any number of calls may run at once
 // on different streams. GPUs without clusters run one split.
+//
+// The workspace mode (DOTS1_EXT_ATTENTION_COMBINE=workspace; an experiment, not the default): the splits
+// are independent CTAs, not a cluster; each writes its partial to a caller-given fp32 workspace and
+// decode_attention_combine_kernel (a second launch, PDL-chained) combines them in split order with the
+// cluster mode's arithmetic: the same bits for the same split count. What it is for: a cluster must fit
+// one GPC, and at batch 1 the cluster mode's 4 and 8 splits read the cache slower in total than 2.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -184,7 +190,50 @@ struct FreshKv {
   float eps;
 };
 
-// grid (splits, Hk * head_chunks, batch); cluster (splits, 1, 1) when splits > 1. num_stages:
+// The workspace split mode (attention.h pipeline / combine): split `split` of query head h of sequence b
+// keeps its partial (acc [d_pad], then max, then sum: the cluster mode's part_acc / part_m / part_l)
+// at workspace_slot. Layout [B][Hq][splits][d_pad + 2] fp32.
+__device__ __forceinline__ float* workspace_slot(float* workspace, int64_t b, int q_head, int num_q_heads, int split,
+                                                 int num_splits, int d_pad) {
+  return workspace + ((b * num_q_heads + q_head) * num_splits + split) * (d_pad + 2);
+}
+
+// The workspace mode's second kernel: grid (Hq, batch), kCombineThreads threads; each output element
+// combined from the splits' partials in split order, exactly as the cluster mode's combine (the same
+// bits). A sequence with bad bounds gets NaN, as in the main kernel (it wrote no partial worth reading).
+constexpr int kCombineThreads = 128;
+
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads)
+    decode_attention_combine_kernel(const float* __restrict__ workspace, const int64_t* __restrict__ kv_start,
+                                    int64_t kv_start_stride, const int64_t* __restrict__ kv_end,
+                                    int64_t kv_end_stride, T* __restrict__ out, int64_t cache_len, int num_q_heads,
+                                    int head_dim, int d_pad, int num_splits) {
+  // PDL: the partials come from the previous kernel (the main one); nothing is read before its end.
+  pdl_wait();
+  pdl_launch_dependents();
+  const int q_head = blockIdx.x;
+  const int64_t b = blockIdx.y;
+  const int64_t start = kv_start[b * kv_start_stride], end = kv_end[b * kv_end_stride];
+  const bool bad = start < 0 || end > cache_len || start > end;
+  const float* first = workspace + (b * num_q_heads + q_head) * num_splits * (d_pad + 2);
+  T* row = out + (b * num_q_heads + q_head) * head_dim;
+  for (int d = threadIdx.x; d < head_dim; d += kCombineThreads) {
+    float m_all = kNegInf;
+    for (int i = 0; i < num_splits; ++i) m_all = fmaxf(m_all, first[i * (d_pad + 2) + d_pad]);
+    const float m_safe = safe_max(m_all);
+    float sum = 0.0f, a = 0.0f;
+    for (int i = 0; i < num_splits; ++i) {
+      const float* part = first + i * (d_pad + 2);
+      const float f = fast_exp2(part[d_pad] - m_safe);
+      sum = sum + part[d_pad + 1] * f;
+      a = a + part[d] * f;
+    }
+    row[d] = from_float<T>(finish(a, sum, bad));
+  }
+}
+
+// grid (splits, Hk * head_chunks, batch); cluster (splits, 1, 1) when splits > 1 and no workspace. num_stages:
 // kShallowStages or kDeepStages, with Tiling::smem_bytes(num_stages, kFused) of dynamic shared memory.
 //
 // kFused (qk_norm_rope_decode_attention, head_chunks == 1, head_dim == kDPad, 16-byte vectors): q is
@@ -204,7 +253,8 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
                             const int64_t* __restrict__ kv_start, int64_t kv_start_stride,
                             const int64_t* __restrict__ kv_end, int64_t kv_end_stride, T* __restrict__ out,
                             int64_t cache_len, int num_q_heads, int num_kv_heads, int head_dim, int group,
-                            int head_chunks, int64_t window, float q_scale, int num_stages, FreshKv<T> fresh) {
+                            int head_chunks, int64_t window, float q_scale, int num_stages, float* workspace,
+                            FreshKv<T> fresh) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
   constexpr int kEPV = Tl::kElemsPerVec, kVPL = Tl::kVecsPerLane, kLPK = Tl::kLanesPerKey;
   constexpr int kKPW = Tl::kKeysPerWarp, kU = Tl::kUnroll, kTile = Tl::kTile;
@@ -566,6 +616,15 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
     }
     if (num_splits == 1) {
       if (d < head_dim && g0 + g < group) out_row(g)[d] = from_float<T>(finish(a, sum, bad));
+    } else if (workspace != nullptr) {
+      if (g0 + g < group) {
+        float* slot = workspace_slot(workspace, b, kv_head * group + g0 + g, num_q_heads, split, num_splits, kDPad);
+        slot[d] = a;
+        if (d == 0) {
+          slot[kDPad] = m_all;
+          slot[kDPad + 1] = sum;
+        }
+      }
     } else {
       part_acc[g * kDPad + d] = a;
       if (d == 0) {
@@ -574,7 +633,8 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
       }
     }
   }
-  if (num_splits == 1) return;
+  // Split partials in the workspace: decode_attention_combine finishes them (a second kernel).
+  if (num_splits == 1 || workspace != nullptr) return;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -620,11 +680,12 @@ struct Resident {
   int ctas = 0;
   int clusters[kSplitLevels] = {};  // index log2(cluster size); [0] unused
 
-  // CTAs of `splits`-CTA clusters resident at once (0: that split count cannot run).
-  int ctas_in_clusters(int splits) const {
+  // CTAs of `splits`-CTA clusters resident at once (0: that split count cannot run); plain: the
+  // splits are independent CTAs (the workspace mode), any CTA slot takes any of them.
+  int ctas_in_clusters(int splits, bool plain) const {
     int lg = 0;
     while ((1 << lg) < splits) ++lg;
-    return lg == 0 ? ctas : clusters[lg] * splits;
+    return lg == 0 || plain ? ctas : clusters[lg] * splits;
   }
 };
 
@@ -676,8 +737,8 @@ Residency query_residency(Kernel kernel, int device, int shallow_bytes, int deep
 // once at one CTA per SM (then nothing else wants the SMs' shared memory), shallow otherwise (forced
 // deep, a grid that would run at two CTAs per SM ran 10-45% slower: the probe above at 4-16 splits);
 // `requested` (kShallowStages / kDeepStages) forces one, deep only where it can run at all.
-int choose_stages(const Residency& r, int splits, int64_t ctas, int requested) {
-  const int deep_resident = r.deep.ctas_in_clusters(splits);
+int choose_stages(const Residency& r, int splits, bool plain, int64_t ctas, int requested) {
+  const int deep_resident = r.deep.ctas_in_clusters(splits, plain);
   if (requested == kShallowStages || deep_resident <= 0) return kShallowStages;
   if (requested == kDeepStages) return kDeepStages;
   return ctas <= deep_resident ? kDeepStages : kShallowStages;
@@ -691,9 +752,13 @@ int choose_stages(const Residency& r, int splits, int64_t ctas, int requested) {
 // 128 (4 splits) reached only 3.3 and 256 (8 splits) 3.2 TB/s, so on a tie the fewer splits win.
 // Costs within 10% count as a tie (the model is coarse; more splits also pay more combine work).
 // A split needs at least one tile of the capacity.
-int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache_len, int tile) {
+// plain (the workspace mode: splits are independent CTAs, no clusters): any CTA slot takes any split,
+// and R = 3 sm_count / 4 — a guess, not a measurement: one CTA read ~45 GB/s in the cluster mode
+// (bench/probes/attention_splits.py), so ~95 of them would fill 4.2 TB/s, and the cluster mode's
+// 128-CTA shortfall may have been its clusters' placement. To be measured (bench_attention sweeps).
+int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache_len, int tile, bool plain) {
   const auto cost = [&](int64_t resident, int splits) {
-    const double lone = 0.5 * sm_count / splits;
+    const double lone = (plain ? 0.75 : 0.5) * sm_count / splits;
     const int64_t full = units / resident, rest = units % resident;
     return full * std::max(static_cast<double>(resident), lone) + (rest ? std::max(static_cast<double>(rest), lone) : 0.0);
   };
@@ -702,7 +767,7 @@ int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache
   const int64_t useful = (cache_len + tile - 1) / tile;
   for (int lg = 0; lg < kSplitLevels; ++lg) {
     const int size = 1 << lg;
-    const int resident = lg == 0 ? r.shallow.ctas : r.shallow.clusters[lg];
+    const int resident = lg == 0 ? r.shallow.ctas : plain ? r.shallow.ctas / size : r.shallow.clusters[lg];
     costs[lg] = (size > useful || resident <= 0) ? 1e300 : cost(resident, size);
     lowest = std::min(lowest, costs[lg]);
   }
@@ -717,8 +782,8 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
                          const T* v_cache, const int64_t* kv_start, int64_t kv_start_stride, const int64_t* kv_end,
                          int64_t kv_end_stride, T* out, int64_t batch, int64_t cache_len, int num_q_heads,
                          int num_kv_heads, int head_dim, int64_t window, float scale, int num_splits,
-                         int pipeline_stages, cudaStream_t stream, int* splits_used, bool use_pdl,
-                         const FreshKv<T>& fresh) {
+                         int pipeline_stages, float* workspace, cudaStream_t stream, int* splits_used,
+                         bool use_pdl, const FreshKv<T>& fresh) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
   auto kernel = decode_attention_kernel<T, kDPad, kVecBytes, kGT, kFused>;
   int device = 0;
@@ -738,18 +803,21 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
   if (kFused && (head_chunks != 1 || head_dim != kDPad)) return cudaErrorInvalidValue;  // see can_fuse
   const int64_t grid_y = static_cast<int64_t>(num_kv_heads) * head_chunks;
   if (grid_y > 65535) return cudaErrorInvalidConfiguration;
+  // The workspace mode (a partial per split in global memory, then decode_attention_combine_kernel)
+  // where the caller gives a workspace; its splits need no clusters.
+  const bool plain = workspace != nullptr;
   int splits;
   if (num_splits <= 0) {
-    splits = choose_splits(r, r.sm_count, batch * grid_y, cache_len, Tl::kTile);
+    splits = choose_splits(r, r.sm_count, batch * grid_y, cache_len, Tl::kTile, plain);
   } else {
-    splits = 1;  // the largest cluster size offered that does not exceed the request
+    splits = 1;  // the largest power of two not above the request that the GPU can run
     for (int lg = 1; lg < kSplitLevels; ++lg)
-      if ((1 << lg) <= num_splits && r.shallow.clusters[lg] > 0) splits = 1 << lg;
+      if ((1 << lg) <= num_splits && (plain || r.shallow.clusters[lg] > 0)) splits = 1 << lg;
   }
   if (splits_used) *splits_used = splits;
   // Every launch of the loop below has at most kMaxGridZ sequences.
   const int64_t ctas = std::min<int64_t>(batch, 65535) * grid_y * splits;
-  const int stages = choose_stages(r, splits, ctas, pipeline_stages);
+  const int stages = choose_stages(r, splits, plain, ctas, pipeline_stages);
 
   const float q_scale = scale * kLog2e;
   constexpr int64_t kMaxGridZ = 65535;
@@ -767,7 +835,7 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
     config.stream = stream;
     cudaLaunchAttribute attrs[2];
     unsigned num_attrs = 0;
-    if (splits > 1) {
+    if (splits > 1 && !plain) {
       attrs[num_attrs].id = cudaLaunchAttributeClusterDimension;
       attrs[num_attrs].val.clusterDim.x = splits;
       attrs[num_attrs].val.clusterDim.y = 1;
@@ -793,10 +861,18 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
     }
     err = cudaLaunchKernelEx(&config, kernel, qb, q_batch_stride, q_head_stride, k_cache + kv_offset,
                              v_cache + kv_offset, sb, kv_start_stride, eb, kv_end_stride, ob, cache_len, num_q_heads,
-                             num_kv_heads, head_dim, group, head_chunks, window, q_scale, stages, fb);
+                             num_kv_heads, head_dim, group, head_chunks, window, q_scale, stages,
+                             plain ? workspace + b0 * num_q_heads * splits * (kDPad + 2) : nullptr, fb);
     const cudaError_t last = cudaGetLastError();  // this launch's error state, consumed (reported below)
     if (err == cudaSuccess) err = last;
     if (err != cudaSuccess) return err;
+    if (plain && splits > 1) {
+      err = launch_pdl(decode_attention_combine_kernel<T>, dim3(num_q_heads, static_cast<unsigned>(nb)),
+                       dim3(kCombineThreads), 0, stream, use_pdl && r.major >= 9,
+                       static_cast<const float*>(workspace + b0 * num_q_heads * splits * (kDPad + 2)), sb,
+                       kv_start_stride, eb, kv_end_stride, ob, cache_len, num_q_heads, head_dim, kDPad, splits);
+      if (err != cudaSuccess) return err;
+    }
   }
   return cudaSuccess;
 }
@@ -825,7 +901,8 @@ cudaError_t launch_impl(const void* q, int64_t q_batch_stride, int64_t q_head_st
                         const void* v_cache, const int64_t* kv_start, int64_t kv_start_stride, const int64_t* kv_end,
                         int64_t kv_end_stride, void* out, int64_t batch, int64_t cache_len, int64_t num_q_heads,
                         int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale, int num_splits,
-                        int pipeline_stages, DType dtype, cudaStream_t stream, int* splits_used, bool use_pdl,
+                        int pipeline_stages, float* workspace, DType dtype, cudaStream_t stream, int* splits_used,
+                        bool use_pdl,
                         const DecodeQkNormRopeArgs* args, void* k_cache_mut, void* v_cache_mut) {
   if (splits_used) *splits_used = 0;
   if (batch <= 0 || num_q_heads <= 0 || head_dim <= 0) return cudaSuccess;
@@ -874,7 +951,7 @@ cudaError_t launch_impl(const void* q, int64_t q_batch_stride, int64_t q_head_st
                 static_cast<const scalar_t*>(k_cache), static_cast<const scalar_t*>(v_cache), kv_start,
                 kv_start_stride, kv_end, kv_end_stride, static_cast<scalar_t*>(out), batch, cache_len,
                 static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim), window,
-                scale, num_splits, pipeline_stages, stream, splits_used, use_pdl, fresh);
+                scale, num_splits, pipeline_stages, workspace, stream, splits_used, use_pdl, fresh);
           }
         };
         return vec16 ? run(std::integral_constant<int, 16>{}) : run(std::integral_constant<int, 4>{});
@@ -885,6 +962,11 @@ cudaError_t launch_impl(const void* q, int64_t q_batch_stride, int64_t q_head_st
 }
 
 }  // namespace
+
+int64_t decode_attention_workspace_floats(int64_t batch, int64_t num_q_heads, int64_t head_dim) {
+  const int64_t d_pad = head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 256;  // dispatch_head_dim
+  return batch * num_q_heads * kAttentionMaxSplits * (d_pad + 2);
+}
 
 bool can_fuse_qk_norm_rope(const void* q, int64_t q_batch_stride, int64_t q_head_stride, const void* k_cache,
                            const void* v_cache, const DecodeQkNormRopeArgs& args, int64_t num_q_heads,
@@ -907,11 +989,11 @@ cudaError_t launch_decode_attention(const void* q, int64_t q_batch_stride, int64
                                     const int64_t* kv_end, int64_t kv_end_stride, void* out, int64_t batch,
                                     int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t window, float scale, int num_splits, DType dtype, cudaStream_t stream,
-                                    int* splits_used, bool use_pdl, int pipeline_stages) {
+                                    int* splits_used, bool use_pdl, int pipeline_stages, float* workspace) {
   return launch_impl<false>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
                             kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
-                            num_splits, pipeline_stages, dtype, stream, splits_used, use_pdl, nullptr, nullptr,
-                            nullptr);
+                            num_splits, pipeline_stages, workspace, dtype, stream, splits_used, use_pdl, nullptr,
+                            nullptr, nullptr);
 }
 
 cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_stride, int64_t q_head_stride,
@@ -929,8 +1011,8 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_
   }
   return launch_impl<true>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
                            kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
-                           num_splits, pipeline_stages, dtype, stream, splits_used, use_pdl, &args, k_cache,
-                           v_cache);
+                           num_splits, pipeline_stages, nullptr, dtype, stream, splits_used, use_pdl, &args,
+                           k_cache, v_cache);
 }
 
 }  // namespace dots1
