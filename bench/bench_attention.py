@@ -117,15 +117,16 @@ class Bench:
             for splits in ("1", "2", "4", "8", "16"):
                 with env_vars({"DOTS1_EXT_ATTENTION_SPLITS": splits}):
                     add(f"dots1_ext (splits={splits})", ours)
-            # Both K/V pipeline depths forced (the automatic choice takes the deep one where the grid
-            # fits the GPU at one CTA per SM).
+            # Both K/V pipeline depths forced (the automatic choice: 3 stages in the default
+            # workspace mode).
             for stages in ("3", "6"):
                 with env_vars({"DOTS1_EXT_ATTENTION_STAGES": stages}):
                     add(f"dots1_ext ({stages} stages)", ours)
-            # The workspace combine (independent split CTAs + a combine kernel) at each split count.
+            # The cluster combine (the splits of a head in one thread-block cluster, no second kernel)
+            # at each split count; the rows above are the default workspace combine.
             for splits in ("auto", "2", "4", "8", "16"):
-                with env_vars({"DOTS1_EXT_ATTENTION_COMBINE": "workspace", "DOTS1_EXT_ATTENTION_SPLITS": splits}):
-                    add(f"dots1_ext (workspace combine, splits={splits})", ours)
+                with env_vars({"DOTS1_EXT_ATTENTION_COMBINE": "cluster", "DOTS1_EXT_ATTENTION_SPLITS": splits}):
+                    add(f"dots1_ext (cluster combine, splits={splits})", ours)
 
         # The whole decode-step attention from the raw qkv (q, k rotated in place by the two-op path on
         # every call: the times, not the values, matter here; the norm keeps them bounded).

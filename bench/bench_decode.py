@@ -26,8 +26,8 @@ CONTEXTS = tuple(int(c) for c in os.environ.get("DOTS1_BENCH_DECODE_CONTEXTS", "
 VARIANTS = {
     "fragment loads": {"DOTS1_EXT_SKINNY_KERNEL": "frag", "DOTS1_EXT_MOE_DECODE_LOADS": "frag"},
     "fused QK attention": {"DOTS1_EXT_ATTENTION_FUSED_QK": "1"},
-    "shallow attention pipeline": {"DOTS1_EXT_ATTENTION_STAGES": "3"},
-    "workspace attention combine": {"DOTS1_EXT_ATTENTION_COMBINE": "workspace"},
+    "deep attention pipeline": {"DOTS1_EXT_ATTENTION_STAGES": "6"},
+    "cluster attention combine": {"DOTS1_EXT_ATTENTION_COMBINE": "cluster"},
 }
 COMPARE_VARIANTS = os.environ.get("DOTS1_BENCH_DECODE_VARIANTS", "1") != "0"
 KV_BUDGET_BYTES = 72 * 2**30  # the 8-layer model takes ~35 GB of the H200's 141; graphs and activations the rest

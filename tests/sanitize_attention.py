@@ -8,7 +8,8 @@
 (Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees a read past a
 cache's end.) Paths: fp32/fp16/bf16; head_dim 64/128/256 (16-byte copies), 96 (padded) and 34 (padded,
 4-byte copies), a 16-bit cache at an odd element offset; 1, 2, 4 and 8 query heads per CTA (GQA 1, 2,
-3, 4, 8 and 12 = two head chunks); 1, 2, 4 and 8 splits (cluster combine); both K/V pipeline depths
+3, 4, 8 and 12 = two head chunks); 1, 2, 4, 8 and 16 splits in both combine modes (the workspace's
+second kernel, the default, and the thread-block cluster's); both K/V pipeline depths
 (DOTS1_EXT_ATTENTION_STAGES 6 and 3); ranges that end exactly at
 the cache's end, windows, empty ranges and bad bounds (which must read nothing and give NaN). Exits
 non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
@@ -155,12 +156,15 @@ def main() -> int:
                 run_case(dtype, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=8)  # 16-byte aligned view
     os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS")
     os.environ.pop("DOTS1_EXT_ATTENTION_STAGES")
-    # The workspace combine (independent split CTAs, a second kernel): the plain op at every split count.
-    os.environ["DOTS1_EXT_ATTENTION_COMBINE"] = "workspace"
+    # The cluster combine (the splits of one head in a thread-block cluster; the default is the
+    # workspace): both ops at every split count.
+    os.environ["DOTS1_EXT_ATTENTION_COMBINE"] = "cluster"
     for splits in split_counts:
         os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
         for B, Hq, Hk, D, S in shapes:
             run_case(torch.bfloat16, B, Hq, Hk, D, S, pairs_for(B, S), 0)
+            if D >= 64:
+                run_fused_case(torch.bfloat16, B, Hq, Hk, D, S, pairs_for(B, S), 0)
     os.environ.pop("DOTS1_EXT_ATTENTION_SPLITS")
     os.environ.pop("DOTS1_EXT_ATTENTION_COMBINE")
     # Without programmatic dependent launch (the default launches with it on sm_90).

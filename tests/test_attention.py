@@ -428,11 +428,12 @@ def test_workspace_combine_same_bits_as_clusters(monkeypatch, splits, dtype, sha
 
 
 @requires_cuda
+@pytest.mark.parametrize("combine", ["workspace", "cluster"])
 @pytest.mark.parametrize("splits", ["4", "auto"])
-def test_workspace_combine_graph_replay(monkeypatch, splits):
-    # The workspace comes from the caching allocator at capture: the graph keeps it; replays with new
-    # device lengths equal eager calls bit for bit.
-    monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", "workspace")
+def test_combine_modes_graph_replay(monkeypatch, combine, splits):
+    # The workspace (the default mode's) comes from the caching allocator at capture: the graph keeps
+    # it; replays with new device lengths equal eager calls bit for bit, in either mode.
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", combine)
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
     B, Hq, Hk, D, S = 2, 32, 32, 128, 3000
     q = make_q(B, Hq, Hk, D, torch.bfloat16, "cuda")
@@ -447,7 +448,7 @@ def test_workspace_combine_graph_replay(monkeypatch, splits):
         eager = fn()
         torch.cuda.synchronize()
         assert torch.equal(static_out, eager), f"step {step}: graph replay differs from eager"
-        check(static_out, q, k_cache, v_cache, kv_start, kv_end, window=0, what=f"workspace replay step {step}")
+        check(static_out, q, k_cache, v_cache, kv_start, kv_end, window=0, what=f"{combine} replay step {step}")
 
 
 @requires_cuda

@@ -5,7 +5,8 @@ Judged bitwise: the output (NaN patterns included) and both caches after the cal
 they were. Covers fp32/bf16/fp16; B in {1, 3, 8}; MHA and GQA (Hq / Hk in {1, 4}; 16 = the two-op
 fallback); head_dim 64/128 (fused) and 96 (fallback); lengths 1, mixed, a split boundary, the whole
 cache, left padding, sliding windows; bad positions, bad and foreign cache rows, bad and empty ranges;
-on the GPU forced split counts (1, 2, 16, auto), CUDA graph replay with changed lengths, determinism;
+on the GPU forced split counts (1, 2, 4, 8, 16, auto) in both combine modes (workspace, cluster), CUDA
+graph replay with changed lengths, determinism;
 bad inputs raise naming the argument; opcheck; DOTS1_EXT_ATTENTION_FUSED_QK at the model level.
 """
 
@@ -179,16 +180,20 @@ def test_env_switch(monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("splits", ["1", "2", "16", "auto"])
+@pytest.mark.parametrize("combine", ["workspace", "cluster"])
+@pytest.mark.parametrize("splits", ["1", "2", "4", "8", "16", "auto"])
 @pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("Hq,Hk", [(32, 32), (32, 8)])
-def test_dots1_shapes_every_split_count(monkeypatch, splits, B, Hq, Hk):
+def test_dots1_shapes_every_split_count(monkeypatch, combine, splits, B, Hq, Hk):
+    # Both ops run in the same combine mode; test_attention.py shows the plain op's two modes give the
+    # same bits at a split count, so the fused op's do too.
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", combine)
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
     S = 2048
     pairs = [(0, S), (0, 1), (0, 1024), (0, 1025), (7, 1500), (0, 64), (0, 65), (100, 2000)][:B]
     for window in (0, 300):
         x = make_inputs(B, Hq, Hk, 128, S, torch.bfloat16, "cuda", pairs, window=window)
-        check_fused_equals_two_ops(x, f"splits {splits} window {window}")
+        check_fused_equals_two_ops(x, f"{combine} splits {splits} window {window}")
 
 
 @requires_cuda
@@ -209,8 +214,10 @@ def test_pipeline_depths_same_bits(monkeypatch, splits, B):
 
 
 @requires_cuda
+@pytest.mark.parametrize("combine", ["workspace", "cluster"])
 @pytest.mark.parametrize("Hq,Hk", [(32, 32), (16, 2)])
-def test_cuda_graph_replay_with_changed_lengths(Hq, Hk):
+def test_cuda_graph_replay_with_changed_lengths(monkeypatch, combine, Hq, Hk):
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", combine)
     B, D, S = 3, 128, 1000
     x = make_inputs(B, Hq, Hk, D, S, torch.bfloat16, "cuda", [(0, S)] * B)
     k_cache, v_cache = x["k_cache"].clone(), x["v_cache"].clone()

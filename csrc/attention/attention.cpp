@@ -28,9 +28,9 @@
 // DOTS1_EXT_ATTENTION_SPLITS (CUDA, read per call; default auto) forces the number of KV splits per
 // (sequence, kv head): tests use it to run every combine path; the automatic choice depends on the
 // batch, the heads, the SM count and the cache capacity only, never on the lengths.
-// DOTS1_EXT_ATTENTION_COMBINE (CUDA, read per call; auto = cluster, or workspace) picks how the plain
-// op combines its splits (attention.h launch_decode_attention's workspace; same bits for the same split
-// count); the fused op always uses clusters.
+// DOTS1_EXT_ATTENTION_COMBINE (CUDA, read per call; auto = workspace, or cluster) picks how both ops
+// combine their splits (attention.h launch_decode_attention's workspace; same bits for the same split
+// count).
 // DOTS1_EXT_ATTENTION_STAGES (CUDA, read per call; auto, 3 or 6; default auto) forces the K/V
 // pipeline's depth (attention.h pipeline_stages): tests run both, benchmarks compare them; same bits.
 // DOTS1_EXT_PDL=0 (read per call, csrc/common.h pdl_enabled; default on) launches without programmatic
@@ -222,14 +222,22 @@ int forced_splits() {
   return static_cast<int>(n);
 }
 
-// DOTS1_EXT_ATTENTION_COMBINE: auto | cluster (default) | workspace (attention_kernels.cu header).
+// DOTS1_EXT_ATTENTION_COMBINE: auto = workspace (default) | cluster (attention_kernels.cu header).
 bool workspace_combine() {
   const char* v = std::getenv("DOTS1_EXT_ATTENTION_COMBINE");
-  if (v == nullptr || *v == '\0') return false;
+  if (v == nullptr || *v == '\0') return true;
   const std::string s(v);
   TORCH_CHECK_VALUE(s == "auto" || s == "cluster" || s == "workspace",
                     "dots1_ext: DOTS1_EXT_ATTENTION_COMBINE must be auto, cluster or workspace, got '", v, "'");
-  return s == "workspace";
+  return s != "cluster";
+}
+
+// The workspace mode's partials (undefined in the cluster mode): from the caching allocator, so a CUDA
+// graph keeps its own.
+at::Tensor combine_workspace(const at::Tensor& q) {
+  if (!workspace_combine()) return {};
+  return at::empty({decode_attention_workspace_floats(q.size(0), q.size(1), q.size(2))},
+                   q.options().dtype(at::kFloat));
 }
 
 int forced_stages() {
@@ -260,10 +268,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   // A dim of size 1 may carry any stride: 0 keeps the kernel's address math trivially in range.
   const int64_t q_batch_stride = B == 1 ? 0 : q.stride(0), q_head_stride = Hq == 1 ? 0 : q.stride(1);
   const int64_t start_stride = B == 1 ? 0 : kv_start.stride(0), end_stride = B == 1 ? 0 : kv_end.stride(0);
-  // The workspace mode's partials: from the caching allocator, so a CUDA graph keeps its own.
-  at::Tensor workspace;
-  if (workspace_combine())
-    workspace = at::empty({decode_attention_workspace_floats(B, Hq, D)}, q.options().dtype(at::kFloat));
+  at::Tensor workspace = combine_workspace(q);
   C10_CUDA_CHECK(launch_decode_attention(
       q.const_data_ptr(), q_batch_stride, q_head_stride, kc.const_data_ptr(), vc.const_data_ptr(),
       kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
@@ -323,11 +328,13 @@ at::Tensor qk_norm_rope_decode_attention(const at::Tensor& q, const at::Tensor& 
                                                    v_cache, cache_rows, kv_start, kv_end, window, scale);
     auto out = at::empty({B, Hq, D}, q.options());
     const int64_t start_stride = B == 1 ? 0 : kv_start.stride(0), end_stride = B == 1 ? 0 : kv_end.stride(0);
+    at::Tensor workspace = combine_workspace(q);
     C10_CUDA_CHECK(launch_qk_norm_rope_decode_attention(
         q.const_data_ptr(), q_batch_stride, q_head_stride, k_cache.mutable_data_ptr(), v_cache.mutable_data_ptr(),
         kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
         out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), args, forced_splits(),
-        to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled(), forced_stages()));
+        to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled(), forced_stages(),
+        workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr));
     return out;
   }
 #endif

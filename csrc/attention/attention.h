@@ -47,8 +47,9 @@ namespace dots1 {
 // CTAs may be scheduled while the previous kernel of the stream drains and wait for that kernel's
 // completion and memory before their first global read (it has no weights to read earlier); it lets
 // the next kernel launch right after that wait. DOTS1_EXT_PDL=0 (read by attention.cpp) turns it off.
-// pipeline_stages: the K/V pipeline's depth (attention_kernels.cu header): 0 chooses (deep where the
-// grid fits the GPU at one CTA per SM, so batch 1; shallow otherwise); kAttentionShallowStages or
+// pipeline_stages: the K/V pipeline's depth (attention_kernels.cu header): 0 chooses (with a workspace
+// shallow; in the cluster mode deep where the grid fits the GPU at one CTA per SM, so batch 1, else
+// shallow); kAttentionShallowStages or
 // kAttentionDeepStages forces one (deep only where the device's shared memory holds it). Same bits.
 cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], strides q_batch_stride, q_head_stride
                                     int64_t q_batch_stride, int64_t q_head_stride,
@@ -64,8 +65,9 @@ cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], st
                                     cudaStream_t stream, int* splits_used = nullptr, bool use_pdl = true,
                                     int pipeline_stages = 0, float* workspace = nullptr);
 
-// workspace (launch_decode_attention): nullptr combines the splits in thread-block clusters (the
-// default); else the splits are independent CTAs that leave their partials in it (at least
+// workspace (both launchers; attention.cpp passes one unless DOTS1_EXT_ATTENTION_COMBINE=cluster): nullptr
+// combines the splits in thread-block clusters; else the splits are independent CTAs that leave their
+// partials in it (at least
 // decode_attention_workspace_floats(batch, num_q_heads, head_dim) fp32, 16-byte aligned, any contents)
 // and a second kernel combines them, with the same bits as the cluster mode for the same split count.
 int64_t decode_attention_workspace_floats(int64_t batch, int64_t num_q_heads, int64_t head_dim);
@@ -110,7 +112,8 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q,  // [B, Hq, D] r
                                                  int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale,
                                                  const DecodeQkNormRopeArgs& args, int num_splits, DType dtype,
                                                  cudaStream_t stream, int* splits_used = nullptr,
-                                                 bool use_pdl = true, int pipeline_stages = 0);
+                                                 bool use_pdl = true, int pipeline_stages = 0,
+                                                 float* workspace = nullptr);
 
 }  // namespace dots1
 

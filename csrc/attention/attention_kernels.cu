@@ -10,14 +10,15 @@
 // register loads would not do: ptxas issues about 8 of them and then starts the math, which waits for
 // the first and so delays the rest by a full memory latency.
 //
-// Pipeline depth. A grid that fits the GPU at one CTA per SM (batch 1: 32 kv heads x 1 or 2 splits)
-// runs kDeepStages stages (192 KB of shared memory, 160 KB in flight per CTA) instead of 3: measured on
+// Pipeline depth. In the cluster mode, a grid that fits the GPU at one CTA per SM (batch 1: 32 kv heads
+// x 1 or 2 splits) runs kDeepStages stages (192 KB of shared memory, 160 KB in flight per CTA) instead of 3: measured on
 // the H200 (bench/probes/attention_splits.py, 61f4a58) 3-5% faster at 2 splits (14.0 vs 14.6 us at
 // context 2048). Not more: a CTA reads ~45 GB/s at either depth (1 split, 2048: 23.2 vs 23.7 us), so
 // its bytes in flight are not what bounds it; and 128 CTAs read less in total than 64, so neither is
 // its loop alone (the access pattern, each CTA on one head's rows 8 KB apart, is the suspect:
 // bench/probes/kv_read_patterns.cu). The depth is a launch argument, not a template one: it changes
-// where bytes land, never the arithmetic or its order (the same bits).
+// where bytes land, never the arithmetic or its order (the same bits). The workspace mode runs 3 unless
+// forced: at its automatic 4 splits the deep pipeline was 0-2% slower (a0f98fa, contexts 2048-32768).
 //
 // Each key group keeps its own running (max, sum, acc) in fp32 (online softmax, one rescale per tile);
 // the groups are merged through shuffles, then the warps through shared memory in warp order (one
@@ -26,19 +27,20 @@
 // Splits. The host picks the split count from the batch, the heads, the SM count and the cache capacity
 // (never the device lengths: one CUDA graph serves every length). Each split derives its key range from
 // the device length: chunk = ceil(len / splits) rounded up to the tile, so a short context leaves the
-// later splits empty instead of paying for the capacity. The splits of one (b, kv head, head chunk) form
-// one thread-block cluster (sm_90; up to 16 CTAs, the non-portable size, where the GPU takes it): each
-// CTA leaves its partial (max, sum, acc) in shared memory, and
-// after a cluster barrier every output element is combined from the partials read through distributed
-// shared memory in split order. No workspace, counters or second kernel, so the result is deterministic
-// (bitwise equal across runs, and between graph replay and eager) and any number of calls may run at once
-// on different streams. GPUs without clusters run one split.
+// later splits empty instead of paying for the capacity.
 //
-// The workspace mode (DOTS1_EXT_ATTENTION_COMBINE=workspace; an experiment, not the default): the splits
-// are independent CTAs, not a cluster; each writes its partial to a caller-given fp32 workspace and
-// decode_attention_combine_kernel (a second launch, PDL-chained) combines them in split order with the
-// cluster mode's arithmetic: the same bits for the same split count. What it is for: a cluster must fit
-// one GPC, and at batch 1 the cluster mode's 4 and 8 splits read the cache slower in total than 2.
+// Combining the splits (DOTS1_EXT_ATTENTION_COMBINE). The default, workspace: the splits are independent
+// CTAs; each writes its partial (max, sum, acc) to a caller-given fp32 workspace and
+// decode_attention_combine_kernel (a second launch, PDL-chained) combines every output element in split
+// order. The alternative, cluster: the splits of one (b, kv head, head chunk) form one thread-block
+// cluster (sm_90; up to 16 CTAs, the non-portable size, where the GPU takes it) and combine their
+// partials through distributed shared memory after a cluster barrier: no second kernel, but a cluster
+// must fit one GPC, and measured on the H200 at batch 1 (bench/probes/attention_splits.py, a0f98fa)
+// the cluster mode's 4 and 8 splits read the cache slower than its 2, while the workspace mode's 4
+// read at 0.85-0.95 of copy bandwidth from context 8192 (0.73-0.78 for the cluster mode's best
+// automatic choice). Both combine with the same arithmetic in the same order: the same bits for the
+// same split count, deterministic (bitwise equal across runs, and between graph replay and eager), no
+// counters or atomics. GPUs without clusters run one split in the cluster mode.
 #include <cooperative_groups.h>
 
 #include <algorithm>
@@ -733,14 +735,15 @@ Residency query_residency(Kernel kernel, int device, int shallow_bytes, int deep
   return r;
 }
 
-// The pipeline depth of a launch of `ctas` CTAs in `splits`-CTA clusters: deep where they all fit at
-// once at one CTA per SM (then nothing else wants the SMs' shared memory), shallow otherwise (forced
+// The pipeline depth of a launch of `ctas` CTAs in `splits`-CTA clusters (plain: the workspace mode,
+// shallow unless forced): deep where they all fit at once at one CTA per SM (then nothing else wants the SMs' shared memory), shallow otherwise (forced
 // deep, a grid that would run at two CTAs per SM ran 10-45% slower: the probe above at 4-16 splits);
 // `requested` (kShallowStages / kDeepStages) forces one, deep only where it can run at all.
 int choose_stages(const Residency& r, int splits, bool plain, int64_t ctas, int requested) {
   const int deep_resident = r.deep.ctas_in_clusters(splits, plain);
   if (requested == kShallowStages || deep_resident <= 0) return kShallowStages;
   if (requested == kDeepStages) return kDeepStages;
+  if (plain) return kShallowStages;  // the workspace mode: the header's "Pipeline depth"
   return ctas <= deep_resident ? kDeepStages : kShallowStages;
 }
 
@@ -753,9 +756,9 @@ int choose_stages(const Residency& r, int splits, bool plain, int64_t ctas, int 
 // Costs within 10% count as a tie (the model is coarse; more splits also pay more combine work).
 // A split needs at least one tile of the capacity.
 // plain (the workspace mode: splits are independent CTAs, no clusters): any CTA slot takes any split,
-// and R = 3 sm_count / 4 — a guess, not a measurement: one CTA read ~45 GB/s in the cluster mode
-// (bench/probes/attention_splits.py), so ~95 of them would fill 4.2 TB/s, and the cluster mode's
-// 128-CTA shortfall may have been its clusters' placement. To be measured (bench_attention sweeps).
+// and R = 3 sm_count / 4 (one CTA reads ~45 GB/s, so ~95 of them fill 4.2 TB/s). Measured on the H200
+// (bench/probes/attention_splits.py, a0f98fa; B=1, 32 kv heads): it picks 4 splits, the fastest or
+// within 1% of it at contexts 2048, 8192 and 32768 (2 splits: 14-23% slower, 16: 3-27% slower).
 int choose_splits(const Residency& r, int sm_count, int64_t units, int64_t cache_len, int tile, bool plain) {
   const auto cost = [&](int64_t resident, int splits) {
     const double lone = (plain ? 0.75 : 0.5) * sm_count / splits;
@@ -1003,7 +1006,7 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_
                                                  int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                                  int64_t window, float scale, const DecodeQkNormRopeArgs& args,
                                                  int num_splits, DType dtype, cudaStream_t stream, int* splits_used,
-                                                 bool use_pdl, int pipeline_stages) {
+                                                 bool use_pdl, int pipeline_stages, float* workspace) {
   if (!can_fuse_qk_norm_rope(q, q_batch_stride, q_head_stride, k_cache, v_cache, args, num_q_heads, num_kv_heads,
                              head_dim, dtype)) {
     if (splits_used) *splits_used = 0;
@@ -1011,7 +1014,7 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_
   }
   return launch_impl<true>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
                            kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
-                           num_splits, pipeline_stages, nullptr, dtype, stream, splits_used, use_pdl, &args,
+                           num_splits, pipeline_stages, workspace, dtype, stream, splits_used, use_pdl, &args,
                            k_cache, v_cache);
 }
 
