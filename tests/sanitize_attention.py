@@ -140,7 +140,8 @@ def main() -> int:
     # shallow pass: its stage indexing is the deep one's with another modulus.
     # (Small: the shallow depth at 1 and 8 splits only: its stage indexing is the deep one's with
     # another modulus, and racecheck pays per launch.)
-    depth_cases = [(st, sp) for st in ("6", "3") for sp in split_counts if not (small and st == "3" and sp in ("2", "16"))]
+    depth_cases = [(st, sp) for st in ("6", "3") for sp in split_counts
+                   if not (small and st == "3" and sp in ("2", "16"))]
     for stages, splits in depth_cases:
         os.environ["DOTS1_EXT_ATTENTION_STAGES"] = stages
         os.environ["DOTS1_EXT_ATTENTION_SPLITS"] = splits
