@@ -356,26 +356,33 @@ def mixed_case(shape, dtype):
     return (q, k_cache, v_cache, *bounds(pairs, "cuda"))
 
 
-@requires_cuda
-@pytest.mark.parametrize("splits", ["1", "2", "4", "8", "16", "auto"])
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 32, 32, 128, 2048), (3, 8, 1, 64, 1500), (3, 12, 3, 96, 700),
-                                   (2, 4, 4, 256, 900), (3, 6, 6, 34, 600), (8, 16, 2, 128, 257)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_every_split_count(monkeypatch, splits, dtype, shape):
-    monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
-    q, k_cache, v_cache, kv_start, kv_end = mixed_case(shape, dtype)
+def run_settings(monkeypatch, name, values, case, splits, bitwise=True):
+    """decode_attention on ``case`` under each value of the env setting ``name``, windows 0 and 100: every
+    output against the reference; where ``bitwise``, equal bit for bit across the values."""
+    q, k_cache, v_cache, kv_start, kv_end = case
     for window in (0, 100):
-        out = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)
-        check(out, q, k_cache, v_cache, kv_start, kv_end, window=window, what=f"splits={splits} window={window}")
+        outs = {}
+        for value in values:
+            monkeypatch.setenv(name, value)
+            outs[value] = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)
+            check(outs[value], q, k_cache, v_cache, kv_start, kv_end, window=window,
+                  what=f"{name}={value} splits={splits} window={window}")
+        if bitwise:
+            for value in values[1:]:
+                torch.testing.assert_close(
+                    outs[value], outs[values[0]], rtol=0, atol=0, equal_nan=True,
+                    msg=lambda m: f"splits={splits} window={window}: {name} values differ: {m}")
 
 
 @requires_cuda
-def test_bad_split_setting_raises(monkeypatch):
-    monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", "3x")
+@pytest.mark.parametrize("name,value", [("DOTS1_EXT_ATTENTION_SPLITS", "3x"), ("DOTS1_EXT_ATTENTION_COMBINE", "global"),
+                                        ("DOTS1_EXT_ATTENTION_STAGES", "4"), ("DOTS1_EXT_ATTENTION_STAGES", "deep"),
+                                        ("DOTS1_EXT_ATTENTION_STAGES", "0"), ("DOTS1_EXT_PDL", "yes")])
+def test_bad_setting_raises(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
     q = make_q(1, 4, 4, 64, torch.bfloat16, "cuda")
     kc, vc = make_cache(1, 8, 4, 64, torch.bfloat16, "cuda")
-    with pytest.raises(ValueError, match="DOTS1_EXT_ATTENTION_SPLITS"):
+    with pytest.raises(ValueError, match=name):
         A.decode_attention(q, kc, vc, *bounds([(0, 8)], "cuda"))
 
 
@@ -386,19 +393,11 @@ def test_bad_split_setting_raises(monkeypatch):
                                    (3, 6, 6, 34, 600), (64, 32, 32, 128, 300)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_pipeline_depths_same_bits(monkeypatch, splits, dtype, shape):
-    # The deep K/V pipeline (one CTA per SM: batch 1's default) and the shallow one (two per SM) differ
-    # in where the copies land, never in the arithmetic: forced either way, including the deep one on a
-    # grid that takes several waves (B = 64), the results are equal bit for bit and right.
+    # The deep K/V pipeline (one CTA per SM: the cluster mode's batch-1 default) and the shallow one (two
+    # per SM) differ in where the copies land, never in the arithmetic: forced either way, including the
+    # deep one on a grid that takes several waves (B = 64), the results are equal bit for bit and right.
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
-    q, k_cache, v_cache, kv_start, kv_end = mixed_case(shape, dtype)
-    for window in (0, 100):
-        outs = {}
-        for stages in ("3", "6"):
-            monkeypatch.setenv("DOTS1_EXT_ATTENTION_STAGES", stages)
-            outs[stages] = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)
-        torch.testing.assert_close(outs["6"], outs["3"], rtol=0, atol=0, equal_nan=True,
-                                   msg=lambda m: f"splits={splits} window={window}: depths differ: {m}")
-        check(outs["6"], q, k_cache, v_cache, kv_start, kv_end, window=window, what=f"stages=6 splits={splits}")
+    run_settings(monkeypatch, "DOTS1_EXT_ATTENTION_STAGES", ("3", "6"), mixed_case(shape, dtype), splits)
 
 
 @requires_cuda
@@ -407,24 +406,16 @@ def test_pipeline_depths_same_bits(monkeypatch, splits, dtype, shape):
 @pytest.mark.parametrize("shape", [(1, 32, 32, 128, 2048), (3, 8, 1, 64, 1500), (3, 12, 3, 96, 700),
                                    (2, 4, 4, 256, 900), (3, 6, 6, 34, 600), (8, 16, 2, 128, 257)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_workspace_combine_same_bits_as_clusters(monkeypatch, splits, dtype, shape):
-    # DOTS1_EXT_ATTENTION_COMBINE=workspace: the splits as independent CTAs, their partials combined by
-    # a second kernel in split order with the cluster combine's arithmetic. For a forced split count
-    # the two modes give the same bits (poisoned and empty sequences included). Only the portable
-    # cluster sizes (<= 8) are sure to run as asked in the cluster mode (16 is taken where the GPU
-    # allows it), and auto may pick another count in each mode: there only the reference decides.
+def test_every_split_count_both_combines(monkeypatch, splits, dtype, shape):
+    # Both split combines against the reference at every split count: workspace (the default: the
+    # splits as independent CTAs, their partials combined by a second kernel in split order) and
+    # cluster (the same arithmetic inside a thread-block cluster). For a forced split count the two
+    # give the same bits (poisoned and empty sequences included). Only the portable cluster sizes
+    # (<= 8) are sure to run as asked in the cluster mode (16 is taken where the GPU allows it), and
+    # auto may pick another count in each mode: there only the reference decides.
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
-    q, k_cache, v_cache, kv_start, kv_end = mixed_case(shape, dtype)
-    for window in (0, 100):
-        outs = {}
-        for mode in ("cluster", "workspace"):
-            monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", mode)
-            outs[mode] = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)
-        check(outs["workspace"], q, k_cache, v_cache, kv_start, kv_end, window=window,
-              what=f"workspace splits={splits} window={window}")
-        if splits in ("1", "2", "4", "8"):
-            torch.testing.assert_close(outs["workspace"], outs["cluster"], rtol=0, atol=0, equal_nan=True,
-                                       msg=lambda m: f"splits={splits} window={window}: modes differ: {m}")
+    run_settings(monkeypatch, "DOTS1_EXT_ATTENTION_COMBINE", ("cluster", "workspace"), mixed_case(shape, dtype),
+                 splits, bitwise=splits in ("1", "2", "4", "8"))
 
 
 @requires_cuda
@@ -449,25 +440,6 @@ def test_combine_modes_graph_replay(monkeypatch, combine, splits):
         torch.cuda.synchronize()
         assert torch.equal(static_out, eager), f"step {step}: graph replay differs from eager"
         check(static_out, q, k_cache, v_cache, kv_start, kv_end, window=0, what=f"{combine} replay step {step}")
-
-
-@requires_cuda
-def test_bad_combine_setting_raises(monkeypatch):
-    monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", "global")
-    q = make_q(1, 4, 4, 64, torch.bfloat16, "cuda")
-    kc, vc = make_cache(1, 8, 4, 64, torch.bfloat16, "cuda")
-    with pytest.raises(ValueError, match="DOTS1_EXT_ATTENTION_COMBINE"):
-        A.decode_attention(q, kc, vc, *bounds([(0, 8)], "cuda"))
-
-
-@requires_cuda
-@pytest.mark.parametrize("value", ["4", "deep", "0"])
-def test_bad_stages_setting_raises(monkeypatch, value):
-    monkeypatch.setenv("DOTS1_EXT_ATTENTION_STAGES", value)
-    q = make_q(1, 4, 4, 64, torch.bfloat16, "cuda")
-    kc, vc = make_cache(1, 8, 4, 64, torch.bfloat16, "cuda")
-    with pytest.raises(ValueError, match="DOTS1_EXT_ATTENTION_STAGES"):
-        A.decode_attention(q, kc, vc, *bounds([(0, 8)], "cuda"))
 
 
 @requires_cuda
@@ -525,15 +497,6 @@ def test_pdl_off_same_bits(monkeypatch, splits):
         outs.append(A.decode_attention(q, k_cache, v_cache, kv_start, kv_end))
     assert torch.equal(outs[0], outs[1])
     check(outs[0], base * 2, k_cache, v_cache, kv_start, kv_end, window=0, what=f"pdl splits={splits}")
-
-
-@requires_cuda
-def test_bad_pdl_setting_raises(monkeypatch):
-    monkeypatch.setenv("DOTS1_EXT_PDL", "yes")
-    q = make_q(1, 4, 4, 64, torch.bfloat16, "cuda")
-    kc, vc = make_cache(1, 8, 4, 64, torch.bfloat16, "cuda")
-    with pytest.raises(ValueError, match="DOTS1_EXT_PDL"):
-        A.decode_attention(q, kc, vc, *bounds([(0, 8)], "cuda"))
 
 
 @requires_cuda
