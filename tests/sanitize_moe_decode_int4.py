@@ -8,7 +8,8 @@
 Paths: the tensor-core kernels with int4 routed experts (bf16; asymmetric and symmetric; gate_up rows in
 the HF and interleaved layouts; with and without shared experts and residual; T = 1, 16, 64 and 65 (two
 launches); one expert taking every pair (several items side by side); 512 distinct experts; 1, 2 and 4
-n-tiles; gate_up's staged stream (DOTS1_EXT_MOE_DECODE_INT4_STAGED, H <= 4096) and its register one; the last expert's last rows (memcheck sees a read past qweight / scales / zeros); many down
+n-tiles; gate_up's staged stream (DOTS1_EXT_MOE_DECODE_INT4_STAGED, H <= 4096) and its register one; the
+last expert's last rows (memcheck sees a read past qweight / scales / zeros); many down
 items per warp (items cut by warp boundaries); bad ids), and the fallback kernels (fp16, fp32,
 DOTS1_EXT_MOE_DECODE_KERNEL=simple, shared experts' Is not a multiple of 8). Exits non-zero if an output
 disagrees with the reference on the dequantized weights, so it doubles as a quick smoke test.

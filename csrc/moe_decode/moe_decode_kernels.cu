@@ -519,7 +519,8 @@ __device__ __forceinline__ void cp_async_wait_group() {
 // stream_rows_int4 over this thread's staged pieces: `slots` = its buffer + threadIdx.x, steps
 // [s_begin, s_end) with s_end - s_begin <= U (what the issue wrote), m their scales and zero points.
 template <int NT>
-__device__ __forceinline__ void stream_rows_int4_staged(const uint4* slots, const Int4BatchMeta<int4_batch_steps<NT>()>& m,
+__device__ __forceinline__ void stream_rows_int4_staged(const uint4* slots,
+                                                        const Int4BatchMeta<int4_batch_steps<NT>()>& m,
                                                         const __nv_bfloat16* const (&col)[NT], int s_begin, int s_end,
                                                         float (&res)[NT][4]) {
   using T = __nv_bfloat16;
