@@ -96,6 +96,9 @@ ours_nt4 = with_env({"DOTS1_EXT_MOE_DECODE_NT": "4"}, ours)
 ours_frag = with_env({"DOTS1_EXT_MOE_DECODE_LOADS": "frag"}, ours)
 
 
+ours_int4_registers = with_env({"DOTS1_EXT_MOE_DECODE_INT4_STAGED": "0"}, ours_int4)
+
+
 def current_path(x, w, ids, weights, residual):
     permuted, offsets, row_map = ops.permute(x, ids, w["gate_up"].shape[0])
     act = ops.grouped_gemm(permuted, w["gate_up"], offsets, "swiglu_interleaved")
@@ -151,9 +154,10 @@ def run(quick: bool = False) -> list[Report]:
                 impls["dots1_ext moe_decode NT=4"] = ours_nt4
         impls["permute + grouped_gemm x2 + shared MLP + unpermute"] = current_path
         impls["dots1_ext moe_decode_int4 (2 launches, int4 experts)"] = ours_int4
+        impls["dots1_ext moe_decode_int4, register stream (staged off)"] = ours_int4_registers
         int4_bytes = touched * int4_expert_bytes + shared_bytes
         for label, fn in impls.items():
-            nbytes = int4_bytes if fn is ours_int4 else touched * expert_bytes + shared_bytes
+            nbytes = int4_bytes if fn in (ours_int4, ours_int4_registers) else touched * expert_bytes + shared_bytes
             if gpu:
                 ms = graph_ms(fn, calls, redraw, iters=5 if quick else 20)
             else:

@@ -8,7 +8,8 @@
 Paths: the tensor-core kernels with int4 routed experts (bf16; asymmetric and symmetric; gate_up rows in
 the HF and interleaved layouts; with and without shared experts and residual; T = 1, 16, 64 and 65 (two
 launches); one expert taking every pair (several items side by side); 512 distinct experts; 1, 2 and 4
-n-tiles; the last expert's last rows (memcheck sees a read past qweight / scales / zeros); many down
+n-tiles; gate_up's staged stream (DOTS1_EXT_MOE_DECODE_INT4_STAGED, H <= 4096) and its register one; the
+last expert's last rows (memcheck sees a read past qweight / scales / zeros); many down
 items per warp (items cut by warp boundaries); bad ids), and the fallback kernels (fp16, fp32,
 DOTS1_EXT_MOE_DECODE_KERNEL=simple, shared experts' Is not a multiple of 8). Exits non-zero if an output
 disagrees with the reference on the dequantized weights, so it doubles as a quick smoke test.
@@ -67,6 +68,12 @@ def run_small() -> None:
     case("small int4 T=64 bad ids", bf, 64, 10, 3, 128, 128, 32, ids=bad_ids(64, 10, 3))
     with_env("DOTS1_EXT_MOE_DECODE_NT", "4", lambda: case("small int4 NT=4 T=64", bf, 64, 24, 6, 128, 128, 128))
     case("small int4 no shared / residual", bf, 5, 16, 4, 128, 128, 0, residual=False)
+    # The staged gate_up stream (the default) with every warp's share a full batch (H = 4096), and the
+    # register stream (staged off; and H = 8192, which never stages).
+    case("small int4 H=4096 staged", bf, 9, 16, 6, 4096, 128, 128)
+    with_env("DOTS1_EXT_MOE_DECODE_INT4_STAGED", "0",
+             lambda: case("small int4 H=4096 registers", bf, 9, 16, 6, 4096, 128, 128))
+    case("small int4 H=8192", bf, 3, 16, 6, 8192, 128, 0)
     case("small simple fp32", torch.float32, 5, 12, 3, 128, 128, 48)
 
 
@@ -87,6 +94,11 @@ def run_full() -> None:
         # Real I and Is on a narrow H: many gate_up tiles per CTA, ~70 (T=64: ~120) down items of 11 steps
         # over 8 warps.
         case(f"int4 many tiles T={T}", bf, T, 128, 6, 128, 1408, 2816)
+    for staged in ("1", "0"):  # the staged gate_up stream (default) and the register one
+        for T in (1, 9, 64):
+            with_env("DOTS1_EXT_MOE_DECODE_INT4_STAGED", staged,
+                     lambda: case(f"int4 H=4096 staged={staged} T={T}", bf, T, 32, 6, 4096, 256, 256))
+    case("int4 H=8192 (register stream)", bf, 5, 16, 6, 8192, 128, 64)
     case("int4 bad ids", bf, 6, 10, 3, 128, 128, 32, ids=bad_ids(6, 10, 3))
     case("int4 bad ids T=64", bf, 64, 10, 3, 128, 128, 32, ids=bad_ids(64, 10, 3))
     case("simple fp32", torch.float32, 5, 12, 3, 128, 128, 48)

@@ -317,6 +317,40 @@ def test_cuda_n_tiles_override(nt, T, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape", [(128, 4096, 1408, 2816), (16, 8192, 256, 128), (16, 256, 128, 0),
+                                   (16, 1024, 384, 256)], ids=["real", "H8192 (registers)", "H256", "H1024"])
+@pytest.mark.parametrize("T", [1, 8, 9, 64])
+def test_cuda_staged_same_bits(symmetric, shape, T, monkeypatch):
+    # The staged gate_up stream (DOTS1_EXT_MOE_DECODE_INT4_STAGED, default on: the routed tiles' weights
+    # through shared memory, the next tile copied while the current one computes) moves no arithmetic:
+    # on and off give the same bits, and both the reference's values. H <= 4096 takes it (at 256 most
+    # warps have no step of a tile; at 1024 one each); H = 8192 keeps the register stream. T = 9 and
+    # 64 run two n-tiles; 64 tokens also hot experts (items side by side).
+    E, H, I, Is = shape
+    k = REAL["k"]
+    dtype = torch.bfloat16
+    w = Int4Weights(E, H, I, Is, dtype, "cuda", symmetric=symmetric)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_STAGED", flag)
+        results[flag] = check_pair(hidden, w, ids, weights, residual, f"staged={flag} T={T} {shape}")
+    assert torch.equal(results["1"][0], results["0"][0]) and torch.equal(results["1"][1], results["0"][1])
+
+
+@requires_cuda
+@pytest.mark.parametrize("value", ["yes", "2"])
+def test_cuda_bad_staged_setting_raises(value, monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_STAGED", value)
+    dtype = torch.bfloat16
+    w = Int4Weights(8, 128, 128, 0, dtype, "cuda")
+    hidden, ids, weights, residual = decode_inputs(1, 2, 8, 128, dtype, "cuda")
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_INT4_STAGED"):
+        run_int4(hidden, w, ids, weights, residual)
+
+
+@requires_cuda
 @pytest.mark.parametrize("shape", [(8, 1, 128, 128, 8), (130, 6, 384, 256, 264), (5, 2, 128, 128, 20),
                                    (7, 3, 128, 384, 0)], ids=["tiny", "odd-E", "Is%8 (fallback)", "no shared"])
 @pytest.mark.parametrize("T", [1, 16, 33, 130])

@@ -387,6 +387,18 @@ MoeDecodeLoads moe_decode_loads() {
   return s == "wide" ? MoeDecodeLoads::kWide : MoeDecodeLoads::kFrag;
 }
 
+// DOTS1_EXT_MOE_DECODE_INT4_STAGED (read per call; unset or empty: 1): 1 lets the int4 gate_up kernel
+// stream its routed tiles through shared memory (moe_decode.h), 0 keeps them in registers (benchmarks
+// compare the two; same bits). Any other value raises ValueError.
+bool moe_decode_int4_staged() {
+  const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_INT4_STAGED");
+  if (v == nullptr || *v == '\0') return true;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "0" || s == "1", "dots1_ext: DOTS1_EXT_MOE_DECODE_INT4_STAGED must be 0 or 1, got '", s,
+                    "'");
+  return s == "1";
+}
+
 // A pointer usable by 16-byte vector loads; otherwise a fresh (aligned) copy. Activations only.
 at::Tensor aligned_contiguous(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
@@ -471,7 +483,7 @@ at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::T
       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
+      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), moe_decode_int4_staged()));
   return act;
 }
 

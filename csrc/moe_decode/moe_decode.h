@@ -86,6 +86,9 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
 // element is (u - z) * s rounded once to the activations' dtype, then the math above. K % 128 == 0
 // (H for gate_up, I for down; else cudaErrorInvalidValue), weights 16-byte aligned. bf16 activations
 // run the tensor-core kernels (one 128-k group per warp step), fp16 / fp32 the fallback kernels.
+// staged (gate_up; DOTS1_EXT_MOE_DECODE_INT4_STAGED, read by moe_decode.cpp): where H <= 4096 the
+// routed tiles' weights go through shared memory, each thread copying its pieces of its next tile while
+// it computes the current one (moe_decode_kernels.cu, stream_rows_int4_staged); same bits either way.
 cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H]
                                            const uint8_t* qweight,      // [E, 2I, H/2]
                                            const void* scales,          // [E, 2I, H/128] bf16
@@ -95,7 +98,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H
                                            void* act,                   // [T, NA]
                                            int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
                                            MoeGateUpLayout layout, DType dtype, int n_tiles, cudaStream_t stream,
-                                           bool use_pdl);
+                                           bool use_pdl, bool staged = true);
 
 cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
                                         const uint8_t* qweight,     // [E, H, I/2]

@@ -74,7 +74,8 @@
 // registers; P = 4, NT = 2 already spilled in gate_up). Register use (nvcc --resource-usage, sm_90a):
 // every dense instantiation 128 (down wide P = 2, NT = 1: 120) registers, no spills; down streams 7
 // (P = 4) / 6 (P = 2) steps per batch at NT = 1, where frag's 8 spilled 12-20 bytes there. The int4
-// routed weights (Int4Experts) keep their own 128-k group mapping. Results equal frag's up to the fp32
+// routed weights (Int4Experts) keep their own 128-k group mapping (gate_up's routed int4 tiles through
+// shared memory where H allows: stream_rows_int4_staged). Results equal frag's up to the fp32
 // summation order; each mapping is bitwise reproducible.
 //
 // Fallback (fp32, or shapes / addresses the fast path cannot vector-load): one warp per output
@@ -380,11 +381,78 @@ __device__ __forceinline__ void dequant8(uint32_t w, uint32_t neg_z128x2, uint32
   }
 }
 
+// The per-step values of an int4 batch besides the codes, one register each per step: both rows'
+// scales (lo | hi << 16, bf16 bits) and zero points (lo | hi << 16).
+template <int U>
+struct Int4BatchMeta {
+  uint32_t scale2[U], zero2[U];
+};
+
+// Steps [s0, s0 + valid) of rows lo and hi (s_* their K/128 scales, z_* their zero points or nullptr
+// for symmetric, z = 8); steps past `valid` are loaded under a false predicate and never used.
+template <int U>
+__device__ __forceinline__ void load_int4_meta(const __nv_bfloat16* s_lo, const __nv_bfloat16* s_hi,
+                                               const uint8_t* z_lo, const uint8_t* z_hi, int s0, int valid,
+                                               Int4BatchMeta<U>& m) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const bool ok = u < valid;
+    m.scale2[u] = load_weight_u16_if(s_lo + s0 + u, ok) | load_weight_u16_if(s_hi + s0 + u, ok) << 16;
+    m.zero2[u] = z_lo == nullptr ? 0x00080008u
+                                 : load_weight_u8_if(z_lo + s0 + u, ok) | load_weight_u8_if(z_hi + s0 + u, ok) << 16;
+  }
+}
+
+// The math of one batch of `valid` (1..U) steps: code(u, r) is this lane's 16 bytes of step u of row
+// lo (r = 0) or hi (r = 1), read once per step; x[n] this lane's activations of the batch's first step.
+// Each word's activation vectors are loaded one word ahead (volatile loads keep their order with the
+// MMAs). The register stream and the shared-memory one (staged) run this same code: the same bits.
+template <int NT, int U, int kSets, typename Code>
+__device__ __forceinline__ void int4_batch(Code code, const Int4BatchMeta<U>& m, int valid,
+                                           const __nv_bfloat16* const* x, float (&acc)[kSets][NT][4]) {
+  using T = __nv_bfloat16;
+  uint4 xv[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) xv[n] = load_act16_always(x[n]);
+  uint4 w_lo = {}, w_hi = {};
+#pragma unroll
+  for (int wi = 0; wi < 4 * U; ++wi) {
+    const int u = wi >> 2, i = wi & 3;
+    if (u >= valid) break;  // warp-uniform
+    if (i == 0) {
+      w_lo = code(u, 0);
+      w_hi = code(u, 1);
+    }
+    uint4 xn[NT];
+    const int wn = wi + 1;
+    // The next word's activations (a step past `valid` re-reads this word: in range, never used).
+    const int next = wn < 4 * U && (wn >> 2) < valid ? (wn >> 2) * kGroupK + (wn & 3) * 8 : u * kGroupK + i * 8;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) xn[n] = load_act16_always(x[n] + next);
+    // bf16x2 (s, s) of each row; -(128 + z) as bf16 (z <= 15 sits in the mantissa's low bits).
+    const uint32_t s_lo2 = __byte_perm(m.scale2[u], 0, 0x1010), s_hi2 = __byte_perm(m.scale2[u], 0, 0x3232);
+    const uint32_t nz_lo2 = (m.zero2[u] & 0xFFFFu) * 0x00010001u | 0xC300C300u;
+    const uint32_t nz_hi2 = (m.zero2[u] >> 16) * 0x00010001u | 0xC300C300u;
+    uint32_t dl[4], dh[4];
+    dequant8(word_of(w_lo, i), nz_lo2, s_lo2, dl);
+    dequant8(word_of(w_hi, i), nz_hi2, s_hi2, dh);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      // Activation pairs matching the weight pairs (code j, code j + 4): (x0, x4), (x1, x5) | (x2, x6), (x3, x7).
+      const uint32_t b0 = __byte_perm(xv[n].x, xv[n].z, 0x5410), b1 = __byte_perm(xv[n].x, xv[n].z, 0x7632);
+      const uint32_t b2 = __byte_perm(xv[n].y, xv[n].w, 0x5410), b3 = __byte_perm(xv[n].y, xv[n].w, 0x7632);
+      mma_16816<T>(acc[0][n], dl[0], dh[0], dl[1], dh[1], b0, b1);
+      mma_16816<T>(acc[1 % kSets][n], dl[2], dh[2], dl[3], dh[3], b2, b3);
+      xv[n] = xn[n];
+    }
+  }
+}
+
 // stream_rows for int4 rows (bf16 activations): groups [s_begin, s_end) of rows lo and hi (q_* their
-// packed bytes, s_* their K/128 scales, z_* their zero points or nullptr for symmetric, z = 8) against
-// activation rows col[n]; res as stream_rows. K % 128 == 0: no tail. Every col[n] must be a readable row,
-// also where !col_ok[n] (the callers point those at a real row): the activations are loaded without a
-// predicate, and such a column only feeds its own MMA output column, which the callers never store.
+// packed bytes, s_* / z_* as load_int4_meta) against activation rows col[n]; res as stream_rows.
+// K % 128 == 0: no tail. Every col[n] must be a readable row, also where !col_ok[n] (the callers point
+// those at a real row): the activations are loaded without a predicate, and such a column only feeds
+// its own MMA output column, which the callers never store.
 template <int NT>
 __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint8_t* q_hi,
                                                  const __nv_bfloat16* s_lo, const __nv_bfloat16* s_hi,
@@ -404,61 +472,69 @@ __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint
   const T* x[NT];
 #pragma unroll
   for (int n = 0; n < NT; ++n) x[n] = col[n] + static_cast<int64_t>(s_begin) * kGroupK + 32 * c;
-  const bool symmetric = z_lo == nullptr;
 
   for (int s0 = s_begin; s0 < s_end; s0 += U) {
     const int valid = min(s_end - s0, U);  // >= 1
-    // Per step: both rows' 16 bytes, their scales (lo | hi << 16) and zero points (lo | hi << 16),
-    // one register each (the pairs are spread per step below: fewer registers held across the batch).
     uint4 wv[U][2];
-    uint32_t scale2[U], zero2[U];
+    Int4BatchMeta<U> m;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool ok = u < valid;
-      // (Steps past `valid` are loaded under a false predicate and never used: no zero fill.)
       wv[u][0] = load_weight16_if(lo + u * (kGroupK / 2), ok);
       wv[u][1] = load_weight16_if(hi + u * (kGroupK / 2), ok);
-      scale2[u] = load_weight_u16_if(s_lo + s0 + u, ok) | load_weight_u16_if(s_hi + s0 + u, ok) << 16;
-      zero2[u] = symmetric ? 0x00080008u
-                           : load_weight_u8_if(z_lo + s0 + u, ok) | load_weight_u8_if(z_hi + s0 + u, ok) << 16;
     }
+    load_int4_meta(s_lo, s_hi, z_lo, z_hi, s0, valid, m);
     lo += U * (kGroupK / 2);
     hi += U * (kGroupK / 2);
-    // The words of the batch in order (step u, word i: k 8i .. 8i + 7 of the lane's 32); each word's
-    // activation vectors are loaded one word ahead (volatile loads keep their order with the MMAs).
-    uint4 xv[NT];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) xv[n] = load_act16_always(x[n]);
-#pragma unroll
-    for (int wi = 0; wi < 4 * U; ++wi) {
-      const int u = wi >> 2, i = wi & 3;
-      if (u >= valid) break;  // warp-uniform
-      uint4 xn[NT];
-      const int wn = wi + 1;
-      // The next word's activations (a step past `valid` re-reads this word: in range, never used).
-      const int next = wn < 4 * U && (wn >> 2) < valid ? (wn >> 2) * kGroupK + (wn & 3) * 8 : u * kGroupK + i * 8;
-#pragma unroll
-      for (int n = 0; n < NT; ++n) xn[n] = load_act16_always(x[n] + next);
-      // bf16x2 (s, s) of each row; -(128 + z) as bf16 (z <= 15 sits in the mantissa's low bits).
-      const uint32_t s_lo2 = __byte_perm(scale2[u], 0, 0x1010), s_hi2 = __byte_perm(scale2[u], 0, 0x3232);
-      const uint32_t nz_lo2 = (zero2[u] & 0xFFFFu) * 0x00010001u | 0xC300C300u;
-      const uint32_t nz_hi2 = (zero2[u] >> 16) * 0x00010001u | 0xC300C300u;
-      uint32_t dl[4], dh[4];
-      dequant8(word_of(wv[u][0], i), nz_lo2, s_lo2, dl);
-      dequant8(word_of(wv[u][1], i), nz_hi2, s_hi2, dh);
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        // Activation pairs matching the weight pairs (code j, code j + 4): (x0, x4), (x1, x5) | (x2, x6), (x3, x7).
-        const uint32_t b0 = __byte_perm(xv[n].x, xv[n].z, 0x5410), b1 = __byte_perm(xv[n].x, xv[n].z, 0x7632);
-        const uint32_t b2 = __byte_perm(xv[n].y, xv[n].w, 0x5410), b3 = __byte_perm(xv[n].y, xv[n].w, 0x7632);
-        mma_16816<T>(acc[0][n], dl[0], dh[0], dl[1], dh[1], b0, b1);
-        mma_16816<T>(acc[1 % kSets][n], dl[2], dh[2], dl[3], dh[3], b2, b3);
-        xv[n] = xn[n];
-      }
-    }
+    int4_batch<NT, U, kSets>([&](int u, int r) { return wv[u][r]; }, m, valid, x, acc);
 #pragma unroll
     for (int n = 0; n < NT; ++n) x[n] += U * kGroupK;
   }
+  sum_sets(acc, res);
+}
+
+// The staged int4 stream (gate_up's routed tiles, DOTS1_EXT_MOE_DECODE_INT4_STAGED): a warp's share of a
+// tile is at most one batch (H <= 8 warps x U x 128), so between its tiles a warp held no bytes in
+// flight (ncu at T = 1, a0f98fa: DRAM 47% busy, long-scoreboard stalls). Instead each thread copies its
+// own 16-byte pieces of the NEXT tile into shared memory (cp.async, no registers) before it computes
+// the current one from its pieces of the previous copy. A thread reads back only what it copied, so
+// its own cp.async.wait_group orders everything; no barrier beyond the tile's. Slots: [2 U][kThreads]
+// uint4 per buffer (step u, row r at (2 u + r) kThreads + thread: consecutive threads, consecutive
+// 16 bytes), two buffers.
+template <int NT>
+constexpr int int4_stage_uint4s() {
+  return 2 * int4_batch_steps<NT>() * kThreads;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// stream_rows_int4 over this thread's staged pieces: `slots` = its buffer + threadIdx.x, steps
+// [s_begin, s_end) with s_end - s_begin <= U (what the issue wrote), m their scales and zero points.
+template <int NT>
+__device__ __forceinline__ void stream_rows_int4_staged(const uint4* slots,
+                                                        const Int4BatchMeta<int4_batch_steps<NT>()>& m,
+                                                        const __nv_bfloat16* const (&col)[NT], int s_begin, int s_end,
+                                                        float (&res)[NT][4]) {
+  using T = __nv_bfloat16;
+  constexpr int U = int4_batch_steps<NT>();
+  constexpr int kSets = accumulator_sets<NT>();
+  float acc[kSets][NT][4];
+  zero_sets(acc);
+  const int c = threadIdx.x & 3;
+  const T* x[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) x[n] = col[n] + static_cast<int64_t>(s_begin) * kGroupK + 32 * c;
+  const int valid = s_end - s_begin;
+  if (valid > 0)
+    int4_batch<NT, U, kSets>([&](int u, int r) { return slots[(2 * u + r) * kThreads]; }, m, valid, x, acc);
   sum_sets(acc, res);
 }
 
@@ -473,6 +549,7 @@ struct DenseExperts {
   enum : int { kStep = kStepK };  // k per warp step (frag mapping; wide: kStep * P)
   static constexpr bool kFast = !std::is_same_v<T, float>;  // the MMA kernels: fp16 / bf16
   enum : bool { kWideLoads = kFast };                        // stream_wide exists
+  enum : bool { kStaged = false };                           // issue_staged / stream_staged exist
   const T* w;  // [E, N, K]
   int64_t N, K;
 
@@ -502,6 +579,7 @@ struct Int4Experts {
   enum : int { kStep = kGroupK };  // k per warp step: one group
   static constexpr bool kFast = std::is_same_v<T, __nv_bfloat16>;
   enum : bool { kWideLoads = false };  // one 128-k group per step and lane quad: the frag mapping only
+  enum : bool { kStaged = kFast };     // issue_staged / stream_staged (gate_up's routed tiles)
   const uint8_t* qweight;        // [E, N, K/2]: code 2j in the low nibble of byte j, 2j + 1 in the high
   const __nv_bfloat16* scales;   // [E, N, K/128]
   const uint8_t* zeros;          // [E, N, K/128] or nullptr (symmetric: z = 8)
@@ -523,6 +601,28 @@ struct Int4Experts {
     stream_rows_int4<NT>(qweight + r_lo * (K / 2), qweight + r_hi * (K / 2), scales + r_lo * G, scales + r_hi * G,
                          zeros == nullptr ? nullptr : zeros + r_lo * G, zeros == nullptr ? nullptr : zeros + r_hi * G,
                          col, col_ok, s_begin, s_end, res);
+  }
+  // The staged stream's copy (stream_rows_int4_staged): this thread's pieces of steps [s_begin, s_end)
+  // (at most U) of rows lo and hi into `slots` (its buffer + threadIdx.x), not committed; their scales
+  // and zero points into m (registers: the loads complete while the current tile computes).
+  template <int NT>
+  __device__ __forceinline__ void issue_staged(int expert, int64_t row_lo, int64_t row_hi, int s_begin, int s_end,
+                                               uint4* slots, Int4BatchMeta<int4_batch_steps<NT>()>& m) const {
+    constexpr int U = int4_batch_steps<NT>();
+    const int64_t G = K / kGroupK, r_lo = static_cast<int64_t>(expert) * N + row_lo,
+                  r_hi = static_cast<int64_t>(expert) * N + row_hi;
+    const int c = threadIdx.x & 3, valid = s_end - s_begin;
+    const uint8_t* lo = qweight + r_lo * (K / 2) + static_cast<int64_t>(s_begin) * (kGroupK / 2) + 16 * c;
+    const uint8_t* hi = qweight + r_hi * (K / 2) + static_cast<int64_t>(s_begin) * (kGroupK / 2) + 16 * c;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (u < valid) {
+        cp_async16(slots + 2 * u * kThreads, lo + u * (kGroupK / 2));
+        cp_async16(slots + (2 * u + 1) * kThreads, hi + u * (kGroupK / 2));
+      }
+    }
+    load_int4_meta(scales + r_lo * G, scales + r_hi * G, zeros == nullptr ? nullptr : zeros + r_lo * G,
+                   zeros == nullptr ? nullptr : zeros + r_hi * G, s_begin, valid, m);
   }
 };
 
@@ -659,6 +759,7 @@ struct GateUpParams {
   T* act;                   // [T, NA]
   int T_, k, E;
   int64_t H, I, Is, NA;
+  bool staged = false;  // W::kStaged: the routed tiles through the staged stream where H allows it
 };
 
 template <int NT>
@@ -681,10 +782,26 @@ struct GateUpSmem {
 // 32 NT (wide: 8 kCols) threads. kRouted (item >= 0) is a template argument: each of the kernel's two
 // tile loops holds only its own weight stream (one inlined stream of each kind in the same loop
 // spilled registers).
-template <typename T, MoeGateUpLayout kLayout, int NT, int kParts, bool kRouted, typename W>
+// The gate and up rows of feature f of a routed expert's [2I, H] weight in either layout.
+template <MoeGateUpLayout kLayout>
+__device__ __forceinline__ void gate_up_rows(int64_t f, int64_t I, int64_t& gate, int64_t& up) {
+  if constexpr (kLayout == MoeGateUpLayout::kInterleaved) {
+    gate = (f >> 3) * 16 + (f & 7);
+    up = gate + 8;
+  } else {
+    gate = f;
+    up = I + f;
+  }
+}
+
+// kStagedTile (routed int4 tiles only): the weights come from this thread's staged pieces `slots` with
+// their scales and zero points `meta` (stream_rows_int4_staged), copied by the kernel's loop.
+template <typename T, MoeGateUpLayout kLayout, int NT, int kParts, bool kRouted, bool kStagedTile = false,
+          typename W>
 __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const Schedule& s, int item, int f0,
                                              int s_begin, int s_end, int r_begin, int r_end, GateUpSmem<NT>& sm,
-                                             int parity) {
+                                             int parity, const uint4* slots = nullptr,
+                                             const Int4BatchMeta<int4_batch_steps<NT>()>* meta = nullptr) {
   constexpr int kCols = 8 * NT / kParts;
   constexpr int kRanges = kWarps / kParts;  // wide: the K ranges (warp / kParts) of a fragment
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
@@ -715,14 +832,10 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
     if constexpr (routed) {
       const int64_t f = min(static_cast<int64_t>(f0 + row), p.I - 1);  // I % 8 == 0 on this path: always f0 + row
       int64_t gate, up;
-      if constexpr (kLayout == MoeGateUpLayout::kInterleaved) {
-        gate = (f >> 3) * 16 + (f & 7);
-        up = gate + 8;
-      } else {
-        gate = f;
-        up = p.I + f;
-      }
-      if constexpr (kParts == 1)
+      gate_up_rows<kLayout>(f, p.I, gate, up);
+      if constexpr (kStagedTile)
+        stream_rows_int4_staged<NT>(slots, *meta, col, r_begin, r_end, res);
+      else if constexpr (kParts == 1)
         p.gate_up.template stream<NT>(s.item_expert[item], gate, up, col, col_ok, r_begin, r_end, res);
       else
         p.gate_up.template stream_wide<NT, kParts, batch_steps<NT>()>(s.item_expert[item], gate, up, col, col_ok,
@@ -874,13 +987,54 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   const int64_t r_steps = (p.H + W::kStep * kParts - 1) / (W::kStep * kParts);
   const int r_begin = static_cast<int>(r_steps * range / kRanges);
   const int r_end = static_cast<int>(r_steps * (range + 1) / kRanges);
-  for (; tile < tiles; tile += gridDim.x) {
-    const int rt = tile - tiles_shared;
+  // Routed tile t -> (item, first feature).
+  const auto routed_tile = [&](int t, int& item, int& f0) {
+    const int rt = t - tiles_shared;
     const int any_item = rt / ft_routed;
     const int group0 = s.item_group0[any_item], groupn = s.item_groupn[any_item];
     const int local = rt - group0 * ft_routed;
-    gate_up_tile<T, kLayout, NT, kParts, true>(p, s, group0 + local % groupn, local / groupn * 8, 0, 0, r_begin,
-                                               r_end, sm, parity);
+    item = group0 + local % groupn;
+    f0 = local / groupn * 8;
+  };
+  if constexpr (W::kStaged && kParts == 1) {
+    // The staged int4 stream (stream_rows_int4_staged) where every warp's share of H is one batch:
+    // this thread copies its pieces of the tile after the current one while computing the current.
+    constexpr int U = int4_batch_steps<NT>();
+    if (p.staged && r_steps <= kRanges * U) {
+      using Meta = Int4BatchMeta<U>;
+      constexpr int kSlots = int4_stage_uint4s<NT>();
+      uint4* const stage = reinterpret_cast<uint4*>(smem_raw + sizeof(GateUpSmem<NT>)) + threadIdx.x;
+      const auto issue = [&](int t, uint4* slots, Meta& m) {
+        int item, f0;
+        routed_tile(t, item, f0);
+        int64_t gate, up;  // this lane's rows: feature f0 + g (I % 8 == 0 on this path)
+        gate_up_rows<kLayout>(f0 + (threadIdx.x & 31) / 4, p.I, gate, up);
+        p.gate_up.template issue_staged<NT>(s.item_expert[item], gate, up, r_begin, r_end, slots, m);
+      };
+      Meta cur = {}, next = {};
+      int buf = 0;
+      if (tile < tiles) issue(tile, stage, cur);
+      cp_async_commit();
+      for (; tile < tiles; tile += gridDim.x) {
+        if (tile + static_cast<int>(gridDim.x) < tiles) issue(tile + gridDim.x, stage + (buf ^ 1) * kSlots, next);
+        cp_async_commit();
+        cp_async_wait_group<1>();  // this thread's pieces of `tile` have landed
+        int item, f0;
+        routed_tile(tile, item, f0);
+        gate_up_tile<T, kLayout, NT, kParts, true, true>(p, s, item, f0, 0, 0, r_begin, r_end, sm, parity,
+                                                         stage + buf * kSlots, &cur);
+        parity ^= 1;
+        buf ^= 1;
+        cur = next;
+      }
+      cp_async_wait_group<0>();
+      return;
+    }
+  }
+  for (; tile < tiles; tile += gridDim.x) {
+    int item, f0;
+    routed_tile(tile, item, f0);
+    gate_up_tile<T, kLayout, NT, kParts, true>(p, s, item, f0, 0, 0, r_begin, r_end, sm, parity);
     parity ^= 1;
   }
 }
@@ -1285,7 +1439,10 @@ cudaError_t launch_fast(dim3 grid, size_t bytes, cudaStream_t stream, bool use_p
 
 template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P>
 cudaError_t launch_gate_up(dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T, W>& p) {
-  return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P>>(grid, sizeof(GateUpSmem<NT>), stream, use_pdl, p);
+  // W::kStaged: two buffers of the staged int4 stream after GateUpSmem (allocated whether or not p.staged).
+  constexpr size_t kStageBytes = W::kStaged ? 2 * int4_stage_uint4s<NT>() * sizeof(uint4) : 0;
+  return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P>>(grid, sizeof(GateUpSmem<NT>) + kStageBytes, stream,
+                                                               use_pdl, p);
 }
 
 template <typename T, int NT, typename W, int P>
@@ -1471,7 +1628,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
                                            const uint8_t* zeros, const int32_t* topk_ids, const void* shared_gate_up,
                                            void* act, int64_t T, int64_t H, int64_t E, int64_t k, int64_t I,
                                            int64_t Is, MoeGateUpLayout layout, DType dtype, int n_tiles,
-                                           cudaStream_t stream, bool use_pdl) {
+                                           cudaStream_t stream, bool use_pdl, bool staged) {
   const int64_t NA = k * I + Is;
   if (T == 0 || NA == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
@@ -1486,7 +1643,8 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
     const Int4Experts<scalar_t> experts{qweight, static_cast<const __nv_bfloat16*>(scales), zeros, 2 * I, H};
     const GateUpParams<scalar_t, Int4Experts<scalar_t>> p{
         static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
-        static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
+        static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA,
+        staged};
     return gate_up_launch(p, fast, layout, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
