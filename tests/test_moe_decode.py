@@ -489,26 +489,6 @@ def test_cuda_real_shapes_shared_everywhere(T):
 
 
 @requires_cuda
-@pytest.mark.parametrize("routing", ["random", "hot"])
-@pytest.mark.parametrize("T", [9, 16, 17, 33, 64, 65, 130])
-def test_cuda_wide_all_batched(routing, T, monkeypatch):
-    # DOTS1_EXT_MOE_DECODE_LOADS=wide_all above 8 tokens: P = 2, NT = 2 (items of 8 pairs, the shared
-    # experts in T / 8 column groups), at the real shape; 65 and 130 tokens take two and three launches.
-    # Matches the reference, and frag within tolerance (a different fp32 summation order).
-    dtype = torch.bfloat16
-    w = Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda", "swiglu_interleaved")
-    hidden, ids, weights, residual = decode_inputs(T, REAL["k"], REAL["E"], REAL["H"], dtype, "cuda")
-    if routing == "hot":  # one expert in every token's top-k, another in half: items of 8 pairs, many per expert
-        ids[:, 0] = 5
-        ids[::2, 1] = 77
-    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide_all")
-    act_w, out_w = check_pair(hidden, w, ids, weights, residual, dtype, f"wide_all T={T} {routing}")
-    act_f, out_f = run_with_loads("frag", monkeypatch, hidden, w, ids, weights, residual)
-    assert_rows_close(act_w, act_f.float(), dtype, what="act wide_all vs frag")
-    assert_rows_close(out_w, out_f.float(), dtype, what="out wide_all vs frag")
-
-
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "shape",
