@@ -94,6 +94,8 @@ def ours_16_token_launches(x, w, ids, weights, residual):
 # Ours with a kernel switch set (read at launch: a captured graph keeps those kernels).
 ours_nt4 = with_env({"DOTS1_EXT_MOE_DECODE_NT": "4"}, ours)
 ours_frag = with_env({"DOTS1_EXT_MOE_DECODE_LOADS": "frag"}, ours)
+# An experiment for batched decode (issue 15): the wide weight loads above 8 tokens too (items of 8 pairs).
+ours_wide_all = with_env({"DOTS1_EXT_MOE_DECODE_LOADS": "wide_all"}, ours)
 
 
 ours_int4_registers = with_env({"DOTS1_EXT_MOE_DECODE_INT4_STAGED": "0"}, ours_int4)
@@ -148,6 +150,8 @@ def run(quick: bool = False) -> list[Report]:
                 ids.copy_(draw_ids(T, k, E))
 
         impls = {"dots1_ext moe_decode (2 launches)": ours, "dots1_ext moe_decode frag loads": ours_frag}
+        if T > 8 and gpu:
+            impls["dots1_ext moe_decode wide loads (wide_all: items of 8 pairs)"] = ours_wide_all
         if T > CHUNK_T:
             impls[f"dots1_ext moe_decode, {CHUNK_T}-token launches (before)"] = ours_16_token_launches
             if gpu:

@@ -102,6 +102,11 @@ def wide(fn) -> None:
     with_env("DOTS1_EXT_MOE_DECODE_LOADS", "wide", fn)
 
 
+def wide_all(fn) -> None:
+    """fn under DOTS1_EXT_MOE_DECODE_LOADS=wide_all (the wide mapping above 8 tokens too)."""
+    with_env("DOTS1_EXT_MOE_DECODE_LOADS", "wide_all", fn)
+
+
 def bad_ids(T: int, E: int, k: int) -> torch.Tensor:
     ids = torch.rand(T, E).argsort(dim=1)[:, :k].to(torch.int32)
     ids[1, 2], ids[3, 0], ids[5, 1] = -1, E, 2**30
@@ -126,6 +131,8 @@ def run_small() -> None:
     wide(lambda: case("small wide T=8 one expert", dtype, 8, 8, 6, 64, 32, 32,
                       ids=torch.full((8, 6), 3, dtype=torch.int32)))
     wide(lambda: case("small wide K tail, H%16", dtype, 2, 5, 2, 72, 24, 40))
+    wide_all(lambda: case("small wide_all T=64 hot experts", dtype, 64, 24, 6, 128, 64, 128))
+    wide_all(lambda: case("small wide_all T=64 bad ids", dtype, 64, 10, 3, 64, 32, 32, ids=bad_ids(64, 10, 3)))
     case("small simple fp32", torch.float32, 5, 12, 3, 64, 32, 48)
 
 
@@ -136,6 +143,10 @@ def run_wide(dtype: torch.dtype) -> None:
     for T in (2, 4, 8):  # one expert for every pair: items of 2, 4 and 8 columns, side by side
         wide(lambda: case(f"wide {dtype} one expert T={T}", dtype, T, 8, 6, 64, 32, 32,
                           ids=torch.full((T, 6), 3, dtype=torch.int32)))
+    for T in (9, 17, 64, 65):  # wide_all: the wide mapping above 8 tokens (items of 8 pairs)
+        wide_all(lambda: case(f"wide_all {dtype} T={T}", dtype, T, 24, 6, 256, 64, 128))
+    wide_all(lambda: case(f"wide_all {dtype} one expert T=64", dtype, 64, 8, 6, 64, 32, 32,
+                          ids=torch.full((64, 6), 3, dtype=torch.int32)))
     for T in (1, 3, 6):
         wide(lambda: case(f"wide {dtype} K tail, H%16 T={T}", dtype, T, 5, 2, 72, 24, 40))
         wide(lambda: case(f"wide {dtype} no shared / residual T={T}", dtype, T, 16, 4, 128, 32, 0, residual=False))

@@ -4,8 +4,9 @@
 CUDA paths: the tensor-core weight-streaming kernels (fp16 / bf16, H, I, Is multiples of 8; up to 64
 tokens / 512 (t, j) pairs per launch, chunks above; 1, 2 or 4 n-tiles per MMA, DOTS1_EXT_MOE_DECODE_NT)
 and the simple fallback (fp32, other shapes, or DOTS1_EXT_MOE_DECODE_KERNEL=simple). Every test that
-runs the CUDA kernels runs under both weight-load mappings (DOTS1_EXT_MOE_DECODE_LOADS=frag | wide: the
-wide one takes launches of up to 8 tokens); the test_cuda_wide_* tests aim at the wide mapping's cases.
+runs the CUDA kernels runs under every weight-load mapping (DOTS1_EXT_MOE_DECODE_LOADS=frag | wide |
+wide_all: wide takes launches of up to 8 tokens, wide_all every launch); the test_cuda_wide_* tests aim
+at the wide mapping's cases.
 Memory check of every CUDA path: tests/sanitize_moe_decode.py.
 """
 
@@ -149,7 +150,7 @@ def small_cuda_layer():
     return w, x, ids
 
 
-LOADS = ["frag", "wide"]
+LOADS = ["frag", "wide", "wide_all"]
 WIDE_MAX_TOKENS = 8  # moe_decode_kernels.cu kWideMaxTokens: launches of more tokens take frag
 
 
@@ -170,7 +171,7 @@ def moe_loads(request, monkeypatch):
     if loads is None:
         monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_LOADS", raising=False)
         return "frag"
-    if loads == "wide" and request.node.callspec.params.get("device") == "cpu":
+    if loads != "frag" and request.node.callspec.params.get("device") == "cpu":
         pytest.skip("the CPU kernels have one mapping")
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", loads)
     return loads
@@ -721,6 +722,26 @@ def test_cuda_wide_every_token_count(T, epilogue, monkeypatch):
     assert_rows_close(out_w, out_f.float(), dtype, what="out wide vs frag")
     if T > WIDE_MAX_TOKENS:  # frag either way
         assert torch.equal(act_w, act_f) and torch.equal(out_w, out_f)
+
+
+@requires_cuda
+@pytest.mark.parametrize("routing", ["random", "hot"])
+@pytest.mark.parametrize("T", [9, 16, 17, 33, 64, 65, 130])
+def test_cuda_wide_all_batched(routing, T, monkeypatch):
+    # DOTS1_EXT_MOE_DECODE_LOADS=wide_all above 8 tokens: P = 2, NT = 2 (items of 8 pairs, the shared
+    # experts in T / 8 column groups), at the real shape; 65 and 130 tokens take two and three launches.
+    # Matches the reference, and frag within tolerance (a different fp32 summation order).
+    dtype = torch.bfloat16
+    w = Weights(REAL["E"], REAL["H"], REAL["I"], REAL["Is"], dtype, "cuda", "swiglu_interleaved")
+    hidden, ids, weights, residual = decode_inputs(T, REAL["k"], REAL["E"], REAL["H"], dtype, "cuda")
+    if routing == "hot":  # one expert in every token's top-k, another in half: items of 8 pairs, many per expert
+        ids[:, 0] = 5
+        ids[::2, 1] = 77
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", "wide_all")
+    act_w, out_w = check_pair(hidden, w, ids, weights, residual, dtype, f"wide_all T={T} {routing}")
+    act_f, out_f = run_with_loads("frag", monkeypatch, hidden, w, ids, weights, residual)
+    assert_rows_close(act_w, act_f.float(), dtype, what="act wide_all vs frag")
+    assert_rows_close(out_w, out_f.float(), dtype, what="out wide_all vs frag")
 
 
 @requires_cuda

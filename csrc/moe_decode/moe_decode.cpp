@@ -382,9 +382,9 @@ MoeDecodeLoads moe_decode_loads() {
   // kernel; B=8 3.86 -> 3.77 ms.
   if (v == nullptr || *v == '\0') return MoeDecodeLoads::kWide;
   const std::string s(v);
-  TORCH_CHECK_VALUE(s == "frag" || s == "wide", "dots1_ext: DOTS1_EXT_MOE_DECODE_LOADS must be frag or wide, got '",
-                    s, "'");
-  return s == "wide" ? MoeDecodeLoads::kWide : MoeDecodeLoads::kFrag;
+  TORCH_CHECK_VALUE(s == "frag" || s == "wide" || s == "wide_all",
+                    "dots1_ext: DOTS1_EXT_MOE_DECODE_LOADS must be frag, wide or wide_all, got '", s, "'");
+  return s == "wide" ? MoeDecodeLoads::kWide : s == "wide_all" ? MoeDecodeLoads::kWideAll : MoeDecodeLoads::kFrag;
 }
 
 // DOTS1_EXT_MOE_DECODE_INT4_STAGED (read per call; unset or empty: 1): 1 lets the int4 gate_up kernel

@@ -33,10 +33,11 @@ enum class MoeGateUpLayout : int { kHF = 0, kInterleaved = 1 };
 
 // How the fast kernels' lanes map onto the model-dtype weight rows (DOTS1_EXT_MOE_DECODE_LOADS;
 // moe_decode_kernels.cu's header): kFrag, one warp load = 8 rows x 64 bytes (the MMA fragment's rows);
-// kWide, 2 rows x 256 bytes (up to 2 tokens) or 4 rows x 128 bytes (3-8 tokens), frag above 8 tokens.
-// Both compute the same sums in different fp32 orders. The int4 routed weights always use their own
-// mapping.
-enum class MoeDecodeLoads : int { kFrag = 0, kWide = 1 };
+// kWide, 2 rows x 256 bytes (up to 2 tokens) or 4 rows x 128 bytes (3-8 tokens), frag above 8 tokens;
+// kWideAll (an experiment for batched decode, issue 15) as kWide up to 8 tokens and 4 rows x 128 bytes
+// with items of 8 pairs above (frag's items there hold 16). All compute the same sums in different fp32
+// orders. The int4 routed weights always use their own mapping.
+enum class MoeDecodeLoads : int { kFrag = 0, kWide = 1, kWideAll = 2 };
 
 // The fast (tensor-core, weight-streaming) kernels take at most this many (t, j) pairs per launch (64
 // tokens of top-8); the launchers loop over token chunks of floor(kMoeDecodeMaxPairs / k) (at most

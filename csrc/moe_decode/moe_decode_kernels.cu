@@ -1395,11 +1395,14 @@ struct Mapping {
 // columns) up to 8: no more MMAs per weight byte than frag's NT = 1 below 5 tokens, twice as many above
 // (tensor-core time is not what limits these kernels). Above 8 tokens frag: a wide item of 8 columns
 // needs P = 2, NT = 4 or P = 4, NT = 8, whose accumulators and batches do not fit in 128 registers.
-// n_tiles (DOTS1_EXT_MOE_DECODE_NT) applies to the frag launches only.
+// n_tiles (DOTS1_EXT_MOE_DECODE_NT) applies to the frag launches only. kWideAll (an experiment, issue 15)
+// keeps P = 2, NT = 2 above 8 tokens: items of 8 pairs, so the shared experts run T / 8 column groups and
+// an expert with more than 8 pairs several items, their re-reads side by side (L2), against frag's 16.
 constexpr int kWideMaxTokens = 8;
 template <typename W>
 Mapping pick_mapping(int64_t tokens, int n_tiles, MoeDecodeLoads loads) {
-  if (W::kWideLoads && loads == MoeDecodeLoads::kWide && tokens <= kWideMaxTokens)
+  const bool wide_all = loads == MoeDecodeLoads::kWideAll;
+  if (W::kWideLoads && (loads == MoeDecodeLoads::kWide || wide_all) && (tokens <= kWideMaxTokens || wide_all))
     return tokens <= 2 ? Mapping{4, 1} : tokens <= 4 ? Mapping{2, 1} : Mapping{2, 2};
   return {1, pick_nt(tokens, n_tiles)};
 }
