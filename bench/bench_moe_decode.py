@@ -6,9 +6,11 @@ gate_up (SwiGLU fused) + grouped_gemm down + the shared experts as an F.linear M
 64 tokens per launch: every chunk re-reads the experts it touches) and ours with four n-tiles per MMA
 (DOTS1_EXT_MOE_DECODE_NT=4: 32-column items, so fewer hot-expert re-reads, but a quarter of the bytes
 in flight per lane), to choose the default. At every T also ours with the fragment weight-load mapping
-(DOTS1_EXT_MOE_DECODE_LOADS=frag: each warp load reads 8 rows x 64 B; the default, wide, reads 2 rows x
-256 B up to 2 tokens, 4 rows x 128 B up to 8, and runs frag above 8 tokens, so above 8 tokens that row
-times the same kernels as the default one), captured and replayed like the others.
+(DOTS1_EXT_MOE_DECODE_LOADS=frag: each warp load reads 8 rows x 64 B; the default, wide_all, reads 2
+rows x 256 B up to 2 tokens and 4 rows x 128 B above), and above 8 tokens with LOADS=wide (wide up to 8
+tokens, frag above: the default before wide_all), captured and replayed like the others. The int4 rows:
+the default (gate_up's routed tiles staged through shared memory above 8 tokens), and staged / register
+stream at every T.
 
 Each implementation is captured in one CUDA graph holding ``CALLS`` calls that cycle over
 ``WEIGHT_SETS`` full copies of the layer's expert weights and fresh random distinct top-6 ids per call,
@@ -92,13 +94,15 @@ def ours_16_token_launches(x, w, ids, weights, residual):
 
 
 # Ours with a kernel switch set (read at launch: a captured graph keeps those kernels).
-ours_nt4 = with_env({"DOTS1_EXT_MOE_DECODE_NT": "4"}, ours)
+ours_nt4 = with_env({"DOTS1_EXT_MOE_DECODE_NT": "4", "DOTS1_EXT_MOE_DECODE_LOADS": "frag"}, ours)
 ours_frag = with_env({"DOTS1_EXT_MOE_DECODE_LOADS": "frag"}, ours)
-# An experiment for batched decode (issue 15): the wide weight loads above 8 tokens too (items of 8 pairs).
-ours_wide_all = with_env({"DOTS1_EXT_MOE_DECODE_LOADS": "wide_all"}, ours)
+# The default loads are wide at every T (wide_all: items of 8 pairs above 8 tokens); wide = frag above 8.
+ours_wide_to_8 = with_env({"DOTS1_EXT_MOE_DECODE_LOADS": "wide"}, ours)
 
 
+# The default stages gate_up's routed int4 tiles through shared memory above 8 tokens; both choices at every T.
 ours_int4_registers = with_env({"DOTS1_EXT_MOE_DECODE_INT4_STAGED": "0"}, ours_int4)
+ours_int4_staged = with_env({"DOTS1_EXT_MOE_DECODE_INT4_STAGED": "1"}, ours_int4)
 
 
 def current_path(x, w, ids, weights, residual):
@@ -151,17 +155,19 @@ def run(quick: bool = False) -> list[Report]:
 
         impls = {"dots1_ext moe_decode (2 launches)": ours, "dots1_ext moe_decode frag loads": ours_frag}
         if T > 8 and gpu:
-            impls["dots1_ext moe_decode wide loads (wide_all: items of 8 pairs)"] = ours_wide_all
+            impls["dots1_ext moe_decode LOADS=wide (frag above 8 tokens)"] = ours_wide_to_8
         if T > CHUNK_T:
             impls[f"dots1_ext moe_decode, {CHUNK_T}-token launches (before)"] = ours_16_token_launches
             if gpu:
-                impls["dots1_ext moe_decode NT=4"] = ours_nt4
+                impls["dots1_ext moe_decode frag loads NT=4"] = ours_nt4
         impls["permute + grouped_gemm x2 + shared MLP + unpermute"] = current_path
         impls["dots1_ext moe_decode_int4 (2 launches, int4 experts)"] = ours_int4
-        impls["dots1_ext moe_decode_int4, register stream (staged off)"] = ours_int4_registers
+        impls["dots1_ext moe_decode_int4, register stream (STAGED=0)"] = ours_int4_registers
+        impls["dots1_ext moe_decode_int4, staged stream (STAGED=1)"] = ours_int4_staged
         int4_bytes = touched * int4_expert_bytes + shared_bytes
+        int4_impls = (ours_int4, ours_int4_registers, ours_int4_staged)
         for label, fn in impls.items():
-            nbytes = int4_bytes if fn in (ours_int4, ours_int4_registers) else touched * expert_bytes + shared_bytes
+            nbytes = int4_bytes if fn in int4_impls else touched * expert_bytes + shared_bytes
             if gpu:
                 ms = graph_ms(fn, calls, redraw, iters=5 if quick else 20)
             else:
@@ -171,7 +177,8 @@ def run(quick: bool = False) -> list[Report]:
         report.notes.append(f"floor = touched expert bytes / copy bandwidth; {CALLS} calls per CUDA graph over "
                             f"{WEIGHT_SETS} weight sets, fresh ids per replay; median of replays")
         report.notes.append("default = wide loads, (P k-parts, n-tiles) = (4, 1) at T <= 2, (2, 1) at T <= 4, "
-                            "(2, 2) at T <= 8, frag above; frag loads: DOTS1_EXT_MOE_DECODE_LOADS=frag")
+                            "(2, 2) above (items of 8 pairs); frag loads: DOTS1_EXT_MOE_DECODE_LOADS=frag; int4 "
+                            "default: gate_up's routed tiles staged through shared memory above 8 tokens")
         report.notes.append("int4 rows: bytes = touched experts' packed codes + scales + zero points (0.523 B per "
                             "weight) + the shared experts' bf16; their own floor")
     del sets

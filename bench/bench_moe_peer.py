@@ -6,7 +6,7 @@ E=128 top-6, I=1408, bf16), ours against vLLM's tuned Triton fused-MoE kernel (i
 - ours: permute -> grouped_gemm(gate_up, "swiglu_interleaved") -> grouped_gemm(down) -> unpermute, and
   for T <= 64 also moe_decode_gate_up + moe_decode_down (what decode runs up to modules.
   MOE_DECODE_MAX_TOKENS; one launch each up to 64 tokens), on the GPU also with the fragment weight-load
-  mapping (DOTS1_EXT_MOE_DECODE_LOADS=frag; the default, wide, differs from it up to 8 tokens only). Ours
+  mapping (DOTS1_EXT_MOE_DECODE_LOADS=frag; the default, wide_all, reads 256 / 128 B row segments). Ours
   reads the interleaved copy of gate_up (SwiGLU fused in the epilogue), as the model does.
 - peer: vLLM's ``fused_experts`` (../shared/peers/vllm_fused_moe.py, never part of the project) in the
   HF layout, with per (T, routing) the best config of a time-boxed sweep over the peer's own candidates
@@ -292,7 +292,7 @@ def run(quick: bool = False) -> list[Report]:
             extras: dict = {}
             if T <= DECODE_MAX_T:
                 impls["dots1_ext moe_decode"] = ours_decode
-                if gpu and T <= 8:  # above 8 tokens the default runs the frag kernels
+                if gpu:
                     impls["dots1_ext moe_decode frag loads"] = ours_decode_frag
             impls["dots1_ext permute+grouped_gemm"] = ours_permute
             for name, fn in impls.items():

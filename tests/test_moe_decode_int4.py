@@ -322,9 +322,9 @@ def test_cuda_n_tiles_override(nt, T, monkeypatch):
                                    (16, 1024, 384, 256)], ids=["real", "H8192 (registers)", "H256", "H1024"])
 @pytest.mark.parametrize("T", [1, 8, 9, 64])
 def test_cuda_staged_same_bits(symmetric, shape, T, monkeypatch):
-    # The staged gate_up stream (DOTS1_EXT_MOE_DECODE_INT4_STAGED, default on: the routed tiles' weights
-    # through shared memory, the next tile copied while the current one computes) moves no arithmetic:
-    # on and off give the same bits, and both the reference's values. H <= 4096 takes it (at 256 most
+    # The staged gate_up stream (DOTS1_EXT_MOE_DECODE_INT4_STAGED, default auto = above 8 tokens: the
+    # routed tiles' weights through shared memory, the next tile copied while the current one computes)
+    # moves no arithmetic: 1, 0 and auto give the same bits, and all the reference's values. H <= 4096 takes it (at 256 most
     # warps have no step of a tile; at 1024 one each); H = 8192 keeps the register stream. T = 9 and
     # 64 run two n-tiles; 64 tokens also hot experts (items side by side).
     E, H, I, Is = shape
@@ -333,14 +333,15 @@ def test_cuda_staged_same_bits(symmetric, shape, T, monkeypatch):
     w = Int4Weights(E, H, I, Is, dtype, "cuda", symmetric=symmetric)
     hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
     results = {}
-    for flag in ("1", "0"):
+    for flag in ("1", "0", "auto"):
         monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_STAGED", flag)
         results[flag] = check_pair(hidden, w, ids, weights, residual, f"staged={flag} T={T} {shape}")
-    assert torch.equal(results["1"][0], results["0"][0]) and torch.equal(results["1"][1], results["0"][1])
+    for flag in ("0", "auto"):
+        assert torch.equal(results["1"][0], results[flag][0]) and torch.equal(results["1"][1], results[flag][1])
 
 
 @requires_cuda
-@pytest.mark.parametrize("value", ["yes", "2"])
+@pytest.mark.parametrize("value", ["yes", "2", "Auto"])
 def test_cuda_bad_staged_setting_raises(value, monkeypatch):
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_STAGED", value)
     dtype = torch.bfloat16

@@ -373,30 +373,32 @@ int moe_decode_n_tiles() {
   return s[0] - '0';
 }
 
-// DOTS1_EXT_MOE_DECODE_LOADS (read per call, so a benchmark can time both in one process; unset or empty:
-// frag): the fast kernels' weight-load mapping for model-dtype weights, frag or wide (moe_decode.h
-// MoeDecodeLoads). Any other value raises ValueError.
+// DOTS1_EXT_MOE_DECODE_LOADS (read per call, so a benchmark can time all in one process; unset or empty:
+// wide_all): the fast kernels' weight-load mapping for model-dtype weights, frag, wide or wide_all
+// (moe_decode.h MoeDecodeLoads). Any other value raises ValueError.
 MoeDecodeLoads moe_decode_loads() {
   const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_LOADS");
-  // Default wide (H200, 48bd321): the 8-layer B=1 step 1.52 -> 1.35 ms with the skinny GEMM's wide
-  // kernel; B=8 3.86 -> 3.77 ms.
-  if (v == nullptr || *v == '\0') return MoeDecodeLoads::kWide;
+  // Wide up to 8 tokens (H200, 48bd321): the 8-layer B=1 step 1.52 -> 1.35 ms with the skinny GEMM's
+  // wide kernel; B=8 3.86 -> 3.77 ms. Wide above 8 too (H200, next-verify2, real shape): T = 16 / 32 / 64
+  // 0.604 / 0.896 / 1.124 ms with frag there, 0.594 / 0.867 / 1.097 ms.
+  if (v == nullptr || *v == '\0') return MoeDecodeLoads::kWideAll;
   const std::string s(v);
   TORCH_CHECK_VALUE(s == "frag" || s == "wide" || s == "wide_all",
                     "dots1_ext: DOTS1_EXT_MOE_DECODE_LOADS must be frag, wide or wide_all, got '", s, "'");
   return s == "wide" ? MoeDecodeLoads::kWide : s == "wide_all" ? MoeDecodeLoads::kWideAll : MoeDecodeLoads::kFrag;
 }
 
-// DOTS1_EXT_MOE_DECODE_INT4_STAGED (read per call; unset or empty: 1): 1 lets the int4 gate_up kernel
-// stream its routed tiles through shared memory (moe_decode.h), 0 keeps them in registers (benchmarks
-// compare the two; same bits). Any other value raises ValueError.
-bool moe_decode_int4_staged() {
+// DOTS1_EXT_MOE_DECODE_INT4_STAGED (read per call; unset or empty: auto): whether the int4 gate_up kernel
+// streams its routed tiles through shared memory (moe_decode.h) or keeps them in registers; same bits.
+// auto stages above 8 tokens (H200, next-verify2: T = 1-8 staged 9-10% slower, T = 16-64 4-6% faster),
+// 1 always, 0 never. Any other value raises ValueError.
+bool moe_decode_int4_staged(int64_t tokens) {
   const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_INT4_STAGED");
-  if (v == nullptr || *v == '\0') return true;
+  if (v == nullptr || *v == '\0') return tokens > 8;
   const std::string s(v);
-  TORCH_CHECK_VALUE(s == "0" || s == "1", "dots1_ext: DOTS1_EXT_MOE_DECODE_INT4_STAGED must be 0 or 1, got '", s,
-                    "'");
-  return s == "1";
+  TORCH_CHECK_VALUE(s == "auto" || s == "0" || s == "1",
+                    "dots1_ext: DOTS1_EXT_MOE_DECODE_INT4_STAGED must be auto, 0 or 1, got '", s, "'");
+  return s == "auto" ? tokens > 8 : s == "1";
 }
 
 // A pointer usable by 16-byte vector loads; otherwise a fresh (aligned) copy. Activations only.
@@ -483,7 +485,7 @@ at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::T
       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), moe_decode_int4_staged()));
+      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), moe_decode_int4_staged(g.T)));
   return act;
 }
 

@@ -34,9 +34,9 @@ enum class MoeGateUpLayout : int { kHF = 0, kInterleaved = 1 };
 // How the fast kernels' lanes map onto the model-dtype weight rows (DOTS1_EXT_MOE_DECODE_LOADS;
 // moe_decode_kernels.cu's header): kFrag, one warp load = 8 rows x 64 bytes (the MMA fragment's rows);
 // kWide, 2 rows x 256 bytes (up to 2 tokens) or 4 rows x 128 bytes (3-8 tokens), frag above 8 tokens;
-// kWideAll (an experiment for batched decode, issue 15) as kWide up to 8 tokens and 4 rows x 128 bytes
-// with items of 8 pairs above (frag's items there hold 16). All compute the same sums in different fp32
-// orders. The int4 routed weights always use their own mapping.
+// kWideAll (the default) as kWide up to 8 tokens and 4 rows x 128 bytes with items of 8 pairs above
+// (frag's items there hold 16). All compute the same sums in different fp32 orders. The int4 routed
+// weights always use their own mapping.
 enum class MoeDecodeLoads : int { kFrag = 0, kWide = 1, kWideAll = 2 };
 
 // The fast (tensor-core, weight-streaming) kernels take at most this many (t, j) pairs per launch (64
@@ -87,9 +87,10 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
 // element is (u - z) * s rounded once to the activations' dtype, then the math above. K % 128 == 0
 // (H for gate_up, I for down; else cudaErrorInvalidValue), weights 16-byte aligned. bf16 activations
 // run the tensor-core kernels (one 128-k group per warp step), fp16 / fp32 the fallback kernels.
-// staged (gate_up; DOTS1_EXT_MOE_DECODE_INT4_STAGED, read by moe_decode.cpp): where H <= 4096 the
-// routed tiles' weights go through shared memory, each thread copying its pieces of its next tile while
-// it computes the current one (moe_decode_kernels.cu, stream_rows_int4_staged); same bits either way.
+// staged (gate_up; DOTS1_EXT_MOE_DECODE_INT4_STAGED, read by moe_decode.cpp, default above 8 tokens):
+// where H <= 4096 the routed tiles' weights go through shared memory, each thread copying its pieces of
+// its next tile while it computes the current one (moe_decode_kernels.cu, stream_rows_int4_staged), and
+// the launch takes 64 KB more shared memory; same bits either way.
 cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H]
                                            const uint8_t* qweight,      // [E, 2I, H/2]
                                            const void* scales,          // [E, 2I, H/128] bf16

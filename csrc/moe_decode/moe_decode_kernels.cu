@@ -1395,8 +1395,8 @@ struct Mapping {
 // columns) up to 8: no more MMAs per weight byte than frag's NT = 1 below 5 tokens, twice as many above
 // (tensor-core time is not what limits these kernels). Above 8 tokens frag: a wide item of 8 columns
 // needs P = 2, NT = 4 or P = 4, NT = 8, whose accumulators and batches do not fit in 128 registers.
-// n_tiles (DOTS1_EXT_MOE_DECODE_NT) applies to the frag launches only. kWideAll (an experiment, issue 15)
-// keeps P = 2, NT = 2 above 8 tokens: items of 8 pairs, so the shared experts run T / 8 column groups and
+// n_tiles (DOTS1_EXT_MOE_DECODE_NT) applies to the frag launches only. kWideAll (the default) keeps
+// P = 2, NT = 2 above 8 tokens: items of 8 pairs, so the shared experts run T / 8 column groups and
 // an expert with more than 8 pairs several items, their re-reads side by side (L2), against frag's 16.
 constexpr int kWideMaxTokens = 8;
 template <typename W>
@@ -1412,24 +1412,27 @@ unsigned int simple_blocks(int64_t outputs, int sm_count) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{sm_count} * 32)));
 }
 
-// Launches a fast kernel with `bytes` of dynamic shared memory. Past the default 48 KB, once per device
-// (host-side function attributes, not stream operations): raises the kernel's limit to `bytes` and asks
-// for a shared-memory carveout that holds 2 CTAs per SM (the kernels' __launch_bounds__ occupancy;
-// every size here fits twice in an H200 SM's 228 KB, the rest stays L1).
+// Launches a fast kernel with `bytes` of dynamic shared memory, of at most `max_bytes` for any launch of
+// this kernel. Past the default 48 KB, once per device (host-side function attributes, not stream
+// operations): raises the kernel's limit to `max_bytes` and asks for a shared-memory carveout that holds
+// 2 CTAs per SM (the kernels' __launch_bounds__ occupancy; every size here fits twice in an H200 SM's
+// 228 KB, the rest stays L1).
 template <auto Kernel, typename Params>
-cudaError_t launch_fast(dim3 grid, size_t bytes, cudaStream_t stream, bool use_pdl, const Params& p) {
-  if (bytes > 48 * 1024) {
+cudaError_t launch_fast(dim3 grid, size_t bytes, size_t max_bytes, cudaStream_t stream, bool use_pdl,
+                        const Params& p) {
+  if (max_bytes > 48 * 1024) {
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
     static PerDeviceOnce<cudaError_t> raised;
-    err = raised.get(device, [bytes, device] {
-      cudaError_t e = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    err = raised.get(device, [max_bytes, device] {
+      cudaError_t e =
+          cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_bytes));
       int per_sm = 0, reserved = 0;
       if (e == cudaSuccess) e = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
       if (e == cudaSuccess) e = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
       if (e == cudaSuccess && per_sm > 0) {
-        const int64_t need = 2 * (static_cast<int64_t>(bytes) + reserved);
+        const int64_t need = 2 * (static_cast<int64_t>(max_bytes) + reserved);
         const int percent = static_cast<int>(std::min<int64_t>(100, (100 * need + per_sm - 1) / per_sm));
         e = cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout, percent);
       }
@@ -1442,15 +1445,17 @@ cudaError_t launch_fast(dim3 grid, size_t bytes, cudaStream_t stream, bool use_p
 
 template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P>
 cudaError_t launch_gate_up(dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T, W>& p) {
-  // W::kStaged: two buffers of the staged int4 stream after GateUpSmem (allocated whether or not p.staged).
+  // W::kStaged: two buffers of the staged int4 stream after GateUpSmem, allocated when p.staged.
   constexpr size_t kStageBytes = W::kStaged ? 2 * int4_stage_uint4s<NT>() * sizeof(uint4) : 0;
-  return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P>>(grid, sizeof(GateUpSmem<NT>) + kStageBytes, stream,
-                                                               use_pdl, p);
+  constexpr size_t kBytes = sizeof(GateUpSmem<NT>);
+  return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P>>(grid, kBytes + (p.staged ? kStageBytes : 0),
+                                                               kBytes + kStageBytes, stream, use_pdl, p);
 }
 
 template <typename T, int NT, typename W, int P>
 cudaError_t launch_down(dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T, W>& p) {
-  return launch_fast<moe_down_kernel<T, NT, W, P>>(grid, sizeof(DownSmem<NT>), stream, use_pdl, p);
+  return launch_fast<moe_down_kernel<T, NT, W, P>>(grid, sizeof(DownSmem<NT>), sizeof(DownSmem<NT>), stream,
+                                                     use_pdl, p);
 }
 
 // The instantiations: frag at NT = 1, 2, 4; wide (model-dtype rows) at (P, NT) = (4, 1), (2, 1), (2, 2).

@@ -13,10 +13,13 @@ launcher loops over 64-token chunks) but reads the weights once per chunk: prefi
 8), run a simple correct kernel. ``DOTS1_EXT_MOE_DECODE_KERNEL=simple`` forces that kernel (tests
 compare the two); ``DOTS1_EXT_MOE_DECODE_NT=1|2|4`` forces the tensor-core kernels' n-tiles per MMA
 (items of 8, 16 or 32 pairs; default 1 up to 8 tokens, else 2; for benchmarks: the bits may differ
-between settings). ``DOTS1_EXT_MOE_DECODE_LOADS=frag|wide`` picks how the kernels' lanes read the bf16 /
-fp16 weight rows (wide, the default: 2 rows x 256 bytes per warp load up to 2 tokens, 4 rows x 128
-bytes up to 8, frag above; frag: 8 rows x 64 bytes; the NT override applies to the frag launches); both
-are correct, the bits differ (fp32 summation order). Any other value raises ValueError.
+between settings). ``DOTS1_EXT_MOE_DECODE_LOADS=wide_all|wide|frag`` picks how the kernels' lanes read the bf16
+/ fp16 weight rows (wide_all, the default: 2 rows x 256 bytes per warp load up to 2 tokens, 4 rows x 128
+bytes above, in items of up to 8 pairs; wide: the same up to 8 tokens, frag above; frag: 8 rows x 64
+bytes; the NT override applies to the frag launches); all are correct, the bits differ (fp32 summation
+order). ``DOTS1_EXT_MOE_DECODE_INT4_STAGED=auto|1|0``: whether the int4 gate_up kernel stages its routed
+tiles through shared memory (auto, the default: above 8 tokens; same bits). Any other value raises
+ValueError.
 
 Output shapes depend only on the input shapes (no host synchronisation, CUDA-graph safe); results
 are bitwise reproducible run to run and between eager and CUDA-graph replay (no float atomics).
