@@ -326,8 +326,7 @@ def test_cuda_staged_same_bits(symmetric, shape, T, monkeypatch):
     # routed tiles' weights through shared memory, the next tile copied while the current one computes)
     # moves no arithmetic: 1, 0 and auto give the same bits, and all the reference's values. H <= 4096
     # takes it (at 256 most warps have no step of a tile; at 1024 one each); H = 8192 keeps the register
-    # stream. T = 9 and
-    # 64 run two n-tiles; 64 tokens also hot experts (items side by side).
+    # stream. T = 9 and 64 run two n-tiles; 64 tokens also hot experts (items side by side).
     E, H, I, Is = shape
     k = REAL["k"]
     dtype = torch.bfloat16
