@@ -6,7 +6,7 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool synccheck python tests/sanitize_moe_decode.py --small
 
 (Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees an access past
-a tensor's end.) Paths: the tensor-core kernels (bf16 / fp16; gate_up in the HF and interleaved
+a tensor's end.) Paths: the tensor-core kernels with the fragment weight-load mapping (bf16 / fp16; gate_up in the HF and interleaved
 layouts; with and without shared experts and residual; one token, a 16-token launch, a full 64-token
 launch (384 pairs; the shared experts in four 16-token column groups), T=65 in two launches, 512 pairs
 on 512 distinct experts (the most one launch takes), k=20 (25 tokens per launch), one expert taking
@@ -86,11 +86,15 @@ def small() -> bool:
 
 
 def with_env(name: str, value: str, fn) -> None:
+    before = os.environ.get(name)
     os.environ[name] = value
     try:
         fn()
     finally:
-        del os.environ[name]
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def with_nt(nt: str, fn) -> None:
@@ -201,10 +205,8 @@ def run_sets(name: str, run_small, run_full) -> int:
         print(f"{name}: needs a CUDA GPU")
         return 2
     torch.manual_seed(0)
-    if small():
-        run_small()
-    else:
-        run_full()
+    # The cases not under wide() / wide_all() run the fragment mapping (the default is wide_all).
+    with_env("DOTS1_EXT_MOE_DECODE_LOADS", "frag", run_small if small() else run_full)
     torch.cuda.synchronize()
     for f in failures:
         print("MISMATCH", f)

@@ -68,8 +68,8 @@ def run_small() -> None:
     case("small int4 T=64 bad ids", bf, 64, 10, 3, 128, 128, 32, ids=bad_ids(64, 10, 3))
     with_env("DOTS1_EXT_MOE_DECODE_NT", "4", lambda: case("small int4 NT=4 T=64", bf, 64, 24, 6, 128, 128, 128))
     case("small int4 no shared / residual", bf, 5, 16, 4, 128, 128, 0, residual=False)
-    # The staged gate_up stream (the default) with every warp's share a full batch (H = 4096), and the
-    # register stream (staged off; and H = 8192, which never stages).
+    # The staged gate_up stream (the default above 8 tokens) with every warp's share a full batch (H =
+    # 4096), and the register stream (staged off; and H = 8192, which never stages).
     case("small int4 H=4096 staged", bf, 9, 16, 6, 4096, 128, 128)
     with_env("DOTS1_EXT_MOE_DECODE_INT4_STAGED", "0",
              lambda: case("small int4 H=4096 registers", bf, 9, 16, 6, 4096, 128, 128))
@@ -94,7 +94,7 @@ def run_full() -> None:
         # Real I and Is on a narrow H: many gate_up tiles per CTA, ~70 (T=64: ~120) down items of 11 steps
         # over 8 warps.
         case(f"int4 many tiles T={T}", bf, T, 128, 6, 128, 1408, 2816)
-    for staged in ("1", "0"):  # the staged gate_up stream (default) and the register one
+    for staged in ("1", "0"):  # the staged gate_up stream (default above 8 tokens) and the register one
         for T in (1, 9, 64):
             with_env("DOTS1_EXT_MOE_DECODE_INT4_STAGED", staged,
                      lambda: case(f"int4 H=4096 staged={staged} T={T}", bf, T, 32, 6, 4096, 256, 256))
