@@ -4,9 +4,10 @@ E=128 top-6, I=1408, bf16), ours against vLLM's tuned Triton fused-MoE kernel (i
     out[t] = sum_j w[t, j] * down[ids[t, j]] @ (silu(gate[ids[t, j]] @ x[t]) * up[ids[t, j]] @ x[t])
 
 - ours: permute -> grouped_gemm(gate_up, "swiglu_interleaved") -> grouped_gemm(down) -> unpermute, and
-  for T <= 64 also moe_decode_gate_up + moe_decode_down (what decode runs up to modules.
-  MOE_DECODE_MAX_TOKENS; one launch each up to 64 tokens), on the GPU also with the fragment weight-load
-  mapping (DOTS1_EXT_MOE_DECODE_LOADS=frag; the default, wide_all, reads 256 / 128 B row segments). Ours
+  for T <= 64 also moe_decode_gate_up + moe_decode_down (what decode runs up to
+  modules.MOE_DECODE_MAX_TOKENS = 32; one launch each up to 64 tokens), on the GPU also with the fragment
+  weight-load mapping (DOTS1_EXT_MOE_DECODE_LOADS=frag; the default, wide_all, reads 256 / 128 B row
+  segments). Ours
   reads the interleaved copy of gate_up (SwiGLU fused in the epilogue), as the model does.
 - peer: vLLM's ``fused_experts`` (../shared/peers/vllm_fused_moe.py, never part of the project) in the
   HF layout, with per (T, routing) the best config of a time-boxed sweep over the peer's own candidates

@@ -36,12 +36,16 @@ from dots1_ext.ops.gating import ROUTER_FUSED_MAX_TOKENS  # noqa: E402  (one def
 # cuBLAS streams large plain weights slightly faster (H200, bench/results 2026-11-29: qkv and lm_head
 # at M=8, 0.94x), so skinny_gemm keeps the fused-SwiGLU and the small (< SKINNY_LARGE_WEIGHT elements)
 # weights there. The MoE layer likewise runs its decode ops (the routed and shared experts in two
-# launches, each touched expert read once) up to MOE_DECODE_MAX_TOKENS. (The ops take up to 64 tokens
-# per launch; raising this switch waits on bench_moe_decode / bench_moe_peer at T = 32, 64.)
+# launches, each touched expert read once) up to MOE_DECODE_MAX_TOKENS, with int4 experts up to
+# INT4_MOE_DECODE_MAX_TOKENS. The ops take up to 64 tokens per launch; against permute + grouped GEMM
+# + unpermute at real shape (H200, bench/results/2026-11-30-h200-06dd60c-moe-decode-defaults) they are
+# 3.6% faster at 32 tokens and 0.7% slower at 64. The int4 pair has not been timed against the W4A16
+# grouped GEMM between 16 and 32 tokens, so it keeps 16.
 SKINNY_MAX_ROWS = 16
 SKINNY_ALWAYS_ROWS = 4
 SKINNY_LARGE_WEIGHT = 32 * 2**20
-MOE_DECODE_MAX_TOKENS = 16
+MOE_DECODE_MAX_TOKENS = 32
+INT4_MOE_DECODE_MAX_TOKENS = 16
 
 
 def _reference_namespace() -> types.SimpleNamespace:
@@ -585,7 +589,7 @@ class Dots1Int4Experts(GateUpLayout, nn.Module):
 
     ``gate_up_proj``'s rows are interleaved like the bf16 weight's (:class:`GateUpLayout`; groups run
     along K, so a row permutation commutes with quantization); ``state_dict`` speaks the HF row order.
-    Decode (``Dots1MoE``, up to MOE_DECODE_MAX_TOKENS tokens) runs the int4 decode ops on these tensors
+    Decode (``Dots1MoE``, up to INT4_MOE_DECODE_MAX_TOKENS tokens) runs the int4 decode ops on these tensors
     (the kernels stream the packed bytes); prefill runs the W4A16 grouped GEMM (``ops.grouped_gemm_int4``,
     sm90, bf16: :data:`INT4_PREFILL_KERNEL`) or else dequantizes the touched experts into the model's dtype
     and runs the bf16 path's grouped GEMMs on them. All equal the bf16 math on the dequantized weights."""
@@ -766,23 +770,25 @@ class Dots1MoE(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """[T, H] -> routed + shared experts (+ residual, fused into the combine) [T, H].
 
-        Up to MOE_DECODE_MAX_TOKENS tokens (decode): three launches, router + gating, then the touched
-        routed experts and the shared experts (packed gate_up: two always-on experts of weight 1) in
-        one gate_up + SwiGLU launch and one down + combine + residual launch, each expert read once."""
+        Up to MOE_DECODE_MAX_TOKENS tokens (INT4_MOE_DECODE_MAX_TOKENS with int4 experts; decode):
+        three launches, router + gating, then the touched routed experts and the shared experts (packed
+        gate_up: two always-on experts of weight 1) in one gate_up + SwiGLU launch and one down +
+        combine + residual launch, each expert read once."""
         weights, ids = self.gate(x)  # fp32 [T, k], int32 [T, k]
-        if x.shape[0] <= MOE_DECODE_MAX_TOKENS:
+        int4 = isinstance(self.experts, Dots1Int4Experts)
+        if x.shape[0] <= (INT4_MOE_DECODE_MAX_TOKENS if int4 else MOE_DECODE_MAX_TOKENS):
             shared = self.shared_experts
             shared_gate_up = shared_down = None
             if shared is not None and shared.gate_up is not None:
                 shared_gate_up, shared_down = shared.gate_up, shared.down_proj.weight
             elif shared is not None:  # unpacked (e.g. weights shared with an HF module): its own launches
                 residual = shared(x) if residual is None else shared(x) + residual
-            if isinstance(self.experts, Dots1Int4Experts):
+            if int4:
                 return _int4_moe_decode(self, x, weights, ids, shared_gate_up, shared_down, residual)
             act = ops.moe_decode_gate_up(x, self.experts.gate_up_proj, ids, shared_gate_up,
                                          self.experts.gate_up_epilogue)  # [T, k*I + Is]
             return ops.moe_decode_down(act, self.experts.down_proj, ids, weights, shared_down, residual)
-        if isinstance(self.experts, Dots1Int4Experts):
+        if int4:
             return _int4_moe_prefill(self, x, weights, ids, residual)
         permuted, offsets, row_map = ops.permute(x, ids, self.num_experts)  # [T*k, H], [E+1], [T*k]
         act = ops.grouped_gemm(permuted, self.experts.gate_up_proj, offsets, self.experts.gate_up_epilogue)  # [T*k, I]

@@ -362,6 +362,32 @@ def test_reference_ops_switch(device):
     assert_logits_close(out, ref, device)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("T", [1, 16, 17, 32, 33])
+def test_moe_layer_path_by_token_count(device, T, monkeypatch):
+    # Up to modules.MOE_DECODE_MAX_TOKENS (INT4_MOE_DECODE_MAX_TOKENS with int4 experts) a MoE layer runs
+    # the two decode ops, above it permute + grouped GEMMs; either way the reference's result (the int4
+    # layer's values: test_quant).
+    model = tiny_ours(device, hidden_size=128, moe_intermediate_size=128)  # int4: K a multiple of 128
+    moe = model.model.layers[1].mlp
+    int4_moe = modules.quantize_experts_(copy.deepcopy(model)).model.layers[1].mlp
+    assert isinstance(moe, modules.Dots1MoE) and isinstance(int4_moe.experts, modules.Dots1Int4Experts)
+    calls = []
+    for name in ("moe_decode_gate_up", "moe_decode_int4_gate_up"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    x = torch.randn(T, 128, device=device, dtype=DTYPE[device])
+    residual = torch.randn_like(x)
+    out = moe(x, residual=residual).float()
+    int4_moe(x, residual=residual)
+    expected = ["moe_decode_gate_up"] if T <= modules.MOE_DECODE_MAX_TOKENS else []
+    expected += ["moe_decode_int4_gate_up"] if T <= modules.INT4_MOE_DECODE_MAX_TOKENS else []
+    assert calls == expected, (T, calls)
+    with reference_ops():
+        ref = moe(x, residual=residual).float()
+    assert_logits_close(out, ref, device, f"MoE layer T={T}")
+
+
 @requires_cuda
 def test_cuda_decode_step_does_not_synchronise():
     backed = [name for name, keys in ops.reference_backed_ops().items() if "CUDA" in keys]
