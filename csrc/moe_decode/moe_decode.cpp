@@ -379,8 +379,9 @@ int moe_decode_n_tiles() {
 MoeDecodeLoads moe_decode_loads() {
   const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_LOADS");
   // Wide up to 8 tokens (H200, 48bd321): the 8-layer B=1 step 1.52 -> 1.35 ms with the skinny GEMM's
-  // wide kernel; B=8 3.86 -> 3.77 ms. Wide above 8 too (H200, next-verify2, real shape): T = 16 / 32 / 64
-  // 0.604 / 0.896 / 1.124 ms with frag there, 0.594 / 0.867 / 1.097 ms.
+  // wide kernel; B=8 3.86 -> 3.77 ms. Wide above 8 too (H200, real shape, bench/results/
+  // 2026-11-30-h200-06dd60c-moe-decode-defaults): T = 16 / 32 / 64 0.589 / 0.867 / 1.098 ms with frag
+  // there, 0.577 / 0.852 / 1.075 ms.
   if (v == nullptr || *v == '\0') return MoeDecodeLoads::kWideAll;
   const std::string s(v);
   TORCH_CHECK_VALUE(s == "frag" || s == "wide" || s == "wide_all",
@@ -390,8 +391,8 @@ MoeDecodeLoads moe_decode_loads() {
 
 // DOTS1_EXT_MOE_DECODE_INT4_STAGED (read per call; unset or empty: auto): whether the int4 gate_up kernel
 // streams its routed tiles through shared memory (moe_decode.h) or keeps them in registers; same bits.
-// auto stages above 8 tokens (H200, next-verify2: T = 1-8 staged 9-10% slower, T = 16-64 4-6% faster),
-// 1 always, 0 never. Any other value raises ValueError.
+// auto stages above 8 tokens (H200, 2026-11-30-h200-06dd60c-moe-decode-defaults: T = 1-8 staged 7-10%
+// slower, T = 16-64 6-9% faster), 1 always, 0 never. Any other value raises ValueError.
 bool moe_decode_int4_staged(int64_t tokens) {
   const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_INT4_STAGED");
   if (v == nullptr || *v == '\0') return tokens > 8;

@@ -100,7 +100,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H
                                            void* act,                   // [T, NA]
                                            int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
                                            MoeGateUpLayout layout, DType dtype, int n_tiles, cudaStream_t stream,
-                                           bool use_pdl, bool staged = true);
+                                           bool use_pdl, bool staged);
 
 cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
                                         const uint8_t* qweight,     // [E, H, I/2]
