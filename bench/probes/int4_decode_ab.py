@@ -1,0 +1,75 @@
+"""Probe: the int4 MoE decode ops at small T, each kernel alone and the pair, under kernel switches
+(DOTS1_EXT_MOE_DECODE_INT4_STAGED 0 / 1, and any given as NAME=a,b on the command line):
+which of them moves batch-1 int4 decode, measured as bench/bench_moe_decode.py measures (CUDA graphs
+of CALLS calls over WEIGHT_SETS weight copies, fresh ids per replay, median replay / calls).
+
+    PYTHONPATH=. python bench/probes/int4_decode_ab.py [T,T,...] [NAME=v1,v2 ...]
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+
+from bench.bench_moe_decode import CALLS, REAL, WEIGHT_SETS, draw_ids, graph_ms, make_weights, ours_int4
+from bench.common import bytes_floor_ms, with_env
+from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_gate_up
+
+
+def gate_up(x, w, ids, weights, residual):
+    return moe_decode_int4_gate_up(x, *w["int4_gate_up"], ids, w["shared_gate_up"], "swiglu_interleaved")
+
+
+def down_of(act):
+    def down(x, w, ids, weights, residual):
+        return moe_decode_int4_down(act[x.shape[0]], *w["int4_down"], ids, weights, w["shared_down"], residual)
+    return down
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("int4_decode_ab: needs a CUDA GPU and the extension built with CUDA")
+    args = sys.argv[1:]
+    Ts = [int(t) for t in args[0].split(",")] if args and "=" not in args[0] else [1, 4, 8, 16]
+    knobs = {"DOTS1_EXT_MOE_DECODE_INT4_STAGED": ["0", "1"]}
+    for a in args:
+        if "=" in a:
+            name, vals = a.split("=", 1)
+            knobs[name] = vals.split(",")
+    torch.manual_seed(0)
+    s = REAL
+    E, k, H, I, Is = s["E"], s["k"], s["H"], s["I"], s["Is"]
+    sets = [make_weights(s, "cuda", torch.bfloat16) for _ in range(WEIGHT_SETS)]
+    act = {T: torch.randn(T, k * I + Is, device="cuda").to(torch.bfloat16) for T in Ts}
+    int4_expert = 3 * I * H // 2 + 3 * I * H // 128 * 3
+    for T in Ts:
+        calls, id_bufs = [], []
+        for i in range(CALLS):
+            ids = draw_ids(T, k, E).cuda()
+            id_bufs.append(ids)
+            calls.append((torch.randn(T, H, device="cuda").to(torch.bfloat16), sets[i % len(sets)], ids,
+                          torch.rand(T, k, device="cuda") + 0.1, torch.randn(T, H, device="cuda").to(torch.bfloat16)))
+
+        def redraw():
+            for ids in id_bufs:
+                ids.copy_(draw_ids(T, k, E))
+
+        touched = E * (1 - (1 - k / E) ** T)
+        floor_gu = bytes_floor_ms(touched * int4_expert * 2 / 3 + 2 * Is * H * 2)
+        floor_dn = bytes_floor_ms(touched * int4_expert / 3 + Is * H * 2)
+        down = down_of(act)
+        for combo in itertools.product(*knobs.values()):
+            env = dict(zip(knobs, combo))
+            label = " ".join(f"{n.replace('DOTS1_EXT_', '')}={v}" for n, v in env.items())
+            t_gu = graph_ms(with_env(env, gate_up), calls, redraw, 20)
+            t_dn = graph_ms(with_env(env, down), calls, redraw, 20)
+            t_pair = graph_ms(with_env(env, ours_int4), calls, redraw, 20)
+            print(f"T={T:3d} {label:44s} gate_up {t_gu * 1e3:7.1f} us (floor/time {floor_gu / t_gu:.2f})  "
+                  f"down {t_dn * 1e3:7.1f} us ({floor_dn / t_dn:.2f})  pair {t_pair * 1e3:7.1f} us "
+                  f"({(floor_gu + floor_dn) / t_pair:.2f})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
