@@ -10,7 +10,8 @@ in flight per lane), to choose the default. At every T also ours with the fragme
 rows x 256 B up to 2 tokens and 4 rows x 128 B above), and above 8 tokens with LOADS=wide (wide up to 8
 tokens, frag above: the default before wide_all), captured and replayed like the others. The int4 rows:
 the default (gate_up's routed tiles staged through shared memory above 8 tokens), and staged / register
-stream at every T.
+stream at every T; up to 8 tokens also gate_up's routed tiles of 2 and 4 row groups
+(DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS: 16 / 32 features per tile, each warp a quarter / half of H).
 
 Each implementation is captured in one CUDA graph holding ``CALLS`` calls that cycle over
 ``WEIGHT_SETS`` full copies of the layer's expert weights and fresh random distinct top-6 ids per call,
@@ -103,6 +104,9 @@ ours_wide_to_8 = with_env({"DOTS1_EXT_MOE_DECODE_LOADS": "wide"}, ours)
 # The default stages gate_up's routed int4 tiles through shared memory above 8 tokens; both choices at every T.
 ours_int4_registers = with_env({"DOTS1_EXT_MOE_DECODE_INT4_STAGED": "0"}, ours_int4)
 ours_int4_staged = with_env({"DOTS1_EXT_MOE_DECODE_INT4_STAGED": "1"}, ours_int4)
+# gate_up's routed tiles of 8 R features up to 8 tokens (the default R = 1: 8 features, every warp 1/8 of H).
+ours_int4_rg2 = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "2"}, ours_int4)
+ours_int4_rg4 = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "4"}, ours_int4)
 
 
 def current_path(x, w, ids, weights, residual):
@@ -164,8 +168,11 @@ def run(quick: bool = False) -> list[Report]:
         impls["dots1_ext moe_decode_int4 (2 launches, int4 experts)"] = ours_int4
         impls["dots1_ext moe_decode_int4, register stream (STAGED=0)"] = ours_int4_registers
         impls["dots1_ext moe_decode_int4, staged stream (STAGED=1)"] = ours_int4_staged
+        if T <= 8:
+            impls["dots1_ext moe_decode_int4, gate_up tiles of 2 row groups (ROW_GROUPS=2)"] = ours_int4_rg2
+            impls["dots1_ext moe_decode_int4, gate_up tiles of 4 row groups (ROW_GROUPS=4)"] = ours_int4_rg4
         int4_bytes = touched * int4_expert_bytes + shared_bytes
-        int4_impls = (ours_int4, ours_int4_registers, ours_int4_staged)
+        int4_impls = (ours_int4, ours_int4_registers, ours_int4_staged, ours_int4_rg2, ours_int4_rg4)
         for label, fn in impls.items():
             nbytes = int4_bytes if fn in int4_impls else touched * expert_bytes + shared_bytes
             if gpu:

@@ -352,6 +352,68 @@ def test_cuda_bad_staged_setting_raises(value, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("row_groups", ["2", "4"])
+@pytest.mark.parametrize("shape", [(128, 4096, 1408, 2816), (16, 1024, 384, 256), (16, 256, 128, 0),
+                                   (24, 8192, 256, 128)], ids=["real", "H1024", "H256 no shared", "H8192"])
+@pytest.mark.parametrize("T", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
+def test_cuda_row_groups(row_groups, shape, T, epilogue, monkeypatch):
+    # DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS: routed gate_up tiles of 8 R features up to 8 tokens (each warp
+    # one row group over 8 / R of H). The same values in another fp32 summation order: every setting
+    # within the reference's tolerance and bitwise reproducible; T = 9 (two n-tiles) ignores it (the same
+    # bits as R = 1). I = 128: one tile of 32 features is all of I at R = 4.
+    E, H, I, Is = shape
+    k = REAL["k"]
+    dtype = torch.bfloat16
+    w = Int4Weights(E, H, I, Is, dtype, "cuda", epilogue)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "1")
+    base = run_int4(hidden, w, ids, weights, residual)
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", row_groups)
+    act, out = check_pair(hidden, w, ids, weights, residual, f"row groups {row_groups} T={T} {shape}")
+    again = run_int4(hidden, w, ids, weights, residual)
+    assert torch.equal(act, again[0]) and torch.equal(out, again[1])
+    if T > 8:
+        assert torch.equal(act, base[0]) and torch.equal(out, base[1])
+    # The down kernel never reads the setting: from the same act it gives the same bits under R = 1.
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "1")
+    assert torch.equal(out, moe_decode_int4_down(act, *w.down_args(), ids, weights, w.shared_down, residual))
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 8])
+def test_cuda_row_groups_hot_experts_and_bad_ids(T, monkeypatch):
+    # Every pair on one expert (one item of T columns), then bad ids: NaN in exactly their act slots
+    # (and their tokens' output rows), every other value within the reference's tolerance.
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "4")
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 16, 6, 512, 256, 128
+    w = Int4Weights(E, H, I, Is, dtype, "cuda")
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    check_pair(hidden, w, torch.full_like(ids, 3), weights, residual, f"row groups, one expert T={T}")
+    bad = {(0, 1): E, (T - 1, 4): -1}
+    for (t, j), v in bad.items():
+        ids[t, j] = v
+    act, out = check_pair(hidden, w, ids, weights, residual, f"row groups, bad ids T={T}", equal_nan=True)
+    for t in range(T):
+        for j in range(k):
+            cols = act[t, j * I:(j + 1) * I].isnan()
+            assert bool(cols.all()) == ((t, j) in bad) and bool(cols.any()) == ((t, j) in bad), (t, j)
+        assert bool(out[t].isnan().all()) == (t in {tt for tt, _ in bad})
+
+
+@requires_cuda
+@pytest.mark.parametrize("value", ["3", "0", "8", "two"])
+def test_cuda_bad_row_groups_setting_raises(value, monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", value)
+    dtype = torch.bfloat16
+    w = Int4Weights(8, 128, 128, 0, dtype, "cuda")
+    hidden, ids, weights, residual = decode_inputs(1, 2, 8, 128, dtype, "cuda")
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS"):
+        run_int4(hidden, w, ids, weights, residual)
+
+
+@requires_cuda
 @pytest.mark.parametrize("shape", [(8, 1, 128, 128, 8), (130, 6, 384, 256, 264), (5, 2, 128, 128, 20),
                                    (7, 3, 128, 384, 0)], ids=["tiny", "odd-E", "Is%8 (fallback)", "no shared"])
 @pytest.mark.parametrize("T", [1, 16, 33, 130])

@@ -402,6 +402,18 @@ bool moe_decode_int4_staged(int64_t tokens) {
   return s == "auto" ? tokens > 8 : s == "1";
 }
 
+// DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS (read per call; unset or empty: 1): the int4 gate_up kernel's
+// routed tiles of 8 x R features, R = 1, 2 or 4 (moe_decode.h), for launches of up to 8 tokens. Any other
+// value raises ValueError.
+int moe_decode_int4_row_groups() {
+  const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS");
+  if (v == nullptr || *v == '\0') return 1;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "1" || s == "2" || s == "4",
+                    "dots1_ext: DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS must be 1, 2 or 4, got '", s, "'");
+  return std::stoi(s);
+}
+
 // A pointer usable by 16-byte vector loads; otherwise a fresh (aligned) copy. Activations only.
 at::Tensor aligned_contiguous(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
@@ -486,7 +498,8 @@ at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::T
       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), moe_decode_int4_staged(g.T)));
+      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), moe_decode_int4_staged(g.T),
+      moe_decode_int4_row_groups()));
   return act;
 }
 

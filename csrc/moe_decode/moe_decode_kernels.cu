@@ -550,6 +550,7 @@ struct DenseExperts {
   static constexpr bool kFast = !std::is_same_v<T, float>;  // the MMA kernels: fp16 / bf16
   enum : bool { kWideLoads = kFast };                        // stream_wide exists
   enum : bool { kStaged = false };                           // issue_staged / stream_staged exist
+  enum : bool { kRowGroups = false };                        // gate_up's routed tiles of 8 R features (R > 1)
   const T* w;  // [E, N, K]
   int64_t N, K;
 
@@ -580,6 +581,7 @@ struct Int4Experts {
   static constexpr bool kFast = std::is_same_v<T, __nv_bfloat16>;
   enum : bool { kWideLoads = false };  // one 128-k group per step and lane quad: the frag mapping only
   enum : bool { kStaged = kFast };     // issue_staged / stream_staged (gate_up's routed tiles)
+  enum : bool { kRowGroups = kFast };  // gate_up's routed tiles of 8 R features at NT = 1 (GateUpParams)
   const uint8_t* qweight;        // [E, N, K/2]: code 2j in the low nibble of byte j, 2j + 1 in the high
   const __nv_bfloat16* scales;   // [E, N, K/128]
   const uint8_t* zeros;          // [E, N, K/128] or nullptr (symmetric: z = 8)
@@ -760,6 +762,9 @@ struct GateUpParams {
   int T_, k, E;
   int64_t H, I, Is, NA;
   bool staged = false;  // W::kStaged: the routed tiles through the staged stream where H allows it
+  // W::kRowGroups, frag launches at NT = 1 (up to 8 tokens): R in {1, 2, 4}, the routed tiles' row
+  // groups (moe_gate_up_kernel's kRowGroups; host side only, the kernel takes it as a template argument).
+  int row_groups = 1;
 };
 
 template <int NT>
@@ -796,14 +801,20 @@ __device__ __forceinline__ void gate_up_rows(int64_t f, int64_t I, int64_t& gate
 
 // kStagedTile (routed int4 tiles only): the weights come from this thread's staged pieces `slots` with
 // their scales and zero points `meta` (stream_rows_int4_staged), copied by the kernel's loop.
+// kRowGroups = R (routed tiles, frag mapping): the tile is 8 R features f0 .. f0 + 8 R - 1; warp w
+// streams row group w % R (features f0 + 8 (w % R) + g) over K range w / R of 8 / R, and 32 NT R threads
+// apply SwiGLU, each summing its row group's ranges in order.
 template <typename T, MoeGateUpLayout kLayout, int NT, int kParts, bool kRouted, bool kStagedTile = false,
-          typename W>
+          int kRowGroups = 1, typename W>
 __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const Schedule& s, int item, int f0,
                                              int s_begin, int s_end, int r_begin, int r_end, GateUpSmem<NT>& sm,
                                              int parity, const uint4* slots = nullptr,
                                              const Int4BatchMeta<int4_batch_steps<NT>()>* meta = nullptr) {
   constexpr int kCols = 8 * NT / kParts;
   constexpr int kRanges = kWarps / kParts;  // wide: the K ranges (warp / kParts) of a fragment
+  static_assert(kRowGroups == 1 || (kRouted && kParts == 1 && kWarps % kRowGroups == 0 &&
+                                    32 * NT * kRowGroups <= kThreads),
+                "row groups: routed tiles of the frag mapping");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
   constexpr bool routed = kRouted;
   int ncols, col0;  // the shared tiles run before the schedule exists: no read of it
@@ -830,7 +841,9 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
     const int row = kParts == 1 ? g : wide_row<kParts>(warp % kParts);
     float res[NT][4];
     if constexpr (routed) {
-      const int64_t f = min(static_cast<int64_t>(f0 + row), p.I - 1);  // I % 8 == 0 on this path: always f0 + row
+      const int row_group = kRowGroups == 1 ? 0 : warp % kRowGroups;
+      // I % (8 R) == 0 on this path: always f0 + 8 row_group + row.
+      const int64_t f = min(static_cast<int64_t>(f0 + 8 * row_group + row), p.I - 1);
       int64_t gate, up;
       gate_up_rows<kLayout>(f, p.I, gate, up);
       if constexpr (kStagedTile)
@@ -863,19 +876,20 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
   }
   __syncthreads();
   if constexpr (kParts == 1) {
-    // Thread (n, l): feature f0 + l / 4, columns 8n + 2 (l % 4) + {0, 1}: x, y gate; z, w up.
-    if (threadIdx.x < NT * 32) {
-      const int n = threadIdx.x >> 5, l = threadIdx.x & 31;
-      float4 v = sm.red.frag[parity][0][n][l];
+    // Thread (row group rg, n, l): feature f0 + 8 rg + l / 4, columns 8n + 2 (l % 4) + {0, 1}: x, y gate;
+    // z, w up; the row group's warps rg, rg + R, ... (its K ranges) summed in order.
+    if (threadIdx.x < kRowGroups * NT * 32) {
+      const int rg = threadIdx.x / (NT * 32), n = (threadIdx.x >> 5) % NT, l = threadIdx.x & 31;
+      float4 v = sm.red.frag[parity][rg][n][l];
 #pragma unroll
-      for (int w = 1; w < kWarps; ++w) {
-        const float4 q = sm.red.frag[parity][w][n][l];
+      for (int w = 1; w < kWarps / kRowGroups; ++w) {
+        const float4 q = sm.red.frag[parity][rg + kRowGroups * w][n][l];
         v.x += q.x;
         v.y += q.y;
         v.z += q.z;
         v.w += q.w;
       }
-      const int64_t f = f0 + (l >> 2);
+      const int64_t f = f0 + 8 * rg + (l >> 2);
       if (f < (routed ? p.I : p.Is)) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -919,9 +933,12 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
 
 // kParts: k-parts per weight row, 1 for the frag mapping, 2 or 4 for the wide one (W::kWideLoads; warp w
 // streams fragment w % kParts of each tile over the K range w / kParts of kWarps / kParts).
-template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int kParts>
+// kRowGroups (W::kRowGroups, kParts = 1): the routed tiles' row groups (gate_up_tile); the shared tiles
+// keep one. (nvcc --resource-usage, sm_90a: R = 2 / 4 spill 48-68 bytes at 128 registers, R = 1 none.)
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int kParts, int kRowGroups = 1>
 __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpParams<T, W> p) {
   static_assert(kParts == 1 || (W::kWideLoads && wide_parts_ok<kParts>()), "the wide mapping: model-dtype rows");
+  static_assert(kRowGroups == 1 || (W::kRowGroups && kParts == 1), "row groups: int4 routed tiles, frag mapping");
   constexpr int kCols = 8 * NT / kParts;
   constexpr int kRanges = kWarps / kParts;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -934,7 +951,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   const int s_begin = static_cast<int>(steps * range / kRanges);
   const int s_end = static_cast<int>(steps * (range + 1) / kRanges);
   // Tile counts in int: < 2^27 shared (Is < 2^30, 8 groups at most) + 2^9 items x 2^21 (I < 2^24).
-  const int ft_shared = static_cast<int>(p.Is / 8), ft_routed = static_cast<int>(p.I / 8);  // I, Is % 8 == 0
+  // I, Is % 8 == 0; I % (8 kRowGroups) == 0 where kRowGroups > 1 (int4: I % 128 == 0).
+  const int ft_shared = static_cast<int>(p.Is / 8), ft_routed = static_cast<int>(p.I / (8 * kRowGroups));
   // The shared experts' tiles: (feature tile, column group of kCols tokens), the groups of a feature
   // tile side by side (CTAs b, b + 1, ...: the same weight rows at the same time, one HBM read).
   const int groups = (p.T_ + kCols - 1) / kCols;
@@ -984,9 +1002,12 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   const int tiles = tiles_shared + s.num_routed_items * ft_routed;
   // This warp's share of H for the routed rows, in their steps (W::kStep kParts k: 32 kParts in the
   // model dtype, as the shared rows', 128 for int4); computed here, not held across the shared tiles.
+  // With row groups, range / R of kRanges / R (the warps of a row group split K among themselves).
   const int64_t r_steps = (p.H + W::kStep * kParts - 1) / (W::kStep * kParts);
-  const int r_begin = static_cast<int>(r_steps * range / kRanges);
-  const int r_end = static_cast<int>(r_steps * (range + 1) / kRanges);
+  const int r_range = range / kRowGroups;
+  constexpr int kRoutedRanges = kRanges / kRowGroups;
+  const int r_begin = static_cast<int>(r_steps * r_range / kRoutedRanges);
+  const int r_end = static_cast<int>(r_steps * (r_range + 1) / kRoutedRanges);
   // Routed tile t -> (item, first feature).
   const auto routed_tile = [&](int t, int& item, int& f0) {
     const int rt = t - tiles_shared;
@@ -994,9 +1015,9 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
     const int group0 = s.item_group0[any_item], groupn = s.item_groupn[any_item];
     const int local = rt - group0 * ft_routed;
     item = group0 + local % groupn;
-    f0 = local / groupn * 8;
+    f0 = local / groupn * 8 * kRowGroups;
   };
-  if constexpr (W::kStaged && kParts == 1) {
+  if constexpr (W::kStaged && kParts == 1 && kRowGroups == 1) {
     // The staged int4 stream (stream_rows_int4_staged) where every warp's share of H is one batch:
     // this thread copies its pieces of the tile after the current one while computing the current.
     constexpr int U = int4_batch_steps<NT>();
@@ -1034,7 +1055,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   for (; tile < tiles; tile += gridDim.x) {
     int item, f0;
     routed_tile(tile, item, f0);
-    gate_up_tile<T, kLayout, NT, kParts, true>(p, s, item, f0, 0, 0, r_begin, r_end, sm, parity);
+    gate_up_tile<T, kLayout, NT, kParts, true, false, kRowGroups>(p, s, item, f0, 0, 0, r_begin, r_end, sm, parity);
     parity ^= 1;
   }
 }
@@ -1443,13 +1464,14 @@ cudaError_t launch_fast(dim3 grid, size_t bytes, size_t max_bytes, cudaStream_t 
   return launch_pdl(Kernel, grid, dim3(kThreads), bytes, stream, use_pdl, p);
 }
 
-template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P>
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P, int kRowGroups = 1>
 cudaError_t launch_gate_up(dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T, W>& p) {
-  // W::kStaged: two buffers of the staged int4 stream after GateUpSmem, allocated when p.staged.
-  constexpr size_t kStageBytes = W::kStaged ? 2 * int4_stage_uint4s<NT>() * sizeof(uint4) : 0;
+  // W::kStaged: two buffers of the staged int4 stream after GateUpSmem, allocated when p.staged (the
+  // kernel stages only with one row group).
+  constexpr size_t kStageBytes = W::kStaged && kRowGroups == 1 ? 2 * int4_stage_uint4s<NT>() * sizeof(uint4) : 0;
   constexpr size_t kBytes = sizeof(GateUpSmem<NT>);
-  return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P>>(grid, kBytes + (p.staged ? kStageBytes : 0),
-                                                               kBytes + kStageBytes, stream, use_pdl, p);
+  return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P, kRowGroups>>(
+      grid, kBytes + (p.staged ? kStageBytes : 0), kBytes + kStageBytes, stream, use_pdl, p);
 }
 
 template <typename T, int NT, typename W, int P>
@@ -1468,6 +1490,10 @@ cudaError_t launch_gate_up_mapped(Mapping m, dim3 grid, cudaStream_t stream, boo
     if (m.parts == 2 && m.nt == 2) return launch_gate_up<T, kLayout, 2, W, 2>(grid, stream, use_pdl, p);
   }
   if (m.parts != 1) return cudaErrorInvalidValue;
+  if constexpr (W::kRowGroups) {
+    if (m.nt == 1 && p.row_groups == 2) return launch_gate_up<T, kLayout, 1, W, 1, 2>(grid, stream, use_pdl, p);
+    if (m.nt == 1 && p.row_groups == 4) return launch_gate_up<T, kLayout, 1, W, 1, 4>(grid, stream, use_pdl, p);
+  }
   switch (m.nt) {
     case 1: return launch_gate_up<T, kLayout, 1, W, 1>(grid, stream, use_pdl, p);
     case 2: return launch_gate_up<T, kLayout, 2, W, 1>(grid, stream, use_pdl, p);
@@ -1516,7 +1542,9 @@ cudaError_t gate_up_fast(GateUpParams<T, W> p, int64_t T_total, MoeGateUpLayout 
       // (2 per SM) stride over them; the real count is only known on the device.
       const int64_t pairs = tc * p.k;
       const int64_t max_items = std::min<int64_t>(pairs, p.E + pairs / cols);
-      const int64_t max_tiles = p.Is / 8 * ((tc + cols - 1) / cols) + max_items * (p.I / 8);
+      // (Routed tiles of 8 R features with R row groups: W::kRowGroups, frag at NT = 1.)
+      const int64_t rg = W::kRowGroups && m.parts == 1 && m.nt == 1 ? p.row_groups : 1;
+      const int64_t max_tiles = p.Is / 8 * ((tc + cols - 1) / cols) + max_items * (p.I / (8 * rg));
       const dim3 grid(
           static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(2 * int64_t{sm_count}, max_tiles))));
       const cudaError_t err = layout == MoeGateUpLayout::kInterleaved
@@ -1636,8 +1664,9 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
                                            const uint8_t* zeros, const int32_t* topk_ids, const void* shared_gate_up,
                                            void* act, int64_t T, int64_t H, int64_t E, int64_t k, int64_t I,
                                            int64_t Is, MoeGateUpLayout layout, DType dtype, int n_tiles,
-                                           cudaStream_t stream, bool use_pdl, bool staged) {
+                                           cudaStream_t stream, bool use_pdl, bool staged, int row_groups) {
   const int64_t NA = k * I + Is;
+  if (row_groups != 1 && row_groups != 2 && row_groups != 4) return cudaErrorInvalidValue;
   if (T == 0 || NA == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
   if (H % kGroupK != 0 || I % kGroupK != 0) return cudaErrorInvalidValue;  // the format's groups
@@ -1652,7 +1681,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
     const GateUpParams<scalar_t, Int4Experts<scalar_t>> p{
         static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
         static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA,
-        staged};
+        staged, row_groups};
     return gate_up_launch(p, fast, layout, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
