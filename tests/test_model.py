@@ -720,6 +720,29 @@ def test_one_graph_serves_every_length():
     assert graphs.captures - before == 1
 
 
+@requires_cuda
+def test_graphs_notice_a_new_cache_of_the_same_shape():
+    # setup_cache again (same shape, new tensors): the captured graph's addresses are stale, so the next
+    # call captures anew (DecodeGraphs keys its graphs on layer 0's k_cache buffer) and matches eager.
+    model = tiny_ours("cuda")
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 12), device="cuda")
+    model.setup_cache(2, 16)
+    model.prefill(tokens[:, :8])
+    graphs = model.decode_graphs()
+    first = graphs(tokens[:, 8], 8).clone()
+    before = graphs.captures
+    old_cache = model.model.layers[0].self_attn.k_cache
+    model.setup_cache(2, 16)
+    assert model.model.layers[0].self_attn.k_cache.data_ptr() != old_cache.data_ptr()
+    del old_cache
+    model.prefill(tokens[:, :8])
+    out = graphs(tokens[:, 8], 8).clone()
+    assert graphs.captures == before + 1
+    assert torch.equal(out, model.decode(tokens[:, 8], 8)) and torch.equal(out, first)
+    with pytest.raises(IndexError, match="outside the KV cache"):
+        graphs(tokens[:, 8], 16)
+
+
 # -- programmatic dependent launch (csrc/pdl.cuh) ---------------------------------------------------
 PDL_CASES = {
     "tiny": {},  # head_dim 16: the generic qk kernel; H 64: one CTA per projection tile
