@@ -11,7 +11,8 @@ rows x 256 B up to 2 tokens and 4 rows x 128 B above), and above 8 tokens with L
 tokens, frag above: the default before wide_all), captured and replayed like the others. The int4 rows:
 the default (gate_up's routed tiles staged through shared memory above 8 tokens), and staged / register
 stream at every T; up to 8 tokens also gate_up's routed tiles of 2 and 4 row groups
-(DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS: 16 / 32 features per tile, each warp a quarter / half of H).
+(DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS: 16 / 32 features per tile, each warp a quarter / half of H), with
+and without the double-buffered stream (DOTS1_EXT_MOE_DECODE_INT4_PIPELINE).
 
 Each implementation is captured in one CUDA graph holding ``CALLS`` calls that cycle over
 ``WEIGHT_SETS`` full copies of the layer's expert weights and fresh random distinct top-6 ids per call,
@@ -107,6 +108,10 @@ ours_int4_staged = with_env({"DOTS1_EXT_MOE_DECODE_INT4_STAGED": "1"}, ours_int4
 # gate_up's routed tiles of 8 R features up to 8 tokens (the default R = 1: 8 features, every warp 1/8 of H).
 ours_int4_rg2 = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "2"}, ours_int4)
 ours_int4_rg4 = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "4"}, ours_int4)
+ours_int4_rg2p = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "2", "DOTS1_EXT_MOE_DECODE_INT4_PIPELINE": "1"},
+                          ours_int4)
+ours_int4_rg4p = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "4", "DOTS1_EXT_MOE_DECODE_INT4_PIPELINE": "1"},
+                          ours_int4)
 
 
 def current_path(x, w, ids, weights, residual):
@@ -171,8 +176,11 @@ def run(quick: bool = False) -> list[Report]:
         if T <= 8:
             impls["dots1_ext moe_decode_int4, gate_up tiles of 2 row groups (ROW_GROUPS=2)"] = ours_int4_rg2
             impls["dots1_ext moe_decode_int4, gate_up tiles of 4 row groups (ROW_GROUPS=4)"] = ours_int4_rg4
+            impls["dots1_ext moe_decode_int4, ROW_GROUPS=2, PIPELINE=1"] = ours_int4_rg2p
+            impls["dots1_ext moe_decode_int4, ROW_GROUPS=4, PIPELINE=1"] = ours_int4_rg4p
         int4_bytes = touched * int4_expert_bytes + shared_bytes
-        int4_impls = (ours_int4, ours_int4_registers, ours_int4_staged, ours_int4_rg2, ours_int4_rg4)
+        int4_impls = (ours_int4, ours_int4_registers, ours_int4_staged, ours_int4_rg2, ours_int4_rg4, ours_int4_rg2p,
+                      ours_int4_rg4p)
         for label, fn in impls.items():
             nbytes = int4_bytes if fn in int4_impls else touched * expert_bytes + shared_bytes
             if gpu:

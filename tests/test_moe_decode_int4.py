@@ -352,16 +352,18 @@ def test_cuda_bad_staged_setting_raises(value, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("pipeline", ["0", "1"])
 @pytest.mark.parametrize("row_groups", ["2", "4"])
 @pytest.mark.parametrize("shape", [(128, 4096, 1408, 2816), (16, 1024, 384, 256), (16, 256, 128, 0),
                                    (24, 8192, 256, 128)], ids=["real", "H1024", "H256 no shared", "H8192"])
 @pytest.mark.parametrize("T", [1, 2, 5, 8, 9])
 @pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
-def test_cuda_row_groups(row_groups, shape, T, epilogue, monkeypatch):
+def test_cuda_row_groups(row_groups, pipeline, shape, T, epilogue, monkeypatch):
     # DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS: routed gate_up tiles of 8 R features up to 8 tokens (each warp
     # one row group over 8 / R of H). The same values in another fp32 summation order: every setting
     # within the reference's tolerance and bitwise reproducible; T = 9 (two n-tiles) ignores it (the same
-    # bits as R = 1). I = 128: one tile of 32 features is all of I at R = 4.
+    # bits as R = 1). I = 128: one tile of 32 features is all of I at R = 4. DOTS1_EXT_MOE_DECODE_INT4_PIPELINE
+    # (the double-buffered stream) moves no arithmetic: the same bits as without it.
     E, H, I, Is = shape
     k = REAL["k"]
     dtype = torch.bfloat16
@@ -370,9 +372,13 @@ def test_cuda_row_groups(row_groups, shape, T, epilogue, monkeypatch):
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "1")
     base = run_int4(hidden, w, ids, weights, residual)
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", row_groups)
-    act, out = check_pair(hidden, w, ids, weights, residual, f"row groups {row_groups} T={T} {shape}")
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_PIPELINE", pipeline)
+    act, out = check_pair(hidden, w, ids, weights, residual, f"row groups {row_groups}/{pipeline} T={T} {shape}")
     again = run_int4(hidden, w, ids, weights, residual)
     assert torch.equal(act, again[0]) and torch.equal(out, again[1])
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_PIPELINE", "1" if pipeline == "0" else "0")
+    other = run_int4(hidden, w, ids, weights, residual)
+    assert torch.equal(act, other[0]) and torch.equal(out, other[1])
     if T > 8:
         assert torch.equal(act, base[0]) and torch.equal(out, base[1])
     # The down kernel never reads the setting: from the same act it gives the same bits under R = 1.
@@ -386,6 +392,7 @@ def test_cuda_row_groups_hot_experts_and_bad_ids(T, monkeypatch):
     # Every pair on one expert (one item of T columns), then bad ids: NaN in exactly their act slots
     # (and their tokens' output rows), every other value within the reference's tolerance.
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "4")
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_PIPELINE", "1")
     dtype = torch.bfloat16
     E, k, H, I, Is = 16, 6, 512, 256, 128
     w = Int4Weights(E, H, I, Is, dtype, "cuda")
@@ -403,13 +410,14 @@ def test_cuda_row_groups_hot_experts_and_bad_ids(T, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("value", ["3", "0", "8", "two"])
-def test_cuda_bad_row_groups_setting_raises(value, monkeypatch):
-    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", value)
+@pytest.mark.parametrize("name, value", [("ROW_GROUPS", "3"), ("ROW_GROUPS", "0"), ("ROW_GROUPS", "8"),
+                                         ("ROW_GROUPS", "two"), ("PIPELINE", "2"), ("PIPELINE", "yes")])
+def test_cuda_bad_row_groups_setting_raises(name, value, monkeypatch):
+    monkeypatch.setenv(f"DOTS1_EXT_MOE_DECODE_INT4_{name}", value)
     dtype = torch.bfloat16
     w = Int4Weights(8, 128, 128, 0, dtype, "cuda")
     hidden, ids, weights, residual = decode_inputs(1, 2, 8, 128, dtype, "cuda")
-    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS"):
+    with pytest.raises(ValueError, match=f"DOTS1_EXT_MOE_DECODE_INT4_{name}"):
         run_int4(hidden, w, ids, weights, residual)
 
 

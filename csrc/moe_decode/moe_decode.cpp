@@ -414,6 +414,17 @@ int moe_decode_int4_row_groups() {
   return std::stoi(s);
 }
 
+// DOTS1_EXT_MOE_DECODE_INT4_PIPELINE (read per call; unset or empty: 0): with 2 or 4 row groups, the int4
+// gate_up stream double-buffered in registers (moe_decode.h); same bits. 0 or 1, else ValueError.
+bool moe_decode_int4_pipelined() {
+  const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_INT4_PIPELINE");
+  if (v == nullptr || *v == '\0') return false;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "0" || s == "1", "dots1_ext: DOTS1_EXT_MOE_DECODE_INT4_PIPELINE must be 0 or 1, got '", s,
+                    "'");
+  return s == "1";
+}
+
 // A pointer usable by 16-byte vector loads; otherwise a fresh (aligned) copy. Activations only.
 at::Tensor aligned_contiguous(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
@@ -499,7 +510,7 @@ at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::T
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
       moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), moe_decode_int4_staged(g.T),
-      moe_decode_int4_row_groups()));
+      moe_decode_int4_row_groups(), moe_decode_int4_pipelined()));
   return act;
 }
 

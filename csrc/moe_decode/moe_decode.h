@@ -95,7 +95,9 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
 // tiles hold 8 x row_groups features, each warp streaming one row group over a 1 / (8 / row_groups) share
 // of H instead of every warp one eighth of H of 8 features (more of a warp's work per tile, fewer
 // tiles); the fp32 sums split K into 8 / row_groups ranges, so results differ from 1's by rounding
-// (each setting is bitwise reproducible). Staged applies with one row group only.
+// (each setting is bitwise reproducible). Staged applies with one row group only. pipelined
+// (DOTS1_EXT_MOE_DECODE_INT4_PIPELINE; with 2 or 4 row groups): each warp's stream double-buffers batches
+// of 2 steps in registers, the next batch's loads in flight while the current one computes; same bits.
 cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H]
                                            const uint8_t* qweight,      // [E, 2I, H/2]
                                            const void* scales,          // [E, 2I, H/128] bf16
@@ -105,7 +107,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H
                                            void* act,                   // [T, NA]
                                            int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
                                            MoeGateUpLayout layout, DType dtype, int n_tiles, cudaStream_t stream,
-                                           bool use_pdl, bool staged, int row_groups);
+                                           bool use_pdl, bool staged, int row_groups, bool pipelined);
 
 cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
                                         const uint8_t* qweight,     // [E, H, I/2]
