@@ -363,7 +363,8 @@ def test_cuda_row_groups(row_groups, pipeline, shape, T, epilogue, monkeypatch):
     # one row group over 8 / R of H). The same values in another fp32 summation order: every setting
     # within the reference's tolerance and bitwise reproducible; T = 9 (two n-tiles) ignores it (the same
     # bits as R = 1). I = 128: one tile of 32 features is all of I at R = 4. DOTS1_EXT_MOE_DECODE_INT4_PIPELINE
-    # (the double-buffered stream) moves no arithmetic: the same bits as without it.
+    # (the double-buffered stream, gate_up's with row groups and down's up to 8 tokens) moves no
+    # arithmetic: the same bits as without it.
     E, H, I, Is = shape
     k = REAL["k"]
     dtype = torch.bfloat16

@@ -414,8 +414,9 @@ int moe_decode_int4_row_groups() {
   return std::stoi(s);
 }
 
-// DOTS1_EXT_MOE_DECODE_INT4_PIPELINE (read per call; unset or empty: 0): with 2 or 4 row groups, the int4
-// gate_up stream double-buffered in registers (moe_decode.h); same bits. 0 or 1, else ValueError.
+// DOTS1_EXT_MOE_DECODE_INT4_PIPELINE (read per call; unset or empty: 0): up to 8 tokens, the int4 down
+// kernel's routed stream, and with 2 or 4 row groups gate_up's, double-buffered in registers
+// (moe_decode.h); same bits. 0 or 1, else ValueError.
 bool moe_decode_int4_pipelined() {
   const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_INT4_PIPELINE");
   if (v == nullptr || *v == '\0') return false;
@@ -528,7 +529,8 @@ at::Tensor moe_decode_int4_down_cuda(const at::Tensor& act_in, const at::Tensor&
       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, in.ids.data_ptr<int32_t>(),
       in.weights.data_ptr<float>(), shared_down.has_value() ? shared_down->data_ptr() : nullptr,
       in.residual.defined() ? in.residual.data_ptr() : nullptr, in.out.data_ptr(), d.T, d.H, d.E, d.k, d.I, d.Is,
-      to_dtype(in.act.scalar_type()), moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
+      to_dtype(in.act.scalar_type()), moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(),
+      moe_decode_int4_pipelined()));
   return in.out;
 }
 

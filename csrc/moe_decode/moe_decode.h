@@ -98,6 +98,7 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
 // (each setting is bitwise reproducible). Staged applies with one row group only. pipelined
 // (DOTS1_EXT_MOE_DECODE_INT4_PIPELINE; with 2 or 4 row groups): each warp's stream double-buffers batches
 // of 2 steps in registers, the next batch's loads in flight while the current one computes; same bits.
+// The down op takes the same flag (launches of up to 8 tokens): its routed items through that stream.
 cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H]
                                            const uint8_t* qweight,      // [E, 2I, H/2]
                                            const void* scales,          // [E, 2I, H/128] bf16
@@ -119,7 +120,8 @@ cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
                                         const void* residual,       // [T, H] or nullptr
                                         void* out,                  // [T, H]
                                         int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
-                                        DType dtype, int n_tiles, cudaStream_t stream, bool use_pdl);
+                                        DType dtype, int n_tiles, cudaStream_t stream, bool use_pdl,
+                                        bool pipelined);
 
 }  // namespace dots1
 

@@ -1146,6 +1146,9 @@ struct DownParams {
   T* out;                     // [T, H]
   int T_, k, E;
   int64_t H, I, Is, NA;
+  // W::kRowGroups (int4), frag launches at NT = 1 (up to 8 tokens): the routed items through the
+  // double-buffered stream (moe_down_kernel's kPipelined; host side only).
+  bool pipelined = false;
 };
 
 template <int NT>
@@ -1170,8 +1173,10 @@ __device__ __forceinline__ int range_start(int n, int w) {
 // kParts: k-parts per weight row, 1 for the frag mapping, 2 or 4 for the wide one (W::kWideLoads; warp w
 // streams fragment w % kParts of the 16 rows over the K range w / kParts of kWarps / kParts): the
 // columns are then 8 NT / kParts, and the lanes that hold a (row, column) sum (wide_writer) store it.
-template <typename T, int NT, typename W, int kParts>
+// kPipelined (int4, kParts = 1): the routed items through W::stream_pipelined (same bits).
+template <typename T, int NT, typename W, int kParts, bool kPipelined = false>
 __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<T, W> p) {
+  static_assert(!kPipelined || (W::kRowGroups && kParts == 1), "the pipelined stream: int4, frag mapping");
   static_assert(kParts == 1 || (W::kWideLoads && wide_parts_ok<kParts>()), "the wide mapping: model-dtype rows");
   constexpr int kCols = 8 * NT / kParts;
   constexpr int kRanges = kWarps / kParts;
@@ -1287,7 +1292,9 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
         col[n] = p.act + static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I;
       }
       float res[NT][4];
-      if constexpr (kParts == 1) {
+      if constexpr (kPipelined) {
+        p.down.template stream_pipelined<NT>(s.item_expert[it], h_lo, h_hi, col, a, b, res);
+      } else if constexpr (kParts == 1) {
         p.down.template stream<NT>(s.item_expert[it], h_lo, h_hi, col, col_ok, a, b, res);
       } else {
         const int hb = static_cast<int>(blockIdx.x) * 16 + wide_place<kParts>().row;
@@ -1547,10 +1554,10 @@ cudaError_t launch_gate_up(dim3 grid, cudaStream_t stream, bool use_pdl, const G
       grid, kBytes + (p.staged ? kStageBytes : 0), kBytes + kStageBytes, stream, use_pdl, p);
 }
 
-template <typename T, int NT, typename W, int P>
+template <typename T, int NT, typename W, int P, bool kPipelined = false>
 cudaError_t launch_down(dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T, W>& p) {
-  return launch_fast<moe_down_kernel<T, NT, W, P>>(grid, sizeof(DownSmem<NT>), sizeof(DownSmem<NT>), stream,
-                                                     use_pdl, p);
+  return launch_fast<moe_down_kernel<T, NT, W, P, kPipelined>>(grid, sizeof(DownSmem<NT>), sizeof(DownSmem<NT>),
+                                                                 stream, use_pdl, p);
 }
 
 // The instantiations: frag at NT = 1, 2, 4; wide (model-dtype rows) at (P, NT) = (4, 1), (2, 1), (2, 2).
@@ -1590,6 +1597,9 @@ cudaError_t launch_down_mapped(Mapping m, dim3 grid, cudaStream_t stream, bool u
     if (m.parts == 2 && m.nt == 2) return launch_down<T, 2, W, 2>(grid, stream, use_pdl, p);
   }
   if (m.parts != 1) return cudaErrorInvalidValue;
+  if constexpr (W::kRowGroups) {
+    if (m.nt == 1 && p.pipelined) return launch_down<T, 1, W, 1, true>(grid, stream, use_pdl, p);
+  }
   switch (m.nt) {
     case 1: return launch_down<T, 1, W, 1>(grid, stream, use_pdl, p);
     case 2: return launch_down<T, 2, W, 1>(grid, stream, use_pdl, p);
@@ -1772,7 +1782,7 @@ cudaError_t launch_moe_decode_int4_down(const void* act, const uint8_t* qweight,
                                         const uint8_t* zeros, const int32_t* topk_ids, const float* topk_weights,
                                         const void* shared_down, const void* residual, void* out, int64_t T,
                                         int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                        int n_tiles, cudaStream_t stream, bool use_pdl) {
+                                        int n_tiles, cudaStream_t stream, bool use_pdl, bool pipelined) {
   if (T == 0 || H == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
   if (I % kGroupK != 0) return cudaErrorInvalidValue;  // the format's groups
@@ -1788,7 +1798,8 @@ cudaError_t launch_moe_decode_int4_down(const void* act, const uint8_t* qweight,
     const DownParams<scalar_t, Int4Experts<scalar_t>> p{
         static_cast<const scalar_t*>(act), experts, topk_ids, topk_weights,
         static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
-        static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
+        static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA,
+        pipelined};
     return down_launch(p, fast, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
