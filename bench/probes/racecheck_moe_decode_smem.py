@@ -2,13 +2,15 @@
 to finish in well under a minute (the sanitize scripts' small sets take over 100 s under racecheck).
 
     PYTHONPATH=. PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \\
-        python bench/probes/racecheck_moe_decode_smem.py int4|bf16
+        python bench/probes/racecheck_moe_decode_smem.py int4|bf16|int4_rows
 
 int4: gate_up's staged stream (DOTS1_EXT_MOE_DECODE_INT4_STAGED=1: each thread cp.async-copies its
 pieces of its next routed tile into a double buffer while it computes the current one) with every
 warp's share one batch (H = 4096), at one token (H = 1024), and with hot experts at 64 tokens (H = 256,
 most warps without a step of a tile). bf16: the wide_all weight-load mapping above 8 tokens (items of
-8 pairs; hot experts at 64 tokens, and 17 tokens). Each case checks its outputs against the reference
+8 pairs; hot experts at 64 tokens, and 17 tokens). int4_rows: gate_up's routed tiles of 4 and 2 row
+groups with the double-buffered streams (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS / _PIPELINE). Each case
+checks its outputs against the reference
 (tests/sanitize_moe_decode.py's case()); exits non-zero on a mismatch.
 """
 
@@ -27,8 +29,8 @@ import sanitize_moe_decode_int4 as int4_cases  # noqa: E402
 
 def main() -> int:
     which = sys.argv[1] if len(sys.argv) > 1 else ""
-    if which not in ("int4", "bf16"):
-        print("usage: racecheck_moe_decode_smem.py int4|bf16", file=sys.stderr)
+    if which not in ("int4", "bf16", "int4_rows"):
+        print("usage: racecheck_moe_decode_smem.py int4|bf16|int4_rows", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("racecheck_moe_decode_smem: needs a CUDA GPU")
@@ -40,6 +42,15 @@ def main() -> int:
         int4_cases.case("int4 staged H=4096 T=9", bf, 9, 16, 6, 4096, 128, 128)
         int4_cases.case("int4 staged H=1024 T=1", bf, 1, 16, 6, 1024, 128, 128)
         int4_cases.case("int4 staged H=256 T=64 hot experts", bf, 64, 24, 6, 256, 128, 128)
+    elif which == "int4_rows":
+        # gate_up's routed tiles of 4 and 2 row groups (more SwiGLU readers of the partials' buffer), the
+        # double-buffered stream (gate_up and down), one expert taking every pair.
+        os.environ["DOTS1_EXT_MOE_DECODE_INT4_PIPELINE"] = "1"
+        for rg in ("4", "2"):
+            os.environ["DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS"] = rg
+            int4_cases.case(f"int4 row groups {rg} T=8", bf, 8, 16, 6, 1024, 128, 128)
+        int4_cases.case("int4 row groups 2 one expert", bf, 4, 8, 6, 256, 128, 32,
+                        ids=torch.full((4, 6), 3, dtype=torch.int32))
     else:
         os.environ["DOTS1_EXT_MOE_DECODE_LOADS"] = "wide_all"
         bf16_cases.case("wide_all T=64 hot experts", bf, 64, 24, 6, 128, 64, 128)
