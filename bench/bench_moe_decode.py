@@ -18,7 +18,10 @@ Each implementation is captured in one CUDA graph holding ``CALLS`` calls that c
 ``WEIGHT_SETS`` full copies of the layer's expert weights and fresh random distinct top-6 ids per call,
 so that L2 (50 MB) never serves a weight the previous call read; ids are redrawn between replays.
 Median replay time / CALLS. Floor: the bytes of the experts the calls touch (distinct routed experts x
-3*I*H*2 + the shared experts' 3*Is*H*2; the expected distinct count E*(1 - (1 - k/E)^T)) over the measured copy bandwidth.
+3*I*H*2 + the shared experts' 3*Is*H*2; the expected distinct count E*(1 - (1 - k/E)^T), for Zipf
+routing the mean over 64 draws) over the measured copy bandwidth. At T = 16, 32 and 64 also Zipf
+routing (popularity 1/rank^1.2, bench.common.make_routing): the defaults, the fragment loads, the grouped
+path and int4.
 
 int4 routed experts (W4A16, issue 14): moe_decode_int4_gate_up + moe_decode_int4_down on the same layer
 quantized (asymmetric, groups of 128; the shared experts stay bf16), its own rows with its own floor: the
@@ -35,8 +38,8 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench.common import (Report, Row, bench_main, capture_graph, replay_ms, bytes_floor_ms, copy_bandwidth_gbs, on_gpu,
-                          time_fn, with_env)
+from bench.common import (Report, Row, bench_main, capture_graph, replay_ms, bytes_floor_ms, copy_bandwidth_gbs,
+                          make_routing, on_gpu, time_fn, with_env)
 from dots1_ext import ops
 from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
 from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_gate_up
@@ -46,6 +49,7 @@ REAL = dict(E=128, k=6, H=4096, I=1408, Is=2816)
 TINY = dict(E=16, k=4, H=256, I=128, Is=256)
 WEIGHT_SETS = 2  # x 4.4 GB at real shape
 CALLS = 8  # calls per graph, cycling over the weight sets with their own ids
+ZIPF_TOKENS = (16, 32, 64)  # where Zipf routing runs too (hot experts: several items each)
 
 
 def make_weights(s: dict, device: str, dtype: torch.dtype) -> dict:
@@ -132,6 +136,23 @@ def graph_ms(fn, calls: list[tuple], redraw, iters: int) -> float:
     return statistics.median(times[2:]) / len(calls)
 
 
+INT4_IMPLS = (ours_int4, ours_int4_registers, ours_int4_staged, ours_int4_rg2, ours_int4_rg4, ours_int4_rg2p,
+              ours_int4_rg4p)
+
+
+def run_impls(report: Report, case: str, impls: dict, calls: list[tuple], redraw, touched: float, expert_bytes: int,
+              int4_expert_bytes: int, shared_bytes: int, gpu: bool, quick: bool) -> None:
+    """Times each of ``impls`` on ``calls`` (fresh ids per replay) and adds its row: ms, floor, GB/s."""
+    for label, fn in impls.items():
+        per_expert = int4_expert_bytes if fn in INT4_IMPLS else expert_bytes
+        nbytes = touched * per_expert + shared_bytes
+        if gpu:
+            ms = graph_ms(fn, calls, redraw, iters=5 if quick else 20)
+        else:
+            ms = time_fn(lambda fn=fn: [fn(*a) for a in calls], warmup=1, iters=3) / len(calls)
+        report.add(Row("moe_decode", case, label, ms, bytes_floor_ms(nbytes), gbs=nbytes / ms / 1e6))
+
+
 def run(quick: bool = False) -> list[Report]:
     gpu = on_gpu()
     device = "cuda" if gpu else "cpu"
@@ -146,23 +167,42 @@ def run(quick: bool = False) -> list[Report]:
     int4_expert_bytes = 3 * I * H // 2 + 3 * I * H // GROUP_SIZE * 3
     report = Report(f"MoE decode experts (H={H}, E={E}, top-{k}, I={I}, shared Is={Is}, "
                     f"{str(dtype).replace('torch.', '')}, {device}, copy {copy_bandwidth_gbs():.0f} GB/s)")
-    for T in tokens:
+    # Balanced routing at every T; Zipf routing (a few hot experts, as real routers) where the decode ops'
+    # hot-expert items matter, with the kernels that the defaults choose between.
+    cases = [(T, "balanced") for T in tokens] + [(T, "zipf") for T in (ZIPF_TOKENS if gpu else [4])]
+    draws = iter(range(1, 1 << 30))  # a fresh seed per Zipf draw
+    for T, routing in cases:
+        zipf = routing == "zipf"
+
+        def draw(T=T, zipf=zipf):
+            return make_routing("zipf", T, k, E, seed=next(draws))[0] if zipf else draw_ids(T, k, E)
+
         n_calls = CALLS if gpu else 2
         calls, id_bufs = [], []
         for i in range(n_calls):
-            ids = draw_ids(T, k, E).to(device)
+            ids = draw().to(device)
             id_bufs.append(ids)
             calls.append((torch.randn(T, H, device=device).to(dtype), sets[i % len(sets)], ids,
                           (torch.rand(T, k, device=device) + 0.1), torch.randn(T, H, device=device).to(dtype)))
-        # Ids are redrawn per replay: the expected number of distinct experts of T tokens' top-k.
-        touched = E * (1 - (1 - k / E) ** T)
-        case = f"T={T} ({touched:.1f} experts)"
+        # Ids are redrawn per replay: the expected number of distinct experts of T tokens' top-k (Zipf:
+        # the mean over 64 draws).
+        if zipf:
+            touched = statistics.fmean(float(draw().unique().numel()) for _ in range(64))
+        else:
+            touched = E * (1 - (1 - k / E) ** T)
+        case = f"T={T}{' zipf' if zipf else ''} ({touched:.1f} experts)"
 
-        def redraw():
+        def redraw(id_bufs=id_bufs, draw=draw):
             for ids in id_bufs:
-                ids.copy_(draw_ids(T, k, E))
+                ids.copy_(draw())
 
         impls = {"dots1_ext moe_decode (2 launches)": ours, "dots1_ext moe_decode frag loads": ours_frag}
+        if zipf:
+            impls["permute + grouped_gemm x2 + shared MLP + unpermute"] = current_path
+            impls["dots1_ext moe_decode_int4 (2 launches, int4 experts)"] = ours_int4
+            run_impls(report, case, impls, calls, redraw, touched, expert_bytes, int4_expert_bytes, shared_bytes,
+                      gpu, quick)
+            continue
         if T > 8 and gpu:
             impls["dots1_ext moe_decode LOADS=wide (frag above 8 tokens)"] = ours_wide_to_8
         if T > CHUNK_T:
@@ -178,16 +218,8 @@ def run(quick: bool = False) -> list[Report]:
             impls["dots1_ext moe_decode_int4, gate_up tiles of 4 row groups (ROW_GROUPS=4)"] = ours_int4_rg4
             impls["dots1_ext moe_decode_int4, ROW_GROUPS=2, PIPELINE=1"] = ours_int4_rg2p
             impls["dots1_ext moe_decode_int4, ROW_GROUPS=4, PIPELINE=1"] = ours_int4_rg4p
-        int4_bytes = touched * int4_expert_bytes + shared_bytes
-        int4_impls = (ours_int4, ours_int4_registers, ours_int4_staged, ours_int4_rg2, ours_int4_rg4, ours_int4_rg2p,
-                      ours_int4_rg4p)
-        for label, fn in impls.items():
-            nbytes = int4_bytes if fn in int4_impls else touched * expert_bytes + shared_bytes
-            if gpu:
-                ms = graph_ms(fn, calls, redraw, iters=5 if quick else 20)
-            else:
-                ms = time_fn(lambda fn=fn: [fn(*a) for a in calls], warmup=1, iters=3) / len(calls)
-            report.add(Row("moe_decode", case, label, ms, bytes_floor_ms(nbytes), gbs=nbytes / ms / 1e6))
+        run_impls(report, case, impls, calls, redraw, touched, expert_bytes, int4_expert_bytes, shared_bytes, gpu,
+                  quick)
     if gpu:
         report.notes.append(f"floor = touched expert bytes / copy bandwidth; {CALLS} calls per CUDA graph over "
                             f"{WEIGHT_SETS} weight sets, fresh ids per replay; median of replays")
@@ -196,6 +228,8 @@ def run(quick: bool = False) -> list[Report]:
                             "default: gate_up's routed tiles staged through shared memory above 8 tokens")
         report.notes.append("int4 rows: bytes = touched experts' packed codes + scales + zero points (0.523 B per "
                             "weight) + the shared experts' bf16; their own floor")
+        report.notes.append("zipf: each token's 6 distinct experts drawn with popularity 1/rank^1.2 over a random "
+                            "expert order (bench.common.make_routing), fresh per replay")
     del sets
     return [report]
 

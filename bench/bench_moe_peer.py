@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import (ROOT, Report, Row, bench_main, capture_graph, gemm_tflops, on_gpu, read_ceiling_gbs, time_fn,
-                          time_fns, with_env)
+from bench.common import (ROOT, Report, Row, bench_main, capture_graph, gemm_tflops, make_routing, on_gpu,
+                          read_ceiling_gbs, time_fn, time_fns, with_env)
 from dots1_ext import ops
 
 REAL = dict(E=128, k=6, H=4096, I=1408)
@@ -177,23 +177,6 @@ def make_weights(s: dict, device: str, dtype: torch.dtype, seed: int) -> dict:
     gate_up = torch.randn(E, 2 * I, H, device=device, dtype=dtype, generator=g).mul_(H**-0.5)
     down = torch.randn(E, H, I, device=device, dtype=dtype, generator=g).mul_(I**-0.5)
     return dict(gate_up=gate_up, gate_up_interleaved=ops.interleave_gate_up(gate_up), down=down)
-
-
-def make_routing(kind: str, T: int, k: int, E: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 ids [T, k] (distinct per token) and fp32 softmax weights [T, k], on CPU. Balanced: a
-    uniform random k-subset per token; Zipf: popularity 1/rank^1.2 over a random expert order (as
-    tests/test_grouped_gemm.py routing_counts and the peer's make_routing)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + 2 * T + (kind == "zipf"))
-    if kind == "balanced":
-        ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k]
-    elif kind == "zipf":
-        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
-        p = p[torch.randperm(E, generator=g)]
-        ids = torch.multinomial(p.expand(T, E).contiguous(), k, replacement=False, generator=g)
-    else:
-        raise ValueError(kind)
-    weights = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
-    return ids.to(torch.int32).contiguous(), weights.float().contiguous()
 
 
 def reference(x, w, ids, weights) -> torch.Tensor:

@@ -373,3 +373,20 @@ def bench_main(run: Callable[..., list[Report]], description: str | None = None,
         print(report.table())
     if args.json:
         write_json(args.json, reports, env)
+
+
+def make_routing(kind: str, T: int, k: int, E: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 ids [T, k] (distinct per token) and fp32 softmax weights [T, k], on CPU. Balanced: a
+    uniform random k-subset per token; Zipf: popularity 1/rank^1.2 over a random expert order (as
+    tests/test_grouped_gemm.py routing_counts and the peer's make_routing)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 2 * T + (kind == "zipf"))
+    if kind == "balanced":
+        ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :k]
+    elif kind == "zipf":
+        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
+        p = p[torch.randperm(E, generator=g)]
+        ids = torch.multinomial(p.expand(T, E).contiguous(), k, replacement=False, generator=g)
+    else:
+        raise ValueError(kind)
+    weights = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
+    return ids.to(torch.int32).contiguous(), weights.float().contiguous()
