@@ -10,9 +10,9 @@ in flight per lane), to choose the default. At every T also ours with the fragme
 rows x 256 B up to 2 tokens and 4 rows x 128 B above), and above 8 tokens with LOADS=wide (wide up to 8
 tokens, frag above: the default before wide_all), captured and replayed like the others. The int4 rows:
 the default (gate_up's routed tiles staged through shared memory above 8 tokens), and staged / register
-stream at every T; up to 8 tokens also gate_up's routed tiles of 2 and 4 row groups
-(DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS: 16 / 32 features per tile, each warp a quarter / half of H), with
-and without the double-buffered stream (DOTS1_EXT_MOE_DECODE_INT4_PIPELINE).
+stream at every T; up to 8 tokens also gate_up's routed tiles of 1 and 2 row groups
+(DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS: 8 / 16 features per tile, each warp an eighth / a quarter of H;
+the default there is 4: 32 features, each warp half of H).
 
 Each implementation is captured in one CUDA graph holding ``CALLS`` calls that cycle over
 ``WEIGHT_SETS`` full copies of the layer's expert weights and fresh random distinct top-6 ids per call,
@@ -109,13 +109,9 @@ ours_wide_to_8 = with_env({"DOTS1_EXT_MOE_DECODE_LOADS": "wide"}, ours)
 # The default stages gate_up's routed int4 tiles through shared memory above 8 tokens; both choices at every T.
 ours_int4_registers = with_env({"DOTS1_EXT_MOE_DECODE_INT4_STAGED": "0"}, ours_int4)
 ours_int4_staged = with_env({"DOTS1_EXT_MOE_DECODE_INT4_STAGED": "1"}, ours_int4)
-# gate_up's routed tiles of 8 R features up to 8 tokens (the default R = 1: 8 features, every warp 1/8 of H).
+# gate_up's routed tiles of 8 R features up to 8 tokens (the default R = 4: 32 features, each warp half of H).
+ours_int4_rg1 = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "1"}, ours_int4)
 ours_int4_rg2 = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "2"}, ours_int4)
-ours_int4_rg4 = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "4"}, ours_int4)
-ours_int4_rg2p = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "2", "DOTS1_EXT_MOE_DECODE_INT4_PIPELINE": "1"},
-                          ours_int4)
-ours_int4_rg4p = with_env({"DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS": "4", "DOTS1_EXT_MOE_DECODE_INT4_PIPELINE": "1"},
-                          ours_int4)
 
 
 def current_path(x, w, ids, weights, residual):
@@ -136,8 +132,7 @@ def graph_ms(fn, calls: list[tuple], redraw, iters: int) -> float:
     return statistics.median(times[2:]) / len(calls)
 
 
-INT4_IMPLS = (ours_int4, ours_int4_registers, ours_int4_staged, ours_int4_rg2, ours_int4_rg4, ours_int4_rg2p,
-              ours_int4_rg4p)
+INT4_IMPLS = (ours_int4, ours_int4_registers, ours_int4_staged, ours_int4_rg1, ours_int4_rg2)
 
 
 def run_impls(report: Report, case: str, impls: dict, calls: list[tuple], redraw, touched: float, expert_bytes: int,
@@ -214,10 +209,8 @@ def run(quick: bool = False) -> list[Report]:
         impls["dots1_ext moe_decode_int4, register stream (STAGED=0)"] = ours_int4_registers
         impls["dots1_ext moe_decode_int4, staged stream (STAGED=1)"] = ours_int4_staged
         if T <= 8:
+            impls["dots1_ext moe_decode_int4, gate_up tiles of 1 row group (ROW_GROUPS=1)"] = ours_int4_rg1
             impls["dots1_ext moe_decode_int4, gate_up tiles of 2 row groups (ROW_GROUPS=2)"] = ours_int4_rg2
-            impls["dots1_ext moe_decode_int4, gate_up tiles of 4 row groups (ROW_GROUPS=4)"] = ours_int4_rg4
-            impls["dots1_ext moe_decode_int4, ROW_GROUPS=2, PIPELINE=1"] = ours_int4_rg2p
-            impls["dots1_ext moe_decode_int4, ROW_GROUPS=4, PIPELINE=1"] = ours_int4_rg4p
         run_impls(report, case, impls, calls, redraw, touched, expert_bytes, int4_expert_bytes, shared_bytes, gpu,
                   quick)
     if gpu:

@@ -9,8 +9,8 @@ Paths: the tensor-core kernels with int4 routed experts (bf16; asymmetric and sy
 the HF and interleaved layouts; with and without shared experts and residual; T = 1, 16, 64 and 65 (two
 launches); one expert taking every pair (several items side by side); 512 distinct experts; 1, 2 and 4
 n-tiles; gate_up's staged stream (DOTS1_EXT_MOE_DECODE_INT4_STAGED, H <= 4096) and its register one, and
-its routed tiles of 2 or 4 row groups (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS, with and without
-DOTS1_EXT_MOE_DECODE_INT4_PIPELINE); the
+its routed tiles of 1, 2 or 4 row groups (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS; 4 the default up to 8
+tokens); the
 last expert's last rows (memcheck sees a read past qweight / scales / zeros); many down
 items per warp (items cut by warp boundaries); bad ids), and the fallback kernels (fp16, fp32,
 DOTS1_EXT_MOE_DECODE_KERNEL=simple, shared experts' Is not a multiple of 8). Exits non-zero if an output
@@ -76,12 +76,10 @@ def run_small() -> None:
     with_env("DOTS1_EXT_MOE_DECODE_INT4_STAGED", "0",
              lambda: case("small int4 H=4096 registers", bf, 9, 16, 6, 4096, 128, 128))
     case("small int4 H=8192", bf, 3, 16, 6, 8192, 128, 0)
-    # Routed gate_up tiles of 8 R features (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS), the last expert's rows.
-    with_env("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "4",
-             lambda: case("small int4 row groups 4", bf, 8, 16, 6, 1024, 128, 128))
-    with_env("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "2", lambda: with_env(
-        "DOTS1_EXT_MOE_DECODE_INT4_PIPELINE", "1",
-        lambda: case("small int4 row groups 2 pipelined", bf, 3, 16, 6, 1152, 128, 0)))
+    # Routed gate_up tiles of 8 R features (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS; default 4 up to 8
+    # tokens, which the cases above run): R = 1, the last expert's rows.
+    with_env("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "1",
+             lambda: case("small int4 row groups 1", bf, 8, 16, 6, 1024, 128, 128))
     case("small simple fp32", torch.float32, 5, 12, 3, 128, 128, 48)
 
 
@@ -107,14 +105,10 @@ def run_full() -> None:
             with_env("DOTS1_EXT_MOE_DECODE_INT4_STAGED", staged,
                      lambda: case(f"int4 H=4096 staged={staged} T={T}", bf, T, 32, 6, 4096, 256, 256))
     case("int4 H=8192 (register stream)", bf, 5, 16, 6, 8192, 128, 64)
-    for rg in ("2", "4"):  # routed gate_up tiles of 8 R features (up to 8 tokens; T = 9 ignores it)
+    for rg in ("1", "2", "4"):  # routed gate_up tiles of 8 R features (up to 8 tokens; T = 9 ignores it)
         for T in (1, 8, 9):
             with_env("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", rg,
                      lambda: case(f"int4 row groups {rg} T={T}", bf, T, 32, 6, 4096, 256, 256))
-        for H in (4096, 1152):  # the double-buffered stream: even and odd batch counts, a short last batch
-            with_env("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", rg, lambda: with_env(
-                "DOTS1_EXT_MOE_DECODE_INT4_PIPELINE", "1",
-                lambda: case(f"int4 row groups {rg} pipelined H={H}", bf, 5, 32, 6, H, 256, 128)))
         with_env("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", rg,
                  lambda: case(f"int4 row groups {rg} one expert", bf, 8, 8, 6, 256, 128, 32,
                               ids=torch.full((8, 6), 7, dtype=torch.int32)))

@@ -722,8 +722,9 @@ def test_one_graph_serves_every_length():
 
 @requires_cuda
 def test_graphs_notice_a_new_cache_of_the_same_shape():
-    # setup_cache again (same shape, new tensors): the captured graph's addresses are stale, so the next
-    # call captures anew (DecodeGraphs keys its graphs on layer 0's k_cache buffer) and matches eager.
+    # A new cache of the same shape (the inner model's setup_cache allocates anew; the outer one keeps a
+    # cache that fits): the captured graph's addresses are stale, so the next call captures anew
+    # (DecodeGraphs keys its graphs on layer 0's k_cache buffer) and matches eager.
     model = tiny_ours("cuda")
     tokens = torch.randint(0, BASE["vocab_size"], (2, 12), device="cuda")
     model.setup_cache(2, 16)
@@ -732,7 +733,7 @@ def test_graphs_notice_a_new_cache_of_the_same_shape():
     first = graphs(tokens[:, 8], 8).clone()
     before = graphs.captures
     old_cache = model.model.layers[0].self_attn.k_cache
-    model.setup_cache(2, 16)
+    model.model.setup_cache(2, 16)
     assert model.model.layers[0].self_attn.k_cache.data_ptr() != old_cache.data_ptr()
     del old_cache
     model.prefill(tokens[:, :8])

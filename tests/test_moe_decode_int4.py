@@ -326,7 +326,9 @@ def test_cuda_staged_same_bits(symmetric, shape, T, monkeypatch):
     # routed tiles' weights through shared memory, the next tile copied while the current one computes)
     # moves no arithmetic: 1, 0 and auto give the same bits, and all the reference's values. H <= 4096
     # takes it (at 256 most warps have no step of a tile; at 1024 one each); H = 8192 keeps the register
-    # stream. T = 9 and 64 run two n-tiles; 64 tokens also hot experts (items side by side).
+    # stream. T = 9 and 64 run two n-tiles; 64 tokens also hot experts (items side by side). One row
+    # group: the staged stream's tiles (up to 8 tokens the default unstaged launch takes 4 row groups).
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "1")
     E, H, I, Is = shape
     k = REAL["k"]
     dtype = torch.bfloat16
@@ -352,19 +354,16 @@ def test_cuda_bad_staged_setting_raises(value, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("pipeline", ["0", "1"])
 @pytest.mark.parametrize("row_groups", ["2", "4"])
 @pytest.mark.parametrize("shape", [(128, 4096, 1408, 2816), (16, 1024, 384, 256), (16, 256, 128, 0),
                                    (24, 8192, 256, 128)], ids=["real", "H1024", "H256 no shared", "H8192"])
 @pytest.mark.parametrize("T", [1, 2, 5, 8, 9])
 @pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
-def test_cuda_row_groups(row_groups, pipeline, shape, T, epilogue, monkeypatch):
+def test_cuda_row_groups(row_groups, shape, T, epilogue, monkeypatch):
     # DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS: routed gate_up tiles of 8 R features up to 8 tokens (each warp
     # one row group over 8 / R of H). The same values in another fp32 summation order: every setting
     # within the reference's tolerance and bitwise reproducible; T = 9 (two n-tiles) ignores it (the same
-    # bits as R = 1). I = 128: one tile of 32 features is all of I at R = 4. DOTS1_EXT_MOE_DECODE_INT4_PIPELINE
-    # (the double-buffered stream, gate_up's with row groups and down's up to 8 tokens) moves no
-    # arithmetic: the same bits as without it.
+    # bits as R = 1). I = 128: one tile of 32 features is all of I at R = 4.
     E, H, I, Is = shape
     k = REAL["k"]
     dtype = torch.bfloat16
@@ -373,13 +372,9 @@ def test_cuda_row_groups(row_groups, pipeline, shape, T, epilogue, monkeypatch):
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "1")
     base = run_int4(hidden, w, ids, weights, residual)
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", row_groups)
-    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_PIPELINE", pipeline)
-    act, out = check_pair(hidden, w, ids, weights, residual, f"row groups {row_groups}/{pipeline} T={T} {shape}")
+    act, out = check_pair(hidden, w, ids, weights, residual, f"row groups {row_groups} T={T} {shape}")
     again = run_int4(hidden, w, ids, weights, residual)
     assert torch.equal(act, again[0]) and torch.equal(out, again[1])
-    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_PIPELINE", "1" if pipeline == "0" else "0")
-    other = run_int4(hidden, w, ids, weights, residual)
-    assert torch.equal(act, other[0]) and torch.equal(out, other[1])
     if T > 8:
         assert torch.equal(act, base[0]) and torch.equal(out, base[1])
     # The down kernel never reads the setting: from the same act it gives the same bits under R = 1.
@@ -393,7 +388,6 @@ def test_cuda_row_groups_hot_experts_and_bad_ids(T, monkeypatch):
     # Every pair on one expert (one item of T columns), then bad ids: NaN in exactly their act slots
     # (and their tokens' output rows), every other value within the reference's tolerance.
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "4")
-    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_PIPELINE", "1")
     dtype = torch.bfloat16
     E, k, H, I, Is = 16, 6, 512, 256, 128
     w = Int4Weights(E, H, I, Is, dtype, "cuda")
@@ -411,14 +405,39 @@ def test_cuda_row_groups_hot_experts_and_bad_ids(T, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("name, value", [("ROW_GROUPS", "3"), ("ROW_GROUPS", "0"), ("ROW_GROUPS", "8"),
-                                         ("ROW_GROUPS", "two"), ("PIPELINE", "2"), ("PIPELINE", "yes")])
-def test_cuda_bad_row_groups_setting_raises(name, value, monkeypatch):
-    monkeypatch.setenv(f"DOTS1_EXT_MOE_DECODE_INT4_{name}", value)
+@pytest.mark.parametrize("T", [1, 8, 9])
+def test_cuda_row_groups_default(T, monkeypatch):
+    # Unset: 4 row groups up to 8 tokens, 1 where STAGED=1 makes the launch staged (its tiles take one
+    # row group); above 8 tokens the setting does not apply (the same bits as R = 1).
+    dtype = torch.bfloat16
+    E, k, H, I, Is = 16, 6, 1024, 256, 128
+    w = Int4Weights(E, H, I, Is, dtype, "cuda")
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    results = {}
+    for rg in ("1", "4"):
+        monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", rg)
+        results[rg] = run_int4(hidden, w, ids, weights, residual)
+    monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS")
+    default = check_pair(hidden, w, ids, weights, residual, f"row groups default T={T}")
+    expected = results["4" if T <= 8 else "1"]
+    assert torch.equal(default[0], expected[0]) and torch.equal(default[1], expected[1])
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_STAGED", "1")
+    staged = run_int4(hidden, w, ids, weights, residual)
+    assert torch.equal(staged[0], results["1"][0]) and torch.equal(staged[1], results["1"][1])
+    if T <= 8:  # an explicit R > 1 and STAGED=1 contradict each other here
+        monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "4")
+        with pytest.raises(ValueError, match="cannot combine"):
+            run_int4(hidden, w, ids, weights, residual)
+
+
+@requires_cuda
+@pytest.mark.parametrize("value", ["3", "0", "8", "two"])
+def test_cuda_bad_row_groups_setting_raises(value, monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", value)
     dtype = torch.bfloat16
     w = Int4Weights(8, 128, 128, 0, dtype, "cuda")
     hidden, ids, weights, residual = decode_inputs(1, 2, 8, 128, dtype, "cuda")
-    with pytest.raises(ValueError, match=f"DOTS1_EXT_MOE_DECODE_INT4_{name}"):
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS"):
         run_int4(hidden, w, ids, weights, residual)
 
 

@@ -9,7 +9,7 @@ pieces of its next routed tile into a double buffer while it computes the curren
 warp's share one batch (H = 4096), at one token (H = 1024), and with hot experts at 64 tokens (H = 256,
 most warps without a step of a tile). bf16: the wide_all weight-load mapping above 8 tokens (items of
 8 pairs; hot experts at 64 tokens, and 17 tokens). int4_rows: gate_up's routed tiles of 4 and 2 row
-groups with the double-buffered streams (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS / _PIPELINE). Each case
+groups (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS; 4 is the default up to 8 tokens). Each case
 checks its outputs against the reference
 (tests/sanitize_moe_decode.py's case()); exits non-zero on a mismatch.
 """
@@ -43,9 +43,8 @@ def main() -> int:
         int4_cases.case("int4 staged H=1024 T=1", bf, 1, 16, 6, 1024, 128, 128)
         int4_cases.case("int4 staged H=256 T=64 hot experts", bf, 64, 24, 6, 256, 128, 128)
     elif which == "int4_rows":
-        # gate_up's routed tiles of 4 and 2 row groups (more SwiGLU readers of the partials' buffer), the
-        # double-buffered stream (gate_up and down), one expert taking every pair.
-        os.environ["DOTS1_EXT_MOE_DECODE_INT4_PIPELINE"] = "1"
+        # gate_up's routed tiles of 4 and 2 row groups (more SwiGLU readers of the partials' buffer), one
+        # expert taking every pair.
         for rg in ("4", "2"):
             os.environ["DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS"] = rg
             int4_cases.case(f"int4 row groups {rg} T=8", bf, 8, 16, 6, 1024, 128, 128)

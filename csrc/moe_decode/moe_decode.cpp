@@ -402,28 +402,21 @@ bool moe_decode_int4_staged(int64_t tokens) {
   return s == "auto" ? tokens > 8 : s == "1";
 }
 
-// DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS (read per call; unset or empty: 1): the int4 gate_up kernel's
-// routed tiles of 8 x R features, R = 1, 2 or 4 (moe_decode.h), for launches of up to 8 tokens. Any other
-// value raises ValueError.
-int moe_decode_int4_row_groups() {
+// DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS (read per call; unset or empty: 4, or 1 where the launch is
+// staged): the int4 gate_up kernel's routed tiles of 8 x R features, R = 1, 2 or 4 (moe_decode.h), for
+// launches of up to 8 tokens (H200, 2026-11-30-h200-d46081e-int4-row-groups: R = 4 against 1, gate_up
+// 17% / 18% / 18% / 21% faster at T = 1 / 2 / 4 / 8, the pair 11-13%). The staged stream takes tiles of
+// one row group, so R = 2 or 4 with STAGED=1 at up to 8 tokens raises ValueError, as does any other value.
+int moe_decode_int4_row_groups(int64_t tokens, bool staged) {
   const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS");
-  if (v == nullptr || *v == '\0') return 1;
+  if (v == nullptr || *v == '\0') return staged ? 1 : 4;
   const std::string s(v);
   TORCH_CHECK_VALUE(s == "1" || s == "2" || s == "4",
                     "dots1_ext: DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS must be 1, 2 or 4, got '", s, "'");
+  TORCH_CHECK_VALUE(s == "1" || !staged || tokens > 8, "dots1_ext: DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS=", s,
+                    " and DOTS1_EXT_MOE_DECODE_INT4_STAGED=1 cannot combine at ", tokens,
+                    " tokens: the staged stream takes tiles of one row group");
   return std::stoi(s);
-}
-
-// DOTS1_EXT_MOE_DECODE_INT4_PIPELINE (read per call; unset or empty: 0): up to 8 tokens, the int4 down
-// kernel's routed stream, and with 2 or 4 row groups gate_up's, double-buffered in registers
-// (moe_decode.h); same bits. 0 or 1, else ValueError.
-bool moe_decode_int4_pipelined() {
-  const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_INT4_PIPELINE");
-  if (v == nullptr || *v == '\0') return false;
-  const std::string s(v);
-  TORCH_CHECK_VALUE(s == "0" || s == "1", "dots1_ext: DOTS1_EXT_MOE_DECODE_INT4_PIPELINE must be 0 or 1, got '", s,
-                    "'");
-  return s == "1";
 }
 
 // A pointer usable by 16-byte vector loads; otherwise a fresh (aligned) copy. Activations only.
@@ -501,6 +494,8 @@ at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::T
   check_kernel_env();
   const GateUpShape g =
       check_int4_gate_up(hidden_in, qweight, scales, zeros, topk_ids_in, shared_gate_up, std::string(epilogue_view));
+  const bool staged = moe_decode_int4_staged(g.T);
+  const int row_groups = moe_decode_int4_row_groups(g.T, staged);
   c10::cuda::CUDAGuard guard(hidden_in.device());
   const at::Tensor hidden = aligned_contiguous(hidden_in);
   const at::Tensor ids = topk_ids_in.contiguous();
@@ -510,8 +505,7 @@ at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::T
       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), moe_decode_int4_staged(g.T),
-      moe_decode_int4_row_groups(), moe_decode_int4_pipelined()));
+      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), staged, row_groups));
   return act;
 }
 
@@ -529,8 +523,7 @@ at::Tensor moe_decode_int4_down_cuda(const at::Tensor& act_in, const at::Tensor&
       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, in.ids.data_ptr<int32_t>(),
       in.weights.data_ptr<float>(), shared_down.has_value() ? shared_down->data_ptr() : nullptr,
       in.residual.defined() ? in.residual.data_ptr() : nullptr, in.out.data_ptr(), d.T, d.H, d.E, d.k, d.I, d.Is,
-      to_dtype(in.act.scalar_type()), moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(),
-      moe_decode_int4_pipelined()));
+      to_dtype(in.act.scalar_type()), moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
   return in.out;
 }
 

@@ -91,14 +91,12 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
 // where H <= 4096 the routed tiles' weights go through shared memory, each thread copying its pieces of
 // its next tile while it computes the current one (moe_decode_kernels.cu, stream_rows_int4_staged), and
 // the launch takes 64 KB more shared memory; same bits either way. row_groups (1, 2 or 4;
-// DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS, read by moe_decode.cpp; launches of up to 8 tokens): the routed
+// DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS, read by moe_decode.cpp, default 4 unless staged; launches of up
+// to 8 tokens, where it replaces staging): the routed
 // tiles hold 8 x row_groups features, each warp streaming one row group over a 1 / (8 / row_groups) share
 // of H instead of every warp one eighth of H of 8 features (more of a warp's work per tile, fewer
 // tiles); the fp32 sums split K into 8 / row_groups ranges, so results differ from 1's by rounding
-// (each setting is bitwise reproducible). Staged applies with one row group only. pipelined
-// (DOTS1_EXT_MOE_DECODE_INT4_PIPELINE; with 2 or 4 row groups): each warp's stream double-buffers batches
-// of 2 steps in registers, the next batch's loads in flight while the current one computes; same bits.
-// The down op takes the same flag (launches of up to 8 tokens): its routed items through that stream.
+// (each setting is bitwise reproducible). Staged applies with one row group only.
 cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H]
                                            const uint8_t* qweight,      // [E, 2I, H/2]
                                            const void* scales,          // [E, 2I, H/128] bf16
@@ -108,7 +106,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H
                                            void* act,                   // [T, NA]
                                            int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
                                            MoeGateUpLayout layout, DType dtype, int n_tiles, cudaStream_t stream,
-                                           bool use_pdl, bool staged, int row_groups, bool pipelined);
+                                           bool use_pdl, bool staged, int row_groups);
 
 cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
                                         const uint8_t* qweight,     // [E, H, I/2]
@@ -120,8 +118,7 @@ cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
                                         const void* residual,       // [T, H] or nullptr
                                         void* out,                  // [T, H]
                                         int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
-                                        DType dtype, int n_tiles, cudaStream_t stream, bool use_pdl,
-                                        bool pipelined);
+                                        DType dtype, int n_tiles, cudaStream_t stream, bool use_pdl);
 
 }  // namespace dots1
 

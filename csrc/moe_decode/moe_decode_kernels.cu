@@ -493,58 +493,6 @@ __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint
   sum_sets(acc, res);
 }
 
-// The int4 stream for a warp whose range holds several batches (gate_up's routed tiles of 2 or 4 row
-// groups, DOTS1_EXT_MOE_DECODE_INT4_PIPELINE): batches of 2 steps, double-buffered in registers (the 32
-// of stream_rows_int4's one batch of 4), the next batch's loads issued before the current one computes,
-// so that the warp keeps bytes in flight while it dequantizes. The words meet the accumulators in the
-// same order as stream_rows_int4's: the same bits.
-template <int NT>
-__device__ __forceinline__ void stream_rows_int4_pipelined(const uint8_t* q_lo, const uint8_t* q_hi,
-                                                           const __nv_bfloat16* s_lo, const __nv_bfloat16* s_hi,
-                                                           const uint8_t* z_lo, const uint8_t* z_hi,
-                                                           const __nv_bfloat16* const (&col)[NT], int s_begin,
-                                                           int s_end, float (&res)[NT][4]) {
-  using T = __nv_bfloat16;
-  constexpr int U = 2;
-  constexpr int kSets = accumulator_sets<NT>();
-  float acc[kSets][NT][4];
-  zero_sets(acc);
-  const int c = threadIdx.x & 3;
-  const uint8_t* lo = q_lo + 16 * c;
-  const uint8_t* hi = q_hi + 16 * c;
-  const auto issue = [&](uint4 (&w)[U][2], Int4BatchMeta<U>& m, int s0) {
-    const int valid = min(s_end - s0, U);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const bool ok = u < valid;
-      w[u][0] = load_weight16_if(lo + static_cast<int64_t>(s0 + u) * (kGroupK / 2), ok);
-      w[u][1] = load_weight16_if(hi + static_cast<int64_t>(s0 + u) * (kGroupK / 2), ok);
-    }
-    load_int4_meta(s_lo, s_hi, z_lo, z_hi, s0, valid, m);
-  };
-  const auto compute = [&](const uint4 (&w)[U][2], const Int4BatchMeta<U>& m, int s0) {
-    const T* x[NT];
-#pragma unroll
-    for (int n = 0; n < NT; ++n) x[n] = col[n] + static_cast<int64_t>(s0) * kGroupK + 32 * c;
-    int4_batch<NT, U, kSets>([&](int u, int r) { return w[u][r]; }, m, min(s_end - s0, U), x, acc);
-  };
-  uint4 wa[U][2], wb[U][2];
-  Int4BatchMeta<U> ma, mb;
-  int s0 = s_begin;
-  if (s0 < s_end) issue(wa, ma, s0);
-  while (s0 < s_end) {
-    const int s1 = s0 + U;
-    if (s1 < s_end) issue(wb, mb, s1);
-    compute(wa, ma, s0);
-    if (s1 >= s_end) break;
-    const int s2 = s1 + U;
-    if (s2 < s_end) issue(wa, ma, s2);
-    compute(wb, mb, s1);
-    s0 = s2;
-  }
-  sum_sets(acc, res);
-}
-
 // The staged int4 stream (gate_up's routed tiles, DOTS1_EXT_MOE_DECODE_INT4_STAGED): a warp's share of a
 // tile is at most one batch (H <= 8 warps x U x 128), so between its tiles a warp held no bytes in
 // flight (ncu at T = 1, a0f98fa: DRAM 47% busy, long-scoreboard stalls). Instead each thread copies its
@@ -655,18 +603,6 @@ struct Int4Experts {
     stream_rows_int4<NT>(qweight + r_lo * (K / 2), qweight + r_hi * (K / 2), scales + r_lo * G, scales + r_hi * G,
                          zeros == nullptr ? nullptr : zeros + r_lo * G, zeros == nullptr ? nullptr : zeros + r_hi * G,
                          col, col_ok, s_begin, s_end, res);
-  }
-  // stream with the next batch's loads in flight while the current one computes (same bits).
-  template <int NT>
-  __device__ __forceinline__ void stream_pipelined(int expert, int64_t row_lo, int64_t row_hi,
-                                                   const T* const (&col)[NT], int s_begin, int s_end,
-                                                   float (&res)[NT][4]) const {
-    static_assert(kFast, "the int4 MMA stream takes bf16 activations");
-    const int64_t G = K / kGroupK, r_lo = static_cast<int64_t>(expert) * N + row_lo,
-                  r_hi = static_cast<int64_t>(expert) * N + row_hi;
-    stream_rows_int4_pipelined<NT>(qweight + r_lo * (K / 2), qweight + r_hi * (K / 2), scales + r_lo * G,
-                                   scales + r_hi * G, zeros == nullptr ? nullptr : zeros + r_lo * G,
-                                   zeros == nullptr ? nullptr : zeros + r_hi * G, col, s_begin, s_end, res);
   }
   // The staged stream's copy (stream_rows_int4_staged): this thread's pieces of steps [s_begin, s_end)
   // (at most U) of rows lo and hi into `slots` (its buffer + threadIdx.x), not committed; their scales
@@ -828,8 +764,9 @@ struct GateUpParams {
   bool staged = false;  // W::kStaged: the routed tiles through the staged stream where H allows it
   // W::kRowGroups, frag launches at NT = 1 (up to 8 tokens): R in {1, 2, 4}, the routed tiles' row
   // groups (moe_gate_up_kernel's kRowGroups; host side only, the kernel takes it as a template argument).
-  int row_groups = 1;
-  bool pipelined = false;  // with row_groups > 1: the double-buffered int4 stream
+  // int64_t, not int: with the 4 bytes shorter struct ptxas (nvcc 13.0, sm_90a) spills 48-68 bytes in
+  // the R = 2 / 4 kernels instead of 16 (--resource-usage); the measured kernels are this layout's.
+  int64_t row_groups = 1;
 };
 
 template <int NT>
@@ -868,10 +805,9 @@ __device__ __forceinline__ void gate_up_rows(int64_t f, int64_t I, int64_t& gate
 // their scales and zero points `meta` (stream_rows_int4_staged), copied by the kernel's loop.
 // kRowGroups = R (routed tiles, frag mapping): the tile is 8 R features f0 .. f0 + 8 R - 1; warp w
 // streams row group w % R (features f0 + 8 (w % R) + g) over K range w / R of 8 / R, and 32 NT R threads
-// apply SwiGLU, each summing its row group's ranges in order. kPipelined: that stream double-buffered
-// (W::stream_pipelined, int4).
+// apply SwiGLU, each summing its row group's ranges in order.
 template <typename T, MoeGateUpLayout kLayout, int NT, int kParts, bool kRouted, bool kStagedTile = false,
-          int kRowGroups = 1, bool kPipelined = false, typename W>
+          int kRowGroups = 1, typename W>
 __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const Schedule& s, int item, int f0,
                                              int s_begin, int s_end, int r_begin, int r_end, GateUpSmem<NT>& sm,
                                              int parity, const uint4* slots = nullptr,
@@ -914,8 +850,6 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
       gate_up_rows<kLayout>(f, p.I, gate, up);
       if constexpr (kStagedTile)
         stream_rows_int4_staged<NT>(slots, *meta, col, r_begin, r_end, res);
-      else if constexpr (kPipelined)
-        p.gate_up.template stream_pipelined<NT>(s.item_expert[item], gate, up, col, r_begin, r_end, res);
       else if constexpr (kParts == 1)
         p.gate_up.template stream<NT>(s.item_expert[item], gate, up, col, col_ok, r_begin, r_end, res);
       else
@@ -1002,14 +936,12 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
 // kParts: k-parts per weight row, 1 for the frag mapping, 2 or 4 for the wide one (W::kWideLoads; warp w
 // streams fragment w % kParts of each tile over the K range w / kParts of kWarps / kParts).
 // kRowGroups (W::kRowGroups, kParts = 1): the routed tiles' row groups (gate_up_tile); the shared tiles
-// keep one; kPipelined (R > 1) their double-buffered stream. (nvcc --resource-usage, sm_90a, at 128
-// registers: R = 2 / 4 spill 16 bytes, pipelined none.)
-template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int kParts, int kRowGroups = 1,
-          bool kPipelined = false>
+// keep one. (nvcc --resource-usage, sm_90a, at 128 registers: R = 2 / 4 spill 16 bytes, R = 1 none; the
+// NT = 2 / 4 int4 kernels 16 / 36 bytes of reloads.)
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int kParts, int kRowGroups = 1>
 __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpParams<T, W> p) {
   static_assert(kParts == 1 || (W::kWideLoads && wide_parts_ok<kParts>()), "the wide mapping: model-dtype rows");
   static_assert(kRowGroups == 1 || (W::kRowGroups && kParts == 1), "row groups: int4 routed tiles, frag mapping");
-  static_assert(!kPipelined || kRowGroups > 1, "the pipelined stream: with row groups");
   constexpr int kCols = 8 * NT / kParts;
   constexpr int kRanges = kWarps / kParts;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -1126,8 +1058,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   for (; tile < tiles; tile += gridDim.x) {
     int item, f0;
     routed_tile(tile, item, f0);
-    gate_up_tile<T, kLayout, NT, kParts, true, false, kRowGroups, kPipelined>(p, s, item, f0, 0, 0, r_begin, r_end,
-                                                                             sm, parity);
+    gate_up_tile<T, kLayout, NT, kParts, true, false, kRowGroups>(p, s, item, f0, 0, 0, r_begin, r_end, sm, parity);
     parity ^= 1;
   }
 }
@@ -1146,9 +1077,6 @@ struct DownParams {
   T* out;                     // [T, H]
   int T_, k, E;
   int64_t H, I, Is, NA;
-  // W::kRowGroups (int4), frag launches at NT = 1 (up to 8 tokens): the routed items through the
-  // double-buffered stream (moe_down_kernel's kPipelined; host side only).
-  bool pipelined = false;
 };
 
 template <int NT>
@@ -1173,10 +1101,8 @@ __device__ __forceinline__ int range_start(int n, int w) {
 // kParts: k-parts per weight row, 1 for the frag mapping, 2 or 4 for the wide one (W::kWideLoads; warp w
 // streams fragment w % kParts of the 16 rows over the K range w / kParts of kWarps / kParts): the
 // columns are then 8 NT / kParts, and the lanes that hold a (row, column) sum (wide_writer) store it.
-// kPipelined (int4, kParts = 1): the routed items through W::stream_pipelined (same bits).
-template <typename T, int NT, typename W, int kParts, bool kPipelined = false>
+template <typename T, int NT, typename W, int kParts>
 __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<T, W> p) {
-  static_assert(!kPipelined || (W::kRowGroups && kParts == 1), "the pipelined stream: int4, frag mapping");
   static_assert(kParts == 1 || (W::kWideLoads && wide_parts_ok<kParts>()), "the wide mapping: model-dtype rows");
   constexpr int kCols = 8 * NT / kParts;
   constexpr int kRanges = kWarps / kParts;
@@ -1292,9 +1218,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
         col[n] = p.act + static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I;
       }
       float res[NT][4];
-      if constexpr (kPipelined) {
-        p.down.template stream_pipelined<NT>(s.item_expert[it], h_lo, h_hi, col, a, b, res);
-      } else if constexpr (kParts == 1) {
+      if constexpr (kParts == 1) {
         p.down.template stream<NT>(s.item_expert[it], h_lo, h_hi, col, col_ok, a, b, res);
       } else {
         const int hb = static_cast<int>(blockIdx.x) * 16 + wide_place<kParts>().row;
@@ -1543,21 +1467,20 @@ cudaError_t launch_fast(dim3 grid, size_t bytes, size_t max_bytes, cudaStream_t 
   return launch_pdl(Kernel, grid, dim3(kThreads), bytes, stream, use_pdl, p);
 }
 
-template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P, int kRowGroups = 1,
-          bool kPipelined = false>
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P, int kRowGroups = 1>
 cudaError_t launch_gate_up(dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T, W>& p) {
   // W::kStaged: two buffers of the staged int4 stream after GateUpSmem, allocated when p.staged (the
   // kernel stages only with one row group).
   constexpr size_t kStageBytes = W::kStaged && kRowGroups == 1 ? 2 * int4_stage_uint4s<NT>() * sizeof(uint4) : 0;
   constexpr size_t kBytes = sizeof(GateUpSmem<NT>);
-  return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P, kRowGroups, kPipelined>>(
+  return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P, kRowGroups>>(
       grid, kBytes + (p.staged ? kStageBytes : 0), kBytes + kStageBytes, stream, use_pdl, p);
 }
 
-template <typename T, int NT, typename W, int P, bool kPipelined = false>
+template <typename T, int NT, typename W, int P>
 cudaError_t launch_down(dim3 grid, cudaStream_t stream, bool use_pdl, const DownParams<T, W>& p) {
-  return launch_fast<moe_down_kernel<T, NT, W, P, kPipelined>>(grid, sizeof(DownSmem<NT>), sizeof(DownSmem<NT>),
-                                                                 stream, use_pdl, p);
+  return launch_fast<moe_down_kernel<T, NT, W, P>>(grid, sizeof(DownSmem<NT>), sizeof(DownSmem<NT>), stream,
+                                                     use_pdl, p);
 }
 
 // The instantiations: frag at NT = 1, 2, 4; wide (model-dtype rows) at (P, NT) = (4, 1), (2, 1), (2, 2).
@@ -1571,15 +1494,8 @@ cudaError_t launch_gate_up_mapped(Mapping m, dim3 grid, cudaStream_t stream, boo
   }
   if (m.parts != 1) return cudaErrorInvalidValue;
   if constexpr (W::kRowGroups) {
-    if (m.nt == 1 && p.row_groups > 1) {
-      if (p.row_groups == 2)
-        return p.pipelined ? launch_gate_up<T, kLayout, 1, W, 1, 2, true>(grid, stream, use_pdl, p)
-                           : launch_gate_up<T, kLayout, 1, W, 1, 2>(grid, stream, use_pdl, p);
-      if (p.row_groups == 4)
-        return p.pipelined ? launch_gate_up<T, kLayout, 1, W, 1, 4, true>(grid, stream, use_pdl, p)
-                           : launch_gate_up<T, kLayout, 1, W, 1, 4>(grid, stream, use_pdl, p);
-      return cudaErrorInvalidValue;
-    }
+    if (m.nt == 1 && p.row_groups == 2) return launch_gate_up<T, kLayout, 1, W, 1, 2>(grid, stream, use_pdl, p);
+    if (m.nt == 1 && p.row_groups == 4) return launch_gate_up<T, kLayout, 1, W, 1, 4>(grid, stream, use_pdl, p);
   }
   switch (m.nt) {
     case 1: return launch_gate_up<T, kLayout, 1, W, 1>(grid, stream, use_pdl, p);
@@ -1597,9 +1513,6 @@ cudaError_t launch_down_mapped(Mapping m, dim3 grid, cudaStream_t stream, bool u
     if (m.parts == 2 && m.nt == 2) return launch_down<T, 2, W, 2>(grid, stream, use_pdl, p);
   }
   if (m.parts != 1) return cudaErrorInvalidValue;
-  if constexpr (W::kRowGroups) {
-    if (m.nt == 1 && p.pipelined) return launch_down<T, 1, W, 1, true>(grid, stream, use_pdl, p);
-  }
   switch (m.nt) {
     case 1: return launch_down<T, 1, W, 1>(grid, stream, use_pdl, p);
     case 2: return launch_down<T, 2, W, 1>(grid, stream, use_pdl, p);
@@ -1754,8 +1667,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
                                            const uint8_t* zeros, const int32_t* topk_ids, const void* shared_gate_up,
                                            void* act, int64_t T, int64_t H, int64_t E, int64_t k, int64_t I,
                                            int64_t Is, MoeGateUpLayout layout, DType dtype, int n_tiles,
-                                           cudaStream_t stream, bool use_pdl, bool staged, int row_groups,
-                                           bool pipelined) {
+                                           cudaStream_t stream, bool use_pdl, bool staged, int row_groups) {
   const int64_t NA = k * I + Is;
   if (row_groups != 1 && row_groups != 2 && row_groups != 4) return cudaErrorInvalidValue;
   if (T == 0 || NA == 0) return cudaSuccess;
@@ -1772,7 +1684,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
     const GateUpParams<scalar_t, Int4Experts<scalar_t>> p{
         static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
         static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA,
-        staged, row_groups, pipelined};
+        staged, row_groups};
     return gate_up_launch(p, fast, layout, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
@@ -1782,7 +1694,7 @@ cudaError_t launch_moe_decode_int4_down(const void* act, const uint8_t* qweight,
                                         const uint8_t* zeros, const int32_t* topk_ids, const float* topk_weights,
                                         const void* shared_down, const void* residual, void* out, int64_t T,
                                         int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                        int n_tiles, cudaStream_t stream, bool use_pdl, bool pipelined) {
+                                        int n_tiles, cudaStream_t stream, bool use_pdl) {
   if (T == 0 || H == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
   if (I % kGroupK != 0) return cudaErrorInvalidValue;  // the format's groups
@@ -1798,8 +1710,7 @@ cudaError_t launch_moe_decode_int4_down(const void* act, const uint8_t* qweight,
     const DownParams<scalar_t, Int4Experts<scalar_t>> p{
         static_cast<const scalar_t*>(act), experts, topk_ids, topk_weights,
         static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
-        static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA,
-        pipelined};
+        static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
     return down_launch(p, fast, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
