@@ -1,0 +1,72 @@
+"""Probe: where the real-shape int4-expert decode step's GPU time goes, under kernel switches given as
+NAME=a,b on the command line (e.g. DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS=1,4): per setting, the CUDA-graph
+replay time (PDL on and off) and the eager step's GPU time by kernel (torch.profiler, PDL off so that
+kernel times add up), top kernels by name.
+
+    PYTHONPATH=. python bench/probes/int4_step_profile.py [LAYERS] [NAME=v1,v2 ...]
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections import defaultdict
+
+import torch
+
+from bench.bench_decode import decode_cache
+from bench.common import env_vars
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("int4_step_profile: needs a CUDA GPU and the extension built with CUDA")
+    from torch.profiler import ProfilerActivity, profile
+
+    from dots1_ext.config import dots1_real_config
+    from dots1_ext.cuda_graph import DecodeGraphs
+    from dots1_ext.model import build_random_model
+
+    args = sys.argv[1:]
+    layers = int(args[0]) if args and "=" not in args[0] else 8
+    knobs = {a.split("=", 1)[0]: a.split("=", 1)[1].split(",") for a in args if "=" in a}
+    torch.manual_seed(0)
+    cfg = dots1_real_config(layers)
+    model = build_random_model(cfg, device="cuda", dtype=torch.bfloat16, experts="int4")
+    ctx = 2048
+    with torch.inference_mode():
+        decode_cache(model, 1, ctx + 1)
+        tok = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
+        for combo in itertools.product(*knobs.values()) if knobs else [()]:
+            env = dict(zip(knobs, combo))
+            label = " ".join(f"{n.replace('DOTS1_EXT_', '')}={v}" for n, v in env.items()) or "defaults"
+            replay = {}
+            for pdl in ("1", "0"):
+                with env_vars({**env, "DOTS1_EXT_PDL": pdl}):
+                    graphs = DecodeGraphs(model)
+                    graphs(tok, ctx)
+                    replay[pdl] = graphs.replay_ms()
+                    del graphs
+            with env_vars({**env, "DOTS1_EXT_PDL": "0"}):
+                model.decode(tok, ctx)
+                torch.cuda.synchronize()
+                iters = 5
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(iters):
+                        model.decode(tok, ctx)
+                    torch.cuda.synchronize()
+            by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+            for evt in prof.key_averages():
+                us = getattr(evt, "self_device_time_total", 0)
+                if us:
+                    by_name[evt.key][0] += us / iters
+                    by_name[evt.key][1] += evt.count // iters
+            total = sum(v[0] for v in by_name.values())
+            print(f"== {label}: {layers} layers B=1 context {ctx}: graph replay {replay['1']:.3f} ms (PDL on), "
+                  f"{replay['0']:.3f} ms (PDL off); eager GPU time {total / 1e3:.3f} ms", flush=True)
+            for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:14]:
+                print(f"  {us:8.1f} us  x{n:<4d} {us / max(n, 1):7.1f} us each  {name[:110]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
