@@ -404,8 +404,8 @@ bool moe_decode_int4_staged(int64_t tokens) {
 
 // DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS (read per call; unset or empty: 4, or 1 where the launch is
 // staged): the int4 gate_up kernel's routed tiles of 8 x R features, R = 1, 2 or 4 (moe_decode.h), for
-// launches of up to 8 tokens (H200, 2026-11-30-h200-d46081e-int4-row-groups: R = 4 against 1, gate_up
-// 17% / 18% / 18% / 21% faster at T = 1 / 2 / 4 / 8, the pair 11-13%). The staged stream takes tiles of
+// launches of up to 8 tokens (H200, bench/results/2026-11-30-h200-0e68104-int4-row-groups: R = 4
+// against 1, gate_up 15-20% and the pair 11-14% faster at T = 1-8). The staged stream takes tiles of
 // one row group, so R = 2 or 4 with STAGED=1 at up to 8 tokens raises ValueError, as does any other value.
 int moe_decode_int4_row_groups(int64_t tokens, bool staged) {
   const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS");
