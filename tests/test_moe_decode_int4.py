@@ -343,13 +343,15 @@ def test_cuda_staged_same_bits(symmetric, shape, T, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("value", ["yes", "2", "Auto"])
-def test_cuda_bad_staged_setting_raises(value, monkeypatch):
-    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_STAGED", value)
+@pytest.mark.parametrize("name, value", [("STAGED", "yes"), ("STAGED", "2"), ("STAGED", "Auto"), ("ROW_GROUPS", "3"),
+                                         ("ROW_GROUPS", "0"), ("ROW_GROUPS", "8"), ("ROW_GROUPS", "two")])
+def test_cuda_bad_setting_raises(name, value, monkeypatch):
+    variable = f"DOTS1_EXT_MOE_DECODE_INT4_{name}"
+    monkeypatch.setenv(variable, value)
     dtype = torch.bfloat16
     w = Int4Weights(8, 128, 128, 0, dtype, "cuda")
     hidden, ids, weights, residual = decode_inputs(1, 2, 8, 128, dtype, "cuda")
-    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_INT4_STAGED"):
+    with pytest.raises(ValueError, match=variable):
         run_int4(hidden, w, ids, weights, residual)
 
 
@@ -428,17 +430,6 @@ def test_cuda_row_groups_default(T, monkeypatch):
         monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "4")
         with pytest.raises(ValueError, match="cannot combine"):
             run_int4(hidden, w, ids, weights, residual)
-
-
-@requires_cuda
-@pytest.mark.parametrize("value", ["3", "0", "8", "two"])
-def test_cuda_bad_row_groups_setting_raises(value, monkeypatch):
-    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", value)
-    dtype = torch.bfloat16
-    w = Int4Weights(8, 128, 128, 0, dtype, "cuda")
-    hidden, ids, weights, residual = decode_inputs(1, 2, 8, 128, dtype, "cuda")
-    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS"):
-        run_int4(hidden, w, ids, weights, residual)
 
 
 @requires_cuda
