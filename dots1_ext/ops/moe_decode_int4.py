@@ -14,6 +14,13 @@ Kernels: csrc/moe_decode/ (the same persistent kernels and schedule; the routed 
 packed bytes, one 128-k group per warp step, and dequantized in registers). bf16 activations run the
 tensor-core kernels; fp16 / fp32 activations (correct, not fast) and ``DOTS1_EXT_MOE_DECODE_KERNEL=simple``
 run the fallback kernels. CPU: each touched expert dequantized once, then the bf16 ops' CPU math.
+
+Kernel switches (read per call; tests and benchmarks compare them; any other value raises ValueError):
+``DOTS1_EXT_MOE_DECODE_INT4_STAGED=auto|1|0`` (gate_up's routed tiles through shared memory; auto,
+the default: above 8 tokens; same bits) and ``DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS=4|2|1`` (up to 8
+tokens, gate_up's routed tiles of 8 R features, each warp one row group over 8 / R of H; unset: 4, or
+1 where the launch is staged; R > 1 with STAGED=1 at up to 8 tokens raises; the bits differ between
+settings by fp32 summation order, each within the reference's tolerance).
 """
 
 from __future__ import annotations
