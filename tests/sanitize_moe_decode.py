@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -60,7 +61,16 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -
         failures.append(f"{name}: {int((err > bound).sum())} rows off (worst {worst:.2f}x)")
 
 
+_START = time.perf_counter()
+
+
+def progress(name: str) -> None:
+    """One flushed line per case: a run cut short (a sanitizer's timeout) still shows how far it got."""
+    print(f"[{time.perf_counter() - _START:7.1f} s] {name}", flush=True)
+
+
 def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual=True, ids=None):
+    progress(name)
     g = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).to(dtype)
     gate_up = ops.interleave_gate_up(g) if epilogue == "swiglu_interleaved" else g
     down = (torch.randn(E, H, I, device="cuda") / max(I, 1) ** 0.5).to(dtype)

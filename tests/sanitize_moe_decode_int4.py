@@ -32,10 +32,11 @@ from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_
 from dots1_ext.quant import Int4Weight, dequantize_int4, quantize_int4
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sanitize_moe_decode import bad_ids, check, run_sets, with_env  # noqa: E402
+from sanitize_moe_decode import bad_ids, check, progress, run_sets, with_env  # noqa: E402
 
 
 def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual=True, ids=None, symmetric=False):
+    progress(name)
     g = quantize_int4(torch.randn(E, 2 * I, H, device="cuda") / H**0.5, symmetric=symmetric)
     if epilogue == "swiglu_interleaved":
         g = Int4Weight(*(None if t is None else reference.interleave_gate_up(t)
