@@ -92,11 +92,10 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
 // its next tile while it computes the current one (moe_decode_kernels.cu, stream_rows_int4_staged), and
 // the launch takes 64 KB more shared memory; same bits either way. row_groups (1, 2 or 4;
 // DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS, read by moe_decode.cpp, default 4 unless staged; launches of up
-// to 8 tokens, where it replaces staging): the routed
-// tiles hold 8 x row_groups features, each warp streaming one row group over a 1 / (8 / row_groups) share
-// of H instead of every warp one eighth of H of 8 features (more of a warp's work per tile, fewer
-// tiles); the fp32 sums split K into 8 / row_groups ranges, so results differ from 1's by rounding
-// (each setting is bitwise reproducible). Staged applies with one row group only.
+// to 8 tokens): the routed tiles hold 8 x row_groups features, each warp streaming one row group over a
+// 1 / (8 / row_groups) share of H instead of every warp one eighth of H of 8 features (more of a warp's
+// work per tile, fewer tiles); the fp32 sums split K into 8 / row_groups ranges, so results differ from
+// 1's by rounding (each setting is bitwise reproducible). Staged applies with one row group only.
 cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H]
                                            const uint8_t* qweight,      // [E, 2I, H/2]
                                            const void* scales,          // [E, 2I, H/128] bf16
