@@ -1,9 +1,10 @@
-"""Probe: where the real-shape int4-expert decode step's GPU time goes, under kernel switches given as
-NAME=a,b on the command line (e.g. DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS=1,4): per setting, the CUDA-graph
-replay time (PDL on and off) and the eager step's GPU time by kernel (torch.profiler, PDL off so that
-kernel times add up), top kernels by name.
+"""Probe: where the real-shape decode step's GPU time goes (int4 routed experts, or bf16 with the word
+bf16), under kernel switches given as NAME=a,b on the command line (e.g.
+DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS=1,4): per setting, the CUDA-graph replay time (PDL on and off) and
+the eager step's GPU time by kernel (torch.profiler, PDL off so that kernel times add up), top kernels
+by name.
 
-    PYTHONPATH=. python bench/probes/int4_step_profile.py [LAYERS] [NAME=v1,v2 ...]
+    PYTHONPATH=. python bench/probes/int4_step_profile.py [LAYERS] [bf16] [NAME=v1,v2 ...]
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ def main() -> None:
     from dots1_ext.model import build_random_model
 
     args = sys.argv[1:]
-    layers = int(args[0]) if args and "=" not in args[0] else 8
+    layers = next((int(a) for a in args if a.isdigit()), 8)
+    experts = "bf16" if "bf16" in args else "int4"
     knobs = {a.split("=", 1)[0]: a.split("=", 1)[1].split(",") for a in args if "=" in a}
     torch.manual_seed(0)
     cfg = dots1_real_config(layers)
-    model = build_random_model(cfg, device="cuda", dtype=torch.bfloat16, experts="int4")
+    model = build_random_model(cfg, device="cuda", dtype=torch.bfloat16, experts=experts)
     ctx = 2048
     with torch.inference_mode():
         decode_cache(model, 1, ctx + 1)
@@ -62,8 +64,9 @@ def main() -> None:
                     by_name[evt.key][0] += us / iters
                     by_name[evt.key][1] += evt.count // iters
             total = sum(v[0] for v in by_name.values())
-            print(f"== {label}: {layers} layers B=1 context {ctx}: graph replay {replay['1']:.3f} ms (PDL on), "
-                  f"{replay['0']:.3f} ms (PDL off); eager GPU time {total / 1e3:.3f} ms", flush=True)
+            print(f"== {label}: {layers} layers, {experts} experts, B=1 context {ctx}: graph replay "
+                  f"{replay['1']:.3f} ms (PDL on), {replay['0']:.3f} ms (PDL off); eager GPU time "
+                  f"{total / 1e3:.3f} ms", flush=True)
             for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:14]:
                 print(f"  {us:8.1f} us  x{n:<4d} {us / max(n, 1):7.1f} us each  {name[:110]}", flush=True)
 
