@@ -178,8 +178,8 @@ __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int c
         hi[u] = dots1::load_weight16_if(w.codes + (row + 8) * (kI / 2) + gi * 64 + 16 * c, ok);
         const auto* s = reinterpret_cast<const unsigned short*>(w.scales);
         scale2[u] = __ldg(s + row * kGroups + gi) | static_cast<uint32_t>(__ldg(s + (row + 8) * kGroups + gi)) << 16;
-        zero2[u] = __ldg(w.zeros + row * kGroups + gi) | static_cast<uint32_t>(__ldg(w.zeros + (row + 8) * kGroups + gi))
-                                                            << 16;
+        const uint32_t z_hi = __ldg(w.zeros + (row + 8) * kGroups + gi);
+        zero2[u] = __ldg(w.zeros + row * kGroups + gi) | z_hi << 16;
       }
 #pragma unroll
       for (int u = 0; u < 4; ++u)
