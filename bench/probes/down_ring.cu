@@ -12,6 +12,8 @@
 //   ring D     each thread copies its own 16-byte pieces (cp.async) D - 1 steps ahead into a ring of D
 //              slots in shared memory and reads back only its own (no barrier), one step issued per step
 //              consumed; the CTA's scales and zero points staged in shared memory at the start
+//   ring D, scales in registers   the same, each step's scales and zero points loaded D - 1 steps
+//              ahead into registers (what a kernel for every I would do)
 //
 // A standalone program (not part of the extension), run on the GPU:
 //
@@ -258,6 +260,62 @@ __global__ void __launch_bounds__(kThreads, 2) ring_kernel(Weights w, int call) 
   finish(w, h0, acc);
 }
 
+// The ring with each step's scales and zero points loaded D - 1 steps ahead into registers instead of
+// staged per CTA (a real kernel's meta does not fit shared memory for every I): the loop is unrolled
+// by D so that the register slots are indexed statically.
+template <int D>
+__global__ void __launch_bounds__(kThreads, 2) ring_meta_regs_kernel(Weights w, int call) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  uint4* ring = reinterpret_cast<uint4*>(smem);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int h0 = blockIdx.x * kRows;
+  const __nv_bfloat16* shared_down = w.shared_down + static_cast<int64_t>(call % kSharedCopies) * kH * kIs;
+  const int* ids = w.ids + (call % kIdSets) * kTopK;
+  const int n = warp_steps(warp);
+  const int s_count = range_start(kSharedSteps, warp + 1) - range_start(kSharedSteps, warp);
+  uint32_t scale2[D], zero2[D];
+  const auto issue = [&](int j, uint32_t& s2, uint32_t& z2) {
+    if (j < n) {
+      const StepSource src = step_source(w, shared_down, ids, h0, warp, j);
+      cp_async16(ring + ((j % D) * 2 + 0) * kThreads + threadIdx.x, src.lo);
+      cp_async16(ring + ((j % D) * 2 + 1) * kThreads + threadIdx.x, src.hi);
+      if (src.item >= 0) {
+        const int64_t row = static_cast<int64_t>(ids[src.item]) * kH + h0 + g;
+        const auto* sc = reinterpret_cast<const unsigned short*>(w.scales);
+        s2 = __ldg(sc + row * kGroups + src.group) |
+             static_cast<uint32_t>(__ldg(sc + (row + 8) * kGroups + src.group)) << 16;
+        const uint32_t z_hi = __ldg(w.zeros + (row + 8) * kGroups + src.group);
+        z2 = __ldg(w.zeros + row * kGroups + src.group) | z_hi << 16;
+      }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int j = 0; j < D - 1; ++j) issue(j, scale2[j], zero2[j]);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int j0 = 0; j0 < n; j0 += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const int j = j0 + d;
+      if (j >= n) break;  // warp-uniform
+      cp_async_wait<D - 2>();
+      const uint4 lo = ring[(d * 2 + 0) * kThreads + threadIdx.x];
+      const uint4 hi = ring[(d * 2 + 1) * kThreads + threadIdx.x];
+      const uint32_t s2 = scale2[d], z2 = zero2[d];
+      issue(j + D - 1, scale2[(d + D - 1) % D], zero2[(d + D - 1) % D]);
+      if (j < s_count) {
+        const int step = range_start(kSharedSteps, warp) + j;
+        step_bf16(lo, hi, w.act + kTopK * kI + step * 32 + 8 * c, acc);
+      } else {
+        const int r = range_start(kRoutedSteps, warp) + j - s_count;
+        const int item = r / kGroups, group = r % kGroups;
+        step_int4(lo, hi, s2, z2, w.act + item * kI + group * kGroupK + 32 * c, acc);
+      }
+    }
+  }
+  finish(w, h0, acc);
+}
+
 int main() {
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -324,8 +382,18 @@ int main() {
     row(name, smem_bytes, [&](int i) { ring_kernel<D><<<grid, kThreads, smem_bytes>>>(w, i); });
     return 0;
   };
+  const auto ring_regs_row = [&](auto depth) -> int {
+    constexpr int D = decltype(depth)::value;
+    const int smem_bytes = D * 2 * kThreads * 16;
+    CHECK(cudaFuncSetAttribute(ring_meta_regs_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    char name[80];
+    std::snprintf(name, sizeof(name), "ring, %d slots, scales in registers", D);
+    row(name, smem_bytes, [&](int i) { ring_meta_regs_kernel<D><<<grid, kThreads, smem_bytes>>>(w, i); });
+    return 0;
+  };
   if (ring_row(std::integral_constant<int, 4>{}) || ring_row(std::integral_constant<int, 8>{}) ||
-      ring_row(std::integral_constant<int, 12>{}) || ring_row(std::integral_constant<int, 16>{}))
+      ring_row(std::integral_constant<int, 12>{}) || ring_row(std::integral_constant<int, 16>{}) ||
+      ring_regs_row(std::integral_constant<int, 8>{}) || ring_regs_row(std::integral_constant<int, 12>{}))
     return 1;
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
