@@ -91,4 +91,54 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], uint32_t a0, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// ---------------------------------------------------------------------------------------------
+// int4 weights (docs/design.md §7) and per-thread staging through shared memory: the MoE decode
+// kernels' helpers, here so that a probe of their schedule runs the same instructions
+// (bench/probes/down_ring.cu).
+
+// d = a * b + c on bf16x2, rounded once (round to nearest even).
+__device__ __forceinline__ uint32_t bf16x2_fma(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// (a & b) | c in one instruction (lop3 with the masks in registers: the compiler's own lowering of two
+// different immediates takes two).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// 8 codes of one row (word w) -> d[j] = the bf16x2 pair (code j, code j + 4), j = 0..3, each element
+// (u - z) * s rounded once to bf16, exactly the reference's dequantized value:
+//   (w >> 4j) & 0x000F000F | 0x43004300 is the bf16 pair 128 + u (2^7: mantissa ulp 1, exact);
+//   times 1 plus neg_z128 = -(128 + z): u - z, exact (|u - z| <= 15);
+//   times s plus -0: the exact product rounded once (-0 keeps the product's zero sign).
+__device__ __forceinline__ void dequant8(uint32_t w, uint32_t neg_z128x2, uint32_t sx2, uint32_t (&d)[4]) {
+  constexpr uint32_t kMask = 0x000F000Fu, kMagic128 = 0x43004300u, kOne = 0x3F803F80u, kNegZero = 0x80008000u;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t q = and_or(w >> (4 * j), kMask, kMagic128);
+    d[j] = bf16x2_fma(bf16x2_fma(q, kOne, neg_z128x2), sx2, kNegZero);
+  }
+}
+
+// 16 bytes global -> shared without a register (cp.async, sm_80+; L2 only), completed by this thread's
+// cp_async_wait_group: a thread that reads back only what it copied needs no barrier.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 }  // namespace dots1

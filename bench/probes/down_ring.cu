@@ -31,7 +31,12 @@
 #include "../../csrc/weight_stream.cuh"
 #include "probe_util.cuh"
 
+using dots1::cp_async16;
+using dots1::cp_async_commit;
+using dots1::cp_async_wait_group;
+using dots1::dequant8;
 using dots1::mma_16816;
+using dots1::word_of;
 
 constexpr int kH = 4096, kIs = 2816, kI = 1408, kE = 128, kTopK = 6;
 constexpr int kGroupK = 128, kGroups = kI / kGroupK;        // 11 int4 steps per routed item
@@ -53,28 +58,6 @@ struct Weights {
 
 // K range [begin, end) of warp w of n steps (as the kernel's range_start).
 __device__ __forceinline__ int range_start(int n, int w) { return n * w / kWarps; }
-
-__device__ __forceinline__ uint32_t bf16x2_fma(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
-}
-// moe_decode_kernels.cu's dequant8: 8 codes -> 4 bf16x2 pairs (code j, code j + 4), (u - z) * s.
-__device__ __forceinline__ void dequant8(uint32_t w, uint32_t neg_z128x2, uint32_t sx2, uint32_t (&d)[4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t q = and_or(w >> (4 * j), 0x000F000Fu, 0x43004300u);
-    d[j] = bf16x2_fma(bf16x2_fma(q, 0x3F803F80u, neg_z128x2), sx2, 0x80008000u);
-  }
-}
 
 // One bf16 step (32 k) of rows lo / hi against x (this lane's 8 activations).
 __device__ __forceinline__ void step_bf16(const uint4& lo, const uint4& hi, const __nv_bfloat16* x, float (&acc)[4]) {
@@ -191,16 +174,6 @@ __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int c
   finish(w, h0, acc);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 // The ring schedule: slots [D][2][kThreads] uint4 (thread-major: consecutive threads, consecutive 16
 // bytes), then the CTA's scales [kTopK][kRows][kGroups] bf16 and zero points (same shape) as copied.
 template <int D>
@@ -236,12 +209,12 @@ __global__ void __launch_bounds__(kThreads, 2) ring_kernel(Weights w, int call) 
   };
 #pragma unroll
   for (int j = 0; j < D - 1; ++j) issue(j);
-  cp_async_wait<D - 1>();  // the meta group (the oldest) has landed
+  cp_async_wait_group<D - 1>();  // the meta group (the oldest) has landed
   __syncthreads();         // ... for every thread
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   const int s_count = range_start(kSharedSteps, warp + 1) - range_start(kSharedSteps, warp);
   for (int j = 0; j < n; ++j) {
-    cp_async_wait<D - 2>();  // step j's group
+    cp_async_wait_group<D - 2>();  // step j's group
     const uint4 lo = ring[((j % D) * 2 + 0) * kThreads + threadIdx.x];
     const uint4 hi = ring[((j % D) * 2 + 1) * kThreads + threadIdx.x];
     issue(j + D - 1);  // into the slot consumed at j - 1
@@ -298,7 +271,7 @@ __global__ void __launch_bounds__(kThreads, 2) ring_meta_regs_kernel(Weights w, 
     for (int d = 0; d < D; ++d) {
       const int j = j0 + d;
       if (j >= n) break;  // warp-uniform
-      cp_async_wait<D - 2>();
+      cp_async_wait_group<D - 2>();
       const uint4 lo = ring[(d * 2 + 0) * kThreads + threadIdx.x];
       const uint4 hi = ring[(d * 2 + 1) * kThreads + threadIdx.x];
       const uint32_t s2 = scale2[d], z2 = zero2[d];
@@ -373,27 +346,21 @@ int main() {
   };
   row("registers (moe_down_kernel's frag schedule)", 0,
       [&](int i) { registers_kernel<<<grid, kThreads>>>(w, i); });
-  const auto ring_row = [&](auto depth) -> int {
-    constexpr int D = decltype(depth)::value;
-    const int smem_bytes = D * 2 * kThreads * 16 + kTopK * kRows * kGroups * 3;
-    CHECK(cudaFuncSetAttribute(ring_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    char name[64];
-    std::snprintf(name, sizeof(name), "ring, %d slots (%d steps ahead)", D, D - 1);
-    row(name, smem_bytes, [&](int i) { ring_kernel<D><<<grid, kThreads, smem_bytes>>>(w, i); });
-    return 0;
-  };
-  const auto ring_regs_row = [&](auto depth) -> int {
-    constexpr int D = decltype(depth)::value;
-    const int smem_bytes = D * 2 * kThreads * 16;
-    CHECK(cudaFuncSetAttribute(ring_meta_regs_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  // A ring kernel of D slots: its shared memory (the slots, plus the staged scales and zero points
+  // where it stages them), its row.
+  const auto ring_row = [&](auto kernel, int D, int meta_bytes, const char* what) -> int {
+    const int smem_bytes = D * 2 * kThreads * 16 + meta_bytes;
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
     char name[80];
-    std::snprintf(name, sizeof(name), "ring, %d slots, scales in registers", D);
-    row(name, smem_bytes, [&](int i) { ring_meta_regs_kernel<D><<<grid, kThreads, smem_bytes>>>(w, i); });
+    std::snprintf(name, sizeof(name), "ring, %d slots (%d steps ahead)%s", D, D - 1, what);
+    row(name, smem_bytes, [&](int i) { kernel<<<grid, kThreads, smem_bytes>>>(w, i); });
     return 0;
   };
-  if (ring_row(std::integral_constant<int, 4>{}) || ring_row(std::integral_constant<int, 8>{}) ||
-      ring_row(std::integral_constant<int, 12>{}) || ring_row(std::integral_constant<int, 16>{}) ||
-      ring_regs_row(std::integral_constant<int, 8>{}) || ring_regs_row(std::integral_constant<int, 12>{}))
+  constexpr int kMetaBytes = kTopK * kRows * kGroups * 3;
+  if (ring_row(ring_kernel<4>, 4, kMetaBytes, "") || ring_row(ring_kernel<8>, 8, kMetaBytes, "") ||
+      ring_row(ring_kernel<12>, 12, kMetaBytes, "") || ring_row(ring_kernel<16>, 16, kMetaBytes, "") ||
+      ring_row(ring_meta_regs_kernel<8>, 8, 0, ", scales in registers") ||
+      ring_row(ring_meta_regs_kernel<12>, 12, 0, ", scales in registers"))
     return 1;
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
