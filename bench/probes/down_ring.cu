@@ -115,6 +115,25 @@ __device__ __forceinline__ int warp_steps(int warp) {
          range_start(kRoutedSteps, warp);
 }
 
+// Step j of this warp's sequence on its 16-byte pieces lo / hi: a shared-expert step (bf16), or a
+// routed one (int4) whose scales and zero points meta(item, group, scale2, zero2) gives.
+template <typename Meta>
+__device__ __forceinline__ void compute_step(const Weights& w, int warp, int j, const uint4& lo, const uint4& hi,
+                                             Meta meta, float (&acc)[4]) {
+  const int c = threadIdx.x & 3;
+  const int s_count = range_start(kSharedSteps, warp + 1) - range_start(kSharedSteps, warp);
+  if (j < s_count) {
+    const int step = range_start(kSharedSteps, warp) + j;
+    step_bf16(lo, hi, w.act + kTopK * kI + step * 32 + 8 * c, acc);
+  } else {
+    const int r = range_start(kRoutedSteps, warp) + j - s_count;
+    const int item = r / kGroups, group = r % kGroups;
+    uint32_t scale2, zero2;
+    meta(item, group, scale2, zero2);
+    step_int4(lo, hi, scale2, zero2, w.act + item * kI + group * kGroupK + 32 * c, acc);
+  }
+}
+
 __device__ __forceinline__ void finish(const Weights& w, int h0, const float (&acc)[4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   if (c == 0) {  // column 0: the token
@@ -182,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 2) ring_kernel(Weights w, int call) 
   uint4* ring = reinterpret_cast<uint4*>(smem);
   auto* meta_scales = reinterpret_cast<unsigned short*>(smem + D * 2 * kThreads * 16);
   auto* meta_zeros = reinterpret_cast<uint8_t*>(meta_scales + kTopK * kRows * kGroups);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
   const int h0 = blockIdx.x * kRows;
   const __nv_bfloat16* shared_down = w.shared_down + static_cast<int64_t>(call % kSharedCopies) * kH * kIs;
   const int* ids = w.ids + (call % kIdSets) * kTopK;
@@ -212,23 +231,17 @@ __global__ void __launch_bounds__(kThreads, 2) ring_kernel(Weights w, int call) 
   cp_async_wait_group<D - 1>();  // the meta group (the oldest) has landed
   __syncthreads();         // ... for every thread
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  const int s_count = range_start(kSharedSteps, warp + 1) - range_start(kSharedSteps, warp);
+  const auto staged_meta = [&](int item, int group, uint32_t& scale2, uint32_t& zero2) {
+    const int m = item * kRows * kGroups + g * kGroups + group;
+    scale2 = meta_scales[m] | static_cast<uint32_t>(meta_scales[m + 8 * kGroups]) << 16;
+    zero2 = meta_zeros[m] | static_cast<uint32_t>(meta_zeros[m + 8 * kGroups]) << 16;
+  };
   for (int j = 0; j < n; ++j) {
     cp_async_wait_group<D - 2>();  // step j's group
     const uint4 lo = ring[((j % D) * 2 + 0) * kThreads + threadIdx.x];
     const uint4 hi = ring[((j % D) * 2 + 1) * kThreads + threadIdx.x];
     issue(j + D - 1);  // into the slot consumed at j - 1
-    if (j < s_count) {
-      const int step = range_start(kSharedSteps, warp) + j;
-      step_bf16(lo, hi, w.act + kTopK * kI + step * 32 + 8 * c, acc);
-    } else {
-      const int r = range_start(kRoutedSteps, warp) + j - s_count;
-      const int item = r / kGroups, group = r % kGroups;
-      const int m = item * kRows * kGroups + g * kGroups + group;
-      const uint32_t scale2 = meta_scales[m] | static_cast<uint32_t>(meta_scales[m + 8 * kGroups]) << 16;
-      const uint32_t zero2 = meta_zeros[m] | static_cast<uint32_t>(meta_zeros[m + 8 * kGroups]) << 16;
-      step_int4(lo, hi, scale2, zero2, w.act + item * kI + group * kGroupK + 32 * c, acc);
-    }
+    compute_step(w, warp, j, lo, hi, staged_meta, acc);
   }
   finish(w, h0, acc);
 }
@@ -240,12 +253,11 @@ template <int D>
 __global__ void __launch_bounds__(kThreads, 2) ring_meta_regs_kernel(Weights w, int call) {
   extern __shared__ __align__(16) unsigned char smem[];
   uint4* ring = reinterpret_cast<uint4*>(smem);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
   const int h0 = blockIdx.x * kRows;
   const __nv_bfloat16* shared_down = w.shared_down + static_cast<int64_t>(call % kSharedCopies) * kH * kIs;
   const int* ids = w.ids + (call % kIdSets) * kTopK;
   const int n = warp_steps(warp);
-  const int s_count = range_start(kSharedSteps, warp + 1) - range_start(kSharedSteps, warp);
   uint32_t scale2[D], zero2[D];
   const auto issue = [&](int j, uint32_t& s2, uint32_t& z2) {
     if (j < n) {
@@ -276,14 +288,7 @@ __global__ void __launch_bounds__(kThreads, 2) ring_meta_regs_kernel(Weights w, 
       const uint4 hi = ring[(d * 2 + 1) * kThreads + threadIdx.x];
       const uint32_t s2 = scale2[d], z2 = zero2[d];
       issue(j + D - 1, scale2[(d + D - 1) % D], zero2[(d + D - 1) % D]);
-      if (j < s_count) {
-        const int step = range_start(kSharedSteps, warp) + j;
-        step_bf16(lo, hi, w.act + kTopK * kI + step * 32 + 8 * c, acc);
-      } else {
-        const int r = range_start(kRoutedSteps, warp) + j - s_count;
-        const int item = r / kGroups, group = r % kGroups;
-        step_int4(lo, hi, s2, z2, w.act + item * kI + group * kGroupK + 32 * c, acc);
-      }
+      compute_step(w, warp, j, lo, hi, [&](int, int, uint32_t& s, uint32_t& z) { s = s2, z = z2; }, acc);
     }
   }
   finish(w, h0, acc);
