@@ -331,14 +331,8 @@ int main() {
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
-  const int64_t copy_bytes = int64_t{1} << 30;
-  char *src = nullptr, *dst = nullptr;
-  CHECK(cudaMalloc(&src, copy_bytes));
-  CHECK(cudaMalloc(&dst, copy_bytes));
-  const float copy_ms = time_ms([&](int) { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); }, a, b);
-  const double copy_gbs = 2.0 * copy_bytes / (copy_ms * 1e6);
-  CHECK(cudaFree(src));
-  CHECK(cudaFree(dst));
+  const double copy_gbs = copy_bandwidth_gbs(a, b);
+  if (copy_gbs <= 0) return std::printf("copy bandwidth: no 2 GB for its buffers\n"), 1;
   const double bytes = static_cast<double>(kH) * kIs * 2 + static_cast<double>(kTopK) * kH * (kI / 2 + kGroups * 3);
   const double floor_us = bytes / (copy_gbs * 1e3);
   std::printf("copy bandwidth %.0f GB/s, %d SMs; bytes per call %.1f MB, floor %.2f µs\n\n", copy_gbs, sms,

@@ -113,15 +113,8 @@ int main() {
   unsigned* sink = nullptr;
   CHECK(cudaMalloc(&sink, 1 << 16));
 
-  const int64_t copy_bytes = int64_t(1) << 30;
-  char *src = nullptr, *dst = nullptr;
-  CHECK(cudaMalloc(&src, copy_bytes));
-  CHECK(cudaMalloc(&dst, copy_bytes));
-  CHECK(cudaMemset(src, 0x5a, copy_bytes));
-  const float copy_ms = time_ms([&](int) { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); }, a, b);
-  const double copy_gbs = 2.0 * copy_bytes / (copy_ms * 1e6);
-  CHECK(cudaFree(src));
-  CHECK(cudaFree(dst));
+  const double copy_gbs = copy_bandwidth_gbs(a, b);
+  if (copy_gbs <= 0) return std::printf("copy bandwidth: no 2 GB for its buffers\n"), 1;
   std::printf("copy bandwidth (cudaMemcpy D2D, read + write): %.0f GB/s\n\n", copy_gbs);
   std::printf("| context | variant | splits | us | GB/s | of copy |\n| --- | --- | --- | --- | --- | --- |\n");
 

@@ -34,3 +34,19 @@ float time_ms(Launch launch, cudaEvent_t a, cudaEvent_t b) {
   std::sort(reps.begin(), reps.end());
   return reps[reps.size() / 2];
 }
+
+// The benches' "copy bandwidth": cudaMemcpy device to device over 1 GB, read + write bytes over the
+// time_ms median, in GB/s; 0 when the buffers cannot be allocated (the caller reports it).
+inline double copy_bandwidth_gbs(cudaEvent_t a, cudaEvent_t b) {
+  const size_t bytes = size_t{1} << 30;
+  char *src = nullptr, *dst = nullptr;
+  if (cudaMalloc(&src, bytes) != cudaSuccess || cudaMalloc(&dst, bytes) != cudaSuccess ||
+      cudaMemset(src, 0x5a, bytes) != cudaSuccess) {
+    cudaFree(src);
+    return 0.0;
+  }
+  const float ms = time_ms([&](int) { cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice); }, a, b);
+  cudaFree(src);
+  cudaFree(dst);
+  return 2.0 * bytes / (ms * 1e6);
+}

@@ -100,18 +100,17 @@ __global__ void bulk_kernel(const char* __restrict__ buf, int64_t chunks) {
 int main() {
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  const int64_t copy_bytes = int64_t{1} << 30;
-  char *src = nullptr, *dst = nullptr;
+  const int64_t copy_bytes = int64_t{1} << 30;  // the buffer the variants read (cycled)
+  char* src = nullptr;
   unsigned* sink = nullptr;
   CHECK(cudaMalloc(&src, copy_bytes));
-  CHECK(cudaMalloc(&dst, copy_bytes));
   CHECK(cudaMalloc(&sink, 4096 * sizeof(unsigned)));
   CHECK(cudaMemset(src, 0x5a, copy_bytes));
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
-  const float copy_ms = time_ms([&](int) { cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice); }, a, b);
-  const double copy_gbs = 2.0 * copy_bytes / (copy_ms * 1e6);
+  const double copy_gbs = copy_bandwidth_gbs(a, b);
+  if (copy_gbs <= 0) return std::printf("copy bandwidth: no 2 GB for its buffers\n"), 1;
   std::printf("copy bandwidth (cudaMemcpy D2D, read + write over 1 GB): %.0f GB/s; %d SMs\n\n", copy_gbs, sms);
   CHECK(cudaFuncSetAttribute(bulk_kernel<4>, cudaFuncAttributeMaxDynamicSharedMemorySize, 4 * kChunkBytes));
   CHECK(cudaFuncSetAttribute(bulk_kernel<6>, cudaFuncAttributeMaxDynamicSharedMemorySize, 6 * kChunkBytes));
