@@ -94,7 +94,7 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], uint32_t a0, ui
 // ---------------------------------------------------------------------------------------------
 // int4 weights (docs/design.md §7) and per-thread staging through shared memory: the MoE decode
 // kernels' helpers, here so that a probe of their schedule runs the same instructions
-// (bench/probes/down_ring.cu).
+// (bench/probes/int4_down_schedules.cu).
 
 // d = a * b + c on bf16x2, rounded once (round to nearest even).
 __device__ __forceinline__ uint32_t bf16x2_fma(uint32_t a, uint32_t b, uint32_t c) {

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <vector>
 
@@ -49,4 +50,23 @@ inline double copy_bandwidth_gbs(cudaEvent_t a, cudaEvent_t b) {
   cudaFree(src);
   cudaFree(dst);
   return 2.0 * bytes / (ms * 1e6);
+}
+
+// Shared-memory address of p, for the mbarrier and bulk-copy instructions.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Waits until the barrier's phase `parity` completed (try_wait in a loop; the labels are local to
+// the braces, so the asm may be inlined more than once).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_AGAIN:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_AGAIN;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
 }

@@ -50,24 +50,6 @@ __global__ void flat_kernel(const char* __restrict__ buf, int64_t pieces, unsign
   if (acc == 0x9e3779b9u) sink[blockIdx.x] = acc;  // keeps the loads; practically never stores
 }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Waits until the barrier's phase `parity` completed (try_wait in a loop; the labels are local to
-// the braces, so the asm may be inlined more than once).
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_AGAIN:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_AGAIN;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-
 // One thread per CTA (one CTA per SM): chunk c of this CTA goes to stage c % S; before a stage is
 // reused its previous copy's barrier phase must have completed. The bytes land in shared memory and
 // are not read: the copy engine's completion is the read.

@@ -1,30 +1,40 @@
-// Probe: would batch-1 int4 MoE decode reach its floor if each thread kept its weight pieces in flight
-// through a shared-memory ring instead of register batches? The int4 down kernel at T=1 takes ~22 µs for
-// 41 MB (0.45 of copy bandwidth) where a lone kernel reads that much at ~0.8 (read_ramp.cu). Under
-// Nsight Compute (bench/results/2026-11-30-h200-1ceaff3-prefetch-experiments) each warp runs 4-5 load
-// batches one after another, each paying a full load latency before its dequantization: 16 warps per
-// SM with 128 registers each hold at most ~64 KB in flight, and none while they compute. Here the same
-// bytes and the same arithmetic (dequantization and m16n8k16 MMAs, one token) in two schedules:
+// Probe: where does batch-1 int4 MoE decode's down kernel lose its time, and would another schedule of
+// its loads help? The kernel at T=1 takes ~22 µs for 41 MB (0.45 of copy bandwidth) where a lone
+// kernel reads that much at ~0.8 (read_ramp.cu). Here the same bytes and the same arithmetic
+// (dequantization and m16n8k16 MMAs, one token; the kernels' own helpers from csrc/weight_stream.cuh)
+// in several schedules:
 //
 //   registers  as moe_down_kernel's frag mapping: a warp streams its K range of the shared experts in
 //              batches of 8 steps, then its range of the routed steps in batches of 4 cut at item
-//              boundaries, every batch loaded into registers before any of it is used
+//              boundaries, every batch loaded into registers before any of it is used; also with a CTA
+//              barrier between the two streams (as the kernel's shared-term sum and schedule build),
+//              each stream alone, and with the loads only (no dequantization, no MMA)
 //   ring D     each thread copies its own 16-byte pieces (cp.async) D - 1 steps ahead into a ring of D
 //              slots in shared memory and reads back only its own (no barrier), one step issued per step
-//              consumed; the CTA's scales and zero points staged in shared memory at the start
-//   ring D, scales in registers   the same, each step's scales and zero points loaded D - 1 steps
-//              ahead into registers (what a kernel for every I would do)
+//              consumed; the CTA's scales and zero points staged in shared memory at the start (or, "scales
+//              in registers", loaded D - 1 steps ahead, as a kernel for every I would do)
+//   bulk D     a producer warp has the copy engine (cp.async.bulk + mbarriers) fill a D-slot ring of
+//              stages (bulk_kernel below); 8 consumer warps compute from shared memory
+//
+// Answers (H200, bench/results/2026-11-30-h200-adc1fbd-int4-down-ring): registers 18.0 µs (0.54 of the
+// floor), the barrier costs nothing, rings 21.9-22.4, bulk 19.6-20.9: the register batches are the best
+// of the three. With the loads only the same schedule takes 12.7 µs (0.76: about what read_ramp.cu's
+// lone kernel reaches at this size); the routed int4 stream alone 11.2 µs with its arithmetic, 7.6
+// without. What holds the kernel is the dequantization and MMA work between the batches, not how far
+// ahead its bytes are requested.
 //
 // A standalone program (not part of the extension), run on the GPU:
 //
-//   nvcc -O3 -arch=sm_90a -Icsrc -o /tmp/down_ring bench/probes/down_ring.cu && /tmp/down_ring
+//   nvcc -O3 -arch=sm_90a -Icsrc -std=c++17 -o /tmp/ids bench/probes/int4_down_schedules.cu && /tmp/ids
 //
 // Shapes: Dots1's (H = 4096 output rows in CTAs of 16, shared experts' Is = 2816 in bf16, 6 routed
 // experts of I = 1408 in int4 with a bf16 scale and a uint8 zero point per group of 128, drawn per call
-// from 128). Shared-expert copies and the routed experts cycle so that L2 serves nothing. Timing:
-// probe_util.cuh time_ms (launches back to back, no PDL). Floor: bytes / copy bandwidth.
+// from 128). Shared-expert copies and the routed experts cycle so that L2 serves nothing. Inputs are
+// hashed bytes (fill_kernel); each schedule's output of one call is compared with the registers one.
+// Timing: probe_util.cuh time_ms (launches back to back, no PDL). Floor: bytes / copy bandwidth.
 #include <cuda_bf16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <random>
 
@@ -142,14 +152,19 @@ __device__ __forceinline__ void finish(const Weights& w, int h0, const float (&a
   }
 }
 
-// The register schedule (moe_down_kernel, frag mapping, T = 1).
+// The register schedule (moe_down_kernel, frag mapping, T = 1); kBarrier: the CTA's warps meet between
+// the shared and the routed streams, as the kernel's do (its shared-term sum and schedule build).
+// kStreams: 1 the shared experts' stream only, 2 the routed only, 3 both; kCompute false: the loaded
+// words are only XORed (no dequantization, no MMA), so the row is the schedule's loads alone.
+template <bool kBarrier, int kStreams = 3, bool kCompute = true>
 __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int call) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int h0 = blockIdx.x * kRows;
   const __nv_bfloat16* shared_down = w.shared_down + static_cast<int64_t>(call % kSharedCopies) * kH * kIs;
   const int* ids = w.ids + (call % kIdSets) * kTopK;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  {
+  uint32_t mix = 0;
+  if (kStreams & 1) {
     const int s_begin = range_start(kSharedSteps, warp), s_end = range_start(kSharedSteps, warp + 1);
     const __nv_bfloat16* x = w.act + kTopK * kI + 8 * c;
     for (int s0 = s_begin; s0 < s_end; s0 += 8) {
@@ -163,11 +178,17 @@ __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int c
       }
 #pragma unroll
       for (int u = 0; u < 8; ++u)
-        if (s0 + u < s_end) step_bf16(lo[u], hi[u], x + (s0 + u) * 32, acc);
+        if (s0 + u < s_end) {
+          if (kCompute)
+            step_bf16(lo[u], hi[u], x + (s0 + u) * 32, acc);
+          else
+            mix ^= lo[u].x ^ lo[u].y ^ lo[u].z ^ lo[u].w ^ hi[u].x ^ hi[u].y ^ hi[u].z ^ hi[u].w;
+        }
     }
   }
+  if (kBarrier) __syncthreads();
   const int r_begin = range_start(kRoutedSteps, warp), r_end = range_start(kRoutedSteps, warp + 1);
-  for (int it = r_begin / kGroups; it * kGroups < r_end; ++it) {
+  for (int it = r_begin / kGroups; (kStreams & 2) && it * kGroups < r_end; ++it) {
     const int a = max(r_begin, it * kGroups) - it * kGroups, b = min(r_end, (it + 1) * kGroups) - it * kGroups;
     const int64_t row = static_cast<int64_t>(ids[it]) * kH + h0 + g;
     const __nv_bfloat16* x = w.act + it * kI + 32 * c;
@@ -187,9 +208,15 @@ __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int c
       }
 #pragma unroll
       for (int u = 0; u < 4; ++u)
-        if (s0 + u < b) step_int4(lo[u], hi[u], scale2[u], zero2[u], x + (s0 + u) * kGroupK, acc);
+        if (s0 + u < b) {
+          if (kCompute)
+            step_int4(lo[u], hi[u], scale2[u], zero2[u], x + (s0 + u) * kGroupK, acc);
+          else
+            mix ^= lo[u].x ^ lo[u].y ^ lo[u].z ^ lo[u].w ^ hi[u].x ^ hi[u].y ^ hi[u].z ^ hi[u].w ^ scale2[u] ^ zero2[u];
+        }
     }
   }
+  if (!kCompute) acc[0] = __uint_as_float(mix & 0x3fffffffu);  // finite: keeps the loads
   finish(w, h0, acc);
 }
 
@@ -197,7 +224,7 @@ __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int c
 // bytes), then the CTA's scales [kTopK][kRows][kGroups] bf16 and zero points (same shape) as copied.
 template <int D>
 __global__ void __launch_bounds__(kThreads, 2) ring_kernel(Weights w, int call) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   uint4* ring = reinterpret_cast<uint4*>(smem);
   auto* meta_scales = reinterpret_cast<unsigned short*>(smem + D * 2 * kThreads * 16);
   auto* meta_zeros = reinterpret_cast<uint8_t*>(meta_scales + kTopK * kRows * kGroups);
@@ -251,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, 2) ring_kernel(Weights w, int call) 
 // by D so that the register slots are indexed statically.
 template <int D>
 __global__ void __launch_bounds__(kThreads, 2) ring_meta_regs_kernel(Weights w, int call) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   uint4* ring = reinterpret_cast<uint4*>(smem);
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2;
   const int h0 = blockIdx.x * kRows;
@@ -294,6 +321,114 @@ __global__ void __launch_bounds__(kThreads, 2) ring_meta_regs_kernel(Weights w, 
   finish(w, h0, acc);
 }
 
+// The bulk schedule: the CTA's bytes as 17 stages, each one copy-engine transfer group into a slot of
+// a D-slot ring in shared memory: 11 shared-expert stages of 16 rows x 256 k (16 row copies of 512 B)
+// and one stage per routed item (its 16 rows of codes, 11264 contiguous bytes, with their scales and
+// zero points, 352 + 176 B). Warp 8 is the producer (its lanes issue a stage's copies once the 8
+// consumer warps have released the slot); consumer warp w takes step w of a shared stage (32 k) and the
+// groups w, w + 8 of a routed one. mbarriers: full[slot] (the producer's expect_tx arrival plus the
+// copies' bytes), empty[slot] (one arrival per consumer warp).
+constexpr int kSharedStageK = 256;
+constexpr int kSharedStages = kIs / kSharedStageK;
+constexpr int kBulkStages = kSharedStages + kTopK;
+constexpr int kItemCodeBytes = kRows * kI / 2, kItemScaleBytes = kRows * kGroups * 2, kItemZeroBytes = kRows * kGroups;
+constexpr int kSlotBytes = kItemCodeBytes + kItemScaleBytes + kItemZeroBytes;
+static_assert(kSharedStages * kSharedStageK == kIs && kSharedStageK / 32 == kWarps, "a shared stage: a step per warp");
+static_assert(kRows * kSharedStageK * 2 <= kSlotBytes && kSlotBytes % 16 == 0, "slots hold either kind of stage");
+
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, int bytes, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(bar)
+      : "memory");
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads + 32, 2) bulk_kernel(Weights w, int call) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ __align__(8) uint64_t full[D], empty[D];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int h0 = blockIdx.x * kRows;
+  const __nv_bfloat16* shared_down = w.shared_down + static_cast<int64_t>(call % kSharedCopies) * kH * kIs;
+  const int* ids = w.ids + (call % kIdSets) * kTopK;
+  if (threadIdx.x < D) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(&full[threadIdx.x])) : "memory");
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(&empty[threadIdx.x])), "r"(kWarps)
+                 : "memory");
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  __syncthreads();
+  if (warp == kWarps) {  // the producer
+    for (int s = 0; s < kBulkStages; ++s) {
+      const int slot = s % D;
+      const uint32_t bar = smem_addr(&full[slot]), dst = smem_addr(smem + slot * kSlotBytes);
+      if (s >= D) mbar_wait(smem_addr(&empty[slot]), ((s / D) - 1) & 1);
+      const bool shared_stage = s < kSharedStages;
+      if (lane == 0)
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
+                     "r"(shared_stage ? kRows * kSharedStageK * 2 : kSlotBytes)
+                     : "memory");
+      __syncwarp();
+      if (shared_stage) {
+        if (lane < kRows)
+          bulk_copy(dst + lane * kSharedStageK * 2,
+                    shared_down + static_cast<int64_t>(h0 + lane) * kIs + s * kSharedStageK, kSharedStageK * 2, bar);
+      } else {
+        const int64_t row0 = static_cast<int64_t>(ids[s - kSharedStages]) * kH + h0;
+        if (lane == 0) bulk_copy(dst, w.codes + row0 * (kI / 2), kItemCodeBytes, bar);
+        if (lane == 1) bulk_copy(dst + kItemCodeBytes, w.scales + row0 * kGroups, kItemScaleBytes, bar);
+        if (lane == 2) bulk_copy(dst + kItemCodeBytes + kItemScaleBytes, w.zeros + row0 * kGroups, kItemZeroBytes, bar);
+      }
+    }
+    return;
+  }
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int s = 0; s < kBulkStages; ++s) {
+    const int slot = s % D;
+    mbar_wait(smem_addr(&full[slot]), (s / D) & 1);
+    const unsigned char* st = smem + slot * kSlotBytes;
+    if (s < kSharedStages) {
+      const int row_bytes = kSharedStageK * 2;
+      const uint4 lo = *reinterpret_cast<const uint4*>(st + g * row_bytes + warp * 64 + 16 * c);
+      const uint4 hi = *reinterpret_cast<const uint4*>(st + (g + 8) * row_bytes + warp * 64 + 16 * c);
+      step_bf16(lo, hi, w.act + kTopK * kI + s * kSharedStageK + warp * 32 + 8 * c, acc);
+    } else {
+      const int item = s - kSharedStages;
+      const auto* sc = reinterpret_cast<const unsigned short*>(st + kItemCodeBytes);
+      const uint8_t* zp = st + kItemCodeBytes + kItemScaleBytes;
+      for (int gi = warp; gi < kGroups; gi += kWarps) {
+        const uint4 lo = *reinterpret_cast<const uint4*>(st + g * (kI / 2) + gi * 64 + 16 * c);
+        const uint4 hi = *reinterpret_cast<const uint4*>(st + (g + 8) * (kI / 2) + gi * 64 + 16 * c);
+        const uint32_t scale2 = sc[g * kGroups + gi] | static_cast<uint32_t>(sc[(g + 8) * kGroups + gi]) << 16;
+        const uint32_t zero2 = zp[g * kGroups + gi] | static_cast<uint32_t>(zp[(g + 8) * kGroups + gi]) << 16;
+        step_int4(lo, hi, scale2, zero2, w.act + item * kI + gi * kGroupK + 32 * c, acc);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(&empty[slot])) : "memory");
+  }
+  finish(w, h0, acc);
+}
+
+// Fills n bytes with a hash of their index: kind 0 any byte (codes); bf16 values in [-0.5, 0.5) (kind 1)
+// or [0.005, 0.02) (kind 2, scales); kind 3 0..15 (zero points): a schedule that reads the wrong bytes
+// gives a different sum.
+__global__ void fill_kernel(uint8_t* p, int64_t n, uint32_t seed, int kind) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    if (kind == 0 || kind == 3) {
+      p[i] = static_cast<uint8_t>(kind == 0 ? h : h & 15);
+    } else if (i % 2 == 0 && i + 1 < n) {
+      const float v = kind == 1 ? (h % 1000) / 1000.0f - 0.5f : 0.005f + (h % 1000) * 1.5e-5f;
+      *reinterpret_cast<__nv_bfloat16*>(p + i) = __float2bfloat16(v);
+    }
+  }
+}
+
 int main() {
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
@@ -310,13 +445,12 @@ int main() {
   CHECK(cudaMalloc(&act, (kTopK * kI + kIs) * 2));
   CHECK(cudaMalloc(&ids, kIdSets * kTopK * sizeof(int)));
   CHECK(cudaMalloc(&out, kH * sizeof(float)));
-  // Bytes that decode to small finite values: 0x3c3c (bf16 ~0.0115) for activations, weights and scales;
-  // codes and zero points any byte (nibbles 0..15 and z = byte & 15 are what the math reads).
-  CHECK(cudaMemset(shared_down, 0x3c, shared_elems * 2));
-  CHECK(cudaMemset(codes, 0x5a, code_bytes));
-  CHECK(cudaMemset(scales, 0x3c, meta * 2));
-  CHECK(cudaMemset(zeros, 0x08, meta));
-  CHECK(cudaMemset(act, 0x3c, (kTopK * kI + kIs) * 2));
+  fill_kernel<<<1024, 256>>>(reinterpret_cast<uint8_t*>(shared_down), shared_elems * 2, 1, 1);
+  fill_kernel<<<1024, 256>>>(codes, code_bytes, 2, 0);
+  fill_kernel<<<1024, 256>>>(reinterpret_cast<uint8_t*>(scales), meta * 2, 3, 2);
+  fill_kernel<<<1024, 256>>>(zeros, meta, 4, 3);
+  fill_kernel<<<64, 256>>>(reinterpret_cast<uint8_t*>(act), (kTopK * kI + kIs) * 2, 5, 1);
+  CHECK(cudaGetLastError());
   std::vector<int> host_ids(kIdSets * kTopK);
   std::mt19937 rng(0);
   for (int s = 0; s < kIdSets; ++s) {
@@ -337,14 +471,49 @@ int main() {
   const double floor_us = bytes / (copy_gbs * 1e3);
   std::printf("copy bandwidth %.0f GB/s, %d SMs; bytes per call %.1f MB, floor %.2f µs\n\n", copy_gbs, sms,
               bytes / 1e6, floor_us);
-  std::printf("| schedule | shared memory per CTA | µs | floor / time |\n| --- | --- | --- | --- |\n");
+  std::printf("| schedule | shared memory per CTA | µs | floor / time | max abs diff vs registers / max abs |\n"
+              "| --- | --- | --- | --- | --- |\n");
   const dim3 grid(kH / kRows);
-  auto row = [&](const char* name, int smem_bytes, auto launch) {
-    const float ms = time_ms([&](int i) { launch(i); }, a, b);
-    std::printf("| %s | %d KB | %.2f | %.2f |\n", name, smem_bytes / 1024, ms * 1e3, floor_us / (ms * 1e3));
+  // One call (call 0) into a zeroed output, as floats on the host.
+  std::vector<float> reference(kH), got(kH);
+  const auto one_call = [&](auto launch, std::vector<float>& into) -> int {
+    CHECK(cudaMemset(out, 0, kH * sizeof(float)));
+    launch(0);
+    CHECK(cudaGetLastError());
+    CHECK(cudaMemcpy(into.data(), out, kH * sizeof(float), cudaMemcpyDeviceToHost));
+    return 0;
   };
-  row("registers (moe_down_kernel's frag schedule)", 0,
-      [&](int i) { registers_kernel<<<grid, kThreads>>>(w, i); });
+  if (one_call([&](int i) { registers_kernel<false><<<grid, kThreads>>>(w, i); }, reference)) return 1;
+  float ref_max = 0.0f;
+  for (float v : reference) ref_max = std::max(ref_max, std::fabs(v));
+  auto row = [&](const char* name, int smem_bytes, auto launch) -> int {
+    if (one_call(launch, got)) return 1;
+    float diff = 0.0f;
+    for (int h = 0; h < kH; ++h) diff = std::max(diff, std::fabs(got[h] - reference[h]));  // NaN: printed as nan
+    const float ms = time_ms([&](int i) { launch(i); }, a, b);
+    std::printf("| %s | %d KB | %.2f | %.2f | %.1e |\n", name, smem_bytes / 1024, ms * 1e3, floor_us / (ms * 1e3),
+                diff / ref_max);
+    return 0;
+  };
+  if (row("registers (moe_down_kernel's frag schedule)", 0,
+          [&](int i) { registers_kernel<false><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, a CTA barrier between the shared and routed streams", 0,
+          [&](int i) { registers_kernel<true><<<grid, kThreads>>>(w, i); }))
+    return 1;
+  // The parts alone (their rows' diff column compares with the whole: not meaningful; floor / time is
+  // against the whole call's floor: shared experts 23.1 MB = 56% of it, routed 18.1 MB = 44%).
+  std::printf("| (rows below: diff column not meaningful; floor / time against the whole call's 41.2 MB) |||||\n");
+  if (row("registers, the shared experts' stream only", 0,
+          [&](int i) { registers_kernel<false, 1><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, the routed stream only", 0,
+          [&](int i) { registers_kernel<false, 2><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, loads only (no dequantization, no MMA)", 0,
+          [&](int i) { registers_kernel<false, 3, false><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, shared stream loads only", 0,
+          [&](int i) { registers_kernel<false, 1, false><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, routed stream loads only", 0,
+          [&](int i) { registers_kernel<false, 2, false><<<grid, kThreads>>>(w, i); }))
+    return 1;
   // A ring kernel of D slots: its shared memory (the slots, plus the staged scales and zero points
   // where it stages them), its row.
   const auto ring_row = [&](auto kernel, int D, int meta_bytes, const char* what) -> int {
@@ -352,14 +521,22 @@ int main() {
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
     char name[80];
     std::snprintf(name, sizeof(name), "ring, %d slots (%d steps ahead)%s", D, D - 1, what);
-    row(name, smem_bytes, [&](int i) { kernel<<<grid, kThreads, smem_bytes>>>(w, i); });
-    return 0;
+    return row(name, smem_bytes, [&](int i) { kernel<<<grid, kThreads, smem_bytes>>>(w, i); });
   };
   constexpr int kMetaBytes = kTopK * kRows * kGroups * 3;
-  if (ring_row(ring_kernel<4>, 4, kMetaBytes, "") || ring_row(ring_kernel<8>, 8, kMetaBytes, "") ||
-      ring_row(ring_kernel<12>, 12, kMetaBytes, "") || ring_row(ring_kernel<16>, 16, kMetaBytes, "") ||
-      ring_row(ring_meta_regs_kernel<8>, 8, 0, ", scales in registers") ||
-      ring_row(ring_meta_regs_kernel<12>, 12, 0, ", scales in registers"))
+  if (ring_row(ring_kernel<8>, 8, kMetaBytes, "") || ring_row(ring_kernel<12>, 12, kMetaBytes, "") ||
+      ring_row(ring_meta_regs_kernel<8>, 8, 0, ", scales in registers"))
+    return 1;
+  // The bulk kernel with D slots of kSlotBytes.
+  const auto bulk_row = [&](auto kernel, int D) -> int {
+    const int smem_bytes = D * kSlotBytes;
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    char name[80];
+    std::snprintf(name, sizeof(name), "bulk copies, %d slots of %d B (producer warp)", D, kSlotBytes);
+    return row(name, smem_bytes, [&](int i) { kernel<<<grid, kThreads + 32, smem_bytes>>>(w, i); });
+  };
+  if (bulk_row(bulk_kernel<2>, 2) || bulk_row(bulk_kernel<4>, 4) || bulk_row(bulk_kernel<6>, 6) ||
+      bulk_row(bulk_kernel<8>, 8))
     return 1;
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
