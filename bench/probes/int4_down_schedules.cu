@@ -8,7 +8,8 @@
 //              batches of 8 steps, then its range of the routed steps in batches of 4 cut at item
 //              boundaries, every batch loaded into registers before any of it is used; also with a CTA
 //              barrier between the two streams (as the kernel's shared-term sum and schedule build),
-//              each stream alone, and with the loads only (no dequantization, no MMA)
+//              each stream alone, with the loads only (no dequantization, no MMA), and what-ifs of the
+//              int4 arithmetic (step_int4's kMath)
 //   ring D     each thread copies its own 16-byte pieces (cp.async) D - 1 steps ahead into a ring of D
 //              slots in shared memory and reads back only its own (no barrier), one step issued per step
 //              consumed; the CTA's scales and zero points staged in shared memory at the start (or, "scales
@@ -17,11 +18,12 @@
 //              stages (bulk_kernel below); 8 consumer warps compute from shared memory
 //
 // Answers (H200, bench/results/2026-11-30-h200-adc1fbd-int4-down-ring): registers 18.0 µs (0.54 of the
-// floor), the barrier costs nothing, rings 21.9-22.4, bulk 19.6-20.9: the register batches are the best
-// of the three. With the loads only the same schedule takes 12.7 µs (0.76: about what read_ramp.cu's
-// lone kernel reaches at this size); the routed int4 stream alone 11.2 µs with its arithmetic, 7.6
-// without. What holds the kernel is the dequantization and MMA work between the batches, not how far
-// ahead its bytes are requested.
+// floor; 16.9 with two accumulator sets, as the kernels), the barrier costs nothing, rings 21.9-22.4,
+// bulk 19.6-20.9: the register batches are the best of the three. With the loads only the same schedule
+// takes 12.7 µs (0.76: about what read_ramp.cu's lone kernel reaches at this size); the routed int4
+// stream alone 11.2 µs with its arithmetic, 7.6 without; sparing the activation permutes saves 0.6 µs.
+// What holds the probe is the work between the batches, not how far ahead its bytes are requested; the
+// real kernel (21.7-23.4 µs) loses ~5 µs more to its structure around the streams.
 //
 // A standalone program (not part of the extension), run on the GPU:
 //
@@ -77,9 +79,14 @@ __device__ __forceinline__ void step_bf16(const uint4& lo, const uint4& hi, cons
 }
 
 // One int4 step (128 k, this lane's 32 codes of each row): scale2 = lo | hi << 16 (bf16 bits), zero2 the
-// same for the zero points; x this lane's first activation of the step.
+// same for the zero points; x this lane's first activation of the step. kMath (registers_kernel's
+// what-ifs; only 0 and 1 compute the kernels' result): 0 the kernels' math into one accumulator set;
+// 1 the same over two sets (acc, acc2: independent MMA chains, as the kernels' int4 stream); 2 as 1
+// without the activation byte permutes (what a packing of codes (2j, 2j + 1) into nibble j of the two
+// half-words would allow); 3 as 2 with one bf16x2 FMA per code pair instead of two.
+template <int kMath = 0>
 __device__ __forceinline__ void step_int4(const uint4& lo, const uint4& hi, uint32_t scale2, uint32_t zero2,
-                                          const __nv_bfloat16* x, float (&acc)[4]) {
+                                          const __nv_bfloat16* x, float (&acc)[4], float (&acc2)[4]) {
   const uint32_t s_lo2 = __byte_perm(scale2, 0, 0x1010), s_hi2 = __byte_perm(scale2, 0, 0x3232);
   const uint32_t nz_lo2 = (zero2 & 0xFFFFu) * 0x00010001u | 0xC300C300u;
   const uint32_t nz_hi2 = (zero2 >> 16) * 0x00010001u | 0xC300C300u;
@@ -87,12 +94,23 @@ __device__ __forceinline__ void step_int4(const uint4& lo, const uint4& hi, uint
   for (int i = 0; i < 4; ++i) {
     const uint4 xv = dots1::load_act16_always(x + 8 * i);
     uint32_t dl[4], dh[4];
-    dequant8(word_of(lo, i), nz_lo2, s_lo2, dl);
-    dequant8(word_of(hi, i), nz_hi2, s_hi2, dh);
-    const uint32_t b0 = __byte_perm(xv.x, xv.z, 0x5410), b1 = __byte_perm(xv.x, xv.z, 0x7632);
-    const uint32_t b2 = __byte_perm(xv.y, xv.w, 0x5410), b3 = __byte_perm(xv.y, xv.w, 0x7632);
+    if (kMath < 3) {
+      dequant8(word_of(lo, i), nz_lo2, s_lo2, dl);
+      dequant8(word_of(hi, i), nz_hi2, s_hi2, dh);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        dl[j] = dots1::bf16x2_fma(dots1::and_or(word_of(lo, i) >> (4 * j), 0x000F000Fu, 0x43004300u), s_lo2, nz_lo2);
+        dh[j] = dots1::bf16x2_fma(dots1::and_or(word_of(hi, i) >> (4 * j), 0x000F000Fu, 0x43004300u), s_hi2, nz_hi2);
+      }
+    }
+    uint32_t b0 = xv.x, b1 = xv.y, b2 = xv.z, b3 = xv.w;
+    if (kMath < 2) {
+      b0 = __byte_perm(xv.x, xv.z, 0x5410), b1 = __byte_perm(xv.x, xv.z, 0x7632);
+      b2 = __byte_perm(xv.y, xv.w, 0x5410), b3 = __byte_perm(xv.y, xv.w, 0x7632);
+    }
     mma_16816<__nv_bfloat16>(acc, dl[0], dh[0], dl[1], dh[1], b0, b1);
-    mma_16816<__nv_bfloat16>(acc, dl[2], dh[2], dl[3], dh[3], b2, b3);
+    mma_16816<__nv_bfloat16>(kMath == 0 ? acc : acc2, dl[2], dh[2], dl[3], dh[3], b2, b3);
   }
 }
 
@@ -140,7 +158,7 @@ __device__ __forceinline__ void compute_step(const Weights& w, int warp, int j, 
     const int item = r / kGroups, group = r % kGroups;
     uint32_t scale2, zero2;
     meta(item, group, scale2, zero2);
-    step_int4(lo, hi, scale2, zero2, w.act + item * kI + group * kGroupK + 32 * c, acc);
+    step_int4(lo, hi, scale2, zero2, w.act + item * kI + group * kGroupK + 32 * c, acc, acc);
   }
 }
 
@@ -156,13 +174,13 @@ __device__ __forceinline__ void finish(const Weights& w, int h0, const float (&a
 // the shared and the routed streams, as the kernel's do (its shared-term sum and schedule build).
 // kStreams: 1 the shared experts' stream only, 2 the routed only, 3 both; kCompute false: the loaded
 // words are only XORed (no dequantization, no MMA), so the row is the schedule's loads alone.
-template <bool kBarrier, int kStreams = 3, bool kCompute = true>
+template <bool kBarrier, int kStreams = 3, bool kCompute = true, int kMath = 0>
 __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int call) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int h0 = blockIdx.x * kRows;
   const __nv_bfloat16* shared_down = w.shared_down + static_cast<int64_t>(call % kSharedCopies) * kH * kIs;
   const int* ids = w.ids + (call % kIdSets) * kTopK;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float acc[4] = {0.f, 0.f, 0.f, 0.f}, acc2[4] = {0.f, 0.f, 0.f, 0.f};
   uint32_t mix = 0;
   if (kStreams & 1) {
     const int s_begin = range_start(kSharedSteps, warp), s_end = range_start(kSharedSteps, warp + 1);
@@ -210,13 +228,15 @@ __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int c
       for (int u = 0; u < 4; ++u)
         if (s0 + u < b) {
           if (kCompute)
-            step_int4(lo[u], hi[u], scale2[u], zero2[u], x + (s0 + u) * kGroupK, acc);
+            step_int4<kMath>(lo[u], hi[u], scale2[u], zero2[u], x + (s0 + u) * kGroupK, acc, acc2);
           else
             mix ^= lo[u].x ^ lo[u].y ^ lo[u].z ^ lo[u].w ^ hi[u].x ^ hi[u].y ^ hi[u].z ^ hi[u].w ^ scale2[u] ^ zero2[u];
         }
     }
   }
   if (!kCompute) acc[0] = __uint_as_float(mix & 0x3fffffffu);  // finite: keeps the loads
+#pragma unroll
+  for (int r = 0; r < 4; ++r) acc[r] += acc2[r];
   finish(w, h0, acc);
 }
 
@@ -401,7 +421,7 @@ __global__ void __launch_bounds__(kThreads + 32, 2) bulk_kernel(Weights w, int c
         const uint4 hi = *reinterpret_cast<const uint4*>(st + (g + 8) * (kI / 2) + gi * 64 + 16 * c);
         const uint32_t scale2 = sc[g * kGroups + gi] | static_cast<uint32_t>(sc[(g + 8) * kGroups + gi]) << 16;
         const uint32_t zero2 = zp[g * kGroups + gi] | static_cast<uint32_t>(zp[(g + 8) * kGroups + gi]) << 16;
-        step_int4(lo, hi, scale2, zero2, w.act + item * kI + gi * kGroupK + 32 * c, acc);
+        step_int4(lo, hi, scale2, zero2, w.act + item * kI + gi * kGroupK + 32 * c, acc, acc);
       }
     }
     __syncwarp();
@@ -513,6 +533,19 @@ int main() {
           [&](int i) { registers_kernel<false, 1, false><<<grid, kThreads>>>(w, i); }) ||
       row("registers, routed stream loads only", 0,
           [&](int i) { registers_kernel<false, 2, false><<<grid, kThreads>>>(w, i); }))
+    return 1;
+  // The int4 arithmetic's what-ifs (step_int4's kMath; 2 and 3 do not compute the kernels' result).
+  std::printf("| (what-ifs of the int4 arithmetic, whole call; 2 and 3 are timing only) |||||\n");
+  if (row("registers, two accumulator sets", 0,
+          [&](int i) { registers_kernel<false, 3, true, 1><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, routed only, two accumulator sets", 0,
+          [&](int i) { registers_kernel<false, 2, true, 1><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, two sets, no activation permutes", 0,
+          [&](int i) { registers_kernel<false, 3, true, 2><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, two sets, no permutes, one FMA per code pair", 0,
+          [&](int i) { registers_kernel<false, 3, true, 3><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, routed only, two sets, no permutes, one FMA per code pair", 0,
+          [&](int i) { registers_kernel<false, 2, true, 3><<<grid, kThreads>>>(w, i); }))
     return 1;
   // A ring kernel of D slots: its shared memory (the slots, plus the staged scales and zero points
   // where it stages them), its row.
