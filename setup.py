@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -150,7 +151,23 @@ def build_extension():
         py_limited_api=False,
         **ext_kwargs,
     )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": persistent_build_ext(cpp_extension.BuildExtension.with_options(use_ninja=True))}
+
+
+def persistent_build_ext(base: type) -> type:
+    """build_ext whose object files live in build/temp.<platform>-<python>/ (ignored by git) whatever
+    directory the installer asks for. pip's editable install builds in a new temporary directory every
+    time, so without this each `pip install -e .` (the README's two commands run it twice) recompiled
+    every source; with it ninja recompiles only what changed (a source, a header it includes, or a
+    compile command: other flags, archs or torch paths). `setup.py build_ext --inplace` uses the same
+    directory by default."""
+
+    class PersistentBuildExt(base):
+        def build_extensions(self) -> None:
+            self.build_temp = str(ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+            super().build_extensions()
+
+    return PersistentBuildExt
 
 
 ext_modules, cmdclass = build_extension()
