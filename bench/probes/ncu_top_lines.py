@@ -5,7 +5,11 @@ kernel's warps wait.
     ncu --section SourceCounters --section WarpStateStats -k regex:moe_gate_up --launch-skip 7 \\
         --launch-count 1 -o rep python bench/probes/moe_decode_ncu.py 1
     ncu -i rep.ncu-rep --page source --csv --print-source sass > rep.csv
-    python bench/probes/ncu_top_lines.py rep.csv [N]
+    python bench/probes/ncu_top_lines.py rep.csv [N] [executed]
+
+With `executed` the lines are ranked by instructions executed instead of stall samples; with a CSV of
+the CUDA source view (`--print-source cuda`, the build has -lineinfo) that says which source lines
+execute a kernel's instructions (e.g. the int4 down kernel against bench/probes/int4_down_schedules.cu).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ def number(text: str) -> float:
 def main() -> None:
     path = sys.argv[1]
     top = int(sys.argv[2]) if len(sys.argv) > 2 else 30
+    by_executed = len(sys.argv) > 3 and sys.argv[3] == "executed"
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r]
     header_at = next(i for i, r in enumerate(rows) if any("Source" == c.strip() for c in r))
@@ -55,11 +60,14 @@ def main() -> None:
                                          sorted(by_reason.items(), key=lambda kv: -kv[1])[:8]))
     for op, n in by_op.most_common(20):
         print(f"  {op:12s} {n / max(total, 1):6.1%}  executed {executed.get(op, 0):.0f}")
-    ranked = sorted((r for r in body if len(r) > key), key=lambda r: -number(r[key]))[:top]
+    rank_col = executed_col if by_executed and executed_col is not None else key
+    rank_total = sum(number(r[rank_col]) for r in body if len(r) > rank_col)
+    print(f"lines ranked by {header[rank_col]} (total {rank_total:.0f}):")
+    ranked = sorted((r for r in body if len(r) > rank_col), key=lambda r: -number(r[rank_col]))[:top]
     for r in ranked:
         worst = sorted(((number(r[i]), header[i][6:]) for i in reasons), reverse=True)[:2]
         extra = ", ".join(f"{name} {n:.0f}" for n, name in worst if n > 0)
-        print(f"{number(r[key]) / max(total, 1):6.1%} {r[src].strip()[:64]:64s} {extra}")
+        print(f"{number(r[rank_col]) / max(rank_total, 1):6.1%} {r[src].strip()[:64]:64s} {extra}")
 
 
 if __name__ == "__main__":
