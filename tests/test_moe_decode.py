@@ -518,6 +518,39 @@ def test_cuda_many_experts_per_token(k):
     check_pair(hidden, w, ids, topk_weights(T, k, "cuda"), None, dtype, f"k={k}")
 
 
+# Launches of at most 32 pairs and 8 tokens build the down kernel's schedule in every warp (the frag
+# mapping's by-warp path), larger ones once per CTA: (T, k) on both sides of that boundary (32 pairs, 33,
+# 35 in 5 tokens, 27 in 9 tokens), with every pair on one expert (cut into items of 8 columns) and with
+# bad ids (NaN in exactly their tokens' rows).
+SMALL_LAUNCHES = [(8, 4), (4, 8), (1, 32), (1, 33), (5, 7), (9, 3)]
+
+
+def small_launch_ids(T, k, E, routing, device):
+    ids = distinct_ids(T, k, E, device)
+    if routing == "all_same_id":
+        ids.fill_(5)
+    elif routing == "bad_ids":
+        ids[0, k - 1], ids[T - 1, 0] = E, -1
+    return ids
+
+
+@requires_cuda
+@pytest.mark.parametrize("T, k", SMALL_LAUNCHES)
+@pytest.mark.parametrize("routing", ["distinct", "all_same_id", "bad_ids"])
+def test_cuda_small_launch_schedules(T, k, routing):
+    dtype = torch.bfloat16
+    E, H, I, Is = 40, 256, 64, 128
+    w = Weights(E, H, I, Is, dtype, "cuda")
+    hidden, _, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    ids = small_launch_ids(T, k, E, routing, "cuda")
+    act, out = run_both(hidden, w, ids, weights, residual)
+    check_outputs(act, out, hidden, w, ids, weights, residual, dtype, f"{routing} T={T} k={k}",
+                  equal_nan=routing == "bad_ids")
+    bad_rows = {0, T - 1} if routing == "bad_ids" else set()
+    for t in range(T):
+        assert bool(out[t].isnan().all()) == (t in bad_rows) and bool(out[t].isnan().any()) == (t in bad_rows), t
+
+
 @requires_cuda
 @pytest.mark.parametrize("T", [1, 7, 16, 64])
 def test_cuda_fast_equals_simple(T, simple_kernel, monkeypatch):

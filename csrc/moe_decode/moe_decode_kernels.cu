@@ -706,6 +706,52 @@ __device__ bool build_schedule(Schedule& s, int P, int E, int max_cols) {
   return any_bad;
 }
 
+// The schedule of a launch of at most 32 pairs, one warp's copy: the same items, columns and order as
+// build_schedule's (lane p holds pair p), built without a CTA barrier.
+struct WarpSchedule {
+  int32_t pair_id[32];      // topk_ids as read (cp.async by this warp)
+  int32_t item_expert[32];
+  int16_t item_col0[32];
+  int16_t item_ncols[32];
+  int16_t col_pair[32];
+};
+
+// Every lane of a warp calls it after its lanes p < P started the copy of pair p's id into ws.pair_id
+// (this thread's cp.async copies, whatever they hold, are complete on return). Returns the number of
+// items; writes pair_slot[p] (0: a valid id, -1: outside [0, E)) when pair_slot is not null.
+__device__ int build_warp_schedule(WarpSchedule& ws, int P, int E, int max_cols, int16_t* pair_slot) {
+  const int lane = threadIdx.x & 31;
+  cp_async_wait_all();
+  __syncwarp();
+  const int id = lane < P ? ws.pair_id[lane] : -1;
+  const bool valid = lane < P && id >= 0 && id < E;
+  // Lanes of one expert: the same key; an invalid or absent pair's key (-1 - lane) is its own.
+  const unsigned int same = __match_any_sync(0xffffffffu, valid ? id : -1 - lane);
+  const int rank = __popc(same & ((1u << lane) - 1u)), count = __popc(same);
+  const bool is_first = valid && rank == 0;
+  const int c = is_first ? count : 0, n = is_first ? (count + max_cols - 1) / max_cols : 0;
+  int c_incl = c, n_incl = n;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int cu = __shfl_up_sync(0xffffffffu, c_incl, o), nu = __shfl_up_sync(0xffffffffu, n_incl, o);
+    if (lane >= o) {
+      c_incl += cu;
+      n_incl += nu;
+    }
+  }
+  const int col0 = c_incl - c, item0 = n_incl - n;
+  const int expert_col0 = __shfl_sync(0xffffffffu, col0, __ffs(same) - 1);
+  if (valid) ws.col_pair[expert_col0 + rank] = static_cast<int16_t>(lane);
+  for (int i = 0; i < n; ++i) {
+    ws.item_expert[item0 + i] = id;
+    ws.item_col0[item0 + i] = static_cast<int16_t>(col0 + i * max_cols);
+    ws.item_ncols[item0 + i] = static_cast<int16_t>(min(max_cols, c - i * max_cols));
+  }
+  if (pair_slot != nullptr && lane < P) pair_slot[lane] = static_cast<int16_t>(valid ? 0 : -1);
+  __syncwarp();
+  return __shfl_sync(0xffffffffu, n_incl, 31);
+}
+
 // ---------------------------------------------------------------------------------------------
 // gate_up + SwiGLU
 
@@ -1040,7 +1086,11 @@ template <int NT>
 struct DownSmem {
   Schedule s;
   float partial[kMaxPairs][16];        // routed term of each pair, the CTA's 16 rows
-  float shared_term[kMaxTokens][16];   // the shared experts' term of each token
+  union {
+    float shared_term[kMaxTokens][16];  // the shared experts' term of each token
+    float shared_piece[kWarps][8][16];  // by-warp launches: each warp's piece of it, [warp][token][row]
+  };
+  WarpSchedule warp_schedule[kWarps];  // by-warp launches: each warp's copy of the schedule
   // Per K range (frag: a warp; wide: the kParts warps of range w / kParts, which hold disjoint rows),
   // 8 NT columns x 16 rows: first the shared passes' pieces ([pass % 2][range]), then the pieces of the
   // range's first ([0][range]) and last ([1][range]) routed item when a range boundary cuts it.
@@ -1087,7 +1137,18 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   // The ids and the weights first (cp.async into shared memory, no register held), so that their
   // latency passes under the shared experts' stream; the residual (used at the end, written by the
   // previous ops: L2 hits) only prefetched into L1.
-  load_ids_async(s, p.topk_ids, P);
+  // By-warp launches (NT = 1, at most 32 pairs and 8 tokens: batch-1 decode): no CTA barrier before
+  // the tail. Each warp builds its own copy of the schedule (build_warp_schedule) and keeps its piece
+  // of the shared experts' term for the combine, so it goes from the shared experts' stream to the
+  // routed one without waiting for the slowest warp (the CTA-wide schedule's barriers and the shared
+  // pass's one held the warps for ~9% of the kernel's stall samples at T = 1).
+  const bool by_warp = kParts == 1 && NT == 1 && P <= 32 && p.T_ <= kCols;
+  WarpSchedule& ws = sm.warp_schedule[warp];
+  if (by_warp) {
+    if (lane < P) cp_async4(&ws.pair_id[lane], p.topk_ids + lane);
+  } else {
+    load_ids_async(s, p.topk_ids, P);
+  }
   for (int i = threadIdx.x; i < P; i += kThreads) cp_async4(&sm.weight[i], p.topk_weights + i);
   if (p.residual != nullptr)
     for (int i = threadIdx.x; i < p.T_ * 16; i += kThreads)
@@ -1121,6 +1182,13 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
       stream_rows<T, NT, kParts, kDownU>(p.shared_down + min(hb + row, H - 1) * p.Is,
                                  p.shared_down + min(hb + row + 8, H - 1) * p.Is, col, col_ok, p.Is,
                                  range_start<kRanges>(steps, range), range_start<kRanges>(steps, range + 1), res);
+      if constexpr (kParts == 1 && NT == 1) {
+        if (by_warp) {  // one pass (T <= kCols); summed in the combine
+#pragma unroll
+          for (int r = 0; r < 4; ++r) sm.shared_piece[warp][2 * c + (r & 1)][g + (r >> 1) * 8] = res[0][r];
+          break;
+        }
+      }
       float (*mine)[16] = sm.piece[sub & 1][range];
       if constexpr (kParts == 1) {
 #pragma unroll
@@ -1150,12 +1218,21 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
     }
   }
 
-  // Starts with a barrier: the last pass's sums above are done before the routed stream below writes
-  // piece[] again.
-  build_schedule(s, P, p.E, kCols);
+  // The CTA-wide schedule starts with a barrier: the last pass's sums above are done before the routed
+  // stream below writes piece[] again.
+  int R;
+  if (by_warp) {
+    R = build_warp_schedule(ws, P, p.E, kCols, warp == 0 ? s.pair_slot : nullptr);
+  } else {
+    build_schedule(s, P, p.E, kCols);
+    R = s.num_routed_items;
+  }
+  const int32_t* const item_expert = by_warp ? ws.item_expert : s.item_expert;
+  const int16_t* const item_col0 = by_warp ? ws.item_col0 : s.item_col0;
+  const int16_t* const item_ncols = by_warp ? ws.item_ncols : s.item_ncols;
+  const int16_t* const col_pair = by_warp ? ws.col_pair : s.col_pair;
 
   // The routed items end to end, R x steps_item steps, split over the K ranges.
-  const int R = s.num_routed_items;
   const int steps_item = static_cast<int>((p.I + W::kStep * kParts - 1) / (W::kStep * kParts));
   const int S = R * steps_item;  // < 2^28 (fast_sizes)
   const int range = kParts == 1 ? warp : wide_place<kParts>().range;
@@ -1164,22 +1241,22 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
     for (int it = r_begin / steps_item; it * steps_item < r_end; ++it) {
       const int u0 = it * steps_item;
       const int a = max(r_begin, u0) - u0, b = min(r_end, u0 + steps_item) - u0;
-      const int ncols = s.item_ncols[it], col0 = s.item_col0[it];
+      const int ncols = item_ncols[it], col0 = item_col0[it];
       const T* col[NT];
       bool col_ok[NT];
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         const int cidx = (8 * n + g) / kParts;
         col_ok[n] = cidx < ncols;
-        const int pair = col_ok[n] ? s.col_pair[col0 + cidx] : 0;
+        const int pair = col_ok[n] ? col_pair[col0 + cidx] : 0;
         col[n] = p.act + static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I;
       }
       float res[NT][4];
       if constexpr (kParts == 1) {
-        p.down.template stream<NT>(s.item_expert[it], h_lo, h_hi, col, col_ok, a, b, res);
+        p.down.template stream<NT>(item_expert[it], h_lo, h_hi, col, col_ok, a, b, res);
       } else {
         const int hb = static_cast<int>(blockIdx.x) * 16 + wide_place<kParts>().row;
-        p.down.template stream_wide<NT, kParts, kDownU>(s.item_expert[it], min(hb, H - 1), min(hb + 8, H - 1), col,
+        p.down.template stream_wide<NT, kParts, kDownU>(item_expert[it], min(hb, H - 1), min(hb + 8, H - 1), col,
                                                         col_ok, a, b, res);
       }
       const bool whole = a == 0 && b == steps_item;
@@ -1193,7 +1270,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
             const int cidx = 8 * n + 2 * c + (r & 1), rr = g + (r >> 1) * 8;
             if (cidx >= ncols) continue;
             if (whole)
-              sm.partial[s.col_pair[col0 + cidx]][rr] = res[n][r];
+              sm.partial[col_pair[col0 + cidx]][rr] = res[n][r];
             else
               sm.piece[which][warp][cidx][rr] = res[n][r];
           }
@@ -1209,7 +1286,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
               const int cidx = wide_col<kParts>(n), rr = place.row + 8 * h;
               if (cidx >= ncols) continue;
               if (whole)
-                sm.partial[s.col_pair[col0 + cidx]][rr] = sum[n][h];
+                sm.partial[col_pair[col0 + cidx]][rr] = sum[n][h];
               else
                 sm.piece[which][place.range][cidx][rr] = sum[n][h];
             }
@@ -1219,22 +1296,25 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   }
   __syncthreads();
 
-  // Items cut by range boundaries: the pieces in range order. Boundary w (1 .. kRanges - 1) handles the
-  // item it falls strictly inside, unless boundary w - 1 does too.
+  // Items cut by range boundaries: the pieces in range order. Warp w (1 .. kRanges - 1) takes boundary w:
+  // the item it falls strictly inside, unless boundary w - 1 does too; its lanes take the item's (column,
+  // row) sums. (Once per warp, not per element: this pass is the kernel's tail, after every load.)
   if (steps_item > 0) {
-    for (int i = threadIdx.x; i < (kRanges - 1) * kCols * 16; i += kThreads) {
-      const int w = 1 + i / (kCols * 16), cidx = (i / 16) % kCols, r = i % 16;
-      const int boundary = range_start<kRanges>(S, w);
-      if (boundary >= S) continue;
-      const int it = boundary / steps_item, u0 = it * steps_item;
-      if (boundary == u0 || range_start<kRanges>(S, w - 1) > u0) continue;
-      if (cidx >= s.item_ncols[it]) continue;
-      float sum = 0.0f;
-      for (int w2 = 0; w2 < kRanges; ++w2) {
-        const int lo = range_start<kRanges>(S, w2), hi = range_start<kRanges>(S, w2 + 1);
-        if (lo < hi && lo < u0 + steps_item && hi > u0) sum += sm.piece[lo >= u0 ? 0 : 1][w2][cidx][r];
+    const int boundary = range_start<kRanges>(S, warp);
+    const int it = boundary / steps_item, u0 = it * steps_item, u1 = u0 + steps_item;
+    if (warp >= 1 && warp < kRanges && boundary < S && boundary != u0 && range_start<kRanges>(S, warp - 1) <= u0) {
+      const int ncols = item_ncols[it], col0 = item_col0[it];
+      for (int i = lane; i < ncols * 16; i += 32) {
+        const int cidx = i / 16, r = i % 16;
+        // The ranges that overlap the item: warp - 1 (it holds u0) up to the last one starting before u1.
+        float sum = 0.0f;
+        for (int w2 = warp - 1, lo = range_start<kRanges>(S, w2); w2 < kRanges && lo < u1; ++w2) {
+          const int hi = range_start<kRanges>(S, w2 + 1);
+          if (lo < hi) sum += sm.piece[lo >= u0 ? 0 : 1][w2][cidx][r];
+          lo = hi;
+        }
+        sm.partial[col_pair[col0 + cidx]][r] = sum;
       }
-      sm.partial[s.col_pair[s.item_col0[it] + cidx]][r] = sum;
     }
     __syncthreads();
   }
@@ -1253,7 +1333,15 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
       else
         acc = __fadd_rn(acc, __fmul_rn(sm.weight[pair], sm.partial[pair][r]));
     }
-    if (p.Is > 0) acc = __fadd_rn(acc, sm.shared_term[t][r]);
+    if (p.Is > 0) {
+      float shared = sm.shared_term[t][r];
+      if (by_warp) {  // the pieces in range order, as the shared pass sums them
+        shared = sm.shared_piece[0][t][r];
+#pragma unroll
+        for (int w = 1; w < kWarps; ++w) shared += sm.shared_piece[w][t][r];
+      }
+      acc = __fadd_rn(acc, shared);
+    }
     if (p.residual != nullptr) acc = __fadd_rn(acc, to_float(p.residual[static_cast<int64_t>(t) * p.H + h0 + r]));
     p.out[static_cast<int64_t>(t) * p.H + h0 + r] = from_float<T>(bad ? NAN : acc);
   }
