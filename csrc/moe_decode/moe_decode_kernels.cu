@@ -1153,8 +1153,11 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   if (p.residual != nullptr)
     for (int i = threadIdx.x; i < p.T_ * 16; i += kThreads)
       if (h0 + i % 16 < p.H) prefetch_l1(p.residual + static_cast<int64_t>(i / 16) * p.H + h0 + i % 16);
-  // Zero terms for pairs no item covers (I == 0); bad pairs are never read.
-  for (int i = threadIdx.x; i < P * 16; i += kThreads) (&sm.partial[0][0])[i] = 0.0f;
+  // Zero terms where no item covers a pair (I == 0; otherwise the routed stream or the cut-item pass
+  // writes every valid pair's term, and by-warp launches have no barrier between this and those writes);
+  // bad pairs are never read.
+  if (p.I == 0)
+    for (int i = threadIdx.x; i < P * 16; i += kThreads) (&sm.partial[0][0])[i] = 0.0f;
 
   // The shared experts: rows h of shared_down, columns = the tokens, kCols at a time (one pass per
   // column group; a warp re-reads its K range of the 16 rows from L1 / L2), this warp's share of Is;
