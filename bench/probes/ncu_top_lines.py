@@ -7,9 +7,9 @@ kernel's warps wait.
     ncu -i rep.ncu-rep --page source --csv --print-source sass > rep.csv
     python bench/probes/ncu_top_lines.py rep.csv [N] [executed]
 
-With `executed` the lines are ranked by instructions executed instead of stall samples; with a CSV of
-the CUDA source view (`--print-source cuda`, the build has -lineinfo) that says which source lines
-execute a kernel's instructions (e.g. the int4 down kernel against bench/probes/int4_down_schedules.cu).
+With `executed` the lines are ranked by instructions executed instead of stall samples. (Per source
+line: bench/probes/ncu_sass_regions.py; ncu's CSV of the CUDA source view held only the source text for
+the MoE decode kernels.)
 """
 
 from __future__ import annotations

@@ -24,7 +24,10 @@
 // (build_schedule: a hash table of the ids, then one warp ranks the pairs 32 at a time; O(P)); the
 // ids are copied to shared memory (cp.async) at the kernel's start, so that the load's latency hides
 // behind the shared experts' stream, which never needs the schedule. The shared experts are not
-// part of it: their columns are the tokens, in column groups of 8 NT tokens.
+// part of it: their columns are the tokens, in column groups of 8 NT tokens. The down kernel's frag
+// launches of at most 32 pairs and 8 tokens (batch-1 decode) instead have every warp build its own copy
+// (build_warp_schedule, one __match_any_sync: the same schedule), so that no warp waits for the others
+// between its shared and routed streams.
 //   gate_up - tiles of (item or shared column group, 8 output features): the 8 gate and 8 up rows of
 //             those features over all of H. Persistent CTAs (2 per SM) take tiles b, b + grid, ...:
 //             the shared experts' tiles (the column groups of a feature tile side by side), then the
@@ -34,13 +37,14 @@
 //             warp-ordered sums and store.
 //   down    - one CTA per 16 output rows h. Its work is the shared experts' rows (K = Is, split over
 //             the 8 warps; one pass per column group of tokens, reduced in warp order after a
-//             barrier) and, per routed item, the item's expert's 16 rows (K = I): the routed items
-//             are laid end to end (R items x ceil(I / 32) steps) and that sequence is split over the
-//             8 warps in equal contiguous ranges, so every warp streams the same number of steps
-//             whatever the routing. A warp's piece of an item it holds whole goes straight to the
-//             pair's fp32 partial in shared memory; an item cut by a warp boundary leaves one piece per
-//             warp, summed in warp order after a barrier. Then one thread per (token, row) adds
-//             w[t, j] * partial in the j order, the shared term and the residual, rounding once.
+//             barrier, or in the combine for by-warp launches) and, per routed item, the item's
+//             expert's 16 rows (K = I): the routed items are laid end to end (R items x ceil(I / 32)
+//             steps) and that sequence is split over the 8 warps in equal contiguous ranges, so every
+//             warp streams the same number of steps whatever the routing. A warp's piece of an item it
+//             holds whole goes straight to the pair's fp32 partial in shared memory; an item cut by a
+//             warp boundary leaves one piece per warp, summed in warp order after a barrier (by the
+//             warp of the item's first boundary). Then one thread per (token, row) adds w[t, j] *
+//             partial in the j order, the shared term and the residual, rounding once.
 // Every touched expert's weight rows are read from HBM once per launch (several tokens that chose an
 // expert are the columns of the same MMAs; a hot expert's further items re-read from L2); no float
 // atomics: the result is bitwise reproducible (the schedule, hence every summation order, is a
@@ -53,7 +57,8 @@
 // activation row: words 0-1 feed one MMA, words 2-3 the next.
 //
 // Two weight-load mappings of the model-dtype rows (DOTS1_EXT_MOE_DECODE_LOADS, read per call; moe_decode.h
-// MoeDecodeLoads). frag (above, the default): one warp load instruction reads 8 rows x 64 bytes.
+// MoeDecodeLoads: the default wide_all is wide at every token count). frag (above): one warp load
+// instruction reads 8 rows x 64 bytes.
 // bench/probes/read_patterns.cu (branch next-skinny-wide), the decode kernels' streaming structure with
 // only the address pattern varied, read 4238 GB/s that way on the H200 and 4659 GB/s with 2 rows x 256
 // bytes per instruction. wide: the 16 A slots of an MMA need not be 16 rows. With P k-parts per row, the
