@@ -525,13 +525,22 @@ def test_cuda_many_experts_per_token(k):
 SMALL_LAUNCHES = [(8, 4), (4, 8), (1, 32), (1, 33), (5, 7), (9, 3)]
 
 
-def small_launch_ids(T, k, E, routing, device):
-    ids = distinct_ids(T, k, E, device)
+def small_launch_inputs(T, k, E, H, routing):
+    """decode_inputs on the GPU (bf16) with the ids per ``routing`` (SMALL_LAUNCHES' cases)."""
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, torch.bfloat16, "cuda")
     if routing == "all_same_id":
         ids.fill_(5)
     elif routing == "bad_ids":
         ids[0, k - 1], ids[T - 1, 0] = E, -1
-    return ids
+    return hidden, ids, weights, residual
+
+
+def assert_bad_rows_nan(out, routing):
+    """out's rows are all NaN exactly for the tokens small_launch_inputs gave a bad id, else none NaN."""
+    T = out.shape[0]
+    bad_rows = {0, T - 1} if routing == "bad_ids" else set()
+    for t in range(T):
+        assert bool(out[t].isnan().all()) == (t in bad_rows) and bool(out[t].isnan().any()) == (t in bad_rows), t
 
 
 @requires_cuda
@@ -541,14 +550,11 @@ def test_cuda_small_launch_schedules(T, k, routing):
     dtype = torch.bfloat16
     E, H, I, Is = 40, 256, 64, 128
     w = Weights(E, H, I, Is, dtype, "cuda")
-    hidden, _, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
-    ids = small_launch_ids(T, k, E, routing, "cuda")
+    hidden, ids, weights, residual = small_launch_inputs(T, k, E, H, routing)
     act, out = run_both(hidden, w, ids, weights, residual)
     check_outputs(act, out, hidden, w, ids, weights, residual, dtype, f"{routing} T={T} k={k}",
                   equal_nan=routing == "bad_ids")
-    bad_rows = {0, T - 1} if routing == "bad_ids" else set()
-    for t in range(T):
-        assert bool(out[t].isnan().all()) == (t in bad_rows) and bool(out[t].isnan().any()) == (t in bad_rows), t
+    assert_bad_rows_nan(out, routing)
 
 
 @requires_cuda

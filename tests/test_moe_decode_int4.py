@@ -29,8 +29,9 @@ from dots1_ext.quant import Int4Weight, dequantize_int4, quantize_int4
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import assert_rows_close, capture_cuda_graph, replay_poisoned, requires_cuda  # noqa: E402
-from test_moe_decode import (SMALL_LAUNCHES, assert_same_bits, check_outputs, decode_inputs, distinct_ids,  # noqa: E402
-                             redraw_ids_, ref_gate_up, run_both, small_launch_ids, topk_weights)
+from test_moe_decode import (SMALL_LAUNCHES, assert_bad_rows_nan, assert_same_bits, check_outputs,  # noqa: E402
+                             decode_inputs, distinct_ids, redraw_ids_, ref_gate_up, run_both, small_launch_inputs,
+                             topk_weights)
 
 REAL = dict(E=128, k=6, H=4096, I=1408, Is=2816)
 
@@ -449,15 +450,11 @@ def test_cuda_odd_shapes(shape, T):
 @pytest.mark.parametrize("routing", ["distinct", "all_same_id", "bad_ids"])
 def test_cuda_small_launch_schedules(T, k, routing):
     # test_moe_decode's cases (the down kernel's by-warp schedule and the CTA-wide one) on int4 experts.
-    dtype = torch.bfloat16
     E, H, I, Is = 40, 256, 128, 128
-    w = Int4Weights(E, H, I, Is, dtype, "cuda")
-    hidden, _, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
-    ids = small_launch_ids(T, k, E, routing, "cuda")
+    w = Int4Weights(E, H, I, Is, torch.bfloat16, "cuda")
+    hidden, ids, weights, residual = small_launch_inputs(T, k, E, H, routing)
     _, out = check_pair(hidden, w, ids, weights, residual, f"{routing} T={T} k={k}", equal_nan=routing == "bad_ids")
-    bad_rows = {0, T - 1} if routing == "bad_ids" else set()
-    for t in range(T):
-        assert bool(out[t].isnan().all()) == (t in bad_rows) and bool(out[t].isnan().any()) == (t in bad_rows), t
+    assert_bad_rows_nan(out, routing)
 
 
 @requires_cuda
