@@ -80,16 +80,18 @@ TORCH_LIBRARY(dots1_ext, m) {
         "str epilogue) -> Tensor");
   // act [T, k*I + Is], down [E, H, I], topk_ids [T, k] int32, topk_weights [T, k] fp32, shared_down
   // [H, Is], residual [T, H] -> out[t] = sum_j w[t, j] * down_j(act) + shared_down(act) + residual[t],
-  // summed in fp32 in that fixed order, rounded once
+  // summed in fp32 in that fixed order, rounded once. shared_act [T, Is]: the shared experts' columns
+  // given apart (act is then [T, k*I]; e.g. computed on another stream).
   m.def("moe_decode_down(Tensor act, Tensor down, Tensor topk_ids, Tensor topk_weights, "
-        "Tensor? shared_down, Tensor? residual) -> Tensor");
+        "Tensor? shared_down, Tensor? residual, Tensor? shared_act=None) -> Tensor");
   // The same two with int4 routed experts (docs/design.md §7): the weight as qweight [E, N, K/2] uint8,
   // scales [E, N, K/128] bf16, zeros [E, N, K/128] uint8 or None (symmetric); equal to the ops above on
   // the dequantized weights ((u - z) * s rounded once to the activations' dtype). K % 128 == 0.
   m.def("moe_decode_int4_gate_up(Tensor hidden, Tensor gate_up_qweight, Tensor gate_up_scales, "
         "Tensor? gate_up_zeros, Tensor topk_ids, Tensor? shared_gate_up, str epilogue) -> Tensor");
   m.def("moe_decode_int4_down(Tensor act, Tensor down_qweight, Tensor down_scales, Tensor? down_zeros, "
-        "Tensor topk_ids, Tensor topk_weights, Tensor? shared_down, Tensor? residual) -> Tensor");
+        "Tensor topk_ids, Tensor topk_weights, Tensor? shared_down, Tensor? residual, Tensor? shared_act=None) "
+        "-> Tensor");
 }
 
 // Importing dots1_ext._C loads this library and so runs the registrations above; there are no

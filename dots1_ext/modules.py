@@ -74,12 +74,12 @@ def _reference_namespace() -> types.SimpleNamespace:
         decode_step_inputs=reference.decode_step_inputs,
         moe_decode_gate_up=lambda h, w, ids, shared=None, epilogue="swiglu":
             reference.moe_decode_gate_up(h, w, ids, shared, epilogue),
-        moe_decode_down=lambda act, w, ids, weights, shared=None, residual=None:
-            reference.moe_decode_down(act, w, ids, weights, shared, residual),
+        moe_decode_down=lambda act, w, ids, weights, shared=None, residual=None, check_ids=False, shared_act=None:
+            reference.moe_decode_down(act, w, ids, weights, shared, residual, shared_act),
         moe_decode_int4_gate_up=lambda h, q, s, z, ids, shared=None, epilogue="swiglu":
             reference.moe_decode_int4_gate_up(h, q, s, z, ids, shared, epilogue),
-        moe_decode_int4_down=lambda act, q, s, z, ids, weights, shared=None, residual=None:
-            reference.moe_decode_int4_down(act, q, s, z, ids, weights, shared, residual),
+        moe_decode_int4_down=lambda act, q, s, z, ids, weights, shared=None, residual=None, check_ids=False,
+            shared_act=None: reference.moe_decode_int4_down(act, q, s, z, ids, weights, shared, residual, shared_act),
     )
 
 

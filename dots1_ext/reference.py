@@ -363,10 +363,12 @@ def moe_decode_down(
     topk_weights: torch.Tensor,  # [T, k] fp32
     shared_down: torch.Tensor | None,  # [H, Is] or None (Is = 0)
     residual: torch.Tensor | None,  # [T, H] or None
+    shared_act: torch.Tensor | None = None,  # [T, Is]: the shared experts' columns apart (act [T, k*I])
 ) -> torch.Tensor:  # [T, H], act's dtype
     """out[t] = sum_j w[t, j] * (down[ids[t, j]] @ act[t, j*I:(j+1)*I]) + shared_down @ act[t, k*I:]
     + residual[t]: every term an fp32 dot product (not rounded), added in fp32 in exactly that order
-    (j = 0 .. k-1, then the shared experts, then the residual), rounded once to act's dtype.
+    (j = 0 .. k-1, then the shared experts, then the residual), rounded once to act's dtype. With
+    ``shared_act``, its row t stands for act[t, k*I:].
 
     A token with any id outside [0, E) gets a NaN output row (poison policy)."""
     T = act.shape[0]
@@ -384,7 +386,7 @@ def moe_decode_down(
                 continue
             acc = acc + topk_weights[t, j].float() * (down[e].float() @ a[t, j * inter : (j + 1) * inter])
         if shared_down is not None:
-            acc = acc + shared_down.float() @ a[t, k * inter :]
+            acc = acc + shared_down.float() @ (a[t, k * inter :] if shared_act is None else shared_act[t].float())
         if residual is not None:
             acc = acc + residual[t].float()
         out[t] = (torch.full_like(acc, float("nan")) if bad else acc).to(act.dtype)
@@ -415,10 +417,11 @@ def moe_decode_int4_down(
     topk_weights: torch.Tensor,
     shared_down: torch.Tensor | None,
     residual: torch.Tensor | None,
+    shared_act: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """moe_decode_down on the int4 weight dequantized to act's dtype."""
     down = quant.dequantize_int4(quant.Int4Weight(down_qweight, down_scales, down_zeros), act.dtype)
-    return moe_decode_down(act, down, topk_ids, topk_weights, shared_down, residual)
+    return moe_decode_down(act, down, topk_ids, topk_weights, shared_down, residual, shared_act)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -421,11 +421,26 @@ def test_bad_inputs_raise(device):
         moe_decode_down(act, w.down, ids, wts, w.shared_down, torch.randn(T, H, device=device).half())
     with pytest.raises(ValueError, match="down must be contiguous"):
         moe_decode_down(act, torch.randn(E, I, H, device=device).transpose(1, 2), ids, wts, w.shared_down)
+    routed, shared = act[:, : k * I], act[:, k * I :]
+    with pytest.raises(ValueError, match="shared_act needs shared_down"):
+        moe_decode_down(routed, w.down, ids, wts, shared_act=shared)
+    with pytest.raises(ValueError, match="shared_act"):
+        moe_decode_down(routed, w.down, ids, wts, w.shared_down, shared_act=shared[:, 1:])
+    with pytest.raises(ValueError, match="shared_act"):
+        moe_decode_down(routed, w.down, ids, wts, w.shared_down, shared_act=shared[1:])
+    with pytest.raises(TypeError, match="shared_act"):
+        moe_decode_down(routed, w.down, ids, wts, w.shared_down, shared_act=shared.half())
+    with pytest.raises(ValueError, match=r"act must have shape \[T, k\*I\]"):
+        moe_decode_down(act, w.down, ids, wts, w.shared_down, shared_act=shared)  # the shared columns twice
+    with pytest.raises(ValueError, match="shared_act"):  # the op itself
+        torch.ops.dots1_ext.moe_decode_down(routed, w.down, ids, wts, w.shared_down, None, shared[:, 1:])
     if device == "cuda":
         with pytest.raises(ValueError, match="same device"):
             moe_decode_gate_up(x, gu, ids.cpu())
         with pytest.raises(ValueError, match="same device"):
             moe_decode_down(act, w.down, ids, wts.cpu(), w.shared_down)
+        with pytest.raises(ValueError, match="same device"):
+            moe_decode_down(routed, w.down, ids, wts, w.shared_down, shared_act=shared.cpu())
 
 
 @pytest.mark.parametrize("shared", [True, False])
@@ -441,6 +456,32 @@ def test_opcheck(device, shared):
     residual = torch.randn(T, H, device=device).to(dtype)
     torch.library.opcheck(torch.ops.dots1_ext.moe_decode_down.default,
                           (act, w.down, ids, topk_weights(T, k, device), w.shared_down, residual))
+    if shared:
+        torch.library.opcheck(torch.ops.dots1_ext.moe_decode_down.default,
+                              (act[:, : k * I].contiguous(), w.down, ids, topk_weights(T, k, device), w.shared_down,
+                               residual, act[:, k * I :].contiguous()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 5, 9, 64, 65])
+@pytest.mark.parametrize("views", [False, True])
+def test_shared_act_apart_same_bits(device, dtype, T, views):
+    # The down op with the shared experts' columns given apart (shared_act: what the decode step passes
+    # when their gate_up ran on a side stream) sums the same terms in the same order as with them in
+    # act: the same bits, bad-id poison included, on every launch shape (by-warp, CTA-wide, two
+    # launches past 64 tokens), with contiguous tensors or strided views of one act.
+    E, k, H, I, Is = 6, 2, 64, 32, 48
+    w = Weights(E, H, I, Is, dtype, device)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
+    ids[T // 2, 1] = E  # a bad id: its token's row is NaN either way
+    act = moe_decode_gate_up(hidden, w.gate_up, ids, w.shared_gate_up, w.epilogue)
+    routed, shared = act[:, : k * I], act[:, k * I :]
+    if not views:
+        routed, shared = routed.contiguous(), shared.contiguous()
+    out = moe_decode_down(act, w.down, ids, weights, w.shared_down, residual)
+    apart = moe_decode_down(routed, w.down, ids, weights, w.shared_down, residual, shared_act=shared)
+    assert out[T // 2].isnan().all()
+    assert_same_bits(apart, out, f"{dtype} T={T}")
 
 
 def test_compile_fullgraph(device):

@@ -240,11 +240,37 @@ def test_bad_inputs_raise(device):
     with pytest.raises(ValueError, match="multiple of the int4 group size 128"):
         moe_decode_int4_down(act, dq[:, :, :32].contiguous(), ds[:, :, :1].contiguous(), dz[:, :, :1].contiguous(),
                              ids, wts, w.shared_down)
+    routed, shared = act[:, : k * I], act[:, k * I :]
+    with pytest.raises(ValueError, match="shared_act needs shared_down"):
+        moe_decode_int4_down(routed, dq, ds, dz, ids, wts, shared_act=shared)
+    with pytest.raises(ValueError, match="shared_act"):
+        torch.ops.dots1_ext.moe_decode_int4_down(routed, dq, ds, dz, ids, wts, w.shared_down, None, shared[:-1])
+    with pytest.raises(ValueError, match=r"act must have shape \[T, k\*I\]"):
+        moe_decode_int4_down(act, dq, ds, dz, ids, wts, w.shared_down, shared_act=shared)
     if device == "cuda":
         with pytest.raises(ValueError, match="same device"):
             moe_decode_int4_gate_up(x, q, s.cpu(), z, ids)
         with pytest.raises(ValueError, match="same device"):
             moe_decode_int4_down(act, dq, ds, dz, ids.cpu(), wts, w.shared_down)
+        with pytest.raises(TypeError, match="shared_act"):
+            moe_decode_int4_down(routed, dq, ds, dz, ids, wts, w.shared_down, shared_act=shared.half())
+
+
+@pytest.mark.parametrize("T", [1, 5, 9, 65])
+def test_shared_act_apart_same_bits(device, T):
+    # test_moe_decode's case on int4 experts: down with the shared columns given apart (shared_act) is
+    # bitwise down with them in act, poison included.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is = 6, 2, 128, 128, 48
+    w = Int4Weights(E, H, I, Is, dtype, device)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, device)
+    ids[T // 2, 0] = -1
+    act = moe_decode_int4_gate_up(hidden, *w.gate_up_args(), ids, w.shared_gate_up, w.epilogue)
+    out = moe_decode_int4_down(act, *w.down_args(), ids, weights, w.shared_down, residual)
+    apart = moe_decode_int4_down(act[:, : k * I].contiguous(), *w.down_args(), ids, weights, w.shared_down, residual,
+                                 shared_act=act[:, k * I :].contiguous())
+    assert out[T // 2].isnan().all()
+    assert_same_bits(apart, out, f"T={T}")
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -5,7 +5,8 @@
 //   moe_decode_gate_up(hidden [T, H], gate_up [E, 2I, H], topk_ids [T, k] int32, shared_gate_up [2Is, H]?,
 //                      epilogue "swiglu" | "swiglu_interleaved") -> act [T, k*I + Is]
 //   moe_decode_down(act [T, k*I + Is], down [E, H, I], topk_ids [T, k] int32, topk_weights [T, k] fp32,
-//                   shared_down [H, Is]?, residual [T, H]?) -> out [T, H]
+//                   shared_down [H, Is]?, residual [T, H]?, shared_act [T, Is]?) -> out [T, H]
+//                   (with shared_act, the shared experts' columns come from it and act is [T, k*I])
 //   moe_decode_int4_gate_up / moe_decode_int4_down: the same, the routed weights in the int4 format
 //                   (qweight [E, N, K/2] uint8, scales [E, N, K/128] bf16, zeros [E, N, K/128] uint8 or None;
 //                   docs/design.md §7): exactly the ops above on the dequantized weights (each element
@@ -119,24 +120,25 @@ struct DownShape {
 
 DownShape check_down_rest(const at::Tensor& act, int64_t E, int64_t H, int64_t I, const at::Tensor& topk_ids,
                           const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
-                          const std::optional<at::Tensor>& residual);
+                          const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared_act);
 
 DownShape check_down(const at::Tensor& act, const at::Tensor& down, const at::Tensor& topk_ids,
                      const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
-                     const std::optional<at::Tensor>& residual) {
+                     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared_act) {
   check_dtype(act, "act", kFloatTypes);
   check_shape(act, "act", {-1, -1});
   check_dtype(down, "down", {act.scalar_type()});
   check_shape(down, "down", {-1, -1, -1});
   check_same_device(down, "down", act, "act");
   check_weight_layout(down, "down", "[E, H, I] with I contiguous");
-  return check_down_rest(act, down.size(0), down.size(1), down.size(2), topk_ids, topk_weights, shared_down, residual);
+  return check_down_rest(act, down.size(0), down.size(1), down.size(2), topk_ids, topk_weights, shared_down, residual,
+                         shared_act);
 }
 
 // check_down after the routed weight [E, H, I] (dense or int4) was checked.
 DownShape check_down_rest(const at::Tensor& act, int64_t E, int64_t H, int64_t I, const at::Tensor& topk_ids,
                           const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
-                          const std::optional<at::Tensor>& residual) {
+                          const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared_act) {
   const int64_t T = act.size(0);
   check_dtype(topk_ids, "topk_ids", {at::kInt});
   check_shape(topk_ids, "topk_ids", {T, -1});
@@ -154,9 +156,20 @@ DownShape check_down_rest(const at::Tensor& act, int64_t E, int64_t H, int64_t I
     check_weight_layout(s, "shared_down", "[H, Is] with Is contiguous");
     Is = s.size(1);
   }
-  TORCH_CHECK_VALUE(act.size(1) == k * I + Is, "dots1_ext: act must have shape [T, k*I + Is] = [", T, ", ",
-                    k * I + Is, "] (k=", k, " from topk_ids, I=", I, " from down, Is=", Is,
-                    " from shared_down), got ", act.sizes());
+  if (shared_act.has_value()) {
+    TORCH_CHECK_VALUE(shared_down.has_value(), "dots1_ext: shared_act needs shared_down (the shared experts' down "
+                      "weight [H, Is]), got None");
+    check_dtype(*shared_act, "shared_act", {act.scalar_type()});
+    check_shape(*shared_act, "shared_act", {T, Is});
+    check_same_device(*shared_act, "shared_act", act, "act");
+    TORCH_CHECK_VALUE(act.size(1) == k * I, "dots1_ext: act must have shape [T, k*I] = [", T, ", ", k * I,
+                      "] when shared_act holds the shared experts' columns (k=", k, " from topk_ids, I=", I,
+                      " from down), got ", act.sizes());
+  } else {
+    TORCH_CHECK_VALUE(act.size(1) == k * I + Is, "dots1_ext: act must have shape [T, k*I + Is] = [", T, ", ",
+                      k * I + Is, "] (k=", k, " from topk_ids, I=", I, " from down, Is=", Is,
+                      " from shared_down), got ", act.sizes());
+  }
   if (residual.has_value()) {
     check_dtype(*residual, "residual", {act.scalar_type()});
     check_shape(*residual, "residual", {T, H});
@@ -221,11 +234,11 @@ GateUpShape check_int4_gate_up(const at::Tensor& hidden, const at::Tensor& qweig
 DownShape check_int4_down(const at::Tensor& act, const at::Tensor& qweight, const at::Tensor& scales,
                           const std::optional<at::Tensor>& zeros, const at::Tensor& topk_ids,
                           const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
-                          const std::optional<at::Tensor>& residual) {
+                          const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared_act) {
   check_dtype(act, "act", kFloatTypes);
   check_shape(act, "act", {-1, -1});
   const auto [E, H, I] = check_int4_weight("down", qweight, scales, zeros, act, "act");
-  return check_down_rest(act, E, H, I, topk_ids, topk_weights, shared_down, residual);
+  return check_down_rest(act, E, H, I, topk_ids, topk_weights, shared_down, residual, shared_act);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -295,7 +308,8 @@ at::Tensor gate_up_cpu(const at::Tensor& hidden_in, const GateUpShape& g, const 
 
 at::Tensor down_cpu(const at::Tensor& act_in, const DownShape& d, const at::Tensor& topk_ids_in,
                     const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
-                    const std::optional<at::Tensor>& residual, const ExpertWeight& expert_weight) {
+                    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shared_act,
+                    const ExpertWeight& expert_weight) {
   const at::Tensor a = act_in.to(at::kFloat).contiguous();
   const at::Tensor ids = topk_ids_in.contiguous();
   const int32_t* id = ids.data_ptr<int32_t>();
@@ -310,7 +324,10 @@ at::Tensor down_cpu(const at::Tensor& act_in, const DownShape& d, const at::Tens
   const at::Tensor w = topk_weights.to(at::kFloat);
   at::Tensor acc = at::zeros({d.T, d.H}, a.options());
   for (int64_t j = 0; j < d.k; ++j) acc = acc + w.narrow(1, j, 1) * terms.select(1, j);
-  if (d.Is > 0) acc = acc + at::matmul(a.narrow(1, d.k * d.I, d.Is), shared_down->to(at::kFloat).t());
+  if (d.Is > 0) {
+    const at::Tensor s = shared_act.has_value() ? shared_act->to(at::kFloat) : a.narrow(1, d.k * d.I, d.Is);
+    acc = acc + at::matmul(s, shared_down->to(at::kFloat).t());
+  }
   if (residual.has_value()) acc = acc + residual->to(at::kFloat);
   std::vector<uint8_t> bad(d.T, 0);
   for (int64_t p = 0; p < d.T * d.k; ++p)
@@ -329,9 +346,10 @@ at::Tensor moe_decode_gate_up_cpu(const at::Tensor& hidden, const at::Tensor& ga
 
 at::Tensor moe_decode_down_cpu(const at::Tensor& act, const at::Tensor& down, const at::Tensor& topk_ids,
                                const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
-                               const std::optional<at::Tensor>& residual) {
-  const DownShape d = check_down(act, down, topk_ids, topk_weights, shared_down, residual);
-  return down_cpu(act, d, topk_ids, topk_weights, shared_down, residual,
+                               const std::optional<at::Tensor>& residual,
+                               const std::optional<at::Tensor>& shared_act) {
+  const DownShape d = check_down(act, down, topk_ids, topk_weights, shared_down, residual, shared_act);
+  return down_cpu(act, d, topk_ids, topk_weights, shared_down, residual, shared_act,
                   [&](int64_t e) { return down.select(0, e).to(at::kFloat); });
 }
 
@@ -349,10 +367,12 @@ at::Tensor moe_decode_int4_gate_up_cpu(const at::Tensor& hidden, const at::Tenso
 at::Tensor moe_decode_int4_down_cpu(const at::Tensor& act, const at::Tensor& qweight, const at::Tensor& scales,
                                     const std::optional<at::Tensor>& zeros, const at::Tensor& topk_ids,
                                     const at::Tensor& topk_weights, const std::optional<at::Tensor>& shared_down,
-                                    const std::optional<at::Tensor>& residual) {
-  const DownShape d = check_int4_down(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual);
+                                    const std::optional<at::Tensor>& residual,
+                                    const std::optional<at::Tensor>& shared_act) {
+  const DownShape d =
+      check_int4_down(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual, shared_act);
   const at::ScalarType dtype = act.scalar_type();
-  return down_cpu(act, d, topk_ids, topk_weights, shared_down, residual,
+  return down_cpu(act, d, topk_ids, topk_weights, shared_down, residual, shared_act,
                   [&](int64_t e) { return dequantize_int4_expert(qweight, scales, zeros, e, dtype); });
 }
 
@@ -456,13 +476,15 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor
 // The down ops' tensors as the kernels read them (on the current device): act aligned and contiguous,
 // the ids, weights and residual contiguous; and the output [T, H], new.
 struct DownInputs {
-  at::Tensor act, ids, weights, residual, out;
+  at::Tensor act, shared_act, ids, weights, residual, out;
 };
 
 DownInputs down_inputs(const DownShape& d, const at::Tensor& act_in, const at::Tensor& topk_ids_in,
-                       const at::Tensor& topk_weights_in, const std::optional<at::Tensor>& residual_in) {
+                       const at::Tensor& topk_weights_in, const std::optional<at::Tensor>& residual_in,
+                       const std::optional<at::Tensor>& shared_act_in) {
   DownInputs in;
   in.act = aligned_contiguous(act_in);
+  if (shared_act_in.has_value()) in.shared_act = aligned_contiguous(*shared_act_in);
   in.ids = topk_ids_in.contiguous();
   in.weights = topk_weights_in.contiguous();
   if (residual_in.has_value()) in.residual = residual_in->contiguous();
@@ -472,12 +494,14 @@ DownInputs down_inputs(const DownShape& d, const at::Tensor& act_in, const at::T
 
 at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down, const at::Tensor& topk_ids_in,
                                 const at::Tensor& topk_weights_in, const std::optional<at::Tensor>& shared_down,
-                                const std::optional<at::Tensor>& residual_in) {
+                                const std::optional<at::Tensor>& residual_in,
+                                const std::optional<at::Tensor>& shared_act_in) {
   check_kernel_env();
-  const DownShape d = check_down(act_in, down, topk_ids_in, topk_weights_in, shared_down, residual_in);
+  const DownShape d = check_down(act_in, down, topk_ids_in, topk_weights_in, shared_down, residual_in, shared_act_in);
   c10::cuda::CUDAGuard guard(act_in.device());
-  const DownInputs in = down_inputs(d, act_in, topk_ids_in, topk_weights_in, residual_in);
-  C10_CUDA_CHECK(launch_moe_decode_down(in.act.data_ptr(), down.data_ptr(), in.ids.data_ptr<int32_t>(),
+  const DownInputs in = down_inputs(d, act_in, topk_ids_in, topk_weights_in, residual_in, shared_act_in);
+  C10_CUDA_CHECK(launch_moe_decode_down(in.act.data_ptr(), in.shared_act.defined() ? in.shared_act.data_ptr() : nullptr,
+                                        down.data_ptr(), in.ids.data_ptr<int32_t>(),
                                         in.weights.data_ptr<float>(),
                                         shared_down.has_value() ? shared_down->data_ptr() : nullptr,
                                         in.residual.defined() ? in.residual.data_ptr() : nullptr, in.out.data_ptr(),
@@ -512,14 +536,16 @@ at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::T
 at::Tensor moe_decode_int4_down_cuda(const at::Tensor& act_in, const at::Tensor& qweight, const at::Tensor& scales,
                                      const std::optional<at::Tensor>& zeros, const at::Tensor& topk_ids_in,
                                      const at::Tensor& topk_weights_in, const std::optional<at::Tensor>& shared_down,
-                                     const std::optional<at::Tensor>& residual_in) {
+                                     const std::optional<at::Tensor>& residual_in,
+                                     const std::optional<at::Tensor>& shared_act_in) {
   check_kernel_env();
-  const DownShape d =
-      check_int4_down(act_in, qweight, scales, zeros, topk_ids_in, topk_weights_in, shared_down, residual_in);
+  const DownShape d = check_int4_down(act_in, qweight, scales, zeros, topk_ids_in, topk_weights_in, shared_down,
+                                      residual_in, shared_act_in);
   c10::cuda::CUDAGuard guard(act_in.device());
-  const DownInputs in = down_inputs(d, act_in, topk_ids_in, topk_weights_in, residual_in);
+  const DownInputs in = down_inputs(d, act_in, topk_ids_in, topk_weights_in, residual_in, shared_act_in);
   C10_CUDA_CHECK(launch_moe_decode_int4_down(
-      in.act.data_ptr(), qweight.data_ptr<uint8_t>(), scales.data_ptr(),
+      in.act.data_ptr(), in.shared_act.defined() ? in.shared_act.data_ptr() : nullptr, qweight.data_ptr<uint8_t>(),
+      scales.data_ptr(),
       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, in.ids.data_ptr<int32_t>(),
       in.weights.data_ptr<float>(), shared_down.has_value() ? shared_down->data_ptr() : nullptr,
       in.residual.defined() ? in.residual.data_ptr() : nullptr, in.out.data_ptr(), d.T, d.H, d.E, d.k, d.I, d.Is,

@@ -4,6 +4,8 @@
 //
 // Shape letters: T tokens, H hidden, E routed experts, k experts per token, I expert intermediate,
 // Is shared-experts intermediate (0: no shared experts), NA = k*I + Is (act's row length).
+// The down launchers take the shared experts' columns apart when shared_act is not null: act is then
+// [T, k*I] and shared_act [T, Is] (both contiguous); act[t, k*I:] below reads shared_act[t].
 //
 //   gate_up: act[t, j*I + f]   = silu(g) * u of expert ids[t, j]'s gate / up rows of feature f,
 //            act[t, k*I + f]   = the same for the shared experts' weight;
@@ -72,6 +74,7 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden,          // [T, H]
                                       cudaStream_t stream, bool use_pdl);
 
 cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
+                                   const void* shared_act,     // [T, Is] or nullptr (then act[:, k*I:])
                                    const void* down,           // [E, H, I]
                                    const int32_t* topk_ids,    // [T, k] device
                                    const float* topk_weights,  // [T, k] device
@@ -108,6 +111,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H
                                            bool use_pdl, bool staged, int row_groups);
 
 cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
+                                        const void* shared_act,     // [T, Is] or nullptr (then act[:, k*I:])
                                         const uint8_t* qweight,     // [E, H, I/2]
                                         const void* scales,         // [E, H, I/128] bf16
                                         const uint8_t* zeros,       // [E, H, I/128] or nullptr

@@ -1076,7 +1076,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
 
 template <typename T, typename W>
 struct DownParams {
-  const T* act;               // [T, NA]
+  const T* act;               // [T, NA]: the routed experts' columns [0, k I)
+  const T* shared_act;        // [T, *] row stride NS: the shared experts' Is columns (act + k I, or apart)
   W down;                     // the routed experts [E, H, I] (DenseExperts or Int4Experts)
   const int32_t* topk_ids;    // [T, k]
   const float* topk_weights;  // [T, k]
@@ -1084,7 +1085,7 @@ struct DownParams {
   const T* residual;          // [T, H] or nullptr
   T* out;                     // [T, H]
   int T_, k, E;
-  int64_t H, I, Is, NA;
+  int64_t H, I, Is, NA, NS;
 };
 
 template <int NT>
@@ -1184,7 +1185,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
       for (int n = 0; n < NT; ++n) {
         const int t = t0 + (8 * n + g) / kParts;
         col_ok[n] = t < p.T_;
-        col[n] = p.act + static_cast<int64_t>(col_ok[n] ? t : 0) * p.NA + static_cast<int64_t>(p.k) * p.I;
+        col[n] = p.shared_act + static_cast<int64_t>(col_ok[n] ? t : 0) * p.NS;
       }
       float res[NT][4];
       stream_rows<T, NT, kParts, kDownU>(p.shared_down + min(hb + row, H - 1) * p.Is,
@@ -1424,7 +1425,7 @@ __global__ void __launch_bounds__(kThreads) moe_down_simple_kernel(const DownPar
     }
     if (p.Is > 0) {
       const T* w = p.shared_down + h * p.Is;
-      const T* a = p.act + t * p.NA + static_cast<int64_t>(p.k) * p.I;
+      const T* a = p.shared_act + t * p.NS;
       float dot = 0.0f;
       for (int64_t i = lane; i < p.Is; i += 32) dot = fmaf(to_float(w[i]), to_float(a[i]), dot);
       acc = __fadd_rn(acc, warp_sum(dot));
@@ -1619,6 +1620,7 @@ cudaError_t down_fast(DownParams<T, W> p, int64_t T_total, int n_tiles, MoeDecod
     return cudaErrorInvalidValue;
   } else {
     const T* act = p.act;
+    const T* shared_act = p.shared_act;
     const int32_t* ids = p.topk_ids;
     const float* weights = p.topk_weights;
     const T* residual = p.residual;
@@ -1632,6 +1634,7 @@ cudaError_t down_fast(DownParams<T, W> p, int64_t T_total, int n_tiles, MoeDecod
       const int64_t tc = std::min(chunk, T_total - t0);
       p.T_ = static_cast<int>(tc);
       p.act = act + t0 * p.NA;
+      p.shared_act = shared_act + t0 * p.NS;
       p.topk_ids = ids + t0 * p.k;
       p.topk_weights = weights + t0 * p.k;
       p.residual = residual != nullptr ? residual + t0 * p.H : nullptr;
@@ -1690,25 +1693,27 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }
 
-cudaError_t launch_moe_decode_down(const void* act, const void* down, const int32_t* topk_ids,
+cudaError_t launch_moe_decode_down(const void* act, const void* shared_act, const void* down, const int32_t* topk_ids,
                                    const float* topk_weights, const void* shared_down, const void* residual, void* out,
                                    int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
                                    int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl) {
   if (T == 0 || H == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
-  const int64_t NA = k * I + Is;
+  const int64_t NA = shared_act != nullptr ? k * I : k * I + Is;
+  const int64_t NS = shared_act != nullptr ? Is : NA;
   int sm_count = 0;
   const cudaError_t err = current_sm_count(&sm_count);
   if (err != cudaSuccess) return err;
   const bool fast = dtype != DType::kFloat32 && H % 8 == 0 && I % 8 == 0 && Is % 8 == 0 && k <= kMaxPairs &&
-                    fast_sizes(H, I, Is) && aligned16(act) && aligned16(down) && aligned16(shared_down) &&
-                    !moe_decode_force_simple();
+                    fast_sizes(H, I, Is) && aligned16(act) && aligned16(shared_act) && aligned16(down) &&
+                    aligned16(shared_down) && !moe_decode_force_simple();
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
     const DenseExperts<scalar_t> experts{static_cast<const scalar_t*>(down), H, I};
+    const scalar_t* a = static_cast<const scalar_t*>(act);
     const DownParams<scalar_t, DenseExperts<scalar_t>> p{
-        static_cast<const scalar_t*>(act), experts, topk_ids, topk_weights,
-        static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
-        static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
+        a, shared_act != nullptr ? static_cast<const scalar_t*>(shared_act) : a + k * I, experts, topk_ids,
+        topk_weights, static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
+        static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA, NS};
     return down_launch(p, fast, n_tiles, loads, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
@@ -1743,27 +1748,29 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }
 
-cudaError_t launch_moe_decode_int4_down(const void* act, const uint8_t* qweight, const void* scales,
-                                        const uint8_t* zeros, const int32_t* topk_ids, const float* topk_weights,
-                                        const void* shared_down, const void* residual, void* out, int64_t T,
-                                        int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                        int n_tiles, cudaStream_t stream, bool use_pdl) {
+cudaError_t launch_moe_decode_int4_down(const void* act, const void* shared_act, const uint8_t* qweight,
+                                        const void* scales, const uint8_t* zeros, const int32_t* topk_ids,
+                                        const float* topk_weights, const void* shared_down, const void* residual,
+                                        void* out, int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
+                                        DType dtype, int n_tiles, cudaStream_t stream, bool use_pdl) {
   if (T == 0 || H == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
   if (I % kGroupK != 0) return cudaErrorInvalidValue;  // the format's groups
-  const int64_t NA = k * I + Is;
+  const int64_t NA = shared_act != nullptr ? k * I : k * I + Is;
+  const int64_t NS = shared_act != nullptr ? Is : NA;
   int sm_count = 0;
   const cudaError_t err = current_sm_count(&sm_count);
   if (err != cudaSuccess) return err;
   const bool fast = dtype == DType::kBFloat16 && H % 8 == 0 && Is % 8 == 0 && k <= kMaxPairs &&
-                    fast_sizes(H, I, Is) && aligned16(act) && aligned16(qweight) && aligned16(shared_down) &&
-                    !moe_decode_force_simple();
+                    fast_sizes(H, I, Is) && aligned16(act) && aligned16(shared_act) && aligned16(qweight) &&
+                    aligned16(shared_down) && !moe_decode_force_simple();
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
     const Int4Experts<scalar_t> experts{qweight, static_cast<const __nv_bfloat16*>(scales), zeros, H, I};
+    const scalar_t* a = static_cast<const scalar_t*>(act);
     const DownParams<scalar_t, Int4Experts<scalar_t>> p{
-        static_cast<const scalar_t*>(act), experts, topk_ids, topk_weights,
-        static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
-        static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
+        a, shared_act != nullptr ? static_cast<const scalar_t*>(shared_act) : a + k * I, experts, topk_ids,
+        topk_weights, static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
+        static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA, NS};
     return down_launch(p, fast, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above

@@ -89,7 +89,7 @@ def check_gate_up_routing(hidden, N: int, E: int, weight_name: str, topk_ids, sh
 
 
 def check_down_routing(act, E: int, H: int, inter: int, weight_name: str, topk_ids, topk_weights, shared_down,
-                       residual) -> None:
+                       residual, shared_act=None) -> None:
     """The checks of moe_decode_down's arguments other than the routed weight itself ([E, H, inter],
     checked by the caller; also the int4 op's)."""
     T = act.shape[0]
@@ -107,7 +107,18 @@ def check_down_routing(act, E: int, H: int, inter: int, weight_name: str, topk_i
         C.check_same_device(shared_down, "shared_down", act, "act")
         _check_weight_layout(shared_down, "shared_down", "[H, Is] with Is contiguous")
         shared = shared_down.shape[1]
-    if act.shape[1] != k * inter + shared:
+    if shared_act is not None:
+        if shared_down is None:
+            raise ValueError("dots1_ext: shared_act needs shared_down (the shared experts' down weight [H, Is]), "
+                             "got None")
+        C.check_dtype(shared_act, "shared_act", (act.dtype,))
+        C.check_shape(shared_act, "shared_act", (T, shared))
+        C.check_same_device(shared_act, "shared_act", act, "act")
+        if act.shape[1] != k * inter:
+            raise ValueError(f"dots1_ext: act must have shape [T, k*I] = [{T}, {k * inter}] when shared_act holds "
+                             f"the shared experts' columns (k={k} from topk_ids, I={inter} from {weight_name}), got "
+                             f"{list(act.shape)}")
+    elif act.shape[1] != k * inter + shared:
         raise ValueError(
             f"dots1_ext: act must have shape [T, k*I + Is] = [{T}, {k * inter + shared}] (k={k} from topk_ids, "
             f"I={inter} from {weight_name}, Is={shared} from shared_down), got {list(act.shape)}"
@@ -130,7 +141,7 @@ def _check_gate_up(hidden, gate_up, topk_ids, shared_gate_up, epilogue):
     check_gate_up_routing(hidden, gate_up.shape[1], gate_up.shape[0], "gate_up", topk_ids, shared_gate_up, epilogue)
 
 
-def _check_down(act, down, topk_ids, topk_weights, shared_down, residual):
+def _check_down(act, down, topk_ids, topk_weights, shared_down, residual, shared_act=None):
     C.check_dtype(act, "act", C.FLOAT_DTYPES)
     C.check_shape(act, "act", (None, None))
     C.check_dtype(down, "down", (act.dtype,))
@@ -138,7 +149,7 @@ def _check_down(act, down, topk_ids, topk_weights, shared_down, residual):
     C.check_same_device(down, "down", act, "act")
     _check_weight_layout(down, "down", "[E, H, I] with I contiguous")
     E, H, inter = down.shape
-    check_down_routing(act, E, H, inter, "down", topk_ids, topk_weights, shared_down, residual)
+    check_down_routing(act, E, H, inter, "down", topk_ids, topk_weights, shared_down, residual, shared_act)
 
 
 fill_with_reference("moe_decode_gate_up", reference.moe_decode_gate_up, _check_gate_up)
@@ -153,8 +164,8 @@ def _moe_decode_gate_up_fake(hidden, gate_up, topk_ids, shared_gate_up, epilogue
 
 
 @torch.library.register_fake("dots1_ext::moe_decode_down")
-def _moe_decode_down_fake(act, down, topk_ids, topk_weights, shared_down, residual):
-    _check_down(act, down, topk_ids, topk_weights, shared_down, residual)
+def _moe_decode_down_fake(act, down, topk_ids, topk_weights, shared_down, residual, shared_act=None):
+    _check_down(act, down, topk_ids, topk_weights, shared_down, residual, shared_act)
     return act.new_empty(act.shape[0], down.shape[1])
 
 
@@ -193,6 +204,7 @@ def moe_decode_down(
     shared_down: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     check_ids: bool = False,
+    shared_act: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Down projections of the routed and shared experts, combined per token.
 
@@ -205,7 +217,11 @@ def moe_decode_down(
     exactly that order (j = 0 .. k-1, shared, residual) and rounded once; bitwise reproducible. A token
     with an id outside [0, E) gets a NaN row; ``check_ids=True`` raises IndexError on the host instead
     (synchronises).
+
+    ``shared_act`` [T, Is]: the shared experts' columns given apart (act is then [T, k*I]), e.g. from
+    ``skinny_gemm(hidden, shared_gate_up, "swiglu")`` on another stream; the same sums as with them in
+    act, so the same bits for the same values.
     """
     if check_ids:
         C.check_index_range(topk_ids, "topk_ids", down.shape[0], "experts of down")
-    return op("moe_decode_down")(act, down, topk_ids, topk_weights, shared_down, residual)
+    return op("moe_decode_down")(act, down, topk_ids, topk_weights, shared_down, residual, shared_act)

@@ -71,11 +71,11 @@ def _check_gate_up(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, epi
     check_gate_up_routing(hidden, N, E, "gate_up_qweight", topk_ids, shared_gate_up, epilogue)
 
 
-def _check_down(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual):
+def _check_down(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual, shared_act=None):
     C.check_dtype(act, "act", C.FLOAT_DTYPES)
     C.check_shape(act, "act", (None, None))
     E, H, inter = _check_int4_weight("down", qweight, scales, zeros, act, "act")
-    check_down_routing(act, E, H, inter, "down_qweight", topk_ids, topk_weights, shared_down, residual)
+    check_down_routing(act, E, H, inter, "down_qweight", topk_ids, topk_weights, shared_down, residual, shared_act)
 
 
 fill_with_reference("moe_decode_int4_gate_up", reference.moe_decode_int4_gate_up, _check_gate_up)
@@ -90,8 +90,9 @@ def _moe_decode_int4_gate_up_fake(hidden, qweight, scales, zeros, topk_ids, shar
 
 
 @torch.library.register_fake("dots1_ext::moe_decode_int4_down")
-def _moe_decode_int4_down_fake(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual):
-    _check_down(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual)
+def _moe_decode_int4_down_fake(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual,
+                               shared_act=None):
+    _check_down(act, qweight, scales, zeros, topk_ids, topk_weights, shared_down, residual, shared_act)
     return act.new_empty(act.shape[0], qweight.shape[1])
 
 
@@ -126,11 +127,12 @@ def moe_decode_int4_down(
     shared_down: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     check_ids: bool = False,
+    shared_act: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`dots1_ext.ops.moe_decode_down` with the routed ``down`` [E, H, I] in the int4 format
     (``down_qweight`` [E, H, I/2], ``down_scales`` / ``down_zeros`` [E, H, I/128]; I % 128 == 0).
-    Returns out [T, H] in act's dtype."""
+    ``shared_act`` as there. Returns out [T, H] in act's dtype."""
     if check_ids:
         C.check_index_range(topk_ids, "topk_ids", down_qweight.shape[0], "experts of down_qweight")
     return op("moe_decode_int4_down")(act, down_qweight, down_scales, down_zeros, topk_ids, topk_weights,
-                                      shared_down, residual)
+                                      shared_down, residual, shared_act)
