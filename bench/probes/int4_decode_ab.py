@@ -2,8 +2,10 @@
 (DOTS1_EXT_MOE_DECODE_INT4_STAGED 0 / 1, and any given as NAME=a,b on the command line):
 which of them moves batch-1 int4 decode, measured as bench/bench_moe_decode.py measures (CUDA graphs
 of CALLS calls over WEIGHT_SETS weight copies, fresh ids per replay, median replay / calls).
+With the word ``routed``: the routed experts only (no shared experts; the floors without their bytes),
+what the kernels' int4 streams cost alone.
 
-    PYTHONPATH=. python bench/probes/int4_decode_ab.py [T,T,...] [NAME=v1,v2 ...]
+    PYTHONPATH=. python bench/probes/int4_decode_ab.py [T,T,...] [routed] [NAME=v1,v2 ...]
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("int4_decode_ab: needs a CUDA GPU and the extension built with CUDA")
     args = sys.argv[1:]
-    Ts = [int(t) for t in args[0].split(",")] if args and "=" not in args[0] else [1, 4, 8, 16]
+    Ts = [int(t) for t in args[0].split(",")] if args and args[0][0].isdigit() else [1, 4, 8, 16]
+    routed_only = "routed" in args
     knobs = {"DOTS1_EXT_MOE_DECODE_INT4_STAGED": ["0", "1"]}
     for a in args:
         if "=" in a:
@@ -42,6 +45,10 @@ def main() -> None:
     s = REAL
     E, k, H, I, Is = s["E"], s["k"], s["H"], s["I"], s["Is"]
     sets = [make_weights(s, "cuda", torch.bfloat16) for _ in range(WEIGHT_SETS)]
+    if routed_only:
+        Is = 0
+        for w in sets:
+            w["shared_gate_up"] = w["shared_down"] = None
     act = {T: torch.randn(T, k * I + Is, device="cuda").to(torch.bfloat16) for T in Ts}
     int4_expert = 3 * I * H // 2 + 3 * I * H // 128 * 3
     for T in Ts:
@@ -63,6 +70,7 @@ def main() -> None:
         for combo in itertools.product(*knobs.values()):
             env = dict(zip(knobs, combo))
             label = " ".join(f"{n.replace('DOTS1_EXT_', '')}={v}" for n, v in env.items())
+            label = f"routed only {label}" if routed_only else label
             t_gu = graph_ms(with_env(env, gate_up), calls, redraw, 20)
             t_dn = graph_ms(with_env(env, down), calls, redraw, 20)
             t_pair = graph_ms(with_env(env, ours_int4), calls, redraw, 20)
