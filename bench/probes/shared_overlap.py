@@ -8,8 +8,8 @@ needed: the router draws them from fresh hidden rows), median replay / calls, ru
   serial_norouter the same with the ids and weights given (what the router costs the block)
   overlap_cat     side stream: skinny_gemm(x, shared_gate_up, "swiglu"); main: router -> routed gate_up;
                   join; torch.cat into act; down. The output is checked against serial's.
-  overlap         overlap_cat without the cat: down takes the shared act apart (shared_act), as the model
-                  does with DOTS1_EXT_MOE_SHARED_STREAM.
+  overlap         overlap_cat without the cat: down takes the shared act apart (shared_act). (A model switch
+                  running this in the decode step measured slower there and was not landed: results.)
 Measured and dropped before shared_act existed (2026-11-30, results folder): the router on the side
 stream beside the shared gate_up, and one stream with the shared gate_up first.
 
@@ -70,7 +70,8 @@ def main() -> None:
     def serial_norouter(x, w, residual, ids0, weights0):
         return down(gate_up(x, w, ids0, w["shared_gate_up"]), w, ids0, weights0, residual)
 
-    def overlap_cat(x, w, residual, ids0, weights0):
+    def forked(x, w):
+        # side stream: the shared experts' gate_up; main: the router and the routed gate_up; joined
         main_stream = torch.cuda.current_stream()
         side.wait_stream(main_stream)
         with torch.cuda.stream(side):
@@ -78,18 +79,15 @@ def main() -> None:
         weights, ids = route(x, w)
         routed_act = gate_up(x, w, ids, None)
         main_stream.wait_stream(side)
-        act = torch.cat([routed_act, shared_act], dim=1)
-        return down(act, w, ids, weights, residual)
+        return routed_act, shared_act, weights, ids
+
+    def overlap_cat(x, w, residual, ids0, weights0):
+        routed_act, shared_act, weights, ids = forked(x, w)
+        return down(torch.cat([routed_act, shared_act], dim=1), w, ids, weights, residual)
 
     def overlap(x, w, residual, ids0, weights0):
-        # what the model runs (DOTS1_EXT_MOE_SHARED_STREAM): overlap_cat with down taking shared_act apart
-        main_stream = torch.cuda.current_stream()
-        side.wait_stream(main_stream)
-        with torch.cuda.stream(side):
-            shared_act = skinny_gemm(x, w["shared_gate_up"], "swiglu")
-        weights, ids = route(x, w)
-        routed_act = gate_up(x, w, ids, None)
-        main_stream.wait_stream(side)
+        # down takes the shared act apart (shared_act): no cat
+        routed_act, shared_act, weights, ids = forked(x, w)
         if int4:
             return moe_decode_int4_down(routed_act, *w["int4_down"], ids, weights, w["shared_down"], residual,
                                         shared_act=shared_act)
