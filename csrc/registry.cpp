@@ -75,9 +75,11 @@ TORCH_LIBRARY(dots1_ext, m) {
   // ---- MoE decode (routed + shared experts without permute): csrc/moe_decode ----
   // hidden [T, H], gate_up [E, 2I, H] (epilogue "swiglu" or "swiglu_interleaved"), topk_ids [T, k]
   // int32, shared_gate_up [2Is, H] (gate rows then up rows) -> act [T, k*I + Is]: routed expert j of
-  // token t in columns [j*I, (j+1)*I), the shared experts in [k*I, k*I + Is)
+  // token t in columns [j*I, (j+1)*I), the shared experts in [k*I, k*I + Is). hidden_settled: the
+  // caller guarantees hidden was written before the launch right before this op (the CUDA kernel then
+  // reads it without waiting for that launch: csrc/pdl.cuh); the same result either way.
   m.def("moe_decode_gate_up(Tensor hidden, Tensor gate_up, Tensor topk_ids, Tensor? shared_gate_up, "
-        "str epilogue) -> Tensor");
+        "str epilogue, bool hidden_settled=False) -> Tensor");
   // act [T, k*I + Is], down [E, H, I], topk_ids [T, k] int32, topk_weights [T, k] fp32, shared_down
   // [H, Is], residual [T, H] -> out[t] = sum_j w[t, j] * down_j(act) + shared_down(act) + residual[t],
   // summed in fp32 in that fixed order, rounded once. shared_act [T, Is]: the shared experts' columns
@@ -88,7 +90,8 @@ TORCH_LIBRARY(dots1_ext, m) {
   // scales [E, N, K/128] bf16, zeros [E, N, K/128] uint8 or None (symmetric); equal to the ops above on
   // the dequantized weights ((u - z) * s rounded once to the activations' dtype). K % 128 == 0.
   m.def("moe_decode_int4_gate_up(Tensor hidden, Tensor gate_up_qweight, Tensor gate_up_scales, "
-        "Tensor? gate_up_zeros, Tensor topk_ids, Tensor? shared_gate_up, str epilogue) -> Tensor");
+        "Tensor? gate_up_zeros, Tensor topk_ids, Tensor? shared_gate_up, str epilogue, "
+        "bool hidden_settled=False) -> Tensor");
   m.def("moe_decode_int4_down(Tensor act, Tensor down_qweight, Tensor down_scales, Tensor? down_zeros, "
         "Tensor topk_ids, Tensor topk_weights, Tensor? shared_down, Tensor? residual, Tensor? shared_act=None) "
         "-> Tensor");

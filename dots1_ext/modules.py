@@ -72,12 +72,12 @@ def _reference_namespace() -> types.SimpleNamespace:
             reference.decode_attention(q, kc, vc, start, end, window, scale),
         qk_norm_rope_decode_attention=reference.qk_norm_rope_decode_attention,
         decode_step_inputs=reference.decode_step_inputs,
-        moe_decode_gate_up=lambda h, w, ids, shared=None, epilogue="swiglu":
+        moe_decode_gate_up=lambda h, w, ids, shared=None, epilogue="swiglu", check_ids=False, hidden_settled=False:
             reference.moe_decode_gate_up(h, w, ids, shared, epilogue),
         moe_decode_down=lambda act, w, ids, weights, shared=None, residual=None, check_ids=False, shared_act=None:
             reference.moe_decode_down(act, w, ids, weights, shared, residual, shared_act),
-        moe_decode_int4_gate_up=lambda h, q, s, z, ids, shared=None, epilogue="swiglu":
-            reference.moe_decode_int4_gate_up(h, q, s, z, ids, shared, epilogue),
+        moe_decode_int4_gate_up=lambda h, q, s, z, ids, shared=None, epilogue="swiglu", check_ids=False,
+            hidden_settled=False: reference.moe_decode_int4_gate_up(h, q, s, z, ids, shared, epilogue),
         moe_decode_int4_down=lambda act, q, s, z, ids, weights, shared=None, residual=None, check_ids=False,
             shared_act=None: reference.moe_decode_int4_down(act, q, s, z, ids, weights, shared, residual, shared_act),
     )
@@ -677,6 +677,12 @@ def _int4_gate_up_load_hook(module, state_dict, prefix, *args) -> None:
 INT4_PREFILL_EXPERT_CHUNK = 16
 
 
+# The decode MoE's gate_up launch follows the router, which only reads its hidden: it passes
+# hidden_settled=True, so the kernel's first shared-expert tiles run beside the router's tail (PDL,
+# ops.moe_decode_gate_up). False: the plain launch (same bits; for comparisons: bench/probes/pdl_overlap.py).
+MOE_DECODE_HIDDEN_SETTLED = True
+
+
 # Decode with int4 experts runs the int4 decode ops (the packed bytes streamed and dequantized in the
 # kernels); False: every (token, slot) pair's expert is dequantized into a stack and the bf16 decode ops
 # run on it (the reference path, kept for comparisons: bench_moe_decode, tests).
@@ -691,8 +697,9 @@ def _int4_moe_decode(moe, x, weights, ids, shared_gate_up, shared_down, residual
     if not INT4_DECODE_KERNELS:
         return _int4_moe_decode_dequantized(moe, x, weights, ids, shared_gate_up, shared_down, residual)
     gu, dn = experts.gate_up_proj, experts.down_proj
+    # hidden_settled: the router ran between x's producer and this launch (Dots1MoE.forward).
     act = ops.moe_decode_int4_gate_up(x, gu.qweight, gu.scales, gu.zeros, ids, shared_gate_up,
-                                      experts.gate_up_epilogue)  # [T, k*I + Is]
+                                      experts.gate_up_epilogue, hidden_settled=MOE_DECODE_HIDDEN_SETTLED)
     return ops.moe_decode_int4_down(act, dn.qweight, dn.scales, dn.zeros, ids, weights, shared_down, residual)
 
 
@@ -785,8 +792,10 @@ class Dots1MoE(nn.Module):
                 residual = shared(x) if residual is None else shared(x) + residual
             if int4:
                 return _int4_moe_decode(self, x, weights, ids, shared_gate_up, shared_down, residual)
-            act = ops.moe_decode_gate_up(x, self.experts.gate_up_proj, ids, shared_gate_up,
-                                         self.experts.gate_up_epilogue)  # [T, k*I + Is]
+            # hidden_settled: self.gate (the router) launched after x was written and before this op,
+            # so the gate_up kernel may read x while the router finishes (ops.moe_decode_gate_up).
+            act = ops.moe_decode_gate_up(x, self.experts.gate_up_proj, ids, shared_gate_up, self.experts.gate_up_epilogue,
+                                         hidden_settled=MOE_DECODE_HIDDEN_SETTLED)  # [T, k*I + Is]
             return ops.moe_decode_down(act, self.experts.down_proj, ids, weights, shared_down, residual)
         if int4:
             return _int4_moe_prefill(self, x, weights, ids, residual)

@@ -332,6 +332,7 @@ def moe_decode_gate_up(
     topk_ids: torch.Tensor,  # [T, k] int32
     shared_gate_up: torch.Tensor | None,  # [2Is, H]: gate rows then up rows, or None (Is = 0)
     epilogue: str,  # "swiglu" (HF rows) | "swiglu_interleaved" (interleave_gate_up's rows)
+    hidden_settled: bool = False,  # the CUDA kernel's PDL wait placement (ops.moe_decode_gate_up): no effect here
 ) -> torch.Tensor:  # act [T, k*I + Is]
     """act[t, j*I:(j+1)*I] = silu(gate) * up of expert topk_ids[t, j] on hidden[t]; act[t, k*I:] the same
     for the shared experts' weight. Exactly grouped_gemm's SwiGLU epilogue: fp32 products, silu(gate) * up
@@ -401,6 +402,7 @@ def moe_decode_int4_gate_up(
     topk_ids: torch.Tensor,  # [T, k] int32
     shared_gate_up: torch.Tensor | None,
     epilogue: str,
+    hidden_settled: bool = False,
 ) -> torch.Tensor:
     """moe_decode_gate_up on the int4 weight dequantized to hidden's dtype (dots1_ext.quant.dequantize_int4:
     (u - z) * s exact, rounded once)."""

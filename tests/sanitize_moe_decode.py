@@ -69,7 +69,7 @@ def progress(name: str) -> None:
     print(f"[{time.perf_counter() - _START:7.1f} s] {name}", flush=True)
 
 
-def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual=True, ids=None):
+def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual=True, ids=None, settled=False):
     progress(name)
     g = (torch.randn(E, 2 * I, H, device="cuda") / H**0.5).to(dtype)
     gate_up = ops.interleave_gate_up(g) if epilogue == "swiglu_interleaved" else g
@@ -82,7 +82,7 @@ def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual
     ids = ids.cuda()
     weights = torch.rand(T, k, device="cuda") + 0.1
     res = torch.randn(T, H, device="cuda").to(dtype) if residual else None
-    act = moe_decode_gate_up(hidden, gate_up, ids, sg, epilogue)
+    act = moe_decode_gate_up(hidden, gate_up, ids, sg, epilogue, hidden_settled=settled)
     out = moe_decode_down(act, down, ids, weights, sd, res)
     ref_act = reference.moe_decode_gate_up(hidden.float(), gate_up.float(), ids, sg.float() if Is else None, epilogue)
     ref_out = reference.moe_decode_down(act.float(), down.float(), ids, weights, sd.float() if Is else None,
@@ -132,6 +132,9 @@ def bad_ids(T: int, E: int, k: int) -> torch.Tensor:
 def run_small() -> None:
     dtype = torch.bfloat16
     case("small fast T=1", dtype, 1, 24, 6, 256, 64, 128)
+    # hidden_settled: each CTA's first shared tile stored after the wait (more shared tiles than CTAs at 64)
+    case("small fast T=1 hidden_settled", dtype, 1, 24, 6, 256, 64, 128, settled=True)
+    case("small fast T=64 hidden_settled", dtype, 64, 24, 6, 128, 64, 128, settled=True)
     case("small fast T=16 HF", dtype, 16, 24, 6, 256, 64, 128, "swiglu")
     case("small fast T=64 hot experts", dtype, 64, 24, 6, 128, 64, 128)
     case("small fast T=64 one expert", dtype, 64, 8, 6, 64, 32, 32, ids=torch.full((64, 6), 3, dtype=torch.int32))

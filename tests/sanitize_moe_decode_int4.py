@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from sanitize_moe_decode import bad_ids, check, progress, run_sets, with_env  # noqa: E402
 
 
-def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual=True, ids=None, symmetric=False):
+def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual=True, ids=None, symmetric=False,
+         settled=False):
     progress(name)
     g = quantize_int4(torch.randn(E, 2 * I, H, device="cuda") / H**0.5, symmetric=symmetric)
     if epilogue == "swiglu_interleaved":
@@ -51,7 +52,7 @@ def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual
     ids = ids.cuda()
     weights = torch.rand(T, k, device="cuda") + 0.1
     res = torch.randn(T, H, device="cuda").to(dtype) if residual else None
-    act = moe_decode_int4_gate_up(hidden, g.qweight, g.scales, g.zeros, ids, sg, epilogue)
+    act = moe_decode_int4_gate_up(hidden, g.qweight, g.scales, g.zeros, ids, sg, epilogue, hidden_settled=settled)
     out = moe_decode_int4_down(act, d.qweight, d.scales, d.zeros, ids, weights, sd, res)
     gu, dn = dequantize_int4(g, dtype).float(), dequantize_int4(d, dtype).float()
     ref_act = reference.moe_decode_gate_up(hidden.float(), gu, ids, sg.float() if Is else None, epilogue)
@@ -64,6 +65,7 @@ def case(name, dtype, T, E, k, H, I, Is, epilogue="swiglu_interleaved", residual
 def run_small() -> None:
     bf = torch.bfloat16
     case("small int4 T=1", bf, 1, 24, 6, 256, 128, 128)
+    case("small int4 T=1 hidden_settled", bf, 1, 24, 6, 256, 128, 128, settled=True)
     case("small int4 T=16 HF symmetric", bf, 16, 24, 6, 256, 128, 128, "swiglu", symmetric=True)
     case("small int4 T=64 hot experts", bf, 64, 24, 6, 128, 128, 128)
     case("small int4 T=64 one expert", bf, 64, 8, 6, 128, 128, 32, ids=torch.full((64, 6), 3, dtype=torch.int32))

@@ -450,8 +450,9 @@ def test_opcheck(device, shared):
     w = Weights(E, H, I, Is, dtype, device)
     hidden = torch.randn(T, H, device=device).to(dtype)
     ids = distinct_ids(T, k, E, device)
-    torch.library.opcheck(torch.ops.dots1_ext.moe_decode_gate_up.default,
-                          (hidden, w.gate_up, ids, w.shared_gate_up, "swiglu_interleaved"))
+    for settled in (False, True):
+        torch.library.opcheck(torch.ops.dots1_ext.moe_decode_gate_up.default,
+                              (hidden, w.gate_up, ids, w.shared_gate_up, "swiglu_interleaved", settled))
     act = moe_decode_gate_up(hidden, w.gate_up, ids, w.shared_gate_up)
     residual = torch.randn(T, H, device=device).to(dtype)
     torch.library.opcheck(torch.ops.dots1_ext.moe_decode_down.default,
@@ -482,6 +483,41 @@ def test_shared_act_apart_same_bits(device, dtype, T, views):
     apart = moe_decode_down(routed, w.down, ids, weights, w.shared_down, residual, shared_act=shared)
     assert out[T // 2].isnan().all()
     assert_same_bits(apart, out, f"{dtype} T={T}")
+
+
+def normed_and_routed(T, k, E, H, dtype, device, seed):
+    """hidden and ids as the model makes them right before gate_up: the norm that writes hidden
+    (add_rms_norm_), then the router that reads it (router_topk_gating), launched back to back; on CUDA
+    the next launch (gate_up) follows the router under PDL, as in the decode step."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
+    residual = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
+    norm_weight = (torch.rand(H, generator=g) + 0.5).to(device=device, dtype=dtype)
+    router = torch.randn(E, H, generator=g).to(device=device, dtype=dtype)
+    bias = torch.zeros(E, device=device)
+    ops.add_rms_norm_(x, residual, norm_weight, 1e-6)
+    _, ids = ops.router_topk_gating(x, router, bias, k)
+    return x, ids
+
+
+@pytest.mark.parametrize("T", [1, 9, 64, 65])
+def test_hidden_settled_same_bits(device, T):
+    # hidden_settled only moves the CUDA kernel's PDL wait (each CTA's first shared-expert tile streams
+    # hidden and its weights before the wait and stores after it): the same bits as without it, a bad
+    # id's NaN included. Launched as the model launches it, right after the router that follows the
+    # norm writing hidden, over fresh inputs: an early read of hidden would show as changed bits.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    E, k, H, I, Is = 16, 4, 256, 64, 96
+    w = Weights(E, H, I, Is, dtype, device)
+    for seed in range(3):
+        x, ids = normed_and_routed(T, k, E, H, dtype, device, seed)
+        settled = moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue, hidden_settled=True)
+        plain = moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue)
+        assert_same_bits(settled, plain, f"T={T} seed={seed}")
+    ids[T // 2, 1] = E
+    settled = moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue, hidden_settled=True)
+    assert settled[T // 2, I : 2 * I].isnan().all()
+    assert_same_bits(settled, moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue), "bad id")
 
 
 def test_compile_fullgraph(device):

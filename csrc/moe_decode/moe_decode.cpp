@@ -337,8 +337,10 @@ at::Tensor down_cpu(const at::Tensor& act_in, const DownShape& d, const at::Tens
   return acc.to(act_in.scalar_type());
 }
 
+// hidden_settled only moves the CUDA kernel's PDL wait (csrc/pdl.cuh): no meaning here.
 at::Tensor moe_decode_gate_up_cpu(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& topk_ids,
-                                  const std::optional<at::Tensor>& shared_gate_up, c10::string_view epilogue) {
+                                  const std::optional<at::Tensor>& shared_gate_up, c10::string_view epilogue,
+                                  bool /*hidden_settled*/) {
   const GateUpShape g = check_gate_up(hidden, gate_up, topk_ids, shared_gate_up, std::string(epilogue));
   return gate_up_cpu(hidden, g, topk_ids, shared_gate_up,
                      [&](int64_t e) { return gate_up.select(0, e).to(at::kFloat); });
@@ -356,7 +358,8 @@ at::Tensor moe_decode_down_cpu(const at::Tensor& act, const at::Tensor& down, co
 // int4: each touched expert dequantized once (the reference rule), then the same CPU math.
 at::Tensor moe_decode_int4_gate_up_cpu(const at::Tensor& hidden, const at::Tensor& qweight, const at::Tensor& scales,
                                        const std::optional<at::Tensor>& zeros, const at::Tensor& topk_ids,
-                                       const std::optional<at::Tensor>& shared_gate_up, c10::string_view epilogue) {
+                                       const std::optional<at::Tensor>& shared_gate_up, c10::string_view epilogue,
+                                       bool /*hidden_settled*/) {
   const GateUpShape g =
       check_int4_gate_up(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, std::string(epilogue));
   const at::ScalarType dtype = hidden.scalar_type();
@@ -458,7 +461,7 @@ void check_kernel_env() {
 
 at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor& gate_up,
                                    const at::Tensor& topk_ids_in, const std::optional<at::Tensor>& shared_gate_up,
-                                   c10::string_view epilogue_view) {
+                                   c10::string_view epilogue_view, bool hidden_settled) {
   check_kernel_env();
   const GateUpShape g = check_gate_up(hidden_in, gate_up, topk_ids_in, shared_gate_up, std::string(epilogue_view));
   c10::cuda::CUDAGuard guard(hidden_in.device());
@@ -469,7 +472,7 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor
       hidden.data_ptr(), gate_up.data_ptr(), ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      moe_decode_n_tiles(), moe_decode_loads(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
+      moe_decode_n_tiles(), moe_decode_loads(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), hidden_settled));
   return act;
 }
 
@@ -514,7 +517,7 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down
 at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor& qweight,
                                         const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                                         const at::Tensor& topk_ids_in, const std::optional<at::Tensor>& shared_gate_up,
-                                        c10::string_view epilogue_view) {
+                                        c10::string_view epilogue_view, bool hidden_settled) {
   check_kernel_env();
   const GateUpShape g =
       check_int4_gate_up(hidden_in, qweight, scales, zeros, topk_ids_in, shared_gate_up, std::string(epilogue_view));
@@ -529,7 +532,7 @@ at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::T
       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), staged, row_groups));
+      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), staged, row_groups, hidden_settled));
   return act;
 }
 

@@ -61,6 +61,11 @@ namespace dots1 {
 // use_pdl: programmatic dependent launch on sm_90+ (csrc/pdl.cuh); the fast kernels prefetch their first
 // shared experts' weight rows into L2 before waiting for the previous kernel, so the weights must not
 // be written by the kernel right before the launch (moe_decode.cpp never copies them).
+// hidden_settled (gate_up, use_pdl): the caller guarantees that hidden was written before the launch
+// right before this one (in the model: the router, which reads it); the fast kernels then stream the
+// shared experts' tiles, which read hidden, before their PDL wait and wait only before the routing ids,
+// so the shared experts run while the router finishes (csrc/pdl.cuh, the exception to rule 1). The
+// same bits either way; false is always safe.
 // n_tiles: the fast kernels' n-tiles of 8 columns per MMA (1, 2 or 4; items of at most 8 n_tiles pairs);
 // 0 picks by the launch's token count (1 up to 8 tokens, else 2). Any value gives a correct result.
 // loads: the weight-load mapping (MoeDecodeLoads); n_tiles applies to the launches that take frag.
@@ -71,7 +76,7 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden,          // [T, H]
                                       void* act,                   // [T, NA]
                                       int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
                                       MoeGateUpLayout layout, DType dtype, int n_tiles, MoeDecodeLoads loads,
-                                      cudaStream_t stream, bool use_pdl);
+                                      cudaStream_t stream, bool use_pdl, bool hidden_settled = false);
 
 cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
                                    const void* shared_act,     // [T, Is] or nullptr (then act[:, k*I:])
@@ -108,7 +113,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H
                                            void* act,                   // [T, NA]
                                            int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
                                            MoeGateUpLayout layout, DType dtype, int n_tiles, cudaStream_t stream,
-                                           bool use_pdl, bool staged, int row_groups);
+                                           bool use_pdl, bool staged, int row_groups, bool hidden_settled = false);
 
 cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
                                         const void* shared_act,     // [T, Is] or nullptr (then act[:, k*I:])

@@ -770,6 +770,9 @@ struct GateUpParams {
   int T_, k, E;
   int64_t H, I, Is, NA;
   bool staged = false;  // W::kStaged: the routed tiles through the staged stream where H allows it
+  // hidden was written before the previous launch (launch_moe_decode_gate_up's hidden_settled): the
+  // shared tiles read it before the PDL wait, which then comes before the routing ids.
+  bool hidden_settled = false;
   // W::kRowGroups, frag launches at NT = 1 (up to 8 tokens): R in {1, 2, 4}, the routed tiles' row
   // groups (moe_gate_up_kernel's kRowGroups; host side only, the kernel takes it as a template argument).
   // int64_t, not int: with the 4 bytes shorter struct ptxas (nvcc 13.0, sm_90a) spills 48-68 bytes in
@@ -809,19 +812,93 @@ __device__ __forceinline__ void gate_up_rows(int64_t f, int64_t I, int64_t& gate
   }
 }
 
+// The tile's SwiGLU and store (gate_up_tile's end, after its barrier), from the warps' partials in
+// sm.red[parity]: apart, so that a tile computed before the PDL wait is stored after it (moe_gate_up_kernel,
+// hidden_settled).
+template <typename T, MoeGateUpLayout kLayout, int NT, int kParts, bool kRouted, int kRowGroups = 1, typename W>
+__device__ __forceinline__ void gate_up_tile_store(const GateUpParams<T, W>& p, const Schedule& s, int item, int f0,
+                                                   const GateUpSmem<NT>& sm, int parity) {
+  constexpr int kCols = 8 * NT / kParts;
+  constexpr int kRanges = kWarps / kParts;  // wide: the K ranges (warp / kParts) of a fragment
+  constexpr bool routed = kRouted;
+  int ncols, col0;
+  if constexpr (routed) {
+    ncols = s.item_ncols[item];
+    col0 = s.item_col0[item];
+  } else {
+    col0 = kCols * (-1 - item);
+    ncols = min(kCols, p.T_ - col0);
+  }
+  if constexpr (kParts == 1) {
+    // Thread (row group rg, n, l): feature f0 + 8 rg + l / 4, columns 8n + 2 (l % 4) + {0, 1}: x, y gate;
+    // z, w up; the row group's warps rg, rg + R, ... (its K ranges) summed in order.
+    if (threadIdx.x < kRowGroups * NT * 32) {
+      const int rg = threadIdx.x / (NT * 32), n = (threadIdx.x >> 5) % NT, l = threadIdx.x & 31;
+      float4 v = sm.red.frag[parity][rg][n][l];
+#pragma unroll
+      for (int w = 1; w < kWarps / kRowGroups; ++w) {
+        const float4 q = sm.red.frag[parity][rg + kRowGroups * w][n][l];
+        v.x += q.x;
+        v.y += q.y;
+        v.z += q.z;
+        v.w += q.w;
+      }
+      const int64_t f = f0 + 8 * rg + (l >> 2);
+      if (f < (routed ? p.I : p.Is)) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int cidx = 8 * n + 2 * (l & 3) + i;
+          if (cidx >= ncols) continue;
+          int64_t dst;
+          if constexpr (routed) {
+            const int pair = s.col_pair[col0 + cidx];
+            dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
+          } else {
+            dst = static_cast<int64_t>(col0 + cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
+          }
+          p.act[dst] = from_float<T>(silu_f(i == 0 ? v.x : v.y) * (i == 0 ? v.z : v.w));
+        }
+      }
+    }
+  } else {
+    // Thread (column cidx, feature f0 + i): the gate (row i) and up (row i + 8) sums, K ranges in order.
+    if (threadIdx.x < kCols * 8) {
+      const int cidx = threadIdx.x >> 3, i = threadIdx.x & 7;
+      float gate = sm.red.wide[parity][0][cidx][i], up = sm.red.wide[parity][0][cidx][i + 8];
+#pragma unroll
+      for (int r = 1; r < kRanges; ++r) {
+        gate += sm.red.wide[parity][r][cidx][i];
+        up += sm.red.wide[parity][r][cidx][i + 8];
+      }
+      const int64_t f = f0 + i;
+      if (cidx < ncols && f < (routed ? p.I : p.Is)) {
+        int64_t dst;
+        if constexpr (routed) {
+          const int pair = s.col_pair[col0 + cidx];
+          dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
+        } else {
+          dst = static_cast<int64_t>(col0 + cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
+        }
+        p.act[dst] = from_float<T>(silu_f(gate) * up);
+      }
+    }
+  }
+}
+
 // kStagedTile (routed int4 tiles only): the weights come from this thread's staged pieces `slots` with
 // their scales and zero points `meta` (stream_rows_int4_staged), copied by the kernel's loop.
 // kRowGroups = R (routed tiles, frag mapping): the tile is 8 R features f0 .. f0 + 8 R - 1; warp w
 // streams row group w % R (features f0 + 8 (w % R) + g) over K range w / R of 8 / R, and 32 NT R threads
 // apply SwiGLU, each summing its row group's ranges in order.
+// kStore false: the tile ends at its barrier, the partials in sm.red[parity]; the caller stores it
+// (gate_up_tile_store) before the tile after next.
 template <typename T, MoeGateUpLayout kLayout, int NT, int kParts, bool kRouted, bool kStagedTile = false,
-          int kRowGroups = 1, typename W>
+          int kRowGroups = 1, bool kStore = true, typename W>
 __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const Schedule& s, int item, int f0,
                                              int s_begin, int s_end, int r_begin, int r_end, GateUpSmem<NT>& sm,
                                              int parity, const uint4* slots = nullptr,
                                              const Int4BatchMeta<int4_batch_steps<NT>()>* meta = nullptr) {
   constexpr int kCols = 8 * NT / kParts;
-  constexpr int kRanges = kWarps / kParts;  // wide: the K ranges (warp / kParts) of a fragment
   static_assert(kRowGroups == 1 || (kRouted && kParts == 1 && kWarps % kRowGroups == 0 &&
                                     32 * NT * kRowGroups <= kThreads),
                 "row groups: routed tiles of the frag mapping");
@@ -885,60 +962,7 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
     }
   }
   __syncthreads();
-  if constexpr (kParts == 1) {
-    // Thread (row group rg, n, l): feature f0 + 8 rg + l / 4, columns 8n + 2 (l % 4) + {0, 1}: x, y gate;
-    // z, w up; the row group's warps rg, rg + R, ... (its K ranges) summed in order.
-    if (threadIdx.x < kRowGroups * NT * 32) {
-      const int rg = threadIdx.x / (NT * 32), n = (threadIdx.x >> 5) % NT, l = threadIdx.x & 31;
-      float4 v = sm.red.frag[parity][rg][n][l];
-#pragma unroll
-      for (int w = 1; w < kWarps / kRowGroups; ++w) {
-        const float4 q = sm.red.frag[parity][rg + kRowGroups * w][n][l];
-        v.x += q.x;
-        v.y += q.y;
-        v.z += q.z;
-        v.w += q.w;
-      }
-      const int64_t f = f0 + 8 * rg + (l >> 2);
-      if (f < (routed ? p.I : p.Is)) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int cidx = 8 * n + 2 * (l & 3) + i;
-          if (cidx >= ncols) continue;
-          int64_t dst;
-          if constexpr (routed) {
-            const int pair = s.col_pair[col0 + cidx];
-            dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
-          } else {
-            dst = static_cast<int64_t>(col0 + cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
-          }
-          p.act[dst] = from_float<T>(silu_f(i == 0 ? v.x : v.y) * (i == 0 ? v.z : v.w));
-        }
-      }
-    }
-  } else {
-    // Thread (column cidx, feature f0 + i): the gate (row i) and up (row i + 8) sums, K ranges in order.
-    if (threadIdx.x < kCols * 8) {
-      const int cidx = threadIdx.x >> 3, i = threadIdx.x & 7;
-      float gate = sm.red.wide[parity][0][cidx][i], up = sm.red.wide[parity][0][cidx][i + 8];
-#pragma unroll
-      for (int r = 1; r < kRanges; ++r) {
-        gate += sm.red.wide[parity][r][cidx][i];
-        up += sm.red.wide[parity][r][cidx][i + 8];
-      }
-      const int64_t f = f0 + i;
-      if (cidx < ncols && f < (routed ? p.I : p.Is)) {
-        int64_t dst;
-        if constexpr (routed) {
-          const int pair = s.col_pair[col0 + cidx];
-          dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
-        } else {
-          dst = static_cast<int64_t>(col0 + cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
-        }
-        p.act[dst] = from_float<T>(silu_f(gate) * up);
-      }
-    }
-  }
+  if constexpr (kStore) gate_up_tile_store<T, kLayout, NT, kParts, kRouted, kRowGroups>(p, s, item, f0, sm, parity);
 }
 
 // kParts: k-parts per weight row, 1 for the frag mapping, 2 or 4 for the wide one (W::kWideLoads; warp w
@@ -972,7 +996,10 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   // PDL (csrc/pdl.cuh): the routed experts depend on topk_ids (the router, the previous kernel) and
   // every tile on hidden, so the CTA waits before reading either; before that it prefetches into L2
   // the first batch of its first tile's weight rows when that tile is a shared experts' one (the rows
-  // of gate_up_tile below).
+  // of gate_up_tile below). With hidden_settled, hidden is not the previous kernel's output (pdl.cuh,
+  // the exception to rule 1): the CTA's first shared tile streams its weights and hidden and reduces
+  // them in shared memory before the wait, beside the router's tail, and stores its act columns after
+  // it (no global write before the wait: act may reuse memory the previous kernel still reads).
   if (static_cast<int>(blockIdx.x) < tiles_shared) {
     // (Unsigned lane row for frag: the expression its tuned code was built from.)
     const auto row = kParts == 1 ? (threadIdx.x & 31) / 4 : wide_row<kParts>(warp % kParts);
@@ -980,19 +1007,27 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
     prefetch_first_batch<T, NT, kParts>(p.shared_gate_up + f * p.H, p.shared_gate_up + (p.Is + f) * p.H, p.H,
                                         s_begin, s_end);
   }
-  pdl_wait();
-  pdl_launch_dependents();
-
   const int P = p.T_ * p.k;
-  // The ids, copied now: their latency passes under the shared experts' tiles.
-  load_ids_async(s, p.topk_ids, P);
+  bool waited = false;
+  const auto wait_for_previous = [&] {
+    pdl_wait();
+    pdl_launch_dependents();
+    // The ids, copied now: their latency passes under the shared experts' tiles.
+    load_ids_async(s, p.topk_ids, P);
+    waited = true;
+  };
+  if (!p.hidden_settled) wait_for_previous();
   int parity = 0;
   int tile = blockIdx.x;
   for (; tile < tiles_shared; tile += gridDim.x) {
-    gate_up_tile<T, kLayout, NT, kParts, false>(p, s, -1 - tile % groups, tile / groups * 8, s_begin, s_end, 0, 0,
-                                                sm, parity);
+    // Stored apart (hidden_settled: the first tile's store comes after the wait; one copy of the code).
+    gate_up_tile<T, kLayout, NT, kParts, false, false, 1, false>(p, s, -1 - tile % groups, tile / groups * 8, s_begin,
+                                                                 s_end, 0, 0, sm, parity);
+    if (!waited) wait_for_previous();
+    gate_up_tile_store<T, kLayout, NT, kParts, false>(p, s, -1 - tile % groups, tile / groups * 8, sm, parity);
     parity ^= 1;
   }
+  if (!waited) wait_for_previous();  // no shared tile in this CTA
 
   const bool any_bad = build_schedule(s, P, p.E, kCols);
   // Pairs with a bad id: NaN in their act columns (grid-stride; usually there are none).
@@ -1673,7 +1708,8 @@ cudaError_t down_launch(const DownParams<T, W>& p, bool fast, int n_tiles, MoeDe
 cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, const int32_t* topk_ids,
                                       const void* shared_gate_up, void* act, int64_t T, int64_t H, int64_t E,
                                       int64_t k, int64_t I, int64_t Is, MoeGateUpLayout layout, DType dtype,
-                                      int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl) {
+                                      int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl,
+                                      bool hidden_settled) {
   const int64_t NA = k * I + Is;
   if (T == 0 || NA == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
@@ -1687,7 +1723,8 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
     const DenseExperts<scalar_t> experts{static_cast<const scalar_t*>(gate_up), 2 * I, H};
     const GateUpParams<scalar_t, DenseExperts<scalar_t>> p{
         static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
-        static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA};
+        static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA,
+        false, hidden_settled && use_pdl};
     return gate_up_launch(p, fast, layout, n_tiles, loads, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
@@ -1725,7 +1762,8 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
                                            const uint8_t* zeros, const int32_t* topk_ids, const void* shared_gate_up,
                                            void* act, int64_t T, int64_t H, int64_t E, int64_t k, int64_t I,
                                            int64_t Is, MoeGateUpLayout layout, DType dtype, int n_tiles,
-                                           cudaStream_t stream, bool use_pdl, bool staged, int row_groups) {
+                                           cudaStream_t stream, bool use_pdl, bool staged, int row_groups,
+                                           bool hidden_settled) {
   const int64_t NA = k * I + Is;
   if (row_groups != 1 && row_groups != 2 && row_groups != 4) return cudaErrorInvalidValue;
   if (T == 0 || NA == 0) return cudaSuccess;
@@ -1742,7 +1780,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
     const GateUpParams<scalar_t, Int4Experts<scalar_t>> p{
         static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
         static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA,
-        staged, row_groups};
+        staged, hidden_settled && use_pdl, row_groups};
     return gate_up_launch(p, fast, layout, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above

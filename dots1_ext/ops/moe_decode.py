@@ -130,7 +130,7 @@ def check_down_routing(act, E: int, H: int, inter: int, weight_name: str, topk_i
     _check_int32(T, k, E)
 
 
-def _check_gate_up(hidden, gate_up, topk_ids, shared_gate_up, epilogue):
+def _check_gate_up(hidden, gate_up, topk_ids, shared_gate_up, epilogue, hidden_settled=False):
     C.check_dtype(hidden, "hidden", C.FLOAT_DTYPES)
     C.check_shape(hidden, "hidden", (None, None))
     H = hidden.shape[1]
@@ -157,7 +157,7 @@ fill_with_reference("moe_decode_down", reference.moe_decode_down, _check_down)
 
 
 @torch.library.register_fake("dots1_ext::moe_decode_gate_up")
-def _moe_decode_gate_up_fake(hidden, gate_up, topk_ids, shared_gate_up, epilogue):
+def _moe_decode_gate_up_fake(hidden, gate_up, topk_ids, shared_gate_up, epilogue, hidden_settled=False):
     _check_gate_up(hidden, gate_up, topk_ids, shared_gate_up, epilogue)
     shared = shared_gate_up.shape[0] // 2 if shared_gate_up is not None else 0
     return hidden.new_empty(hidden.shape[0], topk_ids.shape[1] * (gate_up.shape[1] // 2) + shared)
@@ -176,6 +176,7 @@ def moe_decode_gate_up(
     shared_gate_up: torch.Tensor | None = None,
     epilogue: str = "swiglu_interleaved",
     check_ids: bool = False,
+    hidden_settled: bool = False,
 ) -> torch.Tensor:
     """gate_up + SwiGLU of each token's k routed experts and of the shared experts.
 
@@ -190,10 +191,16 @@ def moe_decode_gate_up(
     expert topk_ids[t, j] for token t, columns [k*I, k*I + Is) the shared experts'. fp32 products,
     SwiGLU in fp32, rounded once (grouped_gemm's epilogue). An id outside [0, E) gives NaN in its
     pair's I columns; ``check_ids=True`` raises IndexError on the host instead (synchronises).
+
+    ``hidden_settled=True`` promises that ``hidden`` was written before the CUDA launch right before this
+    op (as in the model, where the router, which only reads hidden, runs in between). The CUDA kernel then
+    streams its first shared-expert tiles while that launch still runs (PDL, csrc/pdl.cuh) and waits for
+    it only before the routing ids: the same result, sooner. Never pass it when the launch right before
+    writes ``hidden`` (e.g. the norm that produced it): the kernel would read it too early.
     """
     if check_ids:
         C.check_index_range(topk_ids, "topk_ids", gate_up.shape[0], "experts of gate_up")
-    return op("moe_decode_gate_up")(hidden, gate_up, topk_ids, shared_gate_up, epilogue)
+    return op("moe_decode_gate_up")(hidden, gate_up, topk_ids, shared_gate_up, epilogue, hidden_settled)
 
 
 def moe_decode_down(

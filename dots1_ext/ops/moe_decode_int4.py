@@ -60,7 +60,7 @@ def _check_int4_weight(what: str, qweight, scales, zeros, ref, ref_name: str) ->
     return E, N, K
 
 
-def _check_gate_up(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, epilogue):
+def _check_gate_up(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, epilogue, hidden_settled=False):
     C.check_dtype(hidden, "hidden", C.FLOAT_DTYPES)
     C.check_shape(hidden, "hidden", (None, None))
     H = hidden.shape[1]
@@ -83,7 +83,8 @@ fill_with_reference("moe_decode_int4_down", reference.moe_decode_int4_down, _che
 
 
 @torch.library.register_fake("dots1_ext::moe_decode_int4_gate_up")
-def _moe_decode_int4_gate_up_fake(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, epilogue):
+def _moe_decode_int4_gate_up_fake(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, epilogue,
+                                  hidden_settled=False):
     _check_gate_up(hidden, qweight, scales, zeros, topk_ids, shared_gate_up, epilogue)
     shared = shared_gate_up.shape[0] // 2 if shared_gate_up is not None else 0
     return hidden.new_empty(hidden.shape[0], topk_ids.shape[1] * (qweight.shape[1] // 2) + shared)
@@ -105,16 +106,18 @@ def moe_decode_int4_gate_up(
     shared_gate_up: torch.Tensor | None = None,
     epilogue: str = "swiglu_interleaved",
     check_ids: bool = False,
+    hidden_settled: bool = False,
 ) -> torch.Tensor:
     """:func:`dots1_ext.ops.moe_decode_gate_up` with the routed ``gate_up`` [E, 2I, H] in the int4 format:
     ``gate_up_qweight`` [E, 2I, H/2] uint8 (contiguous, 16-byte aligned: never copied per call),
     ``gate_up_scales`` [E, 2I, H/128] bf16, ``gate_up_zeros`` [E, 2I, H/128] uint8 or None (symmetric);
     rows in the HF order (``"swiglu"``) or interleaved (``"swiglu_interleaved"``, the three tensors'
-    rows permuted alike). H % 128 == 0. Returns act [T, k*I + Is] in hidden's dtype."""
+    rows permuted alike). H % 128 == 0. ``hidden_settled`` as there. Returns act [T, k*I + Is] in hidden's
+    dtype."""
     if check_ids:
         C.check_index_range(topk_ids, "topk_ids", gate_up_qweight.shape[0], "experts of gate_up_qweight")
     return op("moe_decode_int4_gate_up")(hidden, gate_up_qweight, gate_up_scales, gate_up_zeros, topk_ids,
-                                         shared_gate_up, epilogue)
+                                         shared_gate_up, epilogue, hidden_settled)
 
 
 def moe_decode_int4_down(

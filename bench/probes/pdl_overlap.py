@@ -1,0 +1,103 @@
+"""Probe: whether the decode step's MoE kernels overlap under PDL in graph replay. The 8-layer real-shape
+int4 model (or bf16 with the word bf16), B=1 context 2048, its decode graph replayed under torch.profiler
+(CUPTI kernel records: each kernel's first-CTA start and last-CTA end), per setting of the switches given
+as NAME=a,b: for each MoE layer, the gap from the router's end to the gate_up's start (negative: gate_up
+was running before the router ended) and from gate_up's end to down's start, medians over the layers and
+replays, and the kernels' own spans; and the graph's replay time (DecodeGraphs.replay_ms). The name
+``settled`` sets dots1_ext.modules.MOE_DECODE_HIDDEN_SETTLED (1 / 0) instead of an environment variable.
+
+    PYTHONPATH=. python bench/probes/pdl_overlap.py [bf16] [NAME=v1,v2 ...]
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+
+from bench.bench_decode import decode_cache
+from bench.common import env_vars
+
+
+def kernel_events(prof) -> list[tuple[str, float, float]]:
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        trace = json.load(f)
+    events = [(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
+              for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
+    return sorted(events, key=lambda e: e[1])
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("pdl_overlap: needs a CUDA GPU and the extension built with CUDA")
+    from torch.profiler import ProfilerActivity, profile
+
+    from dots1_ext import modules
+    from dots1_ext.config import dots1_real_config
+    from dots1_ext.cuda_graph import DecodeGraphs
+    from dots1_ext.model import build_random_model
+
+    args = sys.argv[1:]
+    experts = "bf16" if "bf16" in args else "int4"
+    knobs = {a.split("=", 1)[0]: a.split("=", 1)[1].split(",") for a in args if "=" in a}
+    torch.manual_seed(0)
+    cfg = dots1_real_config(8)
+    model = build_random_model(cfg, device="cuda", dtype=torch.bfloat16, experts=experts)
+    ctx = 2048
+    with torch.inference_mode():
+        decode_cache(model, 1, ctx + 1)
+        tok = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
+        for combo in itertools.product(*knobs.values()) if knobs else [()]:
+            env = dict(zip(knobs, combo))
+            label = " ".join(f"{n.replace('DOTS1_EXT_', '')}={v}" for n, v in env.items()) or "defaults"
+            modules.MOE_DECODE_HIDDEN_SETTLED = env.pop("settled", "1") == "1"
+            with env_vars(env):
+                graphs = DecodeGraphs(model)
+                graphs(tok, ctx)
+                replay = graphs.replay_ms()
+                for _ in range(5):
+                    graphs(tok, ctx)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        graphs(tok, ctx)
+                    torch.cuda.synchronize()
+                del graphs
+            events = kernel_events(prof)
+            first = next((i for i, e in enumerate(events) if "router_gating" in e[0]), None)
+            if first is not None:
+                for name, ts, end in events[max(0, first - 2):first + 4]:
+                    print(f"   {ts - events[first][1]:+8.1f} .. {end - events[first][1]:+8.1f} us  {name[:90]}")
+            gaps: dict[str, list[float]] = {"norm->router": [], "router->gate_up": [], "gate_up->down": []}
+            spans: dict[str, list[float]] = {"router": [], "gate_up": [], "down": []}
+            for i, (name, ts, end) in enumerate(events):
+                if "router_gating" not in name or i + 2 >= len(events) or i == 0:
+                    continue
+                prev, gu, dn = events[i - 1], events[i + 1], events[i + 2]
+                if "moe_gate_up" not in gu[0] or "moe_down" not in dn[0]:
+                    continue
+                gaps["norm->router"].append(ts - prev[2])
+                gaps["router->gate_up"].append(gu[1] - end)
+                gaps["gate_up->down"].append(dn[1] - gu[2])
+                spans["router"].append(end - ts)
+                spans["gate_up"].append(gu[2] - gu[1])
+                spans["down"].append(dn[2] - dn[1])
+            med = {k: statistics.median(v) if v else float("nan") for k, v in {**gaps, **spans}.items()}
+            n = len(spans["router"])
+            print(f"== {label} ({experts}, {n} MoE blocks): start gaps, us (negative: overlap) "
+                  + "  ".join(f"{k} {med[k]:+.1f}" for k in gaps)
+                  + " | spans " + "  ".join(f"{k} {med[k]:.1f}" for k in spans)
+                  + f" | block router start -> down end {med['router'] + med['router->gate_up'] + med['gate_up'] + med['gate_up->down'] + med['down']:.1f}"
+                  + f" | replay {replay:.4f} ms",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
