@@ -459,6 +459,12 @@ void check_kernel_env() {
                     "dots1_ext: DOTS1_EXT_MOE_DECODE_KERNEL must be auto, fast or simple, got '", s, "'");
 }
 
+// hidden_settled holds for the caller's hidden; a copy made here (aligned_contiguous) is written by the
+// launch right before the kernel, so the kernel must wait before reading it.
+bool settled_after_copy(const at::Tensor& hidden, const at::Tensor& hidden_in, bool hidden_settled) {
+  return hidden_settled && hidden.data_ptr() == hidden_in.data_ptr();
+}
+
 at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor& gate_up,
                                    const at::Tensor& topk_ids_in, const std::optional<at::Tensor>& shared_gate_up,
                                    c10::string_view epilogue_view, bool hidden_settled) {
@@ -472,7 +478,8 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& hidden_in, const at::Tensor
       hidden.data_ptr(), gate_up.data_ptr(), ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      moe_decode_n_tiles(), moe_decode_loads(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), hidden_settled));
+      moe_decode_n_tiles(), moe_decode_loads(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(),
+      settled_after_copy(hidden, hidden_in, hidden_settled)));
   return act;
 }
 
@@ -532,7 +539,8 @@ at::Tensor moe_decode_int4_gate_up_cuda(const at::Tensor& hidden_in, const at::T
       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, ids.data_ptr<int32_t>(),
       shared_gate_up.has_value() ? shared_gate_up->data_ptr() : nullptr, act.data_ptr(), g.T, g.H, g.E, g.k, g.I,
       g.Is, g.interleaved ? MoeGateUpLayout::kInterleaved : MoeGateUpLayout::kHF, to_dtype(hidden.scalar_type()),
-      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), staged, row_groups, hidden_settled));
+      moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(), staged, row_groups,
+      settled_after_copy(hidden, hidden_in, hidden_settled)));
   return act;
 }
 

@@ -196,7 +196,8 @@ def moe_decode_gate_up(
     op (as in the model, where the router, which only reads hidden, runs in between). The CUDA kernel then
     streams its first shared-expert tiles while that launch still runs (PDL, csrc/pdl.cuh) and waits for
     it only before the routing ids: the same result, sooner. Never pass it when the launch right before
-    writes ``hidden`` (e.g. the norm that produced it): the kernel would read it too early.
+    writes ``hidden`` (e.g. the norm that produced it): the kernel would read it too early. (A hidden
+    the op has to copy, strided or misaligned, is read only after the wait: the copy is that launch.)
     """
     if check_ids:
         C.check_index_range(topk_ids, "topk_ids", gate_up.shape[0], "experts of gate_up")
