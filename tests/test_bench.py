@@ -175,3 +175,25 @@ def test_int4_step_bytes_count_the_touched_experts_at_their_stored_size():
     assert 17.0e9 < int4 < 18.0e9, int4
     routed = 61 * 6 * 3 * 4096 * 1408  # weights of the experts one token touches
     assert abs((bf16 - int4) - routed * (2 - (0.5 + 3 / 128))) < 1e3
+
+
+def test_pdl_overlap_timeline_groups_kernels_by_short_name():
+    # bench/probes/pdl_overlap.py's step timeline (GPU-only probe; its parsing checked here on made-up
+    # CUPTI records): names lose return type, namespaces, template arguments and parameters; per name,
+    # launches per step, median span, median gap from the previous kernel's end (negative: overlap).
+    from bench.probes.pdl_overlap import kernel_timeline, short_kernel_name
+
+    gate_up = ("void dots1::(anonymous namespace)::moe_gate_up_kernel<__nv_bfloat16, (dots1::MoeGateUpLayout)1, 1, "
+               "dots1::(anonymous namespace)::Int4Experts<__nv_bfloat16>, 1, 4>(dots1::(anonymous namespace)::"
+               "GateUpParams<__nv_bfloat16, dots1::(anonymous namespace)::Int4Experts<__nv_bfloat16> >)")
+    router = "void dots1::(anonymous namespace)::router_gating_grid_kernel<4, false, __nv_bfloat16>(float const*, int)"
+    assert short_kernel_name(gate_up) == "moe_gate_up_kernel"
+    assert short_kernel_name(router) == "router_gating_grid_kernel"
+    assert short_kernel_name("at::native::vectorized_elementwise_kernel") == "vectorized_elementwise_kernel"
+    # Two replays of router -> gate_up: gate_up starts 2 us before the router ends (overlap).
+    events = [(router, 0.0, 10.0), (gate_up, 8.0, 40.0), (router, 100.0, 112.0), (gate_up, 110.0, 146.0)]
+    rows = {r[0]: r[1:] for r in kernel_timeline(events, steps=2)}
+    assert rows["moe_gate_up_kernel"] == (1.0, 34.0, -2.0, 34.0)
+    per_step, span, gap, total = rows["router_gating_grid_kernel"]
+    assert (per_step, span, gap, total) == (1.0, 11.0, 60.0, 11.0)  # one gap: 100 - 40
+    assert [r[0] for r in kernel_timeline(events, steps=2)] == ["moe_gate_up_kernel", "router_gating_grid_kernel"]

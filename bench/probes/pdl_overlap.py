@@ -5,8 +5,11 @@ as NAME=a,b: for each MoE layer, the gap from the router's end to the gate_up's 
 was running before the router ended) and from gate_up's end to down's start, medians over the layers and
 replays, and the kernels' own spans; and the graph's replay time (DecodeGraphs.replay_ms). The name
 ``settled`` sets dots1_ext.modules.MOE_DECODE_HIDDEN_SETTLED (1 / 0) instead of an environment variable.
+With the word ``all``: the whole step's timeline by kernel (kernel_timeline): per kernel name, launches
+per step, median span, median gap from the previous kernel's end (negative: it started before that
+ended), and the step's sum of spans.
 
-    PYTHONPATH=. python bench/probes/pdl_overlap.py [bf16] [NAME=v1,v2 ...]
+    PYTHONPATH=. python bench/probes/pdl_overlap.py [bf16] [all] [NAME=v1,v2 ...]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -24,6 +28,9 @@ from bench.bench_decode import decode_cache
 from bench.common import env_vars
 
 
+REPLAYS = 10  # profiled graph replays per setting
+
+
 def kernel_events(prof) -> list[tuple[str, float, float]]:
     path = os.path.join(tempfile.mkdtemp(), "trace.json")
     prof.export_chrome_trace(path)
@@ -32,6 +39,37 @@ def kernel_events(prof) -> list[tuple[str, float, float]]:
     events = [(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
               for e in trace.get("traceEvents", []) if e.get("cat") == "kernel"]
     return sorted(events, key=lambda e: e[1])
+
+
+def short_kernel_name(name: str) -> str:
+    """A kernel's name without return type, namespaces, template arguments or parameters:
+    ``void dots1::(anonymous namespace)::moe_gate_up_kernel<...>(...)`` -> ``moe_gate_up_kernel``."""
+    name = re.sub(r"^void ", "", name)
+    depth, out = 0, []
+    for ch in name:  # drop everything inside <...> and (...), nested
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            out.append(ch)
+    return "".join(out).replace("(anonymous namespace)::", "").split("::")[-1].strip()
+
+
+def kernel_timeline(events: list[tuple[str, float, float]], steps: int) -> list[tuple[str, float, float, float, float]]:
+    """events: (name, start, end) in µs, sorted by start, of `steps` replays of a step. Returns per short
+    kernel name (kernel_timeline rows, by total span, largest first): (name, launches per step, median
+    span, median gap from the previous kernel's end, total span per step)."""
+    spans: dict[str, list[float]] = {}
+    gaps: dict[str, list[float]] = {}
+    for i, (name, ts, end) in enumerate(events):
+        key = short_kernel_name(name)
+        spans.setdefault(key, []).append(end - ts)
+        if i > 0:
+            gaps.setdefault(key, []).append(ts - events[i - 1][2])
+    rows = [(k, len(v) / steps, statistics.median(v), statistics.median(gaps[k]) if k in gaps else float("nan"),
+             sum(v) / steps) for k, v in spans.items()]
+    return sorted(rows, key=lambda r: -r[4])
 
 
 def main() -> None:
@@ -46,6 +84,7 @@ def main() -> None:
 
     args = sys.argv[1:]
     experts = "bf16" if "bf16" in args else "int4"
+    timeline = "all" in args
     knobs = {a.split("=", 1)[0]: a.split("=", 1)[1].split(",") for a in args if "=" in a}
     torch.manual_seed(0)
     cfg = dots1_real_config(8)
@@ -66,7 +105,7 @@ def main() -> None:
                     graphs(tok, ctx)
                 torch.cuda.synchronize()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(10):
+                    for _ in range(REPLAYS):
                         graphs(tok, ctx)
                     torch.cuda.synchronize()
                 del graphs
@@ -97,6 +136,9 @@ def main() -> None:
                   + f" | block router start -> down end {med['router'] + med['router->gate_up'] + med['gate_up'] + med['gate_up->down'] + med['down']:.1f}"
                   + f" | replay {replay:.4f} ms",
                   flush=True)
+            if timeline:
+                for name, per_step, span, gap, total in kernel_timeline(events, REPLAYS):
+                    print(f"   {total:8.1f} us/step  x{per_step:5.1f}  span {span:7.2f} us  gap {gap:+7.2f} us  {name}")
 
 
 if __name__ == "__main__":
