@@ -325,14 +325,21 @@ def fmt(v: float | None, digits: int) -> str:
     return "" if v is None else f"{v:.{digits}f}"
 
 
+def commit_id(root: Path | str = ROOT) -> str:
+    """HEAD's short id, with "+N changed" when N tracked files differ from it (a run of an uncommitted
+    tree, or a checkout whose .git is older than its files, must not pass for HEAD); "" without git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True).stdout.splitlines()
+    except OSError:
+        return ""
+    return f"{head}+{len(changed)} changed" if head and changed else head
+
+
 def environment() -> dict:
-    commit = os.environ.get("DOTS1_EXT_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip()
-        except OSError:
-            commit = ""
+    commit = os.environ.get("DOTS1_EXT_COMMIT", "") or commit_id()
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit or "unknown",

@@ -21,7 +21,12 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 # (measured 2026-11-25; the system gcc of the same version works). Build with the system compiler.
 unset CC CXX
 export PYTHONUNBUFFERED=1
-export DOTS1_EXT_COMMIT=${DOTS1_EXT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# HEAD, with "+N changed" when tracked files differ from it (an uncommitted tree, or a copy whose .git is
+# older than its files): bench/common.py commit_id.
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+changed=$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l)
+[ "$changed" -gt 0 ] && commit="$commit+$changed changed"
+export DOTS1_EXT_COMMIT=${DOTS1_EXT_COMMIT:-$commit}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

@@ -197,3 +197,28 @@ def test_pdl_overlap_timeline_groups_kernels_by_short_name():
     per_step, span, gap, total = rows["router_gating_grid_kernel"]
     assert (per_step, span, gap, total) == (1.0, 11.0, 60.0, 11.0)  # one gap: 100 - 40
     assert [r[0] for r in kernel_timeline(events, steps=2)] == ["moe_gate_up_kernel", "router_gating_grid_kernel"]
+
+
+def test_commit_id_marks_a_tree_that_differs_from_head(tmp_path):
+    # Results record the commit they measured; a run of changed files (or of a copy whose .git is older
+    # than its files) says so instead of passing for HEAD.
+    import shutil
+    import subprocess
+
+    from bench.common import commit_id
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "a.txt").write_text("one\n")
+    subprocess.run(git + ["add", "a.txt"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "one"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert commit_id(tmp_path) == head
+    (tmp_path / "untracked.txt").write_text("not counted\n")
+    assert commit_id(tmp_path) == head
+    (tmp_path / "a.txt").write_text("two\n")
+    assert commit_id(tmp_path) == f"{head}+1 changed"
+    assert commit_id(tmp_path / "no-such-dir") == ""
