@@ -770,8 +770,8 @@ struct GateUpParams {
   int T_, k, E;
   int64_t H, I, Is, NA;
   bool staged = false;  // W::kStaged: the routed tiles through the staged stream where H allows it
-  // hidden was written before the previous launch (launch_moe_decode_gate_up's hidden_settled): the
-  // shared tiles read it before the PDL wait, which then comes before the routing ids.
+  // hidden was written before the previous launch (launch_moe_decode_gate_up's hidden_settled): each
+  // CTA's first shared tile reads it before the PDL wait, which then comes before the routing ids.
   bool hidden_settled = false;
   // W::kRowGroups, frag launches at NT = 1 (up to 8 tokens): R in {1, 2, 4}, the routed tiles' row
   // groups (moe_gate_up_kernel's kRowGroups; host side only, the kernel takes it as a template argument).
