@@ -46,11 +46,18 @@ def _top_p(text: str) -> float:
     return value
 
 
+def _dtype(text: str) -> torch.dtype:
+    try:
+        return parse_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dots1-ext", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="DIR", help="HF Dots1 checkpoint directory (default: the cached tiny model)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", type=_dtype, help="float32 | bfloat16 | float16 (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
     p.add_argument("--prompt", help="prompt text (token ids separated by spaces when there is no tokenizer)")
     p.add_argument("--prompt-len", type=_positive_int, default=32, help="length of the random prompt when --prompt is not given")
@@ -62,9 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="random weights at real Dots1 dimensions, built on the device (timing only)")
     p.add_argument("--layers", type=_positive_int, default=3, help="layers of the --real-shape model (layer 0 dense)")
     p.add_argument("--experts", choices=EXPERT_FORMATS, default=None,
-                   help="routed experts' format: bf16 (unquantized, in --dtype) or int4 (quantized while loading / "
-                        "building; the reference path, fast kernels pending). Default: the checkpoint's (bf16 for "
-                        "--real-shape)")
+                   help="routed experts' format: bf16 (unquantized, in --dtype) or int4 (W4A16, group 128, "
+                        "quantized while loading / building; its own decode kernels and, on sm90 with bf16, the "
+                        "int4 grouped GEMM for prefill). Default: the checkpoint's (bf16 for --real-shape)")
     p.add_argument("--no-parity", action="store_true", help="skip the check against the reference ops")
     return p.parse_args(argv)
 

@@ -138,7 +138,8 @@ def test_parity_check_fails_on_one_wrong_token(cache_root, monkeypatch, capsys):
 
 @pytest.mark.parametrize("flag, value", [("--max-new-tokens", "-5"), ("--max-new-tokens", "0"), ("--top-p", "0"),
                                          ("--top-p", "1.5"), ("--top-p", "nan"), ("--temperature", "-1"),
-                                         ("--temperature", "nan"), ("--batch-size", "0"), ("--prompt-len", "0")])
+                                         ("--temperature", "nan"), ("--batch-size", "0"), ("--prompt-len", "0"),
+                                         ("--dtype", "int8"), ("--layers", "0")])
 def test_cli_rejects_bad_arguments(flag, value, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--device", "cpu", flag, value])
