@@ -812,6 +812,20 @@ __device__ __forceinline__ void gate_up_rows(int64_t f, int64_t I, int64_t& gate
   }
 }
 
+// A gate_up tile's columns: a routed item's (ncols of the schedule's columns from col0), or the shared
+// experts' column group -1 - item (tokens [col0, col0 + ncols)), which reads no schedule: the shared
+// tiles run before it exists.
+template <int kCols, bool kRouted>
+__device__ __forceinline__ void tile_columns(int tokens, const Schedule& s, int item, int& ncols, int& col0) {
+  if constexpr (kRouted) {
+    ncols = s.item_ncols[item];
+    col0 = s.item_col0[item];
+  } else {
+    col0 = kCols * (-1 - item);
+    ncols = min(kCols, tokens - col0);
+  }
+}
+
 // The tile's SwiGLU and store (gate_up_tile's end, after its barrier), from the warps' partials in
 // sm.red[parity]: apart, so that a tile computed before the PDL wait is stored after it (moe_gate_up_kernel,
 // hidden_settled).
@@ -822,13 +836,7 @@ __device__ __forceinline__ void gate_up_tile_store(const GateUpParams<T, W>& p, 
   constexpr int kRanges = kWarps / kParts;  // wide: the K ranges (warp / kParts) of a fragment
   constexpr bool routed = kRouted;
   int ncols, col0;
-  if constexpr (routed) {
-    ncols = s.item_ncols[item];
-    col0 = s.item_col0[item];
-  } else {
-    col0 = kCols * (-1 - item);
-    ncols = min(kCols, p.T_ - col0);
-  }
+  tile_columns<kCols, kRouted>(p.T_, s, item, ncols, col0);
   if constexpr (kParts == 1) {
     // Thread (row group rg, n, l): feature f0 + 8 rg + l / 4, columns 8n + 2 (l % 4) + {0, 1}: x, y gate;
     // z, w up; the row group's warps rg, rg + R, ... (its K ranges) summed in order.
@@ -904,14 +912,8 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
                 "row groups: routed tiles of the frag mapping");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
   constexpr bool routed = kRouted;
-  int ncols, col0;  // the shared tiles run before the schedule exists: no read of it
-  if constexpr (routed) {
-    ncols = s.item_ncols[item];
-    col0 = s.item_col0[item];
-  } else {
-    col0 = kCols * (-1 - item);
-    ncols = min(kCols, p.T_ - col0);
-  }
+  int ncols, col0;
+  tile_columns<kCols, kRouted>(p.T_, s, item, ncols, col0);
   {
     const T* col[NT];
     bool col_ok[NT];
