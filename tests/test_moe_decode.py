@@ -369,6 +369,8 @@ def test_bad_inputs_raise(device):
     ids = distinct_ids(T, k, E, device)
     wts = topk_weights(T, k, device)
     gu = w.gate_up
+    with pytest.raises(RuntimeError, match="bool.*hidden_settled"):  # the schema's own check
+        moe_decode_gate_up(x, gu, ids, hidden_settled="yes")
     with pytest.raises(TypeError, match="hidden"):
         moe_decode_gate_up(x.long(), gu, ids)
     with pytest.raises(TypeError, match="gate_up"):

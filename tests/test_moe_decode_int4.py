@@ -191,6 +191,8 @@ def test_bad_inputs_raise(device):
     ids = distinct_ids(T, k, E, device)
     wts = topk_weights(T, k, device)
     q, s, z = w.gate_up_args()
+    with pytest.raises(RuntimeError, match="bool.*hidden_settled"):  # the schema's own check
+        moe_decode_int4_gate_up(x, q, s, z, ids, hidden_settled="yes")
     with pytest.raises(TypeError, match="gate_up_qweight"):
         moe_decode_int4_gate_up(x, q.to(torch.int8), s, z, ids)
     with pytest.raises(TypeError, match="gate_up_scales"):
