@@ -50,6 +50,21 @@ def fresh_cache(model, batch: int, slots: int) -> None:
     model.setup_cache(batch, slots)
 
 
+def real_decode_setup(layers: int, experts: str, ctx: int = 2048):
+    """The decode probes' setup: the real-shape random Dots1 of ``layers`` layers (layer 0 dense) on CUDA in
+    bf16 with ``experts`` ("bf16" / "int4"), a batch-1 cache filled for a step at slot ``ctx``, one
+    token. Returns (model, config, token)."""
+    from dots1_ext.config import dots1_real_config
+    from dots1_ext.model import build_random_model
+
+    torch.manual_seed(0)
+    cfg = dots1_real_config(layers)
+    model = build_random_model(cfg, device="cuda", dtype=torch.bfloat16, experts=experts)
+    with torch.inference_mode():
+        decode_cache(model, 1, ctx + 1)
+    return model, cfg, torch.randint(0, cfg.vocab_size, (1,), device="cuda")
+
+
 def decode_cache(model, batch: int, slots: int) -> bool:
     """fresh_cache, filled as a decode step finds it: realistic (finite, non-zero) K/V history, every
     sequence starting at slot 0. False (nothing allocated) when the device runs out of memory."""

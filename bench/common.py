@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -170,6 +171,25 @@ def copy_bandwidth_gbs() -> float:
         ms = time_fn(lambda: dst.copy_(src), warmup=3, iters=10)
         _CEILINGS["copy"] = 2 * n / (ms * 1e-3) / 1e9
     return _CEILINGS["copy"]
+
+
+def parse_knobs(args: list[str], defaults: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """The probes' switches from their command line: each ``NAME=v1,v2`` word -> {NAME: [v1, v2]} (over
+    ``defaults``)."""
+    knobs = dict(defaults or {})
+    for a in args:
+        if "=" in a:
+            name, values = a.split("=", 1)
+            knobs[name] = values.split(",")
+    return knobs
+
+
+def knob_settings(knobs: dict[str, list[str]]) -> Iterator[tuple[dict[str, str], str]]:
+    """Every combination of the switches' values, in order, with a label ("NAME=v ..." without the
+    DOTS1_EXT_ prefix; "defaults" for the one empty setting when there are no switches)."""
+    for combo in itertools.product(*knobs.values()):
+        env = dict(zip(knobs, combo))
+        yield env, " ".join(f"{n.replace('DOTS1_EXT_', '')}={v}" for n, v in env.items()) or "defaults"
 
 
 @contextlib.contextmanager

@@ -222,3 +222,15 @@ def test_commit_id_marks_a_tree_that_differs_from_head(tmp_path):
     (tmp_path / "a.txt").write_text("two\n")
     assert commit_id(tmp_path) == f"{head}+1 changed"
     assert commit_id(tmp_path / "no-such-dir") == ""
+
+
+def test_probe_switches_parse_and_combine_in_order():
+    # The GPU probes' NAME=v1,v2 words (bench/probes/*.py): every combination in order, labelled
+    # without the DOTS1_EXT_ prefix; no switches is one "defaults" setting.
+    from bench.common import knob_settings, parse_knobs
+
+    knobs = parse_knobs(["1,4", "routed", "DOTS1_EXT_A=0,1", "B=x"], {"DOTS1_EXT_A": ["9"], "C": ["c"]})
+    assert knobs == {"DOTS1_EXT_A": ["0", "1"], "C": ["c"], "B": ["x"]}
+    assert list(knob_settings(knobs)) == [({"DOTS1_EXT_A": "0", "C": "c", "B": "x"}, "A=0 C=c B=x"),
+                                          ({"DOTS1_EXT_A": "1", "C": "c", "B": "x"}, "A=1 C=c B=x")]
+    assert list(knob_settings(parse_knobs(["bf16"]))) == [({}, "defaults")]

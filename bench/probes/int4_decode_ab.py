@@ -10,13 +10,12 @@ what the kernels' int4 streams cost alone.
 
 from __future__ import annotations
 
-import itertools
 import sys
 
 import torch
 
 from bench.bench_moe_decode import CALLS, REAL, WEIGHT_SETS, draw_ids, graph_ms, make_weights, ours_int4
-from bench.common import bytes_floor_ms, with_env
+from bench.common import bytes_floor_ms, knob_settings, parse_knobs, with_env
 from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_gate_up
 
 
@@ -36,11 +35,7 @@ def main() -> None:
     args = sys.argv[1:]
     Ts = [int(t) for t in args[0].split(",")] if args and args[0][0].isdigit() else [1, 4, 8, 16]
     routed_only = "routed" in args
-    knobs = {"DOTS1_EXT_MOE_DECODE_INT4_STAGED": ["0", "1"]}
-    for a in args:
-        if "=" in a:
-            name, vals = a.split("=", 1)
-            knobs[name] = vals.split(",")
+    knobs = parse_knobs(args, {"DOTS1_EXT_MOE_DECODE_INT4_STAGED": ["0", "1"]})
     torch.manual_seed(0)
     s = REAL
     E, k, H, I, Is = s["E"], s["k"], s["H"], s["I"], s["Is"]
@@ -67,9 +62,7 @@ def main() -> None:
         floor_gu = bytes_floor_ms(touched * int4_expert * 2 / 3 + 2 * Is * H * 2)
         floor_dn = bytes_floor_ms(touched * int4_expert / 3 + Is * H * 2)
         down = down_of(act)
-        for combo in itertools.product(*knobs.values()):
-            env = dict(zip(knobs, combo))
-            label = " ".join(f"{n.replace('DOTS1_EXT_', '')}={v}" for n, v in env.items())
+        for env, label in knob_settings(knobs):
             label = f"routed only {label}" if routed_only else label
             t_gu = graph_ms(with_env(env, gate_up), calls, redraw, 20)
             t_dn = graph_ms(with_env(env, down), calls, redraw, 20)

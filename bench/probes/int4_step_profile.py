@@ -9,14 +9,13 @@ by name.
 
 from __future__ import annotations
 
-import itertools
 import sys
 from collections import defaultdict
 
 import torch
 
-from bench.bench_decode import decode_cache
-from bench.common import env_vars
+from bench.bench_decode import real_decode_setup
+from bench.common import env_vars, knob_settings, parse_knobs
 
 
 def main() -> None:
@@ -24,24 +23,15 @@ def main() -> None:
         sys.exit("int4_step_profile: needs a CUDA GPU and the extension built with CUDA")
     from torch.profiler import ProfilerActivity, profile
 
-    from dots1_ext.config import dots1_real_config
     from dots1_ext.cuda_graph import DecodeGraphs
-    from dots1_ext.model import build_random_model
 
     args = sys.argv[1:]
     layers = next((int(a) for a in args if a.isdigit()), 8)
     experts = "bf16" if "bf16" in args else "int4"
-    knobs = {a.split("=", 1)[0]: a.split("=", 1)[1].split(",") for a in args if "=" in a}
-    torch.manual_seed(0)
-    cfg = dots1_real_config(layers)
-    model = build_random_model(cfg, device="cuda", dtype=torch.bfloat16, experts=experts)
     ctx = 2048
+    model, cfg, tok = real_decode_setup(layers, experts, ctx)
     with torch.inference_mode():
-        decode_cache(model, 1, ctx + 1)
-        tok = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
-        for combo in itertools.product(*knobs.values()) if knobs else [()]:
-            env = dict(zip(knobs, combo))
-            label = " ".join(f"{n.replace('DOTS1_EXT_', '')}={v}" for n, v in env.items()) or "defaults"
+        for env, label in knob_settings(parse_knobs(args)):
             replay = {}
             for pdl in ("1", "0"):
                 with env_vars({**env, "DOTS1_EXT_PDL": pdl}):

@@ -14,7 +14,6 @@ ended), and the step's sum of spans.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -24,8 +23,8 @@ import tempfile
 
 import torch
 
-from bench.bench_decode import decode_cache
-from bench.common import env_vars
+from bench.bench_decode import real_decode_setup
+from bench.common import env_vars, knob_settings, parse_knobs
 
 
 REPLAYS = 10  # profiled graph replays per setting
@@ -78,24 +77,15 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from dots1_ext import modules
-    from dots1_ext.config import dots1_real_config
     from dots1_ext.cuda_graph import DecodeGraphs
-    from dots1_ext.model import build_random_model
 
     args = sys.argv[1:]
     experts = "bf16" if "bf16" in args else "int4"
     timeline = "all" in args
-    knobs = {a.split("=", 1)[0]: a.split("=", 1)[1].split(",") for a in args if "=" in a}
-    torch.manual_seed(0)
-    cfg = dots1_real_config(8)
-    model = build_random_model(cfg, device="cuda", dtype=torch.bfloat16, experts=experts)
     ctx = 2048
+    model, cfg, tok = real_decode_setup(8, experts, ctx)
     with torch.inference_mode():
-        decode_cache(model, 1, ctx + 1)
-        tok = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
-        for combo in itertools.product(*knobs.values()) if knobs else [()]:
-            env = dict(zip(knobs, combo))
-            label = " ".join(f"{n.replace('DOTS1_EXT_', '')}={v}" for n, v in env.items()) or "defaults"
+        for env, label in knob_settings(parse_knobs(args)):
             modules.MOE_DECODE_HIDDEN_SETTLED = env.pop("settled", "1") == "1"
             with env_vars(env):
                 graphs = DecodeGraphs(model)
