@@ -11,8 +11,8 @@
 //      (projection, expert, router and norm weights). Nothing else: not the activations, the KV cache,
 //      the positions, the cos/sin rows they select, the routing ids, nor scratch buffers. It writes
 //      no global memory (shared memory and registers are free). One exception, which the caller asks
-//      for and guarantees (moe_decode_gate_up's hidden_settled): an input written before the kernel
-//      right before this one. That kernel follows rule 3, so this one became resident only after that
+//      for and guarantees (moe_decode_gate_up's hidden_settled, the decode attention ops' kv_settled):
+//      an input written before the kernel right before this one. That kernel follows rule 3, so this one became resident only after that
 //      kernel's wait returned, i.e. after the input's producer completed. (The rule against writes
 //      stands: an output may reuse memory the kernel right before still reads.)
 //   2. Every thread executes pdl_wait() before it exits, whether or not it has work (so a grid

@@ -58,14 +58,16 @@ TORCH_LIBRARY(dots1_ext, m) {
   // multiple of Hk: query head h reads kv head h / (Hq / Hk)); kv_start/kv_end [B] int64 on the device:
   // sequence b attends to slots [kv_start[b], kv_end[b]), and with window > 0 only to slots
   // >= kv_end[b] - window (HF: a query at p sees (p - window, p]); window 0 = no window -> out [B, Hq, D]
+  // kv_settled: the caller's promise that kv_start / kv_end and every cache row but slot kv_end - 1
+  // predate the launch right before (the decode step's); the kernel then copies before its PDL wait.
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_start, Tensor kv_end, "
-        "int window, float scale) -> Tensor");
+        "int window, float scale, bool kv_settled=False) -> Tensor");
   // qk_norm_rope_kv_cache_ then decode_attention in one launch (csrc/attention/attention.cpp): raw q [B, Hq, D],
   // k, v [B, Hk, D] (not written), the norm weights, positions and cos_sin_cache as qk_norm_rope_kv_cache_;
   // the new k, v go to cache_rows [B], which must be slot kv_end[b] - 1 of sequence b (else: poison) -> out
   m.def("qk_norm_rope_decode_attention(Tensor q, Tensor k, Tensor v, Tensor q_weight, Tensor k_weight, "
         "Tensor positions, Tensor cos_sin_cache, float eps, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor cache_rows, Tensor kv_start, Tensor kv_end, int window, float scale) -> Tensor");
+        "Tensor cache_rows, Tensor kv_start, Tensor kv_end, int window, float scale, bool kv_settled=False) -> Tensor");
 
   // ---- skinny GEMM (decode linears): csrc/skinny_gemm ----
   // x [M, K], weight [N, K] -> [M, N] ("none") or [M, N/2] ("swiglu": gate rows [0, N/2), up rows

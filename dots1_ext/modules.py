@@ -68,7 +68,7 @@ def _reference_namespace() -> types.SimpleNamespace:
         unpermute=lambda out, row_map, w, shared_out=None, residual=None:
             reference.unpermute(out, row_map, w, shared_out, residual),
         skinny_gemm=lambda x, w, epilogue="none": reference.skinny_gemm(x, w, epilogue),
-        decode_attention=lambda q, kc, vc, start, end, window, scale:
+        decode_attention=lambda q, kc, vc, start, end, window, scale, kv_settled=False:
             reference.decode_attention(q, kc, vc, start, end, window, scale),
         qk_norm_rope_decode_attention=reference.qk_norm_rope_decode_attention,
         decode_step_inputs=reference.decode_step_inputs,
@@ -253,6 +253,13 @@ class Dots1MLP(_PacksLinears, nn.Module):
         return linear(act, self.down_proj.weight)
 
 
+# Decode steps pass kv_settled=True to the attention ops: the bounds (decode_step_inputs, at the step's
+# start) and every cache row but the new one (earlier steps) predate the launch right before the
+# attention kernel, so it starts copying K/V while that launch drains (PDL, ops.decode_attention).
+# False: the plain launch (same bits; for comparisons: bench/probes/pdl_overlap.py).
+ATTENTION_KV_SETTLED = True
+
+
 class Dots1Attention(_PacksLinears, nn.Module):
     """QK-norm attention with RoPE over a static KV cache [B, S, Hk, D] (allocated by Dots1Model.setup_cache).
 
@@ -301,14 +308,16 @@ class Dots1Attention(_PacksLinears, nn.Module):
             out = ops.qk_norm_rope_decode_attention(
                 q, k, v, self.q_norm.weight, self.k_norm.weight, step.positions, step.cos_sin_cache, self.eps,
                 self.k_cache, self.v_cache, step.cache_rows, step.kv_start, step.kv_end, self.sliding_window or 0,
-                self.scaling)
+                self.scaling, kv_settled=ATTENTION_KV_SETTLED)
             return linear(out.view(T, Hq * D), self.o_proj.weight, self.o_proj.bias)
         # In place: q, k normed and rotated; k, v written to the cache at this step's slots.
         ops.qk_norm_rope_kv_cache_(q, k, v, self.q_norm.weight, self.k_norm.weight, step.positions,
                                    step.cos_sin_cache, self.eps, self.k_cache, self.v_cache, step.cache_rows)
         if step.is_decode:  # L == 1: q [B, Hq, D] over exactly [kv_start, kv_end) of each sequence
+            # kv_settled: the bounds came from the step's start, the rows but the new one from earlier
+            # steps, and the launch right before (qk_norm_rope_kv_cache_) wrote only q and the new row.
             out = ops.decode_attention(q, self.k_cache, self.v_cache, step.kv_start, step.kv_end,
-                                       self.sliding_window or 0, self.scaling)
+                                       self.sliding_window or 0, self.scaling, kv_settled=ATTENTION_KV_SETTLED)
             return linear(out.view(T, Hq * D), self.o_proj.weight, self.o_proj.bias)
         q = q.view(B, L, Hq, D).transpose(1, 2)  # [B, Hq, L, D]
         keys = self.k_cache[:, :S].transpose(1, 2)  # [B, Hk, S', D]

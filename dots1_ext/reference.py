@@ -459,6 +459,7 @@ def decode_attention(
     kv_end: torch.Tensor,  # [B] int64
     window: int,
     scale: float,
+    kv_settled: bool = False,  # the CUDA kernel's PDL wait placement (ops.decode_attention): no effect here
 ) -> torch.Tensor:
     """One query per sequence over a static KV cache, in fp32, rounded once to q's dtype -> [B, Hq, D].
 
@@ -504,6 +505,7 @@ def qk_norm_rope_decode_attention(
     kv_end: torch.Tensor,  # [B] int64
     window: int,
     scale: float,
+    kv_settled: bool = False,
 ) -> torch.Tensor:
     """qk_norm_rope_kv_cache_ on copies of q and k, then decode_attention -> [B, Hq, D].
 

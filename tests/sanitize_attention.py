@@ -18,7 +18,8 @@ qk_norm_rope_decode_attention (the fused decode step: norm + rope of q and k, th
 by the one CTA that owns it) runs on the same shapes and split counts, compared bitwise (output and
 both caches) with qk_norm_rope_kv_cache_ + decode_attention, with a bad position and a bad cache row
 mixed in; its two-op fallback (head_dim 96, two head chunks) too. racecheck is the check that matters
-for it: the new row is written and read within one CTA, and must be read by no other.
+for it: the new row is written and read within one CTA, and must be read by no other. Both ops also
+with kv_settled (the first K/V copies issued before the PDL wait, the new row's after it).
 
 DOTS1_SANITIZE_SMALL=1 (what bench/gpu_check.sh sets for racecheck and synccheck, whose per-launch cost
 is far above memcheck's) keeps one case per kernel structure: bf16, one, two and several query heads
@@ -56,7 +57,7 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -
         failures.append(f"{name}: worst row error {err:.3e} > {TOL[dtype]:.1e}")
 
 
-def run_case(dtype, B, Hq, Hk, D, S, pairs, window, cache_offset=0, q_layout="fused"):
+def run_case(dtype, B, Hq, Hk, D, S, pairs, window, cache_offset=0, q_layout="fused", settled=False):
     if q_layout == "fused":
         q = torch.randn(B, (Hq + 2 * Hk) * D, dtype=dtype, device="cuda").view(B, Hq + 2 * Hk, D)[:, :Hq]
     else:  # misaligned: one element in
@@ -67,17 +68,18 @@ def run_case(dtype, B, Hq, Hk, D, S, pairs, window, cache_offset=0, q_layout="fu
     v_cache = torch.randn(B, S, Hk, D, dtype=dtype, device="cuda")
     kv_start = torch.tensor([p[0] for p in pairs], device="cuda")
     kv_end = torch.tensor([p[1] for p in pairs], device="cuda")
-    out = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window)
+    out = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end, window=window, kv_settled=settled)
     ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), kv_start, kv_end, window,
                                      1.0 / math.sqrt(D))
     name = (f"{dtype} B={B} Hq={Hq} Hk={Hk} D={D} S={S} window={window} offset={cache_offset} q={q_layout} "
+            f"settled={settled} "
             f"splits={os.environ.get('DOTS1_EXT_ATTENTION_SPLITS', 'auto')} "
             f"stages={os.environ.get('DOTS1_EXT_ATTENTION_STAGES', 'auto')} "
             f"combine={os.environ.get('DOTS1_EXT_ATTENTION_COMBINE', 'auto')}")
     check(name, out, ref, dtype)
 
 
-def run_fused_case(dtype, B, Hq, Hk, D, S, pairs, window):
+def run_fused_case(dtype, B, Hq, Hk, D, S, pairs, window, settled=False):
     from dots1_ext import ops
     from dots1_ext.rope import build_cos_sin_cache
 
@@ -97,13 +99,14 @@ def run_fused_case(dtype, B, Hq, Hk, D, S, pairs, window):
         cache_rows[2] = -1  # bad cache row: nothing written, NaN q
     kc, vc = k_cache.clone(), v_cache.clone()
     out = ops.qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin, 1e-6, kc, vc,
-                                            cache_rows, kv_start, kv_end, window)
+                                            cache_rows, kv_start, kv_end, window, kv_settled=settled)
     own = (kv_end >= 1) & (kv_end <= S) & (cache_rows == torch.arange(B, device="cuda") * S + kv_end - 1)
     rows = torch.where(own, cache_rows, torch.full_like(cache_rows, -1))
     q2, k2, rc, rv = q.clone(), k.clone(), k_cache.clone(), v_cache.clone()
     ops.qk_norm_rope_kv_cache_(q2, k2, v, q_weight, k_weight, positions, cos_sin, 1e-6, rc, rv, rows)
-    ref = ops.decode_attention(q2, rc, rv, kv_start, kv_end, window)
-    name = (f"fused {dtype} B={B} Hq={Hq} Hk={Hk} D={D} S={S} window={window} "
+    # kv_settled: the launch right before (qk_norm_rope_kv_cache_) wrote only the new rows.
+    ref = ops.decode_attention(q2, rc, rv, kv_start, kv_end, window, kv_settled=settled)
+    name = (f"fused {dtype} B={B} Hq={Hq} Hk={Hk} D={D} S={S} window={window} settled={settled} "
             f"splits={os.environ.get('DOTS1_EXT_ATTENTION_SPLITS', 'auto')}")
     for what, got, want in (("output", out, ref), ("k_cache", kc, rc), ("v_cache", vc, rv)):
         same = torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(got.nan_to_num(0), want.nan_to_num(0))
@@ -179,6 +182,18 @@ def main() -> int:
         if D >= 64:
             run_fused_case(torch.bfloat16, B, Hq, Hk, D, S, pairs_for(B, S), 0)
     os.environ.pop("DOTS1_EXT_PDL")
+    # kv_settled (the first tiles' copies before the PDL wait, the new row after it): both depths, the
+    # workspace and cluster combines, lengths whose new row is in the early tiles and past them.
+    for combine, stages, splits in (("workspace", "3", "4"), ("workspace", "6", "1"), ("cluster", "6", "2")):
+        os.environ.update(DOTS1_EXT_ATTENTION_COMBINE=combine, DOTS1_EXT_ATTENTION_STAGES=stages,
+                          DOTS1_EXT_ATTENTION_SPLITS=splits)
+        settled_pairs = [(0, 1), (0, 65), (3, 129), (0, 520), (0, 0), (-1, 4)]
+        for B, Hq, Hk, D, S in ((6, 4, 4, 128, 520), (6, 8, 2, 64, 520)):
+            run_case(torch.bfloat16, B, Hq, Hk, D, S, settled_pairs, 0, settled=True)
+            run_fused_case(torch.bfloat16, B, Hq, Hk, D, S, settled_pairs, 0, settled=True)
+        run_case(torch.bfloat16, 2, 4, 2, 128, 64, [(0, 64), (1, 63)], 0, cache_offset=1, settled=True)
+    for name in ("DOTS1_EXT_ATTENTION_COMBINE", "DOTS1_EXT_ATTENTION_STAGES", "DOTS1_EXT_ATTENTION_SPLITS"):
+        os.environ.pop(name)
     torch.cuda.synchronize()
     for f in failures:
         print("MISMATCH", f)

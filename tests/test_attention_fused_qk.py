@@ -8,6 +8,10 @@ cache, left padding, sliding windows; bad positions, bad and foreign cache rows,
 on the GPU forced split counts (1, 2, 4, 8, 16, auto) in both combine modes (workspace, cluster), CUDA
 graph replay with changed lengths, determinism;
 bad inputs raise naming the argument; opcheck; DOTS1_EXT_ATTENTION_FUSED_QK at the model level.
+kv_settled (both ops: the CUDA kernel copies its first tiles before its PDL wait): the same bits as the
+plain launch, with the new rows holding NaN until the step writes them (a copy issued too early would
+read it), at lengths whose new row falls in the early tiles and past them, every split count mode and
+both pipeline depths; a misaligned cache (copied by the op, the flag dropped); the model's switch.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def make_inputs(B, Hq, Hk, D, S, dtype, device, pairs, window=0, seed=0):
     )
 
 
-def two_ops(x):
+def two_ops(x, kv_settled=False):
     """The unfused pair on copies (q, k, caches): -> out, k_cache, v_cache. Cache rows other than the
     sequence's own slot kv_end - 1 are bad rows for the fused op: -1 here (documented contract)."""
     q, k = x["q"].clone(), x["k"].clone()
@@ -56,16 +60,17 @@ def two_ops(x):
     rows = torch.where(own, x["cache_rows"], torch.full_like(x["cache_rows"], -1))
     ops.qk_norm_rope_kv_cache_(q, k, x["v"], x["q_weight"], x["k_weight"], x["positions"], x["cos_sin_cache"],
                                x["eps"], k_cache, v_cache, rows)
-    out = ops.decode_attention(q, k_cache, v_cache, x["kv_start"], x["kv_end"], x["window"], x["scale"])
+    out = ops.decode_attention(q, k_cache, v_cache, x["kv_start"], x["kv_end"], x["window"], x["scale"],
+                               kv_settled=kv_settled)
     return out, k_cache, v_cache
 
 
-def fused(x, k_cache=None, v_cache=None):
+def fused(x, k_cache=None, v_cache=None, kv_settled=False):
     k_cache = x["k_cache"].clone() if k_cache is None else k_cache
     v_cache = x["v_cache"].clone() if v_cache is None else v_cache
     out = ops.qk_norm_rope_decode_attention(
         x["q"], x["k"], x["v"], x["q_weight"], x["k_weight"], x["positions"], x["cos_sin_cache"], x["eps"], k_cache,
-        v_cache, x["cache_rows"], x["kv_start"], x["kv_end"], x["window"], x["scale"])
+        v_cache, x["cache_rows"], x["kv_start"], x["kv_end"], x["window"], x["scale"], kv_settled=kv_settled)
     return out, k_cache, v_cache
 
 
@@ -157,12 +162,85 @@ def test_the_caches_must_not_share_memory(device):
         fused(x, kc, kc)
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("kv_settled", [False, True])
+def test_opcheck(device, kv_settled):
     x = make_inputs(3, 8, 2, 128, 40, torch.bfloat16, device, [(0, 40), (2, 17), (5, 6)])
     x["k_cache"], x["v_cache"] = x["k_cache"].clone(), x["v_cache"].clone()
     args = tuple(x[n] for n in ("q", "k", "v", "q_weight", "k_weight", "positions", "cos_sin_cache", "eps", "k_cache",
                                 "v_cache", "cache_rows", "kv_start", "kv_end", "window", "scale"))
-    torch.library.opcheck(torch.ops.dots1_ext.qk_norm_rope_decode_attention.default, args)
+    torch.library.opcheck(torch.ops.dots1_ext.qk_norm_rope_decode_attention.default, args + (kv_settled,))
+    plain = tuple(x[n] for n in ("q", "k_cache", "v_cache", "kv_start", "kv_end", "window", "scale"))
+    torch.library.opcheck(torch.ops.dots1_ext.decode_attention.default, plain + (kv_settled,))
+
+
+# ------------------------------------------------------------------------------------------------
+# kv_settled: the caller's promise that the bounds and every row but the new one predate the launch
+# right before, so the CUDA kernels copy their first tiles before the PDL wait
+
+
+def settled_pairs(S):
+    """Lengths whose new row sits in the first tile (1, 2), at a tile edge of the first two (64, 65,
+    129: the early copies' range), far past them (S, 1500), with left padding, and an empty range."""
+    return [(0, 1), (0, 2), (0, 64), (3, 65), (0, 129), (0, S), (7, 1500), (4, 4)]
+
+
+@pytest.mark.parametrize("combine", ["workspace", "cluster"])
+@pytest.mark.parametrize("splits", ["1", "4", "auto"])
+@pytest.mark.parametrize("stages", ["3", "6"])
+@pytest.mark.parametrize("Hq,Hk", [(32, 32), (32, 8)])
+def test_kv_settled_same_bits(device, monkeypatch, combine, splits, stages, Hq, Hk):
+    # kv_settled only moves the CUDA kernel's PDL wait: the same bits as the plain launch, for the pair
+    # (decode_attention right after qk_norm_rope_kv_cache_, which writes the new row) and the fused op
+    # (right after the torch ops of the inputs). The new rows hold NaN before the step writes them, so
+    # a copy of one issued before the wait would show as a NaN output.
+    if device == "cpu" and (combine, splits, stages) != ("workspace", "auto", "3"):
+        pytest.skip("the switches select CUDA kernels; the CPU kernels ignore kv_settled (one case runs)")
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", combine)
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_STAGES", stages)
+    S = 2048
+    pairs = settled_pairs(S)
+    B = len(pairs)
+    for seed, window in ((0, 0), (1, 0), (2, 300)):
+        x = make_inputs(B, Hq, Hk, 128, S, torch.bfloat16, device, pairs, window=window, seed=seed)
+        b = torch.arange(B, device=device)
+        new_slot = (x["kv_end"] - 1).clamp_min(0)
+        x["k_cache"][b, new_slot] = float("nan")
+        x["v_cache"][b, new_slot] = float("nan")
+        what = f"{combine} splits {splits} stages {stages} seed {seed} window {window}"
+        plain = two_ops(x)
+        settled = two_ops(x, kv_settled=True)
+        for name, got, want in zip(("output", "k_cache", "v_cache"), settled, plain):
+            assert_bitwise(got, want, f"{what}: two ops, {name}")
+        assert not settled[0][:-1].isnan().any(), f"{what}: a stale new row was read"
+        assert (settled[0][-1] == 0).all(), f"{what}: the empty range gives 0"
+        fused_settled = fused(x, kv_settled=True)
+        for name, got, want in zip(("output", "k_cache", "v_cache"), fused_settled, fused(x)):
+            assert_bitwise(got, want, f"{what}: fused, {name}")
+        assert_bitwise(fused_settled[0], plain[0], f"{what}: fused against the two ops")
+
+
+def test_kv_settled_with_a_misaligned_cache(device):
+    # A 16-bit cache one element off 4-byte alignment is copied by the op first (that copy is then the
+    # launch right before the kernel, which writes every row): the flag is dropped, the bits stay.
+    B, Hq, Hk, D, S = 3, 8, 2, 128, 300
+    x = make_inputs(B, Hq, Hk, D, S, torch.bfloat16, device, [(0, 1), (0, 300), (5, 129)])
+    n = B * S * Hk * D
+    k_cache = torch.empty(n + 1, dtype=torch.bfloat16, device=device)[1:].view(B, S, Hk, D)
+    k_cache.copy_(x["k_cache"])
+    args = (x["q"], k_cache, x["v_cache"], x["kv_start"], x["kv_end"], 0, x["scale"])
+    assert_bitwise(ops.decode_attention(*args, kv_settled=True), ops.decode_attention(*args), "misaligned cache")
+
+
+def test_kv_settled_must_be_a_bool(device):
+    x = make_inputs(2, 4, 4, 64, 20, torch.float32, device, [(0, 20), (3, 9)])
+    plain = (x["q"], x["k_cache"], x["v_cache"], x["kv_start"], x["kv_end"], 0, x["scale"])
+    with pytest.raises(TypeError, match="kv_settled"):
+        ops.decode_attention(*plain, kv_settled=1)
+    with pytest.raises(TypeError, match="kv_settled"):
+        fused(x, kv_settled="yes")
+    with pytest.raises(RuntimeError, match="bool.*kv_settled"):  # the schema's own check
+        torch.ops.dots1_ext.decode_attention.default(*plain, "yes")
 
 
 def test_env_switch(monkeypatch):
@@ -300,3 +378,23 @@ def test_model_decode_fused_switch(device, monkeypatch):
     monkeypatch.setenv(A.FUSED_QK_ENV, "2")
     with pytest.raises(ValueError, match=A.FUSED_QK_ENV):
         model.decode(tokens[:, 8], 8)
+
+
+@pytest.mark.parametrize("fused_qk", ["0", "1"])
+def test_model_decode_kv_settled_switch(device, monkeypatch, fused_qk):
+    from dots1_ext import modules
+    from tests.test_model import tiny_ours
+
+    monkeypatch.setenv(A.FUSED_QK_ENV, fused_qk)
+    model = tiny_ours(device, num_hidden_layers=2, head_dim=64, num_key_value_heads=2, sliding_window=3,
+                      layer_types=["sliding_attention", "full_attention"])
+    tokens = torch.randint(0, 96, (3, 9), device=device)
+    runs = {}
+    for settled in (False, True):
+        monkeypatch.setattr(modules, "ATTENTION_KV_SETTLED", settled)
+        model.setup_cache(3, 12)
+        model.prefill(tokens[:, :4])
+        runs[settled] = [model.decode(tokens[:, slot], slot).float() for slot in range(4, 9)]
+    tol = 0.0 if device == "cpu" else 1e-5  # as test_model_decode_fused_switch
+    for n, (a, b) in enumerate(zip(runs[False], runs[True])):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"step {n}: {m}")

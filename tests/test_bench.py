@@ -199,6 +199,22 @@ def test_pdl_overlap_timeline_groups_kernels_by_short_name():
     assert [r[0] for r in kernel_timeline(events, steps=2)] == ["moe_gate_up_kernel", "router_gating_grid_kernel"]
 
 
+def test_pdl_overlap_attention_block_measures_from_the_qkv_gemm():
+    # The attention block of pdl_overlap.py: from the qkv GEMM's end (a skinny GEMM one or two launches
+    # before the attention kernel), the attention's start and end and the combine's end.
+    from bench.probes.pdl_overlap import attention_block
+
+    qkv, rope = "void dots1::skinny_gemm_wide_kernel<>()", "void dots1::qk_norm_rope_kernel<>()"
+    att, comb = "void dots1::decode_attention_kernel<>()", "void dots1::decode_attention_combine_kernel<>()"
+    o_proj = "void dots1::skinny_gemm_wide_kernel<>()"
+    events = [(qkv, 0.0, 20.0), (rope, 15.0, 22.0), (att, 18.0, 31.0), (comb, 21.0, 33.0), (o_proj, 30.0, 40.0),
+              (qkv, 100.0, 120.0), (att, 119.0, 130.0), (o_proj, 129.0, 140.0)]  # fused: no rope, no combine
+    out = attention_block(events)
+    assert out == {"attention start": [-2.0, -1.0], "attention end": [11.0, 10.0], "combine end": [13.0, 10.0],
+                   "attention span": [13.0, 11.0]}
+    assert attention_block([(rope, 0.0, 1.0), (att, 2.0, 3.0)])["attention span"] == []  # no qkv GEMM before
+
+
 def test_commit_id_marks_a_tree_that_differs_from_head(tmp_path):
     # Results record the commit they measured; a run of changed files (or of a copy whose .git is older
     # than its files) says so instead of passing for HEAD.

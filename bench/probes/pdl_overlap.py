@@ -4,7 +4,9 @@ int4 model (or bf16 with the word bf16), B=1 context 2048, its decode graph repl
 as NAME=a,b: for each MoE layer, the gap from the router's end to the gate_up's start (negative: gate_up
 was running before the router ended) and from gate_up's end to down's start, medians over the layers and
 replays, and the kernels' own spans; and the graph's replay time (DecodeGraphs.replay_ms). The name
-``settled`` sets dots1_ext.modules.MOE_DECODE_HIDDEN_SETTLED (1 / 0) instead of an environment variable.
+``settled`` sets dots1_ext.modules.MOE_DECODE_HIDDEN_SETTLED (1 / 0) instead of an environment variable,
+``kv_settled`` dots1_ext.modules.ATTENTION_KV_SETTLED. Per setting also the attention block of each
+layer, from the qkv GEMM's end: the attention kernel's start and end, the combine's end (medians).
 With the word ``all``: the whole step's timeline by kernel (kernel_timeline): per kernel name, launches
 per step, median span, median gap from the previous kernel's end (negative: it started before that
 ended), and the step's sum of spans.
@@ -71,6 +73,28 @@ def kernel_timeline(events: list[tuple[str, float, float]], steps: int) -> list[
     return sorted(rows, key=lambda r: -r[4])
 
 
+def attention_block(events: list[tuple[str, float, float]]) -> dict[str, list[float]]:
+    """Per decode attention launch (events sorted by start): from the end of the qkv GEMM before it (the
+    last skinny GEMM at most two launches back: qk_norm_rope_kv_cache_ may sit in between), its start
+    and end and the end of the split combine right after it (its own end where there is none); and its
+    span."""
+    out: dict[str, list[float]] = {"attention start": [], "attention end": [], "combine end": [],
+                                   "attention span": []}
+    for i, (name, ts, end) in enumerate(events):
+        if "decode_attention_kernel" not in name:
+            continue
+        qkv = next((events[j] for j in (i - 1, i - 2) if j >= 0 and "skinny_gemm" in events[j][0]), None)
+        if qkv is None:
+            continue
+        nxt = events[i + 1] if i + 1 < len(events) else None
+        combine_end = nxt[2] if nxt is not None and "combine" in nxt[0] else end
+        out["attention start"].append(ts - qkv[2])
+        out["attention end"].append(end - qkv[2])
+        out["combine end"].append(combine_end - qkv[2])
+        out["attention span"].append(end - ts)
+    return out
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("pdl_overlap: needs a CUDA GPU and the extension built with CUDA")
@@ -87,6 +111,7 @@ def main() -> None:
     with torch.inference_mode():
         for env, label in knob_settings(parse_knobs(args)):
             modules.MOE_DECODE_HIDDEN_SETTLED = env.pop("settled", "1") == "1"
+            modules.ATTENTION_KV_SETTLED = env.pop("kv_settled", "1") == "1"
             with env_vars(env):
                 graphs = DecodeGraphs(model)
                 graphs(tok, ctx)
@@ -125,6 +150,10 @@ def main() -> None:
                   + " | spans " + "  ".join(f"{k} {med[k]:.1f}" for k in spans)
                   + f" | block router start -> down end {med['router'] + med['router->gate_up'] + med['gate_up'] + med['gate_up->down'] + med['down']:.1f}"
                   + f" | replay {replay:.4f} ms",
+                  flush=True)
+            att = attention_block(events)
+            print(f"   attention ({len(att['attention span'])} layers), us from the qkv GEMM's end: "
+                  + "  ".join(f"{k} {statistics.median(v) if v else float('nan'):+.2f}" for k, v in att.items()),
                   flush=True)
             if timeline:
                 for name, per_step, span, gap, total in kernel_timeline(events, REPLAYS):

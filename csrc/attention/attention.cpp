@@ -3,13 +3,13 @@
 //
 // Op (schema in csrc/registry.cpp, semantics in dots1_ext/reference.py decode_attention):
 //   decode_attention(q [B, Hq, D], k_cache [B, S, Hk, D], v_cache [B, S, Hk, D], kv_start [B] int64,
-//                    kv_end [B] int64, window, scale) -> [B, Hq, D] (new, contiguous, q's dtype)
+//                    kv_end [B] int64, window, scale, kv_settled=False) -> [B, Hq, D] (new, contiguous, q's dtype)
 // Sequence b attends to slots [lo, kv_end[b]), lo = kv_start[b], or max(kv_start[b], kv_end[b] - window)
 // when window > 0; query head h reads kv head h / (Hq / Hk). fp32 math, exact softmax, one rounding.
 //
 //   qk_norm_rope_decode_attention(q [B, Hq, D], k [B, Hk, D], v [B, Hk, D], q_weight [D], k_weight [D],
 //                    positions [B] int64, cos_sin_cache [P, D] fp32, eps, k_cache, v_cache, cache_rows [B]
-//                    int64, kv_start, kv_end, window, scale) -> [B, Hq, D]
+//                    int64, kv_start, kv_end, window, scale, kv_settled=False) -> [B, Hq, D]
 // The decode step's qk_norm_rope_kv_cache_ (csrc/norm) then decode_attention, in one launch on CUDA,
 // with the same bits: out, and the k_cache / v_cache rows written. q and k are inputs only (the
 // unfused pair leaves them normed and rotated; nothing reads them afterwards). Contract of the one
@@ -33,6 +33,10 @@
 // count).
 // DOTS1_EXT_ATTENTION_STAGES (CUDA, read per call; auto, 3 or 6; default auto) forces the K/V
 // pipeline's depth (attention.h pipeline_stages): tests run both, benchmarks compare them; same bits.
+// kv_settled (both ops; attention.h launch_decode_attention): the caller's promise that the bounds (and
+// the fused op's positions and cache rows) and every cache row but slot kv_end - 1 predate the launch
+// right before the op, so that the kernel starts its copies before its PDL wait. Ignored on the CPU,
+// without PDL, and where the op copies a cache first (then the copy is the launch right before).
 // DOTS1_EXT_PDL=0 (read per call, csrc/common.h pdl_enabled; default on) launches without programmatic
 // dependent launch (benchmarks compare the two; the results are the same).
 #include <torch/library.h>
@@ -147,7 +151,8 @@ void check_qk_norm_rope_decode_attention(const at::Tensor& q, const at::Tensor& 
 // CPU kernel: per sequence, fp32 matmul + softmax over the attended slots (ATen ops).
 
 at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                const at::Tensor& kv_start, const at::Tensor& kv_end, int64_t window, double scale) {
+                                const at::Tensor& kv_start, const at::Tensor& kv_end, int64_t window, double scale,
+                                bool /*kv_settled: a PDL launch detail*/) {
   check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), S = k_cache.size(1), Hk = k_cache.size(2);
   auto out = at::empty({B, Hq, D}, q.options());
@@ -184,7 +189,8 @@ at::Tensor qk_norm_rope_decode_attention_two_ops(const at::Tensor& q, const at::
                                                  const at::Tensor& positions, const at::Tensor& cos_sin_cache,
                                                  double eps, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                                  const at::Tensor& cache_rows, const at::Tensor& kv_start,
-                                                 const at::Tensor& kv_end, int64_t window, double scale) {
+                                                 const at::Tensor& kv_end, int64_t window, double scale,
+                                                 bool kv_settled) {
   static const auto qk_norm_rope_kv_cache =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("dots1_ext::qk_norm_rope_kv_cache_", "")
@@ -195,7 +201,7 @@ at::Tensor qk_norm_rope_decode_attention_two_ops(const at::Tensor& q, const at::
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("dots1_ext::decode_attention", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, int64_t, double)>();
+                            const at::Tensor&, int64_t, double, bool)>();
   const int64_t B = q.size(0), S = k_cache.size(1);
   const auto own_slot = at::arange(B, kv_end.options()) * S + kv_end - 1;
   const auto rows_ok = kv_end.ge(1).logical_and(kv_end.le(S)).logical_and(cache_rows.eq(own_slot));
@@ -203,7 +209,8 @@ at::Tensor qk_norm_rope_decode_attention_two_ops(const at::Tensor& q, const at::
   const auto q_rotated = q.clone(), k_rotated = k.clone();
   qk_norm_rope_kv_cache.call(q_rotated, k_rotated, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
                              v_cache, rows);
-  return decode_attention.call(q_rotated, k_cache, v_cache, kv_start, kv_end, window, scale);
+  // qk_norm_rope_kv_cache_ (the kernel right before) wrote only slot kv_end - 1: the caller's promise holds.
+  return decode_attention.call(q_rotated, k_cache, v_cache, kv_start, kv_end, window, scale, kv_settled);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -253,7 +260,8 @@ int forced_stages() {
 bool aligned_to(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                 const at::Tensor& kv_start, const at::Tensor& kv_end, int64_t window, double scale) {
+                                 const at::Tensor& kv_start, const at::Tensor& kv_end, int64_t window, double scale,
+                                 bool kv_settled) {
   check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), S = k_cache.size(1), Hk = k_cache.size(2);
@@ -265,6 +273,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   // (a view at an odd offset) is copied once to an aligned buffer.
   const auto aligned = [](const at::Tensor& t) { return aligned_to(t.const_data_ptr(), 4) ? t : t.clone(); };
   const at::Tensor kc = aligned(k_cache), vc = aligned(v_cache);
+  // A copy is the kernel right before the attention kernel and wrote every row: nothing is settled then.
+  const bool settled = kv_settled && kc.is_same(k_cache) && vc.is_same(v_cache);
   // A dim of size 1 may carry any stride: 0 keeps the kernel's address math trivially in range.
   const int64_t q_batch_stride = B == 1 ? 0 : q.stride(0), q_head_stride = Hq == 1 ? 0 : q.stride(1);
   const int64_t start_stride = B == 1 ? 0 : kv_start.stride(0), end_stride = B == 1 ? 0 : kv_end.stride(0);
@@ -274,7 +284,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
       kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
       out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), forced_splits(),
       to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled(), forced_stages(),
-      workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr));
+      workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr, settled));
   return out;
 }
 
@@ -288,7 +298,8 @@ at::Tensor qk_norm_rope_decode_attention(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& positions, const at::Tensor& cos_sin_cache, double eps,
                                          const at::Tensor& k_cache, const at::Tensor& v_cache,
                                          const at::Tensor& cache_rows, const at::Tensor& kv_start,
-                                         const at::Tensor& kv_end, int64_t window, double scale) {
+                                         const at::Tensor& kv_end, int64_t window, double scale,
+                                         bool kv_settled) {
   check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, k_cache, v_cache,
                                       cache_rows, kv_start, kv_end, window);
 #ifdef DOTS1_WITH_CUDA
@@ -325,7 +336,8 @@ at::Tensor qk_norm_rope_decode_attention(const at::Tensor& q, const at::Tensor& 
         !can_fuse_qk_norm_rope(q.const_data_ptr(), q_batch_stride, q_head_stride, k_cache.const_data_ptr(),
                                v_cache.const_data_ptr(), args, Hq, Hk, D, to_dtype(q.scalar_type())))
       return qk_norm_rope_decode_attention_two_ops(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
-                                                   v_cache, cache_rows, kv_start, kv_end, window, scale);
+                                                   v_cache, cache_rows, kv_start, kv_end, window, scale,
+                                                   kv_settled);
     auto out = at::empty({B, Hq, D}, q.options());
     const int64_t start_stride = B == 1 ? 0 : kv_start.stride(0), end_stride = B == 1 ? 0 : kv_end.stride(0);
     at::Tensor workspace = combine_workspace(q);
@@ -334,12 +346,12 @@ at::Tensor qk_norm_rope_decode_attention(const at::Tensor& q, const at::Tensor& 
         kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
         out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), args, forced_splits(),
         to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled(), forced_stages(),
-        workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr));
+        workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr, kv_settled));
     return out;
   }
 #endif
   return qk_norm_rope_decode_attention_two_ops(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
-                                               v_cache, cache_rows, kv_start, kv_end, window, scale);
+                                               v_cache, cache_rows, kv_start, kv_end, window, scale, kv_settled);
 }
 
 }  // namespace

@@ -51,6 +51,12 @@ namespace dots1 {
 // shallow; in the cluster mode deep where the grid fits the GPU at one CTA per SM, so batch 1, else
 // shallow); kAttentionShallowStages or
 // kAttentionDeepStages forces one (deep only where the device's shared memory holds it). Same bits.
+// kv_settled: the caller's promise that kv_start, kv_end (and the fused op's positions and cache_rows)
+// and every cache row but slot kv_end[b] - 1 of each sequence were written before the kernel launched
+// right before this one (in a decode step: the bounds by decode_step_inputs at its start, the rows by
+// earlier steps; slot kv_end - 1 by qk_norm_rope_kv_cache_ or, fused, by this kernel). With PDL the
+// kernel then reads the bounds and issues its first tiles' copies (without that slot) before its wait
+// (csrc/pdl.cuh rule 1's exception). Same bits either way; a broken promise reads stale rows.
 cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], strides q_batch_stride, q_head_stride
                                     int64_t q_batch_stride, int64_t q_head_stride,
                                     const void* k_cache,       // [B, S, Hk, D] contiguous
@@ -63,7 +69,7 @@ cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], st
                                     int64_t batch, int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads,
                                     int64_t head_dim, int64_t window, float scale, int num_splits, DType dtype,
                                     cudaStream_t stream, int* splits_used = nullptr, bool use_pdl = true,
-                                    int pipeline_stages = 0, float* workspace = nullptr);
+                                    int pipeline_stages = 0, float* workspace = nullptr, bool kv_settled = false);
 
 // workspace (both launchers; attention.cpp passes one unless DOTS1_EXT_ATTENTION_COMBINE=cluster): nullptr
 // combines the splits in thread-block clusters; else the splits are independent CTAs that leave their
@@ -113,7 +119,7 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q,  // [B, Hq, D] r
                                                  const DecodeQkNormRopeArgs& args, int num_splits, DType dtype,
                                                  cudaStream_t stream, int* splits_used = nullptr,
                                                  bool use_pdl = true, int pipeline_stages = 0,
-                                                 float* workspace = nullptr);
+                                                 float* workspace = nullptr, bool kv_settled = false);
 
 }  // namespace dots1
 

@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
                             const int64_t* __restrict__ kv_end, int64_t kv_end_stride, T* __restrict__ out,
                             int64_t cache_len, int num_q_heads, int num_kv_heads, int head_dim, int group,
                             int head_chunks, int64_t window, float q_scale, int num_stages, float* workspace,
-                            FreshKv<T> fresh) {
+                            FreshKv<T> fresh, bool kv_settled) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
   constexpr int kEPV = Tl::kElemsPerVec, kVPL = Tl::kVecsPerLane, kLPK = Tl::kLanesPerKey;
   constexpr int kKPW = Tl::kKeysPerWarp, kU = Tl::kUnroll, kTile = Tl::kTile;
@@ -300,10 +300,19 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
   load_norm_weight(norm_group);
 
   // PDL (csrc/pdl.cuh): everything above ran while the previous kernel of the stream may still be
-  // writing q, the cache or the bounds; nothing else global is read before this. Then the next kernel
-  // (the o_proj GEMM) may be scheduled as this grid's CTAs retire and start streaming its weight.
-  pdl_wait();
-  pdl_launch_dependents();
+  // writing q, the cache or the bounds; nothing else global is read before the wait. Then the next
+  // kernel (the o_proj GEMM) may be scheduled as this grid's CTAs retire and start streaming its weight.
+  // kv_settled (the caller's promise, rule 1's exception: the bounds, the fused op's positions and
+  // cache rows, and every cache row but slot end - 1 of each sequence were written before the kernel
+  // right before this one): the bounds are read and the first stage_count - 1 tiles' copies issued
+  // before the wait, without slot end - 1 (which that kernel writes: copied after the wait). Only the
+  // 16-byte copies, which bypass L1.
+  const bool early = kVecBytes == 16 && kv_settled;
+  const auto wait_for_previous = [] {
+    pdl_wait();
+    pdl_launch_dependents();
+  };
+  if (!early) wait_for_previous();
 
   // The bounds and q are independent loads, issued together: the first K/V copy waits for the bounds
   // only, not for the bounds and then q.
@@ -326,27 +335,30 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
   if constexpr (kFused) {
     position = fresh.positions[b * fresh.positions_stride];
     cache_row = fresh.cache_rows[b * fresh.cache_rows_stride];
-    load_raw_head(norm_group);
+    if (!early) load_raw_head(norm_group);
   }
 
   // Head-dim element of vector j, element e of this lane: ((j * kLPK + sub) * kEPV + e).
   const auto elem = [&](int j, int e) { return (j * kLPK + sub) * kEPV + e; };
 
   float qf[kGT][kAcc];
-  if constexpr (!kFused) {
+  const auto load_q = [&] {
+    if constexpr (!kFused) {
 #pragma unroll
-    for (int g = 0; g < kGT; ++g) {
-      const bool head_ok = g0 + g < group;
-      const T* qrow = q + b * q_batch_stride + static_cast<int64_t>(kv_head * group + g0 + g) * q_head_stride;
+      for (int g = 0; g < kGT; ++g) {
+        const bool head_ok = g0 + g < group;
+        const T* qrow = q + b * q_batch_stride + static_cast<int64_t>(kv_head * group + g0 + g) * q_head_stride;
 #pragma unroll
-      for (int j = 0; j < kVPL; ++j)
+        for (int j = 0; j < kVPL; ++j)
 #pragma unroll
-        for (int e = 0; e < kEPV; ++e) {
-          const int d = elem(j, e);
-          qf[g][j * kEPV + e] = head_ok && d < head_dim ? to_float(qrow[d]) * q_scale : 0.0f;
-        }
+          for (int e = 0; e < kEPV; ++e) {
+            const int d = elem(j, e);
+            qf[g][j * kEPV + e] = head_ok && d < head_dim ? to_float(qrow[d]) * q_scale : 0.0f;
+          }
+      }
     }
-  }
+  };
+  if (!early) load_q();
 
   const bool bad = start < 0 || end > cache_len || start > end;
   int64_t lo = start;
@@ -373,7 +385,8 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
   };
   const auto stage_of = [&](int64_t t) { return stages + static_cast<int>(t % stage_count) * Tl::kStageWords; };
 
-  // Fused: the slot this CTA fills from its own copy of the new key / value instead of the cache.
+  // The slot this CTA fills itself instead of copying it from the cache with the others: fused, from
+  // its own copy of the new key / value; early, slot end - 1 when a copy issued before the wait holds it.
   int64_t fresh_key = -1;
 
   // Each thread stages, and later reads back, only its own vectors: the copies need no barrier,
@@ -387,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
         const int64_t key = tile + (u * kWarps + warp) * kKPW + key_slot;
 #pragma unroll
         for (int j = 0; j < kVPL; ++j) {
-          const bool ok = key < k_end && elem(j, 0) < head_dim && (!kFused || key != fresh_key);
+          const bool ok = key < k_end && elem(j, 0) < head_dim && key != fresh_key;
           const int64_t offset = ok ? key * row_stride + elem(j, 0) : 0;
           const int bytes = ok ? kVecBytes : 0;
           const int slot = (u * kVPL + j) * kThreads + threadIdx.x;
@@ -414,6 +427,10 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
     if (writer && attended) fresh_key = end - 1;
     // The first copies fly while the heads are normalised (the new row is not among them).
     for (int t = 0; t < stage_count - 1; ++t) issue(t);
+    if (early) {
+      wait_for_previous();
+      load_raw_head(norm_group);
+    }
 
     const float* cs_row = fresh.cos_sin + (position_bad ? 0 : position) * kDPad;
     // Every warp runs every round (full-mask shuffles); a group without an item computes on a clamped one.
@@ -470,10 +487,18 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
         }
     }
   } else {
+    // Early: slot end - 1, if one of these tiles holds it, is left out of the copies (zero-filled)
+    // and read after the wait; a later tile's copies are issued after the wait and take it as any row.
+    if (early && num_tiles > 0 && end - 1 < k_end && (end - 1 - k_begin) / kTile < stage_count - 1)
+      fresh_key = end - 1;
     for (int t = 0; t < stage_count - 1; ++t) issue(t);
+    if (early) {
+      wait_for_previous();
+      load_q();
+    }
   }
   // The tile holding fresh_key (-1: none).
-  const int64_t fresh_tile = kFused && fresh_key >= 0 ? (fresh_key - k_begin) / kTile : -1;
+  const int64_t fresh_tile = fresh_key >= 0 ? (fresh_key - k_begin) / kTile : -1;
 
   float m[kGT], l[kGT], acc[kGT][kAcc];
 #pragma unroll
@@ -489,15 +514,19 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
       issue(t + stage_count - 1);  // into the stage consumed at t - 1 (by this thread only, already read)
       wait_oldest();
       const int64_t tile = k_begin + t * kTile;
-      if (kFused && t == fresh_tile) {  // the new row: this CTA's own copy into the copier's slots
+      if (t == fresh_tile) {  // the new row: the copier's own copy into its slots (zero-filled, landed)
         Words<kVecBytes>* own = stage_of(t);
-        const auto* fresh_k_words = reinterpret_cast<const Words<kVecBytes>*>(fresh_k);
-        const auto* fresh_v_words = reinterpret_cast<const Words<kVecBytes>*>(fresh_v);
+        // Fused: this CTA's normed copy in shared memory; early: the cache row, after the wait.
+        const auto* fresh_k_words =
+            reinterpret_cast<const Words<kVecBytes>*>(kFused ? fresh_k : k_base + fresh_key * row_stride);
+        const auto* fresh_v_words =
+            reinterpret_cast<const Words<kVecBytes>*>(kFused ? fresh_v : v_base + fresh_key * row_stride);
 #pragma unroll
         for (int u = 0; u < kU; ++u)
           if (tile + (u * kWarps + warp) * kKPW + key_slot == fresh_key) {
 #pragma unroll
             for (int j = 0; j < kVPL; ++j) {
+              if (!kFused && elem(j, 0) >= head_dim) continue;  // past head_dim: stays zero, as copied
               own[(u * kVPL + j) * kThreads + threadIdx.x] = fresh_k_words[j * kLPK + sub];
               own[kU * kVPL * kThreads + (u * kVPL + j) * kThreads + threadIdx.x] = fresh_v_words[j * kLPK + sub];
             }
@@ -786,7 +815,7 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
                          int64_t kv_end_stride, T* out, int64_t batch, int64_t cache_len, int num_q_heads,
                          int num_kv_heads, int head_dim, int64_t window, float scale, int num_splits,
                          int pipeline_stages, float* workspace, cudaStream_t stream, int* splits_used,
-                         bool use_pdl, const FreshKv<T>& fresh) {
+                         bool use_pdl, const FreshKv<T>& fresh, bool kv_settled) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
   auto kernel = decode_attention_kernel<T, kDPad, kVecBytes, kGT, kFused>;
   int device = 0;
@@ -865,7 +894,8 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
     err = cudaLaunchKernelEx(&config, kernel, qb, q_batch_stride, q_head_stride, k_cache + kv_offset,
                              v_cache + kv_offset, sb, kv_start_stride, eb, kv_end_stride, ob, cache_len, num_q_heads,
                              num_kv_heads, head_dim, group, head_chunks, window, q_scale, stages,
-                             plain ? workspace + b0 * num_q_heads * splits * (kDPad + 2) : nullptr, fb);
+                             plain ? workspace + b0 * num_q_heads * splits * (kDPad + 2) : nullptr, fb,
+                             kv_settled && use_pdl && r.major >= 9);
     const cudaError_t last = cudaGetLastError();  // this launch's error state, consumed (reported below)
     if (err == cudaSuccess) err = last;
     if (err != cudaSuccess) return err;
@@ -905,7 +935,7 @@ cudaError_t launch_impl(const void* q, int64_t q_batch_stride, int64_t q_head_st
                         int64_t kv_end_stride, void* out, int64_t batch, int64_t cache_len, int64_t num_q_heads,
                         int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale, int num_splits,
                         int pipeline_stages, float* workspace, DType dtype, cudaStream_t stream, int* splits_used,
-                        bool use_pdl,
+                        bool use_pdl, bool kv_settled,
                         const DecodeQkNormRopeArgs* args, void* k_cache_mut, void* v_cache_mut) {
   if (splits_used) *splits_used = 0;
   if (batch <= 0 || num_q_heads <= 0 || head_dim <= 0) return cudaSuccess;
@@ -954,7 +984,7 @@ cudaError_t launch_impl(const void* q, int64_t q_batch_stride, int64_t q_head_st
                 static_cast<const scalar_t*>(k_cache), static_cast<const scalar_t*>(v_cache), kv_start,
                 kv_start_stride, kv_end, kv_end_stride, static_cast<scalar_t*>(out), batch, cache_len,
                 static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim), window,
-                scale, num_splits, pipeline_stages, workspace, stream, splits_used, use_pdl, fresh);
+                scale, num_splits, pipeline_stages, workspace, stream, splits_used, use_pdl, fresh, kv_settled);
           }
         };
         return vec16 ? run(std::integral_constant<int, 16>{}) : run(std::integral_constant<int, 4>{});
@@ -992,11 +1022,12 @@ cudaError_t launch_decode_attention(const void* q, int64_t q_batch_stride, int64
                                     const int64_t* kv_end, int64_t kv_end_stride, void* out, int64_t batch,
                                     int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t window, float scale, int num_splits, DType dtype, cudaStream_t stream,
-                                    int* splits_used, bool use_pdl, int pipeline_stages, float* workspace) {
+                                    int* splits_used, bool use_pdl, int pipeline_stages, float* workspace,
+                                    bool kv_settled) {
   return launch_impl<false>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
                             kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
-                            num_splits, pipeline_stages, workspace, dtype, stream, splits_used, use_pdl, nullptr,
-                            nullptr, nullptr);
+                            num_splits, pipeline_stages, workspace, dtype, stream, splits_used, use_pdl, kv_settled,
+                            nullptr, nullptr, nullptr);
 }
 
 cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_stride, int64_t q_head_stride,
@@ -1006,7 +1037,8 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_
                                                  int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                                  int64_t window, float scale, const DecodeQkNormRopeArgs& args,
                                                  int num_splits, DType dtype, cudaStream_t stream, int* splits_used,
-                                                 bool use_pdl, int pipeline_stages, float* workspace) {
+                                                 bool use_pdl, int pipeline_stages, float* workspace,
+                                                 bool kv_settled) {
   if (!can_fuse_qk_norm_rope(q, q_batch_stride, q_head_stride, k_cache, v_cache, args, num_q_heads, num_kv_heads,
                              head_dim, dtype)) {
     if (splits_used) *splits_used = 0;
@@ -1014,8 +1046,8 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_
   }
   return launch_impl<true>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
                            kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
-                           num_splits, pipeline_stages, workspace, dtype, stream, splits_used, use_pdl, &args,
-                           k_cache, v_cache);
+                           num_splits, pipeline_stages, workspace, dtype, stream, splits_used, use_pdl, kv_settled,
+                           &args, k_cache, v_cache);
 }
 
 }  // namespace dots1

@@ -58,7 +58,7 @@ from dots1_ext.ops.norm import check_caches_apart, check_norm_rope_params
 MAX_HEAD_DIM = 256
 
 
-def _check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window, scale):
+def _check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window, scale, kv_settled=False):
     C.check_dtype(q, "q", C.FLOAT_DTYPES)
     C.check_shape(q, "q", (None, None, None))
     B, Hq, D = q.shape
@@ -90,7 +90,7 @@ fill_with_reference("decode_attention", reference.decode_attention, _check_decod
 
 
 @torch.library.register_fake("dots1_ext::decode_attention")
-def _decode_attention_fake(q, k_cache, v_cache, kv_start, kv_end, window, scale):
+def _decode_attention_fake(q, k_cache, v_cache, kv_start, kv_end, window, scale, kv_settled=False):
     _check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window, scale)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # the kernels return a contiguous tensor
 
@@ -104,11 +104,19 @@ def decode_attention(
     window: int = 0,
     scale: float | None = None,
     check_bounds: bool = False,
+    kv_settled: bool = False,
 ) -> torch.Tensor:
     """softmax(q . K^T * scale) @ V per sequence over its cache slots. q [B, Hq, D]; k_cache, v_cache
     [B, S, Hk, D]; kv_start, kv_end [B] int64 (device) -> [B, Hq, D] in q's dtype. Slots [kv_start[b],
     kv_end[b]), the last ``window`` of them when window > 0. ``scale`` defaults to 1 / sqrt(D). An
-    empty range gives 0; bad bounds give NaN rows unless ``check_bounds`` (IndexError, host sync)."""
+    empty range gives 0; bad bounds give NaN rows unless ``check_bounds`` (IndexError, host sync).
+
+    ``kv_settled=True`` promises that kv_start, kv_end and every cache row except slot kv_end[b] - 1 of
+    each sequence were written before the CUDA launch right before this op (as in a decode step: the
+    bounds at the step's start, the rows by earlier steps, and the new row by qk_norm_rope_kv_cache_,
+    the launch right before). The kernel then reads the bounds and starts copying its first K/V tiles
+    before it waits for that launch (PDL, csrc/pdl.cuh): the same result, sooner. Never pass it when the
+    launch right before wrote the bounds or other rows: the kernel would read them too early."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if check_bounds and kv_start.numel():
@@ -117,11 +125,13 @@ def decode_attention(
         C.check_index_range(kv_end, "kv_end", S + 1, "slots of the cache, end included")
         if bool((kv_start > kv_end).any()):
             raise IndexError("dots1_ext: kv_start must not exceed kv_end")
-    return op("decode_attention")(q, k_cache, v_cache, kv_start, kv_end, int(window), float(scale))
+    if not isinstance(kv_settled, bool):
+        raise TypeError(f"dots1_ext: kv_settled must be a bool, got {type(kv_settled).__name__}")
+    return op("decode_attention")(q, k_cache, v_cache, kv_start, kv_end, int(window), float(scale), kv_settled)
 
 
 def _check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
-                                         v_cache, cache_rows, kv_start, kv_end, window, scale):
+                                         v_cache, cache_rows, kv_start, kv_end, window, scale, kv_settled=False):
     _check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window, scale)
     B, _, D = q.shape
     Hk = k_cache.shape[2]
@@ -138,7 +148,8 @@ def _check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions,
 
 
 def _check_qk_norm_rope_decode_attention_memory(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
-                                                v_cache, cache_rows, kv_start, kv_end, window, scale):
+                                                v_cache, cache_rows, kv_start, kv_end, window, scale,
+                                                kv_settled=False):
     """The overlap checks of csrc/attention/attention.cpp on real tensors (the fakes have no storage)."""
     _check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
                                          v_cache, cache_rows, kv_start, kv_end, window, scale)
@@ -151,7 +162,7 @@ fill_with_reference("qk_norm_rope_decode_attention", reference.qk_norm_rope_deco
 
 @torch.library.register_fake("dots1_ext::qk_norm_rope_decode_attention")
 def _qk_norm_rope_decode_attention_fake(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache, v_cache,
-                                        cache_rows, kv_start, kv_end, window, scale):
+                                        cache_rows, kv_start, kv_end, window, scale, kv_settled=False):
     _check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
                                          v_cache, cache_rows, kv_start, kv_end, window, scale)
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -173,18 +184,23 @@ def qk_norm_rope_decode_attention(
     kv_end: torch.Tensor,
     window: int = 0,
     scale: float | None = None,
+    kv_settled: bool = False,
 ) -> torch.Tensor:
     """``qk_norm_rope_kv_cache_(q, k, v, ...)`` then ``decode_attention(q, k_cache, v_cache, kv_start,
     kv_end, window, scale)`` as one op (one launch on CUDA), with the same results and cache writes;
     q and k are left as they are. q [B, Hq, D], k, v [B, Hk, D] (strided views of a qkv activation are
     fine); k_cache, v_cache [B, S, Hk, D]; positions, cache_rows, kv_start, kv_end [B] int64. cache_rows[b]
     must be b * S + kv_end[b] - 1 (else poison: NaN output, nothing written). ``scale`` defaults to
-    1 / sqrt(D)."""
+    1 / sqrt(D). ``kv_settled=True``: as ``decode_attention``'s, for kv_start, kv_end, positions,
+    cache_rows and every cache row but slot kv_end[b] - 1 (in a decode step the launch right before is
+    the qkv projection, which writes q, k and v only)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if not isinstance(kv_settled, bool):
+        raise TypeError(f"dots1_ext: kv_settled must be a bool, got {type(kv_settled).__name__}")
     return op("qk_norm_rope_decode_attention")(q, k, v, q_weight, k_weight, positions, cos_sin_cache, float(eps),
                                                k_cache, v_cache, cache_rows, kv_start, kv_end, int(window),
-                                               float(scale))
+                                               float(scale), kv_settled)
 
 
 FUSED_QK_ENV = "DOTS1_EXT_ATTENTION_FUSED_QK"
