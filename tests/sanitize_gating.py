@@ -73,8 +73,9 @@ def main() -> int:
         for kernel in ("grid", "cluster", "gemm"):
             os.environ["DOTS1_EXT_ROUTER_KERNEL"] = kernel
             for dtype in (torch.bfloat16,) if small else (torch.bfloat16, torch.float32):
-                # 1100: more than one 1 KB column slice of the grid kernel, the last one partial.
-                for H in (13, 1100) if small else (64, 13, 1100):
+                # 1100: more than one 1 KB column slice of the grid kernel, the last one partial; 512:
+                # whole 16-byte rows (the vector loads).
+                for H in (13, 512, 1100) if small else (64, 13, 512, 1100):
                     for Tr in sorted({max(T, 0), 16, 17}):  # fused up to 16 tokens, GEMM path above
                         hidden = torch.randn(Tr, H, device=dev).to(dtype)
                         weight = (torch.randn(E, H, device=dev) / H**0.5).to(dtype)

@@ -325,6 +325,24 @@ def test_router_kernels_unaligned_and_odd(monkeypatch, kernel, T):
         _check_router(hidden, router_weight, bias, 6, 1, 1)
 
 
+@pytest.mark.parametrize("kernel", ROUTER_KERNELS)
+def test_router_strided_bias_same_result(monkeypatch, device, kernel):
+    # The fused kernels read the bias before their PDL wait, as a weight; a strided bias is copied by the
+    # op first (that copy is then the launch right before), so the op launches without PDL: same result.
+    if device == "cpu" and kernel != "grid":
+        pytest.skip("the kernels are CUDA ones; the CPU kernel runs once")
+    monkeypatch.setenv("DOTS1_EXT_ROUTER_KERNEL", kernel)
+    T, E, H = 3, 128, 512
+    hidden, weight, bias = _router_case(T, E, H, torch.bfloat16, device)
+    strided = torch.zeros(2 * E, device=device)[::2]
+    strided.copy_(bias)
+    for renormalize, scale in ((True, 2.5), (False, 1.0)):
+        w, ids = router_topk_gating(hidden, weight, strided, 6, 1, 1, renormalize, scale)
+        w_ref, ids_ref = router_topk_gating(hidden, weight, bias, 6, 1, 1, renormalize, scale)
+        assert torch.equal(ids, ids_ref) and torch.equal(w, w_ref)
+    _check_router(hidden, weight, strided, 6, 1, 1)
+
+
 @requires_cuda
 @pytest.mark.parametrize("kernel", ROUTER_KERNELS)
 def test_router_kernels_nan_and_ties(monkeypatch, kernel):

@@ -217,8 +217,9 @@ std::tuple<at::Tensor, at::Tensor> router_topk_gating_cuda(const at::Tensor& hid
     const at::Tensor bias = bias_in.contiguous();
     const int E = static_cast<int>(router_weight.size(0));
     const DType dtype = to_dtype(hidden.scalar_type());
-    // PDL (csrc/pdl.cuh) unless the weight was just copied here: the kernel reads it before its wait.
-    const bool use_pdl = pdl_enabled() && router_weight.is_same(router_weight_in);
+    // PDL (csrc/pdl.cuh) unless the weight or the bias was just copied here: the kernels read them
+    // before their wait.
+    const bool use_pdl = pdl_enabled() && router_weight.is_same(router_weight_in) && bias.is_same(bias_in);
     at::Tensor weights = at::empty({T, k}, hidden.options().dtype(at::kFloat));
     at::Tensor ids = at::empty({T, k}, hidden.options().dtype(at::kInt));
     cudaError_t err;

@@ -24,11 +24,20 @@ __device__ __forceinline__ uint64_t warp_max_key(uint64_t v) {
   return v;
 }
 
+// This lane's bias values in gate_token's layout (expert lane + 32 i in slot i; 0 past E). A separate
+// step so that a kernel can read them before its PDL wait (the bias is a weight: never written in a step).
+template <int kVPL>
+__device__ __forceinline__ void load_bias_lane(const float* __restrict__ bias, int E, int lane, float (&out)[kVPL]) {
+#pragma unroll
+  for (int i = 0; i < kVPL; ++i) out[i] = lane + 32 * i < E ? __ldg(bias + lane + 32 * i) : 0.0f;
+}
+
 // Routes one token with the whole warp. Expert e lives in lane e % 32, slot e / 32 (coalesced
 // loads). kVPL = slots per lane = ceil(E / 32). logits_row may point to global or shared memory.
-// choice_smem: 32 * kVPL floats private to this warp (read only when kGrouped).
+// bias_lane: load_bias_lane's values. choice_smem: 32 * kVPL floats private to this warp (read only
+// when kGrouped).
 template <int kVPL, bool kGrouped>
-__device__ __forceinline__ void gate_token(const float* logits_row, const float* __restrict__ bias, int E, int k,
+__device__ __forceinline__ void gate_token(const float* logits_row, const float (&bias_lane)[kVPL], int E, int k,
                                            int n_group, int topk_group, bool renormalize, float scale,
                                            float* choice_smem, float* __restrict__ weights_out,
                                            int32_t* __restrict__ ids_out, int lane) {
@@ -43,7 +52,7 @@ __device__ __forceinline__ void gate_token(const float* logits_row, const float*
       // Exact expf and an IEEE division: the same sigmoid as torch's CUDA kernel, so the chosen
       // experts do not move with an approximation.
       const float s = 1.0f / (1.0f + expf(-logits_row[e]));
-      const float c = s + __ldg(bias + e);
+      const float c = s + bias_lane[i];
       score[i] = s;
       key[i] = gating_key(c, static_cast<uint32_t>(e));
       if constexpr (kGrouped) choice_smem[e] = c;
@@ -140,7 +149,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (t >= num_tokens) return;  // whole warp leaves; no block-wide barrier follows
-  gate_token<kVPL, kGrouped>(logits + t * E, bias, E, k, n_group, topk_group, renormalize, scale,
+  float bias_lane[kVPL];
+  load_bias_lane(bias, E, lane, bias_lane);
+  gate_token<kVPL, kGrouped>(logits + t * E, bias_lane, E, k, n_group, topk_group, renormalize, scale,
                              choice_smem + warp * 32 * kVPL, weights + t * k, ids + t * k, lane);
 }
 
@@ -174,7 +185,10 @@ __global__ void __launch_bounds__(kRouterWarps * 32)
   const int rank = static_cast<int>(cluster.block_rank());
   const int nblocks = static_cast<int>(cluster.num_blocks());
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // PDL (csrc/pdl.cuh): this kernel's weight loads are interleaved with the hidden loads; it only waits.
+  // PDL (csrc/pdl.cuh): the bias values (block 0 routes) are read before the wait, as weights; the
+  // router weight's loads are interleaved with the hidden loads after it.
+  float bias_lane[kVPL];
+  load_bias_lane(bias, E, lane, bias_lane);
   pdl_wait();
   pdl_launch_dependents();
 
@@ -244,7 +258,7 @@ __global__ void __launch_bounds__(kRouterWarps * 32)
   cluster.sync();
   if (rank != 0) return;
   for (int t = warp; t < num_tokens; t += kRouterWarps) {
-    gate_token<kVPL, kGrouped>(logits_smem + t * kRow, bias, E, k, n_group, topk_group, renormalize, scale,
+    gate_token<kVPL, kGrouped>(logits_smem + t * kRow, bias_lane, E, k, n_group, topk_group, renormalize, scale,
                                choice_smem + warp * kRow, weights_out + static_cast<int64_t>(t) * k,
                                ids_out + static_cast<int64_t>(t) * k, lane);
   }
@@ -325,9 +339,14 @@ __global__ void __launch_bounds__(kRouterGridWarps * 32)
     }
   }
 
-  // PDL (csrc/pdl.cuh): the router weight is never written in a step, so it is loaded above, before
-  // the wait, while the previous kernel (the producer of hidden) may still be running; hidden, the
-  // workspace and the arrival counter only after it.
+  // The last block routes; which one that is shows only at the end, so every block reads its bias values
+  // here (512 bytes for 128 experts), off the path that follows the last arrival.
+  float bias_lane[kVPL];
+  load_bias_lane(bias, E, lane, bias_lane);
+
+  // PDL (csrc/pdl.cuh): the router weight and bias are never written in a step, so they are loaded
+  // above, before the wait, while the previous kernel (the producer of hidden) may still be running;
+  // hidden, the workspace and the arrival counter only after it.
   pdl_wait();
   pdl_launch_dependents();
 
@@ -411,7 +430,7 @@ __global__ void __launch_bounds__(kRouterGridWarps * 32)
   }
   __syncthreads();
   for (int t = warp; t < num_tokens; t += kRouterGridWarps) {
-    gate_token<kVPL, kGrouped>(logits_smem + t * kRow, bias, E, k, n_group, topk_group, renormalize, scale,
+    gate_token<kVPL, kGrouped>(logits_smem + t * kRow, bias_lane, E, k, n_group, topk_group, renormalize, scale,
                                choice_smem + warp * kRow, weights_out + static_cast<int64_t>(t) * k,
                                ids_out + static_cast<int64_t>(t) * k, lane);
   }
