@@ -28,8 +28,9 @@ Either way the results are deterministic (bitwise equal across runs and between 
 eager) and the same bits for the same split count; pre-Hopper GPUs run one split in the cluster mode.
 DOTS1_EXT_ATTENTION_SPLITS=n forces the split count (tests, tuning). On sm_90 the kernel is launched
 with programmatic dependent launch (its launch overlaps the previous kernel's tail; it reads nothing
-before that kernel completed), as are the other decode-step kernels; DOTS1_EXT_PDL=0 turns it off
-(docs/design.md §3, csrc/pdl.cuh).
+before that kernel completed, unless the caller passes ``kv_settled=True``: then the bounds and the
+first tiles of K/V, but not the new row, are read early), as are the other decode-step kernels;
+DOTS1_EXT_PDL=0 turns it off (docs/design.md §3, csrc/pdl.cuh).
 
 ``qk_norm_rope_decode_attention``: the decode step's ``qk_norm_rope_kv_cache_`` (per-head RMSNorm + RoPE
 of the raw q and k, k and v written to the cache) then ``decode_attention``, in one launch on CUDA and
