@@ -6,16 +6,25 @@
 // hidden_settled, so the router runs beside a full-bandwidth stream. A standalone program (not part of
 // the extension), run on the GPU:
 //
-//   nvcc -O3 -arch=sm_90a -o /tmp/router_phases bench/probes/router_phases.cu && /tmp/router_phases
+//   nvcc -O3 -arch=sm_90a -Icsrc -o /tmp/router_phases bench/probes/router_phases.cu && /tmp/router_phases
+//
+// The same chain also runs the extension's own kernel (csrc/gating/gating_kernels.cu, compiled in
+// here, launched through launch_router_topk_gating_grid as the op launches it): for both routers the
+// stream kernel stamps when its PDL wait returns (the router grid complete and flushed), so the rebuild
+// and the real kernel compare on the same edge.
 //
 // Reported (median over kIters chains; per-CTA phases: median over the 128 CTAs), µs, from the norm
 // kernel's end (its last write, fenced): the router CTAs' return from the wait; hidden staged; partial
 // sums stored and fenced; arrival; the last arrival; in the last block the partial sums loaded and the
-// routing done (top-6 of 128, sigmoid + bias, as gate_token). Rows: without and with the stream beside.
+// routing done (top-6 of 128, sigmoid + bias, as gate_token); with the stream, when its PDL wait returned
+// (the router grid complete and flushed) and its last CTA's end. Rows: the rebuild without and with the
+// stream beside, the real kernel with it (two rounds).
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <utility>
 
+#include "gating/gating_kernels.cu"  // the real router (-Icsrc)
 #include "probe_util.cuh"
 
 constexpr int kE = 128, kH = 4096, kTopK = 6;
@@ -144,7 +153,8 @@ __global__ void __launch_bounds__(kThreads) router_kernel(const __nv_bfloat16* h
 
 // gate_up's shared tiles under hidden_settled: each CTA streams one 131 KB tile before its wait.
 __global__ void __launch_bounds__(kThreads, 2) stream_kernel(const uint4* weights, int tiles, float* sink,
-                                                             unsigned long long* stream_end) {
+                                                             unsigned long long* stream_end,
+                                                             unsigned long long* released) {
   const uint4* tile = weights + static_cast<int64_t>(blockIdx.x % tiles) * (kStreamTileBytes / 16);
   float acc = 0.f;
   for (int base = 0; base < kStreamTileBytes / 16; base += kThreads * 8) {
@@ -159,6 +169,7 @@ __global__ void __launch_bounds__(kThreads, 2) stream_kernel(const uint4* weight
   }
   pdl_wait();
   pdl_launch_dependents();
+  if (threadIdx.x == 0) atomicMin(released, now_ns());  // the router grid complete and flushed
   if (acc == 1.2345f) sink[0] = acc;  // keeps the loads
   __syncthreads();
   if (threadIdx.x == 0) atomicMax(stream_end, now_ns());
@@ -213,28 +224,50 @@ int main() {
   CHECK(cudaMemset(tiles, 0x11, size_t{stream_tiles} * kStreamTileBytes));
   std::printf("router_phases: %d SMs; router %d CTAs x %d threads; stream beside it: %d CTAs x 131 KB; "
               "%d chains per row; us from the norm's end (medians)\n", sms, kCtas, kThreads, stream_ctas, kIters);
-  for (const bool with_stream : {false, true, false, true}) {
+  float* real_workspace = nullptr;
+  CHECK(cudaMalloc(&real_workspace, dots1::router_grid_workspace_floats(1, kE, kH, dots1::DType::kBFloat16) * 4));
+  unsigned long long* released = nullptr;
+  CHECK(cudaMalloc(&released, kIters * 8));
+  // Rows: (router, stream beside): the rebuild alone and with the stream, the real kernel with it; twice.
+  const std::pair<bool, bool> rows[] = {{false, false}, {false, true}, {true, true},
+                                        {false, false}, {false, true}, {true, true}};
+  for (const auto& [real, with_stream] : rows) {
     CHECK(cudaMemset(stamps, 0, size_t{kIters} * kCtas * kPhases * 8));
     CHECK(cudaMemset(stream_end, 0, kIters * 8));
+    CHECK(cudaMemset(released, 0xff, kIters * 8));
     CHECK(cudaDeviceSynchronize());
     for (int it = 0; it < kIters; ++it) {  // back to back, PDL between every pair, as in a decode step
       CHECK(launch(norm_kernel, dim3(1), kThreads, it > 0, x, hidden, norm_end + it));
-      CHECK(launch(router_kernel, dim3(kSlices, kGroups), kThreads, true, hidden, weight, bias, partial, arrivals,
-                   ids, weights_out, stamps + static_cast<size_t>(it) * kCtas * kPhases));
+      if (real) {
+        CHECK(dots1::launch_router_topk_gating_grid(hidden, weight, dots1::DType::kBFloat16, bias, 1, kE, kH, kTopK,
+                                                    1, 1, true, 1.0f, real_workspace, weights_out, ids, nullptr,
+                                                    true));
+      } else {
+        CHECK(launch(router_kernel, dim3(kSlices, kGroups), kThreads, true, hidden, weight, bias, partial, arrivals,
+                     ids, weights_out, stamps + static_cast<size_t>(it) * kCtas * kPhases));
+      }
       if (with_stream) {
-        const uint4* first = tiles + static_cast<size_t>((it * stream_ctas) % (stream_tiles - stream_ctas)) * (kStreamTileBytes / 16);
-        CHECK(launch(stream_kernel, dim3(stream_ctas), kThreads, true, first, stream_ctas, sink, stream_end + it));
+        const uint4* first =
+            tiles + static_cast<size_t>((it * stream_ctas) % (stream_tiles - stream_ctas)) * (kStreamTileBytes / 16);
+        CHECK(launch(stream_kernel, dim3(stream_ctas), kThreads, true, first, stream_ctas, sink, stream_end + it,
+                     released + it));
       }
     }
     CHECK(cudaDeviceSynchronize());
-    std::vector<unsigned long long> h(size_t{kIters} * kCtas * kPhases), ne(kIters), se(kIters);
+    std::vector<unsigned long long> h(size_t{kIters} * kCtas * kPhases), ne(kIters), se(kIters), rel(kIters);
     CHECK(cudaMemcpy(h.data(), stamps, h.size() * 8, cudaMemcpyDeviceToHost));
     CHECK(cudaMemcpy(ne.data(), norm_end, kIters * 8, cudaMemcpyDeviceToHost));
     CHECK(cudaMemcpy(se.data(), stream_end, kIters * 8, cudaMemcpyDeviceToHost));
+    CHECK(cudaMemcpy(rel.data(), released, kIters * 8, cudaMemcpyDeviceToHost));
     // Per chain: the CTAs' medians of each phase edge, the last arrival, the last block's phases.
-    std::vector<double> resident, waited, staged, stored, arrived, last_arrival, summed, routed, stream_done;
+    std::vector<double> resident, waited, staged, stored, arrived, last_arrival, summed, routed, stream_done, freed;
     for (int it = 1; it < kIters; ++it) {  // the first chain has no PDL into its norm
       const double t0 = static_cast<double>(ne[it]);
+      if (with_stream) {
+        stream_done.push_back((static_cast<double>(se[it]) - t0) / 1000.0);
+        freed.push_back((static_cast<double>(rel[it]) - t0) / 1000.0);
+      }
+      if (real) continue;  // the real kernel has no stamps
       std::vector<double> p[5];
       double last = 0, s5 = 0, s6 = 0;
       for (int c = 0; c < kCtas; ++c) {
@@ -254,13 +287,15 @@ int main() {
       last_arrival.push_back(last);
       summed.push_back(s5);
       routed.push_back(s6);
-      if (with_stream) stream_done.push_back((static_cast<double>(se[it]) - t0) / 1000.0);
     }
-    std::printf("%-12s resident %+6.2f  wait returned %+6.2f  hidden staged %+6.2f  partials stored %+6.2f  "
-                "arrived %+6.2f  last arrival %+6.2f  logits summed %+6.2f  routed %+6.2f",
-                with_stream ? "with stream" : "alone", median(resident), median(waited), median(staged),
-                median(stored), median(arrived), median(last_arrival), median(summed), median(routed));
-    if (with_stream) std::printf("  | stream's last CTA %+6.2f", median(stream_done));
+    std::printf("%-8s %-12s", real ? "real" : "rebuilt", with_stream ? "with stream" : "alone");
+    if (!real)
+      std::printf(" resident %+6.2f  wait returned %+6.2f  hidden staged %+6.2f  partials stored %+6.2f  "
+                  "arrived %+6.2f  last arrival %+6.2f  logits summed %+6.2f  routed %+6.2f",
+                  median(resident), median(waited), median(staged), median(stored), median(arrived),
+                  median(last_arrival), median(summed), median(routed));
+    if (with_stream)
+      std::printf("  | stream's wait returned %+6.2f  stream's last CTA %+6.2f", median(freed), median(stream_done));
     std::printf("\n");
   }
   return 0;
