@@ -837,6 +837,16 @@ __device__ __forceinline__ void gate_up_tile_store(const GateUpParams<T, W>& p, 
   constexpr bool routed = kRouted;
   int ncols, col0;
   tile_columns<kCols, kRouted>(p.T_, s, item, ncols, col0);
+  // act's element of the tile's column cidx and feature f: the pair's routed slot, or the token's
+  // shared-experts columns after its k routed slots.
+  const auto act_index = [&](int cidx, int64_t f) -> int64_t {
+    if constexpr (routed) {
+      const int pair = s.col_pair[col0 + cidx];
+      return static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
+    } else {
+      return static_cast<int64_t>(col0 + cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
+    }
+  };
   if constexpr (kParts == 1) {
     // Thread (row group rg, n, l): feature f0 + 8 rg + l / 4, columns 8n + 2 (l % 4) + {0, 1}: x, y gate;
     // z, w up; the row group's warps rg, rg + R, ... (its K ranges) summed in order.
@@ -857,14 +867,7 @@ __device__ __forceinline__ void gate_up_tile_store(const GateUpParams<T, W>& p, 
         for (int i = 0; i < 2; ++i) {
           const int cidx = 8 * n + 2 * (l & 3) + i;
           if (cidx >= ncols) continue;
-          int64_t dst;
-          if constexpr (routed) {
-            const int pair = s.col_pair[col0 + cidx];
-            dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
-          } else {
-            dst = static_cast<int64_t>(col0 + cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
-          }
-          p.act[dst] = from_float<T>(silu_f(i == 0 ? v.x : v.y) * (i == 0 ? v.z : v.w));
+          p.act[act_index(cidx, f)] = from_float<T>(silu_f(i == 0 ? v.x : v.y) * (i == 0 ? v.z : v.w));
         }
       }
     }
@@ -880,14 +883,7 @@ __device__ __forceinline__ void gate_up_tile_store(const GateUpParams<T, W>& p, 
       }
       const int64_t f = f0 + i;
       if (cidx < ncols && f < (routed ? p.I : p.Is)) {
-        int64_t dst;
-        if constexpr (routed) {
-          const int pair = s.col_pair[col0 + cidx];
-          dst = static_cast<int64_t>(pair / p.k) * p.NA + static_cast<int64_t>(pair % p.k) * p.I + f;
-        } else {
-          dst = static_cast<int64_t>(col0 + cidx) * p.NA + static_cast<int64_t>(p.k) * p.I + f;
-        }
-        p.act[dst] = from_float<T>(silu_f(gate) * up);
+        p.act[act_index(cidx, f)] = from_float<T>(silu_f(gate) * up);
       }
     }
   }
