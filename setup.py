@@ -8,6 +8,8 @@ Environment:
     DOTS1_EXT_CUDA_ARCHS  ";"-separated compute capabilities, default "90a;80". sm_90a carries the
                           Hopper kernels (wgmma, TMA); other targets get the portable kernels.
     CUDA_HOME             the CUDA toolkit; defaults to /usr/local/cuda when that has bin/nvcc.
+    DOTS1_EXT_PHASE_STAMPS "1": a probe build whose MoE decode kernels record their phase edges
+                          (bench/probes/moe_phase_stamps.py); never for timing anything else.
     MAX_JOBS              parallel compile jobs (ninja); defaults to the number of CPUs.
 """
 
@@ -128,6 +130,9 @@ def build_extension():
             "-U__CUDA_NO_BFLOAT16_OPERATORS__",
             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         ] + gencode_flags(archs)
+        if os.environ.get("DOTS1_EXT_PHASE_STAMPS") == "1":
+            # A probe build: the MoE decode kernels record their phase edges (bench/probes/moe_phase_stamps.py).
+            nvcc_flags.append("-DDOTS1_EXT_PHASE_STAMPS")
         ext_kwargs["extra_compile_args"] = {"cxx": cxx_flags + ["-DDOTS1_WITH_CUDA"], "nvcc": nvcc_flags}
         sources = common + cuda_only
         ext_cls = cpp_extension.CUDAExtension

@@ -215,6 +215,44 @@ def test_pdl_overlap_attention_block_measures_from_the_qkv_gemm():
     assert attention_block([(rope, 0.0, 1.0), (att, 2.0, 3.0)])["attention span"] == []  # no qkv GEMM before
 
 
+def test_moe_phase_stamps_edges_per_slot_from_the_reference():
+    # bench/probes/moe_phase_stamps.py (GPU-only probe of a stamps build; its parsing checked here on
+    # made-up stamps): per slot, the first / median / last CTA in µs from the reference, over the CTAs
+    # given that wrote the slot (0: not written), and how many did.
+    import numpy as np
+
+    from bench.probes.moe_phase_stamps import BLOCKS, SLOTS, edges
+
+    st = np.zeros((2, BLOCKS, SLOTS), dtype=np.uint64)
+    ref = 1_000_000
+    for b, (resident, done) in enumerate([(0, 9_000), (1_000, 12_000), (2_000, 30_000)]):
+        st[0, b, 0] = ref + resident
+        st[0, b, 15] = ref + done
+    st[1, 0, 0] = ref + 31_000
+    out = edges(st, 0, {0: "resident", 5: "routed tile 1 done", 15: "exit"}, ref, [0, 1, 2])
+    assert out == {"resident": (0.0, 1.0, 2.0, 3), "exit": (9.0, 12.0, 30.0, 3)}  # slot 5: nobody wrote it
+    assert edges(st, 0, {15: "exit"}, ref, [0, 1])["exit"] == (9.0, 10.5, 12.0, 2)
+    assert edges(st, 1, {0: "resident"}, ref, range(BLOCKS))["resident"] == (31.0, 31.0, 31.0, 1)
+
+
+def test_moe_phase_stamps_reader_needs_a_stamps_build():
+    # A regular build exports no stamps reader: the probe says how to make a stamps build instead of
+    # reading nothing. A stamps build (CUDA) reads [2][512][16] stamps, all zero right after a clear.
+    import ctypes
+
+    ext = pytest.importorskip("dots1_ext._C")
+    from bench.probes.moe_phase_stamps import BLOCKS, SLOTS, stamps_reader
+
+    if not hasattr(ctypes.CDLL(ext.__file__), "dots1_phase_stamps_copy"):
+        with pytest.raises(SystemExit, match="DOTS1_EXT_PHASE_STAMPS=1"):
+            stamps_reader()
+        return
+    read = stamps_reader()
+    read(True)
+    st = read(False)
+    assert st.shape == (2, BLOCKS, SLOTS) and not st.any()
+
+
 def test_commit_id_marks_a_tree_that_differs_from_head(tmp_path):
     # Results record the commit they measured; a run of changed files (or of a copy whose .git is older
     # than its files) says so instead of passing for HEAD.

@@ -97,6 +97,25 @@
 #include "moe_decode/moe_decode.h"
 
 namespace dots1 {
+
+#ifdef DOTS1_EXT_PHASE_STAMPS
+// Probe builds only (setup.py: DOTS1_EXT_PHASE_STAMPS=1 at build time; bench/probes/moe_phase_stamps.py):
+// thread 0 of each CTA of the fast kernels records %globaltimer at the phase edges below, per kernel
+// (0 gate_up, 1 down), CTA and slot; each launch overwrites the last one's. Compiled out otherwise.
+constexpr int kStampKernels = 2, kStampBlocks = 512, kStampSlots = 16;
+__device__ unsigned long long g_phase_stamps[kStampKernels][kStampBlocks][kStampSlots];
+__device__ __forceinline__ void phase_stamp(int kernel, int slot) {
+  if (threadIdx.x == 0 && blockIdx.x < kStampBlocks) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+    g_phase_stamps[kernel][blockIdx.x][slot] = t;
+  }
+}
+#define DOTS1_PHASE_STAMP(kernel, slot) ::dots1::phase_stamp(kernel, slot)
+#else
+#define DOTS1_PHASE_STAMP(kernel, slot) ((void)0)
+#endif
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -1014,6 +1033,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
     load_ids_async(s, p.topk_ids, P);
     waited = true;
   };
+  DOTS1_PHASE_STAMP(0, 0);  // resident
   if (!p.hidden_settled) wait_for_previous();
   int parity = 0;
   int tile = blockIdx.x;
@@ -1021,13 +1041,19 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
     // Stored apart (hidden_settled: the first tile's store comes after the wait; one copy of the code).
     gate_up_tile<T, kLayout, NT, kParts, false, false, 1, false>(p, s, -1 - tile % groups, tile / groups * 8, s_begin,
                                                                  s_end, 0, 0, sm, parity);
-    if (!waited) wait_for_previous();
+    if (!waited) {
+      DOTS1_PHASE_STAMP(0, 1);  // first shared tile computed before the wait
+      wait_for_previous();
+      DOTS1_PHASE_STAMP(0, 2);  // wait returned
+    }
     gate_up_tile_store<T, kLayout, NT, kParts, false>(p, s, -1 - tile % groups, tile / groups * 8, sm, parity);
     parity ^= 1;
   }
   if (!waited) wait_for_previous();  // no shared tile in this CTA
+  DOTS1_PHASE_STAMP(0, 3);  // shared tiles done
 
   const bool any_bad = build_schedule(s, P, p.E, kCols);
+  DOTS1_PHASE_STAMP(0, 4);  // schedule built
   // Pairs with a bad id: NaN in their act columns (grid-stride; usually there are none).
   if (any_bad) {
     const int64_t total = static_cast<int64_t>(P) * p.I;
@@ -1080,7 +1106,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
       int buf = 0;
       if (tile < tiles) issue(tile, stage, cur);
       cp_async_commit();
-      for (; tile < tiles; tile += gridDim.x) {
+      for (int n = 0; tile < tiles; tile += gridDim.x, ++n) {
         if (tile + static_cast<int>(gridDim.x) < tiles) issue(tile + gridDim.x, stage + (buf ^ 1) * kSlots, next);
         cp_async_commit();
         cp_async_wait_group<1>();  // this thread's pieces of `tile` have landed
@@ -1091,17 +1117,21 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
         parity ^= 1;
         buf ^= 1;
         cur = next;
+        DOTS1_PHASE_STAMP(0, min(5 + n, 14));  // routed tile n done
       }
       cp_async_wait_group<0>();
+      DOTS1_PHASE_STAMP(0, 15);  // exit
       return;
     }
   }
-  for (; tile < tiles; tile += gridDim.x) {
+  for (int n = 0; tile < tiles; tile += gridDim.x, ++n) {
     int item, f0;
     routed_tile(tile, item, f0);
     gate_up_tile<T, kLayout, NT, kParts, true, false, kRowGroups>(p, s, item, f0, 0, 0, r_begin, r_end, sm, parity);
     parity ^= 1;
+    DOTS1_PHASE_STAMP(0, min(5 + n, 14));  // routed tile n done
   }
+  DOTS1_PHASE_STAMP(0, 15);  // exit
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1169,8 +1199,10 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
   // PDL (csrc/pdl.cuh): act (the previous kernel's output), the ids and weights of the routing and the
   // residual are all read after the wait. (An L2 prefetch of the first shared experts' rows before it
   // made this kernel spill registers: not done.)
+  DOTS1_PHASE_STAMP(1, 0);  // resident
   pdl_wait();
   pdl_launch_dependents();
+  DOTS1_PHASE_STAMP(1, 1);  // wait returned
   const int P = p.T_ * p.k;
 
   // The ids and the weights first (cp.async into shared memory, no register held), so that their
@@ -1260,6 +1292,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
     }
   }
 
+  DOTS1_PHASE_STAMP(1, 2);  // shared experts' stream done (warp 0)
   // The CTA-wide schedule starts with a barrier: the last pass's sums above are done before the routed
   // stream below writes piece[] again.
   int R;
@@ -1336,6 +1369,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
       }
     }
   }
+  DOTS1_PHASE_STAMP(1, 3);  // routed stream done (warp 0)
   __syncthreads();
 
   // Items cut by range boundaries: the pieces in range order. Warp w (1 .. kRanges - 1) takes boundary w:
@@ -1387,6 +1421,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
     if (p.residual != nullptr) acc = __fadd_rn(acc, to_float(p.residual[static_cast<int64_t>(t) * p.H + h0 + r]));
     p.out[static_cast<int64_t>(t) * p.H + h0 + r] = from_float<T>(bad ? NAN : acc);
   }
+  DOTS1_PHASE_STAMP(1, 15);  // exit
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1811,5 +1846,21 @@ cudaError_t launch_moe_decode_int4_down(const void* act, const void* shared_act,
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }
+
+#ifdef DOTS1_EXT_PHASE_STAMPS
+// The probe's reader (bench/probes/moe_phase_stamps.py, through ctypes): the stamps of the last launch
+// of each kernel, [2][512][16] uint64 ns (0: not written since the last clear), into host memory at dst;
+// clear: zero them after the copy. Returns a cudaError_t.
+extern "C" __attribute__((visibility("default"))) int dots1_phase_stamps_copy(void* dst, int clear) {
+  cudaError_t err = cudaMemcpyFromSymbol(dst, g_phase_stamps, sizeof(g_phase_stamps));
+  if (err == cudaSuccess && clear) {
+    void* p = nullptr;
+    err = cudaGetSymbolAddress(&p, g_phase_stamps);
+    if (err == cudaSuccess) err = cudaMemset(p, 0, sizeof(g_phase_stamps));
+    if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  }
+  return static_cast<int>(err);
+}
+#endif
 
 }  // namespace dots1

@@ -1,0 +1,107 @@
+"""Probe: where each CTA of the decode step's MoE kernels spends its time (issue 14). The fast MoE decode
+kernels of a probe build (``DOTS1_EXT_PHASE_STAMPS=1`` at build time: setup.py then compiles
+csrc/moe_decode/moe_decode_kernels.cu's phase stamps in) record, in thread 0 of every CTA, %globaltimer
+at their phase edges; each launch overwrites the last one's, so after a graph replay of the decode step
+the stamps are the last MoE layer's. For the 8-layer real-shape model (int4 experts, or bf16 with the word
+bf16), B=1, context 2048, over REPLAYS replays of its decode graph: per phase edge, the earliest, median
+and latest CTA, µs from the first gate_up CTA's residency (medians over the replays); gate_up's CTAs apart
+by how many shared-expert tiles they hold (at T=1, 352 tiles over 264 CTAs: 2 or 1).
+
+    DOTS1_EXT_PHASE_STAMPS=1 python setup.py build_ext --inplace   # a probe build (not for timing others)
+    PYTHONPATH=. python bench/probes/moe_phase_stamps.py [bf16]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import sys
+
+import numpy as np
+import torch
+
+from bench.bench_decode import real_decode_setup
+
+REPLAYS = 20
+BLOCKS, SLOTS = 512, 16  # csrc kStampBlocks, kStampSlots
+GATE_UP = {0: "resident", 1: "first shared tile computed (pre-wait)", 2: "wait returned", 3: "shared tiles done",
+           4: "schedule built", **{5 + n: f"routed tile {n + 1} done" for n in range(9)}, 15: "exit"}
+DOWN = {0: "resident", 1: "wait returned", 2: "shared stream done (warp 0)", 3: "routed stream done (warp 0)",
+        15: "exit"}
+
+
+def stamps_reader():
+    import dots1_ext._C as ext
+    lib = ctypes.CDLL(ext.__file__)
+    if not hasattr(lib, "dots1_phase_stamps_copy"):
+        sys.exit("moe_phase_stamps: the extension was built without the stamps; rebuild with "
+                 "DOTS1_EXT_PHASE_STAMPS=1 (see this file's docstring)")
+    fn = lib.dots1_phase_stamps_copy
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+
+    def read(clear: bool) -> np.ndarray:
+        buf = np.zeros((2, BLOCKS, SLOTS), dtype=np.uint64)
+        err = fn(buf.ctypes.data, int(clear))
+        if err != 0:
+            raise RuntimeError(f"dots1_phase_stamps_copy: cudaError {err}")
+        return buf
+    return read
+
+
+def edges(stamps: np.ndarray, kernel: int, slots: dict[int, str], ref: int, ctas) -> dict[str, tuple]:
+    """Per slot: (first, median, last) CTA, µs from ref, over the CTAs in ctas that wrote it."""
+    out = {}
+    for slot, name in slots.items():
+        v = [int(stamps[kernel, b, slot]) for b in ctas if stamps[kernel, b, slot]]
+        if v:
+            us = sorted((t - ref) / 1e3 for t in v)
+            out[name] = (us[0], statistics.median(us), us[-1], len(us))
+    return out
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("moe_phase_stamps: needs a CUDA GPU")
+    from dots1_ext.cuda_graph import DecodeGraphs
+
+    read = stamps_reader()
+    experts = "bf16" if "bf16" in sys.argv[1:] else "int4"
+    ctx = 2048
+    model, cfg, tok = real_decode_setup(8, experts, ctx)
+    tiles_shared = cfg.moe_intermediate_size * cfg.n_shared_experts // 8  # T=1: one column group
+    rows: dict[tuple[str, str], list[tuple]] = {}
+    with torch.inference_mode():
+        graphs = DecodeGraphs(model)
+        graphs(tok, ctx)
+        for _ in range(5):
+            graphs(tok, ctx)
+        torch.cuda.synchronize()
+        for _ in range(REPLAYS):
+            read(True)
+            graphs(tok, ctx)
+            torch.cuda.synchronize()
+            st = read(False)
+            gu = [b for b in range(BLOCKS) if st[0, b, 0]]
+            dn = [b for b in range(BLOCKS) if st[1, b, 0]]
+            if not gu:
+                sys.exit("moe_phase_stamps: no gate_up stamps (the fast kernels did not run?)")
+            ref = min(int(st[0, b, 0]) for b in gu)
+            grid = len(gu)
+            heavy = [b for b in gu if b + grid < tiles_shared]
+            light = [b for b in gu if b + grid >= tiles_shared]
+            for label, ctas in ((f"gate_up, 2 shared tiles ({len(heavy)} CTAs)", heavy),
+                                (f"gate_up, 1 shared tile ({len(light)} CTAs)", light)):
+                for name, e in edges(st, 0, GATE_UP, ref, ctas).items():
+                    rows.setdefault((label, name), []).append(e)
+            for name, e in edges(st, 1, DOWN, ref, dn).items():
+                rows.setdefault((f"down ({len(dn)} CTAs)", name), []).append(e)
+    print(f"moe_phase_stamps: {experts} experts, 8-layer real-shape model, B=1, context {ctx}; the last MoE "
+          f"layer of each of {REPLAYS} graph replays; µs from the first gate_up CTA's residency: first / "
+          f"median / last CTA (medians over the replays)")
+    for (label, name), es in rows.items():
+        f, m, l = (statistics.median(e[i] for e in es) for i in range(3))
+        print(f"  {label:34s} {name:40s} {f:+8.2f} {m:+8.2f} {l:+8.2f}   ({es[0][3]} CTAs)")
+
+
+if __name__ == "__main__":
+    main()
