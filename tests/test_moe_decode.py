@@ -502,6 +502,24 @@ def normed_and_routed(T, k, E, H, dtype, device, seed):
     return x, ids
 
 
+def check_hidden_settled_same_bits(gate_up, T, k, E, H, I, dtype, device, bad_slot, bad_id, between=None):
+    """gate_up(x, ids, hidden_settled) launched as the model launches it (right after the router that
+    follows the norm writing hidden, fresh inputs per seed) gives the same bits with hidden_settled as
+    without; then with ids[T // 2, bad_slot] = bad_id, NaN in that pair's I columns, the rest the same.
+    between(x, ids, plain), if given, runs on the last seed's inputs before the bad id is set."""
+    for seed in range(3):
+        x, ids = normed_and_routed(T, k, E, H, dtype, device, seed)
+        settled = gate_up(x, ids, True)
+        plain = gate_up(x, ids, False)
+        assert_same_bits(settled, plain, f"T={T} seed={seed}")
+    if between is not None:
+        between(x, ids, plain)
+    ids[T // 2, bad_slot] = bad_id
+    settled = gate_up(x, ids, True)
+    assert settled[T // 2, bad_slot * I : (bad_slot + 1) * I].isnan().all()
+    assert_same_bits(settled, gate_up(x, ids, False), "bad id")
+
+
 @pytest.mark.parametrize("T", [1, 9, 64, 65])
 def test_hidden_settled_same_bits(device, T):
     # hidden_settled only moves the CUDA kernel's PDL wait (each CTA's first shared-expert tile streams
@@ -511,20 +529,17 @@ def test_hidden_settled_same_bits(device, T):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     E, k, H, I, Is = 16, 4, 256, 64, 96
     w = Weights(E, H, I, Is, dtype, device)
-    for seed in range(3):
-        x, ids = normed_and_routed(T, k, E, H, dtype, device, seed)
-        settled = moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue, hidden_settled=True)
-        plain = moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue)
-        assert_same_bits(settled, plain, f"T={T} seed={seed}")
-    # A strided hidden: the op's own contiguous copy is written by the launch right before the kernel,
-    # so the promise cannot hold for it; the op waits for the copy (the same bits).
-    strided = torch.cat([x, x], dim=1)[:, :H]
-    settled = moe_decode_gate_up(strided, w.gate_up, ids, w.shared_gate_up, w.epilogue, hidden_settled=True)
-    assert_same_bits(settled, plain, f"T={T} strided hidden")
-    ids[T // 2, 1] = E
-    settled = moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue, hidden_settled=True)
-    assert settled[T // 2, I : 2 * I].isnan().all()
-    assert_same_bits(settled, moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue), "bad id")
+
+    def gate_up(x, ids, settled):
+        return moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue, hidden_settled=settled)
+
+    def strided_hidden(x, ids, plain):
+        # A strided hidden: the op's own contiguous copy is written by the launch right before the
+        # kernel, so the promise cannot hold for it; the op waits for the copy (the same bits).
+        strided = torch.cat([x, x], dim=1)[:, :H]
+        assert_same_bits(gate_up(strided, ids, True), plain, f"T={T} strided hidden")
+
+    check_hidden_settled_same_bits(gate_up, T, k, E, H, I, dtype, device, 1, E, strided_hidden)
 
 
 def test_compile_fullgraph(device):

@@ -29,9 +29,9 @@ from dots1_ext.quant import Int4Weight, dequantize_int4, quantize_int4
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import assert_rows_close, capture_cuda_graph, replay_poisoned, requires_cuda  # noqa: E402
-from test_moe_decode import (SMALL_LAUNCHES, assert_bad_rows_nan, assert_same_bits, check_outputs,  # noqa: E402
-                             decode_inputs, distinct_ids, normed_and_routed, redraw_ids_, ref_gate_up, run_both,
-                             small_launch_inputs, topk_weights)
+from test_moe_decode import (SMALL_LAUNCHES, assert_bad_rows_nan, assert_same_bits,  # noqa: E402
+                             check_hidden_settled_same_bits, check_outputs, decode_inputs, distinct_ids,
+                             redraw_ids_, ref_gate_up, run_both, small_launch_inputs, topk_weights)
 
 REAL = dict(E=128, k=6, H=4096, I=1408, Is=2816)
 
@@ -282,17 +282,12 @@ def test_hidden_settled_same_bits(device, T):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     E, k, H, I, Is = 16, 4, 256, 128, 96
     w = Int4Weights(E, H, I, Is, dtype, device)
-    for seed in range(3):
-        x, ids = normed_and_routed(T, k, E, H, dtype, device, seed)
-        settled = moe_decode_int4_gate_up(x, *w.gate_up_args(), ids, w.shared_gate_up, w.epilogue,
-                                          hidden_settled=True)
-        plain = moe_decode_int4_gate_up(x, *w.gate_up_args(), ids, w.shared_gate_up, w.epilogue)
-        assert_same_bits(settled, plain, f"T={T} seed={seed}")
-    ids[T // 2, 0] = -1
-    settled = moe_decode_int4_gate_up(x, *w.gate_up_args(), ids, w.shared_gate_up, w.epilogue, hidden_settled=True)
-    assert settled[T // 2, :I].isnan().all()
-    assert_same_bits(settled, moe_decode_int4_gate_up(x, *w.gate_up_args(), ids, w.shared_gate_up, w.epilogue),
-                     "bad id")
+
+    def gate_up(x, ids, settled):
+        return moe_decode_int4_gate_up(x, *w.gate_up_args(), ids, w.shared_gate_up, w.epilogue,
+                                       hidden_settled=settled)
+
+    check_hidden_settled_same_bits(gate_up, T, k, E, H, I, dtype, device, 0, -1)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
