@@ -403,3 +403,42 @@ def test_router_kernel_env_rejects_unknown(monkeypatch, device):
     with pytest.raises(ValueError, match="DOTS1_EXT_ROUTER_KERNEL"):
         router_topk_gating(torch.randn(1, 64, device=device), torch.randn(16, 64, device=device),
                            torch.zeros(16, device=device), 2)
+
+
+@requires_cuda
+def test_router_rank_env_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_ROUTER_KERNEL", "grid")
+    monkeypatch.setenv("DOTS1_EXT_ROUTER_RANK", "yes")
+    with pytest.raises(ValueError, match="DOTS1_EXT_ROUTER_RANK"):
+        router_topk_gating(torch.randn(1, 64, device="cuda"), torch.randn(16, 64, device="cuda"),
+                           torch.zeros(16, device="cuda"), 2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 3, 9, 16])
+@pytest.mark.parametrize("E,k,n_group,topk_group", [(128, 6, 1, 1), (128, 16, 1, 1), (8, 8, 1, 1), (40, 3, 1, 1),
+                                                    (64, 1, 1, 1), (256, 8, 1, 1), (512, 16, 1, 1), (64, 6, 4, 2)])
+def test_grid_router_rank_routing_same_bits(monkeypatch, T, E, k, n_group, topk_group):
+    # The grid router's last block routes by ranks (route_by_rank, the default) or with gate_token's
+    # rounds (DOTS1_EXT_ROUTER_RANK=0): the same logits in both, so the same ids and weights, bit for
+    # bit, also for NaN logits and tied scores (E = 512 and group limits take gate_token either way).
+    monkeypatch.setenv("DOTS1_EXT_ROUTER_KERNEL", "grid")
+    H = 512
+    hidden, router_weight, bias = _router_case(T, E, H, torch.bfloat16, "cuda")
+    bias[: E // 2] = bias[E // 2: 2 * (E // 2)].clone()  # equal biases in pairs of experts
+    if T > 1:
+        hidden[1] = 0.0  # token 1: every logit 0, its scores tied but for the bias
+    if T > 2:
+        hidden[2, 5] = float("nan")  # token 2: NaN logits
+    for renormalize, scale in ((True, 2.5), (False, 1.0)):
+        outs = []
+        for rank in ("0", "1"):
+            monkeypatch.setenv("DOTS1_EXT_ROUTER_RANK", rank)
+            outs.append(router_topk_gating(hidden, router_weight, bias, k, n_group, topk_group, renormalize, scale))
+        (w0, ids0), (w1, ids1) = outs
+        assert torch.equal(ids0, ids1)
+        assert torch.equal(torch.isnan(w0), torch.isnan(w1))
+        assert torch.equal(w0.nan_to_num(nan=-7.0), w1.nan_to_num(nan=-7.0))
+        assert ((ids1 >= 0) & (ids1 < E)).all()  # every output element written
+    if T > 2:
+        assert ids1[2].tolist() == list(range(k)) and torch.isnan(w1[2]).all()

@@ -28,6 +28,9 @@ GATE_UP = {0: "resident", 1: "first shared tile computed (pre-wait)", 2: "wait r
            4: "schedule built", **{5 + n: f"routed tile {n + 1} done" for n in range(9)}, 15: "exit"}
 DOWN = {0: "resident", 1: "wait returned", 2: "shared stream done (warp 0)", 3: "routed stream done (warp 0)",
         15: "exit"}
+ROUTER_BLOCKS, ROUTER_SLOTS = 512, 8  # csrc/gating kRouterStampBlocks, kRouterStampSlots
+ROUTER = {0: "resident", 1: "wait returned", 2: "hidden staged", 3: "partial sums stored", 4: "fenced",
+          5: "arrived", 6: "last block: logits summed", 7: "last block: routed"}
 
 
 def stamps_reader():
@@ -44,6 +47,24 @@ def stamps_reader():
         err = fn(buf.ctypes.data, int(clear))
         if err != 0:
             raise RuntimeError(f"dots1_phase_stamps_copy: cudaError {err}")
+        return buf
+    return read
+
+
+def router_stamps_reader():
+    """The grid router's stamps (csrc/gating: dots1_router_stamps_copy), or None in a build without them."""
+    import dots1_ext._C as ext
+    lib = ctypes.CDLL(ext.__file__)
+    if not hasattr(lib, "dots1_router_stamps_copy"):
+        return None
+    fn = lib.dots1_router_stamps_copy
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+
+    def read(clear: bool) -> np.ndarray:
+        buf = np.zeros((1, ROUTER_BLOCKS, ROUTER_SLOTS), dtype=np.uint64)
+        err = fn(buf.ctypes.data, int(clear))
+        if err != 0:
+            raise RuntimeError(f"dots1_router_stamps_copy: cudaError {err}")
         return buf
     return read
 
@@ -65,6 +86,7 @@ def main() -> None:
     from dots1_ext.cuda_graph import DecodeGraphs
 
     read = stamps_reader()
+    read_router = router_stamps_reader()
     experts = "bf16" if "bf16" in sys.argv[1:] else "int4"
     ctx = 2048
     model, cfg, tok = real_decode_setup(8, experts, ctx)
@@ -78,9 +100,12 @@ def main() -> None:
         torch.cuda.synchronize()
         for _ in range(REPLAYS):
             read(True)
+            if read_router is not None:
+                read_router(True)
             graphs(tok, ctx)
             torch.cuda.synchronize()
             st = read(False)
+            rt = read_router(False) if read_router is not None else None
             gu = [b for b in range(BLOCKS) if st[0, b, 0]]
             dn = [b for b in range(BLOCKS) if st[1, b, 0]]
             if not gu:
@@ -95,6 +120,13 @@ def main() -> None:
                     rows.setdefault((label, name), []).append(e)
             for name, e in edges(st, 1, DOWN, ref, dn).items():
                 rows.setdefault((f"down ({len(dn)} CTAs)", name), []).append(e)
+            if rt is not None:
+                rb = [b for b in range(ROUTER_BLOCKS) if rt[0, b, 0]]
+                for b in rb:  # the last-block slots of a CTA that was last in an earlier layer's launch
+                    if rt[0, b, 6] < rt[0, b, 5]:
+                        rt[0, b, 6:8] = 0
+                for name, e in edges(rt, 0, ROUTER, ref, rb).items():
+                    rows.setdefault((f"router ({len(rb)} CTAs)", name), []).append(e)
     print(f"moe_phase_stamps: {experts} experts, 8-layer real-shape model, B=1, context {ctx}; the last MoE "
           f"layer of each of {REPLAYS} graph replays; µs from the first gate_up CTA's residency: first / "
           f"median / last CTA (medians over the replays)")

@@ -176,6 +176,17 @@ RouterKernel router_kernel_from_env() {
   TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_ROUTER_KERNEL must be auto, grid, cluster or gemm, got '", s, "'");
 }
 
+// Whether the grid router's last block routes by ranks (route_by_rank, "1", the default) or with
+// gate_token's rounds ("0"); the same outputs. For tests and benchmarks.
+bool router_rank_from_env() {
+  const char* v = std::getenv("DOTS1_EXT_ROUTER_RANK");
+  if (v == nullptr || *v == '\0') return true;
+  const std::string s(v);
+  if (s == "1") return true;
+  if (s == "0") return false;
+  TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_ROUTER_RANK must be 1 or 0, got '", s, "'");
+}
+
 std::tuple<at::Tensor, at::Tensor> topk_gating_from_logits_cuda(const at::Tensor& logits_in, const at::Tensor& bias_in,
                                                                 int64_t k, int64_t n_group, int64_t topk_group,
                                                                 bool renormalize, double scale) {
@@ -231,7 +242,8 @@ std::tuple<at::Tensor, at::Tensor> router_topk_gating_cuda(const at::Tensor& hid
                                            T, E, static_cast<int>(H), static_cast<int>(k), static_cast<int>(n_group),
                                            static_cast<int>(topk_group), renormalize, static_cast<float>(scale),
                                            workspace.data_ptr<float>(), weights.data_ptr<float>(),
-                                           ids.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream(), use_pdl);
+                                           ids.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream(), use_pdl,
+                                           router_rank_from_env());
     } else {
       err = launch_router_topk_gating_fused(hidden.data_ptr(), router_weight.data_ptr(), dtype, bias.data_ptr<float>(),
                                             T, E, static_cast<int>(H), static_cast<int>(k), static_cast<int>(n_group),

@@ -81,6 +81,9 @@ cudaError_t launch_topk_gating(const float* logits,  // [T, E] fp32, contiguous
 // use_pdl (both fused launchers): programmatic dependent launch on sm_90+ (csrc/pdl.cuh); the grid
 // kernel loads its router weight slice before waiting for the previous kernel, so router_weight must
 // not be written by the kernel right before the launch (gating.cpp passes false when it copied it).
+// rank_routing: without a group limit (topk_group == n_group) and with at most 256 experts, the last
+// block routes by ranks with all its threads (route_by_rank) instead of one warp per token
+// (gate_token); the same outputs, bit for bit (gating.cpp: DOTS1_EXT_ROUTER_RANK=0 for the latter).
 int router_grid_slices(int hidden_size, int elem_bytes);
 int64_t router_grid_workspace_floats(int64_t num_tokens, int num_experts, int hidden_size, DType dtype);
 cudaError_t launch_router_topk_gating_grid(const void* hidden,         // [T, H] dtype, contiguous
@@ -92,7 +95,7 @@ cudaError_t launch_router_topk_gating_grid(const void* hidden,         // [T, H]
                                            float* workspace,     // [router_grid_workspace_floats] fp32
                                            float* topk_weights,  // [T, k] fp32
                                            int32_t* topk_ids,    // [T, k] int32
-                                           cudaStream_t stream, bool use_pdl);
+                                           cudaStream_t stream, bool use_pdl, bool rank_routing = true);
 
 // Router projection (fp32 accumulate) + gating in ONE launch (the former decode default, now
 // DOTS1_EXT_ROUTER_KERNEL=cluster), for num_tokens <= kRouterFusedMaxTokens.

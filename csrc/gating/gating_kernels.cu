@@ -10,6 +10,26 @@
 #include "gating/gating.h"
 
 namespace dots1 {
+
+#ifdef DOTS1_EXT_PHASE_STAMPS
+// Probe builds only (DOTS1_EXT_PHASE_STAMPS=1 at build time; bench/probes/moe_phase_stamps.py, as the MoE
+// decode kernels' stamps): thread 0 of each CTA of the grid router records %globaltimer at the phase
+// edges below, per CTA (blockIdx.x + gridDim.x blockIdx.y) and slot; each launch overwrites the last one's.
+constexpr int kRouterStampBlocks = 512, kRouterStampSlots = 8;
+__device__ unsigned long long g_router_stamps[kRouterStampBlocks][kRouterStampSlots];
+__device__ __forceinline__ void router_stamp(int slot) {
+  const unsigned block = blockIdx.x + gridDim.x * blockIdx.y;
+  if (threadIdx.x == 0 && block < kRouterStampBlocks) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+    g_router_stamps[block][slot] = t;
+  }
+}
+#define DOTS1_ROUTER_STAMP(slot) ::dots1::router_stamp(slot)
+#else
+#define DOTS1_ROUTER_STAMP(slot) ((void)0)
+#endif
+
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
@@ -137,6 +157,65 @@ __device__ __forceinline__ void gate_token(const float* logits_row, const float 
     float w = renormalize ? my_weight / (weight_sum + 1e-20f) : my_weight;
     weights_out[lane] = w * scale;
     ids_out[lane] = my_id;
+  }
+}
+
+// gate_token<kVPL, false>'s routing of tokens [0, T) of logits (shared memory, [T][32 kVPL]) by the
+// whole block (kThreads threads, one per (token, expert) of kThreads / (32 kVPL) tokens at a time):
+// each thread counts the keys of its token above its own (its rank; keys are distinct), and ranks
+// 0 .. k-1 are the experts gate_token picks in its rounds, in the same order, their weights summed in
+// that order: the same outputs, bit for bit. Why: gate_token's k rounds of warp-wide maxima are one
+// warp's serial chain (~2-3 µs at T=1 in the decode step, measured by the router's phase stamps),
+// on the critical path between the router and the MoE kernel; the ranks are counts in parallel.
+// key_smem: kThreads entries; chosen_w / chosen_id: kThreads / 32 x kGatingMaxTopk entries. Every
+// thread of the block calls it (barriers inside).
+template <int kVPL, int kThreads>
+__device__ void route_by_rank(const float* logits, const float (&bias_lane)[kVPL], int T, int E, int k,
+                              bool renormalize, float scale, uint64_t* key_smem, float* chosen_w,
+                              int32_t* chosen_id, float* __restrict__ weights_out, int32_t* __restrict__ ids_out) {
+  constexpr int kRow = 32 * kVPL;
+  static_assert(kThreads % kRow == 0, "whole tokens per pass");
+  constexpr int kTokensPerPass = kThreads / kRow;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int token_slot = tid / kRow, e = tid % kRow;
+  // Expert e's bias: load_bias_lane put it in lane e % 32 (this thread's lane), slot e / 32.
+  float bias_e = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kVPL; ++i)
+    if (i == e / 32) bias_e = bias_lane[i];
+  const uint64_t* row_keys = key_smem + token_slot * kRow;
+  float* row_w = chosen_w + token_slot * kGatingMaxTopk;
+  int32_t* row_id = chosen_id + token_slot * kGatingMaxTopk;
+  for (int t0 = 0; t0 < T; t0 += kTokensPerPass) {
+    const int t = t0 + token_slot;
+    const bool mine = t < T && e < E;
+    uint64_t key = 0;  // past E: 0, below every expert's key (gating_key's are > 0), as in gate_token
+    float score = 0.0f;
+    if (mine) {
+      // gate_token's sigmoid: exact expf and an IEEE division.
+      score = 1.0f / (1.0f + expf(-logits[t * kRow + e]));
+      key = gating_key(score + bias_e, static_cast<uint32_t>(e));
+    }
+    key_smem[tid] = key;
+    __syncthreads();
+    if (mine) {
+      int rank = 0;
+#pragma unroll 16
+      for (int j = 0; j < kRow; ++j) rank += row_keys[j] > key ? 1 : 0;
+      if (rank < k) {
+        row_w[rank] = score;
+        row_id[rank] = e;
+      }
+    }
+    __syncthreads();
+    if (t < T && e < k) {
+      float weight_sum = 0.0f;  // gate_token's order: rank 0, 1, ...
+      for (int j = 0; j < k; ++j) weight_sum += row_w[j];
+      const float w = renormalize ? row_w[e] / (weight_sum + 1e-20f) : row_w[e];
+      weights_out[static_cast<int64_t>(t) * k + e] = w * scale;
+      ids_out[static_cast<int64_t>(t) * k + e] = row_id[e];
+    }
+    __syncthreads();  // key_smem and the chosen rows are rewritten by the next pass
   }
 }
 
@@ -288,13 +367,16 @@ __host__ __device__ constexpr int router_slice_elems() {
   return kRouterSliceBytes / static_cast<int>(sizeof(T));
 }
 
+// (Two blocks per SM in the bounds: ptxas then keeps the pre-wait weights and bias in registers, where
+// with the default it capped this kernel at 64 and spilled them.)
 template <int kVPL, bool kGrouped, typename T>
-__global__ void __launch_bounds__(kRouterGridWarps * 32)
+__global__ void __launch_bounds__(kRouterGridWarps * 32, 2)
     router_gating_grid_kernel(const T* __restrict__ hidden, const T* __restrict__ weight,
                               const float* __restrict__ bias, int num_tokens, int E, int H, int k, int n_group,
                               int topk_group, bool renormalize, float scale, bool vectorized,
                               float* __restrict__ partial,  // [gridDim.x, num_tokens, E]
-                              int arrival_slot, float* __restrict__ weights_out, int32_t* __restrict__ ids_out) {
+                              int arrival_slot, bool rank_routing, float* __restrict__ weights_out,
+                              int32_t* __restrict__ ids_out) {
   constexpr int kSliceElems = router_slice_elems<T>();
   constexpr int kV = Vec16<T>::kElems;
   constexpr int kVecPerLane = kSliceElems / kV / 32;
@@ -307,9 +389,17 @@ __global__ void __launch_bounds__(kRouterGridWarps * 32)
   // block, once those are done, the summed logits [T, kRow].
   __shared__ __align__(16) unsigned char smem_raw[kStageBytes > kLogitsBytes ? kStageBytes : kLogitsBytes];
   __shared__ float choice_smem[kGrouped ? kRouterGridWarps * kRow : 1];
+  // The last block routes by ranks (route_by_rank) without group limits while a token's experts fit
+  // the block's threads; otherwise with gate_token, one warp per token.
+  constexpr bool kRankRouting = !kGrouped && kRow <= kRouterGridWarps * 32;
+  constexpr int kRankTokens = kRankRouting ? kRouterGridWarps * 32 / kRow : 1;
+  __shared__ uint64_t rank_keys_smem[kRankRouting ? kRouterGridWarps * 32 : 1];
+  __shared__ float rank_w_smem[kRankTokens * kGatingMaxTopk];
+  __shared__ int32_t rank_id_smem[kRankTokens * kGatingMaxTopk];
   T* hidden_smem = reinterpret_cast<T*>(smem_raw);
   float* logits_smem = reinterpret_cast<float*>(smem_raw);
 
+  DOTS1_ROUTER_STAMP(0);  // resident
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slice = blockIdx.x;
   const int e = blockIdx.y * kRouterGridWarps + warp;
@@ -349,6 +439,7 @@ __global__ void __launch_bounds__(kRouterGridWarps * 32)
   // hidden, the workspace and the arrival counter only after it.
   pdl_wait();
   pdl_launch_dependents();
+  DOTS1_ROUTER_STAMP(1);  // wait returned
 
   // Stage the tokens' hidden slice (read by all 8 warps) in shared memory.
   if (vectorized) {
@@ -365,6 +456,7 @@ __global__ void __launch_bounds__(kRouterGridWarps * 32)
     }
   }
   __syncthreads();
+  DOTS1_ROUTER_STAMP(2);  // hidden staged
 
   float acc[kRouterFusedMaxTokens];
 #pragma unroll
@@ -403,13 +495,16 @@ __global__ void __launch_bounds__(kRouterGridWarps * 32)
 
   // Release this block's partial sums, then arrive. atomicInc wraps the counter to 0 on the last
   // arrival (total - 1), so the slot is ready for the next launch without a memset.
+  DOTS1_ROUTER_STAMP(3);  // partial sums stored (thread 0's; issued)
   __threadfence();
   __syncthreads();
+  DOTS1_ROUTER_STAMP(4);  // every warp fenced
   int is_last = 0;
   if (threadIdx.x == 0) {
     const unsigned int total = gridDim.x * gridDim.y;
     is_last = atomicInc(&g_router_arrivals[arrival_slot], total - 1) == total - 1;
   }
+  DOTS1_ROUTER_STAMP(5);  // arrived
   if (!__syncthreads_or(is_last)) return;  // uniform per block; no barrier follows for the others
   __threadfence();  // acquire: every other block's partial sums are visible below
 
@@ -429,11 +524,23 @@ __global__ void __launch_bounds__(kRouterGridWarps * 32)
     }
   }
   __syncthreads();
-  for (int t = warp; t < num_tokens; t += kRouterGridWarps) {
-    gate_token<kVPL, kGrouped>(logits_smem + t * kRow, bias_lane, E, k, n_group, topk_group, renormalize, scale,
-                               choice_smem + warp * kRow, weights_out + static_cast<int64_t>(t) * k,
-                               ids_out + static_cast<int64_t>(t) * k, lane);
+  DOTS1_ROUTER_STAMP(6);  // last block: logits summed
+  bool routed = false;
+  if constexpr (kRankRouting) {
+    if (rank_routing) {  // uniform: a kernel argument
+      route_by_rank<kVPL, kRouterGridWarps * 32>(logits_smem, bias_lane, num_tokens, E, k, renormalize, scale,
+                                                 rank_keys_smem, rank_w_smem, rank_id_smem, weights_out, ids_out);
+      routed = true;
+    }
   }
+  if (!routed) {
+    for (int t = warp; t < num_tokens; t += kRouterGridWarps) {
+      gate_token<kVPL, kGrouped>(logits_smem + t * kRow, bias_lane, E, k, n_group, topk_group, renormalize, scale,
+                                 choice_smem + warp * kRow, weights_out + static_cast<int64_t>(t) * k,
+                                 ids_out + static_cast<int64_t>(t) * k, lane);
+    }
+  }
+  DOTS1_ROUTER_STAMP(7);  // last block: routed (token 0's outputs written)
 }
 
 template <typename F>
@@ -530,14 +637,15 @@ cudaError_t launch_router_cluster(const T* hidden, const T* weight, const float*
 template <int kVPL, bool kGrouped, typename T>
 cudaError_t launch_router_grid(const T* hidden, const T* weight, const float* bias, int num_tokens, int E, int H, int k,
                                int n_group, int topk_group, bool renormalize, float scale, float* workspace,
-                               float* weights_out, int32_t* ids_out, cudaStream_t stream, bool use_pdl) {
+                               float* weights_out, int32_t* ids_out, cudaStream_t stream, bool use_pdl,
+                               bool rank_routing) {
   static std::atomic<unsigned int> next_slot{0};
   const int slot = static_cast<int>(next_slot.fetch_add(1, std::memory_order_relaxed) % kRouterArrivalSlots);
   const bool vectorized = (H % Vec16<T>::kElems) == 0 && aligned16(hidden) && aligned16(weight);
   const dim3 grid(router_grid_slices(H, static_cast<int>(sizeof(T))), ceil_div(E, kRouterGridWarps));
   return launch_pdl(router_gating_grid_kernel<kVPL, kGrouped, T>, grid, dim3(kRouterGridWarps * 32), 0, stream, use_pdl,
                     hidden, weight, bias, num_tokens, E, H, k, n_group, topk_group, renormalize, scale, vectorized,
-                    workspace, slot, weights_out, ids_out);
+                    workspace, slot, rank_routing, weights_out, ids_out);
 }
 
 // The decode routers' shared preconditions: cudaSuccess to launch, or the error to return (with
@@ -601,7 +709,7 @@ cudaError_t launch_router_topk_gating_grid(const void* hidden, const void* route
                                            const float* bias, int64_t num_tokens, int num_experts, int hidden_size,
                                            int k, int n_group, int topk_group, bool renormalize, float scale,
                                            float* workspace, float* topk_weights, int32_t* topk_ids,
-                                           cudaStream_t stream, bool use_pdl) {
+                                           cudaStream_t stream, bool use_pdl, bool rank_routing) {
   if (num_tokens <= 0) return cudaSuccess;
   if (const cudaError_t bad = router_decode_args(num_tokens, num_experts, hidden_size, k, n_group, topk_group))
     return bad;
@@ -610,8 +718,24 @@ cudaError_t launch_router_topk_gating_grid(const void* hidden, const void* route
     return launch_router_grid<decltype(vpl)::value, decltype(grouped)::value, T>(
         static_cast<const T*>(hidden), static_cast<const T*>(router_weight), bias, static_cast<int>(num_tokens),
         num_experts, hidden_size, k, n_group, topk_group, renormalize, scale, workspace, topk_weights, topk_ids,
-        stream, use_pdl);
+        stream, use_pdl, rank_routing);
   });
 }
+
+#ifdef DOTS1_EXT_PHASE_STAMPS
+// The probe's reader (bench/probes/moe_phase_stamps.py, through ctypes): the grid router's stamps of its
+// last launch, [512][8] uint64 ns (0: not written since the last clear), into host memory at dst; clear:
+// zero them after the copy. Returns a cudaError_t.
+extern "C" __attribute__((visibility("default"))) int dots1_router_stamps_copy(void* dst, int clear) {
+  cudaError_t err = cudaMemcpyFromSymbol(dst, g_router_stamps, sizeof(g_router_stamps));
+  if (err == cudaSuccess && clear) {
+    void* p = nullptr;
+    err = cudaGetSymbolAddress(&p, g_router_stamps);
+    if (err == cudaSuccess) err = cudaMemset(p, 0, sizeof(g_router_stamps));
+    if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  }
+  return static_cast<int>(err);
+}
+#endif
 
 }  // namespace dots1
