@@ -8,8 +8,8 @@ Environment:
     DOTS1_EXT_CUDA_ARCHS  ";"-separated compute capabilities, default "90a;80". sm_90a carries the
                           Hopper kernels (wgmma, TMA); other targets get the portable kernels.
     CUDA_HOME             the CUDA toolkit; defaults to /usr/local/cuda when that has bin/nvcc.
-    DOTS1_EXT_PHASE_STAMPS "1": a probe build whose MoE decode kernels record their phase edges
-                          (bench/probes/moe_phase_stamps.py); never for timing anything else.
+    DOTS1_EXT_PHASE_STAMPS "1": a probe build whose MoE decode kernels and grid router record their
+                          phase edges (bench/probes/moe_phase_stamps.py); never for timing anything else.
     MAX_JOBS              parallel compile jobs (ninja); defaults to the number of CPUs.
 """
 

@@ -184,6 +184,15 @@ def parse_knobs(args: list[str], defaults: dict[str, list[str]] | None = None) -
     return knobs
 
 
+def pop_layers(knobs: dict[str, list[str]], default: int = 8) -> int:
+    """The probes' model depth: the ``layers=N`` word of their command line (taken out of ``knobs``, where
+    it is not a switch), ``default`` without it. One positive integer, else SystemExit naming it."""
+    values = knobs.pop("layers", [str(default)])
+    if len(values) != 1 or not values[0].isdigit() or int(values[0]) < 1:
+        raise SystemExit(f"layers= takes one positive integer (the model's layers), got {','.join(values)!r}")
+    return int(values[0])
+
+
 def knob_settings(knobs: dict[str, list[str]]) -> Iterator[tuple[dict[str, str], str]]:
     """Every combination of the switches' values, in order, with a label ("NAME=v ..." without the
     DOTS1_EXT_ prefix; "defaults" for the one empty setting when there are no switches)."""

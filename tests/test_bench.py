@@ -253,6 +253,35 @@ def test_moe_phase_stamps_reader_needs_a_stamps_build():
     assert st.shape == (2, BLOCKS, SLOTS) and not st.any()
 
 
+def test_moe_phase_stamps_router_reader_is_optional():
+    # The router's stamps (csrc/gating) come with the same build switch; without them the probe prints
+    # the MoE kernels' alone. In a stamps build (CUDA) the reader gives [1][512][8] stamps, zero after a clear.
+    import ctypes
+
+    ext = pytest.importorskip("dots1_ext._C")
+    from bench.probes.moe_phase_stamps import ROUTER_BLOCKS, ROUTER_SLOTS, router_stamps_reader
+
+    read = router_stamps_reader()
+    if not hasattr(ctypes.CDLL(ext.__file__), "dots1_router_stamps_copy"):
+        assert read is None
+        return
+    read(True)
+    st = read(False)
+    assert st.shape == (1, ROUTER_BLOCKS, ROUTER_SLOTS) and not st.any()
+
+
+def test_probe_layers_word():
+    # pdl_overlap.py / moe_phase_stamps.py take the model depth as layers=N, out of the switches.
+    from bench.common import parse_knobs, pop_layers
+
+    knobs = parse_knobs(["bf16", "layers=62", "DOTS1_EXT_ROUTER_RANK=0,1"])
+    assert pop_layers(knobs) == 62 and knobs == {"DOTS1_EXT_ROUTER_RANK": ["0", "1"]}
+    assert pop_layers(parse_knobs(["all"])) == 8
+    for bad in ("layers=0", "layers=x", "layers=8,62", "layers=-3"):
+        with pytest.raises(SystemExit, match="layers="):
+            pop_layers(parse_knobs([bad]))
+
+
 def test_commit_id_marks_a_tree_that_differs_from_head(tmp_path):
     # Results record the commit they measured; a run of changed files (or of a copy whose .git is older
     # than its files) says so instead of passing for HEAD.

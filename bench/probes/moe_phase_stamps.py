@@ -2,13 +2,16 @@
 kernels of a probe build (``DOTS1_EXT_PHASE_STAMPS=1`` at build time: setup.py then compiles
 csrc/moe_decode/moe_decode_kernels.cu's phase stamps in) record, in thread 0 of every CTA, %globaltimer
 at their phase edges; each launch overwrites the last one's, so after a graph replay of the decode step
-the stamps are the last MoE layer's. For the 8-layer real-shape model (int4 experts, or bf16 with the word
-bf16), B=1, context 2048, over REPLAYS replays of its decode graph: per phase edge, the earliest, median
-and latest CTA, µs from the first gate_up CTA's residency (medians over the replays); gate_up's CTAs apart
-by how many shared-expert tiles they hold (at T=1, 352 tiles over 264 CTAs: 2 or 1).
+the stamps are the last MoE layer's. The grid router (csrc/gating) stamps its phases too in such a build
+(partial sums, arrival, the last block's routing); they print beside the MoE kernels'. For the 8-layer
+(``layers=N``) real-shape model (int4 experts, or bf16 with the word bf16), B=1, context 2048, with the
+MoE ops' hidden_settled as the model sets it (``settled=0``: off), over REPLAYS replays of its decode
+graph: per phase edge, the earliest, median and latest CTA, µs from the first gate_up CTA's residency
+(medians over the replays); gate_up's CTAs apart by how many shared-expert tiles they hold (at T=1, 352
+tiles over 264 CTAs: 2 or 1).
 
     DOTS1_EXT_PHASE_STAMPS=1 python setup.py build_ext --inplace   # a probe build (not for timing others)
-    PYTHONPATH=. python bench/probes/moe_phase_stamps.py [bf16]
+    PYTHONPATH=. python bench/probes/moe_phase_stamps.py [bf16] [layers=N] [settled=0|1]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 
 from bench.bench_decode import real_decode_setup
+from bench.common import parse_knobs, pop_layers
 
 REPLAYS = 20
 BLOCKS, SLOTS = 512, 16  # csrc kStampBlocks, kStampSlots
@@ -85,11 +89,19 @@ def main() -> None:
         sys.exit("moe_phase_stamps: needs a CUDA GPU")
     from dots1_ext.cuda_graph import DecodeGraphs
 
+    from dots1_ext import modules
+
+    experts = "bf16" if "bf16" in sys.argv[1:] else "int4"
+    knobs = parse_knobs(sys.argv[1:])
+    layers = pop_layers(knobs)
+    settled = knobs.pop("settled", ["1"])
+    if settled not in (["0"], ["1"]) or knobs:
+        sys.exit(f"moe_phase_stamps: takes bf16, layers=N and settled=0|1, got {sys.argv[1:]}")
+    modules.MOE_DECODE_HIDDEN_SETTLED = settled == ["1"]
     read = stamps_reader()
     read_router = router_stamps_reader()
-    experts = "bf16" if "bf16" in sys.argv[1:] else "int4"
     ctx = 2048
-    model, cfg, tok = real_decode_setup(8, experts, ctx)
+    model, cfg, tok = real_decode_setup(layers, experts, ctx)
     tiles_shared = cfg.moe_intermediate_size * cfg.n_shared_experts // 8  # T=1: one column group
     rows: dict[tuple[str, str], list[tuple]] = {}
     with torch.inference_mode():
@@ -127,7 +139,8 @@ def main() -> None:
                         rt[0, b, 6:8] = 0
                 for name, e in edges(rt, 0, ROUTER, ref, rb).items():
                     rows.setdefault((f"router ({len(rb)} CTAs)", name), []).append(e)
-    print(f"moe_phase_stamps: {experts} experts, 8-layer real-shape model, B=1, context {ctx}; the last MoE "
+    print(f"moe_phase_stamps: {experts} experts, {layers}-layer real-shape model, B=1, context {ctx}, "
+          f"hidden_settled {settled[0]}; the last MoE "
           f"layer of each of {REPLAYS} graph replays; µs from the first gate_up CTA's residency: first / "
           f"median / last CTA (medians over the replays)")
     for (label, name), es in rows.items():

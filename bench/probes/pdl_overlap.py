@@ -1,17 +1,17 @@
-"""Probe: whether the decode step's MoE kernels overlap under PDL in graph replay. The 8-layer real-shape
-int4 model (or bf16 with the word bf16), B=1 context 2048, its decode graph replayed under torch.profiler
-(CUPTI kernel records: each kernel's first-CTA start and last-CTA end), per setting of the switches given
-as NAME=a,b: for each MoE layer, the gap from the router's end to the gate_up's start (negative: gate_up
-was running before the router ended) and from gate_up's end to down's start, medians over the layers and
-replays, and the kernels' own spans; and the graph's replay time (DecodeGraphs.replay_ms). The name
-``settled`` sets dots1_ext.modules.MOE_DECODE_HIDDEN_SETTLED (1 / 0) instead of an environment variable,
-``kv_settled`` dots1_ext.modules.ATTENTION_KV_SETTLED. Per setting also the attention block of each
-layer, from the qkv GEMM's end: the attention kernel's start and end, the combine's end (medians).
-With the word ``all``: the whole step's timeline by kernel (kernel_timeline): per kernel name, launches
-per step, median span, median gap from the previous kernel's end (negative: it started before that
-ended), and the step's sum of spans.
+"""Probe: whether the decode step's MoE kernels overlap under PDL in graph replay. The 8-layer (or
+``layers=N``) real-shape int4 model (or bf16 with the word bf16), B=1 context 2048, its decode graph
+replayed under torch.profiler (CUPTI kernel records: each kernel's first-CTA start and last-CTA end), per
+setting of the switches given as NAME=a,b: for each MoE layer, the gap from the router's end to the
+gate_up's start (negative: gate_up was running before the router ended) and from gate_up's end to down's
+start, medians over the layers and replays, and the kernels' own spans; and the graph's replay time
+(DecodeGraphs.replay_ms). The name ``settled`` sets dots1_ext.modules.MOE_DECODE_HIDDEN_SETTLED (1 / 0)
+instead of an environment variable, ``kv_settled`` dots1_ext.modules.ATTENTION_KV_SETTLED. Per setting
+also the attention block of each layer, from the qkv GEMM's end: the attention kernel's start and end,
+the combine's end (medians). With the word ``all``: the whole step's timeline by kernel
+(kernel_timeline): per kernel name, launches per step, median span, median gap from the previous kernel's
+end (negative: it started before that ended), and the step's sum of spans.
 
-    PYTHONPATH=. python bench/probes/pdl_overlap.py [bf16] [all] [NAME=v1,v2 ...]
+    PYTHONPATH=. python bench/probes/pdl_overlap.py [bf16] [all] [layers=N] [NAME=v1,v2 ...]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tempfile
 import torch
 
 from bench.bench_decode import real_decode_setup
-from bench.common import env_vars, knob_settings, parse_knobs
+from bench.common import env_vars, knob_settings, parse_knobs, pop_layers
 
 
 REPLAYS = 10  # profiled graph replays per setting
@@ -106,10 +106,12 @@ def main() -> None:
     args = sys.argv[1:]
     experts = "bf16" if "bf16" in args else "int4"
     timeline = "all" in args
+    knobs = parse_knobs(args)
+    layers = pop_layers(knobs)
     ctx = 2048
-    model, cfg, tok = real_decode_setup(8, experts, ctx)
+    model, cfg, tok = real_decode_setup(layers, experts, ctx)
     with torch.inference_mode():
-        for env, label in knob_settings(parse_knobs(args)):
+        for env, label in knob_settings(knobs):
             modules.MOE_DECODE_HIDDEN_SETTLED = env.pop("settled", "1") == "1"
             modules.ATTENTION_KV_SETTLED = env.pop("kv_settled", "1") == "1"
             with env_vars(env):
