@@ -37,40 +37,38 @@ ROUTER = {0: "resident", 1: "wait returned", 2: "hidden staged", 3: "partial sum
           5: "arrived", 6: "last block: logits summed", 7: "last block: routed"}
 
 
-def stamps_reader():
+def _reader(symbol: str, shape: tuple[int, ...]):
+    """read(clear) -> the stamps of the extension's extern "C" reader `symbol` (csrc/phase_stamps.cuh
+    copy_phase_stamps) as a uint64 array of `shape`, zeroed on the device after the copy when clear;
+    None in a build without that reader."""
     import dots1_ext._C as ext
     lib = ctypes.CDLL(ext.__file__)
-    if not hasattr(lib, "dots1_phase_stamps_copy"):
-        sys.exit("moe_phase_stamps: the extension was built without the stamps; rebuild with "
-                 "DOTS1_EXT_PHASE_STAMPS=1 (see this file's docstring)")
-    fn = lib.dots1_phase_stamps_copy
+    if not hasattr(lib, symbol):
+        return None
+    fn = getattr(lib, symbol)
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
 
     def read(clear: bool) -> np.ndarray:
-        buf = np.zeros((2, BLOCKS, SLOTS), dtype=np.uint64)
+        buf = np.zeros(shape, dtype=np.uint64)
         err = fn(buf.ctypes.data, int(clear))
         if err != 0:
-            raise RuntimeError(f"dots1_phase_stamps_copy: cudaError {err}")
+            raise RuntimeError(f"{symbol}: cudaError {err}")
         return buf
+    return read
+
+
+def stamps_reader():
+    """The MoE decode kernels' stamps [2][BLOCKS][SLOTS]; exits with how to make a stamps build."""
+    read = _reader("dots1_phase_stamps_copy", (2, BLOCKS, SLOTS))
+    if read is None:
+        sys.exit("moe_phase_stamps: the extension was built without the stamps; rebuild with "
+                 "DOTS1_EXT_PHASE_STAMPS=1 (see this file's docstring)")
     return read
 
 
 def router_stamps_reader():
-    """The grid router's stamps (csrc/gating: dots1_router_stamps_copy), or None in a build without them."""
-    import dots1_ext._C as ext
-    lib = ctypes.CDLL(ext.__file__)
-    if not hasattr(lib, "dots1_router_stamps_copy"):
-        return None
-    fn = lib.dots1_router_stamps_copy
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_int
-
-    def read(clear: bool) -> np.ndarray:
-        buf = np.zeros((1, ROUTER_BLOCKS, ROUTER_SLOTS), dtype=np.uint64)
-        err = fn(buf.ctypes.data, int(clear))
-        if err != 0:
-            raise RuntimeError(f"dots1_router_stamps_copy: cudaError {err}")
-        return buf
-    return read
+    """The grid router's stamps [1][ROUTER_BLOCKS][ROUTER_SLOTS] (csrc/gating), or None without them."""
+    return _reader("dots1_router_stamps_copy", (1, ROUTER_BLOCKS, ROUTER_SLOTS))
 
 
 def edges(stamps: np.ndarray, kernel: int, slots: dict[int, str], ref: int, ctas) -> dict[str, tuple]:

@@ -7,6 +7,7 @@
 
 #include "cuda_utils.cuh"
 #include "pdl.cuh"
+#include "phase_stamps.cuh"
 #include "gating/gating.h"
 
 namespace dots1 {
@@ -19,11 +20,7 @@ constexpr int kRouterStampBlocks = 512, kRouterStampSlots = 8;
 __device__ unsigned long long g_router_stamps[kRouterStampBlocks][kRouterStampSlots];
 __device__ __forceinline__ void router_stamp(int slot) {
   const unsigned block = blockIdx.x + gridDim.x * blockIdx.y;
-  if (threadIdx.x == 0 && block < kRouterStampBlocks) {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
-    g_router_stamps[block][slot] = t;
-  }
+  if (threadIdx.x == 0 && block < kRouterStampBlocks) g_router_stamps[block][slot] = globaltimer_ns();
 }
 #define DOTS1_ROUTER_STAMP(slot) ::dots1::router_stamp(slot)
 #else
@@ -724,17 +721,9 @@ cudaError_t launch_router_topk_gating_grid(const void* hidden, const void* route
 
 #ifdef DOTS1_EXT_PHASE_STAMPS
 // The probe's reader (bench/probes/moe_phase_stamps.py, through ctypes): the grid router's stamps of its
-// last launch, [512][8] uint64 ns (0: not written since the last clear), into host memory at dst; clear:
-// zero them after the copy. Returns a cudaError_t.
+// last launch, [512][8] uint64 ns (copy_phase_stamps).
 extern "C" __attribute__((visibility("default"))) int dots1_router_stamps_copy(void* dst, int clear) {
-  cudaError_t err = cudaMemcpyFromSymbol(dst, g_router_stamps, sizeof(g_router_stamps));
-  if (err == cudaSuccess && clear) {
-    void* p = nullptr;
-    err = cudaGetSymbolAddress(&p, g_router_stamps);
-    if (err == cudaSuccess) err = cudaMemset(p, 0, sizeof(g_router_stamps));
-    if (err == cudaSuccess) err = cudaDeviceSynchronize();
-  }
-  return static_cast<int>(err);
+  return copy_phase_stamps(g_router_stamps, dst, clear);
 }
 #endif
 

@@ -93,6 +93,7 @@
 
 #include "cuda_utils.cuh"
 #include "pdl.cuh"
+#include "phase_stamps.cuh"
 #include "weight_stream.cuh"
 #include "moe_decode/moe_decode.h"
 
@@ -105,11 +106,7 @@ namespace dots1 {
 constexpr int kStampKernels = 2, kStampBlocks = 512, kStampSlots = 16;
 __device__ unsigned long long g_phase_stamps[kStampKernels][kStampBlocks][kStampSlots];
 __device__ __forceinline__ void phase_stamp(int kernel, int slot) {
-  if (threadIdx.x == 0 && blockIdx.x < kStampBlocks) {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
-    g_phase_stamps[kernel][blockIdx.x][slot] = t;
-  }
+  if (threadIdx.x == 0 && blockIdx.x < kStampBlocks) g_phase_stamps[kernel][blockIdx.x][slot] = globaltimer_ns();
 }
 #define DOTS1_PHASE_STAMP(kernel, slot) ::dots1::phase_stamp(kernel, slot)
 #else
@@ -1849,17 +1846,9 @@ cudaError_t launch_moe_decode_int4_down(const void* act, const void* shared_act,
 
 #ifdef DOTS1_EXT_PHASE_STAMPS
 // The probe's reader (bench/probes/moe_phase_stamps.py, through ctypes): the stamps of the last launch
-// of each kernel, [2][512][16] uint64 ns (0: not written since the last clear), into host memory at dst;
-// clear: zero them after the copy. Returns a cudaError_t.
+// of each kernel, [2][512][16] uint64 ns (copy_phase_stamps).
 extern "C" __attribute__((visibility("default"))) int dots1_phase_stamps_copy(void* dst, int clear) {
-  cudaError_t err = cudaMemcpyFromSymbol(dst, g_phase_stamps, sizeof(g_phase_stamps));
-  if (err == cudaSuccess && clear) {
-    void* p = nullptr;
-    err = cudaGetSymbolAddress(&p, g_phase_stamps);
-    if (err == cudaSuccess) err = cudaMemset(p, 0, sizeof(g_phase_stamps));
-    if (err == cudaSuccess) err = cudaDeviceSynchronize();
-  }
-  return static_cast<int>(err);
+  return copy_phase_stamps(g_phase_stamps, dst, clear);
 }
 #endif
 
