@@ -10,6 +10,9 @@
 //              barrier between the two streams (as the kernel's shared-term sum and schedule build),
 //              each stream alone, with the loads only (no dequantization, no MMA), and what-ifs of the
 //              int4 arithmetic (step_int4's kMath)
+//              and in a split order: warps 4-7 take their routed stream first (an SM's warps then stream
+//              bf16 rows and dequantize int4 rows at the same time; the probe's one accumulator per warp
+//              sums the two streams in the other order there, so its diff column shows rounding only)
 //   ring D     each thread copies its own 16-byte pieces (cp.async) D - 1 steps ahead into a ring of D
 //              slots in shared memory and reads back only its own (no barrier), one step issued per step
 //              consumed; the CTA's scales and zero points staged in shared memory at the start (or, "scales
@@ -174,14 +177,18 @@ __device__ __forceinline__ void finish(const Weights& w, int h0, const float (&a
 // the shared and the routed streams, as the kernel's do (its shared-term sum and schedule build).
 // kStreams: 1 the shared experts' stream only, 2 the routed only, 3 both; kCompute false: the loaded
 // words are only XORed (no dequantization, no MMA), so the row is the schedule's loads alone.
-template <bool kBarrier, int kStreams = 3, bool kCompute = true, int kMath = 0>
+// kSplit: warps kWarps / 2 .. kWarps - 1 take their routed stream first, then their shared one (the
+// same sums: an SM then has warps in both kinds of phase at once; no barrier between the streams).
+template <bool kBarrier, int kStreams = 3, bool kCompute = true, int kMath = 0, bool kSplit = false>
 __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int call) {
+  static_assert(!(kSplit && kBarrier), "the split order has no barrier between the streams");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int h0 = blockIdx.x * kRows;
   const __nv_bfloat16* shared_down = w.shared_down + static_cast<int64_t>(call % kSharedCopies) * kH * kIs;
   const int* ids = w.ids + (call % kIdSets) * kTopK;
   float acc[4] = {0.f, 0.f, 0.f, 0.f}, acc2[4] = {0.f, 0.f, 0.f, 0.f};
   uint32_t mix = 0;
+  const auto shared_stream = [&]() {
   if (kStreams & 1) {
     const int s_begin = range_start(kSharedSteps, warp), s_end = range_start(kSharedSteps, warp + 1);
     const __nv_bfloat16* x = w.act + kTopK * kI + 8 * c;
@@ -204,7 +211,8 @@ __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int c
         }
     }
   }
-  if (kBarrier) __syncthreads();
+  };
+  const auto routed_stream = [&]() {
   const int r_begin = range_start(kRoutedSteps, warp), r_end = range_start(kRoutedSteps, warp + 1);
   for (int it = r_begin / kGroups; (kStreams & 2) && it * kGroups < r_end; ++it) {
     const int a = max(r_begin, it * kGroups) - it * kGroups, b = min(r_end, (it + 1) * kGroups) - it * kGroups;
@@ -233,6 +241,15 @@ __global__ void __launch_bounds__(kThreads, 2) registers_kernel(Weights w, int c
             mix ^= lo[u].x ^ lo[u].y ^ lo[u].z ^ lo[u].w ^ hi[u].x ^ hi[u].y ^ hi[u].z ^ hi[u].w ^ scale2[u] ^ zero2[u];
         }
     }
+  }
+  };
+  if (kSplit && warp >= kWarps / 2) {
+    routed_stream();
+    shared_stream();
+  } else {
+    shared_stream();
+    if (kBarrier) __syncthreads();
+    routed_stream();
   }
   if (!kCompute) acc[0] = __uint_as_float(mix & 0x3fffffffu);  // finite: keeps the loads
 #pragma unroll
@@ -518,7 +535,11 @@ int main() {
   if (row("registers (moe_down_kernel's frag schedule)", 0,
           [&](int i) { registers_kernel<false><<<grid, kThreads>>>(w, i); }) ||
       row("registers, a CTA barrier between the shared and routed streams", 0,
-          [&](int i) { registers_kernel<true><<<grid, kThreads>>>(w, i); }))
+          [&](int i) { registers_kernel<true><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, warps 4-7 routed stream first (split order)", 0,
+          [&](int i) { registers_kernel<false, 3, true, 0, true><<<grid, kThreads>>>(w, i); }) ||
+      row("registers, split order, two accumulator sets (as the kernels' int4 stream)", 0,
+          [&](int i) { registers_kernel<false, 3, true, 1, true><<<grid, kThreads>>>(w, i); }))
     return 1;
   // The parts alone (their rows' diff column compares with the whole: not meaningful; floor / time is
   // against the whole call's floor: shared experts 23.1 MB = 56% of it, routed 18.1 MB = 44%).
