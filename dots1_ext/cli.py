@@ -223,6 +223,7 @@ def main(argv=None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("error: --device cuda requested but no CUDA device is available")
     say = print if info is None or info.is_main else (lambda *a, **k: None)
+    model = None
     try:
         dtype = parse_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         torch.manual_seed(args.seed)
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
         return run_job(model, args, path, say, label=f", {info.world_size} ranks")
     finally:
         if info is not None:
-            distributed.shutdown(info)
+            distributed.shutdown(info, model)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,19 @@ class DecodeGraphs:
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)  # greedy: sequences past their eos
         self.history = torch.zeros(B, S, dtype=torch.long, device=device)  # greedy: token picked at each slot
 
+    def release(self) -> None:
+        """Destroys every captured graph (CUDAGraph.reset) after the GPU has finished with them; the next
+        step captures anew into a fresh pool. Under NCCL, graphs that captured collectives must be gone
+        before destroy_process_group, which otherwise never returns (pytorch/pytorch#115388; seen with
+        two ranks on two H200s): dots1_ext.distributed.shutdown calls this through the model."""
+        if self.graphs:
+            torch.cuda.synchronize(self.model.device)
+        for graph, _ in self.graphs.values():
+            graph.reset()
+        self.graphs = {}
+        self.last_key = None
+        self.cache_key = None  # the next step resets the static state and the pool, then captures
+
     def _sync_with_cache(self) -> tuple[int, int]:
         # Once per decode call, so from the buffer dict directly (setup_cache and .to() put a new tensor
         # there); the same test as model.model.cache_shape plus the cache's address, at ~1/10 the cost.

@@ -130,10 +130,15 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns_group=True)
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, model=None) -> None:
     """Destroys the process group if ``init_from_env`` created it, and checks that it is gone (its
-    transport threads joined) rather than left for the interpreter's exit to tear down."""
+    transport threads joined) rather than left for the interpreter's exit to tear down. ``model`` (a
+    Dots1ForCausalLM, or anything with ``release_graphs``): its captured decode graphs are destroyed
+    first, because NCCL's destroy_process_group never returns while a graph that captured collectives
+    lives (pytorch/pytorch#115388; seen with two ranks on two H200s)."""
     if info.owns_group and dist.is_initialized():
+        if model is not None:
+            model.release_graphs()
         # Every rank reaches here before any tears its transport down: none has a collective in flight.
         if dist.get_world_size() > 1:
             dist.barrier()

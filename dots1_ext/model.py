@@ -274,6 +274,14 @@ class Dots1ForCausalLM(nn.Module):
             self._decode_graphs = DecodeGraphs(self)
         return self._decode_graphs
 
+    def release_graphs(self) -> None:
+        """Destroys the captured decode graphs (DecodeGraphs.release); the next decode captures anew. Under
+        torch.distributed with NCCL this must come before destroy_process_group (distributed.shutdown
+        does it when given the model)."""
+        graphs = getattr(self, "_decode_graphs", None)
+        if graphs is not None:
+            graphs.release()
+
     @torch.no_grad()
     def generate(
         self,

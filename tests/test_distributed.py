@@ -5,7 +5,8 @@ run every scenario (this file is also the worker script) and write their results
 below read them. Tolerance: fp32 relative error norm < 1e-5 (docs/design.md §5). The tiny config has 8
 experts (divisible by 2 and 4), group-limited routing, shared experts, GQA and a sliding-window layer.
 Prefill of 2 left-padded sequences (T = 14: uneven token shards at W = 4) and decode (T = 2 < W: ranks
-with no tokens) run under each dispatch.
+with no tokens) run under each dispatch. Where two GPUs are visible, the CLI also runs as two NCCL ranks
+(test_torchrun_on_two_gpus_with_nccl_exits).
 """
 
 from __future__ import annotations
@@ -335,6 +336,50 @@ def test_torchrun_log_has_cli_output(launch):
     log = launch(2)["log"]
     assert "parity of prompt logits" in log and "PASS" in log, log
     assert log.count("parity of prompt logits") == 1, "only rank 0 prints"
+
+
+requires_two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                                       reason="needs two CUDA GPUs (NCCL)")
+
+
+@requires_two_gpus
+def test_torchrun_on_two_gpus_with_nccl_exits(tmp_path):
+    # The README's several-GPUs command on the embedded default, NCCL: the decode graphs capture the
+    # collectives, and destroy_process_group never returned while they lived (pytorch#115388): the job
+    # printed PASS and then hung. It must exit 0 on its own.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", DOTS1_EXT_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", "-m", "dots1_ext", "--max-new-tokens", "8"]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun on two GPUs did not exit in 240 s:\n{(e.stdout or b'')[-3000:]!r}")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "2 ranks" in log and "PASS" in log and "FAIL" not in log, log[-6000:]
+    assert "still referenced after destroy_process_group" not in log
+
+
+def test_shutdown_releases_the_models_graphs_before_destroying_the_group(tmp_path):
+    # A one-rank gloo group stands in for NCCL: what is checked is the order (graphs first, while the
+    # group still exists), which the two-GPU test above needs and which no CPU run can hang on.
+    import torch.distributed as dist
+
+    from dots1_ext import distributed
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    seen = []
+
+    class Model:
+        def release_graphs(self):
+            seen.append(dist.is_initialized())
+
+    distributed.shutdown(distributed.DistInfo(owns_group=True), Model())
+    assert seen == [True] and not dist.is_initialized()
+    distributed.shutdown(distributed.DistInfo(owns_group=True), Model())  # no group: nothing to release
+    assert seen == [True]
 
 
 # -- one process, no process group ---------------------------------------------------------------

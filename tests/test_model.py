@@ -462,6 +462,26 @@ def test_second_generate_captures_no_graph():
     assert model.decode_graphs().replay_ms(iters=5) > 0
 
 
+@requires_cuda
+def test_release_graphs_destroys_them_and_the_next_decode_captures_anew():
+    model = tiny_ours("cuda")
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    out = model.generate(prompts, max_new_tokens=6)
+    graphs = model.decode_graphs()
+    captured = list(graphs.graphs.values())
+    assert captured
+    model.release_graphs()
+    assert graphs.graphs == {} and graphs.last_key is None
+    with pytest.raises(RuntimeError):  # the released graph is gone, not merely forgotten
+        captured[0][0].replay()
+    timings = {}
+    again = model.generate(prompts, max_new_tokens=6, timings=timings)
+    assert timings["graph_captures"] >= 1 and again.tolist() == out.tolist()
+    model.release_graphs()
+    model.release_graphs()  # twice, and on a model that never decoded: no-ops
+    tiny_ours("cuda").release_graphs()
+
+
 def _caches(model):
     return [(layer.self_attn.k_cache.clone(), layer.self_attn.v_cache.clone()) for layer in model.model.layers]
 

@@ -12,6 +12,11 @@ the combine's end (medians). With the word ``all``: the whole step's timeline by
 end (negative: it started before that ended), and the step's sum of spans.
 
     PYTHONPATH=. python bench/probes/pdl_overlap.py [bf16] [all] [layers=N] [NAME=v1,v2 ...]
+
+The replay column favours the first setting: four identical settings read 1.1325, 1.1603, 1.1605, 1.1606
+ms (int4; bf16 1.2768, 1.3068, 1.3076) while their block spans agreed within 0.3 µs
+(bench/results/2026-11-30-h200-e83e44e-phase-mixing-ep-two-gpus). Compare settings by the spans, or by
+replays of settings after the first (list the baseline twice: NAME=0,1,0 and read the last two).
 """
 
 from __future__ import annotations
