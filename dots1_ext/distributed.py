@@ -10,9 +10,11 @@ Why attention is replicated rather than split by heads: it fits (above), it adds
 layer, and it keeps the KV cache and the decode path of the one-GPU model unchanged. Its cost is
 prefill compute: every rank repeats the attention of the step. Splitting heads (q/k/v column-wise,
 o_proj row-wise, plus one all_reduce per layer) is the next step if bench/bench_distributed.py shows
-attention dominating a rank's prefill time; it was not measured (no multi-GPU machine was lent).
+attention dominating a rank's prefill time; on two H200s one replicated attention layer took 0.63 ms
+at T = 2048 against 1.23 ms for the MoE layer (bench/results/2026-11-30-h200-e83e44e-phase-mixing-ep-two-gpus).
 
-An MoE layer runs one of two dispatches (``ExpertParallelMoE.dispatch``, "auto" picks by step size):
+An MoE layer runs one of two dispatches (``ExpertParallelMoE.dispatch``; "auto" picks by step size and
+world size, see A2A_MIN_TOKENS_PER_RANK below):
 - "all_to_all" (prefill): rank r takes the r-th contiguous shard of the T tokens, routes it and permutes
   its rows by expert (ops.permute); as ranks own contiguous expert ranges, the rows are then grouped by
   destination rank. The per-(destination, local expert) row counts are exchanged first with
@@ -30,7 +32,8 @@ An MoE layer runs one of two dispatches (``ExpertParallelMoE.dispatch``, "auto" 
   synchronisation and fixed shapes: CUDA-graph capturable.
 Both give every rank the same routed-expert GEMM work (the rows routed to its experts); "all_to_all"
 also splits the router, shared experts and permute/combine W ways and needs 4 collectives + 1 host sync
-per layer, "all_reduce" needs 1 collective and moves less data, so it wins when T is small.
+per layer, "all_reduce" needs 1 collective and moves less data, so it wins when T is small (and with
+two ranks at every T measured, up to 2048 tokens per layer).
 
 The same code runs on one process: ``init_from_env`` is a no-op without torchrun's WORLD_SIZE, and
 ``shard_model_`` leaves a model alone when the world size is 1.
@@ -73,9 +76,15 @@ from dots1_ext.model import Dots1ForCausalLM, init_random_weights_
 from dots1_ext.modules import Dots1MoE
 
 DISPATCHES = ("auto", "all_to_all", "all_reduce")
-# "auto" uses all_to_all from this many tokens per rank on. The crossover is to be measured with
-# bench/bench_distributed.py on the GPUs (its "moe layer" rows time both dispatches at each T).
+# "auto" uses all_to_all from A2A_MIN_TOKENS_PER_RANK tokens per rank on, in worlds of at least
+# A2A_MIN_WORLD_SIZE ranks (bench/bench_distributed.py's "moe layer" rows time both dispatches at each T).
+# Two ranks always all-reduce: on two H200s (bench/results/2026-11-30-h200-e83e44e-phase-mixing-ep-two-gpus)
+# all_reduce was faster at every T tried (one real-shape MoE layer, T = 1 / 64 / 2048: 0.58 / 0.80 / 1.23
+# ms against 0.93 / 1.68 / 1.94), as the bytes say: all_to_all sends one row per (token, remote expert),
+# about 1.5 T rows per rank at k = 6 and W = 2, and gets as many back, then all-gathers T / 2 rows,
+# while the ring all-reduce sends T rows per rank. Four or more ranks: not measured (no such machine).
 A2A_MIN_TOKENS_PER_RANK = 32
+A2A_MIN_WORLD_SIZE = 4
 
 
 # -- process group -------------------------------------------------------------------------------
@@ -228,7 +237,8 @@ class ExpertParallelMoE(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         mode = self.dispatch
         if mode == "auto":
-            mode = "all_to_all" if x.shape[0] >= A2A_MIN_TOKENS_PER_RANK * self.world_size else "all_reduce"
+            large = x.shape[0] >= A2A_MIN_TOKENS_PER_RANK * self.world_size
+            mode = "all_to_all" if large and self.world_size >= A2A_MIN_WORLD_SIZE else "all_reduce"
         if mode == "all_to_all":
             return self._forward_all_to_all(x, residual)
         return self._forward_all_reduce(x, residual)

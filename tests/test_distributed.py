@@ -140,7 +140,8 @@ def _scenario_parity(info, dispatch) -> dict:
         return forward
 
     model = build_random_model(tiny_config(), seed=3)  # the same weights on every rank
-    lengths = (67, 60) if dispatch == "auto" else (7, 5)  # auto: prefill T = 134 >= 32 * W -> all_to_all
+    # auto: prefill T = 134 >= 32 * W -> all_to_all at W = 4, all_reduce at W = 2 (A2A_MIN_WORLD_SIZE)
+    lengths = (67, 60) if dispatch == "auto" else (7, 5)
     ids, mask = _prompt(max(lengths), lengths)
     expected = _run_steps(model, ids, mask)
     distributed.shard_model_(model, info.rank, info.world_size, dispatch=dispatch)
@@ -312,7 +313,7 @@ def test_distributed(launch, world_size, scenario):
             T = {"auto": 134}.get(scenario.removeprefix("parity_"), 14)
             want = {"parity_all_to_all": [("all_to_all", 2), ("all_to_all", T)],
                     "parity_all_reduce": [("all_reduce", 2), ("all_reduce", T)],
-                    "parity_auto": [("all_reduce", 2), ("all_to_all", T)]}[scenario]
+                    "parity_auto": [("all_reduce", 2), ("all_to_all" if world_size >= 4 else "all_reduce", T)]}[scenario]
             assert sorted(map(tuple, r["calls"])) == sorted(want), f"rank {rank}: dispatches {r['calls']}"
         if scenario.startswith("load"):
             assert r["other_experts_read"] == [], f"rank {rank} read other ranks' experts: {r['other_experts_read']}"
