@@ -389,7 +389,8 @@ def test_cuda_staged_same_bits(symmetric, shape, T, monkeypatch):
 
 @requires_cuda
 @pytest.mark.parametrize("name, value", [("STAGED", "yes"), ("STAGED", "2"), ("STAGED", "Auto"), ("ROW_GROUPS", "3"),
-                                         ("ROW_GROUPS", "0"), ("ROW_GROUPS", "8"), ("ROW_GROUPS", "two")])
+                                         ("ROW_GROUPS", "0"), ("ROW_GROUPS", "8"), ("ROW_GROUPS", "two"),
+                                         ("ACT_SMEM", "2"), ("ACT_SMEM", "on")])
 def test_cuda_bad_setting_raises(name, value, monkeypatch):
     variable = f"DOTS1_EXT_MOE_DECODE_INT4_{name}"
     monkeypatch.setenv(variable, value)
@@ -475,6 +476,40 @@ def test_cuda_row_groups_default(T, monkeypatch):
         monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "4")
         with pytest.raises(ValueError, match="cannot combine"):
             run_int4(hidden, w, ids, weights, residual)
+
+
+@requires_cuda
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape", [(128, 4096, 1408, 2816), (16, 8192, 256, 128), (16, 256, 128, 0),
+                                   (8, 16384, 128, 128)], ids=["real", "H8192", "H256 no shared", "H16384 (global)"])
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
+def test_cuda_act_smem_same_bits(symmetric, shape, T, epilogue, monkeypatch):
+    # DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM (default 1): at one token with 4 row groups and H <= 8192 the
+    # routed gate_up tiles read the token's activations from a shared-memory copy laid out as the MMA
+    # operands. The same values in the same order: 1, 0 and unset give the same bits, and the reference's
+    # values; H = 16384 and T = 2 keep the global loads (the same bits trivially). Also hot and bad ids.
+    E, H, I, Is = shape
+    k = REAL["k"]
+    dtype = torch.bfloat16
+    w = Int4Weights(E, H, I, Is, dtype, "cuda", epilogue, symmetric=symmetric)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    bad_ids = ids.clone()
+    bad_ids[0, 1], bad_ids[T - 1, 4] = E, -1
+    for what, routing in (("distinct", ids), ("one expert", torch.full_like(ids, E - 1)), ("bad ids", bad_ids)):
+        results = {}
+        for flag in ("1", "0", None):
+            if flag is None:
+                monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM", raising=False)
+            else:
+                monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM", flag)
+            results[flag] = check_pair(hidden, w, routing, weights, residual, f"act_smem={flag} {what} T={T} {shape}",
+                                       equal_nan=what == "bad ids")
+        for flag in ("0", None):
+            assert_same_bits(results["1"][0], results[flag][0], f"act {flag} {what}")
+            assert_same_bits(results["1"][1], results[flag][1], f"out {flag} {what}")
+        if what == "bad ids":
+            assert bool(results["1"][0][0, I:2 * I].isnan().all()) and bool(results["1"][1][0].isnan().all())
 
 
 @requires_cuda

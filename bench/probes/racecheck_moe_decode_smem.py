@@ -9,7 +9,8 @@ pieces of its next routed tile into a double buffer while it computes the curren
 warp's share one batch (H = 4096), at one token (H = 1024), and with hot experts at 64 tokens (H = 256,
 most warps without a step of a tile). bf16: the wide_all weight-load mapping above 8 tokens (items of
 8 pairs; hot experts at 64 tokens, and 17 tokens). int4_rows: gate_up's routed tiles of 4 and 2 row
-groups (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS; 4 is the default up to 8 tokens). Each case
+groups (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS; 4 is the default up to 8 tokens), and at one token the
+activations' shared-memory copy that 4 row groups read (DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM). Each case
 checks its outputs against the reference
 (tests/sanitize_moe_decode.py's case()); exits non-zero on a mismatch.
 """
@@ -48,6 +49,7 @@ def main() -> int:
         for rg in ("4", "2"):
             os.environ["DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS"] = rg
             int4_cases.case(f"int4 row groups {rg} T=8", bf, 8, 16, 6, 1024, 128, 128)
+        int4_cases.case("int4 row groups 4 T=1 (activations in shared memory)", bf, 1, 16, 6, 1024, 128, 128)
         int4_cases.case("int4 row groups 2 one expert", bf, 4, 8, 6, 256, 128, 32,
                         ids=torch.full((4, 6), 3, dtype=torch.int32))
     else:

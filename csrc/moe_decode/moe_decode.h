@@ -104,6 +104,9 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
 // 1 / (8 / row_groups) share of H instead of every warp one eighth of H of 8 features (more of a warp's
 // work per tile, fewer tiles); the fp32 sums split K into 8 / row_groups ranges, so results differ from
 // 1's by rounding (each setting is bitwise reproducible). Staged applies with one row group only.
+// act_smem (DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM, read by moe_decode.cpp, default on): at one token with
+// 4 row groups and H <= 8192, the routed tiles read the token's activations from a shared-memory copy
+// laid out as the MMA's operand registers (16 KB more shared memory at most); same bits either way.
 cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H]
                                            const uint8_t* qweight,      // [E, 2I, H/2]
                                            const void* scales,          // [E, 2I, H/128] bf16
@@ -113,7 +116,8 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H
                                            void* act,                   // [T, NA]
                                            int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
                                            MoeGateUpLayout layout, DType dtype, int n_tiles, cudaStream_t stream,
-                                           bool use_pdl, bool staged, int row_groups, bool hidden_settled = false);
+                                           bool use_pdl, bool staged, int row_groups, bool act_smem,
+                                           bool hidden_settled = false);
 
 cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
                                         const void* shared_act,     // [T, Is] or nullptr (then act[:, k*I:])

@@ -395,13 +395,29 @@ __device__ __forceinline__ void load_int4_meta(const __nv_bfloat16* s_lo, const 
 // lo (r = 0) or hi (r = 1), read once per step; x[n] this lane's activations of the batch's first step.
 // Each word's activation vectors are loaded one word ahead (volatile loads keep their order with the
 // MMAs). The register stream and the shared-memory one (staged) run this same code: the same bits.
-template <int NT, int U, int kSets, typename Code>
+// kActSmem (GateUpParams::act_smem): x[n] points into shared memory at a copy of the activations whose
+// 8-element chunks are stored as (x0, x4), (x1, x5), (x2, x6), (x3, x7) (moe_gate_up_kernel): the words
+// are the MMA's B registers as loaded, no byte permutes (SASS, sm_90a: the gate_up R = 4 batch loop
+// 768 -> 691 instructions). Same values in the same order: the same bits.
+__device__ __forceinline__ uint4 load_act16_shared(const void* p) {
+  uint4 v;
+  const unsigned int a = static_cast<unsigned int>(__cvta_generic_to_shared(p));
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+  return v;
+}
+template <bool kActSmem>
+__device__ __forceinline__ uint4 load_act16_for(const void* p) {
+  if constexpr (kActSmem) return load_act16_shared(p);
+  else return load_act16_always(p);
+}
+
+template <int NT, int U, int kSets, bool kActSmem = false, typename Code>
 __device__ __forceinline__ void int4_batch(Code code, const Int4BatchMeta<U>& m, int valid,
                                            const __nv_bfloat16* const* x, float (&acc)[kSets][NT][4]) {
   using T = __nv_bfloat16;
   uint4 xv[NT];
 #pragma unroll
-  for (int n = 0; n < NT; ++n) xv[n] = load_act16_always(x[n]);
+  for (int n = 0; n < NT; ++n) xv[n] = load_act16_for<kActSmem>(x[n]);
   uint4 w_lo = {}, w_hi = {};
 #pragma unroll
   for (int wi = 0; wi < 4 * U; ++wi) {
@@ -416,7 +432,7 @@ __device__ __forceinline__ void int4_batch(Code code, const Int4BatchMeta<U>& m,
     // The next word's activations (a step past `valid` re-reads this word: in range, never used).
     const int next = wn < 4 * U && (wn >> 2) < valid ? (wn >> 2) * kGroupK + (wn & 3) * 8 : u * kGroupK + i * 8;
 #pragma unroll
-    for (int n = 0; n < NT; ++n) xn[n] = load_act16_always(x[n] + next);
+    for (int n = 0; n < NT; ++n) xn[n] = load_act16_for<kActSmem>(x[n] + next);
     // bf16x2 (s, s) of each row; -(128 + z) as bf16 (z <= 15 sits in the mantissa's low bits).
     const uint32_t s_lo2 = __byte_perm(m.scale2[u], 0, 0x1010), s_hi2 = __byte_perm(m.scale2[u], 0, 0x3232);
     const uint32_t nz_lo2 = (m.zero2[u] & 0xFFFFu) * 0x00010001u | 0xC300C300u;
@@ -427,8 +443,13 @@ __device__ __forceinline__ void int4_batch(Code code, const Int4BatchMeta<U>& m,
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       // Activation pairs matching the weight pairs (code j, code j + 4): (x0, x4), (x1, x5) | (x2, x6), (x3, x7).
-      const uint32_t b0 = __byte_perm(xv[n].x, xv[n].z, 0x5410), b1 = __byte_perm(xv[n].x, xv[n].z, 0x7632);
-      const uint32_t b2 = __byte_perm(xv[n].y, xv[n].w, 0x5410), b3 = __byte_perm(xv[n].y, xv[n].w, 0x7632);
+      uint32_t b0, b1, b2, b3;
+      if constexpr (kActSmem) {
+        b0 = xv[n].x, b1 = xv[n].y, b2 = xv[n].z, b3 = xv[n].w;
+      } else {
+        b0 = __byte_perm(xv[n].x, xv[n].z, 0x5410), b1 = __byte_perm(xv[n].x, xv[n].z, 0x7632);
+        b2 = __byte_perm(xv[n].y, xv[n].w, 0x5410), b3 = __byte_perm(xv[n].y, xv[n].w, 0x7632);
+      }
       mma_16816<T>(acc[0][n], dl[0], dh[0], dl[1], dh[1], b0, b1);
       mma_16816<T>(acc[1 % kSets][n], dl[2], dh[2], dl[3], dh[3], b2, b3);
       xv[n] = xn[n];
@@ -441,7 +462,7 @@ __device__ __forceinline__ void int4_batch(Code code, const Int4BatchMeta<U>& m,
 // K % 128 == 0: no tail. Every col[n] must be a readable row, also where !col_ok[n] (the callers point
 // those at a real row): the activations are loaded without a predicate, and such a column only feeds
 // its own MMA output column, which the callers never store.
-template <int NT>
+template <int NT, bool kActSmem = false>
 __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint8_t* q_hi,
                                                  const __nv_bfloat16* s_lo, const __nv_bfloat16* s_hi,
                                                  const uint8_t* z_lo, const uint8_t* z_hi,
@@ -474,7 +495,7 @@ __device__ __forceinline__ void stream_rows_int4(const uint8_t* q_lo, const uint
     load_int4_meta(s_lo, s_hi, z_lo, z_hi, s0, valid, m);
     lo += U * (kGroupK / 2);
     hi += U * (kGroupK / 2);
-    int4_batch<NT, U, kSets>([&](int u, int r) { return wv[u][r]; }, m, valid, x, acc);
+    int4_batch<NT, U, kSets, kActSmem>([&](int u, int r) { return wv[u][r]; }, m, valid, x, acc);
 #pragma unroll
     for (int n = 0; n < NT; ++n) x[n] += U * kGroupK;
   }
@@ -572,13 +593,14 @@ struct Int4Experts {
     // (u - z) * s is exact in fp32 (5-bit integer times an 8-bit significand); one rounding to T.
     return to_float(from_float<T>(static_cast<float>(u - z) * __bfloat162float(scales[g])));
   }
-  template <int NT>
+  template <int NT, bool kActSmem = false>
   __device__ __forceinline__ void stream(int expert, int64_t row_lo, int64_t row_hi, const T* const (&col)[NT],
                                          const bool (&col_ok)[NT], int s_begin, int s_end, float (&res)[NT][4]) const {
     static_assert(kFast, "the int4 MMA stream takes bf16 activations");
     const int64_t G = K / kGroupK, r_lo = static_cast<int64_t>(expert) * N + row_lo,
                   r_hi = static_cast<int64_t>(expert) * N + row_hi;
-    stream_rows_int4<NT>(qweight + r_lo * (K / 2), qweight + r_hi * (K / 2), scales + r_lo * G, scales + r_hi * G,
+    stream_rows_int4<NT, kActSmem>(qweight + r_lo * (K / 2), qweight + r_hi * (K / 2), scales + r_lo * G,
+                                   scales + r_hi * G,
                          zeros == nullptr ? nullptr : zeros + r_lo * G, zeros == nullptr ? nullptr : zeros + r_hi * G,
                          col, col_ok, s_begin, s_end, res);
   }
@@ -794,6 +816,9 @@ struct GateUpParams {
   // int64_t, not int: with the 4 bytes shorter struct ptxas (nvcc 13.0, sm_90a) spills 48-68 bytes in
   // the R = 2 / 4 kernels instead of 16 (--resource-usage); the measured kernels are this layout's.
   int64_t row_groups = 1;
+  // W::kRowGroups, one token, R = 4, H <= kActSmemMaxH (host side only, as row_groups): the routed tiles
+  // read the token's activations from a permuted shared-memory copy (int4_batch's kActSmem); same bits.
+  bool act_smem = false;
 };
 
 template <int NT>
@@ -913,7 +938,7 @@ __device__ __forceinline__ void gate_up_tile_store(const GateUpParams<T, W>& p, 
 // kStore false: the tile ends at its barrier, the partials in sm.red[parity]; the caller stores it
 // (gate_up_tile_store) before the tile after next.
 template <typename T, MoeGateUpLayout kLayout, int NT, int kParts, bool kRouted, bool kStagedTile = false,
-          int kRowGroups = 1, bool kStore = true, typename W>
+          int kRowGroups = 1, bool kStore = true, bool kActSmem = false, typename W>
 __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const Schedule& s, int item, int f0,
                                              int s_begin, int s_end, int r_begin, int r_end, GateUpSmem<NT>& sm,
                                              int parity, const uint4* slots = nullptr,
@@ -947,9 +972,14 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
       const int64_t f = min(static_cast<int64_t>(f0 + 8 * row_group + row), p.I - 1);
       int64_t gate, up;
       gate_up_rows<kLayout>(f, p.I, gate, up);
-      if constexpr (kStagedTile)
+      if constexpr (kStagedTile) {
         stream_rows_int4_staged<NT>(slots, *meta, col, r_begin, r_end, res);
-      else if constexpr (kParts == 1)
+      } else if constexpr (kActSmem) {
+        // One token (T_ == 1): its permuted copy after GateUpSmem (moe_gate_up_kernel).
+        extern __shared__ __align__(16) unsigned char smem_raw[];
+        const T* const act_col[NT] = {reinterpret_cast<const T*>(smem_raw + sizeof(GateUpSmem<NT>))};
+        p.gate_up.template stream<NT, true>(s.item_expert[item], gate, up, act_col, col_ok, r_begin, r_end, res);
+      } else if constexpr (kParts == 1)
         p.gate_up.template stream<NT>(s.item_expert[item], gate, up, col, col_ok, r_begin, r_end, res);
       else
         p.gate_up.template stream_wide<NT, kParts, batch_steps<NT>()>(s.item_expert[item], gate, up, col, col_ok,
@@ -984,8 +1014,10 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
 // kRowGroups (W::kRowGroups, kParts = 1): the routed tiles' row groups (gate_up_tile); the shared tiles
 // keep one. (nvcc --resource-usage, sm_90a, at 128 registers: R = 2 / 4 spill 16 bytes, R = 1 none; the
 // NT = 2 / 4 int4 kernels 16 / 36 bytes of reloads.)
-template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int kParts, int kRowGroups = 1>
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int kParts, int kRowGroups = 1,
+          bool kActSmem = false>
 __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpParams<T, W> p) {
+  static_assert(!kActSmem || (NT == 1 && kRowGroups > 1), "the permuted activation copy: one token, row groups");
   static_assert(kParts == 1 || (W::kWideLoads && wide_parts_ok<kParts>()), "the wide mapping: model-dtype rows");
   static_assert(kRowGroups == 1 || (W::kRowGroups && kParts == 1), "row groups: int4 routed tiles, frag mapping");
   constexpr int kCols = 8 * NT / kParts;
@@ -1048,6 +1080,18 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   }
   if (!waited) wait_for_previous();  // no shared tile in this CTA
   DOTS1_PHASE_STAMP(0, 3);  // shared tiles done
+  if constexpr (kActSmem) {
+    // The token's hidden row into shared memory, each 8-element chunk as (x0, x4), (x1, x5), (x2, x6),
+    // (x3, x7): the routed tiles' MMA B words as loaded (int4_batch<kActSmem>). build_schedule's first
+    // barrier orders these stores before any routed tile reads them.
+    uint4* const dst = reinterpret_cast<uint4*>(smem_raw + sizeof(GateUpSmem<NT>));
+    const uint4* const src = reinterpret_cast<const uint4*>(p.hidden);
+    for (int64_t i = threadIdx.x; i < p.H / 8; i += kThreads) {
+      const uint4 v = load_act16_always(src + i);
+      dst[i] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                          __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+    }
+  }
 
   const bool any_bad = build_schedule(s, P, p.E, kCols);
   DOTS1_PHASE_STAMP(0, 4);  // schedule built
@@ -1124,7 +1168,8 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   for (int n = 0; tile < tiles; tile += gridDim.x, ++n) {
     int item, f0;
     routed_tile(tile, item, f0);
-    gate_up_tile<T, kLayout, NT, kParts, true, false, kRowGroups>(p, s, item, f0, 0, 0, r_begin, r_end, sm, parity);
+    gate_up_tile<T, kLayout, NT, kParts, true, false, kRowGroups, true, kActSmem>(p, s, item, f0, 0, 0, r_begin,
+                                                                                  r_end, sm, parity);
     parity ^= 1;
     DOTS1_PHASE_STAMP(0, min(5 + n, 14));  // routed tile n done
   }
@@ -1586,12 +1631,18 @@ cudaError_t launch_fast(dim3 grid, size_t bytes, size_t max_bytes, cudaStream_t 
   return launch_pdl(Kernel, grid, dim3(kThreads), bytes, stream, use_pdl, p);
 }
 
-template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P, int kRowGroups = 1>
+constexpr int64_t kActSmemMaxH = 8192;  // the permuted activation copy's largest H (16 KB of shared memory)
+
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P, int kRowGroups = 1, bool kActSmem = false>
 cudaError_t launch_gate_up(dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T, W>& p) {
   // W::kStaged: two buffers of the staged int4 stream after GateUpSmem, allocated when p.staged (the
   // kernel stages only with one row group).
   constexpr size_t kStageBytes = W::kStaged && kRowGroups == 1 ? 2 * int4_stage_uint4s<NT>() * sizeof(uint4) : 0;
   constexpr size_t kBytes = sizeof(GateUpSmem<NT>);
+  if constexpr (kActSmem) {
+    return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P, kRowGroups, true>>(
+        grid, kBytes + static_cast<size_t>(p.H) * sizeof(T), kBytes + kActSmemMaxH * sizeof(T), stream, use_pdl, p);
+  }
   return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P, kRowGroups>>(
       grid, kBytes + (p.staged ? kStageBytes : 0), kBytes + kStageBytes, stream, use_pdl, p);
 }
@@ -1613,6 +1664,8 @@ cudaError_t launch_gate_up_mapped(Mapping m, dim3 grid, cudaStream_t stream, boo
   }
   if (m.parts != 1) return cudaErrorInvalidValue;
   if constexpr (W::kRowGroups) {
+    if (m.nt == 1 && p.row_groups == 4 && p.T_ == 1 && p.H <= kActSmemMaxH && p.act_smem)
+      return launch_gate_up<T, kLayout, 1, W, 1, 4, true>(grid, stream, use_pdl, p);
     if (m.nt == 1 && p.row_groups == 2) return launch_gate_up<T, kLayout, 1, W, 1, 2>(grid, stream, use_pdl, p);
     if (m.nt == 1 && p.row_groups == 4) return launch_gate_up<T, kLayout, 1, W, 1, 4>(grid, stream, use_pdl, p);
   }
@@ -1793,7 +1846,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
                                            void* act, int64_t T, int64_t H, int64_t E, int64_t k, int64_t I,
                                            int64_t Is, MoeGateUpLayout layout, DType dtype, int n_tiles,
                                            cudaStream_t stream, bool use_pdl, bool staged, int row_groups,
-                                           bool hidden_settled) {
+                                           bool act_smem, bool hidden_settled) {
   const int64_t NA = k * I + Is;
   if (row_groups != 1 && row_groups != 2 && row_groups != 4) return cudaErrorInvalidValue;
   if (T == 0 || NA == 0) return cudaSuccess;
@@ -1810,7 +1863,7 @@ cudaError_t launch_moe_decode_int4_gate_up(const void* hidden, const uint8_t* qw
     const GateUpParams<scalar_t, Int4Experts<scalar_t>> p{
         static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
         static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA,
-        staged, hidden_settled && use_pdl, row_groups};
+        staged, hidden_settled && use_pdl, row_groups, act_smem};
     return gate_up_launch(p, fast, layout, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
