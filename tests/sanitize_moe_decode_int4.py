@@ -10,7 +10,7 @@ the HF and interleaved layouts; with and without shared experts and residual; T 
 launches); one expert taking every pair (several items side by side); 512 distinct experts; 1, 2 and 4
 n-tiles; gate_up's staged stream (DOTS1_EXT_MOE_DECODE_INT4_STAGED, H <= 4096) and its register one, and
 its routed tiles of 1, 2 or 4 row groups (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS; 4 the default up to 8
-tokens) and at one token its activations' shared-memory copy (DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM); the
+tokens) and at 1 or 3-8 tokens their activations' shared-memory copy (DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM); the
 last expert's last rows (memcheck sees a read past qweight / scales / zeros); many down
 items per warp (items cut by warp boundaries); bad ids), and the fallback kernels (fp16, fp32,
 DOTS1_EXT_MOE_DECODE_KERNEL=simple, shared experts' Is not a multiple of 8). Exits non-zero if an output
@@ -111,9 +111,10 @@ def run_full() -> None:
             with_env("DOTS1_EXT_MOE_DECODE_INT4_STAGED", staged,
                      lambda: case(f"int4 H=4096 staged={staged} T={T}", bf, T, 32, 6, 4096, 256, 256))
     case("int4 H=8192 (register stream)", bf, 5, 16, 6, 8192, 128, 64)
-    for act_smem in ("1", "0"):  # one token's activations from the shared-memory copy or from global
-        with_env("DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM", act_smem,
-                 lambda: case(f"int4 act_smem={act_smem} T=1 H=8192", bf, 1, 16, 6, 8192, 256, 64))
+    for act_smem in ("1", "0"):  # the tokens' activations from the shared-memory copy or from global
+        for T, H in ((1, 8192), (4, 8192), (8, 4096)):
+            with_env("DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM", act_smem,
+                     lambda: case(f"int4 act_smem={act_smem} T={T} H={H}", bf, T, 16, 6, H, 256, 64))
     case("int4 H=16384 T=1 (past the shared-memory copy)", bf, 1, 8, 6, 16384, 128, 0)
     for rg in ("1", "2", "4"):  # routed gate_up tiles of 8 R features (up to 8 tokens; T = 9 ignores it)
         for T in (1, 8, 9):

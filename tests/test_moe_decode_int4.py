@@ -482,13 +482,15 @@ def test_cuda_row_groups_default(T, monkeypatch):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("shape", [(128, 4096, 1408, 2816), (16, 8192, 256, 128), (16, 256, 128, 0),
                                    (8, 16384, 128, 128)], ids=["real", "H8192", "H256 no shared", "H16384 (global)"])
-@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("T", [1, 2, 5, 8, 9])
 @pytest.mark.parametrize("epilogue", ["swiglu", "swiglu_interleaved"])
 def test_cuda_act_smem_same_bits(symmetric, shape, T, epilogue, monkeypatch):
-    # DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM (default 1): at one token with 4 row groups and H <= 8192 the
-    # routed gate_up tiles read the token's activations from a shared-memory copy laid out as the MMA
-    # operands. The same values in the same order: 1, 0 and unset give the same bits, and the reference's
-    # values; H = 16384 and T = 2 keep the global loads (the same bits trivially). Also hot and bad ids.
+    # DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM (default 1): with 4 row groups at one token (H <= 8192) or 3-8
+    # tokens (T H <= 32768) the routed gate_up tiles read the tokens' activations from a shared-memory copy
+    # laid out as the MMA operands. The same values in the same order: 1, 0 and unset give the same bits,
+    # and the reference's values. T = 1 / 5 / 8 take the copy where T H allows (real: 8 x 4096 is its
+    # largest), T = 2 and 9, H = 16384 and H = 8192 at 5 / 8 tokens keep the global loads (the same bits
+    # trivially). Also hot and bad ids.
     E, H, I, Is = shape
     k = REAL["k"]
     dtype = torch.bfloat16

@@ -9,8 +9,8 @@ pieces of its next routed tile into a double buffer while it computes the curren
 warp's share one batch (H = 4096), at one token (H = 1024), and with hot experts at 64 tokens (H = 256,
 most warps without a step of a tile). bf16: the wide_all weight-load mapping above 8 tokens (items of
 8 pairs; hot experts at 64 tokens, and 17 tokens). int4_rows: gate_up's routed tiles of 4 and 2 row
-groups (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS; 4 is the default up to 8 tokens), and at one token the
-activations' shared-memory copy that 4 row groups read (DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM). Each case
+groups (DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS; 4 is the default up to 8 tokens), with the activations'
+shared-memory copy that 4 row groups read at 1 and 3-8 tokens (DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM). Each case
 checks its outputs against the reference
 (tests/sanitize_moe_decode.py's case()); exits non-zero on a mismatch.
 """

@@ -104,9 +104,9 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
 // 1 / (8 / row_groups) share of H instead of every warp one eighth of H of 8 features (more of a warp's
 // work per tile, fewer tiles); the fp32 sums split K into 8 / row_groups ranges, so results differ from
 // 1's by rounding (each setting is bitwise reproducible). Staged applies with one row group only.
-// act_smem (DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM, read by moe_decode.cpp, default on): at one token with
-// 4 row groups and H <= 8192, the routed tiles read the token's activations from a shared-memory copy
-// laid out as the MMA's operand registers (16 KB more shared memory at most); same bits either way.
+// act_smem (DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM, read by moe_decode.cpp, default on): with 4 row groups at
+// one token (H <= 8192) or 3-8 tokens (T H <= 32768), the routed tiles read the tokens' activations from a
+// shared-memory copy laid out as the MMA's operand registers (T H bf16 more shared memory); same bits.
 cudaError_t launch_moe_decode_int4_gate_up(const void* hidden,          // [T, H]
                                            const uint8_t* qweight,      // [E, 2I, H/2]
                                            const void* scales,          // [E, 2I, H/128] bf16

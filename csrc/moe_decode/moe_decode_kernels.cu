@@ -816,8 +816,8 @@ struct GateUpParams {
   // int64_t, not int: with the 4 bytes shorter struct ptxas (nvcc 13.0, sm_90a) spills 48-68 bytes in
   // the R = 2 / 4 kernels instead of 16 (--resource-usage); the measured kernels are this layout's.
   int64_t row_groups = 1;
-  // W::kRowGroups, one token, R = 4, H <= kActSmemMaxH (host side only, as row_groups): the routed tiles
-  // read the token's activations from a permuted shared-memory copy (int4_batch's kActSmem); same bits.
+  // W::kRowGroups, R = 4, 1 or 3-8 tokens (launch_gate_up_mapped; host side only, as row_groups): the routed
+  // tiles read the tokens' activations from a permuted shared-memory copy (int4_batch's kActSmem); same bits.
   bool act_smem = false;
 };
 
@@ -938,7 +938,7 @@ __device__ __forceinline__ void gate_up_tile_store(const GateUpParams<T, W>& p, 
 // kStore false: the tile ends at its barrier, the partials in sm.red[parity]; the caller stores it
 // (gate_up_tile_store) before the tile after next.
 template <typename T, MoeGateUpLayout kLayout, int NT, int kParts, bool kRouted, bool kStagedTile = false,
-          int kRowGroups = 1, bool kStore = true, bool kActSmem = false, typename W>
+          int kRowGroups = 1, bool kStore = true, int kActTokens = 0, typename W>
 __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const Schedule& s, int item, int f0,
                                              int s_begin, int s_end, int r_begin, int r_end, GateUpSmem<NT>& sm,
                                              int parity, const uint4* slots = nullptr,
@@ -974,10 +974,14 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
       gate_up_rows<kLayout>(f, p.I, gate, up);
       if constexpr (kStagedTile) {
         stream_rows_int4_staged<NT>(slots, *meta, col, r_begin, r_end, res);
-      } else if constexpr (kActSmem) {
-        // One token (T_ == 1): its permuted copy after GateUpSmem (moe_gate_up_kernel).
+      } else if constexpr (kActTokens > 0) {
+        // The tokens' permuted copy after GateUpSmem (moe_gate_up_kernel), rows as in hidden. (One
+        // token: a kernel of its own; the column arithmetic cost it 6-8 bytes of spills.)
         extern __shared__ __align__(16) unsigned char smem_raw[];
-        const T* const act_col[NT] = {reinterpret_cast<const T*>(smem_raw + sizeof(GateUpSmem<NT>))};
+        const T* const act = reinterpret_cast<const T*>(smem_raw + sizeof(GateUpSmem<NT>));
+        const T* act_col[NT];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) act_col[n] = kActTokens == 1 ? act : act + (col[n] - p.hidden);
         p.gate_up.template stream<NT, true>(s.item_expert[item], gate, up, act_col, col_ok, r_begin, r_end, res);
       } else if constexpr (kParts == 1)
         p.gate_up.template stream<NT>(s.item_expert[item], gate, up, col, col_ok, r_begin, r_end, res);
@@ -1015,9 +1019,9 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
 // keep one. (nvcc --resource-usage, sm_90a, at 128 registers: R = 2 / 4 spill 16 bytes, R = 1 none; the
 // NT = 2 / 4 int4 kernels 16 / 36 bytes of reloads.)
 template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int kParts, int kRowGroups = 1,
-          bool kActSmem = false>
+          int kActTokens = 0>
 __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpParams<T, W> p) {
-  static_assert(!kActSmem || (NT == 1 && kRowGroups > 1), "the permuted activation copy: one token, row groups");
+  static_assert(kActTokens == 0 || (NT == 1 && kRowGroups > 1), "the permuted activation copy: NT = 1, row groups");
   static_assert(kParts == 1 || (W::kWideLoads && wide_parts_ok<kParts>()), "the wide mapping: model-dtype rows");
   static_assert(kRowGroups == 1 || (W::kRowGroups && kParts == 1), "row groups: int4 routed tiles, frag mapping");
   constexpr int kCols = 8 * NT / kParts;
@@ -1080,13 +1084,13 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   }
   if (!waited) wait_for_previous();  // no shared tile in this CTA
   DOTS1_PHASE_STAMP(0, 3);  // shared tiles done
-  if constexpr (kActSmem) {
-    // The token's hidden row into shared memory, each 8-element chunk as (x0, x4), (x1, x5), (x2, x6),
+  if constexpr (kActTokens > 0) {
+    // The tokens' hidden rows into shared memory, each 8-element chunk as (x0, x4), (x1, x5), (x2, x6),
     // (x3, x7): the routed tiles' MMA B words as loaded (int4_batch<kActSmem>). build_schedule's first
     // barrier orders these stores before any routed tile reads them.
     uint4* const dst = reinterpret_cast<uint4*>(smem_raw + sizeof(GateUpSmem<NT>));
     const uint4* const src = reinterpret_cast<const uint4*>(p.hidden);
-    for (int64_t i = threadIdx.x; i < p.H / 8; i += kThreads) {
+    for (int64_t i = threadIdx.x; i < (kActTokens == 1 ? 1 : p.T_) * p.H / 8; i += kThreads) {
       const uint4 v = load_act16_always(src + i);
       dst[i] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
                           __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
@@ -1168,7 +1172,7 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
   for (int n = 0; tile < tiles; tile += gridDim.x, ++n) {
     int item, f0;
     routed_tile(tile, item, f0);
-    gate_up_tile<T, kLayout, NT, kParts, true, false, kRowGroups, true, kActSmem>(p, s, item, f0, 0, 0, r_begin,
+    gate_up_tile<T, kLayout, NT, kParts, true, false, kRowGroups, true, kActTokens>(p, s, item, f0, 0, 0, r_begin,
                                                                                   r_end, sm, parity);
     parity ^= 1;
     DOTS1_PHASE_STAMP(0, min(5 + n, 14));  // routed tile n done
@@ -1631,17 +1635,23 @@ cudaError_t launch_fast(dim3 grid, size_t bytes, size_t max_bytes, cudaStream_t 
   return launch_pdl(Kernel, grid, dim3(kThreads), bytes, stream, use_pdl, p);
 }
 
-constexpr int64_t kActSmemMaxH = 8192;  // the permuted activation copy's largest H (16 KB of shared memory)
+// The permuted activation copy (GateUpParams::act_smem): one token up to H = 8192 (16 KB: the launch stays
+// under 48 KB, the default carveout; with the 64 KB maximum's carveout the one-token kernel ran 7% slower),
+// 3-8 tokens up to T H = 32768 (64 KB). H200, real shape (bench/results/2026-11-30-h200-1b2a918-act-smem):
+// gate_up at T = 1 / 3 / 4 / 8 -3% / 0 / -1-2% / -4%, the pair -2% / -3.5% / -5% / -3%; at T = 2 the copy
+// lost (gate_up +3%, the pair +2.5%), so 2 tokens read hidden from global memory.
+constexpr int64_t kActSmemMaxElemsOne = 8192, kActSmemMaxElems = 32768;
 
-template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P, int kRowGroups = 1, bool kActSmem = false>
+template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int P, int kRowGroups = 1, int kActTokens = 0>
 cudaError_t launch_gate_up(dim3 grid, cudaStream_t stream, bool use_pdl, const GateUpParams<T, W>& p) {
   // W::kStaged: two buffers of the staged int4 stream after GateUpSmem, allocated when p.staged (the
   // kernel stages only with one row group).
   constexpr size_t kStageBytes = W::kStaged && kRowGroups == 1 ? 2 * int4_stage_uint4s<NT>() * sizeof(uint4) : 0;
   constexpr size_t kBytes = sizeof(GateUpSmem<NT>);
-  if constexpr (kActSmem) {
-    return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P, kRowGroups, true>>(
-        grid, kBytes + static_cast<size_t>(p.H) * sizeof(T), kBytes + kActSmemMaxH * sizeof(T), stream, use_pdl, p);
+  if constexpr (kActTokens > 0) {
+    return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P, kRowGroups, kActTokens>>(
+        grid, kBytes + static_cast<size_t>(p.T_ * p.H) * sizeof(T),
+        kBytes + (kActTokens == 1 ? kActSmemMaxElemsOne : kActSmemMaxElems) * sizeof(T), stream, use_pdl, p);
   }
   return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P, kRowGroups>>(
       grid, kBytes + (p.staged ? kStageBytes : 0), kBytes + kStageBytes, stream, use_pdl, p);
@@ -1664,8 +1674,10 @@ cudaError_t launch_gate_up_mapped(Mapping m, dim3 grid, cudaStream_t stream, boo
   }
   if (m.parts != 1) return cudaErrorInvalidValue;
   if constexpr (W::kRowGroups) {
-    if (m.nt == 1 && p.row_groups == 4 && p.T_ == 1 && p.H <= kActSmemMaxH && p.act_smem)
-      return launch_gate_up<T, kLayout, 1, W, 1, 4, true>(grid, stream, use_pdl, p);
+    if (m.nt == 1 && p.row_groups == 4 && p.act_smem) {
+      if (p.T_ == 1 && p.H <= kActSmemMaxElemsOne) return launch_gate_up<T, kLayout, 1, W, 1, 4, 1>(grid, stream, use_pdl, p);
+      if (p.T_ >= 3 && p.T_ * p.H <= kActSmemMaxElems) return launch_gate_up<T, kLayout, 1, W, 1, 4, 8>(grid, stream, use_pdl, p);
+    }
     if (m.nt == 1 && p.row_groups == 2) return launch_gate_up<T, kLayout, 1, W, 1, 2>(grid, stream, use_pdl, p);
     if (m.nt == 1 && p.row_groups == 4) return launch_gate_up<T, kLayout, 1, W, 1, 4>(grid, stream, use_pdl, p);
   }

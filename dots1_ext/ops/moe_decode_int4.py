@@ -21,9 +21,9 @@ the default: above 8 tokens; same bits) and ``DOTS1_EXT_MOE_DECODE_INT4_ROW_GROU
 tokens, gate_up's routed tiles of 8 R features, each warp one row group over 8 / R of H; unset: 4, or
 1 where the launch is staged; R > 1 with STAGED=1 at up to 8 tokens raises; the bits differ between
 settings by fp32 summation order, each within the reference's tolerance) and
-``DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM=1|0`` (default 1: at one token with 4 row groups and H <= 8192,
-gate_up's routed tiles read the token's activations from a shared-memory copy laid out as the MMA
-operands; same bits).
+``DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM=1|0`` (default 1: with 4 row groups at one token with H <= 8192 or
+3-8 tokens with T H <= 32768, gate_up's routed tiles read the tokens' activations from a shared-memory
+copy laid out as the MMA operands; same bits).
 """
 
 from __future__ import annotations
