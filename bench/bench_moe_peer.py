@@ -27,7 +27,7 @@ read_ceiling_gbs: the best of torch.sum, a cuBLAS GEMV and our skinny_gemm at M=
 Issue 15's bar: the lower speed of 1.15x the tuned peer and 0.95 of the floor, and never slower than
 the tuned peer.
 
-    python -m bench.bench_moe_peer [--quick]
+    python -m bench.bench_moe_peer [--quick]        (DOTS1_BENCH_MOE_PEER_TS=8,32,64: only those T)
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ TINY = dict(E=8, k=2, H=256, I=128)
 PEER_MODULE = "vllm_fused_moe"
 PEERS_DIR_ENV = "DOTS1_EXT_PEERS_DIR"
 SWEEP_ENV = "DOTS1_EXT_PEER_SWEEP_S"
+TS_ENV = "DOTS1_BENCH_MOE_PEER_TS"  # comma-separated token counts instead of the default list
 DECODE_MAX_T = 64  # the moe_decode ops read each touched expert once per launch of up to 64 tokens
 WEIGHT_SETS = 2  # x 7.4 GB at real shape (HF gate_up for the peer, interleaved gate_up for ours, down)
 PEER_TOL = 2e-2  # the peer's own tolerance: max |out - ref| / max |ref|
@@ -226,6 +227,8 @@ def run(quick: bool = False) -> list[Report]:
         Ts = [8, 4096] if quick else [1, 8, 32, 64, 512, 4096, 16384]
     else:
         Ts = [8, 64] if quick else [1, 8, 64]
+    if os.environ.get(TS_ENV):
+        Ts = [int(t) for t in os.environ[TS_ENV].split(",")]
     elt = torch.finfo(dtype).bits // 8
     expert_bytes = 3 * I * H * elt
 

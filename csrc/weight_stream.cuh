@@ -62,6 +62,14 @@ __device__ __forceinline__ uint4 load_act16_always(const void* p) {
   return v;
 }
 
+// load_weight16 issued where it stands (volatile): a load meant to be in flight across the code that
+// follows (a carried batch, moe_decode's stream_rows), which the compiler would otherwise sink to its use.
+__device__ __forceinline__ uint4 load_weight16_now(const void* p, bool pred) {
+  uint4 v;
+  asm volatile(DOTS1_LD16_PTX(DOTS1_LD16_ZERO_FILL, ".L1::no_allocate") DOTS1_LD16_OPERANDS(v, p, pred));
+  return v;
+}
+
 #undef DOTS1_LD16_OPERANDS
 #undef DOTS1_LD16_PTX
 #undef DOTS1_LD16_ZERO_FILL

@@ -905,6 +905,52 @@ def test_cuda_wide_odd_shapes(dtype, shape, T, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(128, 6, 4096, 1408, 2816), (13, 6, 1032, 136, 264), (8, 3, 40, 16, 0)],
+                         ids=["real", "K-tail", "tiny"])
+@pytest.mark.parametrize("T", [5, 8, 9, 33, 64, 65])
+def test_cuda_wide_carry_same_bits(dtype, shape, T, monkeypatch):
+    # DOTS1_EXT_MOE_DECODE_CARRY (default 1): in the wide launches of two n-tiles (5-8 tokens under wide,
+    # 5-64 per launch under wide_all) each warp loads its first weight batch of the CTA's next routed
+    # gate_up tile before the current tile's reduction and store. The same loads, issued earlier: 1, 0 and
+    # unset give the same bits, and the reference's values; distinct, Zipf, one-expert (many items of one
+    # expert, each tile's next one the same rows' neighbour) and bad ids; K not a multiple of the wide step
+    # (K-tail: a partial first batch) and fewer routed tiles than CTAs (tiny: no next tile anywhere).
+    E, k, H, I, Is = shape
+    w = Weights(E, H, I, Is, dtype, "cuda", "swiglu_interleaved")
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    bad_ids = ids.clone()
+    bad_ids[0, 1], bad_ids[T - 1, k - 1] = E, -1
+    routings = {"distinct": ids, "zipf": zipf_ids(T, k, E, "cuda"), "bad ids": bad_ids,
+                "one expert": torch.arange(k, dtype=torch.int32, device="cuda").expand(T, k).contiguous()}
+    for loads in ("wide", "wide_all"):
+        monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", loads)
+        for what, routing in routings.items():
+            results = {}
+            for flag in ("1", "0", None):
+                if flag is None:
+                    monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_CARRY", raising=False)
+                else:
+                    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_CARRY", flag)
+                results[flag] = run_both(hidden, w, routing, weights, residual)
+            if what != "bad ids":
+                check_outputs(*results["1"], hidden, w, routing, weights, residual, dtype, f"carry {loads} {what}")
+            else:
+                assert bool(results["1"][1][0].isnan().all()) and bool(results["1"][1][T - 1].isnan().all())
+            for flag in ("0", None):
+                assert_same_bits(results["1"][0], results[flag][0], f"act carry={flag} {loads} {what} T={T}")
+                assert_same_bits(results["1"][1], results[flag][1], f"out carry={flag} {loads} {what} T={T}")
+
+
+@requires_cuda
+def test_cuda_bad_carry_setting_raises(monkeypatch):
+    w, x, ids = small_cuda_layer()
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_CARRY", "yes")
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_CARRY"):
+        moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue)
+
+
+@requires_cuda
 @pytest.mark.parametrize("routing", ["all_same_id", "duplicates_in_row", "same_experts_everywhere"])
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 6, 8])
 def test_cuda_wide_hot_experts(routing, T, monkeypatch):

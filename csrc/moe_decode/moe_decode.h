@@ -69,6 +69,10 @@ namespace dots1 {
 // n_tiles: the fast kernels' n-tiles of 8 columns per MMA (1, 2 or 4; items of at most 8 n_tiles pairs);
 // 0 picks by the launch's token count (1 up to 8 tokens, else 2). Any value gives a correct result.
 // loads: the weight-load mapping (MoeDecodeLoads); n_tiles applies to the launches that take frag.
+// carry_tiles (DOTS1_EXT_MOE_DECODE_CARRY, read by moe_decode.cpp, default on): in the wide launches of
+// two n-tiles (P = 2, 5-64 tokens under kWideAll) each warp loads its first weight batch of the CTA's
+// next routed tile before the current tile's reduction and store (moe_decode_kernels.cu, RowsCarry);
+// the same loads, issued earlier: the same bits either way.
 cudaError_t launch_moe_decode_gate_up(const void* hidden,          // [T, H]
                                       const void* gate_up,         // [E, 2I, H]
                                       const int32_t* topk_ids,     // [T, k] device
@@ -76,7 +80,8 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden,          // [T, H]
                                       void* act,                   // [T, NA]
                                       int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
                                       MoeGateUpLayout layout, DType dtype, int n_tiles, MoeDecodeLoads loads,
-                                      cudaStream_t stream, bool use_pdl, bool hidden_settled = false);
+                                      cudaStream_t stream, bool use_pdl, bool hidden_settled = false,
+                                      bool carry_tiles = true);
 
 cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
                                    const void* shared_act,     // [T, Is] or nullptr (then act[:, k*I:])

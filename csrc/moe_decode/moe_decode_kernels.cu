@@ -211,6 +211,30 @@ __device__ __forceinline__ void sum_sets(const float (&acc)[kSets][NT][4], float
     }
 }
 
+// A warp's first batch of weight steps of its next tile (stream_rows' kCarried, moe_gate_up_kernel's
+// kCarryTiles): loaded at the end of the current tile's stream, in flight across its reduction, barrier
+// and store (where the warp otherwise has no load outstanding), consumed by the next stream as its first
+// batch. The same loads of the same bytes, only issued earlier: the same bits.
+template <int U>
+struct RowsCarry {
+  uint4 w[U][2];
+};
+// Steps [s_begin, s_begin + U) of two rows, as stream_rows<T, NT, P, U> loads its first batch.
+template <typename T, int P, int U>
+__device__ __forceinline__ void carry_first_batch(const T* row_lo, const T* row_hi, int64_t K, int s_begin, int s_end,
+                                                  RowsCarry<U>& c) {
+  constexpr int kRowStep = kStepK * P;
+  const int lane_k = kStepK * (((threadIdx.x & 31) >> 2) % P) + 8 * (threadIdx.x & 3);
+  const int lane_end = min(s_end, (static_cast<int>(K) - lane_k + kRowStep - 1) / kRowStep);
+  const int valid = min(lane_end - s_begin, U);
+  const int64_t offset0 = static_cast<int64_t>(s_begin) * kRowStep + lane_k;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    c.w[u][0] = load_weight16_now(row_lo + offset0 + u * kRowStep, u < valid);
+    c.w[u][1] = load_weight16_now(row_hi + offset0 + u * kRowStep, u < valid);
+  }
+}
+
 // One warp's share of a 16-row x (8 NT)-column product: steps [s_begin, s_end) of K (32 k each) of
 // weight rows row_lo (tile row g) and row_hi (g + 8) against activation rows col[n] (column 8 n + g;
 // col_ok false: not loaded, its fragment stays zero). res[n] is the lane's C fragment of n-tile n:
@@ -218,11 +242,14 @@ __device__ __forceinline__ void sum_sets(const float (&acc)[kSets][NT][4], float
 // accumulator sets in a fixed order. K % 8 == 0: a lane's vector is wholly in range or wholly out.
 // P > 1: the wide mapping (below): row_lo / row_hi / col[n] are the lane's row and column of the warp's
 // fragment, a step is 32 P k and the lane's 16 bytes lie at 32 (g % P) + 8 c in it.
-template <typename T, int NT, int P = 1, int U = batch_steps<NT>()>
+template <typename T, int NT, int P = 1, int U = batch_steps<NT>(), bool kCarried = false>
 __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, const T* const (&col)[NT],
                                             const bool (&col_ok)[NT], int64_t K, int s_begin, int s_end,
-                                            float (&res)[NT][4]) {
+                                            float (&res)[NT][4], RowsCarry<U>* carry = nullptr,
+                                            const T* next_lo = nullptr, const T* next_hi = nullptr) {
   constexpr int kSets = accumulator_sets<NT>();
+  RowsCarry<U> own;
+  RowsCarry<U>& cw = kCarried ? *carry : own;
   constexpr int kRowStep = kStepK * P;
   float acc[kSets][NT][4];
   zero_sets(acc);
@@ -241,13 +268,16 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
 
   for (int s0 = s_begin; s0 < s_end; s0 += U) {
     const int valid = min(lane_end - s0, U);  // may be <= 0
-    uint4 wv[U][2];
+    uint4 (&wv)[U][2] = cw.w;
     uint4 xv[U][NT];
+    const bool load_w = !kCarried || s0 != s_begin;  // a carried stream's first batch is loaded
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool ok = u < valid;
-      wv[u][0] = load_weight16(lo + u * kRowStep, ok);
-      wv[u][1] = load_weight16(hi + u * kRowStep, ok);
+      if (load_w) {
+        wv[u][0] = load_weight16(lo + u * kRowStep, ok);
+        wv[u][1] = load_weight16(hi + u * kRowStep, ok);
+      }
 #pragma unroll
       for (int n = 0; n < NT; ++n) xv[u][n] = load_act16(x[n] + u * kRowStep, ok && col_ok[n]);
     }
@@ -264,6 +294,9 @@ __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, co
         mma_16816<T>(acc[set1][n], wv[u][0].z, wv[u][1].z, wv[u][0].w, wv[u][1].w, xv[u][n].z, xv[u][n].w);
       }
     }
+  }
+  if constexpr (kCarried) {
+    if (next_lo != nullptr) carry_first_batch<T, P, U>(next_lo, next_hi, K, s_begin, s_end, *carry);
   }
   sum_sets(acc, res);
 }
@@ -553,6 +586,10 @@ struct DenseExperts {
   const T* w;  // [E, N, K]
   int64_t N, K;
 
+  __device__ __forceinline__ const T* row(int expert, int64_t r) const {
+    return w + (static_cast<int64_t>(expert) * N + r) * K;
+  }
+
   __device__ __forceinline__ float value(int expert, int64_t row, int64_t k) const {
     return to_float(w[(static_cast<int64_t>(expert) * N + row) * K + k]);
   }
@@ -819,6 +856,9 @@ struct GateUpParams {
   // W::kRowGroups, R = 4, 1 or 3-8 tokens (launch_gate_up_mapped; host side only, as row_groups): the routed
   // tiles read the tokens' activations from a permuted shared-memory copy (int4_batch's kActSmem); same bits.
   bool act_smem = false;
+  // W::kWideLoads, wide (P, NT) = (2, 2) launches (host side only): the routed tiles carry the next tile's
+  // first weight batch across the current one's reduction and store (moe_gate_up_kernel's kCarryTiles).
+  bool carry_tiles = false;
 };
 
 template <int NT>
@@ -938,11 +978,13 @@ __device__ __forceinline__ void gate_up_tile_store(const GateUpParams<T, W>& p, 
 // kStore false: the tile ends at its barrier, the partials in sm.red[parity]; the caller stores it
 // (gate_up_tile_store) before the tile after next.
 template <typename T, MoeGateUpLayout kLayout, int NT, int kParts, bool kRouted, bool kStagedTile = false,
-          int kRowGroups = 1, bool kStore = true, int kActTokens = 0, typename W>
+          int kRowGroups = 1, bool kStore = true, int kActTokens = 0, bool kCarry = false, typename W>
 __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const Schedule& s, int item, int f0,
                                              int s_begin, int s_end, int r_begin, int r_end, GateUpSmem<NT>& sm,
                                              int parity, const uint4* slots = nullptr,
-                                             const Int4BatchMeta<int4_batch_steps<NT>()>* meta = nullptr) {
+                                             const Int4BatchMeta<int4_batch_steps<NT>()>* meta = nullptr,
+                                             RowsCarry<batch_steps<NT>()>* carry = nullptr, const T* next_lo = nullptr,
+                                             const T* next_hi = nullptr) {
   constexpr int kCols = 8 * NT / kParts;
   static_assert(kRowGroups == 1 || (kRouted && kParts == 1 && kWarps % kRowGroups == 0 &&
                                     32 * NT * kRowGroups <= kThreads),
@@ -972,7 +1014,11 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
       const int64_t f = min(static_cast<int64_t>(f0 + 8 * row_group + row), p.I - 1);
       int64_t gate, up;
       gate_up_rows<kLayout>(f, p.I, gate, up);
-      if constexpr (kStagedTile) {
+      if constexpr (kCarry) {
+        const int e = s.item_expert[item];
+        stream_rows<T, NT, kParts, batch_steps<NT>(), true>(p.gate_up.row(e, gate), p.gate_up.row(e, up), col, col_ok,
+                                                            p.gate_up.K, r_begin, r_end, res, carry, next_lo, next_hi);
+      } else if constexpr (kStagedTile) {
         stream_rows_int4_staged<NT>(slots, *meta, col, r_begin, r_end, res);
       } else if constexpr (kActTokens > 0) {
         // The tokens' permuted copy after GateUpSmem (moe_gate_up_kernel), rows as in hidden. (One
@@ -1019,7 +1065,7 @@ __device__ __forceinline__ void gate_up_tile(const GateUpParams<T, W>& p, const 
 // keep one. (nvcc --resource-usage, sm_90a, at 128 registers: R = 2 / 4 spill 16 bytes, R = 1 none; the
 // NT = 2 / 4 int4 kernels 16 / 36 bytes of reloads.)
 template <typename T, MoeGateUpLayout kLayout, int NT, typename W, int kParts, int kRowGroups = 1,
-          int kActTokens = 0>
+          int kActTokens = 0, bool kCarryTiles = false>
 __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpParams<T, W> p) {
   static_assert(kActTokens == 0 || (NT == 1 && kRowGroups > 1), "the permuted activation copy: NT = 1, row groups");
   static_assert(kParts == 1 || (W::kWideLoads && wide_parts_ok<kParts>()), "the wide mapping: model-dtype rows");
@@ -1169,13 +1215,46 @@ __global__ void __launch_bounds__(kThreads, 2) moe_gate_up_kernel(const GateUpPa
       return;
     }
   }
-  for (int n = 0; tile < tiles; tile += gridDim.x, ++n) {
-    int item, f0;
-    routed_tile(tile, item, f0);
-    gate_up_tile<T, kLayout, NT, kParts, true, false, kRowGroups, true, kActTokens>(p, s, item, f0, 0, 0, r_begin,
-                                                                                  r_end, sm, parity);
-    parity ^= 1;
-    DOTS1_PHASE_STAMP(0, min(5 + n, 14));  // routed tile n done
+  if constexpr (kCarryTiles) {
+    // Each tile's stream ends by loading this warp's first batch of the CTA's next tile (RowsCarry), so
+    // the tile's reduction, barrier and store pass with loads in flight (wide (2, 2) launches, 5-64 tokens:
+    // H200, real shape, gate_up 2-6% faster at 8-64 tokens; bench/results/2026-11-30-h200-10b2424-carry).
+    constexpr int U = batch_steps<NT>();
+    RowsCarry<U> carry;
+    const int lane_row = wide_row<kParts>(warp % kParts);
+    const auto rows_of = [&](int t, const T*& lo, const T*& hi) {  // this lane's gate and up rows of tile t
+      int item, f0;
+      routed_tile(t, item, f0);
+      int64_t gate, up;
+      gate_up_rows<kLayout>(min(static_cast<int64_t>(f0 + lane_row), p.I - 1), p.I, gate, up);
+      lo = p.gate_up.row(s.item_expert[item], gate);
+      hi = p.gate_up.row(s.item_expert[item], up);
+    };
+    if (tile < tiles) {
+      const T *lo, *hi;
+      rows_of(tile, lo, hi);
+      carry_first_batch<T, kParts, U>(lo, hi, p.gate_up.K, r_begin, r_end, carry);
+    }
+    for (int n = 0; tile < tiles; tile += gridDim.x, ++n) {
+      int item, f0;
+      routed_tile(tile, item, f0);
+      const T *next_lo = nullptr, *next_hi = nullptr;  // none: the last tile loads nothing ahead
+      if (tile + static_cast<int>(gridDim.x) < tiles) rows_of(tile + gridDim.x, next_lo, next_hi);
+      gate_up_tile<T, kLayout, NT, kParts, true, false, 1, true, 0, true>(p, s, item, f0, 0, 0, r_begin, r_end, sm,
+                                                                          parity, nullptr, nullptr, &carry, next_lo,
+                                                                          next_hi);
+      parity ^= 1;
+      DOTS1_PHASE_STAMP(0, min(5 + n, 14));  // routed tile n done
+    }
+  } else {
+    for (int n = 0; tile < tiles; tile += gridDim.x, ++n) {
+      int item, f0;
+      routed_tile(tile, item, f0);
+      gate_up_tile<T, kLayout, NT, kParts, true, false, kRowGroups, true, kActTokens>(p, s, item, f0, 0, 0, r_begin,
+                                                                                    r_end, sm, parity);
+      parity ^= 1;
+      DOTS1_PHASE_STAMP(0, min(5 + n, 14));  // routed tile n done
+    }
   }
   DOTS1_PHASE_STAMP(0, 15);  // exit
 }
@@ -1653,6 +1732,10 @@ cudaError_t launch_gate_up(dim3 grid, cudaStream_t stream, bool use_pdl, const G
         grid, kBytes + static_cast<size_t>(p.T_ * p.H) * sizeof(T),
         kBytes + (kActTokens == 1 ? kActSmemMaxElemsOne : kActSmemMaxElems) * sizeof(T), stream, use_pdl, p);
   }
+  if constexpr (W::kWideLoads && kRowGroups == 1 && P == 2 && NT == 2) {
+    if (p.carry_tiles)
+      return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P, 1, 0, true>>(grid, kBytes, kBytes, stream, use_pdl, p);
+  }
   return launch_fast<moe_gate_up_kernel<T, kLayout, NT, W, P, kRowGroups>>(
       grid, kBytes + (p.staged ? kStageBytes : 0), kBytes + kStageBytes, stream, use_pdl, p);
 }
@@ -1804,7 +1887,7 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
                                       const void* shared_gate_up, void* act, int64_t T, int64_t H, int64_t E,
                                       int64_t k, int64_t I, int64_t Is, MoeGateUpLayout layout, DType dtype,
                                       int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl,
-                                      bool hidden_settled) {
+                                      bool hidden_settled, bool carry_tiles) {
   const int64_t NA = k * I + Is;
   if (T == 0 || NA == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
@@ -1820,7 +1903,9 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
         static_cast<const scalar_t*>(hidden), experts, topk_ids, static_cast<const scalar_t*>(shared_gate_up),
         static_cast<scalar_t*>(act), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA,
         false, hidden_settled && use_pdl};
-    return gate_up_launch(p, fast, layout, n_tiles, loads, sm_count, stream, use_pdl);
+    GateUpParams<scalar_t, DenseExperts<scalar_t>> pc = p;
+    pc.carry_tiles = carry_tiles;
+    return gate_up_launch(pc, fast, layout, n_tiles, loads, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
 }

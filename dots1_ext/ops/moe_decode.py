@@ -17,7 +17,10 @@ between settings). ``DOTS1_EXT_MOE_DECODE_LOADS=wide_all|wide|frag`` picks how t
 / fp16 weight rows (wide_all, the default: 2 rows x 256 bytes per warp load up to 2 tokens, 4 rows x 128
 bytes above, in items of up to 8 pairs; wide: the same up to 8 tokens, frag above; frag: 8 rows x 64
 bytes; the NT override applies to the frag launches); all are correct, the bits differ (fp32 summation
-order). Any other value raises ValueError. (The int4 ops' own switches: :mod:`dots1_ext.ops.moe_decode_int4`.)
+order). ``DOTS1_EXT_MOE_DECODE_CARRY=1|0`` (default 1): in the wide launches of two n-tiles (5-64 tokens under
+wide_all) whether gate_up loads each warp's first weight batch of its next routed tile before the current
+tile's reduction and store (the same bits either way). Any other value raises ValueError. (The int4 ops'
+own switches: :mod:`dots1_ext.ops.moe_decode_int4`.)
 
 Output shapes depend only on the input shapes (no host synchronisation, CUDA-graph safe); results
 are bitwise reproducible run to run and between eager and CUDA-graph replay (no float atomics).
