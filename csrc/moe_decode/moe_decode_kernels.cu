@@ -242,6 +242,9 @@ __device__ __forceinline__ void carry_first_batch(const T* row_lo, const T* row_
 // accumulator sets in a fixed order. K % 8 == 0: a lane's vector is wholly in range or wholly out.
 // P > 1: the wide mapping (below): row_lo / row_hi / col[n] are the lane's row and column of the warp's
 // fragment, a step is 32 P k and the lane's 16 bytes lie at 32 (g % P) + 8 c in it.
+// kCarried: *carry already holds the first batch's weights (carry_first_batch of these rows and steps),
+// and after the last batch the stream loads the first batch of next_lo / next_hi into it (nothing when
+// next_lo is null), over the same steps.
 template <typename T, int NT, int P = 1, int U = batch_steps<NT>(), bool kCarried = false>
 __device__ __forceinline__ void stream_rows(const T* row_lo, const T* row_hi, const T* const (&col)[NT],
                                             const bool (&col_ok)[NT], int64_t K, int s_begin, int s_end,
