@@ -62,6 +62,15 @@ def capture_cuda_graph(fn):
     return graph, out
 
 
+def set_env(monkeypatch, name: str, value: str | None) -> None:
+    """The environment variable ``name`` set to ``value`` for the test, or unset where ``value`` is None (the
+    ops' knobs are read per call: a test compares their settings, the default included, in one process)."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
 def replay_poisoned(graph, *outputs: torch.Tensor) -> None:
     """Replays graph with its static ``outputs`` poisoned first (poison_: an element the replay does not
     write stays NaN), then waits for it."""

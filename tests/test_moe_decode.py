@@ -24,7 +24,8 @@ from dots1_ext import ops, reference
 from dots1_ext.ops.moe_decode import moe_decode_down, moe_decode_gate_up
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import ROW_RTOL, assert_rows_close, capture_cuda_graph, replay_poisoned, requires_cuda  # noqa: E402
+from conftest import (ROW_RTOL, assert_rows_close, capture_cuda_graph, replay_poisoned,  # noqa: E402
+                      requires_cuda, set_env)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 REAL = dict(E=128, k=6, H=4096, I=1408, Is=2816)
@@ -928,10 +929,7 @@ def test_cuda_wide_carry_same_bits(dtype, shape, T, monkeypatch):
         for what, routing in routings.items():
             results = {}
             for flag in ("1", "0", None):
-                if flag is None:
-                    monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_CARRY", raising=False)
-                else:
-                    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_CARRY", flag)
+                set_env(monkeypatch, "DOTS1_EXT_MOE_DECODE_CARRY", flag)
                 results[flag] = run_both(hidden, w, routing, weights, residual)
             if what != "bad ids":
                 check_outputs(*results["1"], hidden, w, routing, weights, residual, dtype, f"carry {loads} {what}")

@@ -28,7 +28,7 @@ from dots1_ext.ops.moe_decode_int4 import moe_decode_int4_down, moe_decode_int4_
 from dots1_ext.quant import Int4Weight, dequantize_int4, quantize_int4
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import assert_rows_close, capture_cuda_graph, replay_poisoned, requires_cuda  # noqa: E402
+from conftest import assert_rows_close, capture_cuda_graph, replay_poisoned, requires_cuda, set_env  # noqa: E402
 from test_moe_decode import (SMALL_LAUNCHES, assert_bad_rows_nan, assert_same_bits,  # noqa: E402
                              check_hidden_settled_same_bits, check_outputs, decode_inputs, distinct_ids,
                              redraw_ids_, ref_gate_up, run_both, small_launch_inputs, topk_weights)
@@ -501,10 +501,7 @@ def test_cuda_act_smem_same_bits(symmetric, shape, T, epilogue, monkeypatch):
     for what, routing in (("distinct", ids), ("one expert", torch.full_like(ids, E - 1)), ("bad ids", bad_ids)):
         results = {}
         for flag in ("1", "0", None):
-            if flag is None:
-                monkeypatch.delenv("DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM", raising=False)
-            else:
-                monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM", flag)
+            set_env(monkeypatch, "DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM", flag)
             results[flag] = check_pair(hidden, w, routing, weights, residual, f"act_smem={flag} {what} T={T} {shape}",
                                        equal_nan=what == "bad ids")
         for flag in ("0", None):
