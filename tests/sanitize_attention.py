@@ -8,8 +8,9 @@
 (Without the caching allocator every tensor is its own cudaMalloc, so memcheck sees a read past a
 cache's end.) Paths: fp32/fp16/bf16; head_dim 64/128/256 (16-byte copies), 96 (padded) and 34 (padded,
 4-byte copies), a 16-bit cache at an odd element offset; 1, 2, 4 and 8 query heads per CTA (GQA 1, 2,
-3, 4, 8 and 12 = two head chunks); 1, 2, 4, 8 and 16 splits in both combine modes (the workspace's
-second kernel, the default, and the thread-block cluster's); both K/V pipeline depths
+3, 4, 8 and 12 = two head chunks); 1, 2, 4, 8 and 16 splits in the combine modes (the workspace's
+last-arriving split, the default, with its device counters; the workspace's second kernel; the
+thread-block cluster's); both K/V pipeline depths
 (DOTS1_EXT_ATTENTION_STAGES 6 and 3); ranges that end exactly at
 the cache's end, windows, empty ranges and bad bounds (which must read nothing and give NaN). Exits
 non-zero if an output disagrees with the reference, so it doubles as a quick smoke test.
@@ -184,7 +185,8 @@ def main() -> int:
     os.environ.pop("DOTS1_EXT_PDL")
     # kv_settled (the first tiles' copies before the PDL wait, the new row after it): both depths, the
     # workspace and cluster combines, lengths whose new row is in the early tiles and past them.
-    for combine, stages, splits in (("workspace", "3", "4"), ("workspace", "6", "1"), ("cluster", "6", "2")):
+    for combine, stages, splits in (("last", "3", "4"), ("workspace", "3", "4"), ("workspace", "6", "1"),
+                                    ("cluster", "6", "2")):
         os.environ.update(DOTS1_EXT_ATTENTION_COMBINE=combine, DOTS1_EXT_ATTENTION_STAGES=stages,
                           DOTS1_EXT_ATTENTION_SPLITS=splits)
         settled_pairs = [(0, 1), (0, 65), (3, 129), (0, 520), (0, 0), (-1, 4)]

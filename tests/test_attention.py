@@ -407,19 +407,39 @@ def test_pipeline_depths_same_bits(monkeypatch, splits, dtype, shape):
                                    (2, 4, 4, 256, 900), (3, 6, 6, 34, 600), (8, 16, 2, 128, 257)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_every_split_count_both_combines(monkeypatch, splits, dtype, shape):
-    # Both split combines against the reference at every split count: workspace (the default: the
-    # splits as independent CTAs, their partials combined by a second kernel in split order) and
-    # cluster (the same arithmetic inside a thread-block cluster). For a forced split count the two
-    # give the same bits (poisoned and empty sequences included). Only the portable cluster sizes
+    # The split combines against the reference at every split count: last (the default: the splits as
+    # independent CTAs writing fp32 partials, the last to arrive combining them in split order),
+    # workspace (the same partials combined by a second kernel) and cluster (the same arithmetic inside
+    # a thread-block cluster). For a forced split count the three give the same bits (poisoned and
+    # empty sequences included). Only the portable cluster sizes
     # (<= 8) are sure to run as asked in the cluster mode (16 is taken where the GPU allows it), and
     # auto may pick another count in each mode: there only the reference decides.
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
-    run_settings(monkeypatch, "DOTS1_EXT_ATTENTION_COMBINE", ("cluster", "workspace"), mixed_case(shape, dtype),
+    run_settings(monkeypatch, "DOTS1_EXT_ATTENTION_COMBINE", ("cluster", "workspace", "last"), mixed_case(shape, dtype),
                  splits, bitwise=splits in ("1", "2", "4", "8"))
 
 
 @requires_cuda
-@pytest.mark.parametrize("combine", ["workspace", "cluster"])
+def test_last_combine_counters(monkeypatch):
+    # The last-arriving combine's device counters: every completed launch leaves them at zero, so more
+    # launches than the 64 slots (each slot reused), a launch of more units than a slot holds (130
+    # sequences x 32 kv heads > 4096: the combine kernel instead) and one of exactly 4096 give the
+    # workspace mode's bits (and the reference's values).
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", "2")
+    for B in (130, 128, 3):
+        case = mixed_case((B, 32, 32, 64, 96), torch.bfloat16)
+        run_settings(monkeypatch, "DOTS1_EXT_ATTENTION_COMBINE", ("workspace", "last"), case, "2")
+    q, k_cache, v_cache, kv_start, kv_end = mixed_case((2, 32, 32, 128, 700), torch.bfloat16)
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", "workspace")
+    expected = A.decode_attention(q, k_cache, v_cache, kv_start, kv_end)
+    monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", "last")
+    outs = [A.decode_attention(q, k_cache, v_cache, kv_start, kv_end) for _ in range(150)]
+    for i, out in enumerate(outs):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"launch {i}: {m}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("combine", ["last", "workspace", "cluster"])
 @pytest.mark.parametrize("splits", ["4", "auto"])
 def test_combine_modes_graph_replay(monkeypatch, combine, splits):
     # The workspace (the default mode's) comes from the caching allocator at capture: the graph keeps

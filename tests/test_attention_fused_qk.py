@@ -184,7 +184,7 @@ def settled_pairs(S):
     return [(0, 1), (0, 2), (0, 64), (3, 65), (0, 129), (0, S), (7, 1500), (4, 4)]
 
 
-@pytest.mark.parametrize("combine", ["workspace", "cluster"])
+@pytest.mark.parametrize("combine", ["last", "workspace", "cluster"])
 @pytest.mark.parametrize("splits", ["1", "4", "auto"])
 @pytest.mark.parametrize("stages", ["3", "6"])
 @pytest.mark.parametrize("Hq,Hk", [(32, 32), (32, 8)])
@@ -193,7 +193,7 @@ def test_kv_settled_same_bits(device, monkeypatch, combine, splits, stages, Hq, 
     # (decode_attention right after qk_norm_rope_kv_cache_, which writes the new row) and the fused op
     # (right after the torch ops of the inputs). The new rows hold NaN before the step writes them, so
     # a copy of one issued before the wait would show as a NaN output.
-    if device == "cpu" and (combine, splits, stages) != ("workspace", "auto", "3"):
+    if device == "cpu" and (combine, splits, stages) != ("last", "auto", "3"):
         pytest.skip("the switches select CUDA kernels; the CPU kernels ignore kv_settled (one case runs)")
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", combine)
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_SPLITS", splits)
@@ -258,7 +258,7 @@ def test_env_switch(monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("combine", ["workspace", "cluster"])
+@pytest.mark.parametrize("combine", ["last", "workspace", "cluster"])
 @pytest.mark.parametrize("splits", ["1", "2", "4", "8", "16", "auto"])
 @pytest.mark.parametrize("B", [1, 3, 8])
 @pytest.mark.parametrize("Hq,Hk", [(32, 32), (32, 8)])
@@ -292,7 +292,7 @@ def test_pipeline_depths_same_bits(monkeypatch, splits, B):
 
 
 @requires_cuda
-@pytest.mark.parametrize("combine", ["workspace", "cluster"])
+@pytest.mark.parametrize("combine", ["last", "workspace", "cluster"])
 @pytest.mark.parametrize("Hq,Hk", [(32, 32), (16, 2)])
 def test_cuda_graph_replay_with_changed_lengths(monkeypatch, combine, Hq, Hk):
     monkeypatch.setenv("DOTS1_EXT_ATTENTION_COMBINE", combine)

@@ -28,9 +28,9 @@
 // DOTS1_EXT_ATTENTION_SPLITS (CUDA, read per call; default auto) forces the number of KV splits per
 // (sequence, kv head): tests use it to run every combine path; the automatic choice depends on the
 // batch, the heads, the SM count and the cache capacity only, never on the lengths.
-// DOTS1_EXT_ATTENTION_COMBINE (CUDA, read per call; auto = workspace, or cluster) picks how both ops
-// combine their splits (attention.h launch_decode_attention's workspace; same bits for the same split
-// count).
+// DOTS1_EXT_ATTENTION_COMBINE (CUDA, read per call; auto = last, workspace or cluster) picks how both ops
+// combine their splits (attention.h launch_decode_attention's workspace and last_split_combines: the last
+// split to arrive, a second kernel, or thread-block clusters; same bits for the same split count).
 // DOTS1_EXT_ATTENTION_STAGES (CUDA, read per call; auto, 3 or 6; default auto) forces the K/V
 // pipeline's depth (attention.h pipeline_stages): tests run both, benchmarks compare them; same bits.
 // kv_settled (both ops; attention.h launch_decode_attention): the caller's promise that the bounds (and
@@ -229,15 +229,18 @@ int forced_splits() {
   return static_cast<int>(n);
 }
 
-// DOTS1_EXT_ATTENTION_COMBINE: auto = workspace (default) | cluster (attention_kernels.cu header).
-bool workspace_combine() {
+// DOTS1_EXT_ATTENTION_COMBINE: auto = last (default) | workspace | cluster (attention_kernels.cu header).
+std::string combine_mode() {
   const char* v = std::getenv("DOTS1_EXT_ATTENTION_COMBINE");
-  if (v == nullptr || *v == '\0') return true;
+  if (v == nullptr || *v == '\0') return "last";
   const std::string s(v);
-  TORCH_CHECK_VALUE(s == "auto" || s == "cluster" || s == "workspace",
-                    "dots1_ext: DOTS1_EXT_ATTENTION_COMBINE must be auto, cluster or workspace, got '", v, "'");
-  return s != "cluster";
+  TORCH_CHECK_VALUE(s == "auto" || s == "last" || s == "cluster" || s == "workspace",
+                    "dots1_ext: DOTS1_EXT_ATTENTION_COMBINE must be auto, last, workspace or cluster, got '", v, "'");
+  return s == "auto" ? "last" : s;
 }
+bool workspace_combine() { return combine_mode() != "cluster"; }
+// The workspace mode's splits: the last one to arrive combines (no second kernel), unless "workspace".
+bool last_split_combines() { return combine_mode() == "last"; }
 
 // The workspace mode's partials (undefined in the cluster mode): from the caching allocator, so a CUDA
 // graph keeps its own.
@@ -284,7 +287,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
       kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
       out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), forced_splits(),
       to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled(), forced_stages(),
-      workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr, settled));
+      workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr, settled, last_split_combines()));
   return out;
 }
 
@@ -346,7 +349,7 @@ at::Tensor qk_norm_rope_decode_attention(const at::Tensor& q, const at::Tensor& 
         kv_start.const_data_ptr<int64_t>(), start_stride, kv_end.const_data_ptr<int64_t>(), end_stride,
         out.mutable_data_ptr(), B, S, Hq, Hk, D, window, static_cast<float>(scale), args, forced_splits(),
         to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), nullptr, pdl_enabled(), forced_stages(),
-        workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr, kv_settled));
+        workspace.defined() ? workspace.mutable_data_ptr<float>() : nullptr, kv_settled, last_split_combines()));
     return out;
   }
 #endif

@@ -69,13 +69,19 @@ cudaError_t launch_decode_attention(const void* q,             // [B, Hq, D], st
                                     int64_t batch, int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads,
                                     int64_t head_dim, int64_t window, float scale, int num_splits, DType dtype,
                                     cudaStream_t stream, int* splits_used = nullptr, bool use_pdl = true,
-                                    int pipeline_stages = 0, float* workspace = nullptr, bool kv_settled = false);
+                                    int pipeline_stages = 0, float* workspace = nullptr, bool kv_settled = false,
+                                    bool last_split_combines = true);
 
 // workspace (both launchers; attention.cpp passes one unless DOTS1_EXT_ATTENTION_COMBINE=cluster): nullptr
 // combines the splits in thread-block clusters; else the splits are independent CTAs that leave their
 // partials in it (at least
 // decode_attention_workspace_floats(batch, num_q_heads, head_dim) fp32, 16-byte aligned, any contents)
-// and a second kernel combines them, with the same bits as the cluster mode for the same split count.
+// and, with last_split_combines, the last split of each (sequence, kv head, head chunk) to arrive on a
+// device counter combines them (launches of more than 4096 such units, and last_split_combines false,
+// use a second kernel); the same bits as the cluster mode for the same split count either way. The
+// counters are per device, in 64 slots handed out round-robin per launch (a captured launch keeps its
+// slot): two launches running at once on different streams must not share a slot, which the round
+// robin guarantees for any two of 64 consecutive launches.
 int64_t decode_attention_workspace_floats(int64_t batch, int64_t num_q_heads, int64_t head_dim);
 
 // The fused op's inputs besides the plain op's (qk_norm_rope_decode_attention, attention.cpp): this
@@ -119,7 +125,8 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q,  // [B, Hq, D] r
                                                  const DecodeQkNormRopeArgs& args, int num_splits, DType dtype,
                                                  cudaStream_t stream, int* splits_used = nullptr,
                                                  bool use_pdl = true, int pipeline_stages = 0,
-                                                 float* workspace = nullptr, bool kv_settled = false);
+                                                 float* workspace = nullptr, bool kv_settled = false,
+                                                 bool last_split_combines = true);
 
 }  // namespace dots1
 

@@ -30,9 +30,13 @@
 // later splits empty instead of paying for the capacity.
 //
 // Combining the splits (DOTS1_EXT_ATTENTION_COMBINE). The default, workspace: the splits are independent
-// CTAs; each writes its partial (max, sum, acc) to a caller-given fp32 workspace and
-// decode_attention_combine_kernel (a second launch, PDL-chained) combines every output element in split
-// order. The alternative, cluster: the splits of one (b, kv head, head chunk) form one thread-block
+// CTAs; each writes its partial (max, sum, acc) to a caller-given fp32 workspace, then arrives on a
+// device counter (g_attention_arrivals), and the last split of each (sequence, kv head, head chunk) to
+// arrive combines every output element of its heads in split order (combine_element). With
+// last_split_combines false (DOTS1_EXT_ATTENTION_COMBINE=workspace), or more units than a counter slot
+// holds, decode_attention_combine_kernel (a second launch, PDL-chained) does the same combine: the same
+// bits; the last-arriving combine saves the second kernel's boundary (H200, 8-layer real-shape bf16 step,
+// B=1, context 2048: 1.2708 -> 1.2594 ms, bench/results/2026-11-30-h200-10b2424-carry). The alternative, cluster: the splits of one (b, kv head, head chunk) form one thread-block
 // cluster (sm_90; up to 16 CTAs, the non-portable size, where the GPU takes it) and combine their
 // partials through distributed shared memory after a cluster barrier: no second kernel, but a cluster
 // must fit one GPC, and measured on the H200 at batch 1 (bench/probes/attention_splits.py, a0f98fa)
@@ -44,7 +48,9 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -205,6 +211,33 @@ __device__ __forceinline__ float* workspace_slot(float* workspace, int64_t b, in
 // bits). A sequence with bad bounds gets NaN, as in the main kernel (it wrote no partial worth reading).
 constexpr int kCombineThreads = 128;
 
+// Element d of one query head's output from its splits' partials (first: split 0's slot), in split
+// order. __ldcg: in the last-arriving combine the partials were written by other SMs (read from L2,
+// never from a line this SM's L1 may hold); the same values either way.
+__device__ __forceinline__ float combine_element(const float* first, int d, int d_pad, int num_splits, bool bad) {
+  float m_all = kNegInf;
+  for (int i = 0; i < num_splits; ++i) m_all = fmaxf(m_all, __ldcg(first + i * (d_pad + 2) + d_pad));
+  const float m_safe = safe_max(m_all);
+  float sum = 0.0f, a = 0.0f;
+  for (int i = 0; i < num_splits; ++i) {
+    const float* part = first + i * (d_pad + 2);
+    const float f = fast_exp2(__ldcg(part + d_pad) - m_safe);
+    sum = sum + __ldcg(part + d_pad + 1) * f;
+    a = a + __ldcg(part + d) * f;
+  }
+  return finish(a, sum, bad);
+}
+
+// The workspace mode's last-arriving combine (the header's "Combining the splits"): per launch a slot of
+// arrival counters, one per (sequence, kv head, head chunk) of the launch. Zero at module load and left at
+// zero by every completed launch (the last split's atomicInc wraps its counter), so CUDA graph replays
+// need no reset. Launches that may run at once (other streams) must use different slots: the host hands
+// them out round-robin, as the router does (gating_kernels.cu). Launches of more units than a slot holds
+// (more than 4096 / (Hk x head chunks) sequences: above 128 at 32 kv heads) take the combine kernel.
+constexpr int kAttentionArrivalSlots = 64;
+constexpr int kAttentionArrivalUnits = 4096;
+__device__ unsigned int g_attention_arrivals[kAttentionArrivalSlots][kAttentionArrivalUnits];
+
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads)
     decode_attention_combine_kernel(const float* __restrict__ workspace, const int64_t* __restrict__ kv_start,
@@ -220,19 +253,8 @@ __global__ void __launch_bounds__(kCombineThreads)
   const bool bad = start < 0 || end > cache_len || start > end;
   const float* first = workspace + (b * num_q_heads + q_head) * num_splits * (d_pad + 2);
   T* row = out + (b * num_q_heads + q_head) * head_dim;
-  for (int d = threadIdx.x; d < head_dim; d += kCombineThreads) {
-    float m_all = kNegInf;
-    for (int i = 0; i < num_splits; ++i) m_all = fmaxf(m_all, first[i * (d_pad + 2) + d_pad]);
-    const float m_safe = safe_max(m_all);
-    float sum = 0.0f, a = 0.0f;
-    for (int i = 0; i < num_splits; ++i) {
-      const float* part = first + i * (d_pad + 2);
-      const float f = fast_exp2(part[d_pad] - m_safe);
-      sum = sum + part[d_pad + 1] * f;
-      a = a + part[d] * f;
-    }
-    row[d] = from_float<T>(finish(a, sum, bad));
-  }
+  for (int d = threadIdx.x; d < head_dim; d += kCombineThreads)
+    row[d] = from_float<T>(combine_element(first, d, d_pad, num_splits, bad));
 }
 
 // grid (splits, Hk * head_chunks, batch); cluster (splits, 1, 1) when splits > 1 and no workspace. num_stages:
@@ -256,7 +278,7 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
                             const int64_t* __restrict__ kv_end, int64_t kv_end_stride, T* __restrict__ out,
                             int64_t cache_len, int num_q_heads, int num_kv_heads, int head_dim, int group,
                             int head_chunks, int64_t window, float q_scale, int num_stages, float* workspace,
-                            FreshKv<T> fresh, bool kv_settled) {
+                            FreshKv<T> fresh, bool kv_settled, int arrival_slot) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
   constexpr int kEPV = Tl::kElemsPerVec, kVPL = Tl::kVecsPerLane, kLPK = Tl::kLanesPerKey;
   constexpr int kKPW = Tl::kKeysPerWarp, kU = Tl::kUnroll, kTile = Tl::kTile;
@@ -664,7 +686,27 @@ __global__ void __launch_bounds__(kThreads, kGT >= 8 ? 1 : 2)
       }
     }
   }
-  // Split partials in the workspace: decode_attention_combine finishes them (a second kernel).
+  // Split partials in the workspace: the last split of this (b, kv head, head chunk) to arrive combines
+  // them (arrival_slot >= 0), or decode_attention_combine does (a second kernel). The fences make each
+  // split's partials visible before its arrival and the others' before the last one reads them.
+  if (num_splits > 1 && workspace != nullptr && arrival_slot >= 0) {
+    __threadfence();  // release this CTA's partials
+    __syncthreads();
+    int is_last = 0;
+    if (threadIdx.x == 0) {
+      const unsigned int unit = blockIdx.z * gridDim.y + blockIdx.y;
+      is_last = atomicInc(&g_attention_arrivals[arrival_slot][unit], num_splits - 1) == num_splits - 1;
+    }
+    if (!__syncthreads_or(is_last)) return;
+    __threadfence();  // acquire: the other splits' partials
+    for (int idx = threadIdx.x; idx < kGT * head_dim; idx += kThreads) {
+      const int g = idx / head_dim, d = idx % head_dim;
+      if (g0 + g >= group) continue;
+      const float* first = workspace_slot(workspace, b, kv_head * group + g0 + g, num_q_heads, 0, num_splits, kDPad);
+      out_row(g)[d] = from_float<T>(combine_element(first, d, kDPad, num_splits, bad));
+    }
+    return;
+  }
   if (num_splits == 1 || workspace != nullptr) return;
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -815,7 +857,7 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
                          int64_t kv_end_stride, T* out, int64_t batch, int64_t cache_len, int num_q_heads,
                          int num_kv_heads, int head_dim, int64_t window, float scale, int num_splits,
                          int pipeline_stages, float* workspace, cudaStream_t stream, int* splits_used,
-                         bool use_pdl, const FreshKv<T>& fresh, bool kv_settled) {
+                         bool use_pdl, const FreshKv<T>& fresh, bool kv_settled, bool last_split_combines) {
   using Tl = Tiling<T, kDPad, kVecBytes, kGT>;
   auto kernel = decode_attention_kernel<T, kDPad, kVecBytes, kGT, kFused>;
   int device = 0;
@@ -891,15 +933,20 @@ cudaError_t launch_tiled(const T* q, int64_t q_batch_stride, int64_t q_head_stri
       fb.k_cache += kv_offset;
       fb.v_cache += kv_offset;
     }
+    int arrival_slot = -1;  // >= 0: the last split of each unit combines (no second kernel)
+    if (plain && splits > 1 && last_split_combines && nb * grid_y <= kAttentionArrivalUnits) {
+      static std::atomic<unsigned int> next_slot{0};
+      arrival_slot = static_cast<int>(next_slot.fetch_add(1, std::memory_order_relaxed) % kAttentionArrivalSlots);
+    }
     err = cudaLaunchKernelEx(&config, kernel, qb, q_batch_stride, q_head_stride, k_cache + kv_offset,
                              v_cache + kv_offset, sb, kv_start_stride, eb, kv_end_stride, ob, cache_len, num_q_heads,
                              num_kv_heads, head_dim, group, head_chunks, window, q_scale, stages,
                              plain ? workspace + b0 * num_q_heads * splits * (kDPad + 2) : nullptr, fb,
-                             kv_settled && use_pdl && r.major >= 9);
+                             kv_settled && use_pdl && r.major >= 9, arrival_slot);
     const cudaError_t last = cudaGetLastError();  // this launch's error state, consumed (reported below)
     if (err == cudaSuccess) err = last;
     if (err != cudaSuccess) return err;
-    if (plain && splits > 1) {
+    if (plain && splits > 1 && arrival_slot < 0) {
       err = launch_pdl(decode_attention_combine_kernel<T>, dim3(num_q_heads, static_cast<unsigned>(nb)),
                        dim3(kCombineThreads), 0, stream, use_pdl && r.major >= 9,
                        static_cast<const float*>(workspace + b0 * num_q_heads * splits * (kDPad + 2)), sb,
@@ -935,7 +982,7 @@ cudaError_t launch_impl(const void* q, int64_t q_batch_stride, int64_t q_head_st
                         int64_t kv_end_stride, void* out, int64_t batch, int64_t cache_len, int64_t num_q_heads,
                         int64_t num_kv_heads, int64_t head_dim, int64_t window, float scale, int num_splits,
                         int pipeline_stages, float* workspace, DType dtype, cudaStream_t stream, int* splits_used,
-                        bool use_pdl, bool kv_settled,
+                        bool use_pdl, bool kv_settled, bool last_split_combines,
                         const DecodeQkNormRopeArgs* args, void* k_cache_mut, void* v_cache_mut) {
   if (splits_used) *splits_used = 0;
   if (batch <= 0 || num_q_heads <= 0 || head_dim <= 0) return cudaSuccess;
@@ -984,7 +1031,8 @@ cudaError_t launch_impl(const void* q, int64_t q_batch_stride, int64_t q_head_st
                 static_cast<const scalar_t*>(k_cache), static_cast<const scalar_t*>(v_cache), kv_start,
                 kv_start_stride, kv_end, kv_end_stride, static_cast<scalar_t*>(out), batch, cache_len,
                 static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads), static_cast<int>(head_dim), window,
-                scale, num_splits, pipeline_stages, workspace, stream, splits_used, use_pdl, fresh, kv_settled);
+                scale, num_splits, pipeline_stages, workspace, stream, splits_used, use_pdl, fresh, kv_settled,
+                last_split_combines);
           }
         };
         return vec16 ? run(std::integral_constant<int, 16>{}) : run(std::integral_constant<int, 4>{});
@@ -1023,11 +1071,11 @@ cudaError_t launch_decode_attention(const void* q, int64_t q_batch_stride, int64
                                     int64_t cache_len, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t window, float scale, int num_splits, DType dtype, cudaStream_t stream,
                                     int* splits_used, bool use_pdl, int pipeline_stages, float* workspace,
-                                    bool kv_settled) {
+                                    bool kv_settled, bool last_split_combines) {
   return launch_impl<false>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
                             kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
                             num_splits, pipeline_stages, workspace, dtype, stream, splits_used, use_pdl, kv_settled,
-                            nullptr, nullptr, nullptr);
+                            last_split_combines, nullptr, nullptr, nullptr);
 }
 
 cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_stride, int64_t q_head_stride,
@@ -1038,7 +1086,7 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_
                                                  int64_t window, float scale, const DecodeQkNormRopeArgs& args,
                                                  int num_splits, DType dtype, cudaStream_t stream, int* splits_used,
                                                  bool use_pdl, int pipeline_stages, float* workspace,
-                                                 bool kv_settled) {
+                                                 bool kv_settled, bool last_split_combines) {
   if (!can_fuse_qk_norm_rope(q, q_batch_stride, q_head_stride, k_cache, v_cache, args, num_q_heads, num_kv_heads,
                              head_dim, dtype)) {
     if (splits_used) *splits_used = 0;
@@ -1047,7 +1095,7 @@ cudaError_t launch_qk_norm_rope_decode_attention(const void* q, int64_t q_batch_
   return launch_impl<true>(q, q_batch_stride, q_head_stride, k_cache, v_cache, kv_start, kv_start_stride, kv_end,
                            kv_end_stride, out, batch, cache_len, num_q_heads, num_kv_heads, head_dim, window, scale,
                            num_splits, pipeline_stages, workspace, dtype, stream, splits_used, use_pdl, kv_settled,
-                           &args, k_cache, v_cache);
+                           last_split_combines, &args, k_cache, v_cache);
 }
 
 }  // namespace dots1

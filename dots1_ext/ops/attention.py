@@ -21,9 +21,12 @@ nothing. ``check_bounds=True`` raises IndexError for them on the host instead (a
 CUDA: one CTA per (sequence, kv head, up to 8 of its query heads, KV split) reads each K/V byte once
 for all those query heads. The split count depends on B, the heads, the SM count and S only; each
 split takes ceil(length / splits) keys from the device length. The splits write their partial
-softmax states to an fp32 workspace (from the caching allocator) and a second kernel combines them in
-split order; DOTS1_EXT_ATTENTION_COMBINE=cluster combines them instead inside a thread-block cluster
-(sm_90; one launch, but slower at batch 1: 0.77 vs 0.94 of bandwidth at context 32768 on the H200).
+softmax states to an fp32 workspace (from the caching allocator) and the last split of each (sequence,
+kv head) to arrive on a device counter combines them in split order (one launch;
+DOTS1_EXT_ATTENTION_COMBINE=workspace leaves that to a second kernel, as launches of more than 4096
+(sequence, kv head) units always do); DOTS1_EXT_ATTENTION_COMBINE=cluster combines them instead inside a
+thread-block cluster (sm_90; one launch, but slower at batch 1: 0.77 vs 0.94 of bandwidth at context
+32768 on the H200).
 Either way the results are deterministic (bitwise equal across runs and between graph replay and
 eager) and the same bits for the same split count; pre-Hopper GPUs run one split in the cluster mode.
 DOTS1_EXT_ATTENTION_SPLITS=n forces the split count (tests, tuning). On sm_90 the kernel is launched
