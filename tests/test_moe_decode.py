@@ -905,6 +905,34 @@ def test_cuda_wide_odd_shapes(dtype, shape, T, monkeypatch):
     check_pair(hidden, w, ids, weights, residual, dtype, f"wide {shape} T={T}")
 
 
+def check_switch_same_bits(monkeypatch, variable, dtype, shape, T, loads_list, one_expert=False):
+    """The pair under ``variable`` = 1, 0 and unset, per load mapping and routing (distinct, Zipf, bad ids
+    and, with ``one_expert``, every token on experts 0..k-1): the same bits, the reference's values, and
+    bad ids NaN in their tokens' rows."""
+    E, k, H, I, Is = shape
+    w = Weights(E, H, I, Is, dtype, "cuda", "swiglu_interleaved")
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    bad_ids = ids.clone()
+    bad_ids[0, 1], bad_ids[T - 1, k - 1] = E, -1
+    routings = {"distinct": ids, "zipf": zipf_ids(T, k, E, "cuda"), "bad ids": bad_ids}
+    if one_expert:
+        routings["one expert"] = torch.arange(k, dtype=torch.int32, device="cuda").expand(T, k).contiguous()
+    for loads in loads_list:
+        monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", loads)
+        for what, routing in routings.items():
+            results = {}
+            for flag in ("1", "0", None):
+                set_env(monkeypatch, variable, flag)
+                results[flag] = run_both(hidden, w, routing, weights, residual)
+            if what != "bad ids":
+                check_outputs(*results["1"], hidden, w, routing, weights, residual, dtype, f"{variable} {loads} {what}")
+            else:
+                assert bool(results["1"][1][0].isnan().all()) and bool(results["1"][1][T - 1].isnan().all())
+            for flag in ("0", None):
+                assert_same_bits(results["1"][0], results[flag][0], f"act {variable}={flag} {loads} {what} T={T}")
+                assert_same_bits(results["1"][1], results[flag][1], f"out {variable}={flag} {loads} {what} T={T}")
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(128, 6, 4096, 1408, 2816), (13, 6, 1032, 136, 264), (8, 3, 40, 16, 0)],
@@ -917,27 +945,8 @@ def test_cuda_wide_carry_same_bits(dtype, shape, T, monkeypatch):
     # unset give the same bits, and the reference's values; distinct, Zipf, one-expert (many items of one
     # expert, each tile's next one the same rows' neighbour) and bad ids; K not a multiple of the wide step
     # (K-tail: a partial first batch) and fewer routed tiles than CTAs (tiny: no next tile anywhere).
-    E, k, H, I, Is = shape
-    w = Weights(E, H, I, Is, dtype, "cuda", "swiglu_interleaved")
-    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
-    bad_ids = ids.clone()
-    bad_ids[0, 1], bad_ids[T - 1, k - 1] = E, -1
-    routings = {"distinct": ids, "zipf": zipf_ids(T, k, E, "cuda"), "bad ids": bad_ids,
-                "one expert": torch.arange(k, dtype=torch.int32, device="cuda").expand(T, k).contiguous()}
-    for loads in ("wide", "wide_all"):
-        monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_LOADS", loads)
-        for what, routing in routings.items():
-            results = {}
-            for flag in ("1", "0", None):
-                set_env(monkeypatch, "DOTS1_EXT_MOE_DECODE_CARRY", flag)
-                results[flag] = run_both(hidden, w, routing, weights, residual)
-            if what != "bad ids":
-                check_outputs(*results["1"], hidden, w, routing, weights, residual, dtype, f"carry {loads} {what}")
-            else:
-                assert bool(results["1"][1][0].isnan().all()) and bool(results["1"][1][T - 1].isnan().all())
-            for flag in ("0", None):
-                assert_same_bits(results["1"][0], results[flag][0], f"act carry={flag} {loads} {what} T={T}")
-                assert_same_bits(results["1"][1], results[flag][1], f"out carry={flag} {loads} {what} T={T}")
+    check_switch_same_bits(monkeypatch, "DOTS1_EXT_MOE_DECODE_CARRY", dtype, shape, T, ("wide", "wide_all"),
+                           one_expert=True)
 
 
 @requires_cuda
@@ -946,6 +955,31 @@ def test_cuda_bad_carry_setting_raises(monkeypatch):
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_CARRY", "yes")
     with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_CARRY"):
         moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(128, 6, 4096, 1408, 2816), (13, 6, 1032, 136, 264), (8, 3, 40, 16, 0)],
+                         ids=["real", "K-tail", "tiny no shared"])
+@pytest.mark.parametrize("T", [1, 2, 8, 9, 33, 64, 65])
+def test_cuda_down_preload_same_bits(dtype, shape, T, monkeypatch):
+    # DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD (default 1): the down kernel's warps load their first weight batch
+    # of the shared experts' first pass before the PDL wait (right after gate_up here, so the wait is
+    # real), and each pass loads the next pass's (more tokens than a pass's columns: 9-65). The same loads,
+    # issued earlier: 1, 0 and unset give the same bits and the reference's values, in every load mapping;
+    # K-tail: a partial first batch; no shared experts: nothing to preload.
+    check_switch_same_bits(monkeypatch, "DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD", dtype, shape, T,
+                           ("frag", "wide", "wide_all"))
+
+
+@requires_cuda
+def test_cuda_bad_down_preload_setting_raises(monkeypatch):
+    w, x, ids = small_cuda_layer()
+    act = moe_decode_gate_up(x, w.gate_up, ids, w.shared_gate_up, w.epilogue)
+    weights = torch.rand(ids.shape, device="cuda")
+    monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD", "on")
+    with pytest.raises(ValueError, match="DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD"):
+        moe_decode_down(act, w.down, ids, weights, w.shared_down, None)
 
 
 @requires_cuda

@@ -388,11 +388,33 @@ def test_cuda_staged_same_bits(symmetric, shape, T, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape", [(128, 4096, 1408, 2816), (16, 1024, 384, 256), (16, 256, 128, 0)],
+                         ids=["real", "H1024", "H256 no shared"])
+@pytest.mark.parametrize("T", [1, 2, 8, 9, 64])
+def test_cuda_down_preload_same_bits(symmetric, shape, T, monkeypatch):
+    # DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD (default 1): the int4 down kernel's warps load their first batch
+    # of the (bf16) shared experts' rows before the PDL wait, and each shared pass the next one's: 1, 0
+    # and unset give the same bits, and the reference's values.
+    E, H, I, Is = shape
+    k = REAL["k"]
+    dtype = torch.bfloat16
+    w = Int4Weights(E, H, I, Is, dtype, "cuda", symmetric=symmetric)
+    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    results = {}
+    for flag in ("1", "0", None):
+        set_env(monkeypatch, "DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD", flag)
+        results[flag] = check_pair(hidden, w, ids, weights, residual, f"preload={flag} T={T} {shape}")
+    for flag in ("0", None):
+        assert torch.equal(results["1"][1], results[flag][1]), f"preload={flag} T={T} {shape}"
+
+
+@requires_cuda
 @pytest.mark.parametrize("name, value", [("STAGED", "yes"), ("STAGED", "2"), ("STAGED", "Auto"), ("ROW_GROUPS", "3"),
                                          ("ROW_GROUPS", "0"), ("ROW_GROUPS", "8"), ("ROW_GROUPS", "two"),
-                                         ("ACT_SMEM", "2"), ("ACT_SMEM", "on")])
+                                         ("ACT_SMEM", "2"), ("ACT_SMEM", "on"), ("DOWN_PRELOAD", "2")])
 def test_cuda_bad_setting_raises(name, value, monkeypatch):
-    variable = f"DOTS1_EXT_MOE_DECODE_INT4_{name}"
+    variable = f"DOTS1_EXT_MOE_DECODE_{name}" if name == "DOWN_PRELOAD" else f"DOTS1_EXT_MOE_DECODE_INT4_{name}"
     monkeypatch.setenv(variable, value)
     dtype = torch.bfloat16
     w = Int4Weights(8, 128, 128, 0, dtype, "cuda")

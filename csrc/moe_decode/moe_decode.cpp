@@ -442,33 +442,35 @@ int moe_decode_int4_row_groups(int64_t tokens, bool staged) {
   return std::stoi(s);
 }
 
+// A 0 / 1 switch read per call: unset or empty gives on_by_default; any value but 0 or 1 raises ValueError
+// naming the variable.
+bool env_switch(const char* name, bool on_by_default) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return on_by_default;
+  const std::string s(v);
+  TORCH_CHECK_VALUE(s == "0" || s == "1", "dots1_ext: ", name, " must be 0 or 1, got '", s, "'");
+  return s == "1";
+}
+
 // DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM (read per call; unset or empty: 1): whether the int4 gate_up kernel
 // (4 row groups; one token with H <= 8192, or 3-8 tokens with T H <= 32768) reads the tokens' activations
 // from a shared-memory copy laid out as its MMA operands; same bits either way (H200, real shape, bench/
 // results/2026-11-30-h200-1b2a918-act-smem: at one token gate_up alone 30.6 -> 29.4 us, the 8-layer
 // step's MoE block 53.7 -> 52.9 us; at 8 tokens the pair 176-179 -> 172-174 us). Any value other than 0
 // or 1 raises ValueError.
-bool moe_decode_int4_act_smem() {
-  const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM");
-  if (v == nullptr || *v == '\0') return true;
-  const std::string s(v);
-  TORCH_CHECK_VALUE(s == "0" || s == "1", "dots1_ext: DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM must be 0 or 1, got '", s,
-                    "'");
-  return s == "1";
-}
+bool moe_decode_int4_act_smem() { return env_switch("DOTS1_EXT_MOE_DECODE_INT4_ACT_SMEM", true); }
 
 // DOTS1_EXT_MOE_DECODE_CARRY (read per call; unset or empty: 1): whether the model-dtype gate_up kernel's
 // wide launches of two n-tiles (5-64 tokens by default) load each warp's first weight batch of its next
 // routed tile before the current tile's reduction and store; same bits either way (H200, real shape,
 // bench/results/2026-11-30-h200-10b2424-carry: gate_up 241 -> 227 us at 8 tokens, 579 -> 565 at 32, 725
 // -> 710 at 64). Any value other than 0 or 1 raises ValueError.
-bool moe_decode_carry_tiles() {
-  const char* v = std::getenv("DOTS1_EXT_MOE_DECODE_CARRY");
-  if (v == nullptr || *v == '\0') return true;
-  const std::string s(v);
-  TORCH_CHECK_VALUE(s == "0" || s == "1", "dots1_ext: DOTS1_EXT_MOE_DECODE_CARRY must be 0 or 1, got '", s, "'");
-  return s == "1";
-}
+bool moe_decode_carry_tiles() { return env_switch("DOTS1_EXT_MOE_DECODE_CARRY", true); }
+
+// DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD (read per call; unset or empty: 1): whether the down kernels' warps
+// load their first weight batch of the shared experts' first pass before the PDL wait; same bits either
+// way. Any value other than 0 or 1 raises ValueError.
+bool moe_decode_down_preload() { return env_switch("DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD", true); }
 
 // A pointer usable by 16-byte vector loads; otherwise a fresh (aligned) copy. Activations only.
 at::Tensor aligned_contiguous(const at::Tensor& t) {
@@ -545,7 +547,7 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& act_in, const at::Tensor& down
                                         in.residual.defined() ? in.residual.data_ptr() : nullptr, in.out.data_ptr(),
                                         d.T, d.H, d.E, d.k, d.I, d.Is, to_dtype(in.act.scalar_type()),
                                         moe_decode_n_tiles(), moe_decode_loads(), c10::cuda::getCurrentCUDAStream(),
-                                        pdl_enabled()));
+                                        pdl_enabled(), moe_decode_down_preload()));
   return in.out;
 }
 
@@ -588,7 +590,8 @@ at::Tensor moe_decode_int4_down_cuda(const at::Tensor& act_in, const at::Tensor&
       zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr, in.ids.data_ptr<int32_t>(),
       in.weights.data_ptr<float>(), shared_down.has_value() ? shared_down->data_ptr() : nullptr,
       in.residual.defined() ? in.residual.data_ptr() : nullptr, in.out.data_ptr(), d.T, d.H, d.E, d.k, d.I, d.Is,
-      to_dtype(in.act.scalar_type()), moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled()));
+      to_dtype(in.act.scalar_type()), moe_decode_n_tiles(), c10::cuda::getCurrentCUDAStream(), pdl_enabled(),
+      moe_decode_down_preload()));
   return in.out;
 }
 

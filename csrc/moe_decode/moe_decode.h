@@ -73,6 +73,9 @@ namespace dots1 {
 // two n-tiles (P = 2, 5-64 tokens under kWideAll) each warp loads its first weight batch of the CTA's
 // next routed tile before the current tile's reduction and store (moe_decode_kernels.cu, RowsCarry);
 // the same loads, issued earlier: the same bits either way.
+// preload_shared (down, use_pdl; DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD, read by moe_decode.cpp, default on):
+// the fast kernels' warps load their first weight batch of the shared experts' first pass into
+// registers before the PDL wait (shared_down is a weight); the same loads, issued earlier: the same bits.
 cudaError_t launch_moe_decode_gate_up(const void* hidden,          // [T, H]
                                       const void* gate_up,         // [E, 2I, H]
                                       const int32_t* topk_ids,     // [T, k] device
@@ -92,7 +95,8 @@ cudaError_t launch_moe_decode_down(const void* act,            // [T, NA]
                                    const void* residual,       // [T, H] or nullptr
                                    void* out,                  // [T, H]
                                    int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                   int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl);
+                                   int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl,
+                                   bool preload_shared = true);
 
 // int4 routed experts (W4A16, docs/design.md §7; Python: dots1_ext/ops/moe_decode_int4.py): the same
 // ops with the routed weights as qweight [E, N, K/2] uint8 (code 2j in the low nibble of byte j),
@@ -135,7 +139,8 @@ cudaError_t launch_moe_decode_int4_down(const void* act,            // [T, NA]
                                         const void* residual,       // [T, H] or nullptr
                                         void* out,                  // [T, H]
                                         int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
-                                        DType dtype, int n_tiles, cudaStream_t stream, bool use_pdl);
+                                        DType dtype, int n_tiles, cudaStream_t stream, bool use_pdl,
+                                        bool preload_shared = true);
 
 }  // namespace dots1
 

@@ -1277,6 +1277,9 @@ struct DownParams {
   T* out;                     // [T, H]
   int T_, k, E;
   int64_t H, I, Is, NA, NS;
+  // PDL: each warp loads its first weight batch of the shared experts' first pass before the wait
+  // (DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD; shared_down is a weight, pdl.cuh rule 1); the same bits.
+  bool preload_shared = false;
 };
 
 template <int NT>
@@ -1326,8 +1329,28 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
 
   // PDL (csrc/pdl.cuh): act (the previous kernel's output), the ids and weights of the routing and the
   // residual are all read after the wait. (An L2 prefetch of the first shared experts' rows before it
-  // made this kernel spill registers: not done.)
+  // made this kernel spill registers: not done.) With preload_shared, the first shared pass's first
+  // weight batch is loaded into registers before it (a weight: rule 1), so that the CTAs that become
+  // resident while the previous kernel drains have those bytes in flight instead of nothing.
   DOTS1_PHASE_STAMP(1, 0);  // resident
+  // The shared experts' pass: its 16 rows and this warp's K range (every pass the same).
+  const auto shared_rows = [&](const T*& lo, const T*& hi, int& s_begin, int& s_end) {
+    const int steps = opaque(static_cast<int>((p.Is + kStepK * kParts - 1) / (kStepK * kParts)));
+    const int hb = opaque(h0);
+    const WidePlace place = kParts == 1 ? WidePlace{warp, g} : wide_place<kParts>();
+    lo = p.shared_down + min(hb + place.row, H - 1) * p.Is;
+    hi = p.shared_down + min(hb + place.row + 8, H - 1) * p.Is;
+    s_begin = range_start<kRanges>(steps, place.range);
+    s_end = range_start<kRanges>(steps, place.range + 1);
+  };
+  const bool preload = p.preload_shared && p.Is > 0;
+  RowsCarry<kDownU> shared_first;
+  if (preload) {
+    const T *lo, *hi;
+    int s_begin, s_end;
+    shared_rows(lo, hi, s_begin, s_end);
+    carry_first_batch<T, kParts, kDownU>(lo, hi, p.Is, s_begin, s_end, shared_first);
+  }
   pdl_wait();
   pdl_launch_dependents();
   DOTS1_PHASE_STAMP(1, 1);  // wait returned
@@ -1367,8 +1390,9 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
     for (int sub = 0; sub < groups; ++sub) {
       // Everything below derives from per-pass opaque values: the compiler recomputes the (same)
       // rows and ranges each pass instead of holding them in registers across the passes.
-      const int steps = opaque(static_cast<int>((p.Is + kStepK * kParts - 1) / (kStepK * kParts)));
-      const int hb = opaque(h0);
+      const T *row_lo, *row_hi;
+      int s_begin, s_end;
+      shared_rows(row_lo, row_hi, s_begin, s_end);
       const WidePlace place = kParts == 1 ? WidePlace{warp, g} : wide_place<kParts>();
       const int range = place.range, row = place.row;
       const int t0 = sub * kCols;
@@ -1381,9 +1405,12 @@ __global__ void __launch_bounds__(kThreads, 2) moe_down_kernel(const DownParams<
         col[n] = p.shared_act + static_cast<int64_t>(col_ok[n] ? t : 0) * p.NS;
       }
       float res[NT][4];
-      stream_rows<T, NT, kParts, kDownU>(p.shared_down + min(hb + row, H - 1) * p.Is,
-                                 p.shared_down + min(hb + row + 8, H - 1) * p.Is, col, col_ok, p.Is,
-                                 range_start<kRanges>(steps, range), range_start<kRanges>(steps, range + 1), res);
+      // One carried stream for every pass: the first pass's first batch was loaded before the wait
+      // (preload) or is loaded here; each pass loads the next pass's (the same rows and steps).
+      if (sub == 0 && !preload) carry_first_batch<T, kParts, kDownU>(row_lo, row_hi, p.Is, s_begin, s_end, shared_first);
+      const bool more = sub + 1 < groups;
+      stream_rows<T, NT, kParts, kDownU, true>(row_lo, row_hi, col, col_ok, p.Is, s_begin, s_end, res, &shared_first,
+                                               more ? row_lo : nullptr, more ? row_hi : nullptr);
       if constexpr (kParts == 1 && NT == 1) {
         if (by_warp) {  // one pass (T <= kCols); summed in the combine
 #pragma unroll
@@ -1916,7 +1943,8 @@ cudaError_t launch_moe_decode_gate_up(const void* hidden, const void* gate_up, c
 cudaError_t launch_moe_decode_down(const void* act, const void* shared_act, const void* down, const int32_t* topk_ids,
                                    const float* topk_weights, const void* shared_down, const void* residual, void* out,
                                    int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is, DType dtype,
-                                   int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl) {
+                                   int n_tiles, MoeDecodeLoads loads, cudaStream_t stream, bool use_pdl,
+                                   bool preload_shared) {
   if (T == 0 || H == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
   const int64_t NA = shared_act != nullptr ? k * I : k * I + Is;
@@ -1930,10 +1958,11 @@ cudaError_t launch_moe_decode_down(const void* act, const void* shared_act, cons
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
     const DenseExperts<scalar_t> experts{static_cast<const scalar_t*>(down), H, I};
     const scalar_t* a = static_cast<const scalar_t*>(act);
-    const DownParams<scalar_t, DenseExperts<scalar_t>> p{
+    DownParams<scalar_t, DenseExperts<scalar_t>> p{
         a, shared_act != nullptr ? static_cast<const scalar_t*>(shared_act) : a + k * I, experts, topk_ids,
         topk_weights, static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
         static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA, NS};
+    p.preload_shared = preload_shared && use_pdl;
     return down_launch(p, fast, n_tiles, loads, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
@@ -1973,7 +2002,8 @@ cudaError_t launch_moe_decode_int4_down(const void* act, const void* shared_act,
                                         const void* scales, const uint8_t* zeros, const int32_t* topk_ids,
                                         const float* topk_weights, const void* shared_down, const void* residual,
                                         void* out, int64_t T, int64_t H, int64_t E, int64_t k, int64_t I, int64_t Is,
-                                        DType dtype, int n_tiles, cudaStream_t stream, bool use_pdl) {
+                                        DType dtype, int n_tiles, cudaStream_t stream, bool use_pdl,
+                                        bool preload_shared) {
   if (T == 0 || H == 0) return cudaSuccess;
   if (E > 0x7fffffff || k > 0x7fffffff || T > 0x7fffffff) return cudaErrorInvalidValue;
   if (I % kGroupK != 0) return cudaErrorInvalidValue;  // the format's groups
@@ -1988,10 +2018,11 @@ cudaError_t launch_moe_decode_int4_down(const void* act, const void* shared_act,
   DOTS1_DISPATCH_FLOAT_TYPES(dtype, scalar_t, {
     const Int4Experts<scalar_t> experts{qweight, static_cast<const __nv_bfloat16*>(scales), zeros, H, I};
     const scalar_t* a = static_cast<const scalar_t*>(act);
-    const DownParams<scalar_t, Int4Experts<scalar_t>> p{
+    DownParams<scalar_t, Int4Experts<scalar_t>> p{
         a, shared_act != nullptr ? static_cast<const scalar_t*>(shared_act) : a + k * I, experts, topk_ids,
         topk_weights, static_cast<const scalar_t*>(shared_down), static_cast<const scalar_t*>(residual),
         static_cast<scalar_t*>(out), static_cast<int>(T), static_cast<int>(k), static_cast<int>(E), H, I, Is, NA, NS};
+    p.preload_shared = preload_shared && use_pdl;
     return down_launch(p, fast, n_tiles, MoeDecodeLoads::kFrag, sm_count, stream, use_pdl);
   });
   return cudaErrorInvalidValue;  // not reached: every dtype returns above
