@@ -164,7 +164,13 @@ def add_int4_rows(report: Report, w_gate_up_packed: torch.Tensor, w_down: torch.
     E, H, I = w_down.shape
     bf16 = {"gate_up": w_gate_up_packed.to(torch.bfloat16), "down": w_down.to(torch.bfloat16)}
     int4 = {"gate_up": quantize_by_expert(w_gate_up_packed), "down": quantize_by_expert(w_down)}
-    per_weight = {"dots1_ext bf16": 2.0, "dots1_ext int4 (W4A16)": 0.5 + 3 / quant.GROUP_SIZE}
+    int4_per_weight = 0.5 + 3 / quant.GROUP_SIZE
+    # The int4 rows: the default tile (128 x 256 on sm90), and on sm90 the CUTLASS kernel's 128 x 128 tile
+    # (DOTS1_EXT_GEMM_INT4_TILE).
+    int4_tiles = {"dots1_ext int4 (W4A16)": {}}
+    if gpu and torch.cuda.get_device_capability(device) == (9, 0):
+        int4_tiles["dots1_ext int4 (W4A16) tile 128x128"] = {"DOTS1_EXT_GEMM_INT4_TILE": "128x128"}
+    per_weight = {"dots1_ext bf16": 2.0} | {label: int4_per_weight for label in int4_tiles}
     for T in Ts:
         S = T * k
         off = routing_offsets("balanced", T, k, E, device)
@@ -184,13 +190,15 @@ def add_int4_rows(report: Report, w_gate_up_packed: torch.Tensor, w_down: torch.
             if name is None:
                 weights = 3 * I * H
                 fns = {"dots1_ext bf16":
-                       lambda: gemm_bf16(gemm_bf16(x, "gate_up", "swiglu_interleaved"), "down", "none"),
-                       "dots1_ext int4 (W4A16)":
-                       lambda: gemm_int4(gemm_int4(x, "gate_up", "swiglu_interleaved"), "down", "none")}
+                       lambda: gemm_bf16(gemm_bf16(x, "gate_up", "swiglu_interleaved"), "down", "none")}
+                fns |= {label: with_env(env, lambda: gemm_int4(gemm_int4(x, "gate_up", "swiglu_interleaved"),
+                                                               "down", "none"))
+                        for label, env in int4_tiles.items()}
             else:
                 weights = bf16[name].shape[1] * bf16[name].shape[2]
-                fns = {"dots1_ext bf16": lambda xin=xin, name=name, epi=epi: gemm_bf16(xin, name, epi),
-                       "dots1_ext int4 (W4A16)": lambda xin=xin, name=name, epi=epi: gemm_int4(xin, name, epi)}
+                fns = {"dots1_ext bf16": lambda xin=xin, name=name, epi=epi: gemm_bf16(xin, name, epi)}
+                fns |= {label: with_env(env, lambda xin=xin, name=name, epi=epi: gemm_int4(xin, name, epi))
+                        for label, env in int4_tiles.items()}
             flops = 2.0 * S * weights
             times = time_fns(fns, warmup=5 if gpu else 1, rounds=10 if gpu else 2, iters=5 if gpu else 2)
             case = f"W4A16 {stage} T={T} balanced ({active} experts)"

@@ -6,7 +6,7 @@
     compute-sanitizer --tool racecheck --error-exitcode 9 python tests/sanitize_grouped_gemm_int4.py --small
     compute-sanitizer --tool synccheck --error-exitcode 9 python tests/sanitize_grouped_gemm_int4.py --small
 
-Zipf routing over 16 experts with empty experts and rows outside every expert (before and after),
+Both CUTLASS tiles. Zipf routing over 16 experts with empty experts and rows outside every expert (before and after),
 T in {1, 7, 100}, both epilogues, asymmetric and symmetric, the last expert's last weight rows and
 groups (memcheck sees a read past qweight / scales / zeros), K = 128 (one group) and 1408 (11 groups,
 the down projection's). Garbage offsets (decreasing, out of range) run once per backend for memcheck:
@@ -36,7 +36,9 @@ def small() -> bool:
 
 
 def backends() -> list[str]:
-    return ["cutlass", "dequantize"] if torch.cuda.get_device_capability() == (9, 0) else ["dequantize"]
+    """DOTS1_EXT_GEMM_INT4_BACKEND values, with DOTS1_EXT_GEMM_INT4_TILE after a space."""
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    return ["cutlass 128x128", "cutlass 128x256", "dequantize"] if sm90 else ["dequantize"]
 
 
 def case(name: str, T: int, E: int, N: int, K: int, epilogue: str, symmetric: bool) -> bool:
@@ -56,7 +58,7 @@ def main() -> int:
     torch.manual_seed(0)
     failures = 0
     for backend in backends():
-        os.environ["DOTS1_EXT_GEMM_INT4_BACKEND"] = backend
+        os.environ["DOTS1_EXT_GEMM_INT4_BACKEND"], _, os.environ["DOTS1_EXT_GEMM_INT4_TILE"] = backend.partition(" ")
         grid = ([(7, 16, 128, 256)] if small() else
                 [(1, 16, 128, 256), (7, 16, 256, 128), (100, 16, 128, 1408), (100, 4, 2816 // 8, 512)])
         for T, E, N, K in grid:

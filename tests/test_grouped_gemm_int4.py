@@ -8,7 +8,8 @@ reference by one bf16 rounding step of its largest value: per row max |out - ref
 round the other way). The kernel's dequantization itself is exact: ``test_cuda_dequantization_is_exact``
 multiplies the weight by one-hot rows and compares bitwise.
 
-CUDA backends are forced through DOTS1_EXT_GEMM_INT4_BACKEND (cutlass | dequantize | auto). The memory /
+CUDA backends are forced through DOTS1_EXT_GEMM_INT4_BACKEND (cutlass | dequantize | auto), the CUTLASS
+tile through DOTS1_EXT_GEMM_INT4_TILE (auto = 128x256 | 128x128: "cutlass 128x128" in the lists). The memory /
 race checks: compute-sanitizer ... python tests/sanitize_grouped_gemm_int4.py [--small]
 """
 
@@ -25,8 +26,8 @@ from dots1_ext import quant, reference
 from dots1_ext.ops import grouped_gemm, grouped_gemm_int4, interleave_gate_up
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import assert_rows_close, capture_cuda_graph, replay_poisoned, requires_cuda  # noqa: E402
-from test_grouped_gemm import env_fixture, offsets_from_counts, routing_counts  # noqa: E402
+from conftest import assert_rows_close, capture_cuda_graph, replay_poisoned, requires_cuda, set_env  # noqa: E402
+from test_grouped_gemm import offsets_from_counts, routing_counts  # noqa: E402
 
 INT4_ROW_RTOL = 2.0**-7
 EPILOGUES = ("none", "swiglu_interleaved")
@@ -59,7 +60,15 @@ def out_features(q, epilogue):
     return q.qweight.shape[1] // 2 if epilogue == "swiglu_interleaved" else q.qweight.shape[1]
 
 
-int4_backend = env_fixture("DOTS1_EXT_GEMM_INT4_BACKEND")
+@pytest.fixture
+def int4_backend(request, monkeypatch):
+    """DOTS1_EXT_GEMM_INT4_BACKEND set to the parameter's first word ("auto" without one), and
+    DOTS1_EXT_GEMM_INT4_TILE to its second (unset without one): "cutlass 128x128"."""
+    name = getattr(request, "param", "auto")
+    backend, _, tile = name.partition(" ")
+    monkeypatch.setenv("DOTS1_EXT_GEMM_INT4_BACKEND", backend)
+    set_env(monkeypatch, "DOTS1_EXT_GEMM_INT4_TILE", tile or None)
+    return name
 
 
 def cuda_int4_backends():
@@ -67,7 +76,7 @@ def cuda_int4_backends():
         return []
     names = ["auto", "dequantize"]
     if torch.cuda.get_device_capability() == (9, 0):
-        names.append("cutlass")
+        names += ["cutlass", "cutlass 128x128"]
     return names
 
 
@@ -285,6 +294,15 @@ def test_cuda_garbage_offsets_stay_in_bounds(garbage):
     for epilogue in EPILOGUES:
         run(x, q, off, epilogue)  # values unspecified; no fault (compute-sanitizer: sanitize_grouped_gemm_int4.py)
     torch.cuda.synchronize()
+
+
+@requires_cuda
+@pytest.mark.parametrize("tile", ["256x128", "128", "Auto"])
+def test_cuda_bad_tile_setting_raises(monkeypatch, tile):
+    monkeypatch.setenv("DOTS1_EXT_GEMM_INT4_TILE", tile)
+    x, q, off = make_int4_case([2, 2], 2, 32, 128, "cuda")
+    with pytest.raises(ValueError, match="DOTS1_EXT_GEMM_INT4_TILE"):
+        run(x, q, off, "none")
 
 
 @requires_cuda

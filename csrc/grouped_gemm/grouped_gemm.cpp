@@ -435,6 +435,19 @@ Int4Backend int4_backend_from_env() {
   TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_GEMM_INT4_BACKEND must be auto, cutlass or dequantize, got '", s, "'");
 }
 
+// DOTS1_EXT_GEMM_INT4_TILE (read per call; unset, empty or auto: 128x256): the CUTLASS int4 kernels'
+// tile, (weight rows) x (rows of x); 128x256 converts each weight k block once per 256 rows of x, which
+// measured 1.4x faster than 128x128 at the real shape (bench/results/2026-11-30-h200-*-int4-tile).
+// Any other value raises ValueError.
+Int4Sm90Tile int4_tile_from_env() {
+  const char* v = std::getenv("DOTS1_EXT_GEMM_INT4_TILE");
+  if (v == nullptr || *v == '\0') return Int4Sm90Tile::k128x256;
+  const std::string s(v);
+  if (s == "128x128") return Int4Sm90Tile::k128x128;
+  if (s == "auto" || s == "128x256") return Int4Sm90Tile::k128x256;
+  TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_GEMM_INT4_TILE must be auto, 128x128 or 128x256, got '", s, "'");
+}
+
 at::Tensor grouped_gemm_int4_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                                   const std::optional<at::Tensor>& zeros, const at::Tensor& offsets_in,
                                   c10::string_view epilogue_view) {
@@ -442,6 +455,7 @@ at::Tensor grouped_gemm_int4_cuda(const at::Tensor& x_in, const at::Tensor& qwei
   const Int4GemmShape g = check_grouped_gemm_int4(x_in, qweight, scales, zeros, offsets_in, epilogue);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Int4Backend requested = int4_backend_from_env();
+  const Int4Sm90Tile tile = int4_tile_from_env();
   const DeviceInfo& info = device_info(x_in.get_device());
   const bool cutlass_ok = info.sm90_int4 && g.S <= INT32_MAX && g.N <= INT32_MAX && g.K <= INT32_MAX;
   TORCH_CHECK(requested != Int4Backend::kCutlass || cutlass_ok, "dots1_ext: DOTS1_EXT_GEMM_INT4_BACKEND=cutlass "
@@ -461,7 +475,7 @@ at::Tensor grouped_gemm_int4_cuda(const at::Tensor& x_in, const at::Tensor& qwei
   const at::Tensor offsets = offsets_in.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Sm90Epilogue ep = g.swiglu ? Sm90Epilogue::kSwiGLUInterleaved : Sm90Epilogue::kNone;
-  const size_t ws_bytes = grouped_gemm_int4_sm90_workspace_bytes(g.E, g.N, g.K, ep, info.sm_count);
+  const size_t ws_bytes = grouped_gemm_int4_sm90_workspace_bytes(g.E, g.N, g.K, tile, ep, info.sm_count);
   // +256: the launcher wants a 256-byte aligned start. From torch's caching allocator: CUDA-graph safe.
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes + 256)}, x.options().dtype(at::kByte));
   char* ws = static_cast<char*>(workspace.data_ptr());
@@ -469,7 +483,7 @@ at::Tensor grouped_gemm_int4_cuda(const at::Tensor& x_in, const at::Tensor& qwei
   if (mis) ws += 256 - mis;
   const uint8_t* zp = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
   C10_CUDA_CHECK(launch_grouped_gemm_int4_sm90(x.data_ptr(), qweight.data_ptr<uint8_t>(), scales.data_ptr(), zp,
-                                               offsets.data_ptr<int32_t>(), out.data_ptr(), g.S, g.E, g.N, g.K, ep,
+                                               offsets.data_ptr<int32_t>(), out.data_ptr(), g.S, g.E, g.N, g.K, tile, ep,
                                                ws, ws_bytes, info.sm_count, stream));
   C10_CUDA_CHECK(launch_zero_uncovered_rows(out.data_ptr(), offsets.data_ptr<int32_t>(), g.S, g.E, g.N_out,
                                             DType::kBFloat16, stream));

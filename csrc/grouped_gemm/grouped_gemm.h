@@ -93,10 +93,16 @@ constexpr int kInt4GroupK = 128;
 // Whether this build carries the sm90a int4 kernels (compiled with an sm_90a target).
 bool sm90_grouped_gemm_int4_compiled();
 
+// The int4 kernels' cooperative tiles, (weight rows) x (rows of x) x 64 k: the consumer warpgroups
+// convert each k block of their weight rows once for the tile's rows of x, so 256 rows of x convert
+// half as often per MMA as 128 (DOTS1_EXT_GEMM_INT4_TILE, read by grouped_gemm.cpp).
+enum class Int4Sm90Tile { k128x128, k128x256 };
+
 // Device bytes the int4 grouped GEMM needs (argument arrays, the fp32 scales and zero terms
 // [E, K/128, N] it derives per call, CUTLASS's workspace), for a 256-byte aligned buffer the caller
 // allocates. Depends only on E, N, K, the epilogue and the SM count.
-size_t grouped_gemm_int4_sm90_workspace_bytes(int64_t E, int64_t N, int64_t K, Sm90Epilogue epilogue, int sm_count);
+size_t grouped_gemm_int4_sm90_workspace_bytes(int64_t E, int64_t N, int64_t K, Int4Sm90Tile tile, Sm90Epilogue epilogue,
+                                              int sm_count);
 
 // out = per-expert x[rows_e] @ dq(weight[e])^T (bf16, fp32 accumulation), or its SwiGLU over
 // interleaved rows; dq(w) = bf16((u - z) * s) exactly (see grouped_gemm_int4_sm90.cuh). The weight in
@@ -107,8 +113,8 @@ cudaError_t launch_grouped_gemm_int4_sm90(const void* x,                  // [S,
                                           const uint8_t* zeros,           // [E, N, K/128] or null (8)
                                           const int32_t* expert_offsets,  // [E+1] device
                                           void* out,                      // [S, N_out] bf16
-                                          int64_t S, int64_t E, int64_t N, int64_t K, Sm90Epilogue epilogue,
-                                          void* workspace, size_t workspace_bytes, int sm_count,
-                                          cudaStream_t stream);
+                                          int64_t S, int64_t E, int64_t N, int64_t K, Int4Sm90Tile tile,
+                                          Sm90Epilogue epilogue, void* workspace, size_t workspace_bytes,
+                                          int sm_count, cudaStream_t stream);
 
 }  // namespace dots1

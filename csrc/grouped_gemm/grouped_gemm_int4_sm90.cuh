@@ -73,6 +73,8 @@ using namespace cute;
 // Cooperative 128 (weight rows) x 128 (rows of x) x 64 (k) tiles: the two consumer warpgroups take
 // 64 weight rows each and convert them once per k block for all 128 activation rows.
 struct Int4Cooperative128x128 : Cooperative<Shape<_128, _128, _64>> {};
+// 256 rows of x per tile: each converted k block feeds twice the MMAs (m64n256k16 per warpgroup).
+struct Int4Cooperative128x256 : Cooperative<Shape<_128, _256, _64>> {};
 
 // The SwiGLU epilogue of the transposed product: accumulator rows are weight rows, in 16-row blocks
 // [8 gate | 8 up] (the interleaved layout). wgmma gives each thread rows r and r + 8 of every 16-row

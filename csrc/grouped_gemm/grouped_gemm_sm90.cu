@@ -10,6 +10,7 @@ namespace sm90 {
 struct Cooperative128x256;
 struct Pingpong64x256;
 struct Int4Cooperative128x128;
+struct Int4Cooperative128x256;
 
 template <typename Element, class Config, bool kSwiGLU>
 size_t workspace_bytes(int64_t E, int sm_count);
@@ -37,6 +38,16 @@ struct Tag {
 
 }  // namespace sm90
 
+// Runs BODY with kSwiGLU bound to whether the epilogue is the SwiGLU one.
+#define DOTS1_SM90_WITH_EPILOGUE(epilogue, ...)         \
+  if ((epilogue) == Sm90Epilogue::kSwiGLUInterleaved) { \
+    constexpr bool kSwiGLU = true;                      \
+    __VA_ARGS__;                                        \
+  } else {                                              \
+    constexpr bool kSwiGLU = false;                     \
+    __VA_ARGS__;                                        \
+  }
+
 // Runs BODY with Element, Config and kSwiGLU bound; unsupported dtypes return a value-initialised
 // result (0 / cudaSuccess is never reached: the callers check the dtype first).
 #define DOTS1_SM90_DISPATCH(dtype, config, epilogue, ...)                                           \
@@ -44,13 +55,7 @@ struct Tag {
     auto with_epilogue = [&](auto element_tag, auto config_tag) {                                   \
       using Element = decltype(element_tag);                                                        \
       using Config = typename decltype(config_tag)::type;                                           \
-      if (epilogue == Sm90Epilogue::kSwiGLUInterleaved) {                                           \
-        constexpr bool kSwiGLU = true;                                                              \
-        __VA_ARGS__;                                                                                \
-      } else {                                                                                      \
-        constexpr bool kSwiGLU = false;                                                             \
-        __VA_ARGS__;                                                                                \
-      }                                                                                             \
+      DOTS1_SM90_WITH_EPILOGUE(epilogue, __VA_ARGS__);                                              \
     };                                                                                              \
     auto with_config = [&](auto element_tag) {                                                      \
       if (config == Sm90GemmConfig::kCooperative128x256)                                            \
@@ -88,29 +93,39 @@ cudaError_t launch_grouped_gemm_sm90(const void* x, const void* weight, const in
                                                                         stream));
 }
 
-// ---- int4 (W4A16): grouped_gemm_int4_sm90_{none,swiglu}.cu, one configuration ----
+// ---- int4 (W4A16): grouped_gemm_int4_sm90_{none,swiglu}[_n256].cu, two tiles ----
+
+// Runs BODY (which returns) with Config and kSwiGLU bound to the tile's and the epilogue's.
+#define DOTS1_SM90_INT4_DISPATCH(tile, epilogue, ...)                                       \
+  [&]() {                                                                                   \
+    auto with_epilogue = [&](auto config_tag) {                                             \
+      using Config = typename decltype(config_tag)::type;                                   \
+      DOTS1_SM90_WITH_EPILOGUE(epilogue, __VA_ARGS__);                                      \
+    };                                                                                      \
+    if (tile == Int4Sm90Tile::k128x256) return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x256>{}); \
+    return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x128>{});                        \
+  }()
 
 bool sm90_grouped_gemm_int4_compiled() {
   return sm90::int4_binary_version<sm90::Int4Cooperative128x128, false>() == 90 &&
-         sm90::int4_binary_version<sm90::Int4Cooperative128x128, true>() == 90;
+         sm90::int4_binary_version<sm90::Int4Cooperative128x128, true>() == 90 &&
+         sm90::int4_binary_version<sm90::Int4Cooperative128x256, false>() == 90 &&
+         sm90::int4_binary_version<sm90::Int4Cooperative128x256, true>() == 90;
 }
 
-size_t grouped_gemm_int4_sm90_workspace_bytes(int64_t E, int64_t N, int64_t K, Sm90Epilogue epilogue,
+size_t grouped_gemm_int4_sm90_workspace_bytes(int64_t E, int64_t N, int64_t K, Int4Sm90Tile tile, Sm90Epilogue epilogue,
                                               int sm_count) {
-  if (epilogue == Sm90Epilogue::kSwiGLUInterleaved)
-    return sm90::int4_workspace_bytes<sm90::Int4Cooperative128x128, true>(E, N, K, sm_count);
-  return sm90::int4_workspace_bytes<sm90::Int4Cooperative128x128, false>(E, N, K, sm_count);
+  return DOTS1_SM90_INT4_DISPATCH(tile, epilogue,
+                                  return sm90::int4_workspace_bytes<Config, kSwiGLU>(E, N, K, sm_count));
 }
 
 cudaError_t launch_grouped_gemm_int4_sm90(const void* x, const uint8_t* qweight, const void* scales,
                                           const uint8_t* zeros, const int32_t* expert_offsets, void* out, int64_t S,
-                                          int64_t E, int64_t N, int64_t K, Sm90Epilogue epilogue, void* workspace,
-                                          size_t workspace_bytes, int sm_count, cudaStream_t stream) {
-  if (epilogue == Sm90Epilogue::kSwiGLUInterleaved)
-    return sm90::run_int4<sm90::Int4Cooperative128x128, true>(x, qweight, scales, zeros, expert_offsets, out, S, E,
-                                                              N, K, workspace, workspace_bytes, sm_count, stream);
-  return sm90::run_int4<sm90::Int4Cooperative128x128, false>(x, qweight, scales, zeros, expert_offsets, out, S, E, N,
-                                                             K, workspace, workspace_bytes, sm_count, stream);
+                                          int64_t E, int64_t N, int64_t K, Int4Sm90Tile tile, Sm90Epilogue epilogue,
+                                          void* workspace, size_t workspace_bytes, int sm_count, cudaStream_t stream) {
+  return DOTS1_SM90_INT4_DISPATCH(tile, epilogue,
+                                  return sm90::run_int4<Config, kSwiGLU>(x, qweight, scales, zeros, expert_offsets, out, S, E,
+                                                                  N, K, workspace, workspace_bytes, sm_count, stream));
 }
 
 }  // namespace dots1
