@@ -165,11 +165,12 @@ def add_int4_rows(report: Report, w_gate_up_packed: torch.Tensor, w_down: torch.
     bf16 = {"gate_up": w_gate_up_packed.to(torch.bfloat16), "down": w_down.to(torch.bfloat16)}
     int4 = {"gate_up": quantize_by_expert(w_gate_up_packed), "down": quantize_by_expert(w_down)}
     int4_per_weight = 0.5 + 3 / quant.GROUP_SIZE
-    # The int4 rows: the default tile (128 x 256 on sm90), and on sm90 the CUTLASS kernel's 128 x 128 tile
+    # The int4 rows: the default (auto) tile, and on sm90 each of the CUTLASS kernel's tiles forced
     # (DOTS1_EXT_GEMM_INT4_TILE).
     int4_tiles = {"dots1_ext int4 (W4A16)": {}}
     if gpu and torch.cuda.get_device_capability(device) == (9, 0):
-        int4_tiles["dots1_ext int4 (W4A16) tile 128x128"] = {"DOTS1_EXT_GEMM_INT4_TILE": "128x128"}
+        for tile in ("128x32", "128x64", "128x128", "128x256"):
+            int4_tiles[f"dots1_ext int4 (W4A16) tile {tile}"] = {"DOTS1_EXT_GEMM_INT4_TILE": tile}
     per_weight = {"dots1_ext bf16": 2.0} | {label: int4_per_weight for label in int4_tiles}
     for T in Ts:
         S = T * k

@@ -9,7 +9,8 @@ round the other way). The kernel's dequantization itself is exact: ``test_cuda_d
 multiplies the weight by one-hot rows and compares bitwise.
 
 CUDA backends are forced through DOTS1_EXT_GEMM_INT4_BACKEND (cutlass | dequantize | auto), the CUTLASS
-tile through DOTS1_EXT_GEMM_INT4_TILE (auto = 128x256 | 128x128: "cutlass 128x128" in the lists). The memory /
+tile through DOTS1_EXT_GEMM_INT4_TILE (auto | 128x32 | 128x64 | 128x128 | 128x256: "cutlass 128x64" in the
+lists). The memory /
 race checks: compute-sanitizer ... python tests/sanitize_grouped_gemm_int4.py [--small]
 """
 
@@ -60,10 +61,14 @@ def out_features(q, epilogue):
     return q.qweight.shape[1] // 2 if epilogue == "swiglu_interleaved" else q.qweight.shape[1]
 
 
+# The CUTLASS kernels' tiles (DOTS1_EXT_GEMM_INT4_TILE), each forced in every cutlass case.
+INT4_TILES = ("128x32", "128x64", "128x128", "128x256")
+
+
 @pytest.fixture
 def int4_backend(request, monkeypatch):
     """DOTS1_EXT_GEMM_INT4_BACKEND set to the parameter's first word ("auto" without one), and
-    DOTS1_EXT_GEMM_INT4_TILE to its second (unset without one): "cutlass 128x128"."""
+    DOTS1_EXT_GEMM_INT4_TILE to its second (unset without one): "cutlass 128x64"."""
     name = getattr(request, "param", "auto")
     backend, _, tile = name.partition(" ")
     monkeypatch.setenv("DOTS1_EXT_GEMM_INT4_BACKEND", backend)
@@ -76,7 +81,7 @@ def cuda_int4_backends():
         return []
     names = ["auto", "dequantize"]
     if torch.cuda.get_device_capability() == (9, 0):
-        names += ["cutlass", "cutlass 128x128"]
+        names += ["cutlass"] + [f"cutlass {tile}" for tile in INT4_TILES]
     return names
 
 
@@ -297,7 +302,7 @@ def test_cuda_garbage_offsets_stay_in_bounds(garbage):
 
 
 @requires_cuda
-@pytest.mark.parametrize("tile", ["256x128", "128", "Auto"])
+@pytest.mark.parametrize("tile", ["256x128", "128", "Auto", "128x16"])
 def test_cuda_bad_tile_setting_raises(monkeypatch, tile):
     monkeypatch.setenv("DOTS1_EXT_GEMM_INT4_TILE", tile)
     x, q, off = make_int4_case([2, 2], 2, 32, 128, "cuda")

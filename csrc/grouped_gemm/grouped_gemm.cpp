@@ -435,17 +435,30 @@ Int4Backend int4_backend_from_env() {
   TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_GEMM_INT4_BACKEND must be auto, cutlass or dequantize, got '", s, "'");
 }
 
-// DOTS1_EXT_GEMM_INT4_TILE (read per call; unset, empty or auto: 128x256): the CUTLASS int4 kernels'
-// tile, (weight rows) x (rows of x); 128x256 converts each weight k block once per 256 rows of x, which
-// measured 1.4x faster than 128x128 at the real shape (bench/results/2026-11-30-h200-*-int4-tile).
-// Any other value raises ValueError.
-Int4Sm90Tile int4_tile_from_env() {
+// The auto tile's bounds on the mean rows of x per expert (measured, see int4_tile_for).
+constexpr int64_t kInt4Tile32MaxRows = 16;
+constexpr int64_t kInt4Tile64MaxRows = 48;
+constexpr int64_t kInt4Tile128MaxRows = 128;
+
+// DOTS1_EXT_GEMM_INT4_TILE (read per call): the CUTLASS int4 kernels' tile, (weight rows) x (rows of x).
+// Unset, empty or auto: by the mean rows of x per expert, S / E (host shapes only, no sync): a tile's
+// MMAs run over all its rows, padding included, while each weight k block is converted once per tile,
+// so few rows want a narrow tile and many rows a wide one (H200 measurements:
+// bench/results/2026-11-30-h200-*-int4-tiles). Any other value raises ValueError.
+Int4Sm90Tile int4_tile_for(int64_t S, int64_t E) {
   const char* v = std::getenv("DOTS1_EXT_GEMM_INT4_TILE");
-  if (v == nullptr || *v == '\0') return Int4Sm90Tile::k128x256;
-  const std::string s(v);
+  const std::string s(v == nullptr ? "" : v);
+  if (s == "128x32") return Int4Sm90Tile::k128x32;
+  if (s == "128x64") return Int4Sm90Tile::k128x64;
   if (s == "128x128") return Int4Sm90Tile::k128x128;
-  if (s == "auto" || s == "128x256") return Int4Sm90Tile::k128x256;
-  TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_GEMM_INT4_TILE must be auto, 128x128 or 128x256, got '", s, "'");
+  if (s == "128x256") return Int4Sm90Tile::k128x256;
+  TORCH_CHECK_VALUE(s.empty() || s == "auto", "dots1_ext: DOTS1_EXT_GEMM_INT4_TILE must be auto, 128x32, 128x64, "
+                    "128x128 or 128x256, got '", s, "'");
+  const int64_t rows_per_expert = E > 0 ? (S + E - 1) / E : S;
+  if (rows_per_expert <= kInt4Tile32MaxRows) return Int4Sm90Tile::k128x32;
+  if (rows_per_expert <= kInt4Tile64MaxRows) return Int4Sm90Tile::k128x64;
+  if (rows_per_expert <= kInt4Tile128MaxRows) return Int4Sm90Tile::k128x128;
+  return Int4Sm90Tile::k128x256;
 }
 
 at::Tensor grouped_gemm_int4_cuda(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
@@ -455,7 +468,7 @@ at::Tensor grouped_gemm_int4_cuda(const at::Tensor& x_in, const at::Tensor& qwei
   const Int4GemmShape g = check_grouped_gemm_int4(x_in, qweight, scales, zeros, offsets_in, epilogue);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const Int4Backend requested = int4_backend_from_env();
-  const Int4Sm90Tile tile = int4_tile_from_env();
+  const Int4Sm90Tile tile = int4_tile_for(g.S, g.E);
   const DeviceInfo& info = device_info(x_in.get_device());
   const bool cutlass_ok = info.sm90_int4 && g.S <= INT32_MAX && g.N <= INT32_MAX && g.K <= INT32_MAX;
   TORCH_CHECK(requested != Int4Backend::kCutlass || cutlass_ok, "dots1_ext: DOTS1_EXT_GEMM_INT4_BACKEND=cutlass "

@@ -75,6 +75,10 @@ using namespace cute;
 struct Int4Cooperative128x128 : Cooperative<Shape<_128, _128, _64>> {};
 // 256 rows of x per tile: each converted k block feeds twice the MMAs (m64n256k16 per warpgroup).
 struct Int4Cooperative128x256 : Cooperative<Shape<_128, _256, _64>> {};
+// Few rows of x per expert (short prompts, batched decode): a 128-row tile would spend its MMAs on
+// padding, so 64 or 32 rows per tile (the weight k block is converted once per tile either way).
+struct Int4Cooperative128x64 : Cooperative<Shape<_128, _64, _64>> {};
+struct Int4Cooperative128x32 : Cooperative<Shape<_128, _32, _64>> {};
 
 // The SwiGLU epilogue of the transposed product: accumulator rows are weight rows, in 16-row blocks
 // [8 gate | 8 up] (the interleaved layout). wgmma gives each thread rows r and r + 8 of every 16-row

@@ -11,6 +11,8 @@ struct Cooperative128x256;
 struct Pingpong64x256;
 struct Int4Cooperative128x128;
 struct Int4Cooperative128x256;
+struct Int4Cooperative128x64;
+struct Int4Cooperative128x32;
 
 template <typename Element, class Config, bool kSwiGLU>
 size_t workspace_bytes(int64_t E, int sm_count);
@@ -93,7 +95,7 @@ cudaError_t launch_grouped_gemm_sm90(const void* x, const void* weight, const in
                                                                         stream));
 }
 
-// ---- int4 (W4A16): grouped_gemm_int4_sm90_{none,swiglu}[_n256].cu, two tiles ----
+// ---- int4 (W4A16): grouped_gemm_int4_sm90_{none,swiglu}[_n256|_n64|_n32].cu, four tiles ----
 
 // Runs BODY (which returns) with Config and kSwiGLU bound to the tile's and the epilogue's.
 #define DOTS1_SM90_INT4_DISPATCH(tile, epilogue, ...)                                       \
@@ -103,6 +105,8 @@ cudaError_t launch_grouped_gemm_sm90(const void* x, const void* weight, const in
       DOTS1_SM90_WITH_EPILOGUE(epilogue, __VA_ARGS__);                                      \
     };                                                                                      \
     if (tile == Int4Sm90Tile::k128x256) return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x256>{}); \
+    if (tile == Int4Sm90Tile::k128x64) return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x64>{});   \
+    if (tile == Int4Sm90Tile::k128x32) return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x32>{});   \
     return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x128>{});                        \
   }()
 
@@ -110,7 +114,11 @@ bool sm90_grouped_gemm_int4_compiled() {
   return sm90::int4_binary_version<sm90::Int4Cooperative128x128, false>() == 90 &&
          sm90::int4_binary_version<sm90::Int4Cooperative128x128, true>() == 90 &&
          sm90::int4_binary_version<sm90::Int4Cooperative128x256, false>() == 90 &&
-         sm90::int4_binary_version<sm90::Int4Cooperative128x256, true>() == 90;
+         sm90::int4_binary_version<sm90::Int4Cooperative128x256, true>() == 90 &&
+         sm90::int4_binary_version<sm90::Int4Cooperative128x64, false>() == 90 &&
+         sm90::int4_binary_version<sm90::Int4Cooperative128x64, true>() == 90 &&
+         sm90::int4_binary_version<sm90::Int4Cooperative128x32, false>() == 90 &&
+         sm90::int4_binary_version<sm90::Int4Cooperative128x32, true>() == 90;
 }
 
 size_t grouped_gemm_int4_sm90_workspace_bytes(int64_t E, int64_t N, int64_t K, Int4Sm90Tile tile, Sm90Epilogue epilogue,
