@@ -435,9 +435,13 @@ Int4Backend int4_backend_from_env() {
   TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_GEMM_INT4_BACKEND must be auto, cutlass or dequantize, got '", s, "'");
 }
 
-// The auto tile's bounds on the mean rows of x per expert (measured, see int4_tile_for).
-constexpr int64_t kInt4Tile32MaxRows = 16;
-constexpr int64_t kInt4Tile64MaxRows = 48;
+// The auto tile's bounds on the mean rows of x per expert r = ceil(S / E). H200, real shape
+// (bench/results/2026-11-30-h200-7bfe8d7-int4-tiles): the kernel's time grows with the tiles it runs, so the
+// narrowest tile that holds an expert's rows wins: balanced routing, 128x32 best to r = 24, 128x64 at r = 48,
+// 128x128 at r = 96, 128x256 from r = 144. Real batches are skewed (the random model's prefill: 128x64
+// beat 128x32 at r = 12, 128x128 beat 128x64 at r = 48), so the bounds sit below the tile widths.
+constexpr int64_t kInt4Tile32MaxRows = 8;
+constexpr int64_t kInt4Tile64MaxRows = 40;
 constexpr int64_t kInt4Tile128MaxRows = 128;
 
 // DOTS1_EXT_GEMM_INT4_TILE (read per call): the CUTLASS int4 kernels' tile, (weight rows) x (rows of x).
