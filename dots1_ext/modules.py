@@ -39,13 +39,15 @@ from dots1_ext.ops.gating import ROUTER_FUSED_MAX_TOKENS  # noqa: E402  (one def
 # launches, each touched expert read once) up to MOE_DECODE_MAX_TOKENS, with int4 experts up to
 # INT4_MOE_DECODE_MAX_TOKENS. The ops take up to 64 tokens per launch; against permute + grouped GEMM
 # + unpermute at real shape (H200, bench/results/2026-11-30-h200-06dd60c-moe-decode-defaults) they are
-# 3.6% faster at 32 tokens and 0.7% slower at 64. The int4 pair has not been timed against the W4A16
-# grouped GEMM between 16 and 32 tokens, so it keeps 16.
+# 3.6% faster at 32 tokens and 0.7% slower at 64. The int4 pair reads a quarter of the bytes and wins
+# up to its 64-token limit: the 8-layer int4 decode step at context 2048 took 6.91 vs 8.50 ms at B=32,
+# 10.12 vs 11.47 at B=64 against the W4A16 grouped GEMM path (H200,
+# bench/results/2026-11-30-h200-02c8b5b-int4-tiles-decode).
 SKINNY_MAX_ROWS = 16
 SKINNY_ALWAYS_ROWS = 4
 SKINNY_LARGE_WEIGHT = 32 * 2**20
 MOE_DECODE_MAX_TOKENS = 32
-INT4_MOE_DECODE_MAX_TOKENS = 16
+INT4_MOE_DECODE_MAX_TOKENS = 64
 
 
 def _reference_namespace() -> types.SimpleNamespace:

@@ -363,7 +363,7 @@ def test_reference_ops_switch(device):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("T", [1, 16, 17, 32, 33])
+@pytest.mark.parametrize("T", [1, 16, 17, 32, 33, 64, 65])
 def test_moe_layer_path_by_token_count(device, T, monkeypatch):
     # Up to modules.MOE_DECODE_MAX_TOKENS (INT4_MOE_DECODE_MAX_TOKENS with int4 experts) a MoE layer runs
     # the two decode ops, above it permute + grouped GEMMs; either way the reference's result (the int4

@@ -436,7 +436,7 @@ Int4Backend int4_backend_from_env() {
 }
 
 // The auto tile's bounds on the mean rows of x per expert r = ceil(S / E). H200, real shape
-// (bench/results/2026-11-30-h200-7bfe8d7-int4-tiles): the kernel's time grows with the tiles it runs, so the
+// (bench/results/2026-11-30-h200-02c8b5b-int4-tiles-decode): the kernel's time grows with the tiles it runs, so the
 // narrowest tile that holds an expert's rows wins: balanced routing, 128x32 best to r = 24, 128x64 at r = 48,
 // 128x128 at r = 96, 128x256 from r = 144. Real batches are skewed (the random model's prefill: 128x64
 // beat 128x32 at r = 12, 128x128 beat 128x64 at r = 48), so the bounds sit below the tile widths.
@@ -448,7 +448,7 @@ constexpr int64_t kInt4Tile128MaxRows = 128;
 // Unset, empty or auto: by the mean rows of x per expert, S / E (host shapes only, no sync): a tile's
 // MMAs run over all its rows, padding included, while each weight k block is converted once per tile,
 // so few rows want a narrow tile and many rows a wide one (H200 measurements:
-// bench/results/2026-11-30-h200-*-int4-tiles). Any other value raises ValueError.
+// bench/results/2026-11-30-h200-02c8b5b-int4-tiles-decode). Any other value raises ValueError.
 Int4Sm90Tile int4_tile_for(int64_t S, int64_t E) {
   const char* v = std::getenv("DOTS1_EXT_GEMM_INT4_TILE");
   const std::string s(v == nullptr ? "" : v);
