@@ -87,6 +87,14 @@ def check_pair(hidden, w, ids, weights, residual, what="", equal_nan=False):
     return act, out
 
 
+def switch_case(shape, T, symmetric):
+    """The same-bits tests' case: bf16 int4 weights of shape (E, H, I, Is) and a T-token decode batch
+    (top-k of the real shape) on CUDA -> (weights, (hidden, ids, topk weights, residual))."""
+    E, H, I, Is = shape
+    w = Int4Weights(E, H, I, Is, torch.bfloat16, "cuda", symmetric=symmetric)
+    return w, decode_inputs(T, REAL["k"], E, H, torch.bfloat16, "cuda")
+
+
 # ---------------------------------------------------------------- any device
 
 
@@ -374,11 +382,7 @@ def test_cuda_staged_same_bits(symmetric, shape, T, monkeypatch):
     # stream. T = 9 and 64 run two n-tiles; 64 tokens also hot experts (items side by side). One row
     # group: the staged stream's tiles (up to 8 tokens the default unstaged launch takes 4 row groups).
     monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_ROW_GROUPS", "1")
-    E, H, I, Is = shape
-    k = REAL["k"]
-    dtype = torch.bfloat16
-    w = Int4Weights(E, H, I, Is, dtype, "cuda", symmetric=symmetric)
-    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    w, (hidden, ids, weights, residual) = switch_case(shape, T, symmetric)
     results = {}
     for flag in ("1", "0", "auto"):
         monkeypatch.setenv("DOTS1_EXT_MOE_DECODE_INT4_STAGED", flag)
@@ -396,11 +400,7 @@ def test_cuda_down_preload_same_bits(symmetric, shape, T, monkeypatch):
     # DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD (default 1): the int4 down kernel's warps load their first batch
     # of the (bf16) shared experts' rows before the PDL wait, and each shared pass the next one's: 1, 0
     # and unset give the same bits, and the reference's values.
-    E, H, I, Is = shape
-    k = REAL["k"]
-    dtype = torch.bfloat16
-    w = Int4Weights(E, H, I, Is, dtype, "cuda", symmetric=symmetric)
-    hidden, ids, weights, residual = decode_inputs(T, k, E, H, dtype, "cuda")
+    w, (hidden, ids, weights, residual) = switch_case(shape, T, symmetric)
     results = {}
     for flag in ("1", "0", None):
         set_env(monkeypatch, "DOTS1_EXT_MOE_DECODE_DOWN_PRELOAD", flag)
