@@ -10,60 +10,121 @@
 // the expert, K); A = the codes [N_w, K] (K-major), B = x's rows (K-major), D = out^T column-major,
 // which is out row-major.
 //
-// Numerics: the mainloop's "convert, scale and add the zero" runs in fp32 here (scale and zero in
-// fp32): code u (exact in fp32) * s + (-z * s) is exactly (u - z) * s (|u - z| <= 15 times an 8-bit
-// mantissa fits in fp32, so each step and the sum are exact whether or not the compiler fuses them),
-// then one round-to-nearest-even to bf16: exactly quant.dequantize_int4's bf16 weight. (With bf16
-// scale and zero CUTLASS would round u * s and then the sum: two roundings.) The codes are read as
-// stored (uint4, element 2j in the low nibble of byte j, which is CUTLASS's subbyte order); the scales
-// and zero points are turned per call into [E, K/128, N_w] fp32 s and -z * s (TMA wants them N-major),
-// a small kernel in the same stream.
+// Numerics: each code pair is dequantized in bf16x2 with exact steps, the reference's bits: the
+// pair's nibbles go into the mantissas of 128.0 (0x4300 | u is the bf16 128 + u), minus 128 + z (an
+// integer <= 143, exact in bf16) gives u - z exactly, and one bf16x2 multiply by s rounds (u - z) * s
+// once to nearest even, as quant.dequantize_int4 does from fp32 (where the product is exact). Four
+// instructions per pair (PRMT, LOP3, HSUB2, HMUL2) plus one shift per 8 codes, where CUTLASS's generic
+// path converts each code to fp32, scales it there and converts back (~4.5 per code): the mainloop is
+// bound by these conversions in the consumer warps, not by its bytes. The hook: the collective's
+// TransformA slot (unused by CUTLASS's sm90 mixed-input mainloop) carries the tag ExactInt4Dequant,
+// and a partial specialization of CUTLASS's MixedInputUtils for collectives with that tag replaces
+// dequantize_A_kblock, inheriting everything else from the untagged collective's MixedInputUtils.
+// The codes are read as stored (uint4, element 2j in the low nibble of byte j, which is CUTLASS's
+// subbyte order); the scales and zero points are turned per call into [E, K/128, N_w] 32-bit words
+// (TMA wants them N-major) holding bf16x2 {s, s} and {128 + z, 128 + z}, a small kernel in the same
+// stream. The mainloop's scale type is float only for its 32-bit TMA and shared-memory plumbing:
+// nothing but the dequantization reads the words.
 //
-// Included only by grouped_gemm_int4_sm90_{none,swiglu}.cu (one instantiation each).
+// Included only by the grouped_gemm_int4_sm90_{none,swiglu}*.cu instantiation files.
 #pragma once
 
+#include <cuda_bf16.h>
+
 #include "grouped_gemm/grouped_gemm_sm90.cuh"
+// After the CUTLASS headers above, which it needs and which include it only where they use it.
+#include "cutlass/detail/collective/mixed_input_utils.hpp"
 
-// uint4 -> fp32, 8 codes per 32-bit word, for the mainloop's conversion (CUTLASS has a fast converter
-// for int4b_t -> float but not for uint4b_t; its generic one converts element by element). Code j of
-// a word: (w & (0xF << 4j)) | 0x4B000000 is the float 2^23 + u * 16^j, exact; one FMA by 16^-j, minus
-// 2^23 * 16^-j, leaves u exactly.
-namespace cutlass {
-template <FloatRoundStyle Round, int N>
-struct NumericArrayConverter<float, cutlass::uint4b_t, N, Round> {
-  using result_type = Array<float, N>;
-  using source_type = Array<cutlass::uint4b_t, N>;
-  static FloatRoundStyle const round_style = Round;
+namespace dots1 {
+namespace sm90 {
 
-  CUTLASS_DEVICE static void convert_nibbles4(uint32_t word, float* out) {
-    constexpr float kScale[4] = {1.f, 1.f / 16.f, 1.f / 256.f, 1.f / 4096.f};
-    constexpr float kOffset[4] = {-8388608.f, -524288.f, -32768.f, -2048.f};
-    CUTLASS_PRAGMA_UNROLL
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t bits = (word & (0xFu << (4 * j))) | 0x4B000000u;
-      out[j] = __fmaf_rn(__uint_as_float(bits), kScale[j], kOffset[j]);
-    }
-  }
+// The tag in the TransformA slot that selects the exact dequantization.
+struct ExactInt4Dequant {};
 
-  CUTLASS_DEVICE static result_type convert(source_type const& source) {
-    result_type result;
-    if constexpr (N % 8 == 0) {
-      const uint32_t* words = reinterpret_cast<const uint32_t*>(&source);
-      CUTLASS_PRAGMA_UNROLL
-      for (int w = 0; w < N / 8; ++w) {
-        convert_nibbles4(words[w], &result[8 * w]);
-        convert_nibbles4(words[w] >> 16, &result[8 * w + 4]);
-      }
-    } else {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < N; ++i) result[i] = static_cast<float>(static_cast<int>(source[i]));
-    }
-    return result;
-  }
+template <class Collective, class TransformA>
+struct WithTransformA;
 
-  CUTLASS_DEVICE result_type operator()(source_type const& s) const { return convert(s); }
+template <class Policy, class Tile, class EA, class SA, class EB, class SB, class Mma, class GA, class LA, class CA,
+          class TA, class GB, class LB, class CB, class TB, class NewTA>
+struct WithTransformA<cutlass::gemm::collective::CollectiveMma<Policy, Tile, EA, SA, EB, SB, Mma, GA, LA, CA, TA, GB,
+                                                               LB, CB, TB>,
+                      NewTA> {
+  using type =
+      cutlass::gemm::collective::CollectiveMma<Policy, Tile, EA, SA, EB, SB, Mma, GA, LA, CA, NewTA, GB, LB, CB, TB>;
 };
-}  // namespace cutlass
+
+// One pair of codes -> bf16x2 (u0 - z) * s, (u1 - z) * s. pair_bits holds u0 in bits 0-3 and u1 in bits
+// 16-19 (other bits ignored); scale_pair = bf16x2 {s, s}, biased_zero_pair = bf16x2 {128 + z, 128 + z}.
+__device__ __forceinline__ uint32_t dequantize_int4_pair(uint32_t pair_bits, uint32_t scale_pair,
+                                                         uint32_t biased_zero_pair) {
+  uint32_t biased;  // bf16x2 {128 + u0, 128 + u1}
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(biased) : "r"(pair_bits), "n"(0x000F000F), "n"(0x43004300));
+  const __nv_bfloat162 diff = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&biased),
+                                      *reinterpret_cast<const __nv_bfloat162*>(&biased_zero_pair));
+  const __nv_bfloat162 w = __hmul2(diff, *reinterpret_cast<const __nv_bfloat162*>(&scale_pair));
+  return *reinterpret_cast<const uint32_t*>(&w);
+}
+
+}  // namespace sm90
+}  // namespace dots1
+
+namespace cutlass::gemm::collective::detail {
+
+template <int Stages, class ClusterShape, class Schedule, class Tile, class EA, class SA, class EB, class SB, class Mma,
+          class GA, class LA, class CA, class GB, class LB, class CB, class TB>
+struct MixedInputUtils<cutlass::gemm::collective::CollectiveMma<
+    cutlass::gemm::MainloopSm90ArrayTmaGmmaWarpSpecializedMixedInput<Stages, ClusterShape, Schedule>, Tile, EA, SA, EB,
+    SB, Mma, GA, LA, CA, dots1::sm90::ExactInt4Dequant, GB, LB, CB, TB>>
+    : MixedInputUtils<cutlass::gemm::collective::CollectiveMma<
+          cutlass::gemm::MainloopSm90ArrayTmaGmmaWarpSpecializedMixedInput<Stages, ClusterShape, Schedule>, Tile, EA,
+          SA, EB, SB, Mma, GA, LA, CA, cute::identity, GB, LB, CB, TB>> {
+  static_assert(dots1::kInt4GroupK % cute::size<2>(Tile{}) == 0,
+                "a k tile must lie inside one quantization group (one scale per row per k tile)");
+
+  // k block k_block of the consumer's A fragment: codes (uint4) -> bf16, with the scale and zero words
+  // of the same fragment positions (CUTLASS's own partitioning of them, read as bf16x2 pairs).
+  template <class EngineIn, class EngineOut, class LayoutIn, class LayoutOut, class... Ts>
+  CUTLASS_DEVICE static void dequantize_A_kblock(cute::Tensor<EngineIn, LayoutIn> const& tCrA_load,
+                                                 cute::Tensor<EngineOut, LayoutOut>& tCrA_mma,
+                                                 cute::tuple<Ts...>& partitioned_extra_info, int const k_block) {
+    using namespace cute;
+    static_assert(is_rmem<EngineIn>::value && is_rmem<EngineOut>::value, "A is converted in registers");
+    static_assert(is_same_v<typename EngineIn::value_type, cutlass::uint4b_t>, "the codes are uint4");
+    static_assert(is_same_v<typename EngineOut::value_type, cutlass::bfloat16_t>, "A is converted to bf16");
+    static_assert(size_v<LayoutIn> == cosize_v<LayoutIn> && size_v<LayoutOut> == cosize_v<LayoutOut>,
+                  "A's register fragments are dense");
+
+    Tensor src = tCrA_load(_, _, k_block);
+    Tensor dst = tCrA_mma(_, _, k_block);
+    Tensor scales = get<1>(partitioned_extra_info)(_, _, k_block);
+    Tensor zeros = get<3>(partitioned_extra_info)(_, _, k_block);
+    // Words of 8 codes; a wgmma A register holds two consecutive k of one row, so the 8 codes are 4
+    // such pairs, each with one scale and zero (the pair's first element's).
+    static_assert(decltype(size(src(_, 0)))::value % 8 == 0 && decltype(size(src(_, 0)) ==
+                                                                         cosize(src(_, 0).layout()))::value,
+                  "the first mode of A's fragment must be whole contiguous 32-bit words of codes");
+    Tensor src_vm = group_modes<1, -1>(zipped_divide(src, Int<8>{}));
+    Tensor dst_vm = group_modes<1, -1>(zipped_divide(dst, Int<8>{}));
+    Tensor scales_vm = group_modes<1, -1>(zipped_divide(scales, Int<8>{}));
+    Tensor zeros_vm = group_modes<1, -1>(zipped_divide(zeros, Int<8>{}));
+
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size<1>(dst_vm); ++i) {
+      const uint32_t codes = recast<uint32_t>(src_vm(_, i))(0);
+      auto&& out = recast<uint32_t>(dst_vm(_, i));
+      CUTLASS_PRAGMA_UNROLL
+      for (int p = 0; p < 4; ++p) {
+        // byte p = codes 2p (low nibble) and 2p + 1: times 0x1001 puts code 2p in bits 0-3 and code
+        // 2p + 1 in bits 16-19 (the byte shifted by 12), with no carries between the copies
+        const uint32_t pair_bits = ((codes >> (8 * p)) & 0xFFu) * 0x1001u;
+        out(p) = dots1::sm90::dequantize_int4_pair(pair_bits, reinterpret_cast<const uint32_t&>(scales_vm(2 * p, i)),
+                                                   reinterpret_cast<const uint32_t&>(zeros_vm(2 * p, i)));
+      }
+    }
+  }
+};
+
+}  // namespace cutlass::gemm::collective::detail
 
 namespace dots1 {
 namespace sm90 {
@@ -215,7 +276,9 @@ template <class Config, bool kSwiGLU>
 struct GroupedGemmInt4 {
   using Element = cutlass::bfloat16_t;         // activations and output
   using ElementCode = cutlass::uint4b_t;       // the stored codes u in [0, 15]
-  using ElementScale = float;                  // s, and the zero term -z * s: fp32 for the exact product
+  // 32-bit words bf16x2 {s, s} and {128 + z, 128 + z}, typed float only for the mainloop's TMA and
+  // shared-memory plumbing (see the numerics note at the top).
+  using ElementScale = float;
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (N_w, rows_e, K)
   using UnderlyingShape = typename ProblemShape::UnderlyingProblemShape;
   using LayoutW = cutlass::layout::RowMajor;     // A = the codes [N_w, K], K contiguous
@@ -225,12 +288,17 @@ struct GroupedGemmInt4 {
 
   using CollectiveEpilogue = typename Int4EpilogueFor<Config, kSwiGLU>::CollectiveOp;
 
-  using CollectiveMainloop = MixedInputScaleAndZeroMainloop<typename cutlass::gemm::collective::CollectiveBuilder<
+  using BuiltMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<ElementCode, ElementScale, ElementScale>,
       LayoutW*, kAlignW, Element, LayoutX*, kAlignX, float, typename Config::TileShape, typename Config::ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      typename Config::KernelSchedule>::CollectiveOp>;
+      typename Config::KernelSchedule>::CollectiveOp;
+  // The builder's collective is completed first: the tagged collective's MixedInputUtils derives from
+  // its MixedInputUtils, which CUTLASS instantiates from inside the collective's definition.
+  static_assert(sizeof(BuiltMainloop) > 0);
+  using CollectiveMainloop =
+      MixedInputScaleAndZeroMainloop<typename WithTransformA<BuiltMainloop, ExactInt4Dequant>::type>;
   static_assert(CollectiveMainloop::KernelConversionMode ==
                     CollectiveMainloop::ConversionMode::ConvertAndScaleWithZero,
                 "expected the scale-and-zero conversion");
@@ -246,7 +314,7 @@ struct GroupedGemmInt4 {
   static_assert(cute::is_same_v<cute::remove_cvref_t<decltype(get<1>(StrideX{}))>, _1>);
   static_assert(cute::is_same_v<cute::remove_cvref_t<decltype(get<0>(StrideD{}))>, _1>);
 
-  // Argument arrays, then the fp32 scales and zero terms [E, K/128, N_w], then CUTLASS's workspace;
+  // Argument arrays, then the scale and zero-point pair words [E, K/128, N_w], then CUTLASS's workspace;
   // each 256-byte aligned.
   struct Layout {
     size_t shapes, ptr_w, ptr_x, ptr_s, ptr_z, ptr_d, stride_w, stride_x, stride_s, stride_d, scales, zeros, cutlass,
@@ -288,23 +356,27 @@ struct GroupedGemmInt4 {
   }
 };
 
-// scales [E, N, G] bf16, zeros [E, N, G] uint8 or null (zero point 8) -> scales_t [E, G, N] fp32 = s
-// and zeros_t [E, G, N] fp32 = -z * s (exact). One thread per weight row: it reads its row's G
-// groups in order (cache lines reused through L1) and writes each with its neighbours' (coalesced).
-template <typename ScaleIn>
-__global__ void int4_scales_transpose_kernel(const ScaleIn* __restrict__ scales, const uint8_t* __restrict__ zeros,
-                                             int64_t E, int64_t N, int64_t G, float* __restrict__ scales_t,
-                                             float* __restrict__ zeros_t) {
+// scales [E, N, G] bf16, zeros [E, N, G] uint8 or null (zero point 8) -> scale_pairs [E, G, N] =
+// bf16x2 {s, s} and biased_zero_pairs [E, G, N] = bf16x2 {128 + z, 128 + z} (exact: z <= 15). One
+// thread per weight row: it reads its row's G groups in order (cache lines reused through L1) and
+// writes each with its neighbours' (coalesced).
+// (A template only for its linkage: this header is included by every instantiation file.)
+template <typename ScaleBits>
+__global__ void int4_scale_pairs_kernel(const ScaleBits* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                                        int64_t E, int64_t N, int64_t G, uint32_t* __restrict__ scale_pairs,
+                                        uint32_t* __restrict__ biased_zero_pairs) {
   const int64_t rows = E * N;
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t e = r / N, n = r - e * N;
     for (int64_t g = 0; g < G; ++g) {
-      const float s = static_cast<float>(scales[r * G + g]);
-      const float z = zeros ? static_cast<float>(zeros[r * G + g]) : 8.0f;
+      static_assert(sizeof(ScaleBits) == 2, "bf16 scale bits");
+      const uint32_t s = scales[r * G + g];
+      const uint32_t z = zeros ? zeros[r * G + g] : 8u;
+      const uint32_t biased_zero = __bfloat16_as_ushort(__float2bfloat16_rn(128.0f + static_cast<float>(z)));
       const int64_t at = (e * G + g) * N + n;
-      scales_t[at] = s;
-      zeros_t[at] = -(z * s);
+      scale_pairs[at] = s * 0x10001u;
+      biased_zero_pairs[at] = biased_zero * 0x10001u;
     }
   }
 }
@@ -368,8 +440,9 @@ cudaError_t run_int4(const void* x, const uint8_t* qweight, const void* scales, 
   auto* zeros_t = reinterpret_cast<float*>(ws + l.zeros);
   const int threads = 256;
   const unsigned scale_blocks = static_cast<unsigned>(std::min<int64_t>((E * N + threads - 1) / threads, 4096));
-  int4_scales_transpose_kernel<cutlass::bfloat16_t><<<scale_blocks, threads, 0, stream>>>(
-      static_cast<const cutlass::bfloat16_t*>(scales), zeros, E, N, groups, scales_t, zeros_t);
+  int4_scale_pairs_kernel<uint16_t><<<scale_blocks, threads, 0, stream>>>(static_cast<const uint16_t*>(scales), zeros, E, N,
+                                                                 groups, reinterpret_cast<uint32_t*>(scales_t),
+                                                                 reinterpret_cast<uint32_t*>(zeros_t));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
