@@ -435,20 +435,22 @@ Int4Backend int4_backend_from_env() {
   TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_GEMM_INT4_BACKEND must be auto, cutlass or dequantize, got '", s, "'");
 }
 
-// The auto tile's bounds on the mean rows of x per expert r = ceil(S / E). H200, real shape
-// (bench/results/2026-11-30-h200-02c8b5b-int4-tiles-decode): the kernel's time grows with the tiles it runs, so the
-// narrowest tile that holds an expert's rows wins: balanced routing, 128x32 best to r = 24, 128x64 at r = 48,
-// 128x128 at r = 96, 128x256 from r = 144. Real batches are skewed (the random model's prefill: 128x64
-// beat 128x32 at r = 12, 128x128 beat 128x64 at r = 48), so the bounds sit below the tile widths.
-constexpr int64_t kInt4Tile32MaxRows = 8;
-constexpr int64_t kInt4Tile64MaxRows = 40;
-constexpr int64_t kInt4Tile128MaxRows = 128;
+// The auto tile's bounds on the mean rows of x per expert r = ceil(S / E). H200, real shape, the
+// gate_up + down pair (bench/results/2026-11-30-h200-d328cf8-int4-exact-dequant): the kernel's time
+// grows with the tiles it runs, and a tile's MMAs run over its padding too, so the narrowest tile that
+// holds an expert's rows wins. Balanced routing: 128x32 best to r = 24, 128x64 at r = 48, 128x128 at
+// r = 96, 128x256 from r = 144. Skewed routing (Zipf 1.2, and the 8-layer random model's prefill, which
+// agree): 128x64 from r = 24, 128x128 at r = 96-192 (by 7-14% over 128x256, which wastes its width on
+// the many small experts), 128x256 at r = 384. The bounds follow the skewed case, as real batches are.
+constexpr int64_t kInt4Tile32MaxRows = 16;
+constexpr int64_t kInt4Tile64MaxRows = 64;
+constexpr int64_t kInt4Tile128MaxRows = 256;
 
 // DOTS1_EXT_GEMM_INT4_TILE (read per call): the CUTLASS int4 kernels' tile, (weight rows) x (rows of x).
 // Unset, empty or auto: by the mean rows of x per expert, S / E (host shapes only, no sync): a tile's
 // MMAs run over all its rows, padding included, while each weight k block is converted once per tile,
-// so few rows want a narrow tile and many rows a wide one (H200 measurements:
-// bench/results/2026-11-30-h200-02c8b5b-int4-tiles-decode). Any other value raises ValueError.
+// so few rows want a narrow tile and many rows a wide one (H200 measurements: above). Any other value
+// raises ValueError.
 Int4Sm90Tile int4_tile_for(int64_t S, int64_t E) {
   const char* v = std::getenv("DOTS1_EXT_GEMM_INT4_TILE");
   const std::string s(v == nullptr ? "" : v);
