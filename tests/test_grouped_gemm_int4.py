@@ -243,6 +243,31 @@ def test_cuda_dequantization_is_exact(int4_backend, symmetric):
 
 @requires_cuda
 @pytest.mark.parametrize("int4_backend", cuda_int4_backends(), indirect=True)
+def test_cuda_dequantization_is_exact_for_every_code_and_zero_point(int4_backend):
+    # The sm90 kernel dequantizes in bf16x2 ((128 + u) - (128 + z), times s): every code against every
+    # zero point, scales over bf16's exponent range (subnormal products, large ones that stay finite,
+    # zero scales), one-hot rows as above, compared bitwise (signed zeros included) with dequantize_int4.
+    E, N, K = 2, 256, 256
+    G = K // quant.GROUP_SIZE
+    gen = torch.Generator().manual_seed(5)
+    qweight = torch.randint(0, 256, (E, N, K // 2), generator=gen, dtype=torch.uint8)
+    zeros = ((torch.arange(N).view(1, N, 1) + 7 * torch.arange(G).view(1, 1, G)) % 16).expand(E, N, G)
+    exponent = torch.randint(-133, 120, (E, N, G), generator=gen).float()
+    scales = (torch.rand(E, N, G, generator=gen) + 1) * torch.exp2(exponent)
+    scales[0, :4] = 0.0
+    codes_and_zeros = zip((qweight[..., :64] & 15).flatten().tolist(),
+                          zeros[..., :1].expand(E, N, 64).flatten().tolist())
+    assert set(codes_and_zeros) == {(u, z) for u in range(16) for z in range(16)}
+    q = quant.Int4Weight(qweight.cuda(), scales.to(torch.bfloat16).cuda(), zeros.to(torch.uint8).contiguous().cuda())
+    x = torch.eye(K, device="cuda", dtype=torch.bfloat16).repeat(E, 1)
+    off = torch.arange(0, (E + 1) * K, K, device="cuda", dtype=torch.int32)
+    out = run(x, q, off, "none")
+    expected = quant.dequantize_int4(q, torch.bfloat16).transpose(1, 2).reshape(E * K, N)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
+@requires_cuda
+@pytest.mark.parametrize("int4_backend", cuda_int4_backends(), indirect=True)
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 def test_cuda_matches_bf16_grouped_gemm_on_dequantized_weight(int4_backend, epilogue):
     E, k, T, N, K = 16, 6, 300, 512, 1024
