@@ -14,9 +14,10 @@
 // pair's nibbles go into the mantissas of 128.0 (0x4300 | u is the bf16 128 + u), minus 128 + z (an
 // integer <= 143, exact in bf16) gives u - z exactly, and one bf16x2 multiply by s rounds (u - z) * s
 // once to nearest even, as quant.dequantize_int4 does from fp32 (where the product is exact). Four
-// instructions per pair (PRMT, LOP3, HSUB2, HMUL2) plus one shift per 8 codes, where CUTLASS's generic
-// path converts each code to fp32, scales it there and converts back (~4.5 per code): the mainloop is
-// bound by these conversions in the consumer warps, not by its bytes. The hook: the collective's
+// instructions per pair (IMAD, LOP3, HSUB2, HMUL2; ptxas folds the byte extraction into the shared-
+// memory byte loads), where CUTLASS's generic path converts each code to fp32, scales it there and
+// converts back (~4.5 per code): the mainloop is bound by these conversions in the consumer warps, not
+// by its bytes (the 128x32 tile's k-block loop: 243 -> 162 instructions per thread). The hook: the collective's
 // TransformA slot (unused by CUTLASS's sm90 mixed-input mainloop) carries the tag ExactInt4Dequant,
 // and a partial specialization of CUTLASS's MixedInputUtils for collectives with that tag replaces
 // dequantize_A_kblock, inheriting everything else from the untagged collective's MixedInputUtils.
