@@ -441,9 +441,9 @@ cudaError_t run_int4(const void* x, const uint8_t* qweight, const void* scales, 
   auto* zeros_t = reinterpret_cast<float*>(ws + l.zeros);
   const int threads = 256;
   const unsigned scale_blocks = static_cast<unsigned>(std::min<int64_t>((E * N + threads - 1) / threads, 4096));
-  int4_scale_pairs_kernel<uint16_t><<<scale_blocks, threads, 0, stream>>>(static_cast<const uint16_t*>(scales), zeros, E, N,
-                                                                 groups, reinterpret_cast<uint32_t*>(scales_t),
-                                                                 reinterpret_cast<uint32_t*>(zeros_t));
+  int4_scale_pairs_kernel<uint16_t><<<scale_blocks, threads, 0, stream>>>(
+      static_cast<const uint16_t*>(scales), zeros, E, N, groups, reinterpret_cast<uint32_t*>(scales_t),
+      reinterpret_cast<uint32_t*>(zeros_t));
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
