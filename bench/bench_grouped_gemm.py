@@ -169,7 +169,7 @@ def add_int4_rows(report: Report, w_gate_up_packed: torch.Tensor, w_down: torch.
     # (DOTS1_EXT_GEMM_INT4_TILE).
     int4_tiles = {"dots1_ext int4 (W4A16)": {}}
     if gpu and torch.cuda.get_device_capability(device) == (9, 0):
-        for tile in ("128x32", "128x64", "128x128", "128x256"):
+        for tile in ("128x32", "128x64", "128x128", "128x192", "128x256"):
             int4_tiles[f"dots1_ext int4 (W4A16) tile {tile}"] = {"DOTS1_EXT_GEMM_INT4_TILE": tile}
     per_weight = {"dots1_ext bf16": 2.0} | {label: int4_per_weight for label in int4_tiles}
     for T in Ts:

@@ -38,7 +38,7 @@ def small() -> bool:
 def backends() -> list[str]:
     """DOTS1_EXT_GEMM_INT4_BACKEND values, with DOTS1_EXT_GEMM_INT4_TILE after a space."""
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    tiles = ["128x32", "128x64", "128x128", "128x256"]
+    tiles = ["128x32", "128x64", "128x128", "128x192", "128x256"]
     return [f"cutlass {tile}" for tile in tiles] + ["dequantize"] if sm90 else ["dequantize"]
 
 

@@ -9,7 +9,7 @@ round the other way). The kernel's dequantization itself is exact: ``test_cuda_d
 multiplies the weight by one-hot rows and compares bitwise.
 
 CUDA backends are forced through DOTS1_EXT_GEMM_INT4_BACKEND (cutlass | dequantize | auto), the CUTLASS
-tile through DOTS1_EXT_GEMM_INT4_TILE (auto | 128x32 | 128x64 | 128x128 | 128x256: "cutlass 128x64" in the
+tile through DOTS1_EXT_GEMM_INT4_TILE (auto | 128x32 | 128x64 | 128x128 | 128x192 | 128x256: "cutlass 128x64" in the
 lists). The memory /
 race checks: compute-sanitizer ... python tests/sanitize_grouped_gemm_int4.py [--small]
 """
@@ -62,7 +62,7 @@ def out_features(q, epilogue):
 
 
 # The CUTLASS kernels' tiles (DOTS1_EXT_GEMM_INT4_TILE), each forced in every cutlass case.
-INT4_TILES = ("128x32", "128x64", "128x128", "128x256")
+INT4_TILES = ("128x32", "128x64", "128x128", "128x192", "128x256")
 
 
 @pytest.fixture

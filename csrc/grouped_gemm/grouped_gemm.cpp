@@ -436,15 +436,19 @@ Int4Backend int4_backend_from_env() {
 }
 
 // The auto tile's bounds on the mean rows of x per expert r = ceil(S / E). H200, real shape, the
-// gate_up + down pair (bench/results/2026-11-30-h200-d328cf8-int4-exact-dequant): the kernel's time
-// grows with the tiles it runs, and a tile's MMAs run over its padding too, so the narrowest tile that
-// holds an expert's rows wins. Balanced routing: 128x32 best to r = 24, 128x64 at r = 48, 128x128 at
-// r = 96, 128x256 from r = 144. Skewed routing (Zipf 1.2, and the 8-layer random model's prefill, which
-// agree): 128x64 from r = 24, 128x128 at r = 96-192 (by 7-14% over 128x256, which wastes its width on
-// the many small experts), 128x256 at r = 384. The bounds follow the skewed case, as real batches are.
+// gate_up + down pair (bench/results/2026-11-30-h200-d328cf8-int4-exact-dequant and
+// 2026-12-01-h200-128x192-tile): the kernel's time grows with the tiles it runs, and a tile's MMAs run
+// over its padding too, so the narrowest tile that holds an expert's rows wins. Balanced routing:
+// 128x32 best to r = 24, 128x64 at r = 48, 128x128 at r = 96, 128x192 at r = 144 and 288, 128x256 at
+// r = 192 (whose experts' 160-230 rows spill out of one 192-row tile) and level with 128x192 at 384.
+// Skewed routing (Zipf 1.2, and the 8-layer random model's prefill, which agree): 128x64 from r = 24,
+// 128x128 at r = 96-144 (by 7-14% over 128x256, which wastes its width on the many small experts),
+// 128x192 level with it at 192 and ahead from 288 on. The bounds follow the skewed case, as real
+// batches are.
 constexpr int64_t kInt4Tile32MaxRows = 16;
 constexpr int64_t kInt4Tile64MaxRows = 64;
-constexpr int64_t kInt4Tile128MaxRows = 256;
+constexpr int64_t kInt4Tile128MaxRows = 160;
+constexpr int64_t kInt4Tile192MaxRows = 512;
 
 // DOTS1_EXT_GEMM_INT4_TILE (read per call): the CUTLASS int4 kernels' tile, (weight rows) x (rows of x).
 // Unset, empty or auto: by the mean rows of x per expert, S / E (host shapes only, no sync): a tile's
@@ -457,13 +461,15 @@ Int4Sm90Tile int4_tile_for(int64_t S, int64_t E) {
   if (s == "128x32") return Int4Sm90Tile::k128x32;
   if (s == "128x64") return Int4Sm90Tile::k128x64;
   if (s == "128x128") return Int4Sm90Tile::k128x128;
+  if (s == "128x192") return Int4Sm90Tile::k128x192;
   if (s == "128x256") return Int4Sm90Tile::k128x256;
   TORCH_CHECK_VALUE(s.empty() || s == "auto", "dots1_ext: DOTS1_EXT_GEMM_INT4_TILE must be auto, 128x32, 128x64, "
-                    "128x128 or 128x256, got '", s, "'");
+                    "128x128, 128x192 or 128x256, got '", s, "'");
   const int64_t rows_per_expert = E > 0 ? (S + E - 1) / E : S;
   if (rows_per_expert <= kInt4Tile32MaxRows) return Int4Sm90Tile::k128x32;
   if (rows_per_expert <= kInt4Tile64MaxRows) return Int4Sm90Tile::k128x64;
   if (rows_per_expert <= kInt4Tile128MaxRows) return Int4Sm90Tile::k128x128;
+  if (rows_per_expert <= kInt4Tile192MaxRows) return Int4Sm90Tile::k128x192;
   return Int4Sm90Tile::k128x256;
 }
 

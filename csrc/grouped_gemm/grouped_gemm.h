@@ -97,7 +97,7 @@ bool sm90_grouped_gemm_int4_compiled();
 // convert each k block of their weight rows once for the tile's rows of x, so 256 rows of x convert
 // half as often per MMA as 128, while 64 or 32 waste fewer MMAs on padding when experts get few rows
 // (DOTS1_EXT_GEMM_INT4_TILE, read by grouped_gemm.cpp, which also picks the default by rows per expert).
-enum class Int4Sm90Tile { k128x32, k128x64, k128x128, k128x256 };
+enum class Int4Sm90Tile { k128x32, k128x64, k128x128, k128x192, k128x256 };
 
 // Device bytes the int4 grouped GEMM needs (argument arrays, the fp32 scales and zero terms
 // [E, K/128, N] it derives per call, CUTLASS's workspace), for a 256-byte aligned buffer the caller

@@ -137,6 +137,9 @@ using namespace cute;
 struct Int4Cooperative128x128 : Cooperative<Shape<_128, _128, _64>> {};
 // 256 rows of x per tile: each converted k block feeds twice the MMAs (m64n256k16 per warpgroup).
 struct Int4Cooperative128x256 : Cooperative<Shape<_128, _256, _64>> {};
+// 192 rows of x: an expert of 129-192 rows (balanced routing of a 4096-token prompt over 128 experts
+// gives each 192) fills it where 128x256 would run a quarter of its MMAs on padding.
+struct Int4Cooperative128x192 : Cooperative<Shape<_128, _192, _64>> {};
 // Few rows of x per expert (short prompts, batched decode): a 128-row tile would spend its MMAs on
 // padding, so 64 or 32 rows per tile (the weight k block is converted once per tile either way).
 struct Int4Cooperative128x64 : Cooperative<Shape<_128, _64, _64>> {};

@@ -11,6 +11,7 @@ struct Cooperative128x256;
 struct Pingpong64x256;
 struct Int4Cooperative128x128;
 struct Int4Cooperative128x256;
+struct Int4Cooperative128x192;
 struct Int4Cooperative128x64;
 struct Int4Cooperative128x32;
 
@@ -95,7 +96,7 @@ cudaError_t launch_grouped_gemm_sm90(const void* x, const void* weight, const in
                                                                         stream));
 }
 
-// ---- int4 (W4A16): grouped_gemm_int4_sm90_{none,swiglu}[_n256|_n64|_n32].cu, four tiles ----
+// ---- int4 (W4A16): grouped_gemm_int4_sm90_{none,swiglu}[_n256|_n192|_n64|_n32].cu, five tiles ----
 
 // Runs BODY (which returns) with Config and kSwiGLU bound to the tile's and the epilogue's.
 #define DOTS1_SM90_INT4_DISPATCH(tile, epilogue, ...)                                       \
@@ -105,6 +106,7 @@ cudaError_t launch_grouped_gemm_sm90(const void* x, const void* weight, const in
       DOTS1_SM90_WITH_EPILOGUE(epilogue, __VA_ARGS__);                                      \
     };                                                                                      \
     if (tile == Int4Sm90Tile::k128x256) return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x256>{}); \
+    if (tile == Int4Sm90Tile::k128x192) return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x192>{}); \
     if (tile == Int4Sm90Tile::k128x64) return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x64>{});   \
     if (tile == Int4Sm90Tile::k128x32) return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x32>{});   \
     return with_epilogue(sm90::Tag<sm90::Int4Cooperative128x128>{});                        \
@@ -115,6 +117,8 @@ bool sm90_grouped_gemm_int4_compiled() {
          sm90::int4_binary_version<sm90::Int4Cooperative128x128, true>() == 90 &&
          sm90::int4_binary_version<sm90::Int4Cooperative128x256, false>() == 90 &&
          sm90::int4_binary_version<sm90::Int4Cooperative128x256, true>() == 90 &&
+         sm90::int4_binary_version<sm90::Int4Cooperative128x192, false>() == 90 &&
+         sm90::int4_binary_version<sm90::Int4Cooperative128x192, true>() == 90 &&
          sm90::int4_binary_version<sm90::Int4Cooperative128x64, false>() == 90 &&
          sm90::int4_binary_version<sm90::Int4Cooperative128x64, true>() == 90 &&
          sm90::int4_binary_version<sm90::Int4Cooperative128x32, false>() == 90 &&
