@@ -437,18 +437,18 @@ Int4Backend int4_backend_from_env() {
 
 // The auto tile's bounds on the mean rows of x per expert r = ceil(S / E). H200, real shape, the
 // gate_up + down pair (bench/results/2026-11-30-h200-d328cf8-int4-exact-dequant and
-// 2026-12-01-h200-128x192-tile): the kernel's time grows with the tiles it runs, and a tile's MMAs run
-// over its padding too, so the narrowest tile that holds an expert's rows wins. Balanced routing:
-// 128x32 best to r = 24, 128x64 at r = 48, 128x128 at r = 96, 128x192 at r = 144 and 288, 128x256 at
-// r = 192 (whose experts' 160-230 rows spill out of one 192-row tile) and level with 128x192 at 384.
-// Skewed routing (Zipf 1.2, and the 8-layer random model's prefill, which agree): 128x64 from r = 24,
-// 128x128 at r = 96-144 (by 7-14% over 128x256, which wastes its width on the many small experts),
-// 128x192 level with it at 192 and ahead from 288 on. The bounds follow the skewed case, as real
-// batches are.
+// 2026-11-30-h200-0b9cf8b-int4-tile-128x192): the kernel's time grows with the tiles it runs, and a
+// tile's MMAs run over its padding too, so the narrowest tile that holds an expert's rows wins.
+// Balanced routing: 128x32 best to r = 24, 128x64 at r = 48, 128x128 at r = 96, 128x192 at r = 144,
+// 288 and 576, 128x256 at r = 192 (whose experts' 160-230 rows spill out of one 192-row tile), 384
+// and 768. Skewed routing (Zipf 1.2, and the 8-layer random model's prefill, which agree): 128x64 from
+// r = 24, 128x128 at r = 96-144 (by 7-14% over 128x256, which wastes its width on the many small
+// experts), 128x192 level with it at 192 (the model's prefill 1.4% faster) and ahead at 288-384,
+// 128x256 from 576. The bounds follow the skewed case, as real batches are.
 constexpr int64_t kInt4Tile32MaxRows = 16;
 constexpr int64_t kInt4Tile64MaxRows = 64;
 constexpr int64_t kInt4Tile128MaxRows = 160;
-constexpr int64_t kInt4Tile192MaxRows = 512;
+constexpr int64_t kInt4Tile192MaxRows = 384;
 
 // DOTS1_EXT_GEMM_INT4_TILE (read per call): the CUTLASS int4 kernels' tile, (weight rows) x (rows of x).
 // Unset, empty or auto: by the mean rows of x per expert, S / E (host shapes only, no sync): a tile's
