@@ -247,7 +247,24 @@ struct DeviceInfo {
   bool sm90 = false;
   bool sm90_int4 = false;  // the int4 (W4A16) sm90a kernels too
   int sm_count = 0;
+  // Rows per expert from which the bf16 / fp16 CUTLASS GEMM takes cooperative 128x256 tiles instead of
+  // ping-pong 64x256 (run_cutlass; DOTS1_EXT_GEMM_COOP_MIN_ROWS overrides).
+  int64_t coop_min_rows = 0;
 };
+
+// Measured at Dots1 shapes (bench/tune_grouped_gemm.py and the 8-layer model's prefill): on H100 SXM
+// ping-pong wins up to ~100 rows per expert, cooperative from 192 (tied balanced, 15% faster Zipf) and
+// by 4-27% at 384-768 (bench/results/2026-11-26-h100-tune). On the H200 ping-pong wins at 192 and 384
+// rows per expert (gate_up 11% / 8% and down 11% / 5% balanced; down 10% / 5% Zipf, gate_up within 3%)
+// and the two tie or trade places at 768; the 8-layer bf16 prefill with ping-pong up to 400 rows took
+// 31.75 / 61.49 ms at T = 4096 / 8192 against 32.68 / 64.23 with the H100 bound in the same process
+// (bench/results/2026-11-30-h200-0b9cf8b-int4-tile-128x192). Other sm90 parts (H200, GH200, H20, H800)
+// get the H200 bound: H100's lower memory bandwidth is what moves its crossover down.
+int64_t default_coop_min_rows(int device) {
+  cudaDeviceProp prop{};
+  C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return std::string(prop.name).find("H100") != std::string::npos ? 128 : 400;
+}
 
 const DeviceInfo& device_info(int device) {
   static std::mutex mu;
@@ -261,6 +278,7 @@ const DeviceInfo& device_info(int device) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device));
+    info->coop_min_rows = default_coop_min_rows(device);
     // sm90_grouped_gemm_compiled() clears the error of a failed kernel-image query; an error still
     // pending from an earlier launch is reported here instead of being cleared with it.
     C10_CUDA_CHECK(cudaPeekAtLastError());
@@ -309,14 +327,11 @@ void run_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   } else {
     TORCH_CHECK_VALUE(cfg_s == "auto", "dots1_ext: DOTS1_EXT_GEMM_SM90_CONFIG must be auto, coop or pingpong, got '",
                       cfg_s, "'");
-    // Rows per expert on average (host-known, no data read). Measured at Dots1 shapes, gate_up with
-    // the fused SwiGLU and down timed separately, round-robin (bench/results/2026-11-26-h100-tune):
-    // on H100 ping-pong 64x256 wins up to ~100 rows per expert (balanced), cooperative 128x256 from
-    // 192 (tied balanced, 15% faster Zipf-skewed) and by 4-27% at 384-768. (An H200 preferred
-    // ping-pong up to 384 rows balanced: bench/results/2026-11-26-h200-tune; tuned for H100 here.)
+    // Rows per expert on average (host-known, no data read); the bound per device: default_coop_min_rows.
     const int64_t rows_per_expert = g.S / std::max<int64_t>(g.E, 1);
-    config = rows_per_expert >= env_int("DOTS1_EXT_GEMM_COOP_MIN_ROWS", 128) ? Sm90GemmConfig::kCooperative128x256
-                                                                              : Sm90GemmConfig::kPingpong64x256;
+    config = rows_per_expert >= env_int("DOTS1_EXT_GEMM_COOP_MIN_ROWS", info.coop_min_rows)
+                 ? Sm90GemmConfig::kCooperative128x256
+                 : Sm90GemmConfig::kPingpong64x256;
   }
   // The interleaved layout fuses SwiGLU into the epilogue; the HF layout's gate and up columns are
   // N/2 apart (different tiles), so it writes the product and runs the SiLU-mul kernel after.
