@@ -6,7 +6,7 @@
     compute-sanitizer --tool racecheck --error-exitcode 9 python tests/sanitize_grouped_gemm_int4.py --small
     compute-sanitizer --tool synccheck --error-exitcode 9 python tests/sanitize_grouped_gemm_int4.py --small
 
-Both CUTLASS tiles. Zipf routing over 16 experts with empty experts and rows outside every expert (before and after),
+Every CUTLASS tile. Zipf routing over 16 experts with empty experts and rows outside every expert (before and after),
 T in {1, 7, 100}, both epilogues, asymmetric and symmetric, the last expert's last weight rows and
 groups (memcheck sees a read past qweight / scales / zeros), K = 128 (one group) and 1408 (11 groups,
 the down projection's). Garbage offsets (decreasing, out of range) run once per backend for memcheck:
