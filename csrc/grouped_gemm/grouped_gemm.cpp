@@ -258,12 +258,14 @@ struct DeviceInfo {
 // rows per expert (gate_up 11% / 8% and down 11% / 5% balanced; down 10% / 5% Zipf, gate_up within 3%)
 // and the two tie or trade places at 768; the 8-layer bf16 prefill with ping-pong up to 400 rows took
 // 31.75 / 61.49 ms at T = 4096 / 8192 against 32.68 / 64.23 with the H100 bound in the same process
-// (bench/results/2026-11-30-h200-0b9cf8b-int4-tile-128x192). Other sm90 parts (H200, GH200, H20, H800)
-// get the H200 bound: H100's lower memory bandwidth is what moves its crossover down.
+// (bench/results/2026-11-30-h200-0b9cf8b-int4-tile-128x192). The H800 shares the H100's memory system
+// and gets its bound; other sm90 parts (GH200, H20), unmeasured, get the H200's.
 int64_t default_coop_min_rows(int device) {
   cudaDeviceProp prop{};
   C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
-  return std::string(prop.name).find("H100") != std::string::npos ? 128 : 400;
+  const std::string name(prop.name);
+  const bool h100_memory = name.find("H100") != std::string::npos || name.find("H800") != std::string::npos;
+  return h100_memory ? 128 : 400;
 }
 
 const DeviceInfo& device_info(int device) {
@@ -458,7 +460,7 @@ Int4Backend int4_backend_from_env() {
 // 288 and 576, 128x256 at r = 192 (whose experts' 160-230 rows spill out of one 192-row tile), 384
 // and 768. Skewed routing (Zipf 1.2, and the 8-layer random model's prefill, which agree): 128x64 from
 // r = 24, 128x128 at r = 96-144 (by 7-14% over 128x256, which wastes its width on the many small
-// experts), 128x192 level with it at 192 (the model's prefill 1.4% faster) and ahead at 288-384,
+// experts), 128x192 level with it at 192 (the models' prefill 0.6-2% faster in four runs) and ahead at 288-384,
 // 128x256 from 576. The bounds follow the skewed case, as real batches are.
 constexpr int64_t kInt4Tile32MaxRows = 16;
 constexpr int64_t kInt4Tile64MaxRows = 64;

@@ -5,7 +5,7 @@ Kernels: csrc/grouped_gemm/. Reference: dots1_ext.reference.grouped_gemm.
 CUDA backend selection (read on every call): ``DOTS1_EXT_GEMM_BACKEND`` = auto | cutlass | decode |
 torch; ``DOTS1_EXT_GEMM_DECODE_MAX_ROWS`` (auto: the decode kernel up to this many rows S, default
 128); ``DOTS1_EXT_GEMM_SM90_CONFIG`` = auto | coop | pingpong; ``DOTS1_EXT_GEMM_COOP_MIN_ROWS`` (auto
-config: cooperative tiles from this many rows per expert on average; default 400, 128 on an H100;
+config: cooperative tiles from this many rows per expert on average; default 400, 128 on an H100 / H800;
 see bench/tune_grouped_gemm.py).
 """
 
