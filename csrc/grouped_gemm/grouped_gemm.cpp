@@ -460,7 +460,7 @@ Int4Backend int4_backend_from_env() {
 // 288 and 576, 128x256 at r = 192 (whose experts' 160-230 rows spill out of one 192-row tile), 384
 // and 768. Skewed routing (Zipf 1.2, and the 8-layer random model's prefill, which agree): 128x64 from
 // r = 24, 128x128 at r = 96-144 (by 7-14% over 128x256, which wastes its width on the many small
-// experts), 128x192 level with it at 192 (the models' prefill 0.6-2% faster in four runs) and ahead at 288-384,
+// experts), 128x192 level with it at 192 (the models' prefill 0.7-2.3% faster in four runs) and ahead at 288-384,
 // 128x256 from 576. The bounds follow the skewed case, as real batches are.
 constexpr int64_t kInt4Tile32MaxRows = 16;
 constexpr int64_t kInt4Tile64MaxRows = 64;
