@@ -5,8 +5,9 @@
     compute-sanitizer --tool synccheck --error-exitcode 9 python tests/sanitize_grouped_gemm.py
 
 Zipf routing over 16 experts with empty experts and a tail of rows outside every expert, T in
-{1, 7, 100}, every epilogue (the CUTLASS kernels stage tiles in shared memory through TMA and
-warp-specialised pipelines: racecheck/synccheck). Garbage offsets (decreasing, out of range) run
+{1, 7, 100}, every epilogue, the CUTLASS backend also under each forced tile configuration (the
+CUTLASS kernels stage tiles in shared memory through TMA and warp-specialised pipelines:
+racecheck/synccheck). Garbage offsets (decreasing, out of range) run
 every backend once for memcheck: no access outside the tensors. Exits non-zero if a result differs
 from the fp32 reference.
 """
@@ -28,14 +29,19 @@ from dots1_ext.ops import grouped_gemm  # noqa: E402
 def main() -> int:
     torch.manual_seed(0)
     failures = 0
-    for name in cuda_backends():
+    # The CUTLASS backend also once per forced tile configuration.
+    runs = [(name, "auto") for name in cuda_backends()]
+    if "cutlass" in cuda_backends():
+        runs += [("cutlass", c) for c in ("coop", "pingpong")]
+    for name, config in runs:
         os.environ["DOTS1_EXT_GEMM_BACKEND"] = name
+        os.environ["DOTS1_EXT_GEMM_SM90_CONFIG"] = config
         for T in (1, 7, 100):
             for epilogue in ("none", "swiglu", "swiglu_interleaved"):
                 x, w, off = make_case(routing_counts("zipf", T, 6, 16), 16, 128, 256, torch.bfloat16, "cuda", tail=2)
                 out = grouped_gemm(x, w, off, epilogue)
                 err = rel_err(out, ref_fp32(x, w, off, epilogue))
-                print(f"{name:8s} T={T:4d} {epilogue:18s} rel_err={err:.2e}")
+                print(f"{name:8s} {config:11s} T={T:4d} {epilogue:18s} rel_err={err:.2e}")
                 failures += not err < 1e-2
         x, w, off = make_case([4, 4, 4, 4], 4, 64, 64, torch.bfloat16, "cuda")
         for garbage in ([5, -7, 100, 3, 2**30], [0, 9, 2, 7, 17]):

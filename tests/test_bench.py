@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,9 @@ def test_moe_peer_is_found_in_the_peers_dir_or_reported_missing(tmp_path, monkey
 
     monkeypatch.delitem(sys.modules, bench_moe_peer.PEER_MODULE, raising=False)
     monkeypatch.setattr(bench_moe_peer, "ROOT", tmp_path)  # no .peers/ there
+    # Nor on sys.path (a machine that has the peer importable, e.g. through PYTHONPATH).
+    monkeypatch.setattr(sys, "path", [p for p in sys.path
+                                      if not (Path(p or ".") / f"{bench_moe_peer.PEER_MODULE}.py").is_file()])
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv(bench_moe_peer.PEERS_DIR_ENV, str(empty))

@@ -272,6 +272,66 @@ def test_cuda_backends(backend, dtype, epilogue, routing, T):
     assert torch.count_nonzero(out[-3:]) == 0
 
 
+sm90_config = env_fixture("DOTS1_EXT_GEMM_SM90_CONFIG")
+SM90_CONFIGS = ["coop", "pingpong"]
+requires_sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm90 GPU")
+
+
+@requires_sm90
+@pytest.mark.parametrize("sm90_config", SM90_CONFIGS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("routing", ["balanced", "zipf", "many_empty"])
+@pytest.mark.parametrize("T", [1, 7, 300, 4096])
+def test_cuda_sm90_configs(monkeypatch, sm90_config, dtype, epilogue, routing, T):
+    # Each tile configuration, forced: auto picks one by the mean rows per expert, and skewed routing
+    # hands either one experts of every size.
+    monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", "cutlass")
+    E, k, N, K = 32, 6, 512, 384
+    x, w, off = make_case(routing_counts(routing, T, k, E), E, N, K, dtype, "cuda", tail=3)
+    out = grouped_gemm(x, w, off, epilogue)
+    assert_rows_close(out, ref_fp32(x, w, off, epilogue), dtype, tol(dtype, epilogue, "cuda"),
+                      what=f"{sm90_config} {routing} T={T}")
+    assert torch.count_nonzero(out[-3:]) == 0
+
+
+@requires_sm90
+@pytest.mark.parametrize("sm90_config", SM90_CONFIGS, indirect=True)
+def test_cuda_sm90_configs_odd_shapes_and_graphs(monkeypatch, sm90_config):
+    monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", "cutlass")
+    for E, N, K in [(3, 16, 8), (7, 48, 40), (130, 272, 1032)]:
+        counts = [int(c) for c in torch.randint(0, 200, (E,))]
+        counts[0] = 1
+        x, w, off = make_case(counts, E, N, K, torch.bfloat16, "cuda", tail=1, first=1)
+        for epilogue in EPILOGUES:
+            out = grouped_gemm(x, w, off, epilogue)
+            assert_rows_close(out, ref_fp32(x, w, off, epilogue), torch.bfloat16, tol(torch.bfloat16, epilogue, "cuda"),
+                              what=f"{sm90_config} E={E} N={N} K={K}")
+    # One graph, replayed over new routings of the same rows.
+    E, N, K, T = 16, 256, 256, 512
+    x, w, off = make_case(routing_counts("balanced", T, 6, E), E, N, K, torch.bfloat16, "cuda")
+    out = grouped_gemm(x, w, off, "swiglu_interleaved")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = grouped_gemm(x, w, off, "swiglu_interleaved")
+    for routing in ("zipf", "one_expert", "balanced"):
+        _, _, new_off = make_case(routing_counts(routing, T, 6, E), E, N, K, torch.bfloat16, "cuda")
+        off.copy_(new_off)
+        graph.replay()
+        assert_rows_close(out, ref_fp32(x, w, off, "swiglu_interleaved"), torch.bfloat16,
+                          tol(torch.bfloat16, "swiglu_interleaved", "cuda"), what=f"{sm90_config} graph {routing}")
+
+
+@requires_sm90
+def test_cuda_bad_sm90_config_raises(monkeypatch):
+    monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", "cutlass")
+    monkeypatch.setenv("DOTS1_EXT_GEMM_SM90_CONFIG", "coop_c4")
+    x, w, off = make_case([4, 4], 2, 64, 64, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match="DOTS1_EXT_GEMM_SM90_CONFIG"):
+        grouped_gemm(x, w, off, "none")
+
+
 @requires_cuda
 @pytest.mark.parametrize("backend", cuda_backends(), indirect=True)
 @pytest.mark.parametrize("shape", [(2816, 4096), (4096, 1408)], ids=["gate_up", "down"])
