@@ -92,7 +92,9 @@ def build_extension():
             "Install torch, then run: pip install --no-build-isolation ."
         )
 
-    mode = os.environ.get("DOTS1_EXT_CUDA", "auto").lower()
+    mode = (os.environ.get("DOTS1_EXT_CUDA") or "auto").lower()
+    if mode not in ("auto", "0", "false", "no", "1", "true", "yes"):
+        sys.exit(f"dots1_ext: DOTS1_EXT_CUDA must be 0, 1 or auto (unset), got {os.environ['DOTS1_EXT_CUDA']!r}")
     with_cuda = mode not in ("0", "false", "no") and torch.version.cuda is not None and cuda_home is not None
     if mode in ("1", "true", "yes") and not with_cuda:
         sys.exit(

@@ -140,8 +140,10 @@ def build_model(args, device: torch.device, dtype: torch.dtype, info=None) -> tu
         return build_random_model(config, device=device, dtype=dtype, seed=args.seed, experts=experts or "bf16"), None
     path = args.model
     if path is None:
-        from dots1_ext.tiny import make_tiny_checkpoint
+        from dots1_ext.tiny import cache_dir, make_tiny_checkpoint, tiny_checkpoint_exists
 
+        if not tiny_checkpoint_exists():
+            say(f"making the small default checkpoint (once): {cache_dir()} ...", flush=True)
         if sharded:  # rank 0 writes the tiny checkpoint once; the others wait for it
             if info.is_main:
                 path = make_tiny_checkpoint()

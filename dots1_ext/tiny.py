@@ -37,10 +37,14 @@ def cache_dir() -> str:
     return os.path.join(root, f"tiny-dots1-v{TINY_VERSION}")
 
 
+def tiny_checkpoint_exists(directory: str | None = None) -> bool:
+    return os.path.exists(os.path.join(directory or cache_dir(), SAFE_WEIGHTS_INDEX_NAME))
+
+
 def make_tiny_checkpoint(directory: str | None = None, seed: int = 0) -> str:
     """Writes the tiny checkpoint (bf16, hub layout, several shards) unless it already exists; returns its path."""
     directory = directory or cache_dir()
-    if os.path.exists(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)):
+    if tiny_checkpoint_exists(directory):
         return directory
     model = build_random_model(tiny_config(), device="cpu", dtype=torch.float32, seed=seed)
     parent = os.path.dirname(os.path.abspath(directory))

@@ -246,6 +246,8 @@ def test_kv_settled_must_be_a_bool(device):
 def test_env_switch(monkeypatch):
     monkeypatch.delenv(A.FUSED_QK_ENV, raising=False)
     assert not A.fused_qk_enabled()
+    monkeypatch.setenv(A.FUSED_QK_ENV, "")  # empty = unset, as for every other switch
+    assert not A.fused_qk_enabled()
     monkeypatch.setenv(A.FUSED_QK_ENV, "1")
     assert A.fused_qk_enabled()
     monkeypatch.setenv(A.FUSED_QK_ENV, "yes")

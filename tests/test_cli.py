@@ -15,7 +15,7 @@ from test_model import BASE, tiny_ours
 from dots1_ext import cli
 from dots1_ext.config import Dots1Config
 from dots1_ext.loader import save_checkpoint
-from dots1_ext.tiny import TINY_VERSION
+from dots1_ext.tiny import TINY_VERSION, make_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,16 +36,19 @@ def test_python_m_dots1_ext_on_cpu(cache_root):
     assert "generated:" in out and "prefill:" in out and "tokens/s" in out
     ckpt = os.path.join(cache_root, f"tiny-dots1-v{TINY_VERSION}")
     assert os.path.exists(os.path.join(ckpt, "model.safetensors.index.json"))  # made once, sharded hub layout
+    assert f"making the small default checkpoint (once): {ckpt}" in out  # a fresh cache: it says so
     assert "loading weights:" in proc.stderr
 
 
 def test_cli_batch_sampling(cache_root, device, monkeypatch, capsys):
     monkeypatch.setenv("DOTS1_EXT_CACHE", cache_root)
+    make_tiny_checkpoint()  # (usually made by the test before)
     rc = cli.main(["--device", device, "--max-new-tokens", "3", "--batch-size", "3", "--prompt-len", "20",
                    "--temperature", "0.8", "--top-p", "0.9"])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "PASS" in out and "[2] generated:" in out and "(14 tokens)" in out  # ragged, left-padded batch
+    assert "making the small default checkpoint" not in out  # there already: loaded, not remade
 
 
 def test_cli_model_dir_with_tokenizer(tmp_path, capsys):

@@ -324,12 +324,35 @@ def test_cuda_sm90_configs_odd_shapes_and_graphs(monkeypatch, sm90_config):
 
 
 @requires_sm90
-def test_cuda_bad_sm90_config_raises(monkeypatch):
+def test_cuda_sm90_config_values(monkeypatch):
     monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", "cutlass")
-    monkeypatch.setenv("DOTS1_EXT_GEMM_SM90_CONFIG", "coop_c4")
     x, w, off = make_case([4, 4], 2, 64, 64, torch.bfloat16, "cuda")
+    ref = ref_fp32(x, w, off, "none")
+    monkeypatch.setenv("DOTS1_EXT_GEMM_SM90_CONFIG", "")  # empty = auto
+    assert_rows_close(grouped_gemm(x, w, off, "none"), ref, torch.bfloat16, tol(torch.bfloat16), what="empty config")
+    monkeypatch.setenv("DOTS1_EXT_GEMM_SM90_CONFIG", "coop_c4")
     with pytest.raises(ValueError, match="DOTS1_EXT_GEMM_SM90_CONFIG"):
         grouped_gemm(x, w, off, "none")
+
+
+@requires_cuda
+@pytest.mark.parametrize("variable", ["DOTS1_EXT_GEMM_DECODE_MAX_ROWS", "DOTS1_EXT_GEMM_COOP_MIN_ROWS"])
+@pytest.mark.parametrize("value", ["128abc", "-1", "+5", " 7", "1e3", "99999999999999999999"])
+def test_cuda_bad_row_bounds_raise(monkeypatch, variable, value):
+    # DOTS1_EXT_GEMM_COOP_MIN_ROWS is read on the CUTLASS route only: force it (sm90) and the large-S route.
+    if variable.endswith("COOP_MIN_ROWS"):
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("read by the sm90 CUTLASS route only")
+        monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", "cutlass")
+    else:
+        monkeypatch.setenv("DOTS1_EXT_GEMM_BACKEND", "auto")  # the decode bound is read by auto only
+    monkeypatch.setenv(variable, value)
+    x, w, off = make_case([200, 200], 2, 64, 64, torch.bfloat16, "cuda")
+    with pytest.raises(ValueError, match=f"{variable} must be a non-negative integer"):
+        grouped_gemm(x, w, off, "none")
+    monkeypatch.setenv(variable, "")  # empty = the default
+    assert_rows_close(grouped_gemm(x, w, off, "none"), ref_fp32(x, w, off, "none"), torch.bfloat16, tol(torch.bfloat16),
+                      what=f"{variable} empty")
 
 
 @requires_cuda

@@ -29,6 +29,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
@@ -232,14 +234,17 @@ Backend backend_from_env() {
   TORCH_CHECK_VALUE(false, "dots1_ext: DOTS1_EXT_GEMM_BACKEND must be auto, cutlass, decode or torch, got '", s, "'");
 }
 
+// A row count read per call: unset or empty gives fallback; anything but a whole non-negative number
+// (no sign, no trailing characters) raises ValueError.
 int64_t env_int(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return fallback;
-  try {
-    return std::stoll(v);
-  } catch (const std::exception&) {
-    TORCH_CHECK_VALUE(false, "dots1_ext: ", name, " must be an integer, got '", v, "'");
-  }
+  char* end = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK_VALUE(end != v && *end == '\0' && errno == 0 && n >= 0 && std::isdigit(static_cast<unsigned char>(*v)),
+                    "dots1_ext: ", name, " must be a non-negative integer, got '", v, "'");
+  return n;
 }
 
 // Per device: whether the sm90a CUTLASS kernels can run there, and its SM count.
@@ -321,7 +326,7 @@ void run_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   const DType dt = to_dtype(x.scalar_type());
   Sm90GemmConfig config;
   const char* cfg = std::getenv("DOTS1_EXT_GEMM_SM90_CONFIG");
-  const std::string cfg_s = cfg ? cfg : "auto";
+  const std::string cfg_s = cfg != nullptr && *cfg != '\0' ? cfg : "auto";
   if (cfg_s == "coop") {
     config = Sm90GemmConfig::kCooperative128x256;
   } else if (cfg_s == "pingpong") {

@@ -212,8 +212,9 @@ FUSED_QK_ENV = "DOTS1_EXT_ATTENTION_FUSED_QK"
 
 def fused_qk_enabled() -> bool:
     """DOTS1_EXT_ATTENTION_FUSED_QK (read per call): 1 = decode steps run qk_norm_rope_decode_attention,
-    0 (default) = qk_norm_rope_kv_cache_ then decode_attention. Anything else raises ValueError."""
-    value = os.environ.get(FUSED_QK_ENV, "0")
+    0 (default; also unset or empty) = qk_norm_rope_kv_cache_ then decode_attention. Anything else raises
+    ValueError."""
+    value = os.environ.get(FUSED_QK_ENV) or "0"
     if value not in ("0", "1"):
         raise ValueError(f"dots1_ext: {FUSED_QK_ENV} must be 0 or 1, got {value!r}")
     return value == "1"
