@@ -263,7 +263,10 @@ struct DeviceInfo {
 // rows per expert (gate_up 11% / 8% and down 11% / 5% balanced; down 10% / 5% Zipf, gate_up within 3%)
 // and the two tie or trade places at 768; the 8-layer bf16 prefill with ping-pong up to 400 rows took
 // 31.75 / 61.49 ms at T = 4096 / 8192 against 32.68 / 64.23 with the H100 bound in the same process
-// (bench/results/2026-11-30-h200-0b9cf8b-int4-tile-128x192). The H800 shares the H100's memory system
+// (bench/results/2026-11-30-h200-0b9cf8b-int4-tile-128x192); re-checked to 1536 rows per expert, the two
+// trade places by 1-3% up to ~800 rows and cooperative leads from 1152, and T = 16384 prefill is 1.9%
+// faster under this bound than with ping-pong throughout (bench/results/2026-12-01-h200-b0ed974-clusters-dropped).
+// The H800 shares the H100's memory system
 // and gets its bound; other sm90 parts (GH200, H20), unmeasured, get the H200's.
 int64_t default_coop_min_rows(int device) {
   cudaDeviceProp prop{};

@@ -45,6 +45,8 @@ namespace sm90 {
 using namespace cute;
 
 // The cooperative schedule (two consumer warpgroups on one tile) with tiles of TileShape_, no cluster.
+// (2x1 clusters multicasting the weight tile to two row tiles of one expert measured slower on the H200
+// at every T but 16384 balanced, where ping-pong gained 1.6%: bench/results/2026-12-01-h200-b0ed974-clusters-dropped.)
 template <class TileShape_>
 struct Cooperative {
   using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
