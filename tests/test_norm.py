@@ -325,6 +325,22 @@ def test_qk_norm_rope_empty(device):
     assert not k_cache.any() and not v_cache.any()
 
 
+def test_qk_norm_rope_kv_cache_empty_cache_poisons_q(device):
+    # A cache of zero rows: every cache row is out of range, so every q is poisoned and k is still
+    # rotated (an empty tensor has no data pointer; the op must not take that for "no cache").
+    q, k, v, buf, qw, kw, positions, cache = qk_inputs(3, 4, 2, 128, torch.bfloat16, device, "contiguous")
+    q_ref, k_ref = run_reference(q, k, qw, kw, positions, cache)
+    k_cache = torch.zeros(0, 8, 2, 128, dtype=torch.bfloat16, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    q_r, k_r = q.clone(), k.clone()
+    reference.qk_norm_rope_kv_cache_(q_r, k_r, v, qw, kw, positions, cache, EPS, k_cache.clone(), v_cache.clone(),
+                                     torch.arange(3, device=device))
+    N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cache, EPS, k_cache, v_cache, torch.arange(3, device=device))
+    assert torch.isnan(q).all() and torch.isnan(q_r).all(), "an empty cache must poison every q"
+    assert_qk_close(k, k_ref, torch.bfloat16, "k")
+    assert_qk_close(k_r, k_ref, torch.bfloat16, "reference k")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D,layout", [(128, "fused"), (64, "head_strided"), (256, "contiguous"), (128, "misaligned"),
                                       (96, "fused")])

@@ -235,15 +235,17 @@ void qk_norm_rope_cpu_impl(T* q, T* k, const float* qw, const float* kw, const i
       const bool is_q = h < Hq;
       const int64_t kh = h - Hq;
       T* base = is_q ? q + t * qs.token + h * qs.head : k + t * ks.token + kh * ks.head;
-      const int64_t row = k_cache != nullptr ? cache_rows[t] : 0;
-      const bool row_ok = k_cache == nullptr || (row >= 0 && row < num_cache_rows);
+      // cache_rows, not k_cache, says whether there is a cache: an empty cache has no data pointer, and
+      // every row is out of range there.
+      const int64_t row = cache_rows != nullptr ? cache_rows[t] : 0;
+      const bool row_ok = cache_rows == nullptr || (row >= 0 && row < num_cache_rows);
       // Poison policy (top of file): a bad position poisons q and k, a bad cache row poisons q.
       if (pos < 0 || pos >= P || (is_q && !row_ok)) {
         for (int64_t i = 0; i < D; ++i) base[i] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
       } else {
         norm_rope_head_cpu<T>(base, is_q ? qw : kw, cos_sin + pos * D, D, eps);
       }
-      if (k_cache != nullptr && !is_q && row_ok) {
+      if (cache_rows != nullptr && !is_q && row_ok) {
         T* kc = k_cache + (row * Hk + kh) * D;
         T* vc = v_cache + (row * Hk + kh) * D;
         const T* vr = v + t * vs.token + kh * vs.head;

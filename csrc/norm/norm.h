@@ -66,7 +66,8 @@ cudaError_t launch_qk_norm_rope(void* q,                     // [T, Hq, D], stri
                                 const float* cos_sin_cache,  // [num_positions, D] contiguous: cos | sin
                                 int64_t num_tokens, int64_t num_q_heads, int64_t num_k_heads, int64_t head_dim,
                                 int64_t num_positions, HeadStrides q_strides, HeadStrides k_strides, float eps,
-                                // KV cache variant; all nullptr / 0 for the plain op.
+                                // KV cache variant (selected by cache_rows != nullptr; an empty cache
+                                // has null k_cache / v_cache); all nullptr / 0 for the plain op.
                                 const void* v,               // [T, Hk, D], strides v_strides
                                 HeadStrides v_strides,
                                 void* k_cache,               // [num_cache_rows, Hk, D] contiguous

@@ -464,7 +464,9 @@ cudaError_t launch_qk_norm_rope(void* q, void* k, const void* q_weight, const vo
   a.num_cache_rows = num_cache_rows;
   a.eps = eps;
   cudaError_t err = cudaErrorInvalidValue;
-  if (k_cache != nullptr) {
+  // cache_rows, not k_cache, selects the cache variant: an empty cache has no data pointer (every row is
+  // then out of range: q is poisoned and nothing is written).
+  if (cache_rows != nullptr) {
     DOTS1_NORM_DISPATCH(dtype, weight_dtype, err,
                         (launch_qk<scalar_t, weight_t, true>(
                             static_cast<scalar_t*>(q), static_cast<scalar_t*>(k),
