@@ -6,6 +6,7 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <initializer_list>
 #include <sstream>
@@ -33,6 +34,11 @@ inline void check_dtype(const at::Tensor& t, const char* name, std::initializer_
     if (t.scalar_type() == a) return;
   TORCH_CHECK_TYPE(false, "dots1_ext: ", name, " must have dtype ", dtypes_str(allowed), ", got ",
                    c10::toString(t.scalar_type()));
+}
+
+// A norm's epsilon: finite and >= 0 (a negative or infinite one turns every row into plausible numbers).
+inline void check_eps(double eps) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "dots1_ext: eps must be finite and >= 0, got ", eps);
 }
 
 // Checks t.sizes() against `expected`; -1 matches any size. The message names the tensor and both shapes.

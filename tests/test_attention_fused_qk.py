@@ -152,6 +152,8 @@ def test_bad_inputs_raise_clear_errors(device):
     expect(TypeError, "cos_sin_cache must have dtype", cos_sin_cache=x["cos_sin_cache"].double())
     expect(ValueError, "kv_end must have shape", kv_end=x["kv_end"][:1])
     expect(ValueError, "window must be", window=-1)
+    expect(ValueError, "eps must be finite and >= 0", eps=-1e-6)
+    expect(ValueError, "eps must be finite and >= 0", eps=float("nan"))
     expect(ValueError, "head_dim", q=x["q"][:, :, :63], k=x["k"][:, :, :63], v=x["v"][:, :, :63])
 
 

@@ -515,6 +515,15 @@ def test_bad_inputs_raise_clear_errors(device):
         N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cache, EPS, k_cache, k_cache.clone(), rows.int())
     with pytest.raises(ValueError, match="v must have shape"):
         N.qk_norm_rope_kv_cache_(q, k, v[:, :1], qw, kw, positions, cache, EPS, k_cache, k_cache.clone(), rows)
+    # A negative or non-finite eps would give plausible numbers (or partial NaN): every op refuses it.
+    for bad in (-1e-6, float("inf"), float("nan")):
+        for call in (lambda: N.rms_norm(x, w, bad), lambda: N.add_rms_norm_(x, x.clone(), w, bad),
+                     lambda: N.qk_norm_rope_(q, k, qw, kw, positions, cache, bad),
+                     lambda: N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cache, bad, k_cache,
+                                                      k_cache.clone(), rows),
+                     lambda: torch.ops.dots1_ext.rms_norm.default(x, w, bad)):
+            with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+                call()
 
 
 @requires_cuda

@@ -303,6 +303,7 @@ at::Tensor qk_norm_rope_decode_attention(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& cache_rows, const at::Tensor& kv_start,
                                          const at::Tensor& kv_end, int64_t window, double scale,
                                          bool kv_settled) {
+  check_eps(eps);
   check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, k_cache, v_cache,
                                       cache_rows, kv_start, kv_end, window);
 #ifdef DOTS1_WITH_CUDA

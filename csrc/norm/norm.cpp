@@ -49,7 +49,8 @@ const std::initializer_list<at::ScalarType> kFloatTypes = {at::kFloat, at::kHalf
 // ---------------------------------------------------------------------------------------------
 // Checks (mirror dots1_ext/ops/norm.py)
 
-void check_rms_norm(const at::Tensor& x, const at::Tensor& weight) {
+void check_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_eps(eps);
   check_dtype(x, "x", kFloatTypes);
   TORCH_CHECK_VALUE(x.dim() >= 1, "dots1_ext: x must have at least one dimension");
   check_dtype(weight, "weight", kFloatTypes);
@@ -57,8 +58,8 @@ void check_rms_norm(const at::Tensor& x, const at::Tensor& weight) {
   check_same_device(weight, "weight", x, "x");
 }
 
-void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight) {
-  check_rms_norm(x, weight);
+void check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps) {
+  check_rms_norm(x, weight, eps);
   check_dtype(residual, "residual", {x.scalar_type()});
   TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "dots1_ext: residual must have shape ", x.sizes(), ", got ",
                     residual.sizes());
@@ -261,7 +262,7 @@ void qk_norm_rope_cpu_impl(T* q, T* k, const float* qw, const float* kw, const i
 at::Tensor weight_as_float(const at::Tensor& w) { return w.to(at::kFloat).contiguous(); }
 
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_rms_norm(x, weight);
+  check_rms_norm(x, weight, eps);
   auto out = at::empty(x.sizes(), x.options());
   const int64_t rows = num_rows(x), H = x.size(-1);
   if (rows == 0) return out;
@@ -292,7 +293,7 @@ void with_row_views(const at::Tensor& x, const at::Tensor& residual, Fn fn) {
 }
 
 void add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_add_rms_norm(x, residual, weight);
+  check_add_rms_norm(x, residual, weight, eps);
   const int64_t rows = num_rows(x), H = x.size(-1);
   if (rows == 0) return;
   const auto w = weight_as_float(weight);
@@ -330,6 +331,7 @@ void qk_norm_rope_cpu_common(const at::Tensor& q, const at::Tensor& k, const at:
 void qk_norm_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
                       const at::Tensor& positions, const at::Tensor& cos_sin_cache, double eps) {
   check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache);
+  check_eps(eps);
   qk_norm_rope_cpu_common(q, k, nullptr, q_weight, k_weight, positions, cos_sin_cache, eps, nullptr, nullptr, nullptr);
 }
 
@@ -338,6 +340,7 @@ void qk_norm_rope_kv_cache_cpu(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& cos_sin_cache, double eps, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& cache_rows) {
   check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache);
+  check_eps(eps);
   check_kv_cache(q, k, v, k_cache, v_cache, cache_rows);
   qk_norm_rope_cpu_common(q, k, &v, q_weight, k_weight, positions, cos_sin_cache, eps, &k_cache, &v_cache,
                           &cache_rows);
@@ -361,7 +364,7 @@ std::pair<at::Tensor, at::Tensor> cuda_weights(const at::Tensor& x, const at::Te
 bool use_pdl_with(const at::Tensor& w, const at::Tensor& weight) { return pdl_enabled() && w.is_same(weight); }
 
 at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_rms_norm(x, weight);
+  check_rms_norm(x, weight, eps);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty(x.sizes(), x.options());
   const int64_t rows = num_rows(x), H = x.size(-1);
@@ -378,7 +381,7 @@ at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double e
 }
 
 void add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps) {
-  check_add_rms_norm(x, residual, weight);
+  check_add_rms_norm(x, residual, weight, eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = num_rows(x), H = x.size(-1);
   if (rows == 0) return;
@@ -418,6 +421,7 @@ void qk_norm_rope_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const at::Tensor& k_weight, const at::Tensor& positions, const at::Tensor& cos_sin_cache,
                        double eps) {
   check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache);
+  check_eps(eps);
   qk_norm_rope_cuda_common(q, k, nullptr, q_weight, k_weight, positions, cos_sin_cache, eps, nullptr, nullptr,
                            nullptr);
 }
@@ -427,6 +431,7 @@ void qk_norm_rope_kv_cache_cuda(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& cos_sin_cache, double eps, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& cache_rows) {
   check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache);
+  check_eps(eps);
   check_kv_cache(q, k, v, k_cache, v_cache, cache_rows);
   qk_norm_rope_cuda_common(q, k, &v, q_weight, k_weight, positions, cos_sin_cache, eps, &k_cache, &v_cache,
                            &cache_rows);

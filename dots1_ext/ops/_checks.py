@@ -7,6 +7,8 @@ the argument and the expectation. None of them reads tensor data (no host synchr
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +23,12 @@ def _names(dtypes: Sequence[torch.dtype]) -> str:
 def check_dtype(t: torch.Tensor, name: str, allowed: Sequence[torch.dtype]) -> None:
     if t.dtype not in allowed:
         raise TypeError(f"dots1_ext: {name} must have dtype {_names(allowed)}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_eps(eps: float) -> None:
+    """A norm's epsilon: finite and >= 0 (a negative or infinite one turns every row into plausible numbers)."""
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"dots1_ext: eps must be finite and >= 0, got {eps}")
 
 
 def check_shape(t: torch.Tensor, name: str, expected: Sequence[int | None]) -> None:

@@ -136,6 +136,7 @@ def decode_attention(
 
 def _check_qk_norm_rope_decode_attention(q, k, v, q_weight, k_weight, positions, cos_sin_cache, eps, k_cache,
                                          v_cache, cache_rows, kv_start, kv_end, window, scale, kv_settled=False):
+    C.check_eps(eps)
     _check_decode_attention(q, k_cache, v_cache, kv_start, kv_end, window, scale)
     B, _, D = q.shape
     Hk = k_cache.shape[2]

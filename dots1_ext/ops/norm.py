@@ -29,6 +29,7 @@ from dots1_ext.ops._lib import fill_with_reference, op
 
 
 def _check_rms_norm(x, weight, eps):
+    C.check_eps(eps)
     C.check_dtype(x, "x", C.FLOAT_DTYPES)
     if x.dim() < 1:
         raise ValueError("dots1_ext: x must have at least one dimension")
@@ -66,6 +67,7 @@ def check_caches_apart(k_cache, v_cache, q, k, v) -> None:
 
 
 def _check_qk_norm_rope(q, k, q_weight, k_weight, positions, cos_sin_cache, eps):
+    C.check_eps(eps)
     C.check_dtype(q, "q", C.FLOAT_DTYPES)
     C.check_shape(q, "q", (None, None, None))
     T, _, D = q.shape
