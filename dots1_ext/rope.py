@@ -7,6 +7,9 @@ product p * inv_freq already loses ~4e-3 rad, which is visible in bf16 attention
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic")
@@ -34,10 +37,17 @@ def build_cos_sin_cache(
     that original length unless the dict carries ``original_max_position_embeddings``; a dynamic
     cache longer than it raises. Anything else (and ``partial_rotary_factor`` != 1) raises.
     """
+    def positive_int(value, name):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    positive_int(head_dim, "head_dim")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-    if max_positions <= 0:
-        raise ValueError(f"max_positions must be positive, got {max_positions}")
+    positive_int(max_positions, "max_positions")
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real) or not (
+            math.isfinite(rope_theta) and rope_theta > 0):
+        raise ValueError(f"rope_theta must be a finite number > 0, got {rope_theta!r}")
     rope_type = "default"
     factor = 1.0
     if rope_scaling:
@@ -50,7 +60,11 @@ def build_cos_sin_cache(
         if float(rope_scaling.get("partial_rotary_factor", 1.0) or 1.0) != 1.0:
             raise NotImplementedError("rope_scaling partial_rotary_factor != 1 is not supported by dots1_ext")
         if rope_type == "linear":
-            factor = float(rope_scaling["factor"])
+            factor = rope_scaling.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not (
+                    math.isfinite(factor) and factor > 0):
+                raise ValueError(f"rope_scaling 'linear' needs a finite factor > 0, got {factor!r}")
+            factor = float(factor)
         elif rope_type == "dynamic":
             original = int(rope_scaling.get("original_max_position_embeddings") or max_positions)
             if max_positions > original:

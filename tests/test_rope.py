@@ -83,6 +83,18 @@ def test_unsupported_and_bad_arguments_raise():
         build_cos_sin_cache(127, 16, THETA)
     with pytest.raises(ValueError, match="max_positions"):
         build_cos_sin_cache(D, 0, THETA)
+    # Each bad value is named; none gives a plausible table (negated angles) or an all-NaN one.
+    for args, name in (((-2, 16, THETA), "head_dim"), ((D, 8.5, THETA), "max_positions"),
+                       ((D, True, THETA), "max_positions"), ((D, 16, 0.0), "rope_theta"),
+                       ((D, 16, -1e4), "rope_theta"), ((D, 16, float("nan")), "rope_theta")):
+        with pytest.raises(ValueError, match=name):
+            build_cos_sin_cache(*args)
+    for factor in (-2.0, 0.0, float("nan"), float("inf"), None, "2"):
+        with pytest.raises(ValueError, match="factor"):
+            build_cos_sin_cache(D, 16, THETA, {"rope_type": "linear", "factor": factor})
+    with pytest.raises(ValueError, match="factor"):
+        build_cos_sin_cache(D, 16, THETA, {"rope_type": "linear"})
+    assert torch.equal(build_cos_sin_cache(D, 16, 10000), build_cos_sin_cache(D, 16, 10000.0))  # an int theta
 
 
 def _rope_fp64(x: torch.Tensor, positions) -> torch.Tensor:
