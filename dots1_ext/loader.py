@@ -390,7 +390,10 @@ def load_model(
                     if rows is not None:  # fused experts: one expert at a time bounds host memory
                         src = f.get_slice(key)
                         for e in range(rows[0], rows[1]):
-                            dest[e - rows[0]].copy_(src[e])
+                            expert = src[e]
+                            if key.endswith(".zeros"):
+                                _check_zero_points(expert, key, e, path_)
+                            dest[e - rows[0]].copy_(expert)
                     else:
                         dest.copy_(f.get_tensor(key))
                     done += 1
@@ -427,6 +430,14 @@ def keep_experts_(model: torch.nn.Module, start: int, end: int) -> torch.nn.Modu
                 requires_grad=full.requires_grad))
         m.expert_range, m.num_experts = (start, end), model.config.n_routed_experts
     return model
+
+
+def _check_zero_points(zeros: torch.Tensor, key: str, expert: int, path: str) -> None:
+    """An int4 checkpoint's zero points lie in [0, 15] (4 bits); a larger one would dequantize to plausible
+    but wrong weights, so it stops the load (checked on the host copy, one expert at a time)."""
+    if zeros.numel() and int(zeros.max()) > 15:
+        raise CheckpointError(f"checkpoint tensor {key!r} in {path}: expert {expert} has zero points up to "
+                              f"{int(zeros.max())}, but the int4 format's lie in [0, 15]")
 
 
 def _plan(files: dict[str, str], slots: _Slots) -> list[tuple[str, str, int]]:

@@ -309,6 +309,22 @@ def test_int4_checkpoint_errors(tmp_path):
         load_model(tmp_path, progress=False)
 
 
+def test_int4_checkpoint_zero_points_out_of_range(tmp_path):
+    # A zero point above 15 would dequantize to plausible but wrong weights: the load stops, naming the
+    # tensor and the expert.
+    from safetensors.torch import load_file, save_file
+
+    model = build_random_model(tiny_config(), dtype=torch.float32, experts="int4")
+    save_checkpoint(model, tmp_path)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    path, key = next((f, k) for f in files for k in load_file(f) if k.endswith("down_proj.zeros"))
+    tensors = load_file(path)
+    tensors[key][3, 0, 0] = 200
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{key}.*expert 3 has zero points up to 200.*\[0, 15\]"):
+        load_model(tmp_path, progress=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "ckpt"))
