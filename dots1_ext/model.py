@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 from collections.abc import Sequence
 
@@ -248,13 +249,23 @@ class Dots1ForCausalLM(nn.Module):
         graph serves every length. Nothing here synchronises with the host, so nothing is checked on it:
         a token id outside the vocabulary or a tensor slot outside the cache gives NaN logits for the
         sequences concerned (an unmissable poison), never a plausible number or another sequence's cache."""
+        if self.model.cache_shape is None:
+            raise ValueError("decode needs a KV cache: call setup_cache(batch_size, max_seq_len) and prefill first")
         B, S = self.model.cache_shape
+        # Metadata only (dtype, size, Python type): no host synchronisation.
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in _INT_DTYPES:
+            raise TypeError(f"tokens must be an integer tensor of token ids, got "
+                            f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
         if tokens.numel() != B:
             raise ValueError(f"tokens must hold one token per sequence ({B}), got shape {tuple(tokens.shape)}")
-        if isinstance(slot, int):
+        if isinstance(slot, int) and not isinstance(slot, bool):
             if not 0 <= slot < S:
                 raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
             slot = torch.arange(slot, slot + 1, device=self.device)  # made on the device: no blocking copy
+        elif not isinstance(slot, torch.Tensor) or slot.dtype not in _INT_DTYPES or slot.numel() != 1:
+            raise TypeError(f"slot must be an int or a one-element integer tensor, got "
+                            + (f"{slot.dtype} of shape {tuple(slot.shape)}" if isinstance(slot, torch.Tensor)
+                               else repr(slot)))
         slots = slot.reshape(1).to(torch.long)
         hidden = self.model(tokens.reshape(B, 1), slots, S)  # [B, H]
         return logits_of(self.lm_head, hidden)
@@ -315,16 +326,30 @@ class Dots1ForCausalLM(nn.Module):
                 raise ValueError("input_ids: empty batch (no prompts)")
             if empty := [b for b, seq in enumerate(input_ids) if not seq]:
                 raise ValueError(f"input_ids: prompts {empty} are empty; every prompt needs at least one token")
+            if bad := [t for seq in input_ids for t in seq if not _is_int(t)]:
+                raise ValueError(f"input_ids: token ids must be integers, got {bad[0]!r}")
             input_ids, attention_mask = left_pad(input_ids, device=self.device)
+        elif input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         check_sampling(temperature, top_p)
-        eos = self.config.eos_token_ids if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+        if eos_token_id is None:
+            eos = self.config.eos_token_ids
+        elif _is_int(eos_token_id):
+            eos = [int(eos_token_id)]
+        elif (isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, str)
+              and all(_is_int(e) for e in eos_token_id)):
+            eos = [int(e) for e in eos_token_id]
+        else:
+            raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
         if bad := [e for e in eos if not 0 <= e < V]:
             raise ValueError(f"eos_token_id {bad} outside the vocabulary [0, {V})")
         if pad_token_id is None:
             pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
+        elif not _is_int(pad_token_id):
+            raise ValueError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
+        pad_token_id = int(pad_token_id)
         if not 0 <= pad_token_id < V:
             raise ValueError(f"pad_token_id {pad_token_id} outside the vocabulary [0, {V})")
         eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
@@ -389,11 +414,20 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids: token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
+_INT_DTYPES = (torch.int64, torch.int32)
+
+
+def _is_int(value) -> bool:
+    """A Python / numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_sampling(temperature: float, top_p: float) -> None:
     """ValueError unless temperature is a finite number >= 0 and top_p is in (0, 1]."""
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or temperature < 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:  # NaN fails both comparisons
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:  # NaN fails both
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 

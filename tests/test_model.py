@@ -535,6 +535,16 @@ def test_decode_token_outside_the_vocabulary_poisons_only_its_sequence(device):
     (dict(eos_token_id=BASE["vocab_size"] + 1), "eos_token_id"),
     (dict(input_ids=[[3, BASE["vocab_size"]]]), "input_ids: token id 96"),
     (dict(input_ids=[[-1, 4]]), "input_ids: token id -1"),
+    (dict(input_ids=[[3.7, 4.2]]), "token ids must be integers, got 3.7"),
+    (dict(input_ids=[[True, 4]]), "token ids must be integers, got True"),
+    (dict(input_ids=torch.tensor([3, 4, 5])), r"non-empty \[batch, length\] tensor"),
+    (dict(input_ids=torch.zeros(0, 3, dtype=torch.long)), r"non-empty \[batch, length\] tensor"),
+    (dict(pad_token_id=1.5), "pad_token_id must be an int"),
+    (dict(pad_token_id=True), "pad_token_id must be an int"),
+    (dict(eos_token_id=2.5), "eos_token_id must be an int"),
+    (dict(eos_token_id="2"), "eos_token_id must be an int"),
+    (dict(temperature=True), "temperature"),
+    (dict(top_p=True), "top_p"),
 ])
 def test_generate_rejects_bad_arguments(bad, match):
     model = tiny_ours("cpu")
@@ -542,6 +552,25 @@ def test_generate_rejects_bad_arguments(bad, match):
     kwargs.update(bad)
     with pytest.raises(ValueError, match=match):
         model.generate(**kwargs)
+
+
+def test_decode_rejects_bad_tokens_and_slots(device):
+    # Host-side metadata checks only (no synchronisation): the type of tokens and slot, the cache.
+    model = tiny_ours(device)
+    tokens = torch.tensor([3, 4], device=device)
+    with pytest.raises(ValueError, match="setup_cache"):
+        model.decode(tokens, 0)
+    model.setup_cache(2, 8)
+    model.prefill(torch.randint(0, BASE["vocab_size"], (2, 3), device=device))
+    for bad_tokens in (tokens.float() + 0.7, tokens.bool(), tokens.to(torch.uint8), [3, 4]):
+        with pytest.raises(TypeError, match="tokens must be an integer tensor"):
+            model.decode(bad_tokens, 3)
+    for bad_slot in (True, 3.0, torch.tensor(3.9, device=device), torch.tensor([3, 4], device=device), "3"):
+        with pytest.raises(TypeError, match="slot must be an int or a one-element integer tensor"):
+            model.decode(tokens, bad_slot)
+    a = model.decode(tokens, 3)
+    b = model.decode(tokens.int(), torch.tensor(3, device=device))  # int32 tokens, a 0-d tensor slot
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_prefill_rejects_bad_tokens_and_masks(device):
