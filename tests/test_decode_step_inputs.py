@@ -152,6 +152,10 @@ def test_bad_arguments_raise_naming_them(device):
         decode_step_inputs(tokens, slot, cache_start, weight.t(), 16)
     with pytest.raises(ValueError, match="cache_len"):
         decode_step_inputs(tokens, slot, cache_start, weight, 0)
+    with pytest.raises(ValueError, match="cache_len .* overflows"):  # b * cache_len would wrap to another row
+        decode_step_inputs(tokens, slot, cache_start, weight, 2**63 - 1)
+    with pytest.raises(ValueError, match="cache_len .* overflows"):  # the op itself, as a compiled graph calls it
+        torch.ops.dots1_ext.decode_step_inputs.default(tokens, slot, cache_start, weight, 2**62)
     if device == "cuda":
         with pytest.raises(ValueError, match="embed_weight"):
             decode_step_inputs(tokens, slot, cache_start, weight.cpu(), 16)

@@ -49,6 +49,10 @@ void check_args(const at::Tensor& tokens, const at::Tensor& slot, const at::Tens
   TORCH_CHECK_VALUE(cache_len >= 1, "dots1_ext: cache_len must be at least 1, got ", cache_len);
   TORCH_CHECK_VALUE(tokens.size(0) <= std::numeric_limits<int32_t>::max(), "dots1_ext: tokens: at most 2^31 - 1 "
                     "sequences, got ", tokens.size(0));
+  // Cache rows are b * cache_len + slot: every one must fit in int64 (an overflow would alias another
+  // sequence's rows).
+  TORCH_CHECK_VALUE(cache_len <= std::numeric_limits<int64_t>::max() / std::max<int64_t>(tokens.size(0), 1),
+                    "dots1_ext: cache_len ", cache_len, " x ", tokens.size(0), " sequences overflows int64 cache rows");
 }
 
 Outputs empty_outputs(const at::Tensor& tokens, const at::Tensor& embed_weight) {

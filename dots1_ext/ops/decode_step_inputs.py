@@ -30,6 +30,8 @@ def _check_decode_step_inputs(tokens, slot, cache_start, embed_weight, cache_len
         C.check_same_device(t, name, tokens, "tokens")
     if cache_len < 1:
         raise ValueError(f"dots1_ext: cache_len must be at least 1, got {cache_len}")
+    if cache_len > (2**63 - 1) // max(tokens.shape[0], 1):
+        raise ValueError(f"dots1_ext: cache_len {cache_len} x {tokens.shape[0]} sequences overflows int64 cache rows")
 
 
 fill_with_reference("decode_step_inputs", reference.decode_step_inputs, _check_decode_step_inputs)
