@@ -395,7 +395,12 @@ def load_model(
                                 _check_zero_points(expert, key, e, path_)
                             dest[e - rows[0]].copy_(expert)
                     else:
-                        dest.copy_(f.get_tensor(key))
+                        src = f.get_tensor(key)
+                        if key.endswith("e_score_correction_bias") and not bool(torch.isfinite(src).all()):
+                            # A NaN or infinite bias would pick experts silently (every logit stays finite).
+                            raise CheckpointError(f"checkpoint tensor {key!r} in {path_} holds non-finite values "
+                                                  f"(the router's bias must be finite)")
+                        dest.copy_(src)
                     done += 1
                     bar.update(dest.numel() * dest.element_size(), done, len(plan))
     interleave_gate_up_(model)  # once, for the fused SwiGLU epilogue; state_dict stays HF

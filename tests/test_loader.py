@@ -163,6 +163,16 @@ def test_expert_out_of_range_is_unexpected(tmp_path):
         load_model(tmp_path, progress=False)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_router_bias_is_named(tmp_path, bad):
+    # A NaN / inf router bias would route silently (the router's logits stay finite): the load stops.
+    saved_tiny(tmp_path)
+    key = "model.layers.1.mlp.gate.e_score_correction_bias"
+    rewrite_single_file(tmp_path, lambda t: t[key].__setitem__(2, bad))
+    with pytest.raises(ValueError, match=rf"{re.escape(key)}.*non-finite"):
+        load_model(tmp_path, progress=False)
+
+
 def test_misshapen_tensor_names_both_shapes(tmp_path):
     saved_tiny(tmp_path)
     rewrite_single_file(tmp_path, lambda t: t.update({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 65)}))
