@@ -8,7 +8,10 @@ to end with an exact expf sigmoid.
 NaN logits (every backend): torch.topk's policy, a NaN biased score ranks above every number, and
 several NaN tie, broken by the lower id like any tie (torch.topk itself leaves the order among NaN
 unspecified: on CPU it returned ids [1, 4, 3, 2, 0] for five NaN). A group holding a NaN has a NaN
-group score and so is kept first. The token's weights come out NaN: a NaN never routes silently.
+group score and so is kept first. The token's weights come out NaN: a NaN logit never routes
+silently. The bias is not checked per call (that would read it on the host every step): a NaN in it
+ranks that expert first with finite weights, so load_model refuses a checkpoint whose router bias is
+not finite.
 
 CUDA: one warp per token (E <= 512 in registers, k rounds of a warp arg-max on a 64-bit
 (score, -id) key). router_topk_gating with T <= 16 tokens (decode) computes the projection inside the
