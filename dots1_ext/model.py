@@ -156,8 +156,9 @@ class Dots1ForCausalLM(nn.Module):
         exists. The current cache is kept when it fits; a longer request grows it geometrically (at
         least doubling, up to ``max_position_embeddings`` unless the request is longer), and it never
         shrinks, so alternating request lengths neither reallocate it nor invalidate captured graphs."""
-        if batch_size < 1 or max_seq_len < 1:
-            raise ValueError(f"setup_cache needs batch_size >= 1 and max_seq_len >= 1, got {batch_size}, {max_seq_len}")
+        if not (_is_int(batch_size) and _is_int(max_seq_len)) or batch_size < 1 or max_seq_len < 1:
+            raise ValueError(f"setup_cache needs integers batch_size >= 1 and max_seq_len >= 1, got {batch_size!r}, "
+                             f"{max_seq_len!r}")
         shape = self.model.cache_shape
         if shape is not None and shape[0] == batch_size and shape[1] >= max_seq_len and dtype in (None, self.dtype):
             return
@@ -215,7 +216,11 @@ class Dots1ForCausalLM(nn.Module):
         else:
             if tuple(attention_mask.shape) != (B, L):
                 raise ValueError(f"attention_mask must have the shape of input_ids {(B, L)}, got {tuple(attention_mask.shape)}")
+            if attention_mask.is_floating_point() or attention_mask.is_complex():
+                raise ValueError(f"attention_mask must hold 0 / 1 (integer or bool), got {attention_mask.dtype}")
             mask = attention_mask.to(self.device).bool()
+            if not torch.equal(mask.to(attention_mask.dtype), attention_mask.to(self.device)):
+                raise ValueError("attention_mask must hold only 0 and 1")
             if not torch.equal(mask, mask.long().cumsum(1) > 0):  # prefill may synchronise; decode never does
                 raise ValueError("attention_mask must be left-padded (zeros, then ones, in every row)")
             if not bool(mask[:, -1].all()):

@@ -587,6 +587,15 @@ def test_prefill_rejects_bad_tokens_and_masks(device):
         model.prefill(ids, torch.ones(2, 3, dtype=torch.long, device=device))
     with pytest.raises(ValueError, match="empty"):
         model.prefill(ids[:, :0])
+    ones = torch.ones(2, 4, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        model.prefill(ids, ones * 2)
+    with pytest.raises(ValueError, match="0 / 1"):
+        model.prefill(ids, ones.float() * 0.5)
+    torch.testing.assert_close(model.prefill(ids, ones.bool()), model.prefill(ids, ones), rtol=0, atol=0)
+    for bad in ((True, 8), (2, 8.0), (0, 8)):
+        with pytest.raises(ValueError, match="setup_cache needs integers"):
+            model.setup_cache(*bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
