@@ -263,7 +263,8 @@ class Dots1ForCausalLM(nn.Module):
                             f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
         if tokens.numel() != B:
             raise ValueError(f"tokens must hold one token per sequence ({B}), got shape {tuple(tokens.shape)}")
-        if isinstance(slot, int) and not isinstance(slot, bool):
+        if _is_int(slot):
+            slot = int(slot)
             if not 0 <= slot < S:
                 raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
             slot = torch.arange(slot, slot + 1, device=self.device)  # made on the device: no blocking copy

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_parity, hf_dots1_config, requires_cuda
@@ -570,7 +571,9 @@ def test_decode_rejects_bad_tokens_and_slots(device):
             model.decode(tokens, bad_slot)
     a = model.decode(tokens, 3)
     b = model.decode(tokens.int(), torch.tensor(3, device=device))  # int32 tokens, a 0-d tensor slot
+    c = model.decode(tokens, np.int64(3))  # a numpy integer slot
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
 def test_prefill_rejects_bad_tokens_and_masks(device):
