@@ -370,8 +370,11 @@ def test_bad_inputs_raise(device):
     ids = distinct_ids(T, k, E, device)
     wts = topk_weights(T, k, device)
     gu = w.gate_up
+    for bad in ("yes", 1):
+        with pytest.raises(TypeError, match="hidden_settled must be a bool"):
+            moe_decode_gate_up(x, gu, ids, hidden_settled=bad)
     with pytest.raises(RuntimeError, match="bool.*hidden_settled"):  # the schema's own check
-        moe_decode_gate_up(x, gu, ids, hidden_settled="yes")
+        torch.ops.dots1_ext.moe_decode_gate_up.default(x, gu, ids, None, "swiglu_interleaved", "yes")
     with pytest.raises(TypeError, match="hidden"):
         moe_decode_gate_up(x.long(), gu, ids)
     with pytest.raises(TypeError, match="gate_up"):

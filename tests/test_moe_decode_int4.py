@@ -199,8 +199,11 @@ def test_bad_inputs_raise(device):
     ids = distinct_ids(T, k, E, device)
     wts = topk_weights(T, k, device)
     q, s, z = w.gate_up_args()
+    for bad in ("yes", 1):
+        with pytest.raises(TypeError, match="hidden_settled must be a bool"):
+            moe_decode_int4_gate_up(x, q, s, z, ids, hidden_settled=bad)
     with pytest.raises(RuntimeError, match="bool.*hidden_settled"):  # the schema's own check
-        moe_decode_int4_gate_up(x, q, s, z, ids, hidden_settled="yes")
+        torch.ops.dots1_ext.moe_decode_int4_gate_up.default(x, q, s, z, ids, None, "swiglu_interleaved", "yes")
     with pytest.raises(TypeError, match="gate_up_qweight"):
         moe_decode_int4_gate_up(x, q.to(torch.int8), s, z, ids)
     with pytest.raises(TypeError, match="gate_up_scales"):

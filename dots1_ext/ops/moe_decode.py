@@ -202,6 +202,8 @@ def moe_decode_gate_up(
     writes ``hidden`` (e.g. the norm that produced it): the kernel would read it too early. (A hidden
     the op has to copy, strided or misaligned, is read only after the wait: the copy is that launch.)
     """
+    if not isinstance(hidden_settled, bool):
+        raise TypeError(f"dots1_ext: hidden_settled must be a bool, got {type(hidden_settled).__name__}")
     if check_ids:
         C.check_index_range(topk_ids, "topk_ids", gate_up.shape[0], "experts of gate_up")
     return op("moe_decode_gate_up")(hidden, gate_up, topk_ids, shared_gate_up, epilogue, hidden_settled)

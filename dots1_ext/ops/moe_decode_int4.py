@@ -117,6 +117,8 @@ def moe_decode_int4_gate_up(
     rows in the HF order (``"swiglu"``) or interleaved (``"swiglu_interleaved"``, the three tensors'
     rows permuted alike). H % 128 == 0. ``hidden_settled`` as there. Returns act [T, k*I + Is] in hidden's
     dtype."""
+    if not isinstance(hidden_settled, bool):
+        raise TypeError(f"dots1_ext: hidden_settled must be a bool, got {type(hidden_settled).__name__}")
     if check_ids:
         C.check_index_range(topk_ids, "topk_ids", gate_up_qweight.shape[0], "experts of gate_up_qweight")
     return op("moe_decode_int4_gate_up")(hidden, gate_up_qweight, gate_up_scales, gate_up_zeros, topk_ids,
