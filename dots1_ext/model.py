@@ -251,9 +251,12 @@ class Dots1ForCausalLM(nn.Module):
 
         ``slot`` may be a 0-d int64 device tensor (updated in place between steps) for a CUDA-graph
         capture: attention reads each sequence's slots [cache_start, slot + 1) from the device, so one
-        graph serves every length. Nothing here synchronises with the host, so nothing is checked on it:
-        a token id outside the vocabulary or a tensor slot outside the cache gives NaN logits for the
-        sequences concerned (an unmissable poison), never a plausible number or another sequence's cache."""
+        graph serves every length. Nothing here synchronises with the host, so only metadata is checked
+        (an integer tensor of B tokens; an int slot in the cache, or a one-element integer tensor): a
+        token id outside the vocabulary or a tensor slot outside the cache gives NaN logits for the
+        sequences concerned (an unmissable poison), never a plausible number or another sequence's cache.
+        The slot is not checked against the slots written so far: decoding past them attends to stale or
+        empty rows."""
         if self.model.cache_shape is None:
             raise ValueError("decode needs a KV cache: call setup_cache(batch_size, max_seq_len) and prefill first")
         B, S = self.model.cache_shape
