@@ -37,16 +37,17 @@ def build_cos_sin_cache(
     that original length unless the dict carries ``original_max_position_embeddings``; a dynamic
     cache longer than it raises. Anything else (and ``partial_rotary_factor`` != 1) raises.
     """
-    def positive_int(value, name):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    def positive(value, kind) -> bool:  # an int / a finite real > 0, not a bool
+        return (not isinstance(value, bool) and isinstance(value, kind) and value > 0
+                and (isinstance(value, numbers.Integral) or math.isfinite(value)))
 
-    positive_int(head_dim, "head_dim")
+    if not positive(head_dim, numbers.Integral):
+        raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
     if head_dim % 2:
         raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-    positive_int(max_positions, "max_positions")
-    if isinstance(rope_theta, bool) or not isinstance(rope_theta, numbers.Real) or not (
-            math.isfinite(rope_theta) and rope_theta > 0):
+    if not positive(max_positions, numbers.Integral):
+        raise ValueError(f"max_positions must be a positive integer, got {max_positions!r}")
+    if not positive(rope_theta, numbers.Real):
         raise ValueError(f"rope_theta must be a finite number > 0, got {rope_theta!r}")
     rope_type = "default"
     factor = 1.0
@@ -61,8 +62,7 @@ def build_cos_sin_cache(
             raise NotImplementedError("rope_scaling partial_rotary_factor != 1 is not supported by dots1_ext")
         if rope_type == "linear":
             factor = rope_scaling.get("factor")
-            if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not (
-                    math.isfinite(factor) and factor > 0):
+            if not positive(factor, numbers.Real):
                 raise ValueError(f"rope_scaling 'linear' needs a finite factor > 0, got {factor!r}")
             factor = float(factor)
         elif rope_type == "dynamic":
