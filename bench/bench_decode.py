@@ -66,8 +66,9 @@ def real_decode_setup(layers: int, experts: str, ctx: int = 2048):
 
 
 def decode_cache(model, batch: int, slots: int) -> bool:
-    """fresh_cache, filled as a decode step finds it: realistic (finite, non-zero) K/V history, every
-    sequence starting at slot 0. False (nothing allocated) when the device runs out of memory."""
+    """fresh_cache, filled as a decode step at slot ``slots - 1`` finds it: realistic (finite, non-zero) K/V
+    history in slots [0, slots - 1), every sequence starting at slot 0. False (nothing allocated) when the
+    device runs out of memory."""
     try:
         fresh_cache(model, batch, slots)
     except torch.OutOfMemoryError:
@@ -76,6 +77,7 @@ def decode_cache(model, batch: int, slots: int) -> bool:
         layer.self_attn.k_cache.normal_()
         layer.self_attn.v_cache.normal_()
     model.model.cache_start.zero_()
+    model.model.mark_cache_written(slots - 1)  # the step writes the last slot
     return True
 
 

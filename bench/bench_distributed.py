@@ -132,6 +132,7 @@ def model_report(model, config, info, dtype, prefill_len, batches, quick) -> Rep
     for B in batches:
         tok = torch.randint(3, V, (B,), generator=gen, device=info.device)
         model.setup_cache(B, T + 1)
+        model.model.mark_cache_written(T)  # the timed step attends over whatever the cache holds
         kv_bytes = L * B * T * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
         nbytes = replicated_bytes + moe_layers * _touched(E // W, k, E, B) * expert_bytes + kv_bytes
         ms = _time(lambda: model.decode(tok, T), info, quick)

@@ -118,9 +118,13 @@ class DecodeGraphs:
         B, S = self._sync_with_cache()
         if not 0 <= slot < S:
             raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
+        self.model.model.check_decode_slot(slot)
         self.tokens.copy_(tokens.reshape(B))
         self.slot.fill_(slot)
-        return self._replay((B, "logits"), lambda: self.model.decode(self.tokens, self.slot))
+        known = self.model.model.cache_filled_host is not None
+        out = self._replay((B, "logits"), lambda: self.model.decode(self.tokens, self.slot))
+        self.model.model.cache_filled_host = slot + 1 if known else None  # what the step did on the device
+        return out
 
     @torch.no_grad()
     def greedy_decode(self, tokens: torch.Tensor, finished: torch.Tensor, first_slot: int, steps: int,
@@ -132,6 +136,8 @@ class DecodeGraphs:
         B, S = self._sync_with_cache()
         if not (0 <= first_slot and first_slot + steps <= S):
             raise IndexError(f"greedy_decode of {steps} steps from slot {first_slot} overruns the KV cache of {S} slots")
+        self.model.model.check_decode_slot(first_slot)
+        known = self.model.model.cache_filled_host is not None
         eos = tuple(int(e) for e in eos_token_ids)
         eos_ids = torch.tensor(eos, dtype=torch.long, device=self.model.device)
         self.tokens.copy_(tokens.reshape(B))
@@ -154,6 +160,7 @@ class DecodeGraphs:
                 done = n
                 break
             self._replay((B, "greedy", pad_token_id, eos), step)
+        self.model.model.cache_filled_host = first_slot + done if known else None
         return self.history[:, first_slot:first_slot + done].clone()
 
     @torch.no_grad()

@@ -14,10 +14,10 @@ import copy
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dots1_ext import modules
@@ -43,6 +43,11 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         self.windows = sorted({w for i in range(config.num_hidden_layers) if (w := config.window(i)) is not None})
         self.register_buffer("cos_sin_cache", None, persistent=False)  # [S, D] fp32
         self.register_buffer("cache_start", None, persistent=False)  # [B] int64, first real slot
+        # [1] int64: slots [0, cache_filled) hold every sequence's keys and values. Prefill sets it, each
+        # decode step at a usable slot s sets it to s + 1 on the device; a decode step past it is poisoned
+        # (it would attend over rows no step wrote, stale or empty: plausible numbers).
+        self.register_buffer("cache_filled", None, persistent=False)
+        self.cache_filled_host: int | None = None  # its host copy while known (not after a tensor-slot decode)
         self.cache_start_host: list[int] | None = None  # its host copy, set by prefill
 
     # -- cache ---------------------------------------------------------------------------------
@@ -62,6 +67,26 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         self.cos_sin_cache = build_cos_sin_cache(c.head_dim, max_seq_len, c.rope_theta, c.rope_scaling, weight.device)
         self.cache_start = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
         self.cache_start_host = None
+        self.cache_filled = torch.zeros(1, dtype=torch.long, device=weight.device)
+        self.cache_filled_host = 0
+
+    def mark_cache_written(self, slots: int) -> None:
+        """Declares cache slots [0, ``slots``) written, for code that fills the cache itself (the decode
+        benchmarks, which time a step at a given context over random K/V)."""
+        if self.cache_shape is None:
+            raise ValueError("mark_cache_written needs a KV cache: call setup_cache first")
+        if not _is_int(slots) or not 0 <= slots <= self.cache_shape[1]:
+            raise ValueError(f"mark_cache_written needs an int in [0, {self.cache_shape[1]}], got {slots!r}")
+        self.cache_filled.fill_(int(slots))
+        self.cache_filled_host = int(slots)
+
+    def check_decode_slot(self, slot: int) -> None:
+        """IndexError for a decode slot past the slots written, while the host knows their count (the
+        device poisons such a step in any case: decode_step_inputs)."""
+        filled = self.cache_filled_host
+        if filled is not None and slot > filled:
+            raise IndexError(f"decode slot {slot} is past the {filled} cache slots written so far (prefill, then "
+                             f"one per decode step): the next slot is {filled}")
 
     def step_inputs(self, slots: torch.Tensor, kv_len: int, seq_starts: list[int] | None = None) -> StepInputs:
         """Positions, cache rows and attention masks for new tokens at cache ``slots`` [L] (same for
@@ -80,10 +105,13 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         # the cache-writing kernel rejects by poisoning that token with NaN: b*S + slot must never
         # alias sequence b+1's slots.
         in_cache = (slots >= 0) & (slots < S)
+        decode = L == 1 and seq_starts is None
+        if decode:  # as decode_step_inputs: a slot past the written ones is unusable too (no update here:
+            in_cache = in_cache & (slots <= self.cache_filled)  # forward's other decode path owns it)
         cache_rows = torch.where(in_cache[None, :], batch_rows + slots[None, :], -1).reshape(-1)  # [T]
-        if L == 1 and seq_starts is None:  # decode: decode_attention reads [cache_start, slot + 1) itself
-            # A slot outside the cache gets kv_end -1 < kv_start: decode_attention poisons the sequence
-            # (an empty range would give a plausible zero output).
+        if decode:  # decode_attention reads [cache_start, slot + 1) itself
+            # An unusable slot gets kv_end -1 < kv_start: decode_attention poisons the sequence (an empty
+            # range would give a plausible zero output).
             kv_end = torch.where(in_cache, slots + 1, -1).expand(B)
             return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, {}, self.cos_sin_cache,
                               kv_start=self.cache_start, kv_end=kv_end)
@@ -113,20 +141,28 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         ``upcast``: run each module on a temporary copy in that dtype, one module at a time (the
         parity check's higher-precision yardstick; never more than one layer's copy alive). The
         copies write their own KV cache, so the model's cache is left as it was. ``seq_starts``: see
-        ``step_inputs``."""
+        ``step_inputs``. ``cache_filled`` (the slots written): a multi-token run sets it to ``kv_len``; a
+        decode step (one token, no ``seq_starts``) at slot s needs s <= cache_filled (else its sequences
+        come out NaN) and sets it to s + 1 (see ops.decode_step_inputs)."""
         run = (lambda m: m) if upcast is None else (lambda m: upcast_copy(m, upcast))
         if upcast is None and seq_starts is None and input_ids.shape[1] == 1:
             # A decode step: the embedding and the integer inputs in one launch (decode_step_inputs), the
             # same values as embed() and step_inputs(), which took a dozen small kernels per step.
             B, S = self.cache_shape
             x, positions, cache_rows, kv_end = modules.ops.decode_step_inputs(
-                input_ids.reshape(-1).long(), slots.reshape(1), self.cache_start, self.embed_tokens.weight, S)
+                input_ids.reshape(-1).long(), slots.reshape(1), self.cache_start, self.embed_tokens.weight, S,
+                self.cache_filled)
             step = StepInputs(B, 1, kv_len, positions, cache_rows, {}, self.cos_sin_cache,
                               kv_start=self.cache_start, kv_end=kv_end)
         else:
             step = self.step_inputs(slots, kv_len, seq_starts)
             x = self.embed(input_ids)
             x = x if upcast is None else x.to(upcast)  # a row lookup: exact in any dtype
+            if upcast is None:  # an upcast run writes its copies' caches, not this one
+                # The caller attends to slots [0, kv_len), so they hold keys; later ones, if any, belong to
+                # an older continuation.
+                self.cache_filled.fill_(kv_len)
+                self.cache_filled_host = kv_len
         residual = None
         for layer in self.layers:
             x, residual = run(layer)(x, residual, step)
@@ -162,6 +198,10 @@ class Dots1ForCausalLM(nn.Module):
         shape = self.model.cache_shape
         if shape is not None and shape[0] == batch_size and shape[1] >= max_seq_len and dtype in (None, self.dtype):
             return
+        if max_seq_len > self.config.max_position_embeddings:
+            warnings.warn(f"setup_cache: {max_seq_len} slots pass max_position_embeddings "
+                          f"({self.config.max_position_embeddings}); positions beyond it are outside what the model "
+                          f"was trained on (RoPE extrapolates, as in transformers)", stacklevel=2)
         slots = max_seq_len
         if shape is not None:
             grown = max(max_seq_len, 2 * shape[1]) if shape[1] < max_seq_len else shape[1]
@@ -209,6 +249,12 @@ class Dots1ForCausalLM(nn.Module):
             if attention_mask is not None:
                 raise ValueError("attention_mask must be None when start_slot > 0 (a continuation keeps the "
                                  "padding of the prefill it continues)")
+            filled = self.model.cache_filled_host
+            if filled is None:  # after tensor-slot decodes; prefill may synchronise, decode never does
+                filled = int(self.model.cache_filled)
+            if start_slot > filled:
+                raise ValueError(f"prefill from start_slot {start_slot}: only slots [0, {filled}) of the cache are "
+                                 f"written (continue at a slot <= {filled}, or prefill from 0)")
             seq_starts = self.model.cache_start_host  # None if unknown: masks then
         elif attention_mask is None:
             self.model.cache_start.zero_()
@@ -255,8 +301,12 @@ class Dots1ForCausalLM(nn.Module):
         (an integer tensor of B tokens; an int slot in the cache, or a one-element integer tensor): a
         token id outside the vocabulary or a tensor slot outside the cache gives NaN logits for the
         sequences concerned (an unmissable poison), never a plausible number or another sequence's cache.
-        The slot is not checked against the slots written so far: decoding past them attends to stale or
-        empty rows."""
+
+        The slot must not pass the slots written so far (``Dots1Model.cache_filled``: the prefill's, then
+        one per decode step): attending over unwritten slots would read stale or empty rows. An int slot
+        past them raises IndexError while the host knows the count (until a tensor-slot decode); on the
+        device, such a slot gives NaN logits for every sequence, and so does every later step until a
+        prefill. Decoding at an earlier slot rolls the sequences back to it."""
         if self.model.cache_shape is None:
             raise ValueError("decode needs a KV cache: call setup_cache(batch_size, max_seq_len) and prefill first")
         B, S = self.model.cache_shape
@@ -270,11 +320,16 @@ class Dots1ForCausalLM(nn.Module):
             slot = int(slot)
             if not 0 <= slot < S:
                 raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
+            self.model.check_decode_slot(slot)
+            if self.model.cache_filled_host is not None:  # else only the device knows whether it is usable
+                self.model.cache_filled_host = slot + 1
             slot = torch.arange(slot, slot + 1, device=self.device)  # made on the device: no blocking copy
         elif not isinstance(slot, torch.Tensor) or slot.dtype not in _INT_DTYPES or slot.numel() != 1:
-            raise TypeError(f"slot must be an int or a one-element integer tensor, got "
+            raise TypeError("slot must be an int or a one-element integer tensor, got "
                             + (f"{slot.dtype} of shape {tuple(slot.shape)}" if isinstance(slot, torch.Tensor)
                                else repr(slot)))
+        else:
+            self.model.cache_filled_host = None  # the device's count is right; the host no longer knows it
         slots = slot.reshape(1).to(torch.long)
         hidden = self.model(tokens.reshape(B, 1), slots, S)  # [B, H]
         return logits_of(self.lm_head, hidden)

@@ -436,18 +436,22 @@ def decode_step_inputs(
     cache_start: torch.Tensor,  # [B] int64
     embed_weight: torch.Tensor,  # [V, H]
     cache_len: int,
+    cache_filled: torch.Tensor,  # [1] int64, updated in place
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decode step's embedding and integer inputs -> (x [B, H], positions, cache_rows, kv_end [B]
     int64). x[b] = embed_weight[tokens[b]], NaN for an id outside [0, V); positions[b] =
     max(slot - cache_start[b], 0); cache_rows[b] = b * cache_len + slot and kv_end[b] = slot + 1, both
-    -1 for a slot outside [0, cache_len). Tensor ops only (no host synchronisation)."""
+    -1 for an unusable slot: outside [0, cache_len) or past cache_filled (the slots written so far). A
+    usable slot sets cache_filled to slot + 1 (B > 0). Tensor ops only (no host synchronisation)."""
     B, V = tokens.shape[0], embed_weight.shape[0]
     valid = (tokens >= 0) & (tokens < V)
     x = F.embedding(tokens.clamp(0, V - 1), embed_weight).masked_fill(~valid[:, None], float("nan"))
     positions = (slot - cache_start).clamp_min(0)
-    in_cache = (slot >= 0) & (slot < cache_len)
-    cache_rows = torch.where(in_cache, torch.arange(B, device=tokens.device) * cache_len + slot, -1)
-    kv_end = torch.where(in_cache, slot + 1, -1).expand(B).contiguous()
+    usable = (slot >= 0) & (slot < cache_len) & (slot <= cache_filled)
+    cache_rows = torch.where(usable, torch.arange(B, device=tokens.device) * cache_len + slot, -1)
+    kv_end = torch.where(usable, slot + 1, -1).expand(B).contiguous()
+    if B:
+        cache_filled.copy_(torch.where(usable, slot + 1, cache_filled))
     return x.contiguous(), positions, cache_rows, kv_end
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -449,6 +450,18 @@ def test_generate_reuses_a_growing_cache():
     assert model.model.cache_shape == (1, 12)
 
 
+def test_setup_cache_warns_past_max_position_embeddings():
+    # Positions past the config's max_position_embeddings are computed (RoPE extrapolates, as in
+    # transformers) but lie outside what the model was trained on: said once, at setup_cache.
+    model = tiny_ours("cpu", max_position_embeddings=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.setup_cache(1, 16)
+    with pytest.warns(UserWarning, match="17 slots pass max_position_embeddings \\(16\\)"):
+        model.setup_cache(1, 17)
+    assert model.model.cache_shape == (1, 17)
+
+
 @requires_cuda
 def test_second_generate_captures_no_graph():
     model = tiny_ours("cuda")
@@ -506,6 +519,88 @@ def test_tensor_slot_outside_the_cache_never_aliases_another_sequence(device, ba
         assert torch.isnan(logits).all(), "an out-of-range slot must poison the logits with NaN"
     for (k0, v0), (k1, v1) in zip(before, _caches(model)):
         assert torch.equal(k0, k1) and torch.equal(v0, v1), "no cache row may be written"
+
+
+def test_decode_past_the_written_slots_raises_or_poisons(device):
+    # Slots [0, cache_filled) hold keys (the prefill's, then one per step). A step past them would attend
+    # over rows no step wrote: an int slot raises while the host knows the count; a tensor slot (the
+    # graph form, unchecked on the host) gives NaN logits and writes nothing, and so do the steps after it
+    # until a usable one; an earlier slot rolls back.
+    model = tiny_ours(device)
+    B, S = 2, 16
+    model.setup_cache(B, S)
+    tokens = torch.randint(0, BASE["vocab_size"], (B, 12), device=device)
+    model.prefill(tokens[:, :4])
+    assert model.model.cache_filled_host == 4 and int(model.model.cache_filled) == 4
+    before = _caches(model)
+    with pytest.raises(IndexError, match="past the 4 cache slots written so far.*next slot is 4"):
+        model.decode(tokens[:, 4], 5)
+    assert model.model.cache_filled_host == 4 and int(model.model.cache_filled) == 4
+    step4 = model.decode(tokens[:, 4], 4)
+    assert torch.isfinite(step4).all() and model.model.cache_filled_host == 5 and int(model.model.cache_filled) == 5
+    before = _caches(model)
+    for slot in (7, 6):  # slot 5 unwritten; slot 6 after the poisoned step 7 is still past the written ones
+        logits = model.decode(tokens[:, slot], torch.tensor(slot, device=device))
+        assert torch.isnan(logits).all(), f"tensor slot {slot} past the written slots must poison every sequence"
+        assert model.model.cache_filled_host is None and int(model.model.cache_filled) == 5
+    for (k0, v0), (k1, v1) in zip(before, _caches(model)):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1), "a poisoned step must write no cache row"
+    assert torch.isnan(model.decode(tokens[:, 9], 9)).all()  # an int slot, now that only the device knows
+    assert model.model.cache_filled_host is None
+    step5 = model.decode(tokens[:, 5], torch.tensor(5, device=device))
+    assert torch.isfinite(step5).all() and int(model.model.cache_filled) == 6
+    # Rolling back to slot 4 gives the step-4 logits again and forgets slot 5.
+    model.prefill(tokens[:, :4])
+    torch.testing.assert_close(model.decode(tokens[:, 4], 4), step4, rtol=0, atol=0)
+    model.decode(tokens[:, 5], 5)
+    model.decode(tokens[:, 2], 2)
+    assert model.model.cache_filled_host == 3 and int(model.model.cache_filled) == 3
+    with pytest.raises(IndexError, match="past the 3 cache slots"):
+        model.decode(tokens[:, 4], 4)
+    # A shorter prompt after a longer request: the longer request's rows are stale.
+    model.prefill(tokens[:, :10])
+    model.decode(tokens[:, 10], 10)
+    model.prefill(tokens[:, :3])
+    with pytest.raises(IndexError, match="past the 3 cache slots"):
+        model.decode(tokens[:, 10], 10)
+    assert torch.isnan(model.decode(tokens[:, 10], torch.tensor(10, device=device))).all()
+    # The upcast decode (Dots1Model.forward's other decode path) reads the same count.
+    model.prefill(tokens[:, :3])
+    ids = tokens[:, 3:4]
+    assert torch.isfinite(model.model(ids, torch.tensor([3], device=device), S, upcast=torch.float32)).all()
+    assert torch.isnan(model.model(ids, torch.tensor([4], device=device), S, upcast=torch.float32)).all()
+    assert int(model.model.cache_filled) == 3, "an upcast run writes its copies' caches, not the model's"
+    # A continuation may start at the written end, not past it.
+    with pytest.raises(ValueError, match="start_slot 4: only slots \\[0, 3\\) of the cache are written"):
+        model.prefill(tokens[:, 4:6], start_slot=4)
+    model.prefill(tokens[:, 3:5], start_slot=3)
+    assert model.model.cache_filled_host == 5 and int(model.model.cache_filled) == 5
+
+
+@requires_cuda
+def test_graphs_check_and_poison_slots_past_the_written_ones():
+    model = tiny_ours("cuda")
+    B, S = 2, 32
+    model.setup_cache(B, S)
+    tokens = torch.randint(0, BASE["vocab_size"], (B, 20), device="cuda")
+    model.prefill(tokens[:, :6])
+    graphs = model.decode_graphs()
+    with pytest.raises(IndexError, match="past the 6 cache slots"):
+        graphs(tokens[:, 7], 7)
+    with pytest.raises(IndexError, match="past the 6 cache slots"):
+        graphs.greedy_decode(tokens[:, 7], torch.zeros(B, dtype=torch.bool, device="cuda"), 7, 3, 0, ())
+    ref = model.decode(tokens[:, 6], 6).clone()
+    out = graphs(tokens[:, 6], 6).clone()  # slot 6 again: the cache holds [0, 7), the step rolls back to 7
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert model.model.cache_filled_host == 7 and int(model.model.cache_filled) == 7
+    picked = graphs.greedy_decode(tokens[:, 7], torch.zeros(B, dtype=torch.bool, device="cuda"), 7, 4, 0, ())
+    assert picked.shape == (B, 4) and model.model.cache_filled_host == 11 and int(model.model.cache_filled) == 11
+    # Once only the device knows the count (a tensor-slot decode), a replay past it comes out NaN.
+    model.decode(tokens[:, 11], torch.tensor(11, device="cuda"))
+    assert model.model.cache_filled_host is None
+    assert torch.isnan(graphs(tokens[:, 14], 14)).all() and int(model.model.cache_filled) == 12
+    assert model.model.cache_filled_host is None
+    assert torch.isfinite(graphs(tokens[:, 12], 12)).all() and int(model.model.cache_filled) == 13
 
 
 def test_decode_token_outside_the_vocabulary_poisons_only_its_sequence(device):
@@ -771,10 +866,11 @@ def test_one_graph_serves_every_length():
     model = tiny_ours("cuda")
     tokens = torch.randint(0, BASE["vocab_size"], (2, 40), device="cuda")
     model.setup_cache(2, 64)
-    model.prefill(tokens[:, :8])
     graphs = model.decode_graphs()
     before = graphs.captures
     for slot in (8, 9, 20, 39):  # lengths across what used to be separate buckets
+        if slot != 9:  # slot 9 follows slot 8's step; the others need their slots [0, slot) written first
+            model.prefill(tokens[:, :slot])
         out = graphs(tokens[:, slot], slot).clone()
         ref = model.decode(tokens[:, slot], slot)
         assert torch.equal(out, ref), f"graph replay differs from the eager step at slot {slot}"

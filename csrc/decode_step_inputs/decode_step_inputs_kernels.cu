@@ -15,9 +15,9 @@ constexpr int kThreads = 128;
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads) decode_step_inputs_kernel(
     const int64_t* __restrict__ tokens, const int64_t* __restrict__ slot, const int64_t* __restrict__ cache_start,
-    const T* __restrict__ embed_weight, int64_t weight_row_stride, T* __restrict__ x, int64_t* __restrict__ positions,
-    int64_t* __restrict__ cache_rows, int64_t* __restrict__ kv_end, int64_t vocab, int64_t hidden,
-    int64_t cache_len) {
+    int64_t* cache_filled, const T* __restrict__ embed_weight, int64_t weight_row_stride, T* __restrict__ x,
+    int64_t* __restrict__ positions, int64_t* __restrict__ cache_rows, int64_t* __restrict__ kv_end, int64_t vocab,
+    int64_t hidden, int64_t cache_len) {
   pdl_wait();  // tokens and slot may come from the previous kernel (a greedy step's argmax)
   pdl_launch_dependents();
   const int64_t b = blockIdx.x;
@@ -44,19 +44,23 @@ __global__ void __launch_bounds__(kThreads) decode_step_inputs_kernel(
   }
   if (threadIdx.x == 0) {
     const int64_t s = *slot;
-    const bool in_cache = s >= 0 && s < cache_len;
+    // cache_filled is not __restrict__/__ldg: CTA 0 writes it while the others read it (either value
+    // gives the same verdict, see the header).
+    const int64_t filled = *reinterpret_cast<volatile int64_t*>(cache_filled);
+    const bool usable = s >= 0 && s < cache_len && s <= filled;
     const int64_t position = s - cache_start[b];
     positions[b] = position > 0 ? position : 0;
-    cache_rows[b] = in_cache ? b * cache_len + s : -1;
-    kv_end[b] = in_cache ? s + 1 : -1;
+    cache_rows[b] = usable ? b * cache_len + s : -1;
+    kv_end[b] = usable ? s + 1 : -1;
+    if (usable && b == 0) *cache_filled = s + 1;
   }
 }
 
 template <typename T>
 cudaError_t launch_typed(const int64_t* tokens, const int64_t* slot, const int64_t* cache_start,
-                         const void* embed_weight, int64_t weight_row_stride, void* x, int64_t* positions,
-                         int64_t* cache_rows, int64_t* kv_end, int64_t batch, int64_t vocab, int64_t hidden,
-                         int64_t cache_len, cudaStream_t stream, bool use_pdl) {
+                         int64_t* cache_filled, const void* embed_weight, int64_t weight_row_stride, void* x,
+                         int64_t* positions, int64_t* cache_rows, int64_t* kv_end, int64_t batch, int64_t vocab,
+                         int64_t hidden, int64_t cache_len, cudaStream_t stream, bool use_pdl) {
   const bool vector = (hidden * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
                       (weight_row_stride * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(embed_weight) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
@@ -64,32 +68,33 @@ cudaError_t launch_typed(const int64_t* tokens, const int64_t* slot, const int64
   auto* out = static_cast<T*>(x);
   const dim3 grid(static_cast<unsigned>(batch));
   return vector ? launch_pdl(decode_step_inputs_kernel<T, true>, grid, dim3(kThreads), 0, stream, use_pdl, tokens,
-                             slot, cache_start, w, weight_row_stride, out, positions, cache_rows, kv_end, vocab,
-                             hidden, cache_len)
+                             slot, cache_start, cache_filled, w, weight_row_stride, out, positions, cache_rows, kv_end,
+                             vocab, hidden, cache_len)
                 : launch_pdl(decode_step_inputs_kernel<T, false>, grid, dim3(kThreads), 0, stream, use_pdl, tokens,
-                             slot, cache_start, w, weight_row_stride, out, positions, cache_rows, kv_end, vocab,
-                             hidden, cache_len);
+                             slot, cache_start, cache_filled, w, weight_row_stride, out, positions, cache_rows, kv_end,
+                             vocab, hidden, cache_len);
 }
 
 }  // namespace
 
 cudaError_t launch_decode_step_inputs(const int64_t* tokens, const int64_t* slot, const int64_t* cache_start,
-                                      const void* embed_weight, int64_t weight_row_stride, void* x,
-                                      int64_t* positions, int64_t* cache_rows, int64_t* kv_end, int64_t batch,
+                                      int64_t* cache_filled, const void* embed_weight, int64_t weight_row_stride,
+                                      void* x, int64_t* positions, int64_t* cache_rows, int64_t* kv_end, int64_t batch,
                                       int64_t vocab, int64_t hidden, int64_t cache_len, DType dtype,
                                       cudaStream_t stream, bool use_pdl) {
   if (batch == 0) return cudaSuccess;
   if (batch > std::numeric_limits<int32_t>::max()) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat32:
-      return launch_typed<float>(tokens, slot, cache_start, embed_weight, weight_row_stride, x, positions,
-                                 cache_rows, kv_end, batch, vocab, hidden, cache_len, stream, use_pdl);
+      return launch_typed<float>(tokens, slot, cache_start, cache_filled, embed_weight, weight_row_stride, x,
+                                 positions, cache_rows, kv_end, batch, vocab, hidden, cache_len, stream, use_pdl);
     case DType::kFloat16:
-      return launch_typed<__half>(tokens, slot, cache_start, embed_weight, weight_row_stride, x, positions,
-                                  cache_rows, kv_end, batch, vocab, hidden, cache_len, stream, use_pdl);
+      return launch_typed<__half>(tokens, slot, cache_start, cache_filled, embed_weight, weight_row_stride, x,
+                                  positions, cache_rows, kv_end, batch, vocab, hidden, cache_len, stream, use_pdl);
     case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(tokens, slot, cache_start, embed_weight, weight_row_stride, x, positions,
-                                         cache_rows, kv_end, batch, vocab, hidden, cache_len, stream, use_pdl);
+      return launch_typed<__nv_bfloat16>(tokens, slot, cache_start, cache_filled, embed_weight, weight_row_stride,
+                                         x, positions, cache_rows, kv_end, batch, vocab, hidden, cache_len, stream,
+                                         use_pdl);
   }
   return cudaErrorInvalidValue;
 }
