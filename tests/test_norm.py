@@ -404,6 +404,10 @@ def test_qk_norm_rope_kv_cache_poisons_bad_rows_and_positions(device, D, layout)
     with pytest.raises(IndexError, match="cache_rows"):
         N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cache, EPS, k_cache, v_cache, cache_rows,
                                  check_positions=True)
+    duplicate_rows = torch.tensor([0, 3, 5, 3, 1], device=device)  # in range, one row twice
+    with pytest.raises(ValueError, match="cache_rows holds duplicate rows"):
+        N.qk_norm_rope_kv_cache_(q, k, v, qw, kw, positions, cache, EPS, k_cache, v_cache, duplicate_rows,
+                                 check_positions=True)
 
 
 # ------------------------------------------------------------------------------------------------

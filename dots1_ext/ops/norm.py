@@ -209,10 +209,14 @@ def qk_norm_rope_kv_cache_(
     """``qk_norm_rope_`` then k, v [T, Hk, D] written to ``k_cache``/``v_cache`` ([..., Hk, D],
     contiguous) at flat rows ``cache_rows`` [T] int64 of ``cache.view(-1, Hk, D)``, in the same launch.
     A token whose row is outside the cache writes nothing there and gets NaN q rows (poison policy:
-    its attention output is NaN); ``check_positions`` raises IndexError for such rows too."""
+    its attention output is NaN); ``check_positions`` raises IndexError for such rows too. Rows must
+    be distinct: tokens writing one row race on CUDA (which one lands is unspecified; the model's rows
+    b * S + slot are distinct by construction); ``check_positions`` raises ValueError for duplicates."""
     if check_positions:
         C.check_index_range(positions, "positions", cos_sin_cache.shape[0], "rows of cos_sin_cache")
         row_numel = max(1, k.shape[1] * k.shape[2])
         C.check_index_range(cache_rows, "cache_rows", k_cache.numel() // row_numel, "rows of k_cache.view(-1, Hk, D)")
+        if torch.unique(cache_rows).numel() != cache_rows.numel():
+            raise ValueError("dots1_ext: cache_rows holds duplicate rows (two tokens would race for one cache row)")
     op("qk_norm_rope_kv_cache_")(q, k, v, q_weight, k_weight, positions, cos_sin_cache, float(eps), k_cache, v_cache,
                                  cache_rows)
