@@ -367,6 +367,7 @@ def test_model_decode_fused_switch(device, monkeypatch):
         model.setup_cache(3, 12)
         model.prefill(tokens[:, :4])
         steps = [model.decode(tokens[:, slot], slot).float() for slot in range(4, 9)]
+        assert all(torch.isfinite(step).all() for step in steps), "the comparison below would pass on NaN"
         caches = [(layer.self_attn.k_cache.clone(), layer.self_attn.v_cache.clone()) for layer in model.model.layers]
         runs[flag] = steps, caches
     # The ops agree bitwise; at the model level the GPU gets the graph tests' margin in case another
@@ -399,6 +400,7 @@ def test_model_decode_kv_settled_switch(device, monkeypatch, fused_qk):
         model.setup_cache(3, 12)
         model.prefill(tokens[:, :4])
         runs[settled] = [model.decode(tokens[:, slot], slot).float() for slot in range(4, 9)]
+        assert all(torch.isfinite(step).all() for step in runs[settled]), "equal_nan below would pass on NaN"
     tol = 0.0 if device == "cpu" else 1e-5  # as test_model_decode_fused_switch
     for n, (a, b) in enumerate(zip(runs[False], runs[True])):
         torch.testing.assert_close(b, a, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"step {n}: {m}")
