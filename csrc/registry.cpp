@@ -36,8 +36,9 @@ TORCH_LIBRARY(dots1_ext, m) {
   // One decode step's embedding and integer inputs: tokens [B] int64, slot [1] int64 (the step's cache
   // slot, a device value), cache_start [B] int64, embed_weight [V, H] -> x [B, H] (embed_weight row
   // tokens[b]; NaN for an id outside [0, V)), positions [B] = max(slot - cache_start[b], 0), cache_rows
-  // [B] = b * cache_len + slot and kv_end [B] = slot + 1 (both -1 for a slot outside [0, cache_len) or
-  // past cache_filled [1] int64, the slots written so far, which a usable slot sets to slot + 1)
+  // [B] = b * cache_len + slot and kv_end [B] = slot + 1 (both -1 for a slot outside [0, cache_len),
+  // past cache_filled [1] int64 (the slots written so far, which any other slot sets to slot + 1) or,
+  // per sequence, before cache_start[b])
   m.def("decode_step_inputs(Tensor tokens, Tensor slot, Tensor cache_start, Tensor embed_weight, int cache_len, "
         "Tensor(a!) cache_filled) -> (Tensor x, Tensor positions, Tensor cache_rows, Tensor kv_end)");
 

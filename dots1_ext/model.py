@@ -105,16 +105,17 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         # the cache-writing kernel rejects by poisoning that token with NaN: b*S + slot must never
         # alias sequence b+1's slots.
         in_cache = (slots >= 0) & (slots < S)
-        decode = L == 1 and seq_starts is None
-        if decode:  # as decode_step_inputs: a slot past the written ones is unusable too (no update here:
-            in_cache = in_cache & (slots <= self.cache_filled)  # forward's other decode path owns it)
-        cache_rows = torch.where(in_cache[None, :], batch_rows + slots[None, :], -1).reshape(-1)  # [T]
-        if decode:  # decode_attention reads [cache_start, slot + 1) itself
-            # An unusable slot gets kv_end -1 < kv_start: decode_attention poisons the sequence (an empty
-            # range would give a plausible zero output).
-            kv_end = torch.where(in_cache, slots + 1, -1).expand(B)
+        if L == 1 and seq_starts is None:  # decode: decode_attention reads [cache_start, slot + 1) itself
+            # As decode_step_inputs (without its cache_filled update: forward's other decode path owns
+            # it): a slot past the written ones, or before a sequence's first real slot, is unusable too.
+            # It gets cache row -1 and kv_end -1 < kv_start, so decode_attention poisons the sequence
+            # (an empty range would give a plausible zero output).
+            usable = in_cache & (slots <= self.cache_filled) & (slots >= self.cache_start)  # [B]
+            cache_rows = torch.where(usable, batch_rows[:, 0] + slots, -1)
+            kv_end = torch.where(usable, slots + 1, -1)
             return StepInputs(B, L, kv_len, positions.reshape(-1), cache_rows, {}, self.cos_sin_cache,
                               kv_start=self.cache_start, kv_end=kv_end)
+        cache_rows = torch.where(in_cache[None, :], batch_rows + slots[None, :], -1).reshape(-1)  # [T]
         masks = {}
         if seq_starts is None:  # otherwise prefill_attention needs no mask tensor
             q_slot = slots[None, :, None]  # [1, L, 1]

@@ -441,17 +441,19 @@ def decode_step_inputs(
     """One decode step's embedding and integer inputs -> (x [B, H], positions, cache_rows, kv_end [B]
     int64). x[b] = embed_weight[tokens[b]], NaN for an id outside [0, V); positions[b] =
     max(slot - cache_start[b], 0); cache_rows[b] = b * cache_len + slot and kv_end[b] = slot + 1, both
-    -1 for an unusable slot: outside [0, cache_len) or past cache_filled (the slots written so far). A
-    usable slot sets cache_filled to slot + 1 (B > 0). Tensor ops only (no host synchronisation)."""
+    -1 where the slot is unusable for sequence b: outside [0, cache_len), past cache_filled (the slots
+    written so far) or before cache_start[b] (its padding). A slot in the cache and not past
+    cache_filled sets it to slot + 1 (B > 0). Tensor ops only (no host synchronisation)."""
     B, V = tokens.shape[0], embed_weight.shape[0]
     valid = (tokens >= 0) & (tokens < V)
     x = F.embedding(tokens.clamp(0, V - 1), embed_weight).masked_fill(~valid[:, None], float("nan"))
     positions = (slot - cache_start).clamp_min(0)
-    usable = (slot >= 0) & (slot < cache_len) & (slot <= cache_filled)
+    written = (slot >= 0) & (slot < cache_len) & (slot <= cache_filled)  # [1]
+    usable = written & (slot >= cache_start)  # [B]
     cache_rows = torch.where(usable, torch.arange(B, device=tokens.device) * cache_len + slot, -1)
-    kv_end = torch.where(usable, slot + 1, -1).expand(B).contiguous()
+    kv_end = torch.where(usable, slot + 1, -1)
     if B:
-        cache_filled.copy_(torch.where(usable, slot + 1, cache_filled))
+        cache_filled.copy_(torch.where(written, slot + 1, cache_filled))
     return x.contiguous(), positions, cache_rows, kv_end
 
 

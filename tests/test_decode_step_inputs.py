@@ -4,8 +4,9 @@ dots1_ext.reference and against what Dots1Model computed before it (embed + step
 Covers fp32/bf16/fp16 embeddings; B in {0, 1, 3, 8, 65} and hidden sizes that take the 16-byte path
 and the element path (odd H, a misaligned row stride); left padding (cache_start > 0, positions
 clamped at 0); bad token ids (NaN rows, the other rows intact); slots outside the cache or past
-cache_filled (cache row and kv_end -1, cache_filled unchanged) and usable ones (cache_filled set to
-slot + 1, rolling back included); every output element written (outputs poisoned by the allocator are not read: the
+cache_filled (cache row and kv_end -1, cache_filled unchanged), slots before a sequence's first real
+slot (that sequence's cache row and kv_end -1) and usable ones (cache_filled set to slot + 1, rolling
+back included); every output element written (outputs poisoned by the allocator are not read: the
 op allocates them, so the check is exact equality with the reference, bitwise); CUDA graph replay
 with the slot and tokens changed on the device; torch.compile and opcheck; bad arguments raising
 errors that name them.
@@ -136,9 +137,27 @@ def test_steps_advance_cache_filled_and_a_gap_stays_poisoned(device):
 def test_positions_clamp_at_zero_under_left_padding(device):
     B, V, H, S, slot = 4, 20, 32, 16, 3
     case = make_case(B, V, H, S, torch.float32, device, slot, starts=[0, 3, 4, 15])
-    (_, positions, cache_rows, _), _ = run(case, S)
+    (_, positions, cache_rows, kv_end), filled = run(case, S)
     assert positions.tolist() == [3, 0, 0, 0]
-    assert cache_rows.tolist() == [3, S + 3, 2 * S + 3, 3 * S + 3]
+    # Sequences 2 and 3 start after slot 3: it is their padding. Sequence 1's first real slot is 3.
+    assert cache_rows.tolist() == [3, S + 3, -1, -1] and kv_end.tolist() == [4, 4, -1, -1]
+    assert int(filled) == 4  # the others wrote slot 3
+    assert_equal_outputs(run(case, S)[0], run(case, S, fn=reference.decode_step_inputs)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_slot_before_a_sequences_first_real_slot_poisons_that_sequence_only(device, dtype):
+    """A left-padded sequence whose cache_start is after the slot: the range [cache_start, slot + 1) is
+    empty (or reversed), which decode_attention would read as a plausible zero; cache row and kv_end
+    -1 for that sequence, the others untouched, cache_filled advanced (sequence 0 included)."""
+    B, V, H, S, slot = 5, 20, 64, 16, 6
+    case = make_case(B, V, H, S, dtype, device, slot, starts=[7, 0, 6, 12, 5])
+    (x, positions, cache_rows, kv_end), filled = run(case, S)
+    assert cache_rows.tolist() == [-1, S + slot, 2 * S + slot, -1, 4 * S + slot]
+    assert kv_end.tolist() == [-1, slot + 1, slot + 1, -1, slot + 1]
+    assert positions.tolist() == [0, 6, 0, 0, 1] and int(filled) == slot + 1
+    assert torch.equal(x, case[3][case[0]])
+    assert_equal_outputs((x, positions, cache_rows, kv_end), run(case, S, fn=reference.decode_step_inputs)[0])
 
 
 def test_matches_what_the_model_computed_before(device):
@@ -152,7 +171,8 @@ def test_matches_what_the_model_computed_before(device):
     model.setup_cache(B, S)
     model.model.cache_start.copy_(torch.tensor([0, 2, 9]))
     tokens = torch.tensor([5, -3, 7], device=device)
-    for slot_value, filled in ((8, 8), (8, 20), (8, 7), (30, 40)):  # usable twice, past the written, outside
+    # Usable (but slots 8 and 2 are sequence 2's padding), past the written, outside the cache.
+    for slot_value, filled in ((8, 8), (8, 20), (2, 20), (8, 7), (30, 40)):
         slot = torch.tensor([slot_value], device=device)
         model.model.cache_filled.fill_(filled)
         step = model.model.step_inputs(slot, S)  # reads cache_filled, leaves it alone

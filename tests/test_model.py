@@ -577,6 +577,22 @@ def test_decode_past_the_written_slots_raises_or_poisons(device):
     assert model.model.cache_filled_host == 5 and int(model.model.cache_filled) == 5
 
 
+def test_decode_into_a_sequences_padding_poisons_that_sequence(device):
+    # Rolling a left-padded batch back to a slot before one sequence's first real token: that sequence
+    # has no keys there (the empty range would attend to nothing and give a plausible zero): NaN for it
+    # alone; at its first real slot it attends to itself only, a number.
+    model = tiny_ours(device)
+    ids, mask = left_pad([[3, 4, 5, 6, 7], [8, 9]], device=device)  # cache_start [0, 3]
+    model.setup_cache(2, 8)
+    model.prefill(ids, mask)
+    tokens = torch.tensor([10, 11], device=device)
+    for slot in (2, torch.tensor(2, device=device), 0):
+        logits = model.decode(tokens, slot)
+        assert torch.isfinite(logits[0]).all() and torch.isnan(logits[1]).all(), slot
+    model.prefill(ids, mask)
+    assert torch.isfinite(model.decode(tokens, 3)).all()
+
+
 @requires_cuda
 def test_graphs_check_and_poison_slots_past_the_written_ones():
     model = tiny_ours("cuda")

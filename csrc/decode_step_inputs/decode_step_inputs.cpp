@@ -12,8 +12,10 @@
 // token id outside [0, V) gives a NaN row of x; a slot outside [0, cache_len) gives cache row -1 (the
 // cache write rejects it and poisons the token) and kv_end -1 < kv_start (decode_attention poisons the
 // sequence). So does a slot past cache_filled (the slots written so far): attending over it would read
-// rows no step wrote (stale or empty) and give plausible numbers. A usable slot sets cache_filled to
-// slot + 1: the step writes that slot, and the slots after it now belong to an older continuation.
+// rows no step wrote (stale or empty) and give plausible numbers. A slot in the cache and not past it
+// sets cache_filled to slot + 1: the step writes that slot, and the slots after it now belong to an
+// older continuation. A sequence whose first real slot (cache_start) is after the slot gets -1 too:
+// the slot is its padding, and the empty range [cache_start, slot + 1) would give a plausible zero.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -77,8 +79,8 @@ Outputs decode_step_inputs_cpu(const at::Tensor& tokens_in, const at::Tensor& sl
   const int64_t B = tokens.size(0), V = embed_weight.size(0);
   const int64_t s = slot_in.item<int64_t>();  // CPU tensors: no device synchronisation
   const int64_t filled = cache_filled.item<int64_t>();
-  const bool usable = s >= 0 && s < cache_len && s <= filled;
-  if (usable && B > 0) cache_filled.fill_(s + 1);  // the CUDA launcher launches nothing for B == 0
+  const bool written = s >= 0 && s < cache_len && s <= filled;
+  if (written && B > 0) cache_filled.fill_(s + 1);  // the CUDA launcher launches nothing for B == 0
   const int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t* start = cache_start.data_ptr<int64_t>();
   int64_t* pos = positions.data_ptr<int64_t>();
@@ -89,6 +91,7 @@ Outputs decode_step_inputs_cpu(const at::Tensor& tokens_in, const at::Tensor& sl
       x[b].copy_(embed_weight[tok[b]]);
     else
       x[b].fill_(std::numeric_limits<float>::quiet_NaN());
+    const bool usable = written && s >= start[b];  // a slot before the sequence's first real one is padding
     pos[b] = std::max<int64_t>(s - start[b], 0);
     rows[b] = usable ? b * cache_len + s : -1;
     end[b] = usable ? s + 1 : -1;

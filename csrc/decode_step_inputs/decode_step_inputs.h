@@ -16,12 +16,12 @@ namespace dots1 {
 // For b in [0, batch), with s = *slot and V = vocab:
 //   x[b, :]       = embed_weight[tokens[b], :], or NaN where tokens[b] is outside [0, V)
 //   positions[b]  = max(s - cache_start[b], 0)
-//   cache_rows[b] = b * cache_len + s, or -1 where s is unusable: outside [0, cache_len) or past
-//                   *cache_filled (the slots written so far; attending over unwritten ones would read
-//                   stale rows)
-//   kv_end[b]     = s + 1, or -1 where s is unusable
-//   *cache_filled = s + 1 where s is usable (else unchanged); every CTA sees the same verdict whether
-//                   it reads the old or the new value, since both are >= s.
+//   cache_rows[b] = b * cache_len + s, or -1 where s is unusable for sequence b: outside
+//                   [0, cache_len), past *cache_filled (the slots written so far; attending over
+//                   unwritten ones would read stale rows) or before cache_start[b] (its padding)
+//   kv_end[b]     = s + 1, or -1 where s is unusable for sequence b
+//   *cache_filled = s + 1 where s is in [0, cache_len) and <= *cache_filled (else unchanged); every CTA
+//                   sees the same verdict whether it reads the old or the new value, since both are >= s.
 // x and embed_weight rows are contiguous (row length hidden, row stride hidden for x and
 // weight_row_stride for embed_weight). Launches nothing when batch == 0. With use_pdl the kernel
 // waits for its predecessor before reading anything (tokens, slot and cache_filled are written by the

@@ -3,9 +3,11 @@ attention ends the layers read (what Dots1Model built from a dozen small kernels
 
 Kernels: csrc/decode_step_inputs/. Reference: dots1_ext.reference.decode_step_inputs. The slot and the
 tokens stay on the device (one CUDA graph serves every step); bad values poison instead of raising:
-a token id outside the vocabulary gives a NaN row; a slot outside the cache, or past ``cache_filled``
-(the slots written so far: attending over unwritten ones would read stale or empty rows), gives cache
-row -1 and kv_end -1 (the cache write and decode_attention then poison that sequence).
+a token id outside the vocabulary gives a NaN row; a slot outside the cache, past ``cache_filled``
+(the slots written so far: attending over unwritten ones would read stale or empty rows) or, for one
+sequence, before its ``cache_start`` (its padding: the empty range would attend to nothing and give a
+plausible zero) gives cache row -1 and kv_end -1 (the cache write and decode_attention then poison
+that sequence).
 """
 
 from __future__ import annotations
@@ -57,9 +59,11 @@ def decode_step_inputs(
     [B] int64, in a cache of ``cache_len`` slots of which ``cache_filled`` ([1] int64, on the device) are
     written -> (x [B, H] = the tokens' rows of ``embed_weight`` [V, H] (NaN for an id outside [0, V)),
     positions [B] = max(slot - cache_start, 0), cache_rows [B] = b * cache_len + slot, kv_end [B] =
-    slot + 1; both -1 for an unusable slot: outside [0, cache_len) or past ``cache_filled``).
+    slot + 1; both -1 where the slot is unusable for sequence b: outside [0, cache_len), past
+    ``cache_filled``, or before ``cache_start[b]``).
 
-    A usable slot sets ``cache_filled`` (in place) to slot + 1: the step writes that slot, and the slots
-    after it, if any, held an older continuation (decoding at an earlier slot rolls the sequences back).
-    An unusable one leaves it, so every later step stays poisoned too. B = 0 changes nothing."""
+    A slot in the cache and not past ``cache_filled`` sets it (in place) to slot + 1: the step writes
+    that slot, and the slots after it, if any, held an older continuation (decoding at an earlier slot
+    rolls the sequences back). Any other slot leaves it, so every later step stays poisoned too. B = 0
+    changes nothing."""
     return op("decode_step_inputs")(tokens, slot, cache_start, embed_weight, cache_len, cache_filled)
