@@ -448,12 +448,12 @@ def decode_step_inputs(
     valid = (tokens >= 0) & (tokens < V)
     x = F.embedding(tokens.clamp(0, V - 1), embed_weight).masked_fill(~valid[:, None], float("nan"))
     positions = (slot - cache_start).clamp_min(0)
-    written = (slot >= 0) & (slot < cache_len) & (slot <= cache_filled)  # [1]
-    usable = written & (slot >= cache_start)  # [B]
+    writable = (slot >= 0) & (slot < cache_len) & (slot <= cache_filled)  # [1]
+    usable = writable & (slot >= cache_start)  # [B]
     cache_rows = torch.where(usable, torch.arange(B, device=tokens.device) * cache_len + slot, -1)
     kv_end = torch.where(usable, slot + 1, -1)
     if B:
-        cache_filled.copy_(torch.where(written, slot + 1, cache_filled))
+        cache_filled.copy_(torch.where(writable, slot + 1, cache_filled))
     return x.contiguous(), positions, cache_rows, kv_end
 
 

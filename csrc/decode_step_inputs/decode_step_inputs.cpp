@@ -79,8 +79,8 @@ Outputs decode_step_inputs_cpu(const at::Tensor& tokens_in, const at::Tensor& sl
   const int64_t B = tokens.size(0), V = embed_weight.size(0);
   const int64_t s = slot_in.item<int64_t>();  // CPU tensors: no device synchronisation
   const int64_t filled = cache_filled.item<int64_t>();
-  const bool written = s >= 0 && s < cache_len && s <= filled;
-  if (written && B > 0) cache_filled.fill_(s + 1);  // the CUDA launcher launches nothing for B == 0
+  const bool writable = s >= 0 && s < cache_len && s <= filled;
+  if (writable && B > 0) cache_filled.fill_(s + 1);  // the CUDA launcher launches nothing for B == 0
   const int64_t* tok = tokens.data_ptr<int64_t>();
   const int64_t* start = cache_start.data_ptr<int64_t>();
   int64_t* pos = positions.data_ptr<int64_t>();
@@ -91,7 +91,7 @@ Outputs decode_step_inputs_cpu(const at::Tensor& tokens_in, const at::Tensor& sl
       x[b].copy_(embed_weight[tok[b]]);
     else
       x[b].fill_(std::numeric_limits<float>::quiet_NaN());
-    const bool usable = written && s >= start[b];  // a slot before the sequence's first real one is padding
+    const bool usable = writable && s >= start[b];  // a slot before the sequence's first real one is padding
     pos[b] = std::max<int64_t>(s - start[b], 0);
     rows[b] = usable ? b * cache_len + s : -1;
     end[b] = usable ? s + 1 : -1;

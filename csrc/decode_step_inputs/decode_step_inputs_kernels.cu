@@ -47,13 +47,13 @@ __global__ void __launch_bounds__(kThreads) decode_step_inputs_kernel(
     // cache_filled is not __restrict__/__ldg: CTA 0 writes it while the others read it (either value
     // gives the same verdict, see the header).
     const int64_t filled = *reinterpret_cast<volatile int64_t*>(cache_filled);
-    const bool written = s >= 0 && s < cache_len && s <= filled;
+    const bool writable = s >= 0 && s < cache_len && s <= filled;
     const int64_t position = s - cache_start[b];
-    const bool usable = written && position >= 0;  // a slot before the sequence's first real one is padding
+    const bool usable = writable && position >= 0;  // a slot before the sequence's first real one is padding
     positions[b] = position > 0 ? position : 0;
     cache_rows[b] = usable ? b * cache_len + s : -1;
     kv_end[b] = usable ? s + 1 : -1;
-    if (written && b == 0) *cache_filled = s + 1;
+    if (writable && b == 0) *cache_filled = s + 1;
   }
 }
 
