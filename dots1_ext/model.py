@@ -322,17 +322,18 @@ class Dots1ForCausalLM(nn.Module):
             if not 0 <= slot < S:
                 raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
             self.model.check_decode_slot(slot)
-            if self.model.cache_filled_host is not None:  # else only the device knows whether it is usable
-                self.model.cache_filled_host = slot + 1
+            # The host's count after the step (None: only the device knows whether the slot is usable).
+            filled_after = None if self.model.cache_filled_host is None else slot + 1
             slot = torch.arange(slot, slot + 1, device=self.device)  # made on the device: no blocking copy
         elif not isinstance(slot, torch.Tensor) or slot.dtype not in _INT_DTYPES or slot.numel() != 1:
             raise TypeError("slot must be an int or a one-element integer tensor, got "
                             + (f"{slot.dtype} of shape {tuple(slot.shape)}" if isinstance(slot, torch.Tensor)
                                else repr(slot)))
         else:
-            self.model.cache_filled_host = None  # the device's count is right; the host no longer knows it
+            filled_after = None  # the device's count stays right; the host no longer knows it
         slots = slot.reshape(1).to(torch.long)
         hidden = self.model(tokens.reshape(B, 1), slots, S)  # [B, H]
+        self.model.cache_filled_host = filled_after
         return logits_of(self.lm_head, hidden)
 
     @torch.no_grad()
