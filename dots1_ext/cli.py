@@ -25,6 +25,10 @@ from dots1_ext.quant import EXPERT_FORMATS
 
 
 
+class UsageError(Exception):
+    """A bad flag value or combination found after parsing: one ``error: ...`` line, exit status 2."""
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -46,6 +50,27 @@ def _top_p(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device (cpu, cuda, cuda:N), got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def _dtype(text: str) -> torch.dtype:
     try:
         return parse_dtype(text)
@@ -56,24 +81,30 @@ def _dtype(text: str) -> torch.dtype:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dots1-ext", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="DIR", help="HF Dots1 checkpoint directory (default: the cached tiny model)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", type=_dtype, help="float32 | bfloat16 | float16 (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=32)
-    p.add_argument("--prompt", help="prompt text (token ids separated by spaces when there is no tokenizer)")
-    p.add_argument("--prompt-len", type=_positive_int, default=32, help="length of the random prompt when --prompt is not given")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (token ids separated by spaces when there is no tokenizer)")
+    prompt.add_argument("--prompt-len", type=_positive_int, default=32,
+                        help="length of the random prompt when --prompt is not given")
     p.add_argument("--batch-size", type=_positive_int, default=1)
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=_top_p, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--real-shape", action="store_true",
                    help="random weights at real Dots1 dimensions, built on the device (timing only)")
-    p.add_argument("--layers", type=_positive_int, default=3, help="layers of the --real-shape model (layer 0 dense)")
+    p.add_argument("--layers", type=_positive_int, help="layers of the --real-shape model (layer 0 dense; default 3)")
     p.add_argument("--experts", choices=EXPERT_FORMATS, default=None,
                    help="routed experts' format: bf16 (unquantized, in --dtype) or int4 (W4A16, group 128, "
                         "quantized while loading / building; its own decode kernels and, on sm90 with bf16, the "
                         "int4 grouped GEMM for prefill). Default: the checkpoint's (bf16 for --real-shape)")
     p.add_argument("--no-parity", action="store_true", help="skip the check against the reference ops")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.layers is not None and not args.real_shape:
+        p.error("--layers applies to --real-shape only (a checkpoint has its own layer count)")
+    args.layers = 3 if args.layers is None else args.layers
+    return args
 
 
 def load_tokenizer(directory: str | None):
@@ -102,12 +133,13 @@ def make_prompts(args, vocab_size: int, encode) -> list[list[int]]:
     if args.prompt is not None:
         if encode is not None:
             ids = encode(args.prompt)
-        elif all(part.isdigit() for part in args.prompt.split()):
+        elif args.prompt.split() and all(part.isdigit() for part in args.prompt.split()):
             ids = [int(part) for part in args.prompt.split()]
         else:
-            ids = [b % vocab_size for b in args.prompt.encode()]
+            raise UsageError(f"--prompt {args.prompt!r}: the checkpoint has no tokenizer, so the prompt must be token "
+                             f"ids (integers separated by spaces)")
         if not ids or max(ids) >= vocab_size:
-            raise SystemExit(f"error: the prompt must be non-empty token ids below the vocabulary size {vocab_size}")
+            raise UsageError(f"--prompt must give non-empty token ids below the vocabulary size {vocab_size}")
         return [ids] * args.batch_size
     gen = torch.Generator().manual_seed(args.seed)
     lengths = [max(1, args.prompt_len - 3 * b) for b in range(args.batch_size)]
@@ -121,7 +153,7 @@ def build_model(args, device: torch.device, dtype: torch.dtype, info=None) -> tu
     sharded = info is not None and info.world_size > 1
     experts = getattr(args, "experts", None)
     if sharded and experts == "int4":
-        raise SystemExit("error: --experts int4 is not supported with several ranks yet")
+        raise UsageError("--experts int4 is not supported with several ranks yet")
     if sharded:
         from dots1_ext import distributed
     say = print if info is None or info.is_main else (lambda *a, **k: None)
@@ -207,23 +239,34 @@ def run_job(model: Dots1ForCausalLM, args, path: str | None, say=print, label: s
     return 0 if check.passed else 1
 
 
+def _run_job_or_usage_error(model, args, path, say, info, label: str = "") -> int:
+    try:
+        return run_job(model, args, path, say, label=label)
+    except UsageError as e:  # a --prompt the model cannot take
+        if info is None or info.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
 def main(argv=None) -> int:
-    """Runs the job; returns the exit status: 0, 1 when parity FAILs, 2 for a checkpoint that cannot be
-    loaded (one ``error: ...`` line on stderr). Under torchrun (WORLD_SIZE > 1) the routed experts are
+    """Runs the job; returns the exit status: 0, 1 when parity FAILs, 2 for bad flags or a checkpoint
+    that cannot be loaded (one ``error: ...`` line on stderr). Under torchrun (WORLD_SIZE > 1) the routed experts are
     sharded over the ranks (dots1_ext.distributed) and rank 0 prints."""
     from dots1_ext.loader import CheckpointError
 
     args = parse_args(argv)
     info = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+    world_size = os.environ.get("WORLD_SIZE", "1")
+    if not world_size.strip().isdigit():
+        print(f"error: WORLD_SIZE must be a whole number, got {world_size!r}", file=sys.stderr, flush=True)
+        return 2
+    if int(world_size) > 1:  # launched by torchrun
         from dots1_ext import distributed
 
         info = distributed.init_from_env(args.device)
         device = info.device
     else:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda requested but no CUDA device is available")
+        device = args.device
     say = print if info is None or info.is_main else (lambda *a, **k: None)
     model = None
     try:
@@ -231,7 +274,7 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         try:
             model, path = build_model(args, device, dtype, info)
-        except CheckpointError as e:
+        except (CheckpointError, UsageError, ValueError) as e:  # the flags or the checkpoint: not a bug
             if info is None or info.is_main:
                 print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
@@ -244,11 +287,11 @@ def main(argv=None) -> int:
             say(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
                 f"{c.num_experts_per_tok}, {n_params / 1e6:.1f}M parameters, {model_bytes(model) / 2**30:.3f} GiB of "
                 f"weights, {device}, {dtype}{kind}")
-            return run_job(model, args, path, say)
+            return _run_job_or_usage_error(model, args, path, say, info)
         say(f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.n_routed_experts} experts top-"
             f"{c.num_experts_per_tok}, {info.world_size} rank(s) x {(c.n_routed_experts or 0) // info.world_size} experts, "
             f"{model_bytes(model) / 2**30:.2f} GiB of weights per rank, {device}, {dtype}")
-        return run_job(model, args, path, say, label=f", {info.world_size} ranks")
+        return _run_job_or_usage_error(model, args, path, say, info, label=f", {info.world_size} ranks")
     finally:
         if info is not None:
             distributed.shutdown(info, model)

@@ -172,6 +172,9 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
 
 class Dots1ForCausalLM(nn.Module):
     def __init__(self, config: Dots1Config, device=None, dtype=None):
+        if not isinstance(config, Dots1Config):
+            raise TypeError(f"Dots1ForCausalLM needs a Dots1Config (Dots1Config.from_dict for a dict), got "
+                            f"{type(config).__name__}")
         super().__init__()
         self.config = config
         self.model = Dots1Model(config, device=device, dtype=dtype)
@@ -383,7 +386,8 @@ class Dots1ForCausalLM(nn.Module):
         ``cuda_graphs`` (default: on for a CUDA model) replays each decode step from a captured CUDA
         graph per (batch size, context bucket) — greedy steps with the token choice inside the graph;
         see ``dots1_ext.cuda_graph``. ``prefill_chunk_size`` runs the prompt in chunks (``prefill``).
-        The KV cache is kept
+        A sequence whose logits come out poisoned (NaN: e.g. NaN weights) gets token id -1 from then on
+        (``sample``), never a plausible id. The KV cache is kept
         between calls and grows geometrically (``setup_cache``), so repeated calls replay the same graphs."""
         V = self.config.vocab_size
         if not isinstance(input_ids, torch.Tensor):
@@ -499,22 +503,43 @@ def check_sampling(temperature: float, top_p: float) -> None:
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B] int64: argmax at temperature 0, else a temperature / nucleus draw."""
+    """logits [B, V] -> token ids [B] int64: argmax at temperature 0, else a temperature / nucleus draw.
+    A poisoned row (a NaN or +inf logit, or every logit -inf) gets -1, outside every vocabulary, rather
+    than a plausible id; fed back to ``decode`` it keeps the sequence poisoned. No host sync."""
     check_sampling(temperature, top_p)
+    top = logits.amax(dim=-1, keepdim=True)  # NaN if any element is NaN (amax propagates it)
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps at least the top token
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    # argmax(p / Exp(1)) is a draw from p, without torch.multinomial's host synchronisation.
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(dim=-1)
+        tok = logits.argmax(dim=-1)
+    else:
+        # Shifted by the row's max first: (logits - max) / t is <= 0, so a tiny t gives -inf, never the
+        # inf - inf = NaN that logits / t overflowed to (a 1e-39 temperature drew token 0).
+        probs = torch.softmax((logits.float() - top.float()) / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps at least the top token
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        # argmax(p / Exp(1)) is a draw from p, without torch.multinomial's host synchronisation.
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        tok = (probs / noise).argmax(dim=-1)
+    return torch.where(torch.isfinite(top.squeeze(-1)), tok, -1)  # NaN, +inf, or every logit -inf
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (input_ids [B, L], attention_mask [B, L]) left-padded to the longest."""
+    """Token lists -> (input_ids [B, L], attention_mask [B, L]) left-padded to the longest. Every list
+    must be non-empty and hold integers (numpy ones too); ``pad_id`` an integer >= 0."""
+    if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence) or not sequences:
+        raise ValueError(f"left_pad needs a non-empty list of token lists, got {sequences!r:.80}")
+    for b, seq in enumerate(sequences):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, (Sequence, torch.Tensor)) or not len(seq):
+            raise ValueError(f"left_pad: sequence {b} must be a non-empty list of token ids, got {seq!r:.80}")
+    sequences = [seq.tolist() if isinstance(seq, torch.Tensor) else seq for seq in sequences]
+    for b, seq in enumerate(sequences):
+        if bad := [t for t in seq if not _is_int(t)]:
+            raise ValueError(f"left_pad: sequence {b} holds {bad[0]!r}; token ids must be integers")
+        if bad := [int(t) for t in seq if not -2**63 <= int(t) < 2**63]:
+            raise ValueError(f"left_pad: sequence {b} holds {bad[0]}, beyond int64")
+    if not _is_int(pad_id) or pad_id < 0:
+        raise ValueError(f"left_pad: pad_id must be an integer >= 0, got {pad_id!r}")
     L = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), L), dtype=torch.long)
@@ -529,6 +554,8 @@ def upcast_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of ``module`` whose floating-point parameters and buffers are in ``dtype`` (one copy
     made straight in the new dtype; parameters already in it are shared, buffers are always copied,
     so a KV cache is never written through the copy)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"upcast_copy needs a floating-point torch.dtype, got {dtype!r}")
     memo = {}
     for m in module.modules():  # share what is not data (e.g. a process group): it may not copy
         for v in vars(m).values():
@@ -558,6 +585,10 @@ def init_random_weights_(model: Dots1ForCausalLM, seed: int = 0, std: float | No
     int4 routed experts (``Dots1Int4Experts``) are drawn one expert at a time in the model's dtype, at
     the point of the parameter order where the bf16 experts would be, and quantized: on the CPU the
     draws are those of the bf16 model, so it equals the bf16 model with its experts quantized."""
+    if not isinstance(model, Dots1ForCausalLM):
+        raise TypeError(f"init_random_weights_ needs a Dots1ForCausalLM, got {type(model).__name__}")
+    if not _is_int(seed) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     std = std if std is not None else model.config.initializer_range
     device = model.device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -601,6 +632,14 @@ def build_random_model(config: Dots1Config, device="cpu", dtype=torch.float32, s
     from dots1_ext import quant
 
     quant.check_expert_format(experts)
+    if not isinstance(config, Dots1Config):
+        raise TypeError(f"build_random_model needs a Dots1Config, got {type(config).__name__}")
+    if experts == "int4" and not config.num_moe_layers:
+        raise ValueError("experts='int4': the model has no MoE layers")  # as load_model says
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"build_random_model: dtype must be float32, float16 or bfloat16, got {dtype}")
+    if torch.device(device).type == "meta":
+        raise ValueError("build_random_model: device 'meta' holds no weights to fill")
     model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
     if experts == "int4":
         modules.quantize_experts_(model)

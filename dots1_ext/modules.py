@@ -792,6 +792,12 @@ class Dots1MoE(nn.Module):
         three launches, router + gating, then the touched routed experts and the shared experts (packed
         gate_up: two always-on experts of weight 1) in one gate_up + SwiGLU launch and one down +
         combine + residual launch, each expert read once."""
+        held = getattr(self.experts, "expert_range", None)
+        if held is not None and held != (0, self.num_experts):
+            # load_model(experts=(start, end)) without expert parallelism: the other experts' tokens would
+            # read no weights (NaN logits), so say so instead.
+            raise RuntimeError(f"this MoE layer holds routed experts [{held[0]}, {held[1]}) of {self.num_experts} "
+                               f"only: run it under expert parallelism (dots1_ext.distributed), or load all experts")
         weights, ids = self.gate(x)  # fp32 [T, k], int32 [T, k]
         int4 = isinstance(self.experts, Dots1Int4Experts)
         if x.shape[0] <= (INT4_MOE_DECODE_MAX_TOKENS if int4 else MOE_DECODE_MAX_TOKENS):

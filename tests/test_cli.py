@@ -142,12 +142,43 @@ def test_parity_check_fails_on_one_wrong_token(cache_root, monkeypatch, capsys):
 @pytest.mark.parametrize("flag, value", [("--max-new-tokens", "-5"), ("--max-new-tokens", "0"), ("--top-p", "0"),
                                          ("--top-p", "1.5"), ("--top-p", "nan"), ("--temperature", "-1"),
                                          ("--temperature", "nan"), ("--batch-size", "0"), ("--prompt-len", "0"),
-                                         ("--dtype", "int8"), ("--layers", "0")])
+                                         ("--dtype", "int8"), ("--layers", "0"), ("--device", "gpu"),
+                                         ("--device", "meta"), ("--device", ""), ("--device", "cuda:99"),
+                                         ("--seed", "-1"), ("--seed", "99999999999999999999999")])
 def test_cli_rejects_bad_arguments(flag, value, capsys):
     with pytest.raises(SystemExit) as exc:
-        cli.main(["--device", "cpu", flag, value])
+        cli.main(["--device", "cpu", flag, value] if flag != "--device" else [flag, value])
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--prompt", "5 6", "--prompt-len", "7"], "--prompt-len: not allowed with argument --prompt"),
+    (["--layers", "4"], "--layers applies to --real-shape only"),
+])
+def test_cli_rejects_flag_combinations(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--device", "cpu", *argv])
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "5 x 6", "-5 3", "hello", "5 99999"])
+def test_cli_bad_prompt_without_tokenizer_is_one_error_line(prompt, capsys):
+    # No tokenizer: the prompt is token ids; anything else used to be byte-encoded silently (text) or exit 1.
+    assert cli.main(["--device", "cpu", "--prompt", prompt, "--max-new-tokens", "2", "--no-parity"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert errors and len(errors) == 1 and errors[0].startswith("error: --prompt") and "Traceback" not in err, err
+
+
+def test_cli_model_that_cannot_be_built_is_one_error_line(tmp_path, capsys):
+    # int4 experts need hidden_size % 128 == 0: a ValueError from the build is the user's (exit 2), not a bug.
+    save_checkpoint(tiny_ours("cpu", hidden_size=64, head_dim=16), tmp_path)
+    assert cli.main(["--model", str(tmp_path), "--device", "cpu", "--experts", "int4", "--no-parity"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "128" in errors[0] and "Traceback" not in err, err
 
 
 def test_bad_checkpoint_is_one_error_line_and_exit_2(tmp_path, capsys):

@@ -339,6 +339,86 @@ def test_sampling():
     assert ((a >= 0) & (a < BASE["vocab_size"])).all()
 
 
+def test_sample_tiny_temperatures_and_poisoned_rows():
+    # logits / t used to overflow to inf - inf = NaN at tiny t (token 0 drawn at t = 1e-39); a poisoned
+    # row (NaN, +inf, all -inf) gives -1, never a plausible id; -inf entries beside finite ones are a mask.
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 10
+    for t in (1e-39, 1e-30, 1e-6):
+        assert torch.equal(sample(logits, temperature=t), logits.argmax(-1)), t
+    bad = logits.clone()
+    bad[0, 7] = float("nan")
+    bad[1, 3] = float("inf")
+    bad[2] = float("-inf")
+    bad[3, :40] = float("-inf")  # masked, not poisoned
+    for t, top_p in ((0.0, 1.0), (1.0, 1.0), (0.7, 0.5), (1e-39, 1.0)):
+        tok = sample(bad, temperature=t, top_p=top_p, generator=torch.Generator().manual_seed(1))
+        assert tok[:3].tolist() == [-1, -1, -1], (t, top_p, tok)
+        assert 40 <= int(tok[3]) < 50, (t, top_p, tok)
+
+
+def test_generate_gives_minus_one_for_a_poisoned_sequence(device):
+    # A NaN embedding row (a stand-in for NaN weights) poisons the sequence whose prompt holds that token:
+    # it gets -1 at every step (fed back, -1 keeps it poisoned), the other sequence its normal tokens.
+    model = tiny_ours(device)
+    clean = model.generate([[3, 4, 5], [6, 7, 8, 9]], max_new_tokens=5, cuda_graphs=False)
+    model.model.embed_tokens.weight.data[5] = float("nan")
+    modes = (False, True) if device == "cuda" else (False,)
+    for cuda_graphs in modes:
+        for temperature in (0.0, 0.8):
+            out = model.generate([[3, 4, 5], [6, 7, 8, 9]], max_new_tokens=5, temperature=temperature,
+                                 cuda_graphs=cuda_graphs, generator=torch.Generator(device).manual_seed(0))
+            assert out[0].tolist() == [-1] * 5, (cuda_graphs, temperature, out)
+            if temperature == 0:
+                assert out[1].tolist() == clean[1].tolist(), (cuda_graphs, out)
+
+
+def test_left_pad_rejects_what_is_not_token_ids():
+    ids, mask = left_pad([torch.tensor([1, 2]), [3]], pad_id=0)  # tensors rows and lists
+    assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
+    for bad, match in (([], "non-empty list"), ("ab", "non-empty list"), ([[]], "sequence 0 must be a non-empty"),
+                       ([[1, 2], []], "sequence 1 must be a non-empty"), ([[1.5, 2]], "holds 1.5"),
+                       ([[True, 2]], "holds True"), ([[2**70]], "beyond int64"), ([1, 2], "sequence 0")):
+        with pytest.raises(ValueError, match=match):
+            left_pad(bad)
+    for pad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="pad_id"):
+            left_pad([[1]], pad_id=pad)
+
+
+def test_model_builders_reject_bad_arguments(tmp_path):
+    from dots1_ext.loader import load_model, save_checkpoint
+    from dots1_ext.model import init_random_weights_, upcast_copy
+
+    config = Dots1Config(**{**BASE, "first_k_dense_replace": 1})
+    with pytest.raises(TypeError, match="Dots1Config"):
+        Dots1ForCausalLM(dict(BASE))
+    with pytest.raises(TypeError, match="Dots1Config"):
+        build_random_model(dict(BASE))
+    dense = Dots1Config(**{**BASE, "first_k_dense_replace": BASE["num_hidden_layers"]})
+    with pytest.raises(ValueError, match="no MoE layers"):
+        build_random_model(dense, experts="int4")
+    for dtype in (torch.int32, torch.float64):
+        with pytest.raises(ValueError, match="dtype"):
+            build_random_model(config, dtype=dtype)
+    with pytest.raises(ValueError, match="meta"):
+        build_random_model(config, device="meta")
+    for seed in (2**70, 1.5, "a", -1, True):
+        with pytest.raises(ValueError, match="seed"):
+            build_random_model(config, seed=seed)
+    with pytest.raises(TypeError, match="Dots1ForCausalLM"):
+        init_random_weights_(torch.nn.Linear(2, 2))
+    model = build_random_model(config)
+    for dtype in (torch.int32, "float64"):
+        with pytest.raises(ValueError, match="floating-point"):
+            upcast_copy(model.lm_head, dtype)
+    # A model holding a range of the experts runs only under expert parallelism: an error, not NaN logits.
+    save_checkpoint(model, tmp_path)
+    part = load_model(tmp_path, experts=(0, 4), progress=False)
+    with pytest.raises(RuntimeError, match=r"holds routed experts \[0, 4\) of 8"):
+        part(torch.tensor([[1, 2, 3]]))
+
+
 def test_fp32_buffers_survive_dtype_casts():
     model = tiny_ours("cpu", dtype=torch.float32)
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias.clone()
