@@ -30,12 +30,15 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
+import numbers
 import os
 import re
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -238,6 +241,10 @@ class _Slots:
         if m:
             part, e = m["part"], int(m["e"])
             name = f"{m['prefix']}.{'down_proj' if part == 'down_proj' else 'gate_up_proj'}"
+            if name not in self.targets and f"{name}.qweight" in self.targets:
+                raise CheckpointKeyError(f"unexpected checkpoint tensor {key!r}: config.json's quantization_config "
+                                         "says the routed experts are int4 (fused .qweight/.scales tensors), but this "
+                                         "is an unquantized (bf16/fp16/fp32) expert weight")
             if name not in self.targets or e >= self.config.n_routed_experts:
                 raise CheckpointKeyError(f"unexpected checkpoint tensor {key!r}: the model has no such expert "
                                          f"(n_routed_experts={self.config.n_routed_experts})")
@@ -254,6 +261,19 @@ class _Slots:
             return key, self.targets[key].data, (slice(None), slice(None)), rows
         if IGNORED_KEYS.search(key) or (key == "lm_head.weight" and self.config.tie_word_embeddings):
             return None
+        fused, _, leaf = key.rpartition(".")
+        if f"{key}.qweight" in self.targets:
+            raise CheckpointKeyError(f"unexpected checkpoint tensor {key!r}: config.json's quantization_config says "
+                                     "the routed experts are int4 (fused .qweight/.scales tensors), but this is an "
+                                     "unquantized (bf16/fp16/fp32) expert weight")
+        if _FUSED_EXPERT_KEY.search(key) and leaf in ("qweight", "scales", "zeros"):
+            if fused in self.targets:
+                raise CheckpointKeyError(f"unexpected checkpoint tensor {key!r}: an int4 expert tensor, but "
+                                         "config.json has no dots1_ext quantization_config, so the checkpoint reads "
+                                         "as an unquantized one")
+            if leaf == "zeros" and f"{fused}.scales" in self.targets:
+                raise CheckpointKeyError(f"unexpected checkpoint tensor {key!r}: int4 zero points, but config.json's "
+                                         "quantization_config says symmetric int4 (no zero points)")
         raise CheckpointKeyError(f"unexpected checkpoint tensor {key!r}: no parameter of that name in the Dots1 model")
 
     def mark(self, name: str, index: tuple, key: str) -> None:
@@ -301,9 +321,33 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def parse_device(device: torch.device | str | int) -> torch.device:
+    """``device`` (a torch.device, "cpu", "cuda", "cuda:1", or a CUDA index) -> torch.device; ValueError
+    naming ``device`` for anything dots1_ext cannot put weights on."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, numbers.Integral)):
+        raise ValueError(f"device must be a torch.device, a device string such as 'cpu' or 'cuda:0', or a CUDA "
+                         f"index, got {device!r}")
+    try:
+        parsed = torch.device(int(device) if isinstance(device, numbers.Integral) else device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"device {device!r} is not a torch device string (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if parsed.type == "meta":  # a meta model has no weights: it would fail only later, in a forward
+        raise ValueError(f"device {device!r} holds no data; use 'cpu' or 'cuda'")
+    if parsed.type not in ("cpu", "cuda"):  # the ops have CPU and CUDA kernels only
+        raise ValueError(f"device {device!r}: dots1_ext runs on 'cpu' or 'cuda' devices")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but torch.cuda.is_available() is False")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible")
+    return parsed
+
+
 def check_device_memory(bytes_needed: int, device: torch.device | str) -> None:
-    """Raises torch.OutOfMemoryError naming the bytes needed when a CUDA device has less free memory."""
-    device = torch.device(device)
+    """Raises torch.OutOfMemoryError naming the bytes needed when a CUDA device has less free memory
+    (ValueError naming ``device`` for a bad one, see :func:`parse_device`)."""
+    device = parse_device(device)
     if device.type != "cuda":
         return
     free, total = torch.cuda.mem_get_info(device)
@@ -340,12 +384,18 @@ def load_model(
     loads as int4 (``experts`` None or "int4"); ``experts="bf16"`` keeps the experts unquantized in
     ``dtype`` (the default for a high-precision checkpoint) and refuses an int4 one.
 
+    A config with ``tie_word_embeddings`` whose checkpoint also holds an ``lm_head.weight`` different from
+    the embedding loads untied, with a warning, as in transformers (the model's config then says untied).
+
     Raises CheckpointError (a ValueError; CheckpointKeyError, also a KeyError, for a missing or
     unexpected tensor; CheckpointNotFoundError, also a FileNotFoundError, for missing files) naming
-    the file and the tensor, and torch.OutOfMemoryError when the device cannot hold the model."""
-    device = torch.device(device)
+    the file and the tensor, ValueError naming ``device`` for one it cannot load onto (:func:`parse_device`),
+    and torch.OutOfMemoryError when the device cannot hold the model."""
+    device = parse_device(device)
     dtype = parse_dtype(dtype) or _default_dtype(device)
     expert_format = quant.check_expert_format(experts) if isinstance(experts, str) else None
+    if experts is not None and expert_format is None:
+        _expert_pair(experts)
     config = read_config(path)
     try:
         stored_symmetric = quant.checkpoint_symmetric(config)  # None: not quantized
@@ -357,6 +407,13 @@ def load_model(
     if stored_symmetric is not None and experts is not None and expert_format is None:
         raise ValueError(f"experts={experts!r}: loading a range of experts of an int4 checkpoint is not supported")
     files = checkpoint_files(path)
+    if config.tie_word_embeddings and "lm_head.weight" in files and not _tensors_equal(
+            files, "lm_head.weight", "model.embed_tokens.weight", dtype):
+        # transformers keeps both (untied) when they differ; the config says so here, so that a save
+        # writes both tensors again.
+        warnings.warn(f"{path}: config.json sets tie_word_embeddings, but the checkpoint's lm_head.weight differs "
+                      "from model.embed_tokens.weight; loading them untied, as transformers does", stacklevel=2)
+        config.tie_word_embeddings = False
 
     model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
     start, end = 0, config.n_routed_experts or 0
@@ -393,29 +450,59 @@ def load_model(
                             expert = src[e]
                             if key.endswith(".zeros"):
                                 _check_zero_points(expert, key, e, path_)
-                            dest[e - rows[0]].copy_(expert)
+                            _copy(dest[e - rows[0]], expert, key, path_, e)
                     else:
                         src = f.get_tensor(key)
                         if key.endswith("e_score_correction_bias") and not bool(torch.isfinite(src).all()):
                             # A NaN or infinite bias would pick experts silently (every logit stays finite).
                             raise CheckpointError(f"checkpoint tensor {key!r} in {path_} holds non-finite values "
                                                   f"(the router's bias must be finite)")
-                        dest.copy_(src)
+                        _copy(dest, src, key, path_)
                     done += 1
                     bar.update(dest.numel() * dest.element_size(), done, len(plan))
     interleave_gate_up_(model)  # once, for the fused SwiGLU epilogue; state_dict stays HF
     return model.eval()
 
 
+def _tensors_equal(files: dict[str, str], a: str, b: str, dtype: torch.dtype) -> bool:
+    """Whether checkpoint tensors ``a`` and ``b`` are equal once in ``dtype`` (transformers compares the loaded
+    parameters), read a block of rows at a time. A tensor missing from its file counts as unequal (the plan
+    names it)."""
+    if b not in files:
+        return False
+    with _open(files[a]) as fa, _open(files[b]) as fb:
+        if a not in fa.keys() or b not in fb.keys():
+            return False
+        sa, sb = fa.get_slice(a), fb.get_slice(b)
+        shape = sa.get_shape()
+        if shape != sb.get_shape():
+            return False
+        if len(shape) < 2:
+            return torch.equal(fa.get_tensor(a).to(dtype), fb.get_tensor(b).to(dtype))
+        step = max(1, (1 << 24) // max(1, math.prod(shape[1:])))  # blocks of ~16M elements bound host memory
+        return all(torch.equal(sa[i:i + step].to(dtype), sb[i:i + step].to(dtype)) for i in range(0, shape[0], step))
+
+
+def _is_index(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _expert_pair(experts) -> tuple[int, int]:
+    """``experts`` as a (start, end) pair of ints; ValueError naming ``experts`` for any other shape."""
+    # a dict or set would unpack its keys, a range or string its items: only an explicit pair is a range
+    if not isinstance(experts, (tuple, list)) or len(experts) != 2:
+        raise ValueError(f"experts must be 'bf16', 'int4' or a (start, end) tuple or list, got {experts!r}")
+    if not all(_is_index(v) for v in experts):
+        raise ValueError(f"experts={experts!r}: start and end must be integers")
+    return int(experts[0]), int(experts[1])
+
+
 def _check_expert_range(experts, config: Dots1Config) -> tuple[int, int]:
     E = config.n_routed_experts
+    start, end = _expert_pair(experts)
     if not config.num_moe_layers:
         raise ValueError(f"experts={experts!r}: the model has no MoE layers")
-    try:
-        start, end = experts
-    except (TypeError, ValueError):
-        raise ValueError(f"experts must be a (start, end) pair, got {experts!r}") from None
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end)) or not 0 <= start < end <= E:
+    if not 0 <= start < end <= E:
         raise ValueError(f"experts=({start!r}, {end!r}) must satisfy 0 <= start < end <= n_routed_experts={E}")
     return start, end
 
@@ -423,6 +510,11 @@ def _check_expert_range(experts, config: Dots1Config) -> tuple[int, int]:
 def keep_experts_(model: torch.nn.Module, start: int, end: int) -> torch.nn.Module:
     """On a meta model: every MoE layer's ``mlp.experts`` now holds routed experts [start, end) only
     (meta tensors of end - start experts; ``expert_range`` records which). Returns the model."""
+    E = getattr(getattr(model, "config", None), "n_routed_experts", None)
+    if not (_is_index(start) and _is_index(end)) or not 0 <= start < end <= (E or 0):
+        raise ValueError(f"keep_experts_: start and end must be integers with 0 <= start < end <= "
+                         f"n_routed_experts={E}, got start={start!r}, end={end!r}")
+    start, end = int(start), int(end)
     for name, m in model.named_modules():
         if not name.endswith("mlp.experts") or not hasattr(m, "gate_up_proj"):
             continue
@@ -443,6 +535,20 @@ def _check_zero_points(zeros: torch.Tensor, key: str, expert: int, path: str) ->
     if zeros.numel() and int(zeros.max()) > 15:
         raise CheckpointError(f"checkpoint tensor {key!r} in {path}: expert {expert} has zero points up to "
                               f"{int(zeros.max())}, but the int4 format's lie in [0, 15]")
+
+
+def _copy(dest, src: torch.Tensor, key: str, path: str, expert: int | None = None) -> None:
+    """dest.copy_(src); an int4 slot quantizes, and what quantization refuses (NaN, Inf, a range that
+    overflows) becomes a CheckpointError naming the tensor (quant's own error would not say which)."""
+    if not isinstance(dest, _Int4Slot):
+        dest.copy_(src)
+        return
+    try:
+        dest.copy_(src)
+    except ValueError as e:
+        which = "" if expert is None else f" (expert {expert})"
+        raise CheckpointError(f"checkpoint tensor {key!r}{which} in {path} cannot be quantized to int4 "
+                              f"(experts='int4'): {e}") from None
 
 
 def _plan(files: dict[str, str], slots: _Slots) -> list[tuple[str, str, int]]:
@@ -521,15 +627,18 @@ def checkpoint_tensors(model: Dots1ForCausalLM, layout: str = "hub") -> Iterator
             yield name, t
 
 
-def parse_size(size: int | str) -> int:
-    """5000000000, "5GB", "500MB", "2GiB" -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(I?B)?\s*", size.upper())
-    if not m:
-        raise ValueError(f"cannot parse size {size!r}")
-    base = 1024 if m[3] == "IB" else 1000
-    return int(float(m[1]) * base ** " KMGT".index(m[2] or " "))
+def parse_size(size: int | str, name: str = "size") -> int:
+    """5000000000, "5GB", "500MB", "2GiB" -> bytes (at least 1); ValueError naming ``name`` otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(I?B)?\s*", size.upper()) if isinstance(size, str) else None
+    if m:
+        base = 1024 if m[3] == "IB" else 1000
+        nbytes = int(float(m[1]) * base ** " KMGT".index(m[2] or " "))
+    else:
+        nbytes = int(size) if _is_index(size) else None
+    if nbytes is None or nbytes < 1:
+        raise ValueError(f"{name} must be a positive number of bytes: an int >= 1 or a string such as '5GB', "
+                         f"'500MB', '2GiB', got {size!r}")
+    return nbytes
 
 
 def save_checkpoint(
@@ -545,10 +654,21 @@ def save_checkpoint(
     Crash-safe: the checkpoint is written into a temporary directory next to ``directory`` and swapped
     in by renames once complete, so an interrupted save leaves the previous checkpoint in place (or, in
     the instant between the two renames, in a ``.<name>.old-*`` sibling). Other files in ``directory``
-    (a tokenizer, a generation config) are kept; its previous weights, index and config.json are not."""
-    directory = os.path.realpath(os.fspath(directory))
+    (a tokenizer, a generation config) are kept; its previous weights, index and config.json are not.
+    So an existing ``directory`` must be empty or a Dots1 checkpoint (not the working directory, nothing in
+    it mounted from elsewhere); anything else is refused before any file is written."""
+    if not isinstance(model, Dots1ForCausalLM):
+        raise TypeError(f"save_checkpoint: model must be a dots1_ext Dots1ForCausalLM, got {type(model).__name__}")
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        raise ValueError("save_checkpoint: model has tensors on the meta device (no data to save)")
+    raw = os.fspath(directory)
+    if not os.fsdecode(raw).strip():  # "" would resolve to the current directory, which the save replaces
+        raise ValueError(f"save_checkpoint: directory must be a non-empty path, got {directory!r}")
+    directory = os.path.realpath(raw)
     dtype = parse_dtype(dtype) or model.dtype
-    limit = parse_size(shard_size)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):  # what load_model reads back
+        raise ValueError(f"save_checkpoint: dtype must be float32, bfloat16 or float16, got {dtype}")
+    limit = parse_size(shard_size, "shard_size")
     for name, m in model.named_modules():
         rng = getattr(m, "expert_range", None)
         if rng is not None and tuple(rng) != (0, model.config.n_routed_experts):
@@ -560,6 +680,7 @@ def save_checkpoint(
             return t.dtype
         return torch.bfloat16 if _FUSED_EXPERT_KEY.search(key) and key.endswith(".scales") else dtype
 
+    _check_replaceable(directory)
     parent, base = os.path.split(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
@@ -583,6 +704,42 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a failed save's leftovers
     return [os.path.join(directory, n) for n in names]
+
+
+def _check_replaceable(directory: str) -> None:
+    """A save swaps in a new directory for ``directory`` and deletes the old one (its other files are
+    hard-linked across first), so an existing one must be an empty directory or a Dots1 checkpoint that
+    this can replace without touching anything else: not a file, not another kind of directory (a
+    project, a home), none of it on another filesystem (rmtree would empty a mount point), and not the
+    current working directory or one above it (the process would be left in a deleted directory)."""
+    if not os.path.lexists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(f"save_checkpoint: directory {directory!r} exists and is not a directory")
+    with contextlib.suppress(OSError):  # no current directory (deleted): nothing to protect
+        cwd = os.path.realpath(os.getcwd())
+        if os.path.commonpath([cwd, directory]) == directory:
+            raise ValueError(f"save_checkpoint: directory {directory!r} is the current working directory or above "
+                             "it; a save replaces the directory, which would leave the process in a deleted one")
+    if not os.listdir(directory):
+        return
+    config = os.path.join(directory, CONFIG_NAME)
+    try:
+        with open(config) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "dots1":
+        raise FileExistsError(f"save_checkpoint: directory {directory!r} exists and is not a Dots1 checkpoint (no "
+                              f"{CONFIG_NAME} with model_type 'dots1'); a save replaces the whole directory, so it "
+                              "only writes into a new or empty one or over a checkpoint")
+    dev = os.stat(directory).st_dev
+    for root, dirs, _ in os.walk(directory):
+        for d in dirs:
+            path = os.path.join(root, d)
+            if not os.path.islink(path) and os.stat(path).st_dev != dev:
+                raise ValueError(f"save_checkpoint: {path!r} inside directory {directory!r} is on another filesystem "
+                                 "(a mount point); a save replaces the directory and would delete its contents")
 
 
 def _new_dir_mode(directory: str) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_model import BASE, CONFIGS, DTYPE, assert_matches_transformers, make_hf_model, tiny_ours
 
-from dots1_ext import modules
+from dots1_ext import modules, quant
 from dots1_ext.loader import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -26,10 +27,12 @@ from dots1_ext.loader import (
     CheckpointNotFoundError,
     check_device_memory,
     checkpoint_files,
+    keep_experts_,
     load_model,
     parse_size,
     save_checkpoint,
 )
+from dots1_ext.model import Dots1ForCausalLM
 
 
 def saved_tiny(tmp_path, layout="hub", shard_size="1GB", **overrides):
@@ -201,6 +204,8 @@ def test_no_checkpoint_files(tmp_path):
 
 
 def test_out_of_memory_message(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 8000))
     with pytest.raises(torch.OutOfMemoryError, match=r"needs 123456789 bytes.*only 1000 bytes"):
         check_device_memory(123456789, "cuda:0")
@@ -405,3 +410,216 @@ def test_bad_expert_range(tmp_path):
     for bad in [(0, 9), (3, 3), (-1, 2), (1,), "0:4", (0.0, 4)]:
         with pytest.raises(ValueError, match="experts"):
             load_model(tmp_path, progress=False, experts=bad)
+
+
+def test_expert_range_takes_any_integral_pair_and_nothing_else(tmp_path):
+    np = pytest.importorskip("numpy")
+    saved_tiny(tmp_path)
+    part = load_model(tmp_path, progress=False, experts=(np.int64(2), np.int64(6)))
+    assert part.model.layers[1].mlp.experts.expert_range == (2, 6)
+    # a dict or set would unpack to its keys (experts 0-4 of {0: 1, 4: 2}), a range to its items
+    for bad in [{0: 1, 4: 2}, {0, 4}, range(0, 4), "04", (False, 4), (torch.tensor(0), 4)]:
+        with pytest.raises(ValueError, match=r"experts"):
+            load_model(tmp_path, progress=False, experts=bad)
+
+
+def test_keep_experts_checks_its_range():
+    config = tiny_ours("cpu").config
+    for start, end in [(-2, 4), (4, 2), (3, 3), (0, 9), (True, 4), (0.0, 4)]:
+        with pytest.raises(ValueError, match=r"keep_experts_: start and end .*n_routed_experts=8"):
+            keep_experts_(Dots1ForCausalLM(config, device="meta"), start, end)
+    kept = keep_experts_(Dots1ForCausalLM(config, device="meta"), 2, 6)
+    assert kept.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 4
+
+
+# -- tie_word_embeddings with a separate lm_head (transformers' rule) ----------------------------------
+def test_tied_config_with_a_different_lm_head_loads_untied_like_transformers(tmp_path):
+    # transformers 5 unties (and warns) when a tied config's checkpoint holds an lm_head.weight that differs
+    # from the embedding; dropping it would change every logit.
+    transformers = pytest.importorskip("transformers")
+    model = saved_tiny(tmp_path, tie_word_embeddings=False)
+    path = os.path.join(tmp_path, "config.json")
+    json.dump({**json.load(open(path)), "tie_word_embeddings": True}, open(path, "w"))
+    with pytest.warns(UserWarning, match=r"lm_head\.weight differs .*untied"):
+        loaded = load_model(tmp_path, progress=False)
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert_same_weights(loaded, model)
+    hf = transformers.Dots1ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 9))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert rel_err(loaded(ids), expected) < 1e-5
+    save_checkpoint(loaded, tmp_path / "again")  # both tensors written again, config untied
+    assert "lm_head.weight" in checkpoint_files(tmp_path / "again")
+    assert_same_weights(load_model(tmp_path / "again", progress=False), model)
+
+
+def test_tied_config_with_an_equal_lm_head_ties_silently(tmp_path):
+    model = saved_tiny(tmp_path, tie_word_embeddings=True)
+    rewrite_single_file(tmp_path, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].clone()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_model(tmp_path, progress=False)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert_same_weights(loaded, model)
+
+
+# -- int4 experts: errors name the tensor --------------------------------------------------------------
+INT4_DIMS = dict(hidden_size=128, moe_intermediate_size=128)  # int4 needs K % 128 == 0
+
+
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+def test_non_finite_expert_weight_quantized_while_loading_is_named(tmp_path, layout):
+    saved_tiny(tmp_path, layout=layout, **INT4_DIMS)
+    key = ("model.layers.1.mlp.experts.3.gate_proj.weight" if layout == "hub"
+           else "model.layers.1.mlp.experts.gate_up_proj")
+    rewrite_single_file(tmp_path, lambda t: t[key].view(-1).__setitem__(t[key].numel() // 2, float("nan")))
+    path = os.path.join(tmp_path, SAFE_WEIGHTS_NAME)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)}.*in {re.escape(path)} cannot be quantized to int4.*"
+                                              r"NaN or Inf"):
+        load_model(tmp_path, progress=False, experts="int4")
+
+
+def claim_int4(tmp_path, symmetric=False, drop=False):
+    path = os.path.join(tmp_path, "config.json")
+    config = json.load(open(path))
+    if drop:
+        config.pop("quantization_config")
+    else:
+        config["quantization_config"] = quant.quantization_config(symmetric)
+    json.dump(config, open(path, "w"))
+
+
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+def test_config_claiming_int4_over_unquantized_experts_says_so(tmp_path, layout):
+    saved_tiny(tmp_path, layout=layout, **INT4_DIMS)
+    claim_int4(tmp_path)
+    with pytest.raises(CheckpointKeyError, match=r"mlp\.experts.*quantization_config says the routed experts are "
+                                                 r"int4.*unquantized \(bf16/fp16/fp32\) expert weight"):
+        load_model(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("edit,why", [
+    (dict(drop=True), r"down_proj\.qweight': an int4 expert tensor, but config\.json has no dots1_ext "
+                      r"quantization_config"),
+    (dict(symmetric=True), r"down_proj\.zeros': int4 zero points, but .*says symmetric int4"),
+])
+def test_int4_tensors_the_config_does_not_describe_are_explained(tmp_path, edit, why):
+    model = tiny_ours("cpu", dtype=torch.float32, **INT4_DIMS)
+    save_checkpoint(modules.quantize_experts_(model), tmp_path)
+    claim_int4(tmp_path, **edit)
+    with pytest.raises(CheckpointKeyError, match=why):
+        load_model(tmp_path, progress=False)
+
+
+# -- device ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,why", [
+    ("gpu", r"device 'gpu' is not a torch device string"),
+    ("bogus", r"device 'bogus' is not a torch device string"),
+    ("meta", r"device 'meta' holds no data"),
+    ("mps", r"device 'mps': dots1_ext runs on 'cpu' or 'cuda'"),
+    (None, r"device must be a torch\.device"),
+    (True, r"device must be a torch\.device"),
+    ("cuda:99", r"device 'cuda:99' requested but"),
+])
+def test_bad_device_is_named(tmp_path, device, why):
+    saved_tiny(tmp_path)
+    with pytest.raises(ValueError, match=why):
+        load_model(tmp_path, device=device, progress=False)
+    with pytest.raises(ValueError, match=why):
+        check_device_memory(10, device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:5", 3, torch.device("cuda", 0)])
+def test_cuda_device_without_cuda_is_named(tmp_path, device):
+    saved_tiny(tmp_path)
+    why = rf"device {re.escape(repr(device))} requested but torch\.cuda\.is_available\(\) is False"
+    with pytest.raises(ValueError, match=why):
+        load_model(tmp_path, device=device, progress=False)
+    with pytest.raises(ValueError, match=why):
+        check_device_memory(10, device)
+
+
+# -- save_checkpoint's arguments -----------------------------------------------------------------------
+def test_parse_size_takes_positive_sizes_only():
+    assert parse_size("40 kib") == 40 * 1024 and parse_size("1.5KB") == 1500 and parse_size(1) == 1
+    for bad in [0, -1, True, 1.5, None, "0MB", "0.5B", "1.2.3MB", ".", "abc", "1e3MB", "-5MB"]:
+        with pytest.raises(ValueError, match=r"^size must be a positive number of bytes"):
+            parse_size(bad)
+
+
+def test_bad_shard_size_is_named(tmp_path):
+    model = tiny_ours("cpu", dtype=torch.float32)
+    for bad in [0, -5, True, "0MB", 1.5, "1.2.3MB", ".", "abc", "1e3MB", None]:
+        why = rf"shard_size must be a positive number of bytes.*got {re.escape(repr(bad))}"
+        with pytest.raises(ValueError, match=why):
+            save_checkpoint(model, tmp_path / "out", shard_size=bad)
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("directory", ["", "   "])
+def test_save_checkpoint_refuses_an_empty_path(tmp_path, monkeypatch, directory):
+    # "" would resolve to the current directory, which the save renames away and replaces.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"save_checkpoint: directory must be a non-empty path"):
+        save_checkpoint(tiny_ours("cpu", dtype=torch.float32), directory)
+    assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_save_checkpoint_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "main.py").write_text("print(1)")
+    (project / "config.json").write_text('{"name": "my app"}')  # ours, not a model's
+    inode = os.stat(project).st_ino
+    with pytest.raises(FileExistsError, match=rf"{re.escape(str(project))}' exists and is not a Dots1 checkpoint"):
+        save_checkpoint(tiny_ours("cpu", dtype=torch.float32), project)
+    assert os.stat(project).st_ino == inode and sorted(os.listdir(project)) == ["config.json", "main.py"]
+    assert (project / "config.json").read_text() == '{"name": "my app"}'
+    assert os.listdir(tmp_path) == ["project"]  # no temporary directory left
+    (tmp_path / "empty").mkdir()
+    save_checkpoint(tiny_ours("cpu", dtype=torch.float32), tmp_path / "empty")  # an empty one is fine
+
+
+def test_save_checkpoint_refuses_the_working_directory_and_mount_points(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    saved_tiny(ckpt)
+    (ckpt / "sub").mkdir()
+    monkeypatch.chdir(ckpt / "sub")  # renaming ckpt away would leave the process in a deleted directory
+    with pytest.raises(ValueError, match=r"current working directory or above it"):
+        save_checkpoint(tiny_ours("cpu", dtype=torch.float32), ckpt)
+    monkeypatch.chdir(tmp_path)
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # ckpt/sub as a mount point: the old tree's rmtree would empty it
+        st = real_stat(path, *args, **kwargs)
+        return os.stat_result((*st[:2], st.st_dev + 1, *st[3:10])) if str(path).endswith("sub") else st
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(ValueError, match=r"ckpt/sub' inside directory .* is on another filesystem"):
+        save_checkpoint(tiny_ours("cpu", dtype=torch.float32), ckpt)
+
+
+def test_save_checkpoint_bad_model_path_or_dtype(tmp_path):
+    for bad in [None, torch.nn.Linear(2, 2)]:
+        with pytest.raises(TypeError, match=r"save_checkpoint: model must be a dots1_ext Dots1ForCausalLM"):
+            save_checkpoint(bad, tmp_path / "out")
+    model = tiny_ours("cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"model has tensors on the meta device"):
+        save_checkpoint(Dots1ForCausalLM(model.config, device="meta"), tmp_path / "out")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(NotADirectoryError, match=rf"directory {re.escape(repr(str(afile)))} exists and is not a dir"):
+        save_checkpoint(model, afile)
+    assert afile.read_text() == "x"
+    saved_tiny(tmp_path / "ckpt")
+    # load_model would refuse what these wrote, and the old checkpoint would be gone
+    for bad in [torch.int8, torch.float64]:
+        with pytest.raises(ValueError, match=r"dtype.*float32, bfloat16,? (or )?float16"):
+            save_checkpoint(model, tmp_path / "ckpt", dtype=bad)
+    with pytest.raises(ValueError, match=r"save_checkpoint: dtype must be float32, bfloat16 or float16, got .*float64"):
+        save_checkpoint(tiny_ours("cpu", dtype=torch.float32).double(), tmp_path / "ckpt")  # the model's dtype
+    load_model(tmp_path / "ckpt", progress=False)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
