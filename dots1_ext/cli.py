@@ -17,7 +17,7 @@ import torch
 
 from dots1_ext import ops
 from dots1_ext.config import dots1_real_config, parse_dtype
-from dots1_ext.loader import check_device_memory, load_model, model_bytes
+from dots1_ext.loader import check_device_memory, load_model, model_bytes, parse_device
 from dots1_ext.model import Dots1ForCausalLM, build_random_model
 from dots1_ext.parity import ParityResult, logits_parity
 from dots1_ext.modules import quantize_experts_
@@ -59,16 +59,9 @@ def _seed(text: str) -> int:
 
 def _device(text: str) -> torch.device:
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a torch device (cpu, cuda, cuda:N), got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} requested but no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+        return parse_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _dtype(text: str) -> torch.dtype:
