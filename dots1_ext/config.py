@@ -16,9 +16,10 @@ import torch
 
 from dots1_ext.ops import dispatch as _dispatch_op
 from dots1_ext.ops import gating as _gating_op
-from dots1_ext.rope import SUPPORTED_ROPE_TYPES
+from dots1_ext.rope import check_rope_scaling, rope_type_of
 
 CONFIG_NAME = "config.json"
+MODEL_TYPE = "dots1"  # transformers' Dots1Config.model_type, and what dots.llm1's config.json carries
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # The kernels' limits (csrc/gating/gating.h kGatingMaxExperts / kGatingMaxTopk, csrc/dispatch/dispatch.h
 # kPermuteMaxExperts), as the op wrappers define them.
@@ -63,8 +64,12 @@ _DTYPES = {
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     """"bf16" / "bfloat16" / "torch.bfloat16" / torch.bfloat16 -> torch.bfloat16 (None stays None)."""
-    if value is None or isinstance(value, torch.dtype):
+    if value is None:
         return value
+    if isinstance(value, torch.dtype):
+        if value in _DTYPES.values():
+            return value
+        raise ValueError(f"unsupported dtype {value!r} (supported: float32, bfloat16, float16)")
     key = str(value).removeprefix("torch.").lower()
     if key not in _DTYPES:
         raise ValueError(f"unsupported dtype {value!r} (supported: float32, bfloat16, float16)")
@@ -122,6 +127,12 @@ class Dots1Config:
             self.first_k_dense_replace = 0
         if self.n_shared_experts is None:
             self.n_shared_experts = 0
+        if isinstance(self.rope_scaling, dict) and "rope_theta" in self.rope_scaling:
+            # transformers takes rope_parameters' rope_theta over a rope_theta given next to it; one field holds it.
+            self.rope_scaling = dict(self.rope_scaling)
+            theta = self.rope_scaling.pop("rope_theta")
+            if theta is not None:
+                self.rope_theta = theta
         self._check_types_and_ranges()  # before anything below divides by or iterates over a field
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
@@ -213,13 +224,18 @@ class Dots1Config:
         eos = self.eos_token_id
         for i, t in enumerate(eos if isinstance(eos, list) else [eos]):
             self._check_token_id("eos_token_id" if not isinstance(eos, list) else f"eos_token_id[{i}]", t)
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            bad(f"rope_scaling must be a dict (or null), got {self.rope_scaling!r}")
-        if self.rope_scaling:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise NotImplementedError(
-                    f"Dots1Config: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        self._check_rope(self.rope_scaling)
+        if not isinstance(self.extra, dict):
+            bad(f"extra must be a dict, got {self.extra!r}")
+
+    @staticmethod
+    def _check_rope(rope_scaling) -> None:
+        try:
+            check_rope_scaling(rope_scaling)
+        except NotImplementedError as e:
+            raise NotImplementedError(f"Dots1Config: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"Dots1Config: {e}") from None
 
     def _check_token_id(self, name: str, value) -> None:
         if value is None:
@@ -248,20 +264,30 @@ class Dots1Config:
     # -- json ----------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "Dots1Config":
+        if not isinstance(d, dict):
+            raise TypeError(f"Dots1Config.from_dict: expected a dict, got {type(d).__name__}")
         d = dict(d)
-        for written_by_to_dict in ("model_type", "architectures"):
-            d.pop(written_by_to_dict, None)
-        # transformers 5 keeps rope_theta inside rope_parameters; 4.x next to rope_scaling.
-        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None)
-        d.pop("rope_scaling", None)
-        if rope is not None and not isinstance(rope, dict):
-            raise ValueError(f"Dots1Config: rope_parameters / rope_scaling must be a dict (or null), got {rope!r}")
+        model_type = d.pop("model_type", None)
+        if model_type is not None and model_type != MODEL_TYPE:
+            raise ValueError(f"Dots1Config: model_type must be {MODEL_TYPE!r} (or absent), got {model_type!r}")
+        d.pop("architectures", None)
+        for name in ("rope_parameters", "rope_scaling"):
+            if d.get(name) is not None and not isinstance(d[name], dict):
+                raise ValueError(f"Dots1Config: {name} must be a dict (or null), got {d[name]!r}")
+        # transformers 5 (convert_rope_params_to_dict): a non-empty rope_scaling (4.x) replaces rope_parameters
+        # whole; rope_theta and partial_rotary_factor at the top level only fill what the dict lacks.
+        rope = d.pop("rope_scaling", None) or d.pop("rope_parameters", None)
+        d.pop("rope_parameters", None)
         rope = dict(rope) if rope else {}
         theta = rope.pop("rope_theta", None)
-        if d.get("rope_theta") is None:
-            d["rope_theta"] = theta if theta is not None else 10000.0
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        d["rope_scaling"] = rope if rope_type not in (None, "default") else None
+        if theta is None:
+            theta = d.get("rope_theta")
+        d["rope_theta"] = theta if theta is not None else 10000.0
+        partial = d.pop("partial_rotary_factor", None)
+        if partial is not None:
+            rope.setdefault("partial_rotary_factor", partial)
+        cls._check_rope(rope)  # before a "default" dict is dropped with whatever it holds
+        d["rope_scaling"] = rope if rope_type_of(rope) != "default" else None
         if "dtype" in d and "torch_dtype" not in d:  # transformers 5 writes "dtype"
             d["torch_dtype"] = d.pop("dtype")
         if "num_local_experts" in d and d.get("n_routed_experts") is None:
@@ -276,11 +302,13 @@ class Dots1Config:
         """Errors name the file: ValueError for invalid JSON or an invalid field, NotImplementedError for
         an unsupported feature (FileNotFoundError when there is no file)."""
         path = os.fspath(path)
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: invalid JSON: {e}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not a UTF-8 JSON file: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(d).__name__}")
         try:
@@ -298,8 +326,10 @@ class Dots1Config:
         d = dict(self.extra)
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
         d.pop("rope_scaling")
-        d["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
-        d["model_type"] = "dots1"
+        rope = self.rope_scaling or {}
+        # rope_type spelled out: a 4.x dict has only "type", and a "rope_type" default next to it would win on reading.
+        d["rope_parameters"] = {**rope, "rope_type": rope_type_of(rope), "rope_theta": self.rope_theta}
+        d["model_type"] = MODEL_TYPE
         d["architectures"] = ["Dots1ForCausalLM"]
         return d
 

@@ -138,8 +138,6 @@ class DecodeGraphs:
             raise IndexError(f"greedy_decode of {steps} steps from slot {first_slot} overruns the KV cache of {S} slots")
         self.model.model.check_decode_slot(first_slot)
         known = self.model.model.cache_filled_host is not None
-        from dots1_ext.model import sample  # model.py imports this module lazily: no cycle at import
-
         eos = tuple(int(e) for e in eos_token_ids)
         eos_ids = torch.tensor(eos, dtype=torch.long, device=self.model.device)
         self.tokens.copy_(tokens.reshape(B))
@@ -148,7 +146,9 @@ class DecodeGraphs:
 
         def step() -> torch.Tensor:
             logits = self.model.decode(self.tokens, self.slot)  # [B, V]
-            tok = torch.where(self.finished, pad_token_id, sample(logits))  # argmax; -1 for a poisoned row
+            # model.sample at temperature 0: argmax, and -1 for a poisoned row (NaN, +inf, all -inf).
+            tok = torch.where(torch.isfinite(logits.amax(dim=-1)), logits.argmax(dim=-1), -1)
+            tok = torch.where(self.finished, pad_token_id, tok)
             if eos:
                 self.finished |= torch.isin(tok, eos_ids)
             self.history.index_copy_(1, self.slot.view(1), tok.view(B, 1))

@@ -99,17 +99,67 @@ class DistInfo:
     group: object | None = None
     owns_group: bool = False  # init_from_env created the process group (and `shutdown` destroys it)
 
+    def __post_init__(self):
+        _check_rank(self.rank, self.world_size)
+        if not _is_int(self.local_rank) or self.local_rank < 0:
+            raise ValueError(f"local_rank must be an integer >= 0, got {self.local_rank!r}")
+        if not isinstance(self.device, torch.device):
+            raise TypeError(f"device must be a torch.device, got {type(self.device).__name__}")
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_rank(rank, world_size) -> None:
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if not _is_int(rank):
+        raise ValueError(f"rank must be an integer (not bool), got {rank!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+
+
+def _check_dispatch(dispatch) -> None:
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer >= {minimum}")
+    return value
+
+
 def _default_device(local_rank: int, device: str | torch.device | None) -> torch.device:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        # Checked here: the device is only touched later, after the process group is joined.
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} requested but no CUDA device is available")
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} (LOCAL_RANK {local_rank}) does not exist: "
+                             f"{torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 
@@ -120,14 +170,15 @@ def init_from_env(device: str | torch.device | None = None, backend: str | None 
     Without WORLD_SIZE > 1 it is a no-op (rank 0 of 1). ``device``: "cuda" (each rank takes
     cuda:LOCAL_RANK; the default when CUDA is present) or "cpu". ``backend``: default NCCL on CUDA,
     gloo on CPU. ``timeout``: of the collectives (default torch's). An already initialised default
-    group is reused."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    group is reused. Malformed LOCAL_RANK / WORLD_SIZE, or an unusable ``device``, raise ValueError
+    naming them."""
+    local_rank = _env_int("LOCAL_RANK", 0, 0)
     if dist.is_available() and dist.is_initialized():
         dev = _default_device(local_rank, device)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _env_int("WORLD_SIZE", 1, 1)
     dev = _default_device(local_rank if world_size > 1 else 0, device)
     if world_size <= 1:
         return DistInfo(device=dev)
@@ -176,9 +227,12 @@ def current_info(device: str | torch.device | None = None) -> DistInfo:
 
 
 def expert_range(num_experts: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of the routed experts that ``rank`` owns: contiguous, E/W each."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+    """[start, end) of the routed experts that ``rank`` owns: contiguous, E/W each. ``num_experts``
+    must be divisible by ``world_size`` (so W <= E): the all_to_all dispatch sends expert e's rows to
+    rank e // (E/W) and views the expert offsets as [W, E/W]. Integers only (not bool)."""
+    if not _is_int(num_experts) or num_experts < 1:
+        raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+    _check_rank(rank, world_size)
     if num_experts % world_size:
         raise ValueError(f"expert parallelism needs n_routed_experts ({num_experts}) divisible by the "
                          f"world size ({world_size})")
@@ -187,6 +241,16 @@ def expert_range(num_experts: int, rank: int, world_size: int) -> tuple[int, int
 
 
 # -- the expert-parallel MoE block ---------------------------------------------------------------
+def _check_shardable(experts, name: str) -> None:
+    if isinstance(experts, modules.Dots1Int4Experts):
+        # Its weights are Int4Tensor modules, and ExpertParallelMoE runs the bf16 grouped GEMMs only.
+        raise ValueError(f"{name}: expert parallelism does not support int4 routed experts yet; shard the "
+                         "bf16 model (the CLI refuses --experts int4 with several ranks for the same reason)")
+    if not all(isinstance(getattr(experts, n, None), torch.Tensor) for n in ("gate_up_proj", "down_proj")):
+        raise TypeError(f"{name} must be a routed-experts module with gate_up_proj and down_proj tensors "
+                        f"(Dots1Experts), got {type(experts).__name__}")
+
+
 class LocalExperts(modules.GateUpLayout, nn.Module):
     """This rank's slice of ``mlp.experts``: same parameter names, first dimension E/W, experts
     [start, end) of the checkpoint, the same gate_up_proj layout. Built from the full experts module
@@ -194,14 +258,26 @@ class LocalExperts(modules.GateUpLayout, nn.Module):
     of one that already holds just [start, end) (``load_model(..., experts=(start, end))``)."""
 
     def __init__(self, experts: nn.Module, start: int, end: int, num_experts: int):
+        _check_shardable(experts, "experts")
+        if not _is_int(num_experts) or num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
+        if not (_is_int(start) and _is_int(end) and 0 <= start < end <= num_experts):
+            raise ValueError(f"experts [start, end) = [{start!r}, {end!r}) must satisfy 0 <= start < end <= "
+                             f"num_experts={num_experts}")
+        held = getattr(experts, "expert_range", None)
+        if held is not None and tuple(held) != (start, end):
+            raise ValueError(f"the experts module holds experts [{held[0]}, {held[1]}), not this rank's "
+                             f"[{start}, {end})")
+        rows = end - start if held is not None else num_experts
+        for name in ("gate_up_proj", "down_proj"):
+            if getattr(experts, name).shape[0] != rows:
+                raise ValueError(f"experts.{name} has {getattr(experts, name).shape[0]} experts, expected {rows} "
+                                 f"({'its range' if held is not None else 'num_experts'})")
         super().__init__()
         self._init_gate_up_layout()
         self.gate_up_interleaved = getattr(experts, "gate_up_interleaved", False)
         self.start, self.end, self.num_experts = start, end, num_experts
         self.expert_range = (start, end)
-        held = getattr(experts, "expert_range", None)
-        if held is not None and tuple(held) != (start, end):
-            raise ValueError(f"the experts module holds experts [{held[0]}, {held[1]}), not this rank's [{start}, {end})")
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name)
             if held is not None:  # already this rank's experts: adopted as they are
@@ -221,8 +297,7 @@ class ExpertParallelMoE(nn.Module):
 
     def __init__(self, moe: Dots1MoE, rank: int, world_size: int, group=None, dispatch: str = "auto"):
         super().__init__()
-        if dispatch not in DISPATCHES:
-            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+        _check_dispatch(dispatch)
         self.num_experts = moe.num_experts
         self.rank, self.world_size, self.group, self.dispatch = rank, world_size, group, dispatch
         start, end = expert_range(moe.num_experts, rank, world_size)
@@ -313,30 +388,47 @@ def _all_gather_rows(shard: torch.Tensor, total: int, chunk: int, world_size: in
 
 def shard_model_(model: Dots1ForCausalLM, rank: int | None = None, world_size: int | None = None,
                  group=None, dispatch: str = "auto") -> Dots1ForCausalLM:
-    """In place: every Dots1MoE becomes an ExpertParallelMoE keeping only ``rank``'s experts (default:
-    this process's rank in the default group). A no-op when the world size is 1. Works on a meta model
-    (then nothing is allocated) or a materialised one (the full expert tensors are freed)."""
-    if rank is None or world_size is None:
+    """In place: every Dots1MoE becomes an ExpertParallelMoE keeping only ``rank``'s experts (default,
+    both None: this process's rank in the default group). A no-op when the world size is 1. Works on a
+    meta model (then nothing is allocated) or a materialised one (the full expert tensors are freed).
+    Every argument, and every MoE layer's experts, is checked before the first layer is changed."""
+    if not isinstance(model, Dots1ForCausalLM):
+        raise TypeError(f"model must be a dots1_ext Dots1ForCausalLM, got {type(model).__name__}")
+    _check_dispatch(dispatch)
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"give both rank and world_size, or neither (got rank={rank!r}, world_size={world_size!r})")
+    if rank is None:
         info = current_info()
         rank, world_size = info.rank, info.world_size
+    _check_rank(rank, world_size)
     if world_size == 1:
         return model
-    for layer in model.model.layers:
-        if isinstance(layer.mlp, Dots1MoE):
-            layer.mlp = ExpertParallelMoE(layer.mlp, rank, world_size, group, dispatch)
+    moe_layers = [(i, layer) for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, Dots1MoE)]
+    for i, layer in moe_layers:
+        _check_shardable(layer.mlp.experts, f"model.layers.{i}.mlp.experts")
+        expert_range(layer.mlp.num_experts, rank, world_size)
+    for _, layer in moe_layers:
+        layer.mlp = ExpertParallelMoE(layer.mlp, rank, world_size, group, dispatch)
     model.dist_info = (rank, world_size)
     return model
 
 
 def set_dispatch(model: nn.Module, dispatch: str) -> None:
-    if dispatch not in DISPATCHES:
-        raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+    _check_dispatch(dispatch)
     for m in model.modules():
         if isinstance(m, ExpertParallelMoE):
             m.dispatch = dispatch
 
 
 # -- sharded loading -----------------------------------------------------------------------------
+def _check_info(info) -> DistInfo:
+    if info is None:
+        return current_info()
+    if not isinstance(info, DistInfo):
+        raise TypeError(f"info must be a dots1_ext.distributed.DistInfo or None, got {type(info).__name__}")
+    return info
+
+
 def load_model_distributed(
     path: str | os.PathLike,
     info: DistInfo | None = None,
@@ -348,7 +440,8 @@ def load_model_distributed(
     tensors, and of the routed experts only this rank's (``loader.load_model(experts=...)``: hub layout,
     the other experts' tensors are never read; fused layout, only this rank's rows are). Streams tensor
     by tensor like loader.load_model; same errors. Progress is shown by rank 0 only."""
-    info = info or current_info()
+    info = _check_info(info)
+    _check_dispatch(dispatch)
     experts = None
     if info.world_size > 1:
         config = read_config(path)
@@ -365,7 +458,8 @@ def build_random_model_distributed(config: Dots1Config, info: DistInfo | None = 
     """A random-weight model built directly as this rank's shard on ``info.device`` (the full model never
     exists anywhere). Replicated weights are identical on every rank (same seed, same draw order);
     routed expert e of layer i is drawn from its own seed, so ranks hold different experts."""
-    info = info or current_info()
+    info = _check_info(info)
+    _check_dispatch(dispatch)
     model = Dots1ForCausalLM(config, device="meta", dtype=dtype)
     shard_model_(model, info.rank, info.world_size, info.group, dispatch)
     check_device_memory(model_bytes(model), info.device)

@@ -55,12 +55,30 @@ _PATCH_ATTR = "_dots1_ext_patch"
 
 
 # -- drop-in modules -------------------------------------------------------------------------------
+def _check_no_grad(module: nn.Module, x: torch.Tensor, to_train: str = "unpatch_hf_model(model)") -> None:
+    """The ops have no autograd formulas: a backward through them would leave every gradient of the
+    patched modules None (torch only warns). A module in training mode says so: in eval mode a forward
+    without no_grad (common for inference) runs as before. Host-side flags only, no device sync."""
+    if module.training and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in module.parameters())):
+        raise RuntimeError(
+            f"dots1_ext: {type(module).__name__} runs dots1_ext ops, which have no autograd (the transformers "
+            "bridge is inference-only), but it is in training mode with gradients enabled: call model.eval(), or "
+            "run the model under torch.no_grad() or torch.inference_mode() (model.generate does), or freeze it "
+            f"with model.requires_grad_(False); to train, {to_train}"
+        )
+
+
 class PatchedRMSNorm(modules.RMSNorm):
     """``dots1_ext.modules.RMSNorm`` standing in for transformers' ``Dots1RMSNorm`` (same ``weight``)."""
 
     @property
     def variance_epsilon(self) -> float:  # transformers' name for eps
         return self.eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        _check_no_grad(self, x)
+        return super().forward(x, residual)
 
     @classmethod
     def from_hf(cls, hf_norm: nn.Module) -> "PatchedRMSNorm":
@@ -83,6 +101,7 @@ class PatchedMoE(modules.Dots1MoE):
     """
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        _check_no_grad(self, hidden_states)
         shape = hidden_states.shape
         return super().forward(hidden_states.reshape(-1, shape[-1])).view(shape)
 
@@ -155,6 +174,7 @@ class PatchedAttention(hf_dots1.Dots1Attention):
         cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _check_no_grad(self, hidden_states)
         # transformers renamed the KV cache argument past_key_values -> cache (5.2x); take either.
         cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
@@ -249,14 +269,22 @@ def patch_hf_model(
     """Swaps, in place, the modules of a transformers Dots1 model for ones running dots1_ext ops.
 
     ``model``: a transformers ``Dots1ForCausalLM`` / ``Dots1Model`` (or any module holding Dots1
-    modules). ``norms`` / ``moe`` / ``attention`` choose what to swap. ``max_positions`` sizes the RoPE
-    table (default: ``config.max_position_embeddings``); positions at or past it must not occur.
-    Weights are shared, never copied; ``state_dict`` is unchanged. The routed experts' shared
-    ``gate_up_proj`` is repacked in place for the fused SwiGLU epilogue (see
-    ``dots1_ext.modules.GateUpLayout``): ``state_dict`` and ``load_state_dict`` still speak the HF
-    layout, but the raw tensor holds the interleaved one until ``unpatch_hf_model`` restores it.
-    Returns ``model``. Patching a patched model is a no-op. Inference only (no autograd).
+    modules). ``norms`` / ``moe`` / ``attention`` choose what to swap. Weights are shared, never
+    copied; ``state_dict`` is unchanged. The routed experts' shared ``gate_up_proj`` is repacked in
+    place for the fused SwiGLU epilogue (see ``dots1_ext.modules.GateUpLayout``): ``state_dict`` and
+    ``load_state_dict`` still speak the HF layout, but the raw tensor holds the interleaved one until
+    ``unpatch_hf_model`` restores it.
+    Returns ``model``. Patching a patched model is a no-op. Inference only (no autograd): a patched
+    module raises RuntimeError when it runs with gradients enabled and its parameters or input require
+    grad. Raises TypeError for a ``model`` that is not an nn.Module or a flag that is not a bool, and
+    ValueError when the model holds no transformers Dots1 module to swap (nothing would run on our ops).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers Dots1ForCausalLM or Dots1Model), "
+                        f"got {type(model).__name__}")
+    for flag, value in (("norms", norms), ("moe", moe), ("attention", attention)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool, got {value!r}")
     if hasattr(model, _PATCH_ATTR):
         return model
     record = {"modules": [], "attention": []}  # (parent, attribute name, original module)
@@ -282,6 +310,16 @@ def patch_hf_model(
         ):
             _check_no_accelerate_hook(module, name)
             targets.append((name, module))
+    if not targets:
+        # Marking it patched anyway would let it run on transformers' (or other) code while is_patched says ours.
+        if not (norms or moe or attention):
+            raise ValueError("norms, moe and attention are all False: patch_hf_model has nothing to swap")
+        raise ValueError(
+            f"model: this {type(model).__name__} holds no transformers Dots1 module to patch (Dots1RMSNorm, "
+            "Dots1MoE or Dots1Attention of transformers.models.dots1, not yet patched); patch_hf_model takes a "
+            "transformers Dots1ForCausalLM or Dots1Model (dots1_ext's own Dots1ForCausalLM runs on the "
+            "dots1_ext ops already)"
+        )
 
     for name, module in targets:
         if isinstance(module, hf_dots1.Dots1Attention):
@@ -356,6 +394,7 @@ def dots1_ext_experts_forward(
     interleaved weights, custom gates, expert parallelism) run transformers' grouped_mm instead."""
     if not _experts_supported(self):
         return hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    _check_no_grad(self, hidden_states, "use another experts implementation (set_experts_implementation)")
     ops = modules.ops
     gate_up = self.gate_up_proj  # [E, 2I, H]
     x = hidden_states.to(gate_up.dtype)
@@ -368,6 +407,8 @@ def dots1_ext_experts_forward(
 def register_experts_implementation(name: str = EXPERTS_IMPLEMENTATION) -> bool:
     """Registers ``dots1_ext_experts_forward`` as transformers experts implementation ``name`` (done
     on import). Returns False when the installed transformers has no experts interface."""
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
     if hf_moe is None or not hasattr(hf_moe, "ALL_EXPERTS_FUNCTIONS"):
         return False
     hf_moe.ALL_EXPERTS_FUNCTIONS.register(name, dots1_ext_experts_forward)

@@ -52,6 +52,7 @@ variant (``zeros`` None), which the experts module and the checkpoint format als
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -101,54 +102,94 @@ def _check_weight(w: torch.Tensor, name: str = "w") -> None:
 def quantize_int4(w: torch.Tensor, symmetric: bool = False) -> Int4Weight:
     """``w [..., N, K]`` (float32 / bfloat16 / float16 / float64, K % 128 == 0) -> its int4 format, on
     w's device, by round to nearest (see the module docstring for the exact rules). Raises ValueError
-    naming ``w`` for a wrong dtype, shape, K or non-finite values."""
+    naming ``w`` for a wrong dtype, shape, K, non-finite values, or values whose group range overflows
+    float32 (the scale or the dequantized grid would be infinite); TypeError for a non-bool ``symmetric``."""
     _check_weight(w)
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("w contains NaN or Inf; int4 quantization needs finite weights")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
+    if w.is_meta:
+        raise ValueError("w is a meta tensor (no values); int4 quantization needs its values")
     *lead, N, K = w.shape
     G = K // GROUP_SIZE
     x = w.detach().to(torch.float32).reshape(*lead, N, G, GROUP_SIZE)
     if symmetric:
         scale = (x.abs().amax(-1) / 7).to(torch.bfloat16)  # [..., N, G]
         s = scale.float()
-        q = torch.round(x / torch.where(s == 0, 1.0, s)[..., None]).clamp_(-8, 7)
-        codes = (q + 8).to(torch.uint8)
-        zeros = None
+        reach = s * 7  # |w / s| <= 7.03 rounds to at most 7: the largest dequantized magnitude
     else:
         lo = x.amin(-1).clamp(max=0.0)
         hi = x.amax(-1).clamp(min=0.0)
         scale = ((hi - lo) / 15).to(torch.bfloat16)
         s = torch.where(scale == 0, 1.0, scale.float())
         z = torch.round(-lo / s).clamp_(0, 15)
+        reach = torch.maximum(z, 15 - z) * scale.float()
+    # Finite weights can still have hi - lo, or a grid point of the bf16 scale, beyond float32 (or, in
+    # float64, the values themselves): an infinite scale or grid dequantizes to Inf / NaN. One host read
+    # for all the checks (once per weight).
+    x_finite, reach_finite = torch.stack([torch.isfinite(x).all(), torch.isfinite(reach).all()]).tolist()
+    if not x_finite:
+        if w.dtype != torch.float64 or not bool(torch.isfinite(w).all()):
+            raise ValueError("w contains NaN or Inf; int4 quantization needs finite weights")
+        raise ValueError(f"w has values beyond float32's range (max |w| = {w.abs().max().item():.3e}); int4 "
+                         "quantization computes in float32")
+    if not reach_finite:
+        raise ValueError(f"w has a group whose int4 scale or dequantized grid overflows float32 (max |w| = "
+                         f"{w.abs().max().item():.3e}); int4 quantization needs group ranges well inside float32")
+    if symmetric:
+        q = torch.round(x / torch.where(s == 0, 1.0, s)[..., None]).clamp_(-8, 7)
+        codes = (q + 8).to(torch.uint8)
+        zeros = None
+    else:
         codes = (torch.round(x / s[..., None]) + z[..., None]).clamp_(0, 15).to(torch.uint8)
         zeros = z.to(torch.uint8)
-    return Int4Weight(pack_int4(codes.reshape(*lead, N, K)), scale, zeros)
+    return Int4Weight(_pack(codes.reshape(*lead, N, K)), scale, zeros)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes ``[..., K]`` in [0, 15] (K even) -> ``[..., K/2]`` uint8, ``codes[2j] | codes[2j+1] << 4``."""
-    if codes.dtype != torch.uint8:
-        raise ValueError(f"codes must be uint8, got {codes.dtype}")
-    if codes.shape[-1] % 2:
-        raise ValueError(f"codes: the last dim must be even, got shape {tuple(codes.shape)}")
+def _check_codes_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.uint8:
+        raise ValueError(f"{name} must be uint8, got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError(f"{name} must be at least 1-D [..., K], got a 0-d tensor")
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
     pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``[..., K]`` in [0, 15] (K even) -> ``[..., K/2]`` uint8, ``codes[2j] | codes[2j+1] << 4``.
+    Reads the codes' maximum on the host (a code above 15 would spill into its neighbour's nibble)."""
+    _check_codes_tensor(codes, "codes")
+    if codes.shape[-1] % 2:
+        raise ValueError(f"codes: the last dim must be even, got shape {tuple(codes.shape)}")
+    if not codes.is_meta and codes.numel() and (top := int(codes.max())) > 15:
+        raise ValueError(f"codes must be 4-bit codes in [0, 15], got values up to {top}")
+    return _pack(codes)
+
+
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: ``[..., K/2]`` uint8 -> codes ``[..., K]`` uint8 in [0, 15]."""
-    if qweight.dtype != torch.uint8:
-        raise ValueError(f"qweight must be uint8, got {qweight.dtype}")
+    _check_codes_tensor(qweight, "qweight")
     return torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(*qweight.shape[:-1], qweight.shape[-1] * 2)
 
 
 def check_int4(q: Int4Weight, name: str = "q") -> None:
-    """ValueError naming the field for tensors that do not form an int4 weight."""
+    """ValueError naming the field for tensors that do not form an int4 weight (TypeError for a ``q``
+    that is not an Int4Weight). Zero points above 15 are a ValueError for CPU tensors only: on a GPU the
+    check would be a host synchronisation, and this runs on the model's forward (the dequantizing int4
+    paths), so there :func:`dequantize_int4` poisons such groups with NaN instead."""
+    if not isinstance(q, Int4Weight):
+        raise TypeError(f"{name} must be a dots1_ext.quant.Int4Weight, got {type(q).__name__}")
     qw, sc, z = q.qweight, q.scales, q.zeros
     if not isinstance(qw, torch.Tensor) or qw.dtype != torch.uint8 or qw.dim() < 2:
         raise ValueError(f"{name}.qweight must be a uint8 tensor [..., N, K/2], got "
                          f"{getattr(qw, 'dtype', type(qw).__name__)} {tuple(getattr(qw, 'shape', ()))}")
     K = qw.shape[-1] * 2
+    if K == 0:
+        raise ValueError(f"{name}.qweight has no columns (K = 0); K must be a positive multiple of {GROUP_SIZE}")
     if K % GROUP_SIZE:
         raise ValueError(f"{name}.qweight: K = 2 x {qw.shape[-1]} = {K} is not a multiple of {GROUP_SIZE}")
     groups = (*qw.shape[:-1], K // GROUP_SIZE)
@@ -160,6 +201,8 @@ def check_int4(q: Int4Weight, name: str = "q") -> None:
                          f"{getattr(z, 'dtype', type(z).__name__)} {list(getattr(z, 'shape', ()))}")
     if sc.device != qw.device or (z is not None and z.device != qw.device):
         raise ValueError(f"{name}: qweight, scales and zeros must be on one device")
+    if z is not None and z.device.type == "cpu" and z.numel() and (top := int(z.max())) > 15:
+        raise ValueError(f"{name}.zeros must be 4-bit zero points in [0, 15], got values up to {top}")
 
 
 @torch.no_grad()
@@ -178,15 +221,18 @@ def dequantize_int4(q: Int4Weight, dtype: torch.dtype = torch.bfloat16, out: tor
                          f"got {out.dtype} {list(out.shape)} on {out.device}")
     N, K = shape[-2], shape[-1]
     G = K // GROUP_SIZE
-    qw = q.qweight.reshape(-1, N, K // 2)
-    sc = q.scales.reshape(-1, N, G)
-    zs = None if q.zeros is None else q.zeros.reshape(-1, N, G)
-    flat = out.view(-1, N, K)
+    lead = math.prod(shape[:-2])  # not -1: ambiguous for an empty weight
+    qw = q.qweight.reshape(lead, N, K // 2)
+    sc = q.scales.reshape(lead, N, G)
+    zs = None if q.zeros is None else q.zeros.reshape(lead, N, G)
+    flat = out.view(lead, N, K)
     step = max(1, _DEQUANT_CHUNK_ELEMENTS // max(1, N * K))
     for a in range(0, qw.shape[0], step):
         b = min(qw.shape[0], a + step)
         codes = unpack_int4(qw[a:b]).view(b - a, N, G, GROUP_SIZE).to(torch.float32)
-        zero = 8.0 if zs is None else zs[a:b].to(torch.float32)[..., None]
+        # A zero point above 15 (check_int4 raises for it on the CPU only) dequantizes to NaN, not to a
+        # plausible weight.
+        zero = 8.0 if zs is None else torch.where(zs[a:b] > 15, torch.nan, zs[a:b].to(torch.float32))[..., None]
         vals = (codes - zero) * sc[a:b].to(torch.float32)[..., None]
         flat[a:b] = vals.view(b - a, N, K).to(dtype)
     return out
@@ -218,10 +264,12 @@ def checkpoint_symmetric(config) -> bool | None:
     qc = getattr(config, "extra", {}).get("quantization_config")
     if qc is None:
         return None
+    # bits too: the loader reads every such checkpoint's experts as 4-bit codes (quantization_config writes 4).
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or qc.get("format") != FORMAT_NAME \
-            or qc.get("group_size") != GROUP_SIZE or not isinstance(qc.get("symmetric"), bool):
+            or qc.get("bits") != 4 or qc.get("group_size") != GROUP_SIZE \
+            or not isinstance(qc.get("symmetric"), bool):
         raise ValueError(f"unsupported quantization_config {qc!r}: dots1_ext reads only its own int4 experts format "
-                         f"(quant_method {QUANT_METHOD!r}, format {FORMAT_NAME!r}, group_size {GROUP_SIZE})")
+                         f"(quant_method {QUANT_METHOD!r}, format {FORMAT_NAME!r}, bits 4, group_size {GROUP_SIZE})")
     return qc["symmetric"]
 
 

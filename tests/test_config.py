@@ -3,15 +3,18 @@ names the field and the value (never a ZeroDivisionError, a torch shape error, o
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
 
 import pytest
+import torch
 
-from dots1_ext.config import MAX_EXPERTS, MAX_TOPK, Dots1Config
+from dots1_ext.config import MAX_EXPERTS, MAX_TOPK, Dots1Config, parse_dtype
 from dots1_ext.ops import dispatch as dispatch_op
 from dots1_ext.ops import gating as gating_op
+from dots1_ext.rope import build_cos_sin_cache
 
 # A valid MoE config (2 layers: dense then MoE, grouped routing, a sliding layer).
 GOOD = dict(
@@ -146,3 +149,171 @@ def test_round_trip_still_valid(tmp_path):
     c = Dots1Config(**GOOD)
     c.save(tmp_path)
     assert Dots1Config.from_pretrained(tmp_path) == c
+
+
+# -- RoPE keys given twice: the effective values are transformers' (5.x) on the same dict ------------------------
+def _hf_rope(d: dict) -> tuple[float, str, float | None]:
+    transformers = pytest.importorskip("transformers")
+    rope = transformers.Dots1Config.from_dict(copy.deepcopy({**GOOD, **d})).rope_parameters  # it edits the dicts
+    return rope["rope_theta"], rope["rope_type"], rope.get("factor")
+
+
+def _our_rope(c: Dots1Config) -> tuple[float, str, float | None]:
+    rope = c.rope_scaling or {}
+    return c.rope_theta, rope.get("rope_type") or rope.get("type") or "default", rope.get("factor")
+
+
+DUPLICATED_ROPE = {
+    "theta at top and in rope_parameters": {"rope_theta": 1e4, "rope_parameters": {"rope_type": "default",
+                                                                                   "rope_theta": 5e5}},
+    "theta at top and in linear rope_parameters": {"rope_theta": 1e4, "rope_parameters": {
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}},
+    "theta only at top": {"rope_theta": 7e4, "rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+    "null theta at top": {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+    "rope_scaling and rope_parameters": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+                                         "rope_scaling": {"type": "linear", "factor": 4}},
+    "rope_scaling, rope_parameters and theta": {"rope_theta": 3e3, "rope_scaling": {"type": "linear", "factor": 4},
+                                                "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+    "rope_scaling with its own theta": {"rope_theta": 3e3, "rope_scaling": {"type": "linear", "factor": 4,
+                                                                            "rope_theta": 9e3}},
+    "empty rope_scaling": {"rope_scaling": {}, "rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                                   "rope_theta": 5e5}},
+}
+
+
+@pytest.mark.parametrize("d", DUPLICATED_ROPE.values(), ids=DUPLICATED_ROPE.keys())
+def test_duplicated_rope_keys_resolve_as_in_transformers(tmp_path, d):
+    expect = _hf_rope(d)
+    assert _our_rope(Dots1Config.from_dict({**GOOD, **d})) == expect
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**GOOD, **d}))
+    c = Dots1Config.from_json_file(path)
+    assert _our_rope(c) == expect
+    c.save(tmp_path / "again")  # our save writes rope_theta at the top and in rope_parameters: they agree
+    assert _our_rope(Dots1Config.from_pretrained(tmp_path / "again")) == expect
+
+
+def test_rope_theta_inside_rope_scaling_wins_in_the_constructor():
+    c = Dots1Config(**{**GOOD, "rope_theta": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 2.0,
+                                                                  "rope_theta": 5e5}})
+    assert c.rope_theta == 5e5 and c.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert c.to_dict()["rope_parameters"]["rope_theta"] == c.to_dict()["rope_theta"] == 5e5
+
+
+def test_top_level_partial_rotary_factor_is_a_rope_parameter():
+    # transformers moves it into rope_parameters; its linear / dynamic RoPE then rotate part of the head.
+    d = {**GOOD, "partial_rotary_factor": 0.5, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}
+    transformers = pytest.importorskip("transformers")
+    assert transformers.Dots1Config.from_dict(copy.deepcopy(d)).rope_parameters["partial_rotary_factor"] == 0.5
+    with pytest.raises(NotImplementedError, match="partial_rotary_factor=0.5"):
+        Dots1Config.from_dict(d)
+    with pytest.raises(ValueError, match="partial_rotary_factor.*'x'"):
+        Dots1Config.from_dict({**d, "partial_rotary_factor": "x"})
+    # ... while its Dots1 default RoPE rotates the whole head anyway.
+    assert Dots1Config.from_dict({**d, "rope_parameters": {"rope_type": "default"}}).rope_scaling is None
+
+
+# -- RoPE parameters are checked when the config is read, not at the first forward -------------------------------
+BAD_ROPE = [
+    ({"rope_type": "linear"}, ValueError, r"'linear' needs a finite factor > 0, got None"),
+    ({"rope_type": "linear", "factor": -2}, ValueError, "factor > 0, got -2"),
+    ({"rope_type": "linear", "factor": 0}, ValueError, "factor > 0, got 0"),
+    ({"rope_type": "linear", "factor": "2"}, ValueError, "factor > 0, got '2'"),
+    ({"rope_type": "dynamic"}, ValueError, r"'dynamic' needs a finite factor > 0, got None"),
+    ({"rope_type": "linear", "factor": 2, "partial_rotary_factor": 0.5}, NotImplementedError,
+     "partial_rotary_factor=0.5"),
+    ({"rope_type": "linear", "factor": 2, "partial_rotary_factor": "x"}, ValueError, "partial_rotary_factor.*'x'"),
+    ({"rope_type": "dynamic", "factor": 2, "original_max_position_embeddings": "abc"}, ValueError,
+     "original_max_position_embeddings.*'abc'"),
+    ({"rope_type": "dynamic", "factor": 2, "original_max_position_embeddings": 0}, ValueError,
+     "original_max_position_embeddings.*got 0"),
+    ({"rope_type": "yarn", "factor": 2}, NotImplementedError, "'yarn' is not supported"),
+    ({"full_attention": {"rope_type": "linear", "factor": 2}}, NotImplementedError, "per-layer-type"),
+]
+
+
+@pytest.mark.parametrize("rope,exc,why", BAD_ROPE, ids=[repr(r) for r, _, _ in BAD_ROPE])
+def test_bad_rope_parameters_are_rejected_when_read(tmp_path, rope, exc, why):
+    with pytest.raises(exc, match=f"Dots1Config: rope_scaling.*{why}"):
+        Dots1Config(**{**GOOD, "rope_scaling": rope})
+    with pytest.raises(exc, match=why):
+        Dots1Config.from_dict({**GOOD, "rope_parameters": rope})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**GOOD, "rope_scaling": rope}))
+    with pytest.raises(exc, match=why) as info:
+        Dots1Config.from_json_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_null_rope_type_means_default_everywhere():
+    c = Dots1Config(**{**GOOD, "rope_scaling": {"rope_type": None}})
+    assert Dots1Config.from_dict({**GOOD, "rope_parameters": {"rope_type": None}}).rope_scaling is None
+    # a null rope_type falls back on the 4.x "type" key, as a missing one does
+    with pytest.raises(ValueError, match="'linear' needs a finite factor"):
+        Dots1Config(**{**GOOD, "rope_scaling": {"rope_type": None, "type": "linear"}})
+    assert torch.equal(build_cos_sin_cache(c.head_dim, 8, c.rope_theta, c.rope_scaling),
+                       build_cos_sin_cache(c.head_dim, 8, c.rope_theta))
+
+
+# -- dtypes: a torch.dtype object passes only where its string form would ----------------------------------------
+BAD_DTYPES = [torch.int8, torch.int32, torch.int64, torch.float64, torch.complex64, torch.float8_e4m3fn, torch.bool]
+
+
+@pytest.mark.parametrize("dtype", BAD_DTYPES, ids=str)
+def test_parse_dtype_rejects_dtype_objects_the_strings_do_not_allow(tmp_path, dtype):
+    from dots1_ext.loader import load_model, save_checkpoint
+    from dots1_ext.model import build_random_model
+
+    with pytest.raises(ValueError, match=rf"unsupported dtype {re.escape(str(dtype))}"):
+        parse_dtype(dtype)
+    with pytest.raises(ValueError, match=rf"torch_dtype: unsupported dtype {re.escape(str(dtype))}"):
+        Dots1Config(**{**GOOD, "torch_dtype": dtype})
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        load_model(tmp_path / "no-such-checkpoint", dtype=dtype)  # rejected before the path is looked at
+    model = build_random_model(Dots1Config(**GOOD), dtype=torch.float32)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        save_checkpoint(model, tmp_path / "out", dtype=dtype)
+    assert not (tmp_path / "out").exists()
+
+
+def test_parse_dtype_keeps_the_supported_dtype_objects():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert parse_dtype(dtype) is dtype and parse_dtype(str(dtype)) is dtype
+    assert parse_dtype(None) is None
+
+
+# -- the containers themselves ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("d", [[], None, "config.json", [("vocab_size", 96)]], ids=repr)
+def test_from_dict_needs_a_dict(d):
+    with pytest.raises(TypeError, match=rf"from_dict: expected a dict, got {type(d).__name__}"):
+        Dots1Config.from_dict(d)
+
+
+def test_extra_must_be_a_dict():
+    with pytest.raises(ValueError, match="Dots1Config: extra must be a dict, got None"):
+        Dots1Config(**GOOD, extra=None)
+
+
+def test_binary_config_json_names_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_bytes(b"\xff\xfe\x00\x01binary")
+    with pytest.raises(ValueError, match=rf"{path}: not a UTF-8 JSON file"):
+        Dots1Config.from_json_file(path)
+
+
+# -- model_type ---------------------------------------------------------------------------------------------
+def test_model_type_must_be_dots1(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    assert transformers.Dots1Config.model_type == "dots1" == Dots1Config(**GOOD).to_dict()["model_type"]
+    for model_type in ("llama", "deepseek_v3", "", 1):
+        why = rf"model_type must be 'dots1' \(or absent\), got {re.escape(repr(model_type))}"
+        with pytest.raises(ValueError, match=why):
+            Dots1Config.from_dict({**GOOD, "model_type": model_type})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**GOOD, "model_type": "llama"}))
+    with pytest.raises(ValueError, match=rf"{path}: .*model_type"):
+        Dots1Config.from_json_file(path)
+    # absent (as in hand-written configs) or transformers' own
+    assert Dots1Config.from_dict(GOOD) == Dots1Config.from_dict({**GOOD, "model_type": "dots1"})
+    hf = transformers.Dots1Config(**copy.deepcopy({k: v for k, v in GOOD.items() if k != "rope_theta"}))
+    assert Dots1Config.from_dict(hf.to_dict()).num_experts_per_tok == GOOD["num_experts_per_tok"]

@@ -420,5 +420,96 @@ def test_bad_arguments():
         distributed.set_dispatch(model, "nccl")
 
 
+def test_expert_range_validates_its_arguments():
+    from dots1_ext import distributed
+
+    assert distributed.expert_range(16, 1, 2) == (8, 16) and distributed.expert_range(3, 0, 1) == (0, 3)
+    for args, match in (((16, True, 2), "rank must be an integer"), ((16, 0.5, 2), "rank must be an integer"),
+                        ((16, 0, 2.0), "world_size must be an integer >= 1"), ((16, 0, 0), "world_size must be"),
+                        ((16, -1, 2), "rank -1 is not in a world of size 2"),
+                        ((-4, 0, 2), "num_experts must be an integer >= 1, got -4"),
+                        ((0, 0, 1), "num_experts must be an integer >= 1, got 0"),
+                        ((16.0, 0, 2), "num_experts must be an integer"),
+                        ((4, 0, 8), r"n_routed_experts \(4\) divisible by the world size \(8\)")):
+        with pytest.raises(ValueError, match=match):
+            distributed.expert_range(*args)
+
+
+def test_local_experts_validates_the_range():
+    from dots1_ext import distributed, modules
+
+    experts = modules.Dots1Experts(tiny_config(), device="meta")  # 8 experts
+    for start, end in ((4, 2), (4, 4), (-2, 4), (4, 12), (0.0, 4), (False, 4)):
+        with pytest.raises(ValueError, match=r"must satisfy 0 <= start < end <= num_experts=8"):
+            distributed.LocalExperts(experts, start, end, 8)
+    with pytest.raises(ValueError, match="experts.gate_up_proj has 8 experts, expected 16"):
+        distributed.LocalExperts(experts, 12, 16, 16)
+    local = distributed.LocalExperts(experts, 6, 8, 8)
+    assert local.gate_up_proj.shape[0] == 2 and local.expert_range == (6, 8)
+    with pytest.raises(TypeError, match="experts must be a routed-experts module"):
+        distributed.LocalExperts(torch.nn.Linear(2, 2), 0, 1, 8)
+
+
+def test_sharding_checks_everything_before_any_work(monkeypatch, tmp_path):
+    from dots1_ext import distributed
+    from dots1_ext.model import Dots1ForCausalLM, build_random_model
+
+    model = Dots1ForCausalLM(tiny_config(), device="meta")
+    for kw in (dict(rank=0, world_size=1, dispatch="ring"), dict(rank=0, world_size=1, dispatch=None)):
+        with pytest.raises(ValueError, match="dispatch must be one of"):
+            distributed.shard_model_(model, **kw)
+    with pytest.raises(ValueError, match="rank 5 is not in a world of size 1"):
+        distributed.shard_model_(model, rank=5, world_size=1)
+    with pytest.raises(ValueError, match="give both rank and world_size"):
+        distributed.shard_model_(model, rank=1)
+    with pytest.raises(TypeError, match="model must be a dots1_ext Dots1ForCausalLM, got Linear"):
+        distributed.shard_model_(torch.nn.Linear(2, 2), 0, 2)
+    # int4 experts are Int4Tensor modules, which ExpertParallelMoE cannot run: refused before any layer changes
+    from dots1_ext.tiny import tiny_config as int4_config  # hidden 256: int4 needs multiples of 128
+
+    int4 = build_random_model(int4_config(), experts="int4")
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.experts: expert parallelism does not support int4"):
+        distributed.shard_model_(int4, 0, 2)
+    assert not any(type(layer.mlp).__name__ == "ExpertParallelMoE" for layer in int4.model.layers)
+    assert distributed.shard_model_(int4, 0, 1) is int4  # one rank: nothing to shard
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        distributed.build_random_model_distributed(tiny_config(), distributed.DistInfo(), dispatch="bogus")
+    read = []
+    monkeypatch.setattr(distributed, "load_model", lambda *a, **k: read.append(a))
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        distributed.load_model_distributed(tmp_path, distributed.DistInfo(), dispatch="bogus")
+    with pytest.raises(TypeError, match="info must be a dots1_ext.distributed.DistInfo or None, got str"):
+        distributed.load_model_distributed(tmp_path, info="cpu")
+    assert read == []
+
+
+def test_dist_info_and_environment_are_validated(monkeypatch):
+    from dots1_ext import distributed
+
+    for kw, match in ((dict(rank=1, world_size=1), "rank 1 is not in a world of size 1"),
+                      (dict(world_size=0), "world_size must be an integer >= 1"),
+                      (dict(local_rank=-1), "local_rank must be an integer >= 0")):
+        with pytest.raises(ValueError, match=match):
+            distributed.DistInfo(**kw)
+    with pytest.raises(TypeError, match="device must be a torch.device"):
+        distributed.DistInfo(device="cpu")
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value, match in (("WORLD_SIZE", "0", "WORLD_SIZE='0' must be an integer >= 1"),
+                              ("WORLD_SIZE", "two", "WORLD_SIZE='two' must be an integer >= 1"),
+                              ("LOCAL_RANK", "x", "LOCAL_RANK='x' must be an integer >= 0")):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(ValueError, match=match):
+            distributed.init_from_env("cpu")
+        monkeypatch.delenv(var)
+    for device in ("gpu", "meta"):
+        with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+            distributed.init_from_env(device)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            distributed.init_from_env("cuda")
+    assert distributed.init_from_env("cpu") == distributed.DistInfo()
+
+
 if __name__ == "__main__":  # a torchrun rank: tests/test_distributed.py OUTDIR HUB_CKPT FUSED_CKPT
     worker(*sys.argv[1:4])

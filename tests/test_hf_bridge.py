@@ -392,3 +392,58 @@ def test_experts_forward_on_the_hf_experts_module(device):
     empty = bridge.dots1_ext_experts_forward(experts, x[:0].to(device, DTYPE[device]), ids[:0].to(device),
                                              weights[:0].to(device))
     assert empty.shape == (0, config.hidden_size)
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def test_patch_refuses_models_without_dots1_modules():
+    from dots1_ext.model import Dots1ForCausalLM
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    ours = Dots1ForCausalLM(Dots1Config.from_dict(hf_config().to_dict()), device="meta")
+    for model in (torch.nn.Linear(2, 2), llama, ours):
+        with pytest.raises(ValueError, match=f"this {type(model).__name__} holds no transformers Dots1 module"):
+            bridge.patch_hf_model(model)
+        assert not bridge.is_patched(model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module .* got str"):
+        bridge.patch_hf_model("abc")
+    model = make_hf_model()
+    for flag in ("norms", "moe", "attention"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool, got 'no'"):
+            bridge.patch_hf_model(model, **{flag: "no"})
+    with pytest.raises(ValueError, match="all False: patch_hf_model has nothing to swap"):
+        bridge.patch_hf_model(model, norms=False, moe=False, attention=False)
+    assert not bridge.is_patched(model) and not any(type(m).__name__.startswith("Patched") for m in model.modules())
+
+
+def test_patched_model_refuses_autograd():
+    # The ops have no autograd: a backward would leave the patched modules' gradients None (torch only
+    # warns). The patched modules say so instead, from host-side flags.
+    model = bridge.patch_hf_model(make_hf_model()).train()
+    ids = torch.randint(1, VOCAB, (2, 5))
+    with pytest.raises(RuntimeError, match=r"inference-only.*torch.no_grad\(\).*requires_grad_\(False\)"):
+        model(ids).logits.sum().backward()
+    with torch.no_grad():
+        expected = model(ids).logits
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, expected)
+    model.eval()  # eval mode with gradients enabled (a common inference call): runs, as before
+    assert torch.equal(model(ids).logits, expected)
+    model.train().requires_grad_(False)  # frozen: gradients enabled but none wanted
+    assert torch.equal(model(ids).logits, expected)
+    moe = next(m for m in model.modules() if type(m) is bridge.PatchedMoE)
+    with pytest.raises(RuntimeError, match="PatchedMoE runs dots1_ext ops"):
+        moe(torch.randn(3, BASE["hidden_size"], requires_grad=True))
+
+
+@pytest.mark.skipif(not bridge.EXPERTS_IMPLEMENTATION_REGISTERED, reason="transformers has no experts interface")
+def test_experts_implementation_refuses_autograd_and_bad_names():
+    experts = randomize_(hf_dots1.Dots1Experts(hf_config()))
+    x, ids, weights = torch.randn(4, BASE["hidden_size"]), torch.randint(0, 8, (4, 3)), torch.rand(4, 3)
+    with pytest.raises(RuntimeError, match="inference-only.*set_experts_implementation"):
+        bridge.dots1_ext_experts_forward(experts, x, ids, weights)
+    with torch.no_grad():
+        assert bridge.dots1_ext_experts_forward(experts, x, ids, weights).shape == x.shape
+    for name in (123, "", None):
+        with pytest.raises(TypeError, match="name must be a non-empty str"):
+            bridge.register_experts_implementation(name)

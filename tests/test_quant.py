@@ -129,6 +129,71 @@ def test_bad_inputs_name_the_argument():
         pack_int4(torch.ones(2, 4))
 
 
+def test_quantize_refuses_finite_weights_that_overflow_float32():
+    # Finite, but hi - lo (or the fp32 cast of a float64) overflows: the scale would be Inf and the
+    # weights would dequantize to NaN.
+    wide = torch.cat([torch.full((2, 64), -3e38), torch.full((2, 64), 3e38)], 1)
+    with pytest.raises(ValueError, match=r"w has a group whose int4 scale or dequantized grid overflows float32"):
+        quantize_int4(wide)
+    with pytest.raises(ValueError, match=r"w has values beyond float32's range \(max \|w\| = 1.000e\+300\)"):
+        quantize_int4(torch.full((2, 128), 1e300, dtype=torch.float64))
+    with pytest.raises(ValueError, match="w contains NaN or Inf"):
+        quantize_int4(torch.full((2, 128), float("inf"), dtype=torch.float64))
+    # Large but representable stays accepted: every dequantized value finite.
+    for w, symmetric in ((torch.full((2, 128), 3.4e38), False), (wide.clamp(max=0), False), (wide, True)):
+        assert bool(dequantize_int4(quantize_int4(w, symmetric=symmetric), torch.float32).isfinite().all())
+
+
+def test_zero_points_out_of_range(device):
+    q = quantize_int4(torch.randn(4, 2 * GROUP_SIZE, device=device))
+    zeros = q.zeros.clone()
+    zeros[1, 0] = 200
+    bad = Int4Weight(q.qweight, q.scales, zeros)
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"q.zeros must be 4-bit zero points in \[0, 15\], got values up to 200"):
+            dequantize_int4(bad)
+    else:  # a check would be a host synchronisation on the forward: the group is poisoned instead
+        out = dequantize_int4(bad, torch.float32).view(4, 2, GROUP_SIZE)
+        assert bool(out[1, 0].isnan().all())
+        out[1, 0] = 0
+        assert bool(out.isfinite().all())
+
+
+def test_more_bad_inputs_name_the_argument():
+    w = torch.randn(2, GROUP_SIZE)
+    for flag in ("no", None, 1):
+        with pytest.raises(TypeError, match="symmetric must be a bool"):
+            quantize_int4(w, symmetric=flag)
+    with pytest.raises(ValueError, match="w is a meta tensor"):
+        quantize_int4(torch.empty(2, GROUP_SIZE, device="meta"))
+    with pytest.raises(ValueError, match=r"codes must be 4-bit codes in \[0, 15\], got values up to 200"):
+        pack_int4(torch.full((2, 4), 200, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="codes must be at least 1-D"):
+        pack_int4(torch.tensor(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="qweight must be at least 1-D"):
+        unpack_int4(torch.tensor(3, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="codes must be a torch.Tensor"):
+        pack_int4([1, 2])
+    for q in (None, torch.zeros(2, 64, dtype=torch.uint8)):
+        with pytest.raises(TypeError, match="q must be a dots1_ext.quant.Int4Weight"):
+            dequantize_int4(q)
+    q = quantize_int4(torch.randn(4, 256))
+    with pytest.raises(ValueError, match=r"q.qweight has no columns \(K = 0\)"):
+        dequantize_int4(Int4Weight(q.qweight[:, :0], q.scales[:, :0], q.zeros[:, :0]))
+    for shape in ((0, GROUP_SIZE), (3, 0, GROUP_SIZE), (0, 3, GROUP_SIZE)):  # empty weights stay fine
+        assert dequantize_int4(quantize_int4(torch.randn(shape))).shape == shape
+
+
+def test_checkpoint_symmetric_reads_only_4_bits():
+    config = Dots1Config.from_dict({**dataclasses.asdict(tiny_config()), "quantization_config":
+                                    quant.quantization_config(symmetric=True)})
+    assert quant.checkpoint_symmetric(config) is True
+    for bits in (8, None, True):
+        config.extra["quantization_config"] = {**quant.quantization_config(), "bits": bits}
+        with pytest.raises(ValueError, match="unsupported quantization_config .* bits 4"):
+            quant.checkpoint_symmetric(config)
+
+
 # -- the module ------------------------------------------------------------------------------------------
 def int4_and_dequantized(device, symmetric=False, seed=0):
     """(int4 model, the bf16/fp32 model holding exactly the int4 model's dequantized experts)."""

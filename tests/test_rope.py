@@ -97,6 +97,43 @@ def test_unsupported_and_bad_arguments_raise():
     assert torch.equal(build_cos_sin_cache(D, 16, 10000), build_cos_sin_cache(D, 16, 10000.0))  # an int theta
 
 
+def test_bad_rope_scaling_fields_are_named():
+    with pytest.raises(ValueError, match="rope_scaling must be a dict .*got 'linear'"):
+        build_cos_sin_cache(D, 16, THETA, "linear")
+    for partial in ("x", 0, -0.5, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match=f"partial_rotary_factor must be a number in \\(0, 1\\].*got {partial!r}"):
+            build_cos_sin_cache(D, 16, THETA, {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": partial})
+    for original in (-5, 0, "abc", 16.0, True):
+        why = f"original_max_position_embeddings must be a positive integer.*got {original!r}"
+        with pytest.raises(ValueError, match=why):
+            build_cos_sin_cache(D, 16, THETA, {"rope_type": "dynamic", "factor": 2.0,
+                                               "original_max_position_embeddings": original})
+    with pytest.raises(ValueError, match="'dynamic' needs a finite factor > 0, got None"):
+        build_cos_sin_cache(D, 16, THETA, {"rope_type": "dynamic"})
+    with pytest.raises(NotImplementedError, match="per-layer-type.*full_attention"):
+        build_cos_sin_cache(D, 16, THETA, {"full_attention": {"rope_type": "linear", "factor": 2.0}})
+    with pytest.raises(ValueError, match=r"rope_theta=10000000.0 differs from rope_scaling's rope_theta=500000.0"):
+        build_cos_sin_cache(D, 16, THETA, {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5})
+
+
+def test_partial_rotary_factor_one_or_ignored_by_default_rope():
+    base = build_cos_sin_cache(D, 16, THETA)
+    linear = {"rope_type": "linear", "factor": 2.0}
+    assert torch.equal(build_cos_sin_cache(D, 16, THETA, {**linear, "partial_rotary_factor": 1.0}),
+                       build_cos_sin_cache(D, 16, THETA, linear))
+    # transformers' Dots1 default RoPE rotates the whole head whatever the factor; its linear one does not.
+    assert torch.equal(build_cos_sin_cache(D, 16, THETA, {"rope_type": "default", "partial_rotary_factor": 0.5}), base)
+    with pytest.raises(NotImplementedError, match="partial_rotary_factor=0.5"):
+        build_cos_sin_cache(D, 16, THETA, {**linear, "partial_rotary_factor": 0.5})
+
+
+def test_null_rope_type_is_default_and_falls_back_on_type():
+    base = build_cos_sin_cache(D, 16, THETA)
+    assert torch.equal(build_cos_sin_cache(D, 16, THETA, {"rope_type": None}), base)
+    assert torch.equal(build_cos_sin_cache(D, 16, THETA, {"rope_type": None, "type": "linear", "factor": 2.0}),
+                       build_cos_sin_cache(D, 16, THETA, {"rope_type": "linear", "factor": 2.0}))
+
+
 def _rope_fp64(x: torch.Tensor, positions) -> torch.Tensor:
     """fp64 RoPE of already-normalised fp64 x [T, H, D] with exact cos/sin."""
     cs = cos_sin_fp64(positions)
