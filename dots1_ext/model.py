@@ -23,7 +23,7 @@ from torch import nn
 from dots1_ext import modules
 from dots1_ext.config import Dots1Config
 from dots1_ext.modules import Dots1DecoderLayer, RMSNorm, StepInputs, _KeepsFp32Buffers
-from dots1_ext.rope import build_cos_sin_cache
+from dots1_ext.rope import build_cos_sin_cache, rope_type_of
 
 EOS_CHECK_EVERY = 8  # decode steps between host checks for "every sequence has finished"
 
@@ -61,10 +61,18 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         """Allocates every layer's KV cache [B, S, Hk, D] and the RoPE table once; later steps reuse them."""
         weight = self.embed_tokens.weight
         dtype = dtype or weight.dtype
+        c = self.config
+        rope_scaling = c.rope_scaling
+        if rope_scaling and rope_type_of(rope_scaling) == "dynamic" and not rope_scaling.get(
+                "original_max_position_embeddings"):
+            # transformers' dynamic RoPE rescales past config.max_position_embeddings: the static table is
+            # exact up to there, and a longer cache raises rather than silently use the default table.
+            rope_scaling = {**rope_scaling, "original_max_position_embeddings": c.max_position_embeddings}
+        # The table first: if it raises, the old cache and table stay as they were, consistent.
+        cos_sin_cache = build_cos_sin_cache(c.head_dim, max_seq_len, c.rope_theta, rope_scaling, weight.device)
         for layer in self.layers:
             layer.self_attn.allocate_cache(batch_size, max_seq_len, dtype, weight.device)
-        c = self.config
-        self.cos_sin_cache = build_cos_sin_cache(c.head_dim, max_seq_len, c.rope_theta, c.rope_scaling, weight.device)
+        self.cos_sin_cache = cos_sin_cache
         self.cache_start = torch.zeros(batch_size, dtype=torch.long, device=weight.device)
         self.cache_start_host = None
         self.cache_filled = torch.zeros(1, dtype=torch.long, device=weight.device)

@@ -542,6 +542,19 @@ def test_setup_cache_warns_past_max_position_embeddings():
     assert model.model.cache_shape == (1, 17)
 
 
+def test_dynamic_rope_cache_past_max_position_embeddings_raises():
+    # transformers' dynamic RoPE rescales once a sequence passes config.max_position_embeddings; a static
+    # table cannot, so a longer cache is an error (it was the default table, silently) and the old cache stays.
+    model = tiny_ours("cpu", max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    model.setup_cache(1, 16)
+    before = model.model.layers[0].self_attn.k_cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the max_position_embeddings warning
+        with pytest.raises(NotImplementedError, match="exceeds 16 tokens"):
+            model.setup_cache(1, 17)
+    assert model.model.layers[0].self_attn.k_cache is before and model.model.cache_shape == (1, 16)
+
+
 @requires_cuda
 def test_second_generate_captures_no_graph():
     model = tiny_ours("cuda")
