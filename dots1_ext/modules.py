@@ -566,6 +566,16 @@ class Int4Tensor(nn.Module):
         """The logical shape [E, N, K]."""
         return torch.Size((*self.qweight.shape[:2], self.qweight.shape[2] * 2))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The int4 kernels trust zero points to be 4-bit (the loader checks its checkpoints expert by
+        # expert); a state dict is checked here, once per load, since a larger one dequantizes plausibly.
+        zeros = state_dict.get(prefix + "zeros")
+        if zeros is not None and zeros.numel() and not zeros.is_meta and int(zeros.max()) > 15:
+            error_msgs = args[-1] if args else kwargs["error_msgs"]
+            error_msgs.append(f"{prefix}zeros: int4 zero points lie in [0, 15], got up to {int(zeros.max())}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def buffers_by_name(self) -> dict[str, torch.Tensor]:
         return {n: t for n, t in (("qweight", self.qweight), ("scales", self.scales), ("zeros", self.zeros))
                 if t is not None}

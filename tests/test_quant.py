@@ -143,6 +143,17 @@ def test_quantize_refuses_finite_weights_that_overflow_float32():
         assert bool(dequantize_int4(quantize_int4(w, symmetric=symmetric), torch.float32).isfinite().all())
 
 
+def test_state_dict_with_zero_points_out_of_range_is_refused(device):
+    # The int4 kernels trust 4-bit zero points; a state dict is checked once, when loaded.
+    model = build_random_model(tiny_config(), device=device, dtype=DTYPE[device], experts="int4")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    key = next(k for k in state if k.endswith(".zeros"))
+    state[key][0, 0, 0] = 16
+    with pytest.raises(RuntimeError, match=rf"{key}: int4 zero points lie in \[0, 15\], got up to 16"):
+        model.load_state_dict(state)
+
+
 def test_zero_points_out_of_range(device):
     q = quantize_int4(torch.randn(4, 2 * GROUP_SIZE, device=device))
     zeros = q.zeros.clone()
