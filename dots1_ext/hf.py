@@ -36,7 +36,7 @@ from torch import nn
 
 from dots1_ext import modules, reference
 from dots1_ext.config import Dots1Config
-from dots1_ext.rope import SUPPORTED_ROPE_TYPES
+from dots1_ext.rope import SUPPORTED_ROPE_TYPES, rope_type_of
 
 try:
     from transformers.models.dots1 import modeling_dots1 as hf_dots1
@@ -256,7 +256,7 @@ def _check_no_accelerate_hook(module: nn.Module, name: str) -> None:
 
 def _rope_supported(config) -> bool:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return (rope.get("rope_type", rope.get("type")) or "default") in SUPPORTED_ROPE_TYPES
+    return rope_type_of(rope) in SUPPORTED_ROPE_TYPES  # the config's own rule for the type
 
 
 def patch_hf_model(
