@@ -72,7 +72,7 @@ if dist.is_available():
 from dots1_ext import modules
 from dots1_ext.config import Dots1Config
 from dots1_ext.loader import check_device_memory, load_model, model_bytes, read_config
-from dots1_ext.model import Dots1ForCausalLM, init_random_weights_
+from dots1_ext.model import Dots1ForCausalLM, init_random_weights_, is_integer
 from dots1_ext.modules import Dots1MoE
 
 DISPATCHES = ("auto", "all_to_all", "all_reduce")
@@ -101,7 +101,7 @@ class DistInfo:
 
     def __post_init__(self):
         _check_rank(self.rank, self.world_size)
-        if not _is_int(self.local_rank) or self.local_rank < 0:
+        if not is_integer(self.local_rank) or self.local_rank < 0:
             raise ValueError(f"local_rank must be an integer >= 0, got {self.local_rank!r}")
         if not isinstance(self.device, torch.device):
             raise TypeError(f"device must be a torch.device, got {type(self.device).__name__}")
@@ -111,14 +111,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_rank(rank, world_size) -> None:
-    if not _is_int(world_size) or world_size < 1:
+    if not is_integer(world_size) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if not _is_int(rank):
+    if not is_integer(rank):
         raise ValueError(f"rank must be an integer (not bool), got {rank!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
@@ -230,7 +226,7 @@ def expert_range(num_experts: int, rank: int, world_size: int) -> tuple[int, int
     """[start, end) of the routed experts that ``rank`` owns: contiguous, E/W each. ``num_experts``
     must be divisible by ``world_size`` (so W <= E): the all_to_all dispatch sends expert e's rows to
     rank e // (E/W) and views the expert offsets as [W, E/W]. Integers only (not bool)."""
-    if not _is_int(num_experts) or num_experts < 1:
+    if not is_integer(num_experts) or num_experts < 1:
         raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
     _check_rank(rank, world_size)
     if num_experts % world_size:
@@ -259,9 +255,9 @@ class LocalExperts(modules.GateUpLayout, nn.Module):
 
     def __init__(self, experts: nn.Module, start: int, end: int, num_experts: int):
         _check_shardable(experts, "experts")
-        if not _is_int(num_experts) or num_experts < 1:
+        if not is_integer(num_experts) or num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {num_experts!r}")
-        if not (_is_int(start) and _is_int(end) and 0 <= start < end <= num_experts):
+        if not (is_integer(start) and is_integer(end) and 0 <= start < end <= num_experts):
             raise ValueError(f"experts [start, end) = [{start!r}, {end!r}) must satisfy 0 <= start < end <= "
                              f"num_experts={num_experts}")
         held = getattr(experts, "expert_range", None)

@@ -47,7 +47,7 @@ from safetensors.torch import save_file
 
 from dots1_ext import quant
 from dots1_ext.config import CONFIG_NAME, Dots1Config, dtype_name, parse_dtype
-from dots1_ext.model import Dots1ForCausalLM
+from dots1_ext.model import Dots1ForCausalLM, is_integer
 from dots1_ext.modules import (
     Dots1Int4Experts,
     Int4Tensor,
@@ -483,16 +483,12 @@ def _tensors_equal(files: dict[str, str], a: str, b: str, dtype: torch.dtype) ->
         return all(torch.equal(sa[i:i + step].to(dtype), sb[i:i + step].to(dtype)) for i in range(0, shape[0], step))
 
 
-def _is_index(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _expert_pair(experts) -> tuple[int, int]:
     """``experts`` as a (start, end) pair of ints; ValueError naming ``experts`` for any other shape."""
     # a dict or set would unpack its keys, a range or string its items: only an explicit pair is a range
     if not isinstance(experts, (tuple, list)) or len(experts) != 2:
         raise ValueError(f"experts must be 'bf16', 'int4' or a (start, end) tuple or list, got {experts!r}")
-    if not all(_is_index(v) for v in experts):
+    if not all(is_integer(v) for v in experts):
         raise ValueError(f"experts={experts!r}: start and end must be integers")
     return int(experts[0]), int(experts[1])
 
@@ -511,7 +507,7 @@ def keep_experts_(model: torch.nn.Module, start: int, end: int) -> torch.nn.Modu
     """On a meta model: every MoE layer's ``mlp.experts`` now holds routed experts [start, end) only
     (meta tensors of end - start experts; ``expert_range`` records which). Returns the model."""
     E = getattr(getattr(model, "config", None), "n_routed_experts", None)
-    if not (_is_index(start) and _is_index(end)) or not 0 <= start < end <= (E or 0):
+    if not (is_integer(start) and is_integer(end)) or not 0 <= start < end <= (E or 0):
         raise ValueError(f"keep_experts_: start and end must be integers with 0 <= start < end <= "
                          f"n_routed_experts={E}, got start={start!r}, end={end!r}")
     start, end = int(start), int(end)
@@ -634,7 +630,7 @@ def parse_size(size: int | str, name: str = "size") -> int:
         base = 1024 if m[3] == "IB" else 1000
         nbytes = int(float(m[1]) * base ** " KMGT".index(m[2] or " "))
     else:
-        nbytes = int(size) if _is_index(size) else None
+        nbytes = int(size) if is_integer(size) else None
     if nbytes is None or nbytes < 1:
         raise ValueError(f"{name} must be a positive number of bytes: an int >= 1 or a string such as '5GB', "
                          f"'500MB', '2GiB', got {size!r}")

@@ -83,7 +83,7 @@ class Dots1Model(_KeepsFp32Buffers, nn.Module):
         benchmarks, which time a step at a given context over random K/V)."""
         if self.cache_shape is None:
             raise ValueError("mark_cache_written needs a KV cache: call setup_cache first")
-        if not _is_int(slots) or not 0 <= slots <= self.cache_shape[1]:
+        if not is_integer(slots) or not 0 <= slots <= self.cache_shape[1]:
             raise ValueError(f"mark_cache_written needs an int in [0, {self.cache_shape[1]}], got {slots!r}")
         self.cache_filled.fill_(int(slots))
         self.cache_filled_host = int(slots)
@@ -204,7 +204,7 @@ class Dots1ForCausalLM(nn.Module):
         exists. The current cache is kept when it fits; a longer request grows it geometrically (at
         least doubling, up to ``max_position_embeddings`` unless the request is longer), and it never
         shrinks, so alternating request lengths neither reallocate it nor invalidate captured graphs."""
-        if not (_is_int(batch_size) and _is_int(max_seq_len)) or batch_size < 1 or max_seq_len < 1:
+        if not (is_integer(batch_size) and is_integer(max_seq_len)) or batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"setup_cache needs integers batch_size >= 1 and max_seq_len >= 1, got {batch_size!r}, "
                              f"{max_seq_len!r}")
         shape = self.model.cache_shape
@@ -328,7 +328,7 @@ class Dots1ForCausalLM(nn.Module):
                             f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
         if tokens.numel() != B:
             raise ValueError(f"tokens must hold one token per sequence ({B}), got shape {tuple(tokens.shape)}")
-        if _is_int(slot):
+        if is_integer(slot):
             slot = int(slot)
             if not 0 <= slot < S:
                 raise IndexError(f"decode slot {slot} is outside the KV cache of {S} slots")
@@ -404,7 +404,7 @@ class Dots1ForCausalLM(nn.Module):
                 raise ValueError("input_ids: empty batch (no prompts)")
             if empty := [b for b, seq in enumerate(input_ids) if not seq]:
                 raise ValueError(f"input_ids: prompts {empty} are empty; every prompt needs at least one token")
-            if bad := [t for seq in input_ids for t in seq if not _is_int(t)]:
+            if bad := [t for seq in input_ids for t in seq if not is_integer(t)]:
                 raise ValueError(f"input_ids: token ids must be integers, got {bad[0]!r}")
             input_ids, attention_mask = left_pad(input_ids, device=self.device)
         elif input_ids.dim() != 2 or 0 in input_ids.shape:
@@ -414,10 +414,10 @@ class Dots1ForCausalLM(nn.Module):
         check_sampling(temperature, top_p)
         if eos_token_id is None:
             eos = self.config.eos_token_ids
-        elif _is_int(eos_token_id):
+        elif is_integer(eos_token_id):
             eos = [int(eos_token_id)]
         elif (isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, str)
-              and all(_is_int(e) for e in eos_token_id)):
+              and all(is_integer(e) for e in eos_token_id)):
             eos = [int(e) for e in eos_token_id]
         else:
             raise ValueError(f"eos_token_id must be an int, a list of ints or None, got {eos_token_id!r}")
@@ -425,7 +425,7 @@ class Dots1ForCausalLM(nn.Module):
             raise ValueError(f"eos_token_id {bad} outside the vocabulary [0, {V})")
         if pad_token_id is None:
             pad_token_id = self.config.pad_token_id if self.config.pad_token_id is not None else (eos[0] if eos else 0)
-        elif not _is_int(pad_token_id):
+        elif not is_integer(pad_token_id):
             raise ValueError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
         pad_token_id = int(pad_token_id)
         if not 0 <= pad_token_id < V:
@@ -495,8 +495,8 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
-def _is_int(value) -> bool:
-    """A Python / numpy integer, not a bool."""
+def is_integer(value) -> bool:
+    """A Python / numpy integer, not a bool (the argument checks of model, loader and distributed)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -515,20 +515,22 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     A poisoned row (a NaN or +inf logit, or every logit -inf) gets -1, outside every vocabulary, rather
     than a plausible id; fed back to ``decode`` it keeps the sequence poisoned. No host sync."""
     check_sampling(temperature, top_p)
-    top = logits.amax(dim=-1, keepdim=True)  # NaN if any element is NaN (amax propagates it)
     if temperature == 0:
+        # argmax picks a NaN or +inf if there is one, and a -inf only when every logit is: the picked
+        # value alone tells a poisoned row (B reads, not a second pass over [B, V]).
         tok = logits.argmax(dim=-1)
-    else:
-        # Shifted by the row's max first: (logits - max) / t is <= 0, so a tiny t gives -inf, never the
-        # inf - inf = NaN that logits / t overflowed to (a 1e-39 temperature drew token 0).
-        probs = torch.softmax((logits.float() - top.float()) / temperature, dim=-1)
-        if top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps at least the top token
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        # argmax(p / Exp(1)) is a draw from p, without torch.multinomial's host synchronisation.
-        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-        tok = (probs / noise).argmax(dim=-1)
+        return torch.where(torch.isfinite(logits.gather(-1, tok[:, None]).squeeze(-1)), tok, -1)
+    top = logits.amax(dim=-1, keepdim=True)  # NaN if any element is NaN (amax propagates it)
+    # Shifted by the row's max first: (logits - max) / t is <= 0, so a tiny t gives -inf, never the
+    # inf - inf = NaN that logits / t overflowed to (a 1e-39 temperature drew token 0).
+    probs = torch.softmax((logits.float() - top.float()) / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps at least the top token
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    # argmax(p / Exp(1)) is a draw from p, without torch.multinomial's host synchronisation.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    tok = (probs / noise).argmax(dim=-1)
     return torch.where(torch.isfinite(top.squeeze(-1)), tok, -1)  # NaN, +inf, or every logit -inf
 
 
@@ -542,11 +544,11 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0, device=None) -
             raise ValueError(f"left_pad: sequence {b} must be a non-empty list of token ids, got {seq!r:.80}")
     sequences = [seq.tolist() if isinstance(seq, torch.Tensor) else seq for seq in sequences]
     for b, seq in enumerate(sequences):
-        if bad := [t for t in seq if not _is_int(t)]:
+        if bad := [t for t in seq if not is_integer(t)]:
             raise ValueError(f"left_pad: sequence {b} holds {bad[0]!r}; token ids must be integers")
         if bad := [int(t) for t in seq if not -2**63 <= int(t) < 2**63]:
             raise ValueError(f"left_pad: sequence {b} holds {bad[0]}, beyond int64")
-    if not _is_int(pad_id) or pad_id < 0:
+    if not is_integer(pad_id) or pad_id < 0:
         raise ValueError(f"left_pad: pad_id must be an integer >= 0, got {pad_id!r}")
     L = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), L), pad_id, dtype=torch.long)
@@ -595,7 +597,7 @@ def init_random_weights_(model: Dots1ForCausalLM, seed: int = 0, std: float | No
     draws are those of the bf16 model, so it equals the bf16 model with its experts quantized."""
     if not isinstance(model, Dots1ForCausalLM):
         raise TypeError(f"init_random_weights_ needs a Dots1ForCausalLM, got {type(model).__name__}")
-    if not _is_int(seed) or not 0 <= seed < 2**63:
+    if not is_integer(seed) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     std = std if std is not None else model.config.initializer_range
     device = model.device
