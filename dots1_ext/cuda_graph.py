@@ -56,6 +56,11 @@ class DecodeGraphs:
         self.slot = torch.zeros((), dtype=torch.long, device=device)  # the cache slot they are written at
         self.finished = torch.zeros(B, dtype=torch.bool, device=device)  # greedy: sequences past their eos
         self.history = torch.zeros(B, S, dtype=torch.long, device=device)  # greedy: token picked at each slot
+        # greedy: the eos ids a graph compares against, per eos tuple (part of the graph's key). A graph
+        # reads the tensor it captured at every replay, so the tensor must live as long as the graph: one
+        # made per call was freed after the capturing call, and the next call's graph read whatever the
+        # allocator put there (on the H200 the README job stopped at a non-eos token).
+        self.eos_ids: dict[tuple[int, ...], torch.Tensor] = {}
 
     def release(self) -> None:
         """Destroys every captured graph (CUDAGraph.reset) after the GPU has finished with them; the next
@@ -139,7 +144,9 @@ class DecodeGraphs:
         self.model.model.check_decode_slot(first_slot)
         known = self.model.model.cache_filled_host is not None
         eos = tuple(int(e) for e in eos_token_ids)
-        eos_ids = torch.tensor(eos, dtype=torch.long, device=self.model.device)
+        eos_ids = self.eos_ids.get(eos)
+        if eos_ids is None:
+            eos_ids = self.eos_ids[eos] = torch.tensor(eos, dtype=torch.long, device=self.model.device)
         self.tokens.copy_(tokens.reshape(B))
         self.finished.copy_(finished.reshape(B))
         self.slot.fill_(first_slot)

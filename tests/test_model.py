@@ -360,13 +360,20 @@ def test_sample_tiny_temperatures_and_poisoned_rows():
 def test_generate_gives_minus_one_for_a_poisoned_sequence(device):
     # A NaN embedding row (a stand-in for NaN weights) poisons the sequence whose prompt holds that token:
     # it gets -1 at every step (fed back, -1 keeps it poisoned), the other sequence its normal tokens.
+    # The poisoned token must be one the other sequence never reads, or it is rightly poisoned too (on the
+    # H200 the clean sequence generated token 5, the first choice); it is picked from a clean run.
     model = tiny_ours(device)
-    clean = model.generate([[3, 4, 5], [6, 7, 8, 9]], max_new_tokens=5, cuda_graphs=False)
-    model.model.embed_tokens.weight.data[5] = float("nan")
+    other = [6, 7, 8, 9]
+    first = model.generate([[3, 4, 5], other], max_new_tokens=5, cuda_graphs=False)
+    poison = next(t for t in range(10, model.config.vocab_size) if t not in first[1].tolist())
+    prompts = [[3, 4, poison], other]
+    clean = model.generate(prompts, max_new_tokens=5, cuda_graphs=False)
+    assert poison not in clean[1].tolist() + other, (poison, clean)
+    model.model.embed_tokens.weight.data[poison] = float("nan")
     modes = (False, True) if device == "cuda" else (False,)
     for cuda_graphs in modes:
         for temperature in (0.0, 0.8):
-            out = model.generate([[3, 4, 5], [6, 7, 8, 9]], max_new_tokens=5, temperature=temperature,
+            out = model.generate(prompts, max_new_tokens=5, temperature=temperature,
                                  cuda_graphs=cuda_graphs, generator=torch.Generator(device).manual_seed(0))
             assert out[0].tolist() == [-1] * 5, (cuda_graphs, temperature, out)
             if temperature == 0:
@@ -567,6 +574,24 @@ def test_second_generate_captures_no_graph():
     model.generate(prompts, max_new_tokens=4, timings=shorter)
     assert shorter["graph_captures"] == 0
     assert model.decode_graphs().replay_ms(iters=5) > 0
+
+
+@requires_cuda
+def test_greedy_graph_keeps_the_eos_ids_it_captured():
+    # The greedy graph compares each token with the eos ids it captured, at every replay. They were a
+    # tensor made per generate call, freed after the capturing call; the next call's graph read whatever
+    # the allocator put there (on the H200 the README job stopped at a token that was not an eos). Here the
+    # freed small blocks are filled with a token the sequence emits, which would then read as its eos.
+    model = tiny_ours("cuda")
+    prompts = [[3, 4, 5, 6, 7]]
+    clean = model.generate(prompts, max_new_tokens=16, eos_token_id=[], cuda_graphs=False)[0].tolist()
+    eos = next(t for t in range(10, BASE["vocab_size"]) if t not in clean)
+    out = model.generate(prompts, max_new_tokens=16, eos_token_id=eos, pad_token_id=0)
+    assert out[0].tolist() == clean
+    filler = [torch.full((1,), clean[3], dtype=torch.long, device="cuda") for _ in range(512)]
+    again = model.generate(prompts, max_new_tokens=16, eos_token_id=eos, pad_token_id=0)
+    assert again[0].tolist() == clean, (again, clean[3])
+    del filler
 
 
 @requires_cuda
