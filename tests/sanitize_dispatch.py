@@ -8,13 +8,14 @@ tools; gating has its own script, tests/sanitize_gating.py).
 The permute index kernel is one block of 32 warps sharing per-warp histograms in shared memory
 (barriers between count, scan and rank), the scatter and unpermute kernels stage row indices in
 shared memory: racecheck and synccheck matter here. Covers the edge cases where an out-of-bounds
-access would hide: T=0/1, odd T and H, unaligned rows (element-wise paths), pad_to > 1, E=1024 (the
+access would hide: the single-block and the multi-block index, T=0/1, odd T and H, unaligned rows (element-wise paths), pad_to > 1, E=1024 (the
 shared-memory opt-in), out-of-range ids and row_map entries (poison policy: compared with the
 reference, NaN included). Exits non-zero if a result differs from the reference.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -73,6 +74,18 @@ def main() -> int:
                 eo = torch.randn(out2[0].shape[0] * H + 1, device=dev).to(dtype)[1:].view(-1, H)
                 expect(torch.equal(unpermute(eo, out2[2], weights, h2, None),
                                    R.unpermute(eo, out2[2], weights, h2, None)), "unpermute unaligned")
+    # The multi-block index (count, scan, rank launches; auto takes it for large T*k), forced at small and
+    # large sizes, with bad ids, padding, the most experts and one expert.
+    os.environ["DOTS1_EXT_PERMUTE_INDEX"] = "multi"
+    for T, k, E, pad_to in [(1, 1, 8, 1), (37, 6, 128, 16), (1500, 6, 128, 1), (700, 8, 1024, 3), (2000, 6, 1, 4)]:
+        hidden = torch.randn(T, 8, device=dev, dtype=torch.bfloat16)
+        ids = torch.randint(0, E, (T, k), device=dev, dtype=torch.int32)
+        ids.view(-1)[::7] = -1
+        ids.view(-1)[3::11] = E
+        out = permute(hidden, ids, E, pad_to)
+        expect(all(torch.equal(a, b) for a, b in zip(out, R.permute(hidden, ids, E, pad_to))),
+               f"permute (multi-block index) T={T} k={k} E={E} pad={pad_to}")
+    del os.environ["DOTS1_EXT_PERMUTE_INDEX"]
     torch.cuda.synchronize()
     print("sanitize_dispatch:", "OK" if failures == 0 else f"{failures} mismatches")
     return 1 if failures else 0

@@ -197,9 +197,42 @@ def test_dispatch_run_to_run_bitwise():
 
 
 @requires_cuda
-@pytest.mark.parametrize("pad_to", [1, 64])
-def test_dispatch_cuda_graph_replay(pad_to):
-    T, k, E, H = 300, 6, 128, 256
+@pytest.mark.parametrize("form", ["single", "multi"])
+@pytest.mark.parametrize("T,k,E,mode,pad_to", [
+    (1, 1, 8, "random", 1),          # one id: the multi-block form with an empty block
+    (3, 6, 128, "random", 16),
+    (1500, 6, 128, "random", 1),     # 9000 ids
+    (2000, 6, 128, "one_expert", 8),  # one bin's ranks run across every block
+    (2000, 6, 128, "half_empty", 1),
+    (5000, 8, 1024, "random", 1),     # the most experts
+    (4000, 3, 1, "one_expert", 4),    # one expert
+    (65536, 6, 128, "random", 1),     # 393216 ids: the most blocks (256)
+    (70001, 7, 64, "random", 32),     # more ids than 256 blocks of the least size
+])
+def test_permute_index_forms_match_the_reference(monkeypatch, form, T, k, E, mode, pad_to):
+    # The CUDA index is one block (small N) or three launches over many blocks (large N); both must
+    # give the reference's expert_offsets and row_map, with bad ids, padding and skewed routing.
+    monkeypatch.setenv("DOTS1_EXT_PERMUTE_INDEX", form)
+    hidden = torch.randn(T, 8, device="cuda", dtype=torch.bfloat16)
+    ids = _ids(T, k, E, "cuda", mode)
+    if T > 1:
+        ids.view(-1)[torch.randperm(T * k, device="cuda")[: T * k // 50 + 1]] = -1  # bad ids take no row
+    _assert_permute_equal(hidden, ids, E, pad_to)
+
+
+@requires_cuda
+def test_permute_index_form_variable_is_checked(monkeypatch):
+    hidden = torch.randn(4, 8, device="cuda")
+    monkeypatch.setenv("DOTS1_EXT_PERMUTE_INDEX", "blocks")
+    with pytest.raises(ValueError, match="DOTS1_EXT_PERMUTE_INDEX must be auto, single or multi, got 'blocks'"):
+        permute(hidden, _ids(4, 2, 8, "cuda"), 8)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T,pad_to", [(100, 1), (100, 64), (2000, 1), (2000, 64)])
+def test_dispatch_cuda_graph_replay(T, pad_to):
+    # 100 tokens (600 ids) take the single-block index, 2000 (12000 ids) the multi-block one.
+    k, E, H = 6, 128, 256
     hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
     ids = _ids(T, k, E, "cuda")
     weights = torch.rand(T, k, device="cuda")

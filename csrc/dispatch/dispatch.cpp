@@ -5,7 +5,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -156,6 +158,23 @@ at::Tensor unpermute_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_
 // ---- CUDA ----
 #ifdef DOTS1_WITH_CUDA
 
+// The index's launch form for N = T*k ids (dispatch.h launch_permute): 1 = the single block, else the
+// block count of the multi-block form. DOTS1_EXT_PERMUTE_INDEX (read per call; auto, single or multi;
+// default auto) forces one: the tests run both, the benchmarks compare them. Auto takes the multi-block
+// form from kPermuteMultiMinIds ids on: on the H200 (E=128, bench/probes/permute_index_forms.py) the
+// single block took 10.2 us at 384 ids and the multi-block form 12.3 us; at 1536 ids 16.9 vs 13.2 us, at
+// 98304 ids 199 vs 22 us.
+constexpr int64_t kPermuteMultiMinIds = 1024;
+
+int permute_index_form(int64_t N) {
+  const char* v = std::getenv("DOTS1_EXT_PERMUTE_INDEX");
+  const std::string mode = v == nullptr || *v == '\0' ? "auto" : v;
+  TORCH_CHECK_VALUE(mode == "auto" || mode == "single" || mode == "multi",
+                    "dots1_ext: DOTS1_EXT_PERMUTE_INDEX must be auto, single or multi, got '", mode, "'");
+  const bool multi = mode == "multi" || (mode == "auto" && N >= kPermuteMultiMinIds);
+  return multi && N > 0 ? permute_index_blocks(N) : 1;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& hidden_in,
                                                             const at::Tensor& topk_ids_in, int64_t num_experts,
                                                             int64_t pad_to) {
@@ -168,10 +187,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& hi
   at::Tensor permuted = at::empty({S, H}, hidden.options());
   at::Tensor offsets = at::empty({num_experts + 1}, ids.options());
   at::Tensor row_map = at::empty({T * k}, ids.options());
-  at::Tensor counts = at::empty({num_experts + 1}, ids.options());
+  const int index_blocks = permute_index_form(T * k);
+  at::Tensor counts = at::empty({permute_workspace_ints(static_cast<int>(num_experts), index_blocks)}, ids.options());
   C10_CUDA_CHECK(launch_permute(hidden.data_ptr(), ids.data_ptr<int32_t>(), T, static_cast<int>(k), H,
                                 static_cast<int>(hidden.element_size()), static_cast<int>(num_experts),
-                                static_cast<int>(pad_to), S, permuted.data_ptr(), offsets.data_ptr<int32_t>(),
+                                static_cast<int>(pad_to), S, index_blocks, permuted.data_ptr(), offsets.data_ptr<int32_t>(),
                                 row_map.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
                                 c10::cuda::getCurrentCUDAStream()));
   return {permuted, offsets, row_map};

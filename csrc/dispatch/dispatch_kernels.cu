@@ -31,29 +31,12 @@ __device__ __forceinline__ void load_bins(const int32_t* __restrict__ ids, int64
   }
 }
 
-// One block. The flat ids [N = T*k] are cut into 32 contiguous slices, one per warp. Pass 1 counts
-// each slice per bin; a column scan over the slices gives each warp its first rank per bin; a scan
-// over bins (padded for pad_to) gives the segment starts; pass 2 walks the slices again in order,
-// so that ranks follow (token, slot) order within each expert: the permutation is deterministic.
-// Within a 32-id round, lanes with the same bin are ranked by lane via __match_any_sync.
-__global__ void __launch_bounds__(kIndexWarps * 32)
-    permute_index_kernel(const int32_t* __restrict__ ids, int64_t N, int E, int pad_to,
-                         int32_t* __restrict__ expert_offsets, int32_t* __restrict__ row_map,
-                         int32_t* __restrict__ expert_counts) {
-  extern __shared__ int32_t smem[];
+// Pass 1 over one warp's slice [begin, end) of the flat ids: counts per bin into my_hist (this warp's
+// own row of counters). Within a 32-id round, lanes with the same bin are counted once via
+// __match_any_sync; the next round's ids are loaded while one is counted.
+__device__ __forceinline__ void count_warp_slice(const int32_t* __restrict__ ids, int64_t begin, int64_t end, int E,
+                                                 int lane, int32_t* my_hist) {
   const int nb = E + 1;
-  int32_t* hist = smem;                          // [kIndexWarps][nb]: counts, then next rank per bin
-  int32_t* seg_start = smem + kIndexWarps * nb;  // [nb + 1]
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  for (int i = tid; i < kIndexWarps * nb; i += blockDim.x) hist[i] = 0;
-  __syncthreads();
-
-  const int64_t per_warp = ((N + kIndexWarps - 1) / kIndexWarps + 31) / 32 * 32;
-  const int64_t begin = std::min<int64_t>(N, warp * per_warp);
-  const int64_t end = std::min<int64_t>(N, begin + per_warp);
-  int32_t* my_hist = hist + warp * nb;
-  const unsigned lanes_below = (1u << lane) - 1u;
-
   int next[kIdsPerRound];
   load_bins(ids, begin, end, E, lane, next);
   for (int64_t base = begin; base < end; base += 32 * kIdsPerRound) {
@@ -69,40 +52,16 @@ __global__ void __launch_bounds__(kIndexWarps * 32)
       __syncwarp();
     }
   }
-  __syncthreads();
+}
 
-  for (int b = tid; b < nb; b += blockDim.x) {
-    int run = 0;
-    for (int w = 0; w < kIndexWarps; ++w) {
-      const int c = hist[w * nb + b];
-      hist[w * nb + b] = run;
-      run += c;
-    }
-    expert_counts[b] = run;
-    seg_start[b] = run;
-  }
-  __syncthreads();
-
-  if (warp == 0) {
-    int carry = 0;
-    for (int b0 = 0; b0 < nb; b0 += 32) {
-      const int b = b0 + lane;
-      const int count = b < nb ? seg_start[b] : 0;
-      const int size = (b < E && pad_to > 1) ? (count + pad_to - 1) / pad_to * pad_to : count;
-      int incl = size;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int n = __shfl_up_sync(kFullMask, incl, o);
-        if (lane >= o) incl += n;
-      }
-      if (b < nb) seg_start[b] = carry + incl - size;
-      carry += __shfl_sync(kFullMask, incl, 31);
-    }
-    if (lane == 0) seg_start[nb] = carry;
-  }
-  __syncthreads();
-  for (int b = tid; b <= E; b += blockDim.x) expert_offsets[b] = seg_start[b];
-
+// Pass 2 over the same slice, in order: my_hist holds this warp's first rank per bin (advanced here);
+// row_map gets seg_start[bin] + rank, so ranks follow (token, slot) order within each expert.
+__device__ __forceinline__ void rank_warp_slice(const int32_t* __restrict__ ids, int64_t begin, int64_t end, int E,
+                                                int lane, int32_t* my_hist, const int32_t* seg_start,
+                                                int32_t* __restrict__ row_map) {
+  const int nb = E + 1;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  int next[kIdsPerRound];
   load_bins(ids, begin, end, E, lane, next);
   for (int64_t base = begin; base < end; base += 32 * kIdsPerRound) {
     int bins[kIdsPerRound];
@@ -121,6 +80,157 @@ __global__ void __launch_bounds__(kIndexWarps * 32)
       if (active) row_map[base + 32 * u + lane] = bins[u] == E ? -1 : seg_start[bins[u]] + before + __popc(peers & lanes_below);
     }
   }
+}
+
+// The ids [begin, end) of a block cut into `warps` contiguous slices of whole 32-id rounds.
+__device__ __forceinline__ void warp_slice(int64_t begin, int64_t end, int warps, int warp, int64_t& lo, int64_t& hi) {
+  const int64_t per_warp = ((end - begin + warps - 1) / warps + 31) / 32 * 32;
+  lo = std::min<int64_t>(end, begin + warp * per_warp);
+  hi = std::min<int64_t>(end, lo + per_warp);
+}
+
+// Exclusive scan of hist[w][b] over the warps w, per bin, plus base[b] (nullptr: 0); returns nothing,
+// writes each bin's total to totals[b] when totals is given.
+__device__ __forceinline__ void scan_warp_counts(int32_t* hist, int warps, int nb, const int32_t* base,
+                                                 int32_t* totals) {
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+    int run = base != nullptr ? base[b] : 0;
+    const int first = run;
+    for (int w = 0; w < warps; ++w) {
+      const int c = hist[w * nb + b];
+      hist[w * nb + b] = run;
+      run += c;
+    }
+    if (totals != nullptr) totals[b] = run - first;
+  }
+}
+
+// Warp 0: seg[b] (a count per bin, b < nb = E + 1) -> the bin's first row, expert segments padded to
+// pad_to rows; seg[nb] = the total. The other warps return at once.
+__device__ __forceinline__ void scan_segments(int32_t* seg, int nb, int E, int pad_to) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  int carry = 0;
+  for (int b0 = 0; b0 < nb; b0 += 32) {
+    const int b = b0 + lane;
+    const int count = b < nb ? seg[b] : 0;
+    const int size = (b < E && pad_to > 1) ? (count + pad_to - 1) / pad_to * pad_to : count;
+    int incl = size;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int n = __shfl_up_sync(kFullMask, incl, o);
+      if (lane >= o) incl += n;
+    }
+    if (b < nb) seg[b] = carry + incl - size;
+    carry += __shfl_sync(kFullMask, incl, 31);
+  }
+  if (lane == 0) seg[nb] = carry;
+}
+
+// One block. The flat ids [N = T*k] are cut into 32 contiguous slices, one per warp. Pass 1 counts
+// each slice per bin; a column scan over the slices gives each warp its first rank per bin; a scan
+// over bins (padded for pad_to) gives the segment starts; pass 2 walks the slices again in order,
+// so that ranks follow (token, slot) order within each expert: the permutation is deterministic.
+// The launch of choice for small N (decode, short prompts): one launch, no workspace traffic.
+__global__ void __launch_bounds__(kIndexWarps * 32)
+    permute_index_kernel(const int32_t* __restrict__ ids, int64_t N, int E, int pad_to,
+                         int32_t* __restrict__ expert_offsets, int32_t* __restrict__ row_map,
+                         int32_t* __restrict__ expert_counts) {
+  extern __shared__ int32_t smem[];
+  const int nb = E + 1;
+  int32_t* hist = smem;                          // [kIndexWarps][nb]: counts, then next rank per bin
+  int32_t* seg_start = smem + kIndexWarps * nb;  // [nb + 1]
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  for (int i = tid; i < kIndexWarps * nb; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+  int64_t begin, end;
+  warp_slice(0, N, kIndexWarps, warp, begin, end);
+  count_warp_slice(ids, begin, end, E, lane, hist + warp * nb);
+  __syncthreads();
+  scan_warp_counts(hist, kIndexWarps, nb, nullptr, seg_start);
+  __syncthreads();
+  for (int b = tid; b < nb; b += blockDim.x) expert_counts[b] = seg_start[b];
+  __syncthreads();  // the counts are read before warp 0 scans them in place
+  scan_segments(seg_start, nb, E, pad_to);
+  __syncthreads();
+  for (int b = tid; b <= E; b += blockDim.x) expert_offsets[b] = seg_start[b];
+  rank_warp_slice(ids, begin, end, E, lane, hist + warp * nb, seg_start, row_map);
+}
+
+// The same index in three launches over many blocks, for large N, where the single block above runs
+// N ids through one SM twice (measured ~0.2 ms at N = 98304 while the GPU idles). Block j takes the ids
+// [j * ids_per_block, ...), cut into kMultiWarps warp slices as above:
+//   1. permute_block_count_kernel: pass 1; block j's count per bin -> block_counts[j][bin].
+//   2. permute_block_scan_kernel (one block): per bin, an exclusive scan over the blocks (block j's first
+//      rank in the bin, in place), the totals -> expert_counts, then the segment scan -> expert_offsets.
+//   3. permute_block_rank_kernel: pass 1 again, the warp scan on top of block j's first ranks, pass 2.
+// Same ranks as the single block (the order of (token, slot) within each expert), so the same row_map.
+constexpr int kMultiWarps = 8;
+static_assert(sizeof(int32_t) * (kMultiWarps * (kPermuteMaxExperts + 1) + kPermuteMaxExperts) <= 48 * 1024,
+              "the multi-block index kernels fit the default 48 KiB of shared memory");
+
+__global__ void __launch_bounds__(kMultiWarps * 32)
+    permute_block_count_kernel(const int32_t* __restrict__ ids, int64_t N, int E, int64_t ids_per_block,
+                               int32_t* __restrict__ block_counts) {
+  extern __shared__ int32_t smem[];
+  const int nb = E + 1;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  for (int i = tid; i < kMultiWarps * nb; i += blockDim.x) smem[i] = 0;
+  __syncthreads();
+  const int64_t block_begin = std::min<int64_t>(N, blockIdx.x * ids_per_block);
+  int64_t begin, end;
+  warp_slice(block_begin, std::min<int64_t>(N, block_begin + ids_per_block), kMultiWarps, warp, begin, end);
+  count_warp_slice(ids, begin, end, E, lane, smem + warp * nb);
+  __syncthreads();
+  for (int b = tid; b < nb; b += blockDim.x) {
+    int total = 0;
+    for (int w = 0; w < kMultiWarps; ++w) total += smem[w * nb + b];
+    block_counts[static_cast<int64_t>(blockIdx.x) * nb + b] = total;
+  }
+}
+
+__global__ void __launch_bounds__(1024)
+    permute_block_scan_kernel(int32_t* __restrict__ block_counts, int blocks, int E, int pad_to,
+                              int32_t* __restrict__ expert_offsets, int32_t* __restrict__ expert_counts) {
+  extern __shared__ int32_t seg_start[];  // [nb + 1]
+  const int nb = E + 1;
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+    int run = 0;
+    for (int j = 0; j < blocks; ++j) {
+      int32_t* c = block_counts + static_cast<int64_t>(j) * nb + b;
+      const int n = *c;
+      *c = run;
+      run += n;
+    }
+    expert_counts[b] = run;
+    seg_start[b] = run;
+  }
+  __syncthreads();
+  scan_segments(seg_start, nb, E, pad_to);
+  __syncthreads();
+  for (int b = threadIdx.x; b <= E; b += blockDim.x) expert_offsets[b] = seg_start[b];
+}
+
+__global__ void __launch_bounds__(kMultiWarps * 32)
+    permute_block_rank_kernel(const int32_t* __restrict__ ids, int64_t N, int E, int64_t ids_per_block,
+                              const int32_t* __restrict__ block_first, const int32_t* __restrict__ expert_offsets,
+                              int32_t* __restrict__ row_map) {
+  extern __shared__ int32_t smem[];
+  const int nb = E + 1;
+  int32_t* hist = smem;                          // [kMultiWarps][nb]
+  int32_t* seg_start = smem + kMultiWarps * nb;  // [E]: bin E takes no row
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  for (int i = tid; i < kMultiWarps * nb; i += blockDim.x) hist[i] = 0;
+  for (int b = tid; b < E; b += blockDim.x) seg_start[b] = expert_offsets[b];
+  __syncthreads();
+  const int64_t block_begin = std::min<int64_t>(N, blockIdx.x * ids_per_block);
+  int64_t begin, end;
+  warp_slice(block_begin, std::min<int64_t>(N, block_begin + ids_per_block), kMultiWarps, warp, begin, end);
+  count_warp_slice(ids, begin, end, E, lane, hist + warp * nb);
+  __syncthreads();
+  scan_warp_counts(hist, kMultiWarps, nb, block_first + static_cast<int64_t>(blockIdx.x) * nb, nullptr);
+  __syncthreads();
+  rank_warp_slice(ids, begin, end, E, lane, hist + warp * nb, seg_start, row_map);
 }
 
 constexpr int kScatterUnroll = 4;
@@ -217,10 +327,10 @@ __global__ void unpermute_kernel(const T* __restrict__ expert_out, const int32_t
     float acc[kV];
 #pragma unroll
     for (int i = 0; i < kV; ++i) acc[i] = 0.0f;
-    // Loads of four slots are issued together; the sums still run in slot order, and the product
-    // and the sum are rounded separately (__fmul_rn/__fadd_rn forbid FMA contraction) exactly as
-    // the eager reference computes them.
-    constexpr int kGroup = 4;
+    // Loads of up to eight slots are issued together (top-6: six rows in flight per thread); the sums
+    // still run in slot order, and the product and the sum are rounded separately (__fmul_rn/__fadd_rn
+    // forbid FMA contraction) exactly as the eager reference computes them.
+    constexpr int kGroup = 8;
     bool poison = false;  // a row_map entry outside [0, S): the whole output row is NaN (dispatch.h)
     for (int j0 = 0; j0 < k; j0 += kGroup) {
       Vec x[kGroup];
@@ -283,32 +393,47 @@ cudaError_t launch_scatter(const void* hidden, const int32_t* row_map, const int
 
 cudaError_t launch_permute(const void* hidden, const int32_t* topk_ids, int64_t num_tokens, int k,
                            int64_t hidden_size, int element_size, int num_experts, int pad_to, int64_t permuted_rows,
-                           void* permuted, int32_t* expert_offsets, int32_t* row_map, int32_t* expert_counts_ws,
-                           cudaStream_t stream) {
+                           int index_blocks, void* permuted, int32_t* expert_offsets, int32_t* row_map,
+                           int32_t* expert_counts_ws, cudaStream_t stream) {
   if (num_tokens < 0 || k < 0 || num_experts < 1 || num_experts > kPermuteMaxExperts || pad_to < 1 ||
-      (element_size != 2 && element_size != 4))
+      (element_size != 2 && element_size != 4) || index_blocks < 0 || index_blocks > kPermuteMaxIndexBlocks)
     return cudaErrorInvalidValue;
   const int64_t N = num_tokens * k;
-  const size_t smem = sizeof(int32_t) * (static_cast<size_t>(kIndexWarps) * (num_experts + 1) + num_experts + 2);
-  if (smem > 48 * 1024) {
-    // Raised once per device to the largest size (host-side attribute; done on the first call, under
-    // std::call_once: concurrent first calls from several threads are safe).
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    static PerDeviceOnce<cudaError_t> raised;
-    err = raised.get(device, [] {
-      const size_t most = sizeof(int32_t) * (static_cast<size_t>(kIndexWarps) * (kPermuteMaxExperts + 1) +
-                                             kPermuteMaxExperts + 2);
-      return cudaFuncSetAttribute(permute_index_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(most));
-    });
-    if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  if (index_blocks <= 1) {
+    const size_t smem = sizeof(int32_t) * (static_cast<size_t>(kIndexWarps) * (num_experts + 1) + num_experts + 2);
+    if (smem > 48 * 1024) {
+      // Raised once per device to the largest size (host-side attribute; done on the first call, under
+      // std::call_once: concurrent first calls from several threads are safe).
+      int device = 0;
+      if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+      static PerDeviceOnce<cudaError_t> raised;
+      err = raised.get(device, [] {
+        const size_t most = sizeof(int32_t) * (static_cast<size_t>(kIndexWarps) * (kPermuteMaxExperts + 1) +
+                                               kPermuteMaxExperts + 2);
+        return cudaFuncSetAttribute(permute_index_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(most));
+      });
+      if (err != cudaSuccess) return err;
+    }
+    permute_index_kernel<<<1, kIndexWarps * 32, smem, stream>>>(topk_ids, N, num_experts, pad_to, expert_offsets,
+                                                                 row_map, expert_counts_ws);
+  } else {
+    const int nb = num_experts + 1;
+    const int64_t ids_per_block = permute_ids_per_block(N, index_blocks);
+    int32_t* block_counts = expert_counts_ws + nb;
+    const size_t count_smem = sizeof(int32_t) * kMultiWarps * nb;
+    const size_t rank_smem = count_smem + sizeof(int32_t) * num_experts;
+    permute_block_count_kernel<<<index_blocks, kMultiWarps * 32, count_smem, stream>>>(topk_ids, N, num_experts,
+                                                                                      ids_per_block, block_counts);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    permute_block_scan_kernel<<<1, 1024, sizeof(int32_t) * (nb + 1), stream>>>(block_counts, index_blocks, num_experts,
+                                                                              pad_to, expert_offsets, expert_counts_ws);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    permute_block_rank_kernel<<<index_blocks, kMultiWarps * 32, rank_smem, stream>>>(
+        topk_ids, N, num_experts, ids_per_block, block_counts, expert_offsets, row_map);
   }
-  permute_index_kernel<<<1, kIndexWarps * 32, smem, stream>>>(topk_ids, N, num_experts, pad_to, expert_offsets,
-                                                               row_map, expert_counts_ws);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (permuted_rows == 0 || hidden_size == 0) return cudaSuccess;
   const int64_t row_bytes = hidden_size * element_size;
   if (row_bytes % 16 == 0 && aligned16(hidden) && aligned16(permuted))
