@@ -155,8 +155,8 @@ class DecodeGraphs:
             logits = self.model.decode(self.tokens, self.slot)  # [B, V]
             # model.sample at temperature 0: argmax, and -1 for a poisoned row (NaN, +inf, all -inf), which
             # the picked value alone tells (argmax picks a NaN or +inf if there is one).
-            tok = logits.argmax(dim=-1)
-            tok = torch.where(torch.isfinite(logits.gather(-1, tok[:, None]).squeeze(-1)), tok, -1)
+            picked, tok = logits.max(dim=-1)  # one kernel for argmax's index and its value
+            tok = torch.where(torch.isfinite(picked), tok, -1)
             tok = torch.where(self.finished, pad_token_id, tok)
             if eos:
                 self.finished |= torch.isin(tok, eos_ids)

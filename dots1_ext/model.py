@@ -518,8 +518,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     if temperature == 0:
         # argmax picks a NaN or +inf if there is one, and a -inf only when every logit is: the picked
         # value alone tells a poisoned row (B reads, not a second pass over [B, V]).
-        tok = logits.argmax(dim=-1)
-        return torch.where(torch.isfinite(logits.gather(-1, tok[:, None]).squeeze(-1)), tok, -1)
+        picked, tok = logits.max(dim=-1)  # argmax's index (the first of ties) and its value, in one kernel
+        return torch.where(torch.isfinite(picked), tok, -1)
     top = logits.amax(dim=-1, keepdim=True)  # NaN if any element is NaN (amax propagates it)
     # Shifted by the row's max first: (logits - max) / t is <= 0, so a tiny t gives -inf, never the
     # inf - inf = NaN that logits / t overflowed to (a 1e-39 temperature drew token 0).

@@ -346,6 +346,8 @@ def test_sample_tiny_temperatures_and_poisoned_rows():
     logits = torch.randn(4, 50) * 10
     for t in (1e-39, 1e-30, 1e-6):
         assert torch.equal(sample(logits, temperature=t), logits.argmax(-1)), t
+    tied = torch.tensor([[0.0, 2.0, 1.0, 2.0], [5.0, 5.0, 5.0, 5.0]])
+    assert sample(tied).tolist() == [1, 0]  # greedy ties: the first maximum, as argmax (and HF)
     bad = logits.clone()
     bad[0, 7] = float("nan")
     bad[1, 3] = float("inf")

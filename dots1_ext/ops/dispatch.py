@@ -96,7 +96,8 @@ def permute(
     ``check_ids=True`` validates the ids on the host first (IndexError; a synchronisation on CUDA).
     Without it, an out-of-range id routes its (token, slot) to no expert and takes no row: its
     row_map entry is -1, which unpermute turns into a NaN output row for that token (poison policy).
-    Two launches on CUDA (count + scan + stable rank in one block; row copy); no host sync.
+    On CUDA, no host sync: the index (count + scan + stable rank) in one block below 768 ids (T*k), in
+    three launches over many blocks from there on (``DOTS1_EXT_PERMUTE_INDEX``), then the row copy.
     """
     if check_ids:
         C.check_index_range(topk_ids, "topk_ids", num_experts, "expert ids")
