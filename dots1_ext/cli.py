@@ -229,7 +229,20 @@ def run_job(model: Dots1ForCausalLM, args, path: str | None, say=print, label: s
         return 0
     check = parity_check(model, prompts)
     say(f"parity of prompt logits, dots1_ext ops vs reference ops ({dtype}{label}): {check.summary()}")
-    return 0 if check.passed else 1
+    status = 0 if check.passed else 1
+    graphs = getattr(model, "_decode_graphs", None)
+    if args.temperature == 0 and graphs is not None and graphs.last_key is not None:
+        # The timed generate replayed CUDA graphs captured by the call before it; the same kernels run
+        # step by step must give the same tokens, bit for bit (a graph that kept a freed tensor once
+        # stopped this job's greedy run early with a PASS above).
+        eager = model.generate(prompts, max_new_tokens=args.max_new_tokens, cuda_graphs=False)
+        if eager.shape == new_tokens.shape and torch.equal(eager, new_tokens):
+            say(f"greedy tokens, CUDA-graph decode vs eager decode: identical ({new_tokens.numel()} tokens); PASS")
+        else:
+            status = 1
+            say(f"greedy tokens, CUDA-graph decode vs eager decode: differ (graphs {new_tokens.tolist()}, eager "
+                f"{eager.tolist()}); FAIL")
+    return status
 
 
 def _run_job_or_usage_error(model, args, path, say, info, label: str = "") -> int:

@@ -68,6 +68,27 @@ def test_default_job_prints_the_tokens_of_eager_decoding(cache_root, device, mon
     assert printed == eager[0].tolist(), (printed, eager)
 
 
+@requires_cuda
+def test_job_fails_when_the_graph_tokens_differ_from_eager_decoding(cache_root, monkeypatch, capsys):
+    from dots1_ext.cuda_graph import DecodeGraphs
+
+    monkeypatch.setenv("DOTS1_EXT_CACHE", cache_root)
+    make_tiny_checkpoint()
+    assert cli.main(["--device", "cuda", "--max-new-tokens", "6"]) == 0
+    assert "CUDA-graph decode vs eager decode: identical (6 tokens); PASS" in capsys.readouterr().out
+    real = DecodeGraphs.greedy_decode
+
+    def one_token_off(self, *args, **kwargs):  # a stand-in for a graph that reads a stale buffer
+        out = real(self, *args, **kwargs)
+        out[:, -1] = (out[:, -1] + 1) % 1024
+        return out
+
+    monkeypatch.setattr(DecodeGraphs, "greedy_decode", one_token_off)
+    assert cli.main(["--device", "cuda", "--max-new-tokens", "6"]) == 1
+    out = capsys.readouterr().out
+    assert "CUDA-graph decode vs eager decode: differ" in out and out.rstrip().endswith("FAIL")
+
+
 def test_cli_model_dir_with_tokenizer(tmp_path, capsys):
     tokenizers = pytest.importorskip("tokenizers")
     save_checkpoint(tiny_ours("cpu", eos_token_id=None), tmp_path)
