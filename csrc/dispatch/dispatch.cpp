@@ -161,10 +161,10 @@ at::Tensor unpermute_cpu(const at::Tensor& expert_out_in, const at::Tensor& row_
 // The index's launch form for N = T*k ids (dispatch.h launch_permute): 1 = the single block, else the
 // block count of the multi-block form. DOTS1_EXT_PERMUTE_INDEX (read per call; auto, single or multi;
 // default auto) forces one: the tests run both, the benchmarks compare them. Auto takes the multi-block
-// form from kPermuteMultiMinIds ids on: on the H200 (E=128, bench/probes/permute_index_forms.py) the
-// single block took 10.2 us at 384 ids and the multi-block form 12.3 us; at 1536 ids 16.9 vs 13.2 us, at
-// 98304 ids 199 vs 22 us.
-constexpr int64_t kPermuteMultiMinIds = 1024;
+// form from kPermuteMultiMinIds ids on. On the H200 (E=128, bench/probes/permute_index_forms.py) the
+// single block / the multi-block form took 10.3 / 12.4 us at 384 ids, 17.2 / 12.3 us at 768, 17.1 / 13.3
+// us at 1536 and 199 / 23 us at 98304 (T=16384).
+constexpr int64_t kPermuteMultiMinIds = 768;
 
 int permute_index_form(int64_t N) {
   const char* v = std::getenv("DOTS1_EXT_PERMUTE_INDEX");
