@@ -660,7 +660,7 @@ def save_checkpoint(
     raw = os.fspath(directory)
     if not os.fsdecode(raw).strip():  # "" would resolve to the current directory, which the save replaces
         raise ValueError(f"save_checkpoint: directory must be a non-empty path, got {directory!r}")
-    directory = os.path.realpath(raw)
+    directory = os.path.realpath(os.fsdecode(raw))  # a bytes path too (the rest joins str paths)
     dtype = parse_dtype(dtype) or model.dtype
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):  # what load_model reads back
         raise ValueError(f"save_checkpoint: dtype must be float32, bfloat16 or float16, got {dtype}")

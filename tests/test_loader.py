@@ -568,6 +568,15 @@ def test_save_checkpoint_refuses_an_empty_path(tmp_path, monkeypatch, directory)
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
+def test_save_checkpoint_takes_a_bytes_path(tmp_path):
+    # os.PathLike and str paths worked; a bytes path (also an os.fspath result) was a TypeError halfway.
+    model = tiny_ours("cpu", dtype=torch.float32)
+    files = save_checkpoint(model, os.fsencode(tmp_path / "ckpt"))
+    assert files and all(isinstance(f, str) for f in files)
+    loaded = load_model(tmp_path / "ckpt", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
 def test_save_checkpoint_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
