@@ -694,6 +694,7 @@ def save_checkpoint(
             except BaseException:
                 os.rename(old, directory)
                 raise
+            _move_new_entries(old, directory)  # made in the old directory after the links above
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, directory)
@@ -770,6 +771,22 @@ def _link_other_files(src: str, dst: str) -> None:
             os.symlink(os.readlink(entry.path), target)
         else:
             link(entry.path, target)
+
+
+def _move_new_entries(old: str, new: str, top: bool = True) -> None:
+    """Moves into ``new`` every entry of ``old`` that ``new`` lacks, at every depth, except the old
+    checkpoint's own files at the top: files another process made in the directory after
+    _link_other_files ran would otherwise be deleted with the old directory. Same filesystem, so these
+    are renames."""
+    for entry in os.scandir(old):
+        if top and _is_checkpoint_file(entry.name):
+            continue
+        target = os.path.join(new, entry.name)
+        if not os.path.lexists(target):
+            with contextlib.suppress(OSError):  # best effort: a racing writer may have removed it again
+                os.rename(entry.path, target)
+        elif entry.is_dir(follow_symlinks=False) and os.path.isdir(target) and not os.path.islink(target):
+            _move_new_entries(entry.path, target, top=False)
 
 
 def _save_shards(model, directory, limit, layout, dtype, out_dtype) -> list[str]:

@@ -568,6 +568,34 @@ def test_save_checkpoint_refuses_an_empty_path(tmp_path, monkeypatch, directory)
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
+def test_save_checkpoint_keeps_files_made_while_it_saves(tmp_path, monkeypatch):
+    # Files another process makes in the directory after the save linked the other files across (and
+    # before the rename) were deleted with the old directory; they are moved into the new one. The old
+    # checkpoint's own files are not.
+    from dots1_ext import loader
+
+    ckpt = tmp_path / "ckpt"
+    saved_tiny(ckpt, shard_size=20_000)  # several shards: the new save writes one
+    assert len(list(ckpt.glob("model-*-of-*.safetensors"))) > 1
+    (ckpt / "tokenizer").mkdir()
+    (ckpt / "tokenizer" / "vocab.txt").write_text("a b")
+    real_link = loader._link_other_files
+
+    def link_then_write(src, dst):
+        real_link(src, dst)
+        (ckpt / "notes.txt").write_text("written during the save")
+        (ckpt / "tokenizer" / "merges.txt").write_text("c d")
+
+    monkeypatch.setattr(loader, "_link_other_files", link_then_write)
+    save_checkpoint(tiny_ours("cpu", dtype=torch.float32), ckpt)
+    assert (ckpt / "notes.txt").read_text() == "written during the save"
+    assert (ckpt / "tokenizer" / "merges.txt").read_text() == "c d"
+    assert (ckpt / "tokenizer" / "vocab.txt").read_text() == "a b"
+    assert sorted(p.name for p in ckpt.glob("model*.safetensors")) == ["model.safetensors"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+    load_model(ckpt, progress=False)
+
+
 def test_save_checkpoint_takes_a_bytes_path(tmp_path):
     # os.PathLike and str paths worked; a bytes path (also an os.fspath result) was a TypeError halfway.
     model = tiny_ours("cpu", dtype=torch.float32)
