@@ -2,7 +2,7 @@
 Compute: why unpermute moves its bytes at ~0.67 of copy bandwidth at T=16384 while permute's row scatter,
 its mirror image, reaches ~0.9 (bench/results/2026-12-01-h200-s29/summary.md).
 
-    ncu --clock-control none -k regex:"permute_scatter|unpermute" --launch-skip 4 --launch-count 2 \\
+    PYTHONPATH=. ncu --clock-control none -k regex:"permute_scatter|unpermute" --launch-skip 4 --launch-count 2 \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
         --section WarpStateStats --section LaunchStats python bench/probes/dispatch_ncu.py [T]
 
