@@ -5,8 +5,8 @@
 //
 //   nvcc -O3 -arch=sm_90a -std=c++17 -Xptxas -v -o /tmp/unpermute_variants bench/probes/unpermute_variants.cu && /tmp/unpermute_variants
 //
-// (-Xptxas -v prints each variant's registers: on nvcc 13.0 both_halves compiled to 40, too few to hold its
-// 12 vectors, so ptxas interleaves its loads with the math; warp_token to 69.)
+// (-Xptxas -v prints each variant's registers: on nvcc 13.0 both_halves compiled to 40, fewer than its 12
+// vectors need (48), so not all 12 loads can be in flight at once; warp_token to 69.)
 //
 // Real shape: T=16384 tokens, top-6, H=4096 bf16; the permuted rows [6T, H] random, grouped by expert
 // as permute leaves them (E=128, balanced random routing, ranks by (token, slot) within an expert);
