@@ -61,6 +61,16 @@ __device__ __forceinline__ Vec ld_nc(const Vec* p) {
   return v;
 }
 
+// Block-per-token variants: the token's row_map entries and weights into shared memory, then a barrier.
+__device__ __forceinline__ void stage_token(int64_t t, const int32_t* __restrict__ row_map,
+                                            const float* __restrict__ weights, int32_t* src_s, float* w_s) {
+  if (threadIdx.x < kTopK) {
+    src_s[threadIdx.x] = row_map[t * kTopK + threadIdx.x];
+    w_s[threadIdx.x] = weights[t * kTopK + threadIdx.x];
+  }
+  __syncthreads();
+}
+
 // current / group8 / current_nc: the extension's mapping.
 template <int kGroup, bool kNc>
 __global__ void block_per_token(const Vec* __restrict__ rows, const int32_t* __restrict__ row_map,
@@ -68,11 +78,7 @@ __global__ void block_per_token(const Vec* __restrict__ rows, const int32_t* __r
   __shared__ int32_t src_s[kTopK];
   __shared__ float w_s[kTopK];
   const int64_t t = blockIdx.x;
-  if (threadIdx.x < kTopK) {
-    src_s[threadIdx.x] = row_map[t * kTopK + threadIdx.x];
-    w_s[threadIdx.x] = weights[t * kTopK + threadIdx.x];
-  }
-  __syncthreads();
+  stage_token(t, row_map, weights, src_s, w_s);
   for (int v = threadIdx.x; v < kNvec; v += blockDim.x) {
     float acc[kV] = {};
     for (int j0 = 0; j0 < kTopK; j0 += kGroup) {
@@ -101,11 +107,7 @@ __global__ void __launch_bounds__(kThreads) block_multi(const Vec* __restrict__ 
   __shared__ int32_t src_s[kTopK];
   __shared__ float w_s[kTopK];
   const int64_t t = blockIdx.x;
-  if (threadIdx.x < kTopK) {
-    src_s[threadIdx.x] = row_map[t * kTopK + threadIdx.x];
-    w_s[threadIdx.x] = weights[t * kTopK + threadIdx.x];
-  }
-  __syncthreads();
+  stage_token(t, row_map, weights, src_s, w_s);
   int32_t r[kTopK];
   float w[kTopK];
 #pragma unroll
