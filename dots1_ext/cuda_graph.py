@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dots1_ext.sampling import sample
+
 if TYPE_CHECKING:  # model.py imports this module lazily; a runtime import back would be a cycle
     from dots1_ext.model import Dots1ForCausalLM
 
@@ -153,10 +155,7 @@ class DecodeGraphs:
 
         def step() -> torch.Tensor:
             logits = self.model.decode(self.tokens, self.slot)  # [B, V]
-            # model.sample at temperature 0: argmax, and -1 for a poisoned row (NaN, +inf, all -inf), which
-            # the picked value alone tells (argmax picks a NaN or +inf if there is one).
-            picked, tok = logits.max(dim=-1)  # one kernel for argmax's index and its value
-            tok = torch.where(torch.isfinite(picked), tok, -1)
+            tok = sample(logits)  # generate's greedy pick: -1 for a poisoned row
             tok = torch.where(self.finished, pad_token_id, tok)
             if eos:
                 self.finished |= torch.isin(tok, eos_ids)

@@ -11,7 +11,6 @@ Shape letters: B batch, L new tokens per sequence, T = B*L, S cache slots, H hid
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import time
 import warnings
@@ -24,6 +23,7 @@ from dots1_ext import modules
 from dots1_ext.config import Dots1Config
 from dots1_ext.modules import Dots1DecoderLayer, RMSNorm, StepInputs, _KeepsFp32Buffers
 from dots1_ext.rope import build_cos_sin_cache, rope_type_of
+from dots1_ext.sampling import check_sampling, sample  # noqa: F401  (sample: part of this module's API)
 
 EOS_CHECK_EVERY = 8  # decode steps between host checks for "every sequence has finished"
 
@@ -498,40 +498,6 @@ _INT_DTYPES = (torch.int64, torch.int32)
 def is_integer(value) -> bool:
     """A Python / numpy integer, not a bool (the argument checks of model, loader and distributed)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_sampling(temperature: float, top_p: float) -> None:
-    """ValueError unless temperature is a finite number >= 0 and top_p is in (0, 1]."""
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
-            or temperature < 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:  # NaN fails both
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B] int64: argmax at temperature 0, else a temperature / nucleus draw.
-    A poisoned row (a NaN or +inf logit, or every logit -inf) gets -1, outside every vocabulary, rather
-    than a plausible id; fed back to ``decode`` it keeps the sequence poisoned. No host sync."""
-    check_sampling(temperature, top_p)
-    if temperature == 0:
-        # argmax picks a NaN or +inf if there is one, and a -inf only when every logit is: the picked
-        # value alone tells a poisoned row (B reads, not a second pass over [B, V]).
-        picked, tok = logits.max(dim=-1)  # argmax's index (the first of ties) and its value, in one kernel
-        return torch.where(torch.isfinite(picked), tok, -1)
-    top = logits.amax(dim=-1, keepdim=True)  # NaN if any element is NaN (amax propagates it)
-    # Shifted by the row's max first: (logits - max) / t is <= 0, so a tiny t gives -inf, never the
-    # inf - inf = NaN that logits / t overflowed to (a 1e-39 temperature drew token 0).
-    probs = torch.softmax((logits.float() - top.float()) / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps at least the top token
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    # argmax(p / Exp(1)) is a draw from p, without torch.multinomial's host synchronisation.
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    tok = (probs / noise).argmax(dim=-1)
-    return torch.where(torch.isfinite(top.squeeze(-1)), tok, -1)  # NaN, +inf, or every logit -inf
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
