@@ -1,5 +1,6 @@
 // Permute / unpermute kernels and launchers. Contracts and out-of-range behaviour: dispatch.h.
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 #include "dispatch/dispatch.h"
@@ -235,6 +236,7 @@ __global__ void __launch_bounds__(kMultiWarps * 32)
 
 constexpr int kScatterUnroll = 4;
 constexpr int kRowCache = 32;  // row_map / weight entries per token staged in shared memory
+constexpr int kDots1TopK = 6;  // dots.llm1's num_experts_per_tok: unpermute has a compile-time form for it
 
 // Blocks [0, T): token t copies hidden[t] to its valid destinations (rows < expert_offsets[E]).
 // Blocks [T, T + gap_blocks): expert e zeroes its padding rows [offsets[e] + counts[e], offsets[e+1]).
@@ -297,12 +299,18 @@ __global__ void permute_scatter_kernel(const V* __restrict__ hidden, const int32
   for (int64_t r = std::max<int64_t>(0, expert_offsets[E]) + b; r < S; r += tail_blocks) zero_row(r);
 }
 
-template <typename T, int kV>
+// kTopK > 0: k is that compile-time constant, the slot loop unrolls and the bf16 kernel needs 39
+// registers (6 blocks of 256 resident per SM) where the runtime-k form needs 48 (5). At T=16384 the old
+// kernel (64 registers, 4 blocks) moved its bytes at ~0.67 of copy bandwidth on the H200, while the same
+// mapping at 40 registers in bench/probes/unpermute_variants.cu reached ~1.0. kTopK == 0: any k.
+template <typename T, int kV, int kTopK>
 __global__ void unpermute_kernel(const T* __restrict__ expert_out, const int32_t* __restrict__ row_map,
                                  const float* __restrict__ topk_weights, const T* __restrict__ shared_out,
-                                 const T* __restrict__ residual, int k, int64_t S, int64_t nvec,
+                                 const T* __restrict__ residual, int runtime_k, int64_t S, int64_t nvec,
                                  T* __restrict__ out) {
+  static_assert(kTopK <= kRowCache, "a compile-time top-k is staged whole in shared memory");
   using Vec = VecN<T, kV>;
+  const int k = kTopK > 0 ? kTopK : runtime_k;
   __shared__ int32_t src_s[kRowCache];
   __shared__ float w_s[kRowCache];
   const int64_t t = blockIdx.x;
@@ -313,7 +321,7 @@ __global__ void unpermute_kernel(const T* __restrict__ expert_out, const int32_t
   }
   __syncthreads();
   auto slot = [&](int j, int32_t& r, float& w) {
-    if (j < kRowCache) {
+    if (kTopK > 0 || j < kRowCache) {
       r = src_s[j];
       w = w_s[j];
     } else {
@@ -322,7 +330,10 @@ __global__ void unpermute_kernel(const T* __restrict__ expert_out, const int32_t
       w = topk_weights[t * k + j];
     }
   };
-  const Vec* rows = reinterpret_cast<const Vec*>(expert_out);
+  // Rows are loaded as raw words: loaded as Vec (an array of T), nvcc 13 held each bf16 lane in a register
+  // of its own (58 registers for top-6 where 39 do, so 4 blocks per SM instead of 6).
+  using Raw = std::conditional_t<sizeof(Vec) == 16, uint4, Vec>;
+  const Raw* rows = reinterpret_cast<const Raw*>(expert_out);
   for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
     float acc[kV];
 #pragma unroll
@@ -332,8 +343,9 @@ __global__ void unpermute_kernel(const T* __restrict__ expert_out, const int32_t
     // separately (__fmul_rn/__fadd_rn forbid FMA contraction) exactly as the eager reference computes them.
     constexpr int kGroup = 4;
     bool poison = false;  // a row_map entry outside [0, S): the whole output row is NaN (dispatch.h)
+#pragma unroll
     for (int j0 = 0; j0 < k; j0 += kGroup) {
-      Vec x[kGroup];
+      Raw x[kGroup];
       float w[kGroup];
       int32_t r[kGroup];
 #pragma unroll
@@ -349,8 +361,9 @@ __global__ void unpermute_kernel(const T* __restrict__ expert_out, const int32_t
 #pragma unroll
       for (int u = 0; u < kGroup; ++u) {
         if (r[u] < 0) continue;
+        const T* xe = reinterpret_cast<const T*>(&x[u]);
 #pragma unroll
-        for (int i = 0; i < kV; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[u], to_float(x[u].v[i])));
+        for (int i = 0; i < kV; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w[u], to_float(xe[i])));
       }
     }
     if (shared_out != nullptr) {
@@ -462,10 +475,15 @@ cudaError_t launch_unpermute(const void* expert_out, const int32_t* row_map, con
     auto* o = static_cast<scalar_t*>(out);
     if (vectorized) {
       const int64_t nvec = hidden_size / kV;
-      unpermute_kernel<scalar_t, kV><<<static_cast<unsigned>(num_tokens), threads_for((nvec + 1) / 2), 0, stream>>>(
-          eo, row_map, topk_weights, so, re, k, expert_rows, nvec, o);
+      const unsigned threads = threads_for((nvec + 1) / 2);
+      if (k == kDots1TopK)
+        unpermute_kernel<scalar_t, kV, kDots1TopK><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
+            eo, row_map, topk_weights, so, re, k, expert_rows, nvec, o);
+      else
+        unpermute_kernel<scalar_t, kV, 0><<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
+            eo, row_map, topk_weights, so, re, k, expert_rows, nvec, o);
     } else {
-      unpermute_kernel<scalar_t, 1><<<static_cast<unsigned>(num_tokens), threads_for((hidden_size + 1) / 2), 0,
+      unpermute_kernel<scalar_t, 1, 0><<<static_cast<unsigned>(num_tokens), threads_for((hidden_size + 1) / 2), 0,
                                       stream>>>(eo, row_map, topk_weights, so, re, k, expert_rows, hidden_size, o);
     }
   });
