@@ -1,6 +1,7 @@
 """Probe: permute and unpermute at real shape (E=128, top-6, H=4096, bf16, balanced routing) for Nsight
-Compute: why unpermute moves its bytes at ~0.67 of copy bandwidth at T=16384 while permute's row scatter,
-its mirror image, reaches ~0.9 (bench/results/2026-12-01-h200-s29/summary.md).
+Compute: why unpermute moved its bytes at ~0.67 of copy bandwidth at T=16384 while permute's row scatter,
+its mirror image, reaches ~0.9 (bench/results/2026-12-01-h200-s29/summary.md). Answered in s30: 64
+registers, 4 blocks per SM (309 µs); 39 registers since (214 µs, bench/results/2026-12-01-h200-s30).
 
     PYTHONPATH=. ncu --clock-control none -k regex:"permute_scatter|unpermute" --launch-skip 4 --launch-count 2 \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\

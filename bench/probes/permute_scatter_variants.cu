@@ -11,7 +11,11 @@
 //   current      the extension's kernel: one 128-thread block per token, four 16-byte vectors per
 //                thread loaded together, then stored to each destination in turn
 //   current at 7 / 10 blocks per SM   the same, held by dynamic shared memory to the occupancy of the
-//                extension's kernel before s30 (68 registers) and after (42); 32 here
+//                extension's kernel (68 registers) and of its form with 32-bit indices (42); 32 here
+// Measured (H200, s30, bench/results/2026-12-01-h200-s30): every block-per-token form 0.250-0.257 ms
+// (0.86-0.88 of the floor) at any occupancy from 7 to 16 blocks per SM, the prefetching persistent
+// form 0.261, streaming stores 0.250; a pure write of the 805 MB of rows alone takes 0.187 ms. The
+// scatter is bound by its writes, not by occupancy or load latency, so the extension keeps its kernel.
 //   t256         one 256-thread block per token, two vectors per thread
 //   t512         one 512-thread block per token, one vector per thread
 //   prefetch     persistent 128-thread blocks over tokens, the next token's four vectors and
@@ -176,8 +180,9 @@ int main() {
   };
   if (run("current", [&] { block_per_token<4, false><<<kT, 128>>>(hidden, map_d, out); }, nullptr)) return 1;
   CHECK(cudaMemcpy(out_ref, out, out_bytes, cudaMemcpyDeviceToDevice));
-  // The extension's kernel used 68 registers until s30 (7 blocks of 128 per SM), 42 since (10 blocks).
-  // Dynamic shared memory that admits only that many blocks per SM puts the same mapping at their occupancy.
+  // The extension's kernel uses 68 registers (7 blocks of 128 per SM); with 32-bit vector indices it
+  // would use 42 (10 blocks). Dynamic shared memory that admits only that many blocks per SM puts the
+  // same mapping at those occupancies.
   CHECK(cudaFuncSetAttribute(block_per_token<4, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, 32 * 1024));
   for (const auto& occupancy : {std::pair{7, 30}, std::pair{10, 21}}) {
     const int blocks = occupancy.first, smem_kb = occupancy.second;

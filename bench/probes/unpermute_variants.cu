@@ -24,6 +24,10 @@
 //   sequential   current over row_map[6t + j] = 6t + j (contiguous rows): the cost of the gather itself
 // References: cudaMemcpy device to device (the benches' copy bandwidth) and a pure streaming read of
 // the permuted rows. Timing: CUDA events around 20 calls after 3 warm-up calls, median of 5.
+// Measured (H200, s30, bench/results/2026-12-01-h200-s30): every variant 0.216-0.232 ms, 0.95-1.02 of
+// the floor; the mapping was never the problem. The extension's kernel differed in registers: it
+// loaded rows as arrays of bf16 and kept k at run time, 64 registers and 4 blocks per SM (ncu: 309 µs,
+// 46% occupancy). Raw 16-byte loads and a compile-time top-6 form give 39 registers (ncu: 214 µs, 67%).
 #include <cuda_bf16.h>
 
 #include <cstdint>

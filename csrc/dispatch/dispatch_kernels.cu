@@ -1,6 +1,5 @@
 // Permute / unpermute kernels and launchers. Contracts and out-of-range behaviour: dispatch.h.
 #include <algorithm>
-#include <climits>
 #include <type_traits>
 
 #include "cuda_utils.cuh"
@@ -261,13 +260,11 @@ __global__ void permute_scatter_kernel(const V* __restrict__ hidden, const int32
         dst_s[threadIdx.x] = (d >= 0 && d < valid_end && d < S) ? d : -1;
       }
       __syncthreads();
-      // 32-bit vector indices (the launcher keeps nvec far below INT_MAX): with 64-bit ones nvcc 13 used
-      // 68 registers for 16-byte vectors (7 blocks of 128 per SM), with these 42 (10 blocks).
-      for (int v0 = threadIdx.x; v0 < nvec; v0 += blockDim.x * kScatterUnroll) {
+      for (int64_t v0 = threadIdx.x; v0 < nvec; v0 += static_cast<int64_t>(blockDim.x) * kScatterUnroll) {
         V val[kScatterUnroll];
 #pragma unroll
         for (int u = 0; u < kScatterUnroll; ++u) {
-          const int v = v0 + u * static_cast<int>(blockDim.x);
+          const int64_t v = v0 + static_cast<int64_t>(u) * blockDim.x;
           if (v < nvec) val[u] = src[v];
         }
         for (int j = 0; j < nj; ++j) {
@@ -276,7 +273,7 @@ __global__ void permute_scatter_kernel(const V* __restrict__ hidden, const int32
           V* dst = permuted + static_cast<int64_t>(d) * nvec;
 #pragma unroll
           for (int u = 0; u < kScatterUnroll; ++u) {
-            const int v = v0 + u * static_cast<int>(blockDim.x);
+            const int64_t v = v0 + static_cast<int64_t>(u) * blockDim.x;
             if (v < nvec) dst[v] = val[u];
           }
         }
@@ -396,7 +393,6 @@ cudaError_t launch_scatter(const void* hidden, const int32_t* row_map, const int
                            const int32_t* expert_counts, int64_t T, int k, int E, int pad_to, int64_t S,
                            int64_t row_bytes, void* permuted, cudaStream_t stream) {
   const int64_t nvec = row_bytes / static_cast<int64_t>(sizeof(V));
-  if (nvec > INT_MAX / 2) return cudaErrorInvalidValue;  // the kernel's vector indices are 32-bit
   const int gap_blocks = pad_to > 1 ? E : 0;
   const int tail_blocks = static_cast<int>(std::clamp<int64_t>((S + 63) / 64, 1, 256));
   const int64_t blocks = T + gap_blocks + tail_blocks;
