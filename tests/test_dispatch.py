@@ -73,7 +73,10 @@ def test_permute_unaligned_rows(device):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_shared,with_residual", [(False, False), (True, False), (True, True), (False, True)])
-@pytest.mark.parametrize("T,k,E,H", [(1, 6, 128, 64), (23, 6, 32, 72), (9, 40, 64, 8), (40, 2, 8, 13)])
+# CUDA forms: k=6 with H a multiple of 16 bytes takes the compile-time top-6 kernel; other k (2, 8) the
+# run-time one; k=40 reads slots past the 32 staged in shared memory; H=13 the unvectorized kernel.
+@pytest.mark.parametrize("T,k,E,H", [(1, 6, 128, 64), (23, 6, 32, 72), (9, 40, 64, 8), (40, 2, 8, 13), (7, 2, 8, 32),
+                                     (11, 8, 16, 24)])
 def test_unpermute_matches_reference(device, dtype, with_shared, with_residual, T, k, E, H):
     S = permuted_rows(T, k, E, 4)
     expert_out = torch.randn(S, H, device=device).to(dtype)
@@ -164,13 +167,15 @@ def test_out_of_range_ids_poison_their_tokens(device, pad_to):
         permute(hidden, ids, E, pad_to, check_ids=True)
 
 
-def test_out_of_range_row_map_poisons_the_row(device):
-    T, k, H = 12, 3, 16
-    expert_out = torch.randn(T * k, H, device=device)
+# k=6 with 16-byte rows takes the CUDA kernel's compile-time top-6 form, k=3 its run-time form.
+@pytest.mark.parametrize("k,dtype", [(3, torch.float32), (6, torch.float32), (6, torch.bfloat16), (3, torch.bfloat16)])
+def test_out_of_range_row_map_poisons_the_row(device, k, dtype):
+    T, H = 12, 16
+    expert_out = torch.randn(T * k, H, device=device).to(dtype)
     row_map = torch.randperm(T * k, device=device).to(torch.int32)
-    row_map[4] = -5  # token 1
-    row_map[10] = T * k  # token 3
-    row_map[11] = 2**31 - 1  # token 3
+    row_map[k + 1] = -5  # token 1
+    row_map[3 * k + 1] = T * k  # token 3
+    row_map[4 * k - 1] = 2**31 - 1  # token 3
     weights = torch.rand(T, k, device=device)
     out = unpermute(expert_out, row_map, weights, None, expert_out[:T])
     ref = R.unpermute(expert_out, row_map, weights, None, expert_out[:T])
