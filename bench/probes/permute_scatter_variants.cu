@@ -25,9 +25,6 @@
 // References: cudaMemcpy device to device (the benches' copy bandwidth) and a pure write of the
 // permuted rows. Timing: CUDA events around 20 calls after 3 warm-up calls, median of 5.
 #include <cstdint>
-#include <cstring>
-#include <numeric>
-#include <random>
 #include <utility>
 
 #include "probe_util.cuh"
@@ -118,65 +115,32 @@ __global__ void write_all(Vec* __restrict__ p, int64_t n) {
 int main() {
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  // Routing: k distinct experts per token; destinations in permute's order (expert, token, slot).
   std::mt19937 rng(0);
-  std::vector<int32_t> ids(kS);
-  std::vector<int> perm(kE);
-  std::iota(perm.begin(), perm.end(), 0);
-  for (int t = 0; t < kT; ++t) {
-    for (int j = 0; j < kTopK; ++j) std::swap(perm[j], perm[j + rng() % (kE - j)]);
-    for (int j = 0; j < kTopK; ++j) ids[int64_t{t} * kTopK + j] = perm[j];
-  }
-  std::vector<int64_t> start(kE + 1, 0);
-  for (int64_t f = 0; f < kS; ++f) ++start[ids[f] + 1];
-  for (int e = 0; e < kE; ++e) start[e + 1] += start[e];
-  std::vector<int32_t> row_map(kS), sequential(kS);
-  for (int64_t f = 0; f < kS; ++f) {
-    row_map[f] = static_cast<int32_t>(start[ids[f]]++);
-    sequential[f] = static_cast<int32_t>(f);
-  }
+  const std::vector<int32_t> row_map = balanced_row_map(kT, kTopK, kE, rng);
+  std::vector<int32_t> sequential(kS);
+  std::iota(sequential.begin(), sequential.end(), 0);
   std::vector<uint32_t> hidden_host(static_cast<size_t>(kT) * kH / 2);
   for (size_t i = 0; i < hidden_host.size(); ++i) hidden_host[i] = static_cast<uint32_t>(i * 2654435761u);
 
-  Vec *hidden = nullptr, *out = nullptr, *out_ref = nullptr;
-  int32_t *map_d = nullptr, *seq_d = nullptr;
+  const Vec* hidden = reinterpret_cast<const Vec*>(to_device(hidden_host));
+  const int32_t* map_d = to_device(row_map);
+  const int32_t* seq_d = to_device(sequential);
+  Vec *out = nullptr, *out_ref = nullptr;
   const size_t hidden_bytes = hidden_host.size() * 4, out_bytes = static_cast<size_t>(kS) * kH * 2;
-  CHECK(cudaMalloc(&hidden, hidden_bytes));
+  if (hidden == nullptr || map_d == nullptr || seq_d == nullptr) CHECK(cudaErrorMemoryAllocation);
   CHECK(cudaMalloc(&out, out_bytes));
   CHECK(cudaMalloc(&out_ref, out_bytes));
-  CHECK(cudaMalloc(&map_d, kS * 4));
-  CHECK(cudaMalloc(&seq_d, kS * 4));
-  CHECK(cudaMemcpy(hidden, hidden_host.data(), hidden_bytes, cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(map_d, row_map.data(), kS * 4, cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(seq_d, sequential.data(), kS * 4, cudaMemcpyHostToDevice));
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
 
-  const double copy_gbs = copy_bandwidth_gbs(a, b);
   const double bytes = static_cast<double>(hidden_bytes + out_bytes);  // hidden read once, rows written once
-  const double floor_ms = bytes / (copy_gbs * 1e6);
-  std::printf("T=%d top-%d H=%d bf16, E=%d balanced; copy bandwidth %.0f GB/s; floor %.4f ms (%.0f MB over it)\n\n",
-              kT, kTopK, kH, kE, copy_gbs, floor_ms, bytes / 1e6);
-  std::printf("| variant | ms | GB/s | floor / time | bits vs current |\n| --- | --- | --- | --- | --- |\n");
+  const double floor_ms = dispatch_table_head(kT, kTopK, kH, kE, bytes, a, b);
   const float write_ms = time_ms([&](int) { write_all<<<4 * sms, 512>>>(out, kS * kNvec); }, a, b);
   std::printf("| pure write of the rows (reference) | %.4f | %.0f | | |\n", write_ms, out_bytes / (write_ms * 1e6));
 
-  auto run = [&](const char* name, auto launch, const Vec* ref, const char* no_ref = "(reference)") -> int {
-    CHECK(cudaMemset(out, 0xff, out_bytes));
-    launch();
-    CHECK(cudaGetLastError());
-    CHECK(cudaDeviceSynchronize());
-    const char* bits = no_ref;
-    if (ref != nullptr) {
-      std::vector<uint32_t> got(out_bytes / 4), want(out_bytes / 4);
-      CHECK(cudaMemcpy(got.data(), out, out_bytes, cudaMemcpyDeviceToHost));
-      CHECK(cudaMemcpy(want.data(), ref, out_bytes, cudaMemcpyDeviceToHost));
-      bits = std::memcmp(got.data(), want.data(), out_bytes) == 0 ? "equal" : "DIFFER";
-    }
-    const float ms = time_ms([&](int) { launch(); }, a, b);
-    std::printf("| %s | %.4f | %.0f | %.2f | %s |\n", name, ms, bytes / (ms * 1e6), floor_ms / ms, bits);
-    return 0;
+  auto run = [&](const char* name, auto launch, const Vec* ref, const char* no_ref = "(reference)") {
+    return run_variant(name, launch, out, ref, out_bytes, bytes, floor_ms, a, b, no_ref);
   };
   if (run("current", [&] { block_per_token<4, false><<<kT, 128>>>(hidden, map_d, out); }, nullptr)) return 1;
   CHECK(cudaMemcpy(out_ref, out, out_bytes, cudaMemcpyDeviceToDevice));

@@ -31,9 +31,6 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <cstring>
-#include <numeric>
-#include <random>
 
 #include "probe_util.cuh"
 
@@ -190,23 +187,10 @@ __global__ void read_all(const Vec* __restrict__ p, int64_t n, unsigned* __restr
 int main() {
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  // Routing: k distinct experts per token, then permute's order (by expert, then token, then slot).
   std::mt19937 rng(0);
-  std::vector<int32_t> ids(kS);
-  std::vector<int> perm(kE);
-  std::iota(perm.begin(), perm.end(), 0);
-  for (int t = 0; t < kT; ++t) {
-    for (int j = 0; j < kTopK; ++j) std::swap(perm[j], perm[j + rng() % (kE - j)]);
-    for (int j = 0; j < kTopK; ++j) ids[int64_t{t} * kTopK + j] = perm[j];
-  }
-  std::vector<int64_t> start(kE + 1, 0);
-  for (int64_t f = 0; f < kS; ++f) ++start[ids[f] + 1];
-  for (int e = 0; e < kE; ++e) start[e + 1] += start[e];
-  std::vector<int32_t> row_map(kS), sequential(kS);
-  for (int64_t f = 0; f < kS; ++f) {
-    row_map[f] = static_cast<int32_t>(start[ids[f]]++);
-    sequential[f] = static_cast<int32_t>(f);
-  }
+  const std::vector<int32_t> row_map = balanced_row_map(kT, kTopK, kE, rng);
+  std::vector<int32_t> sequential(kS);
+  std::iota(sequential.begin(), sequential.end(), 0);
   std::vector<float> weights(kS);
   std::uniform_real_distribution<float> uni(0.0f, 1.0f);
   for (auto& w : weights) w = uni(rng);
@@ -217,50 +201,28 @@ int main() {
     rows_host[i] = static_cast<uint16_t>((0x3f80 | (h & 0x7f)) | ((h >> 7) & 1) << 15);
   }
 
-  Vec *rows = nullptr, *out = nullptr, *out_ref = nullptr;
-  int32_t *map_d = nullptr, *seq_d = nullptr;
-  float* w_d = nullptr;
+  const Vec* rows = reinterpret_cast<const Vec*>(to_device(rows_host));
+  const int32_t* map_d = to_device(row_map);
+  const int32_t* seq_d = to_device(sequential);
+  const float* w_d = to_device(weights);
+  Vec *out = nullptr, *out_ref = nullptr;
   unsigned* sink = nullptr;
   const size_t rows_bytes = rows_host.size() * 2, out_bytes = size_t{kT} * kH * 2;
-  CHECK(cudaMalloc(&rows, rows_bytes));
+  if (rows == nullptr || map_d == nullptr || seq_d == nullptr || w_d == nullptr) CHECK(cudaErrorMemoryAllocation);
   CHECK(cudaMalloc(&out, out_bytes));
   CHECK(cudaMalloc(&out_ref, out_bytes));
-  CHECK(cudaMalloc(&map_d, kS * 4));
-  CHECK(cudaMalloc(&seq_d, kS * 4));
-  CHECK(cudaMalloc(&w_d, kS * 4));
   CHECK(cudaMalloc(&sink, 64));
-  CHECK(cudaMemcpy(rows, rows_host.data(), rows_bytes, cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(map_d, row_map.data(), kS * 4, cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(seq_d, sequential.data(), kS * 4, cudaMemcpyHostToDevice));
-  CHECK(cudaMemcpy(w_d, weights.data(), kS * 4, cudaMemcpyHostToDevice));
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
 
-  const double copy_gbs = copy_bandwidth_gbs(a, b);
   const double bytes = static_cast<double>(rows_bytes + out_bytes);  // rows read once, out written once
-  const double floor_ms = bytes / (copy_gbs * 1e6);
-  std::printf("T=%d top-%d H=%d bf16, E=%d balanced; copy bandwidth %.0f GB/s; floor %.4f ms (%.0f MB over it)\n\n",
-              kT, kTopK, kH, kE, copy_gbs, floor_ms, bytes / 1e6);
-  std::printf("| variant | ms | GB/s | floor / time | bits vs current |\n| --- | --- | --- | --- | --- |\n");
+  const double floor_ms = dispatch_table_head(kT, kTopK, kH, kE, bytes, a, b);
   const float read_ms = time_ms([&](int) { read_all<<<4 * sms, 512>>>(rows, kS * kNvec, sink); }, a, b);
   std::printf("| pure read of the rows (reference) | %.4f | %.0f | | |\n", read_ms, rows_bytes / (read_ms * 1e6));
 
-  auto run = [&](const char* name, auto launch, const Vec* ref, const char* no_ref = "(reference)") -> int {
-    CHECK(cudaMemset(out, 0xff, out_bytes));
-    launch();
-    CHECK(cudaGetLastError());
-    CHECK(cudaDeviceSynchronize());
-    const char* bits = no_ref;
-    if (ref != nullptr) {
-      std::vector<uint16_t> got(out_bytes / 2), want(out_bytes / 2);
-      CHECK(cudaMemcpy(got.data(), out, out_bytes, cudaMemcpyDeviceToHost));
-      CHECK(cudaMemcpy(want.data(), ref, out_bytes, cudaMemcpyDeviceToHost));
-      bits = std::memcmp(got.data(), want.data(), out_bytes) == 0 ? "equal" : "DIFFER";
-    }
-    const float ms = time_ms([&](int) { launch(); }, a, b);
-    std::printf("| %s | %.4f | %.0f | %.2f | %s |\n", name, ms, bytes / (ms * 1e6), floor_ms / ms, bits);
-    return 0;
+  auto run = [&](const char* name, auto launch, const Vec* ref, const char* no_ref = "(reference)") {
+    return run_variant(name, launch, out, ref, out_bytes, bytes, floor_ms, a, b, no_ref);
   };
   if (run("current", [&] { block_per_token<4, false><<<kT, 256>>>(rows, map_d, w_d, out); }, nullptr)) return 1;
   CHECK(cudaMemcpy(out_ref, out, out_bytes, cudaMemcpyDeviceToDevice));
