@@ -14,7 +14,10 @@
 //   tma_rows  128 TMA copies of one row each (box 64 x 1, 128-byte swizzle) from hidden, by token id:
 //             legal only if a swizzled box may land at a 128-byte (not 1024-byte) aligned address
 //   cp_async  four producer warps, a thread per row, eight 16-byte cp.async each into the swizzled
-//             slots, completion counted on the stage's mbarrier (cp.async.mbarrier.arrive.noinc)
+//             slots, completion counted on the stage's mbarrier (cp.async.mbarrier.arrive.noinc); each
+//             warp instruction touches 32 rows (s31: 1.05-1.10 tiles per us per SM, TMA's 1.9-2.0)
+//   row8_*    the same copies with 8 lanes per row, so a warp instruction reads 4 whole 128-byte rows;
+//             one producer warp (what a CUTLASS producer warp could issue) or four
 // Each CTA walks its M tiles (grid-stride) and each tile's 64 k chunks, `repeat` times over (the GEMM
 // re-reads A once per N tile: gate_up 2816 / 256 = 11 times; later passes mostly hit L2).
 // Correctness: the first 16 M tiles' stages are copied out and compared bit for bit with tile's.
@@ -34,8 +37,11 @@ constexpr int kStages = 4;
 constexpr int kMTiles = static_cast<int>(kS / kBM), kKTiles = kH / kBK;
 constexpr int kDumpMTiles = 16;
 
-enum Mode { kTile = 0, kTmaRows = 1, kCpAsync = 2 };
-__host__ __device__ constexpr int producer_threads(int mode) { return mode == kCpAsync ? 128 : 32; }
+enum Mode { kTile = 0, kTmaRows = 1, kCpAsync = 2, kRow8W1 = 3, kRow8W4 = 4 };
+__host__ __device__ constexpr bool is_cp_async(int mode) { return mode == kCpAsync || mode == kRow8W1 || mode == kRow8W4; }
+__host__ __device__ constexpr int producer_threads(int mode) {
+  return mode == kCpAsync || mode == kRow8W4 ? 128 : 32;
+}
 
 __device__ __forceinline__ void tma_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
   asm volatile(
@@ -59,7 +65,7 @@ __global__ void load_a_tiles(const __grid_constant__ CUtensorMap permuted_map, c
   const int lane = threadIdx.x & 31;
   if (threadIdx.x < kStages) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(&full[threadIdx.x])),
-                 "r"(kMode == kCpAsync ? kProducers : 1)
+                 "r"(is_cp_async(kMode) ? kProducers : 1)
                  : "memory");
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(&empty[threadIdx.x])) : "memory");
   }
@@ -70,11 +76,19 @@ __global__ void load_a_tiles(const __grid_constant__ CUtensorMap permuted_map, c
     int step = 0;
     for (int m = blockIdx.x; m < kMTiles; m += gridDim.x) {
       // tma_rows: lane l copies rows 4l .. 4l + 3; cp_async: thread t copies row t.
-      int32_t tok[4];
+      // row8 (8 lanes per row, each lane one 16-byte chunk, so a warp instruction reads 4 whole rows):
+      // thread t copies chunk t % 8 of rows j * (kProducers / 8) + t / 8, j < kRow8Rows.
+      constexpr int kRow8Rows = kBM * 8 / kProducers;
+      int32_t tok[kMode == kRow8W1 || kMode == kRow8W4 ? kRow8Rows : 4];
+      if constexpr (kMode == kRow8W1 || kMode == kRow8W4) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        tok[i] = kMode == kTmaRows ? row_token[int64_t{m} * kBM + lane * 4 + i]
-                                   : (kMode == kCpAsync && i == 0 ? row_token[int64_t{m} * kBM + threadIdx.x] : 0);
+        for (int j = 0; j < kRow8Rows; ++j) tok[j] = row_token[int64_t{m} * kBM + j * (kProducers / 8) + threadIdx.x / 8];
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          tok[i] = kMode == kTmaRows ? row_token[int64_t{m} * kBM + lane * 4 + i]
+                                     : (kMode == kCpAsync && i == 0 ? row_token[int64_t{m} * kBM + threadIdx.x] : 0);
+      }
       for (int s = 0; s < steps_per_tile; ++s, ++step) {
         const int k = s % kKTiles, slot = step % kStages;
         if (step >= kStages) mbar_wait(smem_addr(&empty[slot]), ((step / kStages) - 1) & 1);
@@ -87,6 +101,16 @@ __global__ void load_a_tiles(const __grid_constant__ CUtensorMap permuted_map, c
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + r * 128 + 16 * (c ^ (r & 7))),
                          "l"(src + c * 8)
                          : "memory");
+          asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+        } else if constexpr (kMode == kRow8W1 || kMode == kRow8W4) {
+          const int c = threadIdx.x % 8;
+#pragma unroll
+          for (int j = 0; j < kRow8Rows; ++j) {
+            const int r = j * (kProducers / 8) + threadIdx.x / 8;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst + r * 128 + 16 * (c ^ (r & 7))),
+                         "l"(hidden + int64_t{tok[j]} * kH + k * kBK + c * 8)
+                         : "memory");
+          }
           asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
         } else {
           if (lane == 0)
@@ -227,6 +251,8 @@ int main() {
   for (const auto& sh : shapes) {
     if (run("tile", load_a_tiles<kTile>, 64, sh[0], sh[1])) return 1;
     if (run("cp_async", load_a_tiles<kCpAsync>, 160, sh[0], sh[1])) return 1;
+    if (run("row8_1warp", load_a_tiles<kRow8W1>, 64, sh[0], sh[1])) return 1;
+    if (run("row8_4warps", load_a_tiles<kRow8W4>, 160, sh[0], sh[1])) return 1;
   }
   for (const auto& sh : shapes)
     if (run("tma_rows", load_a_tiles<kTmaRows>, 64, sh[0], sh[1])) return 1;
