@@ -1,0 +1,281 @@
+// The gate_up grouped GEMM reading its A rows straight from the token rows (issue 15): row r of the
+// expert-sorted order is hidden[row_token[r]], so permute's [6T, H] copy (0.25 ms at T=16384, write
+// bound) and the GEMM's re-read of it go away.
+//
+// CUTLASS's ptr-array TMA mainloop with one change in its producer warp: B (the expert's weight tile)
+// still comes by TMA, A by cp.async, 8 lanes per row (one warp instruction reads 4 whole 128-byte
+// rows), into the same 128-byte-swizzled stage the TMA would have filled. The stage's full barrier
+// still expects A's and B's bytes (producer_acquire's expect_tx); B's TMA completes its bytes, and the
+// warp completes A's with mbarrier.complete_tx once its cp.async group has landed (cp.async.wait_group),
+// kLag stages behind the issue, so several stages stay in flight (bench/probes/gather_a_tiles.cu: one
+// warp gathers 2.2-2.3 tiles of 128 x 64 per us per SM, twice what the GEMM consumes).
+//
+// Rows past the group's end read its last row (their products are never stored). A row_token outside
+// [0, T) reads a row of NaNs, so that row's output is NaN: an unmissable poison, never another token.
+#pragma once
+
+#include "grouped_gemm/grouped_gemm_sm90.cuh"
+
+namespace dots1 {
+namespace sm90 {
+
+// 64 bf16 / fp16 NaNs (one k chunk of a row), the source of a poisoned row.
+__device__ __align__(128) const uint16_t kNaNRow[64] = {
+#define DOTS1_NAN8 0x7fff, 0x7fff, 0x7fff, 0x7fff, 0x7fff, 0x7fff, 0x7fff, 0x7fff
+    DOTS1_NAN8, DOTS1_NAN8, DOTS1_NAN8, DOTS1_NAN8, DOTS1_NAN8, DOTS1_NAN8, DOTS1_NAN8, DOTS1_NAN8
+#undef DOTS1_NAN8
+};
+
+template <class Base>
+struct GatherAMainloop : Base {
+  using typename Base::ElementA;
+  using typename Base::MainloopPipeline;
+  using typename Base::PipelineState;
+  using typename Base::SmemLayoutA;
+  using typename Base::TensorStorage;
+  using typename Base::TileShape;
+  using Base::IsGroupedGemmKernel;
+
+  static constexpr int kBM = cute::size<0>(TileShape{});
+  static constexpr int kBK = cute::size<2>(TileShape{});
+  static constexpr int kStages = cute::size<2>(SmemLayoutA{});
+  static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(ElementA));  // elements per 16-byte copy
+  static constexpr int kChunksPerRow = kBK / kChunkElems;                       // 8
+  static constexpr int kRowsPerInstr = 32 / kChunksPerRow;                      // 4 rows per warp instruction
+  static constexpr int kRowsPerLane = kBM / kRowsPerInstr;                      // 32 (BM 128) / 16 (BM 64)
+  static constexpr uint32_t kABytes = kBM * kBK * sizeof(ElementA);
+  // Stages whose A copies may be in flight before the oldest is waited for and signalled. Below kStages:
+  // acquiring stage s waits for stage s - kStages to be consumed, which needs it signalled first.
+  static constexpr int kLag = kStages - 1;
+  static_assert(sizeof(ElementA) == 2 && kBK * sizeof(ElementA) == 128, "one 128-byte swizzle row per k chunk");
+  static_assert(kChunksPerRow == 8 && kBM % kRowsPerInstr == 0, "8 lanes per row");
+  static_assert(IsGroupedGemmKernel, "the gather mainloop is for the grouped (ptr-array) kernel");
+  // A's stages are K-major 128-byte-swizzle atoms (8 rows x 128 bytes) stacked along M, stage after
+  // stage: row r, chunk c of stage s sits at s * kABytes + r * 128 + 16 * c, swizzled on the address.
+  static_assert(cute::is_same_v<typename Base::SmemLayoutAtomA, decltype(cute::GMMA::Layout_K_SW128_Atom<ElementA>{})>,
+                "A's shared layout must be the K-major 128-byte swizzle");
+  static_assert(cute::cosize(SmemLayoutA{}) == kBM * kBK * kStages, "A's stages must be dense");
+
+  struct Arguments : Base::Arguments {
+    const ElementA* hidden = nullptr;          // [T, K] the token rows
+    const int32_t* row_token = nullptr;        // [S] the token of each row of the expert-sorted order
+    const int32_t* expert_offsets = nullptr;   // [E + 1]
+    int64_t num_tokens = 0;                    // T
+    int64_t num_rows = 0;                      // S
+    int k_dim = 0;                             // K (hidden's row length)
+  };
+
+  struct Params : Base::Params {
+    const ElementA* hidden;
+    const int32_t* row_token;
+    const int32_t* expert_offsets;
+    int64_t num_tokens;
+    int64_t num_rows;
+    int k_dim;
+  };
+
+  // The rows of the group a producer works on: [begin, begin + rows) of the expert-sorted order.
+  struct GatherGroup {
+    int64_t begin = 0;
+    int rows = 0;
+  };
+
+  template <class ProblemShape>
+  static Params to_underlying_arguments(ProblemShape shapes, Arguments const& args, void* workspace) {
+    return Params{Base::to_underlying_arguments(shapes, args, workspace), args.hidden, args.row_token,
+                  args.expert_offsets, args.num_tokens, args.num_rows, args.k_dim};
+  }
+
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape shapes, Arguments const& args) {
+    return Base::can_implement(shapes, args) && args.hidden != nullptr && args.row_token != nullptr &&
+           args.expert_offsets != nullptr && args.k_dim % kChunkElems == 0 &&
+           reinterpret_cast<uintptr_t>(args.hidden) % 16 == 0;
+  }
+
+  template <class ProblemShape_MNKL>
+  CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& params) const {
+    auto tensors = Base::load_init(problem_shape_MNKL, params);
+    return cute::make_tuple(cute::get<0>(tensors), cute::get<1>(tensors), GatherGroup{});
+  }
+
+  // Called by the kernel whenever the producer moves to another group: remembers the group's rows.
+  template <class InputTensors, class ProblemShape_MNKL>
+  CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& input_tensors, Params const& params,
+                                                     ProblemShape_MNKL problem_shape_mnkl, int32_t next_batch) {
+    InputTensors updated = input_tensors;
+    // The same clamp as build_group_arguments_kernel: the group's first row within [0, S].
+    const int64_t begin = static_cast<int64_t>(params.expert_offsets[next_batch]);
+    cute::get<2>(updated) = GatherGroup{begin < 0 ? 0 : (begin > params.num_rows ? params.num_rows : begin),
+                                        static_cast<int>(cute::get<0>(problem_shape_mnkl))};
+    return updated;
+  }
+
+  template <class TensorA, class TensorB, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                           cute::tuple<TensorA, TensorB, GatherGroup> const& load_inputs,
+                           cute::tuple<TensorMapA, TensorMapB> const& input_tensormaps, BlockCoord const& blk_coord,
+                           KTileIterator k_tile_iter, int k_tile_count, int thread_idx, uint32_t block_rank_in_cluster,
+                           TensorStorage& shared_tensors) {
+    using namespace cute;
+    using BarrierType = typename MainloopPipeline::ProducerBarrierType;
+    const int lane = thread_idx % 32;
+    const bool leader = cute::elect_one_sync();
+
+    const uint32_t smem_a = cute::cast_smem_ptr_to_uint(shared_tensors.smem_A.data());
+    Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), typename Base::SmemLayoutB{});
+    Tensor gB_nkl = get<1>(load_inputs);
+    auto block_tma_b = params.tma_load_b.get_slice(0);  // no cluster
+    auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+    Tensor tBgB = block_tma_b.partition_S(gB_nkl(_, _, n_coord, _, l_coord));  // (TMA,TMA_N,TMA_K,k)
+    Tensor tBsB = block_tma_b.partition_D(sB);                                 // (TMA,TMA_N,TMA_K,PIPE)
+
+    // This lane copies chunk `chunk` of the tile rows first_row + j, j < kRowsPerLane; warp instruction
+    // j covers rows j, j + kRowsPerLane, ... (4 whole rows).
+    const GatherGroup group = get<2>(load_inputs);
+    const int chunk = lane % kChunksPerRow;
+    const int first_row = (lane / kChunksPerRow) * kRowsPerLane;
+    const int tile_row0 = static_cast<int>(m_coord) * kBM;
+    const int32_t* tokens = params.row_token + group.begin;
+    const auto* hidden = reinterpret_cast<const uint16_t*>(params.hidden);
+    const int64_t T = params.num_tokens;
+    const int K = params.k_dim;
+
+    PipelineState signal_state = smem_pipe_write;  // the oldest stage whose A bytes are not yet completed
+    int pending = 0;
+    auto signal_oldest = [&]() {
+      // This lane's copies of the stage have landed (wait_group); make them visible to the wgmma
+      // (async proxy), then the leader completes the stage's A bytes.
+      cutlass::arch::fence_view_async_shared();
+      __syncwarp();
+      if (leader) {
+        __threadfence_block();
+        cutlass::arch::ClusterTransactionBarrier::complete_transaction(pipeline.producer_get_barrier(signal_state),
+                                                                       0, kABytes);
+      }
+      ++signal_state;
+      --pending;
+    };
+
+    CUTLASS_PRAGMA_NO_UNROLL
+    for (; k_tile_count > 0; --k_tile_count) {
+      pipeline.producer_acquire(smem_pipe_write);  // the leader also expects the stage's A + B bytes
+      BarrierType* tma_barrier = pipeline.producer_get_barrier(smem_pipe_write);
+      const int write_stage = smem_pipe_write.index();
+      const int k_tile = static_cast<int>(*k_tile_iter);
+      if (leader) {
+        copy(params.tma_load_b.with(get<1>(input_tensormaps), *tma_barrier, uint16_t{0}), tBgB(_, _, _, k_tile),
+             tBsB(_, _, _, write_stage));
+      }
+      const int col = k_tile * kBK + chunk * kChunkElems;
+      const bool col_in = col < K;  // past K: zero-filled, as TMA fills out-of-bounds boxes
+      const uint32_t stage_base = smem_a + static_cast<uint32_t>(write_stage) * kABytes;
+#pragma unroll 4
+      for (int j = 0; j < kRowsPerLane; ++j) {
+        const int r = first_row + j;
+        const int m = min(tile_row0 + r, group.rows - 1);
+        const int32_t token = __ldg(tokens + m);
+        const uint16_t* src = token >= 0 && token < T ? hidden + static_cast<int64_t>(token) * K + col
+                                                      : kNaNRow + chunk * kChunkElems;
+        // The 128-byte swizzle on the shared address: 16-byte chunk bits [4, 7) ^= row bits [7, 10).
+        uint32_t dst = stage_base + static_cast<uint32_t>(r) * 128 + static_cast<uint32_t>(chunk) * 16;
+        dst ^= ((dst >> 7) & 7) << 4;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(col_in ? src : hidden),
+                     "r"(col_in ? 16 : 0)
+                     : "memory");
+      }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      ++pending;
+      ++k_tile_iter;
+      ++smem_pipe_write;
+      if (pending > kLag) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(kLag) : "memory");
+        signal_oldest();
+      }
+    }
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    while (pending > 0) signal_oldest();
+  }
+};
+
+}  // namespace sm90
+}  // namespace dots1
+
+namespace dots1 {
+namespace sm90 {
+
+// The SwiGLU gate_up GEMM of GroupedGemm<Element, Config, true> with the gather mainloop: the same
+// workspace layout and argument arrays (ptr_A is set but never read: A comes by row_token).
+template <typename Element, class Config>
+struct GroupedGemmGatherA {
+  using Plain = GroupedGemm<Element, Config, true>;
+  using ProblemShape = typename Plain::ProblemShape;
+  using UnderlyingShape = typename Plain::UnderlyingShape;
+  using StrideA = typename Plain::StrideA;
+  using StrideB = typename Plain::StrideB;
+  using StrideD = typename Plain::StrideD;
+  using Layout = typename Plain::Layout;
+  static constexpr int kAlign = Plain::kAlign;
+  using CollectiveMainloop = GatherAMainloop<typename Plain::CollectiveMainloop>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, typename Plain::CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static Layout layout(int64_t E, size_t cutlass_bytes) { return Plain::layout(E, cutlass_bytes); }
+
+  static typename Gemm::Arguments arguments(int64_t E, const Layout& l, char* ws, int sm_count) {
+    typename Gemm::Arguments args = grouped_arguments<Gemm, true>(
+        E, reinterpret_cast<UnderlyingShape*>(ws + l.shapes), reinterpret_cast<Element**>(ws + l.ptr_d),
+        reinterpret_cast<StrideD*>(ws + l.stride_d), sm_count);
+    args.mainloop.ptr_A = reinterpret_cast<const Element**>(ws + l.ptr_a);
+    args.mainloop.dA = reinterpret_cast<StrideA*>(ws + l.stride_a);
+    args.mainloop.ptr_B = reinterpret_cast<const Element**>(ws + l.ptr_b);
+    args.mainloop.dB = reinterpret_cast<StrideB*>(ws + l.stride_b);
+    return args;
+  }
+};
+
+template <typename Element, class Config>
+size_t gather_workspace_bytes(int64_t E, int sm_count) {
+  return plan_workspace<GroupedGemmGatherA<Element, Config>>(E, nullptr, sm_count).first.total;
+}
+
+// out[r] = SwiGLU(hidden[row_token[r]] @ weight[e]^T) for the rows r of each expert e (expert_offsets),
+// hidden [T, K], row_token [S], weight [E, N, K] interleaved gate/up, out [S, N/2].
+template <typename Element, class Config>
+cudaError_t run_gather(const void* hidden, const int32_t* row_token, int64_t T, const void* weight,
+                       const int32_t* expert_offsets, void* out, int64_t S, int64_t E, int64_t N, int64_t K,
+                       void* workspace, size_t workspace_bytes_given, int sm_count, cudaStream_t stream) {
+  using G = GroupedGemmGatherA<Element, Config>;
+  using UnderlyingShape = typename G::UnderlyingShape;
+  using StrideA = typename G::StrideA;
+  using StrideB = typename G::StrideB;
+  using StrideD = typename G::StrideD;
+  if (E == 0 || S == 0) return cudaSuccess;
+  if (N % 16 != 0 || K % G::kAlign != 0 || N > INT32_MAX || K > INT32_MAX || S > INT32_MAX || T > INT32_MAX)
+    return cudaErrorInvalidValue;
+  char* ws = static_cast<char*>(workspace);
+  auto [l, args] = plan_workspace<G>(E, ws, sm_count);
+  if (!workspace_ok(workspace, workspace_bytes_given, l.total)) return cudaErrorInvalidValue;
+  args.mainloop.hidden = static_cast<const Element*>(hidden);
+  args.mainloop.row_token = row_token;
+  args.mainloop.expert_offsets = expert_offsets;
+  args.mainloop.num_tokens = T;
+  args.mainloop.num_rows = S;
+  args.mainloop.k_dim = static_cast<int>(K);
+
+  const int threads = 128;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((E + threads - 1) / threads, 1024));
+  build_group_arguments_kernel<G, Element><<<blocks, threads, 0, stream>>>(
+      expert_offsets, S, E, static_cast<int>(N), static_cast<int>(K), static_cast<int>(N / 2),
+      static_cast<const Element*>(hidden), static_cast<const Element*>(weight), static_cast<Element*>(out),
+      reinterpret_cast<UnderlyingShape*>(ws + l.shapes), reinterpret_cast<const Element**>(ws + l.ptr_a),
+      reinterpret_cast<const Element**>(ws + l.ptr_b), reinterpret_cast<Element**>(ws + l.ptr_d),
+      reinterpret_cast<StrideA*>(ws + l.stride_a), reinterpret_cast<StrideB*>(ws + l.stride_b),
+      reinterpret_cast<StrideD*>(ws + l.stride_d));
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return run_gemm<typename G::Gemm>(args, ws + l.cutlass, stream);
+}
+
+}  // namespace sm90
+}  // namespace dots1
