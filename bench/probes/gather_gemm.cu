@@ -157,6 +157,7 @@ int run_case(const char* config_name, int T, bool zipf, int sms, const uint16_t*
 }
 
 int main() {
+  std::setvbuf(stdout, nullptr, _IONBF, 0);  // rows survive a timeout
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   cudaEvent_t a, b;

@@ -44,9 +44,12 @@ struct GatherAMainloop : Base {
   static constexpr int kRowsPerInstr = 32 / kChunksPerRow;                      // 4 rows per warp instruction
   static constexpr int kRowsPerLane = kBM / kRowsPerInstr;                      // 32 (BM 128) / 16 (BM 64)
   static constexpr uint32_t kABytes = kBM * kBK * sizeof(ElementA);
-  // Stages whose A copies may be in flight before the oldest is waited for and signalled. Below kStages:
-  // acquiring stage s waits for stage s - kStages to be consumed, which needs it signalled first.
-  static constexpr int kLag = kStages - 1;
+  // Stages whose A copies may be in flight before the oldest is waited for and signalled. Acquiring
+  // stage s waits for the consumers to release stage s - kStages, which they do only once stage
+  // s - kStages + 1 is full too (CUTLASS's mma keeps one wgmma batch in flight, K_PIPE_MMAS = 1); that
+  // stage is signalled after stage s - kStages + 1 + kLag is issued, so kLag <= kStages - 2.
+  static constexpr int kLag = kStages - 2;
+  static_assert(kStages >= 3 && Base::K_PIPE_MMAS == 1, "the lag above assumes one wgmma batch in flight");
   static_assert(sizeof(ElementA) == 2 && kBK * sizeof(ElementA) == 128, "one 128-byte swizzle row per k chunk");
   static_assert(kChunksPerRow == 8 && kBM % kRowsPerInstr == 0, "8 lanes per row");
   static_assert(IsGroupedGemmKernel, "the gather mainloop is for the grouped (ptr-array) kernel");
