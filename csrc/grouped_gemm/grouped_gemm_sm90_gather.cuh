@@ -4,11 +4,14 @@
 //
 // CUTLASS's ptr-array TMA mainloop with one change in its producer warp: B (the expert's weight tile)
 // still comes by TMA, A by cp.async, 8 lanes per row (one warp instruction reads 4 whole 128-byte
-// rows), into the same 128-byte-swizzled stage the TMA would have filled. The stage's full barrier
-// still expects A's and B's bytes (producer_acquire's expect_tx); B's TMA completes its bytes, and the
-// warp completes A's with mbarrier.complete_tx once its cp.async group has landed (cp.async.wait_group),
-// kLag stages behind the issue, so several stages stay in flight (bench/probes/gather_a_tiles.cu: one
-// warp gathers 2.2-2.3 tiles of 128 x 64 per us per SM, twice what the GEMM consumes).
+// rows), into the same 128-byte-swizzled stage the TMA would have filled. A stage's full barrier
+// counts 33 arrivals: the leader's arrive.expect_tx of B's bytes, and each lane's
+// cp.async.mbarrier.arrive.noinc, which lands once that lane's copies have (so the warp never waits
+// for its own copies, and every stage of the ring can be in flight; bench/probes/gather_a_tiles.cu:
+// one warp gathers 2.2-2.3 tiles of 128 x 64 per us per SM this way, twice what the GEMM consumes).
+// As in CUTLASS's own cp.async + wgmma mainloops, the consumers read the stage after the barrier.
+// (s31: completing A's bytes with mbarrier.complete_tx after cp.async.wait_group, two stages behind the
+// issue, measured 2x slower than permute + GEMM: the wait serialised the ring.)
 //
 // Rows past the group's end read its last row (their products are never stored). A row_token outside
 // [0, T) reads a row of NaNs, so that row's output is NaN: an unmissable poison, never another token.
@@ -44,12 +47,9 @@ struct GatherAMainloop : Base {
   static constexpr int kRowsPerInstr = 32 / kChunksPerRow;                      // 4 rows per warp instruction
   static constexpr int kRowsPerLane = kBM / kRowsPerInstr;                      // 32 (BM 128) / 16 (BM 64)
   static constexpr uint32_t kABytes = kBM * kBK * sizeof(ElementA);
-  // Stages whose A copies may be in flight before the oldest is waited for and signalled. Acquiring
-  // stage s waits for the consumers to release stage s - kStages, which they do only once stage
-  // s - kStages + 1 is full too (CUTLASS's mma keeps one wgmma batch in flight, K_PIPE_MMAS = 1); that
-  // stage is signalled after stage s - kStages + 1 + kLag is issued, so kLag <= kStages - 2.
-  static constexpr int kLag = kStages - 2;
-  static_assert(kStages >= 3 && Base::K_PIPE_MMAS == 1, "the lag above assumes one wgmma batch in flight");
+  // The full barrier's arrivals per stage: the leader's (with B's transaction bytes) and one per lane.
+  static constexpr int NumProducerThreadEvents = 1 + 32;
+  static constexpr uint32_t kBBytes = Base::TmaTransactionBytes - kABytes;
   static_assert(sizeof(ElementA) == 2 && kBK * sizeof(ElementA) == 128, "one 128-byte swizzle row per k chunk");
   static_assert(kChunksPerRow == 8 && kBM % kRowsPerInstr == 0, "8 lanes per row");
   static_assert(IsGroupedGemmKernel, "the gather mainloop is for the grouped (ptr-array) kernel");
@@ -85,8 +85,10 @@ struct GatherAMainloop : Base {
 
   template <class ProblemShape>
   static Params to_underlying_arguments(ProblemShape shapes, Arguments const& args, void* workspace) {
-    return Params{Base::to_underlying_arguments(shapes, args, workspace), args.hidden, args.row_token,
+    Params params{Base::to_underlying_arguments(shapes, args, workspace), args.hidden, args.row_token,
                   args.expert_offsets, args.num_tokens, args.num_rows, args.k_dim};
+    params.tma_transaction_bytes = kBBytes;  // the barrier's transactions: B's TMA only
+    return params;
   }
 
   template <class ProblemShape>
@@ -144,25 +146,9 @@ struct GatherAMainloop : Base {
     const int64_t T = params.num_tokens;
     const int K = params.k_dim;
 
-    PipelineState signal_state = smem_pipe_write;  // the oldest stage whose A bytes are not yet completed
-    int pending = 0;
-    auto signal_oldest = [&]() {
-      // This lane's copies of the stage have landed (wait_group); make them visible to the wgmma
-      // (async proxy), then the leader completes the stage's A bytes.
-      cutlass::arch::fence_view_async_shared();
-      __syncwarp();
-      if (leader) {
-        __threadfence_block();
-        cutlass::arch::ClusterTransactionBarrier::complete_transaction(pipeline.producer_get_barrier(signal_state),
-                                                                       0, kABytes);
-      }
-      ++signal_state;
-      --pending;
-    };
-
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
-      pipeline.producer_acquire(smem_pipe_write);  // the leader also expects the stage's A + B bytes
+      pipeline.producer_acquire(smem_pipe_write);  // the leader also arrives, expecting B's bytes
       BarrierType* tma_barrier = pipeline.producer_get_barrier(smem_pipe_write);
       const int write_stage = smem_pipe_write.index();
       const int k_tile = static_cast<int>(*k_tile_iter);
@@ -187,17 +173,13 @@ struct GatherAMainloop : Base {
                      "r"(col_in ? 16 : 0)
                      : "memory");
       }
-      asm volatile("cp.async.commit_group;\n" ::: "memory");
-      ++pending;
+      // Arrives on the stage's full barrier once this lane's copies have landed.
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(
+                       cute::cast_smem_ptr_to_uint(tma_barrier))
+                   : "memory");
       ++k_tile_iter;
       ++smem_pipe_write;
-      if (pending > kLag) {
-        asm volatile("cp.async.wait_group %0;\n" ::"n"(kLag) : "memory");
-        signal_oldest();
-      }
     }
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-    while (pending > 0) signal_oldest();
   }
 };
 
