@@ -49,6 +49,8 @@ struct GatherAMainloop : Base {
   static constexpr uint32_t kABytes = kBM * kBK * sizeof(ElementA);
   // The full barrier's arrivals per stage: the leader's (with B's transaction bytes) and one per lane.
   static constexpr int NumProducerThreadEvents = 1 + 32;
+  static constexpr int kTokenBatch = 8;  // rows whose tokens one lane loads at once
+  static_assert(kRowsPerLane % kTokenBatch == 0, "whole batches of rows per lane");
   static constexpr uint32_t kBBytes = Base::TmaTransactionBytes - kABytes;
   static_assert(sizeof(ElementA) == 2 && kBK * sizeof(ElementA) == 128, "one 128-byte swizzle row per k chunk");
   static_assert(kChunksPerRow == 8 && kBM % kRowsPerInstr == 0, "8 lanes per row");
@@ -159,19 +161,26 @@ struct GatherAMainloop : Base {
       const int col = k_tile * kBK + chunk * kChunkElems;
       const bool col_in = col < K;  // past K: zero-filled, as TMA fills out-of-bounds boxes
       const uint32_t stage_base = smem_a + static_cast<uint32_t>(write_stage) * kABytes;
-#pragma unroll 4
-      for (int j = 0; j < kRowsPerLane; ++j) {
-        const int r = first_row + j;
-        const int m = min(tile_row0 + r, group.rows - 1);
-        const int32_t token = __ldg(tokens + m);
-        const uint16_t* src = token >= 0 && token < T ? hidden + static_cast<int64_t>(token) * K + col
-                                                      : kNaNRow + chunk * kChunkElems;
-        // The 128-byte swizzle on the shared address: 16-byte chunk bits [4, 7) ^= row bits [7, 10).
-        uint32_t dst = stage_base + static_cast<uint32_t>(r) * 128 + static_cast<uint32_t>(chunk) * 16;
-        dst ^= ((dst >> 7) & 7) << 4;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(col_in ? src : hidden),
-                     "r"(col_in ? 16 : 0)
-                     : "memory");
+      // The tokens of a batch of rows are loaded together, before the batch's copies: each copy's asm
+      // is a compiler barrier, so a load between two copies would wait out its own latency (s31: a
+      // load per copy ran the GEMM at half speed).
+      CUTLASS_PRAGMA_NO_UNROLL
+      for (int j0 = 0; j0 < kRowsPerLane; j0 += kTokenBatch) {
+        int32_t token[kTokenBatch];
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kTokenBatch; ++i) token[i] = __ldg(tokens + min(tile_row0 + first_row + j0 + i, group.rows - 1));
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kTokenBatch; ++i) {
+          const int r = first_row + j0 + i;
+          const uint16_t* src = token[i] >= 0 && token[i] < T ? hidden + static_cast<int64_t>(token[i]) * K + col
+                                                              : kNaNRow + chunk * kChunkElems;
+          // The 128-byte swizzle on the shared address: 16-byte chunk bits [4, 7) ^= row bits [7, 10).
+          uint32_t dst = stage_base + static_cast<uint32_t>(r) * 128 + static_cast<uint32_t>(chunk) * 16;
+          dst ^= ((dst >> 7) & 7) << 4;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(col_in ? src : hidden),
+                       "r"(col_in ? 16 : 0)
+                       : "memory");
+        }
       }
       // Arrives on the stage's full barrier once this lane's copies have landed.
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(
