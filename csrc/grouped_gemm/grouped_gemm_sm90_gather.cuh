@@ -49,8 +49,10 @@ struct GatherAMainloop : Base {
   static constexpr uint32_t kABytes = kBM * kBK * sizeof(ElementA);
   // The full barrier's arrivals per stage: the leader's (with B's transaction bytes) and one per lane.
   static constexpr int NumProducerThreadEvents = 1 + 32;
-  static constexpr int kTokenBatch = 8;  // rows whose tokens one lane loads at once
-  static_assert(kRowsPerLane % kTokenBatch == 0, "whole batches of rows per lane");
+  static constexpr int kTokenBatch = 8;               // rows whose tokens a lane fetches at once
+  static constexpr int kTokensPerLane = kBM / 32;      // the tile's tokens, spread over the warp
+  static_assert(kRowsPerLane % kTokenBatch == 0 && kRowsPerLane % kTokensPerLane == 0 && kBM % 32 == 0,
+                "whole batches of rows per lane");
   static constexpr uint32_t kBBytes = Base::TmaTransactionBytes - kABytes;
   static_assert(sizeof(ElementA) == 2 && kBK * sizeof(ElementA) == 128, "one 128-byte swizzle row per k chunk");
   static_assert(kChunksPerRow == 8 && kBM % kRowsPerInstr == 0, "8 lanes per row");
@@ -143,10 +145,17 @@ struct GatherAMainloop : Base {
     const int chunk = lane % kChunksPerRow;
     const int first_row = (lane / kChunksPerRow) * kRowsPerLane;
     const int tile_row0 = static_cast<int>(m_coord) * kBM;
-    const int32_t* tokens = params.row_token + group.begin;
     const auto* hidden = reinterpret_cast<const uint16_t*>(params.hidden);
-    const int64_t T = params.num_tokens;
     const int K = params.k_dim;
+    // The tile's tokens, once: lane l holds those of rows l * kTokensPerLane + i (-1: out of [0, T),
+    // read as NaNs). Rows past the group's end take its last row's token.
+    int32_t my_tokens[kTokensPerLane];
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kTokensPerLane; ++i) {
+      const int m = min(tile_row0 + lane * kTokensPerLane + i, group.rows - 1);
+      const int32_t token = __ldg(params.row_token + group.begin + m);
+      my_tokens[i] = token >= 0 && token < params.num_tokens ? token : -1;
+    }
 
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
@@ -161,19 +170,22 @@ struct GatherAMainloop : Base {
       const int col = k_tile * kBK + chunk * kChunkElems;
       const bool col_in = col < K;  // past K: zero-filled, as TMA fills out-of-bounds boxes
       const uint32_t stage_base = smem_a + static_cast<uint32_t>(write_stage) * kABytes;
-      // The tokens of a batch of rows are loaded together, before the batch's copies: each copy's asm
-      // is a compiler barrier, so a load between two copies would wait out its own latency (s31: a
-      // load per copy ran the GEMM at half speed).
-      CUTLASS_PRAGMA_NO_UNROLL
+      // The tokens come from the holder lanes by shuffle, a batch at a time before the batch's copies:
+      // no memory access between copies (s31: a token load per copy ran the GEMM at half speed, loads
+      // of 8 at a time at 0.4x: a load queues behind the warp's outstanding copies).
+      CUTLASS_PRAGMA_UNROLL
       for (int j0 = 0; j0 < kRowsPerLane; j0 += kTokenBatch) {
         int32_t token[kTokenBatch];
         CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kTokenBatch; ++i) token[i] = __ldg(tokens + min(tile_row0 + first_row + j0 + i, group.rows - 1));
+        for (int i = 0; i < kTokenBatch; ++i) {
+          const int r = first_row + j0 + i;  // (j0 + i) % kTokensPerLane is the same for every lane
+          token[i] = __shfl_sync(0xffffffffu, my_tokens[(j0 + i) % kTokensPerLane], r / kTokensPerLane);
+        }
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kTokenBatch; ++i) {
           const int r = first_row + j0 + i;
-          const uint16_t* src = token[i] >= 0 && token[i] < T ? hidden + static_cast<int64_t>(token[i]) * K + col
-                                                              : kNaNRow + chunk * kChunkElems;
+          const uint16_t* src = token[i] >= 0 ? hidden + static_cast<int64_t>(token[i]) * K + col
+                                              : kNaNRow + chunk * kChunkElems;
           // The 128-byte swizzle on the shared address: 16-byte chunk bits [4, 7) ^= row bits [7, 10).
           uint32_t dst = stage_base + static_cast<uint32_t>(r) * 128 + static_cast<uint32_t>(chunk) * 16;
           dst ^= ((dst >> 7) & 7) << 4;
