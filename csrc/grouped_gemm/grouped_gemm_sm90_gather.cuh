@@ -189,11 +189,9 @@ struct GatherAMainloop : Base {
           // The 128-byte swizzle on the shared address: 16-byte chunk bits [4, 7) ^= row bits [7, 10).
           uint32_t dst = stage_base + static_cast<uint32_t>(r) * 128 + static_cast<uint32_t>(chunk) * 16;
           dst ^= ((dst >> 7) & 7) << 4;
-          if (col_in) {
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
-          } else {
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 0;\n" ::"r"(dst), "l"(hidden) : "memory");
-          }
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(col_in ? src : hidden),
+                       "r"(col_in ? 16 : 0)
+                       : "memory");
         }
       }
       // Arrives on the stage's full barrier once this lane's copies have landed.
