@@ -49,7 +49,7 @@ struct GatherAMainloop : Base {
   static constexpr uint32_t kABytes = kBM * kBK * sizeof(ElementA);
   // The full barrier's arrivals per stage: the leader's (with B's transaction bytes) and one per lane.
   static constexpr int NumProducerThreadEvents = 1 + 32;
-  static constexpr int kTokenBatch = 4;               // rows a lane copies with one asm (4 copies in it)
+  static constexpr int kTokenBatch = 8;               // rows whose tokens a lane fetches at once
   static constexpr int kTokensPerLane = kBM / 32;      // the tile's tokens, spread over the warp
   static_assert(kRowsPerLane % kTokenBatch == 0 && kRowsPerLane % kTokensPerLane == 0 && kBM % 32 == 0,
                 "whole batches of rows per lane");
@@ -181,29 +181,18 @@ struct GatherAMainloop : Base {
           const int r = first_row + j0 + i;  // (j0 + i) % kTokensPerLane is the same for every lane
           token[i] = __shfl_sync(0xffffffffu, my_tokens[(j0 + i) % kTokensPerLane], r / kTokensPerLane);
         }
-        // The batch's addresses first, then its copies from one asm: each copy gets registers of its
-        // own, so a copy does not wait for the one before it to have read its address (at 40
-        // registers the compiler otherwise reuses one pair, and each copy waits out the previous
-        // one's operand read; s31's SASS).
-        const uint16_t* src[kTokenBatch];
-        uint32_t dst[kTokenBatch];
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kTokenBatch; ++i) {
           const int r = first_row + j0 + i;
-          src[i] = !col_in ? hidden
-                           : (token[i] >= 0 ? hidden + static_cast<int64_t>(token[i]) * K + col : kNaNRow + chunk * kChunkElems);
+          const uint16_t* src = token[i] >= 0 ? hidden + static_cast<int64_t>(token[i]) * K + col
+                                              : kNaNRow + chunk * kChunkElems;
           // The 128-byte swizzle on the shared address: 16-byte chunk bits [4, 7) ^= row bits [7, 10).
-          dst[i] = stage_base + static_cast<uint32_t>(r) * 128 + static_cast<uint32_t>(chunk) * 16;
-          dst[i] ^= ((dst[i] >> 7) & 7) << 4;
+          uint32_t dst = stage_base + static_cast<uint32_t>(r) * 128 + static_cast<uint32_t>(chunk) * 16;
+          dst ^= ((dst >> 7) & 7) << 4;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(col_in ? src : hidden),
+                       "r"(col_in ? 16 : 0)
+                       : "memory");
         }
-        const uint32_t bytes = col_in ? 16 : 0;
-        asm volatile(
-            "cp.async.cg.shared.global [%0], [%4], 16, %8;\n"
-            "cp.async.cg.shared.global [%1], [%5], 16, %8;\n"
-            "cp.async.cg.shared.global [%2], [%6], 16, %8;\n"
-            "cp.async.cg.shared.global [%3], [%7], 16, %8;\n" ::"r"(dst[0]),
-            "r"(dst[1]), "r"(dst[2]), "r"(dst[3]), "l"(src[0]), "l"(src[1]), "l"(src[2]), "l"(src[3]), "r"(bytes)
-            : "memory");
       }
       // Arrives on the stage's full barrier once this lane's copies have landed.
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(
