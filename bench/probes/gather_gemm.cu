@@ -1,20 +1,21 @@
 // Gather-in-A probe, step 2 (issue 15): the gate_up grouped GEMM (SwiGLU epilogue) with its A rows read
-// straight from the token rows (csrc/grouped_gemm/grouped_gemm_sm90_gather.cuh) against today's
-// permute copy + GEMM over the permuted rows, at real shape (H=4096, E=128, top-6, N = 2 * 1408). A
-// standalone program, run on the GPU:
+// straight from the token rows (gather_mainloop.cuh, beside this file) against today's permute copy +
+// GEMM over the permuted rows, at real shape (H=4096, E=128, top-6, N = 2 * 1408). A standalone
+// program, run on the GPU (CUTLASS: the nvidia-cutlass wheel's cutlass_library/source/include):
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90a --expt-relaxed-constexpr -Icsrc -I$CUTLASS/include \
+//   nvcc -O3 -std=c++17 -arch=sm_90a --expt-relaxed-constexpr -Icsrc -I$CUTLASS_INCLUDE \
 //        -o /tmp/gather_gemm bench/probes/gather_gemm.cu && /tmp/gather_gemm
 //
 // Checks, per (T, routing, configuration): the gather GEMM's output against the plain GEMM's, bit for
 // bit (the same MMA order over the same A values), and with one row_token out of range: that row NaN,
 // every other row unchanged. Then times (probe_util.cuh's time_ms, CUDA events, medians): the row
 // copy alone, the plain GEMM alone, copy + plain GEMM, and the gather GEMM.
+// GATHER_GEMM_FIRST_ONLY=1: the first case only (T=16384 balanced, cooperative), e.g. under ncu.
 #include <cmath>
 #include <cstdlib>
 
-#include "../../bench/probes/probe_util.cuh"
-#include "grouped_gemm/grouped_gemm_sm90_gather.cuh"
+#include "probe_util.cuh"
+#include "gather_mainloop.cuh"
 
 using Element = cutlass::bfloat16_t;
 constexpr int kTopK = 6, kE = 128, kH = 4096, kI = 1408, kN = 2 * kI;
@@ -110,45 +111,51 @@ int run_case(const char* config_name, int T, bool zipf, int sms, const uint16_t*
   auto plain = [&]() {
     return dots1::sm90::run<Element, Config, true>(permuted, weight, offsets_d, out_plain, S, kE, kN, kH, ws, ws_bytes, sms, nullptr);
   };
-  auto gather = [&]() {
-    return dots1::sm90::run_gather<Element, Config>(hidden, token_d, T, weight, offsets_d, out_gather, S, kE, kN, kH, ws,
-                                                     ws_bytes, sms, nullptr);
+  auto gather = [&](int warps) {
+    return warps == 1 ? dots1::sm90::run_gather<Element, Config, 1>(hidden, token_d, T, weight, offsets_d, out_gather, S, kE,
+                                                                     kN, kH, ws, ws_bytes, sms, nullptr)
+                      : dots1::sm90::run_gather<Element, Config, 2>(hidden, token_d, T, weight, offsets_d, out_gather, S, kE,
+                                                                     kN, kH, ws, ws_bytes, sms, nullptr);
   };
   copy();
   CHECK(plain());
-  CHECK(cudaMemset(out_gather, 0xff, S * kI * 2));
-  CHECK(gather());
   CHECK(cudaDeviceSynchronize());
-  int64_t differing = 0;
-  bool nan_ok = true;
-  if (compare(out_gather, out_plain, S, -1, &differing, &nan_ok)) return 1;
-  // One row's token out of range (T): that row must come out NaN, the others unchanged.
-  const int64_t poison_row = S / 3;
-  const int32_t bad = T;
-  CHECK(cudaMemcpy(token_d + poison_row, &bad, 4, cudaMemcpyHostToDevice));
-  CHECK(cudaMemset(out_gather, 0xff, S * kI * 2));
-  CHECK(gather());
-  CHECK(cudaDeviceSynchronize());
-  int64_t differing_poison = 0;
-  bool poison_nan = false;
-  if (compare(out_gather, out_plain, S, poison_row, &differing_poison, &poison_nan)) return 1;
-  CHECK(cudaMemcpy(token_d + poison_row, &routing.row_token[poison_row], 4, cudaMemcpyHostToDevice));
-
   int max_rows = 0;
   for (int e = 0; e < kE; ++e) max_rows = std::max(max_rows, routing.offsets[e + 1] - routing.offsets[e]);
   const float copy_ms = time_ms([&](int) { copy(); }, a, b);
-  const float plain_ms = time_ms([&](int) { (void)plain(); }, a, b);
   const float both_ms = time_ms([&](int) { copy(); (void)plain(); }, a, b);
-  const float gather_ms = time_ms([&](int) { (void)gather(); }, a, b);
-  const float plain_ms2 = time_ms([&](int) { (void)plain(); }, a, b);
-  const float gather_ms2 = time_ms([&](int) { (void)gather(); }, a, b);
-  const double flops = 2.0 * S * kN * kH;
-  std::printf("| %d | %s (max %d rows) | %s | %.4f | %.4f / %.4f | %.4f | %.4f / %.4f (%.0f TFLOP/s) | %.3f | %s | %s |\n", T,
-              zipf ? "zipf" : "balanced", max_rows, config_name, copy_ms, plain_ms, plain_ms2, both_ms, gather_ms,
-              gather_ms2, flops / (std::min(gather_ms, gather_ms2) * 1e9), both_ms / std::min(gather_ms, gather_ms2),
-              differing == 0 ? "equal" : "DIFFER",
-              differing_poison == 0 && poison_nan ? "NaN row, rest equal" : "WRONG");
-  if (differing != 0) std::printf("  %lld rows differ\n", static_cast<long long>(differing));
+  for (int warps : {1, 2}) {
+    CHECK(cudaMemset(out_gather, 0xff, S * kI * 2));
+    CHECK(gather(warps));
+    CHECK(cudaDeviceSynchronize());
+    int64_t differing = 0;
+    bool nan_ok = true;
+    if (compare(out_gather, out_plain, S, -1, &differing, &nan_ok)) return 1;
+    // One row's token out of range (T): that row must come out NaN, the others unchanged.
+    const int64_t poison_row = S / 3;
+    const int32_t bad = T;
+    CHECK(cudaMemcpy(token_d + poison_row, &bad, 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemset(out_gather, 0xff, S * kI * 2));
+    CHECK(gather(warps));
+    CHECK(cudaDeviceSynchronize());
+    int64_t differing_poison = 0;
+    bool poison_nan = false;
+    if (compare(out_gather, out_plain, S, poison_row, &differing_poison, &poison_nan)) return 1;
+    CHECK(cudaMemcpy(token_d + poison_row, &routing.row_token[poison_row], 4, cudaMemcpyHostToDevice));
+
+    // Plain and gather alternate, twice each, so drift between them shows.
+    const float plain_ms = time_ms([&](int) { (void)plain(); }, a, b);
+    const float gather_ms = time_ms([&](int) { (void)gather(warps); }, a, b);
+    const float plain_ms2 = time_ms([&](int) { (void)plain(); }, a, b);
+    const float gather_ms2 = time_ms([&](int) { (void)gather(warps); }, a, b);
+    const double flops = 2.0 * S * kN * kH;
+    const float best = std::min(gather_ms, gather_ms2);
+    std::printf("| %d | %s (max %d rows) | %s | %d | %.4f | %.4f / %.4f | %.4f | %.4f / %.4f (%.0f TFLOP/s) | %.3f | %s | %s |\n",
+                T, zipf ? "zipf" : "balanced", max_rows, config_name, warps, copy_ms, plain_ms, plain_ms2, both_ms,
+                gather_ms, gather_ms2, flops / (best * 1e9), both_ms / best, differing == 0 ? "equal" : "DIFFER",
+                differing_poison == 0 && poison_nan ? "NaN row, rest equal" : "WRONG");
+    if (differing != 0) std::printf("  %lld rows differ\n", static_cast<long long>(differing));
+  }
   cudaFree(permuted);
   cudaFree(out_plain);
   cudaFree(out_gather);
@@ -173,15 +180,17 @@ int main() {
   using namespace dots1::sm90;
   const size_t ws_bytes = std::max({workspace_bytes<Element, Cooperative128x256, true>(kE, sms),
                                     workspace_bytes<Element, Pingpong64x256, true>(kE, sms),
-                                    gather_workspace_bytes<Element, Cooperative128x256>(kE, sms),
-                                    gather_workspace_bytes<Element, Pingpong64x256>(kE, sms)});
+                                    gather_workspace_bytes<Element, Cooperative128x256, 1>(kE, sms),
+                                    gather_workspace_bytes<Element, Pingpong64x256, 1>(kE, sms),
+                                    gather_workspace_bytes<Element, Cooperative128x256, 2>(kE, sms),
+                                    gather_workspace_bytes<Element, Pingpong64x256, 2>(kE, sms)});
   void* ws = nullptr;
   CHECK(cudaMalloc(&ws, ws_bytes));
   CHECK(cudaDeviceSynchronize());
-  std::printf("gate_up + SwiGLU, H=%d E=%d top-%d N=%d bf16; ms (plain and gather timed twice, interleaved)\n\n", kH, kE,
+  std::printf("gate_up + SwiGLU, H=%d E=%d top-%d N=%d bf16; ms (plain and gather timed twice, alternating)\n\n", kH, kE,
               kTopK, kN);
-  std::printf("| T | routing | config | row copy | plain GEMM | copy + plain | gather GEMM | (copy + plain) / gather | "
-              "gather vs plain | one bad row_token |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  std::printf("| T | routing | config | gather warps | row copy | plain GEMM | copy + plain | gather GEMM | (copy + plain) / gather | "
+              "gather vs plain | one bad row_token |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
   for (int T : {16384, 4096}) {
     for (bool zipf : {false, true}) {
       if (run_case<Cooperative128x256>("coop 128x256", T, zipf, sms, hidden, weight, ws, ws_bytes, a, b)) return 1;

@@ -1,17 +1,21 @@
-// The gate_up grouped GEMM reading its A rows straight from the token rows (issue 15): row r of the
-// expert-sorted order is hidden[row_token[r]], so permute's [6T, H] copy (0.25 ms at T=16384, write
-// bound) and the GEMM's re-read of it go away.
+// EXPERIMENT, not built into the extension (issue 15; measured by gather_gemm.cu in this folder):
+// the gate_up grouped GEMM reading its A rows straight from the token rows. Row r of the expert-sorted
+// order is hidden[row_token[r]], so permute's [6T, H] row copy (0.25 ms at T=16384, write bound) and
+// the GEMM's re-read of it would go away. It computes the same bits as permute + GEMM, but at
+// T=16384 it runs at 6.38 ms against 3.93 for the GEMM over permuted rows (s31, H200; the forms
+// tried and their times: bench/results/2026-12-01-h200-s31/summary.md). It lives here, next to its
+// probe, until it wins; then it moves to csrc/grouped_gemm with an op, tests and a benchmark.
 //
 // CUTLASS's ptr-array TMA mainloop with one change in its producer warp: B (the expert's weight tile)
 // still comes by TMA, A by cp.async, 8 lanes per row (one warp instruction reads 4 whole 128-byte
 // rows), into the same 128-byte-swizzled stage the TMA would have filled. A stage's full barrier
 // counts 33 arrivals: the leader's arrive.expect_tx of B's bytes, and each lane's
 // cp.async.mbarrier.arrive.noinc, which lands once that lane's copies have (so the warp never waits
-// for its own copies, and every stage of the ring can be in flight; bench/probes/gather_a_tiles.cu:
-// one warp gathers 2.2-2.3 tiles of 128 x 64 per us per SM this way, twice what the GEMM consumes).
-// As in CUTLASS's own cp.async + wgmma mainloops, the consumers read the stage after the barrier.
-// (s31: completing A's bytes with mbarrier.complete_tx after cp.async.wait_group, two stages behind the
-// issue, measured 2x slower than permute + GEMM: the wait serialised the ring.)
+// for its own copies and every stage of the ring can be in flight). Alone, one warp gathers 2.2-2.3
+// tiles of 128 x 64 per us per SM this way (gather_a_tiles.cu), twice what the GEMM consumes; inside
+// the GEMM it does not keep up, and why is the open question (next: ncu's stall sampling on the
+// producer warp). As in CUTLASS's own cp.async + wgmma mainloops, the consumers read the stage after
+// the barrier with no proxy fence.
 //
 // Rows past the group's end read its last row (their products are never stored). A row_token outside
 // [0, T) reads a row of NaNs, so that row's output is NaN: an unmissable poison, never another token.
@@ -29,8 +33,26 @@ __device__ __align__(128) const uint16_t kNaNRow[64] = {
 #undef DOTS1_NAN8
 };
 
-template <class Base>
+// The dispatch policy of the two-warp form: CUTLASS's, flagged to run the auxiliary producer warp.
+template <class BasePolicy>
+struct GatherAPolicy : BasePolicy {};
+
+}  // namespace sm90
+}  // namespace dots1
+
+// CUTLASS's ptr-array kernels run their auxiliary mainloop warp (load_auxiliary) for policies with
+// this trait.
+template <class BasePolicy>
+struct cutlass::gemm::kernel::detail::HasAuxiliaryLoad<dots1::sm90::GatherAPolicy<BasePolicy>> : cute::true_type {};
+
+namespace dots1 {
+namespace sm90 {
+
+template <class Base, int kGatherWarps = 1>
 struct GatherAMainloop : Base {
+  static_assert(kGatherWarps == 1 || kGatherWarps == 2, "the gather runs on CUTLASS's mainloop warp, or on it and the auxiliary one");
+  using DispatchPolicy =
+      cute::conditional_t<kGatherWarps == 2, GatherAPolicy<typename Base::DispatchPolicy>, typename Base::DispatchPolicy>;
   using typename Base::ElementA;
   using typename Base::MainloopPipeline;
   using typename Base::PipelineState;
@@ -45,17 +67,18 @@ struct GatherAMainloop : Base {
   static constexpr int kChunkElems = 16 / static_cast<int>(sizeof(ElementA));  // elements per 16-byte copy
   static constexpr int kChunksPerRow = kBK / kChunkElems;                       // 8
   static constexpr int kRowsPerInstr = 32 / kChunksPerRow;                      // 4 rows per warp instruction
-  static constexpr int kRowsPerLane = kBM / kRowsPerInstr;                      // 32 (BM 128) / 16 (BM 64)
+  static constexpr int kRowsPerWarp = kBM / kGatherWarps;
+  static constexpr int kRowsPerLane = kRowsPerWarp / kRowsPerInstr;             // 32 (BM 128, one warp) ...
   static constexpr uint32_t kABytes = kBM * kBK * sizeof(ElementA);
   // The full barrier's arrivals per stage: the leader's (with B's transaction bytes) and one per lane.
-  static constexpr int NumProducerThreadEvents = 1 + 32;
+  static constexpr int NumProducerThreadEvents = 1 + 32 * kGatherWarps;
   static constexpr int kTokenBatch = 8;               // rows whose tokens a lane fetches at once
-  static constexpr int kTokensPerLane = kBM / 32;      // the tile's tokens, spread over the warp
-  static_assert(kRowsPerLane % kTokenBatch == 0 && kRowsPerLane % kTokensPerLane == 0 && kBM % 32 == 0,
+  static constexpr int kTokensPerLane = kRowsPerWarp / 32;  // a warp's tokens, spread over its lanes
+  static_assert(kRowsPerLane % kTokenBatch == 0 && kRowsPerLane % kTokensPerLane == 0 && kRowsPerWarp % 32 == 0,
                 "whole batches of rows per lane");
   static constexpr uint32_t kBBytes = Base::TmaTransactionBytes - kABytes;
   static_assert(sizeof(ElementA) == 2 && kBK * sizeof(ElementA) == 128, "one 128-byte swizzle row per k chunk");
-  static_assert(kChunksPerRow == 8 && kBM % kRowsPerInstr == 0, "8 lanes per row");
+  static_assert(kChunksPerRow == 8 && kRowsPerWarp % kRowsPerInstr == 0, "8 lanes per row");
   static_assert(IsGroupedGemmKernel, "the gather mainloop is for the grouped (ptr-array) kernel");
   // A's stages are K-major 128-byte-swizzle atoms (8 rows x 128 bytes) stacked along M, stage after
   // stage: row r, chunk c of stage s sits at s * kABytes + r * 128 + 16 * c, swizzled on the address.
@@ -120,6 +143,7 @@ struct GatherAMainloop : Base {
     return updated;
   }
 
+  // Producer warp 0 (CUTLASS's mainloop warp): B by TMA, and the first kGatherWarps-th of A's rows.
   template <class TensorA, class TensorB, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
   CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
                            cute::tuple<TensorA, TensorB, GatherGroup> const& load_inputs,
@@ -127,46 +151,70 @@ struct GatherAMainloop : Base {
                            KTileIterator k_tile_iter, int k_tile_count, int thread_idx, uint32_t block_rank_in_cluster,
                            TensorStorage& shared_tensors) {
     using namespace cute;
-    using BarrierType = typename MainloopPipeline::ProducerBarrierType;
-    const int lane = thread_idx % 32;
-    const bool leader = cute::elect_one_sync();
-
-    const uint32_t smem_a = cute::cast_smem_ptr_to_uint(shared_tensors.smem_A.data());
     Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), typename Base::SmemLayoutB{});
     Tensor gB_nkl = get<1>(load_inputs);
     auto block_tma_b = params.tma_load_b.get_slice(0);  // no cluster
     auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
     Tensor tBgB = block_tma_b.partition_S(gB_nkl(_, _, n_coord, _, l_coord));  // (TMA,TMA_N,TMA_K,k)
     Tensor tBsB = block_tma_b.partition_D(sB);                                 // (TMA,TMA_N,TMA_K,PIPE)
+    const bool leader = cute::elect_one_sync();
+    gather_a(params, pipeline, smem_pipe_write, get<2>(load_inputs), static_cast<int>(m_coord), k_tile_iter,
+             k_tile_count, thread_idx % 32, 0, shared_tensors,
+             [&](typename MainloopPipeline::ProducerBarrierType* barrier, int k_tile, int stage) {
+               if (leader) {
+                 copy(params.tma_load_b.with(get<1>(input_tensormaps), *barrier, uint16_t{0}), tBgB(_, _, _, k_tile),
+                      tBsB(_, _, _, stage));
+               }
+             });
+  }
 
+  // Producer warp 1 (CUTLASS's auxiliary mainloop warp, run when HasAuxiliaryLoad): the second half.
+  template <class TensorA, class TensorB, class KTileIterator, class BlockCoord>
+  CUTLASS_DEVICE void load_auxiliary(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                                     cute::tuple<TensorA, TensorB, GatherGroup> const& load_inputs,
+                                     BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count,
+                                     int thread_idx, uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
+    if constexpr (kGatherWarps == 2) {
+      gather_a(params, pipeline, smem_pipe_write, cute::get<2>(load_inputs), static_cast<int>(cute::get<0>(blk_coord)),
+               k_tile_iter, k_tile_count, thread_idx % 32, 1, shared_tensors,
+               [](typename MainloopPipeline::ProducerBarrierType*, int, int) {});
+    }
+  }
+
+ private:
+  // Warp `warp` of the gatherers, over k_tile_count stages of tile row m_tile: waits for each stage to
+  // be free (the leader, in warp 0, also arrives on it expecting B's bytes), issue_b(barrier, k_tile,
+  // stage), copies this warp's rows of A and arrives on the stage's full barrier per lane.
+  template <class KTileIterator, class IssueB>
+  CUTLASS_DEVICE void gather_a(Params const& params, MainloopPipeline& pipeline, PipelineState smem_pipe_write,
+                               GatherGroup group, int m_tile, KTileIterator k_tile_iter, int k_tile_count, int lane,
+                               int warp, TensorStorage& shared_tensors, IssueB const& issue_b) {
+    const uint32_t smem_a = cute::cast_smem_ptr_to_uint(shared_tensors.smem_A.data());
     // This lane copies chunk `chunk` of the tile rows first_row + j, j < kRowsPerLane; warp instruction
-    // j covers rows j, j + kRowsPerLane, ... (4 whole rows).
-    const GatherGroup group = get<2>(load_inputs);
+    // j covers rows first_row + j for the four row groups (4 whole rows).
     const int chunk = lane % kChunksPerRow;
-    const int first_row = (lane / kChunksPerRow) * kRowsPerLane;
-    const int tile_row0 = static_cast<int>(m_coord) * kBM;
+    const int warp_row0 = warp * kRowsPerWarp;
+    const int first_row = warp_row0 + (lane / kChunksPerRow) * kRowsPerLane;
+    const int tile_row0 = m_tile * kBM;
     const auto* hidden = reinterpret_cast<const uint16_t*>(params.hidden);
     const int K = params.k_dim;
-    // The tile's tokens, once: lane l holds those of rows l * kTokensPerLane + i (-1: out of [0, T),
-    // read as NaNs). Rows past the group's end take its last row's token.
+    // This warp's tokens, once per tile: lane l holds those of rows warp_row0 + l * kTokensPerLane + i
+    // (-1: out of [0, T), read as NaNs). Rows past the group's end take its last row's token.
     int32_t my_tokens[kTokensPerLane];
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kTokensPerLane; ++i) {
-      const int m = min(tile_row0 + lane * kTokensPerLane + i, group.rows - 1);
+      const int m = min(tile_row0 + warp_row0 + lane * kTokensPerLane + i, group.rows - 1);
       const int32_t token = __ldg(params.row_token + group.begin + m);
       my_tokens[i] = token >= 0 && token < params.num_tokens ? token : -1;
     }
 
     CUTLASS_PRAGMA_NO_UNROLL
     for (; k_tile_count > 0; --k_tile_count) {
-      pipeline.producer_acquire(smem_pipe_write);  // the leader also arrives, expecting B's bytes
-      BarrierType* tma_barrier = pipeline.producer_get_barrier(smem_pipe_write);
+      pipeline.producer_acquire(smem_pipe_write);
+      auto* full_barrier = pipeline.producer_get_barrier(smem_pipe_write);
       const int write_stage = smem_pipe_write.index();
       const int k_tile = static_cast<int>(*k_tile_iter);
-      if (leader) {
-        copy(params.tma_load_b.with(get<1>(input_tensormaps), *tma_barrier, uint16_t{0}), tBgB(_, _, _, k_tile),
-             tBsB(_, _, _, write_stage));
-      }
+      issue_b(full_barrier, k_tile, write_stage);
       const int col = k_tile * kBK + chunk * kChunkElems;
       const bool col_in = col < K;  // past K: zero-filled, as TMA fills out-of-bounds boxes
       const uint32_t stage_base = smem_a + static_cast<uint32_t>(write_stage) * kABytes;
@@ -178,7 +226,7 @@ struct GatherAMainloop : Base {
         int32_t token[kTokenBatch];
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < kTokenBatch; ++i) {
-          const int r = first_row + j0 + i;  // (j0 + i) % kTokensPerLane is the same for every lane
+          const int r = first_row - warp_row0 + j0 + i;  // (j0 + i) % kTokensPerLane is the same for every lane
           token[i] = __shfl_sync(0xffffffffu, my_tokens[(j0 + i) % kTokensPerLane], r / kTokensPerLane);
         }
         CUTLASS_PRAGMA_UNROLL
@@ -196,7 +244,7 @@ struct GatherAMainloop : Base {
       }
       // Arrives on the stage's full barrier once this lane's copies have landed.
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(
-                       cute::cast_smem_ptr_to_uint(tma_barrier))
+                       cute::cast_smem_ptr_to_uint(full_barrier))
                    : "memory");
       ++k_tile_iter;
       ++smem_pipe_write;
@@ -212,7 +260,7 @@ namespace sm90 {
 
 // The SwiGLU gate_up GEMM of GroupedGemm<Element, Config, true> with the gather mainloop: the same
 // workspace layout and argument arrays (ptr_A is set but never read: A comes by row_token).
-template <typename Element, class Config>
+template <typename Element, class Config, int kGatherWarps>
 struct GroupedGemmGatherA {
   using Plain = GroupedGemm<Element, Config, true>;
   using ProblemShape = typename Plain::ProblemShape;
@@ -222,7 +270,7 @@ struct GroupedGemmGatherA {
   using StrideD = typename Plain::StrideD;
   using Layout = typename Plain::Layout;
   static constexpr int kAlign = Plain::kAlign;
-  using CollectiveMainloop = GatherAMainloop<typename Plain::CollectiveMainloop>;
+  using CollectiveMainloop = GatherAMainloop<typename Plain::CollectiveMainloop, kGatherWarps>;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, typename Plain::CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
@@ -240,18 +288,18 @@ struct GroupedGemmGatherA {
   }
 };
 
-template <typename Element, class Config>
+template <typename Element, class Config, int kGatherWarps>
 size_t gather_workspace_bytes(int64_t E, int sm_count) {
-  return plan_workspace<GroupedGemmGatherA<Element, Config>>(E, nullptr, sm_count).first.total;
+  return plan_workspace<GroupedGemmGatherA<Element, Config, kGatherWarps>>(E, nullptr, sm_count).first.total;
 }
 
 // out[r] = SwiGLU(hidden[row_token[r]] @ weight[e]^T) for the rows r of each expert e (expert_offsets),
 // hidden [T, K], row_token [S], weight [E, N, K] interleaved gate/up, out [S, N/2].
-template <typename Element, class Config>
+template <typename Element, class Config, int kGatherWarps>
 cudaError_t run_gather(const void* hidden, const int32_t* row_token, int64_t T, const void* weight,
                        const int32_t* expert_offsets, void* out, int64_t S, int64_t E, int64_t N, int64_t K,
                        void* workspace, size_t workspace_bytes_given, int sm_count, cudaStream_t stream) {
-  using G = GroupedGemmGatherA<Element, Config>;
+  using G = GroupedGemmGatherA<Element, Config, kGatherWarps>;
   using UnderlyingShape = typename G::UnderlyingShape;
   using StrideA = typename G::StrideA;
   using StrideB = typename G::StrideB;
