@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# A copy of the session's .ab/ script (an ignored folder), run on the device from the repository root as
+# OUT=$OUT bash .ab/<name>.sh with carry [".whl", ".ab"(, ".peers")]; kept here as the record of what ran.
 # Session 31, call 1: the probes (gather_a_tiles, the two refactored dispatch probes), build, peer T=8,64 and T=16384 (60 s sweep).
 set -u
 cd "$(dirname "$0")/.."

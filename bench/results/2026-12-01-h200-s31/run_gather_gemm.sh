@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# A copy of the session's .ab/ script (an ignored folder), run on the device from the repository root as
+# OUT=$OUT bash .ab/<name>.sh with carry [".whl", ".ab"(, ".peers")]; kept here as the record of what ran.
 set -u
 cd "$(dirname "$0")/.."
 O=${OUT:-/tmp/o}; mkdir -p $O
