@@ -74,17 +74,19 @@ def _dtype(text: str) -> torch.dtype:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dots1-ext", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="DIR", help="HF Dots1 checkpoint directory (default: the cached tiny model)")
-    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu | cuda | cuda:N (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--dtype", type=_dtype, help="float32 | bfloat16 | float16 (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens generated per prompt (default 32)")
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (token ids separated by spaces when there is no tokenizer)")
     prompt.add_argument("--prompt-len", type=_positive_int, default=32,
-                        help="length of the random prompt when --prompt is not given")
-    p.add_argument("--batch-size", type=_positive_int, default=1)
+                        help="length of the random prompt when --prompt is not given (default 32; with "
+                             "--batch-size B, prompt b is 3 b tokens shorter: a left-padded batch)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="prompts generated together (default 1; --prompt repeats the one prompt)")
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=_top_p, default=1.0)
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random prompt, the --real-shape weights and sampling (default 0)")
     p.add_argument("--real-shape", action="store_true",
                    help="random weights at real Dots1 dimensions, built on the device (timing only)")
     p.add_argument("--layers", type=_positive_int, help="layers of the --real-shape model (layer 0 dense; default 3)")
